@@ -1,0 +1,3 @@
+from onionpost.cli import main
+
+main()

@@ -1,0 +1,343 @@
+"""Every error onionpost raises on purpose, under one root.
+
+Each class's docstring is the sentence a person reads; an instance may carry a more specific
+sentence (``str(err)``).  Errors that can reach a mail peer or a mail client also carry an
+RFC 3463 enhanced status code and say whether trying again later can help, so the SMTP
+gateway, the IMAP gateway, the node API and the CLI each translate them in one place without
+guessing.
+
+::
+
+    OnionpostError
+     +- UsageError                 a person asked for something that cannot be done as asked
+     |   +- ConfigError, DataDirError, AlreadyInitialized, NotInitialized
+     +- AddressError               not a valid  local@<v3 onion>.onion  address
+     +- CryptoError                keys, bundles, envelopes, stamps
+     |   +- MalformedData          bytes that do not parse as the structure they claim to be
+     |   +- BadSignature
+     |   +- KeyBundleError         ... RotationChainBroken, RotationChainForked,
+     |   |                             DeviceListRollback, PrekeyExpired, BindingMismatch,
+     |   |                             IdentityKeyChanged
+     |   +- EnvelopeError          ... NotForThisInbox, NoStanzaForDevice, HeaderTampered,
+     |   |                             PayloadTampered, MessageTruncated, NotARecipient,
+     |   |                             ForwardedMessage, MessageExpired, MessageFromFuture,
+     |   |                             ReplayedMessage, MessageTooLarge
+     |   +- ProofOfWorkError
+     +- StoreError                 the local database
+     |   +- QuotaExceeded
+     +- DeliveryError              what a peer inbox answered, or why it could not be reached
+     +- TorError                   tor missing, too old, unreachable, or failing
+     +- GatewayError               mail-client facing problems (auth, recipients, size)
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class OnionpostError(Exception):
+    """Something went wrong in onionpost."""
+
+    #: RFC 3463 enhanced status code ("class.subject.detail") for mail-facing audiences.
+    enhanced_code: ClassVar[str] = "5.0.0"
+    #: Whether the same operation may succeed later without anyone changing anything.
+    temporary: ClassVar[bool] = False
+
+    def __init__(self, detail: str | None = None) -> None:
+        self.detail = detail
+        super().__init__(detail or self.summary())
+
+    @classmethod
+    def summary(cls) -> str:
+        """The class docstring's first paragraph, folded onto one line."""
+        doc = cls.__doc__ or cls.__name__
+        first = doc.strip().split("\n\n", 1)[0]
+        return " ".join(first.split())
+
+    def __str__(self) -> str:
+        return self.detail or self.summary()
+
+
+# --- people and configuration -------------------------------------------------------------
+
+
+class UsageError(OnionpostError):
+    """That cannot be done as asked."""
+
+
+class ConfigError(UsageError):
+    """The configuration is not valid."""
+
+
+class DataDirError(UsageError):
+    """The data directory cannot be used."""
+
+
+class AlreadyInitialized(UsageError):
+    """This data directory already holds an onionpost identity; refusing to overwrite its keys.
+
+    Use another --data-dir for a second identity, or keep using this one.
+    """
+
+
+class NotInitialized(UsageError):
+    """This data directory has no onionpost identity yet. Run `onionpost init` first."""
+
+
+class WrongPassphrase(UsageError):
+    """The passphrase does not unlock the key file."""
+
+
+# --- addresses ------------------------------------------------------------------------------
+
+
+class AddressError(OnionpostError):
+    """That is not a valid onionpost address (local@<56-character v3 onion>.onion)."""
+
+    enhanced_code = "5.1.3"
+
+
+# --- cryptography ---------------------------------------------------------------------------
+
+
+class CryptoError(OnionpostError):
+    """A cryptographic check failed."""
+
+    enhanced_code = "5.7.0"
+
+
+class MalformedData(CryptoError):
+    """The data is malformed: it does not parse as the structure it claims to be."""
+
+    enhanced_code = "5.6.0"
+
+
+class BadSignature(CryptoError):
+    """A signature does not verify: the data was altered or not signed by the claimed key."""
+
+    enhanced_code = "5.7.7"
+
+
+class KeyBundleError(CryptoError):
+    """The recipient's published keys do not verify."""
+
+
+class RotationChainBroken(KeyBundleError):
+    """A device key rotation record does not follow from the previous key."""
+
+
+class RotationChainForked(KeyBundleError):
+    """A device's key history forked: two different keys claim the same place in the chain.
+
+    This happens when a device key was stolen and used. Treat the device as compromised.
+    """
+
+
+class DeviceListRollback(KeyBundleError):
+    """The device list is older than one already seen; someone may be replaying old keys."""
+
+
+class PrekeyExpired(KeyBundleError):
+    """The device's encryption key has expired and no newer one is published."""
+
+
+class BindingMismatch(KeyBundleError):
+    """The keys were not issued for this inbox address."""
+
+
+class IdentityKeyChanged(KeyBundleError):
+    """This contact's identity key is not the one pinned on first contact.
+
+    Either the contact reset their identity, or someone is impersonating them. Compare safety
+    numbers with the contact over another channel before trusting the new key.
+    """
+
+
+class EnvelopeError(CryptoError):
+    """The message envelope failed a check."""
+
+
+class NotForThisInbox(EnvelopeError):
+    """The message was not sealed to this inbox's key."""
+
+    enhanced_code = "5.7.1"
+
+
+class NoStanzaForDevice(EnvelopeError):
+    """The message holds no key for this device (it was sent to the recipient's other devices)."""
+
+    enhanced_code = "5.7.1"
+
+
+class HeaderTampered(EnvelopeError):
+    """The message's key header was altered in transit."""
+
+    enhanced_code = "5.7.7"
+
+
+class PayloadTampered(EnvelopeError):
+    """Part of the message body was altered in transit."""
+
+    enhanced_code = "5.7.7"
+
+
+class MessageTruncated(EnvelopeError):
+    """The message ends early: its end marker is missing."""
+
+    enhanced_code = "5.6.0"
+
+
+class NotARecipient(EnvelopeError):
+    """The message's signed recipient list does not include you."""
+
+    enhanced_code = "5.7.1"
+
+
+class ForwardedMessage(EnvelopeError):
+    """The message was re-wrapped by someone other than its signer (surreptitious forwarding)."""
+
+    enhanced_code = "5.7.7"
+
+
+class MessageExpired(EnvelopeError):
+    """The message's lifetime has run out."""
+
+    enhanced_code = "5.4.7"
+
+
+class MessageFromFuture(EnvelopeError):
+    """The message claims to have been written in the future (check the sender's clock)."""
+
+    enhanced_code = "5.7.0"
+
+
+class ReplayedMessage(EnvelopeError):
+    """This message was already received once; the copy is a replay."""
+
+    enhanced_code = "5.7.0"
+
+
+class MessageTooLarge(EnvelopeError):
+    """The message is larger than the size limit."""
+
+    enhanced_code = "5.3.4"
+
+
+class ProofOfWorkError(CryptoError):
+    """The anti-spam proof of work is missing or does not meet the required difficulty."""
+
+    enhanced_code = "5.7.1"
+
+
+# --- storage --------------------------------------------------------------------------------
+
+
+class StoreError(OnionpostError):
+    """The local database could not complete the operation."""
+
+    enhanced_code = "4.3.0"
+    temporary = True
+
+
+class QuotaExceeded(StoreError):
+    """The mailbox is full; the message can be delivered once the owner frees space."""
+
+    enhanced_code = "4.2.2"
+    temporary = True
+
+
+# --- delivery between nodes ------------------------------------------------------------------
+
+
+class DeliveryError(OnionpostError):
+    """The recipient's inbox did not accept the message."""
+
+    enhanced_code = "4.4.0"
+    temporary = True
+
+
+class TemporaryDeliveryError(DeliveryError):
+    """The recipient's inbox could not take the message now; it will be retried."""
+
+    enhanced_code = "4.4.0"
+    temporary = True
+
+
+class PermanentDeliveryError(DeliveryError):
+    """The recipient's inbox refused the message; retrying will not help."""
+
+    enhanced_code = "5.0.0"
+    temporary = False
+
+
+class PeerUnreachable(TemporaryDeliveryError):
+    """The recipient's inbox cannot be reached right now."""
+
+    enhanced_code = "4.4.1"
+
+
+class PeerProtocolError(TemporaryDeliveryError):
+    """The recipient's inbox answered with something that is not the onionpost protocol."""
+
+    enhanced_code = "4.5.0"
+
+
+# --- tor ------------------------------------------------------------------------------------
+
+
+class TorError(OnionpostError):
+    """Tor is not working."""
+
+    enhanced_code = "4.4.1"
+    temporary = True
+
+
+class TorNotInstalled(TorError):
+    """The tor program is not installed. Install it with `sudo apt-get install tor`."""
+
+    temporary = False
+
+
+class TorTooOld(TorError):
+    """The installed tor is too old for onionpost."""
+
+    temporary = False
+
+
+class TorControlError(TorError):
+    """onionpost cannot talk to tor's control port."""
+
+
+class TorAuthError(TorControlError):
+    """Tor refused onionpost's control-port authentication."""
+
+    temporary = False
+
+
+class OnionServiceError(TorError):
+    """Tor could not create or publish the inbox's onion service."""
+
+
+# --- mail-client gateway --------------------------------------------------------------------
+
+
+class GatewayError(OnionpostError):
+    """The mail client's request cannot be carried out."""
+
+
+class AuthenticationFailed(GatewayError):
+    """The user name or password is wrong."""
+
+    enhanced_code = "5.7.8"
+
+
+class SenderNotAllowed(GatewayError):
+    """The From address must be your own onionpost address."""
+
+    enhanced_code = "5.7.1"
+
+
+class UnknownLocalUser(GatewayError):
+    """There is no such user on this onionpost node."""
+
+    enhanced_code = "5.1.1"

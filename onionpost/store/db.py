@@ -1,0 +1,197 @@
+"""The SQLite connection every store module shares: durability settings, transactions, migrations.
+
+Durability is the point of this module.  A message is acknowledged (SMTP 250, a peer's
+``accepted``) only after the transaction that stores it has committed, and with WAL plus
+``synchronous=FULL`` a commit is on disk when ``COMMIT`` returns, power loss included.
+
+Schemas are versioned per *component* (``inbox``, ``outbox``, ``mailbox``, ``contacts`` ...):
+each component owns ``migrations/<component>/NNNN_name.sql`` and its own version counter, so
+parts of the program evolve their tables independently and an existing data directory is
+upgraded in place on open.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import time
+from collections.abc import Iterator, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from onionpost.errors import StoreError
+
+_MIGRATIONS_PACKAGE = "onionpost.store.migrations"
+
+
+def translate(exc: sqlite3.Error) -> StoreError:
+    """Turn a sqlite3 error into the one error type the rest of onionpost sees."""
+    text = str(exc)
+    if isinstance(exc, sqlite3.OperationalError) and "locked" in text:
+        return StoreError("The database is busy; try again in a moment.")
+    if "disk" in text and ("full" in text or "I/O" in text):
+        return StoreError(f"The database cannot be written: {text}. Free disk space and retry.")
+    return StoreError(f"Database error: {text}")
+
+
+class Database:
+    """One SQLite file opened for onionpost: WAL, FULL sync, foreign keys, migrations applied."""
+
+    def __init__(self, path: Path | str, components: Sequence[str]) -> None:
+        self.path = Path(path) if str(path) != ":memory:" else None
+        try:
+            self.conn = sqlite3.connect(
+                str(path), isolation_level=None, timeout=10.0, check_same_thread=False
+            )
+            self.conn.row_factory = sqlite3.Row
+            if self.path is not None:
+                self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=FULL")
+            self.conn.execute("PRAGMA foreign_keys=ON")
+            self.conn.execute("PRAGMA busy_timeout=10000")
+            self.utils = sqlite_utils.Database(self.conn)
+            self._depth = 0
+            for component in components:
+                self.migrate(component)
+        except sqlite3.Error as exc:
+            raise translate(exc) from exc
+
+    def close(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self.conn.close()
+
+    # -- transactions ---------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """``BEGIN IMMEDIATE`` ... ``COMMIT``; nested calls become savepoints.
+
+        Writers take the write lock up front (IMMEDIATE) so two writers never deadlock on a
+        lock upgrade.  When the block returns, the data is durably committed.
+        """
+        name = f"sp{self._depth}"
+        try:
+            if self._depth == 0:
+                self.conn.execute("BEGIN IMMEDIATE")
+            else:
+                self.conn.execute(f"SAVEPOINT {name}")
+        except sqlite3.Error as exc:
+            raise translate(exc) from exc
+        self._depth += 1
+        try:
+            yield self.conn
+        except BaseException:
+            self._depth -= 1
+            with contextlib.suppress(sqlite3.Error):
+                if self._depth == 0:
+                    self.conn.execute("ROLLBACK")
+                else:
+                    self.conn.execute(f"ROLLBACK TO {name}")
+                    self.conn.execute(f"RELEASE {name}")
+            raise
+        else:
+            self._depth -= 1
+            try:
+                if self._depth == 0:
+                    self.conn.execute("COMMIT")
+                else:
+                    self.conn.execute(f"RELEASE {name}")
+            except sqlite3.Error as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    if self._depth == 0:
+                        self.conn.execute("ROLLBACK")
+                raise translate(exc) from exc
+
+    # -- queries --------------------------------------------------------------------------
+
+    def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> sqlite3.Cursor:
+        try:
+            return self.conn.execute(sql, params)
+        except sqlite3.Error as exc:
+            raise translate(exc) from exc
+
+    def one(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> sqlite3.Row | None:
+        row: sqlite3.Row | None = self.execute(sql, params).fetchone()
+        return row
+
+    def all(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[sqlite3.Row]:
+        return list(self.execute(sql, params).fetchall())
+
+    def scalar(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> Any:  # noqa: ANN401
+        row = self.one(sql, params)
+        return None if row is None else row[0]
+
+    # -- migrations -----------------------------------------------------------------------
+
+    def schema_version(self, component: str) -> int:
+        self.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " component TEXT NOT NULL, version INTEGER NOT NULL, name TEXT NOT NULL,"
+            " applied_at INTEGER NOT NULL, PRIMARY KEY (component, version))"
+        )
+        v = self.scalar(
+            "SELECT COALESCE(MAX(version), 0) FROM schema_migrations WHERE component = ?",
+            (component,),
+        )
+        return int(v)
+
+    def migrate(self, component: str) -> int:
+        """Apply every migration of ``component`` newer than the database's; return the version."""
+        current = self.schema_version(component)
+        for version, name, sql in available_migrations(component):
+            if version <= current:
+                continue
+            with self.transaction() as conn:
+                try:
+                    for statement in _split_sql(sql):
+                        conn.execute(statement)
+                except sqlite3.Error as exc:
+                    raise StoreError(
+                        f"Upgrading the {component} database to version {version} ({name}) "
+                        f"failed: {exc}"
+                    ) from exc
+                conn.execute(
+                    "INSERT INTO schema_migrations VALUES (?, ?, ?, ?)",
+                    (component, version, name, int(time.time())),
+                )
+            current = version
+        return current
+
+
+def available_migrations(component: str) -> list[tuple[int, str, str]]:
+    """``(version, name, sql)`` for every migration file of a component, in order."""
+    folder = resources.files(_MIGRATIONS_PACKAGE).joinpath(component)
+    found: list[tuple[int, str, str]] = []
+    if not folder.is_dir():
+        raise StoreError(f"No schema is defined for the '{component}' database component.")
+    for entry in folder.iterdir():
+        stem, _, ext = entry.name.partition(".")
+        if ext != "sql":
+            continue
+        number, _, name = stem.partition("_")
+        found.append((int(number), name, entry.read_text(encoding="utf-8")))
+    found.sort()
+    versions = [v for v, _, _ in found]
+    if versions != list(range(1, len(versions) + 1)):
+        raise StoreError(f"Migrations of '{component}' are not numbered 1..n: {versions}")
+    return found
+
+
+def _split_sql(sql: str) -> list[str]:
+    """Split a migration script into statements (``executescript`` would commit on its own)."""
+    statements: list[str] = []
+    buf = ""
+    for line in sql.splitlines(keepends=True):
+        if line.lstrip().startswith("--"):
+            continue
+        buf += line
+        if sqlite3.complete_statement(buf):
+            if buf.strip():
+                statements.append(buf.strip())
+            buf = ""
+    if buf.strip():
+        statements.append(buf.strip())
+    return statements

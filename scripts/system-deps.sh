@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Installs the Debian packages onionpost needs, when they are missing.
+#   scripts/system-deps.sh run    -> what running a node needs (python3-venv, tor)
+#   scripts/system-deps.sh test   -> that, plus the real mail clients the test suite drives
+# As root it installs with apt-get (no prompts, works without standard input, as CI runs it).
+# As another user it prints the one command to run and fails, rather than guessing at sudo.
+set -euo pipefail
+mode="${1:-run}"
+
+need=()
+have_cmd() { command -v "$1" >/dev/null 2>&1; }
+have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
+
+# A Python that can create virtual environments (Debian splits ensurepip into python3-venv).
+if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then need+=(python3-venv); fi
+have_cmd tor || need+=(tor)
+
+if [ "$mode" = test ]; then
+    have_cmd swaks || need+=(swaks)
+    have_cmd mbsync || need+=(isync)
+    have_cmd neomutt || need+=(neomutt)
+    have_cmd thunderbird || need+=(thunderbird)
+    have_cmd Xvfb || need+=(xvfb)
+    have_pkg ca-certificates || need+=(ca-certificates)
+fi
+
+if [ "${#need[@]}" -eq 0 ]; then exit 0; fi
+
+if ! have_cmd apt-get; then
+    echo "onionpost needs these programs: ${need[*]}. Install them with your system's package manager." >&2
+    exit 1
+fi
+if [ "$(id -u)" -ne 0 ]; then
+    echo "onionpost needs these Debian packages: ${need[*]}" >&2
+    echo "Install them once with:  sudo apt-get install -y ${need[*]}" >&2
+    exit 1
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+# The system tor service is not wanted: onionpost launches its own tor (see torrc.example to attach).
+if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+fi
+echo "Installing Debian packages: ${need[*]}"
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${need[@]}" </dev/null

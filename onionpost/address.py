@@ -46,7 +46,7 @@ def public_key_from_onion(onion: str) -> bytes:
             f"'{onion}' is not a v3 onion address: it has {len(label)} characters before "
             f".onion, a v3 address has {ONION_LABEL_LENGTH}."
         )
-    if not _BASE32_CHARS.match(label):
+    if not _BASE32_CHARS.fullmatch(label):
         raise AddressError(
             f"'{onion}' is not a v3 onion address: only the letters a-z and digits 2-7 may appear."
         )
@@ -81,6 +81,10 @@ class Address:
         s = text.strip()
         if s.startswith("<") and s.endswith(">"):
             s = s[1:-1].strip()
+        if not s.isascii():
+            # str.lower() folds some non-ASCII letters into ASCII (U+212A KELVIN SIGN -> "k"),
+            # which would let two different strings name one mailbox.
+            raise AddressError(f"'{text}' contains characters other than ASCII.")
         if s.count("@") != 1:
             raise AddressError(
                 f"'{text}' is not a mail address: it needs exactly one '@', as in "
@@ -94,7 +98,7 @@ class Address:
             raise AddressError(
                 f"'{text}': the part before '@' is longer than {MAX_LOCAL_PART} characters."
             )
-        if not _LOCAL_PART.match(local):
+        if not _LOCAL_PART.fullmatch(local):  # fullmatch: "$" would accept a final "\n"
             raise AddressError(
                 f"'{text}': the part before '@' may hold only letters, digits, dots and "
                 "!#$%&'*+/=?^_`{|}~- (no spaces, no leading, trailing or double dots)."
@@ -105,8 +109,11 @@ class Address:
                 f"'{text}' is not an onionpost address: onionpost delivers only to "
                 "<56-character v3 onion>.onion domains."
             )
-        public_key_from_onion(domain)
-        return cls(local=local, onion=domain.removesuffix(".onion"))
+        label = domain.removesuffix(".onion")
+        if label != label.strip():
+            raise AddressError(f"'{text}' has spaces inside the address.")
+        public_key_from_onion(label)
+        return cls(local=local, onion=label)
 
     @classmethod
     def for_key(cls, local: str, onion_public_key: bytes) -> Address:

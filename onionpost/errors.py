@@ -43,8 +43,10 @@ class OnionpostError(Exception):
     #: Whether the same operation may succeed later without anyone changing anything.
     temporary: ClassVar[bool] = False
 
-    def __init__(self, detail: str | None = None) -> None:
+    def __init__(self, detail: str | None = None, *, code: str | None = None) -> None:
         self.detail = detail
+        #: The enhanced status code of this instance (a class default unless given).
+        self.code = code or self.enhanced_code
         super().__init__(detail or self.summary())
 
     @classmethod
@@ -254,6 +256,22 @@ class DeliveryError(OnionpostError):
 
     enhanced_code = "4.4.0"
     temporary = True
+    #: A short machine-readable reason that travels between nodes next to the code.
+    default_reason: ClassVar[str] = "refused"
+
+    def __init__(
+        self, detail: str | None = None, *, code: str | None = None, reason: str | None = None
+    ) -> None:
+        if code is not None:
+            # The first digit of an enhanced code says temporary (4) or permanent (5).
+            code = ("4" if self.temporary else "5") + code[1:]
+        super().__init__(detail, code=code)
+        self.reason = reason or self.default_reason
+
+    @classmethod
+    def from_error(cls, exc: OnionpostError) -> DeliveryError:
+        """Carry another error's sentence and code across the node-to-node boundary."""
+        return cls(str(exc), code=exc.code, reason=type(exc).__name__)
 
 
 class TemporaryDeliveryError(DeliveryError):
@@ -270,10 +288,83 @@ class PermanentDeliveryError(DeliveryError):
     temporary = False
 
 
+class UnknownMailbox(PermanentDeliveryError):
+    """The recipient's inbox has no such mailbox."""
+
+    enhanced_code = "5.1.1"
+    default_reason = "unknown-mailbox"
+
+
+class StaleRecipientKeys(TemporaryDeliveryError):
+    """The message was sealed to keys the recipient no longer uses; fresh keys are needed."""
+
+    enhanced_code = "4.7.0"
+    default_reason = "stale-keys"
+
+
+class DeviceRefused(OnionpostError):
+    """This device may not use the mailbox (unknown or revoked device, or failed login)."""
+
+    enhanced_code = "5.7.8"
+
+
 class PeerUnreachable(TemporaryDeliveryError):
     """The recipient's inbox cannot be reached right now."""
 
     enhanced_code = "4.4.1"
+
+
+# Why tor could not reach a peer, from its SOCKS reply (tor.py maps the codes).
+
+
+class PeerOffline(PeerUnreachable):
+    """The recipient's inbox is offline: its onion descriptor was not found."""
+
+
+class PeerDescriptorInvalid(PeerUnreachable):
+    """The recipient's inbox published an onion descriptor that tor could not read."""
+
+
+class PeerIntroductionFailed(PeerUnreachable):
+    """The recipient's inbox could not be reached: introduction failed (its tor may have
+    restarted or be overloaded)."""
+
+
+class PeerIntroductionTimedOut(PeerUnreachable):
+    """The recipient's inbox could not be reached: introduction timed out."""
+
+
+class PeerRendezvousFailed(PeerUnreachable):
+    """The recipient's inbox could not be reached: the rendezvous with it failed."""
+
+
+class PeerTimedOut(PeerUnreachable):
+    """The recipient's inbox did not answer in time."""
+
+
+class PeerRefused(PeerUnreachable):
+    """The recipient's onion service refused the connection: no inbox is listening there."""
+
+
+class BadOnionAddress(PeerUnreachable):
+    """The recipient's onion address is not valid."""
+
+    enhanced_code = "5.1.2"
+    temporary = False
+
+
+class OnionClientAuthRequired(PeerUnreachable):
+    """The recipient's inbox accepts only authorized clients, and this node has no key for it."""
+
+    enhanced_code = "5.7.1"
+    temporary = False
+
+
+class OnionClientAuthRejected(PeerUnreachable):
+    """The recipient's inbox rejected this node's onion client authorization key."""
+
+    enhanced_code = "5.7.1"
+    temporary = False
 
 
 class PeerProtocolError(TemporaryDeliveryError):
@@ -316,6 +407,14 @@ class TorAuthError(TorControlError):
 
 class OnionServiceError(TorError):
     """Tor could not create or publish the inbox's onion service."""
+
+
+class TorNotRunning(TorError):
+    """Tor is not running: onionpost cannot reach its SOCKS port."""
+
+
+class TorBootstrapError(TorError):
+    """Tor could not connect to the Tor network."""
 
 
 # --- mail-client gateway --------------------------------------------------------------------

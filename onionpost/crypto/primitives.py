@@ -65,7 +65,7 @@ class SeededRandom:
 # --- hashing and key derivation --------------------------------------------------------------
 
 
-def hash32(*parts: bytes) -> bytes:
+def hash32(*parts: bytes | memoryview) -> bytes:
     """BLAKE2b-256 over the concatenation of ``parts``."""
     h = hashlib.blake2b(digest_size=32)
     for part in parts:

@@ -1,0 +1,242 @@
+"""A local user on this device: identity, device keys, and the inbox that holds their mail.
+
+Provisioning happens here too: :func:`create_identity` makes a new identity with its first
+device and the UIK-signed records an inbox needs to open a mailbox for it, and
+:func:`add_device` makes another device for an existing identity (the UIK signs a new
+device list version).  All of it is pure key work; storing it is :class:`AccountFiles`'s job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from onionpost.address import Address, onion_from_public_key
+from onionpost.api.wire import KeyUpdate
+from onionpost.crypto.encoding import Reader, Writer
+from onionpost.crypto.envelope import SenderKeys
+from onionpost.crypto.keys import (
+    DeviceList,
+    DeviceSecrets,
+    IdentitySecrets,
+    RevokedDevice,
+    ServerBinding,
+    ServerKey,
+)
+from onionpost.crypto.primitives import RandomSource, ed25519_sign, system_random
+from onionpost.crypto.sender import SenderCredentials
+from onionpost.errors import DataDirError, OnionpostError, UsageError
+from onionpost.keystore import KeyStore, read_private, write_private
+
+DAY = 86_400
+BINDING_LIFETIME = 90 * DAY
+
+
+@dataclass
+class Account:
+    local: str
+    onion_pk: bytes
+    mailbox_id: bytes
+    self_token: bytes
+    binding: ServerBinding
+    device_list: DeviceList
+    device: DeviceSecrets
+    identity: IdentitySecrets | None = None  # only on a device that holds the UIK
+
+    @property
+    def address(self) -> Address:
+        return Address(self.local, onion_from_public_key(self.onion_pk))
+
+    @property
+    def uik_pk(self) -> bytes:
+        return self.device_list.uik_pk
+
+    def sender_keys(self) -> SenderKeys:
+        d = self.device
+        return SenderKeys(
+            self.local, self.onion_pk, self.uik_pk, d.device_id, d.dsk_seq, d.dsk_seed
+        )
+
+    def credentials(self) -> bytes:
+        return SenderCredentials(self.binding, self.device_list, tuple(self.device.chain)).encode()
+
+    def prekey_secrets(self) -> list[tuple[int, bytes]]:
+        return [(p.spk_id, p.secret) for p in self.device.prekeys]
+
+    def sign(self, message: bytes) -> bytes:
+        return ed25519_sign(self.device.dsk_seed, message)
+
+    def key_update(self) -> KeyUpdate:
+        """Everything this device can publish about itself (the inbox ignores what it has)."""
+        return KeyUpdate(
+            device_list=None,
+            binding=None,
+            rotations=list(self.device.chain),
+            prekeys=[self.device.signed_prekey()],
+        )
+
+    def other_device_ids(self) -> list[bytes]:
+        return [
+            d.device_id for d in self.device_list.devices if d.device_id != self.device.device_id
+        ]
+
+
+def create_identity(
+    local: str,
+    device_name: str,
+    *,
+    onion_pk: bytes,
+    server_key: ServerKey,
+    now: int,
+    prekey_lifetime: int = 7 * DAY,
+    rng: RandomSource = system_random,
+) -> Account:
+    """A new identity (UIK) with its first device, bound to an inbox's mailbox."""
+    identity = IdentitySecrets.generate(local, now, rng=rng)
+    device = DeviceSecrets.generate(device_name, now, rng=rng)
+    if device.current_prekey().not_after - now != prekey_lifetime:
+        device.prekeys.clear()
+        device.new_prekey(now, prekey_lifetime, rng=rng)
+    device_list = DeviceList(identity.uik_pk, 1, now, (device.entry(now),)).signed(
+        identity.uik_seed
+    )
+    mailbox_id = rng(16)
+    binding = ServerBinding(
+        identity.uik_pk,
+        onion_pk,
+        mailbox_id,
+        server_key.sek_id,
+        server_key.public,
+        now,
+        now + BINDING_LIFETIME,
+    ).signed(identity.uik_seed)
+    return Account(local, onion_pk, mailbox_id, rng(32), binding, device_list, device, identity)
+
+
+def add_device(
+    primary: Account, device_name: str, *, now: int, rng: RandomSource = system_random
+) -> Account:
+    """A new device for the same identity; ``primary`` must hold the UIK.
+
+    The primary's device list is advanced to the new version (publish it from the primary).
+    """
+    if primary.identity is None:
+        raise UsageError("Only a device holding the identity key can add devices.")
+    device = DeviceSecrets.generate(device_name, now, rng=rng)
+    old = primary.device_list
+    device_list = DeviceList(
+        old.uik_pk, old.version + 1, now, (*old.devices, device.entry(now)), old.revoked
+    ).signed(primary.identity.uik_seed)
+    primary.device_list = device_list
+    return Account(
+        primary.local,
+        primary.onion_pk,
+        primary.mailbox_id,
+        primary.self_token,
+        primary.binding,
+        device_list,
+        device,
+        None,
+    )
+
+
+def revoke_device(primary: Account, device_id: bytes, *, now: int) -> DeviceList:
+    """A new device list without ``device_id``, which is listed as revoked from ``now``."""
+    if primary.identity is None:
+        raise UsageError("Only a device holding the identity key can revoke devices.")
+    if device_id == primary.device.device_id:
+        raise UsageError("A device cannot revoke itself; revoke it from another device.")
+    old = primary.device_list
+    if old.device(device_id) is None:
+        raise UsageError("There is no such active device.")
+    device_list = DeviceList(
+        old.uik_pk,
+        old.version + 1,
+        now,
+        tuple(d for d in old.devices if d.device_id != device_id),
+        (*old.revoked, RevokedDevice(device_id, now)),
+    ).signed(primary.identity.uik_seed)
+    primary.device_list = device_list
+    return device_list
+
+
+def refresh_device_entry(primary: Account, *, now: int) -> DeviceList:
+    """Re-sign the device list so it names this device's current (rotated) key."""
+    if primary.identity is None:
+        raise UsageError("Only a device holding the identity key can sign a device list.")
+    old = primary.device_list
+    entry = primary.device.entry(now)
+    devices = tuple(
+        replace(entry, added_at=d.added_at) if d.device_id == entry.device_id else d
+        for d in old.devices
+    )
+    primary.device_list = DeviceList(old.uik_pk, old.version + 1, now, devices, old.revoked).signed(
+        primary.identity.uik_seed
+    )
+    return primary.device_list
+
+
+# --- on disk ----------------------------------------------------------------------------------
+
+
+class AccountFiles:
+    """An account's files in the data directory (key files are 0600, see keystore)."""
+
+    MAGIC = b"OPac"
+
+    def __init__(self, keys: KeyStore) -> None:
+        self.keys = keys
+
+    def _info_file(self, local: str) -> Path:
+        return self.keys.user_dir(local) / "account"
+
+    def exists(self, local: str) -> bool:
+        return self._info_file(local).exists()
+
+    def users(self) -> list[str]:
+        return [u for u in self.keys.users() if self.exists(u)]
+
+    def save(self, account: Account) -> None:
+        info = (
+            Writer()
+            .raw(self.MAGIC)
+            .var8(account.local.encode("ascii"))
+            .fixed(account.onion_pk, 32)
+            .fixed(account.mailbox_id, 16)
+            .fixed(account.self_token, 32)
+            .var16(account.binding.encode())
+            .getvalue()
+        )
+        if account.identity is not None:
+            self.keys.save_identity(account.identity)
+        self.keys.save_device(account.local, account.device)
+        self.keys.save_device_list(account.local, account.device_list)
+        write_private(self._info_file(account.local), info)
+
+    def load(self, local: str) -> Account:
+        path = self._info_file(local)
+        raw = read_private(path)
+        try:
+            r = Reader(raw, "account file")
+            r.magic(self.MAGIC)
+            stored_local = r.var8("user name", 64).decode("ascii", "replace")
+            onion_pk = r.fixed(32, "inbox key")
+            mailbox_id = r.fixed(16, "mailbox id")
+            self_token = r.fixed(32, "own token")
+            binding = ServerBinding.parse(r.var16("server binding"))
+            r.end()
+        except OnionpostError as exc:
+            raise DataDirError(f"{path} is damaged: {exc}") from exc
+        if stored_local != local:
+            raise DataDirError(f"{path} belongs to '{stored_local}', not '{local}'.")
+        identity = self.keys.load_identity(local) if self.keys.has_identity(local) else None
+        return Account(
+            local,
+            onion_pk,
+            mailbox_id,
+            self_token,
+            binding,
+            self.keys.load_device_list(local),
+            self.keys.load_device(local),
+            identity,
+        )

@@ -1,0 +1,421 @@
+"""The node API client (the only importer of h11): one HTTP/1.1 exchange per connection.
+
+It speaks to another inbox (bundles, deliveries) or to the device's own inbox (login, fetch,
+acknowledge, submit, publish keys) over whatever :class:`~onionpost.api.transport.Dialer` it
+is given.  Every failure leaves as an :class:`~onionpost.errors.OnionpostError`: a refusal
+keeps the peer's own code and words; a network problem is a temporary
+:class:`~onionpost.errors.PeerUnreachable`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+from urllib.parse import quote, urlencode
+
+import h11
+
+from onionpost.api.transport import Dialer
+from onionpost.api.wire import KeyUpdate, error_from_body, parse_json
+from onionpost.errors import DeviceRefused, PeerProtocolError, PeerUnreachable
+
+USER_AGENT = "onionpost/1"
+READ_CHUNK = 65536
+
+
+class Readable(Protocol):
+    def read(self, n: int, /) -> bytes: ...
+
+
+class Rewindable(Protocol):
+    def read(self, n: int, /) -> bytes: ...
+
+    def seek(self, offset: int, whence: int = 0, /) -> int: ...
+
+
+class Writable(Protocol):
+    def write(self, b: bytes, /) -> object: ...
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int
+    body: bytes
+
+
+@dataclass(frozen=True)
+class DeliveryReceipt:
+    receipt: str
+    duplicate: bool
+    missing_devices: int
+
+
+@dataclass(frozen=True)
+class PendingMessage:
+    id: int
+    size: int
+    received_at: int
+
+
+class InboxClient:
+    """Talks to one inbox, identified by its onion label."""
+
+    def __init__(
+        self,
+        dialer: Dialer,
+        onion: str,
+        *,
+        port: int = 80,
+        isolation: str,
+        timeout: float = 120.0,
+        connect_timeout: float = 60.0,
+    ) -> None:
+        self.dialer = dialer
+        self.onion = onion
+        self.port = port
+        self.isolation = isolation
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: bytes = b"",
+        source: tuple[Readable, int] | None = None,
+        headers: tuple[tuple[str, str], ...] = (),
+        limit: int = 4 << 20,
+        sink: Writable | None = None,
+        timeout: float | None = None,
+    ) -> Response:
+        """One request; the response body goes to ``sink`` if given, else is returned."""
+        try:
+            async with asyncio.timeout(timeout or self.timeout):
+                reader, writer = await self.dialer.open(
+                    self.onion, self.port, isolation=self.isolation, timeout=self.connect_timeout
+                )
+                try:
+                    return await self._exchange(
+                        reader=reader,
+                        writer=writer,
+                        method=method,
+                        path=path,
+                        body=body,
+                        source=source,
+                        headers=headers,
+                        limit=limit,
+                        sink=sink,
+                    )
+                finally:
+                    writer.close()
+                    with contextlib.suppress(OSError, asyncio.CancelledError, TimeoutError):
+                        await writer.wait_closed()
+        except TimeoutError as exc:
+            raise PeerUnreachable("The recipient's inbox did not answer in time.") from exc
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            raise PeerUnreachable("The connection to the inbox was lost.") from exc
+
+    async def _exchange(
+        self,
+        *,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        method: str,
+        path: str,
+        body: bytes,
+        source: tuple[Readable, int] | None,
+        headers: tuple[tuple[str, str], ...],
+        limit: int,
+        sink: Writable | None,
+    ) -> Response:
+        conn = h11.Connection(our_role=h11.CLIENT, max_incomplete_event_size=16 * 1024)
+        length = source[1] if source is not None else len(body)
+        head = [
+            ("Host", f"{self.onion}.onion"),
+            ("User-Agent", USER_AGENT),
+            ("Content-Length", str(length)),
+            ("Connection", "close"),
+            *headers,
+        ]
+        try:
+            writer.write(conn.send(h11.Request(method=method, target=path, headers=head)))
+            if source is not None:
+                stream, left = source
+                while left:
+                    piece = stream.read(min(READ_CHUNK, left))
+                    if not piece:
+                        raise PeerProtocolError("The message to send ended early.")
+                    left -= len(piece)
+                    writer.write(conn.send(h11.Data(data=piece)))
+                    await writer.drain()
+            elif body:
+                writer.write(conn.send(h11.Data(data=body)))
+            writer.write(conn.send(h11.EndOfMessage()))
+            await writer.drain()
+            return await self._read_response(conn, reader, limit, sink)
+        except h11.ProtocolError as exc:
+            raise PeerProtocolError(
+                "The inbox answered with something that is not valid HTTP."
+            ) from exc
+
+    @staticmethod
+    async def _read_response(
+        conn: h11.Connection, reader: asyncio.StreamReader, limit: int, sink: Writable | None
+    ) -> Response:
+        status = 0
+        chunks: list[bytes] = []
+        received = 0
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                data = await reader.read(READ_CHUNK)
+                if not data:
+                    raise PeerUnreachable("The inbox closed the connection before answering.")
+                conn.receive_data(data)
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.InformationalResponse):
+                continue
+            elif isinstance(event, h11.Data):
+                received += len(event.data)
+                if received > limit:
+                    raise PeerProtocolError(f"The inbox's answer is larger than {limit} bytes.")
+                if sink is not None and status == 200:
+                    sink.write(bytes(event.data))
+                else:
+                    chunks.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                return Response(status, b"".join(chunks))
+            elif isinstance(event, h11.ConnectionClosed):
+                raise PeerUnreachable("The inbox closed the connection mid-answer.")
+
+    async def call_json(
+        self,
+        method: str,
+        path: str,
+        data: dict[str, Any] | None = None,
+        *,
+        token: bytes | None = None,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        headers: tuple[tuple[str, str], ...] = (("Content-Type", "application/json"),)
+        if token is not None:
+            headers = (*headers, ("Authorization", f"Bearer {token.hex()}"))
+        body = json.dumps(data).encode() if data is not None else b""
+        r = await self.request(method, path, body=body, headers=headers, timeout=timeout)
+        return self.check_json(r)
+
+    @staticmethod
+    def check_json(r: Response) -> dict[str, Any]:
+        if r.status != 200:
+            err = error_from_body(r.status, r.body)
+            if r.status in (401, 403):
+                raise DeviceRefused(str(err))
+            raise err
+        return parse_json(r.body, "answer")
+
+    # -- between inboxes ------------------------------------------------------------------
+
+    async def health(self) -> bool:
+        return self.check_json(await self.request("GET", "/v1/health")).get("status") == "ok"
+
+    async def bundle(self, local: str) -> bytes:
+        r = await self.request("GET", f"/v1/bundle/{quote(local, safe='')}", limit=1 << 20)
+        if r.status != 200:
+            raise error_from_body(r.status, r.body)
+        return r.body
+
+    async def deliver(self, envelope: bytes | tuple[Readable, int]) -> DeliveryReceipt:
+        source = envelope if isinstance(envelope, tuple) else None
+        body = envelope if isinstance(envelope, bytes) else b""
+        r = await self.request(
+            "POST",
+            "/v1/deliver",
+            body=body,
+            source=source,
+            headers=(("Content-Type", "application/octet-stream"),),
+        )
+        data = self.check_json(r)
+        receipt = data.get("receipt")
+        if data.get("status") != "accepted" or not isinstance(receipt, str):
+            raise PeerProtocolError("The inbox's answer to a delivery is not understood.")
+        missing = data.get("missing_devices", 0)
+        return DeliveryReceipt(
+            receipt, bool(data.get("duplicate")), missing if isinstance(missing, int) else 0
+        )
+
+
+class DeviceSession:
+    """A device's logged-in session with its own inbox."""
+
+    def __init__(
+        self,
+        client: InboxClient,
+        *,
+        mailbox_id: bytes,
+        device_id: bytes,
+        sign: Callable[[bytes], bytes],
+        login_message: Callable[[bytes], bytes],
+    ) -> None:
+        self.client = client
+        self.mailbox_id = mailbox_id
+        self.device_id = device_id
+        self._sign = sign
+        self._login_message = login_message
+        self._token: bytes | None = None
+
+    async def login(self) -> None:
+        ids = {"mailbox": self.mailbox_id.hex(), "device": self.device_id.hex()}
+        ch = await self.client.call_json("POST", "/v1/device/challenge", ids)
+        try:
+            challenge = bytes.fromhex(str(ch.get("challenge")))
+        except ValueError as exc:
+            raise PeerProtocolError("The inbox sent a malformed login challenge.") from exc
+        signature = self._sign(self._login_message(challenge))
+        answer = await self.client.call_json(
+            "POST",
+            "/v1/device/login",
+            {**ids, "challenge": challenge.hex(), "signature": signature.hex()},
+        )
+        try:
+            self._token = bytes.fromhex(str(answer.get("session")))
+        except ValueError as exc:
+            raise PeerProtocolError("The inbox sent a malformed session.") from exc
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        data: dict[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        for attempt in (1, 2):
+            if self._token is None:
+                await self.login()
+            try:
+                return await self.client.call_json(
+                    method, path, data, token=self._token, timeout=timeout
+                )
+            except DeviceRefused:
+                self._token = None
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _auth(self) -> tuple[tuple[str, str], ...]:
+        assert self._token is not None
+        return (("Authorization", f"Bearer {self._token.hex()}"),)
+
+    async def pending(self, *, after: int = 0, wait: float = 0) -> list[PendingMessage]:
+        query = urlencode({"after": after, "wait": wait})
+        data = await self._call("GET", f"/v1/device/pending?{query}", timeout=wait + 60)
+        items = data.get("messages")
+        if not isinstance(items, list):
+            raise PeerProtocolError("The inbox's list of pending mail is not understood.")
+        out = []
+        for item in items:
+            try:
+                out.append(
+                    PendingMessage(int(item["id"]), int(item["size"]), int(item["received_at"]))
+                )
+            except (KeyError, TypeError, ValueError) as exc:
+                raise PeerProtocolError(
+                    "The inbox's list of pending mail is not understood."
+                ) from exc
+        return out
+
+    async def fetch(self, message_id: int, sink: Writable, *, limit: int) -> None:
+        if self._token is None:
+            await self.login()
+        r = await self.client.request(
+            "GET",
+            f"/v1/device/message/{message_id}",
+            headers=self._auth(),
+            sink=sink,
+            limit=limit,
+        )
+        if r.status != 200:
+            if r.status in (401, 403):
+                self._token = None
+            raise error_from_body(r.status, r.body)
+
+    async def acknowledge(self, ids: list[int]) -> int:
+        data = await self._call("POST", "/v1/device/ack", {"ids": ids})
+        n = data.get("acknowledged", 0)
+        return n if isinstance(n, int) else 0
+
+    async def submit(
+        self,
+        *,
+        destination: str,
+        envelope: bytes | tuple[Rewindable, int],
+        msg_id: bytes,
+        expires_at: int,
+        ref: str,
+    ) -> int:
+        query = urlencode(
+            {
+                "destination": destination,
+                "msg_id": msg_id.hex(),
+                "expires_at": expires_at,
+                "ref": ref,
+            }
+        )
+        for attempt in (1, 2):
+            if self._token is None:
+                await self.login()
+            if isinstance(envelope, tuple):
+                envelope[0].seek(0)  # a retry after a lost session re-sends from the start
+            r = await self.client.request(
+                "POST",
+                f"/v1/device/submit?{query}",
+                body=envelope if isinstance(envelope, bytes) else b"",
+                source=envelope if isinstance(envelope, tuple) else None,
+                headers=(*self._auth(), ("Content-Type", "application/octet-stream")),
+            )
+            if r.status in (401, 403) and attempt == 1:
+                self._token = None
+                continue
+            data = self.client.check_json(r)
+            row = data.get("id")
+            if not isinstance(row, int):
+                raise PeerProtocolError("The inbox's answer to a submission is not understood.")
+            return row
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def publish(self, update: KeyUpdate) -> None:
+        for attempt in (1, 2):
+            if self._token is None:
+                await self.login()
+            r = await self.client.request(
+                "POST",
+                "/v1/device/keys",
+                body=update.encode(),
+                headers=(*self._auth(), ("Content-Type", "application/octet-stream")),
+            )
+            if r.status in (401, 403) and attempt == 1:
+                self._token = None
+                continue
+            self.client.check_json(r)
+            return
+
+    async def register_token(self, token: bytes, label: str, *, revoke: bool = False) -> None:
+        await self._call(
+            "POST", "/v1/device/tokens", {"token": token.hex(), "label": label, "revoke": revoke}
+        )
+
+    async def outbox(self, states: tuple[str, ...] = ("queued",)) -> list[dict[str, Any]]:
+        data = await self._call("GET", f"/v1/device/outbox?states={','.join(states)}")
+        items = data.get("items")
+        if not isinstance(items, list):
+            raise PeerProtocolError("The inbox's queue listing is not understood.")
+        return [i for i in items if isinstance(i, dict)]
+
+    async def outbox_op(self, row_id: int, op: str) -> bool:
+        data = await self._call("POST", f"/v1/device/outbox/{row_id}/{op}", {})
+        return data.get("status") == "ok"

@@ -1,0 +1,506 @@
+"""The node API over HTTP/1.1: what the onion service maps to (the only importer of aiohttp).
+
+Routes (all under ``/v1``)::
+
+    GET  /health                    liveness (tor's self-probe uses it)
+    GET  /bundle/{local}            the mailbox's signed key bundle
+    POST /deliver                   an L1 envelope from another inbox
+    POST /device/challenge          device login, step 1
+    POST /device/login              device login, step 2 (signed challenge) -> session
+    GET  /device/pending            long-poll: new sealed mail for this device
+    GET  /device/message/{id}       one spooled L2
+    POST /device/ack                drop this device's copies
+    POST /device/submit             queue an L1 for delivery by this inbox
+    POST /device/keys               publish rotated keys, device lists, prekeys, bindings
+    POST /device/tokens             register a contact token
+    GET  /device/outbox             this mailbox's queue
+    POST /device/outbox/{id}/{op}   retry / cancel one queued message
+
+The server bounds what a hostile client can make it do: request size (Content-Length
+required and capped before any body is read), header size (aiohttp's limits), the time to
+send headers and a body (a slow client is disconnected), concurrent connections (over the cap
+a connection gets an immediate 503 and is closed) and concurrent deliveries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import tempfile
+from collections.abc import Awaitable, Callable
+from typing import IO, Any
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
+from onionpost.api.wire import KeyUpdate, hex_field, parse_json, refusal
+from onionpost.clock import Clock
+from onionpost.config import InboxConfig
+from onionpost.errors import (
+    DeviceRefused,
+    MalformedData,
+    MessageTooLarge,
+    OnionpostError,
+    TemporaryDeliveryError,
+)
+from onionpost.inbox import Inbox, Session
+from onionpost.store.outbox import OutboxRow
+
+log = logging.getLogger(__name__)
+
+JSON_LIMIT = 64 * 1024
+KEYS_LIMIT = 1 << 20
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _json(status: int, body: dict[str, Any]) -> web.Response:
+    return web.Response(
+        status=status, body=json.dumps(body).encode(), content_type="application/json"
+    )
+
+
+def _error(exc: OnionpostError) -> web.Response:
+    status, body = refusal(exc)
+    return _json(status, body)
+
+
+class _ConnectionGuard:
+    """Caps connections and gives each request's headers a deadline.
+
+    aiohttp has no timeout for a client that sends headers slowly, so every connection is
+    armed with one when it opens and after each response, and disarmed when a request's
+    headers are complete (the middleware runs).
+    """
+
+    def __init__(self, server: web.Server, header_timeout: float, max_connections: int) -> None:
+        self._server = server
+        self._timeout = header_timeout
+        self._max = max_connections
+        self._timers: dict[asyncio.BaseTransport, asyncio.TimerHandle | None] = {}
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._timers)
+
+    def factory(self) -> RequestHandler:
+        proto: RequestHandler = self._server()
+        made, lost = proto.connection_made, proto.connection_lost
+
+        def connection_made(transport: asyncio.BaseTransport) -> None:
+            if len(self._timers) >= self._max:
+                made(transport)
+                if isinstance(transport, asyncio.WriteTransport):
+                    transport.write(_overloaded_reply())
+                transport.close()
+                return
+            self._timers[transport] = None
+            made(transport)
+            self.arm(transport)
+
+        def connection_lost(exc: BaseException | None) -> None:
+            transport = proto.transport
+            if transport is not None:
+                self._cancel(transport)
+                self._timers.pop(transport, None)
+            lost(exc)
+
+        proto.connection_made = connection_made  # type: ignore[method-assign]
+        proto.connection_lost = connection_lost  # type: ignore[method-assign]
+        return proto
+
+    def arm(self, transport: asyncio.BaseTransport) -> None:
+        if transport not in self._timers:
+            return
+        self._cancel(transport)
+        loop = asyncio.get_running_loop()
+        self._timers[transport] = loop.call_later(self._timeout, transport.close)
+
+    def disarm(self, transport: asyncio.BaseTransport | None) -> None:
+        if transport is not None:
+            self._cancel(transport)
+
+    def _cancel(self, transport: asyncio.BaseTransport) -> None:
+        timer = self._timers.get(transport)
+        if timer is not None:
+            timer.cancel()
+            self._timers[transport] = None
+
+
+def _overloaded_reply() -> bytes:
+    body = json.dumps(
+        {
+            "status": "temporary",
+            "code": "4.3.2",
+            "reason": "busy",
+            "message": "The inbox is busy; try again in a minute or two.",
+        }
+    ).encode()
+    head = (
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+        f"Connection: close\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+class InboxServer:
+    def __init__(
+        self,
+        inbox: Inbox,
+        *,
+        config: InboxConfig,
+        clock: Clock,
+        on_inbound: Callable[[], None] | None = None,
+        on_submitted: Callable[[], None] | None = None,
+    ) -> None:
+        self.inbox = inbox
+        self.config = config
+        self.clock = clock
+        self._on_inbound = on_inbound
+        self._on_submitted = on_submitted
+        self._deliveries = asyncio.Semaphore(8)
+        self._events: dict[tuple[bytes, bytes], asyncio.Event] = {}
+        self._server: asyncio.Server | None = None
+        self._runner: web.AppRunner
+        self._guard: _ConnectionGuard | None = None
+        self.port = 0
+        inbox.on_spooled.append(self._wake)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._middleware], client_max_size=KEYS_LIMIT)
+        r = app.router
+        r.add_get("/v1/health", self.health)
+        r.add_get("/v1/bundle/{local}", self.bundle)
+        r.add_post("/v1/deliver", self.deliver)
+        r.add_post("/v1/device/challenge", self.challenge)
+        r.add_post("/v1/device/login", self.login)
+        r.add_get("/v1/device/pending", self.pending)
+        r.add_get("/v1/device/message/{id}", self.message)
+        r.add_post("/v1/device/ack", self.ack)
+        r.add_post("/v1/device/submit", self.submit)
+        r.add_post("/v1/device/keys", self.keys)
+        r.add_post("/v1/device/tokens", self.tokens)
+        r.add_get("/v1/device/outbox", self.outbox)
+        r.add_post("/v1/device/outbox/{id}/{op}", self.outbox_op)
+        return app
+
+    async def start(self, host: str, port: int) -> int:
+        self._runner = web.AppRunner(
+            self.app(),
+            handle_signals=False,
+            access_log=None,
+            keepalive_timeout=max(self.config.header_timeout, 5.0),
+            max_line_size=8190,
+            max_field_size=8190,
+            max_headers=64,
+        )
+        await self._runner.setup()
+        server = self._runner.server
+        assert server is not None
+        self._guard = _ConnectionGuard(
+            server, self.config.header_timeout, self.config.max_connections
+        )
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(self._guard.factory, host, port, backlog=512)
+        self.port = self._server.sockets[0].getsockname()[1]
+        log.info("node API listening on %s:%d", host, self.port)
+        return self.port
+
+    async def stop(self) -> None:
+        if self._server is None:
+            return
+        self._server.close()
+        if self._runner.server is not None:
+            await self._runner.server.shutdown(2.0)
+        await self._runner.cleanup()
+        self._server = None
+
+    @property
+    def open_connections(self) -> int:
+        return self._guard.open_connections if self._guard else 0
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if self._guard is not None:
+            self._guard.disarm(request.transport)
+        if self._on_inbound is not None:
+            self._on_inbound()
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            return _json(
+                exc.status,
+                {
+                    "status": "permanent",
+                    "code": "5.5.0",
+                    "reason": "bad-request",
+                    "message": exc.reason,
+                },
+            )
+        except OnionpostError as exc:
+            return _error(exc)
+        except TimeoutError:
+            return _error(TemporaryDeliveryError("The request took too long to arrive."))
+        except Exception:
+            log.exception("unexpected error in %s %s", request.method, request.path)
+            return _error(TemporaryDeliveryError("The inbox hit an internal error.", code="4.3.0"))
+        finally:
+            if self._guard is not None and request.transport is not None:
+                self._guard.arm(request.transport)
+
+    def _now(self) -> int:
+        return self.clock.now()
+
+    async def _body_to_file(self, request: web.Request, limit: int) -> tuple[IO[bytes], int]:
+        """Stream the request body into a temporary file, within size and time limits."""
+        length = request.content_length
+        if length is None:
+            raise MalformedData("The request must say how long its body is (Content-Length).")
+        if length > limit:
+            raise MessageTooLarge(f"The request is {length} bytes; the limit is {limit}.")
+        tmp = tempfile.SpooledTemporaryFile(max_size=256 * 1024)  # noqa: SIM115
+        try:
+            async with asyncio.timeout(self.config.request_timeout):
+                left = length
+                while left:
+                    piece = await request.content.read(min(65536, left))
+                    if not piece:
+                        raise MalformedData("The request body ended early.")
+                    tmp.write(piece)
+                    left -= len(piece)
+        except BaseException:
+            tmp.close()
+            raise
+        tmp.seek(0)
+        return tmp, length
+
+    async def _small_json(self, request: web.Request) -> dict[str, Any]:
+        body, length = await self._body_to_file(request, JSON_LIMIT)
+        with body:
+            return parse_json(body.read(length), "request")
+
+    def _session(self, request: web.Request) -> Session:
+        auth = request.headers.get("Authorization", "")
+        scheme, _, value = auth.partition(" ")
+        try:
+            token = bytes.fromhex(value.strip()) if scheme.lower() == "bearer" else b""
+        except ValueError:
+            token = b""
+        if len(token) != 32:
+            raise DeviceRefused("This request needs a device session; log in first.")
+        return self.inbox.session(token, self._now())
+
+    def _wake(self, mailbox_id: bytes, device_ids: frozenset[bytes]) -> None:
+        for device_id in device_ids:
+            event = self._events.get((mailbox_id, device_id))
+            if event is not None:
+                event.set()
+
+    # -- public routes --------------------------------------------------------------------
+
+    async def health(self, request: web.Request) -> web.Response:
+        return _json(200, {"status": "ok"})
+
+    async def bundle(self, request: web.Request) -> web.Response:
+        data = self.inbox.bundle(request.match_info["local"], self._now())
+        return web.Response(body=data, content_type="application/octet-stream")
+
+    async def deliver(self, request: web.Request) -> web.Response:
+        limit = self.config.max_envelope_bytes + (1 << 20)
+        body, length = await self._body_to_file(request, limit)
+        with body:
+            try:
+                async with asyncio.timeout(30):
+                    await self._deliveries.acquire()
+            except TimeoutError as exc:
+                raise TemporaryDeliveryError(
+                    "The inbox is busy; delivery will be retried.", code="4.3.2"
+                ) from exc
+            try:
+                now = self._now()
+                unwrapped = await asyncio.to_thread(self.inbox.unwrap, body, length, now=now)
+                with unwrapped:
+                    result = self.inbox.accept(unwrapped, now=now)
+            finally:
+                self._deliveries.release()
+        return _json(
+            200,
+            {
+                "status": "accepted",
+                "receipt": result.receipt,
+                "duplicate": result.duplicate,
+                "missing_devices": result.missing_devices,
+            },
+        )
+
+    # -- device routes --------------------------------------------------------------------
+
+    async def challenge(self, request: web.Request) -> web.Response:
+        data = await self._small_json(request)
+        challenge, expires = self.inbox.challenge(
+            hex_field(data, "mailbox", 16), hex_field(data, "device", 16), self._now()
+        )
+        return _json(200, {"challenge": challenge.hex(), "expires_at": expires})
+
+    async def login(self, request: web.Request) -> web.Response:
+        data = await self._small_json(request)
+        token, expires = self.inbox.login(
+            hex_field(data, "mailbox", 16),
+            hex_field(data, "device", 16),
+            hex_field(data, "challenge", 32),
+            hex_field(data, "signature", 64),
+            self._now(),
+        )
+        return _json(200, {"session": token.hex(), "expires_at": expires})
+
+    async def pending(self, request: web.Request) -> web.Response:
+        s = self._session(request)
+        try:
+            after = int(request.query.get("after", "0"))
+            wait = min(float(request.query.get("wait", "0")), self.config.longpoll_seconds)
+        except ValueError as exc:
+            raise MalformedData("'after' and 'wait' must be numbers.") from exc
+        key = (s.mailbox_id, s.device_id)
+        event = self._events.setdefault(key, asyncio.Event())
+        event.clear()
+        entries = self.inbox.pending(s, after)
+        if not entries and wait > 0:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await event.wait()
+            entries = self.inbox.pending(s, after)
+        return _json(
+            200,
+            {
+                "messages": [
+                    {"id": e.spool_id, "size": e.size, "received_at": e.received_at}
+                    for e in entries
+                ]
+            },
+        )
+
+    async def message(self, request: web.Request) -> web.StreamResponse:
+        s = self._session(request)
+        try:
+            spool_id = int(request.match_info["id"])
+        except ValueError as exc:
+            raise MalformedData("The message id must be a number.") from exc
+        size, chunks = self.inbox.read(s, spool_id)
+        response = web.StreamResponse(
+            headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)}
+        )
+        await response.prepare(request)
+        for chunk in chunks:
+            await response.write(chunk)
+        await response.write_eof()
+        return response
+
+    async def ack(self, request: web.Request) -> web.Response:
+        s = self._session(request)
+        data = await self._small_json(request)
+        ids = data.get("ids")
+        if not isinstance(ids, list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in ids
+        ):
+            raise MalformedData("'ids' must be a list of message numbers.")
+        return _json(200, {"acknowledged": self.inbox.acknowledge(s, ids)})
+
+    async def submit(self, request: web.Request) -> web.Response:
+        s = self._session(request)
+        q = request.query
+        try:
+            msg_id = bytes.fromhex(q.get("msg_id", ""))
+            expires_at = int(q.get("expires_at", ""))
+        except ValueError as exc:
+            raise MalformedData("'msg_id' must be hex and 'expires_at' a number.") from exc
+        body, length = await self._body_to_file(request, self.config.max_envelope_bytes + (1 << 20))
+        with body:
+            row_id = self.inbox.submit(
+                s,
+                destination=q.get("destination", ""),
+                envelope_bytes=body.read(length),
+                msg_id=msg_id,
+                expires_at=expires_at,
+                message_ref=q.get("ref", ""),
+                now=self._now(),
+            )
+        if self._on_submitted is not None:
+            self._on_submitted()
+        return _json(200, {"status": "queued", "id": row_id})
+
+    async def keys(self, request: web.Request) -> web.Response:
+        s = self._session(request)
+        body, length = await self._body_to_file(request, KEYS_LIMIT)
+        with body:
+            update = KeyUpdate.parse(body.read(length))
+        self.inbox.publish(s.mailbox_id, update, self._now())
+        return _json(200, {"status": "ok"})
+
+    async def tokens(self, request: web.Request) -> web.Response:
+        s = self._session(request)
+        data = await self._small_json(request)
+        token = hex_field(data, "token", 32)
+        label = data.get("label", "")
+        if not isinstance(label, str) or len(label) > 200:
+            raise MalformedData("'label' must be a short string.")
+        if data.get("revoke") is True:
+            self.inbox.store.revoke_token(s.mailbox_id, self.inbox.token_hash(token), self._now())
+        else:
+            self.inbox.store.add_token(
+                s.mailbox_id, self.inbox.token_hash(token), label, self._now()
+            )
+        return _json(200, {"status": "ok"})
+
+    async def outbox(self, request: web.Request) -> web.Response:
+        s = self._session(request)
+        states = tuple(request.query.get("states", "queued").split(","))
+        if not set(states) <= {"queued", "delivered", "bounced", "cancelled"}:
+            raise MalformedData("Unknown outbox state.")
+        rows = self.inbox.outbox.rows(mailbox_id=s.mailbox_id, states=states)
+        return _json(200, {"items": [_outbox_item(r) for r in rows]})
+
+    async def outbox_op(self, request: web.Request) -> web.Response:
+        s = self._session(request)
+        op = request.match_info["op"]
+        try:
+            row_id = int(request.match_info["id"])
+        except ValueError as exc:
+            raise MalformedData("The queue id must be a number.") from exc
+        row = self.inbox.outbox.get(row_id)
+        if row is None or row.mailbox_id != s.mailbox_id:
+            raise MalformedData(f"There is no queued message {row_id}.")
+        if op == "cancel":
+            done = self.inbox.outbox.cancel(row_id, now=self._now(), mailbox_id=s.mailbox_id)
+        elif op == "retry":
+            done = self.inbox.outbox.retry_now(self._now(), row_id) > 0
+            if done and self._on_submitted is not None:
+                self._on_submitted()
+        else:
+            raise MalformedData("The operation must be 'retry' or 'cancel'.")
+        return _json(200, {"status": "ok" if done else "unchanged"})
+
+    def set_limits(self, *, deliveries: int) -> None:
+        self._deliveries = asyncio.Semaphore(deliveries)
+
+
+def _outbox_item(r: OutboxRow) -> dict[str, Any]:
+    return {
+        "id": r.id,
+        "destination": r.destination,
+        "msg_id": r.msg_id.hex(),
+        "ref": r.message_ref,
+        "created_at": r.created_at,
+        "expires_at": r.expires_at,
+        "next_attempt_at": r.next_attempt_at,
+        "attempts": r.attempts,
+        "last_error": r.last_error,
+        "last_error_code": r.last_error_code,
+        "state": r.state,
+        "finished_at": r.finished_at,
+    }

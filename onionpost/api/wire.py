@@ -1,0 +1,167 @@
+"""What travels between nodes besides envelopes: status bodies and key updates.  Pure.
+
+Every refusal is a JSON object ``{"status": "temporary"|"permanent", "code": "4.2.2",
+"reason": "...", "message": "..."}``: the enhanced status code (RFC 3463) and the sentence go
+back to the sender's outbox unchanged, so the person who sent the mail reads the recipient
+inbox's own words in a delay notice or a bounce.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from onionpost.crypto.encoding import Reader, Writer
+from onionpost.crypto.keys import DeviceList, Profile, RotationRecord, ServerBinding, SignedPrekey
+from onionpost.errors import (
+    DeliveryError,
+    DeviceRefused,
+    MalformedData,
+    MessageTooLarge,
+    OnionpostError,
+    PeerProtocolError,
+    PermanentDeliveryError,
+    QuotaExceeded,
+    StaleRecipientKeys,
+    TemporaryDeliveryError,
+    UnknownMailbox,
+)
+
+MAX_JSON_BYTES = 256 * 1024
+_CODE = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
+
+
+def refusal(exc: OnionpostError) -> tuple[int, dict[str, Any]]:
+    """HTTP status and JSON body for an error answered to a peer or a device."""
+    temporary = exc.temporary
+    code = exc.code
+    if isinstance(exc, DeviceRefused):
+        status = 403
+    elif isinstance(exc, UnknownMailbox):
+        status = 404
+    elif isinstance(exc, MessageTooLarge) or "MessageTooLarge" in getattr(exc, "reason", ""):
+        status = 413
+    elif isinstance(exc, QuotaExceeded):
+        status = 507
+    elif temporary:
+        status = 429 if code.endswith(".7.0") and not isinstance(exc, StaleRecipientKeys) else 503
+    else:
+        status = 400
+    reason = getattr(exc, "reason", type(exc).__name__)
+    return status, {
+        "status": "temporary" if temporary else "permanent",
+        "code": code,
+        "reason": reason,
+        "message": str(exc),
+    }
+
+
+def parse_json(raw: bytes, what: str) -> dict[str, Any]:
+    """Parse a JSON object from a peer, whose bytes are untrusted."""
+    if len(raw) > MAX_JSON_BYTES:
+        raise PeerProtocolError(f"The {what} is larger than {MAX_JSON_BYTES} bytes.")
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise PeerProtocolError(f"The {what} is not valid JSON.") from exc
+    if not isinstance(value, dict):
+        raise PeerProtocolError(f"The {what} is not a JSON object.")
+    return value
+
+
+def error_from_body(http_status: int, body: bytes) -> DeliveryError:
+    """Turn a peer's refusal into the matching error, keeping its code and words."""
+    try:
+        data = parse_json(body, "reply")
+    except PeerProtocolError:
+        data = {}
+    status = data.get("status")
+    code = data.get("code")
+    message = data.get("message")
+    reason = data.get("reason")
+    if not isinstance(code, str) or not _CODE.match(code):
+        code = "4.4.0" if http_status >= 500 or http_status == 429 else "5.0.0"
+    if not isinstance(message, str) or not message.strip():
+        message = f"The recipient's inbox answered HTTP {http_status} without an explanation."
+    message = " ".join(message.split())[:500]
+    reason = reason if isinstance(reason, str) and len(reason) <= 64 else None
+    if status not in ("temporary", "permanent"):
+        status = "temporary" if http_status >= 500 or http_status == 429 else "permanent"
+    if reason == "stale-keys":
+        return StaleRecipientKeys(message, code=code)
+    if status == "temporary":
+        return TemporaryDeliveryError(message, code=code, reason=reason)
+    if http_status == 404 and reason == "unknown-mailbox":
+        return UnknownMailbox(message, code=code)
+    return PermanentDeliveryError(message, code=code, reason=reason)
+
+
+# --- key updates ----------------------------------------------------------------------------
+
+
+@dataclass
+class KeyUpdate:
+    """Records a device publishes to its inbox; each is verified before it is installed."""
+
+    MAGIC = b"OPku"
+
+    device_list: DeviceList | None = None
+    binding: ServerBinding | None = None
+    profile: Profile | None = None
+    rotations: list[RotationRecord] = field(default_factory=list)
+    prekeys: list[SignedPrekey] = field(default_factory=list)
+
+    def encode(self) -> bytes:
+        w = Writer().raw(self.MAGIC)
+        w.var32(self.device_list.encode() if self.device_list else b"")
+        w.var16(self.binding.encode() if self.binding else b"")
+        w.var32(self.profile.encode() if self.profile else b"")
+        w.u16(len(self.rotations))
+        for rec in self.rotations:
+            w.var16(rec.encode())
+        w.u16(len(self.prekeys))
+        for p in self.prekeys:
+            w.var16(p.encode())
+        return w.getvalue()
+
+    @classmethod
+    def parse(cls, data: bytes) -> KeyUpdate:
+        r = Reader(data, "key update")
+        r.magic(cls.MAGIC)
+        dl = r.var32("device list", 256 * 1024)
+        binding = r.var16("server binding")
+        profile = r.var32("profile", 128 * 1024)
+        rotations = [
+            RotationRecord.parse(r.var16("rotation")) for _ in range(r.count("rotations", 4096))
+        ]
+        prekeys = [SignedPrekey.parse(r.var16("prekey")) for _ in range(r.count("prekeys", 256))]
+        r.end()
+        return cls(
+            DeviceList.parse(dl) if dl else None,
+            ServerBinding.parse(binding) if binding else None,
+            Profile.parse(profile) if profile else None,
+            rotations,
+            prekeys,
+        )
+
+
+def hex_field(data: dict[str, Any], name: str, length: int | None = None) -> bytes:
+    """A hex-encoded bytes field of a JSON request, validated."""
+    value = data.get(name)
+    try:
+        raw = bytes.fromhex(value) if isinstance(value, str) else None
+    except ValueError:
+        raw = None
+    if raw is None or (length is not None and len(raw) != length):
+        size = f" of {length} bytes" if length else ""
+        raise MalformedData(f"The request's '{name}' must be hex{size}.")
+    return raw
+
+
+def int_field(data: dict[str, Any], name: str, *, low: int = 0, high: int = 1 << 62) -> int:
+    value = data.get(name)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise MalformedData(f"The request's '{name}' must be a whole number.")
+    return value

@@ -1,0 +1,178 @@
+"""Outbox processing: deliver queued envelopes, record the outcome, retry or bounce.
+
+The outbox table is the truth.  :meth:`OutboxWorker.run_due` claims due rows (a lease, so a
+crash mid-delivery only delays a row), delivers each to its destination inbox — over the
+network, or straight into this inbox when the recipient is a local user — and records exactly
+one outcome: delivered, deferred with the next attempt time from :mod:`onionpost.retry`, or
+bounced.  Delivery is idempotent end to end (the receiving inbox dedups on the envelope's
+digest), so a retry after a crash never files a message twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+from collections.abc import Callable
+
+from onionpost.address import Address
+from onionpost.api.client import InboxClient
+from onionpost.api.transport import Dialer
+from onionpost.clock import Clock
+from onionpost.errors import AddressError, OnionpostError, PermanentDeliveryError, TorError
+from onionpost.inbox import Inbox
+from onionpost.retry import RetryPolicy, after_failure
+from onionpost.store.outbox import OutboxRow, OutboxStore
+
+log = logging.getLogger(__name__)
+
+LEASE_SECONDS = 600
+BATCH = 64
+
+
+class OutboxWorker:
+    def __init__(
+        self,
+        *,
+        outbox: OutboxStore,
+        inbox: Inbox,
+        dialer: Dialer,
+        clock: Clock,
+        policy: RetryPolicy,
+        unit_random: Callable[[], float],
+        concurrency: int = 8,
+        onion_port: int = 80,
+        timeout: float = 180.0,
+    ) -> None:
+        self.outbox = outbox
+        self.inbox = inbox
+        self.dialer = dialer
+        self.clock = clock
+        self.policy = policy
+        self.unit_random = unit_random
+        self.onion_port = onion_port
+        self.timeout = timeout
+        self._slots = asyncio.Semaphore(concurrency)
+        self._wake = asyncio.Event()
+        self.on_finished: list[Callable[[OutboxRow], None]] = []
+
+    @property
+    def own_onion(self) -> str:
+        return Address.for_key("x", self.inbox.onion_pk).onion
+
+    def wake(self) -> None:
+        """A submission arrived: deliver now instead of at the next tick."""
+        self._wake.set()
+
+    async def run_due(self) -> int:
+        """Deliver everything due now; returns the number of rows attempted."""
+        total = 0
+        while True:
+            rows = self.outbox.claim_due(self.clock.now(), limit=BATCH, lease=LEASE_SECONDS)
+            if not rows:
+                return total
+            total += len(rows)
+            await asyncio.gather(*(self._attempt(row) for row in rows))
+
+    async def run_forever(self, idle: float = 30.0) -> None:
+        """Deliver due rows whenever woken, or at least every ``idle`` seconds."""
+        while True:
+            self._wake.clear()
+            try:
+                await self.run_due()
+            except OnionpostError as exc:
+                log.warning("outbox pass failed: %s", exc)
+            next_due = self.outbox.next_due_at()
+            delay = idle
+            if next_due is not None:
+                delay = max(0.0, min(idle, next_due - self.clock.now()))
+            if delay > 0:
+                try:
+                    async with asyncio.timeout(delay):
+                        await self._wake.wait()
+                except TimeoutError:
+                    pass
+
+    async def _attempt(self, row: OutboxRow) -> None:
+        async with self._slots:
+            now = self.clock.now()
+            if now >= row.expires_at:
+                self._bounce(
+                    row,
+                    now,
+                    "The message's lifetime ran out before it could be "
+                    "delivered; the last error was: "
+                    f"{row.last_error or 'none'}",
+                    row.last_error_code or "4.4.7",
+                    attempted=False,
+                )
+                return
+            try:
+                receipt = await self._deliver(row)
+            except OnionpostError as exc:
+                self._failed(row, exc)
+                return
+            self.outbox.mark_delivered(row.id, now=self.clock.now(), receipt=receipt)
+            log.info("delivered outbox row %d to %s (%s)", row.id, row.destination, receipt)
+            self._notify(row.id)
+
+    async def _deliver(self, row: OutboxRow) -> str:
+        try:
+            address = Address.parse(row.destination)
+        except AddressError as exc:
+            raise PermanentDeliveryError.from_error(exc) from exc
+        envelope = self.outbox.envelope(row.id)
+        if address.onion == self.own_onion:
+            now = self.clock.now()
+            unwrapped = await asyncio.to_thread(
+                self.inbox.unwrap, io.BytesIO(envelope), len(envelope), now=now
+            )
+            with unwrapped:
+                return self.inbox.accept(unwrapped, now=now).receipt
+        client = InboxClient(
+            self.dialer,
+            address.onion,
+            port=self.onion_port,
+            isolation=f"deliver:{address.onion}",
+            timeout=self.timeout,
+        )
+        return (await client.deliver(envelope)).receipt
+
+    def _failed(self, row: OutboxRow, exc: OnionpostError) -> None:
+        now = self.clock.now()
+        temporary = exc.temporary or isinstance(exc, TorError)
+        decision = after_failure(
+            self.policy,
+            attempts=row.attempts + 1,
+            temporary=temporary,
+            now=now,
+            expires_at=row.expires_at,
+            unit_random=self.unit_random(),
+        )
+        code = exc.code if exc.code[:1] in "45" else ("4" if temporary else "5") + ".0.0"
+        if decision.retry_at is None:
+            self._bounce(row, now, str(exc), code, attempted=True)
+            return
+        self.outbox.mark_deferred(
+            row.id, now=now, next_attempt_at=decision.retry_at, error=str(exc), code=code
+        )
+        log.info(
+            "delivery of outbox row %d to %s deferred until %d: %s",
+            row.id,
+            row.destination,
+            decision.retry_at,
+            exc,
+        )
+
+    def _bounce(self, row: OutboxRow, now: int, error: str, code: str, *, attempted: bool) -> None:
+        self.outbox.mark_bounced(
+            row.id, now=now, error=error, code="5" + code[1:], attempted=attempted
+        )
+        log.info("outbox row %d to %s bounced: %s", row.id, row.destination, error)
+        self._notify(row.id)
+
+    def _notify(self, row_id: int) -> None:
+        row = self.outbox.get(row_id)
+        if row is not None:
+            for listener in self.on_finished:
+                listener(row)

@@ -1,0 +1,506 @@
+"""The inbox role: what the post office decides, independent of HTTP.
+
+It accepts sealed mail for its mailboxes (unwrap the outer layer, check anti-spam proof and
+limits, route to the devices whose keys the sender used, store durably), serves signed key
+bundles, runs device sessions (challenge-response login, fetch, acknowledge), takes
+submissions into the outbox and installs newly published keys.  It holds only ciphertext.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import IO
+
+from onionpost.address import Address
+from onionpost.api.wire import KeyUpdate
+from onionpost.config import InboxConfig
+from onionpost.crypto import envelope, pow
+from onionpost.crypto.bundle import AntiSpamPolicy, KeyBundle
+from onionpost.crypto.keys import (
+    DeviceList,
+    Profile,
+    RotationRecord,
+    ServerBinding,
+    ServerSecrets,
+    SignedPrekey,
+    verify_chain,
+)
+from onionpost.crypto.primitives import (
+    RandomSource,
+    ed25519_verify,
+    hash32,
+    kdf,
+    mac32,
+    system_random,
+)
+from onionpost.errors import (
+    BadSignature,
+    CryptoError,
+    DeviceRefused,
+    MalformedData,
+    MessageTooLarge,
+    PermanentDeliveryError,
+    ProofOfWorkError,
+    QuotaExceeded,
+    StaleRecipientKeys,
+    StoreError,
+    TemporaryDeliveryError,
+    UnknownMailbox,
+)
+from onionpost.store.inbox import InboxStore, SpoolEntry
+from onionpost.store.outbox import OutboxStore
+
+CTX_LOGIN = b"onionpost/v1/device-login\x00"
+CTX_TOKEN_HASH = b"onionpost/v1/token-hash"
+CHALLENGE_SECONDS = 120
+SESSION_SECONDS = 3600
+HOUR = 3600
+MAX_SUBMIT_LIFETIME = 30 * 86_400
+SPOOL_IN_MEMORY = 1 << 20
+
+
+def login_message(onion_pk: bytes, mailbox_id: bytes, device_id: bytes, challenge: bytes) -> bytes:
+    """What a device signs to log in to its inbox (bound to this inbox and this challenge)."""
+    return CTX_LOGIN + onion_pk + mailbox_id + device_id + challenge
+
+
+@dataclass(frozen=True)
+class DeliveryResult:
+    receipt: str
+    duplicate: bool
+    mailbox_id: bytes
+    device_ids: frozenset[bytes]
+    missing_devices: int
+
+
+@dataclass
+class Unwrapped:
+    """An envelope whose outer layer opened: its metadata and the L2 in a temporary file."""
+
+    meta: envelope.OuterMeta
+    l2: IO[bytes]
+    spk_ids: set[int]
+
+    def __enter__(self) -> Unwrapped:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.l2.close()
+
+
+@dataclass(frozen=True)
+class Session:
+    mailbox_id: bytes
+    device_id: bytes
+
+
+class Inbox:
+    def __init__(
+        self,
+        *,
+        store: InboxStore,
+        outbox: OutboxStore,
+        secrets: ServerSecrets,
+        config: InboxConfig,
+        rng: RandomSource = system_random,
+    ) -> None:
+        self.store = store
+        self.outbox = outbox
+        self.secrets = secrets
+        self.config = config
+        self.rng = rng
+        self._token_key = kdf(secrets.onion_seed, CTX_TOKEN_HASH)
+        self._bundle_cache: dict[str, tuple[int, bytes]] = {}
+        #: Called with (mailbox id, device ids) after new mail was spooled for devices.
+        self.on_spooled: list[Callable[[bytes, frozenset[bytes]], None]] = []
+
+    @property
+    def onion_pk(self) -> bytes:
+        return self.secrets.onion_pk
+
+    # -- key bundles ----------------------------------------------------------------------
+
+    def bundle(self, local: str, now: int) -> bytes:
+        """The signed key bundle of a mailbox; :class:`UnknownMailbox` if there is none."""
+        mb = self.store.mailbox_by_local(local)
+        if mb is None or mb.device_list_version == 0:
+            raise UnknownMailbox(f"This inbox has no mailbox named '{local.lower()}'.")
+        cached = self._bundle_cache.get(mb.local)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        chains = {
+            device_id: tuple(RotationRecord.parse(r) for r in records)
+            for device_id, records in self.store.rotations(mb.mailbox_id).items()
+        }
+        bundle = KeyBundle(
+            local=mb.local,
+            binding=ServerBinding.parse(mb.binding),
+            device_list=DeviceList.parse(mb.device_list),
+            chains=chains,
+            prekeys=tuple(
+                SignedPrekey.parse(p) for p in self.store.current_prekeys(mb.mailbox_id, now)
+            ),
+            policy=self.policy(mb.accepts_strangers, mb.pow_bits),
+            profile=Profile.parse(mb.profile) if mb.profile else None,
+        ).encode()
+        self._bundle_cache[mb.local] = (now + 60, bundle)
+        return bundle
+
+    def policy(self, accepts_strangers: bool, pow_bits: int | None) -> AntiSpamPolicy:
+        return AntiSpamPolicy(
+            pow_bits=self.config.pow_bits if pow_bits is None else pow_bits,
+            accepts_strangers=accepts_strangers,
+            max_envelope_bytes=self.config.max_envelope_bytes,
+        )
+
+    def _forget_bundle(self, mailbox_id: bytes) -> None:
+        mb = self.store.mailbox(mailbox_id)
+        if mb is not None:
+            self._bundle_cache.pop(mb.local, None)
+
+    # -- deliveries -----------------------------------------------------------------------
+
+    def token_hash(self, token: bytes) -> bytes:
+        return mac32(self._token_key, token)
+
+    def deliver(self, source: envelope.Readable, length: int, *, now: int) -> DeliveryResult:
+        """Accept one L1 envelope read from ``source``; durable when this returns."""
+        with self.unwrap(source, length, now=now) as unwrapped:
+            return self.accept(unwrapped, now=now)
+
+    def unwrap(self, source: envelope.Readable, length: int, *, now: int) -> Unwrapped:
+        """Open the outer layer into a temporary file.  Touches no database, so the server
+        runs it in a worker thread (a 50 MiB envelope takes a noticeable fraction of a second).
+
+        Raises :class:`PermanentDeliveryError` for anything that will never be accepted.
+        """
+        if length > self.config.max_envelope_bytes + (1 << 20):
+            raise PermanentDeliveryError.from_error(
+                MessageTooLarge(
+                    f"The envelope is {length} bytes; this inbox accepts at most "
+                    f"{self.config.max_envelope_bytes}."
+                )
+            )
+        l2 = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)  # noqa: SIM115
+        try:
+            meta = envelope.open_outer(
+                source,
+                length,
+                server_key=self._server_secret,
+                now=now,
+                max_l2_bytes=self.config.max_envelope_bytes,
+                l2_sink=l2,
+            )
+            l2.seek(0)
+            spk_ids = _stanza_prekey_ids(l2)
+        except CryptoError as exc:
+            l2.close()
+            raise PermanentDeliveryError.from_error(exc) from exc
+        except BaseException:
+            l2.close()
+            raise
+        return Unwrapped(meta, l2, spk_ids)
+
+    def accept(self, unwrapped: Unwrapped, *, now: int) -> DeliveryResult:
+        """Check proof, limits and routing, then store durably; raises delivery errors."""
+        meta = unwrapped.meta
+        mb = self.store.mailbox(meta.mailbox_id)
+        if mb is None:
+            raise UnknownMailbox()
+        self._check_rate("mailbox", mb.mailbox_id, self.config.rate_per_mailbox_per_hour, now)
+        self._check_proof(meta, mb.mailbox_id, mb.accepts_strangers, mb.pow_bits, now)
+        receipt = self.store.seen_receipt(mb.mailbox_id, meta.l2_digest)
+        if receipt is not None:
+            return DeliveryResult(receipt, True, mb.mailbox_id, frozenset(), 0)
+        targets = self.store.devices_for_prekeys(mb.mailbox_id, unwrapped.spk_ids)
+        active = {d.device_id for d in self.store.devices(mb.mailbox_id)}
+        if not targets:
+            raise StaleRecipientKeys(
+                f"None of {mb.local}'s current devices can read this message: it was sealed "
+                "to old or revoked keys. Fetch fresh keys and send again."
+            )
+        receipt = hash32(b"onionpost/v1/receipt", mb.mailbox_id, meta.l2_digest)[:12].hex()
+        unwrapped.l2.seek(0)
+        try:
+            accepted = self.store.accept_sealed(
+                mailbox_id=mb.mailbox_id,
+                digest=meta.l2_digest,
+                size=meta.l2_len,
+                source=unwrapped.l2,
+                device_ids=targets,
+                receipt=receipt,
+                now=now,
+                spool_until=now + self.config.spool_days * 86_400,
+                dedup_until=max(meta.not_after, now) + 86_400,
+                quota_bytes=mb.quota_bytes or self.config.quota_bytes,
+            )
+        except QuotaExceeded as exc:
+            raise TemporaryDeliveryError.from_error(exc) from exc
+        result = DeliveryResult(
+            accepted.receipt,
+            accepted.duplicate,
+            mb.mailbox_id,
+            frozenset() if accepted.duplicate else frozenset(targets),
+            len(active - targets),
+        )
+        if result.device_ids:
+            for listener in self.on_spooled:
+                listener(mb.mailbox_id, result.device_ids)
+        return result
+
+    def _server_secret(self, sek_id: int) -> bytes | None:
+        key = self.secrets.by_id(sek_id)
+        return None if key is None else key.secret
+
+    def _check_rate(self, scope: str, key: bytes, limit: int, now: int) -> None:
+        if not self.store.take_rate(scope, key, now - now % HOUR, limit):
+            raise TemporaryDeliveryError(
+                "The recipient's inbox is receiving too much mail right now; delivery will be "
+                "retried later.",
+                code="4.7.0",
+            )
+
+    def _check_proof(
+        self,
+        meta: envelope.OuterMeta,
+        mailbox_id: bytes,
+        strangers: bool,
+        bits: int | None,
+        now: int,
+    ) -> None:
+        if meta.auth_kind == envelope.AUTH_TOKEN:
+            if self.store.token_valid(mailbox_id, self.token_hash(meta.token)):
+                self._check_rate(
+                    "token", hash32(meta.token), self.config.rate_per_source_per_hour, now
+                )
+                return
+            raise PermanentDeliveryError(
+                "The recipient does not accept this sender's contact token (it was withdrawn or "
+                "never issued).",
+                code="5.7.1",
+                reason="token-rejected",
+            )
+        if not strangers:
+            raise PermanentDeliveryError(
+                "The recipient accepts mail only from contacts.",
+                code="5.7.1",
+                reason="contacts-only",
+            )
+        required = self.config.pow_bits if bits is None else bits
+        if meta.stamp is None:
+            if required == 0:
+                self._check_rate("stranger", b"", self.config.rate_per_source_per_hour, now)
+                return
+            raise PermanentDeliveryError.from_error(
+                ProofOfWorkError("Mail from a stranger must carry a proof of work.")
+            )
+        try:
+            pow.verify(meta.stamp, mailbox_id, meta.l2_digest, required, now)
+        except ProofOfWorkError as exc:
+            raise PermanentDeliveryError.from_error(exc) from exc
+        self._check_rate("stranger", b"", self.config.rate_per_source_per_hour, now)
+
+    # -- device sessions ------------------------------------------------------------------
+
+    def challenge(self, mailbox_id: bytes, device_id: bytes, now: int) -> tuple[bytes, int]:
+        device = self.store.device(mailbox_id, device_id)
+        if device is None or device.revoked_at is not None:
+            raise DeviceRefused()
+        challenge = self.rng(32)
+        expires = now + CHALLENGE_SECONDS
+        self.store.add_challenge(challenge, mailbox_id, device_id, expires)
+        return challenge, expires
+
+    def login(
+        self, mailbox_id: bytes, device_id: bytes, challenge: bytes, signature: bytes, now: int
+    ) -> tuple[bytes, int]:
+        """Check a signed challenge; return a session token (only its hash is stored)."""
+        device = self.store.device(mailbox_id, device_id)
+        if device is None or device.revoked_at is not None:
+            raise DeviceRefused()
+        if not self.store.take_challenge(challenge, mailbox_id, device_id, now):
+            raise DeviceRefused("The login challenge is unknown, expired or already used.")
+        try:
+            ed25519_verify(
+                device.dsk_pk,
+                login_message(self.onion_pk, mailbox_id, device_id, challenge),
+                signature,
+                "login",
+            )
+        except BadSignature as exc:
+            raise DeviceRefused("The login signature does not match the device's key.") from exc
+        token = self.rng(32)
+        expires = now + SESSION_SECONDS
+        self.store.add_session(hash32(token), mailbox_id, device_id, expires)
+        return token, expires
+
+    def session(self, token: bytes, now: int) -> Session:
+        found = self.store.session(hash32(token), now)
+        if found is None:
+            raise DeviceRefused("The session has expired or the device was revoked; log in again.")
+        return Session(*found)
+
+    def pending(self, s: Session, after: int = 0) -> list[SpoolEntry]:
+        return self.store.pending(s.mailbox_id, s.device_id, after=after)
+
+    def read(self, s: Session, spool_id: int) -> tuple[int, Iterator[bytes]]:
+        found = self.store.read_spooled(s.mailbox_id, s.device_id, spool_id)
+        if found is None:
+            raise StoreError("No such message in this device's spool.")
+        return found
+
+    def acknowledge(self, s: Session, spool_ids: Iterable[int]) -> int:
+        return self.store.acknowledge(s.mailbox_id, s.device_id, spool_ids)
+
+    # -- submissions ----------------------------------------------------------------------
+
+    def submit(
+        self,
+        s: Session,
+        *,
+        destination: str,
+        envelope_bytes: bytes,
+        msg_id: bytes,
+        expires_at: int,
+        message_ref: str,
+        now: int,
+    ) -> int:
+        """Queue a sealed envelope for delivery by this inbox; durable when it returns."""
+        address = Address.parse(destination)
+        if not now < expires_at <= now + MAX_SUBMIT_LIFETIME:
+            raise MalformedData("A submission's expiry must lie within the next 30 days.")
+        if len(envelope_bytes) > self.config.max_envelope_bytes + (1 << 20):
+            raise MessageTooLarge()
+        if len(msg_id) != 16:
+            raise MalformedData("A message id is 16 bytes.")
+        return self.outbox.enqueue(
+            mailbox_id=s.mailbox_id,
+            device_id=s.device_id,
+            destination=str(address),
+            msg_id=msg_id,
+            digest=hash32(envelope_bytes),
+            envelope=envelope_bytes,
+            message_ref=message_ref[:200],
+            now=now,
+            expires_at=expires_at,
+        )
+
+    # -- publishing keys ------------------------------------------------------------------
+
+    def register_mailbox(
+        self, *, local: str, mailbox_id: bytes, binding: ServerBinding, now: int
+    ) -> None:
+        """Create a mailbox for a user whose UIK signed ``binding`` for this inbox."""
+        binding.verify()
+        self._check_binding(binding)
+        if binding.mailbox_id != mailbox_id:
+            raise MalformedData("The binding names a different mailbox id.")
+        self.store.add_mailbox(
+            mailbox_id=mailbox_id,
+            local=local,
+            uik_pk=binding.uik_pk,
+            binding=binding.encode(),
+            now=now,
+        )
+
+    def _check_binding(self, binding: ServerBinding) -> None:
+        if binding.onion_pk != self.onion_pk:
+            raise MalformedData("The binding is for a different inbox.")
+        key = self.secrets.by_id(binding.sek_id)
+        if key is None or key.public != binding.sek_pk:
+            raise MalformedData("The binding names a server key this inbox does not have.")
+
+    def publish(self, mailbox_id: bytes, update: KeyUpdate, now: int) -> None:
+        """Install verified key records for a mailbox; anything invalid rejects the update."""
+        mb = self.store.mailbox(mailbox_id)
+        if mb is None:
+            raise UnknownMailbox()
+        if update.binding is not None:
+            b = update.binding
+            b.verify()
+            if b.uik_pk != mb.uik_pk or b.mailbox_id != mailbox_id:
+                raise BadSignature("The binding was not signed by this mailbox's identity.")
+            self._check_binding(b)
+            self.store.set_binding(mailbox_id, b.encode())
+        if update.device_list is not None:
+            dl = update.device_list
+            dl.verify()
+            if dl.uik_pk != mb.uik_pk:
+                raise BadSignature("The device list was not signed by this mailbox's identity.")
+            self.store.set_device_list(
+                mailbox_id,
+                device_list=dl.encode(),
+                version=dl.version,
+                devices=[(d.device_id, d.name, d.dsk_seq, d.dsk_pk) for d in dl.devices],
+                revoked=[(r.device_id, r.revoked_at) for r in dl.revoked],
+            )
+        self._install_rotations(mailbox_id, update.rotations)
+        for spk in update.prekeys:
+            device = self.store.device(mailbox_id, spk.device_id)
+            if device is None or device.revoked_at is not None:
+                raise MalformedData("A prekey belongs to a device that is not on the device list.")
+            if spk.dsk_seq != device.dsk_seq:
+                raise MalformedData("A prekey must be signed by the device's current key.")
+            spk.verify(device.dsk_pk)
+            self.store.add_prekey(
+                mailbox_id,
+                spk.device_id,
+                spk_id=spk.spk_id,
+                dsk_seq=spk.dsk_seq,
+                record=spk.encode(),
+                created_at=spk.created_at,
+                not_after=spk.not_after,
+            )
+        if update.profile is not None:
+            update.profile.verify()
+            if update.profile.uik_pk != mb.uik_pk:
+                raise BadSignature("The profile was not signed by this mailbox's identity.")
+            self.store.set_profile(mailbox_id, update.profile.encode())
+        self._forget_bundle(mailbox_id)
+
+    def _install_rotations(self, mailbox_id: bytes, records: list[RotationRecord]) -> None:
+        by_device: dict[bytes, list[RotationRecord]] = {}
+        for rec in records:
+            by_device.setdefault(rec.device_id, []).append(rec)
+        known = self.store.rotations(mailbox_id)
+        for device_id, new in by_device.items():
+            device = self.store.device(mailbox_id, device_id)
+            if device is None or device.revoked_at is not None:
+                raise MalformedData("A key rotation belongs to a device that is not listed.")
+            old = [RotationRecord.parse(r) for r in known.get(device_id, [])]
+            merged = {r.seq: r for r in old}
+            for rec in new:
+                if rec.seq in merged and merged[rec.seq] != rec:
+                    raise StoreError("A different key rotation with that number is already known.")
+                merged[rec.seq] = rec
+            chain = tuple(merged[s] for s in sorted(merged))
+            genesis = None if chain else device.dsk_pk
+            head, keys = verify_chain(device_id, chain, genesis)
+            if keys.get(device.dsk_seq) != device.dsk_pk:
+                raise MalformedData("The key rotation does not extend the device's listed key.")
+            for rec in chain:
+                self.store.add_rotation(mailbox_id, device_id, rec.seq, rec.encode())
+            if head.seq > device.dsk_seq:
+                self.store.advance_device_key(mailbox_id, device_id, head.seq, head.pk)
+
+
+def _stanza_prekey_ids(l2: envelope.Readable) -> set[int]:
+    """The prekey ids named by an L2's stanzas (clear in L2, so the inbox can route it)."""
+    head = l2.read(7)
+    if len(head) != 7 or head[:4] != envelope.L2_MAGIC:
+        raise PermanentDeliveryError.from_error(
+            MalformedData("The envelope does not contain an onionpost message.")
+        )
+    n = int.from_bytes(head[5:7], "big")
+    if n == 0 or n > envelope.MAX_STANZAS:
+        raise PermanentDeliveryError.from_error(MalformedData("The message has no key stanzas."))
+    stanzas = l2.read(n * envelope.STANZA_BYTES)
+    if len(stanzas) != n * envelope.STANZA_BYTES:
+        raise PermanentDeliveryError.from_error(MalformedData("The message is truncated."))
+    return {
+        int.from_bytes(stanzas[i * 85 + 1 : i * 85 + 5], "big")
+        for i in range(n)
+        if stanzas[i * 85] == envelope.STANZA_TYPE_X25519
+    }

@@ -1,0 +1,152 @@
+"""Private key files in the data directory.
+
+Key files are written atomically (temporary file, fsync, rename, fsync of the directory), so a
+crash never leaves a half-written key, and with mode 0600 inside 0700 directories.  Nothing
+here logs key material.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import stat
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from onionpost.crypto.keys import DeviceList, DeviceSecrets, IdentitySecrets, ServerSecrets
+from onionpost.errors import DataDirError, NotInitialized, OnionpostError
+
+T = TypeVar("T")
+_USER_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+
+def ensure_private_dir(path: Path) -> Path:
+    """Create ``path`` (and parents) as 0700, and tighten it if it already exists."""
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            path.chmod(0o700)
+    except OSError as exc:
+        raise DataDirError(f"Cannot create the directory {path}: {exc.strerror}.") from exc
+    return path
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Atomically replace ``path`` with ``data``, mode 0600, durable on return."""
+    ensure_private_dir(path.parent)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        tmp.chmod(0o600)
+        tmp.replace(path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise DataDirError(f"Cannot write {path}: {exc.strerror}.") from exc
+
+
+def read_private(path: Path) -> bytes:
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            path.chmod(0o600)  # repair permissions loosened by a copy or a restore
+        return path.read_bytes()
+    except FileNotFoundError as exc:
+        raise NotInitialized(f"{path} is missing. Run `onionpost init` first.") from exc
+    except OSError as exc:
+        raise DataDirError(f"Cannot read {path}: {exc.strerror}.") from exc
+
+
+def check_user_name(name: str) -> str:
+    if not _USER_NAME.match(name):
+        raise DataDirError(
+            f"'{name}' cannot be a user name: use 1 to 64 lower-case letters, digits, '.', '_' "
+            "or '-', starting with a letter or digit."
+        )
+    return name
+
+
+class KeyStore:
+    """The key files of one data directory."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+
+    # -- paths ----------------------------------------------------------------------------
+
+    @property
+    def server_file(self) -> Path:
+        return self.data_dir / "inbox" / "server.key"
+
+    def user_dir(self, local: str) -> Path:
+        return self.data_dir / "users" / check_user_name(local)
+
+    def identity_file(self, local: str) -> Path:
+        return self.user_dir(local) / "identity.key"
+
+    def device_file(self, local: str) -> Path:
+        return self.user_dir(local) / "device.key"
+
+    def device_list_file(self, local: str) -> Path:
+        return self.user_dir(local) / "device-list"
+
+    # -- queries --------------------------------------------------------------------------
+
+    def users(self) -> list[str]:
+        base = self.data_dir / "users"
+        if not base.is_dir():
+            return []
+        return sorted(p.name for p in base.iterdir() if (p / "device.key").exists())
+
+    def has_server(self) -> bool:
+        return self.server_file.exists()
+
+    def has_identity(self, local: str) -> bool:
+        return self.identity_file(local).exists()
+
+    # -- load and save --------------------------------------------------------------------
+
+    def load_server(self) -> ServerSecrets:
+        return _parse(ServerSecrets.parse, self.server_file)
+
+    def save_server(self, secrets: ServerSecrets) -> None:
+        write_private(self.server_file, secrets.encode())
+
+    def load_identity(self, local: str) -> IdentitySecrets:
+        return _parse(IdentitySecrets.parse, self.identity_file(local))
+
+    def save_identity(self, secrets: IdentitySecrets) -> None:
+        write_private(self.identity_file(secrets.local), secrets.encode())
+
+    def load_device(self, local: str) -> DeviceSecrets:
+        return _parse(DeviceSecrets.parse, self.device_file(local))
+
+    def save_device(self, local: str, secrets: DeviceSecrets) -> None:
+        write_private(self.device_file(local), secrets.encode())
+
+    def load_device_list(self, local: str) -> DeviceList:
+        return _parse(DeviceList.parse, self.device_list_file(local))
+
+    def save_device_list(self, local: str, device_list: DeviceList) -> None:
+        write_private(self.device_list_file(local), device_list.encode())
+
+
+def _parse(parse: Callable[[bytes], T], path: Path) -> T:
+    raw = read_private(path)
+    try:
+        return parse(raw)
+    except OnionpostError as exc:
+        raise DataDirError(f"{path} is damaged: {exc}") from exc

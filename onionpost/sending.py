@@ -1,0 +1,282 @@
+"""The device side of sending: seal a mail for every recipient device and queue it.
+
+A submission becomes *sealing units*, each one signed L3 inside one L2:
+
+* the visible copy, for the To/Cc recipients (and, when there is no Bcc, the sender's own
+  other devices, which file it under Sent);
+* one copy per Bcc recipient, whose signed recipient list names only that recipient, so Bcc
+  recipients learn nothing about each other;
+* when there are Bcc recipients, a separate copy for the sender's own other devices that
+  keeps the Bcc header (the sender may see whom they blind-copied).
+
+Each unit is wrapped once per destination inbox (L1, sealed to that inbox's server key,
+carrying a contact token or a proof-of-work stamp) and handed to the device's own inbox,
+whose outbox delivers and retries.  Nothing here holds more than one copy of a large
+message in memory: layers stream through spooled temporary files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from email.parser import BytesHeaderParser
+from email.utils import getaddresses
+from typing import IO
+
+from onionpost.account import Account
+from onionpost.address import Address
+from onionpost.api.client import DeviceSession
+from onionpost.crypto import envelope, pow
+from onionpost.crypto.bundle import VerifiedBundle
+from onionpost.crypto.envelope import EXT_TOKEN_GRANT, StanzaTarget
+from onionpost.crypto.primitives import RandomSource, system_random
+from onionpost.crypto.sender import EXT_SENDER_KEYS
+from onionpost.directory import Directory
+from onionpost.errors import DeliveryError, OnionpostError, TemporaryDeliveryError
+from onionpost.store.contacts import ContactStore
+
+log = logging.getLogger(__name__)
+SPOOL = 1 << 20
+_BCC = re.compile(rb"^bcc[ \t]*:", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """A mail as the client submitted it: the message and its envelope recipients."""
+
+    message: bytes
+    recipients: Sequence[Address]
+    message_ref: str = ""
+
+
+@dataclass
+class SendReport:
+    msg_ids: list[bytes] = field(default_factory=list)
+    queued: dict[str, int] = field(default_factory=dict)  # destination -> outbox id
+    failed: dict[str, OnionpostError] = field(default_factory=dict)
+
+
+def visible_addresses(message: bytes) -> set[str]:
+    """Addresses named in the To and Cc headers (lower-cased)."""
+    headers = BytesHeaderParser().parsebytes(message)
+    found: set[str] = set()
+    for name in ("to", "cc"):
+        for _, addr in getaddresses([str(v) for v in headers.get_all(name, [])]):
+            if addr:
+                found.add(addr.strip().lower())
+    return found
+
+
+def strip_bcc(message: bytes) -> bytes:
+    """The message without its Bcc header (and that header's continuation lines)."""
+    head_end = message.find(b"\r\n\r\n")
+    sep = b"\r\n"
+    if head_end < 0 or (0 <= message.find(b"\n\n") < head_end):
+        head_end, sep = message.find(b"\n\n"), b"\n"
+    if head_end < 0:
+        return message
+    lines = message[:head_end].split(sep)
+    kept: list[bytes] = []
+    skipping = False
+    for line in lines:
+        if line[:1] in (b" ", b"\t") and skipping:
+            continue
+        skipping = bool(_BCC.match(line))
+        if not skipping:
+            kept.append(line)
+    return sep.join(kept) + message[head_end:]
+
+
+@dataclass(frozen=True)
+class _Unit:
+    recipients: tuple[Address, ...]
+    body: bytes
+    include_own: bool
+
+
+class Sender:
+    def __init__(
+        self,
+        *,
+        account: Account,
+        session: DeviceSession,
+        directory: Directory,
+        contacts: ContactStore,
+        lifetime: int,
+        rng: RandomSource = system_random,
+    ) -> None:
+        self.account = account
+        self.session = session
+        self.directory = directory
+        self.contacts = contacts
+        self.lifetime = lifetime
+        self.rng = rng
+
+    def units(self, out: Outgoing) -> list[_Unit]:
+        me = self.account.address
+        shown = visible_addresses(out.message)
+        recipients = sorted({a for a in out.recipients if a != me})
+        visible = tuple(a for a in recipients if str(a) in shown)
+        bcc = [a for a in recipients if str(a) not in shown]
+        has_other_devices = bool(self.account.other_device_ids())
+        clean = strip_bcc(out.message) if bcc else out.message
+        units: list[_Unit] = []
+        if visible or (has_other_devices and not bcc):
+            units.append(_Unit(visible, clean, has_other_devices and not bcc))
+        units.extend(_Unit((a,), clean, False) for a in bcc)
+        if bcc and has_other_devices:
+            units.append(_Unit((), out.message, True))
+        return units
+
+    async def send(self, out: Outgoing, *, now: int) -> SendReport:
+        """Seal and queue; per-destination failures are reported, not raised."""
+        report = SendReport()
+        own: VerifiedBundle | None = None
+        for unit in self.units(out):
+            bundles: dict[Address, VerifiedBundle] = {}
+            for address in unit.recipients:
+                try:
+                    bundles[address] = (await self.directory.resolve(address, now=now)).bundle
+                except (DeliveryError, OnionpostError) as exc:
+                    report.failed[str(address)] = exc
+            if unit.include_own and own is None:
+                try:
+                    own = (await self.directory.resolve(self.account.address, now=now)).bundle
+                except OnionpostError as exc:
+                    log.warning("cannot reach own inbox for the Sent copy: %s", exc)
+            own_unit = own if unit.include_own else None
+            if not bundles and own_unit is None:
+                continue
+            await self._seal_unit(
+                unit=unit,
+                bundles=bundles,
+                own=own_unit,
+                ref=out.message_ref,
+                now=now,
+                report=report,
+            )
+        return report
+
+    async def _seal_unit(
+        self,
+        *,
+        unit: _Unit,
+        bundles: dict[Address, VerifiedBundle],
+        own: VerifiedBundle | None,
+        ref: str,
+        now: int,
+        report: SendReport,
+    ) -> None:
+        me = self.account.address
+        targets = [StanzaTarget(d.spk_id, d.spk_pk) for b in bundles.values() for d in b.devices]
+        uiks = [b.uik_pk for b in bundles.values()]
+        if own is not None:
+            mine = self.account.device.device_id
+            own_targets = [
+                StanzaTarget(d.spk_id, d.spk_pk) for d in own.devices if d.device_id != mine
+            ]
+            if own_targets:
+                targets += own_targets
+                uiks.append(self.account.uik_pk)
+            else:
+                own = None
+        if not targets:
+            return
+        grants = await self._token_grants(list(bundles), bundles, now)
+        extensions = [(EXT_SENDER_KEYS, self.account.credentials())]
+        if grants:
+            extensions.append((EXT_TOKEN_GRANT, grants))
+        expires_at = now + self.lifetime
+        with tempfile.SpooledTemporaryFile(max_size=SPOOL) as l2:
+            inner = envelope.seal_inner(
+                sender=self.account.sender_keys(),
+                targets=targets,
+                recipient_uiks=uiks,
+                body=unit.body,
+                created_at=now,
+                expires_at=expires_at,
+                sink=l2,
+                extensions=extensions,
+                rng=self.rng,
+            )
+            report.msg_ids.append(inner.msg_id)
+            destinations: list[tuple[Address, VerifiedBundle]] = list(bundles.items())
+            if own is not None:
+                destinations.append((me, own))
+            for address, bundle in destinations:
+                try:
+                    report.queued[str(address)] = await self._wrap_and_submit(
+                        l2=l2, inner=inner, address=address, bundle=bundle, ref=ref, now=now
+                    )
+                except OnionpostError as exc:
+                    report.failed[str(address)] = exc
+
+    async def _wrap_and_submit(
+        self,
+        *,
+        l2: IO[bytes],
+        inner: envelope.SealedInner,
+        address: Address,
+        bundle: VerifiedBundle,
+        ref: str,
+        now: int,
+    ) -> int:
+        token: bytes | None = None
+        stamp: pow.Stamp | None = None
+        if address == self.account.address:
+            token = self.account.self_token
+        else:
+            contact = self.contacts.get(str(address))
+            token = contact.token_to_them if contact else None
+            if token is None and bundle.policy.pow_bits > 0:
+                if not bundle.policy.accepts_strangers:
+                    raise TemporaryDeliveryError(
+                        f"{address} accepts mail only from contacts; ask them to write first.",
+                        code="5.7.1",
+                    )
+                stamp = await asyncio.to_thread(
+                    pow.mint, bundle.mailbox_id, inner.digest, bundle.policy.pow_bits, now
+                )
+        l2.seek(0)
+        with tempfile.SpooledTemporaryFile(max_size=SPOOL) as l1:
+            length = envelope.seal_outer(
+                l2,
+                inner.length,
+                sek_id=bundle.sek_id,
+                sek_pk=bundle.sek_pk,
+                mailbox_id=bundle.mailbox_id,
+                not_after=inner.expires_at,
+                sink=l1,
+                token=token,
+                stamp=stamp,
+                rng=self.rng,
+            )
+            l1.seek(0)
+            return await self.session.submit(
+                destination=str(address),
+                envelope=(l1, length),
+                msg_id=inner.msg_id,
+                expires_at=inner.expires_at,
+                ref=ref,
+            )
+
+    async def _token_grants(
+        self, addresses: list[Address], bundles: dict[Address, VerifiedBundle], now: int
+    ) -> bytes:
+        """Hand each recipient a token so they can reply without proof of work."""
+        grants = b""
+        for address in addresses:
+            contact = self.contacts.get(str(address))
+            if contact is None:
+                continue
+            token = contact.token_from_them
+            if token is None:
+                token = self.rng(32)
+                await self.session.register_token(token, str(address))
+                self.contacts.set_token_from_them(str(address), token)
+            grants += bundles[address].uik_pk + token
+        return grants

@@ -1,0 +1,160 @@
+"""The device's address book: who a contact is (pinned identity key) and how to reach them.
+
+A contact's identity key is pinned the first time we see it, from a bundle fetched from the
+contact's own onion or from a message whose credentials verified.  Later bundles and
+messages must agree with the pin; a change is recorded in ``identity_changes`` and refused
+until the user accepts it (``onionpost contacts trust``).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+
+from onionpost.store.db import Database
+
+
+@dataclass(frozen=True)
+class Contact:
+    address: str
+    uik_pk: bytes
+    pin: bytes
+    device_list: bytes | None
+    bundle: bytes | None
+    bundle_fetched_at: int | None
+    token_to_them: bytes | None
+    token_from_them: bytes | None
+    display_name: str
+    first_seen: int
+    last_seen: int
+    verified: bool
+    blocked: bool
+
+
+def _contact(r: sqlite3.Row) -> Contact:
+    return Contact(
+        r["address"],
+        r["uik_pk"],
+        r["pin"],
+        r["device_list"],
+        r["bundle"],
+        r["bundle_fetched_at"],
+        r["token_to_them"],
+        r["token_from_them"],
+        r["display_name"],
+        r["first_seen"],
+        r["last_seen"],
+        bool(r["verified"]),
+        bool(r["blocked"]),
+    )
+
+
+class ContactStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def get(self, address: str) -> Contact | None:
+        r = self.db.one("SELECT * FROM contacts WHERE address = ?", (address,))
+        return _contact(r) if r else None
+
+    def all(self) -> list[Contact]:
+        return [_contact(r) for r in self.db.all("SELECT * FROM contacts ORDER BY address")]
+
+    def remember(
+        self,
+        address: str,
+        *,
+        uik_pk: bytes,
+        pin: bytes,
+        now: int,
+        device_list: bytes | None = None,
+        bundle: bytes | None = None,
+        display_name: str | None = None,
+    ) -> None:
+        """Create or advance a contact; the caller has verified everything against the pin."""
+        with self.db.transaction() as c:
+            c.execute(
+                "INSERT INTO contacts (address, uik_pk, pin, device_list, bundle,"
+                " bundle_fetched_at, display_name, first_seen, last_seen)"
+                " VALUES (?, ?, ?, ?, ?, ?, coalesce(?, ''), ?, ?)"
+                " ON CONFLICT (address) DO UPDATE SET pin = excluded.pin,"
+                " device_list = coalesce(excluded.device_list, device_list),"
+                " bundle = coalesce(excluded.bundle, bundle),"
+                " bundle_fetched_at = coalesce(excluded.bundle_fetched_at, bundle_fetched_at),"
+                " display_name = CASE WHEN ? IS NULL THEN display_name ELSE excluded.display_name"
+                " END, last_seen = excluded.last_seen WHERE uik_pk = excluded.uik_pk",
+                (
+                    address,
+                    uik_pk,
+                    pin,
+                    device_list,
+                    bundle,
+                    now if bundle else None,
+                    display_name,
+                    now,
+                    now,
+                    display_name,
+                ),
+            )
+
+    def set_token_to_them(self, address: str, token: bytes) -> None:
+        with self.db.transaction() as c:
+            c.execute("UPDATE contacts SET token_to_them = ? WHERE address = ?", (token, address))
+
+    def set_token_from_them(self, address: str, token: bytes | None) -> None:
+        with self.db.transaction() as c:
+            c.execute("UPDATE contacts SET token_from_them = ? WHERE address = ?", (token, address))
+
+    def set_flags(
+        self, address: str, *, verified: bool | None = None, blocked: bool | None = None
+    ) -> bool:
+        with self.db.transaction() as c:
+            n = 0
+            if verified is not None:
+                n += c.execute(
+                    "UPDATE contacts SET verified = ? WHERE address = ?", (int(verified), address)
+                ).rowcount
+            if blocked is not None:
+                n += c.execute(
+                    "UPDATE contacts SET blocked = ? WHERE address = ?", (int(blocked), address)
+                ).rowcount
+            return n > 0
+
+    def forget(self, address: str) -> bool:
+        with self.db.transaction() as c:
+            return c.execute("DELETE FROM contacts WHERE address = ?", (address,)).rowcount > 0
+
+    def record_identity_change(
+        self, address: str, old_uik: bytes, new_uik: bytes, now: int
+    ) -> None:
+        with self.db.transaction() as c:
+            exists = c.execute(
+                "SELECT 1 FROM identity_changes WHERE address = ? AND new_uik = ?"
+                " AND resolved_at IS NULL",
+                (address, new_uik),
+            ).fetchone()
+            if not exists:
+                c.execute(
+                    "INSERT INTO identity_changes (address, old_uik, new_uik, seen_at)"
+                    " VALUES (?, ?, ?, ?)",
+                    (address, old_uik, new_uik, now),
+                )
+
+    def pending_identity_changes(self) -> list[tuple[str, bytes, bytes, int]]:
+        return [
+            (r["address"], r["old_uik"], r["new_uik"], r["seen_at"])
+            for r in self.db.all(
+                "SELECT * FROM identity_changes WHERE resolved_at IS NULL ORDER BY id"
+            )
+        ]
+
+    def accept_identity(self, address: str, now: int) -> bool:
+        """The user accepts a contact's new identity: forget the old pin entirely."""
+        with self.db.transaction() as c:
+            n = c.execute(
+                "UPDATE identity_changes SET resolved_at = ? WHERE address = ?"
+                " AND resolved_at IS NULL",
+                (now, address),
+            ).rowcount
+            c.execute("DELETE FROM contacts WHERE address = ?", (address,))
+            return n > 0

@@ -1,0 +1,541 @@
+"""Inbox-side storage: mailboxes and their published keys, spools of sealed mail, anti-spam state.
+
+The inbox never sees plaintext; what it stores are signed public records and L2 envelopes.
+:meth:`InboxStore.accept_sealed` is the durability point of a delivery: it returns (and the
+peer is told ``accepted``) only after the envelope, its per-device spool entries and its
+dedup record are committed together.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from onionpost.errors import QuotaExceeded, StoreError
+from onionpost.store.db import Database, translate
+
+COMPONENTS = ("inbox", "outbox")
+BLOB_CHUNK = 1 << 20
+
+
+class Readable(Protocol):
+    def read(self, n: int, /) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class MailboxRow:
+    mailbox_id: bytes
+    local: str
+    uik_pk: bytes
+    binding: bytes
+    device_list: bytes
+    device_list_version: int
+    profile: bytes | None
+    accepts_strangers: bool
+    pow_bits: int | None
+    quota_bytes: int | None
+
+
+@dataclass(frozen=True)
+class DeviceRow:
+    device_id: bytes
+    name: str
+    dsk_seq: int
+    dsk_pk: bytes
+    revoked_at: int | None
+
+
+@dataclass(frozen=True)
+class SpoolEntry:
+    spool_id: int
+    size: int
+    received_at: int
+
+
+@dataclass(frozen=True)
+class Accepted:
+    receipt: str
+    duplicate: bool
+
+
+def _mailbox(row: sqlite3.Row) -> MailboxRow:
+    return MailboxRow(
+        row["mailbox_id"],
+        row["local"],
+        row["uik_pk"],
+        row["binding"],
+        row["device_list"],
+        row["device_list_version"],
+        row["profile"],
+        bool(row["accepts_strangers"]),
+        row["pow_bits"],
+        row["quota_bytes"],
+    )
+
+
+class InboxStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    # -- mailboxes ------------------------------------------------------------------------
+
+    def add_mailbox(
+        self, *, mailbox_id: bytes, local: str, uik_pk: bytes, binding: bytes, now: int
+    ) -> None:
+        with self.db.transaction() as c:
+            if c.execute("SELECT 1 FROM mailboxes WHERE local = ?", (local,)).fetchone():
+                raise StoreError(f"This inbox already has a mailbox named '{local}'.")
+            c.execute(
+                "INSERT INTO mailboxes (mailbox_id, local, uik_pk, binding, device_list,"
+                " device_list_version, created_at) VALUES (?, ?, ?, ?, x'', 0, ?)",
+                (mailbox_id, local, uik_pk, binding, now),
+            )
+
+    def mailbox_by_local(self, local: str) -> MailboxRow | None:
+        row = self.db.one("SELECT * FROM mailboxes WHERE local = ?", (local.lower(),))
+        return _mailbox(row) if row else None
+
+    def mailbox(self, mailbox_id: bytes) -> MailboxRow | None:
+        row = self.db.one("SELECT * FROM mailboxes WHERE mailbox_id = ?", (mailbox_id,))
+        return _mailbox(row) if row else None
+
+    def mailboxes(self) -> list[MailboxRow]:
+        return [_mailbox(r) for r in self.db.all("SELECT * FROM mailboxes ORDER BY local")]
+
+    def set_binding(self, mailbox_id: bytes, binding: bytes) -> None:
+        with self.db.transaction() as c:
+            c.execute(
+                "UPDATE mailboxes SET binding = ? WHERE mailbox_id = ?", (binding, mailbox_id)
+            )
+
+    def set_profile(self, mailbox_id: bytes, profile: bytes | None) -> None:
+        with self.db.transaction() as c:
+            c.execute(
+                "UPDATE mailboxes SET profile = ? WHERE mailbox_id = ?", (profile, mailbox_id)
+            )
+
+    def set_policy(
+        self,
+        mailbox_id: bytes,
+        *,
+        accepts_strangers: bool,
+        pow_bits: int | None,
+        quota_bytes: int | None,
+    ) -> None:
+        with self.db.transaction() as c:
+            c.execute(
+                "UPDATE mailboxes SET accepts_strangers = ?, pow_bits = ?, quota_bytes = ?"
+                " WHERE mailbox_id = ?",
+                (int(accepts_strangers), pow_bits, quota_bytes, mailbox_id),
+            )
+
+    def set_device_list(
+        self,
+        mailbox_id: bytes,
+        *,
+        device_list: bytes,
+        version: int,
+        devices: Iterable[tuple[bytes, str, int, bytes]],
+        revoked: Iterable[tuple[bytes, int]],
+    ) -> int:
+        """Install a newer device list; revoked devices lose their spool at once.
+
+        Returns how many spooled copies were dropped.  Refuses a version that is not newer
+        (the caller verified the signature; the version check lives here, under the lock).
+        """
+        with self.db.transaction() as c:
+            current = c.execute(
+                "SELECT device_list_version FROM mailboxes WHERE mailbox_id = ?", (mailbox_id,)
+            ).fetchone()
+            if current is None:
+                raise StoreError("No such mailbox.")
+            if version <= current[0]:
+                raise StoreError(
+                    f"Device list version {version} is not newer than version {current[0]}."
+                )
+            c.execute(
+                "UPDATE mailboxes SET device_list = ?, device_list_version = ?"
+                " WHERE mailbox_id = ?",
+                (device_list, version, mailbox_id),
+            )
+            for device_id, name, seq, pk in devices:
+                c.execute(
+                    "INSERT INTO devices (mailbox_id, device_id, name, dsk_seq, dsk_pk)"
+                    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (mailbox_id, device_id) DO UPDATE SET"
+                    " name = excluded.name, dsk_seq = max(dsk_seq, excluded.dsk_seq),"
+                    " dsk_pk = CASE WHEN excluded.dsk_seq >= dsk_seq THEN excluded.dsk_pk"
+                    " ELSE dsk_pk END, revoked_at = NULL",
+                    (mailbox_id, device_id, name, seq, pk),
+                )
+            dropped = 0
+            for device_id, revoked_at in revoked:
+                c.execute(
+                    "INSERT INTO devices (mailbox_id, device_id, name, dsk_seq, dsk_pk, revoked_at)"
+                    " VALUES (?, ?, '', 0, x'', ?) ON CONFLICT (mailbox_id, device_id)"
+                    " DO UPDATE SET revoked_at = coalesce(revoked_at, excluded.revoked_at)",
+                    (mailbox_id, device_id, revoked_at),
+                )
+                dropped += c.execute(
+                    "DELETE FROM spool WHERE mailbox_id = ? AND device_id = ?",
+                    (mailbox_id, device_id),
+                ).rowcount
+                c.execute(
+                    "DELETE FROM sessions WHERE mailbox_id = ? AND device_id = ?",
+                    (mailbox_id, device_id),
+                )
+                c.execute(
+                    "DELETE FROM prekeys WHERE mailbox_id = ? AND device_id = ?",
+                    (mailbox_id, device_id),
+                )
+            self._drop_orphans(c)
+            return dropped
+
+    def devices(self, mailbox_id: bytes, *, include_revoked: bool = False) -> list[DeviceRow]:
+        sql = "SELECT * FROM devices WHERE mailbox_id = ?"
+        if not include_revoked:
+            sql += " AND revoked_at IS NULL"
+        return [
+            DeviceRow(r["device_id"], r["name"], r["dsk_seq"], r["dsk_pk"], r["revoked_at"])
+            for r in self.db.all(sql + " ORDER BY device_id", (mailbox_id,))
+        ]
+
+    def device(self, mailbox_id: bytes, device_id: bytes) -> DeviceRow | None:
+        r = self.db.one(
+            "SELECT * FROM devices WHERE mailbox_id = ? AND device_id = ?", (mailbox_id, device_id)
+        )
+        if r is None:
+            return None
+        return DeviceRow(r["device_id"], r["name"], r["dsk_seq"], r["dsk_pk"], r["revoked_at"])
+
+    def advance_device_key(self, mailbox_id: bytes, device_id: bytes, seq: int, pk: bytes) -> None:
+        """Record a device's newer signing key after its rotation chain was verified."""
+        with self.db.transaction() as c:
+            c.execute(
+                "UPDATE devices SET dsk_seq = ?, dsk_pk = ? WHERE mailbox_id = ? AND device_id = ?"
+                " AND dsk_seq < ?",
+                (seq, pk, mailbox_id, device_id, seq),
+            )
+
+    def add_rotation(self, mailbox_id: bytes, device_id: bytes, seq: int, record: bytes) -> None:
+        with self.db.transaction() as c:
+            existing = c.execute(
+                "SELECT record FROM rotations WHERE mailbox_id = ? AND device_id = ? AND seq = ?",
+                (mailbox_id, device_id, seq),
+            ).fetchone()
+            if existing is not None:
+                if existing[0] != record:
+                    raise StoreError("A different key rotation with that number is already known.")
+                return
+            c.execute(
+                "INSERT INTO rotations VALUES (?, ?, ?, ?)", (mailbox_id, device_id, seq, record)
+            )
+
+    def rotations(self, mailbox_id: bytes) -> dict[bytes, list[bytes]]:
+        out: dict[bytes, list[bytes]] = {}
+        for r in self.db.all(
+            "SELECT r.device_id, r.record FROM rotations r JOIN devices d USING (mailbox_id,"
+            " device_id) WHERE r.mailbox_id = ? AND d.revoked_at IS NULL"
+            " ORDER BY r.device_id, r.seq",
+            (mailbox_id,),
+        ):
+            out.setdefault(r["device_id"], []).append(r["record"])
+        return out
+
+    def add_prekey(
+        self,
+        mailbox_id: bytes,
+        device_id: bytes,
+        *,
+        spk_id: int,
+        dsk_seq: int,
+        record: bytes,
+        created_at: int,
+        not_after: int,
+    ) -> None:
+        with self.db.transaction() as c:
+            c.execute(
+                "INSERT INTO prekeys VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT"
+                " (mailbox_id, device_id, spk_id) DO UPDATE SET record = excluded.record,"
+                " dsk_seq = excluded.dsk_seq, not_after = excluded.not_after",
+                (mailbox_id, device_id, spk_id, dsk_seq, record, created_at, not_after),
+            )
+
+    def current_prekeys(self, mailbox_id: bytes, now: int) -> list[bytes]:
+        """Each active device's prekeys that have not expired, newest first."""
+        return [
+            r["record"]
+            for r in self.db.all(
+                "SELECT p.record FROM prekeys p JOIN devices d USING (mailbox_id, device_id)"
+                " WHERE p.mailbox_id = ? AND d.revoked_at IS NULL AND p.not_after >= ?"
+                " AND p.dsk_seq = d.dsk_seq ORDER BY p.device_id, p.created_at DESC",
+                (mailbox_id, now),
+            )
+        ]
+
+    def devices_for_prekeys(self, mailbox_id: bytes, spk_ids: Iterable[int]) -> set[bytes]:
+        """Active devices that published any of these prekey ids (current or retired)."""
+        ids = sorted(set(spk_ids))
+        if not ids:
+            return set()
+        marks = ",".join("?" * len(ids))
+        # Only "?" placeholders are interpolated into the statement.
+        sql = (
+            "SELECT DISTINCT p.device_id FROM prekeys p JOIN devices d USING (mailbox_id,"  # noqa: S608
+            " device_id) WHERE p.mailbox_id = ? AND d.revoked_at IS NULL"
+            f" AND p.spk_id IN ({marks})"
+        )
+        rows = self.db.all(sql, (mailbox_id, *ids))
+        return {r["device_id"] for r in rows}
+
+    def prune_prekeys(self, before: int) -> int:
+        """Forget prekeys that expired long ago (senders can no longer use them)."""
+        with self.db.transaction() as c:
+            return c.execute("DELETE FROM prekeys WHERE not_after < ?", (before,)).rowcount
+
+    # -- accepting and spooling sealed mail -----------------------------------------------
+
+    def seen_receipt(self, mailbox_id: bytes, digest: bytes) -> str | None:
+        v = self.db.scalar(
+            "SELECT receipt FROM seen_digests WHERE mailbox_id = ? AND digest = ?",
+            (mailbox_id, digest),
+        )
+        return None if v is None else str(v)
+
+    def usage(self, mailbox_id: bytes) -> int:
+        return int(
+            self.db.scalar(
+                "SELECT coalesce(sum(size), 0) FROM sealed WHERE mailbox_id = ?", (mailbox_id,)
+            )
+        )
+
+    def accept_sealed(
+        self,
+        *,
+        mailbox_id: bytes,
+        digest: bytes,
+        size: int,
+        source: Readable,
+        device_ids: Iterable[bytes],
+        receipt: str,
+        now: int,
+        spool_until: int,
+        dedup_until: int,
+        quota_bytes: int,
+    ) -> Accepted:
+        """Store an L2 and spool it for ``device_ids``; committed durably before returning.
+
+        Expired mail is pruned first, so a full mailbox refuses only when live mail fills it.
+        """
+        self.prune(now)
+        with self.db.transaction() as c:
+            seen = c.execute(
+                "SELECT receipt FROM seen_digests WHERE mailbox_id = ? AND digest = ?",
+                (mailbox_id, digest),
+            ).fetchone()
+            if seen is not None:
+                return Accepted(seen[0], duplicate=True)
+            used = c.execute(
+                "SELECT coalesce(sum(size), 0) FROM sealed WHERE mailbox_id = ?", (mailbox_id,)
+            ).fetchone()[0]
+            if used + size > quota_bytes:
+                raise QuotaExceeded(
+                    f"The recipient's mailbox is full ({used // (1 << 20)} MiB of "
+                    f"{quota_bytes // (1 << 20)} MiB used); delivery will be retried."
+                )
+            cur = c.execute(
+                "INSERT INTO sealed (mailbox_id, digest, size, received_at, expires_at, data)"
+                " VALUES (?, ?, ?, ?, ?, zeroblob(?))",
+                (mailbox_id, digest, size, now, spool_until, size),
+            )
+            sealed_id = cur.lastrowid
+            assert sealed_id is not None
+            self._write_blob(c, sealed_id, size, source)
+            for device_id in sorted(set(device_ids)):
+                c.execute(
+                    "INSERT INTO spool (sealed_id, mailbox_id, device_id, added_at)"
+                    " VALUES (?, ?, ?, ?)",
+                    (sealed_id, mailbox_id, device_id, now),
+                )
+            c.execute(
+                "INSERT INTO seen_digests VALUES (?, ?, ?, ?)",
+                (mailbox_id, digest, receipt, dedup_until),
+            )
+        return Accepted(receipt, duplicate=False)
+
+    @staticmethod
+    def _write_blob(c: sqlite3.Connection, rowid: int, size: int, source: Readable) -> None:
+        try:
+            with c.blobopen("sealed", "data", rowid) as blob:
+                left = size
+                while left:
+                    piece = source.read(min(BLOB_CHUNK, left))
+                    if not piece:
+                        raise StoreError("The message to store ended early.")
+                    blob.write(piece)
+                    left -= len(piece)
+        except sqlite3.Error as exc:
+            raise translate(exc) from exc
+
+    def pending(
+        self, mailbox_id: bytes, device_id: bytes, *, after: int = 0, limit: int = 100
+    ) -> list[SpoolEntry]:
+        return [
+            SpoolEntry(r["id"], r["size"], r["received_at"])
+            for r in self.db.all(
+                "SELECT s.id, m.size, m.received_at FROM spool s JOIN sealed m"
+                " ON m.id = s.sealed_id WHERE s.mailbox_id = ? AND s.device_id = ? AND s.id > ?"
+                " ORDER BY s.id LIMIT ?",
+                (mailbox_id, device_id, after, limit),
+            )
+        ]
+
+    def read_spooled(
+        self, mailbox_id: bytes, device_id: bytes, spool_id: int
+    ) -> tuple[int, Iterator[bytes]] | None:
+        """(size, chunks) of one spooled envelope, streamed from the database."""
+        row = self.db.one(
+            "SELECT m.id, m.size FROM spool s JOIN sealed m ON m.id = s.sealed_id"
+            " WHERE s.id = ? AND s.mailbox_id = ? AND s.device_id = ?",
+            (spool_id, mailbox_id, device_id),
+        )
+        if row is None:
+            return None
+        sealed_id, size = int(row["id"]), int(row["size"])
+
+        def chunks() -> Iterator[bytes]:
+            try:
+                with self.db.conn.blobopen("sealed", "data", sealed_id, readonly=True) as blob:
+                    while piece := blob.read(BLOB_CHUNK):
+                        yield piece
+            except sqlite3.Error as exc:
+                raise translate(exc) from exc
+
+        return size, chunks()
+
+    def acknowledge(self, mailbox_id: bytes, device_id: bytes, spool_ids: Iterable[int]) -> int:
+        """Drop this device's copies; an envelope no device still needs is deleted."""
+        ids = sorted(set(spool_ids))
+        if not ids:
+            return 0
+        with self.db.transaction() as c:
+            marks = ",".join("?" * len(ids))
+            n = c.execute(
+                f"DELETE FROM spool WHERE mailbox_id = ? AND device_id = ? AND id IN ({marks})",  # noqa: S608
+                (mailbox_id, device_id, *ids),
+            ).rowcount
+            self._drop_orphans(c)
+            return n
+
+    @staticmethod
+    def _drop_orphans(c: sqlite3.Connection) -> None:
+        c.execute(
+            "DELETE FROM sealed WHERE NOT EXISTS (SELECT 1 FROM spool WHERE sealed_id = sealed.id)"
+        )
+
+    def prune(self, now: int) -> dict[str, int]:
+        """Remove what has outlived its purpose; returns counts by kind."""
+        with self.db.transaction() as c:
+            out = {
+                "sealed": c.execute("DELETE FROM sealed WHERE expires_at < ?", (now,)).rowcount,
+                "seen": c.execute("DELETE FROM seen_digests WHERE expires_at < ?", (now,)).rowcount,
+                "challenges": c.execute(
+                    "DELETE FROM challenges WHERE expires_at < ?", (now,)
+                ).rowcount,
+                "sessions": c.execute("DELETE FROM sessions WHERE expires_at < ?", (now,)).rowcount,
+                "rates": c.execute(
+                    "DELETE FROM rate_counters WHERE window_start < ?", (now - 2 * 86_400,)
+                ).rowcount,
+            }
+            return out
+
+    # -- contact tokens -------------------------------------------------------------------
+
+    def add_token(self, mailbox_id: bytes, token_hash: bytes, label: str, now: int) -> None:
+        with self.db.transaction() as c:
+            c.execute(
+                "INSERT INTO tokens (mailbox_id, token_hash, label, created_at) VALUES"
+                " (?, ?, ?, ?) ON CONFLICT DO UPDATE SET revoked_at = NULL, label = excluded.label",
+                (mailbox_id, token_hash, label, now),
+            )
+
+    def token_valid(self, mailbox_id: bytes, token_hash: bytes) -> bool:
+        return (
+            self.db.one(
+                "SELECT 1 FROM tokens WHERE mailbox_id = ? AND token_hash = ?"
+                " AND revoked_at IS NULL",
+                (mailbox_id, token_hash),
+            )
+            is not None
+        )
+
+    def revoke_token(self, mailbox_id: bytes, token_hash: bytes, now: int) -> bool:
+        with self.db.transaction() as c:
+            return (
+                c.execute(
+                    "UPDATE tokens SET revoked_at = ? WHERE mailbox_id = ? AND token_hash = ?"
+                    " AND revoked_at IS NULL",
+                    (now, mailbox_id, token_hash),
+                ).rowcount
+                > 0
+            )
+
+    # -- rate limits ----------------------------------------------------------------------
+
+    def take_rate(self, scope: str, key: bytes, window_start: int, limit: int) -> bool:
+        """Count one event in a fixed window; False once ``limit`` events were counted."""
+        with self.db.transaction() as c:
+            row = c.execute(
+                "SELECT count FROM rate_counters WHERE scope = ? AND key = ? AND window_start = ?",
+                (scope, key, window_start),
+            ).fetchone()
+            count = row[0] if row else 0
+            if count >= limit:
+                return False
+            c.execute(
+                "INSERT INTO rate_counters VALUES (?, ?, ?, 1) ON CONFLICT DO UPDATE"
+                " SET count = count + 1",
+                (scope, key, window_start),
+            )
+            return True
+
+    # -- device login ---------------------------------------------------------------------
+
+    def add_challenge(
+        self, challenge: bytes, mailbox_id: bytes, device_id: bytes, expires_at: int
+    ) -> None:
+        with self.db.transaction() as c:
+            c.execute(
+                "INSERT INTO challenges VALUES (?, ?, ?, ?)",
+                (challenge, mailbox_id, device_id, expires_at),
+            )
+
+    def take_challenge(
+        self, challenge: bytes, mailbox_id: bytes, device_id: bytes, now: int
+    ) -> bool:
+        """Consume a challenge: true once, only if it was issued to this device and is fresh."""
+        with self.db.transaction() as c:
+            row = c.execute(
+                "DELETE FROM challenges WHERE challenge = ? RETURNING mailbox_id, device_id,"
+                " expires_at",
+                (challenge,),
+            ).fetchone()
+        return row is not None and row[0] == mailbox_id and row[1] == device_id and row[2] >= now
+
+    def add_session(
+        self, token_hash: bytes, mailbox_id: bytes, device_id: bytes, expires_at: int
+    ) -> None:
+        with self.db.transaction() as c:
+            c.execute(
+                "INSERT INTO sessions VALUES (?, ?, ?, ?)",
+                (token_hash, mailbox_id, device_id, expires_at),
+            )
+
+    def session(self, token_hash: bytes, now: int) -> tuple[bytes, bytes] | None:
+        row = self.db.one(
+            "SELECT s.mailbox_id, s.device_id FROM sessions s JOIN devices d USING (mailbox_id,"
+            " device_id) WHERE s.token_hash = ? AND s.expires_at >= ? AND d.revoked_at IS NULL",
+            (token_hash, now),
+        )
+        return None if row is None else (row[0], row[1])

@@ -1,0 +1,210 @@
+"""The outbox: one row per (sealed message, destination inbox); the table is the truth.
+
+A submission is acknowledged only after :meth:`OutboxStore.enqueue` commits.  Delivery
+workers *claim* due rows (pushing ``next_attempt_at`` forward first, so two workers or a
+crash in the middle never deliver the same row twice at once) and then record exactly one
+outcome.  Rows are idempotent on ``(digest, destination)``: a client that retries a
+submission after a lost reply does not queue the message twice.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+
+from onionpost.store.db import Database
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    id: int
+    mailbox_id: bytes
+    device_id: bytes
+    destination: str
+    msg_id: bytes
+    digest: bytes
+    message_ref: str
+    created_at: int
+    expires_at: int
+    next_attempt_at: int
+    attempts: int
+    last_error: str | None
+    last_error_code: str | None
+    last_attempt_at: int | None
+    state: str
+    finished_at: int | None
+    receipt: str | None
+    notified: int
+
+
+_COLUMNS = (
+    "id, mailbox_id, device_id, destination, msg_id, digest, message_ref, created_at,"
+    " expires_at, next_attempt_at, attempts, last_error, last_error_code, last_attempt_at,"
+    " state, finished_at, receipt, notified"
+)
+
+
+def _row(r: sqlite3.Row) -> OutboxRow:
+    return OutboxRow(*(r[i] for i in range(18)))
+
+
+class OutboxStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def enqueue(
+        self,
+        *,
+        mailbox_id: bytes,
+        device_id: bytes,
+        destination: str,
+        msg_id: bytes,
+        digest: bytes,
+        envelope: bytes,
+        message_ref: str,
+        now: int,
+        expires_at: int,
+    ) -> int:
+        """Queue an envelope for a destination (idempotent); durable on return."""
+        with self.db.transaction() as c:
+            row = c.execute(
+                "SELECT id FROM outbox WHERE digest = ? AND destination = ?", (digest, destination)
+            ).fetchone()
+            if row is not None:
+                return int(row[0])
+            cur = c.execute(
+                "INSERT INTO outbox (mailbox_id, device_id, destination, msg_id, digest, envelope,"
+                " message_ref, created_at, expires_at, next_attempt_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    mailbox_id,
+                    device_id,
+                    destination,
+                    msg_id,
+                    digest,
+                    envelope,
+                    message_ref,
+                    now,
+                    expires_at,
+                    now,
+                ),
+            )
+            assert cur.lastrowid is not None
+            return cur.lastrowid
+
+    def get(self, row_id: int) -> OutboxRow | None:
+        r = self.db.one(f"SELECT {_COLUMNS} FROM outbox WHERE id = ?", (row_id,))  # noqa: S608
+        return _row(r) if r else None
+
+    def envelope(self, row_id: int) -> bytes:
+        return bytes(self.db.scalar("SELECT envelope FROM outbox WHERE id = ?", (row_id,)) or b"")
+
+    def claim_due(self, now: int, *, limit: int, lease: int) -> list[OutboxRow]:
+        """Queued rows due now, leased for ``lease`` seconds so nobody else takes them."""
+        with self.db.transaction() as c:
+            rows = c.execute(
+                f"SELECT {_COLUMNS} FROM outbox WHERE state = 'queued' AND next_attempt_at <= ?"  # noqa: S608
+                " ORDER BY next_attempt_at, id LIMIT ?",
+                (now, limit),
+            ).fetchall()
+            for r in rows:
+                c.execute(
+                    "UPDATE outbox SET next_attempt_at = ? WHERE id = ?", (now + lease, r["id"])
+                )
+            return [_row(r) for r in rows]
+
+    def next_due_at(self) -> int | None:
+        v = self.db.scalar("SELECT min(next_attempt_at) FROM outbox WHERE state = 'queued'")
+        return None if v is None else int(v)
+
+    def mark_delivered(self, row_id: int, *, now: int, receipt: str) -> None:
+        with self.db.transaction() as c:
+            c.execute(
+                "UPDATE outbox SET state = 'delivered', finished_at = ?, receipt = ?,"
+                " attempts = attempts + 1, last_attempt_at = ?, last_error = NULL,"
+                " last_error_code = NULL, envelope = x'' WHERE id = ? AND state = 'queued'",
+                (now, receipt, now, row_id),
+            )
+
+    def mark_deferred(
+        self, row_id: int, *, now: int, next_attempt_at: int, error: str, code: str
+    ) -> None:
+        with self.db.transaction() as c:
+            c.execute(
+                "UPDATE outbox SET attempts = attempts + 1, last_attempt_at = ?, last_error = ?,"
+                " last_error_code = ?, next_attempt_at = ? WHERE id = ? AND state = 'queued'",
+                (now, error, code, next_attempt_at, row_id),
+            )
+
+    def mark_bounced(
+        self, row_id: int, *, now: int, error: str, code: str, attempted: bool
+    ) -> None:
+        with self.db.transaction() as c:
+            c.execute(
+                "UPDATE outbox SET state = 'bounced', finished_at = ?, last_error = ?,"
+                " last_error_code = ?, attempts = attempts + ?, last_attempt_at = CASE WHEN ?"
+                " THEN ? ELSE last_attempt_at END, envelope = x''"
+                " WHERE id = ? AND state = 'queued'",
+                (now, error, code, int(attempted), int(attempted), now, row_id),
+            )
+
+    def cancel(self, row_id: int, *, now: int, mailbox_id: bytes | None = None) -> bool:
+        sql = (
+            "UPDATE outbox SET state = 'cancelled', finished_at = ?, envelope = x''"
+            " WHERE id = ? AND state = 'queued'"
+        )
+        params: tuple[object, ...] = (now, row_id)
+        if mailbox_id is not None:
+            sql += " AND mailbox_id = ?"
+            params = (*params, mailbox_id)
+        with self.db.transaction() as c:
+            return c.execute(sql, params).rowcount > 0
+
+    def retry_now(self, now: int, row_id: int | None = None) -> int:
+        with self.db.transaction() as c:
+            if row_id is None:
+                return c.execute(
+                    "UPDATE outbox SET next_attempt_at = ? WHERE state = 'queued'", (now,)
+                ).rowcount
+            return c.execute(
+                "UPDATE outbox SET next_attempt_at = ? WHERE state = 'queued' AND id = ?",
+                (now, row_id),
+            ).rowcount
+
+    def rows(
+        self, *, mailbox_id: bytes | None = None, states: tuple[str, ...] = ("queued",)
+    ) -> list[OutboxRow]:
+        marks = ",".join("?" * len(states))
+        sql = f"SELECT {_COLUMNS} FROM outbox WHERE state IN ({marks})"  # noqa: S608
+        params: tuple[object, ...] = states
+        if mailbox_id is not None:
+            sql += " AND mailbox_id = ?"
+            params = (*params, mailbox_id)
+        return [_row(r) for r in self.db.all(sql + " ORDER BY created_at, id", params)]
+
+    def unnotified(self, mailbox_id: bytes, device_id: bytes) -> list[OutboxRow]:
+        """Finished or delayed rows the submitting device has not been told about yet."""
+        return [
+            _row(r)
+            for r in self.db.all(
+                f"SELECT {_COLUMNS} FROM outbox WHERE mailbox_id = ? AND device_id = ?"  # noqa: S608
+                " AND state = 'bounced' AND notified = 0 ORDER BY id",
+                (mailbox_id, device_id),
+            )
+        ]
+
+    def mark_notified(self, row_ids: list[int], flag: int = 1) -> None:
+        if not row_ids:
+            return
+        marks = ",".join("?" * len(row_ids))
+        with self.db.transaction() as c:
+            c.execute(
+                f"UPDATE outbox SET notified = ? WHERE id IN ({marks})",  # noqa: S608
+                (flag, *row_ids),
+            )
+
+    def purge_finished(self, before: int) -> int:
+        with self.db.transaction() as c:
+            return c.execute(
+                "DELETE FROM outbox WHERE state != 'queued' AND finished_at < ?", (before,)
+            ).rowcount

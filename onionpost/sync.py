@@ -1,0 +1,276 @@
+"""The device side of receiving: fetch sealed mail from our own inbox, open, verify, file.
+
+For each message the inbox has spooled for this device: download the L2, open it (every
+layer and the signature are checked inside :func:`~onionpost.crypto.envelope.open_inner`),
+prove the signing key belongs to the sender (:func:`~onionpost.crypto.sender.verify_sender`,
+offline, against our pin of the contact), normalise the content so no mail client can choke
+on it, and file it — INBOX for others' mail, Sent for copies of our own mail from our other
+devices — recording its message id in the same transaction.  Only then is the inbox told to
+delete its copy.  A message that fails any check is not filed; the user gets a notice in
+INBOX naming the failure instead.  A crash at any point repeats work but never loses or
+duplicates mail.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from email.utils import formataddr, formatdate, getaddresses, parseaddr
+from typing import IO
+
+from onionpost.account import Account
+from onionpost.address import Address
+from onionpost.api.client import DeviceSession, PendingMessage
+from onionpost.crypto.envelope import (
+    CONTENT_RFC5322,
+    EXT_TOKEN_GRANT,
+    ContentHeader,
+    open_inner,
+)
+from onionpost.crypto.fingerprint import fingerprint
+from onionpost.crypto.keys import DeviceList
+from onionpost.crypto.sender import (
+    EXT_SENDER_KEYS,
+    SenderCredentials,
+    pin_encode,
+    pin_parse,
+    verify_sender,
+)
+from onionpost.errors import (
+    CryptoError,
+    IdentityKeyChanged,
+    OnionpostError,
+    ReplayedMessage,
+)
+from onionpost.normalize import normalize
+from onionpost.store.contacts import ContactStore
+from onionpost.store.mailbox import MailboxStore
+
+log = logging.getLogger(__name__)
+
+SPOOL = 1 << 20
+NOTICE_LIFETIME = 30 * 86_400
+_OUR_HEADER = re.compile(rb"^x-onionpost-[a-z-]*[ \t]*:", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Filed:
+    folder: str
+    uid: int | None
+
+
+class _SeenIds:
+    def __init__(self, mailbox: MailboxStore, user: str) -> None:
+        self._mailbox, self._user = mailbox, user
+
+    def seen(self, msg_id: bytes) -> bool:
+        return self._mailbox.is_seen(self._user, msg_id)
+
+
+class Receiver:
+    def __init__(
+        self,
+        *,
+        account: Account,
+        session: DeviceSession,
+        mailbox: MailboxStore,
+        contacts: ContactStore,
+        now: Callable[[], int],
+        max_bytes: int,
+    ) -> None:
+        self.account = account
+        self.session = session
+        self.mailbox = mailbox
+        self.contacts = contacts
+        self._now = now
+        self.max_bytes = max_bytes
+        self.user = account.local
+        self._cursor = 0
+
+    async def sync_once(self, *, wait: float = 0.0) -> int:
+        """Process everything pending (waiting up to ``wait`` s for something to arrive)."""
+        pending = await self.session.pending(after=0, wait=wait)
+        done: list[int] = []
+        for item in pending:
+            try:
+                await self.process(item)
+            except OnionpostError as exc:
+                # Network or storage trouble: leave it spooled and try again next time.
+                log.warning("could not take message %d from the inbox yet: %s", item.id, exc)
+                continue
+            done.append(item.id)
+        if done:
+            await self.session.acknowledge(done)
+        return len(done)
+
+    async def process(self, item: PendingMessage) -> Filed:
+        with tempfile.SpooledTemporaryFile(max_size=SPOOL) as l2:
+            await self.session.fetch(item.id, l2, limit=self.max_bytes)
+            size = l2.tell()
+            l2.seek(0)
+            digest = _file_digest(l2)
+            l2.seek(0)
+            return self._open_and_file(l2, size, digest)
+
+    def _open_and_file(self, l2: IO[bytes], size: int, digest: bytes) -> Filed:
+        now = self._now()
+        with tempfile.SpooledTemporaryFile(max_size=SPOOL) as body:
+            header: ContentHeader | None = None
+            try:
+                opened = open_inner(
+                    l2,
+                    size,
+                    prekeys=self.account.prekey_secrets(),
+                    reader_uik=self.account.uik_pk,
+                    now=now,
+                    seen=_SeenIds(self.mailbox, self.user),
+                    sink=body,
+                )
+                header = opened.header
+                if header.content_type != CONTENT_RFC5322:
+                    return Filed("", None)  # key updates etc.: nothing to show
+                folder, sender = self._authenticate(header, now)
+            except ReplayedMessage:
+                return Filed("", None)  # already filed (a crash came before the acknowledgement)
+            except CryptoError as exc:
+                return self._notice(exc, header, digest, now)
+            body.seek(0)
+            message = _stamp(normalize(body.read(), now=now), sender)
+        uid = self.mailbox.file_message(
+            self.user,
+            folder,
+            message,
+            flags=("\\Seen",) if folder == "Sent" else (),
+            internal_date=now,
+            seen_id=(header.msg_id, header.expires_at),
+        )
+        log.info("filed a message into %s (uid %s)", folder, uid)
+        return Filed(folder, uid)
+
+    def _authenticate(self, header: ContentHeader, now: int) -> tuple[str, _Sender]:
+        credentials = header.extension(EXT_SENDER_KEYS)
+        own = header.sender_uik == self.account.uik_pk
+        address = Address.for_key(header.sender_local, header.sender_onion_pk)
+        if own:
+            own_list = self.account.device_list
+            verify_sender(header, credentials, None, own_list)
+            if own_list.device(header.sender_device_id) is None:
+                raise CryptoError("Your own message was signed by a device no longer on your list.")
+            return "Sent", _Sender(address, header.sender_uik)
+        key = str(address)
+        contact = self.contacts.get(key)
+        pin = pin_parse(contact.pin) if contact else None
+        known = DeviceList.parse(contact.device_list) if contact and contact.device_list else None
+        try:
+            verified = verify_sender(header, credentials, pin, known)
+        except IdentityKeyChanged:
+            if contact is not None:
+                self.contacts.record_identity_change(key, contact.uik_pk, header.sender_uik, now)
+            raise
+        assert credentials is not None
+        creds = SenderCredentials.parse(credentials)
+        newer_list = known is None or creds.device_list.version > known.version
+        self.contacts.remember(
+            key,
+            uik_pk=verified.uik_pk,
+            pin=pin_encode(verified.pin),
+            now=now,
+            device_list=creds.device_list.encode() if newer_list else None,
+        )
+        grants = header.extension(EXT_TOKEN_GRANT) or b""
+        for i in range(0, len(grants) - 63, 64):
+            if grants[i : i + 32] == self.account.uik_pk:
+                self.contacts.set_token_to_them(key, grants[i + 32 : i + 64])
+        return "INBOX", _Sender(address, verified.uik_pk)
+
+    def _notice(
+        self, exc: OnionpostError, header: ContentHeader | None, digest: bytes, now: int
+    ) -> Filed:
+        """File a plain notice in INBOX instead of a message that failed verification."""
+        me = self.account.address
+        claimed = "unknown (the message could not be opened far enough to tell)"
+        if header is not None:
+            try:
+                claimed = str(Address.for_key(header.sender_local, header.sender_onion_pk))
+            except OnionpostError:
+                claimed = "an invalid address"
+        text = (
+            "onionpost received a message for you that failed verification, so it was not "
+            "delivered and nothing from it was shown.\r\n\r\n"
+            f"Reason: {exc}\r\n"
+            f"Claimed sender: {claimed}\r\n\r\n"
+            "If you expected mail from this sender, ask them to send it again. If the reason "
+            "mentions a changed identity key, compare safety numbers with them first "
+            "(onionpost contacts show ADDRESS).\r\n"
+        )
+        notice = (
+            f"From: onionpost <postmaster@{me.domain}>\r\n"
+            f"To: {me}\r\n"
+            "Subject: A message could not be verified\r\n"
+            f"Date: {formatdate(now, usegmt=True)}\r\n"
+            f"Message-ID: <notice.{digest.hex()}@{me.domain}>\r\n"
+            "MIME-Version: 1.0\r\n"
+            "Content-Type: text/plain; charset=utf-8\r\n"
+            "Content-Transfer-Encoding: 8bit\r\n"
+            "X-Onionpost-Notice: verification-failed\r\n"
+            "\r\n" + text
+        ).encode("utf-8")
+        log.warning("a message failed verification (%s); notice filed", exc)
+        uid = self.mailbox.file_message(
+            self.user, "INBOX", notice, internal_date=now, seen_id=(digest, now + NOTICE_LIFETIME)
+        )
+        return Filed("INBOX", uid)
+
+
+@dataclass(frozen=True)
+class _Sender:
+    address: Address
+    uik_pk: bytes
+
+
+def _file_digest(f: IO[bytes]) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    while piece := f.read(1 << 20):
+        h.update(piece)
+    return h.digest()
+
+
+def _stamp(message: bytes, sender: _Sender) -> bytes:
+    """Add what onionpost verified, drop look-alike headers, and make From tell the truth.
+
+    The From header is the sender's own words; the verified sender address is ours.  If they
+    differ, From is rewritten to the verified address (display name kept) and the original
+    is kept as X-Original-From, so a contact cannot make mail look as if someone else wrote it.
+    """
+    head_end = message.find(b"\r\n\r\n")
+    head, rest = (message[:head_end], message[head_end:]) if head_end >= 0 else (message, b"")
+    fields: list[list[bytes]] = []
+    for line in head.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1].append(line)
+        else:
+            fields.append([line])
+    kept: list[bytes] = []
+    from_values: list[str] = []
+    for f in fields:
+        if _OUR_HEADER.match(f[0]):
+            continue
+        if f[0][:5].lower() == b"from:":
+            from_values.append(b"\r\n".join(f)[5:].decode("utf-8", "replace"))
+        kept.append(b"\r\n".join(f))
+    verified = str(sender.address)
+    found = [a.lower() for _, a in getaddresses(from_values) if a]
+    extra: list[bytes] = [
+        f"X-Onionpost-Verified: {verified} (identity {fingerprint(sender.uik_pk)})".encode()
+    ]
+    if found != [verified]:
+        display = parseaddr(from_values[0])[0] if from_values else ""
+        kept = [k for k in kept if k[:5].lower() != b"from:"]
+        kept.append(b"From: " + formataddr((display, verified)).encode("utf-8"))
+        for v in from_values:
+            extra.append(b"X-Original-From:" + v.encode("utf-8", "replace").replace(b"\r\n", b" "))
+    return b"\r\n".join(extra + kept) + rest

@@ -23,7 +23,7 @@ from onionpost.crypto.primitives import RandomSource, system_random
 from onionpost.directory import Directory
 from onionpost.errors import OnionpostError
 from onionpost.inbox import login_message
-from onionpost.sending import Outgoing, SendReport, Sender
+from onionpost.sending import Outgoing, Sender, SendReport
 from onionpost.store.contacts import ContactStore
 from onionpost.store.mailbox import MailboxStore
 from onionpost.sync import Receiver
@@ -97,9 +97,7 @@ class Device:
         await self.session.publish(update or self.account.key_update())
 
     async def send(self, message: bytes, recipients: list[Address], ref: str = "") -> SendReport:
-        return await self.sender.send(
-            Outgoing(message, recipients, ref), now=self.clock.now()
-        )
+        return await self.sender.send(Outgoing(message, recipients, ref), now=self.clock.now())
 
     async def sync(self, *, wait: float = 0.0) -> int:
         return await self.receiver.sync_once(wait=wait)

@@ -85,31 +85,22 @@ class _ConnectionGuard:
     def open_connections(self) -> int:
         return len(self._timers)
 
-    def factory(self) -> RequestHandler:
-        proto: RequestHandler = self._server()
-        made, lost = proto.connection_made, proto.connection_lost
+    def factory(self) -> asyncio.Protocol:
+        return _GuardedProtocol(self._server(), self)
 
-        def connection_made(transport: asyncio.BaseTransport) -> None:
-            if len(self._timers) >= self._max:
-                made(transport)
-                if isinstance(transport, asyncio.WriteTransport):
-                    transport.write(_overloaded_reply())
-                transport.close()
-                return
-            self._timers[transport] = None
-            made(transport)
-            self.arm(transport)
+    def opened(self, transport: asyncio.BaseTransport) -> bool:
+        """Register a new connection; False (after answering 503) when over the cap."""
+        if len(self._timers) >= self._max:
+            if isinstance(transport, asyncio.WriteTransport):
+                transport.write(_overloaded_reply())
+            transport.close()
+            return False
+        self._timers[transport] = None
+        return True
 
-        def connection_lost(exc: BaseException | None) -> None:
-            transport = proto.transport
-            if transport is not None:
-                self._cancel(transport)
-                self._timers.pop(transport, None)
-            lost(exc)
-
-        proto.connection_made = connection_made  # type: ignore[method-assign]
-        proto.connection_lost = connection_lost  # type: ignore[method-assign]
-        return proto
+    def closed(self, transport: asyncio.BaseTransport) -> None:
+        self._cancel(transport)
+        self._timers.pop(transport, None)
 
     def arm(self, transport: asyncio.BaseTransport) -> None:
         if transport not in self._timers:
@@ -127,6 +118,45 @@ class _ConnectionGuard:
         if timer is not None:
             timer.cancel()
             self._timers[transport] = None
+
+
+class _GuardedProtocol(asyncio.Protocol):
+    """Delegates to aiohttp's protocol; tells the guard when connections open and close."""
+
+    def __init__(self, inner: RequestHandler, guard: _ConnectionGuard) -> None:
+        self._inner = inner
+        self._guard = guard
+        self._accepted = False
+        self._transport: asyncio.BaseTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport
+        self._accepted = self._guard.opened(transport)
+        if self._accepted:
+            self._inner.connection_made(transport)
+            self._guard.arm(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._transport is not None:
+            self._guard.closed(self._transport)
+        if self._accepted:
+            self._inner.connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._accepted:
+            self._inner.data_received(data)
+
+    def eof_received(self) -> None:
+        if self._accepted:
+            self._inner.eof_received()
+
+    def pause_writing(self) -> None:
+        if self._accepted:
+            self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._accepted:
+            self._inner.resume_writing()
 
 
 def _overloaded_reply() -> bytes:

@@ -1,0 +1,131 @@
+"""Creating a data directory: the node's inbox keys, a first user, and that user's device.
+
+``onionpost init`` calls :func:`initialize`.  It refuses to touch a directory that already
+holds keys (a second run must never replace an identity), writes every key file 0600 inside
+0700 directories, and leaves the inbox ready to serve the user's key bundle the moment the
+node starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from onionpost.account import Account, AccountFiles, create_identity
+from onionpost.address import Address
+from onionpost.api.wire import KeyUpdate
+from onionpost.config import CONFIG_FILE, Config
+from onionpost.crypto.fingerprint import fingerprint
+from onionpost.crypto.keys import ServerSecrets
+from onionpost.crypto.primitives import RandomSource, system_random
+from onionpost.errors import AlreadyInitialized, UsageError
+from onionpost.inbox import Inbox
+from onionpost.keystore import KeyStore, check_user_name, ensure_private_dir
+from onionpost.store.db import Database
+from onionpost.store.inbox import COMPONENTS as INBOX_COMPONENTS
+from onionpost.store.inbox import InboxStore
+from onionpost.store.outbox import OutboxStore
+
+DEVICE_COMPONENTS = ("mailbox", "accounts", "contacts")
+
+DEFAULT_CONFIG = """\
+# onionpost configuration. Every setting is optional; the values shown are the defaults.
+# Reference: docs/operations.md.
+
+# role = "both"              # "inbox", "gateway" or both in one process
+
+[tor]
+# mode = "launch"            # start our own tor; "attach" uses a system tor (see torrc.example)
+
+[gateway]
+# smtp_port = 1587           # mail clients submit here (127.0.0.1 only)
+# imap_port = 1143           # and read here
+
+[delivery]
+# lifetime_seconds = 432000  # give up (and bounce) after 5 days
+
+[inbox]
+# quota_bytes = 2147483648   # per mailbox
+"""
+
+
+@dataclass(frozen=True)
+class Initialized:
+    address: Address
+    fingerprint: str
+    device_name: str
+    password: str | None
+
+
+def is_initialized(data_dir: Path) -> bool:
+    keys = KeyStore(data_dir)
+    return keys.has_server() or bool(AccountFiles(keys).users())
+
+
+def initialize(
+    config: Config,
+    *,
+    local: str,
+    device_name: str,
+    now: int,
+    rng: RandomSource = system_random,
+    gateway_setup: Callable[[Config, Account], str | None] | None = None,
+) -> Initialized:
+    """Create the inbox keys, the first user and this device; ``gateway_setup`` creates
+    mail-client credentials and certificates and returns the user's new password."""
+    data_dir = config.data_dir
+    if is_initialized(data_dir):
+        raise AlreadyInitialized(
+            f"{data_dir} already holds an onionpost identity; refusing to overwrite its keys. "
+            "Use --data-dir for another one."
+        )
+    check_user_name(local)
+    if not device_name.strip() or len(device_name.encode()) > 64:
+        raise UsageError("A device name must be 1 to 64 bytes long.")
+    ensure_private_dir(data_dir)
+    cfg_file = data_dir / CONFIG_FILE
+    if not cfg_file.exists():
+        cfg_file.write_text(DEFAULT_CONFIG, encoding="utf-8")
+        cfg_file.chmod(0o600)
+
+    keys = KeyStore(data_dir)
+    server = ServerSecrets.generate(now, rng=rng)
+    account = create_identity(
+        local,
+        device_name,
+        onion_pk=server.onion_pk,
+        server_key=server.current(),
+        now=now,
+        prekey_lifetime=config.keys.prekey_rotation_days * 86_400,
+        rng=rng,
+    )
+    inbox_db = Database(data_dir / "inbox.db", INBOX_COMPONENTS)
+    try:
+        inbox = Inbox(
+            store=InboxStore(inbox_db),
+            outbox=OutboxStore(inbox_db),
+            secrets=server,
+            config=config.inbox,
+            rng=rng,
+        )
+        register(inbox, account, now=now)
+    finally:
+        inbox_db.close()
+    keys.save_server(server)
+    AccountFiles(keys).save(account)
+    password = gateway_setup(config, account) if gateway_setup else None
+    return Initialized(account.address, fingerprint(account.uik_pk), device_name, password)
+
+
+def register(inbox: Inbox, account: Account, *, now: int) -> None:
+    """Open a mailbox on ``inbox`` for a freshly created identity and publish its keys."""
+    inbox.register_mailbox(
+        local=account.local, mailbox_id=account.mailbox_id, binding=account.binding, now=now
+    )
+    inbox.publish(
+        account.mailbox_id,
+        KeyUpdate(device_list=account.device_list, prekeys=[account.device.signed_prekey()]),
+        now,
+    )
+    inbox.store.add_token(account.mailbox_id, inbox.token_hash(account.self_token), "own", now)

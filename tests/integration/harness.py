@@ -1,0 +1,149 @@
+"""Real inboxes and devices on loopback for integration tests.
+
+Each :class:`InboxNode` is a real inbox (SQLite file, aiohttp server on 127.0.0.1, outbox
+worker); each :class:`DeviceNode` is a real device (its own data directory and device.db)
+that talks to its inbox over HTTP.  They share one :class:`DirectDialer`, which plays the
+part tor plays in production: it maps each inbox's onion label to its loopback port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from pathlib import Path
+
+from onionpost.account import Account, AccountFiles, add_device, create_identity
+from onionpost.address import Address
+from onionpost.api.server import InboxServer
+from onionpost.api.transport import DirectDialer
+from onionpost.api.wire import KeyUpdate
+from onionpost.clock import Clock
+from onionpost.config import Config, from_mapping
+from onionpost.crypto.keys import ServerSecrets
+from onionpost.delivery import OutboxWorker
+from onionpost.inbox import Inbox
+from onionpost.keystore import KeyStore
+from onionpost.provision import DEVICE_COMPONENTS, register
+from onionpost.retry import RetryPolicy
+from onionpost.store.db import Database
+from onionpost.store.inbox import COMPONENTS, InboxStore
+from onionpost.store.outbox import OutboxStore
+
+
+def test_config(data_dir: Path, **sections: dict[str, object]) -> Config:
+    raw: dict[str, object] = {"tor": {"mode": "off"}, "inbox": {"pow_bits": 8}}
+    for name, values in sections.items():
+        base = raw.get(name)
+        raw[name] = {**base, **values} if isinstance(base, dict) else values
+    return from_mapping(data_dir, raw)
+
+
+class InboxNode:
+    def __init__(
+        self, root: Path, name: str, clock: Clock, dialer: DirectDialer, **cfg: dict[str, object]
+    ) -> None:
+        self.name = name
+        self.dir = root / name
+        self.dir.mkdir(parents=True)
+        self.clock = clock
+        self.dialer = dialer
+        self.config = test_config(self.dir, **cfg)
+        self.secrets = ServerSecrets.generate(clock.now())
+        self.db = Database(self.dir / "inbox.db", COMPONENTS)
+        self.inbox = Inbox(
+            store=InboxStore(self.db),
+            outbox=OutboxStore(self.db),
+            secrets=self.secrets,
+            config=self.config.inbox,
+        )
+        self.worker = OutboxWorker(
+            outbox=self.inbox.outbox,
+            inbox=self.inbox,
+            dialer=dialer,
+            clock=clock,
+            policy=RetryPolicy(60, 3600),
+            unit_random=random.Random(1).random,
+        )
+        self.server = InboxServer(
+            self.inbox, config=self.config.inbox, clock=clock, on_submitted=self.worker.wake
+        )
+        self.onion = Address.for_key("x", self.secrets.onion_pk).onion
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self, *, worker: bool = True) -> None:
+        port = await self.server.start("127.0.0.1", 0)
+        self.dialer.add(self.onion, "127.0.0.1", port)
+        if worker:
+            self._task = asyncio.create_task(self.worker.run_forever(idle=1.0))
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.server.stop()
+        self.dialer.routes.pop(self.onion, None)
+
+    def provision(self, local: str, device_name: str = "laptop") -> Account:
+        now = self.clock.now()
+        account = create_identity(
+            local,
+            device_name,
+            onion_pk=self.secrets.onion_pk,
+            server_key=self.secrets.current(),
+            now=now,
+        )
+        register(self.inbox, account, now=now)
+        return account
+
+    def add_device(self, primary: Account, name: str) -> Account:
+        now = self.clock.now()
+        device = add_device(primary, name, now=now)
+        self.inbox.publish(
+            primary.mailbox_id,
+            KeyUpdate(device_list=primary.device_list, prekeys=[device.device.signed_prekey()]),
+            now,
+        )
+        return device
+
+
+class DeviceNode:
+    """One device of one user, with its own data directory and device database."""
+
+    def __init__(
+        self, root: Path, name: str, account: Account, clock: Clock, dialer: DirectDialer
+    ) -> None:
+        from onionpost.device import Device
+        from onionpost.store.contacts import ContactStore
+        from onionpost.store.mailbox import MailboxStore
+
+        self.dir = root / name
+        self.dir.mkdir(parents=True)
+        self.config = test_config(self.dir, inbox={"longpoll_seconds": 5.0})
+        self.files = AccountFiles(KeyStore(self.dir))
+        self.files.save(account)
+        self.db = Database(self.dir / "device.db", DEVICE_COMPONENTS)
+        self.mailbox = MailboxStore(self.db)
+        self.contacts = ContactStore(self.db)
+        self.device = Device(
+            account,
+            config=self.config,
+            mailbox=self.mailbox,
+            contacts=self.contacts,
+            accounts=self.files,
+            dialer=dialer,
+            clock=clock,
+        )
+
+    @property
+    def address(self) -> Address:
+        return self.device.address
+
+    @property
+    def user(self) -> str:
+        return self.device.account.local
+
+    async def close(self) -> None:
+        await self.device.stop()
+        self.db.close()

@@ -1,0 +1,340 @@
+"""The inbox's node API against real HTTP clients: bundles, deliveries, device sessions,
+and everything a hostile peer might send."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from onionpost.account import Account, revoke_device
+from onionpost.api.client import DeviceSession, InboxClient
+from onionpost.api.transport import DirectDialer
+from onionpost.api.wire import KeyUpdate
+from onionpost.clock import SystemClock
+from onionpost.crypto import envelope, pow
+from onionpost.crypto.bundle import KeyBundle, verify_bundle
+from onionpost.crypto.envelope import StanzaTarget
+from onionpost.errors import (
+    DeviceRefused,
+    PermanentDeliveryError,
+    TemporaryDeliveryError,
+    UnknownMailbox,
+)
+from onionpost.inbox import login_message
+
+from .harness import InboxNode
+
+
+@pytest.fixture
+async def world(tmp_path: Path):
+    clock = SystemClock()
+    dialer = DirectDialer()
+    node = InboxNode(
+        tmp_path,
+        "b",
+        clock,
+        dialer,
+        inbox={
+            "header_timeout": 1.0,
+            "request_timeout": 2.0,
+            "max_connections": 64,
+            "quota_bytes": 400_000,
+        },
+    )
+    await node.start(worker=False)
+    bob = node.provision("bob", "laptop")
+    alice_node = InboxNode(tmp_path, "a", clock, dialer)
+    alice = alice_node.provision("alice")
+    try:
+        yield node, bob, alice, dialer
+    finally:
+        await node.stop()
+
+
+def _client(node: InboxNode, dialer: DirectDialer) -> InboxClient:
+    return InboxClient(dialer, node.onion, isolation="test", timeout=20)
+
+
+async def _sealed(
+    node: InboxNode,
+    to: Account,
+    sender: Account,
+    dialer: DirectDialer,
+    *,
+    body: bytes = b"Subject: hi\r\n\r\nhello\r\n",
+    stamp: bool = True,
+    token: bytes | None = None,
+    mailbox_id: bytes | None = None,
+    expires: int = 3600,
+) -> bytes:
+    raw = await _client(node, dialer).bundle(to.local)
+    vb = verify_bundle(
+        KeyBundle.parse(raw), onion_pk=node.secrets.onion_pk, local=to.local, now=int(time.time())
+    )
+    now = int(time.time())
+    l2 = io.BytesIO()
+    inner = envelope.seal_inner(
+        sender=sender.sender_keys(),
+        targets=[StanzaTarget(d.spk_id, d.spk_pk) for d in vb.devices],
+        recipient_uiks=[vb.uik_pk],
+        body=body,
+        created_at=now,
+        expires_at=now + expires,
+        sink=l2,
+    )
+    mid = mailbox_id or vb.mailbox_id
+    st = pow.mint(mid, inner.digest, vb.policy.pow_bits, now) if stamp and token is None else None
+    l1 = io.BytesIO()
+    l2.seek(0)
+    envelope.seal_outer(
+        l2,
+        inner.length,
+        sek_id=vb.sek_id,
+        sek_pk=vb.sek_pk,
+        mailbox_id=mid,
+        not_after=now + expires,
+        sink=l1,
+        stamp=st,
+        token=token,
+    )
+    return l1.getvalue()
+
+
+def _session(node: InboxNode, account: Account, dialer: DirectDialer) -> DeviceSession:
+    return DeviceSession(
+        _client(node, dialer),
+        mailbox_id=account.mailbox_id,
+        device_id=account.device.device_id,
+        sign=account.sign,
+        login_message=lambda ch: login_message(
+            node.secrets.onion_pk, account.mailbox_id, account.device.device_id, ch
+        ),
+    )
+
+
+async def test_bundle_verifies_and_unknown_mailbox_is_404(world) -> None:
+    node, bob, _, dialer = world
+    raw = await _client(node, dialer).bundle("bob")
+    vb = verify_bundle(
+        KeyBundle.parse(raw), onion_pk=node.secrets.onion_pk, local="bob", now=int(time.time())
+    )
+    assert vb.uik_pk == bob.uik_pk and len(vb.devices) == 1
+    assert vb.policy.pow_bits == 8
+    with pytest.raises(UnknownMailbox) as err:
+        await _client(node, dialer).bundle("nobody")
+    assert err.value.code == "5.1.1" and "nobody" in str(err.value)
+
+
+async def test_delivery_is_acknowledged_once_and_dedups(world) -> None:
+    node, bob, alice, dialer = world
+    l1 = await _sealed(node, bob, alice, dialer)
+    first = await _client(node, dialer).deliver(l1)
+    again = await _client(node, dialer).deliver(l1)
+    assert not first.duplicate and again.duplicate and first.receipt == again.receipt
+    pending = await _session(node, bob, dialer).pending()
+    assert len(pending) == 1
+
+
+async def test_long_poll_wakes_promptly_on_delivery(world) -> None:
+    node, bob, alice, dialer = world
+    session = _session(node, bob, dialer)
+    await session.login()
+    l1 = await _sealed(node, bob, alice, dialer)
+    waiter = asyncio.create_task(session.pending(wait=10))
+    await asyncio.sleep(0.3)
+    started = time.monotonic()
+    await _client(node, dialer).deliver(l1)
+    got = await waiter
+    assert len(got) == 1
+    assert time.monotonic() - started < 0.5  # woken by the delivery, not by the 10 s timeout
+
+
+async def test_fetch_and_acknowledge_deletes_the_copy(world) -> None:
+    node, bob, alice, dialer = world
+    await _client(node, dialer).deliver(await _sealed(node, bob, alice, dialer))
+    session = _session(node, bob, dialer)
+    (item,) = await session.pending()
+    sink = io.BytesIO()
+    await session.fetch(item.id, sink, limit=1 << 20)
+    assert len(sink.getvalue()) == item.size
+    assert await session.acknowledge([item.id]) == 1
+    assert await session.pending() == []
+    assert node.inbox.store.usage(bob.mailbox_id) == 0
+
+
+@pytest.mark.parametrize(
+    ("case", "code"),
+    [
+        ("no-proof", "5.7.1"),
+        ("bad-pow", "5.7.1"),
+        ("wrong-token", "5.7.1"),
+        ("wrong-mailbox", "5.1.1"),
+        ("tampered", "5.7.1"),
+        ("garbage", "5.6.0"),
+        ("expired", "5.4.7"),
+    ],
+)
+async def test_hostile_deliveries_get_the_right_permanent_code(world, case: str, code: str) -> None:
+    node, bob, alice, dialer = world
+    if case == "no-proof":
+        l1 = await _sealed(node, bob, alice, dialer, stamp=False)
+    elif case == "bad-pow":
+        # a stamp minted for another message does not pay for this one
+        l1 = await _sealed_with_wrong_stamp(node, bob, alice, dialer)
+    elif case == "wrong-token":
+        l1 = await _sealed(node, bob, alice, dialer, token=b"\x01" * 32)
+    elif case == "wrong-mailbox":
+        l1 = await _sealed(node, bob, alice, dialer, mailbox_id=b"\x02" * 16)
+    elif case == "tampered":
+        good = bytearray(await _sealed(node, bob, alice, dialer))
+        good[80] ^= 1  # inside the sealed metadata
+        l1 = bytes(good)
+    elif case == "garbage":
+        l1 = b"\x00" * 20_000
+    else:
+        l1 = await _sealed(node, bob, alice, dialer, expires=0)
+        await asyncio.sleep(1.1)
+    with pytest.raises(PermanentDeliveryError) as err:
+        await _client(node, dialer).deliver(l1)
+    assert err.value.code == code, str(err.value)
+    assert str(err.value)  # a sentence, not empty
+
+
+async def _sealed_with_wrong_stamp(node, bob, alice, dialer) -> bytes:
+    raw = await _client(node, dialer).bundle("bob")
+    vb = verify_bundle(
+        KeyBundle.parse(raw), onion_pk=node.secrets.onion_pk, local="bob", now=int(time.time())
+    )
+    now = int(time.time())
+    l2 = io.BytesIO()
+    inner = envelope.seal_inner(
+        sender=alice.sender_keys(),
+        targets=[StanzaTarget(d.spk_id, d.spk_pk) for d in vb.devices],
+        recipient_uiks=[vb.uik_pk],
+        body=b"x",
+        created_at=now,
+        expires_at=now + 60,
+        sink=l2,
+    )
+    stamp = pow.mint(vb.mailbox_id, b"\x00" * 32, vb.policy.pow_bits, now)  # wrong message hash
+    l1 = io.BytesIO()
+    l2.seek(0)
+    envelope.seal_outer(
+        l2,
+        inner.length,
+        sek_id=vb.sek_id,
+        sek_pk=vb.sek_pk,
+        mailbox_id=vb.mailbox_id,
+        not_after=now + 60,
+        sink=l1,
+        stamp=stamp,
+    )
+    return l1.getvalue()
+
+
+async def test_oversized_request_is_refused_before_reading(world) -> None:
+    node, *_ = world
+    reader, writer = await asyncio.open_connection("127.0.0.1", node.server.port)
+    writer.write(b"POST /v1/deliver HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999999\r\n\r\n")
+    await writer.drain()
+    data = await asyncio.wait_for(reader.read(65536), 5)
+    writer.close()
+    assert b" 413 " in data.split(b"\r\n", 1)[0]
+    assert b'"5.3.4"' in data
+
+
+async def test_quota_full_is_a_temporary_error(world) -> None:
+    node, bob, alice, dialer = world
+    big = b"Subject: big\r\n\r\n" + b"x" * 150_000
+    await _client(node, dialer).deliver(await _sealed(node, bob, alice, dialer, body=big))
+    await _client(node, dialer).deliver(await _sealed(node, bob, alice, dialer, body=big))
+    with pytest.raises(TemporaryDeliveryError) as err:
+        await _client(node, dialer).deliver(await _sealed(node, bob, alice, dialer, body=big))
+    assert err.value.code == "4.2.2" and "full" in str(err.value)
+
+
+async def test_slow_clients_are_disconnected_and_others_still_served(world) -> None:
+    node, bob, alice, dialer = world
+    # headers that never finish
+    r1, w1 = await asyncio.open_connection("127.0.0.1", node.server.port)
+    w1.write(b"POST /v1/deliver HTTP/1.1\r\nHost: x\r\n")
+    # a body that never finishes
+    r2, w2 = await asyncio.open_connection("127.0.0.1", node.server.port)
+    w2.write(b"POST /v1/deliver HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\nabc")
+    await asyncio.gather(w1.drain(), w2.drain())
+    # meanwhile a real delivery goes through
+    await _client(node, dialer).deliver(await _sealed(node, bob, alice, dialer))
+    assert await asyncio.wait_for(r1.read(), 5) == b""  # closed after the header timeout
+    reply = await asyncio.wait_for(r2.read(), 5)  # answered after the request timeout
+    assert b"4." in reply or reply == b""
+    for w in (w1, w2):
+        w.close()
+
+
+async def test_connection_flood_gets_503_and_legit_mail_flows(world) -> None:
+    node, bob, alice, dialer = world
+    conns = []
+    for _ in range(200):
+        conns.append(await asyncio.open_connection("127.0.0.1", node.server.port))
+    busy = 0
+    for reader, _ in conns[64:]:
+        data = await asyncio.wait_for(reader.read(), 5)
+        busy += b" 503 " in data
+    assert busy >= 100
+    for _, writer in conns:
+        writer.close()
+    await asyncio.sleep(0.2)
+    receipt = await _client(node, dialer).deliver(await _sealed(node, bob, alice, dialer))
+    assert receipt.receipt
+
+
+async def test_device_login_refuses_replay_bad_signature_and_revoked(world) -> None:
+    node, bob, _, dialer = world
+    client = _client(node, dialer)
+    ids = {"mailbox": bob.mailbox_id.hex(), "device": bob.device.device_id.hex()}
+    ch = await client.call_json("POST", "/v1/device/challenge", ids)
+    challenge = bytes.fromhex(ch["challenge"])
+    sig = bob.sign(
+        login_message(node.secrets.onion_pk, bob.mailbox_id, bob.device.device_id, challenge)
+    )
+    ok = await client.call_json(
+        "POST", "/v1/device/login", {**ids, "challenge": challenge.hex(), "signature": sig.hex()}
+    )
+    assert len(bytes.fromhex(ok["session"])) == 32
+    with pytest.raises(DeviceRefused, match="already used"):  # the same challenge again
+        await client.call_json(
+            "POST",
+            "/v1/device/login",
+            {**ids, "challenge": challenge.hex(), "signature": sig.hex()},
+        )
+    ch2 = bytes.fromhex((await client.call_json("POST", "/v1/device/challenge", ids))["challenge"])
+    with pytest.raises(DeviceRefused, match="signature"):
+        await client.call_json(
+            "POST", "/v1/device/login", {**ids, "challenge": ch2.hex(), "signature": "00" * 64}
+        )
+    # a second device, then revoked: its session stops working at once
+    phone = node.add_device(bob, "phone")
+    phone_session = _session(node, phone, dialer)
+    await phone_session.pending()
+    revoke_device(bob, phone.device.device_id, now=int(time.time()))
+    await _session(node, bob, dialer).publish(KeyUpdate(device_list=bob.device_list))
+    with pytest.raises(DeviceRefused):
+        await phone_session.pending()
+
+
+async def test_errors_are_json_with_codes(world) -> None:
+    node, *_ = world
+    reader, writer = await asyncio.open_connection("127.0.0.1", node.server.port)
+    writer.write(b"GET /v1/bundle/nobody HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    await writer.drain()
+    data = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert b" 404 " in head
+    parsed = json.loads(body)
+    assert parsed["status"] == "permanent" and parsed["code"] == "5.1.1"

@@ -1,19 +1,17 @@
 """A local user on this device: identity, device keys, and the inbox that holds their mail.
 
-Provisioning happens here too: :func:`create_identity` makes a new identity with its first
+Pure key work: storing an account is ``keystore.AccountFiles``'s job.  Provisioning happens
+here too: :func:`create_identity` makes a new identity with its first
 device and the UIK-signed records an inbox needs to open a mailbox for it, and
 :func:`add_device` makes another device for an existing identity (the UIK signs a new
-device list version).  All of it is pure key work; storing it is :class:`AccountFiles`'s job.
+device list version).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 from onionpost.address import Address, onion_from_public_key
-from onionpost.api.wire import KeyUpdate
-from onionpost.crypto.encoding import Reader, Writer
 from onionpost.crypto.envelope import SenderKeys
 from onionpost.crypto.keys import (
     DeviceList,
@@ -25,8 +23,8 @@ from onionpost.crypto.keys import (
 )
 from onionpost.crypto.primitives import RandomSource, ed25519_sign, system_random
 from onionpost.crypto.sender import SenderCredentials
-from onionpost.errors import DataDirError, OnionpostError, UsageError
-from onionpost.keystore import KeyStore, read_private, write_private
+from onionpost.errors import UsageError
+from onionpost.wire import KeyUpdate
 
 DAY = 86_400
 BINDING_LIFETIME = 90 * DAY
@@ -174,69 +172,3 @@ def refresh_device_entry(primary: Account, *, now: int) -> DeviceList:
         primary.identity.uik_seed
     )
     return primary.device_list
-
-
-# --- on disk ----------------------------------------------------------------------------------
-
-
-class AccountFiles:
-    """An account's files in the data directory (key files are 0600, see keystore)."""
-
-    MAGIC = b"OPac"
-
-    def __init__(self, keys: KeyStore) -> None:
-        self.keys = keys
-
-    def _info_file(self, local: str) -> Path:
-        return self.keys.user_dir(local) / "account"
-
-    def exists(self, local: str) -> bool:
-        return self._info_file(local).exists()
-
-    def users(self) -> list[str]:
-        return [u for u in self.keys.users() if self.exists(u)]
-
-    def save(self, account: Account) -> None:
-        info = (
-            Writer()
-            .raw(self.MAGIC)
-            .var8(account.local.encode("ascii"))
-            .fixed(account.onion_pk, 32)
-            .fixed(account.mailbox_id, 16)
-            .fixed(account.self_token, 32)
-            .var16(account.binding.encode())
-            .getvalue()
-        )
-        if account.identity is not None:
-            self.keys.save_identity(account.identity)
-        self.keys.save_device(account.local, account.device)
-        self.keys.save_device_list(account.local, account.device_list)
-        write_private(self._info_file(account.local), info)
-
-    def load(self, local: str) -> Account:
-        path = self._info_file(local)
-        raw = read_private(path)
-        try:
-            r = Reader(raw, "account file")
-            r.magic(self.MAGIC)
-            stored_local = r.var8("user name", 64).decode("ascii", "replace")
-            onion_pk = r.fixed(32, "inbox key")
-            mailbox_id = r.fixed(16, "mailbox id")
-            self_token = r.fixed(32, "own token")
-            binding = ServerBinding.parse(r.var16("server binding"))
-            r.end()
-        except OnionpostError as exc:
-            raise DataDirError(f"{path} is damaged: {exc}") from exc
-        if stored_local != local:
-            raise DataDirError(f"{path} belongs to '{stored_local}', not '{local}'.")
-        identity = self.keys.load_identity(local) if self.keys.has_identity(local) else None
-        return Account(
-            local,
-            onion_pk,
-            mailbox_id,
-            self_token,
-            binding,
-            self.keys.load_device_list(local),
-            self.keys.load_device(local),
-            identity,
-        )

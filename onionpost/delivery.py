@@ -76,6 +76,7 @@ class OutboxWorker:
 
     async def run_forever(self, idle: float = 30.0) -> None:
         """Deliver due rows whenever woken, or at least every ``idle`` seconds."""
+        self.outbox.release_leases()
         while True:
             self._wake.clear()
             try:

@@ -12,21 +12,24 @@ import asyncio
 import contextlib
 import logging
 
-from onionpost.account import Account, AccountFiles
+from onionpost.account import Account
 from onionpost.address import Address
 from onionpost.api.client import DeviceSession, InboxClient
 from onionpost.api.transport import Dialer
-from onionpost.api.wire import KeyUpdate
 from onionpost.clock import Clock
-from onionpost.config import Config
+from onionpost.config import Config, KeysConfig
+from onionpost.crypto.keys import ServerKey
 from onionpost.crypto.primitives import RandomSource, system_random
 from onionpost.directory import Directory
 from onionpost.errors import OnionpostError
 from onionpost.inbox import login_message
+from onionpost.keylife import renew_binding, rotate_device
+from onionpost.keystore import AccountFiles
 from onionpost.sending import Outgoing, Sender, SendReport
 from onionpost.store.contacts import ContactStore
 from onionpost.store.mailbox import MailboxStore
 from onionpost.sync import Receiver
+from onionpost.wire import KeyUpdate
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +104,37 @@ class Device:
 
     async def sync(self, *, wait: float = 0.0) -> int:
         return await self.receiver.sync_once(wait=wait)
+
+    async def maintain_keys(
+        self,
+        now: int,
+        cfg: KeysConfig,
+        *,
+        server_key: ServerKey | None,
+        rng: RandomSource = system_random,
+    ) -> list[str]:
+        """Rotate due keys, save them, publish; returns what changed (for the log)."""
+        rot = rotate_device(self.account, now, cfg, rng=rng)
+        binding = self.account.binding
+        if (
+            server_key is not None
+            and self.account.identity is not None
+            and binding.sek_id != server_key.sek_id
+        ):
+            rot.update.binding = renew_binding(
+                self.account, server_key.sek_id, server_key.public, now
+            )
+            rot.changes.append("server binding moved to the new server key")
+        if rot.changed:
+            if rot.update.binding is not None:
+                self.account.binding = rot.update.binding
+            self.save()
+            log.info("%s: %s", self.address, "; ".join(rot.changes))
+        update = self.account.key_update()
+        update.device_list = rot.update.device_list
+        update.binding = rot.update.binding
+        await self.publish_keys(update)
+        return rot.changes
 
     def save(self) -> None:
         if self.accounts is not None:

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import IO
 
 from onionpost.address import Address
-from onionpost.api.wire import KeyUpdate
 from onionpost.config import InboxConfig
 from onionpost.crypto import envelope, pow
 from onionpost.crypto.bundle import AntiSpamPolicy, KeyBundle
@@ -51,6 +50,7 @@ from onionpost.errors import (
 )
 from onionpost.store.inbox import InboxStore, SpoolEntry
 from onionpost.store.outbox import OutboxStore
+from onionpost.wire import KeyUpdate
 
 CTX_LOGIN = b"onionpost/v1/device-login\x00"
 CTX_TOKEN_HASH = b"onionpost/v1/token-hash"
@@ -365,9 +365,14 @@ class Inbox:
         msg_id: bytes,
         expires_at: int,
         message_ref: str,
+        submission_key: str,
         now: int,
     ) -> int:
-        """Queue a sealed envelope for delivery by this inbox; durable when it returns."""
+        """Queue a sealed envelope for delivery by this inbox; durable when it returns.
+
+        ``submission_key`` makes a repeated submission of the same (re-sealed) message return
+        the row already queued, so a device that crashed mid-hand-over never sends twice.
+        """
         address = Address.parse(destination)
         if not now < expires_at <= now + MAX_SUBMIT_LIFETIME:
             raise MalformedData("A submission's expiry must lie within the next 30 days.")
@@ -375,6 +380,8 @@ class Inbox:
             raise MessageTooLarge()
         if len(msg_id) != 16:
             raise MalformedData("A message id is 16 bytes.")
+        if not 1 <= len(submission_key) <= 200:
+            raise MalformedData("A submission key must be 1 to 200 characters.")
         return self.outbox.enqueue(
             mailbox_id=s.mailbox_id,
             device_id=s.device_id,
@@ -383,6 +390,7 @@ class Inbox:
             digest=hash32(envelope_bytes),
             envelope=envelope_bytes,
             message_ref=message_ref[:200],
+            submission_key=f"{s.device_id.hex()}:{submission_key}",
             now=now,
             expires_at=expires_at,
         )

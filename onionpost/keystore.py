@@ -15,7 +15,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from onionpost.crypto.keys import DeviceList, DeviceSecrets, IdentitySecrets, ServerSecrets
+from onionpost.account import Account
+from onionpost.crypto.encoding import Reader, Writer
+from onionpost.crypto.keys import (
+    DeviceList,
+    DeviceSecrets,
+    IdentitySecrets,
+    ServerBinding,
+    ServerSecrets,
+)
 from onionpost.errors import DataDirError, NotInitialized, OnionpostError
 
 T = TypeVar("T")
@@ -150,3 +158,66 @@ def _parse(parse: Callable[[bytes], T], path: Path) -> T:
         return parse(raw)
     except OnionpostError as exc:
         raise DataDirError(f"{path} is damaged: {exc}") from exc
+
+
+class AccountFiles:
+    """An account's files in the data directory (0600, written atomically like every key)."""
+
+    MAGIC = b"OPac"
+
+    def __init__(self, keys: KeyStore) -> None:
+        self.keys = keys
+
+    def _info_file(self, local: str) -> Path:
+        return self.keys.user_dir(local) / "account"
+
+    def exists(self, local: str) -> bool:
+        return self._info_file(local).exists()
+
+    def users(self) -> list[str]:
+        return [u for u in self.keys.users() if self.exists(u)]
+
+    def save(self, account: Account) -> None:
+        info = (
+            Writer()
+            .raw(self.MAGIC)
+            .var8(account.local.encode("ascii"))
+            .fixed(account.onion_pk, 32)
+            .fixed(account.mailbox_id, 16)
+            .fixed(account.self_token, 32)
+            .var16(account.binding.encode())
+            .getvalue()
+        )
+        if account.identity is not None:
+            self.keys.save_identity(account.identity)
+        self.keys.save_device(account.local, account.device)
+        self.keys.save_device_list(account.local, account.device_list)
+        write_private(self._info_file(account.local), info)
+
+    def load(self, local: str) -> Account:
+        path = self._info_file(local)
+        raw = read_private(path)
+        try:
+            r = Reader(raw, "account file")
+            r.magic(self.MAGIC)
+            stored_local = r.var8("user name", 64).decode("ascii", "replace")
+            onion_pk = r.fixed(32, "inbox key")
+            mailbox_id = r.fixed(16, "mailbox id")
+            self_token = r.fixed(32, "own token")
+            binding = ServerBinding.parse(r.var16("server binding"))
+            r.end()
+        except OnionpostError as exc:
+            raise DataDirError(f"{path} is damaged: {exc}") from exc
+        if stored_local != local:
+            raise DataDirError(f"{path} belongs to '{stored_local}', not '{local}'.")
+        identity = self.keys.load_identity(local) if self.keys.has_identity(local) else None
+        return Account(
+            local,
+            onion_pk,
+            mailbox_id,
+            self_token,
+            binding,
+            self.keys.load_device_list(local),
+            self.keys.load_device(local),
+            identity,
+        )

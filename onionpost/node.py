@@ -21,10 +21,9 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from onionpost.account import AccountFiles
 from onionpost.address import Address
 from onionpost.api.server import InboxServer
-from onionpost.api.transport import Dialer, DirectDialer
+from onionpost.api.transport import DirectDialer
 from onionpost.clock import Clock, SystemClock
 from onionpost.config import Config
 from onionpost.crypto.primitives import RandomSource, system_random
@@ -32,15 +31,18 @@ from onionpost.delivery import OutboxWorker
 from onionpost.device import Device
 from onionpost.errors import NotInitialized, OnionpostError
 from onionpost.inbox import Inbox
-from onionpost.keystore import KeyStore, ensure_private_dir, write_private
+from onionpost.keylife import rotate_server
+from onionpost.keystore import AccountFiles, KeyStore, ensure_private_dir, write_private
 from onionpost.provision import DEVICE_COMPONENTS
 from onionpost.retry import RetryPolicy
+from onionpost.scheduler import Scheduler
 from onionpost.store.contacts import ContactStore
 from onionpost.store.db import Database
 from onionpost.store.inbox import COMPONENTS as INBOX_COMPONENTS
 from onionpost.store.inbox import InboxStore
 from onionpost.store.mailbox import MailboxStore
 from onionpost.store.outbox import OutboxStore
+from onionpost.submission import Submissions
 from onionpost.tor import TorDialer, TorRuntime
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,8 @@ class Node:
         self.devices: dict[str, Device] = {}
         self.mailbox: MailboxStore | None = None
         self.contacts: ContactStore | None = None
+        self.submissions: Submissions | None = None
+        self.scheduler = Scheduler()
         self._dbs: list[Database] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._stops: list[Callable[[], Awaitable[None]]] = []
@@ -110,7 +114,8 @@ class Node:
             await self._start_devices()
         for ext in self.extensions:
             self._stops.append(await ext(self))
-        self._tasks.append(asyncio.create_task(self._status_loop(), name="status"))
+        self._schedule()
+        self.scheduler.start()
         log.info(
             "onionpost node ready: %s",
             ", ".join(str(d.address) for d in self.devices.values()) or "inbox only",
@@ -144,12 +149,12 @@ class Node:
             config=cfg.inbox,
             clock=self.clock,
             on_inbound=self._note_inbound,
-            on_submitted=self.worker.wake,
+            on_submitted=lambda: self.scheduler.wake("deliver"),
         )
         port = await self.server.start(cfg.inbox.listen_host, cfg.inbox.listen_port)
         own = Address.for_key("x", secrets.onion_pk).onion
         self.dialer.add(own, "127.0.0.1", port)
-        self._tasks.append(asyncio.create_task(self.worker.run_forever(), name="outbox"))
+        self.inbox.outbox.release_leases()
 
     async def _start_tor(self) -> None:
         cfg = self.config
@@ -185,6 +190,92 @@ class Node:
             with contextlib.suppress(OnionpostError):
                 await device.publish_keys()
             device.start()
+        self.submissions = Submissions(
+            db=db,
+            mailbox=self.mailbox,
+            devices=self.devices,
+            clock=self.clock,
+            config=cfg.delivery,
+            unit_random=random.SystemRandom().random,
+            max_message_bytes=cfg.gateway.max_message_bytes,
+            on_queued=lambda: self.scheduler.wake("seal"),
+        )
+
+    # -- periodic jobs --------------------------------------------------------------------
+
+    def _schedule(self) -> None:
+        s = self.scheduler
+        s.every("status", 5, self._write_status)
+        s.every("keys", 3600, self.maintain_keys, start_in=5)
+        s.every("prune", 3600, self.prune, start_in=60)
+        if self.worker is not None:
+            s.every("deliver", 30, self.worker.run_due, start_in=1)
+        if self.submissions is not None:
+            s.every("seal", 30, self.submissions.process_due, start_in=1)
+            s.every("outcomes", 60, self.check_outcomes, start_in=10)
+            s.every(
+                "refresh",
+                self.config.delivery.bundle_refresh_seconds,
+                self.refresh_contacts,
+                start_in=120,
+            )
+        if self.tor is not None:
+            s.every("tor-health", 30, self.tor.check_health, start_in=30)
+
+    async def check_outcomes(self) -> None:
+        """Ask the outbox how our mail fared, so delays and bounces reach the user."""
+        for device in list(self.devices.values()):
+            if self.submissions is not None:
+                try:
+                    await self.submissions.check_outbox(device)
+                except OnionpostError as exc:
+                    log.info("could not check the outbox for %s: %s", device.address, exc)
+
+    async def maintain_keys(self) -> None:
+        """Rotate what is due, save it, then publish (publishing is idempotent)."""
+        now = self.clock.now()
+        cfg = self.config.keys
+        if self.inbox is not None:
+            new = rotate_server(
+                self.inbox.secrets,
+                now,
+                cfg,
+                keep_seconds=cfg.server_key_rotation_days * 86_400
+                + self.config.delivery.lifetime_seconds
+                + 30 * 86_400,
+                rng=self.rng,
+            )
+            self.keys.save_server(self.inbox.secrets)
+            if new is not None:
+                log.info("server envelope key rotated")
+        for device in list(self.devices.values()):
+            sek = self.inbox.secrets.current() if self.inbox is not None else None
+            await device.maintain_keys(now, cfg, server_key=sek, rng=self.rng)
+
+    async def prune(self) -> None:
+        now = self.clock.now()
+        if self.inbox is not None:
+            counts = self.inbox.store.prune(now)
+            self.inbox.store.prune_prekeys(now - 60 * 86_400)
+            self.inbox.outbox.purge_finished(now - 30 * 86_400)
+            log.debug("pruned: %s", counts)
+        if self.mailbox is not None:
+            self.mailbox.prune_seen(now)
+        if self.submissions is not None:
+            self.submissions.store.purge(now - 30 * 86_400)
+
+    async def refresh_contacts(self) -> None:
+        """Keep cached bundles fresh, so sealing works offline with recent keys."""
+        if self.contacts is None or not self.devices:
+            return
+        device = next(iter(self.devices.values()))
+        now = self.clock.now()
+        for contact in self.contacts.all():
+            age = now - (contact.bundle_fetched_at or 0)
+            if contact.blocked or age < self.config.delivery.bundle_refresh_seconds:
+                continue
+            with contextlib.suppress(OnionpostError):
+                await device.directory.resolve(Address.parse(contact.address), now=now)
 
     def _open(self, path: Path, components: tuple[str, ...]) -> Database:
         db = Database(path, components)
@@ -192,6 +283,7 @@ class Node:
         return db
 
     async def stop(self) -> None:
+        self.scheduler.stop()
         for stop in reversed(self._stops):
             with contextlib.suppress(Exception):
                 await stop()
@@ -243,13 +335,11 @@ class Node:
             info["queue"] = {"queued": len(queued)}
         return info
 
-    async def _status_loop(self) -> None:
+    async def _write_status(self) -> None:
         path = self.config.data_dir / "run" / "status.json"
         ensure_private_dir(path.parent)
-        while True:
-            with contextlib.suppress(OnionpostError, OSError):
-                write_private(path, json.dumps(self.status(), indent=2).encode())
-            await asyncio.sleep(5)
+        with contextlib.suppress(OSError):
+            write_private(path, json.dumps(self.status(), indent=2).encode())
 
 
 def _plain(value: object) -> Any:  # noqa: ANN401
@@ -258,6 +348,3 @@ def _plain(value: object) -> Any:  # noqa: ANN401
     if isinstance(value, tuple | list):
         return [_plain(v) for v in value]
     return value
-
-
-__all__ = ["Dialer", "Node"]

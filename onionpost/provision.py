@@ -12,22 +12,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from onionpost.account import Account, AccountFiles, create_identity
+from onionpost.account import Account, create_identity
 from onionpost.address import Address
-from onionpost.api.wire import KeyUpdate
 from onionpost.config import CONFIG_FILE, Config
 from onionpost.crypto.fingerprint import fingerprint
 from onionpost.crypto.keys import ServerSecrets
 from onionpost.crypto.primitives import RandomSource, system_random
 from onionpost.errors import AlreadyInitialized, UsageError
 from onionpost.inbox import Inbox
-from onionpost.keystore import KeyStore, check_user_name, ensure_private_dir
+from onionpost.keystore import AccountFiles, KeyStore, check_user_name, ensure_private_dir
 from onionpost.store.db import Database
 from onionpost.store.inbox import COMPONENTS as INBOX_COMPONENTS
 from onionpost.store.inbox import InboxStore
 from onionpost.store.outbox import OutboxStore
+from onionpost.wire import KeyUpdate
 
-DEVICE_COMPONENTS = ("mailbox", "accounts", "contacts")
+DEVICE_COMPONENTS = ("mailbox", "accounts", "contacts", "submissions")
 
 DEFAULT_CONFIG = """\
 # onionpost configuration. Every setting is optional; the values shown are the defaults.

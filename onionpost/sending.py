@@ -33,7 +33,7 @@ from onionpost.api.client import DeviceSession
 from onionpost.crypto import envelope, pow
 from onionpost.crypto.bundle import VerifiedBundle
 from onionpost.crypto.envelope import EXT_TOKEN_GRANT, StanzaTarget
-from onionpost.crypto.primitives import RandomSource, system_random
+from onionpost.crypto.primitives import RandomSource, hash32, system_random
 from onionpost.crypto.sender import EXT_SENDER_KEYS
 from onionpost.directory import Directory
 from onionpost.errors import DeliveryError, OnionpostError, TemporaryDeliveryError
@@ -51,6 +51,12 @@ class Outgoing:
     message: bytes
     recipients: Sequence[Address]
     message_ref: str = ""
+    #: Also seal a copy for the sender's other devices (their Sent folder); retries of a
+    #: submission set this False, the first attempt already did it.
+    include_own: bool = True
+    #: Identifies this submission on this device; with it, sealing is repeatable: the same
+    #: message id and the same outbox rows result however often it is retried.
+    submission_key: str = ""
 
 
 @dataclass
@@ -122,7 +128,7 @@ class Sender:
         recipients = sorted({a for a in out.recipients if a != me})
         visible = tuple(a for a in recipients if str(a) in shown)
         bcc = [a for a in recipients if str(a) not in shown]
-        has_other_devices = bool(self.account.other_device_ids())
+        has_other_devices = out.include_own and bool(self.account.other_device_ids())
         clean = strip_bcc(out.message) if bcc else out.message
         units: list[_Unit] = []
         if visible or (has_other_devices and not bcc):
@@ -152,6 +158,7 @@ class Sender:
             if not bundles and own_unit is None:
                 continue
             await self._seal_unit(
+                key=out.submission_key,
                 unit=unit,
                 bundles=bundles,
                 own=own_unit,
@@ -164,6 +171,7 @@ class Sender:
     async def _seal_unit(
         self,
         *,
+        key: str,
         unit: _Unit,
         bundles: dict[Address, VerifiedBundle],
         own: VerifiedBundle | None,
@@ -191,8 +199,18 @@ class Sender:
         if grants:
             extensions.append((EXT_TOKEN_GRANT, grants))
         expires_at = now + self.lifetime
+        unit_key = ",".join([*(str(a) for a in unit.recipients), *(["self"] if own else [])])
+        msg_id = None
+        if key:
+            msg_id = hash32(
+                b"onionpost/v1/msg-id",
+                self.account.device.device_id,
+                key.encode(),
+                unit_key.encode(),
+            )[:16]
         with tempfile.SpooledTemporaryFile(max_size=SPOOL) as l2:
             inner = envelope.seal_inner(
+                msg_id=msg_id,
                 sender=self.account.sender_keys(),
                 targets=targets,
                 recipient_uiks=uiks,
@@ -210,7 +228,13 @@ class Sender:
             for address, bundle in destinations:
                 try:
                     report.queued[str(address)] = await self._wrap_and_submit(
-                        l2=l2, inner=inner, address=address, bundle=bundle, ref=ref, now=now
+                        l2=l2,
+                        inner=inner,
+                        address=address,
+                        bundle=bundle,
+                        ref=ref,
+                        now=now,
+                        key=f"{key or inner.msg_id.hex()}:{address}",
                     )
                 except OnionpostError as exc:
                     report.failed[str(address)] = exc
@@ -224,6 +248,7 @@ class Sender:
         bundle: VerifiedBundle,
         ref: str,
         now: int,
+        key: str,
     ) -> int:
         token: bytes | None = None
         stamp: pow.Stamp | None = None
@@ -262,6 +287,7 @@ class Sender:
                 msg_id=inner.msg_id,
                 expires_at=inner.expires_at,
                 ref=ref,
+                key=key,
             )
 
     async def _token_grants(

@@ -20,8 +20,8 @@ from urllib.parse import quote, urlencode
 import h11
 
 from onionpost.api.transport import Dialer
-from onionpost.api.wire import KeyUpdate, error_from_body, parse_json
 from onionpost.errors import DeviceRefused, PeerProtocolError, PeerUnreachable
+from onionpost.wire import KeyUpdate, error_from_body, parse_json
 
 USER_AGENT = "onionpost/1"
 READ_CHUNK = 65536
@@ -357,6 +357,7 @@ class DeviceSession:
         msg_id: bytes,
         expires_at: int,
         ref: str,
+        key: str,
     ) -> int:
         query = urlencode(
             {
@@ -364,6 +365,7 @@ class DeviceSession:
                 "msg_id": msg_id.hex(),
                 "expires_at": expires_at,
                 "ref": ref,
+                "key": key,
             }
         )
         for attempt in (1, 2):

@@ -35,7 +35,6 @@ from typing import IO, Any
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-from onionpost.api.wire import KeyUpdate, hex_field, parse_json, refusal
 from onionpost.clock import Clock
 from onionpost.config import InboxConfig
 from onionpost.errors import (
@@ -47,6 +46,7 @@ from onionpost.errors import (
 )
 from onionpost.inbox import Inbox, Session
 from onionpost.store.outbox import OutboxRow
+from onionpost.wire import KeyUpdate, hex_field, parse_json, refusal
 
 log = logging.getLogger(__name__)
 
@@ -458,6 +458,7 @@ class InboxServer:
                 msg_id=msg_id,
                 expires_at=expires_at,
                 message_ref=q.get("ref", ""),
+                submission_key=q.get("key", "") or msg_id.hex(),
                 now=self._now(),
             )
         if self._on_submitted is not None:

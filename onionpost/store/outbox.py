@@ -62,20 +62,26 @@ class OutboxStore:
         digest: bytes,
         envelope: bytes,
         message_ref: str,
+        submission_key: str,
         now: int,
         expires_at: int,
     ) -> int:
-        """Queue an envelope for a destination (idempotent); durable on return."""
+        """Queue an envelope for a destination; durable on return.
+
+        Idempotent on ``submission_key``: the same key returns the existing row (and the new
+        envelope, a re-sealing of the same message, is discarded).
+        """
         with self.db.transaction() as c:
             row = c.execute(
-                "SELECT id FROM outbox WHERE digest = ? AND destination = ?", (digest, destination)
+                "SELECT id FROM outbox WHERE mailbox_id = ? AND submission_key = ?",
+                (mailbox_id, submission_key),
             ).fetchone()
             if row is not None:
                 return int(row[0])
             cur = c.execute(
                 "INSERT INTO outbox (mailbox_id, device_id, destination, msg_id, digest, envelope,"
-                " message_ref, created_at, expires_at, next_attempt_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " message_ref, submission_key, created_at, expires_at, next_attempt_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     mailbox_id,
                     device_id,
@@ -84,6 +90,7 @@ class OutboxStore:
                     digest,
                     envelope,
                     message_ref,
+                    submission_key,
                     now,
                     expires_at,
                     now,
@@ -104,17 +111,26 @@ class OutboxStore:
         with self.db.transaction() as c:
             rows = c.execute(
                 f"SELECT {_COLUMNS} FROM outbox WHERE state = 'queued' AND next_attempt_at <= ?"  # noqa: S608
+                " AND (leased_until IS NULL OR leased_until < ?)"
                 " ORDER BY next_attempt_at, id LIMIT ?",
-                (now, limit),
+                (now, now, limit),
             ).fetchall()
             for r in rows:
-                c.execute(
-                    "UPDATE outbox SET next_attempt_at = ? WHERE id = ?", (now + lease, r["id"])
-                )
+                c.execute("UPDATE outbox SET leased_until = ? WHERE id = ?", (now + lease, r["id"]))
             return [_row(r) for r in rows]
 
+    def release_leases(self) -> int:
+        """Forget every claim: called once at start-up, when no worker can hold one."""
+        with self.db.transaction() as c:
+            return c.execute(
+                "UPDATE outbox SET leased_until = NULL WHERE leased_until IS NOT NULL"
+            ).rowcount
+
     def next_due_at(self) -> int | None:
-        v = self.db.scalar("SELECT min(next_attempt_at) FROM outbox WHERE state = 'queued'")
+        v = self.db.scalar(
+            "SELECT min(max(next_attempt_at, coalesce(leased_until, 0))) FROM outbox"
+            " WHERE state = 'queued'"
+        )
         return None if v is None else int(v)
 
     def mark_delivered(self, row_id: int, *, now: int, receipt: str) -> None:
@@ -122,6 +138,7 @@ class OutboxStore:
             c.execute(
                 "UPDATE outbox SET state = 'delivered', finished_at = ?, receipt = ?,"
                 " attempts = attempts + 1, last_attempt_at = ?, last_error = NULL,"
+                " leased_until = NULL,"
                 " last_error_code = NULL, envelope = x'' WHERE id = ? AND state = 'queued'",
                 (now, receipt, now, row_id),
             )
@@ -132,7 +149,8 @@ class OutboxStore:
         with self.db.transaction() as c:
             c.execute(
                 "UPDATE outbox SET attempts = attempts + 1, last_attempt_at = ?, last_error = ?,"
-                " last_error_code = ?, next_attempt_at = ? WHERE id = ? AND state = 'queued'",
+                " last_error_code = ?, next_attempt_at = ?, leased_until = NULL"
+                " WHERE id = ? AND state = 'queued'",
                 (now, error, code, next_attempt_at, row_id),
             )
 
@@ -142,6 +160,7 @@ class OutboxStore:
         with self.db.transaction() as c:
             c.execute(
                 "UPDATE outbox SET state = 'bounced', finished_at = ?, last_error = ?,"
+                " leased_until = NULL,"
                 " last_error_code = ?, attempts = attempts + ?, last_attempt_at = CASE WHEN ?"
                 " THEN ? ELSE last_attempt_at END, envelope = x''"
                 " WHERE id = ? AND state = 'queued'",

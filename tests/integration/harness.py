@@ -13,22 +13,22 @@ import contextlib
 import random
 from pathlib import Path
 
-from onionpost.account import Account, AccountFiles, add_device, create_identity
+from onionpost.account import Account, add_device, create_identity
 from onionpost.address import Address
 from onionpost.api.server import InboxServer
 from onionpost.api.transport import DirectDialer
-from onionpost.api.wire import KeyUpdate
 from onionpost.clock import Clock
 from onionpost.config import Config, from_mapping
 from onionpost.crypto.keys import ServerSecrets
 from onionpost.delivery import OutboxWorker
 from onionpost.inbox import Inbox
-from onionpost.keystore import KeyStore
+from onionpost.keystore import AccountFiles, KeyStore
 from onionpost.provision import DEVICE_COMPONENTS, register
 from onionpost.retry import RetryPolicy
 from onionpost.store.db import Database
 from onionpost.store.inbox import COMPONENTS, InboxStore
 from onionpost.store.outbox import OutboxStore
+from onionpost.wire import KeyUpdate
 
 
 def test_config(data_dir: Path, **sections: dict[str, object]) -> Config:

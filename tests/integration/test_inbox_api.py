@@ -14,7 +14,6 @@ import pytest
 from onionpost.account import Account, revoke_device
 from onionpost.api.client import DeviceSession, InboxClient
 from onionpost.api.transport import DirectDialer
-from onionpost.api.wire import KeyUpdate
 from onionpost.clock import SystemClock
 from onionpost.crypto import envelope, pow
 from onionpost.crypto.bundle import KeyBundle, verify_bundle
@@ -26,6 +25,7 @@ from onionpost.errors import (
     UnknownMailbox,
 )
 from onionpost.inbox import login_message
+from onionpost.wire import KeyUpdate
 
 from .harness import InboxNode
 

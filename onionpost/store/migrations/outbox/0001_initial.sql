@@ -10,9 +10,15 @@ CREATE TABLE outbox (
     digest BLOB NOT NULL,
     envelope BLOB NOT NULL,
     message_ref TEXT NOT NULL DEFAULT '',
+    -- The submitting device's idempotency key: a device that crashed after handing a message
+    -- over and re-seals it on restart gets the existing row back instead of a second copy.
+    submission_key TEXT NOT NULL,
     created_at INTEGER NOT NULL,
     expires_at INTEGER NOT NULL,
     next_attempt_at INTEGER NOT NULL,
+    -- A worker's claim on the row while it delivers; cleared at start-up (a crash mid-delivery
+    -- must not delay the row).
+    leased_until INTEGER,
     attempts INTEGER NOT NULL DEFAULT 0,
     last_error TEXT,
     last_error_code TEXT,
@@ -22,7 +28,7 @@ CREATE TABLE outbox (
     finished_at INTEGER,
     receipt TEXT,
     notified INTEGER NOT NULL DEFAULT 0,
-    UNIQUE (digest, destination)
+    UNIQUE (mailbox_id, submission_key)
 );
 CREATE INDEX outbox_due ON outbox (state, next_attempt_at);
 CREATE INDEX outbox_by_mailbox ON outbox (mailbox_id, state);

@@ -1,0 +1,67 @@
+"""Periodic work, driven by APScheduler 3.x in the node's event loop (its only importer).
+
+The tables are the truth (the outbox, the submission queue, the key files); jobs only decide
+*when* to look at them, so a job that runs late, twice, or after a crash does no harm.  Each
+job runs at most once at a time and missed runs coalesce into one.  :meth:`Scheduler.wake`
+runs a job now: an accepted submission wakes delivery instead of waiting for the next tick.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+from onionpost.errors import OnionpostError
+
+log = logging.getLogger(__name__)
+
+Job = Callable[[], Awaitable[object]]
+
+
+class Scheduler:
+    def __init__(self) -> None:
+        self._scheduler = AsyncIOScheduler(timezone=UTC)
+        self._names: set[str] = set()
+
+    def every(self, name: str, seconds: float, job: Job, *, start_in: float = 0.0) -> None:
+        """Run ``job`` every ``seconds`` (first run after ``start_in`` seconds)."""
+
+        async def guarded() -> None:
+            try:
+                await job()
+            except OnionpostError as exc:
+                log.warning("%s: %s", name, exc)
+            except Exception:
+                log.exception("job %s failed unexpectedly", name)
+
+        self._scheduler.add_job(
+            guarded,
+            "interval",
+            seconds=seconds,
+            id=name,
+            name=name,
+            max_instances=1,
+            coalesce=True,
+            misfire_grace_time=None,
+            next_run_time=datetime.now(UTC) + timedelta(seconds=start_in),
+        )
+        self._names.add(name)
+
+    def wake(self, name: str) -> None:
+        """Run a job as soon as possible (once, even if woken many times meanwhile)."""
+        job = self._scheduler.get_job(name)
+        if job is not None:
+            job.modify(next_run_time=datetime.now(UTC))
+
+    def names(self) -> list[str]:
+        return sorted(self._names)
+
+    def start(self) -> None:
+        self._scheduler.start()
+
+    def stop(self) -> None:
+        if self._scheduler.running:
+            self._scheduler.shutdown(wait=False)

@@ -1,0 +1,234 @@
+"""Submitted mail waiting to be sealed (device side); see the migration for why it exists."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from onionpost.store.db import Database
+
+
+@dataclass(frozen=True)
+class PendingRecipient:
+    submission_id: int
+    user: str
+    address: str
+    attempts: int
+    created_at: int
+    expires_at: int
+    message_ref: str
+    last_error: str | None
+    last_error_code: str | None
+    state: str
+    next_attempt_at: int
+    outbox_id: int | None
+    notified: int
+
+
+_SELECT = (
+    "SELECT r.submission_id, s.user, r.address, r.attempts, s.created_at, s.expires_at,"
+    " s.message_ref, r.last_error, r.last_error_code, r.state, r.next_attempt_at, r.outbox_id,"
+    " r.notified FROM submission_recipients r JOIN submissions s ON s.id = r.submission_id"
+)
+
+
+class SubmissionStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def add(
+        self,
+        *,
+        user: str,
+        message: bytes,
+        headers: bytes,
+        recipients: Sequence[str],
+        message_ref: str,
+        now: int,
+        expires_at: int,
+    ) -> int:
+        """Queue a submission; call inside the caller's transaction to combine it with more."""
+        with self.db.transaction() as c:
+            cur = c.execute(
+                "INSERT INTO submissions (user, message, headers, message_ref, created_at,"
+                " expires_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (user, message, headers, message_ref, now, expires_at),
+            )
+            sid = cur.lastrowid
+            assert sid is not None
+            for address in sorted(set(recipients)):
+                c.execute(
+                    "INSERT INTO submission_recipients (submission_id, address, next_attempt_at)"
+                    " VALUES (?, ?, ?)",
+                    (sid, address, now),
+                )
+            return sid
+
+    def headers(self, submission_id: int) -> bytes:
+        return bytes(
+            self.db.scalar("SELECT headers FROM submissions WHERE id = ?", (submission_id,)) or b""
+        )
+
+    def message(self, submission_id: int) -> bytes:
+        return bytes(
+            self.db.scalar("SELECT message FROM submissions WHERE id = ?", (submission_id,)) or b""
+        )
+
+    def due(self, now: int, *, limit: int = 32) -> dict[int, list[PendingRecipient]]:
+        """Pending recipients due now, grouped by submission (sealed together)."""
+        rows = self.db.all(
+            _SELECT + " WHERE r.state = 'pending' AND r.next_attempt_at <= ?"
+            " ORDER BY r.submission_id LIMIT ?",
+            (now, limit),
+        )
+        out: dict[int, list[PendingRecipient]] = {}
+        for r in rows:
+            out.setdefault(r[0], []).append(PendingRecipient(*tuple(r)))
+        return out
+
+    def next_due_at(self) -> int | None:
+        v = self.db.scalar(
+            "SELECT min(next_attempt_at) FROM submission_recipients WHERE state = 'pending'"
+        )
+        return None if v is None else int(v)
+
+    def mark_queued(self, submission_id: int, address: str, outbox_id: int) -> None:
+        with self.db.transaction() as c:
+            c.execute(
+                "UPDATE submission_recipients SET state = 'queued', outbox_id = ?,"
+                " attempts = attempts + 1, last_error = NULL, last_error_code = NULL"
+                " WHERE submission_id = ? AND address = ? AND state = 'pending'",
+                (outbox_id, submission_id, address),
+            )
+            self._drop_finished(c, submission_id)
+
+    def mark_deferred(
+        self, submission_id: int, address: str, *, next_attempt_at: int, error: str, code: str
+    ) -> None:
+        with self.db.transaction() as c:
+            c.execute(
+                "UPDATE submission_recipients SET attempts = attempts + 1, next_attempt_at = ?,"
+                " last_error = ?, last_error_code = ? WHERE submission_id = ? AND address = ?"
+                " AND state = 'pending'",
+                (next_attempt_at, error, code, submission_id, address),
+            )
+
+    def mark_bounced(self, submission_id: int, address: str, *, error: str, code: str) -> None:
+        with self.db.transaction() as c:
+            c.execute(
+                "UPDATE submission_recipients SET state = 'bounced', attempts = attempts + 1,"
+                " last_error = ?, last_error_code = ? WHERE submission_id = ? AND address = ?"
+                " AND state = 'pending'",
+                (error, code, submission_id, address),
+            )
+
+    def mark_notified(self, submission_id: int, address: str, level: int) -> None:
+        with self.db.transaction() as c:
+            c.execute(
+                "UPDATE submission_recipients SET notified = max(notified, ?)"
+                " WHERE submission_id = ? AND address = ?",
+                (level, submission_id, address),
+            )
+
+    def cancel(self, submission_id: int, address: str | None = None) -> int:
+        with self.db.transaction() as c:
+            sql = (
+                "UPDATE submission_recipients SET state = 'cancelled' WHERE submission_id = ?"
+                " AND state = 'pending'"
+            )
+            params: tuple[object, ...] = (submission_id,)
+            if address is not None:
+                sql += " AND address = ?"
+                params = (*params, address)
+            n = c.execute(sql, params).rowcount
+            self._drop_finished(c, submission_id)
+            return n
+
+    def retry_now(self, now: int, submission_id: int | None = None) -> int:
+        with self.db.transaction() as c:
+            if submission_id is None:
+                return c.execute(
+                    "UPDATE submission_recipients SET next_attempt_at = ? WHERE state = 'pending'",
+                    (now,),
+                ).rowcount
+            return c.execute(
+                "UPDATE submission_recipients SET next_attempt_at = ? WHERE state = 'pending'"
+                " AND submission_id = ?",
+                (now, submission_id),
+            ).rowcount
+
+    def handed_over(self, user: str) -> list[PendingRecipient]:
+        """Recipients whose mail is in the inbox's outbox and whose fate is not known yet."""
+        return [
+            PendingRecipient(*tuple(r))
+            for r in self.db.all(
+                _SELECT + " WHERE r.state = 'queued' AND s.user = ? ORDER BY s.id", (user,)
+            )
+        ]
+
+    def set_outcome(
+        self, submission_id: int, address: str, state: str, error: str | None, code: str | None
+    ) -> None:
+        """Record what the inbox's outbox finally did ('delivered' or 'bounced')."""
+        with self.db.transaction() as c:
+            c.execute(
+                "UPDATE submission_recipients SET state = ?, last_error = coalesce(?, last_error),"
+                " last_error_code = coalesce(?, last_error_code) WHERE submission_id = ?"
+                " AND address = ? AND state = 'queued'",
+                (state, error, code, submission_id, address),
+            )
+
+    def set_progress(
+        self,
+        *,
+        submission_id: int,
+        address: str,
+        attempts: int,
+        error: str | None,
+        code: str | None,
+        next_attempt_at: int,
+    ) -> None:
+        with self.db.transaction() as c:
+            c.execute(
+                "UPDATE submission_recipients SET attempts = ?, last_error = ?,"
+                " last_error_code = ?, next_attempt_at = ? WHERE submission_id = ? AND address = ?",
+                (attempts, error, code, next_attempt_at, submission_id, address),
+            )
+
+    def purge(self, before: int) -> int:
+        """Forget finished submissions created before ``before``."""
+        with self.db.transaction() as c:
+            return c.execute(
+                "DELETE FROM submissions WHERE created_at < ? AND NOT EXISTS (SELECT 1 FROM"
+                " submission_recipients r WHERE r.submission_id = submissions.id AND r.state IN"
+                " ('pending', 'queued'))",
+                (before,),
+            ).rowcount
+
+    def unnotified_bounces(self, user: str) -> list[PendingRecipient]:
+        return [
+            PendingRecipient(*tuple(r))
+            for r in self.db.all(
+                _SELECT + " WHERE s.user = ? AND r.state = 'bounced' AND r.notified < 2",
+                (user,),
+            )
+        ]
+
+    def listing(self, user: str | None = None) -> list[PendingRecipient]:
+        sql = _SELECT + " WHERE r.state IN ('pending', 'queued')"
+        params: tuple[object, ...] = ()
+        if user is not None:
+            sql += " AND s.user = ?"
+            params = (user,)
+        return [PendingRecipient(*tuple(r)) for r in self.db.all(sql + " ORDER BY s.id", params)]
+
+    @staticmethod
+    def _drop_finished(c: sqlite3.Connection, submission_id: int) -> None:
+        """Forget the plaintext once no recipient still needs sealing (it lives on in Sent;
+        the header block stays for delivery status notifications)."""
+        c.execute(
+            "UPDATE submissions SET message = x'' WHERE id = ? AND NOT EXISTS (SELECT 1 FROM"
+            " submission_recipients WHERE submission_id = ? AND state = 'pending')",
+            (submission_id, submission_id),
+        )

@@ -1,0 +1,311 @@
+"""From "the mail client pressed Send" to "the inbox's outbox has it", durably, with feedback.
+
+:meth:`Submissions.submit` is what the SMTP gateway calls: it stores the message for every
+recipient and files the sender's Sent copy in one transaction, and only then may the gateway
+answer 250.  A worker then seals the message for each recipient (which needs their current
+keys, fetched fresh; a cached copy when their inbox is unreachable) and hands each sealed copy
+to the inbox's outbox.  Recipients whose keys cannot be had are retried with backoff until the
+message's lifetime ends.
+
+The user learns what happened the way mail users always have: a delay notice after
+``delay_notice_seconds`` and a bounce (RFC 3464) in INBOX when a recipient is refused or the
+lifetime runs out, whether the problem was here (no keys) or at the outbox (undeliverable).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from email.parser import BytesHeaderParser
+
+from onionpost import dsn
+from onionpost.address import Address
+from onionpost.clock import Clock
+from onionpost.config import DeliveryConfig
+from onionpost.crypto.primitives import hash32
+from onionpost.device import Device
+from onionpost.errors import (
+    AddressError,
+    GatewayError,
+    MessageTooLarge,
+    OnionpostError,
+    PermanentDeliveryError,
+    UnknownLocalUser,
+)
+from onionpost.retry import RetryPolicy, after_failure
+from onionpost.sending import Outgoing
+from onionpost.store.db import Database
+from onionpost.store.mailbox import MailboxStore
+from onionpost.store.submissions import PendingRecipient, SubmissionStore
+
+log = logging.getLogger(__name__)
+
+NOTIFIED_DELAY = 1
+NOTIFIED_FINAL = 2
+
+
+def header_block(message: bytes) -> bytes:
+    for sep in (b"\r\n\r\n", b"\n\n"):
+        end = message.find(sep)
+        if end >= 0:
+            return message[:end]
+    return message[:65536]
+
+
+def message_ref(message: bytes) -> str:
+    value = BytesHeaderParser().parsebytes(header_block(message) + b"\r\n\r\n").get("Message-ID")
+    return " ".join(str(value).split())[:200] if value else ""
+
+
+class Submissions:
+    def __init__(
+        self,
+        *,
+        db: Database,
+        mailbox: MailboxStore,
+        devices: Mapping[str, Device],
+        clock: Clock,
+        config: DeliveryConfig,
+        unit_random: Callable[[], float],
+        max_message_bytes: int,
+        on_queued: Callable[[], None] | None = None,
+    ) -> None:
+        self.store = SubmissionStore(db)
+        self._on_queued = on_queued
+        self.db = db
+        self.mailbox = mailbox
+        self.devices = devices
+        self.clock = clock
+        self.config = config
+        self.policy = RetryPolicy(config.retry_min_seconds, config.retry_max_seconds)
+        self.unit_random = unit_random
+        self.max_message_bytes = max_message_bytes
+        self._wake = asyncio.Event()
+
+    # -- the hand-off ---------------------------------------------------------------------
+
+    def submit(self, user: str, recipients: Sequence[Address], message: bytes) -> int:
+        """Queue ``message`` for ``recipients``; durable (and filed in Sent) on return."""
+        if user not in self.devices:
+            raise UnknownLocalUser(f"There is no onionpost user '{user}' on this node.")
+        if not recipients:
+            raise GatewayError("A message needs at least one recipient.", code="5.5.1")
+        if len(message) > self.max_message_bytes:
+            raise MessageTooLarge(
+                f"The message is {len(message)} bytes; the limit is {self.max_message_bytes}."
+            )
+        now = self.clock.now()
+        with self.db.transaction():
+            sid = self.store.add(
+                user=user,
+                message=message,
+                headers=header_block(message),
+                recipients=[str(a) for a in recipients],
+                message_ref=message_ref(message),
+                now=now,
+                expires_at=now + self.config.lifetime_seconds,
+            )
+            self.mailbox.file_message(user, "Sent", message, flags=("\\Seen",), internal_date=now)
+        self.wake()
+        return sid
+
+    def wake(self) -> None:
+        self._wake.set()
+        if self._on_queued is not None:
+            self._on_queued()
+
+    # -- sealing --------------------------------------------------------------------------
+
+    async def process_due(self) -> int:
+        """Seal and hand over every recipient due now; returns how many were handled."""
+        handled = 0
+        for sid, recips in self.store.due(self.clock.now()).items():
+            handled += len(recips)
+            await self._process(sid, recips)
+        return handled
+
+    async def _process(self, sid: int, recips: list[PendingRecipient]) -> None:
+        device = self.devices.get(recips[0].user)
+        now = self.clock.now()
+        if device is None:
+            for r in recips:
+                self.store.mark_bounced(
+                    sid, r.address, error="The sender's account is gone.", code="5.1.0"
+                )
+            return
+        message = self.store.message(sid)
+        addresses: list[Address] = []
+        for r in recips:
+            try:
+                addresses.append(Address.parse(r.address))
+            except AddressError as exc:
+                self._fail(sid, r, PermanentDeliveryError.from_error(exc), now)
+        first = all(r.attempts == 0 for r in recips)
+        report = await device.sender.send(
+            Outgoing(
+                message,
+                addresses,
+                recips[0].message_ref,
+                include_own=first,
+                submission_key=f"s{sid}",
+            ),
+            now=now,
+        )
+        for r in recips:
+            if r.address in report.queued:
+                self.store.mark_queued(sid, r.address, report.queued[r.address])
+            elif r.address in report.failed:
+                self._fail(sid, r, report.failed[r.address], now)
+        self._notify(device, self.clock.now())
+
+    def _fail(self, sid: int, r: PendingRecipient, exc: OnionpostError, now: int) -> None:
+        decision = after_failure(
+            self.policy,
+            attempts=r.attempts + 1,
+            temporary=exc.temporary,
+            now=now,
+            expires_at=r.expires_at,
+            unit_random=self.unit_random(),
+        )
+        code = exc.code
+        if decision.retry_at is None:
+            self.store.mark_bounced(sid, r.address, error=str(exc), code="5" + code[1:])
+        else:
+            self.store.mark_deferred(
+                sid,
+                r.address,
+                next_attempt_at=decision.retry_at,
+                error=str(exc),
+                code="4" + code[1:],
+            )
+            log.info("sealing for %s deferred: %s", r.address, exc)
+
+    # -- outcomes and notices -------------------------------------------------------------
+
+    async def check_outbox(self, device: Device) -> None:
+        """Learn what the inbox's outbox did with our mail; notify the user of trouble."""
+        mine = self.store.handed_over(device.account.local)
+        if not mine:
+            self._notify(device, self.clock.now())
+            return
+        items = await device.session.outbox(states=("queued", "delivered", "bounced", "cancelled"))
+        by_id = {item.get("id"): item for item in items}
+        for r in mine:
+            item = by_id.get(r.outbox_id)
+            if item is None:
+                continue
+            state = item.get("state")
+            error = item.get("last_error") if isinstance(item.get("last_error"), str) else None
+            code = (
+                item.get("last_error_code")
+                if isinstance(item.get("last_error_code"), str)
+                else None
+            )
+            if state in ("delivered", "bounced", "cancelled"):
+                self.store.set_outcome(
+                    r.submission_id,
+                    r.address,
+                    "bounced"
+                    if state == "bounced"
+                    else "delivered"
+                    if state == "delivered"
+                    else "cancelled",
+                    error,
+                    code,
+                )
+            elif state == "queued":
+                attempts = item.get("attempts")
+                nxt = item.get("next_attempt_at")
+                self.store.set_progress(
+                    submission_id=r.submission_id,
+                    address=r.address,
+                    attempts=attempts if isinstance(attempts, int) else r.attempts,
+                    error=error,
+                    code=code,
+                    next_attempt_at=nxt if isinstance(nxt, int) else r.next_attempt_at,
+                )
+        self._notify(device, self.clock.now())
+
+    def _notify(self, device: Device, now: int) -> None:
+        """File delay notices and bounces for this user's submissions, once each."""
+        user = device.account.local
+        rows = [r for r in self.store.listing(user) if r.state in ("pending", "queued")]
+        rows += self.store.unnotified_bounces(user)
+        groups: dict[tuple[int, str], list[dsn.RecipientStatus]] = {}
+        marks: list[tuple[int, str, int]] = []
+        for r in rows:
+            if r.state == "bounced" and r.notified < NOTIFIED_FINAL:
+                status = dsn.RecipientStatus(
+                    r.address,
+                    "failed",
+                    _code(r.last_error_code, "5"),
+                    r.last_error or "The message could not be delivered.",
+                )
+                groups.setdefault((r.submission_id, "failed"), []).append(status)
+                marks.append((r.submission_id, r.address, NOTIFIED_FINAL))
+            elif (
+                r.state in ("pending", "queued")
+                and r.notified < NOTIFIED_DELAY
+                and now - r.created_at >= self.config.delay_notice_seconds
+            ):
+                status = dsn.RecipientStatus(
+                    r.address,
+                    "delayed",
+                    _code(r.last_error_code, "4"),
+                    r.last_error or "The recipient's inbox has not accepted it yet.",
+                    retry_until=r.expires_at,
+                )
+                groups.setdefault((r.submission_id, "delayed"), []).append(status)
+                marks.append((r.submission_id, r.address, NOTIFIED_DELAY))
+        for (sid, kind), statuses in groups.items():
+            sub = next(r for r in rows if r.submission_id == sid)
+            notice = dsn.build(
+                user_address=str(device.address),
+                reporting_onion=device.address.domain,
+                original_headers=self.store.headers(sid),
+                arrival=sub.created_at,
+                now=now,
+                recipients=statuses,
+            )
+            key = hash32(
+                b"onionpost/v1/dsn",
+                str(sid).encode(),
+                kind.encode(),
+                *(s.address.encode() for s in statuses),
+            )[:16]
+            with self.db.transaction():
+                self.mailbox.file_message(
+                    user,
+                    "INBOX",
+                    notice,
+                    internal_date=now,
+                    seen_id=(key, now + 60 * 86_400),
+                )
+                for m_sid, addr, level in marks:
+                    if m_sid == sid and addr in {s.address for s in statuses}:
+                        self.store.mark_notified(m_sid, addr, level)
+            log.info("filed a %s notice for submission %d", kind, sid)
+
+    # -- running --------------------------------------------------------------------------
+
+    async def run_forever(self, idle: float = 30.0) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                await self.process_due()
+            except OnionpostError as exc:
+                log.warning("sealing pass failed: %s", exc)
+            nxt = self.store.next_due_at()
+            delay = idle if nxt is None else max(0.0, min(idle, nxt - self.clock.now()))
+            if delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._wake.wait()
+
+
+def _code(code: str | None, klass: str) -> str:
+    if code and len(code) >= 5 and code[1] == ".":
+        return klass + code[1:]
+    return f"{klass}.0.0"

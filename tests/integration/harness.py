@@ -45,11 +45,16 @@ class InboxNode:
     ) -> None:
         self.name = name
         self.dir = root / name
-        self.dir.mkdir(parents=True)
+        self.dir.mkdir(parents=True, exist_ok=True)
         self.clock = clock
         self.dialer = dialer
         self.config = test_config(self.dir, **cfg)
-        self.secrets = ServerSecrets.generate(clock.now())
+        keys = KeyStore(self.dir)
+        if keys.has_server():  # a restart: same keys, same database
+            self.secrets = keys.load_server()
+        else:
+            self.secrets = ServerSecrets.generate(clock.now())
+            keys.save_server(self.secrets)
         self.db = Database(self.dir / "inbox.db", COMPONENTS)
         self.inbox = Inbox(
             store=InboxStore(self.db),
@@ -82,8 +87,10 @@ class InboxNode:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        await self.server.stop()
-        self.dialer.routes.pop(self.onion, None)
+        await self.server.stop()  # the route stays: peers now find the port closed
+
+    def close(self) -> None:
+        self.db.close()
 
     def provision(self, local: str, device_name: str = "laptop") -> Account:
         now = self.clock.now()
@@ -109,20 +116,27 @@ class InboxNode:
 
 
 class DeviceNode:
-    """One device of one user, with its own data directory and device database."""
+    """One device of one user, with its own data directory and device database.
+
+    ``account=None`` reopens a device from its files, as a restart would.
+    """
 
     def __init__(
-        self, root: Path, name: str, account: Account, clock: Clock, dialer: DirectDialer
+        self, root: Path, name: str, account: Account | None, clock: Clock, dialer: DirectDialer
     ) -> None:
         from onionpost.device import Device
         from onionpost.store.contacts import ContactStore
         from onionpost.store.mailbox import MailboxStore
+        from onionpost.submission import Submissions
 
         self.dir = root / name
-        self.dir.mkdir(parents=True)
+        self.dir.mkdir(parents=True, exist_ok=True)
         self.config = test_config(self.dir, inbox={"longpoll_seconds": 5.0})
         self.files = AccountFiles(KeyStore(self.dir))
-        self.files.save(account)
+        if account is None:
+            account = self.files.load(self.files.users()[0])
+        else:
+            self.files.save(account)
         self.db = Database(self.dir / "device.db", DEVICE_COMPONENTS)
         self.mailbox = MailboxStore(self.db)
         self.contacts = ContactStore(self.db)
@@ -134,6 +148,15 @@ class DeviceNode:
             accounts=self.files,
             dialer=dialer,
             clock=clock,
+        )
+        self.submissions = Submissions(
+            db=self.db,
+            mailbox=self.mailbox,
+            devices={account.local: self.device},
+            clock=clock,
+            config=self.config.delivery,
+            unit_random=random.Random(2).random,
+            max_message_bytes=self.config.gateway.max_message_bytes,
         )
 
     @property

@@ -1,0 +1,171 @@
+"""Store-and-forward with an injected clock: days of retries in a second of real time.
+
+The recipient's inbox goes away; mail waits in the sender's outbox across a restart of the
+sender's node, and is delivered when the recipient comes back.  Mail whose lifetime runs out
+bounces with a real RFC 3464 notification in the sender's INBOX, after a delay notice.
+"""
+
+from __future__ import annotations
+
+import time
+from email import message_from_bytes
+from email.message import EmailMessage
+from email.policy import default
+from pathlib import Path
+
+import pytest
+
+from onionpost.api.transport import DirectDialer
+from onionpost.clock import FakeClock
+
+from .harness import DeviceNode, InboxNode
+
+MINUTE = 60
+HOUR = 3600
+DAY = 86400
+
+
+def compose(sender: DeviceNode, to: DeviceNode, subject: str) -> bytes:
+    msg = EmailMessage()
+    msg["From"] = str(sender.address)
+    msg["To"] = str(to.address)
+    msg["Subject"] = subject
+    msg["Message-ID"] = f"<{subject.replace(' ', '.')}@test>"
+    msg.set_content(f"body of {subject}")
+    return msg.as_bytes()
+
+
+def subjects(d: DeviceNode, folder: str) -> list[str]:
+    f = d.mailbox.folder(d.user, folder)
+    return [
+        str(message_from_bytes(d.mailbox.content(m.body_id), policy=default)["Subject"])
+        for m in d.mailbox.messages(f.id)
+    ]
+
+
+class World:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.clock = FakeClock(int(time.time()))
+        self.dialer = DirectDialer()
+        self.a = InboxNode(root, "inbox-a", self.clock, self.dialer)
+        self.b = InboxNode(root, "inbox-b", self.clock, self.dialer)
+        self.alice = DeviceNode(root, "alice", self.a.provision("alice"), self.clock, self.dialer)
+        self.bob = DeviceNode(root, "bob", self.b.provision("bob"), self.clock, self.dialer)
+
+    async def send(self, subject: str) -> None:
+        self.alice.submissions.submit("alice", [self.bob.address], compose(self.alice, self.bob, subject))
+        await self.alice.submissions.process_due()
+
+    async def tick(self, seconds: int) -> None:
+        """Let fake time pass, then do what the scheduler would: deliver, seal, check."""
+        self.clock.advance(seconds)
+        await self.alice.submissions.process_due()
+        await self.a.worker.run_due()
+
+    async def restart_sender(self) -> None:
+        """Stop alice's inbox and device, and build them again from their files."""
+        await self.a.stop()
+        self.a.close()
+        await self.alice.close()
+        self.a = InboxNode(self.root, "inbox-a", self.clock, self.dialer)
+        await self.a.start(worker=False)
+        self.alice = DeviceNode(self.root, "alice", None, self.clock, self.dialer)
+
+
+@pytest.fixture
+async def world(tmp_path: Path):
+    w = World(tmp_path)
+    await w.a.start(worker=False)
+    await w.b.start(worker=False)
+    try:
+        yield w
+    finally:
+        await w.alice.close()
+        await w.bob.close()
+        await w.a.stop()
+        await w.b.stop()
+
+
+async def test_mail_waits_for_an_offline_recipient_across_a_sender_restart(world: World) -> None:
+    w = world
+    await w.send("first contact")  # bob's keys are fetched and cached while he is online
+    await w.a.worker.run_due()
+    await w.bob.device.sync()
+    assert subjects(w.bob, "INBOX") == ["first contact"]
+
+    await w.b.stop()  # bob's inbox goes away
+    await w.send("while you were out")  # sealed with bob's cached keys
+    rows = w.a.inbox.outbox.rows()
+    assert len(rows) == 1 and rows[0].attempts == 0
+    for _ in range(18):  # three hours in ten-minute steps
+        await w.tick(10 * MINUTE)
+    (row,) = w.a.inbox.outbox.rows()
+    assert row.attempts >= 5 and row.last_error and "offline" in row.last_error
+    assert row.last_error_code.startswith("4.")
+
+    await w.restart_sender()
+    await w.b.start(worker=False)  # bob is back
+    await w.tick(90 * MINUTE)  # backoff is capped at an hour, +-25 % jitter
+    assert w.a.inbox.outbox.rows() == []  # delivered
+    await w.bob.device.sync()
+    assert subjects(w.bob, "INBOX") == ["first contact", "while you were out"]
+    await w.alice.submissions.check_outbox(w.alice.device)
+    assert subjects(w.alice, "INBOX") == []  # delivered within 4 hours: no notice
+
+
+async def test_delay_notice_then_bounce_with_a_correct_dsn(world: World) -> None:
+    w = world
+    await w.send("hello")
+    await w.a.worker.run_due()
+    await w.b.stop()
+    await w.send("never arrives")
+    for _ in range(5):
+        await w.tick(HOUR)
+    await w.alice.submissions.check_outbox(w.alice.device)
+    assert subjects(w.alice, "INBOX") == ["Delayed Mail (still being retried)"]
+
+    while w.a.inbox.outbox.rows():
+        await w.tick(2 * HOUR)
+        assert w.clock.now() - (await _created(w)) < 6 * DAY
+    await w.alice.submissions.check_outbox(w.alice.device)
+    notices = subjects(w.alice, "INBOX")
+    assert notices == ["Delayed Mail (still being retried)", "Undelivered Mail Returned to Sender"]
+    folder = w.alice.mailbox.folder("alice", "INBOX")
+    bounce = message_from_bytes(
+        w.alice.mailbox.content(w.alice.mailbox.messages(folder.id)[-1].body_id), policy=default
+    )
+    assert bounce.get_content_type() == "multipart/report"
+    assert bounce.get_param("report-type") == "delivery-status"
+    human, status, headers = bounce.get_payload()
+    assert str(w.bob.address) in human.get_content()
+    assert status.get_content_type() == "message/delivery-status"
+    blocks = status.get_payload()
+    per_recipient = blocks[1]
+    assert per_recipient["Action"] == "failed"
+    assert per_recipient["Status"].startswith("5.")
+    assert per_recipient["Final-Recipient"] == f"rfc822; {w.bob.address}"
+    assert headers.get_content_type() == "text/rfc822-headers"
+    assert "Subject: never arrives" in headers.get_payload()
+    # checking again files nothing new
+    await w.alice.submissions.check_outbox(w.alice.device)
+    assert len(subjects(w.alice, "INBOX")) == 2
+
+
+async def _created(w: World) -> int:
+    rows = w.a.inbox.outbox.rows(states=("queued", "bounced"))
+    return min(r.created_at for r in rows) if rows else w.clock.now()
+
+
+async def test_first_contact_with_an_offline_recipient_waits_for_keys(world: World) -> None:
+    w = world
+    await w.b.stop()
+    await w.send("keys please")
+    (pending,) = w.alice.submissions.store.listing("alice")
+    assert pending.state == "pending" and pending.last_error
+    assert "cached" in pending.last_error
+    await w.b.start(worker=False)
+    await w.tick(2 * MINUTE)
+    await w.a.worker.run_due()
+    await w.bob.device.sync()
+    assert subjects(w.bob, "INBOX") == ["keys please"]

@@ -65,6 +65,7 @@ class Device:
             login_message=lambda ch: login_message(
                 account.onion_pk, account.mailbox_id, account.device.device_id, ch
             ),
+            rotations=lambda: [r.encode() for r in account.device.chain],
         )
         self.directory = Directory(
             contacts,

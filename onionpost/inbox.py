@@ -314,12 +314,30 @@ class Inbox:
         return challenge, expires
 
     def login(
-        self, mailbox_id: bytes, device_id: bytes, challenge: bytes, signature: bytes, now: int
+        self,
+        mailbox_id: bytes,
+        device_id: bytes,
+        challenge: bytes,
+        signature: bytes,
+        now: int,
+        rotations: list[RotationRecord] | None = None,
     ) -> tuple[bytes, int]:
-        """Check a signed challenge; return a session token (only its hash is stored)."""
+        """Check a signed challenge; return a session token (only its hash is stored).
+
+        A device that rotated its key while it could not reach the inbox signs with the new
+        key and brings its ``rotations``: each link was signed by both the old and the new
+        key, so installing a chain that extends the known key is safe before the check.
+        """
         device = self.store.device(mailbox_id, device_id)
         if device is None or device.revoked_at is not None:
             raise DeviceRefused()
+        if rotations:
+            try:
+                self._install_rotations(mailbox_id, rotations)
+            except (CryptoError, MalformedData, StoreError) as exc:
+                raise DeviceRefused(f"The device's key history was refused: {exc}") from exc
+            device = self.store.device(mailbox_id, device_id)
+            assert device is not None
         if not self.store.take_challenge(challenge, mailbox_id, device_id, now):
             raise DeviceRefused("The login challenge is unknown, expired or already used.")
         try:

@@ -261,8 +261,10 @@ class DeviceSession:
         device_id: bytes,
         sign: Callable[[bytes], bytes],
         login_message: Callable[[bytes], bytes],
+        rotations: Callable[[], list[bytes]] | None = None,
     ) -> None:
         self.client = client
+        self._rotations = rotations
         self.mailbox_id = mailbox_id
         self.device_id = device_id
         self._sign = sign
@@ -277,10 +279,11 @@ class DeviceSession:
         except ValueError as exc:
             raise PeerProtocolError("The inbox sent a malformed login challenge.") from exc
         signature = self._sign(self._login_message(challenge))
+        chain = [r.hex() for r in self._rotations()] if self._rotations else []
         answer = await self.client.call_json(
             "POST",
             "/v1/device/login",
-            {**ids, "challenge": challenge.hex(), "signature": signature.hex()},
+            {**ids, "challenge": challenge.hex(), "signature": signature.hex(), "rotations": chain},
         )
         try:
             self._token = bytes.fromhex(str(answer.get("session")))

@@ -44,6 +44,7 @@ from onionpost.errors import (
     OnionpostError,
     TemporaryDeliveryError,
 )
+from onionpost.crypto.keys import RotationRecord
 from onionpost.inbox import Inbox, Session
 from onionpost.store.outbox import OutboxRow
 from onionpost.wire import KeyUpdate, hex_field, parse_json, refusal
@@ -380,12 +381,20 @@ class InboxServer:
 
     async def login(self, request: web.Request) -> web.Response:
         data = await self._small_json(request)
+        raw = data.get("rotations", [])
+        if not isinstance(raw, list) or len(raw) > 256 or not all(isinstance(r, str) for r in raw):
+            raise MalformedData("'rotations' must be a list of hex records.")
+        try:
+            rotations = [RotationRecord.parse(bytes.fromhex(r)) for r in raw]
+        except ValueError as exc:
+            raise MalformedData("'rotations' must be a list of hex records.") from exc
         token, expires = self.inbox.login(
             hex_field(data, "mailbox", 16),
             hex_field(data, "device", 16),
             hex_field(data, "challenge", 32),
             hex_field(data, "signature", 64),
             self._now(),
+            rotations,
         )
         return _json(200, {"session": token.hex(), "expires_at": expires})
 

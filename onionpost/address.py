@@ -112,7 +112,7 @@ class Address:
         label = domain.removesuffix(".onion")
         if label != label.strip():
             raise AddressError(f"'{text}' has spaces inside the address.")
-        public_key_from_onion(label)
+        public_key_from_onion(domain)
         return cls(local=local, onion=label)
 
     @classmethod

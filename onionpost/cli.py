@@ -20,13 +20,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, BinaryIO, NoReturn
 
 import click
 
 from onionpost import __version__
 from onionpost.config import Config, default_data_dir, load
-from onionpost.errors import NotInitialized, OnionpostError
+from onionpost.errors import NotInitialized, OnionpostError, UsageError
 
 EXIT_ERROR = 1
 EXIT_INTERNAL = 70
@@ -170,6 +170,7 @@ def run(obj: Ctx) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         node = Node(config, extensions=_gateway_extensions())
+        loop.add_signal_handler(signal.SIGUSR1, node.wake)
         await node.run_until(stop)
 
     asyncio.run(main())
@@ -192,8 +193,8 @@ def status(obj: Ctx, as_json: bool) -> None:
     try:
         info = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise NotInitialized(
-            "The node is not running (no status file). Start it with `onionpost run`."
+        raise UsageError(
+            "The node is not running (it has no status yet). Start it with `onionpost run`."
         ) from exc
     alive = _pid_alive(int(info.get("pid", 0))) and time.time() - info.get("updated_at", 0) < 30
     info["running"] = alive
@@ -254,6 +255,239 @@ def address(obj: Ctx) -> None:
         raise NotInitialized()
     for local in users:
         click.echo(str(files.load(local).address))
+
+
+# --- the queue ------------------------------------------------------------------------------
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    if seconds < 172800:
+        return f"{seconds // 3600}h"
+    return f"{seconds // 86400}d"
+
+
+@cli.group(invoke_without_command=True)
+@click.pass_context
+def queue(ctx: click.Context) -> None:
+    """List mail waiting to be delivered (see also: queue retry, queue cancel)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from onionpost import admin
+
+    obj: Ctx = ctx.obj
+    with admin.opened(obj.config()) as local:
+        items = admin.queue(local)
+    if not items:
+        click.echo("The queue is empty: everything was delivered.")
+        return
+    now = time.time()
+    click.echo(f"{'ID':<7} {'RECIPIENT':<40} {'AGE':>5} {'TRIES':>5} {'NEXT':>5}  STATUS")
+    for i in items:
+        short = (
+            i.recipient if len(i.recipient) <= 40 else i.recipient[:18] + "…" + i.recipient[-21:]
+        )
+        nxt = "now" if i.next_attempt_at <= now else _age(i.next_attempt_at - now)
+        click.echo(
+            f"{i.id:<7} {short:<40} {_age(now - i.created_at):>5} {i.attempts:>5} {nxt:>5}  "
+            f"{i.stage}"
+        )
+        if i.last_error:
+            click.echo(f"{'':<7} last error: {i.last_error}")
+
+
+@queue.command("retry")
+@click.argument("item", required=False)
+@pass_ctx
+def queue_retry(obj: Ctx, item: str | None) -> None:
+    """Try again now: one message (ID from `onionpost queue`) or everything."""
+    from onionpost import admin
+
+    with admin.opened(obj.config()) as local:
+        n = admin.queue_retry(local, item)
+    click.echo(f"{n} queued delivery(ies) will be tried now.")
+
+
+@queue.command("cancel")
+@click.argument("item")
+@pass_ctx
+def queue_cancel(obj: Ctx, item: str) -> None:
+    """Withdraw a message that has not been delivered yet."""
+    from onionpost import admin
+
+    with admin.opened(obj.config()) as local:
+        admin.queue_cancel(local, item)
+    click.echo(f"{item} was withdrawn; it will not be delivered.")
+
+
+# --- sending from the command line -----------------------------------------------------------
+
+
+@cli.command()
+@click.option("--to", "to", multiple=True, required=True, help="A recipient (repeatable).")
+@click.option("--subject", default="", help="Subject, when composing from --text.")
+@click.option("--text", default=None, help="Compose a plain-text message with this body.")
+@click.option("--user", default=None, help="Send as this local user.")
+@click.argument("message", type=click.File("rb"), required=False)
+@pass_ctx
+def send(
+    obj: Ctx,
+    *,
+    to: tuple[str, ...],
+    subject: str,
+    text: str | None,
+    user: str | None,
+    message: BinaryIO | None,
+) -> None:
+    """Send a message: an RFC 5322 file (or - for stdin), or compose one with --text."""
+    from email.message import EmailMessage
+    from email.utils import formatdate, make_msgid
+
+    from onionpost import admin
+    from onionpost.address import Address
+
+    recipients = [Address.parse(t) for t in to]
+    with admin.opened(obj.config()) as local:
+        account = local.account(user)
+        if text is not None:
+            msg = EmailMessage()
+            msg["From"] = str(account.address)
+            msg["To"] = ", ".join(str(r) for r in recipients)
+            msg["Subject"] = subject
+            msg["Date"] = formatdate()
+            msg["Message-ID"] = make_msgid(domain=account.address.domain)
+            msg.set_content(text)
+            raw = msg.as_bytes()
+        elif message is not None:
+            raw = message.read()
+        else:
+            raise click.UsageError("Give a message file, - for standard input, or --text.")
+        sid = admin.submit(local, account.local, recipients, raw)
+    click.echo(f"Queued as s{sid} for {len(recipients)} recipient(s).")
+
+
+# --- contacts and devices --------------------------------------------------------------------
+
+
+@cli.group(invoke_without_command=True)
+@click.pass_context
+def contacts(ctx: click.Context) -> None:
+    """People you have exchanged mail with, their identity fingerprints and safety numbers."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from onionpost import admin
+
+    obj: Ctx = ctx.obj
+    with admin.opened(obj.config()) as local:
+        views = admin.contacts(local)
+        changes = admin.identity_changes(local)
+    if not views:
+        click.echo("No contacts yet.")
+    for v in views:
+        c = v.contact
+        marks = [m for m, on in (("verified", c.verified), ("blocked", c.blocked)) if on]
+        name = f" ({c.display_name})" if c.display_name else ""
+        click.echo(f"{c.address}{name}  {v.fingerprint}  {' '.join(marks)}")
+    for address, _, _, _ in changes:
+        click.echo(
+            f"WARNING: {address} now presents a DIFFERENT identity key. Mail from and to it "
+            "is refused until you compare safety numbers and run "
+            f"`onionpost contacts trust {address}`."
+        )
+
+
+@contacts.command("show")
+@click.argument("address")
+@pass_ctx
+def contacts_show(obj: Ctx, address: str) -> None:
+    """Show a contact's fingerprint and the safety number to compare with them."""
+    from onionpost import admin
+
+    with admin.opened(obj.config()) as local:
+        v = admin.contact(local, address)
+    c = v.contact
+    click.echo(f"address:        {c.address}")
+    click.echo(f"identity:       {v.fingerprint}")
+    click.echo(f"safety number:  {v.safety_number}")
+    click.echo(f"verified:       {'yes' if c.verified else 'no'}")
+    click.echo(f"first seen:     {time.strftime('%Y-%m-%d', time.gmtime(c.first_seen))}")
+    click.echo(
+        "Compare the safety number with your contact (in person or by phone); if it "
+        "matches, run `onionpost contacts verify ADDRESS`."
+    )
+
+
+@contacts.command("verify")
+@click.argument("address")
+@pass_ctx
+def contacts_verify(obj: Ctx, address: str) -> None:
+    """Record that you compared safety numbers with this contact."""
+    from onionpost import admin
+
+    with admin.opened(obj.config()) as local:
+        admin.set_contact(local, address, verified=True)
+    click.echo(f"{address} is marked as verified.")
+
+
+@contacts.command("block")
+@click.argument("address")
+@pass_ctx
+def contacts_block(obj: Ctx, address: str) -> None:
+    """Stop refreshing this contact's keys and mark them blocked."""
+    from onionpost import admin
+
+    with admin.opened(obj.config()) as local:
+        admin.set_contact(local, address, blocked=True)
+    click.echo(f"{address} is blocked.")
+
+
+@contacts.command("trust")
+@click.argument("address")
+@pass_ctx
+def contacts_trust(obj: Ctx, address: str) -> None:
+    """Accept a contact's NEW identity key (only after comparing safety numbers)."""
+    from onionpost import admin
+
+    with admin.opened(obj.config()) as local:
+        admin.accept_identity(local, address)
+    click.echo(f"The old key of {address} is forgotten; the next message pins the new one.")
+
+
+@cli.group(invoke_without_command=True)
+@click.pass_context
+def devices(ctx: click.Context) -> None:
+    """Your devices: which hold keys for your mail (see also: devices revoke)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from onionpost import admin
+
+    obj: Ctx = ctx.obj
+    with admin.opened(obj.config()) as local:
+        account = local.account(None)
+    dl = account.device_list
+    click.echo(f"device list version {dl.version}")
+    for d in dl.devices:
+        me = "  (this device)" if d.device_id == account.device.device_id else ""
+        click.echo(f"  {d.device_id.hex()[:12]}  {d.name:<16} key #{d.dsk_seq}{me}")
+    for r in dl.revoked:
+        when = time.strftime("%Y-%m-%d", time.gmtime(r.revoked_at))
+        click.echo(f"  {r.device_id.hex()[:12]}  revoked {when}")
+
+
+@devices.command("revoke")
+@click.argument("device")
+@pass_ctx
+def devices_revoke(obj: Ctx, device: str) -> None:
+    """Revoke a lost or stolen device: its inbox refuses it at once and drops its mail."""
+    from onionpost import admin
+
+    with admin.opened(obj.config()) as local:
+        account = admin.revoke(local, device)
+    click.echo(f"Revoked. Device list is now version {account.device_list.version}.")
 
 
 def main() -> None:

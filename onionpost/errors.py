@@ -25,9 +25,13 @@ guessing.
      |   +- ProofOfWorkError
      +- StoreError                 the local database
      |   +- QuotaExceeded
+     |   +- FolderError            FolderNotFound, FolderExists, FolderProtected,
+     |                                 InvalidFolderName
      +- DeliveryError              what a peer inbox answered, or why it could not be reached
      +- TorError                   tor missing, too old, unreachable, or failing
      +- GatewayError               mail-client facing problems (auth, recipients, size)
+         +- AuthenticationFailed, SenderNotAllowed, UnknownLocalUser, PasswordRejected,
+            LocalTLSError
 """
 
 from __future__ import annotations
@@ -248,6 +252,31 @@ class QuotaExceeded(StoreError):
     temporary = True
 
 
+class FolderError(StoreError):
+    """That cannot be done with this folder."""
+
+    enhanced_code = "5.2.0"
+    temporary = False
+
+
+class FolderNotFound(FolderError):
+    """There is no folder with that name."""
+
+
+class FolderExists(FolderError):
+    """A folder with that name already exists."""
+
+
+class FolderProtected(FolderError):
+    """The standard folders (INBOX, Sent, Drafts, Trash, Junk, Archive) cannot be deleted or
+    renamed."""
+
+
+class InvalidFolderName(FolderError):
+    """That folder name cannot be used. A name must not be empty, must not contain control
+    characters, "%" or "*", and uses "/" only between levels."""
+
+
 # --- delivery between nodes ------------------------------------------------------------------
 
 
@@ -440,3 +469,16 @@ class UnknownLocalUser(GatewayError):
     """There is no such user on this onionpost node."""
 
     enhanced_code = "5.1.1"
+
+
+class PasswordRejected(GatewayError):
+    """That password cannot be used: it must not be empty."""
+
+    enhanced_code = "5.7.0"
+
+
+class LocalTLSError(GatewayError):
+    """The gateway's local TLS certificate could not be created or loaded."""
+
+    enhanced_code = "4.7.0"
+    temporary = True

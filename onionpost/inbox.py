@@ -317,6 +317,7 @@ class Inbox:
         self,
         mailbox_id: bytes,
         device_id: bytes,
+        *,
         challenge: bytes,
         signature: bytes,
         now: int,

@@ -31,9 +31,16 @@ _USER_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
 
 def ensure_private_dir(path: Path) -> Path:
-    """Create ``path`` (and parents) as 0700, and tighten it if it already exists."""
+    """Create ``path`` (and missing parents) as 0700, and tighten it if it already exists."""
     try:
-        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        missing = []
+        p = path
+        while not p.exists():
+            missing.append(p)
+            p = p.parent
+        for d in reversed(missing):
+            d.mkdir(mode=0o700)
+            d.chmod(0o700)  # mkdir's mode is filtered by the umask
         mode = stat.S_IMODE(path.stat().st_mode)
         if mode & 0o077:
             path.chmod(0o700)

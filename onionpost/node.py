@@ -307,6 +307,11 @@ class Node:
             db.close()
         self._dbs.clear()
 
+    def wake(self) -> None:
+        """Look at the queues now (the CLI changed them)."""
+        for job in ("seal", "deliver", "outcomes"):
+            self.scheduler.wake(job)
+
     async def run_until(self, stop: asyncio.Event) -> None:
         await self.start()
         try:

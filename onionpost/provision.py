@@ -24,6 +24,7 @@ from onionpost.keystore import AccountFiles, KeyStore, check_user_name, ensure_p
 from onionpost.store.db import Database
 from onionpost.store.inbox import COMPONENTS as INBOX_COMPONENTS
 from onionpost.store.inbox import InboxStore
+from onionpost.store.mailbox import MailboxStore
 from onionpost.store.outbox import OutboxStore
 from onionpost.wire import KeyUpdate
 
@@ -114,6 +115,11 @@ def initialize(
         inbox_db.close()
     keys.save_server(server)
     AccountFiles(keys).save(account)
+    device_db = Database(data_dir / "device.db", DEVICE_COMPONENTS)
+    try:
+        MailboxStore(device_db).ensure_user(account.local)
+    finally:
+        device_db.close()
     password = gateway_setup(config, account) if gateway_setup else None
     return Initialized(account.address, fingerprint(account.uik_pk), device_name, password)
 

@@ -37,6 +37,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from onionpost.clock import Clock
 from onionpost.config import InboxConfig
+from onionpost.crypto.keys import RotationRecord
 from onionpost.errors import (
     DeviceRefused,
     MalformedData,
@@ -44,7 +45,6 @@ from onionpost.errors import (
     OnionpostError,
     TemporaryDeliveryError,
 )
-from onionpost.crypto.keys import RotationRecord
 from onionpost.inbox import Inbox, Session
 from onionpost.store.outbox import OutboxRow
 from onionpost.wire import KeyUpdate, hex_field, parse_json, refusal
@@ -391,10 +391,10 @@ class InboxServer:
         token, expires = self.inbox.login(
             hex_field(data, "mailbox", 16),
             hex_field(data, "device", 16),
-            hex_field(data, "challenge", 32),
-            hex_field(data, "signature", 64),
-            self._now(),
-            rotations,
+            challenge=hex_field(data, "challenge", 32),
+            signature=hex_field(data, "signature", 64),
+            now=self._now(),
+            rotations=rotations,
         )
         return _json(200, {"session": token.hex(), "expires_at": expires})
 

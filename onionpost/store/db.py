@@ -13,7 +13,9 @@ upgraded in place on open.
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
+import stat
 import time
 from collections.abc import Iterator, Sequence
 from importlib import resources
@@ -42,6 +44,8 @@ class Database:
 
     def __init__(self, path: Path | str, components: Sequence[str]) -> None:
         self.path = Path(path) if str(path) != ":memory:" else None
+        if self.path is not None:
+            _create_private(self.path)
         try:
             self.conn = sqlite3.connect(
                 str(path), isolation_level=None, timeout=10.0, check_same_thread=False
@@ -159,6 +163,18 @@ class Database:
                 )
             current = version
         return current
+
+
+def _create_private(path: Path) -> None:
+    """Create the database file 0600 before SQLite does (its -wal and -shm files inherit
+    the database file's permissions); mail and keys must not be readable by others."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.close(fd)
+        if stat.S_IMODE(path.stat().st_mode) & 0o077:
+            path.chmod(0o600)
+    except OSError as exc:
+        raise StoreError(f"Cannot create the database {path}: {exc.strerror}.") from exc
 
 
 def available_migrations(component: str) -> list[tuple[int, str, str]]:

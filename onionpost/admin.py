@@ -1,0 +1,320 @@
+"""What the CLI's management commands do, without click: queue, contacts, devices, sending.
+
+The commands work on the data directory's databases directly (SQLite lets the running node
+and the CLI share them safely) and then poke the node (SIGUSR1) so it acts at once.  Changes
+that must reach the inbox (a revoked device) go through the running node's API when it runs,
+or straight into the inbox database when it does not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from onionpost.account import Account, revoke_device
+from onionpost.address import Address
+from onionpost.config import Config
+from onionpost.crypto.fingerprint import fingerprint, safety_number
+from onionpost.errors import NotInitialized, UsageError
+from onionpost.keystore import AccountFiles, KeyStore
+from onionpost.provision import DEVICE_COMPONENTS
+from onionpost.store.contacts import Contact, ContactStore
+from onionpost.store.db import Database
+from onionpost.store.inbox import COMPONENTS as INBOX_COMPONENTS
+from onionpost.store.mailbox import MailboxStore
+from onionpost.store.outbox import OutboxStore
+from onionpost.store.submissions import SubmissionStore
+from onionpost.wire import KeyUpdate
+
+
+@dataclass(frozen=True)
+class QueueItem:
+    id: str
+    user: str
+    recipient: str
+    stage: str  # "waiting for keys" | "in the outbox"
+    created_at: int
+    attempts: int
+    next_attempt_at: int
+    last_error: str | None
+    state: str
+
+
+class Local:
+    """The data directory of this machine, opened for management."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.keys = KeyStore(config.data_dir)
+        self.files = AccountFiles(self.keys)
+        self._dbs: list[Database] = []
+
+    def device_db(self) -> Database:
+        path = self.config.data_dir / "device.db"
+        if not path.exists():
+            raise NotInitialized()
+        db = Database(path, DEVICE_COMPONENTS)
+        self._dbs.append(db)
+        return db
+
+    def inbox_db(self) -> Database | None:
+        path = self.config.data_dir / "inbox.db"
+        if not path.exists():
+            return None
+        db = Database(path, INBOX_COMPONENTS)
+        self._dbs.append(db)
+        return db
+
+    def account(self, user: str | None) -> Account:
+        users = self.files.users()
+        if not users:
+            raise NotInitialized()
+        if user is None:
+            if len(users) > 1:
+                raise UsageError(f"Say which user with --user ({', '.join(users)}).")
+            user = users[0]
+        if user not in users:
+            raise UsageError(f"There is no user '{user}' here ({', '.join(users)}).")
+        return self.files.load(user)
+
+    def close(self) -> None:
+        for db in self._dbs:
+            db.close()
+
+
+@contextlib.contextmanager
+def opened(config: Config) -> Iterator[Local]:
+    local = Local(config)
+    try:
+        yield local
+    finally:
+        local.close()
+
+
+def running_node(data_dir: Path) -> dict[str, object] | None:
+    """The running node's status, or None when no node runs for this data directory."""
+    try:
+        info = json.loads((data_dir / "run" / "status.json").read_text())
+        pid = int(info.get("pid", 0))
+        os.kill(pid, 0)
+    except (OSError, ValueError, TypeError):
+        return None
+    if time.time() - float(info.get("updated_at", 0)) > 30:
+        return None
+    return dict(info)
+
+
+def poke(data_dir: Path) -> bool:
+    """Ask the running node to look at its queues now (SIGUSR1)."""
+    info = running_node(data_dir)
+    if info is None:
+        return False
+    with contextlib.suppress(OSError, ValueError, TypeError):
+        os.kill(int(str(info["pid"])), signal.SIGUSR1)
+        return True
+    return False
+
+
+# --- queue --------------------------------------------------------------------------------------
+
+
+def queue(local: Local) -> list[QueueItem]:
+    items: list[QueueItem] = []
+    subs = SubmissionStore(local.device_db())
+    for r in subs.listing():
+        if r.state == "pending":
+            items.append(
+                QueueItem(
+                    f"s{r.submission_id}",
+                    r.user,
+                    r.address,
+                    "waiting for keys",
+                    r.created_at,
+                    r.attempts,
+                    r.next_attempt_at,
+                    r.last_error,
+                    r.state,
+                )
+            )
+    db = local.inbox_db()
+    if db is not None:
+        users = {a.mailbox_id: a.local for a in (local.files.load(u) for u in local.files.users())}
+        for row in OutboxStore(db).rows():
+            items.append(
+                QueueItem(
+                    f"o{row.id}",
+                    users.get(row.mailbox_id, "?"),
+                    row.destination,
+                    "in the outbox",
+                    row.created_at,
+                    row.attempts,
+                    row.next_attempt_at,
+                    row.last_error,
+                    row.state,
+                )
+            )
+    return sorted(items, key=lambda i: i.created_at)
+
+
+def _parse_id(item: str) -> tuple[str, int]:
+    item = item.strip()
+    kind, number = item[:1].lower(), item[1:]
+    if kind not in ("s", "o") or not number.isdigit():
+        raise UsageError(
+            f"'{item}' is not a queue id; ids look like o12 or s3 (see onionpost queue)."
+        )
+    return kind, int(number)
+
+
+def queue_retry(local: Local, item: str | None) -> int:
+    now = int(time.time())
+    n = 0
+    if item is None or item[:1].lower() == "s":
+        sid = _parse_id(item)[1] if item else None
+        n += SubmissionStore(local.device_db()).retry_now(now, sid)
+    if item is None or item[:1].lower() == "o":
+        db = local.inbox_db()
+        if db is not None:
+            oid = _parse_id(item)[1] if item else None
+            n += OutboxStore(db).retry_now(now, oid)
+    if item is not None and n == 0:
+        raise UsageError(f"Nothing to retry for '{item}': it is not waiting in the queue.")
+    poke(local.config.data_dir)
+    return n
+
+
+def queue_cancel(local: Local, item: str) -> None:
+    kind, number = _parse_id(item)
+    if kind == "s":
+        done = SubmissionStore(local.device_db()).cancel(number) > 0
+    else:
+        db = local.inbox_db()
+        done = db is not None and OutboxStore(db).cancel(number, now=int(time.time()))
+    if not done:
+        raise UsageError(
+            f"'{item}' cannot be cancelled: it is not waiting (it may have been delivered)."
+        )
+
+
+# --- contacts -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ContactView:
+    contact: Contact
+    fingerprint: str
+    safety_number: str
+
+
+def contacts(local: Local, user: str | None = None) -> list[ContactView]:
+    me = local.account(user)
+    store = ContactStore(local.device_db())
+    return [
+        ContactView(c, fingerprint(c.uik_pk), safety_number(me.uik_pk, c.uik_pk))
+        for c in store.all()
+        if c.address != str(me.address)
+    ]
+
+
+def contact(local: Local, address: str, user: str | None = None) -> ContactView:
+    key = str(Address.parse(address))
+    for view in contacts(local, user):
+        if view.contact.address == key:
+            return view
+    raise UsageError(f"{key} is not among your contacts yet.")
+
+
+def set_contact(
+    local: Local, address: str, *, verified: bool | None = None, blocked: bool | None = None
+) -> None:
+    key = str(Address.parse(address))
+    if not ContactStore(local.device_db()).set_flags(key, verified=verified, blocked=blocked):
+        raise UsageError(f"{key} is not among your contacts yet.")
+
+
+def identity_changes(local: Local) -> list[tuple[str, bytes, bytes, int]]:
+    return ContactStore(local.device_db()).pending_identity_changes()
+
+
+def accept_identity(local: Local, address: str) -> None:
+    key = str(Address.parse(address))
+    if not ContactStore(local.device_db()).accept_identity(key, int(time.time())):
+        raise UsageError(f"{key} has no unconfirmed identity change.")
+
+
+# --- devices ------------------------------------------------------------------------------------
+
+
+def revoke(local: Local, device_prefix: str, user: str | None = None) -> Account:
+    """Revoke a device by (a prefix of) its id or its name; the inbox refuses it at once."""
+    account = local.account(user)
+    matches = [
+        d
+        for d in account.device_list.devices
+        if d.device_id.hex().startswith(device_prefix.lower()) or d.name == device_prefix
+    ]
+    if len(matches) != 1:
+        raise UsageError(
+            f"'{device_prefix}' matches {len(matches)} devices; use more of the id "
+            "(onionpost devices lists them)."
+        )
+    revoke_device(account, matches[0].device_id, now=int(time.time()))
+    local.files.save(account)
+    _publish_direct(local, account, KeyUpdate(device_list=account.device_list))
+    poke(local.config.data_dir)
+    return account
+
+
+def _publish_direct(local: Local, account: Account, update: KeyUpdate) -> None:
+    """Install a key update in this machine's inbox database (embedded mode)."""
+    from onionpost.inbox import Inbox
+    from onionpost.store.inbox import InboxStore
+
+    db = local.inbox_db()
+    if db is None:
+        raise UsageError(
+            "This machine runs no inbox; the change will be published by the node when it "
+            "next connects."
+        )
+    inbox = Inbox(
+        store=InboxStore(db),
+        outbox=OutboxStore(db),
+        secrets=local.keys.load_server(),
+        config=local.config.inbox,
+    )
+    inbox.publish(account.mailbox_id, update, int(time.time()))
+
+
+# --- sending ------------------------------------------------------------------------------------
+
+
+def submit(local: Local, user: str | None, recipients: list[Address], message: bytes) -> int:
+    """Queue a message as if a mail client had submitted it (durable on return)."""
+    from onionpost.submission import header_block, message_ref
+
+    account = local.account(user)
+    if not recipients:
+        raise UsageError("Give at least one recipient (--to).")
+    db = local.device_db()
+    now = int(time.time())
+    with db.transaction():
+        sid = SubmissionStore(db).add(
+            user=account.local,
+            message=message,
+            headers=header_block(message),
+            recipients=[str(a) for a in recipients],
+            message_ref=message_ref(message),
+            now=now,
+            expires_at=now + local.config.delivery.lifetime_seconds,
+        )
+        MailboxStore(db).file_message(
+            account.local, "Sent", message, flags=("\\Seen",), internal_date=now
+        )
+    poke(local.config.data_dir)
+    return sid

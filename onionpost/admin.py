@@ -27,7 +27,6 @@ from onionpost.provision import DEVICE_COMPONENTS
 from onionpost.store.contacts import Contact, ContactStore
 from onionpost.store.db import Database
 from onionpost.store.inbox import COMPONENTS as INBOX_COMPONENTS
-from onionpost.store.mailbox import MailboxStore
 from onionpost.store.outbox import OutboxStore
 from onionpost.store.submissions import SubmissionStore
 from onionpost.wire import KeyUpdate
@@ -296,25 +295,18 @@ def _publish_direct(local: Local, account: Account, update: KeyUpdate) -> None:
 
 def submit(local: Local, user: str | None, recipients: list[Address], message: bytes) -> int:
     """Queue a message as if a mail client had submitted it (durable on return)."""
-    from onionpost.submission import header_block, message_ref
+    from onionpost.submission import queue_submission
 
     account = local.account(user)
     if not recipients:
         raise UsageError("Give at least one recipient (--to).")
-    db = local.device_db()
-    now = int(time.time())
-    with db.transaction():
-        sid = SubmissionStore(db).add(
-            user=account.local,
-            message=message,
-            headers=header_block(message),
-            recipients=[str(a) for a in recipients],
-            message_ref=message_ref(message),
-            now=now,
-            expires_at=now + local.config.delivery.lifetime_seconds,
-        )
-        MailboxStore(db).file_message(
-            account.local, "Sent", message, flags=("\\Seen",), internal_date=now
-        )
+    sid = queue_submission(
+        local.device_db(),
+        user=account.local,
+        recipients=recipients,
+        message=message,
+        now=int(time.time()),
+        lifetime=local.config.delivery.lifetime_seconds,
+    )
     poke(local.config.data_dir)
     return sid

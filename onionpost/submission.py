@@ -59,6 +59,31 @@ def message_ref(message: bytes) -> str:
     return " ".join(str(value).split())[:200] if value else ""
 
 
+def queue_submission(
+    db: Database,
+    *,
+    user: str,
+    recipients: Sequence[Address],
+    message: bytes,
+    now: int,
+    lifetime: int,
+) -> int:
+    """Store a submission and file its Sent copy in one transaction; durable on return."""
+    mailbox = MailboxStore(db)
+    with db.transaction():
+        sid = SubmissionStore(db).add(
+            user=user,
+            message=message,
+            headers=header_block(message),
+            recipients=[str(a) for a in recipients],
+            message_ref=message_ref(message),
+            now=now,
+            expires_at=now + lifetime,
+        )
+        mailbox.file_message(user, "Sent", message, flags=("\\Seen",), internal_date=now)
+    return sid
+
+
 class Submissions:
     def __init__(
         self,
@@ -96,18 +121,14 @@ class Submissions:
             raise MessageTooLarge(
                 f"The message is {len(message)} bytes; the limit is {self.max_message_bytes}."
             )
-        now = self.clock.now()
-        with self.db.transaction():
-            sid = self.store.add(
-                user=user,
-                message=message,
-                headers=header_block(message),
-                recipients=[str(a) for a in recipients],
-                message_ref=message_ref(message),
-                now=now,
-                expires_at=now + self.config.lifetime_seconds,
-            )
-            self.mailbox.file_message(user, "Sent", message, flags=("\\Seen",), internal_date=now)
+        sid = queue_submission(
+            self.db,
+            user=user,
+            recipients=recipients,
+            message=message,
+            now=self.clock.now(),
+            lifetime=self.config.lifetime_seconds,
+        )
         self.wake()
         return sid
 

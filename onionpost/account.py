@@ -103,6 +103,7 @@ def create_identity(
         identity.uik_pk,
         onion_pk,
         mailbox_id,
+        local,
         server_key.sek_id,
         server_key.public,
         now,

@@ -98,7 +98,10 @@ class Device:
 
     async def publish_keys(self, update: KeyUpdate | None = None) -> None:
         """Send this device's current public keys (and anything else given) to the inbox."""
-        await self.session.publish(update or self.account.key_update())
+        signed = await self.session.publish(update or self.account.key_update())
+        if signed is not None:  # keep the countersigned copy: it goes out in our credentials
+            self.account.binding = signed
+            self.save()
 
     async def send(self, message: bytes, recipients: list[Address], ref: str = "") -> SendReport:
         return await self.sender.send(Outgoing(message, recipients, ref), now=self.clock.now())
@@ -127,8 +130,6 @@ class Device:
             )
             rot.changes.append("server binding moved to the new server key")
         if rot.changed:
-            if rot.update.binding is not None:
-                self.account.binding = rot.update.binding
             self.save()
             log.info("%s: %s", self.address, "; ".join(rot.changes))
         update = self.account.key_update()

@@ -211,6 +211,12 @@ class MessageExpired(EnvelopeError):
     enhanced_code = "5.4.7"
 
 
+class InvalidLifetime(EnvelopeError):
+    """The message's lifetime is negative or longer than 30 days, which is not allowed."""
+
+    enhanced_code = "5.6.0"
+
+
 class MessageFromFuture(EnvelopeError):
     """The message claims to have been written in the future (check the sender's clock)."""
 

@@ -418,19 +418,22 @@ class Inbox:
 
     def register_mailbox(
         self, *, local: str, mailbox_id: bytes, binding: ServerBinding, now: int
-    ) -> None:
-        """Create a mailbox for a user whose UIK signed ``binding`` for this inbox."""
-        binding.verify()
+    ) -> ServerBinding:
+        """Create a mailbox for a user whose UIK signed ``binding`` for this inbox; return the
+        binding countersigned with the onion key (the user's devices need that copy)."""
+        binding.verify_uik()
         self._check_binding(binding)
-        if binding.mailbox_id != mailbox_id:
-            raise MalformedData("The binding names a different mailbox id.")
+        if binding.mailbox_id != mailbox_id or binding.local != local:
+            raise MalformedData("The binding names a different mailbox.")
+        signed = binding.countersigned(self.secrets.onion_seed)
         self.store.add_mailbox(
             mailbox_id=mailbox_id,
             local=local,
             uik_pk=binding.uik_pk,
-            binding=binding.encode(),
+            binding=signed.encode(),
             now=now,
         )
+        return signed
 
     def _check_binding(self, binding: ServerBinding) -> None:
         if binding.onion_pk != self.onion_pk:
@@ -439,18 +442,23 @@ class Inbox:
         if key is None or key.public != binding.sek_pk:
             raise MalformedData("The binding names a server key this inbox does not have.")
 
-    def publish(self, mailbox_id: bytes, update: KeyUpdate, now: int) -> None:
-        """Install verified key records for a mailbox; anything invalid rejects the update."""
+    def publish(self, mailbox_id: bytes, update: KeyUpdate, now: int) -> ServerBinding | None:
+        """Install verified key records for a mailbox; anything invalid rejects the update.
+
+        Returns the countersigned binding when the update carried a new one.
+        """
         mb = self.store.mailbox(mailbox_id)
         if mb is None:
             raise UnknownMailbox()
+        signed: ServerBinding | None = None
         if update.binding is not None:
             b = update.binding
-            b.verify()
-            if b.uik_pk != mb.uik_pk or b.mailbox_id != mailbox_id:
+            b.verify_uik()
+            if b.uik_pk != mb.uik_pk or b.mailbox_id != mailbox_id or b.local != mb.local:
                 raise BadSignature("The binding was not signed by this mailbox's identity.")
             self._check_binding(b)
-            self.store.set_binding(mailbox_id, b.encode())
+            signed = b.countersigned(self.secrets.onion_seed)
+            self.store.set_binding(mailbox_id, signed.encode())
         if update.device_list is not None:
             dl = update.device_list
             dl.verify()
@@ -486,6 +494,7 @@ class Inbox:
                 raise BadSignature("The profile was not signed by this mailbox's identity.")
             self.store.set_profile(mailbox_id, update.profile.encode())
         self._forget_bundle(mailbox_id)
+        return signed
 
     def _install_rotations(self, mailbox_id: bytes, records: list[RotationRecord]) -> None:
         by_device: dict[bytes, list[RotationRecord]] = {}

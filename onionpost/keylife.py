@@ -85,7 +85,14 @@ def renew_binding(account: Account, sek_id: int, sek_pk: bytes, now: int) -> Ser
     assert account.identity is not None
     old = account.binding
     return ServerBinding(
-        old.uik_pk, old.onion_pk, old.mailbox_id, sek_id, sek_pk, now, now + BINDING_LIFETIME
+        old.uik_pk,
+        old.onion_pk,
+        old.mailbox_id,
+        old.local,
+        sek_id,
+        sek_pk,
+        now,
+        now + BINDING_LIFETIME,
     ).signed(account.identity.uik_seed)
 
 

@@ -126,7 +126,7 @@ def initialize(
 
 def register(inbox: Inbox, account: Account, *, now: int) -> None:
     """Open a mailbox on ``inbox`` for a freshly created identity and publish its keys."""
-    inbox.register_mailbox(
+    account.binding = inbox.register_mailbox(
         local=account.local, mailbox_id=account.mailbox_id, binding=account.binding, now=now
     )
     inbox.publish(

@@ -20,7 +20,8 @@ from urllib.parse import quote, urlencode
 import h11
 
 from onionpost.api.transport import Dialer
-from onionpost.errors import DeviceRefused, PeerProtocolError, PeerUnreachable
+from onionpost.crypto.keys import ServerBinding
+from onionpost.errors import DeviceRefused, OnionpostError, PeerProtocolError, PeerUnreachable
 from onionpost.wire import KeyUpdate, error_from_body, parse_json
 
 USER_AGENT = "onionpost/1"
@@ -393,7 +394,8 @@ class DeviceSession:
             return row
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def publish(self, update: KeyUpdate) -> None:
+    async def publish(self, update: KeyUpdate) -> ServerBinding | None:
+        """Publish keys; returns the inbox's countersigned binding if one was published."""
         for attempt in (1, 2):
             if self._token is None:
                 await self.login()
@@ -406,8 +408,19 @@ class DeviceSession:
             if r.status in (401, 403) and attempt == 1:
                 self._token = None
                 continue
-            self.client.check_json(r)
-            return
+            data = self.client.check_json(r)
+            raw = data.get("binding")
+            if update.binding is None:
+                return None
+            try:
+                signed = ServerBinding.parse(bytes.fromhex(raw)) if isinstance(raw, str) else None
+            except (ValueError, OnionpostError) as exc:
+                raise PeerProtocolError("The inbox sent a malformed binding.") from exc
+            if signed is None or signed.body() != update.binding.body():
+                raise PeerProtocolError("The inbox did not countersign the binding it was sent.")
+            signed.verify()
+            return signed
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def register_token(self, token: bytes, label: str, *, revoke: bool = False) -> None:
         await self._call(

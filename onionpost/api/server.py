@@ -479,8 +479,11 @@ class InboxServer:
         body, length = await self._body_to_file(request, KEYS_LIMIT)
         with body:
             update = KeyUpdate.parse(body.read(length))
-        self.inbox.publish(s.mailbox_id, update, self._now())
-        return _json(200, {"status": "ok"})
+        signed = self.inbox.publish(s.mailbox_id, update, self._now())
+        answer: dict[str, Any] = {"status": "ok"}
+        if signed is not None:
+            answer["binding"] = signed.encode().hex()
+        return _json(200, answer)
 
     async def tokens(self, request: web.Request) -> web.Response:
         s = self._session(request)

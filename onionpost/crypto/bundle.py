@@ -24,6 +24,7 @@ from onionpost.crypto.keys import (
     verify_chain,
 )
 from onionpost.errors import (
+    BadSignature,
     BindingMismatch,
     DeviceListRollback,
     IdentityKeyChanged,
@@ -35,6 +36,8 @@ from onionpost.errors import (
 )
 
 MAX_BUNDLE_BYTES = 1 << 20
+#: Longest lifetime of a prekey that senders accept (devices rotate weekly; see keylife).
+MAX_PREKEY_LIFETIME = 90 * 86_400
 
 
 @dataclass(frozen=True)
@@ -187,6 +190,8 @@ def verify_bundle(
         raise KeyBundleError("The server binding and the device list name different identities.")
     if binding.onion_pk != onion_pk:
         raise BindingMismatch()
+    if binding.local != local:
+        raise BindingMismatch(f"The keys were issued for '{binding.local}', not for '{local}'.")
     if binding.not_after < now:
         raise KeyBundleError("The recipient's inbox binding has expired; they must renew it.")
     if pin is not None:
@@ -261,7 +266,12 @@ def _pick_prekeys(
         for spk in bundle.prekeys:
             if spk.device_id != entry.device_id or spk.dsk_seq != head.seq:
                 continue
-            spk.verify(head.pk)
+            if not 0 <= spk.not_after - spk.created_at <= MAX_PREKEY_LIFETIME:
+                continue  # a key meant to live for years defeats forward secrecy: ignore it
+            try:
+                spk.verify(head.pk)
+            except BadSignature:
+                continue  # one damaged prekey must not make the whole bundle unusable
             if spk.not_after + grace < now:
                 continue
             if best is None or spk.created_at > best.created_at:

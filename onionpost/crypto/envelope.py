@@ -49,9 +49,9 @@ from onionpost.crypto.primitives import (
 )
 from onionpost.errors import (
     CryptoError,
-    EnvelopeError,
     ForwardedMessage,
     HeaderTampered,
+    InvalidLifetime,
     MalformedData,
     MessageExpired,
     MessageFromFuture,
@@ -574,7 +574,7 @@ def open_inner(
 
 def check_lifetime(created_at: int, expires_at: int, now: int) -> None:
     if expires_at < created_at or expires_at - created_at > MAX_LIFETIME:
-        raise EnvelopeError("The message's lifetime is longer than 30 days, which is not allowed.")
+        raise InvalidLifetime()
     if created_at > now + CLOCK_SKEW:
         raise MessageFromFuture()
     if now > expires_at:
@@ -781,6 +781,9 @@ def open_outer(
             raise MalformedData("The envelope's padding is not zeros.")
 
     _stream_open(opener, source, length - L1_HEADER, consume)
+    if length != outer_length(l2_len):
+        # Padding hides the message size only if every sender pads; refuse those who do not.
+        raise MalformedData("The envelope is not padded to its size bucket.")
     stamp = Stamp(bits, day, nonce_v) if auth == AUTH_POW else None
     return OuterMeta(
         mailbox_id,

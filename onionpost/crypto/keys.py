@@ -31,12 +31,13 @@ from onionpost.crypto.primitives import (
     system_random,
     x25519_public,
 )
-from onionpost.errors import MalformedData, RotationChainBroken, RotationChainForked
+from onionpost.errors import BadSignature, MalformedData, RotationChainBroken, RotationChainForked
 
 CTX_DEVICE_LIST = b"onionpost/v1/device-list\x00"
 CTX_ROTATION = b"onionpost/v1/rotation\x00"
 CTX_PREKEY = b"onionpost/v1/prekey\x00"
 CTX_BINDING = b"onionpost/v1/server-binding\x00"
+CTX_BINDING_ONION = b"onionpost/v1/server-binding-onion\x00"
 CTX_PROFILE = b"onionpost/v1/profile\x00"
 CTX_GENESIS = b"onionpost/v1/rotation-genesis\x00"
 
@@ -331,32 +332,61 @@ class SignedPrekey:
 
 @dataclass(frozen=True)
 class ServerBinding:
-    """The UIK's statement: "my mail goes to this onion, this mailbox, sealed to this SEK"."""
+    """Who receives a user's mail: signed by the user's UIK *and* by the inbox's onion key.
+
+    The UIK's signature says "my mail goes to this onion, this mailbox, sealed to this SEK".
+    The onion key's countersignature says "this inbox hosts ``local`` for that UIK".  The
+    onion key *is* the address, so only the real inbox can countersign: without it anyone
+    could bind their own UIK to someone else's address and, on first contact, be believed.
+    The countersignature uses its own context string, and tor itself only ever signs with
+    blinded keys, so the onion key's use here cannot be confused with tor's.
+    """
 
     MAGIC = b"OPsb"
 
     uik_pk: bytes
     onion_pk: bytes
     mailbox_id: bytes
+    local: str
     sek_id: int
     sek_pk: bytes
     issued_at: int
     not_after: int
     signature: bytes = b""
+    onion_signature: bytes = b""
 
     def body(self) -> bytes:
         w = Writer().raw(self.MAGIC).fixed(self.uik_pk, 32).fixed(self.onion_pk, 32)
-        w.fixed(self.mailbox_id, MAILBOX_ID_BYTES).u32(self.sek_id).fixed(self.sek_pk, 32)
+        w.fixed(self.mailbox_id, MAILBOX_ID_BYTES).var8(self.local.encode("ascii"))
+        w.u32(self.sek_id).fixed(self.sek_pk, 32)
         return w.u64(self.issued_at).u64(self.not_after).getvalue()
 
     def encode(self) -> bytes:
-        return self.body() + self.signature
+        return self.body() + self.signature + self.onion_signature
 
     def signed(self, uik_seed: bytes) -> ServerBinding:
         return replace(self, signature=ed25519_sign(uik_seed, CTX_BINDING + self.body()))
 
-    def verify(self) -> None:
+    def countersigned(self, onion_seed: bytes) -> ServerBinding:
+        """The inbox's countersignature (it holds the onion key's seed)."""
+        return replace(
+            self, onion_signature=ed25519_sign(onion_seed, CTX_BINDING_ONION + self.body())
+        )
+
+    def verify_uik(self) -> None:
         ed25519_verify(self.uik_pk, CTX_BINDING + self.body(), self.signature, "server binding")
+
+    def verify(self) -> None:
+        """Both signatures; a binding the inbox did not countersign is not valid."""
+        self.verify_uik()
+        if not self.onion_signature:
+            raise BadSignature("The server binding lacks the inbox's countersignature.")
+        ed25519_verify(
+            self.onion_pk,
+            CTX_BINDING_ONION + self.body(),
+            self.onion_signature,
+            "server binding (inbox countersignature)",
+        )
 
     @classmethod
     def parse(cls, data: bytes) -> ServerBinding:
@@ -366,13 +396,28 @@ class ServerBinding:
         _check_key(uik_pk, "identity key")
         onion_pk = r.fixed(32, "onion key")
         mailbox_id = r.fixed(MAILBOX_ID_BYTES, "mailbox id")
+        local_raw = r.var8("user name", 64)
+        if not local_raw.isascii() or not local_raw:
+            raise MalformedData("The server binding's user name is not ASCII.")
         sek_id = r.u32("server key id")
         sek_pk = r.fixed(32, "server key")
         issued_at = r.u64("issue time")
         not_after = r.u64("expiry time")
         signature = r.fixed(64, "signature")
+        onion_signature = r.fixed(64, "inbox countersignature") if r.remaining else b""
         r.end()
-        return cls(uik_pk, onion_pk, mailbox_id, sek_id, sek_pk, issued_at, not_after, signature)
+        return cls(
+            uik_pk,
+            onion_pk,
+            mailbox_id,
+            local_raw.decode("ascii"),
+            sek_id,
+            sek_pk,
+            issued_at,
+            not_after,
+            signature,
+            onion_signature,
+        )
 
 
 @dataclass(frozen=True)

@@ -110,8 +110,8 @@ def verify_sender(
     dl.verify()
     if binding.uik_pk != header.sender_uik or dl.uik_pk != header.sender_uik:
         raise KeyBundleError("The sender's credentials belong to a different identity.")
-    if binding.onion_pk != header.sender_onion_pk:
-        raise BindingMismatch("The sender's identity is not bound to the inbox it claims.")
+    if binding.onion_pk != header.sender_onion_pk or binding.local != header.sender_local:
+        raise BindingMismatch("The sender's identity is not bound to the address it claims.")
     if pin is not None and pin.uik_pk != header.sender_uik:
         raise IdentityKeyChanged()
     _check_not_revoked(header, known_list)

@@ -167,15 +167,20 @@ def make_user(
         identity.uik_seed
     )
     sek = server.current()
-    binding = ServerBinding(
-        identity.uik_pk,
-        server.onion_pk,
-        rng(16),
-        sek.sek_id,
-        sek.public,
-        now,
-        now + 30 * DAY,
-    ).signed(identity.uik_seed)
+    binding = (
+        ServerBinding(
+            identity.uik_pk,
+            server.onion_pk,
+            rng(16),
+            local,
+            sek.sek_id,
+            sek.public,
+            now,
+            now + 30 * DAY,
+        )
+        .signed(identity.uik_seed)
+        .countersigned(server.onion_seed)
+    )
     prof = (
         Profile(identity.uik_pk, now, f"{local.title()} Example", "image/png", b"\x89PNG").signed(
             identity.uik_seed

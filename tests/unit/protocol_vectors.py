@@ -135,15 +135,20 @@ def build_world() -> World:
     alice_id = IdentitySecrets.generate("alice", NOW, rng=rng)
     alice_server = ServerSecrets.generate(NOW, rng=rng)
     alice_dev = DeviceSecrets.generate("alice laptop", NOW, rng=rng)
-    alice_binding = ServerBinding(
-        alice_id.uik_pk,
-        alice_server.onion_pk,
-        rng(16),
-        alice_server.current().sek_id,
-        alice_server.current().public,
-        NOW,
-        NOW + 30 * DAY,
-    ).signed(alice_id.uik_seed)
+    alice_binding = (
+        ServerBinding(
+            alice_id.uik_pk,
+            alice_server.onion_pk,
+            rng(16),
+            "alice",
+            alice_server.current().sek_id,
+            alice_server.current().public,
+            NOW,
+            NOW + 30 * DAY,
+        )
+        .signed(alice_id.uik_seed)
+        .countersigned(alice_server.onion_seed)
+    )
 
     bob_id = IdentitySecrets.generate("bob", NOW, rng=rng)
     bob_server = ServerSecrets.generate(NOW, rng=rng)
@@ -162,15 +167,20 @@ def build_world() -> World:
         ),
         (RevokedDevice(tablet.device_id, NOW + 120),),
     ).signed(bob_id.uik_seed)
-    bob_binding = ServerBinding(
-        bob_id.uik_pk,
-        bob_server.onion_pk,
-        rng(16),
-        bob_server.current().sek_id,
-        bob_server.current().public,
-        NOW,
-        NOW + 30 * DAY,
-    ).signed(bob_id.uik_seed)
+    bob_binding = (
+        ServerBinding(
+            bob_id.uik_pk,
+            bob_server.onion_pk,
+            rng(16),
+            "bob",
+            bob_server.current().sek_id,
+            bob_server.current().public,
+            NOW,
+            NOW + 30 * DAY,
+        )
+        .signed(bob_id.uik_seed)
+        .countersigned(bob_server.onion_seed)
+    )
     bob_profile = Profile(
         bob_id.uik_pk, NOW, "Bob", "image/png", bytes.fromhex("89504e470d0a1a0a")
     ).signed(bob_id.uik_seed)
@@ -257,11 +267,13 @@ def dump_binding(b: ServerBinding) -> Dump:
     d.take("uik_pk", 32)
     d.take("onion_pk", 32)
     d.take("mailbox_id", 16)
+    d.take("local", d.int("local length u8", 1))
     d.take("sek_id u32", 4)
     d.take("sek_pk", 32)
     d.take("issued_at u64", 8)
     d.take("not_after u64", 8)
-    d.take("signature", 64)
+    d.take("signature (UIK)", 64)
+    d.take("onion_signature (onion key)", 64)
     return d
 
 

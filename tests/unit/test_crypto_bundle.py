@@ -143,8 +143,12 @@ def test_prekey_claiming_the_new_key_but_signed_by_the_old_one() -> None:
     dev.rotate_signing_key(NOW, rng=rng)
     spk = dev.signed_prekey()
     forged = replace(spk, signature=b"").signed(old_seed)
-    with pytest.raises(BadSignature):
+    # the forged prekey is ignored (one bad prekey must not sink the bundle); with no other
+    # prekey for the device, nothing is left to encrypt to
+    with pytest.raises(PrekeyExpired):
         _verify(bob, replace(bob.bundle(), prekeys=(forged,)))
+    vb = _verify(bob, replace(bob.bundle(), prekeys=(forged, spk)))
+    assert vb.devices[0].spk_id == spk.spk_id
 
 
 def test_newest_prekey_wins() -> None:
@@ -192,7 +196,11 @@ def test_binding_and_device_list_from_different_identities() -> None:
     mixed = replace(bob.bundle(), binding=replace(carol.binding, onion_pk=bob.onion_pk))
     with pytest.raises(BadSignature):
         _verify(bob, mixed)  # carol's signature does not cover bob's onion
-    resigned = replace(carol.binding, onion_pk=bob.onion_pk).signed(carol.identity.uik_seed)
+    resigned = (
+        replace(carol.binding, onion_pk=bob.onion_pk)
+        .signed(carol.identity.uik_seed)
+        .countersigned(bob.server.onion_seed)
+    )
     with pytest.raises(KeyBundleError) as err:
         _verify(bob, replace(bob.bundle(), binding=resigned))
     assert type(err.value) is KeyBundleError
@@ -236,8 +244,10 @@ def test_identity_key_changed() -> None:
     pin = _verify(bob).pin
     new_bob = make_user("bob", 1, rng)
     new_bob.server = bob.server
-    new_bob.binding = replace(new_bob.binding, onion_pk=bob.onion_pk).signed(
-        new_bob.identity.uik_seed
+    new_bob.binding = (
+        replace(new_bob.binding, onion_pk=bob.onion_pk)
+        .signed(new_bob.identity.uik_seed)
+        .countersigned(bob.server.onion_seed)  # bob's inbox vouches for the new identity
     )
     _verify(new_bob)  # fine for someone who never met bob
     with pytest.raises(IdentityKeyChanged):

@@ -107,15 +107,21 @@ def test_identity_key_changed() -> None:
 def test_binding_for_another_onion() -> None:
     rng, alice, bob = _setup(b"onion")
     moved = copy.deepcopy(alice)
-    moved.binding = ServerBinding(
-        alice.uik_pk,
-        bob.onion_pk,
-        alice.mailbox_id,
-        alice.binding.sek_id,
-        alice.binding.sek_pk,
-        NOW,
-        NOW + DAY,
-    ).signed(alice.identity.uik_seed)
+    # even an inbox that countersigned (bob's, here) does not make the binding fit alice's address
+    moved.binding = (
+        ServerBinding(
+            alice.uik_pk,
+            bob.onion_pk,
+            alice.mailbox_id,
+            "alice",
+            alice.binding.sek_id,
+            alice.binding.sek_pk,
+            NOW,
+            NOW + DAY,
+        )
+        .signed(alice.identity.uik_seed)
+        .countersigned(bob.server.onion_seed)
+    )
     h = _header(alice, bob, rng, creds=_creds(moved))
     with pytest.raises(BindingMismatch):
         verify_sender(h, h.extension(EXT_SENDER_KEYS), None)
@@ -159,18 +165,22 @@ def test_credentials_with_a_bad_signature() -> None:
     rng, alice, bob = _setup(b"sig")
     forged = copy.deepcopy(alice)
     forged.binding = ServerBinding(
-        alice.uik_pk, alice.onion_pk, bytes(16), 1, bytes(32), NOW, NOW + DAY, bytes(64)
+        alice.uik_pk,
+        alice.onion_pk,
+        bytes(16),
+        "alice",
+        1,
+        bytes(32),
+        NOW,
+        NOW + DAY,
+        bytes(64),
+        bytes(64),
     )
     h = _header(alice, bob, rng, creds=_creds(forged))
     with pytest.raises(BadSignature):
         verify_sender(h, h.extension(EXT_SENDER_KEYS), None)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SECURITY (see the review report): a ServerBinding is signed only by the UIK, so "
-    "anyone can bind their own UIK to any onion; offline first contact cannot tell.",
-)
 def test_first_contact_cannot_be_claimed_for_someone_elses_address() -> None:
     """Mallory binds her own identity key to Alice's onion and signs mail as alice@onion.
     A recipient who has never met Alice must not get a verified sender out of that."""
@@ -178,16 +188,21 @@ def test_first_contact_cannot_be_claimed_for_someone_elses_address() -> None:
     mallory = make_user("mallory", 1, rng)
     mallory.local = "alice"
     mallory.server = alice.server
-    mallory.binding = ServerBinding(
+    claim = ServerBinding(
         mallory.uik_pk,
         alice.onion_pk,
         alice.mailbox_id,
+        "alice",
         alice.binding.sek_id,
         alice.binding.sek_pk,
         NOW,
         NOW + DAY,
     ).signed(mallory.identity.uik_seed)
-    h = _header(mallory, bob, rng)
-    assert (h.sender_local, h.sender_onion_pk) == ("alice", alice.onion_pk)
-    with pytest.raises(KeyBundleError):
-        verify_sender(h, h.extension(EXT_SENDER_KEYS), None)
+    # Mallory cannot countersign with Alice's onion key; neither nothing nor her own key works
+    malloryland = make_user("mallory", 1, rng).server  # an inbox Mallory really controls
+    for attempt in (claim, claim.countersigned(malloryland.onion_seed)):
+        mallory.binding = attempt
+        h = _header(mallory, bob, rng)
+        assert (h.sender_local, h.sender_onion_pk) == ("alice", alice.onion_pk)
+        with pytest.raises(BadSignature):
+            verify_sender(h, h.extension(EXT_SENDER_KEYS), None)

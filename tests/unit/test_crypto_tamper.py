@@ -453,3 +453,16 @@ def test_l3_resigned_inconsistencies(mail: Mail) -> None:
         with pytest.raises(expected) as err:
             open_l2(msg, b, 0)
         assert type(err.value) is expected, overrides
+
+
+def test_an_unpadded_envelope_is_refused(mail: Mail, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sender that skips padding would leak the exact size; the inbox refuses its mail."""
+    l2_len = len(mail.l2)
+    exact = env.L1_HEADER + env.stream_length(l2_len)
+    assert exact < env.outer_length(l2_len)
+    monkeypatch.setattr(env, "_solve_padding", lambda n: (exact, n))
+    unpadded = seal_l1(mail.l2, mail.bob, SeededRandom(b"unpadded"))
+    monkeypatch.undo()
+    assert len(unpadded) == exact
+    with pytest.raises(MalformedData, match="padded"):
+        _open_l1_len(unpadded, mail.bob, len(unpadded))

@@ -377,6 +377,10 @@ class PeerTimedOut(PeerUnreachable):
     """The recipient's inbox did not answer in time."""
 
 
+class PeerConnectionFailed(PeerUnreachable):
+    """Tor could not complete the connection to the recipient's inbox."""
+
+
 class PeerRefused(PeerUnreachable):
     """The recipient's onion service refused the connection: no inbox is listening there."""
 

@@ -46,7 +46,6 @@ from onionpost.errors import (
     OnionpostError,
     ReplayedMessage,
 )
-from onionpost.normalize import normalize
 from onionpost.store.contacts import ContactStore
 from onionpost.store.mailbox import MailboxStore
 
@@ -139,7 +138,7 @@ class Receiver:
             except CryptoError as exc:
                 return self._notice(exc, header, digest, now)
             body.seek(0)
-            message = _stamp(normalize(body.read(), now=now), sender)
+            message = _stamp(body.read(), sender)  # file_message normalises it
         uid = self.mailbox.file_message(
             self.user,
             folder,
@@ -242,14 +241,22 @@ def _file_digest(f: IO[bytes]) -> bytes:
 def _stamp(message: bytes, sender: _Sender) -> bytes:
     """Add what onionpost verified, drop look-alike headers, and make From tell the truth.
 
+    Runs on the message as the peer sent it (CRLF or bare LF), before normalisation, so the
+    normaliser's own notes survive while a peer's forged ``X-Onionpost-*`` headers do not.
     The From header is the sender's own words; the verified sender address is ours.  If they
     differ, From is rewritten to the verified address (display name kept) and the original
     is kept as X-Original-From, so a contact cannot make mail look as if someone else wrote it.
     """
-    head_end = message.find(b"\r\n\r\n")
-    head, rest = (message[:head_end], message[head_end:]) if head_end >= 0 else (message, b"")
+    crlf = message.find(b"\r\n\r\n")
+    lf = message.find(b"\n\n")
+    if crlf >= 0 and (lf < 0 or crlf <= lf):
+        head, rest, eol = message[:crlf], message[crlf:], b"\r\n"
+    elif lf >= 0:
+        head, rest, eol = message[:lf], message[lf:], b"\n"
+    else:
+        head, rest, eol = message, b"", b"\r\n"
     fields: list[list[bytes]] = []
-    for line in head.split(b"\r\n"):
+    for line in head.split(eol):
         if line[:1] in (b" ", b"\t") and fields:
             fields[-1].append(line)
         else:
@@ -260,8 +267,8 @@ def _stamp(message: bytes, sender: _Sender) -> bytes:
         if _OUR_HEADER.match(f[0]):
             continue
         if f[0][:5].lower() == b"from:":
-            from_values.append(b"\r\n".join(f)[5:].decode("utf-8", "replace"))
-        kept.append(b"\r\n".join(f))
+            from_values.append(b" ".join(f)[5:].decode("utf-8", "replace"))
+        kept.append(eol.join(f))
     verified = str(sender.address)
     found = [a.lower() for _, a in getaddresses(from_values) if a]
     extra: list[bytes] = [
@@ -271,6 +278,9 @@ def _stamp(message: bytes, sender: _Sender) -> bytes:
         display = parseaddr(from_values[0])[0] if from_values else ""
         kept = [k for k in kept if k[:5].lower() != b"from:"]
         kept.append(b"From: " + formataddr((display, verified)).encode("utf-8"))
-        for v in from_values:
-            extra.append(b"X-Original-From:" + v.encode("utf-8", "replace").replace(b"\r\n", b" "))
-    return b"\r\n".join(extra + kept) + rest
+        extra.extend(
+            b"X-Original-From:"
+            + v.encode("utf-8", "replace").replace(b"\r", b" ").replace(b"\n", b" ")
+            for v in from_values
+        )
+    return eol.join(extra + kept) + rest

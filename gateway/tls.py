@@ -1,0 +1,248 @@
+"""The gateway's own certificate authority, so mail clients can use STARTTLS on loopback.
+
+Thunderbird does not accept a self-signed server certificate even when the user trusts it
+(measured: trusting the leaf with ``certutil -t P,,`` fails); it does accept a leaf signed by
+a CA the user imported.  So the gateway creates, once, in ``<data_dir>/tls/``:
+
+* ``ca.pem`` / ``ca.key`` — a CA that can only vouch for loopback names: its critical name
+  constraints permit ``localhost``, 127.0.0.0/8 and ::1 and nothing else, so importing it
+  into a mail client cannot let anyone who steals ``ca.key`` impersonate other sites;
+* ``cert.pem`` / ``key.pem`` — a CA:FALSE server certificate for 127.0.0.1, ::1 and
+  localhost, signed by that CA, renewed automatically before it expires (397 days, the
+  longest validity Apple clients accept).
+
+Keys are written with mode 0600 into a 0700 directory, atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import ssl
+import tempfile
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from onionpost.errors import LocalTLSError
+
+__all__ = ["LocalTLS", "ca_path", "ensure_tls", "server_context"]
+
+CA_FILE, CA_KEY_FILE = "ca.pem", "ca.key"
+CERT_FILE, KEY_FILE = "cert.pem", "key.pem"
+CA_LIFETIME = timedelta(days=3650)
+LEAF_LIFETIME = timedelta(days=397)
+RENEW_BEFORE = timedelta(days=30)
+_LOOPBACK_NAMES: list[x509.GeneralName] = [
+    x509.DNSName("localhost"),
+    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+    x509.IPAddress(ipaddress.ip_address("::1")),
+]
+
+
+@dataclass(frozen=True)
+class LocalTLS:
+    """Where the gateway's TLS files are; ``ca_cert`` is what a mail client should trust."""
+
+    directory: Path
+    ca_cert: Path
+    cert: Path
+    key: Path
+
+
+def ca_path(tls_dir: Path) -> Path:
+    """The CA certificate to import into mail clients (creating it if needed)."""
+    return ensure_tls(tls_dir).ca_cert
+
+
+def server_context(tls_dir: Path) -> ssl.SSLContext:
+    """A TLS 1.2+ server context with the gateway certificate (created or renewed first)."""
+    files = ensure_tls(tls_dir)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(files.cert, files.key)
+    except (OSError, ssl.SSLError) as exc:
+        raise LocalTLSError(f"Cannot load the gateway certificate from {tls_dir}: {exc}") from exc
+    return context
+
+
+def ensure_tls(tls_dir: Path, *, now: datetime | None = None) -> LocalTLS:
+    """Create the CA and the server certificate if missing; renew the certificate if due."""
+    now = now or datetime.now(UTC)
+    files = LocalTLS(tls_dir, tls_dir / CA_FILE, tls_dir / CERT_FILE, tls_dir / KEY_FILE)
+    try:
+        tls_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tls_dir.chmod(0o700)
+        ca_cert, ca_key = _load_or_create_ca(tls_dir, now)
+        if not _leaf_is_current(files, ca_cert, now):
+            _write_leaf(files, ca_cert, ca_key, now)
+    except (OSError, ValueError, TypeError) as exc:
+        raise LocalTLSError(f"Cannot set up the gateway certificate in {tls_dir}: {exc}") from exc
+    return files
+
+
+def _load_or_create_ca(
+    tls_dir: Path, now: datetime
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    cert_path, key_path = tls_dir / CA_FILE, tls_dir / CA_KEY_FILE
+    if cert_path.exists() and key_path.exists():
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        if isinstance(key, ec.EllipticCurvePrivateKey) and cert.not_valid_after_utc > now:
+            return cert, key
+    key = ec.generate_private_key(ec.SECP256R1())
+    tag = x509.SubjectKeyIdentifier.from_public_key(key.public_key()).digest.hex()[:8]
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.COMMON_NAME, f"onionpost local gateway CA {tag}"),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "onionpost (this computer only)"),
+        ]
+    )
+    constraints = x509.NameConstraints(
+        permitted_subtrees=[
+            x509.DNSName("localhost"),
+            x509.IPAddress(ipaddress.ip_network("127.0.0.0/8")),
+            x509.IPAddress(ipaddress.ip_network("::1/128")),
+        ],
+        excluded_subtrees=None,
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + CA_LIFETIME)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(constraints, critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+        .sign(key, hashes.SHA256())
+    )
+    _write_private(key_path, _key_pem(key))
+    _write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    return cert, key
+
+
+def _leaf_is_current(files: LocalTLS, ca_cert: x509.Certificate, now: datetime) -> bool:
+    """The server certificate exists, matches its key, was signed by this CA, and is not due."""
+    if not (files.cert.exists() and files.key.exists()):
+        return False
+    try:
+        leaf = x509.load_pem_x509_certificate(files.cert.read_bytes())
+        key = serialization.load_pem_private_key(files.key.read_bytes(), password=None)
+        ca_public = ca_cert.public_key()
+        algorithm = leaf.signature_hash_algorithm
+        if not isinstance(ca_public, ec.EllipticCurvePublicKey) or algorithm is None:
+            return False
+        ca_public.verify(leaf.signature, leaf.tbs_certificate_bytes, ec.ECDSA(algorithm))
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    if _spki(key.public_key()) != _spki(leaf.public_key()):
+        return False
+    return leaf.not_valid_after_utc - RENEW_BEFORE > now
+
+
+def _spki(public_key: object) -> bytes:
+    if not isinstance(public_key, ec.EllipticCurvePublicKey):
+        return b""
+    return public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _write_leaf(
+    files: LocalTLS, ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, now: datetime
+) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(min(now + LEAF_LIFETIME, ca_cert.not_valid_after_utc))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(_LOOPBACK_NAMES), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    _write_private(files.key, _key_pem(key))
+    chain = cert.public_bytes(serialization.Encoding.PEM) + ca_cert.public_bytes(
+        serialization.Encoding.PEM
+    )
+    _write_public(files.cert, chain)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    _atomic_write(path, data, 0o600)
+
+
+def _write_public(path: Path, data: bytes) -> None:
+    _atomic_write(path, data, 0o644)
+
+
+def _atomic_write(path: Path, data: bytes, mode: int) -> None:
+    """Write via a temporary file created with ``mode`` (never briefly world-readable)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

@@ -134,12 +134,10 @@ def init(obj: Ctx, local: str | None, device_name: str, if_missing: bool) -> Non
     click.echo("\nStart the node with `onionpost run`.")
 
 
-def _gateway_setup() -> Callable[[Config, Any], str | None] | None:
-    """The gateway's part of `init` (mail-client password, local CA), if it is installed."""
-    try:
-        from gateway.setup import setup_account
-    except ImportError:
-        return None
+def _gateway_setup() -> Callable[[Config, Any], str | None]:
+    """The gateway's part of `init`: the mail-client password and the local CA."""
+    from gateway.setup import setup_account
+
     return setup_account
 
 
@@ -177,10 +175,8 @@ def run(obj: Ctx) -> None:
 
 
 def _gateway_extensions() -> tuple[Any, ...]:
-    try:
-        from gateway.service import start_gateway
-    except ImportError:
-        return ()
+    from gateway.service import start_gateway
+
     return (start_gateway,)
 
 
@@ -488,6 +484,77 @@ def devices_revoke(obj: Ctx, device: str) -> None:
     with admin.opened(obj.config()) as local:
         account = admin.revoke(local, device)
     click.echo(f"Revoked. Device list is now version {account.device_list.version}.")
+
+
+# --- mail clients ------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--user", default=None, help="Whose password (default: the only user).")
+@click.option("--generate", is_flag=True, help="Make a new random password and print it.")
+@pass_ctx
+def password(obj: Ctx, user: str | None, generate: bool) -> None:
+    """Set the password mail clients use to log in to the local gateway."""
+    from gateway.setup import set_password
+    from onionpost import admin
+
+    config = obj.config()
+    with admin.opened(config) as local:
+        account = local.account(user)
+    chosen: str | None = None
+    if not generate:
+        chosen = click.prompt("New password", hide_input=True, confirmation_prompt=True)
+    result = set_password(config, account.local, chosen)
+    if generate:
+        click.echo(f"New password for {account.local}: {result}")
+    else:
+        click.echo(f"Password changed for {account.local}.")
+
+
+@cli.command()
+@click.option("--user", default=None, help="Which user's account (default: the only user).")
+@click.option(
+    "--write",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Also write user.js, policies.json and the CA certificate into this directory.",
+)
+@pass_ctx
+def thunderbird(obj: Ctx, user: str | None, write: Path | None) -> None:
+    """How to set up Thunderbird (without its wizard, which leaks your address online)."""
+    from gateway.thunderbird import (
+        GatewaySettings,
+        render_policies,
+        render_settings,
+        render_user_js,
+    )
+    from gateway.tls import ca_path, ensure_tls
+    from onionpost import admin
+
+    config = obj.config()
+    with admin.opened(config) as local:
+        account = local.account(user)
+    tls_dir = config.data_dir / "tls"
+    ensure_tls(tls_dir)
+    gw = config.gateway
+    settings = GatewaySettings(
+        address=account.address,
+        imap_port=gw.imap_port,
+        smtp_port=gw.smtp_port,
+        autoconfig_port=gw.autoconfig_port,
+        ca_path=ca_path(tls_dir),
+        require_tls=gw.require_tls,
+    )
+    click.echo(render_settings(settings))
+    if write is not None:
+        from onionpost.keystore import ensure_private_dir
+
+        ensure_private_dir(write)
+        (write / "user.js").write_text(render_user_js(settings))
+        (write / "policies.json").write_text(render_policies(ca_path(tls_dir)))
+        (write / "onionpost-ca.pem").write_bytes(ca_path(tls_dir).read_bytes())
+        click.echo(f"\nWrote user.js, policies.json and onionpost-ca.pem to {write}.")
+        click.echo("See docs/thunderbird.md for where each file goes.")
 
 
 def main() -> None:

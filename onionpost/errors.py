@@ -90,6 +90,23 @@ class NotInitialized(UsageError):
     """This data directory has no onionpost identity yet. Run `onionpost init` first."""
 
 
+class ListenError(UsageError):
+    """onionpost cannot listen on one of its ports."""
+
+    @classmethod
+    def from_os_error(cls, exc: OSError, host: str, port: int, setting: str) -> ListenError:
+        if exc.errno == 98:  # EADDRINUSE
+            why = "another program already uses that port"
+        elif exc.errno == 13:  # EACCES
+            why = "this user may not use that port"
+        else:
+            why = exc.strerror or str(exc)
+        return cls(
+            f"Cannot listen on {host}:{port}: {why}. Stop the other program, or choose another "
+            f"port with `{setting}` in onionpost.toml."
+        )
+
+
 class WrongPassphrase(UsageError):
     """The passphrase does not unlock the key file."""
 

@@ -29,7 +29,7 @@ from onionpost.config import Config
 from onionpost.crypto.primitives import RandomSource, system_random
 from onionpost.delivery import OutboxWorker
 from onionpost.device import Device
-from onionpost.errors import NotInitialized, OnionpostError
+from onionpost.errors import ListenError, NotInitialized, OnionpostError
 from onionpost.inbox import Inbox
 from onionpost.keylife import rotate_server
 from onionpost.keystore import AccountFiles, KeyStore, ensure_private_dir, write_private
@@ -75,6 +75,8 @@ class Node:
         self.mailbox: MailboxStore | None = None
         self.contacts: ContactStore | None = None
         self.submissions: Submissions | None = None
+        self.device_db: Database | None = None
+        self.gateway_ports: dict[str, int] = {}
         self.scheduler = Scheduler()
         self._dbs: list[Database] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -151,7 +153,12 @@ class Node:
             on_inbound=self._note_inbound,
             on_submitted=lambda: self.scheduler.wake("deliver"),
         )
-        port = await self.server.start(cfg.inbox.listen_host, cfg.inbox.listen_port)
+        try:
+            port = await self.server.start(cfg.inbox.listen_host, cfg.inbox.listen_port)
+        except OSError as exc:
+            raise ListenError.from_os_error(
+                exc, cfg.inbox.listen_host, cfg.inbox.listen_port, "[inbox] listen_port"
+            ) from exc
         own = Address.for_key("x", secrets.onion_pk).onion
         self.dialer.add(own, "127.0.0.1", port)
         self.inbox.outbox.release_leases()
@@ -173,6 +180,7 @@ class Node:
         if not users:
             raise NotInitialized()
         db = self._open(cfg.data_dir / "device.db", DEVICE_COMPONENTS)
+        self.device_db = db
         self.mailbox = MailboxStore(db)
         self.contacts = ContactStore(db)
         for local in users:
@@ -332,6 +340,7 @@ class Node:
             "started_at": self.started_at,
             "updated_at": int(time.time()),
             "api_port": self.api_port,
+            "gateway": dict(self.gateway_ports),
             "users": [str(d.address) for d in self.devices.values()],
             "tor": _plain(self.tor.status()) if self.tor else {"mode": "off"},
         }

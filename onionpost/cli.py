@@ -149,8 +149,10 @@ def _logging(config: Config, debug: bool) -> None:
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
-    for noisy in ("stem", "aiohttp.access", "mail.log", "apscheduler"):
+    for noisy in ("stem", "aiohttp.access", "mail.log"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # "skipped: maximum number of running instances" is coalescing working as intended
+    logging.getLogger("apscheduler").setLevel(logging.ERROR)
 
 
 @cli.command()

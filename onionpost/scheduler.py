@@ -25,17 +25,27 @@ class Scheduler:
     def __init__(self) -> None:
         self._scheduler = AsyncIOScheduler(timezone=UTC)
         self._names: set[str] = set()
+        self._running: set[str] = set()
+        self._again: set[str] = set()
 
     def every(self, name: str, seconds: float, job: Job, *, start_in: float = 0.0) -> None:
         """Run ``job`` every ``seconds`` (first run after ``start_in`` seconds)."""
 
         async def guarded() -> None:
+            self._running.add(name)
             try:
-                await job()
-            except OnionpostError as exc:
-                log.warning("%s: %s", name, exc)
-            except Exception:
-                log.exception("job %s failed unexpectedly", name)
+                while True:
+                    self._again.discard(name)
+                    try:
+                        await job()
+                    except OnionpostError as exc:
+                        log.warning("%s: %s", name, exc)
+                    except Exception:
+                        log.exception("job %s failed unexpectedly", name)
+                    if name not in self._again:
+                        break  # nobody woke the job while it ran
+            finally:
+                self._running.discard(name)
 
         self._scheduler.add_job(
             guarded,
@@ -51,7 +61,14 @@ class Scheduler:
         self._names.add(name)
 
     def wake(self, name: str) -> None:
-        """Run a job as soon as possible (once, even if woken many times meanwhile)."""
+        """Run a job as soon as possible (once, even if woken many times meanwhile).
+
+        A wake-up while the job runs is not lost: the job runs once more when it finishes
+        (the work that woke it may have arrived after the running pass looked).
+        """
+        if name in self._running:
+            self._again.add(name)
+            return
         job = self._scheduler.get_job(name)
         if job is not None:
             job.modify(next_run_time=datetime.now(UTC))

@@ -32,6 +32,7 @@ from onionpost.errors import (
     MessageTooLarge,
     OnionpostError,
     PermanentDeliveryError,
+    TemporaryDeliveryError,
     UnknownLocalUser,
 )
 from onionpost.retry import RetryPolicy, after_failure
@@ -142,10 +143,13 @@ class Submissions:
     async def process_due(self) -> int:
         """Seal and hand over every recipient due now; returns how many were handled."""
         handled = 0
-        for sid, recips in self.store.due(self.clock.now()).items():
-            handled += len(recips)
-            await self._process(sid, recips)
-        return handled
+        while True:
+            due = self.store.due(self.clock.now())
+            if not due:
+                return handled
+            for sid, recips in due.items():
+                handled += len(recips)
+                await self._process(sid, recips)
 
     async def _process(self, sid: int, recips: list[PendingRecipient]) -> None:
         device = self.devices.get(recips[0].user)
@@ -179,6 +183,10 @@ class Submissions:
                 self.store.mark_queued(sid, r.address, report.queued[r.address])
             elif r.address in report.failed:
                 self._fail(sid, r, report.failed[r.address], now)
+            else:  # every recipient gets an outcome, or the sealing pass would spin on it
+                self._fail(
+                    sid, r, TemporaryDeliveryError("The message could not be sealed yet."), now
+                )
         self._notify(device, self.clock.now())
 
     def _fail(self, sid: int, r: PendingRecipient, exc: OnionpostError, now: int) -> None:

@@ -105,9 +105,13 @@ SMTP_SENDER_OK = "250 2.1.0 Sender OK."
 SMTP_RECIPIENT_OK = "250 2.1.5 Recipient OK."
 SMTP_TLS_ACTIVE = "503 5.5.1 TLS is already active on this connection."
 SMTP_INTERNAL_ERROR = (
-    "451 4.3.0 The gateway hit an internal error, so the message was not accepted. "
-    "Try again; details are in the onionpost log."
+    "451 4.3.0 The gateway hit an internal error, so this was not done (no message was "
+    "accepted). Try again; details are in the onionpost log."
 )
+SMTP_BAD_PLAIN = (
+    "501 5.5.2 AUTH PLAIN data must be: authorization id, NUL, user name, NUL, password."
+)
+SMTP_AUTH_TOO_LONG = "501 5.5.2 The AUTH answer is too long."
 SMTP_BUSY = "421 4.7.0 Too many open connections to the gateway; try again in a moment."
 
 
@@ -239,6 +243,8 @@ def smtp_protocol_reply(line: str) -> str:
 __all__ += [
     "SMTP_AUTH_FAILED",
     "SMTP_AUTH_OK",
+    "SMTP_AUTH_TOO_LONG",
+    "SMTP_BAD_PLAIN",
     "SMTP_BUSY",
     "SMTP_INTERNAL_ERROR",
     "SMTP_RECIPIENT_OK",

@@ -7,7 +7,7 @@ import secrets
 from gateway.tls import ensure_tls
 from onionpost.account import Account
 from onionpost.config import Config
-from onionpost.provision import DEVICE_COMPONENTS
+from onionpost.store import DEVICE_COMPONENTS
 from onionpost.store.accounts import AccountStore
 from onionpost.store.db import Database
 

@@ -23,10 +23,9 @@ from onionpost.config import Config
 from onionpost.crypto.fingerprint import fingerprint, safety_number
 from onionpost.errors import NotInitialized, UsageError
 from onionpost.keystore import AccountFiles, KeyStore
-from onionpost.provision import DEVICE_COMPONENTS
+from onionpost.store import DEVICE_COMPONENTS, INBOX_COMPONENTS
 from onionpost.store.contacts import Contact, ContactStore
 from onionpost.store.db import Database
-from onionpost.store.inbox import COMPONENTS as INBOX_COMPONENTS
 from onionpost.store.outbox import OutboxStore
 from onionpost.store.submissions import SubmissionStore
 from onionpost.wire import KeyUpdate

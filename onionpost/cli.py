@@ -552,9 +552,13 @@ def thunderbird(obj: Ctx, user: str | None, write: Path | None) -> None:
         from onionpost.keystore import ensure_private_dir
 
         ensure_private_dir(write)
+        # Thunderbird may run as another user than onionpost, which cannot read the data
+        # directory: the policy points at the copy written next to it.
+        ca_copy = (write / "onionpost-ca.pem").resolve()
+        ca_copy.write_bytes(ca_path(tls_dir).read_bytes())
+        ca_copy.chmod(0o644)  # a certificate is public
         (write / "user.js").write_text(render_user_js(settings))
-        (write / "policies.json").write_text(render_policies(ca_path(tls_dir)))
-        (write / "onionpost-ca.pem").write_bytes(ca_path(tls_dir).read_bytes())
+        (write / "policies.json").write_text(render_policies(ca_copy))
         click.echo(f"\nWrote user.js, policies.json and onionpost-ca.pem to {write}.")
         click.echo("See docs/thunderbird.md for where each file goes.")
 

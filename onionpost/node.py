@@ -33,12 +33,11 @@ from onionpost.errors import ListenError, NotInitialized, OnionpostError
 from onionpost.inbox import Inbox
 from onionpost.keylife import rotate_server
 from onionpost.keystore import AccountFiles, KeyStore, ensure_private_dir, write_private
-from onionpost.provision import DEVICE_COMPONENTS
 from onionpost.retry import RetryPolicy
 from onionpost.scheduler import Scheduler
+from onionpost.store import DEVICE_COMPONENTS, INBOX_COMPONENTS
 from onionpost.store.contacts import ContactStore
 from onionpost.store.db import Database
-from onionpost.store.inbox import COMPONENTS as INBOX_COMPONENTS
 from onionpost.store.inbox import InboxStore
 from onionpost.store.mailbox import MailboxStore
 from onionpost.store.outbox import OutboxStore

@@ -21,14 +21,12 @@ from onionpost.crypto.primitives import RandomSource, system_random
 from onionpost.errors import AlreadyInitialized, UsageError
 from onionpost.inbox import Inbox
 from onionpost.keystore import AccountFiles, KeyStore, check_user_name, ensure_private_dir
+from onionpost.store import DEVICE_COMPONENTS, INBOX_COMPONENTS
 from onionpost.store.db import Database
-from onionpost.store.inbox import COMPONENTS as INBOX_COMPONENTS
 from onionpost.store.inbox import InboxStore
 from onionpost.store.mailbox import MailboxStore
 from onionpost.store.outbox import OutboxStore
 from onionpost.wire import KeyUpdate
-
-DEVICE_COMPONENTS = ("mailbox", "accounts", "contacts", "submissions")
 
 DEFAULT_CONFIG = """\
 # onionpost configuration. Every setting is optional; the values shown are the defaults.

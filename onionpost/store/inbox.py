@@ -16,7 +16,6 @@ from typing import Protocol
 from onionpost.errors import QuotaExceeded, StoreError
 from onionpost.store.db import Database, translate
 
-COMPONENTS = ("inbox", "outbox")
 BLOB_CHUNK = 1 << 20
 
 

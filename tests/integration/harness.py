@@ -23,10 +23,12 @@ from onionpost.crypto.keys import ServerSecrets
 from onionpost.delivery import OutboxWorker
 from onionpost.inbox import Inbox
 from onionpost.keystore import AccountFiles, KeyStore
-from onionpost.provision import DEVICE_COMPONENTS, register
+from onionpost.provision import register
 from onionpost.retry import RetryPolicy
+from onionpost.store import DEVICE_COMPONENTS
+from onionpost.store import INBOX_COMPONENTS as COMPONENTS
 from onionpost.store.db import Database
-from onionpost.store.inbox import COMPONENTS, InboxStore
+from onionpost.store.inbox import InboxStore
 from onionpost.store.outbox import OutboxStore
 from onionpost.wire import KeyUpdate
 

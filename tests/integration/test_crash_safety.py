@@ -27,7 +27,8 @@ import pytest
 
 from onionpost.address import Address
 from onionpost.config import load
-from onionpost.provision import DEVICE_COMPONENTS, initialize
+from onionpost.provision import initialize
+from onionpost.store import DEVICE_COMPONENTS
 from onionpost.store.db import Database
 from onionpost.store.mailbox import MailboxStore
 

@@ -54,7 +54,9 @@ class World:
         self.bob = DeviceNode(root, "bob", self.b.provision("bob"), self.clock, self.dialer)
 
     async def send(self, subject: str) -> None:
-        self.alice.submissions.submit("alice", [self.bob.address], compose(self.alice, self.bob, subject))
+        self.alice.submissions.submit(
+            "alice", [self.bob.address], compose(self.alice, self.bob, subject)
+        )
         await self.alice.submissions.process_due()
 
     async def tick(self, seconds: int) -> None:

@@ -48,7 +48,9 @@ def test_unknown_setting_names_the_key(tmp_path: Path) -> None:
         ("[inbox\n", "not valid TOML"),
     ],
 )
-def test_bad_values_are_refused_with_the_key_named(tmp_path: Path, toml: str, fragment: str) -> None:
+def test_bad_values_are_refused_with_the_key_named(
+    tmp_path: Path, toml: str, fragment: str
+) -> None:
     (tmp_path / "onionpost.toml").write_text(toml)
     with pytest.raises(ConfigError) as err:
         load(tmp_path)
@@ -57,7 +59,7 @@ def test_bad_values_are_refused_with_the_key_named(tmp_path: Path, toml: str, fr
 
 def test_a_non_loopback_listener_warns(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="not a loopback address"):
-        from_mapping(tmp_path, {"gateway": {"listen_host": "0.0.0.0"}})  # noqa: S104
+        from_mapping(tmp_path, {"gateway": {"listen_host": "0.0.0.0"}})
 
 
 def test_overrides_merge_with_the_file(tmp_path: Path) -> None:

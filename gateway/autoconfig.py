@@ -1,0 +1,143 @@
+"""Thunderbird's autoconfig file for the gateway, served over HTTP on 127.0.0.1.
+
+Thunderbird fetches account settings from ``mailnews.auto_config_url`` (the "ISP database"
+lookup); the user.js from :mod:`gateway.thunderbird` points that pref here, so the settings
+come from this computer instead of live.thunderbird.net.  Paths served:
+
+* ``/v1.1/{domain}.xml`` and ``/v1.1/{domain}``: what ``mailnews.auto_config_url`` produces,
+  with or without a ``{{domain}}`` placeholder;
+* ``/mail/config-v1.1.xml`` and ``/.well-known/autoconfig/mail/config-v1.1.xml``: the ISP
+  autoconfig paths, for ``?emailaddress=`` or for every domain of this node.
+
+The answer names this node's onion domains, which identify its users, so only requests that
+are plainly local get one: the Host header must be a loopback name (a web page using DNS
+rebinding to reach this port would send its own host name), and requests a browser marks as
+coming from another site (``Sec-Fetch-Site``, ``Origin``) are refused.  ``nosniff`` keeps a
+page from loading the file as a script to learn, by success or failure, whether a domain is
+served.  No access log is written, since request paths carry the domains.
+
+aiohttp is imported here and in ``onionpost/api/server.py``; this server is a few routes on
+loopback, with none of the node API's exposure.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+from gateway.thunderbird import LOOPBACK, render_autoconfig_xml
+from onionpost.config import GatewayConfig
+
+__all__ = ["AutoconfigServer", "start_autoconfig"]
+
+log = logging.getLogger(__name__)
+
+_LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "[::1]", "::1"})
+_LOCAL_FETCH_SITES = frozenset({"none", "same-origin"})
+_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+
+
+def _normalise(domain: str) -> str:
+    domain = domain.strip().lower().rstrip(".")
+    return domain if domain.endswith(".onion") else f"{domain}.onion"
+
+
+def _host_only(value: str) -> str:
+    if value.startswith("["):
+        return value[: value.find("]") + 1]
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+def _is_local_request(request: web.Request) -> bool:
+    if _host_only(request.headers.get("Host", "")).lower() not in _LOCAL_HOSTS:
+        return False
+    site = request.headers.get("Sec-Fetch-Site")
+    if site is not None and site.lower() not in _LOCAL_FETCH_SITES:
+        return False
+    origin = request.headers.get("Origin")
+    return origin is None or (urlsplit(origin).hostname or "") in _LOCAL_HOSTS
+
+
+class _Routes:
+    def __init__(self, domains: Callable[[], list[str]], *, imap_port: int, smtp_port: int) -> None:
+        self._domains = domains
+        self._imap_port = imap_port
+        self._smtp_port = smtp_port
+
+    def _answer(self, request: web.Request, wanted: list[str] | None) -> web.Response:
+        if not _is_local_request(request):
+            return web.Response(status=403, text="Only local mail clients may ask.\n")
+        served = [_normalise(d) for d in self._domains()]
+        chosen = served if wanted is None else [d for d in served if d in wanted]
+        if not chosen:
+            return web.Response(status=404, text="No such mail domain here.\n", headers=_HEADERS)
+        xml = render_autoconfig_xml(
+            chosen, imap_port=self._imap_port, smtp_port=self._smtp_port, host=LOOPBACK
+        )
+        return web.Response(
+            text=xml, content_type="application/xml", charset="utf-8", headers=_HEADERS
+        )
+
+    async def by_domain(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"].removesuffix(".xml")
+        return self._answer(request, [_normalise(name)])
+
+    async def by_address(self, request: web.Request) -> web.Response:
+        address = request.query.get("emailaddress")
+        if address is None:
+            return self._answer(request, None)
+        return self._answer(request, [_normalise(address.rpartition("@")[2])])
+
+
+class AutoconfigServer:
+    """The running endpoint: where it listens, and how to stop it."""
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int) -> None:
+        self._runner = runner
+        self.host = host
+        self.port = port
+
+    @property
+    def url(self) -> str:
+        """The value for Thunderbird's ``mailnews.auto_config_url``."""
+        return f"http://{self.host}:{self.port}/v1.1/{{{{domain}}}}.xml"
+
+    async def close(self) -> None:
+        await self._runner.cleanup()
+
+
+async def start_autoconfig(
+    cfg: GatewayConfig,
+    domains: Callable[[], list[str]],
+    *,
+    imap_port: int | None = None,
+    smtp_port: int | None = None,
+) -> AutoconfigServer:
+    """Serve ``config-v1.1.xml`` on ``cfg.listen_host:cfg.autoconfig_port`` (0: any port).
+
+    ``imap_port``/``smtp_port`` are the ports the servers really listen on, when they were
+    started on port 0; ``domains`` is asked at each request, so new users appear at once.
+    """
+    routes = _Routes(
+        domains,
+        imap_port=cfg.imap_port if imap_port is None else imap_port,
+        smtp_port=cfg.smtp_port if smtp_port is None else smtp_port,
+    )
+    app = web.Application()
+    app.router.add_get("/v1.1/{name}", routes.by_domain)
+    app.router.add_get("/mail/config-v1.1.xml", routes.by_address)
+    app.router.add_get("/.well-known/autoconfig/mail/config-v1.1.xml", routes.by_address)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, cfg.listen_host, cfg.autoconfig_port)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+    except BaseException:
+        await runner.cleanup()
+        raise
+    log.info("autoconfig: serving Thunderbird settings on http://%s:%d/", host, port)
+    return AutoconfigServer(runner, str(host), int(port))

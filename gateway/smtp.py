@@ -1,0 +1,658 @@
+"""SMTP submission (RFC 6409) for the user's mail client, on 127.0.0.1.
+
+This is the only module that imports aiosmtpd.  Its ``SMTP`` protocol runs through
+``loop.create_server`` in the node's own event loop, not in aiosmtpd's ``Controller``
+thread: a submission ends in :meth:`onionpost.submission.Submissions.submit`, which writes
+the SQLite connection the rest of the node writes too, and one loop means one writer.
+
+What a client may do, and why:
+
+* Log in first (AUTH PLAIN or LOGIN with the per-user gateway password).  On loopback a
+  plaintext login is allowed unless ``gateway.require_tls`` says otherwise, because mail
+  clients make STARTTLS on 127.0.0.1 a chore; a listener on any other address always
+  requires STARTTLS first.  The scrypt check runs in a worker thread so that one login does
+  not stall every other session, costs the same for unknown users, and a failure is answered
+  only after a pause.
+* Send only as itself: MAIL FROM and the From:/Sender: headers must be the address of the
+  account that logged in.  Recipients must be onionpost addresses; anything else is refused
+  at RCPT with the reason :meth:`Address.parse` gives, so the user reads a sentence in the
+  compose window instead of a bounce later.
+* The size limit is announced (EHLO SIZE), checked at MAIL FROM, and enforced while DATA
+  arrives: past the limit the bytes are dropped as they come in, so memory stays bounded by
+  the limit even for a 100 MiB line without a line break (which aiosmtpd 1.4's own DATA
+  reader would buffer whole).  The 552 comes after the final dot, as RFC 5321 expects.
+* 250 is said only after ``submit`` returned, i.e. once the message is durable and filed in
+  Sent.  Every refusal is worded in ``gateway/replies.py``.
+* As an MSA may (RFC 6409 §8), a missing Message-ID or Date is added; nothing else in the
+  message is touched, and no Received: header is written (it would record the client).
+
+Privacy: the greeting and EHLO say ``onionpost`` rather than the machine's name, the added
+Date carries no time zone (``-0000``), and aiosmtpd's own INFO/DEBUG logging, which names
+every sender and recipient and echoes command lines, is dropped (:class:`_QuietAiosmtpd`).
+
+aiosmtpd is pinned below 1.5 and this module relies on a few of its internals (``_reader``,
+``_writer``, ``_reset_timeout``, ``_timeout_cb``, ``_tls_protocol``,
+``_handler_coroutine``, ``_call_handler_hook``); the integration tests exercise each of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import email.utils
+import ipaddress
+import logging
+import re
+import secrets
+import ssl
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any, AnyStr, Final
+
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, TLSSetupException
+
+from gateway import replies
+from onionpost.address import Address
+from onionpost.clock import Clock, SystemClock
+from onionpost.config import GatewayConfig
+from onionpost.errors import (
+    AddressError,
+    ConfigError,
+    MessageTooLarge,
+    OnionpostError,
+    SenderNotAllowed,
+)
+from onionpost.store.accounts import AccountStore, check_password
+
+__all__ = ["SMTPGateway", "Submit", "add_missing_headers", "start_smtp"]
+
+log = logging.getLogger(__name__)
+
+#: What the gateway hands accepted mail to (``Submissions.submit``); returns a queue id.
+Submit = Callable[[str, list[Address], bytes], int]
+
+#: RFC 5321 §4.5.3.2.7 suggests at least five minutes before a server gives up on a client.
+IDLE_TIMEOUT: Final = 300.0
+MAX_SESSIONS: Final = 512
+MAX_RECIPIENTS: Final = 1000
+AUTH_FAILURE_DELAY: Final = 1.0
+#: Per connection.  Each accepted command restarts the idle timer, so without a budget a
+#: client could hold a session open for ever with NOOPs, or try passwords without end.
+_CALL_LIMITS: Final = {
+    "AUTH": 5,
+    "EHLO": 20,
+    "HELO": 20,
+    "STARTTLS": 3,
+    "NOOP": 100,
+    "RSET": 200,
+    "HELP": 20,
+    "VRFY": 20,
+    "*": 20_000,
+}
+_REFRESH_EVERY: Final = 256 * 1024  # bytes of DATA between idle-timer restarts
+_HEADER_SCAN: Final = 1024 * 1024  # where a header block must have ended
+_NULL_SENDER = re.compile(r"FROM:\s*<\s*>", re.IGNORECASE)
+_NEWLINE = re.compile(rb"\r?\n")
+_AUTH_REQUIRE_TLS_NOTICE = "auth_required == True but auth_require_tls == False"
+
+
+class _QuietAiosmtpd(logging.Filter):
+    """Keeps aiosmtpd's warnings but not its chatter, nor what its warnings quote.
+
+    At INFO and DEBUG aiosmtpd logs every command line, sender and recipient: who mails
+    whom, which onionpost keeps out of its logs.  Its warnings quote command lines (an
+    unknown "command" may be a pipelined password), so their string arguments are hidden.
+    The notice that AUTH is allowed without TLS is the configured loopback policy.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING or record.msg == _AUTH_REQUIRE_TLS_NOTICE:
+            return False
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                "<hidden>" if isinstance(a, str | bytes) else a for a in record.args
+            )
+        return True
+
+
+_AIOSMTPD_LOG = logging.getLogger("mail.log")
+_LOG_FILTER = _QuietAiosmtpd()
+
+
+class _Session(Session):
+    """aiosmtpd 1.4 logs a deprecation warning each time ``login_data`` is set, which its
+    AUTH command does on every successful login; nothing here reads it."""
+
+    @property
+    def login_data(self) -> Any:  # noqa: ANN401 - aiosmtpd's own type
+        return self._login_data
+
+    @login_data.setter
+    def login_data(self, value: Any) -> None:  # noqa: ANN401
+        self._login_data = value
+
+
+def _b64(text: str) -> bytes | None:
+    if text == "=":  # RFC 4954: an empty initial response
+        return b""
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _header_fields(message: bytes) -> list[tuple[str, str]]:
+    """The (lower-case name, unfolded value) pairs of the header block, tolerating junk."""
+    if message.startswith((b"\r\n", b"\n")):
+        return []
+    end = re.search(rb"\r?\n\r?\n", message[:_HEADER_SCAN])
+    block = message[: end.start()] if end else message[:_HEADER_SCAN]
+    fields: list[tuple[str, str]] = []
+    for raw in _NEWLINE.split(block):
+        if raw[:1] in (b" ", b"\t") and fields:
+            name, value = fields[-1]
+            fields[-1] = (name, f"{value} {raw.strip().decode('utf-8', 'replace')}")
+            continue
+        name_bytes, colon, value_bytes = raw.partition(b":")
+        if colon and name_bytes.strip():
+            name = name_bytes.strip().decode("latin-1").lower()
+            fields.append((name, value_bytes.strip().decode("utf-8", "replace")))
+    return fields
+
+
+def _is_own(address: str, own: Address) -> bool:
+    try:
+        return Address.parse(address) == own
+    except AddressError:
+        return False
+
+
+def _check_author(fields: Iterable[tuple[str, str]], own: Address) -> None:
+    """The From: (and any Sender:) header must name the logged-in user and nobody else."""
+    fields = list(fields)
+    if not any(name == "from" for name, _ in fields):
+        raise SenderNotAllowed(
+            f"The message has no From: header; it must be from your own address, {own}."
+        )
+    for header in ("from", "sender"):
+        values = [value for name, value in fields if name == header]
+        for _display, addr in email.utils.getaddresses(values):
+            if not _is_own(addr, own):
+                shown = addr or "an address that cannot be read"
+                raise SenderNotAllowed(
+                    f"The {header.title()}: header must be your own address, {own}; {shown} is not."
+                )
+
+
+def add_missing_headers(message: bytes, own: Address, *, now: int, token: str) -> bytes:
+    """Prepend Message-ID and Date if the client sent none (RFC 6409 §8.2, §8.3).
+
+    The Message-ID names the sender's own onion domain, which the From: header already
+    shows; the Date is in UTC marked ``-0000`` ("time zone unknown", RFC 5322 §3.3), so it
+    does not tell recipients where the sender lives.
+    """
+    names = {name for name, _ in _header_fields(message)}
+    added = b""
+    if "message-id" not in names:
+        added += f"Message-ID: <{token}@{own.domain}>\r\n".encode("ascii")
+    if "date" not in names:
+        added += f"Date: {email.utils.formatdate(now)}\r\n".encode("ascii")
+    return added + message
+
+
+class _Policy:
+    """aiosmtpd's "handler": who may log in, send as whom, to whom, and what happens at DATA.
+
+    aiosmtpd finds mechanisms by the ``auth_`` prefix and hooks by ``handle_``, so no other
+    attribute here may start with either.
+    """
+
+    def __init__(
+        self,
+        *,
+        submit: Submit,
+        accounts: AccountStore,
+        max_bytes: int,
+        max_recipients: int,
+        failure_delay: float,
+        clock: Clock,
+    ) -> None:
+        self._submit = submit
+        self._accounts = accounts
+        self._max_bytes = max_bytes
+        self._max_recipients = max_recipients
+        self._failure_delay = failure_delay
+        self._clock = clock
+
+    # -- AUTH: our own mechanisms, because aiosmtpd's call a synchronous checker ----------
+
+    async def auth_PLAIN(self, server: SMTP, args: list[str]) -> AuthResult:  # noqa: N802
+        if len(args) == 1:
+            answer = await server.challenge_auth("")
+            if answer is MISSING:  # the client cancelled or sent bad base64; already answered
+                return AuthResult(success=False, handled=True)
+            blob: bytes | None = answer if isinstance(answer, bytes) else None
+        else:
+            blob = _b64(args[1])
+        if blob is None:
+            return AuthResult(success=False, handled=False, message=_BAD_BASE64)
+        parts = blob.split(b"\0")
+        if len(parts) != 3:
+            return AuthResult(success=False, handled=False, message=replies.SMTP_BAD_PLAIN)
+        authzid, login, password = parts
+        if authzid and authzid != login:  # acting for another user is not offered
+            return await self._refuse()
+        return await self._check(login, password)
+
+    async def auth_LOGIN(self, server: SMTP, args: list[str]) -> AuthResult:  # noqa: N802
+        if len(args) == 1:
+            answer = await server.challenge_auth("Username:")
+            if not isinstance(answer, bytes):
+                return AuthResult(success=False, handled=True)
+            login = answer
+        else:
+            decoded = _b64(args[1])
+            if decoded is None:
+                return AuthResult(success=False, handled=False, message=_BAD_BASE64)
+            login = decoded
+        password = await server.challenge_auth("Password:")
+        if not isinstance(password, bytes):
+            return AuthResult(success=False, handled=True)
+        return await self._check(login, password)
+
+    async def _check(self, login: bytes, password: bytes) -> AuthResult:
+        try:
+            name, secret = login.decode("utf-8"), password.decode("utf-8")
+        except UnicodeDecodeError:
+            name, secret = "", ""
+        credential = self._accounts.credential(name) if name else None
+        # scrypt: tens of milliseconds of CPU, so off the event loop; the same for a
+        # missing user (checked against a dummy hash), so timing does not reveal users.
+        if await asyncio.to_thread(check_password, credential, secret) and credential:
+            return AuthResult(success=True, auth_data=credential.user, message=replies.SMTP_AUTH_OK)
+        return await self._refuse()
+
+    async def _refuse(self) -> AuthResult:
+        log.info("smtp: a login was refused")
+        await asyncio.sleep(self._failure_delay)
+        return AuthResult(success=False, handled=False, message=replies.SMTP_AUTH_FAILED)
+
+    # -- the envelope ---------------------------------------------------------------------
+
+    async def handle_EHLO(  # noqa: N802
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        """aiosmtpd's list, plus SIZE (aiosmtpd's own SIZE check would word its 552 itself)
+        and ENHANCEDSTATUSCODES, minus its HELP keyword."""
+        session.host_name = hostname
+        keywords = [line[4:] for line in responses[1:] if line[4:] != "HELP"]
+        names = [server.hostname, f"SIZE {self._max_bytes}", *keywords, "ENHANCEDSTATUSCODES"]
+        return [f"250-{n}" for n in names[:-1]] + [f"250 {names[-1]}"]
+
+    async def handle_MAIL(  # noqa: N802
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        try:
+            own = self._own_address(session)
+            if not _is_own(address, own):
+                raise SenderNotAllowed(
+                    f"The sender (MAIL FROM) must be your own address, {own}; {address} is not."
+                )
+            for option in mail_options:
+                key, _, value = option.partition("=")
+                if key == "SIZE" and value.isdigit() and int(value) > self._max_bytes:
+                    raise MessageTooLarge(
+                        f"The message is {int(value)} bytes; this gateway accepts at most "
+                        f"{self._max_bytes} bytes per message."
+                    )
+        except OnionpostError as exc:
+            return replies.smtp_reply(exc)
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return replies.SMTP_SENDER_OK
+
+    async def handle_RCPT(  # noqa: N802
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        try:
+            recipient = str(Address.parse(address))
+        except AddressError as exc:
+            return replies.smtp_reply(exc)
+        if recipient in envelope.rcpt_tos:
+            return replies.SMTP_RECIPIENT_OK
+        if len(envelope.rcpt_tos) >= self._max_recipients:
+            return replies.smtp_too_many_recipients(self._max_recipients)
+        envelope.rcpt_tos.append(recipient)
+        envelope.rcpt_options.extend(rcpt_options)
+        return replies.SMTP_RECIPIENT_OK
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:  # noqa: N802
+        content = envelope.original_content or b""
+        try:
+            own = self._own_address(session)
+            _check_author(_header_fields(content), own)
+            message = add_missing_headers(
+                content, own, now=self._clock.now(), token=secrets.token_hex(16)
+            )
+            recipients = [Address.parse(r) for r in envelope.rcpt_tos]
+            user = str(session.auth_data)
+            submission = self._submit(user, recipients, message)
+        except OnionpostError as exc:
+            log.info("smtp: a message was refused (%s)", exc.code)
+            return replies.smtp_reply(exc)
+        except Exception:
+            log.exception("smtp: submitting a message failed")
+            return replies.SMTP_INTERNAL_ERROR
+        log.info("smtp: submission %d queued for %d recipient(s)", submission, len(recipients))
+        return replies.smtp_queued(submission)
+
+    async def handle_exception(self, error: Exception) -> str:
+        """Whatever escaped a command: a reply for the client, a log line for the owner."""
+        if isinstance(error, TLSSetupException):
+            log.info("smtp: a STARTTLS handshake failed: %s", error.__cause__ or error)
+            return replies.SMTP_INTERNAL_ERROR  # not sent: aiosmtpd closes the connection
+        if isinstance(error, OnionpostError):
+            return replies.smtp_reply(error)
+        log.error("smtp: a command failed", exc_info=error)
+        return replies.SMTP_INTERNAL_ERROR
+
+    def _own_address(self, session: Session) -> Address:
+        return Address.parse(self._accounts.address(str(session.auth_data)))
+
+
+_BAD_BASE64 = replies.smtp_protocol_reply("501 5.5.2 Can't decode base64")
+
+
+class _Connection(SMTP):
+    """One client session: aiosmtpd's state machine with our DATA reader and wording."""
+
+    def __init__(
+        self,
+        policy: _Policy,
+        registry: set[_Connection],
+        *,
+        max_bytes: int,
+        idle_timeout: float,
+        require_tls: bool,
+        tls: ssl.SSLContext | None,
+        hostname: str,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        with warnings.catch_warnings():
+            # Plaintext AUTH on loopback is the configured policy, not an accident.
+            warnings.filterwarnings(
+                "ignore", message="Requiring AUTH while not requiring TLS", category=UserWarning
+            )
+            super().__init__(
+                policy,
+                data_size_limit=None,  # enforced by smtp_DATA and handle_MAIL instead
+                enable_SMTPUTF8=False,
+                decode_data=False,
+                hostname=hostname,
+                ident="ESMTP",
+                tls_context=tls,
+                require_starttls=False,
+                timeout=idle_timeout,
+                auth_required=True,
+                auth_require_tls=require_tls,
+                command_call_limit=dict(_CALL_LIMITS),
+                loop=loop,
+            )
+        self._registry = registry
+        self._max_bytes = max_bytes
+        # Counted from creation: a burst of accepts creates many protocols before any
+        # connection_made runs, and the session limit must hold during the burst too.
+        registry.add(self)
+
+    def _create_session(self) -> Session:
+        return _Session(self.loop)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self._registry.discard(self)
+        super().connection_lost(error)
+
+    @property
+    def handler_task(self) -> asyncio.Task[None] | None:
+        return self._handler_coroutine
+
+    async def push(self, status: AnyStr) -> None:
+        if isinstance(status, str):
+            await super().push(replies.smtp_protocol_reply(status))
+        else:
+            await super().push(status)
+
+    def _timeout_cb(self) -> None:
+        """Say why before hanging up on an idle client (aiosmtpd just closes)."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if isinstance(transport, asyncio.WriteTransport):
+            line = replies.smtp_idle_timeout(self._timeout_duration) + "\r\n"
+            with contextlib.suppress(Exception):
+                transport.write(line.encode("ascii"))
+        log.info("smtp: closed an idle session")
+        transport.close()  # connection_lost cleans up, as after aiosmtpd's own timeout
+
+    async def challenge_auth(
+        self,
+        challenge: str | bytes,
+        encode_to_b64: bool = True,
+        log_client_response: bool = False,
+    ) -> Any:  # noqa: ANN401 - aiosmtpd's private _Missing | bytes
+        """aiosmtpd's, but never logging the answer, and refusing an over-long one politely
+        (its readline raises ValueError, which would read as an internal error)."""
+        try:
+            return await super().challenge_auth(challenge, encode_to_b64, False)
+        except ValueError:
+            await self.push(replies.SMTP_AUTH_TOO_LONG)
+            return MISSING
+
+    async def smtp_STARTTLS(self, arg: str) -> None:  # noqa: N802
+        if self._tls_protocol is not None:  # aiosmtpd would stack a second TLS layer
+            await self.push(replies.SMTP_TLS_ACTIVE)
+            return
+        await super().smtp_STARTTLS(arg)
+
+    async def smtp_MAIL(self, arg: str | None) -> None:  # noqa: N802
+        session = self.session
+        if (
+            arg is not None
+            and session is not None
+            and session.host_name
+            and session.authenticated
+            and _NULL_SENDER.match(arg.strip())
+        ):
+            refusal = SenderNotAllowed(
+                "An empty sender (MAIL FROM:<>) is only for bounces; a message you send must "
+                "come from your own address."
+            )
+            await self.push(replies.smtp_reply(refusal))
+            return
+        await super().smtp_MAIL(arg)
+
+    async def smtp_DATA(self, arg: str) -> None:  # noqa: N802
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        content = await self._receive()
+        if content is _EOF:
+            if self.transport is not None:
+                self.transport.close()
+            return
+        if content is _TOO_LARGE:
+            self.envelope = self._create_envelope()
+            too_large = MessageTooLarge(
+                f"The message is larger than this gateway's limit of {self._max_bytes} bytes, "
+                "so it was not sent."
+            )
+            await self.push(replies.smtp_reply(too_large))
+            return
+        assert isinstance(content, bytes)
+        self.envelope.content = content
+        self.envelope.original_content = content
+        status = await self._call_handler_hook("DATA")
+        self.envelope = self._create_envelope()
+        await self.push(status if isinstance(status, str) else replies.SMTP_INTERNAL_ERROR)
+
+    async def _receive(self) -> bytes | object:
+        """The message, un-dot-stuffed; ``_TOO_LARGE`` once past the limit; ``_EOF``.
+
+        Memory: what is kept never exceeds the limit; past it, each piece is dropped as it
+        is read.  A line longer than the reader's buffer arrives in pieces, which is fine:
+        RFC 5321 §4.5.3.1 asks servers not to impose line limits where they can avoid it.
+        """
+        body = bytearray()
+        too_large = False
+        at_line_start = True
+        unrefreshed = 0
+        while True:
+            try:
+                piece = await self._reader.readuntil(b"\r\n")
+            except asyncio.LimitOverrunError as exc:
+                piece = await self._reader.read(exc.consumed)
+            except asyncio.IncompleteReadError:
+                return _EOF
+            if at_line_start:
+                if piece == b".\r\n":
+                    break
+                if piece[:1] == b".":
+                    piece = piece[1:]
+            at_line_start = piece.endswith(b"\r\n")
+            if not too_large:
+                body += piece
+                if len(body) > self._max_bytes:
+                    too_large = True
+                    body = bytearray()
+            unrefreshed += len(piece)
+            if unrefreshed >= _REFRESH_EVERY:  # a long upload is not an idle client
+                unrefreshed = 0
+                self._reset_timeout()
+        return _TOO_LARGE if too_large else bytes(body)
+
+
+_TOO_LARGE = object()
+_EOF = object()
+
+
+class _Busy(asyncio.Protocol):
+    """Answers a connection over the session limit and hangs up."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if isinstance(transport, asyncio.WriteTransport):
+            transport.write((replies.SMTP_BUSY + "\r\n").encode("ascii"))
+        transport.close()
+
+
+class SMTPGateway:
+    """The running submission server: where it listens, and how to stop it."""
+
+    def __init__(self, server: asyncio.Server, registry: set[_Connection]) -> None:
+        self._server = server
+        self._registry = registry
+        self.host, self.port = server.sockets[0].getsockname()[:2]
+
+    @property
+    def sessions(self) -> int:
+        """How many client sessions are open now."""
+        return len(self._registry)
+
+    async def close(self) -> None:
+        """Stop listening, hang up on every session, and wait for their tasks to end."""
+        self._server.close()
+        tasks = [t for conn in list(self._registry) if (t := conn.handler_task) is not None]
+        for conn in list(self._registry):
+            if conn.transport is not None:
+                conn.transport.close()
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5):
+                await self._server.wait_closed()
+
+
+async def start_smtp(
+    cfg: GatewayConfig,
+    *,
+    submit: Submit,
+    accounts: AccountStore,
+    tls: ssl.SSLContext | None,
+    hostname: str = "onionpost",
+    clock: Clock | None = None,
+    idle_timeout: float = IDLE_TIMEOUT,
+    max_sessions: int = MAX_SESSIONS,
+    max_recipients: int = MAX_RECIPIENTS,
+    auth_failure_delay: float = AUTH_FAILURE_DELAY,
+) -> SMTPGateway:
+    """Listen on ``cfg.listen_host:cfg.smtp_port`` (port 0: any free port) in this loop."""
+    require_tls = cfg.require_tls or not _is_loopback(cfg.listen_host)
+    if require_tls and tls is None:
+        raise ConfigError(
+            "The SMTP gateway must require TLS for logins (gateway.require_tls, or a "
+            "listen_host that is not loopback) but has no TLS certificate to offer."
+        )
+    if _LOG_FILTER not in _AIOSMTPD_LOG.filters:
+        _AIOSMTPD_LOG.addFilter(_LOG_FILTER)
+    loop = asyncio.get_running_loop()
+    policy = _Policy(
+        submit=submit,
+        accounts=accounts,
+        max_bytes=cfg.max_message_bytes,
+        max_recipients=max_recipients,
+        failure_delay=auth_failure_delay,
+        clock=clock or SystemClock(),
+    )
+    registry: set[_Connection] = set()
+
+    def connection() -> asyncio.Protocol:
+        if len(registry) >= max_sessions:
+            return _Busy()
+        return _Connection(
+            policy,
+            registry,
+            max_bytes=cfg.max_message_bytes,
+            idle_timeout=idle_timeout,
+            require_tls=require_tls,
+            tls=tls,
+            hostname=hostname,
+            loop=loop,
+        )
+
+    server = await loop.create_server(
+        connection, cfg.listen_host, cfg.smtp_port, backlog=max(128, max_sessions)
+    )
+    gateway = SMTPGateway(server, registry)
+    log.info("smtp: submission gateway on %s:%d", gateway.host, gateway.port)
+    return gateway

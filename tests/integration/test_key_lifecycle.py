@@ -80,8 +80,9 @@ async def test_rotation_publishes_new_keys_and_old_mail_still_opens(pair) -> Non
     assert any("signing key rotated" in c for c in changes)
     await phone.device.maintain_keys(clock.now(), cfg, server_key=None)
     raw = b.inbox.bundle("bob", clock.now())
-    vb = verify_bundle(KeyBundle.parse(raw), onion_pk=b.secrets.onion_pk, local="bob",
-                       now=clock.now())
+    vb = verify_bundle(
+        KeyBundle.parse(raw), onion_pk=b.secrets.onion_pk, local="bob", now=clock.now()
+    )
     heads = {d.device_id: d for d in vb.devices}
     me = heads[bob.device.account.device.device_id]
     assert me.dsk_seq == 1 and me.spk_id != old_spk
@@ -123,14 +124,20 @@ async def test_revoked_device_is_refused_at_once_and_its_spool_deleted(pair) -> 
     await bob.device.publish_keys(KeyUpdate(device_list=bob.device.account.device_list))
     with pytest.raises(DeviceRefused):
         await phone.device.session.pending()
-    assert b.inbox.store.pending(bob.device.account.mailbox_id,
-                                 phone.device.account.device.device_id) == []
+    assert (
+        b.inbox.store.pending(bob.device.account.mailbox_id, phone.device.account.device.device_id)
+        == []
+    )
     # a sender with a stale bundle still lists the phone; its copy is dropped by the inbox
     await deliver(a, alice, bob, "after revocation")
     await bob.device.sync()
     assert inbox_subjects(bob) == ["for both", "after revocation"]
-    vb = verify_bundle(KeyBundle.parse(b.inbox.bundle("bob", clock.now())),
-                       onion_pk=b.secrets.onion_pk, local="bob", now=clock.now())
+    vb = verify_bundle(
+        KeyBundle.parse(b.inbox.bundle("bob", clock.now())),
+        onion_pk=b.secrets.onion_pk,
+        local="bob",
+        now=clock.now(),
+    )
     assert [d.name for d in vb.devices] == ["laptop"]
 
 
@@ -143,6 +150,10 @@ async def test_server_key_rotation_moves_the_binding(pair) -> None:
     assert new is not None
     changes = await alice.device.maintain_keys(clock.now(), KeysConfig(), server_key=new)
     assert any("binding" in c for c in changes)
-    vb = verify_bundle(KeyBundle.parse(a.inbox.bundle("alice", clock.now() + 61)),
-                       onion_pk=a.secrets.onion_pk, local="alice", now=clock.now())
+    vb = verify_bundle(
+        KeyBundle.parse(a.inbox.bundle("alice", clock.now() + 61)),
+        onion_pk=a.secrets.onion_pk,
+        local="alice",
+        now=clock.now(),
+    )
     assert vb.sek_id == new.sek_id

@@ -17,14 +17,16 @@ SENDER = _Sender(ALICE, b"\x02" * 32)
 
 @pytest.mark.parametrize("eol", [b"\r\n", b"\n"])
 def test_forged_verification_headers_are_dropped(eol: bytes) -> None:
-    raw = eol.join([
-        b"X-Onionpost-Verified: mallory@evil (identity 0000)",
-        b"x-onionpost-notice: verification-failed",
-        f"From: Alice <{ALICE}>".encode(),
-        b"Subject: hi",
-        b"",
-        b"body X-Onionpost-Verified: stays in the body",
-    ])
+    raw = eol.join(
+        [
+            b"X-Onionpost-Verified: mallory@evil (identity 0000)",
+            b"x-onionpost-notice: verification-failed",
+            f"From: Alice <{ALICE}>".encode(),
+            b"Subject: hi",
+            b"",
+            b"body X-Onionpost-Verified: stays in the body",
+        ]
+    )
     out = _stamp(raw, SENDER)
     msg = message_from_bytes(out, policy=default)
     assert msg.get_all("X-Onionpost-Verified") == [msg["X-Onionpost-Verified"]]

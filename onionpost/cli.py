@@ -488,6 +488,50 @@ def devices_revoke(obj: Ctx, device: str) -> None:
     click.echo(f"Revoked. Device list is now version {account.device_list.version}.")
 
 
+# --- users of this node ----------------------------------------------------------------------
+
+
+@cli.group()
+def users() -> None:
+    """Users whose mailboxes live on this node (a household shares one inbox)."""
+
+
+@users.command("add")
+@click.argument("name")
+@click.option("--device-name", default="primary", show_default=True)
+@pass_ctx
+def users_add(obj: Ctx, name: str, device_name: str) -> None:
+    """Give another person an address on this node's inbox."""
+    from onionpost import admin
+    from onionpost.provision import add_user
+
+    config = obj.config()
+    result = add_user(
+        config,
+        local=name.lower(),
+        device_name=device_name,
+        now=int(time.time()),
+        gateway_setup=_gateway_setup(),
+    )
+    click.echo(f"Added {result.address}")
+    click.echo(f"  identity:  {result.fingerprint}")
+    if result.password:
+        click.echo(f"  mail-client user name: {result.address.local}, password: {result.password}")
+    if admin.poke(obj.data_dir):
+        click.echo("The running node picks the new user up now.")
+
+
+@users.command("list")
+@pass_ctx
+def users_list(obj: Ctx) -> None:
+    """Everyone with an address on this node."""
+    from onionpost.keystore import AccountFiles, KeyStore
+
+    files = AccountFiles(KeyStore(obj.data_dir))
+    for local in files.users():
+        click.echo(str(files.load(local).address))
+
+
 # --- mail clients ------------------------------------------------------------------------------
 
 

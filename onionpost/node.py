@@ -183,20 +183,7 @@ class Node:
         self.mailbox = MailboxStore(db)
         self.contacts = ContactStore(db)
         for local in users:
-            device = Device(
-                files.load(local),
-                config=cfg,
-                mailbox=self.mailbox,
-                contacts=self.contacts,
-                accounts=files,
-                dialer=self.dialer,
-                clock=self.clock,
-                rng=self.rng,
-            )
-            self.devices[local] = device
-            with contextlib.suppress(OnionpostError):
-                await device.publish_keys()
-            device.start()
+            await self._start_device(files, local)
         self.submissions = Submissions(
             db=db,
             mailbox=self.mailbox,
@@ -284,6 +271,23 @@ class Node:
             with contextlib.suppress(OnionpostError):
                 await device.directory.resolve(Address.parse(contact.address), now=now)
 
+    async def _start_device(self, files: AccountFiles, local: str) -> None:
+        assert self.mailbox is not None and self.contacts is not None
+        device = Device(
+            files.load(local),
+            config=self.config,
+            mailbox=self.mailbox,
+            contacts=self.contacts,
+            accounts=files,
+            dialer=self.dialer,
+            clock=self.clock,
+            rng=self.rng,
+        )
+        self.devices[local] = device
+        with contextlib.suppress(OnionpostError):
+            await device.publish_keys()
+        device.start()
+
     def _open(self, path: Path, components: tuple[str, ...]) -> Database:
         db = Database(path, components)
         self._dbs.append(db)
@@ -315,9 +319,18 @@ class Node:
         self._dbs.clear()
 
     def wake(self) -> None:
-        """Look at the queues now (the CLI changed them)."""
+        """Look at the queues now, and pick up users added by the CLI (SIGUSR1)."""
         for job in ("seal", "deliver", "outcomes"):
             self.scheduler.wake(job)
+        if self.has_gateway and self.mailbox is not None:
+            self._tasks.append(asyncio.get_running_loop().create_task(self._add_new_users()))
+
+    async def _add_new_users(self) -> None:
+        files = AccountFiles(self.keys)
+        for local in files.users():
+            if local not in self.devices and self.mailbox and self.contacts:
+                await self._start_device(files, local)
+                log.info("new user %s is served now", local)
 
     async def run_until(self, stop: asyncio.Event) -> None:
         await self.start()

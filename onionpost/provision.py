@@ -80,16 +80,41 @@ def initialize(
             "Use --data-dir for another one."
         )
     check_user_name(local)
-    if not device_name.strip() or len(device_name.encode()) > 64:
-        raise UsageError("A device name must be 1 to 64 bytes long.")
     ensure_private_dir(data_dir)
     cfg_file = data_dir / CONFIG_FILE
     if not cfg_file.exists():
         cfg_file.write_text(DEFAULT_CONFIG, encoding="utf-8")
         cfg_file.chmod(0o600)
-
-    keys = KeyStore(data_dir)
     server = ServerSecrets.generate(now, rng=rng)
+    KeyStore(data_dir).save_server(server)
+    return add_user(
+        config,
+        local=local,
+        device_name=device_name,
+        now=now,
+        rng=rng,
+        gateway_setup=gateway_setup,
+    )
+
+
+def add_user(
+    config: Config,
+    *,
+    local: str,
+    device_name: str,
+    now: int,
+    rng: RandomSource = system_random,
+    gateway_setup: Callable[[Config, Account], str | None] | None = None,
+) -> Initialized:
+    """Another user on this node's inbox (a household): identity, device, mailbox, login."""
+    check_user_name(local)
+    if not device_name.strip() or len(device_name.encode()) > 64:
+        raise UsageError("A device name must be 1 to 64 bytes long.")
+    keys = KeyStore(config.data_dir)
+    files = AccountFiles(keys)
+    if local in files.users():
+        raise UsageError(f"There is already a user '{local}' here.")
+    server = keys.load_server()
     account = create_identity(
         local,
         device_name,
@@ -99,7 +124,7 @@ def initialize(
         prekey_lifetime=config.keys.prekey_rotation_days * 86_400,
         rng=rng,
     )
-    inbox_db = Database(data_dir / "inbox.db", INBOX_COMPONENTS)
+    inbox_db = Database(config.data_dir / "inbox.db", INBOX_COMPONENTS)
     try:
         inbox = Inbox(
             store=InboxStore(inbox_db),
@@ -108,12 +133,13 @@ def initialize(
             config=config.inbox,
             rng=rng,
         )
+        if inbox.store.mailbox_by_local(local) is not None:
+            raise UsageError(f"This inbox already has a mailbox named '{local}'.")
         register(inbox, account, now=now)
     finally:
         inbox_db.close()
-    keys.save_server(server)
-    AccountFiles(keys).save(account)
-    device_db = Database(data_dir / "device.db", DEVICE_COMPONENTS)
+    files.save(account)
+    device_db = Database(config.data_dir / "device.db", DEVICE_COMPONENTS)
     try:
         MailboxStore(device_db).ensure_user(account.local)
     finally:

@@ -17,7 +17,7 @@ def home(tmp_path: Path) -> Path:
     return tmp_path / "home"
 
 
-def run(home: Path, *args: str, input: str | None = None) -> tuple[int, str]:  # noqa: A002
+def run(home: Path, *args: str, input: str | None = None) -> tuple[int, str]:
     result = CliRunner().invoke(cli, ["--data-dir", str(home), *args], input=input)
     return result.exit_code, result.output
 
@@ -67,7 +67,7 @@ def test_users_send_queue_cancel(home: Path) -> None:
     assert out.count("@") == 2
     code, out = run(home, "send", "--user", "alice", "--to", "nobody@example.com", "--text", "x")
     assert code == 1 and "not an onionpost address" in out
-    carol = [ln for ln in run(home, "users", "list")[1].splitlines() if ln.startswith("carol@")][0]
+    carol = next(ln for ln in run(home, "users", "list")[1].splitlines() if ln.startswith("carol@"))
     code, out = run(
         home, "send", "--user", "alice", "--to", carol, "--subject", "hi", "--text", "hello carol"
     )

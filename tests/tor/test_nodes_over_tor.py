@@ -1,0 +1,136 @@
+"""Two complete nodes exchange mail over real onion services on the private Tor network.
+
+Each node launches its own tor (joined to the test network), publishes its inbox as an onion
+service, and reaches the other only through tor: no static routes.  Covered: mail both ways,
+a node restart keeping its address, tor killed under a running node, and a recipient inbox
+that is down (temporary errors) and then comes back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+
+from onionpost.clock import SystemClock
+from onionpost.config import Config, load
+from onionpost.node import Node
+from onionpost.provision import initialize
+from onionpost.tornet import TorNetwork
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+def make_config(root: Path, user: str, net: TorNetwork) -> Config:
+    home = root / user
+    overrides = {
+        "tor": {"extra_torrc": net.client_torrc_lines(), "bootstrap_timeout": 90},
+        "inbox": {"pow_bits": 8, "longpoll_seconds": 5.0},
+        "delivery": {"retry_min_seconds": 1, "retry_max_seconds": 5},
+    }
+    if not (home / "inbox").exists():
+        initialize(load(home), local=user, device_name="laptop", now=int(time.time()))
+    return load(home, overrides)
+
+
+def mail(frm: str, to: str, subject: str) -> bytes:
+    m = EmailMessage()
+    m["From"], m["To"], m["Subject"] = frm, to, subject
+    m["Message-ID"] = f"<{subject.replace(' ', '.')}@tor.test>"
+    m.set_content(f"{subject} over onion services")
+    return m.as_bytes()
+
+
+def subjects(node: Node, user: str, folder: str = "INBOX") -> list[str]:
+    assert node.mailbox is not None
+    f = node.mailbox.folder(user, folder)
+    out = []
+    for m in node.mailbox.messages(f.id):
+        for line in node.mailbox.header(m.body_id).split(b"\r\n"):
+            if line.startswith(b"Subject: "):
+                out.append(line[9:].decode())
+    return out
+
+
+async def eventually(check, what: str, timeout: float = 90.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        await asyncio.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def send(node: Node, user: str, to: Node, to_user: str, subject: str) -> None:
+    assert node.submissions is not None
+    frm, dest = node.devices[user].address, to.devices[to_user].address
+    node.submissions.submit(user, [dest], mail(str(frm), str(dest), subject))
+
+
+async def test_two_nodes_mail_each_other_through_tor(
+    tor_network: TorNetwork, tmp_path: Path
+) -> None:
+    clock = SystemClock()
+    alice = Node(make_config(tmp_path, "alice", tor_network), clock=clock)
+    bob = Node(make_config(tmp_path, "bob", tor_network), clock=clock)
+    await alice.start()
+    await bob.start()
+    try:
+        assert alice.tor is not None and bob.tor is not None
+        a_onion = alice.devices["alice"].address.onion
+        assert alice.tor.status().onion == a_onion and alice.tor.status().published
+        assert bob.tor.status().pow_enabled, bob.tor.status().pow_note
+
+        await send(alice, "alice", bob, "bob", "hello bob")
+        await eventually(lambda: subjects(bob, "bob") == ["hello bob"], "alice's mail at bob")
+        await send(bob, "bob", alice, "alice", "hello alice")  # bob now holds alice's token
+        await eventually(lambda: subjects(alice, "alice") == ["hello alice"], "bob's reply")
+
+        # alice's node restarts: same onion address, and mail still reaches her
+        await alice.stop()
+        alice = Node(make_config(tmp_path, "alice", tor_network), clock=clock)
+        await alice.start()
+        assert alice.tor is not None and alice.tor.status().onion == a_onion
+        await send(bob, "bob", alice, "alice", "after restart")
+        await eventually(
+            lambda: "after restart" in subjects(alice, "alice"), "mail after alice's restart"
+        )
+
+        # tor dies under bob's running node; the health check brings it back
+        pid = bob.tor.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        await bob.tor.check_health()
+        assert bob.tor.status().published and bob.tor.pid != pid
+        await send(alice, "alice", bob, "bob", "after tor died")
+        await eventually(lambda: "after tor died" in subjects(bob, "bob"), "mail after tor died")
+
+        # bob's node is down: alice's outbox holds the mail and says why, then delivers
+        await bob.stop()
+        await send(alice, "alice", bob, "bob", "while bob was down")
+        assert alice.inbox is not None
+
+        def deferred() -> bool:
+            rows = alice.inbox.outbox.rows() if alice.inbox else []
+            return bool(rows) and rows[0].attempts >= 1 and bool(rows[0].last_error)
+
+        await eventually(deferred, "a failed delivery attempt")
+        row = alice.inbox.outbox.rows()[0]
+        assert row.last_error_code.startswith("4."), row
+        assert "inbox" in row.last_error.lower()
+        bob = Node(make_config(tmp_path, "bob", tor_network), clock=clock)
+        await bob.start()
+        alice.wake()
+        await eventually(
+            lambda: "while bob was down" in subjects(bob, "bob"),
+            "delivery after bob returned",
+            timeout=150,
+        )
+    finally:
+        await alice.stop()
+        await bob.stop()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Protocol
 
 from gateway.autoconfig import start_autoconfig
@@ -43,7 +43,7 @@ class GatewayHost(Protocol):
     @property
     def device_db(self) -> Database | None: ...
 
-    gateway_ports: Mapping[str, int]
+    gateway_ports: dict[str, int]
 
 
 @contextlib.contextmanager

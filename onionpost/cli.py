@@ -488,6 +488,26 @@ def devices_revoke(obj: Ctx, device: str) -> None:
     click.echo(f"Revoked. Device list is now version {account.device_list.version}.")
 
 
+# --- the demo --------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option(
+    "--workdir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Keep the demo's files here (default: a temporary directory, removed afterwards).",
+)
+@pass_ctx
+def demo(obj: Ctx, workdir: Path | None) -> None:
+    """See it work: a private Tor network and two people on this machine, about a minute."""
+    from onionpost import demo as demo_module
+
+    logging.basicConfig(level=logging.DEBUG if obj.debug else logging.ERROR)
+    logging.getLogger("apscheduler").setLevel(logging.ERROR)
+    asyncio.run(demo_module.run(click.echo, workdir))
+
+
 # --- users of this node ----------------------------------------------------------------------
 
 

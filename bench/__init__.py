@@ -14,8 +14,10 @@ from __future__ import annotations
 #: section name -> module that implements it, in the order a full run prints them.
 SECTIONS: dict[str, str] = {
     "crypto": "bench.crypto",
-    # "delivery": "bench.delivery",
-    # "tor": "bench.tor",
+    "delivery": "bench.delivery",
+    "gateway": "bench.gateway",
+    "queue": "bench.queue",
+    "tor": "bench.tor",
     # "scheduler": "bench.scheduler",
     # "smtp": "bench.smtp",
     # "imap": "bench.imap",

@@ -19,10 +19,16 @@ from onionpost.address import Address
 from onionpost.api.client import InboxClient
 from onionpost.api.transport import Dialer
 from onionpost.clock import Clock
-from onionpost.errors import AddressError, OnionpostError, PermanentDeliveryError, TorError
+from onionpost.errors import (
+    AddressError,
+    OnionpostError,
+    PermanentDeliveryError,
+    StaleRecipientKeys,
+    TorError,
+)
 from onionpost.inbox import Inbox
 from onionpost.retry import RetryPolicy, after_failure
-from onionpost.store.outbox import OutboxRow, OutboxStore
+from onionpost.store.outbox import RESEAL_CODE, OutboxRow, OutboxStore
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +147,14 @@ class OutboxWorker:
 
     def _failed(self, row: OutboxRow, exc: OnionpostError) -> None:
         now = self.clock.now()
+        if isinstance(exc, StaleRecipientKeys):
+            # Sending this envelope again cannot help: hand it back so the submitting device
+            # seals the message again with the recipient's current keys.
+            self.outbox.mark_bounced(
+                row.id, now=now, error=str(exc), code=RESEAL_CODE, attempted=True
+            )
+            self._notify(row.id)
+            return
         temporary = exc.temporary or isinstance(exc, TorError)
         decision = after_failure(
             self.policy,

@@ -72,6 +72,7 @@ class Device:
             dialer,
             prekey_grace=config.delivery.prekey_grace_seconds,
             onion_port=config.tor.onion_port,
+            clock=clock,
         )
         self.sender = Sender(
             account=account,

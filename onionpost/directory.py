@@ -9,17 +9,20 @@ accepted silently: it is recorded and the send fails until the user accepts the 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 
 from onionpost.address import Address
 from onionpost.api.client import InboxClient
 from onionpost.api.transport import Dialer
+from onionpost.clock import Clock, SystemClock
 from onionpost.crypto.bundle import KeyBundle, Pin, VerifiedBundle, verify_bundle
 from onionpost.crypto.sender import pin_encode, pin_parse
 from onionpost.errors import (
     DeliveryError,
     IdentityKeyChanged,
+    OnionpostError,
     PermanentDeliveryError,
     TemporaryDeliveryError,
     TorError,
@@ -44,12 +47,21 @@ class Directory:
         prekey_grace: int,
         onion_port: int = 80,
         timeout: float = 90.0,
+        clock: Clock | None = None,
+        fresh_seconds: float = 60.0,
+        failure_seconds: float = 60.0,
     ) -> None:
         self.contacts = contacts
         self.dialer = dialer
         self.prekey_grace = prekey_grace
         self.onion_port = onion_port
         self.timeout = timeout
+        self.clock = clock or SystemClock()
+        self.fresh_seconds = fresh_seconds
+        self.failure_seconds = failure_seconds
+        self._fresh: dict[str, tuple[float, Resolved]] = {}
+        self._failed: dict[str, tuple[float, OnionpostError]] = {}
+        self._inflight: dict[str, asyncio.Future[Resolved]] = {}
 
     def client(self, address: Address, role: str) -> InboxClient:
         return InboxClient(
@@ -61,22 +73,52 @@ class Directory:
         )
 
     async def resolve(self, address: Address, *, now: int) -> Resolved:
-        """The recipient's verified keys; raises DeliveryError (temporary or permanent)."""
+        """The recipient's verified keys; raises DeliveryError (temporary or permanent).
+
+        One network fetch serves every message sealed for the same address within
+        ``fresh_seconds`` (a batch of queued mail), concurrent callers share one fetch, and
+        after a failed fetch the cached bundle is used at once for ``failure_seconds``
+        instead of waiting for tor to give up on an offline inbox again for every message.
+        """
         key = str(address)
-        contact = self.contacts.get(key)
-        pin = pin_parse(contact.pin) if contact else None
+        clock = self.clock.monotonic
+        recent = self._fresh.get(key)
+        if recent is not None and clock() - recent[0] < self.fresh_seconds:
+            return recent[1]
+        failed = self._failed.get(key)
+        if failed is not None and clock() - failed[0] < self.failure_seconds:
+            return self._fallback(address, failed[1], now)
+        inflight = self._inflight.get(key)
+        if inflight is not None:
+            return await asyncio.shield(inflight)
+        future: asyncio.Future[Resolved] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = future
+        try:
+            result = await self._fetch(address, now)
+        except BaseException as exc:
+            if not future.done():
+                future.set_exception(exc)
+                future.exception()  # retrieved: callers get it through the await above
+            raise
+        else:
+            future.set_result(result)
+            return result
+        finally:
+            del self._inflight[key]
+
+    async def _fetch(self, address: Address, now: int) -> Resolved:
+        key = str(address)
+        clock = self.clock.monotonic
         try:
             raw = await self.client(address, "bundle").bundle(address.local)
         except PermanentDeliveryError:
             raise
         except (DeliveryError, TorError) as exc:
-            if contact is None or contact.bundle is None:
-                raise TemporaryDeliveryError(
-                    f"Cannot fetch {address}'s keys ({exc}) and none are cached yet.",
-                    code=exc.code,
-                ) from exc
-            log.info("using cached keys for %s: %s", address, exc)
-            return Resolved(self._cached(address, contact.bundle, pin, now), fresh=False)
+            self._failed[key] = (clock(), exc)
+            return self._fallback(address, exc, now)
+        self._failed.pop(key, None)
+        contact = self.contacts.get(key)
+        pin = pin_parse(contact.pin) if contact else None
         bundle = KeyBundle.parse(raw)
         try:
             verified = verify_bundle(
@@ -98,7 +140,26 @@ class Directory:
             bundle=raw,
             display_name=display,
         )
-        return Resolved(verified, fresh=True)
+        resolved = Resolved(verified, fresh=True)
+        self._fresh[key] = (clock(), resolved)
+        return resolved
+
+    def _fallback(self, address: Address, exc: OnionpostError, now: int) -> Resolved:
+        """The cached bundle, when the inbox cannot be reached (or a temporary error)."""
+        contact = self.contacts.get(str(address))
+        if contact is None or contact.bundle is None:
+            raise TemporaryDeliveryError(
+                f"Cannot fetch {address}'s keys ({exc}) and none are cached yet.",
+                code=exc.code,
+            ) from exc
+        log.info("using cached keys for %s: %s", address, exc)
+        pin = pin_parse(contact.pin)
+        return Resolved(self._cached(address, contact.bundle, pin, now), fresh=False)
+
+    def forget(self, address: Address) -> None:
+        """Drop what is remembered about fetching this address (its keys may have changed)."""
+        self._fresh.pop(str(address), None)
+        self._failed.pop(str(address), None)
 
     def _cached(self, address: Address, raw: bytes, pin: Pin | None, now: int) -> VerifiedBundle:
         # The pin may have advanced past the cached bundle (a newer device list arrived in a

@@ -350,7 +350,9 @@ class UnknownMailbox(PermanentDeliveryError):
 class StaleRecipientKeys(TemporaryDeliveryError):
     """The message was sealed to keys the recipient no longer uses; fresh keys are needed."""
 
-    enhanced_code = "4.7.0"
+    # RFC 3463 X.7.5: "cryptographic failure ... necessary information such as key was not
+    # available"; distinct from rate limiting (X.7.0) so the sender can re-seal instead.
+    enhanced_code = "4.7.5"
     default_reason = "stale-keys"
 
 

@@ -18,6 +18,18 @@ from onionpost.errors import OnionpostError
 
 log = logging.getLogger(__name__)
 
+
+class _SkippedRuns(logging.Filter):
+    """APScheduler warns whenever a run is skipped because the job still runs; with
+    coalescing that is the intended behaviour (a wake-up during a run is kept, see wake)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "maximum number of running instances reached" not in record.getMessage()
+
+
+logging.getLogger("apscheduler.scheduler").addFilter(_SkippedRuns())
+logging.getLogger("apscheduler.executors.default").addFilter(_SkippedRuns())
+
 Job = Callable[[], Awaitable[object]]
 
 

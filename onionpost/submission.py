@@ -39,6 +39,7 @@ from onionpost.retry import RetryPolicy, after_failure
 from onionpost.sending import Outgoing
 from onionpost.store.db import Database
 from onionpost.store.mailbox import MailboxStore
+from onionpost.store.outbox import RESEAL_CODE
 from onionpost.store.submissions import PendingRecipient, SubmissionStore
 
 log = logging.getLogger(__name__)
@@ -232,6 +233,13 @@ class Submissions:
                 if isinstance(item.get("last_error_code"), str)
                 else None
             )
+            if state == "bounced" and code == RESEAL_CODE:
+                address = Address.parse(r.address)
+                device.directory.forget(address)
+                if self.store.reseal(r.submission_id, r.address, self.clock.now()):
+                    log.info("%s changed keys; sealing the message again", r.address)
+                    self.wake()
+                    continue
             if state in ("delivered", "bounced", "cancelled"):
                 self.store.set_outcome(
                     r.submission_id,

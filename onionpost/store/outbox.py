@@ -14,6 +14,9 @@ from dataclasses import dataclass
 
 from onionpost.store.db import Database
 
+#: An outbox row bounced with this code was handed back for re-sealing (see delivery.py).
+RESEAL_CODE = "5.7.5"
+
 
 @dataclass(frozen=True)
 class OutboxRow:
@@ -73,10 +76,19 @@ class OutboxStore:
         """
         with self.db.transaction() as c:
             row = c.execute(
-                "SELECT id FROM outbox WHERE mailbox_id = ? AND submission_key = ?",
+                "SELECT id, state, last_error_code FROM outbox WHERE mailbox_id = ?"
+                " AND submission_key = ?",
                 (mailbox_id, submission_key),
             ).fetchone()
             if row is not None:
+                if row[1] == "bounced" and row[2] == RESEAL_CODE:
+                    # handed back because the recipient's keys changed: this is the re-sealing
+                    c.execute(
+                        "UPDATE outbox SET envelope = ?, digest = ?, msg_id = ?, state = 'queued',"
+                        " next_attempt_at = ?, leased_until = NULL, finished_at = NULL,"
+                        " last_error = NULL, last_error_code = NULL WHERE id = ?",
+                        (envelope, digest, msg_id, now, row[0]),
+                    )
                 return int(row[0])
             cur = c.execute(
                 "INSERT INTO outbox (mailbox_id, device_id, destination, msg_id, digest, envelope,"

@@ -178,6 +178,7 @@ class SubmissionStore:
                 " AND address = ? AND state = 'queued'",
                 (state, error, code, submission_id, address),
             )
+            self._drop_finished(c, submission_id)
 
     def set_progress(
         self,
@@ -225,10 +226,24 @@ class SubmissionStore:
 
     @staticmethod
     def _drop_finished(c: sqlite3.Connection, submission_id: int) -> None:
-        """Forget the plaintext once no recipient still needs sealing (it lives on in Sent;
-        the header block stays for delivery status notifications)."""
+        """Forget the plaintext once every recipient's fate is known (it lives on in Sent;
+        the header block stays for delivery status notifications).  Until then it is kept:
+        a copy handed back because the recipient's keys changed must be sealed again."""
         c.execute(
             "UPDATE submissions SET message = x'' WHERE id = ? AND NOT EXISTS (SELECT 1 FROM"
-            " submission_recipients WHERE submission_id = ? AND state = 'pending')",
+            " submission_recipients WHERE submission_id = ? AND state IN ('pending', 'queued'))",
             (submission_id, submission_id),
         )
+
+    def reseal(self, submission_id: int, address: str, now: int) -> bool:
+        """Send a recipient back to sealing (its inbox refused the keys we used)."""
+        with self.db.transaction() as c:
+            return (
+                c.execute(
+                    "UPDATE submission_recipients SET state = 'pending', next_attempt_at = ?"
+                    " WHERE submission_id = ? AND address = ? AND state = 'queued' AND EXISTS"
+                    " (SELECT 1 FROM submissions WHERE id = ? AND length(message) > 0)",
+                    (now, submission_id, address, submission_id),
+                ).rowcount
+                > 0
+            )

@@ -13,6 +13,7 @@ from onionpost.api.transport import DirectDialer
 from onionpost.clock import FakeClock
 from onionpost.config import KeysConfig
 from onionpost.crypto.bundle import KeyBundle, verify_bundle
+from onionpost.crypto.keys import DeviceList, RevokedDevice
 from onionpost.errors import DeviceRefused
 from onionpost.wire import KeyUpdate
 
@@ -157,3 +158,48 @@ async def test_server_key_rotation_moves_the_binding(pair) -> None:
         now=clock.now(),
     )
     assert vb.sek_id == new.sek_id
+
+
+async def test_mail_sealed_to_keys_that_no_longer_exist_is_sealed_again(pair, tmp_path) -> None:
+    """Bob replaces his only device while alice still holds his old keys: her mail is refused
+    as stale by bob's inbox, handed back by her outbox, sealed again with fresh keys, and
+    reaches bob's new device; no bounce reaches alice."""
+    clock, a, b, alice, bob, phone = pair
+    await deliver(a, alice, bob, "while the laptop lived")  # alice caches bob's keys
+    await bob.device.sync()
+    await phone.device.sync()
+    revoke_device(bob.device.account, phone.device.account.device.device_id, now=clock.now())
+    bob.device.save()
+    await bob.device.publish_keys(KeyUpdate(device_list=bob.device.account.device_list))
+    # bob's laptop is replaced by a new tablet: a device list without the laptop
+    tablet_acc = b.add_device(bob.device.account, "tablet")
+    tablet = DeviceNode(tmp_path, "tablet", tablet_acc, clock, alice.device.directory.dialer)
+    try:
+        old = bob.device.account.device_list
+        laptop_id = bob.device.account.device.device_id
+        assert bob.device.account.identity is not None
+        newer = DeviceList(
+            old.uik_pk,
+            old.version + 1,
+            clock.now(),
+            tuple(d for d in old.devices if d.device_id != laptop_id),
+            (*old.revoked, RevokedDevice(laptop_id, clock.now())),
+        ).signed(bob.device.account.identity.uik_seed)
+        b.inbox.publish(bob.device.account.mailbox_id, KeyUpdate(device_list=newer), clock.now())
+
+        # alice sends with her cached (now stale) view of bob: only the laptop, now revoked
+        alice.submissions.submit("alice", [bob.address], note(alice, bob, "to the new tablet"))
+        await alice.submissions.process_due()
+        await a.worker.run_due()
+        rows = a.inbox.outbox.rows(states=("bounced",))
+        assert rows and rows[-1].last_error_code == "5.7.5", rows
+        await alice.submissions.check_outbox(alice.device)  # re-seal with fresh keys
+        await alice.submissions.process_due()
+        await a.worker.run_due()
+        assert a.inbox.outbox.rows() == [] and not a.inbox.outbox.rows(states=("bounced",))
+        await tablet.device.sync()
+        assert inbox_subjects(tablet) == ["to the new tablet"]
+        await alice.submissions.check_outbox(alice.device)
+        assert inbox_subjects(alice) == []  # no bounce, no delay notice
+    finally:
+        await tablet.close()

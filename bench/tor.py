@@ -1,0 +1,236 @@
+"""Latency and throughput over real onion services, on a private Tor network on 127.0.0.1.
+
+The floor is a raw onion echo: 64 bytes through an established onion circuit and back, measured
+in the same run on the same network.  Against it:
+
+* the node API round trip over a fresh stream (what every delivery and key fetch pays);
+* end to end, from a mail client's submission to the message being filed on the recipient's
+  device, cold (first contact: keys fetched, circuits built) and warm;
+* the drain rate when a queue of mail meets a recipient whose inbox comes back.
+
+A private network has no real latency between relays, so these figures show onionpost's own
+costs on top of tor's, not what the live Tor network adds (seconds per new circuit there).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import tempfile
+import time
+from collections.abc import Callable
+from email.message import EmailMessage
+from pathlib import Path
+
+from bench.harness import Context, Stats, fmt_time
+from onionpost.api.client import InboxClient
+from onionpost.clock import SystemClock
+from onionpost.config import Config, load
+from onionpost.node import Node
+from onionpost.provision import initialize
+from onionpost.tor import TorDialer, TorRuntime
+from onionpost.tornet import TorNetwork
+
+
+def run(ctx: Context) -> None:
+    with tempfile.TemporaryDirectory(prefix="onionpost-bench-tor-") as tmp:
+        root = Path(tmp)
+        net = TorNetwork(root / "net")
+        started = time.monotonic()
+        net.start(150)
+        try:
+            ctx.note(f"private Tor network ready in {time.monotonic() - started:.1f} s")
+            asyncio.run(measure(ctx, net, root))
+        finally:
+            net.stop()
+
+
+async def measure(ctx: Context, net: TorNetwork, root: Path) -> None:
+    """All measurements on an already running network (the tor tests' smoke test uses this)."""
+    echo = await _echo_floor(ctx, net, root)
+    alice = _node(root, "alice", net)
+    bob = _node(root, "bob", net)
+    await alice.start()
+    await bob.start()
+    try:
+        await _api_round_trip(ctx, alice, bob, echo)
+        await _end_to_end(ctx, alice, bob, echo)
+        await bob.stop()
+        await _drain(ctx, alice, bob, root, net)
+    finally:
+        await alice.stop()
+        await bob.stop()
+
+
+# --- the floor: raw echo through an onion ----------------------------------------------------
+
+
+async def _echo_floor(ctx: Context, net: TorNetwork, root: Path) -> Stats:
+    ctx.heading("onion round trip: 64 bytes through an established onion circuit (the floor)")
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    service = await TorRuntime.start(net.tor_config(), root / "echo-service", clock=SystemClock())
+    client = await TorRuntime.start(net.tor_config(), root / "echo-client", clock=SystemClock())
+    try:
+        onion = await service.publish_service(b"\x07" * 32, "127.0.0.1", port)
+        dialer = TorDialer(client)
+        t0 = time.perf_counter()
+        reader, writer = await dialer.open(onion, 80, isolation="bench", timeout=60)
+        first = time.perf_counter() - t0
+        rounds = 30 if ctx.quick else 200
+        samples = []
+        for _ in range(rounds):
+            t = time.perf_counter()
+            writer.write(b"x" * 64)
+            await writer.drain()
+            await reader.readexactly(64)
+            samples.append(time.perf_counter() - t)
+        writer.close()
+        streams = []
+        for _ in range(10 if ctx.quick else 40):
+            t = time.perf_counter()
+            _, w = await dialer.open(onion, 80, isolation="bench", timeout=60)
+            streams.append(time.perf_counter() - t)
+            w.close()
+        floor = Stats("raw onion echo, 64 B", tuple(samples))
+        ctx.figure("first connect (circuit + rendezvous)", fmt_time(first))
+        ctx.figure("echo round trip p50 / p95", f"{fmt_time(floor.p50)} / {fmt_time(floor.p95)}")
+        new_stream = Stats("new stream on the circuit", tuple(streams))
+        ctx.compare(new_stream, floor)
+        return floor
+    finally:
+        await client.stop()
+        await service.stop()
+        server.close()
+
+
+# --- the node API -----------------------------------------------------------------------------
+
+
+def _node(root: Path, user: str, net: TorNetwork) -> Node:
+    home = root / user
+    if not (home / "inbox").exists():
+        initialize(load(home), local=user, device_name="laptop", now=int(time.time()))
+    cfg: Config = load(
+        home,
+        {
+            "tor": {"extra_torrc": net.client_torrc_lines(), "bootstrap_timeout": 90},
+            "inbox": {
+                "pow_bits": 8,
+                "longpoll_seconds": 5.0,
+                "rate_per_mailbox_per_hour": 1_000_000,
+                "rate_per_source_per_hour": 1_000_000,
+            },
+            "delivery": {"retry_min_seconds": 1, "retry_max_seconds": 5, "concurrency": 16},
+        },
+    )
+    return Node(cfg, clock=SystemClock())
+
+
+async def _api_round_trip(ctx: Context, alice: Node, bob: Node, floor: Stats) -> None:
+    ctx.heading("node API over an onion: GET /v1/health on a fresh stream, as deliveries do")
+    assert alice.tor is not None
+    onion = bob.devices["bob"].address.onion
+    client = InboxClient(TorDialer(alice.tor), onion, isolation="bench-api", timeout=60)
+    await client.health()  # circuit built
+    samples = []
+    for _ in range(10 if ctx.quick else 60):
+        t = time.perf_counter()
+        await client.health()
+        samples.append(time.perf_counter() - t)
+    ctx.distribution(Stats("API round trip", tuple(samples)), floor)
+
+
+# --- end to end -------------------------------------------------------------------------------
+
+
+def _mail(frm: Node, user: str, to: str, subject: str) -> bytes:
+    m = EmailMessage()
+    m["From"] = str(frm.devices[user].address)
+    m["To"] = to
+    m["Subject"] = subject
+    m.set_content("x" * 4000)
+    return m.as_bytes()
+
+
+def _filed(node: Node, user: str) -> int:
+    assert node.mailbox is not None
+    return node.mailbox.status(node.mailbox.folder(user, "INBOX").id).exists
+
+
+async def _until(check: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError("the benchmark's mail did not arrive in time")
+        await asyncio.sleep(0.01)
+
+
+async def _one(frm: Node, fuser: str, to: Node, tuser: str, subject: str) -> float:
+    assert frm.submissions is not None
+    before = _filed(to, tuser)
+    dest = to.devices[tuser].address
+    t = time.perf_counter()
+    frm.submissions.submit(fuser, [dest], _mail(frm, fuser, str(dest), subject))
+    await _until(lambda: _filed(to, tuser) > before, 120)
+    return time.perf_counter() - t
+
+
+async def _end_to_end(ctx: Context, alice: Node, bob: Node, floor: Stats) -> None:
+    ctx.heading("end to end, 4 KiB: submitted at alice's gateway -> filed on bob's device")
+    cold = await _one(alice, "alice", bob, "bob", "cold")
+    await _one(bob, "bob", alice, "alice", "token for alice")  # alice gets bob's contact token
+    warm = [
+        await _one(alice, "alice", bob, "bob", f"warm {i}") for i in range(5 if ctx.quick else 30)
+    ]
+    ctx.figure("cold (first contact)", fmt_time(cold), extra="keys fetched, circuits built")
+    ctx.distribution(Stats("warm", tuple(warm)), floor)
+
+
+# --- draining a queue -------------------------------------------------------------------------
+
+
+async def _drain(ctx: Context, alice: Node, bob_was: Node, root: Path, net: TorNetwork) -> None:
+    count = 100 if ctx.quick else 2000
+    ctx.heading(f"drain: {count} messages queued while bob's inbox was down, then bob comes back")
+    assert alice.submissions is not None and alice.inbox is not None
+    dest = bob_was.devices["bob"].address
+    t = time.perf_counter()
+    for i in range(count):
+        alice.submissions.submit("alice", [dest], _mail(alice, "alice", str(dest), f"q{i}"))
+    await alice.submissions.process_due()
+    sealed = time.perf_counter() - t
+    ctx.figure(
+        "queued and sealed", f"{count / sealed:,.0f} msg/s", extra=f"{count} in {sealed:.1f} s"
+    )
+    bob = _node(root, "bob", net)
+    await bob.start()
+    try:
+        before = _filed(bob, "bob")
+        t = time.perf_counter()
+        alice.inbox.outbox.retry_now(alice.clock.now())
+        alice.wake()
+        await _until(lambda: not alice.inbox.outbox.rows() if alice.inbox else True, 900)
+        delivered = time.perf_counter() - t
+        await _until(lambda: _filed(bob, "bob") - before >= count, 900)
+        filed = time.perf_counter() - t
+        ctx.figure(
+            "delivered over tor",
+            f"{count / delivered:,.1f} msg/s",
+            extra=f"all {count} in {delivered:.1f} s",
+        )
+        ctx.figure(
+            "filed on bob's device",
+            f"{count / filed:,.1f} msg/s",
+            extra=f"all {count} in {filed:.1f} s",
+        )
+    finally:
+        await bob.stop()

@@ -199,33 +199,60 @@ def status(obj: Ctx, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
-    click.echo(f"node:      {'running' if alive else 'NOT running'} (pid {info.get('pid')})")
+    click.echo(f"node:       {'running' if alive else 'NOT running'} (pid {info.get('pid')})")
+    if not alive:
+        click.echo("            (the details below are from when it last ran)")
     for user in info.get("users", []):
-        click.echo(f"address:   {user}")
-    tor = info.get("tor", {})
-    click.echo(f"tor:       {tor.get('mode', 'off')}")
-    for key in (
-        "version",
-        "bootstrap_percent",
-        "onion",
-        "published",
-        "pow_enabled",
-        "pow_note",
-        "last_inbound",
-        "last_outbound",
-        "last_error",
-    ):
-        if tor.get(key) not in (None, ""):
-            click.echo(f"  {key.replace('_', ' ')}: {_when(key, tor[key])}")
+        click.echo(f"address:    {user}")
+    gateway = info.get("gateway") or {}
+    if gateway:
+        imap, smtp = gateway.get("imap"), gateway.get("smtp")
+        click.echo(f"gateway:    IMAP 127.0.0.1:{imap}  SMTP 127.0.0.1:{smtp}")
+    _print_tor(info.get("tor", {}))
     queue = info.get("queue", {})
     if queue:
-        click.echo(f"queue:     {queue.get('queued', 0)} message(s) waiting")
+        waiting = queue.get("queued", 0)
+        click.echo(
+            f"queue:      {waiting} message(s) waiting"
+            + (" (see `onionpost queue`)" if waiting else "")
+        )
 
 
-def _when(key: str, value: object) -> object:
-    if key.startswith("last_") and isinstance(value, int | float) and value > 1e9:
-        return f"{int(time.time() - value)} s ago"
-    return value
+def _print_tor(tor: dict[str, Any]) -> None:
+    mode = tor.get("mode", "off")
+    if mode == "off":
+        click.echo("tor:        off (this node reaches only inboxes on this machine)")
+    else:
+        health = "healthy" if tor.get("healthy", True) else "PROBLEM"
+        click.echo(f"tor:        {mode}, {health}, version {tor.get('version') or '?'}")
+        click.echo(
+            f"            bootstrap {tor.get('bootstrap_percent', 0)}%"
+            f" ({tor.get('bootstrap_summary') or ''})"
+        )
+        published = "published" if tor.get("published") else "NOT published yet"
+        click.echo(f"onion:      {tor.get('onion') or '-'}.onion, {published}")
+        pow_text = "on" if tor.get("pow_enabled") else f"off ({tor.get('pow_note') or 'n/a'})"
+        click.echo(f"            onion-service proof-of-work defence {pow_text}")
+        for key, label in (
+            ("last_inbound", "last connection in"),
+            ("last_outbound", "last connection out"),
+            ("last_published", "last published"),
+        ):
+            if tor.get(key):
+                click.echo(f"            {label}: {_ago(tor[key])}")
+        if tor.get("last_probe"):
+            ok = "reachable" if tor.get("last_probe_ok") else "NOT reachable"
+            click.echo(f"            self-check {_ago(tor['last_probe'])}: {ok} through tor")
+        for key, label in (("last_error", "last problem"), ("last_recovery", "last recovery")):
+            if tor.get(key):
+                click.echo(f"            {label}: {tor[key]}")
+        for note in tor.get("notes", []):
+            click.echo(f"            note: {note}")
+
+
+def _ago(when: float) -> str:
+    seconds = int(time.time() - when)
+    return f"{_age(seconds)} ago" if seconds >= 0 else "just now"
 
 
 def _pid_alive(pid: int) -> bool:

@@ -20,6 +20,7 @@ from urllib.parse import quote, urlencode
 import h11
 
 from onionpost.api.transport import Dialer
+from onionpost.crypto.envelope import Readable, Writable
 from onionpost.crypto.keys import ServerBinding
 from onionpost.errors import DeviceRefused, OnionpostError, PeerProtocolError, PeerUnreachable
 from onionpost.wire import KeyUpdate, error_from_body, parse_json
@@ -28,18 +29,8 @@ USER_AGENT = "onionpost/1"
 READ_CHUNK = 65536
 
 
-class Readable(Protocol):
-    def read(self, n: int, /) -> bytes: ...
-
-
-class Rewindable(Protocol):
-    def read(self, n: int, /) -> bytes: ...
-
+class Rewindable(Readable, Protocol):
     def seek(self, offset: int, whence: int = 0, /) -> int: ...
-
-
-class Writable(Protocol):
-    def write(self, b: bytes, /) -> object: ...
 
 
 @dataclass(frozen=True)

@@ -11,16 +11,12 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
 
+from onionpost.crypto.envelope import Readable
 from onionpost.errors import QuotaExceeded, StoreError
 from onionpost.store.db import Database, translate
 
 BLOB_CHUNK = 1 << 20
-
-
-class Readable(Protocol):
-    def read(self, n: int, /) -> bytes: ...
 
 
 @dataclass(frozen=True)

@@ -155,7 +155,12 @@ def render_user_js(settings: GatewaySettings) -> str:
         _pref(f"mail.server.{server}.use_idle", True),
         _pref(f"mail.server.{server}.valid", True),
         _pref(f"mail.identity.{identity}.useremail", str(settings.address)),
-        _pref(f"mail.identity.{identity}.fullName", settings.full_name),
+        *(
+            # user.js is re-applied at every start: an empty name would wipe one set later
+            [_pref(f"mail.identity.{identity}.fullName", settings.full_name)]
+            if settings.full_name
+            else []
+        ),
         _pref(f"mail.identity.{identity}.smtpServer", smtp),
         _pref(f"mail.identity.{identity}.valid", True),
         _pref(f"mail.identity.{identity}.fcc_folder", folder_base + "Sent"),
@@ -164,6 +169,10 @@ def render_user_js(settings: GatewaySettings) -> str:
         _pref(f"mail.identity.{identity}.drafts_folder_picker_mode", "0"),
         _pref(f"mail.identity.{identity}.archive_folder", folder_base + "Archive"),
         _pref(f"mail.identity.{identity}.archives_folder_picker_mode", "0"),
+        # one flat Archive folder, not Archive/<year>
+        _pref(f"mail.identity.{identity}.archive_granularity", 0),
+        # show what onionpost verified (the sender's identity) in the message header view
+        _pref("mailnews.headers.extraExpandedHeaders", "X-Onionpost-Verified"),
         "",
         "// The SMTP server (Thunderbird 153 keeps SMTP servers under mail.smtpserver.*).",
         _pref("mail.smtpservers", smtp),

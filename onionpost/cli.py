@@ -635,14 +635,14 @@ def thunderbird(obj: Ctx, user: str | None, write: Path | None) -> None:
         imap_port=gw.imap_port,
         smtp_port=gw.smtp_port,
         autoconfig_port=gw.autoconfig_port,
-        ca_path=ca_path(tls_dir),
+        ca_path=ca_path(tls_dir).resolve(),
         require_tls=gw.require_tls,
     )
     click.echo(render_settings(settings))
     if write is not None:
-        from onionpost.keystore import ensure_private_dir
-
-        ensure_private_dir(write)
+        # everything written here is public (no password is in user.js), and Thunderbird may
+        # run as another user: an ordinary directory, not a private one
+        write.mkdir(parents=True, exist_ok=True)
         # Thunderbird may run as another user than onionpost, which cannot read the data
         # directory: the policy points at the copy written next to it.
         ca_copy = (write / "onionpost-ca.pem").resolve()

@@ -33,6 +33,7 @@ from collections.abc import Awaitable, Callable
 from typing import IO, Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 
 from onionpost.clock import Clock
@@ -50,6 +51,19 @@ from onionpost.store.outbox import OutboxRow
 from onionpost.wire import KeyUpdate, hex_field, parse_json, refusal
 
 log = logging.getLogger(__name__)
+
+
+class _MalformedRequests(logging.Filter):
+    """aiohttp answers a malformed request (oversized header, bad syntax) with a 400 and then
+    logs a full traceback at ERROR; a hostile peer could fill the log with them.  The 400 is
+    all that is needed."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, HttpProcessingError)
+
+
+logging.getLogger("aiohttp.server").addFilter(_MalformedRequests())
 
 JSON_LIMIT = 64 * 1024
 KEYS_LIMIT = 1 << 20

@@ -44,6 +44,7 @@ async def world(tmp_path: Path):
             "request_timeout": 2.0,
             "max_connections": 64,
             "quota_bytes": 400_000,
+            "rate_per_mailbox_per_hour": 12,
         },
     )
     await node.start(worker=False)
@@ -278,14 +279,14 @@ async def test_slow_clients_are_disconnected_and_others_still_served(world) -> N
 
 async def test_connection_flood_gets_503_and_legit_mail_flows(world) -> None:
     node, bob, alice, dialer = world
-    conns = []
-    for _ in range(200):
-        conns.append(await asyncio.open_connection("127.0.0.1", node.server.port))
-    busy = 0
-    for reader, _ in conns[64:]:
-        data = await asyncio.wait_for(reader.read(), 5)
-        busy += b" 503 " in data
-    assert busy >= 100
+    conns = await asyncio.gather(
+        *(asyncio.open_connection("127.0.0.1", node.server.port) for _ in range(1000))
+    )
+    replies = await asyncio.gather(
+        *(asyncio.wait_for(reader.read(), 10) for reader, _ in conns[64:])
+    )
+    busy = sum(b" 503 " in data and b'"4.3.2"' in data for data in replies)
+    assert busy >= 900, busy
     for _, writer in conns:
         writer.close()
     await asyncio.sleep(0.2)
@@ -325,6 +326,41 @@ async def test_device_login_refuses_replay_bad_signature_and_revoked(world) -> N
     await _session(node, bob, dialer).publish(KeyUpdate(device_list=bob.device_list))
     with pytest.raises(DeviceRefused):
         await phone_session.pending()
+
+
+async def test_rate_limit_per_mailbox_is_a_temporary_error(world) -> None:
+    node, bob, alice, dialer = world
+    for i in range(12):
+        await _client(node, dialer).deliver(
+            await _sealed(node, bob, alice, dialer, body=f"Subject: {i}\r\n\r\nx".encode())
+        )
+    with pytest.raises(TemporaryDeliveryError) as err:
+        await _client(node, dialer).deliver(await _sealed(node, bob, alice, dialer))
+    assert err.value.code == "4.7.0" and "too much mail" in str(err.value)
+
+
+async def test_oversized_headers_are_refused(world) -> None:
+    node, *_ = world
+    reader, writer = await asyncio.open_connection("127.0.0.1", node.server.port)
+    writer.write(b"GET /v1/health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n")
+    await writer.drain()
+    data = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    assert data.split(b" ", 2)[1] == b"400", data[:80]
+
+
+async def test_an_expired_login_challenge_is_refused(world) -> None:
+    node, bob, _, _ = world
+    inbox = node.inbox
+    now = int(time.time())
+    challenge, _ = inbox.challenge(bob.mailbox_id, bob.device.device_id, now)
+    sig = bob.sign(
+        login_message(node.secrets.onion_pk, bob.mailbox_id, bob.device.device_id, challenge)
+    )
+    with pytest.raises(DeviceRefused, match="expired"):
+        inbox.login(
+            bob.mailbox_id, bob.device.device_id, challenge=challenge, signature=sig, now=now + 3600
+        )
 
 
 async def test_errors_are_json_with_codes(world) -> None:

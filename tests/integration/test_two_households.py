@@ -169,3 +169,45 @@ async def test_bcc_recipients_do_not_see_each_other(households) -> None:
         assert b"Bcc" not in got.split(b"\r\n\r\n")[0]
     (sent,) = folder(d["alice_phone"], "Sent")
     assert b"Bcc:" in sent
+
+
+async def test_a_message_altered_at_the_inbox_becomes_a_notice(tmp_path: Path) -> None:
+    """The recipient's inbox (or its disk) corrupts a spooled message: the device refuses to
+    show it, files a notice naming the failure instead, and clears it from the spool."""
+    clock = SystemClock()
+    dialer = DirectDialer()
+    a = InboxNode(tmp_path, "a", clock, dialer)
+    b = InboxNode(tmp_path, "b", clock, dialer)
+    await a.start()
+    await b.start()
+    alice = DeviceNode(tmp_path, "alice", a.provision("alice"), clock, dialer)
+    bob = DeviceNode(tmp_path, "bob", b.provision("bob"), clock, dialer)
+    try:
+        await alice.device.send(mail(alice, [bob], "genuine", "the real text"), [bob.address])
+        for _ in range(50):
+            if b.inbox.store.usage(bob.device.account.mailbox_id):
+                break
+            await asyncio.sleep(0.05)
+        row = b.db.one("SELECT id, data FROM sealed")
+        assert row is not None
+        data = bytearray(row["data"])
+        data[len(data) // 2] ^= 0x01  # one bit, deep inside the encrypted body
+        with b.db.transaction() as c:
+            c.execute("UPDATE sealed SET data = ? WHERE id = ?", (bytes(data), row["id"]))
+        await bob.device.sync()
+        (notice,) = folder(bob, "INBOX")
+        parsed = message_from_bytes(notice, policy=default)
+        assert parsed["Subject"] == "A message could not be verified"
+        body = parsed.get_content()
+        assert "Reason: Part of the message body was altered in transit." in body
+        # nothing of an unauthenticated message is believed, not even who claims to send it
+        assert "Claimed sender: unknown" in body
+        assert b"the real text" not in notice
+        assert await bob.device.session.pending() == []  # acknowledged: not retried forever
+        await bob.device.sync()
+        assert len(folder(bob, "INBOX")) == 1  # and only one notice
+    finally:
+        await alice.close()
+        await bob.close()
+        await a.stop()
+        await b.stop()

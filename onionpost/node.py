@@ -357,8 +357,7 @@ class Node:
             "tor": _plain(self.tor.status()) if self.tor else {"mode": "off"},
         }
         if self.inbox is not None:
-            queued = self.inbox.outbox.rows()
-            info["queue"] = {"queued": len(queued)}
+            info["queue"] = {"queued": self.inbox.outbox.queued_count()}
         return info
 
     async def _write_status(self) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sqlite3
 import stat
 import time
@@ -27,6 +28,7 @@ import sqlite_utils
 from onionpost.errors import StoreError
 
 _MIGRATIONS_PACKAGE = "onionpost.store.migrations"
+_CREATE_TABLE = re.compile(r"CREATE TABLE (?:IF NOT EXISTS )?(\w+)", re.IGNORECASE)
 
 
 def translate(exc: sqlite3.Error) -> StoreError:
@@ -143,9 +145,15 @@ class Database:
         return int(v)
 
     def migrate(self, component: str) -> int:
-        """Apply every migration of ``component`` newer than the database's; return the version."""
+        """Apply every migration of ``component`` newer than the database's; return the version.
+
+        Afterwards every table the component's schema declares must exist: a database file
+        that was damaged, or belongs to something else, is reported here, not later as a
+        confusing query error in the middle of a delivery.
+        """
         current = self.schema_version(component)
-        for version, name, sql in available_migrations(component):
+        migrations = available_migrations(component)
+        for version, name, sql in migrations:
             if version <= current:
                 continue
             with self.transaction() as conn:
@@ -162,7 +170,22 @@ class Database:
                     (component, version, name, int(time.time())),
                 )
             current = version
+        declared = {m.group(1) for _, _, sql in migrations for m in _CREATE_TABLE.finditer(sql)}
+        missing = sorted(declared - set(self.utils.table_names()))
+        if missing:
+            where = self.path or "the in-memory database"
+            raise StoreError(
+                f"{where} is damaged or is not an onionpost database: the {component} tables "
+                f"{', '.join(missing)} are missing. Restore it from a backup."
+            )
         return current
+
+    def count(self, table: str, where: str = "", params: Sequence[Any] = ()) -> int:
+        """Rows in ``table`` (optionally matching ``where``), for status pages."""
+        try:
+            return int(self.utils[table].count_where(where or "1", params))
+        except sqlite3.Error as exc:
+            raise translate(exc) from exc
 
 
 def _create_private(path: Path) -> None:

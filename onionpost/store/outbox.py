@@ -138,6 +138,9 @@ class OutboxStore:
                 "UPDATE outbox SET leased_until = NULL WHERE leased_until IS NOT NULL"
             ).rowcount
 
+    def queued_count(self) -> int:
+        return self.db.count("outbox", "state = ?", ["queued"])
+
     def next_due_at(self) -> int | None:
         v = self.db.scalar(
             "SELECT min(max(next_attempt_at, coalesce(leased_until, 0))) FROM outbox"

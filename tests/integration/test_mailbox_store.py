@@ -419,3 +419,18 @@ def test_writers_killed_at_random_moments_leave_the_database_consistent(db_path:
         assert numbers <= now_numbers  # nothing committed is ever lost
         uidnext, numbers = next_uid, now_numbers
     assert len(numbers) >= 6 * 3
+
+
+def test_a_damaged_database_is_reported_with_what_to_do(tmp_path: Path) -> None:
+    """A database missing tables it should have (a wrong or damaged file) is refused clearly."""
+    import sqlite3
+
+    from onionpost.errors import StoreError
+    from onionpost.store.db import Database
+
+    path = tmp_path / "device.db"
+    Database(path, ("mailbox",)).close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("DROP TABLE mailbox_messages")
+    with pytest.raises(StoreError, match="mailbox_messages are missing. Restore it"):
+        Database(path, ("mailbox",))

@@ -286,10 +286,10 @@ async def test_connection_flood_gets_503_and_legit_mail_flows(world) -> None:
         *(asyncio.wait_for(reader.read(), 10) for reader, _ in conns[64:])
     )
     busy = sum(b" 503 " in data and b'"4.3.2"' in data for data in replies)
-    assert busy >= 900, busy
     for _, writer in conns:
         writer.close()
-    await asyncio.sleep(0.2)
+    await asyncio.gather(*(w.wait_closed() for _, w in conns), return_exceptions=True)
+    assert busy >= 900, busy
     receipt = await _client(node, dialer).deliver(await _sealed(node, bob, alice, dialer))
     assert receipt.receipt
 

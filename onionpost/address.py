@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import re
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ def onion_from_public_key(pubkey: bytes) -> str:
     return base64.b32encode(raw).decode("ascii").lower()
 
 
+@functools.lru_cache(maxsize=4096)
 def public_key_from_onion(onion: str) -> bytes:
     """The Ed25519 public key inside an onion label; every part of the label is checked."""
     label = onion.strip().lower().removesuffix(".onion")

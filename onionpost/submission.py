@@ -268,7 +268,7 @@ class Submissions:
     def _notify(self, device: Device, now: int) -> None:
         """File delay notices and bounces for this user's submissions, once each."""
         user = device.account.local
-        rows = [r for r in self.store.listing(user) if r.state in ("pending", "queued")]
+        rows = self.store.awaiting_delay_notice(user, now - self.config.delay_notice_seconds)
         rows += self.store.unnotified_bounces(user)
         groups: dict[tuple[int, str], list[dsn.RecipientStatus]] = {}
         marks: list[tuple[int, str, int]] = []

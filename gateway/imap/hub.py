@@ -13,6 +13,7 @@ from typing import Any
 from pymap.concurrent import Event
 from pymap.selected import SelectedSet
 
+from gateway.imap.warm import EnvelopeWarmer
 from onionpost.store.mailbox import MailboxStore
 
 
@@ -21,12 +22,14 @@ class Hub:
 
     def __init__(self, store: MailboxStore, loop: asyncio.AbstractEventLoop) -> None:
         self._store = store
+        self.store = store
         self._loop = loop
         self._thread = threading.get_ident()
         self._events: dict[str, Event] = {}
         self._selected_sets: dict[int, SelectedSet] = {}
         self.sessions: set[asyncio.Task[Any]] = set()
         self.writers: set[asyncio.StreamWriter] = set()
+        self.warmer = EnvelopeWarmer(store)
         store.add_listener(self._changed)
 
     def close(self) -> None:
@@ -51,6 +54,7 @@ class Hub:
             self._loop.call_soon_threadsafe(self._pulse, user)
 
     def _pulse(self, user: str) -> None:
+        self.warmer.poke()
         event = self._events.get(user)
         if event is not None:
             event.set()  # wakes every waiter that is listening now...

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from email.headerregistry import AddressHeader
 from typing import Any, SupportsBytes
 
-from pymap.bytes import Writeable
+from pymap.bytes import Writeable, WriteStream
 from pymap.interfaces.message import CachedMessage
 from pymap.message import BaseLoadedMessage, BaseMessage
 from pymap.mime import MessageBody, MessageContent, MessageHeader
@@ -126,6 +126,9 @@ class _Loaded(BaseLoadedMessage):
     ) -> Writeable:
         if section:
             return super().get_message_headers(section, subset, inverse)
+        if subset is None and self._full is None and self._head is None and self._store:
+            # The whole header block, byte for byte what pymap's parse would give back.
+            return Writeable.wrap(self._store.header(self._body_id))
         header = self._header().header
         if subset is None:
             return header
@@ -135,7 +138,15 @@ class _Loaded(BaseLoadedMessage):
         return Writeable.wrap(fields + b"\r\n")
 
     def get_envelope_structure(self) -> EnvelopeStructure:
-        return self._get_envelope_structure(self._header())
+        if self._store is None:
+            return self._get_envelope_structure(self._header())
+        cached = self._store.cached_envelope(self._body_id)
+        if cached is None:
+            structure = self._get_envelope_structure(self._header())
+            cached = bytes(structure)
+            self._store.cache_envelope(self._body_id, cached)
+            return _CachedEnvelope(cached, lambda: structure)
+        return _CachedEnvelope(cached, lambda: self._get_envelope_structure(self._header()))
 
     def get_body_structure(self) -> BodyStructure:
         return self._get_body_structure(self.content)
@@ -177,6 +188,30 @@ class _Loaded(BaseLoadedMessage):
                 len(msg),
             )  # fmt: skip
         return structure
+
+
+class _CachedEnvelope(EnvelopeStructure):
+    """An ENVELOPE as the store kept it: FETCH writes the kept bytes; SEARCH, which reads
+    the fields (subject, from_, date...), gets them parsed from the header on first use."""
+
+    def __init__(self, data: bytes, parse: Callable[[], EnvelopeStructure]) -> None:
+        # EnvelopeStructure.__init__ is not called: its fields come from __getattr__.
+        self._data = data
+        self._parse = parse
+        self._parsed: EnvelopeStructure | None = None
+
+    def __getattr__(self, name: str) -> Any:  # noqa: ANN401 - pymap's per-field types
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if self._parsed is None:
+            self._parsed = self._parse()
+        return getattr(self._parsed, name)
+
+    def write(self, writer: WriteStream) -> None:
+        writer.write(self._data)
+
+    def __bytes__(self) -> bytes:
+        return self._data
 
 
 class _SafeEnvelope(EnvelopeStructure):
@@ -221,6 +256,11 @@ def _render_or_nil(build: Callable[[], SupportsBytes]) -> Writeable:
     if rendered == b"()":
         return Nil()  # an empty address list (a group with no members) is NIL in IMAP
     return Writeable.wrap(rendered)
+
+
+def render_envelope(header: bytes) -> bytes:
+    """The ENVELOPE a FETCH would send for a message with this header block."""
+    return bytes(_Loaded._get_envelope_structure(_parse(header)))
 
 
 def _parse(data: bytes) -> MessageContent:

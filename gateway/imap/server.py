@@ -22,7 +22,13 @@ from pymap.parsing.command import Command
 from pymap.parsing.command.nonauth import AuthenticateCommand, LoginCommand
 from pymap.parsing.commands import Commands, InvalidCommand
 from pymap.parsing.exceptions import NotParseable
-from pymap.parsing.response import CommandResponse, ResponseCode, ResponseNo, ResponseOk
+from pymap.parsing.response import (
+    CommandResponse,
+    Response,
+    ResponseCode,
+    ResponseNo,
+    ResponseOk,
+)
 from pymap.parsing.specials import Tag
 from pysasl.creds.server import ServerCredentials
 from pysasl.hashing import BuiltinHash
@@ -57,6 +63,7 @@ class ImapServer:
         self._hub.close()
 
     async def wait_closed(self) -> None:
+        await self._hub.warmer.stop()
         tasks = list(self._hub.sessions)
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=5)
@@ -77,6 +84,9 @@ async def start_imap(
 ) -> ImapServer:
     """Listen on ``cfg.listen_host:cfg.imap_port`` (port 0: any free port)."""
     _quiet_protocol_log()
+    from gateway.imap import speedups
+
+    speedups.install()
     config = _Config(cfg, tls)
     config.apply_context()
     hub = Hub(mailbox, asyncio.get_running_loop())
@@ -87,6 +97,7 @@ async def start_imap(
         reader.get_callback(handler), host=cfg.listen_host, port=cfg.imap_port
     )
     running = ImapServer(server, hub)
+    hub.warmer.start()
     log.info("IMAP gateway listening on %s:%d", running.host, running.port)
     return running
 
@@ -152,6 +163,51 @@ class _Commands(Commands):
             return InvalidCommand(params, NotParseable(buf)), buf[0:0]
 
 
+class _Coalescing:
+    """pymap writes a response in many small pieces; hand them to the socket in big ones."""
+
+    FLUSH_AT = 64 * 1024
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self._writer = writer
+        self._parts: list[bytes] = []
+        self._size = 0
+
+    def write(self, data: bytes) -> None:
+        self._parts.append(data)
+        self._size += len(data)
+        if self._size >= self.FLUSH_AT:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._parts:
+            self._writer.write(b"".join(self._parts))
+            self._parts.clear()
+            self._size = 0
+
+
+class _Connection(IMAPConnection):
+    """pymap's connection, writing each response once, in large pieces.
+
+    pymap renders every response a second time (``bytes(resp)``) for a DEBUG protocol log
+    that onionpost drops anyway (:class:`_ProtocolLineFilter`).
+    """
+
+    store: MailboxStore | None = None
+
+    async def write_response(self, resp: Response) -> None:
+        out = _Coalescing(self.writer)
+        try:
+            await resp.async_write(out)
+            out.flush()
+            await self.writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            if self.store is not None:
+                self.store.flush_cache()
+
+
 class _Server(IMAPServer):
     def __init__(self, login: Login, config: _Config, hub: Hub) -> None:
         super().__init__(login, config)
@@ -166,7 +222,8 @@ class _Server(IMAPServer):
         if task is not None:
             self._hub.sessions.add(task)
         self._hub.writers.add(writer)
-        conn = IMAPConnection(self.commands, self._state_config, reader, writer, sock_info)
+        conn = _Connection(self.commands, self._state_config, reader, writer, sock_info)
+        conn.store = self._hub.store
         state = _State(self._state_login, self._state_config)
         try:
             async with AsyncExitStack() as stack:

@@ -193,6 +193,7 @@ class MailboxStore:
         self._listeners: list[Listener] = []
         self._pending: set[tuple[str, str]] = set()
         self._lock = threading.RLock()
+        self._envelopes: dict[int, bytes] = {}
 
     # -- change notification ------------------------------------------------------------
 
@@ -572,6 +573,43 @@ class MailboxStore:
             "SELECT substr(data, 1, header_size) FROM mailbox_bodies WHERE id = ?", (body_id,)
         )
         return bytes(data) if data is not None else b""
+
+    def cached_envelope(self, body_id: int) -> bytes | None:
+        """The IMAP gateway's rendering of this body's ENVELOPE, if it was kept."""
+        pending = self._envelopes.get(body_id)
+        if pending is not None:
+            return pending
+        data = self._db.scalar("SELECT data FROM mailbox_envelopes WHERE body_id = ?", (body_id,))
+        return bytes(data) if data is not None else None
+
+    def cache_envelope(self, body_id: int, data: bytes) -> None:
+        """Keep a rendered ENVELOPE; written with the next :meth:`flush_cache` (one commit
+        for many, since a first sync renders thousands)."""
+        self._envelopes[body_id] = data
+        if len(self._envelopes) >= 1024:
+            self.flush_cache()
+
+    def bodies_without_envelope(self, limit: int) -> list[int]:
+        """Bodies whose ENVELOPE has not been rendered yet (newest first: likely read first)."""
+        return [
+            int(r[0])
+            for r in self._db.all(
+                "SELECT b.id FROM mailbox_bodies b LEFT JOIN mailbox_envelopes e"
+                " ON e.body_id = b.id WHERE e.body_id IS NULL ORDER BY b.id DESC LIMIT ?",
+                (limit,),
+            )
+        ]
+
+    def flush_cache(self) -> None:
+        if not self._envelopes:
+            return
+        items, self._envelopes = self._envelopes, {}
+        with self._write() as conn:
+            conn.executemany(
+                "INSERT OR IGNORE INTO mailbox_envelopes (body_id, data) "
+                "SELECT ?, ? WHERE EXISTS (SELECT 1 FROM mailbox_bodies WHERE id = ?)",
+                [(body_id, data, body_id) for body_id, data in items.items()],
+            )
 
     def size(self, body_id: int) -> int:
         return int(self._db.scalar("SELECT size FROM mailbox_bodies WHERE id = ?", (body_id,)) or 0)

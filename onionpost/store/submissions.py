@@ -216,6 +216,18 @@ class SubmissionStore:
             )
         ]
 
+    def awaiting_delay_notice(self, user: str, created_before: int) -> list[PendingRecipient]:
+        """Recipients still pending or queued, with no delay notice yet, of submissions made
+        before ``created_before``: usually none, however long the queue."""
+        return [
+            PendingRecipient(*tuple(r))
+            for r in self.db.all(
+                _SELECT + " WHERE s.user = ? AND s.created_at <= ? AND r.notified < 1"
+                " AND r.state IN ('pending', 'queued') ORDER BY s.id",
+                (user, created_before),
+            )
+        ]
+
     def listing(self, user: str | None = None) -> list[PendingRecipient]:
         sql = _SELECT + " WHERE r.state IN ('pending', 'queued')"
         params: tuple[object, ...] = ()

@@ -1,0 +1,780 @@
+"""Mail-client gateway: SMTP submission and IMAP first sync, against Postfix and Dovecot.
+
+Every server is a separate process tree on 127.0.0.1 and every client is the same code in
+this process, so the three servers are measured the same way:
+
+* **onionpost**: ``onionpost run`` on a fresh data directory (``onionpost.provision``: alice,
+  whose mail client logs in, and bob, a second user of the same node), tor mode "off".
+  SMTP is alice mailing bob: each 250 comes after ``Submissions.submit``'s one SQLite
+  transaction (``synchronous=FULL``) that queues the message and files alice's Sent copy,
+  and meanwhile the node seals, hands over and files the accepted mail in the same event
+  loop, as it always does.  For the run, the inbox's stranger proof of work is 0 bits and
+  its hourly rate limits are open, so the background work is the steady state between
+  contacts rather than minting stamps (the crypto section measures those).
+* **Postfix** (reference for SMTP): a private instance (its own ``config_directory``,
+  ``queue_directory`` and ``data_directory`` in a temporary directory, master started
+  directly as a child of this process, no chroot), smtpd on a free 127.0.0.1 port,
+  ``default_transport = discard`` (nothing is local: ``mydestination`` is empty, 127.0.0.0/8
+  may relay).  smtpd answers 250 once cleanup has written and fsync'ed the queue file.
+  Postfix is also driven by its own C load generator ``smtp-source``, to show what the Python
+  client can and cannot push.
+* **Dovecot** (reference for IMAP): a private instance (``dovecot -F -c``, base and state
+  directories in the temporary directory) with a passwd-file user and a Maildir holding the
+  same messages as onionpost's INBOX, written as Dovecot's own delivery would (LF line ends,
+  ``S=``/``W=`` sizes in the file names).
+
+The SMTP client is a small asyncio one (no pipelining, like smtp-source): 10 sessions, each
+logged in once (AUTH PLAIN to onionpost; Postfix has no SASL here and relays for loopback),
+then MAIL/RCPT/DATA in a loop; latency is MAIL FROM to the 250 after the final dot.  The IMAP
+client is imaplib, a fresh session per pass: SELECT, ``UID FETCH 1:* (UID FLAGS RFC822.SIZE
+ENVELOPE)`` (Thunderbird's first sync of a folder) and ``FETCH 1:* (BODY.PEEK[HEADER])``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import imaplib
+import os
+import pwd
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from email.utils import formatdate
+from pathlib import Path
+from typing import Any
+
+from bench.harness import Context, Stats, fmt_bytes, fmt_time
+
+KiB = 1 << 10
+MESSAGE_BYTES = 4 * KiB
+SESSIONS = 10
+HOST = "127.0.0.1"
+#: Per session, before the clock starts: TCP, greeting, EHLO, AUTH and this many messages.
+SMTP_WARMUP = 3
+STARTUP_TIMEOUT = 60.0
+STOP_TIMEOUT = 20.0
+#: How to install the references (the section starts private instances; "No configuration"
+#: keeps Debian from setting up a system MTA on port 25; Dovecot's service is not needed).
+APT = (
+    "echo 'postfix postfix/main_mailer_type select No configuration' | debconf-set-selections"
+    " && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends postfix"
+    " dovecot-imapd"
+)
+REPO = Path(__file__).resolve().parents[1]
+_FETCH_START = re.compile(rb"^\d+ \(")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    smtp_messages: int
+    folder: int
+    imap_passes: int  # warm passes after the cold one
+
+
+def run(ctx: Context) -> None:
+    sizes = (
+        Sizes(smtp_messages=200, folder=500, imap_passes=1)
+        if ctx.quick
+        else Sizes(smtp_messages=3000, folder=10_000, imap_passes=3)
+    )
+    refs = References.find(quick=ctx.quick)
+    with tempfile.TemporaryDirectory(prefix="onionpost-bench-gw-") as d:
+        root = Path(d)
+        root.chmod(0o755)  # Postfix and Dovecot run their workers as other users
+        mails = [folder_message(i, sizes.folder) for i in range(sizes.folder)]
+        onion = _measure_onionpost(root / "node", mails, sizes)
+        dovecot = _measure_dovecot(root / "dovecot", mails, sizes, refs) if refs.dovecot else None
+        postfix = _measure_postfix(root / "postfix", sizes, refs) if refs.postfix else None
+    _report_smtp(ctx, sizes, onion.smtp, postfix, refs)
+    _report_imap(ctx, sizes, onion.imap, dovecot, refs)
+
+
+# --- what is installed ------------------------------------------------------------------------
+
+
+def which(name: str) -> str | None:
+    """A program's path; also looks in the sbin directories, which a user's PATH may lack."""
+    return shutil.which(name) or shutil.which(name, path="/usr/local/sbin:/usr/sbin:/sbin")
+
+
+@dataclass
+class References:
+    """Which reference servers this run can start, with their programs and versions."""
+
+    postfix: str | None = None  # version, when usable
+    postconf: str = "postconf"
+    postfix_cmd: str = "postfix"
+    smtp_source: str | None = None
+    dovecot: str | None = None  # version, when usable
+    dovecot_cmd: str = "dovecot"
+    why_not: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def find(cls, *, quick: bool) -> References:
+        refs = cls()
+        if quick:
+            refs.why_not["postfix"] = refs.why_not["dovecot"] = (
+                "not run in --quick mode (a full `python -m bench --only gateway` measures it)"
+            )
+            return refs
+        root = os.geteuid() == 0
+        postconf, postfix, dovecot = which("postconf"), which("postfix"), which("dovecot")
+        if postconf is None or postfix is None:
+            refs.why_not["postfix"] = f"Postfix is not installed; as root: {APT}"
+        elif not root:
+            refs.why_not["postfix"] = "a private Postfix master must be started as root"
+        else:
+            refs.postconf, refs.postfix_cmd = postconf, postfix
+            refs.postfix = _output([postconf, "-d", "-h", "mail_version"])
+            refs.smtp_source = which("smtp-source")
+        if dovecot is None:
+            refs.why_not["dovecot"] = f"Dovecot is not installed; as root: {APT}"
+        elif not root:
+            refs.why_not["dovecot"] = "a private Dovecot must be started as root"
+        else:
+            refs.dovecot_cmd = dovecot
+            refs.dovecot = _output([dovecot, "--version"]).split()[0]
+        return refs
+
+
+def _output(cmd: list[str]) -> str:
+    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
+
+
+# --- messages ---------------------------------------------------------------------------------
+
+
+def _exactly(head: str, size: int) -> bytes:
+    """``head`` (CRLF header block with its blank line) and a hex body, ``size`` bytes in all."""
+    data = head.encode("ascii")
+    left = size - len(data)
+    line = (os.urandom(36).hex() + "\r\n").encode()  # 74 bytes, no leading dot
+    body = (line * (left // len(line) + 1))[: left - 2] + b"\r\n"
+    msg = data + body
+    assert len(msg) == size
+    return msg
+
+
+def folder_message(i: int, total: int) -> tuple[int, bytes]:
+    """(internal date, message) number ``i`` of the IMAP folder: different senders, subjects
+    and dates, so no two ENVELOPEs are alike."""
+    when = 1_700_000_000 + (i - total) * 600
+    sender = f"s{i % 97:02d}{'q' * 53}.onion"
+    head = (
+        f"From: Sender {i % 97} <writer{i % 13}@{sender}>\r\n"
+        f"To: Alice <alice@{'a' * 56}.onion>\r\n"
+        f"Subject: folder message {i} about item {i * 7919 % 10007}\r\n"
+        f"Date: {formatdate(when, usegmt=True)}\r\n"
+        f"Message-ID: <folder.{i}.{os.urandom(4).hex()}@{sender}>\r\n"
+        "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n"
+    )
+    return when, _exactly(head, MESSAGE_BYTES)
+
+
+def submission(sender: str, to: str, n: int) -> bytes:
+    head = (
+        f"From: Alice <{sender}>\r\nTo: Bob <{to}>\r\nSubject: submission {n}\r\n"
+        f"Date: {formatdate(usegmt=True)}\r\n"
+        f"Message-ID: <submit.{n}.{os.urandom(6).hex()}@bench>\r\n"
+        "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n"
+    )
+    return _exactly(head, MESSAGE_BYTES)
+
+
+def dot_stuffed(message: bytes) -> bytes:
+    """The DATA payload: leading dots doubled, then the terminating dot line."""
+    stuffed = re.sub(rb"(?m)^\.", b"..", message)
+    return stuffed + b".\r\n"
+
+
+# --- processes --------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_ports(ports: list[int], proc: subprocess.Popen[bytes], what: str, log: Path) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    waiting = list(ports)
+    while waiting:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode} at start-up{_tail(log)}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"{what} did not listen on {HOST}:{waiting[0]} in {STARTUP_TIMEOUT:.0f} s"
+                + _tail(log)
+            )
+        try:
+            with socket.create_connection((HOST, waiting[0]), timeout=1):
+                waiting.pop(0)
+        except OSError:
+            time.sleep(0.05)
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to this one PID (every server here stops its own children on SIGTERM)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _tail(log: Path, lines: int = 15) -> str:
+    if not log.exists():
+        return ""
+    text = log.read_text(errors="replace").splitlines()[-lines:]
+    return "; last lines of its log:\n" + "\n".join(text)
+
+
+@contextlib.contextmanager
+def running(
+    cmd: list[str], ports: list[int], what: str, log: Path, **kw: Any
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Start a server, wait until it listens on every port, and stop it (by its PID)."""
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, **kw
+        )
+    try:
+        wait_for_ports(ports, proc, what, log)
+        yield proc
+    finally:
+        stop_process(proc)
+
+
+# --- the SMTP client --------------------------------------------------------------------------
+
+
+class SmtpError(RuntimeError):
+    pass
+
+
+class SmtpSession:
+    """One client connection: greeting, EHLO, optional AUTH PLAIN, then transactions."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def open(cls, port: int, login: tuple[str, str] | None) -> SmtpSession:
+        reader, writer = await asyncio.open_connection(HOST, port)
+        s = cls(reader, writer)
+        await s.expect(220)
+        await s.command(b"EHLO bench.invalid", 250)
+        if login is not None:
+            token = base64.b64encode(f"\0{login[0]}\0{login[1]}".encode()).decode()
+            await s.command(f"AUTH PLAIN {token}".encode(), 235)
+        return s
+
+    async def reply(self) -> tuple[int, bytes]:
+        lines = []
+        while True:
+            line = await self.reader.readline()
+            if not line:
+                raise SmtpError("the server closed the connection")
+            lines.append(line)
+            if line[3:4] != b"-":
+                return int(line[:3]), b"".join(lines)
+
+    async def expect(self, code: int) -> bytes:
+        got, text = await self.reply()
+        if got != code:
+            raise SmtpError(f"expected {code}, got {text.decode(errors='replace').strip()}")
+        return text
+
+    async def command(self, line: bytes, code: int) -> bytes:
+        self.writer.write(line + b"\r\n")
+        return await self.expect(code)
+
+    async def send(self, sender: str, rcpt: str, payload: bytes) -> float:
+        """One transaction; returns seconds from MAIL FROM to the 250 after the data."""
+        t0 = time.perf_counter()
+        await self.command(f"MAIL FROM:<{sender}>".encode(), 250)
+        await self.command(f"RCPT TO:<{rcpt}>".encode(), 250)
+        await self.command(b"DATA", 354)
+        self.writer.write(payload)
+        await self.expect(250)
+        return time.perf_counter() - t0
+
+    async def close(self) -> None:
+        with contextlib.suppress(SmtpError, OSError):
+            await self.command(b"QUIT", 221)
+        self.writer.close()
+        with contextlib.suppress(OSError):
+            await self.writer.wait_closed()
+
+
+@dataclass(frozen=True)
+class SmtpResult:
+    messages: int
+    seconds: float  # wall time, first MAIL FROM to the last 250
+    latencies: tuple[float, ...]
+    client_cpu: float  # CPU seconds this process spent as the client in that window
+
+    @property
+    def rate(self) -> float:
+        return self.messages / self.seconds
+
+    def per_message(self, name: str) -> Stats:
+        return Stats(name, (self.seconds / self.messages,))
+
+    def latency(self, name: str) -> Stats:
+        return Stats(name, self.latencies)
+
+
+async def smtp_load(
+    port: int,
+    *,
+    login: tuple[str, str] | None,
+    sender: str,
+    rcpt: str,
+    messages: int,
+    sessions: int = SESSIONS,
+) -> SmtpResult:
+    """``sessions`` concurrent sessions share ``messages`` transactions (after a warm-up)."""
+    warm = [dot_stuffed(submission(sender, rcpt, -1 - i)) for i in range(sessions * SMTP_WARMUP)]
+    timed = [dot_stuffed(submission(sender, rcpt, i)) for i in range(messages)]
+    conns = await asyncio.gather(*(SmtpSession.open(port, login) for _ in range(sessions)))
+    try:
+        for i in range(SMTP_WARMUP):
+            await asyncio.gather(
+                *(c.send(sender, rcpt, warm[i * sessions + k]) for k, c in enumerate(conns))
+            )
+        shares = [timed[k::sessions] for k in range(sessions)]
+
+        async def drive(conn: SmtpSession, payloads: list[bytes]) -> list[float]:
+            return [await conn.send(sender, rcpt, p) for p in payloads]
+
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        results = await asyncio.gather(*(drive(c, s) for c, s in zip(conns, shares, strict=True)))
+        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    finally:
+        await asyncio.gather(*(c.close() for c in conns))
+    return SmtpResult(messages, wall, tuple(x for r in results for x in r), cpu)
+
+
+def percentile(values: tuple[float, ...], p: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, round(p * (len(s) - 1)))]
+
+
+# --- the IMAP client --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImapPass:
+    """Seconds (wall, and this process's CPU) per step of one fresh session."""
+
+    wall: dict[str, float]
+    cpu: dict[str, float]
+    header_bytes: int
+
+
+def _fetched(data: list[object]) -> tuple[int, int]:
+    """(number of FETCH responses, bytes of literals) in imaplib's answer."""
+    count = literal = 0
+    for item in data:
+        first = item[0] if isinstance(item, tuple) else item
+        if isinstance(first, bytes) and _FETCH_START.match(first):
+            count += 1
+        if isinstance(item, tuple) and isinstance(item[1], bytes):
+            literal += len(item[1])
+    return count, literal
+
+
+IMAP_STEPS: dict[str, tuple[str, str, str]] = {
+    # step: (label, imaplib method, its arguments)
+    "select": ("SELECT INBOX", "select", "INBOX"),
+    "envelopes": (
+        "UID FETCH 1:* (...ENVELOPE)",
+        "uid",
+        "FETCH 1:* (UID FLAGS RFC822.SIZE ENVELOPE)",
+    ),
+    "headers": ("FETCH 1:* (BODY.PEEK[HEADER])", "fetch", "1:* (BODY.PEEK[HEADER])"),
+}
+
+
+def imap_pass(port: int, user: str, password: str, expected: int) -> ImapPass:
+    """One fresh session: LOGIN (not timed), then each of :data:`IMAP_STEPS`, checked."""
+    wall: dict[str, float] = {}
+    cpu: dict[str, float] = {}
+    header_bytes = 0
+    conn = imaplib.IMAP4(HOST, port)
+    try:
+        conn.login(user, password)
+        for step, (_label, method, args) in IMAP_STEPS.items():
+            call: Any = getattr(conn, method)
+            c0, t0 = time.process_time(), time.perf_counter()
+            typ, data = call(*args.split(" ", 1))
+            wall[step], cpu[step] = time.perf_counter() - t0, time.process_time() - c0
+            if typ != "OK":
+                raise RuntimeError(f"IMAP {step} failed: {data!r}")
+            if step == "select":
+                if int(data[0]) != expected:
+                    raise RuntimeError(f"SELECT found {data[0]!r} messages, not {expected}")
+                continue
+            count, literal = _fetched(data)
+            if count != expected:
+                raise RuntimeError(f"{step}: {count} FETCH responses, not {expected}")
+            if step == "headers":
+                header_bytes = literal
+    finally:
+        with contextlib.suppress(imaplib.IMAP4.error, OSError):
+            conn.logout()
+    return ImapPass(wall, cpu, header_bytes)
+
+
+@dataclass(frozen=True)
+class ImapResult:
+    cold: ImapPass
+    warm: list[ImapPass]
+
+    def stats(self, step: str, name: str, *, cold: bool = False) -> Stats:
+        passes = [self.cold] if cold else self.warm
+        return Stats(name, tuple(p.wall[step] for p in passes))
+
+    def total(self, *, cold: bool = False) -> float:
+        """All steps of a pass: the cold pass, or the median warm one step by step."""
+        passes = [self.cold] if cold else self.warm
+        return sum(statistics.median(p.wall[s] for p in passes) for s in IMAP_STEPS)
+
+    def client_cpu(self, step: str, *, cold: bool = False) -> float:
+        passes = [self.cold] if cold else self.warm
+        return statistics.median(p.cpu[step] for p in passes)
+
+
+def imap_run(port: int, user: str, password: str, expected: int, passes: int) -> ImapResult:
+    cold = imap_pass(port, user, password, expected)
+    return ImapResult(cold, [imap_pass(port, user, password, expected) for _ in range(passes)])
+
+
+# --- onionpost --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OnionpostResult:
+    smtp: SmtpResult
+    imap: ImapResult
+
+
+def _measure_onionpost(
+    data_dir: Path, mails: list[tuple[int, bytes]], sizes: Sizes
+) -> OnionpostResult:
+    from gateway.setup import setup_account
+    from onionpost.config import load
+    from onionpost.provision import add_user, initialize
+    from onionpost.store import DEVICE_COMPONENTS
+    from onionpost.store.db import Database
+    from onionpost.store.mailbox import MailboxStore
+
+    data_dir.mkdir(mode=0o700)
+    smtp_port, imap_port, autoconfig_port = free_port(), free_port(), free_port()
+    (data_dir / "onionpost.toml").write_text(
+        '[tor]\nmode = "off"\n\n'
+        f"[gateway]\nsmtp_port = {smtp_port}\nimap_port = {imap_port}\n"
+        f"autoconfig_port = {autoconfig_port}\n\n"
+        "[inbox]\npow_bits = 0\nrate_per_mailbox_per_hour = 100000000\n"
+        "rate_per_source_per_hour = 100000000\n",
+        encoding="utf-8",
+    )
+    config = load(data_dir)
+    now = int(time.time())
+    alice = initialize(
+        config, local="alice", device_name="bench", now=now, gateway_setup=setup_account
+    )
+    bob = add_user(config, local="bob", device_name="bench", now=now)
+    assert alice.password is not None
+    db = Database(data_dir / "device.db", DEVICE_COMPONENTS)
+    try:
+        store = MailboxStore(db)
+        with db.transaction():  # one commit for the lot: setting up is not what is measured
+            for when, message in mails:
+                store.file_message("alice", "INBOX", message, internal_date=when)
+    finally:
+        db.close()
+    cmd = [sys.executable, "-m", "onionpost", "--data-dir", str(data_dir), "run"]
+    log = data_dir.parent / "onionpost-node.log"
+    with running(cmd, [smtp_port, imap_port], "onionpost run", log, cwd=REPO):
+        imap = imap_run(imap_port, "alice", alice.password, len(mails), sizes.imap_passes)
+        smtp = asyncio.run(
+            smtp_load(
+                smtp_port,
+                login=("alice", alice.password),
+                sender=str(alice.address),
+                rcpt=str(bob.address),
+                messages=sizes.smtp_messages,
+            )
+        )
+    return OnionpostResult(smtp, imap)
+
+
+# --- Postfix ----------------------------------------------------------------------------------
+
+_POSTFIX_MASTER_CF = """\
+{listen} inet n - n - - smtpd
+pickup    unix  n  -  n  60    1  pickup
+cleanup   unix  n  -  n  -     0  cleanup
+qmgr      unix  n  -  n  300   1  qmgr
+rewrite   unix  -  -  n  -     -  trivial-rewrite
+bounce    unix  -  -  n  -     0  bounce
+defer     unix  -  -  n  -     0  bounce
+trace     unix  -  -  n  -     0  bounce
+verify    unix  -  -  n  -     1  verify
+flush     unix  n  -  n  1000? 0  flush
+proxymap  unix  -  -  n  -     -  proxymap
+proxywrite unix -  -  n  -     1  proxymap
+showq     unix  n  -  n  -     -  showq
+error     unix  -  -  n  -     -  error
+retry     unix  -  -  n  -     -  error
+discard   unix  -  -  n  -     -  discard
+anvil     unix  -  -  n  -     1  anvil
+scache    unix  -  -  n  -     1  scache
+postlog   unix-dgram n - n -   1  postlogd
+"""
+
+
+@dataclass(frozen=True)
+class PostfixResult:
+    python: SmtpResult
+    smtp_source: float | None  # seconds for the same number of messages
+
+
+def _postfix_config(root: Path, port: int, refs: References) -> Path:
+    etc, queue, data = root / "etc", root / "queue", root / "data"
+    for d in (etc, queue, data):
+        d.mkdir(parents=True)
+    shutil.chown(data, user="postfix")
+    settings = {
+        "compatibility_level": "3.6",
+        "queue_directory": str(queue),
+        "data_directory": str(data),
+        "maillog_file_prefixes": str(root),
+        "maillog_file": str(root / "maillog"),
+        "myhostname": "postfix.bench.invalid",
+        "mydestination": "",
+        "inet_interfaces": HOST,
+        "inet_protocols": "ipv4",
+        "mynetworks": "127.0.0.0/8",
+        "smtpd_relay_restrictions": "permit_mynetworks, reject",
+        "default_transport": "discard:onionpost bench",
+        "alias_maps": "",
+        "alias_database": "",
+        "biff": "no",
+        "smtpd_peername_lookup": "no",
+    }
+    (etc / "main.cf").write_text("".join(f"{k} = {v}\n" for k, v in settings.items()))
+    (etc / "master.cf").write_text(_POSTFIX_MASTER_CF.format(listen=f"{HOST}:{port}"))
+    # Creates the queue's subdirectories with Postfix's owners and modes (post-install).
+    subprocess.run([refs.postfix_cmd, "-c", str(etc), "check"], check=True, capture_output=True)
+    return etc
+
+
+def _measure_postfix(root: Path, sizes: Sizes, refs: References) -> PostfixResult:
+    port = free_port()
+    etc = _postfix_config(root, port, refs)
+    daemon_dir = _output([refs.postconf, "-c", str(etc), "-h", "daemon_directory"])
+    master = [str(Path(daemon_dir) / "master"), "-c", str(etc)]
+    sender, rcpt = f"alice@{'a' * 56}.onion", f"bob@{'b' * 56}.onion"
+    with running(master, [port], "Postfix master", root / "master.out"):
+        python = asyncio.run(
+            smtp_load(port, login=None, sender=sender, rcpt=rcpt, messages=sizes.smtp_messages)
+        )
+        seconds = None
+        if refs.smtp_source is not None:
+            sample = root / "message.txt"
+            sample.write_bytes(submission(sender, rcpt, 0).replace(b"\r\n", b"\n"))
+            cmd = [
+                refs.smtp_source, "-d", "-s", str(SESSIONS), "-m", str(sizes.smtp_messages),
+                "-f", sender, "-t", rcpt, "-F", str(sample), f"{HOST}:{port}",
+            ]  # fmt: skip
+            t0 = time.perf_counter()
+            subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+            seconds = time.perf_counter() - t0
+    return PostfixResult(python, seconds)
+
+
+# --- Dovecot ----------------------------------------------------------------------------------
+
+_DOVECOT_CONF = """\
+base_dir = {root}/run
+state_dir = {root}/state
+instance_name = onionpost-bench
+log_path = {root}/dovecot.log
+protocols = imap
+listen = 127.0.0.1
+ssl = no
+disable_plaintext_auth = no
+auth_mechanisms = plain
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%u {root}/passwd
+}}
+userdb {{
+  driver = passwd-file
+  args = username_format=%u {root}/passwd
+}}
+mail_location = maildir:~/Maildir
+service imap-login {{
+  inet_listener imap {{
+    address = 127.0.0.1
+    port = {port}
+  }}
+  inet_listener imaps {{
+    port = 0
+  }}
+}}
+"""
+
+
+def _dovecot_maildir(home: Path, mails: list[tuple[int, bytes]], owner: pwd.struct_passwd) -> None:
+    """The messages as Dovecot's own delivery leaves them: LF line ends, sizes in the name."""
+    cur = home / "Maildir" / "cur"
+    for sub in ("cur", "new", "tmp"):
+        (home / "Maildir" / sub).mkdir(parents=True)
+    for i, (when, message) in enumerate(mails):
+        stored = message.replace(b"\r\n", b"\n")
+        path = cur / f"{when}.M{i}P1.bench,S={len(stored)},W={len(message)}:2,"
+        path.write_bytes(stored)
+        os.utime(path, (when, when))
+    for dirpath, dirnames, filenames in os.walk(home):
+        for name in [dirpath, *(os.path.join(dirpath, n) for n in dirnames + filenames)]:
+            os.chown(name, owner.pw_uid, owner.pw_gid)
+
+
+def _measure_dovecot(
+    root: Path, mails: list[tuple[int, bytes]], sizes: Sizes, refs: References
+) -> ImapResult:
+    port = free_port()
+    for sub in ("run", "state"):
+        (root / sub).mkdir(parents=True)
+    owner = pwd.getpwnam("nobody")
+    home = root / "home"
+    _dovecot_maildir(home, mails, owner)
+    password = os.urandom(12).hex()
+    (root / "passwd").write_text(
+        f"bench:{{PLAIN}}{password}:{owner.pw_uid}:{owner.pw_gid}::{home}::\n"
+    )
+    conf = root / "dovecot.conf"
+    conf.write_text(_DOVECOT_CONF.format(root=root, port=port))
+    cmd = [refs.dovecot_cmd, "-F", "-c", str(conf)]
+    with running(cmd, [port], "dovecot", root / "dovecot.out"):
+        return imap_run(port, "bench", password, len(mails), sizes.imap_passes)
+
+
+# --- reporting --------------------------------------------------------------------------------
+
+
+def _report_smtp(
+    ctx: Context,
+    sizes: Sizes,
+    onion: SmtpResult,
+    postfix: PostfixResult | None,
+    refs: References,
+) -> None:
+    ctx.heading(
+        f"SMTP submission: {SESSIONS} concurrent sessions, {sizes.smtp_messages} messages of "
+        f"{fmt_bytes(MESSAGE_BYTES)}, 250 only after the durable commit; same asyncio client; "
+        "per message = wall time / messages"
+    )
+    subject = onion.per_message(f"onionpost, {SESSIONS} sessions")
+    latency = onion.latency("onionpost latency p50")
+    p99 = percentile(onion.latencies, 0.99)
+    load = f"client CPU {onion.client_cpu / onion.seconds:.0%} of a core"
+    if postfix is None:
+        ctx.figure(subject.name, f"{onion.rate:.0f} msg/s", extra=load)
+        ctx.figure("onionpost latency p50 / p99", f"{fmt_time(latency.p50)} / {fmt_time(p99)}")
+        ctx.note(f"Postfix reference: {refs.why_not.get('postfix', 'unavailable')}")
+        return
+    ref = postfix.python
+    name = f"Postfix {refs.postfix} smtpd"
+    ctx.compare(
+        subject,
+        ref.per_message(name),
+        extra=f"{onion.rate:.0f} vs {ref.rate:.0f} msg/s; {load} vs "
+        f"{ref.client_cpu / ref.seconds:.0%}",
+    )
+    ctx.compare(
+        latency,
+        ref.latency("Postfix latency p50"),
+        extra=f"p99 {fmt_time(p99)} vs {fmt_time(percentile(ref.latencies, 0.99))}",
+    )
+    if postfix.smtp_source is not None:
+        c_client = Stats("Postfix, smtp-source (C)", (postfix.smtp_source / sizes.smtp_messages,))
+        ctx.compare(
+            ref.per_message("Postfix, this Python client"),
+            c_client,
+            extra=f"{sizes.smtp_messages / postfix.smtp_source:.0f} msg/s with smtp-source -d "
+            f"-s {SESSIONS} (no AUTH either): how far the Python client limits the reference",
+        )
+    ctx.note(
+        "onionpost: AUTH PLAIN once per session, MAIL FROM must be the user, each 250 after "
+        "Submissions.submit; Postfix: relay from 127.0.0.0/8, default_transport = discard."
+    )
+
+
+def _report_imap(
+    ctx: Context, sizes: Sizes, onion: ImapResult, dovecot: ImapResult | None, refs: References
+) -> None:
+    ctx.heading(
+        f"IMAP first sync of a {sizes.folder:,}-message INBOX ({fmt_bytes(MESSAGE_BYTES)} each) "
+        "with imaplib, a fresh session per pass (LOGIN not timed): SELECT INBOX, UID FETCH 1:* "
+        "(UID FLAGS RFC822.SIZE ENVELOPE), FETCH 1:* (BODY.PEEK[HEADER]); cold = the first "
+        f"session after the server started, warm = median of {sizes.imap_passes} more"
+    )
+    ref_name = f"Dovecot {refs.dovecot}"
+    for cold in (True, False):
+        when = "cold" if cold else "warm"
+        for step, (label, _method, _args) in IMAP_STEPS.items():
+            subject = onion.stats(step, f"{when} {label}", cold=cold)
+            cpu = onion.client_cpu(step, cold=cold)
+            if dovecot is None:
+                ctx.figure(
+                    subject.name, fmt_time(subject.p50), extra=f"imaplib CPU {fmt_time(cpu)}"
+                )
+                continue
+            ref_cpu = dovecot.client_cpu(step, cold=cold)
+            ctx.compare(
+                subject,
+                dovecot.stats(step, ref_name, cold=cold),
+                extra=f"imaplib CPU {fmt_time(cpu)} vs {fmt_time(ref_cpu)}",
+            )
+        total = onion.total(cold=cold)
+        per = fmt_time(total / sizes.folder)
+        if dovecot is None:
+            ctx.figure(f"{when} all three", fmt_time(total), extra=f"{per} per message")
+            continue
+        ref_total = dovecot.total(cold=cold)
+        ctx.compare(
+            Stats(f"{when} all three", (total,)),
+            Stats(ref_name, (ref_total,)),
+            extra=f"{per} vs {fmt_time(ref_total / sizes.folder)} per message",
+        )
+    served = fmt_bytes(onion.cold.header_bytes)
+    if dovecot is None:
+        ctx.note(f"BODY.PEEK[HEADER] served {served} of header blocks per pass.")
+        ctx.note(f"Dovecot reference: {refs.why_not.get('dovecot', 'unavailable')}")
+        return
+    ctx.note(
+        f"BODY.PEEK[HEADER] served {served} of header blocks per pass vs "
+        f"{fmt_bytes(dovecot.cold.header_bytes)} from Dovecot. "
+        "Dovecot's cold pass builds its index and cache from the Maildir; onionpost's index "
+        "is built when mail is filed. imaplib CPU is this process reading the answers: it "
+        "grows when a server sends them in many small pieces."
+    )

@@ -53,6 +53,7 @@ clients: $(STAMP)
 	$(BIN)/python -m pytest -q tests/clients
 
 bench: $(STAMP)
+	-@scripts/system-deps.sh bench
 	$(BIN)/python -m bench
 
 clean:

@@ -2,6 +2,7 @@
 # Installs the Debian packages onionpost needs, when they are missing.
 #   scripts/system-deps.sh run    -> what running a node needs (python3-venv, tor)
 #   scripts/system-deps.sh test   -> that, plus the real mail clients the test suite drives
+#   scripts/system-deps.sh bench  -> that, plus Postfix and Dovecot (the gateway benchmark's references)
 # As root it installs with apt-get (no prompts, works without standard input, as CI runs it).
 # As another user it prints the one command to run and fails, rather than guessing at sudo.
 set -euo pipefail
@@ -24,6 +25,13 @@ if [ "$mode" = test ]; then
     have_pkg ca-certificates || need+=(ca-certificates)
 fi
 
+if [ "$mode" = bench ]; then
+    # bench/gateway.py starts private Postfix and Dovecot instances of its own; the system
+    # services are never used, so none is configured or enabled here.
+    have_pkg postfix || need+=(postfix)
+    have_pkg dovecot-imapd || need+=(dovecot-imapd)
+fi
+
 if [ "${#need[@]}" -eq 0 ]; then exit 0; fi
 
 if ! have_cmd apt-get; then
@@ -43,5 +51,15 @@ if [ ! -e /usr/sbin/policy-rc.d ]; then
     trap 'rm -f /usr/sbin/policy-rc.d' EXIT
 fi
 echo "Installing Debian packages: ${need[*]}"
+case " ${need[*]} " in *" postfix "*)
+    # Debian's default answer, "Internet Site", would listen on port 25 on every interface
+    # from the next boot; "No configuration" installs the programs only.
+    echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections ;;
+esac
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${need[@]}" </dev/null
+for svc in postfix dovecot; do
+    case " ${need[*]} " in *" $svc"*)
+        if have_cmd systemctl; then systemctl disable "$svc" >/dev/null 2>&1 || true; fi ;;
+    esac
+done

@@ -199,7 +199,7 @@ async def _end_to_end(ctx: Context, alice: Node, bob: Node, floor: Stats) -> Non
 
 
 async def _drain(ctx: Context, alice: Node, bob_was: Node, root: Path, net: TorNetwork) -> None:
-    count = 100 if ctx.quick else 2000
+    count = 100 if ctx.quick else 10_000
     ctx.heading(f"drain: {count} messages queued while bob's inbox was down, then bob comes back")
     assert alice.submissions is not None and alice.inbox is not None
     dest = bob_was.devices["bob"].address

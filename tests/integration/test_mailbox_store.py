@@ -432,5 +432,5 @@ def test_a_damaged_database_is_reported_with_what_to_do(tmp_path: Path) -> None:
     Database(path, ("mailbox",)).close()
     with sqlite3.connect(path) as conn:
         conn.execute("DROP TABLE mailbox_messages")
-    with pytest.raises(StoreError, match="mailbox_messages are missing. Restore it"):
+    with pytest.raises(StoreError, match=r"mailbox_messages are missing\. Restore it"):
         Database(path, ("mailbox",))

@@ -50,8 +50,8 @@ async def measure(ctx: Context, net: TorNetwork, root: Path) -> None:
     echo = await _echo_floor(ctx, net, root)
     alice = _node(root, "alice", net)
     bob = _node(root, "bob", net)
-    await alice.start()
-    await bob.start()
+    await alice.start(wait_for_tor=True)
+    await bob.start(wait_for_tor=True)
     try:
         await _api_round_trip(ctx, alice, bob, echo)
         await _end_to_end(ctx, alice, bob, echo)
@@ -212,7 +212,7 @@ async def _drain(ctx: Context, alice: Node, bob_was: Node, root: Path, net: TorN
         "queued and sealed", f"{count / sealed:,.0f} msg/s", extra=f"{count} in {sealed:.1f} s"
     )
     bob = _node(root, "bob", net)
-    await bob.start()
+    await bob.start(wait_for_tor=True)
     try:
         before = _filed(bob, "bob")
         t = time.perf_counter()

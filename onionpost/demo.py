@@ -105,7 +105,7 @@ async def _run(say: Say, root: Path, network: TorNetwork | None) -> None:
         say("[3/6] Starting both nodes: each launches its own tor and publishes its inbox ...")
         for p in people:
             p.node = Node(p.config, clock=SystemClock(), extensions=(start_gateway,))
-            await p.node.start()
+            await p.node.start(wait_for_tor=True)
             tor = p.node.tor
             status = tor.status() if tor else None
             pow_note = "on" if status and status.pow_enabled else "unavailable"

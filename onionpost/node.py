@@ -29,7 +29,13 @@ from onionpost.config import Config
 from onionpost.crypto.primitives import RandomSource, system_random
 from onionpost.delivery import OutboxWorker
 from onionpost.device import Device
-from onionpost.errors import ListenError, NotInitialized, OnionpostError
+from onionpost.errors import (
+    ListenError,
+    NotInitialized,
+    OnionpostError,
+    PeerUnreachable,
+    TorError,
+)
 from onionpost.inbox import Inbox
 from onionpost.keylife import rotate_server
 from onionpost.keystore import AccountFiles, KeyStore, ensure_private_dir, write_private
@@ -43,6 +49,7 @@ from onionpost.store.mailbox import MailboxStore
 from onionpost.store.outbox import OutboxStore
 from onionpost.submission import Submissions
 from onionpost.tor import TorDialer, TorRuntime
+from onionpost.tor import preflight as tor_preflight
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +84,11 @@ class Node:
         self.device_db: Database | None = None
         self.gateway_ports: dict[str, int] = {}
         self.scheduler = Scheduler()
+        self._tor_task: asyncio.Task[None] | None = None
+        self._tor_ready = asyncio.Event()
+        self._tor_failure: TorError | None = None
+        self._tor_problem: str | None = None
+        self._tor_progress: tuple[int, str] = (0, "starting tor")
         self._dbs: list[Database] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._stops: list[Callable[[], Awaitable[None]]] = []
@@ -96,12 +108,23 @@ class Node:
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, *, wait_for_tor: bool = False) -> None:
+        """Start everything.  Tor connects in the background (the gateway and local mail
+        work meanwhile, remote deliveries wait); ``wait_for_tor`` returns only once the
+        inbox's onion service is published, as tests and the demo want."""
         try:
             await self._start()
+            if wait_for_tor and self._tor_task is not None:
+                await self.wait_for_tor()
         except BaseException:
             await self.stop()
             raise
+
+    async def wait_for_tor(self) -> None:
+        """Until tor is connected and the onion service published (or tor gave up)."""
+        await self._tor_ready.wait()
+        if self.tor is None:
+            raise self._tor_failure or TorError("tor did not start.")
 
     async def _start(self) -> None:
         cfg = self.config
@@ -163,14 +186,52 @@ class Node:
         self.inbox.outbox.release_leases()
 
     async def _start_tor(self) -> None:
+        # What waiting cannot fix (no tor program, too old) stops `onionpost run` right here.
+        await tor_preflight(self.config.tor)
+        self.dialer.fallback = _TorNotReady(self)
+        self._tor_task = asyncio.create_task(self._tor_supervisor(), name="tor")
+
+    async def _tor_supervisor(self) -> None:
+        """Bring tor up and publish the inbox, retrying with backoff until it works."""
         cfg = self.config
-        self.tor = await TorRuntime.start(cfg.tor, cfg.data_dir, clock=self.clock)
-        self.dialer.fallback = TorDialer(self.tor)
-        if self.inbox is not None and self.server is not None:
-            onion = await self.tor.publish_service(
-                self.inbox.secrets.onion_seed, "127.0.0.1", self.server.port
-            )
-            log.info("inbox onion service published: %s.onion", onion)
+        delay = 15.0
+        while True:
+            try:
+                runtime = await TorRuntime.start(
+                    cfg.tor, cfg.data_dir, clock=self.clock, on_progress=self._tor_progress_seen
+                )
+                try:
+                    if self.inbox is not None and self.server is not None:
+                        onion = await runtime.publish_service(
+                            self.inbox.secrets.onion_seed, "127.0.0.1", self.server.port
+                        )
+                        log.info("inbox onion service published: %s.onion", onion)
+                except BaseException:
+                    await runtime.stop()
+                    raise
+            except TorError as exc:
+                self._tor_problem = str(exc)
+                if not exc.temporary:
+                    log.error("tor cannot be used: %s", exc)
+                    self._tor_failure = exc
+                    self._tor_ready.set()
+                    return
+                log.warning("tor is not ready (%s); trying again in %.0f s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 300.0)
+                continue
+            self.tor = runtime
+            self._tor_problem = None
+            self.dialer.fallback = TorDialer(runtime)
+            self.scheduler.every("tor-health", 30, runtime.check_health, start_in=30)
+            self.wake()  # mail that waited for tor can go now
+            log.info("tor is connected; onionpost is reachable")
+            self._tor_ready.set()
+            return
+
+    def _tor_progress_seen(self, percent: int, summary: str) -> None:
+        self._tor_progress = (percent, summary)
+        log.info("tor: %d%% %s", percent, summary)
 
     async def _start_devices(self) -> None:
         cfg = self.config
@@ -213,8 +274,6 @@ class Node:
                 self.refresh_contacts,
                 start_in=120,
             )
-        if self.tor is not None:
-            s.every("tor-health", 30, self.tor.check_health, start_in=30)
 
     async def check_outcomes(self) -> None:
         """Ask the outbox how our mail fared, so delays and bounces reach the user."""
@@ -295,6 +354,11 @@ class Node:
 
     async def stop(self) -> None:
         self.scheduler.stop()
+        if self._tor_task is not None:
+            self._tor_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._tor_task
+            self._tor_task = None
         for stop in reversed(self._stops):
             with contextlib.suppress(Exception):
                 await stop()
@@ -354,17 +418,50 @@ class Node:
             "api_port": self.api_port,
             "gateway": dict(self.gateway_ports),
             "users": [str(d.address) for d in self.devices.values()],
-            "tor": _plain(self.tor.status()) if self.tor else {"mode": "off"},
+            "tor": self._tor_status(),
         }
         if self.inbox is not None:
             info["queue"] = {"queued": self.inbox.outbox.queued_count()}
         return info
+
+    def _tor_status(self) -> dict[str, Any]:
+        if self.tor is not None:
+            status: dict[str, Any] = _plain(self.tor.status())
+            return status
+        if self.config.tor.mode == "off":
+            return {"mode": "off"}
+        percent, summary = self._tor_progress
+        return {
+            "mode": self.config.tor.mode,
+            "healthy": False,
+            "bootstrap_percent": percent,
+            "bootstrap_summary": summary,
+            "published": False,
+            "last_error": self._tor_problem,
+            "notes": ["tor is still connecting; mail to other inboxes waits until it is"],
+        }
 
     async def _write_status(self) -> None:
         path = self.config.data_dir / "run" / "status.json"
         ensure_private_dir(path.parent)
         with contextlib.suppress(OSError):
             write_private(path, json.dumps(self.status(), indent=2).encode())
+
+
+class _TorNotReady:
+    """The dialer while tor is still connecting: deliveries are deferred, not failed."""
+
+    def __init__(self, node: Node) -> None:
+        self._node = node
+
+    async def open(
+        self, onion: str, port: int, *, isolation: str, timeout: float
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        percent, summary = self._node._tor_progress
+        raise PeerUnreachable(
+            f"This node's tor is still connecting to the Tor network ({percent}%: {summary}); "
+            "the message waits until it is."
+        )
 
 
 def _plain(value: object) -> Any:  # noqa: ANN401

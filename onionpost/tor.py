@@ -297,6 +297,17 @@ def _run_tor(binary: str, *args: str) -> str:
     return done.stdout
 
 
+async def preflight(cfg: TorConfig) -> None:
+    """Fail now for what waiting will not fix: no tor program, or one that is too old.
+
+    Everything else (no network yet, a slow bootstrap) is worth waiting for, in the
+    background; this check takes a fraction of a second.
+    """
+    if cfg.mode != "launch":
+        return
+    check_version(parse_tor_version(await asyncio.to_thread(_run_tor, cfg.tor_binary, "--version")))
+
+
 # --- status -----------------------------------------------------------------------------------
 
 
@@ -354,6 +365,7 @@ class TorRuntime:
     """A tor that onionpost controls, with at most one onion service: the inbox."""
 
     def __init__(self, cfg: TorConfig, data_dir: Path, clock: Clock) -> None:
+        self._on_progress: Callable[[int, str], None] | None = None
         """Use :meth:`start`; this only sets up state."""
         self._cfg = cfg
         self._clock = clock
@@ -398,11 +410,23 @@ class TorRuntime:
     # --- lifecycle ------------------------------------------------------------------------
 
     @classmethod
-    async def start(cls, cfg: TorConfig, data_dir: Path, *, clock: Clock) -> TorRuntime:
-        """Launch or attach to tor and return once it has bootstrapped to 100 %."""
+    async def start(
+        cls,
+        cfg: TorConfig,
+        data_dir: Path,
+        *,
+        clock: Clock,
+        on_progress: Callable[[int, str], None] | None = None,
+    ) -> TorRuntime:
+        """Launch or attach to tor and return once it has bootstrapped to 100 %.
+
+        ``on_progress(percent, summary)`` is called whenever the bootstrap advances, so a
+        caller can show a person what tor is doing while they wait.
+        """
         if cfg.mode == "off":
             raise ConfigError("tor.mode is 'off': onionpost was configured to run without tor.")
         runtime = cls(cfg, data_dir, clock)
+        runtime._on_progress = on_progress
         runtime._loop = asyncio.get_running_loop()
         try:
             if cfg.mode == "launch":
@@ -710,7 +734,10 @@ class TorRuntime:
         while True:
             if self._cfg.mode == "launch" and not self._process_alive():
                 raise TorError(f"Tor stopped while connecting: {self._exit_words()}.")
+            before = self._bootstrap
             await self._refresh_bootstrap()
+            if self._on_progress is not None and self._bootstrap != before:
+                self._on_progress(*self._bootstrap)
             if self._bootstrap[0] >= 100:
                 return
             if self._clock.monotonic() > deadline:

@@ -78,8 +78,8 @@ async def test_two_nodes_mail_each_other_through_tor(
     clock = SystemClock()
     alice = Node(make_config(tmp_path, "alice", tor_network), clock=clock)
     bob = Node(make_config(tmp_path, "bob", tor_network), clock=clock)
-    await alice.start()
-    await bob.start()
+    await alice.start(wait_for_tor=True)
+    await bob.start(wait_for_tor=True)
     try:
         assert alice.tor is not None and bob.tor is not None
         a_onion = alice.devices["alice"].address.onion
@@ -94,7 +94,7 @@ async def test_two_nodes_mail_each_other_through_tor(
         # alice's node restarts: same onion address, and mail still reaches her
         await alice.stop()
         alice = Node(make_config(tmp_path, "alice", tor_network), clock=clock)
-        await alice.start()
+        await alice.start(wait_for_tor=True)
         assert alice.tor is not None and alice.tor.status().onion == a_onion
         await send(bob, "bob", alice, "alice", "after restart")
         await eventually(
@@ -124,7 +124,7 @@ async def test_two_nodes_mail_each_other_through_tor(
         assert row.last_error_code.startswith("4."), row
         assert "inbox" in row.last_error.lower()
         bob = Node(make_config(tmp_path, "bob", tor_network), clock=clock)
-        await bob.start()
+        await bob.start(wait_for_tor=True)
         alice.wake()
         await eventually(
             lambda: "while bob was down" in subjects(bob, "bob"),

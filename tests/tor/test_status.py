@@ -26,7 +26,7 @@ async def test_status_shows_tor_and_the_published_onion(
     node = Node(
         load(home, {"tor": {"extra_torrc": tor_network.client_torrc_lines()}}), clock=SystemClock()
     )
-    await node.start()
+    await node.start(wait_for_tor=True)
     try:
         await node._write_status()
         result = CliRunner().invoke(cli, ["--data-dir", str(home), "status"])

@@ -1,0 +1,69 @@
+"""A node starts at once and brings tor up in the background; only a missing tor stops it.
+
+The tor here is pointed at a directory authority on 127.0.0.1 where nothing listens, so it
+can never finish bootstrapping, and never tries to reach anything but this machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from onionpost.config import load
+from onionpost.errors import PeerUnreachable, TorNotInstalled
+from onionpost.node import Node
+from onionpost.provision import add_user, initialize
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+NOWHERE = [
+    "TestingTorNetwork 1",
+    "DirAuthority nowhere orport=9 no-v2 v3ident=" + "A" * 40 + " 127.0.0.1:9 " + "B" * 40,
+]
+
+
+def _home(tmp_path: Path) -> Path:
+    home = tmp_path / "node"
+    initialize(load(home), local="alice", device_name="laptop", now=int(time.time()))
+    add_user(load(home), local="carol", device_name="laptop", now=int(time.time()))
+    return home
+
+
+async def test_missing_tor_stops_the_node_with_one_sentence(tmp_path: Path) -> None:
+    node = Node(load(_home(tmp_path), {"tor": {"tor_binary": "/nonexistent/tor"}}))
+    with pytest.raises(TorNotInstalled, match="apt-get install tor"):
+        await node.start()
+
+
+async def test_the_node_runs_while_tor_is_still_connecting(tmp_path: Path) -> None:
+    home = _home(tmp_path)
+    node = Node(load(home, {"tor": {"extra_torrc": NOWHERE, "bootstrap_timeout": 600}}))
+    started = time.monotonic()
+    await node.start()
+    try:
+        assert time.monotonic() - started < 15  # not waiting for tor
+        status = node.status()["tor"]
+        assert status["mode"] == "launch" and status["healthy"] is False
+        assert status["published"] is False and status["bootstrap_percent"] < 100
+        # mail between the two local users needs no tor at all
+        alice, carol = node.devices["alice"], node.devices["carol"]
+        assert node.submissions is not None
+        node.submissions.submit(
+            "alice", [carol.address], f"From: {alice.address}\r\nSubject: hi\r\n\r\nx\r\n".encode()
+        )
+        node.wake()
+        deadline = time.monotonic() + 20
+        assert node.mailbox is not None
+        while time.monotonic() < deadline:
+            if node.mailbox.status(node.mailbox.folder("carol", "INBOX").id).exists:
+                break
+            await asyncio.sleep(0.1)
+        assert node.mailbox.status(node.mailbox.folder("carol", "INBOX").id).exists == 1
+        # a remote inbox is "not yet": a temporary error that says why
+        with pytest.raises(PeerUnreachable, match="still connecting"):
+            await node.dialer.open("x" * 56, 80, isolation="t", timeout=5)
+    finally:
+        await node.stop()

@@ -19,6 +19,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from email.parser import BytesHeaderParser
+from typing import Any
 
 from onionpost import dsn
 from onionpost.address import Address
@@ -220,8 +221,11 @@ class Submissions:
         if not mine:
             self._notify(device, self.clock.now())
             return
-        items = await device.session.outbox(states=("queued", "delivered", "bounced", "cancelled"))
-        by_id = {item.get("id"): item for item in items}
+        wanted = sorted({r.outbox_id for r in mine if r.outbox_id is not None})
+        by_id: dict[object, dict[str, Any]] = {}
+        for start in range(0, len(wanted), 200):  # only the rows we wait on, in batches
+            for fetched in await device.session.outbox(ids=wanted[start : start + 200]):
+                by_id[fetched.get("id")] = fetched
         for r in mine:
             item = by_id.get(r.outbox_id)
             if item is None:

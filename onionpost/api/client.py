@@ -105,7 +105,8 @@ class InboxClient:
                     )
                 finally:
                     writer.close()
-                    with contextlib.suppress(OSError, asyncio.CancelledError, TimeoutError):
+                    # never swallow a cancellation here: the caller's stop() must win
+                    with contextlib.suppress(OSError, TimeoutError):
                         await writer.wait_closed()
         except TimeoutError as exc:
             raise PeerUnreachable("The recipient's inbox did not answer in time.") from exc
@@ -418,8 +419,16 @@ class DeviceSession:
             "POST", "/v1/device/tokens", {"token": token.hex(), "label": label, "revoke": revoke}
         )
 
-    async def outbox(self, states: tuple[str, ...] = ("queued",)) -> list[dict[str, Any]]:
-        data = await self._call("GET", f"/v1/device/outbox?states={','.join(states)}")
+    async def outbox(
+        self, states: tuple[str, ...] = ("queued",), *, ids: list[int] | None = None
+    ) -> list[dict[str, Any]]:
+        """Queue rows: those named by ``ids`` (at most 200), or the latest in ``states``."""
+        query = (
+            f"ids={','.join(str(i) for i in ids)}"
+            if ids is not None
+            else (f"states={','.join(states)}")
+        )
+        data = await self._call("GET", f"/v1/device/outbox?{query}")
         items = data.get("items")
         if not isinstance(items, list):
             raise PeerProtocolError("The inbox's queue listing is not understood.")

@@ -66,6 +66,7 @@ class _MalformedRequests(logging.Filter):
 logging.getLogger("aiohttp.server").addFilter(_MalformedRequests())
 
 JSON_LIMIT = 64 * 1024
+OUTBOX_IDS_MAX = 200
 KEYS_LIMIT = 1 << 20
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -259,6 +260,8 @@ class InboxServer:
         if self._server is None:
             return
         self._server.close()
+        for event in self._events.values():
+            event.set()  # end long-polls now instead of waiting out the shutdown grace
         if self._runner.server is not None:
             await self._runner.server.shutdown(2.0)
         await self._runner.cleanup()
@@ -515,11 +518,22 @@ class InboxServer:
         return _json(200, {"status": "ok"})
 
     async def outbox(self, request: web.Request) -> web.Response:
+        """Queue status: the rows named by ``ids`` (how a device learns the fate of what it
+        handed over), or the mailbox's rows in ``states``, newest first, at most 500."""
         s = self._session(request)
-        states = tuple(request.query.get("states", "queued").split(","))
-        if not set(states) <= {"queued", "delivered", "bounced", "cancelled"}:
-            raise MalformedData("Unknown outbox state.")
-        rows = self.inbox.outbox.rows(mailbox_id=s.mailbox_id, states=states)
+        if "ids" in request.query:
+            try:
+                ids = [int(i) for i in request.query["ids"].split(",") if i]
+            except ValueError as exc:
+                raise MalformedData("'ids' must be numbers separated by commas.") from exc
+            if len(ids) > OUTBOX_IDS_MAX:
+                raise MalformedData(f"Ask for at most {OUTBOX_IDS_MAX} queue ids at a time.")
+            rows = self.inbox.outbox.rows_by_ids(s.mailbox_id, ids)
+        else:
+            states = tuple(request.query.get("states", "queued").split(","))
+            if not set(states) <= {"queued", "delivered", "bounced", "cancelled"}:
+                raise MalformedData("Unknown outbox state.")
+            rows = self.inbox.outbox.rows(mailbox_id=s.mailbox_id, states=states)[-500:]
         return _json(200, {"items": [_outbox_item(r) for r in rows]})
 
     async def outbox_op(self, request: web.Request) -> web.Response:

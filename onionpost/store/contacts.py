@@ -99,7 +99,11 @@ class ContactStore:
 
     def set_token_to_them(self, address: str, token: bytes) -> None:
         with self.db.transaction() as c:
-            c.execute("UPDATE contacts SET token_to_them = ? WHERE address = ?", (token, address))
+            c.execute(
+                "UPDATE contacts SET token_to_them = ? WHERE address = ?"
+                " AND token_to_them IS NOT ?",
+                (token, address, token),
+            )
 
     def set_token_from_them(self, address: str, token: bytes | None) -> None:
         with self.db.transaction() as c:

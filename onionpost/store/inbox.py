@@ -321,9 +321,11 @@ class InboxStore:
     ) -> Accepted:
         """Store an L2 and spool it for ``device_ids``; committed durably before returning.
 
-        Expired mail is pruned first, so a full mailbox refuses only when live mail fills it.
+        Expired mail is pruned first when the quota would be exceeded, so a full mailbox
+        refuses only when live mail fills it.
         """
-        self.prune(now)
+        if self.usage(mailbox_id) + size > quota_bytes:
+            self.prune(now)
         with self.db.transaction() as c:
             seen = c.execute(
                 "SELECT receipt FROM seen_digests WHERE mailbox_id = ? AND digest = ?",
@@ -416,12 +418,20 @@ class InboxStore:
             return 0
         with self.db.transaction() as c:
             marks = ",".join("?" * len(ids))
-            n = c.execute(
-                f"DELETE FROM spool WHERE mailbox_id = ? AND device_id = ? AND id IN ({marks})",  # noqa: S608
+            freed = c.execute(
+                f"DELETE FROM spool WHERE mailbox_id = ? AND device_id = ? AND id IN ({marks})"  # noqa: S608
+                " RETURNING sealed_id",
                 (mailbox_id, device_id, *ids),
-            ).rowcount
-            self._drop_orphans(c)
-            return n
+            ).fetchall()
+            candidates = sorted({r[0] for r in freed})
+            if candidates:
+                marks = ",".join("?" * len(candidates))
+                c.execute(
+                    f"DELETE FROM sealed WHERE id IN ({marks}) AND NOT EXISTS"  # noqa: S608
+                    " (SELECT 1 FROM spool WHERE sealed_id = sealed.id)",
+                    candidates,
+                )
+            return len(freed)
 
     @staticmethod
     def _drop_orphans(c: sqlite3.Connection) -> None:

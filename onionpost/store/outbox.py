@@ -216,6 +216,14 @@ class OutboxStore:
             params = (*params, mailbox_id)
         return [_row(r) for r in self.db.all(sql + " ORDER BY created_at, id", params)]
 
+    def rows_by_ids(self, mailbox_id: bytes, ids: list[int]) -> list[OutboxRow]:
+        """These rows of this mailbox (others' rows are never revealed)."""
+        if not ids:
+            return []
+        marks = ",".join("?" * len(ids))
+        sql = f"SELECT {_COLUMNS} FROM outbox WHERE mailbox_id = ? AND id IN ({marks})"  # noqa: S608
+        return [_row(r) for r in self.db.all(sql, (mailbox_id, *ids))]
+
     def unnotified(self, mailbox_id: bytes, device_id: bytes) -> list[OutboxRow]:
         """Finished or delayed rows the submitting device has not been told about yet."""
         return [

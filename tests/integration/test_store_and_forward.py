@@ -171,3 +171,29 @@ async def test_first_contact_with_an_offline_recipient_waits_for_keys(world: Wor
     await w.a.worker.run_due()
     await w.bob.device.sync()
     assert subjects(w.bob, "INBOX") == ["keys please"]
+
+
+async def test_outcome_checks_work_with_a_long_outbox_history(world: World) -> None:
+    """A month of delivered mail in the outbox must not stop delay notices and bounces:
+    the device asks only for the rows it waits on."""
+    w = world
+    await w.send("one")
+    mailbox_id = w.alice.device.account.mailbox_id
+    device_id = w.alice.device.account.device.device_id
+    for i in range(3000):  # 30 days of history, about 1.3 MB if listed whole
+        row = w.a.inbox.outbox.enqueue(
+            mailbox_id=mailbox_id,
+            device_id=device_id,
+            destination=str(w.bob.address),
+            msg_id=i.to_bytes(16, "big"),
+            digest=i.to_bytes(32, "big"),
+            envelope=b"x",
+            message_ref=f"<history-{i}@test>",
+            submission_key=f"history:{i}",
+            now=w.clock.now(),
+            expires_at=w.clock.now() + DAY,
+        )
+        w.a.inbox.outbox.mark_delivered(row, now=w.clock.now(), receipt="r" * 24)
+    await w.a.worker.run_due()
+    await w.alice.submissions.check_outbox(w.alice.device)  # used to fail past 256 KiB
+    assert w.alice.submissions.store.listing("alice") == []  # "one" is known to be delivered

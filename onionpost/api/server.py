@@ -556,9 +556,6 @@ class InboxServer:
             raise MalformedData("The operation must be 'retry' or 'cancel'.")
         return _json(200, {"status": "ok" if done else "unchanged"})
 
-    def set_limits(self, *, deliveries: int) -> None:
-        self._deliveries = asyncio.Semaphore(deliveries)
-
 
 def _outbox_item(r: OutboxRow) -> dict[str, Any]:
     return {

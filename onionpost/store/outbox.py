@@ -37,18 +37,17 @@ class OutboxRow:
     state: str
     finished_at: int | None
     receipt: str | None
-    notified: int
 
 
 _COLUMNS = (
     "id, mailbox_id, device_id, destination, msg_id, digest, message_ref, created_at,"
     " expires_at, next_attempt_at, attempts, last_error, last_error_code, last_attempt_at,"
-    " state, finished_at, receipt, notified"
+    " state, finished_at, receipt"
 )
 
 
 def _row(r: sqlite3.Row) -> OutboxRow:
-    return OutboxRow(*(r[i] for i in range(18)))
+    return OutboxRow(*tuple(r))
 
 
 class OutboxStore:
@@ -223,27 +222,6 @@ class OutboxStore:
         marks = ",".join("?" * len(ids))
         sql = f"SELECT {_COLUMNS} FROM outbox WHERE mailbox_id = ? AND id IN ({marks})"  # noqa: S608
         return [_row(r) for r in self.db.all(sql, (mailbox_id, *ids))]
-
-    def unnotified(self, mailbox_id: bytes, device_id: bytes) -> list[OutboxRow]:
-        """Finished or delayed rows the submitting device has not been told about yet."""
-        return [
-            _row(r)
-            for r in self.db.all(
-                f"SELECT {_COLUMNS} FROM outbox WHERE mailbox_id = ? AND device_id = ?"  # noqa: S608
-                " AND state = 'bounced' AND notified = 0 ORDER BY id",
-                (mailbox_id, device_id),
-            )
-        ]
-
-    def mark_notified(self, row_ids: list[int], flag: int = 1) -> None:
-        if not row_ids:
-            return
-        marks = ",".join("?" * len(row_ids))
-        with self.db.transaction() as c:
-            c.execute(
-                f"UPDATE outbox SET notified = ? WHERE id IN ({marks})",  # noqa: S608
-                (flag, *row_ids),
-            )
 
     def purge_finished(self, before: int) -> int:
         with self.db.transaction() as c:

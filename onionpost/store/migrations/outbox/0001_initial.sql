@@ -27,7 +27,6 @@ CREATE TABLE outbox (
         CHECK (state IN ('queued', 'delivered', 'bounced', 'cancelled')),
     finished_at INTEGER,
     receipt TEXT,
-    notified INTEGER NOT NULL DEFAULT 0,
     UNIQUE (mailbox_id, submission_key)
 );
 CREATE INDEX outbox_due ON outbox (state, next_attempt_at);

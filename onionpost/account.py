@@ -91,10 +91,7 @@ def create_identity(
 ) -> Account:
     """A new identity (UIK) with its first device, bound to an inbox's mailbox."""
     identity = IdentitySecrets.generate(local, now, rng=rng)
-    device = DeviceSecrets.generate(device_name, now, rng=rng)
-    if device.current_prekey().not_after - now != prekey_lifetime:
-        device.prekeys.clear()
-        device.new_prekey(now, prekey_lifetime, rng=rng)
+    device = DeviceSecrets.generate(device_name, now, prekey_lifetime=prekey_lifetime, rng=rng)
     device_list = DeviceList(identity.uik_pk, 1, now, (device.entry(now),)).signed(
         identity.uik_seed
     )

@@ -61,10 +61,7 @@ class OutboxWorker:
         self._slots = asyncio.Semaphore(concurrency)
         self._wake = asyncio.Event()
         self.on_finished: list[Callable[[OutboxRow], None]] = []
-
-    @property
-    def own_onion(self) -> str:
-        return Address.for_key("x", self.inbox.onion_pk).onion
+        self._own_onion = Address.for_key("x", inbox.onion_pk).onion
 
     def wake(self) -> None:
         """A submission arrived: deliver now instead of at the next tick."""
@@ -129,7 +126,7 @@ class OutboxWorker:
         except AddressError as exc:
             raise PermanentDeliveryError.from_error(exc) from exc
         envelope = self.outbox.envelope(row.id)
-        if address.onion == self.own_onion:
+        if address.onion == self._own_onion:
             now = self.clock.now()
             unwrapped = await asyncio.to_thread(
                 self.inbox.unwrap, io.BytesIO(envelope), len(envelope), now=now

@@ -20,6 +20,7 @@ from onionpost.crypto.keys import ServerSecrets
 from onionpost.crypto.primitives import RandomSource, system_random
 from onionpost.errors import AlreadyInitialized, UsageError
 from onionpost.inbox import Inbox
+from onionpost.keylife import prekey_lifetime
 from onionpost.keystore import AccountFiles, KeyStore, check_user_name, ensure_private_dir
 from onionpost.store import DEVICE_COMPONENTS, INBOX_COMPONENTS
 from onionpost.store.db import Database
@@ -121,7 +122,7 @@ def add_user(
         onion_pk=server.onion_pk,
         server_key=server.current(),
         now=now,
-        prekey_lifetime=config.keys.prekey_rotation_days * 86_400,
+        prekey_lifetime=prekey_lifetime(config.keys),
         rng=rng,
     )
     inbox_db = Database(config.data_dir / "inbox.db", INBOX_COMPONENTS)

@@ -35,7 +35,6 @@ from onionpost.crypto.fingerprint import fingerprint
 from onionpost.crypto.keys import DeviceList
 from onionpost.crypto.sender import (
     EXT_SENDER_KEYS,
-    SenderCredentials,
     pin_encode,
     pin_parse,
     verify_sender,
@@ -170,15 +169,13 @@ class Receiver:
             if contact is not None:
                 self.contacts.record_identity_change(key, contact.uik_pk, header.sender_uik, now)
             raise
-        assert credentials is not None
-        creds = SenderCredentials.parse(credentials)
-        newer_list = known is None or creds.device_list.version > known.version
+        newer_list = known is None or verified.device_list.version > known.version
         self.contacts.remember(
             key,
             uik_pk=verified.uik_pk,
             pin=pin_encode(verified.pin),
             now=now,
-            device_list=creds.device_list.encode() if newer_list else None,
+            device_list=verified.device_list.encode() if newer_list else None,
         )
         grants = header.extension(EXT_TOKEN_GRANT) or b""
         for i in range(0, len(grants) - 63, 64):

@@ -492,10 +492,17 @@ class DeviceSecrets:
     prekeys: list[PrekeySecret] = field(default_factory=list)
 
     @classmethod
-    def generate(cls, name: str, now: int, *, rng: RandomSource = system_random) -> DeviceSecrets:
+    def generate(
+        cls,
+        name: str,
+        now: int,
+        *,
+        prekey_lifetime: int = 7 * 86_400,
+        rng: RandomSource = system_random,
+    ) -> DeviceSecrets:
         seed = rng(32)
         dev = cls(rng(DEVICE_ID_BYTES), name, seed, 0, ed25519_public(seed))
-        dev.new_prekey(now, 7 * 86_400, rng=rng)
+        dev.new_prekey(now, prekey_lifetime, rng=rng)
         return dev
 
     @property

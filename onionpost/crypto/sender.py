@@ -63,6 +63,8 @@ class VerifiedSender:
     #: The pin to remember for this contact after this message (never older than before).
     pin: Pin
     first_contact: bool
+    #: The device list the message carried (verified), for the contact's record.
+    device_list: DeviceList
 
 
 def pin_encode(pin: Pin) -> bytes:
@@ -147,6 +149,7 @@ def verify_sender(
         entry.name,
         new_pin,
         pin is None,
+        dl,
     )
 
 

@@ -132,10 +132,20 @@ class _CryptoWorld:
         now = int(time.time())
         a_srv, b_srv = ServerSecrets.generate(now), ServerSecrets.generate(now)
         alice = create_identity(
-            "alice", "laptop", onion_pk=a_srv.onion_pk, server_key=a_srv.current(), now=now
+            "alice",
+            "laptop",
+            onion_pk=a_srv.onion_pk,
+            sek_id=a_srv.current().sek_id,
+            sek_pk=a_srv.current().public,
+            now=now,
         )
         bob = create_identity(
-            "bob", "laptop", onion_pk=b_srv.onion_pk, server_key=b_srv.current(), now=now
+            "bob",
+            "laptop",
+            onion_pk=b_srv.onion_pk,
+            sek_id=b_srv.current().sek_id,
+            sek_pk=b_srv.current().public,
+            now=now,
         )
         devices = [bob] + [add_device(bob, f"device-{i}", now=now) for i in range(2, DEVICES + 1)]
         return cls(alice, devices, b_srv, now)

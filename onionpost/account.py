@@ -19,7 +19,6 @@ from onionpost.crypto.keys import (
     IdentitySecrets,
     RevokedDevice,
     ServerBinding,
-    ServerKey,
 )
 from onionpost.crypto.primitives import RandomSource, ed25519_sign, system_random
 from onionpost.crypto.sender import SenderCredentials
@@ -84,7 +83,8 @@ def create_identity(
     device_name: str,
     *,
     onion_pk: bytes,
-    server_key: ServerKey,
+    sek_id: int,
+    sek_pk: bytes,
     now: int,
     prekey_lifetime: int = 7 * DAY,
     rng: RandomSource = system_random,
@@ -101,8 +101,8 @@ def create_identity(
         onion_pk,
         mailbox_id,
         local,
-        server_key.sek_id,
-        server_key.public,
+        sek_id,
+        sek_pk,
         now,
         now + BINDING_LIFETIME,
     ).signed(identity.uik_seed)

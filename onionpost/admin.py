@@ -8,21 +8,25 @@ or straight into the inbox database when it does not.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
 import signal
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from onionpost.account import Account, revoke_device
 from onionpost.address import Address
+from onionpost.api.client import InboxClient
 from onionpost.config import Config
 from onionpost.crypto.fingerprint import fingerprint, safety_number
+from onionpost.crypto.keys import DeviceEntry, DeviceList
 from onionpost.errors import NotInitialized, UsageError
 from onionpost.keystore import AccountFiles, KeyStore
+from onionpost.pairing import Code
 from onionpost.store import DEVICE_COMPONENTS, INBOX_COMPONENTS
 from onionpost.store.contacts import Contact, ContactStore
 from onionpost.store.db import Database
@@ -249,9 +253,8 @@ def accept_identity(local: Local, address: str) -> None:
 # --- devices ------------------------------------------------------------------------------------
 
 
-def revoke(local: Local, device_prefix: str, user: str | None = None) -> Account:
-    """Revoke a device by (a prefix of) its id or its name; the inbox refuses it at once."""
-    account = local.account(user)
+def find_device(account: Account, device_prefix: str) -> DeviceEntry:
+    """A device by (a prefix of) its id or its name."""
     matches = [
         d
         for d in account.device_list.devices
@@ -262,11 +265,143 @@ def revoke(local: Local, device_prefix: str, user: str | None = None) -> Account
             f"'{device_prefix}' matches {len(matches)} devices; use more of the id "
             "(onionpost devices lists them)."
         )
-    revoke_device(account, matches[0].device_id, now=int(time.time()))
+    return matches[0]
+
+
+async def change_devices(
+    local: Local,
+    user: str | None,
+    change: Callable[[Account], DeviceList],
+    *,
+    say: Callable[[str], None],
+) -> Account:
+    """Sign a new device list with ``change`` and publish it to the inbox *now*: straight
+    into the inbox database when this machine runs the inbox, else over tor."""
+    from onionpost.joining import inbox_dialer, latest_device_list, session_for
+
+    account = local.account(user)
+    if account.identity is None:
+        raise UsageError(
+            "This device does not hold your identity key, so it cannot change your device "
+            "list. Do it on one of your devices that does."
+        )
+    if local.inbox_db() is not None:
+        change(account)
+        _publish_direct(local, account, KeyUpdate(device_list=account.device_list))
+    else:
+        async with inbox_dialer(local.config, say=say) as dialer:
+            client = InboxClient(
+                dialer,
+                account.address.onion,
+                port=local.config.tor.onion_port,
+                isolation="enrol",
+                timeout=180.0,
+            )
+            account.device_list = await latest_device_list(account, client)
+            change(account)
+            await session_for(account, client).publish(KeyUpdate(device_list=account.device_list))
     local.files.save(account)
-    _publish_direct(local, account, KeyUpdate(device_list=account.device_list))
     poke(local.config.data_dir)
     return account
+
+
+def revoke(local: Local, device_prefix: str, user: str | None = None) -> Account:
+    """Revoke a device by (a prefix of) its id or its name; the inbox refuses it at once."""
+    return asyncio.run(
+        change_devices(
+            local,
+            user,
+            lambda a: revoke_device(a, find_device(a, device_prefix).device_id, now=_now()),
+            say=lambda _: None,
+        )
+    )
+
+
+def rename(local: Local, device_prefix: str, name: str, user: str | None = None) -> Account:
+    """Give a device another name in the signed device list."""
+    if not name.strip() or len(name.encode()) > 64 or any(c in name for c in "\r\n\x00"):
+        raise UsageError("A device name must be 1 to 64 bytes long, on one line.")
+
+    def apply(a: Account) -> DeviceList:
+        target = find_device(a, device_prefix).device_id
+        old = a.device_list
+        devices = tuple(replace(d, name=name) if d.device_id == target else d for d in old.devices)
+        assert a.identity is not None
+        a.device_list = DeviceList(
+            old.uik_pk, old.version + 1, _now(), devices, old.revoked
+        ).signed(a.identity.uik_seed)
+        if target == a.device.device_id:
+            a.device.name = name
+        return a.device_list
+
+    return asyncio.run(change_devices(local, user, apply, say=lambda _: None))
+
+
+@dataclass(frozen=True)
+class DeviceView:
+    entry: DeviceEntry
+    this: bool
+    last_seen: int | None
+
+
+def device_views(local: Local, user: str | None = None) -> tuple[Account, list[DeviceView]]:
+    """The person's devices with when each last talked to the inbox (when that is known
+    here: this machine runs the inbox)."""
+    from onionpost.store.enrolment import EnrolmentStore
+
+    account = local.account(user)
+    seen: dict[bytes, int] = {}
+    db = local.inbox_db()
+    if db is not None:
+        seen = EnrolmentStore(db).devices_seen(account.mailbox_id)
+    views = [
+        DeviceView(d, d.device_id == account.device.device_id, seen.get(d.device_id))
+        for d in account.device_list.devices
+    ]
+    return account, views
+
+
+# --- invites ------------------------------------------------------------------------------------
+
+
+def invite(
+    local: Local,
+    name: str,
+    *,
+    lifetime: int | None,
+    quota_bytes: int | None,
+    max_devices: int | None,
+) -> tuple[Code, int]:
+    """An invite code for a new person on this machine's inbox."""
+    from onionpost.enrolment import Enrolment
+    from onionpost.inbox import Inbox
+    from onionpost.store.enrolment import EnrolmentStore
+    from onionpost.store.inbox import InboxStore
+
+    db = local.inbox_db()
+    if db is None or not local.keys.has_server():
+        raise UsageError(
+            "This machine runs no inbox: invite people on the machine that does (the Pi)."
+        )
+    inbox = Inbox(
+        store=InboxStore(db),
+        outbox=OutboxStore(db),
+        secrets=local.keys.load_server(),
+        config=local.config.inbox,
+    )
+    if name.lower() in local.files.users():
+        raise UsageError(f"There is already a user '{name.lower()}' here.")
+    return Enrolment(inbox, EnrolmentStore(db), local.config.inbox).create_invite(
+        name,
+        now=_now(),
+        lifetime=lifetime,
+        quota_bytes=quota_bytes,
+        max_devices=max_devices,
+    )
+
+
+def _now() -> int:
+    return int(time.time())
 
 
 def _publish_direct(local: Local, account: Account, update: KeyUpdate) -> None:

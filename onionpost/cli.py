@@ -26,7 +26,7 @@ import click
 
 from onionpost import __version__
 from onionpost.config import Config, default_data_dir, load
-from onionpost.errors import NotInitialized, OnionpostError, UsageError
+from onionpost.errors import AlreadyInitialized, NotInitialized, OnionpostError, UsageError
 
 EXIT_ERROR = 1
 EXIT_INTERNAL = 70
@@ -104,23 +104,77 @@ def _default_user() -> str:
 
 @cli.command()
 @click.option("--user", "local", default=None, help="The part before @ in your address.")
-@click.option("--device-name", default="primary", show_default=True, help="Name of this device.")
+@click.option("--device-name", default=None, help="Name of this device (default: primary).")
+@click.option(
+    "--role",
+    type=click.Choice(["both", "inbox"]),
+    default="both",
+    show_default=True,
+    help="'inbox': this machine (a Pi) only holds the inbox; people join it with an invite.",
+)
+@click.option("--invite", "invite_code", default=None, help="Join an inbox with an invite code.")
+@click.option("--join", "join_code", default=None, help="Add this machine as another device.")
+@click.option(
+    "--no-identity-key",
+    is_flag=True,
+    help="With --join: leave your identity key off this device (it then cannot add or revoke "
+    "devices).",
+)
 @click.option("--if-missing", is_flag=True, help="Do nothing if already set up (for scripts).")
 @pass_ctx
-def init(obj: Ctx, local: str | None, device_name: str, if_missing: bool) -> None:
-    """Create your identity, this device's keys and your inbox's keys."""
-    from onionpost.provision import initialize, is_initialized
+def init(
+    obj: Ctx,
+    *,
+    local: str | None,
+    device_name: str | None,
+    role: str,
+    invite_code: str | None,
+    join_code: str | None,
+    no_identity_key: bool,
+    if_missing: bool,
+) -> None:
+    """Set up this machine: one machine for everything (default), an inbox for others
+    (--role inbox), your mail on this machine with an inbox elsewhere (--invite CODE), or
+    another device of yours (--join CODE)."""
+    from onionpost.provision import initialize, initialize_inbox, is_initialized
 
     if if_missing and is_initialized(obj.data_dir):
         return
+    chosen = [o for o, on in (("--invite", invite_code), ("--join", join_code)) if on]
+    if len(chosen) > 1 or (chosen and role != "both"):
+        raise click.UsageError("Use only one of --role inbox, --invite and --join.")
+    if no_identity_key and not join_code:
+        raise click.UsageError("--no-identity-key goes with --join.")
+    if invite_code or join_code:
+        _init_from_code(
+            obj,
+            invite_code=invite_code,
+            join_code=join_code,
+            device_name=device_name,
+            with_identity=not no_identity_key,
+            local=local,
+        )
+        return
     config = obj.config()
+    if role == "inbox":
+        postmaster = initialize_inbox(config, now=int(time.time()))
+        click.echo(f"onionpost inbox is set up in {obj.data_dir}\n")
+        click.echo(f"  Inbox address:  {postmaster.onion}.onion")
+        click.echo("  Nobody's keys are here: people create theirs on their own machines.\n")
+        click.echo("Start it with `onionpost run` (or the systemd unit), then invite someone:")
+        click.echo("  onionpost users invite NAME")
+        return
     result = initialize(
         config,
         local=(local or _default_user()).lower(),
-        device_name=device_name,
+        device_name=device_name or "primary",
         now=int(time.time()),
         gateway_setup=_gateway_setup(),
     )
+    _print_initialized(obj, config, result)
+
+
+def _print_initialized(obj: Ctx, config: Config, result: Any) -> None:  # noqa: ANN401
     gw = config.gateway
     click.echo(f"onionpost is set up in {obj.data_dir}\n")
     click.echo(f"  Your address:   {result.address}")
@@ -132,6 +186,90 @@ def init(obj: Ctx, local: str | None, device_name: str, if_missing: bool) -> Non
     if result.password:
         click.echo(f"  password:  {result.password}   (shown once; change it: onionpost password)")
     click.echo("\nStart the node with `onionpost run`.")
+
+
+def _init_from_code(
+    obj: Ctx,
+    *,
+    invite_code: str | None,
+    join_code: str | None,
+    device_name: str | None,
+    with_identity: bool,
+    local: str | None,
+) -> None:
+    """init --invite / --join: keys made here, the inbox reached over tor."""
+    from onionpost.clock import SystemClock
+    from onionpost.joining import inbox_dialer, join_identity, redeem_invite
+    from onionpost.keystore import AccountFiles, KeyStore
+    from onionpost.pairing import Code
+    from onionpost.provision import adopt_account, is_initialized
+
+    code = Code.parse(invite_code or join_code or "", "invite" if invite_code else "pairing")
+    if local is not None:
+        raise click.UsageError("--user comes from the code; leave it out.")
+    if is_initialized(obj.data_dir):
+        raise AlreadyInitialized(
+            f"{obj.data_dir} is already set up; --invite and --join make a new data directory. "
+            "Use --data-dir to choose another one."
+        )
+    name = device_name or _default_device_name()
+    config = obj.config()
+    files = AccountFiles(KeyStore(obj.data_dir))
+    clock = SystemClock()
+
+    async def main() -> Any:  # noqa: ANN401
+        async with inbox_dialer(config, say=click.echo) as dialer:
+            if invite_code:
+                return await redeem_invite(
+                    config,
+                    code,
+                    device_name=name,
+                    dialer=dialer,
+                    say=click.echo,
+                    clock=clock,
+                    save=files.save,
+                )
+            return await join_identity(
+                config,
+                code,
+                device_name=name,
+                with_identity=with_identity,
+                dialer=dialer,
+                say=click.echo,
+                clock=clock,
+            )
+
+    click.echo(f"Reaching the inbox {code.onion}.onion over tor...")
+    try:
+        account = asyncio.run(main())
+    except BaseException:
+        _discard_partial(obj.data_dir)
+        raise
+    result = adopt_account(config, account, gateway_setup=_gateway_setup())
+    if join_code:
+        held = "holds" if account.identity is not None else "does NOT hold"
+        click.echo(
+            f"This machine is now a device of {result.address}; it {held} your identity key."
+        )
+        click.echo("Your other devices get a notice mail about it.\n")
+    _print_initialized(obj, config, result)
+
+
+def _discard_partial(data_dir: Path) -> None:
+    """A failed --invite leaves no half-made identity behind (the same code can be tried
+    again while it is valid)."""
+    import shutil
+
+    users = data_dir / "users"
+    if users.is_dir() and not (data_dir / "device.db").exists():
+        shutil.rmtree(users, ignore_errors=True)
+
+
+def _default_device_name() -> str:
+    import socket
+
+    name = socket.gethostname().split(".")[0][:64]
+    return name or "device"
 
 
 def _gateway_setup() -> Callable[[Config, Any], str | None]:
@@ -483,36 +621,143 @@ def contacts_trust(obj: Ctx, address: str) -> None:
 
 
 @cli.group(invoke_without_command=True)
+@click.option("--user", default=None, help="Whose devices (where several people use this node).")
 @click.pass_context
-def devices(ctx: click.Context) -> None:
-    """Your devices: which hold keys for your mail (see also: devices revoke)."""
+def devices(ctx: click.Context, user: str | None) -> None:
+    """Your devices, each with its own keys (see also: devices add, rename, revoke)."""
     if ctx.invoked_subcommand is not None:
         return
     from onionpost import admin
 
     obj: Ctx = ctx.obj
     with admin.opened(obj.config()) as local:
-        account = local.account(None)
+        account, views = admin.device_views(local, user)
     dl = account.device_list
-    click.echo(f"device list version {dl.version}")
-    for d in dl.devices:
-        me = "  (this device)" if d.device_id == account.device.device_id else ""
-        click.echo(f"  {d.device_id.hex()[:12]}  {d.name:<16} key #{d.dsk_seq}{me}")
+    now = time.time()
+    click.echo(f"{account.address}: device list version {dl.version}")
+    click.echo(f"  {'ID':<12}  {'NAME':<18} {'ADDED':<10}  {'LAST SEEN':>9}  KEY")
+    for v in views:
+        d = v.entry
+        me = "  <- this device" if v.this else ""
+        added = time.strftime("%Y-%m-%d", time.gmtime(d.added_at))
+        seen = f"{_age(now - v.last_seen)} ago" if v.last_seen else "-"
+        key_age = f"#{d.dsk_seq}"
+        if v.this:
+            key_age += f", {_age(now - account.device.signed_prekey().created_at)} old prekey"
+        click.echo(
+            f"  {d.device_id.hex()[:12]}  {d.name:<18} {added:<10}  {seen:>9}  {key_age}{me}"
+        )
     for r in dl.revoked:
         when = time.strftime("%Y-%m-%d", time.gmtime(r.revoked_at))
         click.echo(f"  {r.device_id.hex()[:12]}  revoked {when}")
+    if account.identity is None:
+        click.echo("This device does not hold your identity key: add and revoke on one that does.")
+    if not any(v.last_seen for v in views):
+        click.echo("(LAST SEEN is known on the machine that runs your inbox.)")
+
+
+@devices.command("add")
+@click.option("--user", default=None, help="Whose device (where several people use this node).")
+@click.option("--json", "as_json", is_flag=True, help="Print the code and the result as JSON.")
+@pass_ctx
+def devices_add(obj: Ctx, user: str | None, as_json: bool) -> None:
+    """Add another machine as your device: prints a one-time pairing code to use there with
+    `onionpost init --join CODE`, then waits for it (a few minutes at most)."""
+    from onionpost import admin
+    from onionpost.clock import SystemClock
+    from onionpost.joining import inbox_dialer, offer_pairing
+    from onionpost.pairing import Code
+
+    config = obj.config()
+    say = (lambda _: None) if as_json else click.echo
+
+    def show(code: Code, expires: int) -> None:
+        if as_json:
+            click.echo(
+                json.dumps({"code": code.text(), "qr": code.qr_payload(), "expires_at": expires})
+            )
+            sys.stdout.flush()
+            return
+        click.echo("On the new machine, run:\n")
+        click.echo(f"  onionpost init --join {code.text()}\n")
+        click.echo(_qr(code.qr_payload()))
+        click.echo(
+            f"The code works once, until {_clock_time(expires)}. Waiting for the new device..."
+        )
+
+    with admin.opened(config) as local:
+        account = local.account(user)
+
+        async def main() -> Any:  # noqa: ANN401
+            async with inbox_dialer(config, say=say, own_onion=account.address.onion) as dialer:
+                return await offer_pairing(
+                    account,
+                    config,
+                    dialer=dialer,
+                    say=say,
+                    show_code=show,
+                    clock=SystemClock(),
+                    save=local.files.save,
+                )
+
+        entry = asyncio.run(main())
+    admin.poke(obj.data_dir)
+    if as_json:
+        click.echo(json.dumps({"added": entry.device_id.hex(), "name": entry.name}))
+    else:
+        click.echo(
+            f"Added {entry.name} ({entry.device_id.hex()[:12]}). It receives your mail from now on."
+        )
+
+
+@devices.command("rename")
+@click.argument("device")
+@click.argument("name")
+@click.option("--user", default=None, help="Whose device (where several people use this node).")
+@pass_ctx
+def devices_rename(obj: Ctx, device: str, name: str, user: str | None) -> None:
+    """Give a device another name."""
+    from onionpost import admin
+
+    with admin.opened(obj.config()) as local:
+        account = admin.rename(local, device, name, user)
+    click.echo(f"Renamed. Device list is now version {account.device_list.version}.")
 
 
 @devices.command("revoke")
 @click.argument("device")
+@click.option("--user", default=None, help="Whose device (where several people use this node).")
 @pass_ctx
-def devices_revoke(obj: Ctx, device: str) -> None:
+def devices_revoke(obj: Ctx, device: str, user: str | None) -> None:
     """Revoke a lost or stolen device: its inbox refuses it at once and drops its mail."""
     from onionpost import admin
 
     with admin.opened(obj.config()) as local:
-        account = admin.revoke(local, device)
+        account = admin.revoke(local, device, user)
     click.echo(f"Revoked. Device list is now version {account.device_list.version}.")
+
+
+def _clock_time(when: int) -> str:
+    return time.strftime("%H:%M", time.localtime(when))
+
+
+def _qr(payload: str) -> str:
+    """A QR code drawn with half blocks: two modules per character cell, with the quiet zone
+    the standard asks for, so a phone camera reads it off any terminal."""
+    import segno
+
+    matrix = [list(row) for row in segno.make(payload, error="m", boost_error=False).matrix]
+    quiet = 2
+    width = len(matrix[0]) + 2 * quiet
+    rows = [[0] * width for _ in range(quiet)]
+    rows += [[0] * quiet + [int(bool(m)) for m in r] + [0] * quiet for r in matrix]
+    rows += [[0] * width for _ in range(quiet + 1)]
+    # dark module = ink; terminals are usually light-on-dark, so draw the light modules
+    chars = {(0, 0): "█", (0, 1): "▀", (1, 0): "▄", (1, 1): " "}
+    lines = []
+    for top, bottom in zip(rows[0::2], rows[1::2], strict=False):
+        lines.append("".join(chars[(a, b)] for a, b in zip(top, bottom, strict=True)))
+    return "\n".join(lines)
 
 
 # --- the demo --------------------------------------------------------------------------------
@@ -566,6 +811,76 @@ def users_add(obj: Ctx, name: str, device_name: str) -> None:
         click.echo(f"  mail-client user name: {result.address.local}, password: {result.password}")
     if admin.poke(obj.data_dir):
         click.echo("The running node picks the new user up now.")
+
+
+@users.command("invite")
+@click.argument("name")
+@click.option(
+    "--expires",
+    "hours",
+    type=click.IntRange(1, 24 * 30),
+    default=None,
+    help="Hours the code is valid (default: inbox.invite_hours, 24).",
+)
+@click.option("--quota", default=None, help="Mailbox size limit, e.g. 500M or 2G.")
+@click.option(
+    "--max-devices",
+    type=click.IntRange(1, 64),
+    default=None,
+    help="How many devices the person may have.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the invite as JSON.")
+@pass_ctx
+def users_invite(
+    obj: Ctx,
+    *,
+    name: str,
+    hours: int | None,
+    quota: str | None,
+    max_devices: int | None,
+    as_json: bool,
+) -> None:
+    """Invite a person to have their mailbox on this inbox: prints a one-time code for
+    `onionpost init --invite CODE` on their own machine (their keys are made there)."""
+    from onionpost import admin
+
+    with admin.opened(obj.config()) as local:
+        code, expires = admin.invite(
+            local,
+            name,
+            lifetime=hours * 3600 if hours else None,
+            quota_bytes=_size(quota) if quota else None,
+            max_devices=max_devices,
+        )
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "user": name.lower(),
+                    "code": code.text(),
+                    "qr": code.qr_payload(),
+                    "inbox": f"{code.onion}.onion",
+                    "expires_at": expires,
+                }
+            )
+        )
+        return
+    click.echo(f"Invite for {name.lower()}@{code.onion}.onion\n")
+    click.echo("On their own computer, they run:\n")
+    click.echo(f"  onionpost init --invite {code.text()}\n")
+    click.echo(_qr(code.qr_payload()))
+    click.echo(
+        f"The code works once, until {time.strftime('%Y-%m-%d %H:%M', time.localtime(expires))}."
+        " Give it to them in person or over a channel you trust."
+    )
+
+
+def _size(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)i?b?\s*", text.lower())
+    if m is None:
+        raise click.BadParameter(f"'{text}' is not a size; write e.g. 500M or 2G.")
+    unit: int = 1024 ** " kmgt".index(m.group(2) or " ")
+    return int(m.group(1)) * unit
 
 
 @users.command("list")

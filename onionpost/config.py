@@ -56,6 +56,9 @@ class InboxConfig:
     rate_per_mailbox_per_hour: int = 600
     rate_per_source_per_hour: int = 1200
     longpoll_seconds: float = 25.0
+    invite_hours: int = 24  # how long an invite code (users invite) can be used
+    pairing_minutes: int = 10  # how long a pairing code (devices add) can be used
+    code_failures_per_hour: int = 20  # wrong codes tried at this inbox before it stops checking
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,11 @@ from onionpost.api.client import DeviceSession, InboxClient
 from onionpost.api.transport import Dialer
 from onionpost.clock import Clock
 from onionpost.config import Config, KeysConfig
-from onionpost.crypto.keys import ServerKey
-from onionpost.crypto.primitives import RandomSource, system_random
+from onionpost.crypto.bundle import KeyBundle
+from onionpost.crypto.keys import DeviceList, ServerKey
+from onionpost.crypto.primitives import RandomSource, hash32, system_random
 from onionpost.directory import Directory
+from onionpost.dsn import device_change_notice
 from onionpost.errors import OnionpostError
 from onionpost.inbox import login_message
 from onionpost.keylife import renew_binding, rotate_device
@@ -143,6 +145,54 @@ class Device:
         if self.accounts is not None:
             self.accounts.save(self.account)
 
+    # -- the person's other devices -------------------------------------------------------
+
+    async def refresh_own_devices(self) -> bool:
+        """Adopt a newer device list that another of the person's devices published (it
+        added or revoked a device); file a notice about it.  True if the list changed."""
+        bundle = KeyBundle.parse(await self.client.bundle(self.account.local))
+        new = bundle.device_list
+        new.verify()
+        if new.uik_pk != self.account.uik_pk:
+            log.error("%s: the inbox serves a device list of another identity", self.address)
+            return False
+        return self.adopt_device_list(new, notify=True)
+
+    def adopt_device_list(self, new: DeviceList, *, notify: bool) -> bool:
+        old = self.account.device_list
+        if new.version <= old.version:
+            return False
+        self.account.device_list = new
+        self.save()
+        added = [d for d in new.devices if old.device(d.device_id) is None]
+        revoked = [r for r in new.revoked if not old.is_revoked(r.device_id)]
+        log.info(
+            "%s: device list version %d (%d added, %d revoked)",
+            self.address,
+            new.version,
+            len(added),
+            len(revoked),
+        )
+        if notify and (added or revoked):
+            now = self.clock.now()
+            notice = device_change_notice(
+                user_address=str(self.address),
+                onion_domain=self.address.domain,
+                added=[(d.name, d.device_id.hex(), d.added_at) for d in added],
+                revoked=[(r.device_id.hex(), r.revoked_at) for r in revoked],
+                version=new.version,
+                now=now,
+            )
+            key = hash32(b"onionpost/v1/devices-notice", new.uik_pk, new.version.to_bytes(4, "big"))
+            self.mailbox.file_message(
+                self.account.local,
+                "INBOX",
+                notice,
+                internal_date=now,
+                seen_id=(key[:16], now + 60 * 86_400),
+            )
+        return True
+
     # -- background sync ------------------------------------------------------------------
 
     def start(self) -> None:
@@ -161,6 +211,8 @@ class Device:
         while True:
             try:
                 await self.sync(wait=self.config.inbox.longpoll_seconds)
+                if self.session.inbox_device_list_version > self.account.device_list.version:
+                    await self.refresh_own_devices()
                 backoff = 1.0
             except OnionpostError as exc:
                 log.warning("sync with the inbox failed (%s); retrying in %.0f s", exc, backoff)

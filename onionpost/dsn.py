@@ -126,3 +126,44 @@ def _human_text(recipients: Sequence[RecipientStatus], *, failed: bool) -> str:
         lines.append("")
     lines.append("The headers of your message are attached.")
     return "\r\n".join(lines) + "\r\n"
+
+
+def device_change_notice(
+    *,
+    user_address: str,
+    onion_domain: str,
+    added: Sequence[tuple[str, str, int]],
+    revoked: Sequence[tuple[str, int]],
+    version: int,
+    now: int,
+) -> bytes:
+    """The mail a person's devices file when their device list changed: a device added
+    without them knowing is then visible everywhere.  ``added`` holds (name, id, when),
+    ``revoked`` (id, when); ids in hex."""
+    lines = []
+    for name, device_id, when in added:
+        lines.append(
+            f"  added:   {_clean(name)} ({device_id[:12]}), {formatdate(when, usegmt=True)}"
+        )
+    for device_id, when in revoked:
+        lines.append(f"  revoked: {device_id[:12]}, {formatdate(when, usegmt=True)}")
+    what = "added" if added and not revoked else "revoked" if revoked and not added else "changed"
+    text = (
+        f"Your list of devices changed (version {version}):\r\n\r\n"
+        + "\r\n".join(lines)
+        + "\r\n\r\nEvery device in the list can read mail sent to you from now on. If you did "
+        "not do this, revoke the device at once from one of your devices that holds your "
+        "identity key (onionpost devices revoke ID) and see `onionpost devices`.\r\n"
+    )
+    return (
+        f"From: onionpost <postmaster@{onion_domain}>\r\n"
+        f"To: {user_address}\r\n"
+        f"Subject: A device was {what} on your account\r\n"
+        f"Date: {formatdate(now, usegmt=True)}\r\n"
+        f"Message-ID: <devices.{version}.{now}@{onion_domain}>\r\n"
+        "MIME-Version: 1.0\r\n"
+        "Content-Type: text/plain; charset=utf-8\r\n"
+        "Content-Transfer-Encoding: 8bit\r\n"
+        "X-Onionpost-Notice: devices-changed\r\n"
+        "\r\n" + text
+    ).encode("utf-8")

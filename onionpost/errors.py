@@ -107,6 +107,25 @@ class ListenError(UsageError):
         )
 
 
+class PairingFailed(UsageError):
+    """Setting up this machine with the code did not complete; nothing was changed."""
+
+
+class CodeRefused(UsageError):
+    """The inbox refused the code: it is unknown, expired or already used. Ask for a new one."""
+
+    enhanced_code = "5.7.0"
+    reason = "code-refused"
+
+
+class TooManyCodeAttempts(UsageError):
+    """Too many wrong codes were tried at this inbox; it accepts codes again within the hour."""
+
+    enhanced_code = "4.7.0"
+    temporary = True
+    reason = "code-attempts"
+
+
 class WrongPassphrase(UsageError):
     """The passphrase does not unlock the key file."""
 

@@ -29,6 +29,7 @@ from onionpost.config import Config
 from onionpost.crypto.primitives import RandomSource, system_random
 from onionpost.delivery import OutboxWorker
 from onionpost.device import Device
+from onionpost.enrolment import Enrolment
 from onionpost.errors import (
     ListenError,
     NotInitialized,
@@ -44,6 +45,7 @@ from onionpost.scheduler import Scheduler
 from onionpost.store import DEVICE_COMPONENTS, INBOX_COMPONENTS
 from onionpost.store.contacts import ContactStore
 from onionpost.store.db import Database
+from onionpost.store.enrolment import EnrolmentStore
 from onionpost.store.inbox import InboxStore
 from onionpost.store.mailbox import MailboxStore
 from onionpost.store.outbox import OutboxStore
@@ -74,6 +76,7 @@ class Node:
         self.dialer = dialer or DirectDialer(config.tor.static_routes)
         self.extensions = extensions
         self.inbox: Inbox | None = None
+        self.enrolment: Enrolment | None = None
         self.server: InboxServer | None = None
         self.worker: OutboxWorker | None = None
         self.tor: TorRuntime | None = None
@@ -168,12 +171,14 @@ class Node:
             concurrency=cfg.delivery.concurrency,
             onion_port=cfg.tor.onion_port,
         )
+        self.enrolment = Enrolment(self.inbox, EnrolmentStore(db), cfg.inbox, rng=self.rng)
         self.server = InboxServer(
             self.inbox,
             config=cfg.inbox,
             clock=self.clock,
             on_inbound=self._note_inbound,
             on_submitted=lambda: self.scheduler.wake("deliver"),
+            enrolment=self.enrolment,
         )
         try:
             port = await self.server.start(cfg.inbox.listen_host, cfg.inbox.listen_port)
@@ -311,6 +316,8 @@ class Node:
             counts = self.inbox.store.prune(now)
             self.inbox.store.prune_prekeys(now - 60 * 86_400)
             self.inbox.outbox.purge_finished(now - 30 * 86_400)
+            if self.enrolment is not None:
+                self.enrolment.store.prune(now)
             log.debug("pruned: %s", counts)
         if self.mailbox is not None:
             self.mailbox.prune_seen(now)
@@ -395,6 +402,12 @@ class Node:
             if local not in self.devices and self.mailbox and self.contacts:
                 await self._start_device(files, local)
                 log.info("new user %s is served now", local)
+            elif local in self.devices:
+                # The CLI signed a new device list (devices add/revoke) while we ran: take it
+                # over, or our next save would write the old one back.
+                with contextlib.suppress(OnionpostError):
+                    on_disk = files.load(local).device_list
+                    self.devices[local].adopt_device_list(on_disk, notify=False)
 
     async def run_until(self, stop: asyncio.Event) -> None:
         await self.start()

@@ -8,6 +8,7 @@ node starts.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,72 @@ def is_initialized(data_dir: Path) -> bool:
     return keys.has_server() or bool(AccountFiles(keys).users())
 
 
+def _refuse_existing(data_dir: Path) -> None:
+    if is_initialized(data_dir):
+        raise AlreadyInitialized(
+            f"{data_dir} already holds an onionpost identity; refusing to overwrite its keys. "
+            "Use --data-dir for another one."
+        )
+
+
+def write_config(data_dir: Path, role: str) -> None:
+    """Write the default configuration, or set ``role`` in an existing one (a file someone
+    prepared, e.g. to attach to a system tor, keeps every other line)."""
+    cfg_file = data_dir / CONFIG_FILE
+    line = f'role = "{role}"'
+    if not cfg_file.exists():
+        text = (
+            DEFAULT_CONFIG
+            if role == "both"
+            else DEFAULT_CONFIG.replace(
+                '# role = "both"              # "inbox", "gateway" or both in one process',
+                line + '            # "inbox", "gateway" or "both" in one process',
+            )
+        )
+    else:
+        text = cfg_file.read_text(encoding="utf-8")
+        if re.search(r"(?m)^\s*role\s*=", text):
+            text = re.sub(r"(?m)^\s*role\s*=.*$", line, text, count=1)
+        else:
+            text = line + "\n" + text  # top-level keys must come before any [table]
+    ensure_private_dir(data_dir)
+    cfg_file.write_text(text, encoding="utf-8")
+    cfg_file.chmod(0o600)
+
+
+def initialize_inbox(config: Config, *, now: int, rng: RandomSource = system_random) -> Address:
+    """An inbox-only node (``init --role inbox``): the onion and server keys, nobody's
+    identity.  People get mailboxes here with ``users invite``.  Returns the inbox's onion
+    (as a postmaster address, for display)."""
+    _refuse_existing(config.data_dir)
+    ensure_private_dir(config.data_dir)
+    write_config(config.data_dir, "inbox")
+    server = ServerSecrets.generate(now, rng=rng)
+    KeyStore(config.data_dir).save_server(server)
+    Database(config.data_dir / "inbox.db", INBOX_COMPONENTS).close()
+    return Address.for_key("postmaster", server.onion_pk)
+
+
+def adopt_account(
+    config: Config,
+    account: Account,
+    *,
+    gateway_setup: Callable[[Config, Account], str | None] | None = None,
+) -> Initialized:
+    """Make this machine a device of ``account`` whose inbox is elsewhere (invite, join)."""
+    files = AccountFiles(KeyStore(config.data_dir))
+    files.save(account)
+    if not KeyStore(config.data_dir).has_server():
+        write_config(config.data_dir, "gateway")
+    device_db = Database(config.data_dir / "device.db", DEVICE_COMPONENTS)
+    try:
+        MailboxStore(device_db).ensure_user(account.local)
+    finally:
+        device_db.close()
+    password = gateway_setup(config, account) if gateway_setup else None
+    return Initialized(account.address, fingerprint(account.uik_pk), account.device.name, password)
+
+
 def initialize(
     config: Config,
     *,
@@ -75,11 +142,7 @@ def initialize(
     """Create the inbox keys, the first user and this device; ``gateway_setup`` creates
     mail-client credentials and certificates and returns the user's new password."""
     data_dir = config.data_dir
-    if is_initialized(data_dir):
-        raise AlreadyInitialized(
-            f"{data_dir} already holds an onionpost identity; refusing to overwrite its keys. "
-            "Use --data-dir for another one."
-        )
+    _refuse_existing(data_dir)
     check_user_name(local)
     ensure_private_dir(data_dir)
     cfg_file = data_dir / CONFIG_FILE
@@ -120,7 +183,8 @@ def add_user(
         local,
         device_name,
         onion_pk=server.onion_pk,
-        server_key=server.current(),
+        sek_id=server.current().sek_id,
+        sek_pk=server.current().public,
         now=now,
         prekey_lifetime=prekey_lifetime(config.keys),
         rng=rng,

@@ -33,7 +33,7 @@ import subprocess
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, NamedTuple, TypeVar
+from typing import IO, Any, NamedTuple, Protocol, TypeVar
 
 import socks
 import stem
@@ -1194,8 +1194,44 @@ def _retryable(exc: PeerUnreachable, tries: dict[str, int]) -> bool:
     return tries[kind] <= limit
 
 
+class _SocksSource(Protocol):
+    """What dialing needs from a tor: where its SOCKS port is, a clock, and a way to drop
+    stale circuits."""
+
+    @property
+    def clock(self) -> Clock: ...
+
+    def socks_endpoint(self) -> tuple[str, int]: ...
+
+    async def renew_circuits(self) -> None: ...
+
+    def note_outbound(self) -> None: ...
+
+
+class SocksEndpoint:
+    """A tor that another process controls (the running node's, used by the CLI): its SOCKS
+    port only.  Circuits cannot be renewed from here; a stalled dial simply retries."""
+
+    def __init__(self, host: str, port: int, clock: Clock) -> None:
+        self._endpoint = (host, port)
+        self._clock = clock
+
+    @property
+    def clock(self) -> Clock:
+        return self._clock
+
+    def socks_endpoint(self) -> tuple[str, int]:
+        return self._endpoint
+
+    async def renew_circuits(self) -> None:
+        return None
+
+    def note_outbound(self) -> None:
+        return None
+
+
 async def _dial(
-    runtime: TorRuntime, onion: str, port: int, *, isolation: str, timeout: float
+    runtime: _SocksSource, onion: str, port: int, *, isolation: str, timeout: float
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     label = _check_label(onion)
     username = isolation_username(label, isolation)
@@ -1225,7 +1261,7 @@ async def _dial(
 class TorDialer:
     """Opens streams to onion services through tor's SOCKS port (``api.transport.Dialer``)."""
 
-    def __init__(self, runtime: TorRuntime) -> None:
+    def __init__(self, runtime: _SocksSource) -> None:
         self._runtime = runtime
 
     async def open(

@@ -16,7 +16,7 @@ from typing import Any
 from onionpost.crypto.encoding import Reader, Writer
 from onionpost.crypto.keys import DeviceList, Profile, RotationRecord, ServerBinding, SignedPrekey
 from onionpost.errors import (
-    DeliveryError,
+    CodeRefused,
     DeviceRefused,
     MalformedData,
     MessageTooLarge,
@@ -26,6 +26,7 @@ from onionpost.errors import (
     QuotaExceeded,
     StaleRecipientKeys,
     TemporaryDeliveryError,
+    TooManyCodeAttempts,
     UnknownMailbox,
 )
 
@@ -71,7 +72,7 @@ def parse_json(raw: bytes, what: str) -> dict[str, Any]:
     return value
 
 
-def error_from_body(http_status: int, body: bytes) -> DeliveryError:
+def error_from_body(http_status: int, body: bytes) -> OnionpostError:
     """Turn a peer's refusal into the matching error, keeping its code and words."""
     try:
         data = parse_json(body, "reply")
@@ -91,6 +92,10 @@ def error_from_body(http_status: int, body: bytes) -> DeliveryError:
         status = "temporary" if http_status >= 500 or http_status == 429 else "permanent"
     if reason == "stale-keys":
         return StaleRecipientKeys(message, code=code)
+    if reason == CodeRefused.reason:
+        return CodeRefused(message)
+    if reason == TooManyCodeAttempts.reason:
+        return TooManyCodeAttempts(message)
     if status == "temporary":
         return TemporaryDeliveryError(message, code=code, reason=reason)
     if http_status == 404 and reason == "unknown-mailbox":

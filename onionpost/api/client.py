@@ -242,6 +242,40 @@ class InboxClient:
             receipt, bool(data.get("duplicate")), missing if isinstance(missing, int) else 0
         )
 
+    # -- invites and pairings (no session: the code is the credential) ----------------
+
+    async def invite_info(self, claim: bytes) -> dict[str, Any]:
+        return await self.call_json("POST", "/v1/invite/info", {"claim": claim.hex()})
+
+    async def redeem_invite(self, claim: bytes, update: KeyUpdate, token: bytes) -> ServerBinding:
+        """Open the invited mailbox; returns the binding countersigned by this inbox."""
+        data = await self.call_json(
+            "POST",
+            "/v1/invite/redeem",
+            {"claim": claim.hex(), "keys": update.encode().hex(), "token": token.hex()},
+        )
+        return _countersigned(data.get("binding"), update.binding)
+
+    async def pair_read(self, slot: bytes) -> dict[str, Any]:
+        return await self.call_json("GET", f"/v1/pair/{slot.hex()}")
+
+    async def pair_join(self, slot: bytes, join_pk: bytes, box: bytes) -> None:
+        await self.call_json(
+            "POST", f"/v1/pair/{slot.hex()}/join", {"join_pk": join_pk.hex(), "box": box.hex()}
+        )
+
+
+def _countersigned(raw: object, sent: ServerBinding | None) -> ServerBinding:
+    """The inbox's countersigned copy of ``sent``, checked: same body, valid signatures."""
+    try:
+        signed = ServerBinding.parse(bytes.fromhex(raw)) if isinstance(raw, str) else None
+    except (ValueError, OnionpostError) as exc:
+        raise PeerProtocolError("The inbox sent a malformed binding.") from exc
+    if signed is None or sent is None or signed.body() != sent.body():
+        raise PeerProtocolError("The inbox did not countersign the binding it was sent.")
+    signed.verify()
+    return signed
+
 
 class DeviceSession:
     """A device's logged-in session with its own inbox."""
@@ -263,6 +297,8 @@ class DeviceSession:
         self._sign = sign
         self._login_message = login_message
         self._token: bytes | None = None
+        #: The device list version the inbox holds, as of the last ``pending`` answer.
+        self.inbox_device_list_version = 0
 
     async def login(self) -> None:
         ids = {"mailbox": self.mailbox_id.hex(), "device": self.device_id.hex()}
@@ -313,6 +349,9 @@ class DeviceSession:
         items = data.get("messages")
         if not isinstance(items, list):
             raise PeerProtocolError("The inbox's list of pending mail is not understood.")
+        version = data.get("device_list_version")
+        if isinstance(version, int) and not isinstance(version, bool):
+            self.inbox_device_list_version = version
         out = []
         for item in items:
             try:
@@ -401,17 +440,9 @@ class DeviceSession:
                 self._token = None
                 continue
             data = self.client.check_json(r)
-            raw = data.get("binding")
             if update.binding is None:
                 return None
-            try:
-                signed = ServerBinding.parse(bytes.fromhex(raw)) if isinstance(raw, str) else None
-            except (ValueError, OnionpostError) as exc:
-                raise PeerProtocolError("The inbox sent a malformed binding.") from exc
-            if signed is None or signed.body() != update.binding.body():
-                raise PeerProtocolError("The inbox did not countersign the binding it was sent.")
-            signed.verify()
-            return signed
+            return _countersigned(data.get("binding"), update.binding)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def register_token(self, token: bytes, label: str, *, revoke: bool = False) -> None:
@@ -437,3 +468,33 @@ class DeviceSession:
     async def outbox_op(self, row_id: int, op: str) -> bool:
         data = await self._call("POST", f"/v1/device/outbox/{row_id}/{op}", {})
         return data.get("status") == "ok"
+
+    async def devices_seen(self) -> dict[bytes, int]:
+        """When each device of this mailbox last talked to the inbox."""
+        data = await self._call("GET", "/v1/device/devices")
+        seen = data.get("seen")
+        if not isinstance(seen, dict):
+            raise PeerProtocolError("The inbox's device activity is not understood.")
+        out: dict[bytes, int] = {}
+        for key, value in seen.items():
+            try:
+                out[bytes.fromhex(key)] = int(value)
+            except (TypeError, ValueError) as exc:
+                raise PeerProtocolError("The inbox's device activity is not understood.") from exc
+        return out
+
+    async def offer_pairing(self, slot: bytes, offer: bytes) -> int:
+        data = await self._call(
+            "POST", "/v1/device/pairing", {"slot": slot.hex(), "offer": offer.hex()}
+        )
+        expires = data.get("expires_at")
+        if not isinstance(expires, int):
+            raise PeerProtocolError("The inbox's answer to a pairing offer is not understood.")
+        return expires
+
+    async def pairing_state(self, slot: bytes) -> dict[str, Any]:
+        return await self._call("GET", f"/v1/device/pairing/{slot.hex()}")
+
+    async def finish_pairing(self, slot: bytes, grant: bytes | None) -> None:
+        body: dict[str, Any] = {} if grant is None else {"grant": grant.hex()}
+        await self._call("POST", f"/v1/device/pairing/{slot.hex()}/finish", body)

@@ -15,6 +15,14 @@ Routes (all under ``/v1``)::
     POST /device/tokens             register a contact token
     GET  /device/outbox             this mailbox's queue
     POST /device/outbox/{id}/{op}   retry / cancel one queued message
+    GET  /device/devices            when each of the mailbox's devices last talked to the inbox
+    POST /invite/info               an invited machine learns its name and the inbox's key
+    POST /invite/redeem             ... and opens its mailbox with keys it made itself
+    POST /device/pairing            an existing device offers a pairing slot
+    GET  /device/pairing/{slot}     ... and waits there for the new device's sealed request
+    POST /device/pairing/{slot}/finish  ... answers it sealed (or aborts)
+    GET  /pair/{slot}               the new device reads the offer, later the sealed answer
+    POST /pair/{slot}/join          ... and leaves its sealed request
 
 The server bounds what a hostile client can make it do: request size (Content-Length
 required and capped before any body is read), header size (aiohttp's limits), the time to
@@ -39,6 +47,7 @@ from aiohttp.web_protocol import RequestHandler
 from onionpost.clock import Clock
 from onionpost.config import InboxConfig
 from onionpost.crypto.keys import RotationRecord
+from onionpost.enrolment import Enrolment
 from onionpost.errors import (
     DeviceRefused,
     MalformedData,
@@ -200,8 +209,10 @@ class InboxServer:
         clock: Clock,
         on_inbound: Callable[[], None] | None = None,
         on_submitted: Callable[[], None] | None = None,
+        enrolment: Enrolment | None = None,
     ) -> None:
         self.inbox = inbox
+        self.enrolment = enrolment
         self.config = config
         self.clock = clock
         self._on_inbound = on_inbound
@@ -232,6 +243,14 @@ class InboxServer:
         r.add_post("/v1/device/tokens", self.tokens)
         r.add_get("/v1/device/outbox", self.outbox)
         r.add_post("/v1/device/outbox/{id}/{op}", self.outbox_op)
+        r.add_get("/v1/device/devices", self.devices)
+        r.add_post("/v1/invite/info", self.invite_info)
+        r.add_post("/v1/invite/redeem", self.invite_redeem)
+        r.add_post("/v1/device/pairing", self.pairing_offer)
+        r.add_get("/v1/device/pairing/{slot}", self.pairing_owner)
+        r.add_post("/v1/device/pairing/{slot}/finish", self.pairing_finish)
+        r.add_get("/v1/pair/{slot}", self.pair_read)
+        r.add_post("/v1/pair/{slot}/join", self.pair_join)
         return app
 
     async def start(self, host: str, port: int) -> int:
@@ -413,6 +432,7 @@ class InboxServer:
             now=self._now(),
             rotations=rotations,
         )
+        self._seen(Session(hex_field(data, "mailbox", 16), hex_field(data, "device", 16)))
         return _json(200, {"session": token.hex(), "expires_at": expires})
 
     async def pending(self, request: web.Request) -> web.Response:
@@ -422,6 +442,7 @@ class InboxServer:
             wait = min(float(request.query.get("wait", "0")), self.config.longpoll_seconds)
         except ValueError as exc:
             raise MalformedData("'after' and 'wait' must be numbers.") from exc
+        self._seen(s)
         key = (s.mailbox_id, s.device_id)
         event = self._events.setdefault(key, asyncio.Event())
         event.clear()
@@ -431,13 +452,17 @@ class InboxServer:
                 async with asyncio.timeout(wait):
                     await event.wait()
             entries = self.inbox.pending(s, after)
+        mb = self.inbox.store.mailbox(s.mailbox_id)
         return _json(
             200,
             {
                 "messages": [
                     {"id": e.spool_id, "size": e.size, "received_at": e.received_at}
                     for e in entries
-                ]
+                ],
+                # A device compares this with its own copy and fetches a newer list (another
+                # device of the person added or revoked one).
+                "device_list_version": mb.device_list_version if mb else 0,
             },
         )
 
@@ -496,6 +521,8 @@ class InboxServer:
         body, length = await self._body_to_file(request, KEYS_LIMIT)
         with body:
             update = KeyUpdate.parse(body.read(length))
+        if update.device_list is not None and self.enrolment is not None:
+            self.enrolment.check_device_room(s.mailbox_id, total=len(update.device_list.devices))
         signed = self.inbox.publish(s.mailbox_id, update, self._now())
         answer: dict[str, Any] = {"status": "ok"}
         if signed is not None:
@@ -555,6 +582,110 @@ class InboxServer:
         else:
             raise MalformedData("The operation must be 'retry' or 'cancel'.")
         return _json(200, {"status": "ok" if done else "unchanged"})
+
+    # -- devices, invites and pairings -----------------------------------------------------
+
+    def _seen(self, s: Session) -> None:
+        if self.enrolment is not None:
+            self.enrolment.store.touch_device(s.mailbox_id, s.device_id, self._now())
+
+    def _enrolment(self) -> Enrolment:
+        if self.enrolment is None:
+            raise web.HTTPNotFound()
+        return self.enrolment
+
+    async def devices(self, request: web.Request) -> web.Response:
+        s = self._session(request)
+        seen = self._enrolment().store.devices_seen(s.mailbox_id)
+        return _json(200, {"seen": {d.hex(): t for d, t in seen.items()}})
+
+    async def invite_info(self, request: web.Request) -> web.Response:
+        data = await self._small_json(request)
+        info = self._enrolment().invite_info(hex_field(data, "claim", 32), self._now())
+        return _json(
+            200,
+            {
+                "local": info.local,
+                "expires_at": info.expires_at,
+                "sek_id": info.server_key.sek_id,
+                "sek_pk": info.server_key.public.hex(),
+                "quota_bytes": info.quota_bytes,
+                "max_devices": info.max_devices,
+            },
+        )
+
+    async def invite_redeem(self, request: web.Request) -> web.Response:
+        data = await self._small_json(request)
+        raw = data.get("keys")
+        if not isinstance(raw, str) or len(raw) > 2 * JSON_LIMIT:
+            raise MalformedData("'keys' must be a hex key update.")
+        try:
+            update = KeyUpdate.parse(bytes.fromhex(raw))
+        except ValueError as exc:
+            raise MalformedData("'keys' must be a hex key update.") from exc
+        signed = self._enrolment().redeem(
+            hex_field(data, "claim", 32), update, hex_field(data, "token", 32), self._now()
+        )
+        return _json(200, {"binding": signed.encode().hex()})
+
+    async def pairing_offer(self, request: web.Request) -> web.Response:
+        s = self._session(request)
+        data = await self._small_json(request)
+        expires = self._enrolment().offer(
+            s, hex_field(data, "slot", 16), hex_field(data, "offer", 32), self._now()
+        )
+        return _json(200, {"expires_at": expires})
+
+    def _slot(self, request: web.Request) -> bytes:
+        try:
+            slot = bytes.fromhex(request.match_info["slot"])
+        except ValueError as exc:
+            raise MalformedData("A pairing slot is 32 hex digits.") from exc
+        if len(slot) != 16:
+            raise MalformedData("A pairing slot is 32 hex digits.")
+        return slot
+
+    async def pairing_owner(self, request: web.Request) -> web.Response:
+        s = self._session(request)
+        row = self._enrolment().pairing_for_owner(s, self._slot(request), self._now())
+        answer: dict[str, Any] = {"state": row.state, "expires_at": row.expires_at}
+        if row.join_pk is not None and row.join_box is not None:
+            answer["join_pk"], answer["box"] = row.join_pk.hex(), row.join_box.hex()
+        return _json(200, answer)
+
+    async def pairing_finish(self, request: web.Request) -> web.Response:
+        s = self._session(request)
+        data = await self._small_json(request)
+        box = data.get("grant")
+        if box is not None and not isinstance(box, str):
+            raise MalformedData("'grant' must be hex.")
+        try:
+            grant = bytes.fromhex(box) if box is not None else None
+        except ValueError as exc:
+            raise MalformedData("'grant' must be hex.") from exc
+        self._enrolment().finish(s, self._slot(request), grant, self._now())
+        return _json(200, {"status": "ok"})
+
+    async def pair_read(self, request: web.Request) -> web.Response:
+        row = self._enrolment().pairing_for_joiner(self._slot(request), self._now())
+        answer: dict[str, Any] = {"state": row.state, "offer": row.offer.hex()}
+        if row.grant_box is not None:
+            answer["grant"] = row.grant_box.hex()
+        return _json(200, answer)
+
+    async def pair_join(self, request: web.Request) -> web.Response:
+        data = await self._small_json(request)
+        box = data.get("box")
+        if not isinstance(box, str) or len(box) > 32_768:
+            raise MalformedData("'box' must be hex.")
+        try:
+            sealed = bytes.fromhex(box)
+        except ValueError as exc:
+            raise MalformedData("'box' must be hex.") from exc
+        self._enrolment().join(
+            self._slot(request), hex_field(data, "join_pk", 32), sealed, self._now()
+        )
+        return _json(200, {"status": "joined"})
 
 
 def _outbox_item(r: OutboxRow) -> dict[str, Any]:

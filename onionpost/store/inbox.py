@@ -505,6 +505,14 @@ class InboxStore:
             )
             return True
 
+    def rate_count(self, scope: str, key: bytes, window_start: int) -> int:
+        """Events counted so far in a window (without counting one)."""
+        v = self.db.scalar(
+            "SELECT count FROM rate_counters WHERE scope = ? AND key = ? AND window_start = ?",
+            (scope, key, window_start),
+        )
+        return int(v or 0)
+
     # -- device login ---------------------------------------------------------------------
 
     def add_challenge(

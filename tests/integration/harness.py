@@ -100,7 +100,8 @@ class InboxNode:
             local,
             device_name,
             onion_pk=self.secrets.onion_pk,
-            server_key=self.secrets.current(),
+            sek_id=self.secrets.current().sek_id,
+            sek_pk=self.secrets.current().public,
             now=now,
         )
         register(self.inbox, account, now=now)

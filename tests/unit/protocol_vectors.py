@@ -691,6 +691,81 @@ def generate() -> dict[str, str]:
             ),
         ]
     )
+    out.update(enrolment_vectors(w))
+    return out
+
+
+def enrolment_vectors(w: World) -> dict[str, str]:
+    """Invite and pairing codes and a pairing exchange (§15), from their own seed so the
+    message vectors above stay as they are."""
+    from onionpost.pairing import Code, JoinGrant, Joiner, JoinRequest, Offer
+
+    rng = SeededRandom(SEED + b"/enrolment")
+    onion_pk = w.bob_server.onion_pk
+    invite = Code.generate("invite", onion_pk, rng=rng)
+    pairing = Code.generate("pairing", onion_pk, rng=rng)
+    out = {
+        "codes": "\n".join(
+            [
+                _kv(
+                    "an invite code for bob's inbox",
+                    [
+                        ("secret", invite.secret),
+                        ("text", invite.text()),
+                        ("QR payload", invite.qr_payload()),
+                        ("claim", invite.claim()),
+                        ("stored by the inbox: H(claim)", hash32(invite.claim())),
+                    ],
+                ),
+                _kv(
+                    "a pairing code for the same inbox",
+                    [
+                        ("secret", pairing.secret),
+                        ("text", pairing.text()),
+                        ("slot", pairing.slot()),
+                    ],
+                ),
+            ]
+        )
+    }
+    offer = Offer.create(pairing, rng=rng)
+    joiner = Joiner.create(pairing, offer.public, rng=rng)
+    new_dev = DeviceSecrets.generate("tablet", NOW, rng=rng)
+    request = JoinRequest(
+        new_dev.device_id, new_dev.dsk_pk, "tablet", new_dev.signed_prekey(), True
+    )
+    sealed_request = joiner.seal_request(request, rng=rng)
+    assert offer.open_request(joiner.public, sealed_request) == request
+    shared = x25519(offer.secret_key, joiner.public)
+    tx = pairing.slot() + offer.public + joiner.public
+    grant = JoinGrant(
+        "bob",
+        w.bob_binding.mailbox_id,
+        bytes(32),
+        w.bob_binding,
+        w.bob_dl,
+        w.bob_id.uik_seed,
+        w.bob_id.created_at,
+    )
+    sealed_grant = offer.seal_grant(joiner.public, grant, rng=rng)
+    assert joiner.open_grant(sealed_grant) == grant
+    out["pairing"] = _kv(
+        "a pairing exchange (the existing device offers, the new device joins)",
+        [
+            ("offer secret (ephemeral)", offer.secret_key),
+            ("offer public", offer.public),
+            ("join secret (ephemeral)", joiner.secret_key),
+            ("join public", joiner.public),
+            ("shared = X25519", shared),
+            ("transcript = slot || offer || join", tx),
+            ("join key", kdf(pairing.secret, b"onionpost/v1/pair-join", shared + tx)),
+            ("grant key", kdf(pairing.secret, b"onionpost/v1/pair-grant", shared + tx)),
+            ("JoinRequest encoding", request.encode()),
+            ("sealed request (nonce || AEAD)", sealed_request),
+            ("BLAKE2b-256 of the JoinGrant encoding", hash32(grant.encode())),
+            ("BLAKE2b-256 of the sealed grant", hash32(sealed_grant)),
+        ],
+    )
     return out
 
 

@@ -24,7 +24,7 @@ from onionpost.api.client import InboxClient
 from onionpost.config import Config
 from onionpost.crypto.fingerprint import fingerprint, safety_number
 from onionpost.crypto.keys import DeviceEntry, DeviceList
-from onionpost.errors import NotInitialized, UsageError
+from onionpost.errors import NotInitialized, OnionpostError, UsageError
 from onionpost.keystore import AccountFiles, KeyStore
 from onionpost.pairing import Code
 from onionpost.store import DEVICE_COMPONENTS, INBOX_COMPONENTS
@@ -354,11 +354,25 @@ def device_views(local: Local, user: str | None = None) -> tuple[Account, list[D
     db = local.inbox_db()
     if db is not None:
         seen = EnrolmentStore(db).devices_seen(account.mailbox_id)
+    elif running_node(local.config.data_dir) is not None:
+        # ask the inbox through the running node's tor (never start a tor just to list)
+        with contextlib.suppress(OnionpostError, TimeoutError):
+            seen = asyncio.run(_seen_over_tor(local, account))
     views = [
         DeviceView(d, d.device_id == account.device.device_id, seen.get(d.device_id))
         for d in account.device_list.devices
     ]
     return account, views
+
+
+async def _seen_over_tor(local: Local, account: Account) -> dict[bytes, int]:
+    from onionpost.joining import inbox_dialer, session_for
+
+    async with asyncio.timeout(60), inbox_dialer(local.config, say=lambda _: None) as dialer:
+        client = InboxClient(
+            dialer, account.address.onion, port=local.config.tor.onion_port, isolation="enrol"
+        )
+        return await session_for(account, client).devices_seen()
 
 
 # --- invites ------------------------------------------------------------------------------------

@@ -85,6 +85,12 @@ async def inbox_dialer(
             direct.fallback = TorDialer(SocksEndpoint(host, int(port), clock))
             yield direct
             return
+        if config.tor.mode != "off" and not (own_onion and own_onion in direct.routes):
+            # the running node's tor owns <data>/tor: a second one there would fail
+            raise PeerUnreachable(
+                "The running node's tor is still connecting; try again in a minute "
+                "(onionpost status shows its progress)."
+            )
     if config.tor.mode == "off" or (own_onion and own_onion in direct.routes):
         yield direct
         return

@@ -361,3 +361,51 @@ async def test_a_pairing_with_the_wrong_secret_changes_nothing(
     assert isinstance(results[0], PairingFailed), results
     assert results[1] is None, results
     assert files.load("erin").device_list.version == 1
+
+
+async def test_two_people_invited_to_one_inbox_both_write_to_the_same_person(
+    pi: tuple[Node, str], tmp_path: Path
+) -> None:
+    """A household on one Pi: each person's replies reach that person, no bounce."""
+    p, onion = pi
+    h_home = tmp_path / "h"
+    h_port = free_port()
+    write_config(h_home, tor_off({onion: p.api_port}, f"listen_port = {h_port}\n"))
+    initialize(load(h_home), local="harry", device_name="desk", now=int(SystemClock().now()))
+    h_onion = AccountFiles(KeyStore(h_home)).load("harry").address.onion
+    p.dialer.routes[h_onion] = f"127.0.0.1:{h_port}"
+    nodes: dict[str, Node] = {}
+    for person in ("ann", "ben"):
+        _, out = await acli(p.config.data_dir, "users", "invite", person, "--json")
+        home = tmp_path / person
+        write_config(home, tor_off({onion: p.api_port, h_onion: h_port}))
+        code, out = await acli(home, "init", "--invite", json.loads(out)["code"])
+        assert code == 0, out
+        nodes[person] = Node(load(home), clock=SystemClock())
+    harry = Node(load(h_home), clock=SystemClock())
+    for node in (harry, *nodes.values()):
+        await node.start()
+    try:
+        hl = harry.devices["harry"].address
+        assert harry.submissions is not None
+        for person, node in nodes.items():
+            me = node.devices[person].address
+            assert node.submissions is not None
+            node.submissions.submit(person, [hl], mail_bytes(me, hl, f"hello from {person}"))
+        await eventually(
+            lambda: {"hello from ann", "hello from ben"} <= set(subjects(harry, "harry")),
+            "both at harry",
+        )
+        for person, node in nodes.items():
+            me = node.devices[person].address
+            harry.submissions.submit("harry", [me], mail_bytes(hl, me, f"reply to {person}"))
+        for person, node in nodes.items():
+            await eventually(
+                lambda n=node, who=person: f"reply to {who}" in subjects(n, who),  # type: ignore[misc]
+                f"harry's reply at {person}",
+            )
+        assert not any("Undeliver" in s or "failure" in s.lower() for s in subjects(harry, "harry"))
+        assert p.inbox is not None and len(p.inbox.store.mailboxes()) == 2
+    finally:
+        for node in (harry, *nodes.values()):
+            await node.stop()

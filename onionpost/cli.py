@@ -653,7 +653,7 @@ def devices(ctx: click.Context, user: str | None) -> None:
     if account.identity is None:
         click.echo("This device does not hold your identity key: add and revoke on one that does.")
     if not any(v.last_seen for v in views):
-        click.echo("(LAST SEEN is known on the machine that runs your inbox.)")
+        click.echo("(LAST SEEN comes from your inbox: start the node, then look again.)")
 
 
 @devices.command("add")

@@ -86,7 +86,7 @@ def test_users_send_queue_cancel(home: Path) -> None:
 def test_devices_contacts_password_thunderbird(home: Path, tmp_path: Path) -> None:
     run(home, "init", "--user", "alice", "--device-name", "laptop")
     code, out = run(home, "devices")
-    assert "laptop" in out and "(this device)" in out and "version 1" in out
+    assert "laptop" in out and "<- this device" in out and "version 1" in out
     code, out = run(home, "devices", "revoke", "laptop")
     assert code == 1 and "cannot revoke itself" in out
     assert "No contacts yet" in run(home, "contacts")[1]

@@ -28,24 +28,13 @@ from onionpost.errors import NotInitialized, OnionpostError, UsageError
 from onionpost.keystore import AccountFiles, KeyStore
 from onionpost.pairing import Code
 from onionpost.store import DEVICE_COMPONENTS, INBOX_COMPONENTS
+from onionpost.store import queue as queue_store
 from onionpost.store.contacts import Contact, ContactStore
 from onionpost.store.db import Database
 from onionpost.store.outbox import OutboxStore
+from onionpost.store.queue import QueueItem
 from onionpost.store.submissions import SubmissionStore
 from onionpost.wire import KeyUpdate
-
-
-@dataclass(frozen=True)
-class QueueItem:
-    id: str
-    user: str
-    recipient: str
-    stage: str  # "waiting for keys" | "in the outbox"
-    created_at: int
-    attempts: int
-    next_attempt_at: int
-    last_error: str | None
-    state: str
 
 
 class Local:
@@ -126,42 +115,32 @@ def poke(data_dir: Path) -> bool:
 # --- queue --------------------------------------------------------------------------------------
 
 
-def queue(local: Local) -> list[QueueItem]:
-    items: list[QueueItem] = []
-    subs = SubmissionStore(local.device_db())
-    for r in subs.listing():
-        if r.state == "pending":
-            items.append(
-                QueueItem(
-                    f"s{r.submission_id}",
-                    r.user,
-                    r.address,
-                    "waiting for keys",
-                    r.created_at,
-                    r.attempts,
-                    r.next_attempt_at,
-                    r.last_error,
-                    r.state,
-                )
-            )
+def _queues(local: Local) -> tuple[SubmissionStore | None, OutboxStore | None]:
+    """This machine's submission queue (gateway role) and outbox (inbox role), if it has them."""
+    has_device = (local.config.data_dir / "device.db").exists()
+    subs = SubmissionStore(local.device_db()) if has_device else None
     db = local.inbox_db()
-    if db is not None:
-        users = {a.mailbox_id: a.local for a in (local.files.load(u) for u in local.files.users())}
-        for row in OutboxStore(db).rows():
-            items.append(
-                QueueItem(
-                    f"o{row.id}",
-                    users.get(row.mailbox_id, "?"),
-                    row.destination,
-                    "in the outbox",
-                    row.created_at,
-                    row.attempts,
-                    row.next_attempt_at,
-                    row.last_error,
-                    row.state,
-                )
-            )
-    return sorted(items, key=lambda i: i.created_at)
+    if subs is None and db is None:
+        raise NotInitialized()
+    return subs, OutboxStore(db) if db is not None else None
+
+
+def queue(local: Local) -> list[QueueItem]:
+    """Every message not delivered yet (see :mod:`onionpost.store.queue`)."""
+    subs, outbox = _queues(local)
+    users = {a.mailbox_id: a.local for a in (local.files.load(u) for u in local.files.users())}
+    return queue_store.waiting(subs, outbox, users)
+
+
+def queue_summary(local: Local) -> dict[str, int]:
+    """How many of :func:`queue`'s items are in each stage (what `onionpost status` shows)."""
+    return queue_store.summary(queue(local))
+
+
+def queue_outcomes(local: Local, *, days: int) -> dict[str, int]:
+    """How many left the queue in the last ``days`` days: delivered, bounced, cancelled."""
+    subs, outbox = _queues(local)
+    return queue_store.finished(subs, outbox, since=int(time.time()) - days * 86_400)
 
 
 def _parse_id(item: str) -> tuple[str, int]:

@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import re
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -296,22 +295,20 @@ def _logging(config: Config, debug: bool) -> None:
 @cli.command()
 @pass_ctx
 def run(obj: Ctx) -> None:
-    """Run the node until interrupted (Ctrl-C or SIGTERM)."""
-    from onionpost.node import Node
+    """Run the node until interrupted (Ctrl-C or SIGTERM; a second one stops it at once)."""
+    from onionpost import lifecycle
+    from onionpost.errors import NodeAlreadyRunning
 
     config = obj.config()
     _logging(config, obj.debug)
-
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        node = Node(config, extensions=_gateway_extensions())
-        loop.add_signal_handler(signal.SIGUSR1, node.wake)
-        await node.run_until(stop)
-
-    asyncio.run(main())
+    try:
+        lifecycle.serve(config, extensions=_gateway_extensions)
+    except NodeAlreadyRunning as exc:
+        holder = f" (pid {exc.pid})" if exc.pid else ""
+        _fail(
+            f"Another onionpost node{holder} already runs on {exc.data_dir}; stop it first "
+            "or use --data-dir."
+        )
 
 
 def _gateway_extensions() -> tuple[Any, ...]:
@@ -334,6 +331,9 @@ def status(obj: Ctx, as_json: bool) -> None:
         ) from exc
     alive = _pid_alive(int(info.get("pid", 0))) and time.time() - info.get("updated_at", 0) < 30
     info["running"] = alive
+    counts = _queue_counts(obj)
+    if counts is not None:
+        info["queue"] = counts  # counted now, the way `onionpost queue` lists them
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -346,20 +346,37 @@ def status(obj: Ctx, as_json: bool) -> None:
     if gateway:
         imap, smtp = gateway.get("imap"), gateway.get("smtp")
         click.echo(f"gateway:    IMAP 127.0.0.1:{imap}  SMTP 127.0.0.1:{smtp}")
-    _print_tor(info.get("tor", {}))
-    queue = info.get("queue", {})
-    if queue:
-        waiting = queue.get("queued", 0)
-        click.echo(
-            f"queue:      {waiting} message(s) waiting"
-            + (" (see `onionpost queue`)" if waiting else "")
-        )
+    _print_tor(info.get("tor", {}), has_inbox=info.get("role") != "gateway")
+    counts = info.get("queue") or {}
+    if counts:
+        click.echo(f"queue:      {_queue_words(counts)}")
 
 
-def _print_tor(tor: dict[str, Any]) -> None:
+def _queue_counts(obj: Ctx) -> dict[str, int] | None:
+    """The queue counted from the databases (None when this machine has neither queue)."""
+    from onionpost import admin
+
+    with contextlib.suppress(OnionpostError), admin.opened(obj.config()) as local:
+        return admin.queue_summary(local)
+    return None
+
+
+def _queue_words(counts: dict[str, int]) -> str:
+    from onionpost.store.queue import STAGES
+
+    total = counts.get("total", 0)
+    if not total:
+        return "nothing waiting to be delivered"
+    parts = [f"{counts[stage]} {stage}" for stage in STAGES if counts.get(stage)]
+    return f"{total} not delivered yet: {', '.join(parts)} (see `onionpost queue`)"
+
+
+def _print_tor(tor: dict[str, Any], *, has_inbox: bool = True) -> None:
     mode = tor.get("mode", "off")
     if mode == "off":
         click.echo("tor:        off (this node reaches only inboxes on this machine)")
+    elif tor.get("state") in ("starting", "failed"):
+        _print_tor_not_up(tor, has_inbox=has_inbox)
     else:
         health = "healthy" if tor.get("healthy", True) else "PROBLEM"
         click.echo(f"tor:        {mode}, {health}, version {tor.get('version') or '?'}")
@@ -386,6 +403,24 @@ def _print_tor(tor: dict[str, Any]) -> None:
                 click.echo(f"            {label}: {tor[key]}")
         for note in tor.get("notes", []):
             click.echo(f"            note: {note}")
+
+
+def _print_tor_not_up(tor: dict[str, Any], *, has_inbox: bool) -> None:
+    """Tor while it starts (or after it gave up): what it is doing, never a '?' or '-'."""
+    percent, summary = tor.get("bootstrap_percent", 0), tor.get("bootstrap_summary") or ""
+    if tor.get("state") == "failed":
+        click.echo(f"tor:        {tor['mode']}, FAILED: {tor.get('last_error') or 'unknown'}")
+    else:
+        click.echo(f"tor:        {tor['mode']}, starting")
+        click.echo(f"            bootstrap {percent}%" + (f" ({summary})" if summary else ""))
+    if has_inbox:
+        onion = tor.get("onion")
+        where = f"{onion}.onion" if onion else "the inbox"
+        click.echo(f"onion:      {where}, not published yet (tor is {tor['state']})")
+    if tor.get("state") != "failed" and tor.get("last_error"):
+        click.echo(f"            last problem: {tor['last_error']}")
+    for note in tor.get("notes", []):
+        click.echo(f"            note: {note}")
 
 
 def _ago(when: float) -> str:
@@ -445,8 +480,17 @@ def queue(ctx: click.Context) -> None:
     obj: Ctx = ctx.obj
     with admin.opened(obj.config()) as local:
         items = admin.queue(local)
+        done = admin.queue_outcomes(local, days=_OUTCOME_DAYS)
+    tor = (admin.running_node(obj.data_dir) or {}).get("tor")
+    if isinstance(tor, dict) and tor.get("state") == "starting" and items:
+        click.echo("This node's tor is still starting: mail for other inboxes waits for it.")
     if not items:
-        click.echo("The queue is empty: everything was delivered.")
+        click.echo("Nothing is waiting to be delivered.")
+        finished = [f"{n} {outcome}" for outcome, n in done.items() if n]
+        if finished:
+            click.echo(f"In the last {_OUTCOME_DAYS} days: {', '.join(finished)}.")
+        if done.get("bounced"):
+            click.echo("Each bounce was reported in the sender's INBOX with the reason.")
         return
     now = time.time()
     click.echo(f"{'ID':<7} {'RECIPIENT':<40} {'AGE':>5} {'TRIES':>5} {'NEXT':>5}  STATUS")
@@ -461,6 +505,10 @@ def queue(ctx: click.Context) -> None:
         )
         if i.last_error:
             click.echo(f"{'':<7} last error: {i.last_error}")
+
+
+#: How far back `onionpost queue` reports what left the queue.
+_OUTCOME_DAYS = 30
 
 
 @queue.command("retry")

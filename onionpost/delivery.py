@@ -25,6 +25,7 @@ from onionpost.errors import (
     PermanentDeliveryError,
     StaleRecipientKeys,
     TorError,
+    TorStillConnecting,
 )
 from onionpost.inbox import Inbox
 from onionpost.retry import RetryPolicy, after_failure
@@ -33,6 +34,8 @@ from onionpost.store.outbox import RESEAL_CODE, OutboxRow, OutboxStore
 log = logging.getLogger(__name__)
 
 LEASE_SECONDS = 600
+#: How long a row claimed while this node's tor was not up rests before it is claimed again.
+WAIT_FOR_TOR = 5
 BATCH = 64
 
 
@@ -49,6 +52,7 @@ class OutboxWorker:
         concurrency: int = 8,
         onion_port: int = 80,
         timeout: float = 180.0,
+        can_reach_others: Callable[[], bool] = lambda: True,
     ) -> None:
         self.outbox = outbox
         self.inbox = inbox
@@ -58,6 +62,7 @@ class OutboxWorker:
         self.unit_random = unit_random
         self.onion_port = onion_port
         self.timeout = timeout
+        self.can_reach_others = can_reach_others
         self._slots = asyncio.Semaphore(concurrency)
         self._wake = asyncio.Event()
         self.on_finished: list[Callable[[OutboxRow], None]] = []
@@ -71,7 +76,13 @@ class OutboxWorker:
         """Deliver everything due now; returns the number of rows attempted."""
         total = 0
         while True:
-            rows = self.outbox.claim_due(self.clock.now(), limit=BATCH, lease=LEASE_SECONDS)
+            # While this node's tor is not up, rows for other inboxes are left alone rather
+            # than tried and failed: their attempts and backoff stay as they are, and they
+            # go as soon as the node wakes this worker on tor becoming ready.
+            only = None if self.can_reach_others() else self._own_onion
+            rows = self.outbox.claim_due(
+                self.clock.now(), limit=BATCH, lease=LEASE_SECONDS, only_onion=only
+            )
             if not rows:
                 return total
             total += len(rows)
@@ -144,6 +155,13 @@ class OutboxWorker:
 
     def _failed(self, row: OutboxRow, exc: OnionpostError) -> None:
         now = self.clock.now()
+        if isinstance(exc, TorStillConnecting):
+            # Claimed just before tor went down again (or before the node knew): not an
+            # attempt.  The row rests briefly so this pass does not pick it up again.
+            self.outbox.note_waiting(
+                row.id, error=str(exc), code="4" + exc.code[1:], until=now + WAIT_FOR_TOR
+            )
+            return
         if isinstance(exc, StaleRecipientKeys):
             # Sending this envelope again cannot help: hand it back so the submitting device
             # seals the message again with the recipient's current keys.

@@ -94,6 +94,7 @@ class Device:
         )
         mailbox.ensure_user(account.local)
         self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
 
     @property
     def address(self) -> Address:
@@ -206,15 +207,22 @@ class Device:
                 await self._task
             self._task = None
 
+    def wake(self) -> None:
+        """Try the inbox now if the sync loop is waiting out a failure (tor became ready)."""
+        self._wake.set()
+
     async def _sync_loop(self) -> None:
         backoff = 1.0
         while True:
             try:
+                self._wake.clear()
                 await self.sync(wait=self.config.inbox.longpoll_seconds)
                 if self.session.inbox_device_list_version > self.account.device_list.version:
                     await self.refresh_own_devices()
                 backoff = 1.0
             except OnionpostError as exc:
                 log.warning("sync with the inbox failed (%s); retrying in %.0f s", exc, backoff)
-                await asyncio.sleep(backoff)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(backoff):
+                        await self._wake.wait()
                 backoff = min(backoff * 2, 60.0)

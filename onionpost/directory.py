@@ -26,6 +26,7 @@ from onionpost.errors import (
     PermanentDeliveryError,
     TemporaryDeliveryError,
     TorError,
+    TorStillConnecting,
 )
 from onionpost.store.contacts import ContactStore
 
@@ -113,6 +114,10 @@ class Directory:
             raw = await self.client(address, "bundle").bundle(address.local)
         except PermanentDeliveryError:
             raise
+        except TorStillConnecting as exc:
+            # Our own tor, not the recipient: remember nothing, so the first pass after tor
+            # is ready fetches fresh keys instead of replaying this failure for a minute.
+            return self._fallback(address, exc, now)
         except (DeliveryError, TorError) as exc:
             self._failed[key] = (clock(), exc)
             return self._fallback(address, exc, now)
@@ -148,6 +153,8 @@ class Directory:
         """The cached bundle, when the inbox cannot be reached (or a temporary error)."""
         contact = self.contacts.get(str(address))
         if contact is None or contact.bundle is None:
+            if isinstance(exc, TorStillConnecting):
+                raise TorStillConnecting(f"Cannot fetch {address}'s keys yet: {exc}") from exc
             raise TemporaryDeliveryError(
                 f"Cannot fetch {address}'s keys ({exc}) and none are cached yet.",
                 code=exc.code,

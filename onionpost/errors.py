@@ -10,7 +10,7 @@ guessing.
 
     OnionpostError
      +- UsageError                 a person asked for something that cannot be done as asked
-     |   +- ConfigError, DataDirError, AlreadyInitialized, NotInitialized
+     |   +- ConfigError, DataDirError (NodeAlreadyRunning), AlreadyInitialized, NotInitialized
      +- AddressError               not a valid  local@<v3 onion>.onion  address
      +- CryptoError                keys, bundles, envelopes, stamps
      |   +- MalformedData          bytes that do not parse as the structure they claim to be
@@ -28,6 +28,7 @@ guessing.
      |   +- FolderError            FolderNotFound, FolderExists, FolderProtected,
      |                                 InvalidFolderName
      +- DeliveryError              what a peer inbox answered, or why it could not be reached
+     |   +- PeerUnreachable        ... TorStillConnecting (this node's tor, not the peer)
      +- TorError                   tor missing, too old, unreachable, or failing
      +- GatewayError               mail-client facing problems (auth, recipients, size)
          +- AuthenticationFailed, SenderNotAllowed, UnknownLocalUser, PasswordRejected,
@@ -77,6 +78,21 @@ class ConfigError(UsageError):
 
 class DataDirError(UsageError):
     """The data directory cannot be used."""
+
+
+class NodeAlreadyRunning(DataDirError):
+    """Another onionpost node already runs on this data directory.
+
+    Two nodes on one data directory would share one inbox address and one outbox, and the
+    second would release the first one's delivery leases; only one may run.  The CLI words it
+    with :attr:`pid` and :attr:`data_dir`.
+    """
+
+    def __init__(self, data_dir: str, pid: int | None) -> None:
+        self.data_dir = data_dir
+        self.pid = pid
+        holder = f" (pid {pid})" if pid else ""
+        super().__init__(f"Another onionpost node{holder} already runs on {data_dir}.")
 
 
 class AlreadyInitialized(UsageError):
@@ -385,6 +401,14 @@ class PeerUnreachable(TemporaryDeliveryError):
     """The recipient's inbox cannot be reached right now."""
 
     enhanced_code = "4.4.1"
+
+
+class TorStillConnecting(PeerUnreachable):
+    """This node's tor is still connecting to the Tor network; the message waits until it is.
+
+    Nothing is known about the recipient then, so the outbox and the sealing queue do not count
+    it as an attempt and do not back off: the mail goes as soon as tor is ready.
+    """
 
 
 # Why tor could not reach a peer, from its SOCKS reply (tor.py maps the codes).

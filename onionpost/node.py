@@ -34,15 +34,15 @@ from onionpost.errors import (
     ListenError,
     NotInitialized,
     OnionpostError,
-    PeerUnreachable,
     TorError,
+    TorStillConnecting,
 )
 from onionpost.inbox import Inbox
 from onionpost.keylife import rotate_server
 from onionpost.keystore import AccountFiles, KeyStore, ensure_private_dir, write_private
 from onionpost.retry import RetryPolicy
 from onionpost.scheduler import Scheduler
-from onionpost.store import DEVICE_COMPONENTS, INBOX_COMPONENTS
+from onionpost.store import DEVICE_COMPONENTS, INBOX_COMPONENTS, queue
 from onionpost.store.contacts import ContactStore
 from onionpost.store.db import Database
 from onionpost.store.enrolment import EnrolmentStore
@@ -109,6 +109,10 @@ class Node:
     def api_port(self) -> int:
         return self.server.port if self.server else 0
 
+    def can_reach_others(self) -> bool:
+        """Whether other inboxes can be dialled now: tor is off (loopback routes only) or up."""
+        return self.config.tor.mode == "off" or self.tor is not None
+
     # -- lifecycle ------------------------------------------------------------------------
 
     async def start(self, *, wait_for_tor: bool = False) -> None:
@@ -170,6 +174,7 @@ class Node:
             unit_random=random.SystemRandom().random,
             concurrency=cfg.delivery.concurrency,
             onion_port=cfg.tor.onion_port,
+            can_reach_others=self.can_reach_others,
         )
         self.enrolment = Enrolment(self.inbox, EnrolmentStore(db), cfg.inbox, rng=self.rng)
         self.server = InboxServer(
@@ -360,7 +365,14 @@ class Node:
         return db
 
     async def stop(self) -> None:
-        self.scheduler.stop()
+        """Stop everything in the reverse order of starting, each part promptly.
+
+        Every acknowledged message is already committed, so stopping only ends work in
+        progress: running jobs are cancelled and awaited (a delivery cut short keeps its
+        lease until the next start releases it), then the gateway, the devices' sync, tor
+        and the API server stop, and the databases close last.
+        """
+        await self.scheduler.stop()
         if self._tor_task is not None:
             self._tor_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -390,9 +402,15 @@ class Node:
         self._dbs.clear()
 
     def wake(self) -> None:
-        """Look at the queues now, and pick up users added by the CLI (SIGUSR1)."""
+        """Look at the queues now, and pick up users added by the CLI (SIGUSR1).
+
+        Also called when tor becomes ready: mail that waited for it goes at once, and the
+        devices' sync stops waiting out its backoff.
+        """
         for job in ("seal", "deliver", "outcomes"):
             self.scheduler.wake(job)
+        for device in self.devices.values():
+            device.wake()
         if self.has_gateway and self.mailbox is not None:
             self._tasks.append(asyncio.get_running_loop().create_task(self._add_new_users()))
 
@@ -410,11 +428,34 @@ class Node:
                     self.devices[local].adopt_device_list(on_disk, notify=False)
 
     async def run_until(self, stop: asyncio.Event) -> None:
-        await self.start()
+        """Run until ``stop`` is set, which may happen at any moment, even while starting.
+
+        Starting awaits the network (the own inbox, tor's preflight); a stop request must not
+        wait for that, so start runs as a task that is cancelled when ``stop`` comes first
+        (start then stops whatever it had started).  A start that fails raises its error.
+        """
+        starting = asyncio.create_task(self.start(), name="start")
+        stopping = asyncio.create_task(stop.wait(), name="stop-request")
         try:
-            await stop.wait()
+            await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not starting.done():
+                log.info("stopping before start-up finished")
+                starting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await starting
+                return
+            starting.result()  # a failed start raises here (start cleaned up after itself)
+            try:
+                await stopping
+            finally:
+                log.info("stopping")
+                await self.stop()
         finally:
-            await self.stop()
+            stopping.cancel()
+            if not starting.done():  # run_until itself was cancelled while starting
+                starting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await starting
 
     # -- status ---------------------------------------------------------------------------
 
@@ -433,26 +474,49 @@ class Node:
             "users": [str(d.address) for d in self.devices.values()],
             "tor": self._tor_status(),
         }
-        if self.inbox is not None:
-            info["queue"] = {"queued": self.inbox.outbox.queued_count()}
+        if self.inbox is not None or self.submissions is not None:
+            info["queue"] = self.queue_summary()
         return info
+
+    def queue_summary(self) -> dict[str, int]:
+        """Messages not delivered yet, by stage, counted exactly as `onionpost queue` lists
+        them (:mod:`onionpost.store.queue`)."""
+        users = {d.account.mailbox_id: local for local, d in self.devices.items()}
+        items = queue.waiting(
+            self.submissions.store if self.submissions is not None else None,
+            self.inbox.outbox if self.inbox is not None else None,
+            users,
+        )
+        return queue.summary(items)
 
     def _tor_status(self) -> dict[str, Any]:
         if self.tor is not None:
             status: dict[str, Any] = _plain(self.tor.status())
+            status["state"] = "running"
             return status
         if self.config.tor.mode == "off":
             return {"mode": "off"}
         percent, summary = self._tor_progress
+        failed = self._tor_failure is not None
         return {
             "mode": self.config.tor.mode,
+            "state": "failed" if failed else "starting",
             "healthy": False,
             "bootstrap_percent": percent,
             "bootstrap_summary": summary,
+            # the address is the inbox's key, known before tor publishes it
+            "onion": self._own_onion(),
             "published": False,
-            "last_error": self._tor_problem,
-            "notes": ["tor is still connecting; mail to other inboxes waits until it is"],
+            "last_error": str(self._tor_failure) if failed else self._tor_problem,
+            "notes": []
+            if failed
+            else ["tor is still connecting; mail to other inboxes waits until it is"],
         }
+
+    def _own_onion(self) -> str | None:
+        if self.inbox is None:
+            return None
+        return Address.for_key("x", self.inbox.secrets.onion_pk).onion
 
     async def _write_status(self) -> None:
         path = self.config.data_dir / "run" / "status.json"
@@ -462,7 +526,8 @@ class Node:
 
 
 class _TorNotReady:
-    """The dialer while tor is still connecting: deliveries are deferred, not failed."""
+    """The dialer while tor is still connecting: deliveries wait, uncounted (see
+    :class:`~onionpost.errors.TorStillConnecting`)."""
 
     def __init__(self, node: Node) -> None:
         self._node = node
@@ -471,7 +536,7 @@ class _TorNotReady:
         self, onion: str, port: int, *, isolation: str, timeout: float
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         percent, summary = self._node._tor_progress
-        raise PeerUnreachable(
+        raise TorStillConnecting(
             f"This node's tor is still connecting to the Tor network ({percent}%: {summary}); "
             "the message waits until it is."
         )

@@ -8,6 +8,8 @@ runs a job now: an accepted submission wakes delivery instead of waiting for the
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -39,12 +41,18 @@ class Scheduler:
         self._names: set[str] = set()
         self._running: set[str] = set()
         self._again: set[str] = set()
+        self._tasks: set[asyncio.Task[object]] = set()
+        self._stopping = False
 
     def every(self, name: str, seconds: float, job: Job, *, start_in: float = 0.0) -> None:
         """Run ``job`` every ``seconds`` (first run after ``start_in`` seconds)."""
 
         async def guarded() -> None:
+            task = asyncio.current_task()
+            if self._stopping or task is None:
+                return
             self._running.add(name)
+            self._tasks.add(task)
             try:
                 while True:
                     self._again.discard(name)
@@ -54,10 +62,16 @@ class Scheduler:
                         log.warning("%s: %s", name, exc)
                     except Exception:
                         log.exception("job %s failed unexpectedly", name)
-                    if name not in self._again:
+                    if name not in self._again or self._stopping:
                         break  # nobody woke the job while it ran
+            except asyncio.CancelledError:
+                if not self._stopping:
+                    raise
+                # Cancelled by stop(): the tables are the truth, so the job simply ends here
+                # (APScheduler would report a cancelled job as an error with a traceback).
             finally:
                 self._running.discard(name)
+                self._tasks.discard(task)
 
         self._scheduler.add_job(
             guarded,
@@ -91,6 +105,19 @@ class Scheduler:
     def start(self) -> None:
         self._scheduler.start()
 
-    def stop(self) -> None:
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop scheduling, cancel the jobs that are running and wait for them to end.
+
+        Waiting matters: the node closes its databases next, and a delivery or sealing pass
+        that was still unwinding would then fail noisily.  Every job ends at its next await
+        when cancelled; ``grace`` only bounds a job stuck in code that does not await.
+        """
+        self._stopping = True
         if self._scheduler.running:
-            self._scheduler.shutdown(wait=False)
+            self._scheduler.shutdown(wait=False)  # also cancels the jobs' tasks
+        tasks = [t for t in self._tasks if not t.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait(tasks, timeout=grace)

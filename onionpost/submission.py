@@ -34,6 +34,7 @@ from onionpost.errors import (
     OnionpostError,
     PermanentDeliveryError,
     TemporaryDeliveryError,
+    TorStillConnecting,
     UnknownLocalUser,
 )
 from onionpost.retry import RetryPolicy, after_failure
@@ -145,13 +146,15 @@ class Submissions:
     async def process_due(self) -> int:
         """Seal and hand over every recipient due now; returns how many were handled."""
         handled = 0
+        after = (0, "")
         while True:
-            due = self.store.due(self.clock.now())
+            due = self.store.due(self.clock.now(), after=after)
             if not due:
                 return handled
             for sid, recips in due.items():
                 handled += len(recips)
                 await self._process(sid, recips)
+                after = max(after, (sid, max(r.address for r in recips)))
 
     async def _process(self, sid: int, recips: list[PendingRecipient]) -> None:
         device = self.devices.get(recips[0].user)
@@ -192,6 +195,11 @@ class Submissions:
         self._notify(device, self.clock.now())
 
     def _fail(self, sid: int, r: PendingRecipient, exc: OnionpostError, now: int) -> None:
+        if isinstance(exc, TorStillConnecting) or isinstance(exc.__cause__, TorStillConnecting):
+            # Not an attempt: nothing was learnt about the recipient.  The recipient stays
+            # due, and the node wakes this queue the moment its tor is ready.
+            self.store.note_waiting(sid, r.address, error=str(exc), code="4" + exc.code[1:])
+            return
         decision = after_failure(
             self.policy,
             attempts=r.attempts + 1,

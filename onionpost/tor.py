@@ -30,6 +30,7 @@ import re
 import signal
 import socket
 import subprocess
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +93,7 @@ _RETRY_PAUSE = 1.0
 _MAX_DESCRIPTOR_RETRIES = 2  # 0xF0 right after publication: the HSDir asked had no copy yet
 _MAX_INTRO_RETRIES = 2
 _GRACE_SECONDS = 5.0
+_CLOSE_TIMEOUT = 5.0  # closing the control connection; stem can hang in it (see _in_thread)
 _BACKOFF_FIRST = 5.0
 _BACKOFF_MAX = 300.0
 _PROBE_FAILURES_BEFORE_RESTART = 3
@@ -99,6 +101,67 @@ _PROBE_TIMEOUT = 60.0
 _SOCKS_PASSWORD = "onionpost"  # noqa: S105 - not a secret: isolation is keyed by the username
 
 _T = TypeVar("_T")
+
+#: Every tor this process launched and has not stopped yet (see :func:`kill_launched`).
+_LAUNCHED: set[subprocess.Popen[bytes]] = set()
+
+
+async def _in_thread(fn: Callable[..., _T], *args: Any) -> _T:  # noqa: ANN401
+    """``fn(*args)`` in a daemon thread of its own, awaited.
+
+    Used instead of :func:`asyncio.to_thread` for calls that may never return: stem
+    deadlocks when tor exits in the middle of a command (its reader thread, closing the
+    connection, joins the event thread, which waits for a lock the caller holds while it
+    waits for the reply), and a SOCKS handshake waits as long as tor does.  asyncio.run and
+    the interpreter wait for the default executor's threads before the process may exit;
+    they do not wait for daemon threads, so a stuck call cannot keep a stopping node alive.
+    A result that arrives after the caller gave up (a socket, a controller) is closed.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[_T] = loop.create_future()
+
+    def settle(result: _T | None, error: BaseException | None) -> None:
+        if future.done():
+            if error is None and hasattr(result, "close"):
+                threading.Thread(target=_close_quietly, args=(result,), daemon=True).start()
+        elif error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def run() -> None:
+        try:
+            result = fn(*args)
+        except BaseException as exc:  # handed to the awaiting task
+            outcome: tuple[_T | None, BaseException | None] = (None, exc)
+        else:
+            outcome = (result, None)
+        try:
+            loop.call_soon_threadsafe(settle, *outcome)
+        except RuntimeError:  # the event loop has closed: nobody waits any more
+            if outcome[1] is None:
+                _close_quietly(outcome[0])
+
+    threading.Thread(target=run, name="onionpost-tor-call", daemon=True).start()
+    return await future
+
+
+def _close_quietly(thing: object) -> None:
+    close = getattr(thing, "close", None)
+    if callable(close):
+        with contextlib.suppress(Exception):
+            close()
+
+
+def kill_launched() -> None:
+    """SIGKILL every tor this process launched, for an exit that cannot wait for them.
+
+    Safe to call from a signal handler or another thread.  A launched tor would notice its
+    owning process is gone by itself (``__OwningControllerProcess``), but only after a while.
+    """
+    for proc in list(_LAUNCHED):
+        with contextlib.suppress(OSError):
+            proc.kill()
 
 
 # --- pure helpers (unit-tested without tor) --------------------------------------------------
@@ -550,6 +613,7 @@ class TorRuntime:
             self._process = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
                 cmd, stdin=subprocess.DEVNULL, stdout=self._stdout, stderr=subprocess.STDOUT
             )
+            _LAUNCHED.add(self._process)
         except FileNotFoundError as exc:
             raise TorNotInstalled() from exc
         except OSError as exc:
@@ -600,6 +664,7 @@ class TorRuntime:
                 log.warning("tor ignored SIGTERM for %.0f s; killing it", _GRACE_SECONDS)
                 proc.kill()
                 proc.wait()
+        _LAUNCHED.discard(proc)
         self._process = None
         if self._stdout is not None:
             self._stdout.close()
@@ -609,7 +674,7 @@ class TorRuntime:
         controller, self._controller = self._controller, None
         if controller is not None:
             with contextlib.suppress(Exception):
-                await asyncio.to_thread(controller.close)
+                await asyncio.wait_for(_in_thread(controller.close), _CLOSE_TIMEOUT)
         await asyncio.to_thread(self._terminate)
         self._socks = None
 
@@ -679,9 +744,9 @@ class TorRuntime:
         old, self._controller = self._controller, None
         if old is not None:
             with contextlib.suppress(Exception):
-                await asyncio.to_thread(old.close)
+                await asyncio.wait_for(_in_thread(old.close), _CLOSE_TIMEOUT)
         self._controller = await asyncio.wait_for(
-            asyncio.to_thread(self._open_controller), _CONTROL_TIMEOUT
+            _in_thread(self._open_controller), _CONTROL_TIMEOUT
         )
 
     async def _call(self, fn: Callable[[Any], _T], doing: str) -> _T:
@@ -690,7 +755,7 @@ class TorRuntime:
         if controller is None or not controller.is_alive():
             raise TorControlError(f"onionpost has lost its connection to {self._where()}.")
         try:
-            return await asyncio.wait_for(asyncio.to_thread(fn, controller), _CONTROL_TIMEOUT)
+            return await asyncio.wait_for(_in_thread(fn, controller), _CONTROL_TIMEOUT)
         except OnionpostError:
             raise
         except TimeoutError as exc:
@@ -1148,16 +1213,24 @@ def _check_label(onion: str) -> str:
     return label
 
 
-def _socks_connect(
-    proxy: tuple[str, int], label: str, port: int, username: str, timeout: float
-) -> socket.socket:
-    """One blocking SOCKS5 connect through tor (worker thread); returns a plain socket."""
+def _socks_socket(proxy: tuple[str, int], username: str, timeout: float) -> Any:  # noqa: ANN401
+    """A PySocks socket set up for one connect through tor (PySocks is untyped)."""
     sock = socks.socksocket(socket.AF_INET, socket.SOCK_STREAM)
     # rdns: tor resolves the name, so the onion address never reaches a local resolver.
     sock.set_proxy(
         socks.SOCKS5, proxy[0], proxy[1], rdns=True, username=username, password=_SOCKS_PASSWORD
     )
     sock.settimeout(timeout)
+    return sock
+
+
+def _socks_connect(
+    sock: Any,  # noqa: ANN401 - socks.socksocket
+    proxy: tuple[str, int],
+    label: str,
+    port: int,
+) -> socket.socket:
+    """One blocking SOCKS5 connect through tor (worker thread); returns a plain socket."""
     try:
         sock.connect((f"{label}.onion", port))
     except (socks.ProxyError, OSError) as exc:
@@ -1166,6 +1239,25 @@ def _socks_connect(
     sock.settimeout(None)
     # A plain socket for asyncio: PySocks overrides methods that asyncio relies on.
     return socket.socket(fileno=sock.detach())
+
+
+async def _socks_open(
+    proxy: tuple[str, int], label: str, port: int, username: str, timeout: float
+) -> socket.socket:
+    """:func:`_socks_connect` in a worker thread, cancellable.
+
+    Cancelling the await does not stop the thread, which would sit in the SOCKS handshake for
+    up to ``timeout`` (tor answers only once it has reached the onion service or given up),
+    and the process waits for its worker threads before it exits.  So a cancelled connect
+    shuts the socket down: the thread's blocked read returns at once and the thread ends.
+    """
+    sock = _socks_socket(proxy, username, timeout)
+    try:
+        return await _in_thread(_socks_connect, sock, proxy, label, port)
+    except asyncio.CancelledError:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        raise
 
 
 # A peer whose tor restarted can leave our tor holding its old descriptor and a rendezvous
@@ -1242,7 +1334,7 @@ async def _dial(
         proxy = runtime.socks_endpoint()
         attempt = max(0.1, min(deadline - clock.monotonic(), _SOCKS_ATTEMPT_TIMEOUT))
         try:
-            sock = await asyncio.to_thread(_socks_connect, proxy, label, port, username, attempt)
+            sock = await _socks_open(proxy, label, port, username, attempt)
             break
         except PeerUnreachable as exc:
             if deadline - clock.monotonic() <= _RETRY_PAUSE or not _retryable(exc, tries):

@@ -48,18 +48,33 @@ def leading_zero_bits(digest: bytes) -> int:
 
 def mint(mailbox_id: bytes, message_hash: bytes, bits: int, now: int, start: int = 0) -> Stamp:
     """Search for a stamp; expected cost 2**bits hashes (see `make bench` for the rate)."""
+    while True:
+        stamp = mint_some(mailbox_id, message_hash, bits, now, start=start, count=1 << 20)
+        if stamp is not None:
+            return stamp
+        start += 1 << 20
+
+
+def mint_some(
+    mailbox_id: bytes, message_hash: bytes, bits: int, now: int, *, start: int, count: int
+) -> Stamp | None:
+    """Try the nonces ``start .. start+count-1`` in order; the first that pays, or None.
+
+    Searching in slices lets a caller stop between them (a worker thread cannot be
+    cancelled, and a node that is told to stop should not first finish a long search);
+    slice after slice finds exactly the stamp :func:`mint` finds.
+    """
     if not 0 <= bits <= MAX_BITS:
         raise ProofOfWorkError(f"A difficulty of {bits} bits is out of range (0..{MAX_BITS}).")
     day = day_of(now)
     base = _prefix(mailbox_id, day, message_hash, bits)
     threshold = 1 << (256 - bits)
-    nonce = start
-    while True:
+    for nonce in range(start, start + count):
         h = base.copy()
         h.update(nonce.to_bytes(8, "big"))
         if int.from_bytes(h.digest(), "big") < threshold:
             return Stamp(bits, day, nonce)
-        nonce += 1
+    return None
 
 
 def verify(

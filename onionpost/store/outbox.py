@@ -117,14 +117,22 @@ class OutboxStore:
     def envelope(self, row_id: int) -> bytes:
         return bytes(self.db.scalar("SELECT envelope FROM outbox WHERE id = ?", (row_id,)) or b"")
 
-    def claim_due(self, now: int, *, limit: int, lease: int) -> list[OutboxRow]:
-        """Queued rows due now, leased for ``lease`` seconds so nobody else takes them."""
+    def claim_due(
+        self, now: int, *, limit: int, lease: int, only_onion: str | None = None
+    ) -> list[OutboxRow]:
+        """Queued rows due now, leased for ``lease`` seconds so nobody else takes them;
+        with ``only_onion``, only rows for that inbox (this node's own, while tor is down)."""
+        where = ""
+        params: tuple[object, ...] = (now, now)
+        if only_onion is not None:
+            where = " AND destination LIKE ?"
+            params = (*params, f"%@{only_onion}.onion")
         with self.db.transaction() as c:
             rows = c.execute(
                 f"SELECT {_COLUMNS} FROM outbox WHERE state = 'queued' AND next_attempt_at <= ?"  # noqa: S608
-                " AND (leased_until IS NULL OR leased_until < ?)"
+                f" AND (leased_until IS NULL OR leased_until < ?){where}"
                 " ORDER BY next_attempt_at, id LIMIT ?",
-                (now, now, limit),
+                (*params, limit),
             ).fetchall()
             for r in rows:
                 c.execute("UPDATE outbox SET leased_until = ? WHERE id = ?", (now + lease, r["id"]))
@@ -139,6 +147,16 @@ class OutboxStore:
 
     def queued_count(self) -> int:
         return self.db.count("outbox", "state = ?", ["queued"])
+
+    def outcomes(self, *, since: int, except_code: str) -> list[tuple[str, int]]:
+        """(state, count) of rows finished since ``since``, leaving out rows bounced with
+        ``except_code`` (handed back for re-sealing: not an outcome)."""
+        rows = self.db.all(
+            "SELECT state, count(*) FROM outbox WHERE state != 'queued' AND finished_at >= ?"
+            " AND NOT (state = 'bounced' AND coalesce(last_error_code, '') = ?) GROUP BY state",
+            (since, except_code),
+        )
+        return [(str(r[0]), int(r[1])) for r in rows]
 
     def next_due_at(self) -> int | None:
         v = self.db.scalar(
@@ -166,6 +184,16 @@ class OutboxStore:
                 " last_error_code = ?, next_attempt_at = ?, leased_until = NULL"
                 " WHERE id = ? AND state = 'queued'",
                 (now, error, code, next_attempt_at, row_id),
+            )
+
+    def note_waiting(self, row_id: int, *, error: str, code: str, until: int) -> None:
+        """Say why a row waits, without counting an attempt or moving its next try; the
+        lease keeps it from being claimed again before ``until``."""
+        with self.db.transaction() as c:
+            c.execute(
+                "UPDATE outbox SET last_error = ?, last_error_code = ?, leased_until = ?"
+                " WHERE id = ? AND state = 'queued'",
+                (error, code, until, row_id),
             )
 
     def mark_bounced(

@@ -75,12 +75,18 @@ class SubmissionStore:
             self.db.scalar("SELECT message FROM submissions WHERE id = ?", (submission_id,)) or b""
         )
 
-    def due(self, now: int, *, limit: int = 32) -> dict[int, list[PendingRecipient]]:
-        """Pending recipients due now, grouped by submission (sealed together)."""
+    def due(
+        self, now: int, *, limit: int = 32, after: tuple[int, str] = (0, "")
+    ) -> dict[int, list[PendingRecipient]]:
+        """Pending recipients due now, grouped by submission (sealed together), in
+        (submission, address) order after ``after``: a pass pages through the queue once,
+        so a recipient that stays due (waiting for this node's tor) is not tried again and
+        again in the same pass."""
         rows = self.db.all(
             _SELECT + " WHERE r.state = 'pending' AND r.next_attempt_at <= ?"
-            " ORDER BY r.submission_id LIMIT ?",
-            (now, limit),
+            " AND (r.submission_id, r.address) > (?, ?)"
+            " ORDER BY r.submission_id, r.address LIMIT ?",
+            (now, after[0], after[1], limit),
         )
         out: dict[int, list[PendingRecipient]] = {}
         for r in rows:
@@ -112,6 +118,16 @@ class SubmissionStore:
                 " last_error = ?, last_error_code = ? WHERE submission_id = ? AND address = ?"
                 " AND state = 'pending'",
                 (next_attempt_at, error, code, submission_id, address),
+            )
+
+    def note_waiting(self, submission_id: int, address: str, *, error: str, code: str) -> None:
+        """Say why a recipient still waits without counting an attempt or moving its next
+        try (the reason was on this side, not the recipient's: this node's tor is starting)."""
+        with self.db.transaction() as c:
+            c.execute(
+                "UPDATE submission_recipients SET last_error = ?, last_error_code = ?"
+                " WHERE submission_id = ? AND address = ? AND state = 'pending'",
+                (error, code, submission_id, address),
             )
 
     def mark_bounced(self, submission_id: int, address: str, *, error: str, code: str) -> None:
@@ -235,6 +251,17 @@ class SubmissionStore:
             sql += " AND s.user = ?"
             params = (user,)
         return [PendingRecipient(*tuple(r)) for r in self.db.all(sql + " ORDER BY s.id", params)]
+
+    def outcomes(self, *, since: int, sealed: bool) -> list[tuple[str, int]]:
+        """(state, count) of finished recipients of submissions made since ``since``; with
+        ``sealed`` False only those that never reached an outbox (the outbox counts the rest)."""
+        rows = self.db.all(
+            "SELECT r.state, count(*) FROM submission_recipients r JOIN submissions s"
+            " ON s.id = r.submission_id WHERE r.state NOT IN ('pending', 'queued')"
+            " AND s.created_at >= ? AND (? OR r.outbox_id IS NULL) GROUP BY r.state",
+            (since, int(sealed)),
+        )
+        return [(str(r[0]), int(r[1])) for r in rows]
 
     @staticmethod
     def _drop_finished(c: sqlite3.Connection, submission_id: int) -> None:

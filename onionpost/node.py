@@ -23,7 +23,7 @@ from typing import Any
 
 from onionpost.address import Address
 from onionpost.api.server import InboxServer
-from onionpost.api.transport import DirectDialer
+from onionpost.api.transport import Dialer, DirectDialer
 from onionpost.clock import Clock, SystemClock
 from onionpost.config import Config
 from onionpost.crypto.primitives import RandomSource, system_random
@@ -230,14 +230,20 @@ class Node:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 300.0)
                 continue
-            self.tor = runtime
-            self._tor_problem = None
-            self.dialer.fallback = TorDialer(runtime)
-            self.scheduler.every("tor-health", 30, runtime.check_health, start_in=30)
-            self.wake()  # mail that waited for tor can go now
-            log.info("tor is connected; onionpost is reachable")
-            self._tor_ready.set()
+            self._tor_connected(runtime, TorDialer(runtime))
             return
+
+    def _tor_connected(self, runtime: TorRuntime, dialer: Dialer) -> None:
+        """Tor is up: dial through it, watch its health, and send what waited for it now
+        (the outbox left remote rows alone and the sealing queue did not back off meanwhile,
+        so the wake-up alone sends them)."""
+        self.tor = runtime
+        self._tor_problem = None
+        self.dialer.fallback = dialer
+        self.scheduler.every("tor-health", 30, runtime.check_health, start_in=30)
+        self.wake()
+        log.info("tor is connected; onionpost is reachable")
+        self._tor_ready.set()
 
     def _tor_progress_seen(self, percent: int, summary: str) -> None:
         self._tor_progress = (percent, summary)

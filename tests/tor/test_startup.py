@@ -11,7 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
+from onionpost.cli import cli
 from onionpost.config import load
 from onionpost.errors import PeerUnreachable, TorNotInstalled
 from onionpost.node import Node
@@ -48,6 +50,13 @@ async def test_the_node_runs_while_tor_is_still_connecting(tmp_path: Path) -> No
         status = node.status()["tor"]
         assert status["mode"] == "launch" and status["healthy"] is False
         assert status["published"] is False and status["bootstrap_percent"] < 100
+        # `onionpost status` says what tor is doing, not "?" and "-.onion"
+        await node._write_status()
+        out = CliRunner().invoke(cli, ["--data-dir", str(home), "status"]).output
+        onion = node.devices["alice"].address.onion
+        assert "tor:        launch, starting" in out, out
+        assert f"onion:      {onion}.onion, not published yet (tor is starting)" in out
+        assert "?" not in out and "-.onion" not in out
         # mail between the two local users needs no tor at all
         alice, carol = node.devices["alice"], node.devices["carol"]
         assert node.submissions is not None

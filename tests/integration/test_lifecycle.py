@@ -314,3 +314,46 @@ def _subject_of(home: Path) -> Callable[[str], str | None]:
                 if oid is not None:
                     subjects[f"o{oid}"] = subjects[f"s{sid}"]
     return subjects.get
+
+
+_STUCK = """
+import sys, time
+from onionpost import lifecycle
+stopper = lifecycle._Stopper(grace=float(sys.argv[1]))
+stopper.install()
+print("ready", flush=True)
+while not stopper.requested:
+    time.sleep(0.01)
+print("stopping", flush=True)
+time.sleep(600)  # a stop that never finishes
+"""
+
+
+def _stuck(grace: float) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _STUCK, str(grace)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == "ready\n"
+    return proc
+
+
+def test_a_second_signal_exits_at_once() -> None:
+    proc = _stuck(grace=600)
+    proc.send_signal(signal.SIGINT)
+    assert proc.stdout is not None and proc.stdout.readline() == "stopping\n"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    assert "second SIGTERM: stopping at once" in proc.communicate()[1]
+
+
+def test_a_stop_that_overruns_its_grace_ends_the_process() -> None:
+    proc = _stuck(grace=1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 1
+    err = proc.communicate()[1]
+    assert "did not stop within 1 s; exiting now" in err
+    assert "most recent call first" in err  # the stacks, for the bug report

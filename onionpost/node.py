@@ -50,7 +50,7 @@ from onionpost.store.inbox import InboxStore
 from onionpost.store.mailbox import MailboxStore
 from onionpost.store.outbox import OutboxStore
 from onionpost.submission import Submissions
-from onionpost.tor import TorDialer, TorRuntime
+from onionpost.tor import TorDialer, TorRuntime, kill_launched
 from onionpost.tor import preflight as tor_preflight
 
 log = logging.getLogger(__name__)
@@ -385,8 +385,7 @@ class Node:
                 await self._tor_task
             self._tor_task = None
         for stop in reversed(self._stops):
-            with contextlib.suppress(Exception):
-                await stop()
+            await _bounded(stop(), "the mail-client gateway")
         self._stops.clear()
         for device in self.devices.values():
             await device.stop()
@@ -397,11 +396,11 @@ class Node:
                 await task
         self._tasks.clear()
         if self.tor is not None:
-            with contextlib.suppress(Exception):
-                await self.tor.stop()
+            if not await _bounded(self.tor.stop(), "tor"):
+                kill_launched()  # do not leave a launched tor behind
             self.tor = None
         if self.server is not None:
-            await self.server.stop()
+            await _bounded(self.server.stop(), "the node API")
             self.server = None
         for db in self._dbs:
             db.close()
@@ -529,6 +528,24 @@ class Node:
         ensure_private_dir(path.parent)
         with contextlib.suppress(OSError):
             write_private(path, json.dumps(self.status(), indent=2).encode())
+
+
+#: How long one part of the node may take to stop (the API server ends its long-polls, the
+#: gateway hangs up on its clients, tor removes the service and exits).  Each is normally a
+#: matter of milliseconds; the bound keeps one stuck part from holding up the rest.
+PART_STOP_SECONDS = 5.0
+
+
+async def _bounded(stopping: Awaitable[None], what: str) -> bool:
+    """Await one part's stop for at most :data:`PART_STOP_SECONDS`; False if it did not end."""
+    try:
+        await asyncio.wait_for(stopping, PART_STOP_SECONDS)
+    except TimeoutError:
+        log.warning("%s did not stop within %.0f s; going on", what, PART_STOP_SECONDS)
+        return False
+    except Exception as exc:  # stopping goes on whatever one part does
+        log.warning("stopping %s failed: %s", what, exc)
+    return True
 
 
 class _TorNotReady:

@@ -103,6 +103,7 @@ class Scheduler:
         return sorted(self._names)
 
     def start(self) -> None:
+        self._stopping = False
         self._scheduler.start()
 
     async def stop(self, grace: float = 5.0) -> None:

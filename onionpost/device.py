@@ -14,6 +14,7 @@ import logging
 
 from onionpost.account import Account
 from onionpost.address import Address
+from onionpost.aio import cancel_and_wait
 from onionpost.api.client import DeviceSession, InboxClient
 from onionpost.api.transport import Dialer
 from onionpost.clock import Clock
@@ -202,9 +203,7 @@ class Device:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
             self._task = None
 
     def wake(self) -> None:

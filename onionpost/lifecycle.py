@@ -161,6 +161,11 @@ class _Stopper:
         )
         with contextlib.suppress(Exception):
             faulthandler.dump_traceback(all_threads=True)
+        loop = self._loop
+        if loop is not None:  # and what the event loop was waiting for (best effort)
+            with contextlib.suppress(Exception):
+                for task in asyncio.all_tasks(loop):
+                    task.print_stack(file=sys.stderr)
         _exit_now(1)
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from onionpost.address import Address
+from onionpost.aio import cancel_and_wait
 from onionpost.api.server import InboxServer
 from onionpost.api.transport import Dialer, DirectDialer
 from onionpost.clock import Clock, SystemClock
@@ -380,9 +381,7 @@ class Node:
         """
         await self.scheduler.stop()
         if self._tor_task is not None:
-            self._tor_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._tor_task
+            await cancel_and_wait(self._tor_task)
             self._tor_task = None
         for stop in reversed(self._stops):
             await _bounded(stop(), "the mail-client gateway")
@@ -390,10 +389,7 @@ class Node:
         for device in self.devices.values():
             await device.stop()
         for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            await cancel_and_wait(task)
         self._tasks.clear()
         if self.tor is not None:
             if not await _bounded(self.tor.stop(), "tor"):
@@ -445,9 +441,7 @@ class Node:
             await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
             if not starting.done():
                 log.info("stopping before start-up finished")
-                starting.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await starting
+                await cancel_and_wait(starting)  # start() stops what it had started
                 return
             starting.result()  # a failed start raises here (start cleaned up after itself)
             try:
@@ -458,9 +452,7 @@ class Node:
         finally:
             stopping.cancel()
             if not starting.done():  # run_until itself was cancelled while starting
-                starting.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await starting
+                await cancel_and_wait(starting)
 
     # -- status ---------------------------------------------------------------------------
 

@@ -9,13 +9,13 @@ runs a job now: an accepted submission wakes delivery instead of waiting for the
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+from onionpost.aio import cancel_and_wait
 from onionpost.errors import OnionpostError
 
 log = logging.getLogger(__name__)
@@ -117,8 +117,4 @@ class Scheduler:
         if self._scheduler.running:
             self._scheduler.shutdown(wait=False)  # also cancels the jobs' tasks
         tasks = [t for t in self._tasks if not t.done()]
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait(tasks, timeout=grace)
+        await asyncio.gather(*(cancel_and_wait(t, grace) for t in tasks))

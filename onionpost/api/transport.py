@@ -48,7 +48,9 @@ class DirectDialer:
             )
         host, _, p = target.rpartition(":")
         try:
-            return await asyncio.wait_for(asyncio.open_connection(host, int(p)), timeout)
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation
+            async with asyncio.timeout(timeout):
+                return await asyncio.open_connection(host, int(p))
         except TimeoutError as exc:
             raise PeerUnreachable("The recipient's inbox did not answer in time.") from exc
         except OSError as exc:

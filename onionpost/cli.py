@@ -665,6 +665,7 @@ def devices_add(obj: Ctx, user: str | None, as_json: bool) -> None:
     `onionpost init --join CODE`, then waits for it (a few minutes at most)."""
     from onionpost import admin
     from onionpost.clock import SystemClock
+    from onionpost.crypto.fingerprint import fingerprint
     from onionpost.joining import inbox_dialer, offer_pairing
     from onionpost.pairing import Code
 
@@ -681,6 +682,10 @@ def devices_add(obj: Ctx, user: str | None, as_json: bool) -> None:
         click.echo("On the new machine, run:\n")
         click.echo(f"  onionpost init --join {code.text()}\n")
         click.echo(_qr(code.qr_payload()))
+        click.echo(
+            f"Your identity is {fingerprint(account.uik_pk)}: the new device shows the same "
+            "when it has joined."
+        )
         click.echo(
             f"The code works once, until {_clock_time(expires)}. Waiting for the new device..."
         )

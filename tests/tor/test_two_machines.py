@@ -210,8 +210,16 @@ def test_pi_and_laptop_then_a_second_device_over_tor(
 
     # a second device joins alice's identity
     adder = subprocess.Popen(
-        [sys.executable, "-m", "onionpost", "--data-dir", str(laptop.home), "devices", "add",
-         "--json"],
+        [
+            sys.executable,
+            "-m",
+            "onionpost",
+            "--data-dir",
+            str(laptop.home),
+            "devices",
+            "add",
+            "--json",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,

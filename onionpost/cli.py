@@ -765,6 +765,65 @@ def _qr(payload: str) -> str:
     return "\n".join(lines)
 
 
+# --- backup and restore ------------------------------------------------------------------------
+
+
+def _passphrase(path: Path | None, *, confirm: bool) -> str:
+    if path is not None:
+        try:
+            return path.read_text(encoding="utf-8").rstrip("\n")
+        except OSError as exc:
+            raise UsageError(f"Cannot read the passphrase file {path}: {exc.strerror}.") from exc
+    if not sys.stdin.isatty():
+        raise UsageError("Give the passphrase with --passphrase-file (no terminal to ask on).")
+    text: str = click.prompt("Backup passphrase", hide_input=True, confirmation_prompt=confirm)
+    return text
+
+
+@cli.command()
+@click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
+@click.option(
+    "--passphrase-file",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    default=None,
+    help="Read the passphrase from this file (for scripts) instead of asking.",
+)
+@pass_ctx
+def backup(obj: Ctx, file: Path, passphrase_file: Path | None) -> None:
+    """Write one encrypted file with your keys, settings and mail (safe while the node runs)."""
+    from onionpost.backup import make_backup
+
+    report = make_backup(obj.config(), file, _passphrase(passphrase_file, confirm=True))
+    click.echo(
+        f"Backed up {report.files} files ({report.plaintext_bytes // 1024} KiB) to {file}, "
+        "encrypted with your passphrase. Keep it somewhere other than this machine; without "
+        "the passphrase nobody (you included) can open it."
+    )
+
+
+@cli.command()
+@click.argument("file", type=click.Path(path_type=Path, dir_okay=False, exists=True))
+@click.option(
+    "--passphrase-file",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    default=None,
+    help="Read the passphrase from this file (for scripts) instead of asking.",
+)
+@pass_ctx
+def restore(obj: Ctx, file: Path, passphrase_file: Path | None) -> None:
+    """Bring back a backup on a new machine (into a data directory with no identity yet)."""
+    from onionpost.backup import restore_backup
+
+    found = restore_backup(obj.config(), file, _passphrase(passphrase_file, confirm=False))
+    click.echo(f"Restored into {obj.data_dir}:")
+    for what in found:
+        click.echo(f"  {what}")
+    click.echo(
+        "Start the node with `onionpost run`. Stop the old machine for good if it still runs: "
+        "two nodes with the same address compete for it."
+    )
+
+
 # --- the demo --------------------------------------------------------------------------------
 
 

@@ -234,3 +234,21 @@ def _split_sql(sql: str) -> list[str]:
     if buf.strip():
         statements.append(buf.strip())
     return statements
+
+
+def snapshot(source: Path, target: Path) -> None:
+    """A consistent copy of a database while others write to it (SQLite's online backup),
+    created 0600; for ``onionpost backup``."""
+    _create_private(target)
+    try:
+        src = sqlite3.connect(f"file:{source}?mode=ro", uri=True, timeout=30.0)
+        try:
+            dst = sqlite3.connect(str(target))
+            try:
+                src.backup(dst)
+            finally:
+                dst.close()
+        finally:
+            src.close()
+    except sqlite3.Error as exc:
+        raise translate(exc) from exc

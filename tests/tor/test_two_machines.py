@@ -76,6 +76,7 @@ class Machine:
             text=True,
             timeout=timeout,
             stdin=subprocess.DEVNULL,
+            check=False,
         )
         out = r.stdout + r.stderr
         assert (r.returncode == 0) == ok, out
@@ -83,8 +84,8 @@ class Machine:
         return out
 
     def remember_login(self, out: str) -> None:
-        self.user = out.split("user name:")[1].split()[0]
-        self.password = out.split("password:")[1].split()[0]
+        self.user = out.split("user name:")[1].split(maxsplit=1)[0]
+        self.password = out.split("password:")[1].split(maxsplit=1)[0]
 
     def start(self) -> None:
         status = self.home / "run" / "status.json"
@@ -271,7 +272,7 @@ def test_pi_and_laptop_then_a_second_device_over_tor(
         stored = b"".join(
             v if isinstance(v, bytes) else str(v).encode()
             for table in ("sealed", "outbox", "mailboxes", "devices")
-            for row in db.execute(f"SELECT * FROM {table}")  # noqa: S608
+            for row in db.execute(f"SELECT * FROM {table}")
             for v in row
         )
     finally:

@@ -25,7 +25,7 @@ from onionpost.config import Config
 from onionpost.crypto.fingerprint import fingerprint, safety_number
 from onionpost.crypto.keys import DeviceEntry, DeviceList
 from onionpost.errors import NotInitialized, OnionpostError, UsageError
-from onionpost.keystore import AccountFiles, KeyStore
+from onionpost.keystore import ROTATE_REQUEST, AccountFiles, KeyStore, ensure_private_dir
 from onionpost.pairing import Code
 from onionpost.store import DEVICE_COMPONENTS, INBOX_COMPONENTS
 from onionpost.store.contacts import Contact, ContactStore
@@ -373,6 +373,90 @@ async def _seen_over_tor(local: Local, account: Account) -> dict[bytes, int]:
             dialer, account.address.onion, port=local.config.tor.onion_port, isolation="enrol"
         )
         return await session_for(account, client).devices_seen()
+
+
+# --- keys ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeyRow:
+    what: str
+    detail: str
+    created_at: int | None
+    next_at: int | None
+
+
+def key_rows(local: Local, user: str | None = None) -> list[KeyRow]:
+    """This machine's keys, their ages and when each rotates next (the node rotates them)."""
+    from onionpost.crypto.fingerprint import fingerprint
+    from onionpost.keylife import last_signing_rotation
+
+    cfg = local.config.keys
+    day = 86_400
+    rows: list[KeyRow] = []
+    users = local.files.users()
+    for name in [user] if user else users:
+        account = local.account(name)
+        who = f"{account.address.local}: "
+        if account.identity is not None:
+            rows.append(
+                KeyRow(
+                    who + "identity key (held here)",
+                    fingerprint(account.uik_pk),
+                    account.identity.created_at,
+                    None,
+                )
+            )
+        else:
+            rows.append(KeyRow(who + "identity key", "not on this device", None, None))
+        dev = account.device
+        last = last_signing_rotation(account)
+        rows.append(
+            KeyRow(
+                who + f"device signing key #{dev.dsk_seq}",
+                dev.name,
+                last,
+                last + cfg.device_key_rotation_days * day,
+            )
+        )
+        current = dev.current_prekey()
+        rows.append(
+            KeyRow(
+                who + f"prekey {current.spk_id}",
+                f"{len(dev.prekeys) - 1} retired kept",
+                current.created_at,
+                current.created_at + cfg.prekey_rotation_days * day,
+            )
+        )
+        rows.append(
+            KeyRow(
+                who + "server binding",
+                f"server key {account.binding.sek_id}",
+                account.binding.issued_at,
+                account.binding.not_after - 30 * day,
+            )
+        )
+    if local.keys.has_server():
+        secrets = local.keys.load_server()
+        sek = secrets.current()
+        rows.append(
+            KeyRow(
+                f"inbox: server envelope key {sek.sek_id}",
+                f"{len(secrets.server_keys) - 1} retired kept",
+                sek.created_at,
+                sek.created_at + cfg.server_key_rotation_days * day,
+            )
+        )
+    return rows
+
+
+def request_rotation(local: Local) -> bool:
+    """Ask the running node to rotate every key now; False if no node runs."""
+    if running_node(local.config.data_dir) is None:
+        return False
+    path = ensure_private_dir(local.config.data_dir / "run") / ROTATE_REQUEST
+    path.write_bytes(b"")
+    return poke(local.config.data_dir)
 
 
 # --- invites ------------------------------------------------------------------------------------

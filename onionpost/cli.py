@@ -765,6 +765,55 @@ def _qr(payload: str) -> str:
     return "\n".join(lines)
 
 
+# --- keys ---------------------------------------------------------------------------------------
+
+
+@cli.group(invoke_without_command=True)
+@click.option("--user", default=None, help="Whose keys (default: everyone's on this machine).")
+@click.pass_context
+def keys(ctx: click.Context, user: str | None) -> None:
+    """This machine's keys, their ages and next rotation (see also: keys rotate)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from onionpost import admin
+
+    obj: Ctx = ctx.obj
+    now = time.time()
+    with admin.opened(obj.config()) as local:
+        rows = admin.key_rows(local, user)
+    if not rows:
+        raise NotInitialized()
+    click.echo(f"{'KEY':<44} {'AGE':>5}  {'NEXT':>8}  DETAIL")
+    for r in rows:
+        age = _age(now - r.created_at) if r.created_at else "-"
+        if r.next_at is None:
+            nxt = "-"
+        elif r.next_at <= now:
+            nxt = "due"
+        else:
+            nxt = "in " + _age(r.next_at - now)
+        click.echo(f"{r.what:<44} {age:>5}  {nxt:>8}  {r.detail}")
+    click.echo(
+        "The running node rotates keys when they are due; `onionpost keys rotate` does it now."
+    )
+
+
+@keys.command("rotate")
+@pass_ctx
+def keys_rotate(obj: Ctx) -> None:
+    """Rotate every key of this machine now (the running node does it and publishes them)."""
+    from onionpost import admin
+
+    with admin.opened(obj.config()) as local:
+        asked = admin.request_rotation(local)
+    if not asked:
+        raise UsageError(
+            "The node is not running; keys are rotated by the node. Start it (`onionpost run`) "
+            "and run this again."
+        )
+    click.echo("The node rotates every key now and publishes them; `onionpost keys` shows them.")
+
+
 # --- backup and restore ------------------------------------------------------------------------
 
 

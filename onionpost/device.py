@@ -119,9 +119,11 @@ class Device:
         *,
         server_key: ServerKey | None,
         rng: RandomSource = system_random,
+        force: bool = False,
     ) -> list[str]:
-        """Rotate due keys, save them, publish; returns what changed (for the log)."""
-        rot = rotate_device(self.account, now, cfg, rng=rng)
+        """Rotate due keys (all of them with ``force``), save them, publish; returns what
+        changed (for the log)."""
+        rot = rotate_device(self.account, now, cfg, rng=rng, force_signing=force)
         binding = self.account.binding
         if (
             server_key is not None

@@ -27,6 +27,9 @@ from onionpost.crypto.keys import (
 from onionpost.errors import DataDirError, NotInitialized, OnionpostError
 
 T = TypeVar("T")
+#: Left in <data>/run by `onionpost keys rotate` before it pokes the running node, which owns
+#: the key files while it runs (a second writer could lose a rotated key).
+ROTATE_REQUEST = "rotate-keys"
 _USER_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
 

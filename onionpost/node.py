@@ -39,7 +39,13 @@ from onionpost.errors import (
 )
 from onionpost.inbox import Inbox
 from onionpost.keylife import rotate_server
-from onionpost.keystore import AccountFiles, KeyStore, ensure_private_dir, write_private
+from onionpost.keystore import (
+    ROTATE_REQUEST,
+    AccountFiles,
+    KeyStore,
+    ensure_private_dir,
+    write_private,
+)
 from onionpost.retry import RetryPolicy
 from onionpost.scheduler import Scheduler
 from onionpost.store import DEVICE_COMPONENTS, INBOX_COMPONENTS
@@ -289,8 +295,9 @@ class Node:
                 except OnionpostError as exc:
                     log.info("could not check the outbox for %s: %s", device.address, exc)
 
-    async def maintain_keys(self) -> None:
-        """Rotate what is due, save it, then publish (publishing is idempotent)."""
+    async def maintain_keys(self, *, force: bool = False) -> None:
+        """Rotate what is due (everything, with ``force``: `onionpost keys rotate`), save it,
+        then publish (publishing is idempotent)."""
         now = self.clock.now()
         cfg = self.config.keys
         if self.inbox is not None:
@@ -302,13 +309,14 @@ class Node:
                 + self.config.delivery.lifetime_seconds
                 + 30 * 86_400,
                 rng=self.rng,
+                force=force,
             )
             self.keys.save_server(self.inbox.secrets)
             if new is not None:
                 log.info("server envelope key rotated")
         for device in list(self.devices.values()):
             sek = self.inbox.secrets.current() if self.inbox is not None else None
-            await device.maintain_keys(now, cfg, server_key=sek, rng=self.rng)
+            await device.maintain_keys(now, cfg, server_key=sek, rng=self.rng, force=force)
 
     async def prune(self) -> None:
         now = self.clock.now()
@@ -393,8 +401,21 @@ class Node:
         """Look at the queues now, and pick up users added by the CLI (SIGUSR1)."""
         for job in ("seal", "deliver", "outcomes"):
             self.scheduler.wake(job)
+        request = self.config.data_dir / "run" / ROTATE_REQUEST
+        if request.exists():
+            request.unlink(missing_ok=True)
+            log.info("rotating every key now, as asked (onionpost keys rotate)")
+            self._tasks.append(
+                asyncio.get_running_loop().create_task(self._rotate_now(), name="rotate")
+            )
         if self.has_gateway and self.mailbox is not None:
             self._tasks.append(asyncio.get_running_loop().create_task(self._add_new_users()))
+
+    async def _rotate_now(self) -> None:
+        try:
+            await self.maintain_keys(force=True)
+        except OnionpostError as exc:
+            log.warning("rotating the keys did not complete: %s", exc)
 
     async def _add_new_users(self) -> None:
         files = AccountFiles(self.keys)

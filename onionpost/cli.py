@@ -765,6 +765,27 @@ def _qr(payload: str) -> str:
     return "\n".join(lines)
 
 
+# --- doctor -------------------------------------------------------------------------------------
+
+
+@cli.command()
+@pass_ctx
+def doctor(obj: Ctx) -> None:
+    """Check what can go wrong (tor, the onion, ports, permissions, clock, disk, a second
+    node) and say what to do about each problem."""
+    from onionpost.doctor import examine
+
+    findings = asyncio.run(examine(obj.config()))
+    for f in findings:
+        click.echo(f"{'ok ' if f.ok else '!! '} {f.check:<14} {f.detail}")
+        if not f.ok and f.fix:
+            click.echo(f"{'':<4}{'':<14} -> {f.fix}")
+    problems = sum(not f.ok for f in findings)
+    if problems:
+        _fail(f"{problems} problem(s) found; see above.")
+    click.echo("Everything checked is fine.")
+
+
 # --- keys ---------------------------------------------------------------------------------------
 
 

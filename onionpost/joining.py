@@ -49,7 +49,8 @@ POLL_SECONDS = 1.0
 # --- reaching the inbox --------------------------------------------------------------------
 
 
-def _running_status(config: Config) -> dict[str, object] | None:
+def running_status(config: Config) -> dict[str, object] | None:
+    """The running node's status file, if a node runs for this data directory."""
     try:
         info = json.loads((config.data_dir / "run" / "status.json").read_text())
     except (OSError, ValueError):
@@ -74,7 +75,7 @@ async def inbox_dialer(
     SOCKS port, or (no node runs) a tor started for this command alone."""
     clock = clock or SystemClock()
     direct = DirectDialer(config.tor.static_routes)
-    info = _running_status(config)
+    info = running_status(config)
     if info is not None:
         api_port, tor = info.get("api_port"), info.get("tor")
         if own_onion and isinstance(api_port, int) and api_port > 0:

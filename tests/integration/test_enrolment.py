@@ -54,8 +54,9 @@ async def acli(home: Path, *args: str) -> tuple[int, str]:
 
 
 def write_config(home: Path, text: str) -> None:
-    home.mkdir(parents=True, exist_ok=True)
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
     (home / "onionpost.toml").write_text(text)
+    (home / "onionpost.toml").chmod(0o600)  # it may hold a tor control password
 
 
 def tor_off(routes: dict[str, int], inbox: str = "") -> str:

@@ -186,6 +186,8 @@ def test_pi_and_laptop_then_a_second_device_over_tor(
     harry.remember_login(harry.cli("init", "--user", "harry", "--device-name", "desk"))
     harry.start()
 
+    # the doctor reaches the Pi's onion through a circuit of its own
+    assert "answers through a separate circuit" in pi.cli("doctor")
     invite = json.loads(pi.cli("users", "invite", "alice", "--json"))
     laptop = machines("laptop")
     out = laptop.cli("init", "--invite", invite["code"], "--device-name", "laptop")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import signal
 import time
@@ -101,15 +100,9 @@ def opened(config: Config) -> Iterator[Local]:
 
 def running_node(data_dir: Path) -> dict[str, object] | None:
     """The running node's status, or None when no node runs for this data directory."""
-    try:
-        info = json.loads((data_dir / "run" / "status.json").read_text())
-        pid = int(info.get("pid", 0))
-        os.kill(pid, 0)
-    except (OSError, ValueError, TypeError):
-        return None
-    if time.time() - float(info.get("updated_at", 0)) > 30:
-        return None
-    return dict(info)
+    from onionpost.joining import running_status
+
+    return running_status(data_dir)
 
 
 def poke(data_dir: Path) -> bool:

@@ -202,7 +202,7 @@ async def examine(config: Config) -> list[Finding]:
                 "onionpost init (or init --invite CODE / --join CODE)",
             )
         ]
-    info = running_status(config)
+    info = running_status(config.data_dir)
 
     async def now(finding: Callable[[], Finding]) -> Finding:
         return finding()

@@ -14,7 +14,9 @@ import contextlib
 import json
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import TypeVar
 
 from onionpost.account import Account, create_identity
@@ -49,22 +51,22 @@ POLL_SECONDS = 1.0
 # --- reaching the inbox --------------------------------------------------------------------
 
 
-def running_status(config: Config) -> dict[str, object] | None:
-    """The running node's status file, if a node runs for this data directory."""
+def running_status(data_dir: Path) -> dict[str, object] | None:
+    """The running node's status (``run/status.json``), or None when no node runs for this
+    data directory: the file must name a live process and have been written recently."""
     try:
-        info = json.loads((config.data_dir / "run" / "status.json").read_text())
-    except (OSError, ValueError):
-        return None
-    pid = info.get("pid")
-    if not isinstance(pid, int) or pid <= 0:
-        return None
-    try:
+        info = json.loads((data_dir / "run" / "status.json").read_text())
+        pid = int(info.get("pid", 0))
+        if pid <= 0:
+            return None
         os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
     except PermissionError:
-        pass
-    return info if isinstance(info, dict) else None
+        pass  # alive, but another user's (the service user's) process
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+    if not isinstance(info, dict) or time.time() - float(info.get("updated_at", 0)) > 30:
+        return None
+    return info
 
 
 @contextlib.asynccontextmanager
@@ -75,7 +77,7 @@ async def inbox_dialer(
     SOCKS port, or (no node runs) a tor started for this command alone."""
     clock = clock or SystemClock()
     direct = DirectDialer(config.tor.static_routes)
-    info = running_status(config)
+    info = running_status(config.data_dir)
     if info is not None:
         api_port, tor = info.get("api_port"), info.get("tor")
         if own_onion and isinstance(api_port, int) and api_port > 0:

@@ -270,7 +270,8 @@ async def change_devices(
 ) -> Account:
     """Sign a new device list with ``change`` and publish it to the inbox *now*: straight
     into the inbox database when this machine runs the inbox, else over tor."""
-    from onionpost.joining import inbox_dialer, latest_device_list, session_for
+    from onionpost.device import device_session
+    from onionpost.joining import inbox_dialer, latest_device_list
 
     account = local.account(user)
     if account.identity is None:
@@ -292,7 +293,9 @@ async def change_devices(
             )
             account.device_list = await latest_device_list(account, client)
             change(account)
-            await session_for(account, client).publish(KeyUpdate(device_list=account.device_list))
+            await device_session(account, client).publish(
+                KeyUpdate(device_list=account.device_list)
+            )
     local.files.save(account)
     poke(local.config.data_dir)
     return account
@@ -359,13 +362,14 @@ def device_views(local: Local, user: str | None = None) -> tuple[Account, list[D
 
 
 async def _seen_over_tor(local: Local, account: Account) -> dict[bytes, int]:
-    from onionpost.joining import inbox_dialer, session_for
+    from onionpost.device import device_session
+    from onionpost.joining import inbox_dialer
 
     async with asyncio.timeout(60), inbox_dialer(local.config, say=lambda _: None) as dialer:
         client = InboxClient(
             dialer, account.address.onion, port=local.config.tor.onion_port, isolation="enrol"
         )
-        return await session_for(account, client).devices_seen()
+        return await device_session(account, client).devices_seen()
 
 
 # --- keys ---------------------------------------------------------------------------------------

@@ -838,6 +838,14 @@ def keys_rotate(obj: Ctx) -> None:
 # --- backup and restore ------------------------------------------------------------------------
 
 
+_PASSPHRASE_FILE = click.option(
+    "--passphrase-file",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    default=None,
+    help="Read the passphrase from this file (for scripts) instead of asking.",
+)
+
+
 def _passphrase(path: Path | None, *, confirm: bool) -> str:
     if path is not None:
         try:
@@ -852,12 +860,7 @@ def _passphrase(path: Path | None, *, confirm: bool) -> str:
 
 @cli.command()
 @click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
-@click.option(
-    "--passphrase-file",
-    type=click.Path(path_type=Path, dir_okay=False, exists=True),
-    default=None,
-    help="Read the passphrase from this file (for scripts) instead of asking.",
-)
+@_PASSPHRASE_FILE
 @pass_ctx
 def backup(obj: Ctx, file: Path, passphrase_file: Path | None) -> None:
     """Write one encrypted file with your keys, settings and mail (safe while the node runs)."""
@@ -873,12 +876,7 @@ def backup(obj: Ctx, file: Path, passphrase_file: Path | None) -> None:
 
 @cli.command()
 @click.argument("file", type=click.Path(path_type=Path, dir_okay=False, exists=True))
-@click.option(
-    "--passphrase-file",
-    type=click.Path(path_type=Path, dir_okay=False, exists=True),
-    default=None,
-    help="Read the passphrase from this file (for scripts) instead of asking.",
-)
+@_PASSPHRASE_FILE
 @pass_ctx
 def restore(obj: Ctx, file: Path, passphrase_file: Path | None) -> None:
     """Bring back a backup on a new machine (into a data directory with no identity yet)."""

@@ -36,6 +36,20 @@ from onionpost.wire import KeyUpdate
 log = logging.getLogger(__name__)
 
 
+def device_session(account: Account, client: InboxClient) -> DeviceSession:
+    """This device's session with its inbox: logs in with the device key and its chain."""
+    return DeviceSession(
+        client,
+        mailbox_id=account.mailbox_id,
+        device_id=account.device.device_id,
+        sign=account.sign,
+        login_message=lambda ch: login_message(
+            account.onion_pk, account.mailbox_id, account.device.device_id, ch
+        ),
+        rotations=lambda: [r.encode() for r in account.device.chain],
+    )
+
+
 class Device:
     def __init__(
         self,
@@ -59,16 +73,7 @@ class Device:
         self.client = InboxClient(
             dialer, own.onion, port=config.tor.onion_port, isolation=f"own:{own.onion}"
         )
-        self.session = DeviceSession(
-            self.client,
-            mailbox_id=account.mailbox_id,
-            device_id=account.device.device_id,
-            sign=account.sign,
-            login_message=lambda ch: login_message(
-                account.onion_pk, account.mailbox_id, account.device.device_id, ch
-            ),
-            rotations=lambda: [r.encode() for r in account.device.chain],
-        )
+        self.session = device_session(account, self.client)
         self.directory = Directory(
             contacts,
             dialer,

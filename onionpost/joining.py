@@ -20,13 +20,14 @@ from pathlib import Path
 from typing import TypeVar
 
 from onionpost.account import Account, create_identity
-from onionpost.api.client import DeviceSession, InboxClient
+from onionpost.api.client import InboxClient
 from onionpost.api.transport import Dialer, DirectDialer
 from onionpost.clock import Clock, SystemClock
 from onionpost.config import Config
 from onionpost.crypto.bundle import KeyBundle
 from onionpost.crypto.keys import DeviceEntry, DeviceList, DeviceSecrets, IdentitySecrets
 from onionpost.crypto.primitives import RandomSource, ed25519_public, system_random
+from onionpost.device import device_session
 from onionpost.errors import (
     CodeRefused,
     OnionpostError,
@@ -34,7 +35,6 @@ from onionpost.errors import (
     PeerUnreachable,
     UsageError,
 )
-from onionpost.inbox import login_message
 from onionpost.keylife import prekey_lifetime
 from onionpost.pairing import Code, Joiner, JoinGrant, JoinRequest, Offer
 from onionpost.tor import SocksEndpoint, TorDialer, TorRuntime
@@ -216,19 +216,6 @@ async def redeem_invite(
 # --- pairing: the existing device ------------------------------------------------------------
 
 
-def session_for(account: Account, client: InboxClient) -> DeviceSession:
-    return DeviceSession(
-        client,
-        mailbox_id=account.mailbox_id,
-        device_id=account.device.device_id,
-        sign=account.sign,
-        login_message=lambda ch: login_message(
-            account.onion_pk, account.mailbox_id, account.device.device_id, ch
-        ),
-        rotations=lambda: [r.encode() for r in account.device.chain],
-    )
-
-
 async def latest_device_list(account: Account, client: InboxClient) -> DeviceList:
     """The person's device list as their inbox publishes it (never older than ours)."""
     bundle = KeyBundle.parse(await client.bundle(account.local))
@@ -257,7 +244,7 @@ async def offer_pairing(
             "`onionpost devices add` on one of your devices that does."
         )
     client = _client(config, dialer, account.address.onion)
-    session = session_for(account, client)
+    session = device_session(account, client)
     account.device_list = await retrying(
         "read your device list",
         lambda: latest_device_list(account, client),

@@ -211,8 +211,9 @@ class ContactView:
 
 
 def contacts(local: Local, user: str | None = None) -> list[ContactView]:
+    """``user``'s contacts (each person on a node has their own address book)."""
     me = local.account(user)
-    store = ContactStore(local.device_db())
+    store = ContactStore(local.device_db(), me.local)
     return [
         ContactView(c, fingerprint(c.uik_pk), safety_number(me.uik_pk, c.uik_pk))
         for c in store.all()
@@ -229,20 +230,27 @@ def contact(local: Local, address: str, user: str | None = None) -> ContactView:
 
 
 def set_contact(
-    local: Local, address: str, *, verified: bool | None = None, blocked: bool | None = None
+    local: Local,
+    address: str,
+    *,
+    verified: bool | None = None,
+    blocked: bool | None = None,
+    user: str | None = None,
 ) -> None:
     key = str(Address.parse(address))
-    if not ContactStore(local.device_db()).set_flags(key, verified=verified, blocked=blocked):
+    store = ContactStore(local.device_db(), local.account(user).local)
+    if not store.set_flags(key, verified=verified, blocked=blocked):
         raise UsageError(f"{key} is not among your contacts yet.")
 
 
-def identity_changes(local: Local) -> list[tuple[str, bytes, bytes, int]]:
-    return ContactStore(local.device_db()).pending_identity_changes()
+def identity_changes(local: Local, user: str | None = None) -> list[tuple[str, bytes, bytes, int]]:
+    return ContactStore(local.device_db(), local.account(user).local).pending_identity_changes()
 
 
-def accept_identity(local: Local, address: str) -> None:
+def accept_identity(local: Local, address: str, user: str | None = None) -> None:
     key = str(Address.parse(address))
-    if not ContactStore(local.device_db()).accept_identity(key, int(time.time())):
+    store = ContactStore(local.device_db(), local.account(user).local)
+    if not store.accept_identity(key, int(time.time())):
         raise UsageError(f"{key} has no unconfirmed identity change.")
 
 

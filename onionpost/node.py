@@ -79,7 +79,6 @@ class Node:
         self.tor: TorRuntime | None = None
         self.devices: dict[str, Device] = {}
         self.mailbox: MailboxStore | None = None
-        self.contacts: ContactStore | None = None
         self.submissions: Submissions | None = None
         self.device_db: Database | None = None
         self.gateway_ports: dict[str, int] = {}
@@ -242,7 +241,6 @@ class Node:
         db = self._open(cfg.data_dir / "device.db", DEVICE_COMPONENTS)
         self.device_db = db
         self.mailbox = MailboxStore(db)
-        self.contacts = ContactStore(db)
         for local in users:
             await self._start_device(files, local)
         self.submissions = Submissions(
@@ -318,25 +316,27 @@ class Node:
             self.submissions.store.purge(now - 30 * 86_400)
 
     async def refresh_contacts(self) -> None:
-        """Keep cached bundles fresh, so sealing works offline with recent keys."""
-        if self.contacts is None or not self.devices:
-            return
-        device = next(iter(self.devices.values()))
+        """Keep cached bundles fresh, so sealing works offline with recent keys.
+
+        Each user's contacts through that user's own device: the address books are separate
+        (a contact one person blocked is still refreshed for another), and a bundle is
+        checked against the pin of the person who will seal with it."""
         now = self.clock.now()
-        for contact in self.contacts.all():
-            age = now - (contact.bundle_fetched_at or 0)
-            if contact.blocked or age < self.config.delivery.bundle_refresh_seconds:
-                continue
-            with contextlib.suppress(OnionpostError):
-                await device.directory.resolve(Address.parse(contact.address), now=now)
+        for device in list(self.devices.values()):
+            for contact in device.contacts.all():
+                age = now - (contact.bundle_fetched_at or 0)
+                if contact.blocked or age < self.config.delivery.bundle_refresh_seconds:
+                    continue
+                with contextlib.suppress(OnionpostError):
+                    await device.directory.resolve(Address.parse(contact.address), now=now)
 
     async def _start_device(self, files: AccountFiles, local: str) -> None:
-        assert self.mailbox is not None and self.contacts is not None
+        assert self.mailbox is not None and self.device_db is not None
         device = Device(
             files.load(local),
             config=self.config,
             mailbox=self.mailbox,
-            contacts=self.contacts,
+            contacts=ContactStore(self.device_db, local),
             accounts=files,
             dialer=self.dialer,
             clock=self.clock,
@@ -392,7 +392,7 @@ class Node:
     async def _add_new_users(self) -> None:
         files = AccountFiles(self.keys)
         for local in files.users():
-            if local not in self.devices and self.mailbox and self.contacts:
+            if local not in self.devices and self.mailbox is not None:
                 await self._start_device(files, local)
                 log.info("new user %s is served now", local)
 

@@ -122,10 +122,13 @@ def poke(data_dir: Path) -> bool:
 # --- queue --------------------------------------------------------------------------------------
 
 
-def queue(local: Local) -> list[QueueItem]:
+def queue(local: Local, user: str | None = None) -> list[QueueItem]:
+    """Mail waiting to go out: ``user``'s, or everyone's on this node when ``user`` is None
+    (the queue is the node's; the USER column tells whose each item is)."""
+    only = local.account(user) if user is not None else None
     items: list[QueueItem] = []
     subs = SubmissionStore(local.device_db())
-    for r in subs.listing():
+    for r in subs.listing(only.local if only else None):
         if r.state == "pending":
             items.append(
                 QueueItem(
@@ -143,7 +146,7 @@ def queue(local: Local) -> list[QueueItem]:
     db = local.inbox_db()
     if db is not None:
         users = {a.mailbox_id: a.local for a in (local.files.load(u) for u in local.files.users())}
-        for row in OutboxStore(db).rows():
+        for row in OutboxStore(db).rows(mailbox_id=only.mailbox_id if only else None):
             items.append(
                 QueueItem(
                     f"o{row.id}",
@@ -170,33 +173,44 @@ def _parse_id(item: str) -> tuple[str, int]:
     return kind, int(number)
 
 
-def queue_retry(local: Local, item: str | None) -> int:
+def queue_retry(local: Local, item: str | None, user: str | None = None) -> int:
+    """Make one item, or every item (``user``'s only, when given), due now."""
+    only = local.account(user) if user is not None else None
     now = int(time.time())
     n = 0
     if item is None or item[:1].lower() == "s":
         sid = _parse_id(item)[1] if item else None
-        n += SubmissionStore(local.device_db()).retry_now(now, sid)
+        n += SubmissionStore(local.device_db()).retry_now(
+            now, sid, user=only.local if only else None
+        )
     if item is None or item[:1].lower() == "o":
         db = local.inbox_db()
         if db is not None:
             oid = _parse_id(item)[1] if item else None
-            n += OutboxStore(db).retry_now(now, oid)
+            n += OutboxStore(db).retry_now(now, oid, mailbox_id=only.mailbox_id if only else None)
     if item is not None and n == 0:
-        raise UsageError(f"Nothing to retry for '{item}': it is not waiting in the queue.")
+        whose = f"{only.local}'s queue" if only else "the queue"
+        raise UsageError(f"Nothing to retry for '{item}': it is not waiting in {whose}.")
     poke(local.config.data_dir)
     return n
 
 
-def queue_cancel(local: Local, item: str) -> None:
+def queue_cancel(local: Local, item: str, user: str | None = None) -> None:
+    """Withdraw one item; with ``user``, only if it is that user's mail."""
+    only = local.account(user) if user is not None else None
     kind, number = _parse_id(item)
     if kind == "s":
-        done = SubmissionStore(local.device_db()).cancel(number) > 0
+        store = SubmissionStore(local.device_db())
+        done = store.cancel(number, user=only.local if only else None) > 0
     else:
         db = local.inbox_db()
-        done = db is not None and OutboxStore(db).cancel(number, now=int(time.time()))
+        done = db is not None and OutboxStore(db).cancel(
+            number, now=int(time.time()), mailbox_id=only.mailbox_id if only else None
+        )
     if not done:
+        whose = f" in {only.local}'s queue" if only else ""
         raise UsageError(
-            f"'{item}' cannot be cancelled: it is not waiting (it may have been delivered)."
+            f"'{item}' cannot be cancelled: it is not waiting{whose} (it may have been delivered)."
         )
 
 

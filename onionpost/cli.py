@@ -296,9 +296,28 @@ def _age(seconds: float) -> str:
     return f"{seconds // 86400}d"
 
 
+def _user_option(help_text: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--user NAME`` for commands about one person's mail, keys or contacts."""
+    return click.option("--user", default=None, metavar="NAME", help=help_text)
+
+
+_WHOSE = "Whose (needed when this node has several users)."
+
+
+def _group_user(user: str | None) -> str | None:
+    """A subcommand's --user, else its group's: `contacts --user ben show X` works like
+    `contacts show --user ben X`."""
+    if user is not None:
+        return user
+    parent = click.get_current_context().parent
+    value = parent.params.get("user") if parent is not None else None
+    return value if isinstance(value, str) else None
+
+
 @cli.group(invoke_without_command=True)
+@_user_option("Only this user's mail (default: everyone's on this node).")
 @click.pass_context
-def queue(ctx: click.Context) -> None:
+def queue(ctx: click.Context, user: str | None) -> None:
     """List mail waiting to be delivered (see also: queue retry, queue cancel)."""
     if ctx.invoked_subcommand is not None:
         return
@@ -306,20 +325,29 @@ def queue(ctx: click.Context) -> None:
 
     obj: Ctx = ctx.obj
     with admin.opened(obj.config()) as local:
-        items = admin.queue(local)
+        items = admin.queue(local, user)
+        several = user is None and len(local.files.users()) > 1
     if not items:
         click.echo("The queue is empty: everything was delivered.")
         return
     now = time.time()
-    click.echo(f"{'ID':<7} {'RECIPIENT':<40} {'AGE':>5} {'TRIES':>5} {'NEXT':>5}  STATUS")
+    who = {i.user for i in items}
+    width = max(4, *(len(u) for u in who)) if several else 0
+
+    def col(text: str) -> str:
+        return f"{text:<{width}} " if several else ""
+
+    click.echo(
+        f"{'ID':<7} {col('USER')}{'RECIPIENT':<40} {'AGE':>5} {'TRIES':>5} {'NEXT':>5}  STATUS"
+    )
     for i in items:
         short = (
             i.recipient if len(i.recipient) <= 40 else i.recipient[:18] + "…" + i.recipient[-21:]
         )
         nxt = "now" if i.next_attempt_at <= now else _age(i.next_attempt_at - now)
         click.echo(
-            f"{i.id:<7} {short:<40} {_age(now - i.created_at):>5} {i.attempts:>5} {nxt:>5}  "
-            f"{i.stage}"
+            f"{i.id:<7} {col(i.user)}{short:<40} {_age(now - i.created_at):>5} "
+            f"{i.attempts:>5} {nxt:>5}  {i.stage}"
         )
         if i.last_error:
             click.echo(f"{'':<7} last error: {i.last_error}")
@@ -327,25 +355,27 @@ def queue(ctx: click.Context) -> None:
 
 @queue.command("retry")
 @click.argument("item", required=False)
+@_user_option("Only this user's mail (default: everyone's on this node).")
 @pass_ctx
-def queue_retry(obj: Ctx, item: str | None) -> None:
+def queue_retry(obj: Ctx, item: str | None, user: str | None) -> None:
     """Try again now: one message (ID from `onionpost queue`) or everything."""
     from onionpost import admin
 
     with admin.opened(obj.config()) as local:
-        n = admin.queue_retry(local, item)
+        n = admin.queue_retry(local, item, _group_user(user))
     click.echo(f"{n} queued delivery(ies) will be tried now.")
 
 
 @queue.command("cancel")
 @click.argument("item")
+@_user_option("Only if it is this user's mail (IDs are unique on the node).")
 @pass_ctx
-def queue_cancel(obj: Ctx, item: str) -> None:
+def queue_cancel(obj: Ctx, item: str, user: str | None) -> None:
     """Withdraw a message that has not been delivered yet."""
     from onionpost import admin
 
     with admin.opened(obj.config()) as local:
-        admin.queue_cancel(local, item)
+        admin.queue_cancel(local, item, _group_user(user))
     click.echo(f"{item} was withdrawn; it will not be delivered.")
 
 
@@ -399,17 +429,20 @@ def send(
 
 
 @cli.group(invoke_without_command=True)
+@_user_option(_WHOSE)
 @click.pass_context
-def contacts(ctx: click.Context) -> None:
-    """People you have exchanged mail with, their identity fingerprints and safety numbers."""
+def contacts(ctx: click.Context, user: str | None) -> None:
+    """People you have exchanged mail with, their identity fingerprints and safety numbers.
+
+    Every person on a node has their own contacts; say whose with --user."""
     if ctx.invoked_subcommand is not None:
         return
     from onionpost import admin
 
     obj: Ctx = ctx.obj
     with admin.opened(obj.config()) as local:
-        views = admin.contacts(local)
-        changes = admin.identity_changes(local)
+        views = admin.contacts(local, user)
+        changes = admin.identity_changes(local, user)
     if not views:
         click.echo("No contacts yet.")
     for v in views:
@@ -421,19 +454,20 @@ def contacts(ctx: click.Context) -> None:
         click.echo(
             f"WARNING: {address} now presents a DIFFERENT identity key. Mail from and to it "
             "is refused until you compare safety numbers and run "
-            f"`onionpost contacts trust {address}`."
+            f"`onionpost contacts trust {address}`" + (f" --user {user}." if user else ".")
         )
 
 
 @contacts.command("show")
 @click.argument("address")
+@_user_option(_WHOSE)
 @pass_ctx
-def contacts_show(obj: Ctx, address: str) -> None:
+def contacts_show(obj: Ctx, address: str, user: str | None) -> None:
     """Show a contact's fingerprint and the safety number to compare with them."""
     from onionpost import admin
 
     with admin.opened(obj.config()) as local:
-        v = admin.contact(local, address)
+        v = admin.contact(local, address, _group_user(user))
     c = v.contact
     click.echo(f"address:        {c.address}")
     click.echo(f"identity:       {v.fingerprint}")
@@ -448,43 +482,47 @@ def contacts_show(obj: Ctx, address: str) -> None:
 
 @contacts.command("verify")
 @click.argument("address")
+@_user_option(_WHOSE)
 @pass_ctx
-def contacts_verify(obj: Ctx, address: str) -> None:
+def contacts_verify(obj: Ctx, address: str, user: str | None) -> None:
     """Record that you compared safety numbers with this contact."""
     from onionpost import admin
 
     with admin.opened(obj.config()) as local:
-        admin.set_contact(local, address, verified=True)
+        admin.set_contact(local, address, verified=True, user=_group_user(user))
     click.echo(f"{address} is marked as verified.")
 
 
 @contacts.command("block")
 @click.argument("address")
+@_user_option(_WHOSE)
 @pass_ctx
-def contacts_block(obj: Ctx, address: str) -> None:
+def contacts_block(obj: Ctx, address: str, user: str | None) -> None:
     """Stop refreshing this contact's keys and mark them blocked."""
     from onionpost import admin
 
     with admin.opened(obj.config()) as local:
-        admin.set_contact(local, address, blocked=True)
+        admin.set_contact(local, address, blocked=True, user=_group_user(user))
     click.echo(f"{address} is blocked.")
 
 
 @contacts.command("trust")
 @click.argument("address")
+@_user_option(_WHOSE)
 @pass_ctx
-def contacts_trust(obj: Ctx, address: str) -> None:
+def contacts_trust(obj: Ctx, address: str, user: str | None) -> None:
     """Accept a contact's NEW identity key (only after comparing safety numbers)."""
     from onionpost import admin
 
     with admin.opened(obj.config()) as local:
-        admin.accept_identity(local, address)
+        admin.accept_identity(local, address, _group_user(user))
     click.echo(f"The old key of {address} is forgotten; the next message pins the new one.")
 
 
 @cli.group(invoke_without_command=True)
+@_user_option(_WHOSE)
 @click.pass_context
-def devices(ctx: click.Context) -> None:
+def devices(ctx: click.Context, user: str | None) -> None:
     """Your devices: which hold keys for your mail (see also: devices revoke)."""
     if ctx.invoked_subcommand is not None:
         return
@@ -492,7 +530,7 @@ def devices(ctx: click.Context) -> None:
 
     obj: Ctx = ctx.obj
     with admin.opened(obj.config()) as local:
-        account = local.account(None)
+        account = local.account(user)
     dl = account.device_list
     click.echo(f"device list version {dl.version}")
     for d in dl.devices:
@@ -505,13 +543,14 @@ def devices(ctx: click.Context) -> None:
 
 @devices.command("revoke")
 @click.argument("device")
+@_user_option(_WHOSE)
 @pass_ctx
-def devices_revoke(obj: Ctx, device: str) -> None:
+def devices_revoke(obj: Ctx, device: str, user: str | None) -> None:
     """Revoke a lost or stolen device: its inbox refuses it at once and drops its mail."""
     from onionpost import admin
 
     with admin.opened(obj.config()) as local:
-        account = admin.revoke(local, device)
+        account = admin.revoke(local, device, _group_user(user))
     click.echo(f"Revoked. Device list is now version {account.device_list.version}.")
 
 

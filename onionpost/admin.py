@@ -22,7 +22,7 @@ from onionpost.address import Address
 from onionpost.config import Config
 from onionpost.crypto.fingerprint import fingerprint, safety_number
 from onionpost.errors import NotInitialized, UsageError
-from onionpost.keystore import AccountFiles, KeyStore
+from onionpost.keystore import AccountFiles, KeyStore, check_user_name
 from onionpost.store import DEVICE_COMPONENTS, INBOX_COMPONENTS
 from onionpost.store.contacts import Contact, ContactStore
 from onionpost.store.db import Database
@@ -309,6 +309,121 @@ def _publish_direct(local: Local, account: Account, update: KeyUpdate) -> None:
         config=local.config.inbox,
     )
     inbox.publish(account.mailbox_id, update, int(time.time()))
+
+
+# --- users --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UserUsage:
+    """What one person's mailbox uses.  The spool and quota figures are ``None`` when this
+    machine runs no inbox (or the inbox has no mailbox for the user)."""
+
+    user: str
+    address: str
+    devices: int
+    spooled_messages: int | None
+    spooled_bytes: int | None
+    quota_bytes: int | None
+
+
+def users(local: Local) -> list[UserUsage]:
+    """Each user of this node with what their mailbox uses at the inbox."""
+    from onionpost.store.inbox import InboxStore
+
+    names = local.files.users()
+    if not names and not local.keys.has_server():
+        raise NotInitialized()
+    db = local.inbox_db()
+    store = InboxStore(db) if db is not None else None
+    out: list[UserUsage] = []
+    for name in names:
+        account = local.files.load(name)
+        mailbox = store.mailbox(account.mailbox_id) if store is not None else None
+        messages = size = quota = None
+        if store is not None and mailbox is not None:
+            messages, size = store.spooled(account.mailbox_id)
+            quota = mailbox.quota_bytes or local.config.inbox.quota_bytes
+        out.append(
+            UserUsage(
+                name,
+                str(account.address),
+                len(account.device_list.devices),
+                messages,
+                size,
+                quota,
+            )
+        )
+    return out
+
+
+@dataclass(frozen=True)
+class Removed:
+    """What ``remove_user`` deleted (for the CLI to report)."""
+
+    user: str
+    mailbox: bool  # the mailbox in this machine's inbox
+    spooled_messages: int
+    messages: int  # filed on this device
+    contacts: int
+    submissions: int
+    node_told: bool  # a running node was poked and drops the user
+
+
+def check_user_exists(local: Local, name: str) -> None:
+    """Refuse a name of which nothing is on this machine.  Anything counts, not only a whole
+    user: key files, a mailbox in the inbox or a gateway login (an interrupted removal
+    leaves some of them, and running the removal again must finish it)."""
+    from onionpost.store.accounts import AccountStore
+    from onionpost.store.inbox import InboxStore
+
+    check_user_name(name)
+    if local.keys.has_user_files(name):
+        return
+    db = local.inbox_db()
+    if db is not None and InboxStore(db).mailbox_by_local(name) is not None:
+        return
+    device_db = local.config.data_dir / "device.db"
+    if device_db.exists() and name in AccountStore(local.device_db()).users():
+        return
+    known = local.files.users()
+    here = f" ({', '.join(known)})" if known else ""
+    raise UsageError(f"There is no user '{name}' here{here}.")
+
+
+def remove_user(local: Local, name: str) -> Removed:
+    """Delete a person from this node: mailbox and spool, mail, contacts, queued mail,
+    gateway login, key files; then tell the running node, which stops serving them.
+
+    Each step is idempotent and the key files go last, so an interrupted removal is
+    finished by running it again (the user is still listed until then)."""
+    from onionpost.store.accounts import AccountStore
+    from onionpost.store.inbox import InboxStore
+    from onionpost.store.mailbox import MailboxStore
+
+    check_user_exists(local, name)
+    mailbox_id = local.files.load(name).mailbox_id if local.files.exists(name) else None
+    had_mailbox, spooled = False, 0
+    db = local.inbox_db()
+    if db is not None:
+        inbox = InboxStore(db)
+        row = inbox.mailbox(mailbox_id) if mailbox_id else inbox.mailbox_by_local(name)
+        if row is not None:
+            with db.transaction():
+                spooled = inbox.spooled(row.mailbox_id)[0]
+                inbox.remove_mailbox(row.mailbox_id)
+                OutboxStore(db).remove_mailbox(row.mailbox_id)
+            had_mailbox = True
+    messages = contacts_gone = submissions = 0
+    if (local.config.data_dir / "device.db").exists():
+        device_db = local.device_db()
+        submissions = SubmissionStore(device_db).remove_user(name)
+        contacts_gone = ContactStore(device_db, name).forget_all()
+        messages = MailboxStore(device_db).remove_user(name)
+        AccountStore(device_db).remove(name)
+    local.keys.remove_user(name)
+    told = poke(local.config.data_dir)
+    return Removed(name, had_mailbox, spooled, messages, contacts_gone, submissions, told)
 
 
 # --- sending ------------------------------------------------------------------------------------

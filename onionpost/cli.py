@@ -610,12 +610,68 @@ def users_add(obj: Ctx, name: str, device_name: str) -> None:
 @users.command("list")
 @pass_ctx
 def users_list(obj: Ctx) -> None:
-    """Everyone with an address on this node."""
-    from onionpost.keystore import AccountFiles, KeyStore
+    """Everyone with an address on this node, and what their mailbox uses.
 
-    files = AccountFiles(KeyStore(obj.data_dir))
-    for local in files.users():
-        click.echo(str(files.load(local).address))
+    MAIL and SPOOLED are the messages (and their size) waiting at this node's inbox for the
+    user's devices to fetch; QUOTA is the most the spool may hold."""
+    from onionpost import admin
+
+    with admin.opened(obj.config()) as local:
+        rows = admin.users(local)
+    if not rows:
+        click.echo("Nobody has an address here yet (add someone with `onionpost users add`).")
+        return
+    width = max(len(r.address) for r in rows)
+    click.echo(f"{'ADDRESS':<{width}}  {'MAIL':>5}  {'SPOOLED':>9}  {'DEVICES':>7}  {'QUOTA':>9}")
+    for r in rows:
+        mail = "-" if r.spooled_messages is None else str(r.spooled_messages)
+        click.echo(
+            f"{r.address:<{width}}  {mail:>5}  {_size(r.spooled_bytes):>9}  {r.devices:>7}  "
+            f"{_size(r.quota_bytes):>9}"
+        )
+
+
+def _size(n: int | None) -> str:
+    """Bytes for people: 0 B, 512 B, 3.4 KiB, 12.0 MiB, 2.0 GiB (``-``: not known here)."""
+    if n is None:
+        return "-"
+    value, unit = float(n), "B"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            break
+        value /= 1024
+    return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
+
+
+@users.command("remove")
+@click.argument("name")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation (for scripts).")
+@pass_ctx
+def users_remove(obj: Ctx, name: str, yes: bool) -> None:
+    """Delete a person from this node: their mailbox and mail, contacts, keys and login.
+
+    This cannot be undone: mail waiting at the inbox and everything filed on this device
+    for them is deleted, and their address stops working."""
+    from onionpost import admin
+
+    name = name.lower()
+    with admin.opened(obj.config()) as local:
+        admin.check_user_exists(local, name)
+        if not yes:
+            click.confirm(
+                f"Delete {name}'s mailbox, mail, contacts, keys and login for good?",
+                abort=True,
+            )
+        removed = admin.remove_user(local, name)
+    click.echo(
+        f"Removed {removed.user}: {removed.messages} filed message(s), "
+        f"{removed.spooled_messages} waiting at the inbox, {removed.contacts} contact(s), "
+        f"{removed.submissions} queued submission(s)."
+    )
+    if not removed.mailbox:
+        click.echo("This machine runs no inbox holding their mailbox; none was removed.")
+    if removed.node_told:
+        click.echo("The running node stops serving them now.")
 
 
 # --- mail clients ------------------------------------------------------------------------------

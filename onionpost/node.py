@@ -383,15 +383,26 @@ class Node:
         self._dbs.clear()
 
     def wake(self) -> None:
-        """Look at the queues now, and pick up users added by the CLI (SIGUSR1)."""
+        """Look at the queues now, and pick up users added or removed by the CLI (SIGUSR1)."""
         for job in ("seal", "deliver", "outcomes"):
             self.scheduler.wake(job)
         if self.has_gateway and self.mailbox is not None:
-            self._tasks.append(asyncio.get_running_loop().create_task(self._add_new_users()))
+            self._tasks.append(asyncio.get_running_loop().create_task(self._update_users()))
 
-    async def _add_new_users(self) -> None:
+    async def _update_users(self) -> None:
+        """Serve the users whose files are in the data directory, and only those.
+
+        ``onionpost users add`` writes a user's files and ``users remove`` deletes them (and
+        their mail, contacts and mailbox), then both poke the node.  A removed user's device
+        is dropped and its sync loop stopped, so nothing keeps polling a mailbox that is gone
+        or writes the user's key files back."""
         files = AccountFiles(self.keys)
-        for local in files.users():
+        present = files.users()
+        for local in [u for u in self.devices if u not in present]:
+            device = self.devices.pop(local)
+            await device.stop()
+            log.info("user %s was removed and is no longer served", local)
+        for local in present:
             if local not in self.devices and self.mailbox is not None:
                 await self._start_device(files, local)
                 log.info("new user %s is served now", local)

@@ -208,6 +208,11 @@ class OutboxStore:
         with self.db.transaction() as c:
             return int(c.execute(sql, params).rowcount)
 
+    def remove_mailbox(self, mailbox_id: bytes) -> int:
+        """Delete a removed mailbox's rows, queued ones included: nobody is left to send as."""
+        with self.db.transaction() as c:
+            return int(c.execute("DELETE FROM outbox WHERE mailbox_id = ?", (mailbox_id,)).rowcount)
+
     def rows(
         self, *, mailbox_id: bytes | None = None, states: tuple[str, ...] = ("queued",)
     ) -> list[OutboxRow]:

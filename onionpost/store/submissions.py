@@ -166,6 +166,11 @@ class SubmissionStore:
         with self.db.transaction() as c:
             return int(c.execute(sql, params).rowcount)
 
+    def remove_user(self, user: str) -> int:
+        """Delete everything ``user`` submitted, sent or not (the user is being removed)."""
+        with self.db.transaction() as c:
+            return int(c.execute("DELETE FROM submissions WHERE user = ?", (user,)).rowcount)
+
     def handed_over(self, user: str) -> list[PendingRecipient]:
         """Recipients whose mail is in the inbox's outbox and whose fate is not known yet."""
         return [

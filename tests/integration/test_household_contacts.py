@@ -9,6 +9,7 @@ now has their own contacts, so each grant names a token of the granter's own mai
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import Callable
 from email import message_from_bytes
 from email.message import EmailMessage
@@ -111,3 +112,38 @@ async def test_each_household_member_gets_their_own_answer(tmp_path: Path) -> No
         await hal.close()
         await far.stop()
         far.close()
+
+
+async def test_a_user_removed_while_the_node_runs_is_dropped(tmp_path: Path) -> None:
+    """`onionpost users remove` pokes the node (SIGUSR1, as `onionpost run` wires it); the
+    node stops ben's device and nothing brings his files back, while ann carries on."""
+    from onionpost import admin
+
+    clock = SystemClock()
+    dialer = DirectDialer()
+    config = load(tmp_path / "node", {"tor": {"mode": "off"}, "inbox": {"pow_bits": 8}})
+    initialize(config, local="ann", device_name="laptop", now=clock.now())
+    add_user(config, local="ben", device_name="laptop", now=clock.now())
+    node = Node(config, dialer=dialer, extensions=())
+    await node.start()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGUSR1, node.wake)
+    try:
+        await node._write_status()  # so that admin.poke finds this (in-process) node
+        ben = node.devices["ben"]
+        with admin.opened(config) as local:
+            removed = admin.remove_user(local, "ben")
+        assert removed.mailbox
+        await until("the node to drop ben", lambda: "ben" not in node.devices, lambda: None)
+        assert ben._task is None  # its sync loop was stopped
+        assert set(node.devices) == {"ann"}
+        await node.maintain_keys()  # a key job after the removal
+        assert not (tmp_path / "node" / "users" / "ben").exists()
+        assert node.inbox is not None and node.inbox.store.mailbox_by_local("ben") is None
+
+        ann = node.devices["ann"]
+        report = await ann.send(mail(ann.address, ann.address, "still", "here"), [ann.address])
+        assert not report.failed, report.failed
+    finally:
+        loop.remove_signal_handler(signal.SIGUSR1)
+        await node.stop()

@@ -628,14 +628,14 @@ async def measure_node(root: Path, *, burst: int, sequential: int, timeout: floa
     try:
         alice = node.devices["alice"]
         submissions = node.submissions
-        assert submissions is not None and node.contacts is not None
+        assert submissions is not None
         to, sender = str(rcpt.address), str(alice.address)
         report = await alice.send(compose(sender, to, -1), [rcpt.address])
         assert not report.failed, report.failed
         await rcpt.receive_first()
         report = await rcpt.bobs[0].device.send(compose(to, sender, -2), [alice.address])
         assert not report.failed, report.failed
-        contacts = node.contacts
+        contacts = alice.contacts
         await until("bob's answer", _nothing, lambda: _has_token(contacts, to))
         rcpt.start_sync()
 

@@ -24,7 +24,13 @@ from onionpost.config import Config
 from onionpost.crypto.fingerprint import fingerprint, safety_number
 from onionpost.crypto.keys import DeviceEntry, DeviceList
 from onionpost.errors import NotInitialized, OnionpostError, UsageError
-from onionpost.keystore import ROTATE_REQUEST, AccountFiles, KeyStore, ensure_private_dir
+from onionpost.keystore import (
+    ROTATE_REQUEST,
+    AccountFiles,
+    KeyStore,
+    check_user_name,
+    ensure_private_dir,
+)
 from onionpost.pairing import Code
 from onionpost.store import DEVICE_COMPONENTS, INBOX_COMPONENTS
 from onionpost.store.contacts import Contact, ContactStore
@@ -119,10 +125,13 @@ def poke(data_dir: Path) -> bool:
 # --- queue --------------------------------------------------------------------------------------
 
 
-def queue(local: Local) -> list[QueueItem]:
+def queue(local: Local, user: str | None = None) -> list[QueueItem]:
+    """Mail waiting to go out: ``user``'s, or everyone's on this node when ``user`` is None
+    (the queue is the node's; the USER column tells whose each item is)."""
+    only = local.account(user) if user is not None else None
     items: list[QueueItem] = []
     subs = SubmissionStore(local.device_db())
-    for r in subs.listing():
+    for r in subs.listing(only.local if only else None):
         if r.state == "pending":
             items.append(
                 QueueItem(
@@ -140,7 +149,7 @@ def queue(local: Local) -> list[QueueItem]:
     db = local.inbox_db()
     if db is not None:
         users = {a.mailbox_id: a.local for a in (local.files.load(u) for u in local.files.users())}
-        for row in OutboxStore(db).rows():
+        for row in OutboxStore(db).rows(mailbox_id=only.mailbox_id if only else None):
             items.append(
                 QueueItem(
                     f"o{row.id}",
@@ -167,33 +176,44 @@ def _parse_id(item: str) -> tuple[str, int]:
     return kind, int(number)
 
 
-def queue_retry(local: Local, item: str | None) -> int:
+def queue_retry(local: Local, item: str | None, user: str | None = None) -> int:
+    """Make one item, or every item (``user``'s only, when given), due now."""
+    only = local.account(user) if user is not None else None
     now = int(time.time())
     n = 0
     if item is None or item[:1].lower() == "s":
         sid = _parse_id(item)[1] if item else None
-        n += SubmissionStore(local.device_db()).retry_now(now, sid)
+        n += SubmissionStore(local.device_db()).retry_now(
+            now, sid, user=only.local if only else None
+        )
     if item is None or item[:1].lower() == "o":
         db = local.inbox_db()
         if db is not None:
             oid = _parse_id(item)[1] if item else None
-            n += OutboxStore(db).retry_now(now, oid)
+            n += OutboxStore(db).retry_now(now, oid, mailbox_id=only.mailbox_id if only else None)
     if item is not None and n == 0:
-        raise UsageError(f"Nothing to retry for '{item}': it is not waiting in the queue.")
+        whose = f"{only.local}'s queue" if only else "the queue"
+        raise UsageError(f"Nothing to retry for '{item}': it is not waiting in {whose}.")
     poke(local.config.data_dir)
     return n
 
 
-def queue_cancel(local: Local, item: str) -> None:
+def queue_cancel(local: Local, item: str, user: str | None = None) -> None:
+    """Withdraw one item; with ``user``, only if it is that user's mail."""
+    only = local.account(user) if user is not None else None
     kind, number = _parse_id(item)
     if kind == "s":
-        done = SubmissionStore(local.device_db()).cancel(number) > 0
+        store = SubmissionStore(local.device_db())
+        done = store.cancel(number, user=only.local if only else None) > 0
     else:
         db = local.inbox_db()
-        done = db is not None and OutboxStore(db).cancel(number, now=int(time.time()))
+        done = db is not None and OutboxStore(db).cancel(
+            number, now=int(time.time()), mailbox_id=only.mailbox_id if only else None
+        )
     if not done:
+        whose = f" in {only.local}'s queue" if only else ""
         raise UsageError(
-            f"'{item}' cannot be cancelled: it is not waiting (it may have been delivered)."
+            f"'{item}' cannot be cancelled: it is not waiting{whose} (it may have been delivered)."
         )
 
 
@@ -208,8 +228,9 @@ class ContactView:
 
 
 def contacts(local: Local, user: str | None = None) -> list[ContactView]:
+    """``user``'s contacts (each person on a node has their own address book)."""
     me = local.account(user)
-    store = ContactStore(local.device_db())
+    store = ContactStore(local.device_db(), me.local)
     return [
         ContactView(c, fingerprint(c.uik_pk), safety_number(me.uik_pk, c.uik_pk))
         for c in store.all()
@@ -226,20 +247,27 @@ def contact(local: Local, address: str, user: str | None = None) -> ContactView:
 
 
 def set_contact(
-    local: Local, address: str, *, verified: bool | None = None, blocked: bool | None = None
+    local: Local,
+    address: str,
+    *,
+    verified: bool | None = None,
+    blocked: bool | None = None,
+    user: str | None = None,
 ) -> None:
     key = str(Address.parse(address))
-    if not ContactStore(local.device_db()).set_flags(key, verified=verified, blocked=blocked):
+    store = ContactStore(local.device_db(), local.account(user).local)
+    if not store.set_flags(key, verified=verified, blocked=blocked):
         raise UsageError(f"{key} is not among your contacts yet.")
 
 
-def identity_changes(local: Local) -> list[tuple[str, bytes, bytes, int]]:
-    return ContactStore(local.device_db()).pending_identity_changes()
+def identity_changes(local: Local, user: str | None = None) -> list[tuple[str, bytes, bytes, int]]:
+    return ContactStore(local.device_db(), local.account(user).local).pending_identity_changes()
 
 
-def accept_identity(local: Local, address: str) -> None:
+def accept_identity(local: Local, address: str, user: str | None = None) -> None:
     key = str(Address.parse(address))
-    if not ContactStore(local.device_db()).accept_identity(key, int(time.time())):
+    store = ContactStore(local.device_db(), local.account(user).local)
+    if not store.accept_identity(key, int(time.time())):
         raise UsageError(f"{key} has no unconfirmed identity change.")
 
 
@@ -517,6 +545,138 @@ def _publish_direct(local: Local, account: Account, update: KeyUpdate) -> None:
         config=local.config.inbox,
     )
     inbox.publish(account.mailbox_id, update, int(time.time()))
+
+
+# --- users --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UserUsage:
+    """What one person's mailbox uses.  The spool and quota figures are ``None`` when this
+    machine runs no inbox (or the inbox has no mailbox for the user)."""
+
+    user: str
+    address: str
+    devices: int
+    spooled_messages: int | None
+    spooled_bytes: int | None
+    quota_bytes: int | None
+
+
+def users(local: Local) -> list[UserUsage]:
+    """Each user of this node with what their mailbox uses at the inbox."""
+    from onionpost.store.inbox import InboxStore
+
+    names = local.files.users()
+    if not names and not local.keys.has_server():
+        raise NotInitialized()
+    db = local.inbox_db()
+    store = InboxStore(db) if db is not None else None
+    out: list[UserUsage] = []
+    for name in names:
+        account = local.files.load(name)
+        mailbox = store.mailbox(account.mailbox_id) if store is not None else None
+        messages = size = quota = None
+        if store is not None and mailbox is not None:
+            messages, size = store.spooled(account.mailbox_id)
+            quota = mailbox.quota_bytes or local.config.inbox.quota_bytes
+        out.append(
+            UserUsage(
+                name,
+                str(account.address),
+                len(account.device_list.devices),
+                messages,
+                size,
+                quota,
+            )
+        )
+    if store is not None:
+        # an inbox-only machine (a Pi): people whose keys live on their own devices
+        onion_pk = local.keys.load_server().onion_pk
+        for mb in store.mailboxes():
+            if mb.local in names:
+                continue
+            messages, size = store.spooled(mb.mailbox_id)
+            out.append(
+                UserUsage(
+                    mb.local,
+                    str(Address.for_key(mb.local, onion_pk)),
+                    len(store.devices(mb.mailbox_id)),
+                    messages,
+                    size,
+                    mb.quota_bytes or local.config.inbox.quota_bytes,
+                )
+            )
+    return out
+
+
+@dataclass(frozen=True)
+class Removed:
+    """What ``remove_user`` deleted (for the CLI to report)."""
+
+    user: str
+    mailbox: bool  # the mailbox in this machine's inbox
+    spooled_messages: int
+    messages: int  # filed on this device
+    contacts: int
+    submissions: int
+    node_told: bool  # a running node was poked and drops the user
+
+
+def check_user_exists(local: Local, name: str) -> None:
+    """Refuse a name of which nothing is on this machine.  Anything counts, not only a whole
+    user: key files, a mailbox in the inbox or a gateway login (an interrupted removal
+    leaves some of them, and running the removal again must finish it)."""
+    from onionpost.store.accounts import AccountStore
+    from onionpost.store.inbox import InboxStore
+
+    check_user_name(name)
+    if local.keys.has_user_files(name):
+        return
+    db = local.inbox_db()
+    if db is not None and InboxStore(db).mailbox_by_local(name) is not None:
+        return
+    device_db = local.config.data_dir / "device.db"
+    if device_db.exists() and name in AccountStore(local.device_db()).users():
+        return
+    known = local.files.users()
+    here = f" ({', '.join(known)})" if known else ""
+    raise UsageError(f"There is no user '{name}' here{here}.")
+
+
+def remove_user(local: Local, name: str) -> Removed:
+    """Delete a person from this node: mailbox and spool, mail, contacts, queued mail,
+    gateway login, key files; then tell the running node, which stops serving them.
+
+    Each step is idempotent and the key files go last, so an interrupted removal is
+    finished by running it again (the user is still listed until then)."""
+    from onionpost.store.accounts import AccountStore
+    from onionpost.store.inbox import InboxStore
+    from onionpost.store.mailbox import MailboxStore
+
+    check_user_exists(local, name)
+    mailbox_id = local.files.load(name).mailbox_id if local.files.exists(name) else None
+    had_mailbox, spooled = False, 0
+    db = local.inbox_db()
+    if db is not None:
+        inbox = InboxStore(db)
+        row = inbox.mailbox(mailbox_id) if mailbox_id else inbox.mailbox_by_local(name)
+        if row is not None:
+            with db.transaction():
+                spooled = inbox.spooled(row.mailbox_id)[0]
+                inbox.remove_mailbox(row.mailbox_id)
+                OutboxStore(db).remove_mailbox(row.mailbox_id)
+            had_mailbox = True
+    messages = contacts_gone = submissions = 0
+    if (local.config.data_dir / "device.db").exists():
+        device_db = local.device_db()
+        submissions = SubmissionStore(device_db).remove_user(name)
+        contacts_gone = ContactStore(device_db, name).forget_all()
+        messages = MailboxStore(device_db).remove_user(name)
+        AccountStore(device_db).remove(name)
+    local.keys.remove_user(name)
+    told = poke(local.config.data_dir)
+    return Removed(name, had_mailbox, spooled, messages, contacts_gone, submissions, told)
 
 
 # --- sending ------------------------------------------------------------------------------------

@@ -149,7 +149,10 @@ class Device:
         return rot.changes
 
     def save(self) -> None:
-        if self.accounts is not None:
+        """Write the account's keys back, unless the user was removed meanwhile: a key
+        rotation finishing just after ``onionpost users remove`` must not recreate the files
+        (the node drops the device once it notices, see ``Node._update_users``)."""
+        if self.accounts is not None and self.accounts.exists(self.account.local):
             self.accounts.save(self.account)
 
     # -- the person's other devices -------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -128,6 +129,25 @@ class KeyStore:
         if not base.is_dir():
             return []
         return sorted(p.name for p in base.iterdir() if (p / "device.key").exists())
+
+    def has_user_files(self, local: str) -> bool:
+        """Whether anything of ``local`` is left in ``users/`` (also a half-removed user)."""
+        return self.user_dir(local).exists()
+
+    def remove_user(self, local: str) -> None:
+        """Delete a user's key files.  The directory is first moved out of ``users/`` in one
+        rename, so the running node (and ``users()``) sees the user either whole or gone,
+        never a directory with some of the keys missing."""
+        source = self.user_dir(local)
+        trash = self.data_dir / f".removing-{local}"
+        try:
+            if trash.exists():
+                shutil.rmtree(trash)  # left over from an interrupted removal
+            if source.exists():
+                source.rename(trash)
+                shutil.rmtree(trash)
+        except OSError as exc:
+            raise DataDirError(f"Cannot delete the files of {local}: {exc.strerror}.") from exc
 
     def has_server(self) -> bool:
         return self.server_file.exists()

@@ -88,7 +88,6 @@ class Node:
         self.tor: TorRuntime | None = None
         self.devices: dict[str, Device] = {}
         self.mailbox: MailboxStore | None = None
-        self.contacts: ContactStore | None = None
         self.submissions: Submissions | None = None
         self.device_db: Database | None = None
         self.gateway_ports: dict[str, int] = {}
@@ -253,7 +252,6 @@ class Node:
         db = self._open(cfg.data_dir / "device.db", DEVICE_COMPONENTS)
         self.device_db = db
         self.mailbox = MailboxStore(db)
-        self.contacts = ContactStore(db)
         for local in users:
             await self._start_device(files, local)
         self.submissions = Submissions(
@@ -333,25 +331,27 @@ class Node:
             self.submissions.store.purge(now - 30 * 86_400)
 
     async def refresh_contacts(self) -> None:
-        """Keep cached bundles fresh, so sealing works offline with recent keys."""
-        if self.contacts is None or not self.devices:
-            return
-        device = next(iter(self.devices.values()))
+        """Keep cached bundles fresh, so sealing works offline with recent keys.
+
+        Each user's contacts through that user's own device: the address books are separate
+        (a contact one person blocked is still refreshed for another), and a bundle is
+        checked against the pin of the person who will seal with it."""
         now = self.clock.now()
-        for contact in self.contacts.all():
-            age = now - (contact.bundle_fetched_at or 0)
-            if contact.blocked or age < self.config.delivery.bundle_refresh_seconds:
-                continue
-            with contextlib.suppress(OnionpostError):
-                await device.directory.resolve(Address.parse(contact.address), now=now)
+        for device in list(self.devices.values()):
+            for contact in device.contacts.all():
+                age = now - (contact.bundle_fetched_at or 0)
+                if contact.blocked or age < self.config.delivery.bundle_refresh_seconds:
+                    continue
+                with contextlib.suppress(OnionpostError):
+                    await device.directory.resolve(Address.parse(contact.address), now=now)
 
     async def _start_device(self, files: AccountFiles, local: str) -> None:
-        assert self.mailbox is not None and self.contacts is not None
+        assert self.mailbox is not None and self.device_db is not None
         device = Device(
             files.load(local),
             config=self.config,
             mailbox=self.mailbox,
-            contacts=self.contacts,
+            contacts=ContactStore(self.device_db, local),
             accounts=files,
             dialer=self.dialer,
             clock=self.clock,
@@ -398,7 +398,7 @@ class Node:
         self._dbs.clear()
 
     def wake(self) -> None:
-        """Look at the queues now, and pick up users added by the CLI (SIGUSR1)."""
+        """Look at the queues now, and pick up users added or removed by the CLI (SIGUSR1)."""
         for job in ("seal", "deliver", "outcomes"):
             self.scheduler.wake(job)
         request = self.config.data_dir / "run" / ROTATE_REQUEST
@@ -409,7 +409,7 @@ class Node:
                 asyncio.get_running_loop().create_task(self._rotate_now(), name="rotate")
             )
         if self.has_gateway and self.mailbox is not None:
-            self._tasks.append(asyncio.get_running_loop().create_task(self._add_new_users()))
+            self._tasks.append(asyncio.get_running_loop().create_task(self._update_users()))
 
     async def _rotate_now(self) -> None:
         try:
@@ -417,10 +417,21 @@ class Node:
         except OnionpostError as exc:
             log.warning("rotating the keys did not complete: %s", exc)
 
-    async def _add_new_users(self) -> None:
+    async def _update_users(self) -> None:
+        """Serve the users whose files are in the data directory, and only those.
+
+        ``onionpost users add`` writes a user's files and ``users remove`` deletes them (and
+        their mail, contacts and mailbox), then both poke the node.  A removed user's device
+        is dropped and its sync loop stopped, so nothing keeps polling a mailbox that is gone
+        or writes the user's key files back."""
         files = AccountFiles(self.keys)
-        for local in files.users():
-            if local not in self.devices and self.mailbox and self.contacts:
+        present = files.users()
+        for local in [u for u in self.devices if u not in present]:
+            device = self.devices.pop(local)
+            await device.stop()
+            log.info("user %s was removed and is no longer served", local)
+        for local in present:
+            if local not in self.devices and self.mailbox is not None:
                 await self._start_device(files, local)
                 log.info("new user %s is served now", local)
             elif local in self.devices:

@@ -99,6 +99,18 @@ class InboxStore:
     def mailboxes(self) -> list[MailboxRow]:
         return [_mailbox(r) for r in self.db.all("SELECT * FROM mailboxes ORDER BY local")]
 
+    def remove_mailbox(self, mailbox_id: bytes) -> None:
+        """Delete a mailbox with everything the inbox holds for it: its keys, devices,
+        spooled mail, tokens, sessions and duplicate records (the person is being removed).
+        Its outbox rows are the outbox component's (``OutboxStore.remove_mailbox``)."""
+        with self.db.transaction() as c:
+            # devices, rotations, prekeys and tokens go with the mailbox (ON DELETE CASCADE)
+            c.execute("DELETE FROM spool WHERE mailbox_id = ?", (mailbox_id,))
+            c.execute("DELETE FROM sealed WHERE mailbox_id = ?", (mailbox_id,))
+            for table in ("seen_digests", "challenges", "sessions"):
+                c.execute(f"DELETE FROM {table} WHERE mailbox_id = ?", (mailbox_id,))  # noqa: S608
+            c.execute("DELETE FROM mailboxes WHERE mailbox_id = ?", (mailbox_id,))
+
     def set_binding(self, mailbox_id: bytes, binding: bytes) -> None:
         with self.db.transaction() as c:
             c.execute(
@@ -297,6 +309,14 @@ class InboxStore:
             (mailbox_id, digest),
         )
         return None if v is None else str(v)
+
+    def spooled(self, mailbox_id: bytes) -> tuple[int, int]:
+        """(messages, bytes) waiting at this inbox for the mailbox's devices to fetch."""
+        row = self.db.one(
+            "SELECT count(*), coalesce(sum(size), 0) FROM sealed WHERE mailbox_id = ?",
+            (mailbox_id,),
+        )
+        return (int(row[0]), int(row[1])) if row else (0, 0)
 
     def usage(self, mailbox_id: bytes) -> int:
         return int(

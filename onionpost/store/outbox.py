@@ -193,16 +193,25 @@ class OutboxStore:
         with self.db.transaction() as c:
             return c.execute(sql, params).rowcount > 0
 
-    def retry_now(self, now: int, row_id: int | None = None) -> int:
+    def retry_now(
+        self, now: int, row_id: int | None = None, *, mailbox_id: bytes | None = None
+    ) -> int:
+        """Make queued rows due now: one row or all (of one mailbox, when given)."""
+        sql = "UPDATE outbox SET next_attempt_at = ? WHERE state = 'queued'"
+        params: tuple[object, ...] = (now,)
+        if row_id is not None:
+            sql += " AND id = ?"
+            params = (*params, row_id)
+        if mailbox_id is not None:
+            sql += " AND mailbox_id = ?"
+            params = (*params, mailbox_id)
         with self.db.transaction() as c:
-            if row_id is None:
-                return c.execute(
-                    "UPDATE outbox SET next_attempt_at = ? WHERE state = 'queued'", (now,)
-                ).rowcount
-            return c.execute(
-                "UPDATE outbox SET next_attempt_at = ? WHERE state = 'queued' AND id = ?",
-                (now, row_id),
-            ).rowcount
+            return int(c.execute(sql, params).rowcount)
+
+    def remove_mailbox(self, mailbox_id: bytes) -> int:
+        """Delete a removed mailbox's rows, queued ones included: nobody is left to send as."""
+        with self.db.transaction() as c:
+            return int(c.execute("DELETE FROM outbox WHERE mailbox_id = ?", (mailbox_id,)).rowcount)
 
     def rows(
         self, *, mailbox_id: bytes | None = None, states: tuple[str, ...] = ("queued",)

@@ -131,7 +131,10 @@ class SubmissionStore:
                 (level, submission_id, address),
             )
 
-    def cancel(self, submission_id: int, address: str | None = None) -> int:
+    def cancel(
+        self, submission_id: int, address: str | None = None, *, user: str | None = None
+    ) -> int:
+        """Withdraw recipients still waiting to be sealed (of ``user``'s mail, when given)."""
         with self.db.transaction() as c:
             sql = (
                 "UPDATE submission_recipients SET state = 'cancelled' WHERE submission_id = ?"
@@ -141,22 +144,32 @@ class SubmissionStore:
             if address is not None:
                 sql += " AND address = ?"
                 params = (*params, address)
+            if user is not None:
+                sql += " AND submission_id IN (SELECT id FROM submissions WHERE user = ?)"
+                params = (*params, user)
             n = c.execute(sql, params).rowcount
             self._drop_finished(c, submission_id)
             return n
 
-    def retry_now(self, now: int, submission_id: int | None = None) -> int:
+    def retry_now(
+        self, now: int, submission_id: int | None = None, *, user: str | None = None
+    ) -> int:
+        """Make waiting recipients due now: one submission's or all (``user``'s, when given)."""
+        sql = "UPDATE submission_recipients SET next_attempt_at = ? WHERE state = 'pending'"
+        params: tuple[object, ...] = (now,)
+        if submission_id is not None:
+            sql += " AND submission_id = ?"
+            params = (*params, submission_id)
+        if user is not None:
+            sql += " AND submission_id IN (SELECT id FROM submissions WHERE user = ?)"
+            params = (*params, user)
         with self.db.transaction() as c:
-            if submission_id is None:
-                return c.execute(
-                    "UPDATE submission_recipients SET next_attempt_at = ? WHERE state = 'pending'",
-                    (now,),
-                ).rowcount
-            return c.execute(
-                "UPDATE submission_recipients SET next_attempt_at = ? WHERE state = 'pending'"
-                " AND submission_id = ?",
-                (now, submission_id),
-            ).rowcount
+            return int(c.execute(sql, params).rowcount)
+
+    def remove_user(self, user: str) -> int:
+        """Delete everything ``user`` submitted, sent or not (the user is being removed)."""
+        with self.db.transaction() as c:
+            return int(c.execute("DELETE FROM submissions WHERE user = ?", (user,)).rowcount)
 
     def handed_over(self, user: str) -> list[PendingRecipient]:
         """Recipients whose mail is in the inbox's outbox and whose fate is not known yet."""

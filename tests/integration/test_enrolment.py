@@ -407,6 +407,8 @@ async def test_two_people_invited_to_one_inbox_both_write_to_the_same_person(
             )
         assert not any("Undeliver" in s or "failure" in s.lower() for s in subjects(harry, "harry"))
         assert p.inbox is not None and len(p.inbox.store.mailboxes()) == 2
+        code, out = await acli(p.config.data_dir, "users", "list")
+        assert code == 0 and f"ann@{onion}.onion" in out and f"ben@{onion}.onion" in out
     finally:
         for node in (harry, *nodes.values()):
             await node.stop()

@@ -31,7 +31,8 @@ guessing.
      +- TorError                   tor missing, too old, unreachable, or failing
      +- GatewayError               mail-client facing problems (auth, recipients, size)
          +- AuthenticationFailed, SenderNotAllowed, UnknownLocalUser, PasswordRejected,
-            LocalTLSError
+            LocalTLSError, FilingRefused
+         +- MailServerError        the private Dovecot: MailServerNotInstalled, FilingDeferred
 """
 
 from __future__ import annotations
@@ -530,3 +531,26 @@ class LocalTLSError(GatewayError):
 
     enhanced_code = "4.7.0"
     temporary = True
+
+
+class MailServerError(GatewayError):
+    """The private IMAP server (Dovecot) could not be set up or is not running."""
+
+    enhanced_code = "4.3.0"
+    temporary = True
+
+
+class MailServerNotInstalled(MailServerError):
+    """Dovecot's IMAP and LMTP servers are not installed: run scripts/system-deps.sh run as root."""
+
+    temporary = False
+
+
+class FilingDeferred(MailServerError):
+    """The mail server could not file the message now; it stays queued and is tried again."""
+
+
+class FilingRefused(GatewayError):
+    """The mail server refused to file the message."""
+
+    enhanced_code = "5.3.0"

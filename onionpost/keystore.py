@@ -46,7 +46,9 @@ def ensure_private_dir(path: Path) -> Path:
             d.mkdir(mode=0o700)
             d.chmod(0o700)  # mkdir's mode is filtered by the umask
         mode = stat.S_IMODE(path.stat().st_mode)
-        if mode & 0o077:
+        # Group search alone (0710) is kept: a root node's private Dovecot passes through
+        # the data directory that way to its Maildirs (gateway/dovecot.py); nothing is listed.
+        if mode & 0o067:
             path.chmod(0o700)
     except OSError as exc:
         raise DataDirError(f"Cannot create the directory {path}: {exc.strerror}.") from exc

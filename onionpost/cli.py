@@ -1108,6 +1108,9 @@ def users_remove(obj: Ctx, name: str, yes: bool) -> None:
                 abort=True,
             )
         removed = admin.remove_user(local, name)
+    from gateway.setup import forget_login
+
+    forget_login(obj.config(), removed.user)
     click.echo(
         f"Removed {removed.user}: {removed.messages} filed message(s), "
         f"{removed.spooled_messages} waiting at the inbox, {removed.contacts} contact(s), "

@@ -392,3 +392,30 @@ def test_the_whole_thing_as_an_unprivileged_user(
         assert not _ours_running(Layout(data))
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_the_cli_keeps_dovecots_logins_in_step(tmp_path: Path) -> None:
+    """init, password and users remove write the private Dovecot's passwd-file too, so the
+    IMAP server that replaces pymap knows every password (hashes only, never the text)."""
+    from click.testing import CliRunner
+
+    from onionpost.cli import cli
+
+    home = tmp_path / "home"
+
+    def run(*args: str) -> str:
+        result = CliRunner().invoke(cli, ["--data-dir", str(home), *args])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    password = run("init", "--user", "alice").split("password:")[1].split()[0]
+    passwd = PasswdFile(Layout(home))
+    assert passwd.users() == ["alice"]
+    first = passwd.path.read_text()
+    assert password not in first and first.startswith("alice:{")
+    run("password", "--generate")
+    assert passwd.path.read_text() != first
+    run("users", "add", "bob")
+    assert passwd.users() == ["alice", "bob"]
+    run("users", "remove", "bob", "--yes")
+    assert passwd.users() == ["alice"]

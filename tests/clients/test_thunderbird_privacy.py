@@ -434,7 +434,7 @@ def test_the_trace_parser_tells_leaks_from_local_traffic() -> None:
         "23 sendmmsg(6, [{msg_hdr={msg_name={sa_family=AF_INET6, sin6_port=htons(53), "
         'sin6_flowinfo=htonl(0), inet_pton(AF_INET6, "2001:db8::1", &sin6_addr)}}}], 2, 0) = 2',
         '24 connect(7, {sa_family=AF_UNIX, sun_path="/run/systemd/resolve/io.systemd.Resolve"}, 42) = 0',  # noqa: E501
-        '25 sendto(8, "\\x02\\x00\\x00\\x00\\x0e\\x00\\x00\\x00\\x0c\\x00\\x00\\x00example.org", 23, '
-        "MSG_NOSIGNAL, NULL, 0) = 23",
+        '25 sendto(8, "\\x02\\x00\\x00\\x00\\x0e\\x00\\x00\\x00\\x0c\\x00\\x00\\x00'
+        'example.org", 23, MSG_NOSIGNAL, NULL, 0) = 23',
     ]
     assert [line.split(": ", 1)[1] for line in leaks("\n".join(bad))] == bad

@@ -8,9 +8,12 @@ offers three things instead, all pure text made here:
 
 * :func:`render_user_js`: prefs that create the IMAP account, the identity and the SMTP
   server directly, point ``mailnews.auto_config_url`` at the gateway's own autoconfig
-  endpoint, and switch the Internet lookups and identifying headers off;
+  endpoint, switch the Internet lookups and identifying headers off, and switch off
+  Thunderbird's own connections to Mozilla (telemetry, updates, remote settings, ...), with a
+  dead-end proxy on loopback for whatever has no switch;
 * :func:`render_policies`: an enterprise ``policies.json`` that installs the gateway's local
-  CA (Thunderbird accepts a leaf signed by a CA it trusts, not a trusted self-signed leaf);
+  CA (Thunderbird accepts a leaf signed by a CA it trusts, not a trusted self-signed leaf) and
+  locks the same Mozilla services off where Thunderbird has a policy for them;
 * :func:`render_settings`: the same values as text, for people configuring any client by
   hand; and :func:`render_autoconfig_xml`, the ``config-v1.1.xml`` the endpoint serves.
 

@@ -42,6 +42,7 @@ if [ "$mode" = test ]; then
     have_cmd neomutt || need+=(neomutt)
     have_cmd thunderbird || need+=(thunderbird)
     have_cmd Xvfb || need+=(xvfb)
+    have_cmd strace || need+=(strace)  # the Thunderbird leak test watches its system calls
     have_pkg ca-certificates || need+=(ca-certificates)
 fi
 

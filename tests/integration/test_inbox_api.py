@@ -45,6 +45,7 @@ async def world(tmp_path: Path):
             "max_connections": 64,
             "quota_bytes": 400_000,
             "rate_per_mailbox_per_hour": 12,
+            "rate_strangers_per_mailbox_per_hour": 6,
         },
     )
     await node.start(worker=False)
@@ -72,6 +73,7 @@ async def _sealed(
     token: bytes | None = None,
     mailbox_id: bytes | None = None,
     expires: int = 3600,
+    extra_bits: int = 0,
 ) -> bytes:
     raw = await _client(node, dialer).bundle(to.local)
     vb = verify_bundle(
@@ -89,7 +91,8 @@ async def _sealed(
         sink=l2,
     )
     mid = mailbox_id or vb.mailbox_id
-    st = pow.mint(mid, inner.digest, vb.policy.pow_bits, now) if stamp and token is None else None
+    bits = vb.policy.pow_bits + extra_bits
+    st = pow.mint(mid, inner.digest, bits, now) if stamp and token is None else None
     l1 = io.BytesIO()
     l2.seek(0)
     envelope.seal_outer(
@@ -330,13 +333,43 @@ async def test_device_login_refuses_replay_bad_signature_and_revoked(world) -> N
 
 async def test_rate_limit_per_mailbox_is_a_temporary_error(world) -> None:
     node, bob, alice, dialer = world
+    token = b"\x07" * 32
+    node.inbox.store.add_token(bob.mailbox_id, node.inbox.token_hash(token), "alice", 0)
     for i in range(12):
         await _client(node, dialer).deliver(
-            await _sealed(node, bob, alice, dialer, body=f"Subject: {i}\r\n\r\nx".encode())
+            await _sealed(
+                node, bob, alice, dialer, token=token, body=f"Subject: {i}\r\n\r\nx".encode()
+            )
         )
     with pytest.raises(TemporaryDeliveryError) as err:
-        await _client(node, dialer).deliver(await _sealed(node, bob, alice, dialer))
+        await _client(node, dialer).deliver(await _sealed(node, bob, alice, dialer, token=token))
     assert err.value.code == "4.7.0" and "too much mail" in str(err.value)
+
+
+async def test_strangers_cannot_use_up_the_contacts_budget(world) -> None:
+    """Refused envelopes charge nothing; stamped strangers fill only their own bucket."""
+    node, bob, alice, dialer = world
+    client = _client(node, dialer)
+    window = int(time.time()) // 3600 * 3600
+    for i in range(30):  # three times the whole mailbox budget, none with a proof
+        with pytest.raises(PermanentDeliveryError):
+            await client.deliver(
+                await _sealed(node, bob, alice, dialer, stamp=False, body=f"{i}".encode())
+            )
+    assert node.inbox.store.rate_count("mailbox", bob.mailbox_id, window) == 0
+    for i in range(6):  # the strangers' budget at the required difficulty
+        await client.deliver(await _sealed(node, bob, alice, dialer, body=f"s{i}".encode()))
+    with pytest.raises(TemporaryDeliveryError) as err:
+        await client.deliver(await _sealed(node, bob, alice, dialer, body=b"one too many"))
+    assert err.value.code == "4.7.0"
+    # a stranger who pays one bit more is counted apart from the flood
+    await client.deliver(await _sealed(node, bob, alice, dialer, extra_bits=1, body=b"dear"))
+    # and a contact's token still opens the door
+    token = b"\x08" * 32
+    node.inbox.store.add_token(bob.mailbox_id, node.inbox.token_hash(token), "carol", 0)
+    await client.deliver(await _sealed(node, bob, alice, dialer, token=token, body=b"hi"))
+    assert node.inbox.store.rate_count("mailbox", bob.mailbox_id, window) == 1
+    assert len(await _session(node, bob, dialer).pending()) == 6 + 1 + 1
 
 
 async def test_oversized_headers_are_refused(world) -> None:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO
 
-from onionpost.address import Address
+from onionpost.address import Address, is_local_part
 from onionpost.config import InboxConfig
 from onionpost.crypto import envelope, pow
 from onionpost.crypto.bundle import AntiSpamPolicy, KeyBundle
@@ -126,7 +126,12 @@ class Inbox:
         """The signed key bundle of a mailbox; :class:`UnknownMailbox` if there is none."""
         mb = self.store.mailbox_by_local(local)
         if mb is None or mb.device_list_version == 0:
-            raise UnknownMailbox(f"This inbox has no mailbox named '{local.lower()}'.")
+            # The name is repeated only when it is a valid one: the answer must not carry
+            # arbitrary bytes from the request back (a path can be 8 KiB of anything).
+            name = local.lower()
+            if is_local_part(name):
+                raise UnknownMailbox(f"This inbox has no mailbox named '{name}'.")
+            raise UnknownMailbox()
         cached = self._bundle_cache.get(mb.local)
         if cached is not None and cached[0] > now:
             return cached[1]

@@ -741,6 +741,80 @@ async def test_real_submissions_refusal_reaches_the_client(
     assert SubmissionStore(node.db).listing() == []
 
 
+def _subjects(node: DeviceNode, folder: str) -> list[str]:
+    f = node.mailbox.folder(node.user, folder)
+    return [
+        str(message_from_bytes(node.mailbox.content(m.body_id))["Subject"])
+        for m in node.mailbox.messages(f.id)
+    ]
+
+
+async def test_mail_to_yourself_is_filed_in_your_inbox_at_once(
+    start: Start, real: tuple[DeviceNode, Submissions, AccountStore]
+) -> None:
+    node, submissions, store = real
+    gw = await start(submit=submissions.submit, accounts=store)
+    me = node.address
+
+    def run() -> None:
+        with connect(gw) as client:
+            client.login(node.user, PASSWORD)
+            client.sendmail(str(me), [str(me)], message(sender=me, to=me, extra=""))
+            # a blind copy to yourself, named only in RCPT TO, as Thunderbird sends Bcc
+            blind = message(sender=me, to=BOB, extra="").replace(b"test", b"bcc", 1)
+            client.sendmail(str(me), [str(BOB), str(me)], blind)
+
+    await in_thread(run)
+    assert _subjects(node, "INBOX") == ["test", "bcc"]  # there when the client heard 250
+    assert _subjects(node, "Sent") == ["test", "bcc"]
+    await submissions.process_due()  # bob's inbox is unreachable; yours needs nothing
+    waiting = SubmissionStore(node.db).listing(node.user)
+    assert [r.address for r in waiting] == [str(BOB)]
+    assert _subjects(node, "INBOX") == ["test", "bcc"]  # no delay notice, no bounce coming
+
+
+async def test_mail_to_yourself_reaches_your_other_devices_inbox(
+    tmp_path: Path, start: Start
+) -> None:
+    clock = SystemClock()
+    dialer = DirectDialer({})
+    inbox = InboxNode(tmp_path, "inbox", clock, dialer)
+    laptop_account = inbox.provision("alice", "laptop")
+    phone_account = inbox.add_device(laptop_account, "phone")
+    laptop = DeviceNode(tmp_path, "laptop", laptop_account, clock, dialer)
+    phone = DeviceNode(tmp_path, "phone", phone_account, clock, dialer)
+    await inbox.start(worker=False)
+    try:
+        store = AccountStore(laptop.db, cost=CHEAP)
+        store.add(laptop.user, str(laptop.address), PASSWORD)
+        gw = await start(submit=laptop.submissions.submit, accounts=store)
+        me = laptop.address
+
+        def run() -> None:
+            with connect(gw) as client:
+                client.login(laptop.user, PASSWORD)
+                client.sendmail(str(me), [str(me)], message(sender=me, to=me, extra=""))
+                blind = message(sender=me, to=BOB, extra="").replace(b"test", b"bcc", 1)
+                client.sendmail(str(me), [str(BOB), str(me)], blind)
+                plain = message(sender=me, to=BOB, extra="").replace(b"test", b"plain", 1)
+                client.sendmail(str(me), [str(BOB)], plain)
+
+        await in_thread(run)
+        await laptop.submissions.process_due()
+        await inbox.worker.run_due()
+        await phone.device.sync()
+        assert sorted(_subjects(phone, "INBOX")) == ["bcc", "test"]
+        assert sorted(_subjects(phone, "Sent")) == ["bcc", "plain", "test"]
+        await laptop.submissions.check_outbox(laptop.device)
+        waiting = SubmissionStore(laptop.db).listing(laptop.user)
+        assert {r.address for r in waiting} == {str(BOB)}  # yours were delivered
+    finally:
+        await laptop.close()
+        await phone.close()
+        await inbox.stop()
+        inbox.db.close()
+
+
 # --- robustness --------------------------------------------------------------------------
 
 

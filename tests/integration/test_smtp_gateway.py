@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 
 from gateway.smtp import SMTPGateway, add_missing_headers, start_smtp
+from gateway.throttle import LoginThrottle
 from gateway.tls import ca_path, server_context
 from onionpost.address import Address
 from onionpost.api.transport import DirectDialer
@@ -252,6 +253,52 @@ async def test_failed_logins_are_slowed_down(start: Start) -> None:
             return time.monotonic() - began
 
     assert await in_thread(run) >= 0.3
+
+
+async def test_guessing_backs_off_per_account_and_the_owner_still_gets_in(
+    start: Start, caplog: pytest.LogCaptureFixture
+) -> None:
+    throttle = LoginThrottle(base=0.1, cap=0.8)
+    gw = await start(throttle=throttle)
+    caplog.set_level(logging.INFO)
+
+    def guess(password: str) -> tuple[int, float]:
+        with connect(gw) as client:
+            began = time.monotonic()
+            code, _ = client.docmd("AUTH", "PLAIN " + plain("alice", password))
+            return code, time.monotonic() - began
+
+    # one guess per connection, so the per-connection AUTH budget does not come into it
+    took = [await in_thread(lambda i=i: guess(f"guess {i}")) for i in range(5)]
+    assert [code for code, _ in took] == [535] * 5
+    # each failure is answered only after the doubling delay (0.1, 0.2, 0.4, 0.8, 0.8)
+    for (_, seconds), at_least in zip(took, [0.1, 0.2, 0.4, 0.8, 0.8], strict=True):
+        assert seconds >= at_least * 0.9
+    failures = [r for r in caplog.records if "failed login" in r.getMessage()]
+    assert len(failures) == 5 and all(r.name == "gateway.smtp" for r in failures)
+    assert all("'alice'" in r.getMessage() and "127.0.0.1" in r.getMessage() for r in failures)
+    assert "guess" not in caplog.text
+    # a flood from elsewhere against alice: the owner's wait stays capped
+    for _ in range(50):
+        await throttle.failed("smtp", "alice", "192.0.2.7")
+    assert throttle.wait_for("alice", "127.0.0.1") <= 0.8
+    code, _ = await in_thread(lambda: guess(PASSWORD))
+    assert code == 235  # the right password works after the delay
+    assert throttle.failures("alice", "127.0.0.1") == 0  # and clears the count
+
+
+async def test_unknown_users_count_against_the_client_only(start: Start) -> None:
+    throttle = LoginThrottle(base=0.05, cap=0.1)
+    gw = await start(throttle=throttle)
+
+    def run() -> None:
+        for i in range(3):
+            with connect(gw) as client:
+                assert client.docmd("AUTH", "PLAIN " + plain(f"nobody{i}", "x"))[0] == 535
+
+    await in_thread(run)
+    assert throttle.failures(None, "127.0.0.1") == 3
+    assert throttle.failures("nobody0", "192.0.2.1") == 0
 
 
 async def test_password_guessing_is_cut_off_per_connection(gw: SMTPGateway) -> None:

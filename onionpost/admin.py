@@ -696,6 +696,7 @@ def submit(local: Local, user: str | None, recipients: list[Address], message: b
         message=message,
         now=int(time.time()),
         lifetime=local.config.delivery.lifetime_seconds,
+        own_address=account.address,
     )
     poke(local.config.data_dir)
     return sid

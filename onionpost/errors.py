@@ -28,6 +28,8 @@ guessing.
      |   +- FolderError            FolderNotFound, FolderExists, FolderProtected,
      |                                 InvalidFolderName
      +- DeliveryError              what a peer inbox answered, or why it could not be reached
+     +- BadRequest                 a peer or device sent the node API something it cannot parse
+     +- RequestAborted             ... or went away before its request arrived
      +- TorError                   tor missing, too old, unreachable, or failing
      +- GatewayError               mail-client facing problems (auth, recipients, size)
          +- AuthenticationFailed, SenderNotAllowed, UnknownLocalUser, PasswordRejected,
@@ -374,6 +376,30 @@ class StaleRecipientKeys(TemporaryDeliveryError):
     # available"; distinct from rate limiting (X.7.0) so the sender can re-seal instead.
     enhanced_code = "4.7.5"
     default_reason = "stale-keys"
+
+
+class BadRequest(OnionpostError):
+    """The request is not understood: it is not what the onionpost protocol expects.
+
+    Distinct from :class:`PeerProtocolError`, which is what a *client* concludes about a
+    server's answer (temporary: the server may be mid-upgrade); a request that does not parse
+    will never parse, so the node API answers it 400, permanently.
+    """
+
+    enhanced_code = "5.5.2"
+    reason = "bad-request"
+
+
+class RequestAborted(OnionpostError):
+    """The other side went away before its whole request arrived.
+
+    Nobody is left to read an answer; the node API logs it as one line, since a peer whose tor
+    circuit breaks mid-upload is ordinary, not a fault of this node.
+    """
+
+    enhanced_code = "4.4.2"
+    temporary = True
+    reason = "aborted"
 
 
 class DeviceRefused(OnionpostError):

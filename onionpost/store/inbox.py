@@ -50,6 +50,15 @@ class SpoolEntry:
 
 
 @dataclass(frozen=True)
+class RateBucket:
+    """One counter an accepted event is charged to: ``limit`` events per window."""
+
+    scope: str
+    key: bytes
+    limit: int
+
+
+@dataclass(frozen=True)
 class Accepted:
     receipt: str
     duplicate: bool
@@ -524,6 +533,30 @@ class InboxStore:
                 (scope, key, window_start),
             )
             return True
+
+    def take_rates(self, buckets: Iterable[RateBucket], window_start: int) -> RateBucket | None:
+        """Count one event in every bucket, or in none: returns the first full bucket.
+
+        All or nothing, so an event refused by one limit does not use up another (a
+        contact refused by the mailbox's budget keeps its own token budget).
+        """
+        buckets = list(buckets)
+        with self.db.transaction() as c:
+            for b in buckets:
+                row = c.execute(
+                    "SELECT count FROM rate_counters WHERE scope = ? AND key = ?"
+                    " AND window_start = ?",
+                    (b.scope, b.key, window_start),
+                ).fetchone()
+                if (row[0] if row else 0) >= b.limit:
+                    return b
+            for b in buckets:
+                c.execute(
+                    "INSERT INTO rate_counters VALUES (?, ?, ?, 1) ON CONFLICT DO UPDATE"
+                    " SET count = count + 1",
+                    (b.scope, b.key, window_start),
+                )
+            return None
 
     def rate_count(self, scope: str, key: bytes, window_start: int) -> int:
         """Events counted so far in a window (without counting one)."""

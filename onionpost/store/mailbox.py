@@ -229,6 +229,12 @@ class MailboxStore:
                     log.exception("mailbox listener failed")
 
     @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Group several filings into one commit (listeners are told after it)."""
+        with self._write():
+            yield
+
+    @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
             try:

@@ -103,6 +103,16 @@ class SubmissionStore:
             )
             self._drop_finished(c, submission_id)
 
+    def mark_delivered(self, submission_id: int, address: str) -> None:
+        """Done without the outbox: mail to the user themself, filed on this device."""
+        with self.db.transaction() as c:
+            c.execute(
+                "UPDATE submission_recipients SET state = 'delivered'"
+                " WHERE submission_id = ? AND address = ? AND state = 'pending'",
+                (submission_id, address),
+            )
+            self._drop_finished(c, submission_id)
+
     def mark_deferred(
         self, submission_id: int, address: str, *, next_attempt_at: int, error: str, code: str
     ) -> None:

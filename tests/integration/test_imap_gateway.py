@@ -10,6 +10,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import imaplib
+import logging
 import os
 import re
 import socket
@@ -23,6 +24,7 @@ from typing import Any, TypeVar
 import pytest
 
 from gateway.imap import ImapServer, start_imap
+from gateway.throttle import LoginThrottle
 from gateway.tls import ca_path, server_context
 from onionpost.config import GatewayConfig
 from onionpost.store.accounts import AccountStore, ScryptCost
@@ -58,6 +60,7 @@ class Gateway:
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.config = GatewayConfig(imap_port=0, **config)
+        self.throttle = LoginThrottle(base=0.05, cap=0.4)
         self.db: Database
         self.mailbox: MailboxStore
         self.accounts: AccountStore
@@ -75,7 +78,7 @@ class Gateway:
 
     async def _start(self) -> None:
         self.server = await start_imap(
-            self.config, self.mailbox, self.accounts, server_context(self.tls_dir)
+            self.config, self.mailbox, self.accounts, server_context(self.tls_dir), self.throttle
         )
 
     @property
@@ -164,6 +167,31 @@ def test_login_ok_and_wrong_password(gateway: Gateway) -> None:
         conn.login("mallory", PASSWORD)
     ok(conn.login(ADDRESS, PASSWORD))  # the whole address works as a login name too
     conn.logout()
+
+
+def test_failed_logins_back_off_are_logged_and_the_owner_gets_in(
+    gateway: Gateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    took = []
+    for i in range(4):  # a fresh connection each time, as a guesser would
+        conn = imaplib.IMAP4("127.0.0.1", gateway.port, timeout=30)
+        began = time.monotonic()
+        with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
+            conn.login(USER, f"guess number {i}")
+        took.append(time.monotonic() - began)
+        conn.shutdown()
+    for seconds, at_least in zip(took, [0.05, 0.1, 0.2, 0.4], strict=True):
+        assert seconds >= at_least * 0.9  # each answer waits out the doubling delay
+    failures = [r for r in caplog.records if "failed login" in r.getMessage()]
+    assert len(failures) == 4 and all(r.name == "gateway.imap" for r in failures)
+    assert all("'alice'" in r.getMessage() and "127.0.0.1" in r.getMessage() for r in failures)
+    assert "guess number" not in caplog.text
+    # the same throttle serves SMTP in a running node: the count holds for both protocols
+    assert gateway.throttle.failures(USER, "127.0.0.1") == 4
+    conn = gateway.client()  # the right password works after the delay ...
+    conn.logout()
+    assert gateway.throttle.failures(USER, "127.0.0.1") == 0  # ... and clears the count
 
 
 def test_authenticate_plain(gateway: Gateway) -> None:

@@ -8,29 +8,55 @@
 set -euo pipefail
 mode="${1:-run}"
 
-need=()
+# Each need is a check of what onionpost (or its tests) actually use, not merely of a command
+# name, and the Debian packages that provide it.  apt-get below runs with
+# --no-install-recommends, so what a client only *recommends* but the tests use (swaks's TLS
+# module, for one) is named here explicitly.
+checks=() packages=() need=()
 have_cmd() { command -v "$1" >/dev/null 2>&1; }
-have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
+require() {  # require CHECK PACKAGE...  (CHECK is run by bash; it must succeed silently)
+    checks+=("$1")
+    packages+=("${*:2}")
+    if ! bash -c "$1" >/dev/null 2>&1; then need+=("${@:2}"); fi
+}
+sbin_path="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 
 # A Python that can create virtual environments (Debian splits ensurepip into python3-venv).
-if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then need+=(python3-venv); fi
-have_cmd tor || need+=(tor)
+require 'python3 -c "import ensurepip, venv"' python3-venv
+require 'command -v tor' tor
 
 if [ "$mode" = test ]; then
-    have_cmd swaks || need+=(swaks)
-    have_cmd mbsync || need+=(isync)
-    have_cmd neomutt || need+=(neomutt)
-    have_cmd thunderbird || need+=(thunderbird)
-    have_cmd Xvfb || need+=(xvfb)
-    have_pkg ca-certificates || need+=(ca-certificates)
+    require 'command -v swaks' swaks
+    # swaks only recommends the Perl module its STARTTLS needs ("TLS not available: requires
+    # Net::SSLeay"); swaks itself says whether it can do TLS.
+    require 'perl -MNet::SSLeay -e1 && swaks --support 2>&1 | grep -qx "=== TLS supported"' \
+        libnet-ssleay-perl
+    require 'command -v mbsync' isync
+    require 'command -v neomutt' neomutt
+    require 'command -v thunderbird' thunderbird
+    require 'command -v Xvfb' xvfb
+    require 'test -s /etc/ssl/certs/ca-certificates.crt' ca-certificates
 fi
 
 if [ "$mode" = bench ]; then
     # bench/gateway.py starts private Postfix and Dovecot instances of its own; the system
     # services are never used, so none is configured or enabled here.
-    have_pkg postfix || need+=(postfix)
-    have_pkg dovecot-imapd || need+=(dovecot-imapd)
+    require "PATH=$sbin_path command -v postconf && PATH=$sbin_path command -v postfix" postfix
+    require "PATH=$sbin_path command -v dovecot && test -x /usr/lib/dovecot/imap" dovecot-imapd
 fi
+
+# After installing, every check must pass: a package that installs but does not give what is
+# checked for (a renamed module, a split package) is reported here, not as a test failure.
+verify() {
+    local i missing=()
+    for i in "${!checks[@]}"; do
+        bash -c "${checks[$i]}" >/dev/null 2>&1 || missing+=("${packages[$i]} (${checks[$i]})")
+    done
+    [ "${#missing[@]}" -eq 0 ] && return 0
+    printf 'Still missing after installing Debian packages:\n' >&2
+    printf '  %s\n' "${missing[@]}" >&2
+    exit 1
+}
 
 if [ "${#need[@]}" -eq 0 ]; then exit 0; fi
 
@@ -58,6 +84,7 @@ case " ${need[*]} " in *" postfix "*)
 esac
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${need[@]}" </dev/null
+verify
 for svc in postfix dovecot; do
     case " ${need[*]} " in *" $svc"*)
         if have_cmd systemctl; then systemctl disable "$svc" >/dev/null 2>&1 || true; fi ;;

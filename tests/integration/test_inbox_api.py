@@ -55,6 +55,8 @@ async def world(tmp_path: Path):
         yield node, bob, alice, dialer
     finally:
         await node.stop()
+        node.close()
+        alice_node.close()
 
 
 def _client(node: InboxNode, dialer: DirectDialer) -> InboxClient:

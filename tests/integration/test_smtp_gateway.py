@@ -689,9 +689,11 @@ async def real(tmp_path: Path) -> AsyncIterator[tuple[DeviceNode, Submissions, A
     )
     store = AccountStore(node.db, cost=CHEAP)
     store.add(node.user, str(node.address), PASSWORD)
-    yield node, submissions, store
-    await node.close()
-    inbox.db.close()
+    try:
+        yield node, submissions, store
+    finally:
+        await node.close()
+        inbox.close()
 
 
 async def test_real_submissions_queue_the_message_and_file_it_in_sent(

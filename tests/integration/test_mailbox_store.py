@@ -243,15 +243,12 @@ def test_filing_normalises_hostile_mail(store: MailboxStore) -> None:
 def test_a_50_mib_message(store: MailboxStore) -> None:
     body = os.urandom(25 << 20).hex().encode()  # 50 MiB of text
     message = mail("huge", "<huge@x>", body)
-    started = time.monotonic()
     uid = store.file_message(USER, "INBOX", message, internal_date=1)
-    filed = time.monotonic() - started
     [msg] = store.messages(store.folder(USER, "INBOX").id)
     assert msg.uid == uid
     assert store.size(msg.body_id) == len(message)
     assert len(store.header(msg.body_id)) < 300
     assert store.content(msg.body_id) == message
-    assert filed < 20
 
 
 # -- listeners ------------------------------------------------------------------------------

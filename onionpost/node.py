@@ -368,6 +368,14 @@ class Node:
         return db
 
     async def stop(self) -> None:
+        try:
+            await self._stop()
+        finally:
+            for db in self._dbs:  # whatever failed above, no database is left open
+                db.close()
+            self._dbs.clear()
+
+    async def _stop(self) -> None:
         self.scheduler.stop()
         if self._tor_task is not None:
             self._tor_task.cancel()
@@ -393,9 +401,6 @@ class Node:
         if self.server is not None:
             await self.server.stop()
             self.server = None
-        for db in self._dbs:
-            db.close()
-        self._dbs.clear()
 
     def wake(self) -> None:
         """Look at the queues now, and pick up users added or removed by the CLI (SIGUSR1)."""

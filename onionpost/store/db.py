@@ -52,6 +52,9 @@ class Database:
             self.conn = sqlite3.connect(
                 str(path), isolation_level=None, timeout=10.0, check_same_thread=False
             )
+        except sqlite3.Error as exc:
+            raise translate(exc) from exc
+        try:
             self.conn.row_factory = sqlite3.Row
             if self.path is not None:
                 self.conn.execute("PRAGMA journal_mode=WAL")
@@ -62,8 +65,13 @@ class Database:
             self._depth = 0
             for component in components:
                 self.migrate(component)
-        except sqlite3.Error as exc:
-            raise translate(exc) from exc
+        except BaseException as exc:
+            # A database that cannot be opened (damaged, not ours, a failed migration) must
+            # not leave its connection open behind the error.
+            self.close()
+            if isinstance(exc, sqlite3.Error):
+                raise translate(exc) from exc
+            raise
 
     def close(self) -> None:
         with contextlib.suppress(sqlite3.Error):

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import pytest
 
 from gateway.imap import ImapServer, start_imap
+from gateway.imap import folders as imap_folders
 from gateway.throttle import LoginThrottle
 from gateway.tls import ca_path, server_context
 from onionpost.config import GatewayConfig
@@ -409,18 +410,28 @@ def test_a_failing_command_answers_no_and_the_session_goes_on(
 
 
 @pytest.mark.slow
-def test_a_large_message(gateway: Gateway, imap: imaplib.IMAP4) -> None:
+def test_a_large_message(
+    gateway: Gateway, imap: imaplib.IMAP4, monkeypatch: pytest.MonkeyPatch
+) -> None:
     attachment = os.urandom(30 << 20).hex().encode()[: 30 << 20]
     message = mail("large", "<large@x>", attachment + b"\r\n")
     gateway.file("INBOX", message)
     ok(imap.select("INBOX"))
-    started = time.monotonic()
+    read_whole: list[int] = []
+    content = gateway.mailbox.content
+
+    def recording_content(body_id: int) -> bytes:
+        read_whole.append(body_id)
+        return content(body_id)
+
+    monkeypatch.setattr(gateway.mailbox, "content", recording_content)
     head = ok(imap.fetch("1", "(RFC822.SIZE BODY.PEEK[HEADER.FIELDS (SUBJECT)])"))
-    header_time = time.monotonic() - started
     assert f"RFC822.SIZE {len(message)}".encode() in head[0][0]
-    assert header_time < 1.0  # the header path does not read 30 MiB
+    assert b"Subject: large" in head[0][1]
+    assert read_whole == []  # the header path does not read the 30 MiB
     body = ok(imap.fetch("1", "(BODY.PEEK[])"))[0][1]
     assert body == message
+    assert len(read_whole) == 1
 
 
 # -- IDLE -------------------------------------------------------------------------------
@@ -431,7 +442,7 @@ class Idler:
 
     def __init__(self, conn: imaplib.IMAP4) -> None:
         self.conn = conn
-        conn.sock.settimeout(10)
+        conn.sock.settimeout(60)  # only so that a missing update cannot hang the test
         conn.send(b"I1 IDLE\r\n")
         assert conn.readline().startswith(b"+")
 
@@ -445,7 +456,15 @@ class Idler:
         assert line.startswith(b"I1 OK")
 
 
-def test_idle_sees_new_mail_within_a_second(gateway: Gateway, imap: imaplib.IMAP4) -> None:
+@pytest.fixture
+def no_idle_poll(monkeypatch: pytest.MonkeyPatch) -> None:
+    """IDLE's fallback re-check comes only after an hour: what arrives came from a commit's
+    notification (which announces new mail within milliseconds, however busy the machine)."""
+    monkeypatch.setattr(imap_folders, "POLL_SECONDS", 3600.0)
+
+
+@pytest.mark.usefixtures("no_idle_poll")
+def test_idle_announces_new_mail_as_it_is_filed(gateway: Gateway, imap: imaplib.IMAP4) -> None:
     gateway.file("INBOX", mail("before", "<i0@x>"))
     ok(imap.select("INBOX"))
     idler = Idler(imap)
@@ -461,21 +480,19 @@ def test_idle_sees_new_mail_within_a_second(gateway: Gateway, imap: imaplib.IMAP
     idler.done()
     print(f"\nIDLE push latency: max {max(latencies) * 1000:.1f} ms, "
           f"median {sorted(latencies)[2] * 1000:.1f} ms")  # fmt: skip
-    assert max(latencies) < 1.0
 
 
+@pytest.mark.usefixtures("no_idle_poll")
 def test_idle_sees_changes_made_by_another_session(gateway: Gateway, imap: imaplib.IMAP4) -> None:
     gateway.file("INBOX", mail("x", "<o1@x>"))
     ok(imap.select("INBOX"))
     other = gateway.client()
     ok(other.select("INBOX"))
     idler = Idler(imap)
-    started = time.monotonic()
     ok(other.store("1", "+FLAGS", "(\\Flagged)"))
     line = idler.next_line()
     assert b"FETCH" in line
     assert b"\\Flagged" in line
-    assert time.monotonic() - started < 1.0
     ok(other.store("1", "+FLAGS", "(\\Deleted)"))
     idler.next_line()
     ok(other.expunge())
@@ -554,5 +571,6 @@ def test_200_concurrent_sessions(gateway: Gateway) -> None:
         probe.logout()
         barrier.wait()
         assert [f.result(120) for f in futures] == [20] * sessions
+    # The probe was served while the other sessions were all open (they log out only after
+    # the second barrier, which waits for the probe); how fast depends on the machine.
     print(f"\nwith {sessions} open sessions a probe session was answered in {answered:.3f} s")
-    assert answered < 5.0

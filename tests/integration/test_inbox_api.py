@@ -4,9 +4,11 @@ and everything a hostile peer might send."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import json
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -57,6 +59,8 @@ async def world(tmp_path: Path):
         yield node, bob, alice, dialer
     finally:
         await node.stop()
+        node.close()
+        alice_node.close()
 
 
 def _client(node: InboxNode, dialer: DirectDialer) -> InboxClient:
@@ -145,18 +149,21 @@ async def test_delivery_is_acknowledged_once_and_dedups(world) -> None:
     assert len(pending) == 1
 
 
-async def test_long_poll_wakes_promptly_on_delivery(world) -> None:
+async def test_long_poll_wakes_promptly_on_delivery(world, monkeypatch) -> None:
     node, bob, alice, dialer = world
+    # A long poll that would last an hour: if it returns, the delivery woke it.
+    monkeypatch.setattr(
+        node.server, "config", dataclasses.replace(node.server.config, longpoll_seconds=3600)
+    )
     session = _session(node, bob, dialer)
     await session.login()
     l1 = await _sealed(node, bob, alice, dialer)
-    waiter = asyncio.create_task(session.pending(wait=10))
+    waiter = asyncio.create_task(session.pending(wait=3600))
     await asyncio.sleep(0.3)
-    started = time.monotonic()
+    assert not waiter.done()  # waiting, not answered at once with nothing
     await _client(node, dialer).deliver(l1)
-    got = await waiter
+    got = await asyncio.wait_for(waiter, 120)  # (only so that a broken wake-up cannot hang)
     assert len(got) == 1
-    assert time.monotonic() - started < 0.5  # woken by the delivery, not by the 10 s timeout
 
 
 async def test_fetch_and_acknowledge_deletes_the_copy(world) -> None:
@@ -286,14 +293,22 @@ async def test_connection_flood_gets_503_and_legit_mail_flows(world) -> None:
     conns = await asyncio.gather(
         *(asyncio.open_connection("127.0.0.1", node.server.port) for _ in range(1000))
     )
-    replies = await asyncio.gather(
-        *(asyncio.wait_for(reader.read(), 10) for reader, _ in conns[64:])
-    )
-    busy = sum(b" 503 " in data and b'"4.3.2"' in data for data in replies)
+    replies = await asyncio.gather(*(asyncio.wait_for(reader.read(), 30) for reader, _ in conns))
     for _, writer in conns:
         writer.close()
     await asyncio.gather(*(w.wait_closed() for _, w in conns), return_exceptions=True)
-    assert busy >= 900, busy
+    # Each connection was either admitted (64 at a time; an idle one is closed without a word
+    # at its header deadline, which frees its place for a later one) or refused with a
+    # complete 503.  How many are refused depends on how fast this machine accepts them.
+    admitted = [data for data in replies if data == b""]
+    refused = [data for data in replies if data != b""]
+    assert len(admitted) >= 64  # the first 64 always find room
+    assert refused  # the flood went past the limit
+    for data in refused:
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503 "), data
+        assert int(re.search(rb"Content-Length: (\d+)", head)[1]) == len(body), data
+        assert json.loads(body)["code"] == "4.3.2", data
     receipt = await _client(node, dialer).deliver(await _sealed(node, bob, alice, dialer))
     assert receipt.receipt
 

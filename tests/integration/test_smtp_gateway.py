@@ -736,9 +736,11 @@ async def real(tmp_path: Path) -> AsyncIterator[tuple[DeviceNode, Submissions, A
     )
     store = AccountStore(node.db, cost=CHEAP)
     store.add(node.user, str(node.address), PASSWORD)
-    yield node, submissions, store
-    await node.close()
-    inbox.db.close()
+    try:
+        yield node, submissions, store
+    finally:
+        await node.close()
+        inbox.close()
 
 
 async def test_real_submissions_queue_the_message_and_file_it_in_sent(
@@ -1017,11 +1019,9 @@ async def test_500_concurrent_sessions(gw: SMTPGateway) -> None:
             writer.close()
             await writer.wait_closed()
 
-    began = time.monotonic()
     byes = await asyncio.gather(*(session() for _ in range(count)))
     assert byes == [b"221 2.0.0 Bye"] * count
     assert observed == [count]
-    assert time.monotonic() - began < 30
 
     def still_up() -> tuple[int, bytes]:
         with connect(gw) as client:

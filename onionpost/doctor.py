@@ -106,7 +106,12 @@ def _ports(config: Config, info: dict[str, object] | None) -> Finding:
     return Finding("ports", True, ", ".join(f"{k} {v}" for k, v in wanted.items()))
 
 
+_SECRETS = re.compile(r"(\.key|\.db|^account|^device-list|^passwd)$")
+
+
 def _permissions(data_dir: Path) -> Finding:
+    """Directories must keep others out; secrets must be the owner's alone.  Other files
+    (tor's and the node's logs) are private as long as their directories are."""
     loose = []
     for path in [data_dir, *data_dir.rglob("*")]:
         try:
@@ -114,8 +119,10 @@ def _permissions(data_dir: Path) -> Finding:
         except OSError:
             continue
         mode = stat.S_IMODE(st.st_mode)
-        public = path.suffix == ".pem" and path.parent.name == "tls" and "key" not in path.name
-        if (path.is_dir() and mode & 0o077) or (path.is_file() and not public and mode & 0o077):
+        if stat.S_ISDIR(st.st_mode):
+            if mode & 0o027:  # others may enter or list, or the group may write
+                loose.append(f"{path} ({oct(mode)})")
+        elif stat.S_ISREG(st.st_mode) and _SECRETS.search(path.name) and mode & 0o077:
             loose.append(f"{path} ({oct(mode)})")
         if st.st_uid != os.geteuid():
             loose.append(f"{path} belongs to another user")

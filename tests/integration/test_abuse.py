@@ -156,3 +156,5 @@ async def test_a_contacts_mail_is_filed_while_junk_floods_the_inbox(tmp_path: Pa
         await bob.close()
         await a.stop()
         await b.stop()
+        for inbox in (a, b, m):
+            inbox.close()

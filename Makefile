@@ -9,7 +9,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: run test check lint typecheck imports unit integration tor clients bench clean
+.PHONY: run test fresh check lint typecheck imports unit integration tor clients bench clean
 
 $(STAMP): pyproject.toml
 	@scripts/system-deps.sh run
@@ -26,6 +26,10 @@ test: $(STAMP)
 	@scripts/system-deps.sh test
 	$(MAKE) --no-print-directory check
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+# What CI runs: `make test` in clean Debian 12 and 13 roots (as root; several minutes each).
+fresh:
+	bash .ci/run
 
 check: lint typecheck imports
 

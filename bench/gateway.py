@@ -491,7 +491,8 @@ def _measure_onionpost(
         f"[gateway]\nsmtp_port = {smtp_port}\nimap_port = {imap_port}\n"
         f"autoconfig_port = {autoconfig_port}\n\n"
         "[inbox]\npow_bits = 0\nrate_per_mailbox_per_hour = 100000000\n"
-        "rate_per_source_per_hour = 100000000\n",
+        "rate_per_source_per_hour = 100000000\n"
+        "rate_strangers_per_mailbox_per_hour = 100000000\nrate_strangers_per_hour = 100000000\n",
         encoding="utf-8",
     )
     config = load(data_dir)

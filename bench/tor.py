@@ -128,6 +128,8 @@ def _node(root: Path, user: str, net: TorNetwork) -> Node:
                 "longpoll_seconds": 5.0,
                 "rate_per_mailbox_per_hour": 1_000_000,
                 "rate_per_source_per_hour": 1_000_000,
+                "rate_strangers_per_mailbox_per_hour": 1_000_000,
+                "rate_strangers_per_hour": 1_000_000,
             },
             "delivery": {"retry_min_seconds": 1, "retry_max_seconds": 5, "concurrency": 16},
         },

@@ -16,6 +16,7 @@ from typing import Protocol
 from gateway.autoconfig import start_autoconfig
 from gateway.imap import start_imap
 from gateway.smtp import start_smtp
+from gateway.throttle import LoginThrottle
 from gateway.tls import ensure_tls, server_context
 from onionpost.config import Config
 from onionpost.device import Device
@@ -67,12 +68,18 @@ async def start_gateway(node: GatewayHost) -> Callable[[], Awaitable[None]]:
     tls_dir = node.config.data_dir / "tls"
     ensure_tls(tls_dir)
     context = server_context(tls_dir)
+    # One for both protocols: a password guesser gains nothing by switching.
+    throttle = LoginThrottle()
     with _listening(cfg.listen_host, cfg.imap_port, "[gateway] imap_port"):
-        imap = await start_imap(cfg, node.mailbox, accounts, context)
+        imap = await start_imap(cfg, node.mailbox, accounts, context, throttle)
     try:
         with _listening(cfg.listen_host, cfg.smtp_port, "[gateway] smtp_port"):
             smtp = await start_smtp(
-                cfg, submit=node.submissions.submit, accounts=accounts, tls=context
+                cfg,
+                submit=node.submissions.submit,
+                accounts=accounts,
+                tls=context,
+                throttle=throttle,
             )
     except BaseException:
         await imap.stop()

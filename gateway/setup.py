@@ -22,6 +22,29 @@ def new_password() -> str:
     )
 
 
+def _dovecot_password(config: Config, user: str, password: str | None) -> None:
+    """Keep the private Dovecot's passwd-file in step with the gateway login (its IMAP
+    server-to-be); it stores only its own hash.  Without Dovecot installed there is nothing
+    to keep in step."""
+    from gateway.dovecot import Layout, PasswdFile, find_installation
+    from onionpost.errors import MailServerNotInstalled
+
+    passwd = PasswdFile(Layout(config.data_dir))
+    if password is None:
+        passwd.remove(user)
+        return
+    try:
+        inst = find_installation()
+    except MailServerNotInstalled:
+        return
+    passwd.set_password(inst, user, password)
+
+
+def forget_login(config: Config, user: str) -> None:
+    """A removed user's IMAP login goes too."""
+    _dovecot_password(config, user, None)
+
+
 def setup_account(config: Config, account: Account) -> str:
     """Create the user's gateway login with a fresh password (returned, shown once)."""
     ensure_tls(config.data_dir / "tls")
@@ -33,6 +56,7 @@ def setup_account(config: Config, account: Account) -> str:
             store.set_password(account.local, password)
         else:
             store.add(account.local, str(account.address), password)
+        _dovecot_password(config, account.local, password)
         return password
     finally:
         db.close()
@@ -44,6 +68,7 @@ def set_password(config: Config, user: str, password: str | None) -> str:
     try:
         chosen = password or new_password()
         AccountStore(db).set_password(user, chosen)
+        _dovecot_password(config, user, chosen)
         return chosen
     finally:
         db.close()

@@ -11,8 +11,9 @@ What a client may do, and why:
   plaintext login is allowed unless ``gateway.require_tls`` says otherwise, because mail
   clients make STARTTLS on 127.0.0.1 a chore; a listener on any other address always
   requires STARTTLS first.  The scrypt check runs in a worker thread so that one login does
-  not stall every other session, costs the same for unknown users, and a failure is answered
-  only after a pause.
+  not stall every other session, and costs the same for unknown users.  Failures are logged
+  and slow down further logins to that account and from that client, over SMTP and IMAP
+  alike (:class:`gateway.throttle.LoginThrottle`); at most five AUTH per connection.
 * Send only as itself: MAIL FROM and the From:/Sender: headers must be the address of the
   account that logged in.  Recipients must be onionpost addresses; anything else is refused
   at RCPT with the reason :meth:`Address.parse` gives, so the user reads a sentence in the
@@ -54,6 +55,7 @@ from typing import Any, AnyStr, Final
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, TLSSetupException
 
 from gateway import replies
+from gateway.throttle import LoginThrottle
 from onionpost.address import Address
 from onionpost.clock import Clock, SystemClock
 from onionpost.config import GatewayConfig
@@ -77,6 +79,7 @@ Submit = Callable[[str, list[Address], bytes], int]
 IDLE_TIMEOUT: Final = 300.0
 MAX_SESSIONS: Final = 512
 MAX_RECIPIENTS: Final = 1000
+#: The first failed login's pause; it doubles with each further failure (gateway.throttle).
 AUTH_FAILURE_DELAY: Final = 1.0
 #: Per connection.  Each accepted command restarts the idle timer, so without a budget a
 #: client could hold a session open for ever with NOOPs, or try passwords without end.
@@ -176,6 +179,14 @@ def _is_own(address: str, own: Address) -> bool:
         return False
 
 
+def _client_address(server: SMTP) -> str:
+    """The client's IP address, the key its failed logins are counted under."""
+    peer: object = server.session.peer if server.session is not None else None
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return str(peer or "unknown")
+
+
 def _check_author(fields: Iterable[tuple[str, str]], own: Address) -> None:
     """The From: (and any Sender:) header must name the logged-in user and nobody else."""
     fields = list(fields)
@@ -223,14 +234,14 @@ class _Policy:
         accounts: AccountStore,
         max_bytes: int,
         max_recipients: int,
-        failure_delay: float,
+        throttle: LoginThrottle,
         clock: Clock,
     ) -> None:
         self._submit = submit
         self._accounts = accounts
         self._max_bytes = max_bytes
         self._max_recipients = max_recipients
-        self._failure_delay = failure_delay
+        self._throttle = throttle
         self._clock = clock
 
     # -- AUTH: our own mechanisms, because aiosmtpd's call a synchronous checker ----------
@@ -250,8 +261,8 @@ class _Policy:
             return AuthResult(success=False, handled=False, message=replies.SMTP_BAD_PLAIN)
         authzid, login, password = parts
         if authzid and authzid != login:  # acting for another user is not offered
-            return await self._refuse()
-        return await self._check(login, password)
+            return await self._refuse(server, None)
+        return await self._check(server, login, password)
 
     async def auth_LOGIN(self, server: SMTP, args: list[str]) -> AuthResult:  # noqa: N802
         if len(args) == 1:
@@ -267,23 +278,26 @@ class _Policy:
         password = await server.challenge_auth("Password:")
         if not isinstance(password, bytes):
             return AuthResult(success=False, handled=True)
-        return await self._check(login, password)
+        return await self._check(server, login, password)
 
-    async def _check(self, login: bytes, password: bytes) -> AuthResult:
+    async def _check(self, server: SMTP, login: bytes, password: bytes) -> AuthResult:
         try:
             name, secret = login.decode("utf-8"), password.decode("utf-8")
         except UnicodeDecodeError:
             name, secret = "", ""
         credential = self._accounts.credential(name) if name else None
+        account = credential.user if credential else None
+        client = _client_address(server)
+        await self._throttle.before_check(account, client)
         # scrypt: tens of milliseconds of CPU, so off the event loop; the same for a
         # missing user (checked against a dummy hash), so timing does not reveal users.
         if await asyncio.to_thread(check_password, credential, secret) and credential:
+            self._throttle.succeeded(credential.user, client)
             return AuthResult(success=True, auth_data=credential.user, message=replies.SMTP_AUTH_OK)
-        return await self._refuse()
+        return await self._refuse(server, account)
 
-    async def _refuse(self) -> AuthResult:
-        log.info("smtp: a login was refused")
-        await asyncio.sleep(self._failure_delay)
+    async def _refuse(self, server: SMTP, account: str | None) -> AuthResult:
+        await self._throttle.failed("smtp", account, _client_address(server))
         return AuthResult(success=False, handled=False, message=replies.SMTP_AUTH_FAILED)
 
     # -- the envelope ---------------------------------------------------------------------
@@ -615,8 +629,13 @@ async def start_smtp(
     max_sessions: int = MAX_SESSIONS,
     max_recipients: int = MAX_RECIPIENTS,
     auth_failure_delay: float = AUTH_FAILURE_DELAY,
+    throttle: LoginThrottle | None = None,
 ) -> SMTPGateway:
-    """Listen on ``cfg.listen_host:cfg.smtp_port`` (port 0: any free port) in this loop."""
+    """Listen on ``cfg.listen_host:cfg.smtp_port`` (port 0: any free port) in this loop.
+
+    ``throttle`` is shared with the IMAP server in a running node; without one, SMTP gets
+    its own, starting at ``auth_failure_delay``.
+    """
     require_tls = cfg.require_tls or not _is_loopback(cfg.listen_host)
     if require_tls and tls is None:
         raise ConfigError(
@@ -631,7 +650,7 @@ async def start_smtp(
         accounts=accounts,
         max_bytes=cfg.max_message_bytes,
         max_recipients=max_recipients,
-        failure_delay=auth_failure_delay,
+        throttle=throttle or LoginThrottle(base=auth_failure_delay),
         clock=clock or SystemClock(),
     )
     registry: set[_Connection] = set()

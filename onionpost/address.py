@@ -71,6 +71,11 @@ def public_key_from_onion(onion: str) -> bytes:
     return pubkey
 
 
+def is_local_part(text: str) -> bool:
+    """Whether ``text`` is a valid (lower-case) local part, as :meth:`Address.parse` demands."""
+    return len(text) <= MAX_LOCAL_PART and _LOCAL_PART.fullmatch(text) is not None
+
+
 @dataclass(frozen=True, order=True)
 class Address:
     """A parsed, validated onionpost address."""

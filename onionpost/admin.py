@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import signal
 import time
@@ -25,7 +24,13 @@ from onionpost.config import Config
 from onionpost.crypto.fingerprint import fingerprint, safety_number
 from onionpost.crypto.keys import DeviceEntry, DeviceList
 from onionpost.errors import NotInitialized, OnionpostError, UsageError
-from onionpost.keystore import AccountFiles, KeyStore
+from onionpost.keystore import (
+    ROTATE_REQUEST,
+    AccountFiles,
+    KeyStore,
+    check_user_name,
+    ensure_private_dir,
+)
 from onionpost.pairing import Code
 from onionpost.store import DEVICE_COMPONENTS, INBOX_COMPONENTS
 from onionpost.store import queue as queue_store
@@ -90,15 +95,9 @@ def opened(config: Config) -> Iterator[Local]:
 
 def running_node(data_dir: Path) -> dict[str, object] | None:
     """The running node's status, or None when no node runs for this data directory."""
-    try:
-        info = json.loads((data_dir / "run" / "status.json").read_text())
-        pid = int(info.get("pid", 0))
-        os.kill(pid, 0)
-    except (OSError, ValueError, TypeError):
-        return None
-    if time.time() - float(info.get("updated_at", 0)) > 30:
-        return None
-    return dict(info)
+    from onionpost.joining import running_status
+
+    return running_status(data_dir)
 
 
 def poke(data_dir: Path) -> bool:
@@ -125,11 +124,14 @@ def _queues(local: Local) -> tuple[SubmissionStore | None, OutboxStore | None]:
     return subs, OutboxStore(db) if db is not None else None
 
 
-def queue(local: Local) -> list[QueueItem]:
-    """Every message not delivered yet (see :mod:`onionpost.store.queue`)."""
+def queue(local: Local, user: str | None = None) -> list[QueueItem]:
+    """Every message not delivered yet (see :mod:`onionpost.store.queue`): ``user``'s, or
+    everyone's on this node when ``user`` is None (the USER column tells whose each is)."""
+    only = local.account(user).local if user is not None else None
     subs, outbox = _queues(local)
     users = {a.mailbox_id: a.local for a in (local.files.load(u) for u in local.files.users())}
-    return queue_store.waiting(subs, outbox, users)
+    items = queue_store.waiting(subs, outbox, users)
+    return [i for i in items if only is None or i.user == only]
 
 
 def queue_summary(local: Local) -> dict[str, int]:
@@ -137,10 +139,18 @@ def queue_summary(local: Local) -> dict[str, int]:
     return queue_store.summary(queue(local))
 
 
-def queue_outcomes(local: Local, *, days: int) -> dict[str, int]:
-    """How many left the queue in the last ``days`` days: delivered, bounced, cancelled."""
+def queue_outcomes(local: Local, user: str | None = None, *, days: int) -> dict[str, int]:
+    """How many left the queue in the last ``days`` days: delivered, bounced, cancelled
+    (``user``'s, or everyone's)."""
+    only = local.account(user) if user is not None else None
     subs, outbox = _queues(local)
-    return queue_store.finished(subs, outbox, since=int(time.time()) - days * 86_400)
+    return queue_store.finished(
+        subs,
+        outbox,
+        since=int(time.time()) - days * 86_400,
+        user=only.local if only else None,
+        mailbox_id=only.mailbox_id if only else None,
+    )
 
 
 def _parse_id(item: str) -> tuple[str, int]:
@@ -153,33 +163,44 @@ def _parse_id(item: str) -> tuple[str, int]:
     return kind, int(number)
 
 
-def queue_retry(local: Local, item: str | None) -> int:
+def queue_retry(local: Local, item: str | None, user: str | None = None) -> int:
+    """Make one item, or every item (``user``'s only, when given), due now."""
+    only = local.account(user) if user is not None else None
     now = int(time.time())
     n = 0
     if item is None or item[:1].lower() == "s":
         sid = _parse_id(item)[1] if item else None
-        n += SubmissionStore(local.device_db()).retry_now(now, sid)
+        n += SubmissionStore(local.device_db()).retry_now(
+            now, sid, user=only.local if only else None
+        )
     if item is None or item[:1].lower() == "o":
         db = local.inbox_db()
         if db is not None:
             oid = _parse_id(item)[1] if item else None
-            n += OutboxStore(db).retry_now(now, oid)
+            n += OutboxStore(db).retry_now(now, oid, mailbox_id=only.mailbox_id if only else None)
     if item is not None and n == 0:
-        raise UsageError(f"Nothing to retry for '{item}': it is not waiting in the queue.")
+        whose = f"{only.local}'s queue" if only else "the queue"
+        raise UsageError(f"Nothing to retry for '{item}': it is not waiting in {whose}.")
     poke(local.config.data_dir)
     return n
 
 
-def queue_cancel(local: Local, item: str) -> None:
+def queue_cancel(local: Local, item: str, user: str | None = None) -> None:
+    """Withdraw one item; with ``user``, only if it is that user's mail."""
+    only = local.account(user) if user is not None else None
     kind, number = _parse_id(item)
     if kind == "s":
-        done = SubmissionStore(local.device_db()).cancel(number) > 0
+        store = SubmissionStore(local.device_db())
+        done = store.cancel(number, user=only.local if only else None) > 0
     else:
         db = local.inbox_db()
-        done = db is not None and OutboxStore(db).cancel(number, now=int(time.time()))
+        done = db is not None and OutboxStore(db).cancel(
+            number, now=int(time.time()), mailbox_id=only.mailbox_id if only else None
+        )
     if not done:
+        whose = f" in {only.local}'s queue" if only else ""
         raise UsageError(
-            f"'{item}' cannot be cancelled: it is not waiting (it may have been delivered)."
+            f"'{item}' cannot be cancelled: it is not waiting{whose} (it may have been delivered)."
         )
 
 
@@ -194,8 +215,9 @@ class ContactView:
 
 
 def contacts(local: Local, user: str | None = None) -> list[ContactView]:
+    """``user``'s contacts (each person on a node has their own address book)."""
     me = local.account(user)
-    store = ContactStore(local.device_db())
+    store = ContactStore(local.device_db(), me.local)
     return [
         ContactView(c, fingerprint(c.uik_pk), safety_number(me.uik_pk, c.uik_pk))
         for c in store.all()
@@ -212,20 +234,27 @@ def contact(local: Local, address: str, user: str | None = None) -> ContactView:
 
 
 def set_contact(
-    local: Local, address: str, *, verified: bool | None = None, blocked: bool | None = None
+    local: Local,
+    address: str,
+    *,
+    verified: bool | None = None,
+    blocked: bool | None = None,
+    user: str | None = None,
 ) -> None:
     key = str(Address.parse(address))
-    if not ContactStore(local.device_db()).set_flags(key, verified=verified, blocked=blocked):
+    store = ContactStore(local.device_db(), local.account(user).local)
+    if not store.set_flags(key, verified=verified, blocked=blocked):
         raise UsageError(f"{key} is not among your contacts yet.")
 
 
-def identity_changes(local: Local) -> list[tuple[str, bytes, bytes, int]]:
-    return ContactStore(local.device_db()).pending_identity_changes()
+def identity_changes(local: Local, user: str | None = None) -> list[tuple[str, bytes, bytes, int]]:
+    return ContactStore(local.device_db(), local.account(user).local).pending_identity_changes()
 
 
-def accept_identity(local: Local, address: str) -> None:
+def accept_identity(local: Local, address: str, user: str | None = None) -> None:
     key = str(Address.parse(address))
-    if not ContactStore(local.device_db()).accept_identity(key, int(time.time())):
+    store = ContactStore(local.device_db(), local.account(user).local)
+    if not store.accept_identity(key, int(time.time())):
         raise UsageError(f"{key} has no unconfirmed identity change.")
 
 
@@ -256,7 +285,8 @@ async def change_devices(
 ) -> Account:
     """Sign a new device list with ``change`` and publish it to the inbox *now*: straight
     into the inbox database when this machine runs the inbox, else over tor."""
-    from onionpost.joining import inbox_dialer, latest_device_list, session_for
+    from onionpost.device import device_session
+    from onionpost.joining import inbox_dialer, latest_device_list
 
     account = local.account(user)
     if account.identity is None:
@@ -278,7 +308,9 @@ async def change_devices(
             )
             account.device_list = await latest_device_list(account, client)
             change(account)
-            await session_for(account, client).publish(KeyUpdate(device_list=account.device_list))
+            await device_session(account, client).publish(
+                KeyUpdate(device_list=account.device_list)
+            )
     local.files.save(account)
     poke(local.config.data_dir)
     return account
@@ -345,13 +377,98 @@ def device_views(local: Local, user: str | None = None) -> tuple[Account, list[D
 
 
 async def _seen_over_tor(local: Local, account: Account) -> dict[bytes, int]:
-    from onionpost.joining import inbox_dialer, session_for
+    from onionpost.device import device_session
+    from onionpost.joining import inbox_dialer
 
     async with asyncio.timeout(60), inbox_dialer(local.config, say=lambda _: None) as dialer:
         client = InboxClient(
             dialer, account.address.onion, port=local.config.tor.onion_port, isolation="enrol"
         )
-        return await session_for(account, client).devices_seen()
+        return await device_session(account, client).devices_seen()
+
+
+# --- keys ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeyRow:
+    what: str
+    detail: str
+    created_at: int | None
+    next_at: int | None
+
+
+def key_rows(local: Local, user: str | None = None) -> list[KeyRow]:
+    """This machine's keys, their ages and when each rotates next (the node rotates them)."""
+    from onionpost.crypto.fingerprint import fingerprint
+    from onionpost.keylife import last_signing_rotation
+
+    cfg = local.config.keys
+    day = 86_400
+    rows: list[KeyRow] = []
+    users = local.files.users()
+    for name in [user] if user else users:
+        account = local.account(name)
+        who = f"{account.address.local}: "
+        if account.identity is not None:
+            rows.append(
+                KeyRow(
+                    who + "identity key (held here)",
+                    fingerprint(account.uik_pk),
+                    account.identity.created_at,
+                    None,
+                )
+            )
+        else:
+            rows.append(KeyRow(who + "identity key", "not on this device", None, None))
+        dev = account.device
+        last = last_signing_rotation(account)
+        rows.append(
+            KeyRow(
+                who + f"device signing key #{dev.dsk_seq}",
+                dev.name,
+                last,
+                last + cfg.device_key_rotation_days * day,
+            )
+        )
+        current = dev.current_prekey()
+        rows.append(
+            KeyRow(
+                who + f"prekey {current.spk_id}",
+                f"{len(dev.prekeys) - 1} retired kept",
+                current.created_at,
+                current.created_at + cfg.prekey_rotation_days * day,
+            )
+        )
+        rows.append(
+            KeyRow(
+                who + "server binding",
+                f"server key {account.binding.sek_id}",
+                account.binding.issued_at,
+                account.binding.not_after - 30 * day,
+            )
+        )
+    if local.keys.has_server():
+        secrets = local.keys.load_server()
+        sek = secrets.current()
+        rows.append(
+            KeyRow(
+                f"inbox: server envelope key {sek.sek_id}",
+                f"{len(secrets.server_keys) - 1} retired kept",
+                sek.created_at,
+                sek.created_at + cfg.server_key_rotation_days * day,
+            )
+        )
+    return rows
+
+
+def request_rotation(local: Local) -> bool:
+    """Ask the running node to rotate every key now; False if no node runs."""
+    if running_node(local.config.data_dir) is None:
+        return False
+    path = ensure_private_dir(local.config.data_dir / "run") / ROTATE_REQUEST
+    path.write_bytes(b"")
+    return poke(local.config.data_dir)
 
 
 # --- invites ------------------------------------------------------------------------------------
@@ -417,6 +534,138 @@ def _publish_direct(local: Local, account: Account, update: KeyUpdate) -> None:
     inbox.publish(account.mailbox_id, update, int(time.time()))
 
 
+# --- users --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UserUsage:
+    """What one person's mailbox uses.  The spool and quota figures are ``None`` when this
+    machine runs no inbox (or the inbox has no mailbox for the user)."""
+
+    user: str
+    address: str
+    devices: int
+    spooled_messages: int | None
+    spooled_bytes: int | None
+    quota_bytes: int | None
+
+
+def users(local: Local) -> list[UserUsage]:
+    """Each user of this node with what their mailbox uses at the inbox."""
+    from onionpost.store.inbox import InboxStore
+
+    names = local.files.users()
+    if not names and not local.keys.has_server():
+        raise NotInitialized()
+    db = local.inbox_db()
+    store = InboxStore(db) if db is not None else None
+    out: list[UserUsage] = []
+    for name in names:
+        account = local.files.load(name)
+        mailbox = store.mailbox(account.mailbox_id) if store is not None else None
+        messages = size = quota = None
+        if store is not None and mailbox is not None:
+            messages, size = store.spooled(account.mailbox_id)
+            quota = mailbox.quota_bytes or local.config.inbox.quota_bytes
+        out.append(
+            UserUsage(
+                name,
+                str(account.address),
+                len(account.device_list.devices),
+                messages,
+                size,
+                quota,
+            )
+        )
+    if store is not None:
+        # an inbox-only machine (a Pi): people whose keys live on their own devices
+        onion_pk = local.keys.load_server().onion_pk
+        for mb in store.mailboxes():
+            if mb.local in names:
+                continue
+            messages, size = store.spooled(mb.mailbox_id)
+            out.append(
+                UserUsage(
+                    mb.local,
+                    str(Address.for_key(mb.local, onion_pk)),
+                    len(store.devices(mb.mailbox_id)),
+                    messages,
+                    size,
+                    mb.quota_bytes or local.config.inbox.quota_bytes,
+                )
+            )
+    return out
+
+
+@dataclass(frozen=True)
+class Removed:
+    """What ``remove_user`` deleted (for the CLI to report)."""
+
+    user: str
+    mailbox: bool  # the mailbox in this machine's inbox
+    spooled_messages: int
+    messages: int  # filed on this device
+    contacts: int
+    submissions: int
+    node_told: bool  # a running node was poked and drops the user
+
+
+def check_user_exists(local: Local, name: str) -> None:
+    """Refuse a name of which nothing is on this machine.  Anything counts, not only a whole
+    user: key files, a mailbox in the inbox or a gateway login (an interrupted removal
+    leaves some of them, and running the removal again must finish it)."""
+    from onionpost.store.accounts import AccountStore
+    from onionpost.store.inbox import InboxStore
+
+    check_user_name(name)
+    if local.keys.has_user_files(name):
+        return
+    db = local.inbox_db()
+    if db is not None and InboxStore(db).mailbox_by_local(name) is not None:
+        return
+    device_db = local.config.data_dir / "device.db"
+    if device_db.exists() and name in AccountStore(local.device_db()).users():
+        return
+    known = local.files.users()
+    here = f" ({', '.join(known)})" if known else ""
+    raise UsageError(f"There is no user '{name}' here{here}.")
+
+
+def remove_user(local: Local, name: str) -> Removed:
+    """Delete a person from this node: mailbox and spool, mail, contacts, queued mail,
+    gateway login, key files; then tell the running node, which stops serving them.
+
+    Each step is idempotent and the key files go last, so an interrupted removal is
+    finished by running it again (the user is still listed until then)."""
+    from onionpost.store.accounts import AccountStore
+    from onionpost.store.inbox import InboxStore
+    from onionpost.store.mailbox import MailboxStore
+
+    check_user_exists(local, name)
+    mailbox_id = local.files.load(name).mailbox_id if local.files.exists(name) else None
+    had_mailbox, spooled = False, 0
+    db = local.inbox_db()
+    if db is not None:
+        inbox = InboxStore(db)
+        row = inbox.mailbox(mailbox_id) if mailbox_id else inbox.mailbox_by_local(name)
+        if row is not None:
+            with db.transaction():
+                spooled = inbox.spooled(row.mailbox_id)[0]
+                inbox.remove_mailbox(row.mailbox_id)
+                OutboxStore(db).remove_mailbox(row.mailbox_id)
+            had_mailbox = True
+    messages = contacts_gone = submissions = 0
+    if (local.config.data_dir / "device.db").exists():
+        device_db = local.device_db()
+        submissions = SubmissionStore(device_db).remove_user(name)
+        contacts_gone = ContactStore(device_db, name).forget_all()
+        messages = MailboxStore(device_db).remove_user(name)
+        AccountStore(device_db).remove(name)
+    local.keys.remove_user(name)
+    told = poke(local.config.data_dir)
+    return Removed(name, had_mailbox, spooled, messages, contacts_gone, submissions, told)
+
+
 # --- sending ------------------------------------------------------------------------------------
 
 
@@ -434,6 +683,7 @@ def submit(local: Local, user: str | None, recipients: list[Address], message: b
         message=message,
         now=int(time.time()),
         lifetime=local.config.delivery.lifetime_seconds,
+        own_address=account.address,
     )
     poke(local.config.data_dir)
     return sid

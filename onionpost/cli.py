@@ -469,9 +469,28 @@ def _age(seconds: float) -> str:
     return f"{seconds // 86400}d"
 
 
+def _user_option(help_text: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--user NAME`` for commands about one person's mail, keys or contacts."""
+    return click.option("--user", default=None, metavar="NAME", help=help_text)
+
+
+_WHOSE = "Whose (needed when this node has several users)."
+
+
+def _group_user(user: str | None) -> str | None:
+    """A subcommand's --user, else its group's: `contacts --user ben show X` works like
+    `contacts show --user ben X`."""
+    if user is not None:
+        return user
+    parent = click.get_current_context().parent
+    value = parent.params.get("user") if parent is not None else None
+    return value if isinstance(value, str) else None
+
+
 @cli.group(invoke_without_command=True)
+@_user_option("Only this user's mail (default: everyone's on this node).")
 @click.pass_context
-def queue(ctx: click.Context) -> None:
+def queue(ctx: click.Context, user: str | None) -> None:
     """List mail waiting to be delivered (see also: queue retry, queue cancel)."""
     if ctx.invoked_subcommand is not None:
         return
@@ -479,8 +498,9 @@ def queue(ctx: click.Context) -> None:
 
     obj: Ctx = ctx.obj
     with admin.opened(obj.config()) as local:
-        items = admin.queue(local)
-        done = admin.queue_outcomes(local, days=_OUTCOME_DAYS)
+        items = admin.queue(local, user)
+        several = user is None and len(local.files.users()) > 1
+        done = admin.queue_outcomes(local, user, days=_OUTCOME_DAYS)
     tor = (admin.running_node(obj.data_dir) or {}).get("tor")
     if isinstance(tor, dict) and tor.get("state") == "starting" and items:
         click.echo("This node's tor is still starting: mail for other inboxes waits for it.")
@@ -493,15 +513,23 @@ def queue(ctx: click.Context) -> None:
             click.echo("Each bounce was reported in the sender's INBOX with the reason.")
         return
     now = time.time()
-    click.echo(f"{'ID':<7} {'RECIPIENT':<40} {'AGE':>5} {'TRIES':>5} {'NEXT':>5}  STATUS")
+    who = {i.user for i in items}
+    width = max(4, *(len(u) for u in who)) if several else 0
+
+    def col(text: str) -> str:
+        return f"{text:<{width}} " if several else ""
+
+    click.echo(
+        f"{'ID':<7} {col('USER')}{'RECIPIENT':<40} {'AGE':>5} {'TRIES':>5} {'NEXT':>5}  STATUS"
+    )
     for i in items:
         short = (
             i.recipient if len(i.recipient) <= 40 else i.recipient[:18] + "…" + i.recipient[-21:]
         )
         nxt = "now" if i.next_attempt_at <= now else _age(i.next_attempt_at - now)
         click.echo(
-            f"{i.id:<7} {short:<40} {_age(now - i.created_at):>5} {i.attempts:>5} {nxt:>5}  "
-            f"{i.stage}"
+            f"{i.id:<7} {col(i.user)}{short:<40} {_age(now - i.created_at):>5} "
+            f"{i.attempts:>5} {nxt:>5}  {i.stage}"
         )
         if i.last_error:
             click.echo(f"{'':<7} last error: {i.last_error}")
@@ -513,25 +541,27 @@ _OUTCOME_DAYS = 30
 
 @queue.command("retry")
 @click.argument("item", required=False)
+@_user_option("Only this user's mail (default: everyone's on this node).")
 @pass_ctx
-def queue_retry(obj: Ctx, item: str | None) -> None:
+def queue_retry(obj: Ctx, item: str | None, user: str | None) -> None:
     """Try again now: one message (ID from `onionpost queue`) or everything."""
     from onionpost import admin
 
     with admin.opened(obj.config()) as local:
-        n = admin.queue_retry(local, item)
+        n = admin.queue_retry(local, item, _group_user(user))
     click.echo(f"{n} queued delivery(ies) will be tried now.")
 
 
 @queue.command("cancel")
 @click.argument("item")
+@_user_option("Only if it is this user's mail (IDs are unique on the node).")
 @pass_ctx
-def queue_cancel(obj: Ctx, item: str) -> None:
+def queue_cancel(obj: Ctx, item: str, user: str | None) -> None:
     """Withdraw a message that has not been delivered yet."""
     from onionpost import admin
 
     with admin.opened(obj.config()) as local:
-        admin.queue_cancel(local, item)
+        admin.queue_cancel(local, item, _group_user(user))
     click.echo(f"{item} was withdrawn; it will not be delivered.")
 
 
@@ -585,17 +615,20 @@ def send(
 
 
 @cli.group(invoke_without_command=True)
+@_user_option(_WHOSE)
 @click.pass_context
-def contacts(ctx: click.Context) -> None:
-    """People you have exchanged mail with, their identity fingerprints and safety numbers."""
+def contacts(ctx: click.Context, user: str | None) -> None:
+    """People you have exchanged mail with, their identity fingerprints and safety numbers.
+
+    Every person on a node has their own contacts; say whose with --user."""
     if ctx.invoked_subcommand is not None:
         return
     from onionpost import admin
 
     obj: Ctx = ctx.obj
     with admin.opened(obj.config()) as local:
-        views = admin.contacts(local)
-        changes = admin.identity_changes(local)
+        views = admin.contacts(local, user)
+        changes = admin.identity_changes(local, user)
     if not views:
         click.echo("No contacts yet.")
     for v in views:
@@ -607,19 +640,20 @@ def contacts(ctx: click.Context) -> None:
         click.echo(
             f"WARNING: {address} now presents a DIFFERENT identity key. Mail from and to it "
             "is refused until you compare safety numbers and run "
-            f"`onionpost contacts trust {address}`."
+            f"`onionpost contacts trust {address}`" + (f" --user {user}." if user else ".")
         )
 
 
 @contacts.command("show")
 @click.argument("address")
+@_user_option(_WHOSE)
 @pass_ctx
-def contacts_show(obj: Ctx, address: str) -> None:
+def contacts_show(obj: Ctx, address: str, user: str | None) -> None:
     """Show a contact's fingerprint and the safety number to compare with them."""
     from onionpost import admin
 
     with admin.opened(obj.config()) as local:
-        v = admin.contact(local, address)
+        v = admin.contact(local, address, _group_user(user))
     c = v.contact
     click.echo(f"address:        {c.address}")
     click.echo(f"identity:       {v.fingerprint}")
@@ -634,42 +668,45 @@ def contacts_show(obj: Ctx, address: str) -> None:
 
 @contacts.command("verify")
 @click.argument("address")
+@_user_option(_WHOSE)
 @pass_ctx
-def contacts_verify(obj: Ctx, address: str) -> None:
+def contacts_verify(obj: Ctx, address: str, user: str | None) -> None:
     """Record that you compared safety numbers with this contact."""
     from onionpost import admin
 
     with admin.opened(obj.config()) as local:
-        admin.set_contact(local, address, verified=True)
+        admin.set_contact(local, address, verified=True, user=_group_user(user))
     click.echo(f"{address} is marked as verified.")
 
 
 @contacts.command("block")
 @click.argument("address")
+@_user_option(_WHOSE)
 @pass_ctx
-def contacts_block(obj: Ctx, address: str) -> None:
+def contacts_block(obj: Ctx, address: str, user: str | None) -> None:
     """Stop refreshing this contact's keys and mark them blocked."""
     from onionpost import admin
 
     with admin.opened(obj.config()) as local:
-        admin.set_contact(local, address, blocked=True)
+        admin.set_contact(local, address, blocked=True, user=_group_user(user))
     click.echo(f"{address} is blocked.")
 
 
 @contacts.command("trust")
 @click.argument("address")
+@_user_option(_WHOSE)
 @pass_ctx
-def contacts_trust(obj: Ctx, address: str) -> None:
+def contacts_trust(obj: Ctx, address: str, user: str | None) -> None:
     """Accept a contact's NEW identity key (only after comparing safety numbers)."""
     from onionpost import admin
 
     with admin.opened(obj.config()) as local:
-        admin.accept_identity(local, address)
+        admin.accept_identity(local, address, _group_user(user))
     click.echo(f"The old key of {address} is forgotten; the next message pins the new one.")
 
 
 @cli.group(invoke_without_command=True)
-@click.option("--user", default=None, help="Whose devices (where several people use this node).")
+@_user_option(_WHOSE)
 @click.pass_context
 def devices(ctx: click.Context, user: str | None) -> None:
     """Your devices, each with its own keys (see also: devices add, rename, revoke)."""
@@ -705,7 +742,7 @@ def devices(ctx: click.Context, user: str | None) -> None:
 
 
 @devices.command("add")
-@click.option("--user", default=None, help="Whose device (where several people use this node).")
+@_user_option(_WHOSE)
 @click.option("--json", "as_json", is_flag=True, help="Print the code and the result as JSON.")
 @pass_ctx
 def devices_add(obj: Ctx, user: str | None, as_json: bool) -> None:
@@ -713,6 +750,7 @@ def devices_add(obj: Ctx, user: str | None, as_json: bool) -> None:
     `onionpost init --join CODE`, then waits for it (a few minutes at most)."""
     from onionpost import admin
     from onionpost.clock import SystemClock
+    from onionpost.crypto.fingerprint import fingerprint
     from onionpost.joining import inbox_dialer, offer_pairing
     from onionpost.pairing import Code
 
@@ -730,11 +768,15 @@ def devices_add(obj: Ctx, user: str | None, as_json: bool) -> None:
         click.echo(f"  onionpost init --join {code.text()}\n")
         click.echo(_qr(code.qr_payload()))
         click.echo(
+            f"Your identity is {fingerprint(account.uik_pk)}: the new device shows the same "
+            "when it has joined."
+        )
+        click.echo(
             f"The code works once, until {_clock_time(expires)}. Waiting for the new device..."
         )
 
     with admin.opened(config) as local:
-        account = local.account(user)
+        account = local.account(_group_user(user))
 
         async def main() -> Any:  # noqa: ANN401
             async with inbox_dialer(config, say=say, own_onion=account.address.onion) as dialer:
@@ -761,27 +803,27 @@ def devices_add(obj: Ctx, user: str | None, as_json: bool) -> None:
 @devices.command("rename")
 @click.argument("device")
 @click.argument("name")
-@click.option("--user", default=None, help="Whose device (where several people use this node).")
+@_user_option(_WHOSE)
 @pass_ctx
 def devices_rename(obj: Ctx, device: str, name: str, user: str | None) -> None:
     """Give a device another name."""
     from onionpost import admin
 
     with admin.opened(obj.config()) as local:
-        account = admin.rename(local, device, name, user)
+        account = admin.rename(local, device, name, _group_user(user))
     click.echo(f"Renamed. Device list is now version {account.device_list.version}.")
 
 
 @devices.command("revoke")
 @click.argument("device")
-@click.option("--user", default=None, help="Whose device (where several people use this node).")
+@_user_option(_WHOSE)
 @pass_ctx
 def devices_revoke(obj: Ctx, device: str, user: str | None) -> None:
     """Revoke a lost or stolen device: its inbox refuses it at once and drops its mail."""
     from onionpost import admin
 
     with admin.opened(obj.config()) as local:
-        account = admin.revoke(local, device, user)
+        account = admin.revoke(local, device, _group_user(user))
     click.echo(f"Revoked. Device list is now version {account.device_list.version}.")
 
 
@@ -806,6 +848,133 @@ def _qr(payload: str) -> str:
     for top, bottom in zip(rows[0::2], rows[1::2], strict=False):
         lines.append("".join(chars[(a, b)] for a, b in zip(top, bottom, strict=True)))
     return "\n".join(lines)
+
+
+# --- doctor -------------------------------------------------------------------------------------
+
+
+@cli.command()
+@pass_ctx
+def doctor(obj: Ctx) -> None:
+    """Check what can go wrong (tor, the onion, ports, permissions, clock, disk, a second
+    node) and say what to do about each problem."""
+    from onionpost.doctor import examine
+
+    findings = asyncio.run(examine(obj.config()))
+    for f in findings:
+        click.echo(f"{'ok ' if f.ok else '!! '} {f.check:<14} {f.detail}")
+        if not f.ok and f.fix:
+            click.echo(f"{'':<4}{'':<14} -> {f.fix}")
+    problems = sum(not f.ok for f in findings)
+    if problems:
+        _fail(f"{problems} problem(s) found; see above.")
+    click.echo("Everything checked is fine.")
+
+
+# --- keys ---------------------------------------------------------------------------------------
+
+
+@cli.group(invoke_without_command=True)
+@click.option("--user", default=None, help="Whose keys (default: everyone's on this machine).")
+@click.pass_context
+def keys(ctx: click.Context, user: str | None) -> None:
+    """This machine's keys, their ages and next rotation (see also: keys rotate)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from onionpost import admin
+
+    obj: Ctx = ctx.obj
+    now = time.time()
+    with admin.opened(obj.config()) as local:
+        rows = admin.key_rows(local, user)
+    if not rows:
+        raise NotInitialized()
+    click.echo(f"{'KEY':<44} {'AGE':>5}  {'NEXT':>8}  DETAIL")
+    for r in rows:
+        age = _age(now - r.created_at) if r.created_at else "-"
+        if r.next_at is None:
+            nxt = "-"
+        elif r.next_at <= now:
+            nxt = "due"
+        else:
+            nxt = "in " + _age(r.next_at - now)
+        click.echo(f"{r.what:<44} {age:>5}  {nxt:>8}  {r.detail}")
+    click.echo(
+        "The running node rotates keys when they are due; `onionpost keys rotate` does it now."
+    )
+
+
+@keys.command("rotate")
+@pass_ctx
+def keys_rotate(obj: Ctx) -> None:
+    """Rotate every key of this machine now (the running node does it and publishes them)."""
+    from onionpost import admin
+
+    with admin.opened(obj.config()) as local:
+        asked = admin.request_rotation(local)
+    if not asked:
+        raise UsageError(
+            "The node is not running; keys are rotated by the node. Start it (`onionpost run`) "
+            "and run this again."
+        )
+    click.echo("The node rotates every key now and publishes them; `onionpost keys` shows them.")
+
+
+# --- backup and restore ------------------------------------------------------------------------
+
+
+_PASSPHRASE_FILE = click.option(
+    "--passphrase-file",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    default=None,
+    help="Read the passphrase from this file (for scripts) instead of asking.",
+)
+
+
+def _passphrase(path: Path | None, *, confirm: bool) -> str:
+    if path is not None:
+        try:
+            return path.read_text(encoding="utf-8").rstrip("\n")
+        except OSError as exc:
+            raise UsageError(f"Cannot read the passphrase file {path}: {exc.strerror}.") from exc
+    if not sys.stdin.isatty():
+        raise UsageError("Give the passphrase with --passphrase-file (no terminal to ask on).")
+    text: str = click.prompt("Backup passphrase", hide_input=True, confirmation_prompt=confirm)
+    return text
+
+
+@cli.command()
+@click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
+@_PASSPHRASE_FILE
+@pass_ctx
+def backup(obj: Ctx, file: Path, passphrase_file: Path | None) -> None:
+    """Write one encrypted file with your keys, settings and mail (safe while the node runs)."""
+    from onionpost.backup import make_backup
+
+    report = make_backup(obj.config(), file, _passphrase(passphrase_file, confirm=True))
+    click.echo(
+        f"Backed up {report.files} files ({report.plaintext_bytes // 1024} KiB) to {file}, "
+        "encrypted with your passphrase. Keep it somewhere other than this machine; without "
+        "the passphrase nobody (you included) can open it."
+    )
+
+
+@cli.command()
+@click.argument("file", type=click.Path(path_type=Path, dir_okay=False, exists=True))
+@_PASSPHRASE_FILE
+@pass_ctx
+def restore(obj: Ctx, file: Path, passphrase_file: Path | None) -> None:
+    """Bring back a backup on a new machine (into a data directory with no identity yet)."""
+    from onionpost.backup import restore_backup
+
+    found = restore_backup(obj.config(), file, _passphrase(passphrase_file, confirm=False))
+    click.echo(f"Restored into {obj.data_dir}:")
+    for what in found:
+        click.echo(f"  {what}")
+    click.echo(
+        "Start the node with `onionpost run`. Stop the old machine for good if it still runs: "
+        "two nodes with the same address compete for it."
+    )
 
 
 # --- the demo --------------------------------------------------------------------------------
@@ -897,7 +1066,7 @@ def users_invite(
             local,
             name,
             lifetime=hours * 3600 if hours else None,
-            quota_bytes=_size(quota) if quota else None,
+            quota_bytes=_parse_size(quota) if quota else None,
             max_devices=max_devices,
         )
     if as_json:
@@ -923,7 +1092,7 @@ def users_invite(
     )
 
 
-def _size(text: str) -> int:
+def _parse_size(text: str) -> int:
     m = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)i?b?\s*", text.lower())
     if m is None:
         raise click.BadParameter(f"'{text}' is not a size; write e.g. 500M or 2G.")
@@ -934,12 +1103,71 @@ def _size(text: str) -> int:
 @users.command("list")
 @pass_ctx
 def users_list(obj: Ctx) -> None:
-    """Everyone with an address on this node."""
-    from onionpost.keystore import AccountFiles, KeyStore
+    """Everyone with an address on this node, and what their mailbox uses.
 
-    files = AccountFiles(KeyStore(obj.data_dir))
-    for local in files.users():
-        click.echo(str(files.load(local).address))
+    MAIL and SPOOLED are the messages (and their size) waiting at this node's inbox for the
+    user's devices to fetch; QUOTA is the most the spool may hold."""
+    from onionpost import admin
+
+    with admin.opened(obj.config()) as local:
+        rows = admin.users(local)
+    if not rows:
+        click.echo("Nobody has an address here yet (add someone with `onionpost users add`).")
+        return
+    width = max(len(r.address) for r in rows)
+    click.echo(f"{'ADDRESS':<{width}}  {'MAIL':>5}  {'SPOOLED':>9}  {'DEVICES':>7}  {'QUOTA':>9}")
+    for r in rows:
+        mail = "-" if r.spooled_messages is None else str(r.spooled_messages)
+        click.echo(
+            f"{r.address:<{width}}  {mail:>5}  {_size(r.spooled_bytes):>9}  {r.devices:>7}  "
+            f"{_size(r.quota_bytes):>9}"
+        )
+
+
+def _size(n: int | None) -> str:
+    """Bytes for people: 0 B, 512 B, 3.4 KiB, 12.0 MiB, 2.0 GiB (``-``: not known here)."""
+    if n is None:
+        return "-"
+    value, unit = float(n), "B"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            break
+        value /= 1024
+    return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
+
+
+@users.command("remove")
+@click.argument("name")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation (for scripts).")
+@pass_ctx
+def users_remove(obj: Ctx, name: str, yes: bool) -> None:
+    """Delete a person from this node: their mailbox and mail, contacts, keys and login.
+
+    This cannot be undone: mail waiting at the inbox and everything filed on this device
+    for them is deleted, and their address stops working."""
+    from onionpost import admin
+
+    name = name.lower()
+    with admin.opened(obj.config()) as local:
+        admin.check_user_exists(local, name)
+        if not yes:
+            click.confirm(
+                f"Delete {name}'s mailbox, mail, contacts, keys and login for good?",
+                abort=True,
+            )
+        removed = admin.remove_user(local, name)
+    from gateway.setup import forget_login
+
+    forget_login(obj.config(), removed.user)
+    click.echo(
+        f"Removed {removed.user}: {removed.messages} filed message(s), "
+        f"{removed.spooled_messages} waiting at the inbox, {removed.contacts} contact(s), "
+        f"{removed.submissions} queued submission(s)."
+    )
+    if not removed.mailbox:
+        click.echo("This machine runs no inbox holding their mailbox; none was removed.")
+    if removed.node_told:
+        click.echo("The running node stops serving them now.")
 
 
 # --- mail clients ------------------------------------------------------------------------------

@@ -53,8 +53,12 @@ class InboxConfig:
     max_connections: int = 256
     request_timeout: float = 120.0  # a whole request (headers and body) must arrive within this
     header_timeout: float = 15.0
-    rate_per_mailbox_per_hour: int = 600
-    rate_per_source_per_hour: int = 1200
+    # Accepted mail per hour (the window is the clock hour).  Contacts and strangers have
+    # separate budgets, so strangers cannot use up what contacts need (docs/threat-model.md).
+    rate_per_mailbox_per_hour: int = 600  # from all contacts into one mailbox
+    rate_per_source_per_hour: int = 300  # from one contact token
+    rate_strangers_per_mailbox_per_hour: int = 100  # stamped, into one mailbox, per difficulty
+    rate_strangers_per_hour: int = 1200  # stamped, into all mailboxes here, per difficulty
     longpoll_seconds: float = 25.0
     invite_hours: int = 24  # how long an invite code (users invite) can be used
     pairing_minutes: int = 10  # how long a pairing code (devices add) can be used

@@ -37,6 +37,20 @@ from onionpost.wire import KeyUpdate
 log = logging.getLogger(__name__)
 
 
+def device_session(account: Account, client: InboxClient) -> DeviceSession:
+    """This device's session with its inbox: logs in with the device key and its chain."""
+    return DeviceSession(
+        client,
+        mailbox_id=account.mailbox_id,
+        device_id=account.device.device_id,
+        sign=account.sign,
+        login_message=lambda ch: login_message(
+            account.onion_pk, account.mailbox_id, account.device.device_id, ch
+        ),
+        rotations=lambda: [r.encode() for r in account.device.chain],
+    )
+
+
 class Device:
     def __init__(
         self,
@@ -60,16 +74,7 @@ class Device:
         self.client = InboxClient(
             dialer, own.onion, port=config.tor.onion_port, isolation=f"own:{own.onion}"
         )
-        self.session = DeviceSession(
-            self.client,
-            mailbox_id=account.mailbox_id,
-            device_id=account.device.device_id,
-            sign=account.sign,
-            login_message=lambda ch: login_message(
-                account.onion_pk, account.mailbox_id, account.device.device_id, ch
-            ),
-            rotations=lambda: [r.encode() for r in account.device.chain],
-        )
+        self.session = device_session(account, self.client)
         self.directory = Directory(
             contacts,
             dialer,
@@ -121,9 +126,11 @@ class Device:
         *,
         server_key: ServerKey | None,
         rng: RandomSource = system_random,
+        force: bool = False,
     ) -> list[str]:
-        """Rotate due keys, save them, publish; returns what changed (for the log)."""
-        rot = rotate_device(self.account, now, cfg, rng=rng)
+        """Rotate due keys (all of them with ``force``), save them, publish; returns what
+        changed (for the log)."""
+        rot = rotate_device(self.account, now, cfg, rng=rng, force_signing=force)
         binding = self.account.binding
         if (
             server_key is not None
@@ -144,7 +151,10 @@ class Device:
         return rot.changes
 
     def save(self) -> None:
-        if self.accounts is not None:
+        """Write the account's keys back, unless the user was removed meanwhile: a key
+        rotation finishing just after ``onionpost users remove`` must not recreate the files
+        (the node drops the device once it notices, see ``Node._update_users``)."""
+        if self.accounts is not None and self.accounts.exists(self.account.local):
             self.accounts.save(self.account)
 
     # -- the person's other devices -------------------------------------------------------

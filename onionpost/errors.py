@@ -29,10 +29,13 @@ guessing.
      |                                 InvalidFolderName
      +- DeliveryError              what a peer inbox answered, or why it could not be reached
      |   +- PeerUnreachable        ... TorStillConnecting (this node's tor, not the peer)
+     +- BadRequest                 a peer or device sent the node API something it cannot parse
+     +- RequestAborted             ... or went away before its request arrived
      +- TorError                   tor missing, too old, unreachable, or failing
      +- GatewayError               mail-client facing problems (auth, recipients, size)
          +- AuthenticationFailed, SenderNotAllowed, UnknownLocalUser, PasswordRejected,
-            LocalTLSError
+            LocalTLSError, FilingRefused
+         +- MailServerError        the private Dovecot: MailServerNotInstalled, FilingDeferred
 """
 
 from __future__ import annotations
@@ -391,6 +394,30 @@ class StaleRecipientKeys(TemporaryDeliveryError):
     default_reason = "stale-keys"
 
 
+class BadRequest(OnionpostError):
+    """The request is not understood: it is not what the onionpost protocol expects.
+
+    Distinct from :class:`PeerProtocolError`, which is what a *client* concludes about a
+    server's answer (temporary: the server may be mid-upgrade); a request that does not parse
+    will never parse, so the node API answers it 400, permanently.
+    """
+
+    enhanced_code = "5.5.2"
+    reason = "bad-request"
+
+
+class RequestAborted(OnionpostError):
+    """The other side went away before its whole request arrived.
+
+    Nobody is left to read an answer; the node API logs it as one line, since a peer whose tor
+    circuit breaks mid-upload is ordinary, not a fault of this node.
+    """
+
+    enhanced_code = "4.4.2"
+    temporary = True
+    reason = "aborted"
+
+
 class DeviceRefused(OnionpostError):
     """This device may not use the mailbox (unknown or revoked device, or failed login)."""
 
@@ -554,3 +581,26 @@ class LocalTLSError(GatewayError):
 
     enhanced_code = "4.7.0"
     temporary = True
+
+
+class MailServerError(GatewayError):
+    """The private IMAP server (Dovecot) could not be set up or is not running."""
+
+    enhanced_code = "4.3.0"
+    temporary = True
+
+
+class MailServerNotInstalled(MailServerError):
+    """Dovecot's IMAP and LMTP servers are not installed: run scripts/system-deps.sh run as root."""
+
+    temporary = False
+
+
+class FilingDeferred(MailServerError):
+    """The mail server could not file the message now; it stays queued and is tried again."""
+
+
+class FilingRefused(GatewayError):
+    """The mail server refused to file the message."""
+
+    enhanced_code = "5.3.0"

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO
 
-from onionpost.address import Address
+from onionpost.address import Address, is_local_part
 from onionpost.config import InboxConfig
 from onionpost.crypto import envelope, pow
 from onionpost.crypto.bundle import AntiSpamPolicy, KeyBundle
@@ -48,7 +48,7 @@ from onionpost.errors import (
     TemporaryDeliveryError,
     UnknownMailbox,
 )
-from onionpost.store.inbox import InboxStore, SpoolEntry
+from onionpost.store.inbox import InboxStore, RateBucket, SpoolEntry
 from onionpost.store.outbox import OutboxStore
 from onionpost.wire import KeyUpdate
 
@@ -126,7 +126,12 @@ class Inbox:
         """The signed key bundle of a mailbox; :class:`UnknownMailbox` if there is none."""
         mb = self.store.mailbox_by_local(local)
         if mb is None or mb.device_list_version == 0:
-            raise UnknownMailbox(f"This inbox has no mailbox named '{local.lower()}'.")
+            # The name is repeated only when it is a valid one: the answer must not carry
+            # arbitrary bytes from the request back (a path can be 8 KiB of anything).
+            name = local.lower()
+            if is_local_part(name):
+                raise UnknownMailbox(f"This inbox has no mailbox named '{name}'.")
+            raise UnknownMailbox()
         cached = self._bundle_cache.get(mb.local)
         if cached is not None and cached[0] > now:
             return cached[1]
@@ -204,13 +209,19 @@ class Inbox:
         return Unwrapped(meta, l2, spk_ids)
 
     def accept(self, unwrapped: Unwrapped, *, now: int) -> DeliveryResult:
-        """Check proof, limits and routing, then store durably; raises delivery errors."""
+        """Check proof, routing and limits, then store durably; raises delivery errors.
+
+        The order matters for abuse resistance: the token or stamp is checked *before* any
+        counter is charged, so an envelope without a valid proof is refused without writing
+        anything (it costs the sender a connection and an upload, and the owner nothing).
+        Duplicates and envelopes no current device can read are answered before charging
+        too; only an envelope that is about to be stored counts against the limits.
+        """
         meta = unwrapped.meta
         mb = self.store.mailbox(meta.mailbox_id)
         if mb is None:
             raise UnknownMailbox()
-        self._check_rate("mailbox", mb.mailbox_id, self.config.rate_per_mailbox_per_hour, now)
-        self._check_proof(meta, mb.mailbox_id, mb.accepts_strangers, mb.pow_bits, now)
+        buckets = self._check_proof(meta, mb.mailbox_id, mb.accepts_strangers, mb.pow_bits, now)
         receipt = self.store.seen_receipt(mb.mailbox_id, meta.l2_digest)
         if receipt is not None:
             return DeliveryResult(receipt, True, mb.mailbox_id, frozenset(), 0)
@@ -221,6 +232,7 @@ class Inbox:
                 f"None of {mb.local}'s current devices can read this message: it was sealed "
                 "to old or revoked keys. Fetch fresh keys and send again."
             )
+        self._check_rates(buckets, now)
         receipt = hash32(b"onionpost/v1/receipt", mb.mailbox_id, meta.l2_digest)[:12].hex()
         unwrapped.l2.seek(0)
         try:
@@ -254,8 +266,9 @@ class Inbox:
         key = self.secrets.by_id(sek_id)
         return None if key is None else key.secret
 
-    def _check_rate(self, scope: str, key: bytes, limit: int, now: int) -> None:
-        if not self.store.take_rate(scope, key, now - now % HOUR, limit):
+    def _check_rates(self, buckets: list[RateBucket], now: int) -> None:
+        """Charge every bucket of this sender, or none when one of them is full."""
+        if self.store.take_rates(buckets, now - now % HOUR) is not None:
             raise TemporaryDeliveryError(
                 "The recipient's inbox is receiving too much mail right now; delivery will be "
                 "retried later.",
@@ -269,13 +282,29 @@ class Inbox:
         strangers: bool,
         bits: int | None,
         now: int,
-    ) -> None:
+    ) -> list[RateBucket]:
+        """Check the envelope's token or stamp; return the rate buckets its sender fills.
+
+        Nothing is charged here, so a refusal (permanent: retrying cannot grow a proof)
+        leaves no trace.  A sender is identified as cheaply as the envelope allows:
+
+        * a contact by its token (the keyed hash the inbox stores), and its mail also fills
+          the mailbox's contact budget;
+        * a stranger has no identity the inbox can see (the sender is inside the
+          encryption) and the stamp binds only mailbox, day and message.  What a stranger
+          *has* shown is how much work it paid, so strangers are counted per mailbox and per
+          difficulty paid, and across the inbox per difficulty paid.  A flood of stamps at
+          the required difficulty fills only that bucket: it never touches the contacts'
+          budget (contacts keep getting through), and a sender who pays more bits lands in a
+          bucket of its own that costs the flooder twice as much per extra bit to fill.
+        """
         if meta.auth_kind == envelope.AUTH_TOKEN:
-            if self.store.token_valid(mailbox_id, self.token_hash(meta.token)):
-                self._check_rate(
-                    "token", hash32(meta.token), self.config.rate_per_source_per_hour, now
-                )
-                return
+            token_hash = self.token_hash(meta.token)
+            if self.store.token_valid(mailbox_id, token_hash):
+                return [
+                    RateBucket("token", token_hash, self.config.rate_per_source_per_hour),
+                    RateBucket("mailbox", mailbox_id, self.config.rate_per_mailbox_per_hour),
+                ]
             raise PermanentDeliveryError(
                 "The recipient does not accept this sender's contact token (it was withdrawn or "
                 "never issued).",
@@ -290,17 +319,24 @@ class Inbox:
             )
         required = self.config.pow_bits if bits is None else bits
         if meta.stamp is None:
-            if required == 0:
-                self._check_rate("stranger", b"", self.config.rate_per_source_per_hour, now)
-                return
-            raise PermanentDeliveryError.from_error(
-                ProofOfWorkError("Mail from a stranger must carry a proof of work.")
-            )
-        try:
-            pow.verify(meta.stamp, mailbox_id, meta.l2_digest, required, now)
-        except ProofOfWorkError as exc:
-            raise PermanentDeliveryError.from_error(exc) from exc
-        self._check_rate("stranger", b"", self.config.rate_per_source_per_hour, now)
+            if required != 0:
+                raise PermanentDeliveryError.from_error(
+                    ProofOfWorkError("Mail from a stranger must carry a proof of work.")
+                )
+            paid = 0
+        else:
+            try:
+                pow.verify(meta.stamp, mailbox_id, meta.l2_digest, required, now)
+            except ProofOfWorkError as exc:
+                raise PermanentDeliveryError.from_error(exc) from exc
+            paid = meta.stamp.bits
+        level = bytes([paid])
+        return [
+            RateBucket(
+                "stranger", mailbox_id + level, self.config.rate_strangers_per_mailbox_per_hour
+            ),
+            RateBucket("strangers", level, self.config.rate_strangers_per_hour),
+        ]
 
     # -- device sessions ------------------------------------------------------------------
 

@@ -14,17 +14,20 @@ import contextlib
 import json
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import TypeVar
 
 from onionpost.account import Account, create_identity
-from onionpost.api.client import DeviceSession, InboxClient
+from onionpost.api.client import InboxClient
 from onionpost.api.transport import Dialer, DirectDialer
 from onionpost.clock import Clock, SystemClock
 from onionpost.config import Config
 from onionpost.crypto.bundle import KeyBundle
 from onionpost.crypto.keys import DeviceEntry, DeviceList, DeviceSecrets, IdentitySecrets
 from onionpost.crypto.primitives import RandomSource, ed25519_public, system_random
+from onionpost.device import device_session
 from onionpost.errors import (
     CodeRefused,
     OnionpostError,
@@ -32,7 +35,6 @@ from onionpost.errors import (
     PeerUnreachable,
     UsageError,
 )
-from onionpost.inbox import login_message
 from onionpost.keylife import prekey_lifetime
 from onionpost.pairing import Code, Joiner, JoinGrant, JoinRequest, Offer
 from onionpost.tor import SocksEndpoint, TorDialer, TorRuntime
@@ -49,21 +51,22 @@ POLL_SECONDS = 1.0
 # --- reaching the inbox --------------------------------------------------------------------
 
 
-def _running_status(config: Config) -> dict[str, object] | None:
+def running_status(data_dir: Path) -> dict[str, object] | None:
+    """The running node's status (``run/status.json``), or None when no node runs for this
+    data directory: the file must name a live process and have been written recently."""
     try:
-        info = json.loads((config.data_dir / "run" / "status.json").read_text())
-    except (OSError, ValueError):
-        return None
-    pid = info.get("pid")
-    if not isinstance(pid, int) or pid <= 0:
-        return None
-    try:
+        info = json.loads((data_dir / "run" / "status.json").read_text())
+        pid = int(info.get("pid", 0))
+        if pid <= 0:
+            return None
         os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
     except PermissionError:
-        pass
-    return info if isinstance(info, dict) else None
+        pass  # alive, but another user's (the service user's) process
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+    if not isinstance(info, dict) or time.time() - float(info.get("updated_at", 0)) > 30:
+        return None
+    return info
 
 
 @contextlib.asynccontextmanager
@@ -74,7 +77,7 @@ async def inbox_dialer(
     SOCKS port, or (no node runs) a tor started for this command alone."""
     clock = clock or SystemClock()
     direct = DirectDialer(config.tor.static_routes)
-    info = _running_status(config)
+    info = running_status(config.data_dir)
     if info is not None:
         api_port, tor = info.get("api_port"), info.get("tor")
         if own_onion and isinstance(api_port, int) and api_port > 0:
@@ -213,19 +216,6 @@ async def redeem_invite(
 # --- pairing: the existing device ------------------------------------------------------------
 
 
-def session_for(account: Account, client: InboxClient) -> DeviceSession:
-    return DeviceSession(
-        client,
-        mailbox_id=account.mailbox_id,
-        device_id=account.device.device_id,
-        sign=account.sign,
-        login_message=lambda ch: login_message(
-            account.onion_pk, account.mailbox_id, account.device.device_id, ch
-        ),
-        rotations=lambda: [r.encode() for r in account.device.chain],
-    )
-
-
 async def latest_device_list(account: Account, client: InboxClient) -> DeviceList:
     """The person's device list as their inbox publishes it (never older than ours)."""
     bundle = KeyBundle.parse(await client.bundle(account.local))
@@ -254,7 +244,7 @@ async def offer_pairing(
             "`onionpost devices add` on one of your devices that does."
         )
     client = _client(config, dialer, account.address.onion)
-    session = session_for(account, client)
+    session = device_session(account, client)
     account.device_list = await retrying(
         "read your device list",
         lambda: latest_device_list(account, client),

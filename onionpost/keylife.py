@@ -38,7 +38,8 @@ def prekey_lifetime(cfg: KeysConfig) -> int:
     return 2 * cfg.prekey_rotation_days * DAY
 
 
-def _last_signing_rotation(account: Account) -> int:
+def last_signing_rotation(account: Account) -> int:
+    """When this device's signing key last changed (its first key: when it was added)."""
     if account.device.chain:
         return account.device.chain[-1].not_before
     entry = account.device_list.device(account.device.device_id)
@@ -56,7 +57,7 @@ def rotate_device(
     """Renew this device's keys that are due; the returned update publishes them."""
     rot = Rotation()
     dev = account.device
-    if force_signing or now - _last_signing_rotation(account) >= cfg.device_key_rotation_days * DAY:
+    if force_signing or now - last_signing_rotation(account) >= cfg.device_key_rotation_days * DAY:
         dev.rotate_signing_key(now, rng=rng)
         rot.changes.append(f"device signing key rotated (now #{dev.dsk_seq})")
         rot.update.rotations = list(dev.chain)
@@ -103,10 +104,11 @@ def rotate_server(
     *,
     keep_seconds: int,
     rng: RandomSource = system_random,
+    force: bool = False,
 ) -> ServerKey | None:
     """A new server envelope key when the current one is due; old ones kept ``keep_seconds``."""
     new: ServerKey | None = None
-    if now - secrets.current().created_at >= cfg.server_key_rotation_days * DAY:
+    if force or now - secrets.current().created_at >= cfg.server_key_rotation_days * DAY:
         new = secrets.new_server_key(now, rng=rng)
     secrets.drop_retired(now, keep_seconds)
     return new

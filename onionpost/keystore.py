@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +28,9 @@ from onionpost.crypto.keys import (
 from onionpost.errors import DataDirError, NotInitialized, OnionpostError
 
 T = TypeVar("T")
+#: Left in <data>/run by `onionpost keys rotate` before it pokes the running node, which owns
+#: the key files while it runs (a second writer could lose a rotated key).
+ROTATE_REQUEST = "rotate-keys"
 _USER_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
 
@@ -42,7 +46,9 @@ def ensure_private_dir(path: Path) -> Path:
             d.mkdir(mode=0o700)
             d.chmod(0o700)  # mkdir's mode is filtered by the umask
         mode = stat.S_IMODE(path.stat().st_mode)
-        if mode & 0o077:
+        # Group search alone (0710) is kept: a root node's private Dovecot passes through
+        # the data directory that way to its Maildirs (gateway/dovecot.py); nothing is listed.
+        if mode & 0o067:
             path.chmod(0o700)
     except OSError as exc:
         raise DataDirError(f"Cannot create the directory {path}: {exc.strerror}.") from exc
@@ -125,6 +131,25 @@ class KeyStore:
         if not base.is_dir():
             return []
         return sorted(p.name for p in base.iterdir() if (p / "device.key").exists())
+
+    def has_user_files(self, local: str) -> bool:
+        """Whether anything of ``local`` is left in ``users/`` (also a half-removed user)."""
+        return self.user_dir(local).exists()
+
+    def remove_user(self, local: str) -> None:
+        """Delete a user's key files.  The directory is first moved out of ``users/`` in one
+        rename, so the running node (and ``users()``) sees the user either whole or gone,
+        never a directory with some of the keys missing."""
+        source = self.user_dir(local)
+        trash = self.data_dir / f".removing-{local}"
+        try:
+            if trash.exists():
+                shutil.rmtree(trash)  # left over from an interrupted removal
+            if source.exists():
+                source.rename(trash)
+                shutil.rmtree(trash)
+        except OSError as exc:
+            raise DataDirError(f"Cannot delete the files of {local}: {exc.strerror}.") from exc
 
     def has_server(self) -> bool:
         return self.server_file.exists()

@@ -40,7 +40,13 @@ from onionpost.errors import (
 )
 from onionpost.inbox import Inbox
 from onionpost.keylife import rotate_server
-from onionpost.keystore import AccountFiles, KeyStore, ensure_private_dir, write_private
+from onionpost.keystore import (
+    ROTATE_REQUEST,
+    AccountFiles,
+    KeyStore,
+    ensure_private_dir,
+    write_private,
+)
 from onionpost.retry import RetryPolicy
 from onionpost.scheduler import Scheduler
 from onionpost.store import DEVICE_COMPONENTS, INBOX_COMPONENTS, queue
@@ -83,7 +89,6 @@ class Node:
         self.tor: TorRuntime | None = None
         self.devices: dict[str, Device] = {}
         self.mailbox: MailboxStore | None = None
-        self.contacts: ContactStore | None = None
         self.submissions: Submissions | None = None
         self.device_db: Database | None = None
         self.gateway_ports: dict[str, int] = {}
@@ -259,7 +264,6 @@ class Node:
         db = self._open(cfg.data_dir / "device.db", DEVICE_COMPONENTS)
         self.device_db = db
         self.mailbox = MailboxStore(db)
-        self.contacts = ContactStore(db)
         for local in users:
             await self._start_device(files, local)
         self.submissions = Submissions(
@@ -301,8 +305,9 @@ class Node:
                 except OnionpostError as exc:
                     log.info("could not check the outbox for %s: %s", device.address, exc)
 
-    async def maintain_keys(self) -> None:
-        """Rotate what is due, save it, then publish (publishing is idempotent)."""
+    async def maintain_keys(self, *, force: bool = False) -> None:
+        """Rotate what is due (everything, with ``force``: `onionpost keys rotate`), save it,
+        then publish (publishing is idempotent)."""
         now = self.clock.now()
         cfg = self.config.keys
         if self.inbox is not None:
@@ -314,13 +319,14 @@ class Node:
                 + self.config.delivery.lifetime_seconds
                 + 30 * 86_400,
                 rng=self.rng,
+                force=force,
             )
             self.keys.save_server(self.inbox.secrets)
             if new is not None:
                 log.info("server envelope key rotated")
         for device in list(self.devices.values()):
             sek = self.inbox.secrets.current() if self.inbox is not None else None
-            await device.maintain_keys(now, cfg, server_key=sek, rng=self.rng)
+            await device.maintain_keys(now, cfg, server_key=sek, rng=self.rng, force=force)
 
     async def prune(self) -> None:
         now = self.clock.now()
@@ -337,25 +343,27 @@ class Node:
             self.submissions.store.purge(now - 30 * 86_400)
 
     async def refresh_contacts(self) -> None:
-        """Keep cached bundles fresh, so sealing works offline with recent keys."""
-        if self.contacts is None or not self.devices:
-            return
-        device = next(iter(self.devices.values()))
+        """Keep cached bundles fresh, so sealing works offline with recent keys.
+
+        Each user's contacts through that user's own device: the address books are separate
+        (a contact one person blocked is still refreshed for another), and a bundle is
+        checked against the pin of the person who will seal with it."""
         now = self.clock.now()
-        for contact in self.contacts.all():
-            age = now - (contact.bundle_fetched_at or 0)
-            if contact.blocked or age < self.config.delivery.bundle_refresh_seconds:
-                continue
-            with contextlib.suppress(OnionpostError):
-                await device.directory.resolve(Address.parse(contact.address), now=now)
+        for device in list(self.devices.values()):
+            for contact in device.contacts.all():
+                age = now - (contact.bundle_fetched_at or 0)
+                if contact.blocked or age < self.config.delivery.bundle_refresh_seconds:
+                    continue
+                with contextlib.suppress(OnionpostError):
+                    await device.directory.resolve(Address.parse(contact.address), now=now)
 
     async def _start_device(self, files: AccountFiles, local: str) -> None:
-        assert self.mailbox is not None and self.contacts is not None
+        assert self.mailbox is not None and self.device_db is not None
         device = Device(
             files.load(local),
             config=self.config,
             mailbox=self.mailbox,
-            contacts=self.contacts,
+            contacts=ContactStore(self.device_db, local),
             accounts=files,
             dialer=self.dialer,
             clock=self.clock,
@@ -379,6 +387,14 @@ class Node:
         lease until the next start releases it), then the gateway, the devices' sync, tor
         and the API server stop, and the databases close last.
         """
+        try:
+            await self._stop()
+        finally:
+            for db in self._dbs:  # whatever failed above, no database is left open
+                db.close()
+            self._dbs.clear()
+
+    async def _stop(self) -> None:
         await self.scheduler.stop()
         if self._tor_task is not None:
             await cancel_and_wait(self._tor_task)
@@ -398,12 +414,9 @@ class Node:
         if self.server is not None:
             await _bounded(self.server.stop(), "the node API")
             self.server = None
-        for db in self._dbs:
-            db.close()
-        self._dbs.clear()
 
     def wake(self) -> None:
-        """Look at the queues now, and pick up users added by the CLI (SIGUSR1).
+        """Look at the queues now, and pick up users added or removed by the CLI (SIGUSR1).
 
         Also called when tor becomes ready: mail that waited for it goes at once, and the
         devices' sync stops waiting out its backoff.
@@ -412,13 +425,37 @@ class Node:
             self.scheduler.wake(job)
         for device in self.devices.values():
             device.wake()
+        request = self.config.data_dir / "run" / ROTATE_REQUEST
+        if request.exists():
+            request.unlink(missing_ok=True)
+            log.info("rotating every key now, as asked (onionpost keys rotate)")
+            self._tasks.append(
+                asyncio.get_running_loop().create_task(self._rotate_now(), name="rotate")
+            )
         if self.has_gateway and self.mailbox is not None:
-            self._tasks.append(asyncio.get_running_loop().create_task(self._add_new_users()))
+            self._tasks.append(asyncio.get_running_loop().create_task(self._update_users()))
 
-    async def _add_new_users(self) -> None:
+    async def _rotate_now(self) -> None:
+        try:
+            await self.maintain_keys(force=True)
+        except OnionpostError as exc:
+            log.warning("rotating the keys did not complete: %s", exc)
+
+    async def _update_users(self) -> None:
+        """Serve the users whose files are in the data directory, and only those.
+
+        ``onionpost users add`` writes a user's files and ``users remove`` deletes them (and
+        their mail, contacts and mailbox), then both poke the node.  A removed user's device
+        is dropped and its sync loop stopped, so nothing keeps polling a mailbox that is gone
+        or writes the user's key files back."""
         files = AccountFiles(self.keys)
-        for local in files.users():
-            if local not in self.devices and self.mailbox and self.contacts:
+        present = files.users()
+        for local in [u for u in self.devices if u not in present]:
+            device = self.devices.pop(local)
+            await device.stop()
+            log.info("user %s was removed and is no longer served", local)
+        for local in present:
+            if local not in self.devices and self.mailbox is not None:
                 await self._start_device(files, local)
                 log.info("new user %s is served now", local)
             elif local in self.devices:

@@ -7,7 +7,12 @@ A submission becomes *sealing units*, each one signed L3 inside one L2:
 * one copy per Bcc recipient, whose signed recipient list names only that recipient, so Bcc
   recipients learn nothing about each other;
 * when there are Bcc recipients, a separate copy for the sender's own other devices that
-  keeps the Bcc header (the sender may see whom they blind-copied).
+  keeps the Bcc header (the sender may see whom they blind-copied);
+* when the sender is one of the recipients (mail to yourself, or a copy to yourself), also a
+  separate copy for the sender's own other devices, marked :data:`EXT_ADDRESSED_TO_SELF` so
+  they file it in INBOX as well as Sent.  It is separate so that the mark, which says the
+  sender wrote to themself, is never seen by anyone else (it may be a Bcc).  This device's
+  own INBOX copy is filed at submission (:func:`onionpost.submission.queue_submission`).
 
 Each unit is wrapped once per destination inbox (L1, sealed to that inbox's server key,
 carrying a contact token or a proof-of-work stamp) and handed to the device's own inbox,
@@ -32,7 +37,7 @@ from onionpost.address import Address
 from onionpost.api.client import DeviceSession
 from onionpost.crypto import envelope, pow
 from onionpost.crypto.bundle import VerifiedBundle
-from onionpost.crypto.envelope import EXT_TOKEN_GRANT, StanzaTarget
+from onionpost.crypto.envelope import EXT_ADDRESSED_TO_SELF, EXT_TOKEN_GRANT, StanzaTarget
 from onionpost.crypto.primitives import RandomSource, hash32, system_random
 from onionpost.crypto.sender import EXT_SENDER_KEYS
 from onionpost.directory import Directory
@@ -102,6 +107,7 @@ class _Unit:
     recipients: tuple[Address, ...]
     body: bytes
     include_own: bool
+    to_self: bool = False
 
 
 class Sender:
@@ -124,18 +130,21 @@ class Sender:
 
     def units(self, out: Outgoing) -> list[_Unit]:
         me = self.account.address
+        to_self = me in out.recipients
         shown = visible_addresses(out.message)
         recipients = sorted({a for a in out.recipients if a != me})
         visible = tuple(a for a in recipients if str(a) in shown)
         bcc = [a for a in recipients if str(a) not in shown]
         has_other_devices = out.include_own and bool(self.account.other_device_ids())
-        clean = strip_bcc(out.message) if bcc else out.message
+        # Others never see a Bcc header, not even one that names only the sender.
+        clean = strip_bcc(out.message)
+        own_apart = to_self or bool(bcc) or clean != out.message
         units: list[_Unit] = []
-        if visible or (has_other_devices and not bcc):
-            units.append(_Unit(visible, clean, has_other_devices and not bcc))
+        if visible or (has_other_devices and not own_apart):
+            units.append(_Unit(visible, clean, has_other_devices and not own_apart))
         units.extend(_Unit((a,), clean, False) for a in bcc)
-        if bcc and has_other_devices:
-            units.append(_Unit((), out.message, True))
+        if own_apart and has_other_devices:
+            units.append(_Unit((), out.message, True, to_self))
         return units
 
     async def send(self, out: Outgoing, *, now: int) -> SendReport:
@@ -154,6 +163,8 @@ class Sender:
                     own = (await self.directory.resolve(self.account.address, now=now)).bundle
                 except OnionpostError as exc:
                     log.warning("cannot reach own inbox for the Sent copy: %s", exc)
+                    if unit.to_self:  # the user is a recipient: retried like any other
+                        report.failed[str(self.account.address)] = exc
             own_unit = own if unit.include_own else None
             if not bundles and own_unit is None:
                 continue
@@ -198,6 +209,8 @@ class Sender:
         extensions = [(EXT_SENDER_KEYS, self.account.credentials())]
         if grants:
             extensions.append((EXT_TOKEN_GRANT, grants))
+        if unit.to_self and own is not None:
+            extensions.append((EXT_ADDRESSED_TO_SELF, b""))
         expires_at = now + self.lifetime
         unit_key = ",".join([*(str(a) for a in unit.recipients), *(["self"] if own else [])])
         msg_id = None

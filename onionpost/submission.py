@@ -71,8 +71,16 @@ def queue_submission(
     message: bytes,
     now: int,
     lifetime: int,
+    own_address: Address | None = None,
 ) -> int:
-    """Store a submission and file its Sent copy in one transaction; durable on return."""
+    """Store a submission and file its Sent copy in one transaction; durable on return.
+
+    Mail addressed to the sender (``own_address`` among ``recipients``: To, Cc or Bcc) is
+    also filed in their INBOX here, in the same transaction, so it is there when the client
+    hears 250.  Sealing it to the user's own inbox would wait for keys and bounce, and the
+    inbox would refuse it anyway.  The address stays a recipient only so the sealing worker
+    makes a copy for the user's other devices; with no other devices it is simply done.
+    """
     mailbox = MailboxStore(db)
     with db.transaction():
         sid = SubmissionStore(db).add(
@@ -85,6 +93,9 @@ def queue_submission(
             expires_at=now + lifetime,
         )
         mailbox.file_message(user, "Sent", message, flags=("\\Seen",), internal_date=now)
+        if own_address is not None and own_address in recipients:
+            mailbox.file_message(user, "INBOX", message, internal_date=now)
+    mailbox.flush_notifications()
     return sid
 
 
@@ -117,7 +128,8 @@ class Submissions:
 
     def submit(self, user: str, recipients: Sequence[Address], message: bytes) -> int:
         """Queue ``message`` for ``recipients``; durable (and filed in Sent) on return."""
-        if user not in self.devices:
+        device = self.devices.get(user)
+        if device is None:
             raise UnknownLocalUser(f"There is no onionpost user '{user}' on this node.")
         if not recipients:
             raise GatewayError("A message needs at least one recipient.", code="5.5.1")
@@ -132,6 +144,7 @@ class Submissions:
             message=message,
             now=self.clock.now(),
             lifetime=self.config.lifetime_seconds,
+            own_address=device.address,
         )
         self.wake()
         return sid
@@ -172,19 +185,25 @@ class Submissions:
                 addresses.append(Address.parse(r.address))
             except AddressError as exc:
                 self._fail(sid, r, PermanentDeliveryError.from_error(exc), now)
-        first = all(r.attempts == 0 for r in recips)
+        me = str(device.address)
+        # The own devices' copy goes with the first attempt, or for as long as the user, as a
+        # recipient, is still waiting for it.
+        include_own = all(r.attempts == 0 for r in recips) or any(r.address == me for r in recips)
         report = await device.sender.send(
             Outgoing(
                 message,
                 addresses,
                 recips[0].message_ref,
-                include_own=first,
+                include_own=include_own,
                 submission_key=f"s{sid}",
             ),
             now=now,
         )
         for r in recips:
-            if r.address in report.queued:
+            if r.address == me and r.address not in report.queued.keys() | report.failed.keys():
+                # No other device needs a copy; INBOX here was filed at submission.
+                self.store.mark_delivered(sid, r.address)
+            elif r.address in report.queued:
                 self.store.mark_queued(sid, r.address, report.queued[r.address])
             elif r.address in report.failed:
                 self._fail(sid, r, report.failed[r.address], now)

@@ -5,7 +5,8 @@ layer and the signature are checked inside :func:`~onionpost.crypto.envelope.ope
 prove the signing key belongs to the sender (:func:`~onionpost.crypto.sender.verify_sender`,
 offline, against our pin of the contact), normalise the content so no mail client can choke
 on it, and file it — INBOX for others' mail, Sent for copies of our own mail from our other
-devices — recording its message id in the same transaction.  Only then is the inbox told to
+devices (and INBOX too when we were among its recipients) — recording its message id in the
+same transaction.  Only then is the inbox told to
 delete its copy.  A message that fails any check is not filed; the user gets a notice in
 INBOX naming the failure instead.  A crash at any point repeats work but never loses or
 duplicates mail.
@@ -27,6 +28,7 @@ from onionpost.address import Address
 from onionpost.api.client import DeviceSession, PendingMessage
 from onionpost.crypto.envelope import (
     CONTENT_RFC5322,
+    EXT_ADDRESSED_TO_SELF,
     EXT_TOKEN_GRANT,
     ContentHeader,
     open_inner,
@@ -138,15 +140,21 @@ class Receiver:
                 return self._notice(exc, header, digest, now)
             body.seek(0)
             message = _stamp(body.read(), sender)  # file_message normalises it
-        uid = self.mailbox.file_message(
-            self.user,
-            folder,
-            message,
-            flags=("\\Seen",) if folder == "Sent" else (),
-            internal_date=now,
-            seen_id=(header.msg_id, header.expires_at),
-        )
-        log.info("filed a message into %s (uid %s)", folder, uid)
+        # Our own mail that was also addressed to us (another device of ours sent it): the
+        # mark is signed by our own device, so it is trusted as much as the copy itself.
+        to_self = folder == "Sent" and header.extension(EXT_ADDRESSED_TO_SELF) is not None
+        with self.mailbox.transaction():
+            uid = self.mailbox.file_message(
+                self.user,
+                folder,
+                message,
+                flags=("\\Seen",) if folder == "Sent" else (),
+                internal_date=now,
+                seen_id=(header.msg_id, header.expires_at),
+            )
+            if to_self and uid is not None:
+                self.mailbox.file_message(self.user, "INBOX", message, internal_date=now)
+        log.info("filed a message into %s%s (uid %s)", folder, " and INBOX" if to_self else "", uid)
         return Filed(folder, uid)
 
     def _authenticate(self, header: ContentHeader, now: int) -> tuple[str, _Sender]:

@@ -400,6 +400,11 @@ class TorNetwork:
                 "AuthDirVoteStableGuaranteeMTBF 0 seconds",
                 "TestingMinFastFlagThreshold 0",
                 "TestingMinExitFlagThreshold 0",
+                # Fast otherwise goes to routers above the 12.5th percentile of bandwidth: on
+                # an idle loopback network the slowest router's Fast flag came and went
+                # between consensuses (and readiness waited for it).  1 KB/s guarantees it.
+                "AuthDirFastGuarantee 1 KB",
+                "AuthDirGuardBWGuarantee 1 KB",
             ]
         return lines
 

@@ -16,6 +16,7 @@ from typing import Any
 from onionpost.crypto.encoding import Reader, Writer
 from onionpost.crypto.keys import DeviceList, Profile, RotationRecord, ServerBinding, SignedPrekey
 from onionpost.errors import (
+    BadRequest,
     CodeRefused,
     DeviceRefused,
     MalformedData,
@@ -60,15 +61,31 @@ def refusal(exc: OnionpostError) -> tuple[int, dict[str, Any]]:
 
 
 def parse_json(raw: bytes, what: str) -> dict[str, Any]:
-    """Parse a JSON object from a peer, whose bytes are untrusted."""
+    """Parse a JSON object a server answered, whose bytes are untrusted.
+
+    Raises :class:`PeerProtocolError`: temporary, since the peer may be mid-upgrade.
+    """
+    return _json_object(raw, what, PeerProtocolError)
+
+
+def parse_request_json(raw: bytes) -> dict[str, Any]:
+    """Parse a JSON object a client sent to the node API.
+
+    Raises :class:`BadRequest`: the same bytes will never parse, so the answer is a permanent
+    400, not the temporary refusal a broken *answer* gets.
+    """
+    return _json_object(raw, "request", BadRequest)
+
+
+def _json_object(raw: bytes, what: str, error: type[OnionpostError]) -> dict[str, Any]:
     if len(raw) > MAX_JSON_BYTES:
-        raise PeerProtocolError(f"The {what} is larger than {MAX_JSON_BYTES} bytes.")
+        raise error(f"The {what} is larger than {MAX_JSON_BYTES} bytes.")
     try:
         value = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise PeerProtocolError(f"The {what} is not valid JSON.") from exc
+        raise error(f"The {what} is not valid JSON.") from exc
     if not isinstance(value, dict):
-        raise PeerProtocolError(f"The {what} is not a JSON object.")
+        raise error(f"The {what} is not a JSON object.")
     return value
 
 

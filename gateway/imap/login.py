@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from datetime import datetime
 from typing import Any
 
@@ -19,11 +20,16 @@ from gateway.imap.folders import MailboxSet
 from gateway.imap.hub import Hub
 from gateway.imap.session import Session
 from gateway.replies import AUTH_FAILED
+from gateway.throttle import LoginThrottle
 from onionpost.store.accounts import AccountStore, Credential, check_password
 from onionpost.store.mailbox import MailboxStore
 
-#: Added to every failed login, so guessing passwords over the loopback port is slow.
+#: The first failed login's pause; it doubles with each further failure (gateway.throttle).
 FAILED_LOGIN_DELAY = 0.5
+
+#: The connected client's address, set per connection by the server: pymap hands the login
+#: hook only the credentials, and failures are counted per client as well as per account.
+client_address: ContextVar[str] = ContextVar("client_address", default="unknown")
 
 
 class _NoTokens(TokensInterface):
@@ -85,24 +91,36 @@ class Login(LoginInterface):
     """pymap's login hook: who may log in, and the session each login gets."""
 
     def __init__(
-        self, config: IMAPConfig, accounts: AccountStore, mailbox: MailboxStore, hub: Hub
+        self,
+        config: IMAPConfig,
+        accounts: AccountStore,
+        mailbox: MailboxStore,
+        hub: Hub,
+        throttle: LoginThrottle | None = None,
     ) -> None:
         self.config = config
         self.accounts = accounts
         self.mailbox = mailbox
         self.hub = hub
+        self.throttle = throttle or LoginThrottle(base=FAILED_LOGIN_DELAY)
 
     @property
     def tokens(self) -> TokensInterface:
         return _NoTokens()
 
     async def authenticate(self, credentials: ServerCredentials) -> _Identity:
+        """Check a login; failures slow down further logins (shared with SMTP, see
+        :class:`gateway.throttle.LoginThrottle`) and are logged, without the password."""
         credential = self.accounts.credential(credentials.authcid)
+        account = credential.user if credential else None
+        client = client_address.get()
+        await self.throttle.before_check(account, client)
         # scrypt takes tens of milliseconds of CPU: not on the event loop.
         ok = await asyncio.to_thread(credentials.verify, _Secret(credential))
         if not ok or credential is None:
-            await asyncio.sleep(FAILED_LOGIN_DELAY)
+            await self.throttle.failed("imap", account, client)
             raise InvalidAuth(AUTH_FAILED.text)
+        self.throttle.succeeded(credential.user, client)
         return _Identity(credential.user, credential.address, self)
 
     async def authorize(self, authenticated: IdentityInterface, authzid: str) -> _Identity:

@@ -34,8 +34,9 @@ from pysasl.creds.server import ServerCredentials
 from pysasl.hashing import BuiltinHash
 
 from gateway.imap.hub import Hub
-from gateway.imap.login import Login
+from gateway.imap.login import Login, client_address
 from gateway.replies import ImapReply, imap_reply, unexpected_imap_reply
+from gateway.throttle import LoginThrottle
 from onionpost.config import GatewayConfig
 from onionpost.errors import OnionpostError
 from onionpost.store.accounts import AccountStore
@@ -81,8 +82,13 @@ async def start_imap(
     mailbox: MailboxStore,
     accounts: AccountStore,
     tls: ssl.SSLContext | None,
+    throttle: LoginThrottle | None = None,
 ) -> ImapServer:
-    """Listen on ``cfg.listen_host:cfg.imap_port`` (port 0: any free port)."""
+    """Listen on ``cfg.listen_host:cfg.imap_port`` (port 0: any free port).
+
+    ``throttle`` is shared with the SMTP server in a running node, so failed logins over
+    either protocol slow down both.
+    """
     _quiet_protocol_log()
     from gateway.imap import speedups
 
@@ -90,7 +96,7 @@ async def start_imap(
     config = _Config(cfg, tls)
     config.apply_context()
     hub = Hub(mailbox, asyncio.get_running_loop())
-    login = Login(config, accounts, mailbox, hub)
+    login = Login(config, accounts, mailbox, hub, throttle)
     handler = _Server(login, config, hub)
     reader = ProxyProtocolReader(ProxyProtocolVersion.get(None))
     server = await asyncio.start_server(
@@ -222,6 +228,8 @@ class _Server(IMAPServer):
         if task is not None:
             self._hub.sessions.add(task)
         self._hub.writers.add(writer)
+        peer = writer.get_extra_info("peername")
+        client_address.set(str(peer[0]) if isinstance(peer, tuple) and peer else "unknown")
         conn = _Connection(self.commands, self._state_config, reader, writer, sock_info)
         conn.store = self._hub.store
         state = _State(self._state_login, self._state_config)

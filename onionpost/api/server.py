@@ -27,7 +27,9 @@ Routes (all under ``/v1``)::
 The server bounds what a hostile client can make it do: request size (Content-Length
 required and capped before any body is read), header size (aiohttp's limits), the time to
 send headers and a body (a slow client is disconnected), concurrent connections (over the cap
-a connection gets an immediate 503 and is closed) and concurrent deliveries.
+a connection gets an immediate 503 and is closed) and concurrent deliveries.  It tells a
+prober as little as it can: no ``Server`` header, and every answer is a short JSON body in its
+own words, never an echo of the request.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ import tempfile
 from collections.abc import Awaitable, Callable
 from typing import IO, Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 
@@ -49,15 +51,17 @@ from onionpost.config import InboxConfig
 from onionpost.crypto.keys import RotationRecord
 from onionpost.enrolment import Enrolment
 from onionpost.errors import (
+    BadRequest,
     DeviceRefused,
     MalformedData,
     MessageTooLarge,
     OnionpostError,
+    RequestAborted,
     TemporaryDeliveryError,
 )
 from onionpost.inbox import Inbox, Session
 from onionpost.store.outbox import OutboxRow
-from onionpost.wire import KeyUpdate, hex_field, parse_json, refusal
+from onionpost.wire import KeyUpdate, hex_field, parse_request_json, refusal
 
 log = logging.getLogger(__name__)
 
@@ -81,15 +85,68 @@ KEYS_LIMIT = 1 << 20
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+class _Response(web.Response):
+    """A response without a ``Server`` header.
+
+    aiohttp names itself and the Python version in every answer; behind an onion address that
+    only helps a prober match the node against known bugs.  aiohttp adds the header while
+    preparing the headers (and calls the app's ``on_response_prepare`` only for routed
+    requests, not for its own error pages), so it is removed right after that step.
+    """
+
+    async def _prepare_headers(self) -> None:
+        await super()._prepare_headers()
+        self.headers.popall(hdrs.SERVER, None)
+
+
+class _StreamResponse(web.StreamResponse):
+    """A streamed response without a ``Server`` header (see :class:`_Response`)."""
+
+    async def _prepare_headers(self) -> None:
+        await super()._prepare_headers()
+        self.headers.popall(hdrs.SERVER, None)
+
+
 def _json(status: int, body: dict[str, Any]) -> web.Response:
-    return web.Response(
-        status=status, body=json.dumps(body).encode(), content_type="application/json"
-    )
+    return _Response(status=status, body=json.dumps(body).encode(), content_type="application/json")
 
 
 def _error(exc: OnionpostError) -> web.Response:
     status, body = refusal(exc)
     return _json(status, body)
+
+
+class _ApiRequestHandler(RequestHandler):
+    """aiohttp's per-connection protocol, answering requests that never reach a route.
+
+    For a request that is not valid HTTP (bad syntax, oversized line or header) aiohttp's own
+    answer is a text page quoting the offending bytes: a 64 KiB garbage request got a 188 KB
+    reply echoing it.  Here the answer is a short fixed JSON body, and the failure is logged
+    at DEBUG only (a hostile peer could otherwise fill the log); a failure of the node itself
+    (5xx) is still logged as an error.
+    """
+
+    __slots__ = ()
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:
+            raise ConnectionError("The answer was already started; the connection is broken.")
+        error: OnionpostError
+        if status >= 500:
+            log.error("the node API failed to handle a request", exc_info=exc)
+            error = TemporaryDeliveryError("The inbox hit an internal error.", code="4.3.0")
+        else:
+            log.debug("malformed request refused with %d: %r", status, exc)
+            error = BadRequest("The request is not valid HTTP.")
+        response = _json(status, refusal(error)[1])
+        response.force_close()
+        return response
 
 
 class _ConnectionGuard:
@@ -111,7 +168,11 @@ class _ConnectionGuard:
         return len(self._timers)
 
     def factory(self) -> asyncio.Protocol:
-        return _GuardedProtocol(self._server(), self)
+        inner = self._server()
+        # web.Server builds plain RequestHandlers and has no hook for another class; the
+        # subclass adds no state (empty __slots__), so switching the class is safe.
+        inner.__class__ = _ApiRequestHandler
+        return _GuardedProtocol(inner, self)
 
     def opened(self, transport: asyncio.BaseTransport) -> bool:
         """Register a new connection; False (after answering 503) when over the cap."""
@@ -310,6 +371,9 @@ class InboxServer:
                     "message": exc.reason,
                 },
             )
+        except RequestAborted as exc:
+            log.info("%s %s: %s", request.method, request.path, exc)
+            return _error(exc)  # nobody reads it; aiohttp drops it quietly
         except OnionpostError as exc:
             return _error(exc)
         except TimeoutError:
@@ -332,15 +396,22 @@ class InboxServer:
         if length > limit:
             raise MessageTooLarge(f"The request is {length} bytes; the limit is {limit}.")
         tmp = tempfile.SpooledTemporaryFile(max_size=256 * 1024)  # noqa: SIM115
+        left = length
         try:
             async with asyncio.timeout(self.config.request_timeout):
-                left = length
                 while left:
                     piece = await request.content.read(min(65536, left))
                     if not piece:
-                        raise MalformedData("The request body ended early.")
+                        raise ConnectionResetError("end of stream")
                     tmp.write(piece)
                     left -= len(piece)
+        except ConnectionError as exc:
+            # A sender whose circuit broke mid-upload: ordinary on tor, and nobody is left to
+            # answer.  Translated here, where aiohttp's exception crosses in.
+            tmp.close()
+            raise RequestAborted(
+                f"The client went away after {length - left} of {length} bytes."
+            ) from exc
         except BaseException:
             tmp.close()
             raise
@@ -350,7 +421,7 @@ class InboxServer:
     async def _small_json(self, request: web.Request) -> dict[str, Any]:
         body, length = await self._body_to_file(request, JSON_LIMIT)
         with body:
-            return parse_json(body.read(length), "request")
+            return parse_request_json(body.read(length))
 
     def _session(self, request: web.Request) -> Session:
         auth = request.headers.get("Authorization", "")
@@ -376,7 +447,7 @@ class InboxServer:
 
     async def bundle(self, request: web.Request) -> web.Response:
         data = self.inbox.bundle(request.match_info["local"], self._now())
-        return web.Response(body=data, content_type="application/octet-stream")
+        return _Response(body=data, content_type="application/octet-stream")
 
     async def deliver(self, request: web.Request) -> web.Response:
         limit = self.config.max_envelope_bytes + (1 << 20)
@@ -473,7 +544,7 @@ class InboxServer:
         except ValueError as exc:
             raise MalformedData("The message id must be a number.") from exc
         size, chunks = self.inbox.read(s, spool_id)
-        response = web.StreamResponse(
+        response = _StreamResponse(
             headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)}
         )
         await response.prepare(request)

@@ -94,6 +94,9 @@ CONTENT_KEY_UPDATE = 1
 
 EXT_TOKEN_GRANT = 1  # value: repeated (recipient uik 32 || token 32)
 EXT_DEVICE_LIST_GOSSIP = 2  # value: repeated (recipient uik 32 || device list digest 32)
+# value: empty.  Only in a copy for the sender's own other devices: the sender is also one of
+# the message's recipients (To, Cc or Bcc), so the copy belongs in INBOX as well as in Sent.
+EXT_ADDRESSED_TO_SELF = 4
 
 AUTH_NONE = 0
 AUTH_TOKEN = 1

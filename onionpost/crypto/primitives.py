@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import nacl.bindings as sodium
 import nacl.exceptions
+import nacl.pwhash
 import nacl.signing
 import nacl.utils
 
@@ -141,6 +142,22 @@ def x25519(secret: bytes, public: bytes) -> bytes:
     if shared == bytes(KEY_BYTES):
         raise CryptoError("A public key is of low order and cannot be used.")
     return shared
+
+
+# --- passphrases ---------------------------------------------------------------------------------
+
+
+def argon2id(passphrase: bytes, salt: bytes, *, opslimit: int, memlimit: int) -> bytes:
+    """A 32-byte key from a passphrase (libsodium's Argon2id); slow on purpose."""
+    if len(salt) != nacl.pwhash.argon2id.SALTBYTES:
+        raise MalformedData("An Argon2id salt must be 16 bytes.")
+    try:
+        key: bytes = nacl.pwhash.argon2id.kdf(
+            32, passphrase, salt, opslimit=opslimit, memlimit=memlimit
+        )
+    except (nacl.exceptions.CryptoError, nacl.exceptions.ValueError, ValueError) as exc:
+        raise MalformedData(f"Argon2id parameters out of range: {exc}") from exc
+    return key
 
 
 # --- AEAD: XChaCha20-Poly1305-IETF -----------------------------------------------------------

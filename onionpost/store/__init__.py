@@ -2,6 +2,10 @@
 
 Two database files per data directory, each a set of independently versioned components
 (see ``db.py``): ``inbox.db`` for the inbox role, ``device.db`` for the gateway role.
+
+Components are migrated in the order listed.  The order of ``DEVICE_COMPONENTS`` matters:
+contacts migration 0002 reads the users of the ``mailbox`` and ``accounts`` tables to give each
+of them a copy of the formerly shared contacts, so those two come first.
 """
 
 INBOX_COMPONENTS = ("inbox", "outbox", "enrolment")

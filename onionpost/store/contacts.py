@@ -1,9 +1,14 @@
-"""The device's address book: who a contact is (pinned identity key) and how to reach them.
+"""A user's address book: who a contact is (pinned identity key) and how to reach them.
 
 A contact's identity key is pinned the first time we see it, from a bundle fetched from the
 contact's own onion or from a message whose credentials verified.  Later bundles and
 messages must agree with the pin; a change is recorded in ``identity_changes`` and refused
 until the user accepts it (``onionpost contacts trust``).
+
+Every row belongs to one local user: the people of a household share a device database but
+not their contacts.  Tokens in particular are per person (the token we grant a contact is
+registered at *our* mailbox, the one they grant us is for *us*), so a :class:`ContactStore`
+is a view of one user's rows and cannot reach anyone else's.
 """
 
 from __future__ import annotations
@@ -50,15 +55,25 @@ def _contact(r: sqlite3.Row) -> Contact:
 
 
 class ContactStore:
-    def __init__(self, db: Database) -> None:
+    """The contacts of ``user`` (the local part of one of this device's users)."""
+
+    def __init__(self, db: Database, user: str) -> None:
         self.db = db
+        self.user = user
 
     def get(self, address: str) -> Contact | None:
-        r = self.db.one("SELECT * FROM contacts WHERE address = ?", (address,))
+        r = self.db.one(
+            "SELECT * FROM contacts WHERE user = ? AND address = ?", (self.user, address)
+        )
         return _contact(r) if r else None
 
     def all(self) -> list[Contact]:
-        return [_contact(r) for r in self.db.all("SELECT * FROM contacts ORDER BY address")]
+        return [
+            _contact(r)
+            for r in self.db.all(
+                "SELECT * FROM contacts WHERE user = ? ORDER BY address", (self.user,)
+            )
+        ]
 
     def remember(
         self,
@@ -74,16 +89,17 @@ class ContactStore:
         """Create or advance a contact; the caller has verified everything against the pin."""
         with self.db.transaction() as c:
             c.execute(
-                "INSERT INTO contacts (address, uik_pk, pin, device_list, bundle,"
+                "INSERT INTO contacts (user, address, uik_pk, pin, device_list, bundle,"
                 " bundle_fetched_at, display_name, first_seen, last_seen)"
-                " VALUES (?, ?, ?, ?, ?, ?, coalesce(?, ''), ?, ?)"
-                " ON CONFLICT (address) DO UPDATE SET pin = excluded.pin,"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, coalesce(?, ''), ?, ?)"
+                " ON CONFLICT (user, address) DO UPDATE SET pin = excluded.pin,"
                 " device_list = coalesce(excluded.device_list, device_list),"
                 " bundle = coalesce(excluded.bundle, bundle),"
                 " bundle_fetched_at = coalesce(excluded.bundle_fetched_at, bundle_fetched_at),"
                 " display_name = CASE WHEN ? IS NULL THEN display_name ELSE excluded.display_name"
                 " END, last_seen = excluded.last_seen WHERE uik_pk = excluded.uik_pk",
                 (
+                    self.user,
                     address,
                     uik_pk,
                     pin,
@@ -100,14 +116,17 @@ class ContactStore:
     def set_token_to_them(self, address: str, token: bytes) -> None:
         with self.db.transaction() as c:
             c.execute(
-                "UPDATE contacts SET token_to_them = ? WHERE address = ?"
+                "UPDATE contacts SET token_to_them = ? WHERE user = ? AND address = ?"
                 " AND token_to_them IS NOT ?",
-                (token, address, token),
+                (token, self.user, address, token),
             )
 
     def set_token_from_them(self, address: str, token: bytes | None) -> None:
         with self.db.transaction() as c:
-            c.execute("UPDATE contacts SET token_from_them = ? WHERE address = ?", (token, address))
+            c.execute(
+                "UPDATE contacts SET token_from_them = ? WHERE user = ? AND address = ?",
+                (token, self.user, address),
+            )
 
     def set_flags(
         self, address: str, *, verified: bool | None = None, blocked: bool | None = None
@@ -116,39 +135,53 @@ class ContactStore:
             n = 0
             if verified is not None:
                 n += c.execute(
-                    "UPDATE contacts SET verified = ? WHERE address = ?", (int(verified), address)
+                    "UPDATE contacts SET verified = ? WHERE user = ? AND address = ?",
+                    (int(verified), self.user, address),
                 ).rowcount
             if blocked is not None:
                 n += c.execute(
-                    "UPDATE contacts SET blocked = ? WHERE address = ?", (int(blocked), address)
+                    "UPDATE contacts SET blocked = ? WHERE user = ? AND address = ?",
+                    (int(blocked), self.user, address),
                 ).rowcount
             return n > 0
 
     def forget(self, address: str) -> bool:
         with self.db.transaction() as c:
-            return c.execute("DELETE FROM contacts WHERE address = ?", (address,)).rowcount > 0
+            return (
+                c.execute(
+                    "DELETE FROM contacts WHERE user = ? AND address = ?", (self.user, address)
+                ).rowcount
+                > 0
+            )
+
+    def forget_all(self) -> int:
+        """Delete this user's whole address book (the user is being removed)."""
+        with self.db.transaction() as c:
+            c.execute("DELETE FROM identity_changes WHERE user = ?", (self.user,))
+            return int(c.execute("DELETE FROM contacts WHERE user = ?", (self.user,)).rowcount)
 
     def record_identity_change(
         self, address: str, old_uik: bytes, new_uik: bytes, now: int
     ) -> None:
         with self.db.transaction() as c:
             exists = c.execute(
-                "SELECT 1 FROM identity_changes WHERE address = ? AND new_uik = ?"
+                "SELECT 1 FROM identity_changes WHERE user = ? AND address = ? AND new_uik = ?"
                 " AND resolved_at IS NULL",
-                (address, new_uik),
+                (self.user, address, new_uik),
             ).fetchone()
             if not exists:
                 c.execute(
-                    "INSERT INTO identity_changes (address, old_uik, new_uik, seen_at)"
-                    " VALUES (?, ?, ?, ?)",
-                    (address, old_uik, new_uik, now),
+                    "INSERT INTO identity_changes (user, address, old_uik, new_uik, seen_at)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (self.user, address, old_uik, new_uik, now),
                 )
 
     def pending_identity_changes(self) -> list[tuple[str, bytes, bytes, int]]:
         return [
             (r["address"], r["old_uik"], r["new_uik"], r["seen_at"])
             for r in self.db.all(
-                "SELECT * FROM identity_changes WHERE resolved_at IS NULL ORDER BY id"
+                "SELECT * FROM identity_changes WHERE user = ? AND resolved_at IS NULL ORDER BY id",
+                (self.user,),
             )
         ]
 
@@ -156,9 +189,9 @@ class ContactStore:
         """The user accepts a contact's new identity: forget the old pin entirely."""
         with self.db.transaction() as c:
             n = c.execute(
-                "UPDATE identity_changes SET resolved_at = ? WHERE address = ?"
+                "UPDATE identity_changes SET resolved_at = ? WHERE user = ? AND address = ?"
                 " AND resolved_at IS NULL",
-                (now, address),
+                (now, self.user, address),
             ).rowcount
-            c.execute("DELETE FROM contacts WHERE address = ?", (address,))
+            c.execute("DELETE FROM contacts WHERE user = ? AND address = ?", (self.user, address))
             return n > 0

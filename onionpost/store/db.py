@@ -52,6 +52,9 @@ class Database:
             self.conn = sqlite3.connect(
                 str(path), isolation_level=None, timeout=10.0, check_same_thread=False
             )
+        except sqlite3.Error as exc:
+            raise translate(exc) from exc
+        try:
             self.conn.row_factory = sqlite3.Row
             if self.path is not None:
                 self.conn.execute("PRAGMA journal_mode=WAL")
@@ -62,8 +65,13 @@ class Database:
             self._depth = 0
             for component in components:
                 self.migrate(component)
-        except sqlite3.Error as exc:
-            raise translate(exc) from exc
+        except BaseException as exc:
+            # A database that cannot be opened (damaged, not ours, a failed migration) must
+            # not leave its connection open behind the error.
+            self.close()
+            if isinstance(exc, sqlite3.Error):
+                raise translate(exc) from exc
+            raise
 
     def close(self) -> None:
         with contextlib.suppress(sqlite3.Error):
@@ -234,3 +242,21 @@ def _split_sql(sql: str) -> list[str]:
     if buf.strip():
         statements.append(buf.strip())
     return statements
+
+
+def snapshot(source: Path, target: Path) -> None:
+    """A consistent copy of a database while others write to it (SQLite's online backup),
+    created 0600; for ``onionpost backup``."""
+    _create_private(target)
+    try:
+        src = sqlite3.connect(f"file:{source}?mode=ro", uri=True, timeout=30.0)
+        try:
+            dst = sqlite3.connect(str(target))
+            try:
+                src.backup(dst)
+            finally:
+                dst.close()
+        finally:
+            src.close()
+    except sqlite3.Error as exc:
+        raise translate(exc) from exc

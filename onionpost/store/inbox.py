@@ -50,6 +50,15 @@ class SpoolEntry:
 
 
 @dataclass(frozen=True)
+class RateBucket:
+    """One counter an accepted event is charged to: ``limit`` events per window."""
+
+    scope: str
+    key: bytes
+    limit: int
+
+
+@dataclass(frozen=True)
 class Accepted:
     receipt: str
     duplicate: bool
@@ -98,6 +107,18 @@ class InboxStore:
 
     def mailboxes(self) -> list[MailboxRow]:
         return [_mailbox(r) for r in self.db.all("SELECT * FROM mailboxes ORDER BY local")]
+
+    def remove_mailbox(self, mailbox_id: bytes) -> None:
+        """Delete a mailbox with everything the inbox holds for it: its keys, devices,
+        spooled mail, tokens, sessions and duplicate records (the person is being removed).
+        Its outbox rows are the outbox component's (``OutboxStore.remove_mailbox``)."""
+        with self.db.transaction() as c:
+            # devices, rotations, prekeys and tokens go with the mailbox (ON DELETE CASCADE)
+            c.execute("DELETE FROM spool WHERE mailbox_id = ?", (mailbox_id,))
+            c.execute("DELETE FROM sealed WHERE mailbox_id = ?", (mailbox_id,))
+            for table in ("seen_digests", "challenges", "sessions"):
+                c.execute(f"DELETE FROM {table} WHERE mailbox_id = ?", (mailbox_id,))  # noqa: S608
+            c.execute("DELETE FROM mailboxes WHERE mailbox_id = ?", (mailbox_id,))
 
     def set_binding(self, mailbox_id: bytes, binding: bytes) -> None:
         with self.db.transaction() as c:
@@ -297,6 +318,14 @@ class InboxStore:
             (mailbox_id, digest),
         )
         return None if v is None else str(v)
+
+    def spooled(self, mailbox_id: bytes) -> tuple[int, int]:
+        """(messages, bytes) waiting at this inbox for the mailbox's devices to fetch."""
+        row = self.db.one(
+            "SELECT count(*), coalesce(sum(size), 0) FROM sealed WHERE mailbox_id = ?",
+            (mailbox_id,),
+        )
+        return (int(row[0]), int(row[1])) if row else (0, 0)
 
     def usage(self, mailbox_id: bytes) -> int:
         return int(
@@ -504,6 +533,30 @@ class InboxStore:
                 (scope, key, window_start),
             )
             return True
+
+    def take_rates(self, buckets: Iterable[RateBucket], window_start: int) -> RateBucket | None:
+        """Count one event in every bucket, or in none: returns the first full bucket.
+
+        All or nothing, so an event refused by one limit does not use up another (a
+        contact refused by the mailbox's budget keeps its own token budget).
+        """
+        buckets = list(buckets)
+        with self.db.transaction() as c:
+            for b in buckets:
+                row = c.execute(
+                    "SELECT count FROM rate_counters WHERE scope = ? AND key = ?"
+                    " AND window_start = ?",
+                    (b.scope, b.key, window_start),
+                ).fetchone()
+                if (row[0] if row else 0) >= b.limit:
+                    return b
+            for b in buckets:
+                c.execute(
+                    "INSERT INTO rate_counters VALUES (?, ?, ?, 1) ON CONFLICT DO UPDATE"
+                    " SET count = count + 1",
+                    (b.scope, b.key, window_start),
+                )
+            return None
 
     def rate_count(self, scope: str, key: bytes, window_start: int) -> int:
         """Events counted so far in a window (without counting one)."""

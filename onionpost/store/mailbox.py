@@ -229,6 +229,12 @@ class MailboxStore:
                     log.exception("mailbox listener failed")
 
     @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Group several filings into one commit (listeners are told after it)."""
+        with self._write():
+            yield
+
+    @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
             try:
@@ -262,6 +268,28 @@ class MailboxStore:
 
     def users(self) -> list[str]:
         return [r[0] for r in self._db.all("SELECT DISTINCT user FROM mailbox_folders")]
+
+    def remove_user(self, user: str) -> int:
+        """Delete ``user``'s folders, messages and filed-message ids (the user is being
+        removed); returns how many messages went.  Bodies shared with nobody else go too."""
+        with self._write() as conn:
+            body_ids = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT DISTINCT m.body_id FROM mailbox_messages m"
+                    " JOIN mailbox_folders f ON f.id = m.folder_id WHERE f.user = ?",
+                    (user,),
+                )
+            ]
+            gone = conn.execute(
+                "DELETE FROM mailbox_messages WHERE folder_id IN"
+                " (SELECT id FROM mailbox_folders WHERE user = ?)",
+                (user,),
+            ).rowcount
+            conn.execute("DELETE FROM mailbox_folders WHERE user = ?", (user,))
+            conn.execute("DELETE FROM mailbox_seen_ids WHERE user = ?", (user,))
+            self._collect_bodies(conn, body_ids)
+            return int(gone)
 
     def folders(self, user: str) -> list[Folder]:
         rows = self._db.all("SELECT * FROM mailbox_folders WHERE user = ? ORDER BY name", (user,))

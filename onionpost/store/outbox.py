@@ -148,13 +148,17 @@ class OutboxStore:
     def queued_count(self) -> int:
         return self.db.count("outbox", "state = ?", ["queued"])
 
-    def outcomes(self, *, since: int, except_code: str) -> list[tuple[str, int]]:
-        """(state, count) of rows finished since ``since``, leaving out rows bounced with
-        ``except_code`` (handed back for re-sealing: not an outcome)."""
+    def outcomes(
+        self, *, since: int, except_code: str, mailbox_id: bytes | None = None
+    ) -> list[tuple[str, int]]:
+        """(state, count) of rows finished since ``since`` (of ``mailbox_id`` if given),
+        leaving out rows bounced with ``except_code`` (handed back for re-sealing: not an
+        outcome)."""
         rows = self.db.all(
             "SELECT state, count(*) FROM outbox WHERE state != 'queued' AND finished_at >= ?"
-            " AND NOT (state = 'bounced' AND coalesce(last_error_code, '') = ?) GROUP BY state",
-            (since, except_code),
+            " AND NOT (state = 'bounced' AND coalesce(last_error_code, '') = ?)"
+            " AND (? IS NULL OR mailbox_id = ?) GROUP BY state",
+            (since, except_code, mailbox_id, mailbox_id),
         )
         return [(str(r[0]), int(r[1])) for r in rows]
 
@@ -221,16 +225,25 @@ class OutboxStore:
         with self.db.transaction() as c:
             return c.execute(sql, params).rowcount > 0
 
-    def retry_now(self, now: int, row_id: int | None = None) -> int:
+    def retry_now(
+        self, now: int, row_id: int | None = None, *, mailbox_id: bytes | None = None
+    ) -> int:
+        """Make queued rows due now: one row or all (of one mailbox, when given)."""
+        sql = "UPDATE outbox SET next_attempt_at = ? WHERE state = 'queued'"
+        params: tuple[object, ...] = (now,)
+        if row_id is not None:
+            sql += " AND id = ?"
+            params = (*params, row_id)
+        if mailbox_id is not None:
+            sql += " AND mailbox_id = ?"
+            params = (*params, mailbox_id)
         with self.db.transaction() as c:
-            if row_id is None:
-                return c.execute(
-                    "UPDATE outbox SET next_attempt_at = ? WHERE state = 'queued'", (now,)
-                ).rowcount
-            return c.execute(
-                "UPDATE outbox SET next_attempt_at = ? WHERE state = 'queued' AND id = ?",
-                (now, row_id),
-            ).rowcount
+            return int(c.execute(sql, params).rowcount)
+
+    def remove_mailbox(self, mailbox_id: bytes) -> int:
+        """Delete a removed mailbox's rows, queued ones included: nobody is left to send as."""
+        with self.db.transaction() as c:
+            return int(c.execute("DELETE FROM outbox WHERE mailbox_id = ?", (mailbox_id,)).rowcount)
 
     def rows(
         self, *, mailbox_id: bytes | None = None, states: tuple[str, ...] = ("queued",)

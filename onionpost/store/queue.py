@@ -93,21 +93,29 @@ def summary(items: list[QueueItem]) -> dict[str, int]:
 
 
 def finished(
-    submissions: SubmissionStore | None, outbox: OutboxStore | None, *, since: int
+    submissions: SubmissionStore | None,
+    outbox: OutboxStore | None,
+    *,
+    since: int,
+    user: str | None = None,
+    mailbox_id: bytes | None = None,
 ) -> dict[str, int]:
     """How many left the queue since ``since``, by outcome (delivered, bounced, cancelled).
 
     Counted the way :func:`waiting` lists them: outbox rows where this machine has the
     outbox, plus submissions that never reached it (cancelled or bounced before sealing).
     A copy handed back for re-sealing (the recipient's keys changed) is not an outcome.
+    ``user`` and ``mailbox_id`` narrow it to one person's mail.
     """
     counts = dict.fromkeys(OUTCOMES, 0)
     if submissions is not None:
-        for state, n in submissions.outcomes(since=since, sealed=outbox is None):
+        for state, n in submissions.outcomes(since=since, sealed=outbox is None, user=user):
             if state in counts:
                 counts[state] += n
     if outbox is not None:
-        for state, n in outbox.outcomes(since=since, except_code=RESEAL_CODE):
+        for state, n in outbox.outcomes(
+            since=since, except_code=RESEAL_CODE, mailbox_id=mailbox_id
+        ):
             if state in counts:
                 counts[state] += n
     return counts

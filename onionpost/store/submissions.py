@@ -109,6 +109,16 @@ class SubmissionStore:
             )
             self._drop_finished(c, submission_id)
 
+    def mark_delivered(self, submission_id: int, address: str) -> None:
+        """Done without the outbox: mail to the user themself, filed on this device."""
+        with self.db.transaction() as c:
+            c.execute(
+                "UPDATE submission_recipients SET state = 'delivered'"
+                " WHERE submission_id = ? AND address = ? AND state = 'pending'",
+                (submission_id, address),
+            )
+            self._drop_finished(c, submission_id)
+
     def mark_deferred(
         self, submission_id: int, address: str, *, next_attempt_at: int, error: str, code: str
     ) -> None:
@@ -147,7 +157,10 @@ class SubmissionStore:
                 (level, submission_id, address),
             )
 
-    def cancel(self, submission_id: int, address: str | None = None) -> int:
+    def cancel(
+        self, submission_id: int, address: str | None = None, *, user: str | None = None
+    ) -> int:
+        """Withdraw recipients still waiting to be sealed (of ``user``'s mail, when given)."""
         with self.db.transaction() as c:
             sql = (
                 "UPDATE submission_recipients SET state = 'cancelled' WHERE submission_id = ?"
@@ -157,22 +170,32 @@ class SubmissionStore:
             if address is not None:
                 sql += " AND address = ?"
                 params = (*params, address)
+            if user is not None:
+                sql += " AND submission_id IN (SELECT id FROM submissions WHERE user = ?)"
+                params = (*params, user)
             n = c.execute(sql, params).rowcount
             self._drop_finished(c, submission_id)
             return n
 
-    def retry_now(self, now: int, submission_id: int | None = None) -> int:
+    def retry_now(
+        self, now: int, submission_id: int | None = None, *, user: str | None = None
+    ) -> int:
+        """Make waiting recipients due now: one submission's or all (``user``'s, when given)."""
+        sql = "UPDATE submission_recipients SET next_attempt_at = ? WHERE state = 'pending'"
+        params: tuple[object, ...] = (now,)
+        if submission_id is not None:
+            sql += " AND submission_id = ?"
+            params = (*params, submission_id)
+        if user is not None:
+            sql += " AND submission_id IN (SELECT id FROM submissions WHERE user = ?)"
+            params = (*params, user)
         with self.db.transaction() as c:
-            if submission_id is None:
-                return c.execute(
-                    "UPDATE submission_recipients SET next_attempt_at = ? WHERE state = 'pending'",
-                    (now,),
-                ).rowcount
-            return c.execute(
-                "UPDATE submission_recipients SET next_attempt_at = ? WHERE state = 'pending'"
-                " AND submission_id = ?",
-                (now, submission_id),
-            ).rowcount
+            return int(c.execute(sql, params).rowcount)
+
+    def remove_user(self, user: str) -> int:
+        """Delete everything ``user`` submitted, sent or not (the user is being removed)."""
+        with self.db.transaction() as c:
+            return int(c.execute("DELETE FROM submissions WHERE user = ?", (user,)).rowcount)
 
     def handed_over(self, user: str) -> list[PendingRecipient]:
         """Recipients whose mail is in the inbox's outbox and whose fate is not known yet."""
@@ -252,14 +275,18 @@ class SubmissionStore:
             params = (user,)
         return [PendingRecipient(*tuple(r)) for r in self.db.all(sql + " ORDER BY s.id", params)]
 
-    def outcomes(self, *, since: int, sealed: bool) -> list[tuple[str, int]]:
-        """(state, count) of finished recipients of submissions made since ``since``; with
-        ``sealed`` False only those that never reached an outbox (the outbox counts the rest)."""
+    def outcomes(
+        self, *, since: int, sealed: bool, user: str | None = None
+    ) -> list[tuple[str, int]]:
+        """(state, count) of finished recipients of submissions made since ``since`` (by
+        ``user`` if given); with ``sealed`` False only those that never reached an outbox
+        (the outbox counts the rest)."""
         rows = self.db.all(
             "SELECT r.state, count(*) FROM submission_recipients r JOIN submissions s"
             " ON s.id = r.submission_id WHERE r.state NOT IN ('pending', 'queued')"
-            " AND s.created_at >= ? AND (? OR r.outbox_id IS NULL) GROUP BY r.state",
-            (since, int(sealed)),
+            " AND s.created_at >= ? AND (? OR r.outbox_id IS NULL)"
+            " AND (? IS NULL OR s.user = ?) GROUP BY r.state",
+            (since, int(sealed), user, user),
         )
         return [(str(r[0]), int(r[1])) for r in rows]
 

@@ -63,10 +63,6 @@ pytestmark = pytest.mark.clients
 
 T = TypeVar("T")
 
-#: New mail must reach Thunderbird within this many seconds of the SMTP submission.  IDLE does
-#: it in about a second; without IDLE Thunderbird would look again only after its 10-minute
-#: biff interval.
-IDLE_BUDGET = 10.0
 #: How long Thunderbird may take to answer one Marionette command (a script gets 15 s less).
 ANSWER_TIMEOUT = 75
 #: What Thunderbird's IMAP log says when the server tells it something while it IDLEs.
@@ -789,6 +785,8 @@ def test_thunderbird_as_alice(node: Node, thunderbird: Thunderbird) -> None:
             seen = tb.js("return window.onionpostSeen;")[seen_before:]
             return next((s for s in seen if s["messageId"] == bare(in_id)), None)
 
+        # IDLE does it in about a second; without IDLE Thunderbird would look again only after
+        # its 10-minute biff interval, far past this timeout (and the IDLE log is checked below).
         news = wait_for(
             "Thunderbird to notice carol's message by IDLE",
             arrived,
@@ -796,13 +794,8 @@ def test_thunderbird_as_alice(node: Node, thunderbird: Thunderbird) -> None:
             explain=explain,
             interval=0.05,
         )
-        latency = news["at"] - submitted_at
+        latency = news["at"] - submitted_at  # reported below; how long depends on the machine
         check(news["folder"] == "INBOX", f"carol's message appeared in {news['folder']}")
-        check(
-            latency < IDLE_BUDGET,
-            f"Thunderbird saw carol's message {latency:.1f} s after submission (IDLE should "
-            f"take about a second; the budget is {IDLE_BUDGET} s)",
-        )
         check(news["subject"] == subject_in, f"unexpected subject {news['subject']!r}")
         check(
             tb.imap_log().count(IDLE_RESPONSE) > idle_responses,

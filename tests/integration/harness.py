@@ -142,7 +142,7 @@ class DeviceNode:
             self.files.save(account)
         self.db = Database(self.dir / "device.db", DEVICE_COMPONENTS)
         self.mailbox = MailboxStore(self.db)
-        self.contacts = ContactStore(self.db)
+        self.contacts = ContactStore(self.db, account.local)
         self.device = Device(
             account,
             config=self.config,

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from onionpost.address import Address
 from onionpost.cli import cli
+from onionpost.crypto.keys import ServerSecrets
 
 
 @pytest.fixture
@@ -67,7 +69,7 @@ def test_users_send_queue_cancel(home: Path) -> None:
     assert out.count("@") == 2
     code, out = run(home, "send", "--user", "alice", "--to", "nobody@example.com", "--text", "x")
     assert code == 1 and "not an onionpost address" in out
-    carol = next(ln for ln in run(home, "users", "list")[1].splitlines() if ln.startswith("carol@"))
+    carol = _address(home, "carol")
     code, out = run(
         home, "send", "--user", "alice", "--to", carol, "--subject", "hi", "--text", "hello carol"
     )
@@ -117,3 +119,177 @@ def test_commands_before_init_say_what_to_do(home: Path) -> None:
         assert code == 1, args
         assert ("onionpost init" in out) or ("onionpost run" in out), out
         assert "Traceback" not in out
+
+
+def _hal() -> str:
+    """Somebody on another inbox."""
+    return str(Address.for_key("hal", ServerSecrets.generate(0).onion_pk))
+
+
+def _ids(out: str) -> list[str]:
+    """The IDs of `onionpost queue` (the addresses may contain "s1" too)."""
+    return [ln.split()[0] for ln in out.splitlines()[1:] if ln[:1] in ("s", "o")]
+
+
+def _address(home: Path, user: str) -> str:
+    lines = run(home, "users", "list")[1].splitlines()
+    return next(ln.split()[0] for ln in lines if ln.startswith(f"{user}@"))
+
+
+def test_several_users_say_whose_contacts_and_devices(home: Path) -> None:
+    from onionpost.store import DEVICE_COMPONENTS
+    from onionpost.store.contacts import ContactStore
+    from onionpost.store.db import Database
+
+    run(home, "init", "--user", "alice", "--device-name", "laptop")
+    run(home, "users", "add", "carol", "--device-name", "tablet")
+    hal = _hal()
+    db = Database(home / "device.db", DEVICE_COMPONENTS)
+    ContactStore(db, "alice").remember(hal, uik_pk=b"u" * 32, pin=b"p" * 32, now=1)
+    db.close()
+
+    for args in (("contacts",), ("contacts", "verify", hal), ("devices",)):
+        code, out = run(home, *args)
+        assert code == 1 and "Say which user with --user (alice, carol)" in out, args
+    assert hal in run(home, "contacts", "--user", "alice")[1]
+    assert "No contacts yet" in run(home, "contacts", "--user", "carol")[1]
+    code, out = run(home, "contacts", "show", hal, "--user", "alice")
+    assert code == 0 and "safety number" in out
+    code, out = run(home, "contacts", "--user", "carol", "show", hal)  # the group's --user
+    assert code == 1 and "not among your contacts" in out
+    code, out = run(home, "contacts", "verify", hal, "--user", "alice")
+    assert code == 0 and "verified" in out
+    assert "verified" in run(home, "contacts", "--user", "alice")[1]
+    code, out = run(home, "contacts", "block", hal, "--user", "carol")
+    assert code == 1 and "not among your contacts" in out
+    code, out = run(home, "contacts", "trust", hal, "--user", "alice")
+    assert code == 1 and "no unconfirmed identity change" in out
+    code, out = run(home, "contacts", "--user", "nobody")
+    assert code == 1 and "no user 'nobody'" in out
+
+    code, out = run(home, "devices", "--user", "carol")
+    assert code == 0 and "tablet" in out and "laptop" not in out
+    code, out = run(home, "devices", "revoke", "tablet", "--user", "carol")
+    assert code == 1 and "cannot revoke itself" in out
+    code, out = run(home, "devices", "--user", "alice", "revoke", "tablet")
+    assert code == 1 and "matches 0 devices" in out  # alice has no tablet
+
+
+def test_queue_per_user(home: Path) -> None:
+    run(home, "init", "--user", "alice")
+    run(home, "users", "add", "carol")
+    alice, carol = _address(home, "alice"), _address(home, "carol")
+    assert "Queued as s1" in run(home, "send", "--user", "alice", "--to", carol, "--text", "a")[1]
+    assert "Queued as s2" in run(home, "send", "--user", "carol", "--to", alice, "--text", "c")[1]
+    code, out = run(home, "queue")
+    assert code == 0 and "USER" in out
+    assert any(ln.startswith("s1") and " alice " in ln for ln in out.splitlines())
+    assert any(ln.startswith("s2") and " carol " in ln for ln in out.splitlines())
+    code, out = run(home, "queue", "--user", "alice")
+    assert code == 0 and _ids(out) == ["s1"] and "USER" not in out
+    code, out = run(home, "queue", "--user", "nobody")
+    assert code == 1 and "no user 'nobody'" in out
+    code, out = run(home, "queue", "cancel", "s2", "--user", "alice")
+    assert code == 1 and "not waiting in alice's queue" in out
+    code, out = run(home, "queue", "retry", "s2", "--user", "alice")
+    assert code == 1 and "Nothing to retry" in out
+    code, out = run(home, "queue", "--user", "carol", "retry")
+    assert code == 0 and out.startswith("1 queued")
+    code, out = run(home, "queue", "cancel", "s2", "--user", "carol")
+    assert code == 0 and "withdrawn" in out
+    assert _ids(run(home, "queue")[1]) == ["s1"]
+
+
+def test_users_list_shows_what_each_mailbox_uses(home: Path) -> None:
+    from onionpost.store import INBOX_COMPONENTS
+    from onionpost.store.db import Database
+
+    run(home, "init", "--user", "alice")
+    run(home, "users", "add", "carol")
+    # two messages of 1000 and 3000 bytes wait at the inbox for alice's devices
+    db = Database(home / "inbox.db", INBOX_COMPONENTS)
+    mailbox_id = db.scalar("SELECT mailbox_id FROM mailboxes WHERE local = 'alice'")
+    with db.transaction() as c:
+        for n, size in ((1, 1000), (2, 3000)):
+            c.execute(
+                "INSERT INTO sealed (mailbox_id, digest, size, received_at, expires_at, data)"
+                " VALUES (?, ?, ?, 0, 9999999999, x'00')",
+                (mailbox_id, bytes([n]) * 32, size),
+            )
+        c.execute("UPDATE mailboxes SET quota_bytes = 10485760 WHERE local = 'carol'")
+    db.close()
+    code, out = run(home, "users", "list")
+    assert code == 0, out
+    header, *rows = out.splitlines()
+    assert header.split() == ["ADDRESS", "MAIL", "SPOOLED", "DEVICES", "QUOTA"]
+    alice = next(r.split() for r in rows if r.startswith("alice@"))
+    carol = next(r.split() for r in rows if r.startswith("carol@"))
+    assert alice[1:] == ["2", "3.9", "KiB", "1", "2.0", "GiB"]
+    assert carol[1:] == ["0", "0", "B", "1", "10.0", "MiB"]
+
+
+def test_users_remove(home: Path) -> None:
+    from onionpost.store import DEVICE_COMPONENTS, INBOX_COMPONENTS
+    from onionpost.store.accounts import AccountStore
+    from onionpost.store.contacts import ContactStore
+    from onionpost.store.db import Database
+    from onionpost.store.mailbox import MailboxStore
+
+    run(home, "init", "--user", "alice")
+    run(home, "users", "add", "carol")
+    alice, carol = _address(home, "alice"), _address(home, "carol")
+    run(home, "send", "--user", "carol", "--to", alice, "--text", "from carol")
+    run(home, "send", "--user", "alice", "--to", carol, "--text", "from alice")
+    db = Database(home / "device.db", DEVICE_COMPONENTS)
+    for user in ("alice", "carol"):
+        ContactStore(db, user).remember(_hal(), uik_pk=b"u", pin=b"p", now=1)
+    db.close()
+
+    code, out = run(home, "users", "remove", "bob", "--yes")
+    assert code == 1 and "There is no user 'bob' here (alice, carol)" in out
+    code, out = run(home, "users", "remove", "carol", input="n\n")
+    assert code == 1 and "Aborted" in out
+    assert (home / "users" / "carol").exists()
+    code, out = run(home, "users", "remove", "carol", input="y\n")
+    assert code == 0 and "Removed carol" in out and "1 contact(s)" in out, out
+    assert not (home / "users" / "carol").exists()
+    assert [ln.split()[0] for ln in run(home, "users", "list")[1].splitlines()[1:]] == [alice]
+
+    db = Database(home / "device.db", DEVICE_COMPONENTS)
+    assert MailboxStore(db).users() == ["alice"]
+    assert AccountStore(db).users() == ["alice"]
+    assert ContactStore(db, "carol").all() == [] and len(ContactStore(db, "alice").all()) == 1
+    assert db.scalar("SELECT count(*) FROM submissions WHERE user = 'carol'") == 0
+    db.close()
+    db = Database(home / "inbox.db", INBOX_COMPONENTS)
+    assert [r[0] for r in db.all("SELECT local FROM mailboxes")] == ["alice"]
+    db.close()
+    # alice's mail to carol waits (and will bounce)
+    assert _ids(run(home, "queue")[1]) == ["s2"]
+
+    code, out = run(home, "users", "remove", "carol", "--yes")
+    assert code == 1 and "There is no user 'carol' here (alice)" in out
+    code, out = run(home, "users", "remove", "alice", "--yes")
+    assert code == 0 and "Removed alice" in out
+    code, out = run(home, "users", "list")
+    assert code == 0 and "Nobody has an address here" in out
+
+
+def test_an_interrupted_removal_is_finished_by_running_it_again(home: Path) -> None:
+    from onionpost.store import INBOX_COMPONENTS
+    from onionpost.store.db import Database
+    from onionpost.store.inbox import InboxStore
+
+    run(home, "init", "--user", "alice")
+    run(home, "users", "add", "carol")
+    db = Database(home / "inbox.db", INBOX_COMPONENTS)
+    store = InboxStore(db)
+    carol = store.mailbox_by_local("carol")
+    assert carol is not None
+    store.remove_mailbox(carol.mailbox_id)  # the removal stopped after the inbox's part
+    db.close()
+    rows = run(home, "users", "list")[1].splitlines()
+    assert next(r.split() for r in rows if r.startswith("carol@"))[1:] == ["-", "-", "1", "-"]
+    code, out = run(home, "users", "remove", "carol", "--yes")
+    assert code == 0 and "Removed carol" in out and "none was removed" in out, out
+    assert not (home / "users" / "carol").exists()

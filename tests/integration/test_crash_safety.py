@@ -71,6 +71,7 @@ class NodeProcess:
             f"[inbox]\nlisten_port = {self.api}\npow_bits = 4\nlongpoll_seconds = 2.0\n"
             # one sender pushing 1000 messages an hour would trip the anti-abuse limits
             "rate_per_mailbox_per_hour = 100000\nrate_per_source_per_hour = 100000\n"
+            "rate_strangers_per_mailbox_per_hour = 100000\nrate_strangers_per_hour = 100000\n"
             f"[gateway]\nsmtp_port = {self.smtp}\nimap_port = {self.imap}\n"
             f"autoconfig_port = {self.auto}\n"
             "[delivery]\nretry_min_seconds = 1\nretry_max_seconds = 2\n"

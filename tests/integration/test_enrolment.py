@@ -54,8 +54,9 @@ async def acli(home: Path, *args: str) -> tuple[int, str]:
 
 
 def write_config(home: Path, text: str) -> None:
-    home.mkdir(parents=True, exist_ok=True)
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
     (home / "onionpost.toml").write_text(text)
+    (home / "onionpost.toml").chmod(0o600)  # it may hold a tor control password
 
 
 def tor_off(routes: dict[str, int], inbox: str = "") -> str:
@@ -406,6 +407,8 @@ async def test_two_people_invited_to_one_inbox_both_write_to_the_same_person(
             )
         assert not any("Undeliver" in s or "failure" in s.lower() for s in subjects(harry, "harry"))
         assert p.inbox is not None and len(p.inbox.store.mailboxes()) == 2
+        code, out = await acli(p.config.data_dir, "users", "list")
+        assert code == 0 and f"ann@{onion}.onion" in out and f"ben@{onion}.onion" in out
     finally:
         for node in (harry, *nodes.values()):
             await node.stop()

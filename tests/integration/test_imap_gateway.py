@@ -10,6 +10,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import imaplib
+import logging
 import os
 import re
 import socket
@@ -23,6 +24,8 @@ from typing import Any, TypeVar
 import pytest
 
 from gateway.imap import ImapServer, start_imap
+from gateway.imap import folders as imap_folders
+from gateway.throttle import LoginThrottle
 from gateway.tls import ca_path, server_context
 from onionpost.config import GatewayConfig
 from onionpost.store.accounts import AccountStore, ScryptCost
@@ -58,6 +61,7 @@ class Gateway:
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.config = GatewayConfig(imap_port=0, **config)
+        self.throttle = LoginThrottle(base=0.05, cap=0.4)
         self.db: Database
         self.mailbox: MailboxStore
         self.accounts: AccountStore
@@ -75,7 +79,7 @@ class Gateway:
 
     async def _start(self) -> None:
         self.server = await start_imap(
-            self.config, self.mailbox, self.accounts, server_context(self.tls_dir)
+            self.config, self.mailbox, self.accounts, server_context(self.tls_dir), self.throttle
         )
 
     @property
@@ -164,6 +168,31 @@ def test_login_ok_and_wrong_password(gateway: Gateway) -> None:
         conn.login("mallory", PASSWORD)
     ok(conn.login(ADDRESS, PASSWORD))  # the whole address works as a login name too
     conn.logout()
+
+
+def test_failed_logins_back_off_are_logged_and_the_owner_gets_in(
+    gateway: Gateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    took = []
+    for i in range(4):  # a fresh connection each time, as a guesser would
+        conn = imaplib.IMAP4("127.0.0.1", gateway.port, timeout=30)
+        began = time.monotonic()
+        with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
+            conn.login(USER, f"guess number {i}")
+        took.append(time.monotonic() - began)
+        conn.shutdown()
+    for seconds, at_least in zip(took, [0.05, 0.1, 0.2, 0.4], strict=True):
+        assert seconds >= at_least * 0.9  # each answer waits out the doubling delay
+    failures = [r for r in caplog.records if "failed login" in r.getMessage()]
+    assert len(failures) == 4 and all(r.name == "gateway.imap" for r in failures)
+    assert all("'alice'" in r.getMessage() and "127.0.0.1" in r.getMessage() for r in failures)
+    assert "guess number" not in caplog.text
+    # the same throttle serves SMTP in a running node: the count holds for both protocols
+    assert gateway.throttle.failures(USER, "127.0.0.1") == 4
+    conn = gateway.client()  # the right password works after the delay ...
+    conn.logout()
+    assert gateway.throttle.failures(USER, "127.0.0.1") == 0  # ... and clears the count
 
 
 def test_authenticate_plain(gateway: Gateway) -> None:
@@ -381,18 +410,28 @@ def test_a_failing_command_answers_no_and_the_session_goes_on(
 
 
 @pytest.mark.slow
-def test_a_large_message(gateway: Gateway, imap: imaplib.IMAP4) -> None:
+def test_a_large_message(
+    gateway: Gateway, imap: imaplib.IMAP4, monkeypatch: pytest.MonkeyPatch
+) -> None:
     attachment = os.urandom(30 << 20).hex().encode()[: 30 << 20]
     message = mail("large", "<large@x>", attachment + b"\r\n")
     gateway.file("INBOX", message)
     ok(imap.select("INBOX"))
-    started = time.monotonic()
+    read_whole: list[int] = []
+    content = gateway.mailbox.content
+
+    def recording_content(body_id: int) -> bytes:
+        read_whole.append(body_id)
+        return content(body_id)
+
+    monkeypatch.setattr(gateway.mailbox, "content", recording_content)
     head = ok(imap.fetch("1", "(RFC822.SIZE BODY.PEEK[HEADER.FIELDS (SUBJECT)])"))
-    header_time = time.monotonic() - started
     assert f"RFC822.SIZE {len(message)}".encode() in head[0][0]
-    assert header_time < 1.0  # the header path does not read 30 MiB
+    assert b"Subject: large" in head[0][1]
+    assert read_whole == []  # the header path does not read the 30 MiB
     body = ok(imap.fetch("1", "(BODY.PEEK[])"))[0][1]
     assert body == message
+    assert len(read_whole) == 1
 
 
 # -- IDLE -------------------------------------------------------------------------------
@@ -403,7 +442,7 @@ class Idler:
 
     def __init__(self, conn: imaplib.IMAP4) -> None:
         self.conn = conn
-        conn.sock.settimeout(10)
+        conn.sock.settimeout(60)  # only so that a missing update cannot hang the test
         conn.send(b"I1 IDLE\r\n")
         assert conn.readline().startswith(b"+")
 
@@ -417,7 +456,15 @@ class Idler:
         assert line.startswith(b"I1 OK")
 
 
-def test_idle_sees_new_mail_within_a_second(gateway: Gateway, imap: imaplib.IMAP4) -> None:
+@pytest.fixture
+def no_idle_poll(monkeypatch: pytest.MonkeyPatch) -> None:
+    """IDLE's fallback re-check comes only after an hour: what arrives came from a commit's
+    notification (which announces new mail within milliseconds, however busy the machine)."""
+    monkeypatch.setattr(imap_folders, "POLL_SECONDS", 3600.0)
+
+
+@pytest.mark.usefixtures("no_idle_poll")
+def test_idle_announces_new_mail_as_it_is_filed(gateway: Gateway, imap: imaplib.IMAP4) -> None:
     gateway.file("INBOX", mail("before", "<i0@x>"))
     ok(imap.select("INBOX"))
     idler = Idler(imap)
@@ -433,21 +480,19 @@ def test_idle_sees_new_mail_within_a_second(gateway: Gateway, imap: imaplib.IMAP
     idler.done()
     print(f"\nIDLE push latency: max {max(latencies) * 1000:.1f} ms, "
           f"median {sorted(latencies)[2] * 1000:.1f} ms")  # fmt: skip
-    assert max(latencies) < 1.0
 
 
+@pytest.mark.usefixtures("no_idle_poll")
 def test_idle_sees_changes_made_by_another_session(gateway: Gateway, imap: imaplib.IMAP4) -> None:
     gateway.file("INBOX", mail("x", "<o1@x>"))
     ok(imap.select("INBOX"))
     other = gateway.client()
     ok(other.select("INBOX"))
     idler = Idler(imap)
-    started = time.monotonic()
     ok(other.store("1", "+FLAGS", "(\\Flagged)"))
     line = idler.next_line()
     assert b"FETCH" in line
     assert b"\\Flagged" in line
-    assert time.monotonic() - started < 1.0
     ok(other.store("1", "+FLAGS", "(\\Deleted)"))
     idler.next_line()
     ok(other.expunge())
@@ -526,5 +571,6 @@ def test_200_concurrent_sessions(gateway: Gateway) -> None:
         probe.logout()
         barrier.wait()
         assert [f.result(120) for f in futures] == [20] * sessions
+    # The probe was served while the other sessions were all open (they log out only after
+    # the second barrier, which waits for the probe); how fast depends on the machine.
     print(f"\nwith {sessions} open sessions a probe session was answered in {answered:.3f} s")
-    assert answered < 5.0

@@ -4,8 +4,11 @@ and everything a hostile peer might send."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import json
+import logging
+import re
 import time
 from pathlib import Path
 
@@ -45,6 +48,7 @@ async def world(tmp_path: Path):
             "max_connections": 64,
             "quota_bytes": 400_000,
             "rate_per_mailbox_per_hour": 12,
+            "rate_strangers_per_mailbox_per_hour": 6,
         },
     )
     await node.start(worker=False)
@@ -55,6 +59,8 @@ async def world(tmp_path: Path):
         yield node, bob, alice, dialer
     finally:
         await node.stop()
+        node.close()
+        alice_node.close()
 
 
 def _client(node: InboxNode, dialer: DirectDialer) -> InboxClient:
@@ -72,6 +78,7 @@ async def _sealed(
     token: bytes | None = None,
     mailbox_id: bytes | None = None,
     expires: int = 3600,
+    extra_bits: int = 0,
 ) -> bytes:
     raw = await _client(node, dialer).bundle(to.local)
     vb = verify_bundle(
@@ -89,7 +96,8 @@ async def _sealed(
         sink=l2,
     )
     mid = mailbox_id or vb.mailbox_id
-    st = pow.mint(mid, inner.digest, vb.policy.pow_bits, now) if stamp and token is None else None
+    bits = vb.policy.pow_bits + extra_bits
+    st = pow.mint(mid, inner.digest, bits, now) if stamp and token is None else None
     l1 = io.BytesIO()
     l2.seek(0)
     envelope.seal_outer(
@@ -141,18 +149,21 @@ async def test_delivery_is_acknowledged_once_and_dedups(world) -> None:
     assert len(pending) == 1
 
 
-async def test_long_poll_wakes_promptly_on_delivery(world) -> None:
+async def test_long_poll_wakes_promptly_on_delivery(world, monkeypatch) -> None:
     node, bob, alice, dialer = world
+    # A long poll that would last an hour: if it returns, the delivery woke it.
+    monkeypatch.setattr(
+        node.server, "config", dataclasses.replace(node.server.config, longpoll_seconds=3600)
+    )
     session = _session(node, bob, dialer)
     await session.login()
     l1 = await _sealed(node, bob, alice, dialer)
-    waiter = asyncio.create_task(session.pending(wait=10))
+    waiter = asyncio.create_task(session.pending(wait=3600))
     await asyncio.sleep(0.3)
-    started = time.monotonic()
+    assert not waiter.done()  # waiting, not answered at once with nothing
     await _client(node, dialer).deliver(l1)
-    got = await waiter
+    got = await asyncio.wait_for(waiter, 120)  # (only so that a broken wake-up cannot hang)
     assert len(got) == 1
-    assert time.monotonic() - started < 0.5  # woken by the delivery, not by the 10 s timeout
 
 
 async def test_fetch_and_acknowledge_deletes_the_copy(world) -> None:
@@ -282,14 +293,22 @@ async def test_connection_flood_gets_503_and_legit_mail_flows(world) -> None:
     conns = await asyncio.gather(
         *(asyncio.open_connection("127.0.0.1", node.server.port) for _ in range(1000))
     )
-    replies = await asyncio.gather(
-        *(asyncio.wait_for(reader.read(), 10) for reader, _ in conns[64:])
-    )
-    busy = sum(b" 503 " in data and b'"4.3.2"' in data for data in replies)
+    replies = await asyncio.gather(*(asyncio.wait_for(reader.read(), 30) for reader, _ in conns))
     for _, writer in conns:
         writer.close()
     await asyncio.gather(*(w.wait_closed() for _, w in conns), return_exceptions=True)
-    assert busy >= 900, busy
+    # Each connection was either admitted (64 at a time; an idle one is closed without a word
+    # at its header deadline, which frees its place for a later one) or refused with a
+    # complete 503.  How many are refused depends on how fast this machine accepts them.
+    admitted = [data for data in replies if data == b""]
+    refused = [data for data in replies if data != b""]
+    assert len(admitted) >= 64  # the first 64 always find room
+    assert refused  # the flood went past the limit
+    for data in refused:
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503 "), data
+        assert int(re.search(rb"Content-Length: (\d+)", head)[1]) == len(body), data
+        assert json.loads(body)["code"] == "4.3.2", data
     receipt = await _client(node, dialer).deliver(await _sealed(node, bob, alice, dialer))
     assert receipt.receipt
 
@@ -330,13 +349,43 @@ async def test_device_login_refuses_replay_bad_signature_and_revoked(world) -> N
 
 async def test_rate_limit_per_mailbox_is_a_temporary_error(world) -> None:
     node, bob, alice, dialer = world
+    token = b"\x07" * 32
+    node.inbox.store.add_token(bob.mailbox_id, node.inbox.token_hash(token), "alice", 0)
     for i in range(12):
         await _client(node, dialer).deliver(
-            await _sealed(node, bob, alice, dialer, body=f"Subject: {i}\r\n\r\nx".encode())
+            await _sealed(
+                node, bob, alice, dialer, token=token, body=f"Subject: {i}\r\n\r\nx".encode()
+            )
         )
     with pytest.raises(TemporaryDeliveryError) as err:
-        await _client(node, dialer).deliver(await _sealed(node, bob, alice, dialer))
+        await _client(node, dialer).deliver(await _sealed(node, bob, alice, dialer, token=token))
     assert err.value.code == "4.7.0" and "too much mail" in str(err.value)
+
+
+async def test_strangers_cannot_use_up_the_contacts_budget(world) -> None:
+    """Refused envelopes charge nothing; stamped strangers fill only their own bucket."""
+    node, bob, alice, dialer = world
+    client = _client(node, dialer)
+    window = int(time.time()) // 3600 * 3600
+    for i in range(30):  # three times the whole mailbox budget, none with a proof
+        with pytest.raises(PermanentDeliveryError):
+            await client.deliver(
+                await _sealed(node, bob, alice, dialer, stamp=False, body=f"{i}".encode())
+            )
+    assert node.inbox.store.rate_count("mailbox", bob.mailbox_id, window) == 0
+    for i in range(6):  # the strangers' budget at the required difficulty
+        await client.deliver(await _sealed(node, bob, alice, dialer, body=f"s{i}".encode()))
+    with pytest.raises(TemporaryDeliveryError) as err:
+        await client.deliver(await _sealed(node, bob, alice, dialer, body=b"one too many"))
+    assert err.value.code == "4.7.0"
+    # a stranger who pays one bit more is counted apart from the flood
+    await client.deliver(await _sealed(node, bob, alice, dialer, extra_bits=1, body=b"dear"))
+    # and a contact's token still opens the door
+    token = b"\x08" * 32
+    node.inbox.store.add_token(bob.mailbox_id, node.inbox.token_hash(token), "carol", 0)
+    await client.deliver(await _sealed(node, bob, alice, dialer, token=token, body=b"hi"))
+    assert node.inbox.store.rate_count("mailbox", bob.mailbox_id, window) == 1
+    assert len(await _session(node, bob, dialer).pending()) == 6 + 1 + 1
 
 
 async def test_oversized_headers_are_refused(world) -> None:
@@ -374,3 +423,102 @@ async def test_errors_are_json_with_codes(world) -> None:
     assert b" 404 " in head
     parsed = json.loads(body)
     assert parsed["status"] == "permanent" and parsed["code"] == "5.1.1"
+
+
+async def _raw(node: InboxNode, request: bytes) -> bytes:
+    """Send raw bytes to the node API and read until it closes the connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", node.server.port)
+    writer.write(request)
+    await writer.drain()
+    data = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    return data
+
+
+def _headers(reply: bytes) -> dict[str, str]:
+    head = reply.partition(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")[1:]
+    return {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in head)}
+
+
+async def test_no_answer_names_the_server_software(world) -> None:
+    node, *_ = world
+    replies = [
+        await _raw(node, b"GET /v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+        await _raw(node, b"GET /v1/bundle/nobody HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+        await _raw(node, b"GET /nowhere HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+        await _raw(node, b"GET /v1/health HTTP/1.1\r\nBad Header\x00: y\r\n\r\n"),
+    ]
+    for reply in replies:
+        assert reply.startswith(b"HTTP/1."), reply[:80]
+        assert "server" not in _headers(reply), reply[:300]
+
+
+async def test_a_garbage_request_gets_a_short_fixed_answer(world) -> None:
+    node, *_ = world
+    marker = b"ECHO-ME-" * 8192  # 64 KiB
+    for request in (
+        b"GET /" + marker + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /v1/health HTTP/1.1\r\nX-Junk\x01: " + marker + b"\r\n\r\n",
+        b"\x16\x03\x01" + marker + b"\r\n\r\n",  # a TLS hello, or any other protocol
+    ):
+        reply = await _raw(node, request)
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert b" 400 " in head.split(b"\r\n")[0], head
+        assert len(reply) < 1024 and b"ECHO-ME" not in reply
+        assert json.loads(body) == {
+            "status": "permanent",
+            "code": "5.5.2",
+            "reason": "bad-request",
+            "message": "The request is not valid HTTP.",
+        }
+
+
+async def test_an_unknown_mailbox_name_is_repeated_only_when_valid(world) -> None:
+    node, *_ = world
+    plain = await _raw(
+        node, b"GET /v1/bundle/Nobody HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    assert "'nobody'" in json.loads(plain.partition(b"\r\n\r\n")[2])["message"]
+    odd = b"%3Cscript%3E" + b"z" * 4000
+    reply = await _raw(
+        node, b"GET /v1/bundle/" + odd + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    body = json.loads(reply.partition(b"\r\n\r\n")[2])
+    assert body["code"] == "5.1.1" and "zzzz" not in body["message"] and "<" not in body["message"]
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"[1, 2]", b"\xff\xfe", b'"a string"'])
+async def test_malformed_json_on_the_device_api_is_a_permanent_400(world, body: bytes) -> None:
+    node, *_ = world
+    reply = await _raw(
+        node,
+        b"POST /v1/device/challenge HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body) + body,
+    )
+    head, _, answer = reply.partition(b"\r\n\r\n")
+    assert b" 400 " in head.split(b"\r\n")[0], head
+    parsed = json.loads(answer)
+    assert parsed["status"] == "permanent" and parsed["code"] == "5.5.2"
+    assert parsed["reason"] == "bad-request"
+
+
+async def test_a_sender_dying_mid_upload_is_one_info_line(world, caplog) -> None:
+    node, bob, alice, dialer = world
+    caplog.set_level(logging.DEBUG)
+    _, writer = await asyncio.open_connection("127.0.0.1", node.server.port)
+    writer.write(
+        b"POST /v1/deliver HTTP/1.1\r\nHost: x\r\nContent-Length: 200000\r\n\r\n" + b"x" * 70_000
+    )
+    await writer.drain()
+    writer.close()  # what the kernel does for a sender that is killed mid-upload
+    for _ in range(1500):  # a guard against hanging, not a deadline
+        if any("went away" in r.getMessage() for r in caplog.records):
+            break
+        await asyncio.sleep(0.02)
+    gone = [r for r in caplog.records if "went away" in r.getMessage()]
+    assert len(gone) == 1 and gone[0].levelno == logging.INFO, caplog.text
+    assert "POST /v1/deliver" in gone[0].getMessage() and "70000 of 200000" in gone[0].getMessage()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    assert not [r for r in caplog.records if r.exc_info], caplog.text
+    # and the inbox goes on accepting mail
+    await _client(node, dialer).deliver(await _sealed(node, bob, alice, dialer))

@@ -62,6 +62,8 @@ async def pair(tmp_path: Path):
             await d.close()
         await a.stop()
         await b.stop()
+        a.close()
+        b.close()
 
 
 async def deliver(a: InboxNode, alice: DeviceNode, bob: DeviceNode, subject: str) -> None:

@@ -87,6 +87,8 @@ async def world(tmp_path: Path):
         await w.bob.close()
         await w.a.stop()
         await w.b.stop()
+        w.a.close()
+        w.b.close()
 
 
 async def test_mail_waits_for_an_offline_recipient_across_a_sender_restart(world: World) -> None:

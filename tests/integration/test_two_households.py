@@ -86,6 +86,8 @@ async def households(tmp_path: Path):
             await d.close()
         await a.stop()
         await b.stop()
+        a.close()
+        b.close()
 
 
 async def test_alice_mails_bob_and_carol_and_bob_replies(households) -> None:
@@ -211,3 +213,5 @@ async def test_a_message_altered_at_the_inbox_becomes_a_notice(tmp_path: Path) -
         await bob.close()
         await a.stop()
         await b.stop()
+        a.close()
+        b.close()

@@ -2,7 +2,9 @@
 
 Every machine is a separate `onionpost` process with its own tor on the private Tor network,
 and reaches the others only through onion services.  P is an inbox-only node; alice's laptop
-L joins it with `users invite` / `init --invite`; harry runs everything on one machine H.
+L joins it with `users invite` / `init --invite` (the used code then fails for anyone else), and
+bob, invited separately, on a machine of his own; harry runs everything on one machine H and
+answers both.
 Mail goes through SMTP and IMAP.  L goes offline (mail waits on P, which restarts and keeps its
 address), then a second device L2 joins with `devices add` / `init --join`, receives mail and
 alice's Sent copies, and revokes L.  Finally P's data directory is inspected: no identity key,
@@ -31,7 +33,15 @@ from onionpost.tornet import TorNetwork
 
 pytestmark = [pytest.mark.slow]
 
-PLAIN = ("first from L", "reply from H", "while L was away", "to both", "sent from L")
+PLAIN = (
+    "first from L",
+    "first from bob",
+    "reply from H",
+    "reply to bob",
+    "while L was away",
+    "to both",
+    "sent from L",
+)
 
 
 def free_port() -> int:
@@ -76,6 +86,7 @@ class Machine:
             text=True,
             timeout=timeout,
             stdin=subprocess.DEVNULL,
+            check=False,
         )
         out = r.stdout + r.stderr
         assert (r.returncode == 0) == ok, out
@@ -83,8 +94,8 @@ class Machine:
         return out
 
     def remember_login(self, out: str) -> None:
-        self.user = out.split("user name:")[1].split()[0]
-        self.password = out.split("password:")[1].split()[0]
+        self.user = out.split("user name:")[1].split(maxsplit=1)[0]
+        self.password = out.split("password:")[1].split(maxsplit=1)[0]
 
     def start(self) -> None:
         status = self.home / "run" / "status.json"
@@ -185,6 +196,8 @@ def test_pi_and_laptop_then_a_second_device_over_tor(
     harry.remember_login(harry.cli("init", "--user", "harry", "--device-name", "desk"))
     harry.start()
 
+    # the doctor reaches the Pi's onion through a circuit of its own
+    assert "answers through a separate circuit" in pi.cli("doctor")
     invite = json.loads(pi.cli("users", "invite", "alice", "--json"))
     laptop = machines("laptop")
     out = laptop.cli("init", "--invite", invite["code"], "--device-name", "laptop")
@@ -193,10 +206,26 @@ def test_pi_and_laptop_then_a_second_device_over_tor(
     assert alice in out
     laptop.start()
 
+    # the code was used: nobody else gets alice's mailbox with it
+    out = machines("intruder").cli("init", "--invite", invite["code"], ok=False)
+    assert "already used" in out
+
+    # a second person on the same Pi, invited separately, on a machine of their own
+    bob_invite = json.loads(pi.cli("users", "invite", "bob", "--json"))
+    bobs = machines("bobs-laptop")
+    bobs.remember_login(bobs.cli("init", "--invite", bob_invite["code"]))
+    bob = f"bob@{bob_invite['inbox']}"
+    bobs.start()
+
     laptop.send(harry.address, "first from L")
-    wait_for(lambda: "first from L" in harry.subjects(), "L -> H")
+    bobs.send(harry.address, "first from bob")
+    wait_for(lambda: {"first from L", "first from bob"} <= set(harry.subjects()), "L, B -> H")
     harry.send(alice, "reply from H")
+    harry.send(bob, "reply to bob")
     wait_for(lambda: "reply from H" in laptop.subjects(), "H -> L")
+    wait_for(lambda: "reply to bob" in bobs.subjects(), "H -> B")
+    assert "reply to bob" not in laptop.subjects()
+    bobs.stop()
 
     # the laptop is away; the mail waits on the Pi, which restarts and keeps its address
     laptop.stop()
@@ -210,8 +239,16 @@ def test_pi_and_laptop_then_a_second_device_over_tor(
 
     # a second device joins alice's identity
     adder = subprocess.Popen(
-        [sys.executable, "-m", "onionpost", "--data-dir", str(laptop.home), "devices", "add",
-         "--json"],
+        [
+            sys.executable,
+            "-m",
+            "onionpost",
+            "--data-dir",
+            str(laptop.home),
+            "devices",
+            "add",
+            "--json",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
@@ -256,6 +293,8 @@ def test_pi_and_laptop_then_a_second_device_over_tor(
     # the Pi: no identity key, no device key, no plaintext
     for m in (laptop, laptop2, harry, pi):
         m.stop()
+    users = pi.cli("users", "list")
+    assert alice in users and bob in users
     assert not (pi.home / "users").exists() and not (pi.home / "device.db").exists()
     assert sorted(p.name for p in (pi.home / "inbox").iterdir()) == ["server.key"]
     db = sqlite3.connect(pi.home / "inbox.db")
@@ -263,7 +302,7 @@ def test_pi_and_laptop_then_a_second_device_over_tor(
         stored = b"".join(
             v if isinstance(v, bytes) else str(v).encode()
             for table in ("sealed", "outbox", "mailboxes", "devices")
-            for row in db.execute(f"SELECT * FROM {table}")  # noqa: S608
+            for row in db.execute(f"SELECT * FROM {table}")
             for v in row
         )
     finally:

@@ -698,7 +698,7 @@ def generate() -> dict[str, str]:
 def enrolment_vectors(w: World) -> dict[str, str]:
     """Invite and pairing codes and a pairing exchange (§15), from their own seed so the
     message vectors above stay as they are."""
-    from onionpost.pairing import Code, JoinGrant, Joiner, JoinRequest, Offer
+    from onionpost.pairing import Code, Joiner, JoinGrant, JoinRequest, Offer
 
     rng = SeededRandom(SEED + b"/enrolment")
     onion_pk = w.bob_server.onion_pk

@@ -199,23 +199,34 @@ def test_many_header_fields_are_dropped_but_essential_ones_kept() -> None:
     assert_well_formed(out)
 
 
-def test_deep_nesting_is_cut_at_the_limit_and_kept_as_an_attachment() -> None:
-    message = nested(100)
-    with pytest.raises(RecursionError):
-        server_view(message)  # what happens without normalisation
-    out = normalize(message, now=NOW)
-    assert_well_formed(out)
-    parsed = email.message_from_bytes(out, policy=email.policy.default)
-    attachments = [p for p in parsed.walk() if p.get_filename() == "nested-part.eml"]
-    assert len(attachments) == 1
+def multipart_depth(message: bytes) -> int:
+    """How many multiparts deep the first leaf sits, as the standard library parses it."""
+    part = email.message_from_bytes(message, policy=email.policy.default)
     depth = 0
-    part = parsed
     while part.is_multipart():
         part = part.get_payload(0)
         depth += 1
+    return depth
+
+
+def test_deep_nesting_is_cut_at_the_limit_and_kept_as_an_attachment() -> None:
+    # Far past the limit.  Whether a recursive parser such as pymap's fails on it unaided
+    # depends on the Python version (3.11 raises RecursionError at this depth, 3.13 does not),
+    # so what is checked is the cut itself, and that pymap can read what comes out.
+    message = nested(100)
+    assert multipart_depth(message) == 101 > MAX_DEPTH + 1
+    out = normalize(message, now=NOW)
+    assert_well_formed(out)  # pymap included
+    parsed = email.message_from_bytes(out, policy=email.policy.default)
+    attachments = [p for p in parsed.walk() if p.get_filename() == "nested-part.eml"]
+    assert len(attachments) == 1
+    depth = multipart_depth(out)
     assert depth <= MAX_DEPTH + 1
-    # The excess is intact inside the attachment.
-    assert b"leaf\r\n" in attachments[0].get_payload(decode=True)
+    # The excess is intact inside the attachment: the original bytes of every level cut off.
+    kept = attachments[0].get_payload(decode=True)
+    assert kept in message
+    assert depth + multipart_depth(kept) == multipart_depth(message)
+    assert b"leaf\r\n" in kept
 
 
 def test_bare_lf_becomes_crlf() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -9,7 +11,7 @@ from hypothesis import strategies as st
 from onionpost.crypto.keys import DeviceSecrets, ServerSecrets
 from onionpost.crypto.primitives import SeededRandom
 from onionpost.errors import MalformedData, PairingFailed
-from onionpost.pairing import BadCode, Code, JoinGrant, Joiner, JoinRequest, Offer
+from onionpost.pairing import BadCode, Code, Joiner, JoinGrant, JoinRequest, Offer
 
 from .crypto_world import make_user
 
@@ -80,10 +82,8 @@ def test_claim_and_slot_are_bound_to_the_secret_and_the_inbox() -> None:
 @settings(max_examples=200, deadline=None)
 @given(st.text(max_size=120))
 def test_parsing_any_text_raises_only_bad_code(text: str) -> None:
-    try:
+    with contextlib.suppress(BadCode):
         Code.parse(text)
-    except BadCode:
-        pass
 
 
 def _exchange(rng: SeededRandom) -> tuple[Code, Offer, Joiner, JoinRequest]:
@@ -134,7 +134,7 @@ def test_a_join_request_must_prove_its_own_prekey() -> None:
     _, _, _, request = _exchange(rng)
     other = DeviceSecrets.generate("other", NOW, rng=rng)
     forged = JoinRequest(request.device_id, other.dsk_pk, "x", request.prekey, False)
-    with pytest.raises(Exception, match="signature|prekey"):
+    with pytest.raises(Exception, match=r"signature|prekey"):
         JoinRequest.parse(forged.encode())
     with pytest.raises(MalformedData):
         JoinRequest.parse(request.encode() + b"\x00")

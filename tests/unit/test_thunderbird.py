@@ -23,7 +23,7 @@ from onionpost.errors import UsageError
 ONION_KEY = ed25519_public(SeededRandom(b"thunderbird")(32))
 ALICE = Address.for_key("alice", ONION_KEY)
 CA = PurePosixPath("/home/alice/.local/share/onionpost/tls/ca.pem")
-_PREF = re.compile(r"user_pref\((\"(?:[^\"\\]|\\.)*\"), (.*)\);")
+_PREF = re.compile(r"user_pref\((\"(?:[^\"\\]|\\.)*\"), (.*?)\);(?:  // (.+))?")
 
 
 def settings(address: Address = ALICE, **kw: object) -> GatewaySettings:
@@ -40,7 +40,8 @@ def settings(address: Address = ALICE, **kw: object) -> GatewaySettings:
 
 
 def parse_user_js(text: str) -> dict[str, object]:
-    """Every non-comment line must be one well-formed user_pref call; names must be unique."""
+    """Every non-comment line must be one well-formed user_pref call (optionally followed by
+    a ``// why`` comment); names must be unique."""
     prefs: dict[str, object] = {}
     for line in text.splitlines():
         if not line or line.startswith("//"):
@@ -127,8 +128,67 @@ def test_two_users_get_distinct_keys() -> None:
 
 
 def test_policies_install_the_local_ca() -> None:
-    policies = json.loads(render_policies(CA))
-    assert policies == {"policies": {"Certificates": {"Install": [str(CA)]}}}
+    policies = json.loads(render_policies(CA))["policies"]
+    assert policies["Certificates"] == {"Install": [str(CA)]}
+
+
+def test_policies_switch_mozilla_services_off() -> None:
+    policies = json.loads(render_policies(CA))["policies"]
+    assert policies["DisableTelemetry"] is True
+    assert policies["DisableAppUpdate"] is True
+    assert policies["DisableSystemAddonUpdate"] is True
+    assert policies["ExtensionUpdate"] is False
+    assert policies["CaptivePortal"] is False
+    assert policies["NetworkPrediction"] is False
+    assert policies["DNSOverHTTPS"] == {"Enabled": False, "Locked": True}
+    assert policies["InAppNotification"]["Disabled"] is True
+    # Thunderbird's Preferences policy ignores these prefixes (Policies.sys.mjs)
+    for name, setting in policies["Preferences"].items():
+        assert not name.startswith(("security.", "toolkit.", "datareporting.")), name
+        assert setting["Status"] == "locked"
+
+
+def test_user_js_switches_mozilla_services_off() -> None:
+    text = render_user_js(settings())
+    prefs = parse_user_js(text)
+    expected: dict[str, object] = {
+        "datareporting.policy.dataSubmissionEnabled": False,
+        "datareporting.healthreport.uploadEnabled": False,
+        "toolkit.telemetry.enabled": False,
+        "app.update.auto": False,
+        "extensions.update.enabled": False,
+        "extensions.systemAddon.update.enabled": False,
+        "extensions.getAddons.cache.enabled": False,
+        "media.gmp-provider.enabled": False,
+        "browser.safebrowsing.malware.enabled": False,
+        "browser.safebrowsing.phishing.enabled": False,
+        "geo.enabled": False,
+        "browser.region.network.url": "",
+        "network.trr.mode": 5,
+        "network.dns.disablePrefetch": True,
+        "network.captive-portal-service.enabled": False,
+        "network.connectivity-service.enabled": False,
+        "security.OCSP.enabled": 0,
+        "mail.inappnotifications.enabled": False,
+        "mailnews.message_display.disable_remote_image": True,
+        "mailnews.start_page.enabled": False,
+        # the safety net: a dead-end SOCKS proxy on loopback, names resolved by it, no bypass
+        "network.proxy.type": 1,
+        "network.proxy.socks": "127.0.0.1",
+        "network.proxy.socks_port": 9,
+        "network.proxy.socks5_remote_dns": True,
+        "network.proxy.allow_bypass": False,
+        "network.proxy.allow_hijacking_localhost": False,
+    }
+    assert {name: prefs.get(name) for name in expected} == expected
+    # every privacy pref says why
+    privacy = text[text.index("// Thunderbird's own connections") :]
+    for line in privacy.splitlines():
+        if line.startswith("user_pref("):
+            match = _PREF.fullmatch(line)
+            assert match and match[3], f"no reason given: {line}"
+    # nothing in the file points at a Mozilla or Google server
+    assert not any(re.search(r"mozilla|thunderbird\.net|google", str(v)) for v in prefs.values())
 
 
 def test_policies_need_an_absolute_path() -> None:

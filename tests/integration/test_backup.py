@@ -1,0 +1,71 @@
+"""`onionpost backup` while the node runs, `onionpost restore` on a fresh data directory:
+the same address, the old mail, and new mail arriving there."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from onionpost.clock import SystemClock
+from onionpost.config import load
+from onionpost.keystore import AccountFiles, KeyStore
+from onionpost.node import Node
+from onionpost.provision import initialize
+
+from .test_enrolment import acli, eventually, free_port, mail_bytes, subjects, tor_off, write_config
+
+
+async def test_backup_while_running_then_restore_elsewhere(tmp_path: Path) -> None:
+    a_home, b_home = tmp_path / "alice", tmp_path / "bob"
+    a_port, b_port = free_port(), free_port()
+    now = int(SystemClock().now())
+    write_config(a_home, tor_off({}, f"listen_port = {a_port}\n"))
+    write_config(b_home, tor_off({}, f"listen_port = {b_port}\n"))
+    initialize(load(a_home), local="alice", device_name="pi", now=now)
+    initialize(load(b_home), local="bob", device_name="desk", now=now)
+    a_onion = AccountFiles(KeyStore(a_home)).load("alice").address.onion
+    b_onion = AccountFiles(KeyStore(b_home)).load("bob").address.onion
+    write_config(a_home, tor_off({b_onion: b_port}, f"listen_port = {a_port}\n"))
+    write_config(b_home, tor_off({a_onion: a_port}, f"listen_port = {b_port}\n"))
+    secret = tmp_path / "passphrase"
+    secret.write_text("a long backup passphrase\n")
+    target = tmp_path / "alice.backup"
+
+    alice, bob = Node(load(a_home)), Node(load(b_home))
+    await alice.start()
+    await bob.start()
+    try:
+        me, other = alice.devices["alice"].address, bob.devices["bob"].address
+        assert bob.submissions is not None
+        bob.submissions.submit("bob", [me], mail_bytes(other, me, "before the backup"))
+        await eventually(lambda: "before the backup" in subjects(alice, "alice"), "first mail")
+        code, out = await acli(a_home, "backup", str(target), "--passphrase-file", str(secret))
+        assert code == 0, out
+        assert target.stat().st_mode & 0o077 == 0
+        assert b"before the backup" not in target.read_bytes()
+    finally:
+        await alice.stop()
+
+    # the SD card dies; a new machine gets the backup
+    new_home = tmp_path / "new-pi"
+    wrong = tmp_path / "wrong"
+    wrong.write_text("not the passphrase")
+    code, out = await acli(new_home, "restore", str(target), "--passphrase-file", str(wrong))
+    assert code == 1 and "passphrase does not open" in out
+    code, out = await acli(new_home, "restore", str(target), "--passphrase-file", str(secret))
+    assert code == 0, out
+    assert str(me) in out
+    code, out = await acli(new_home, "restore", str(target), "--passphrase-file", str(secret))
+    assert code == 1 and "already holds" in out
+    restored = Node(load(new_home))
+    await restored.start()
+    try:
+        assert restored.devices["alice"].address == me
+        assert "before the backup" in subjects(restored, "alice")
+        bob.submissions.submit("bob", [me], mail_bytes(other, me, "after the restore"))
+        bob.wake()
+        await eventually(lambda: "after the restore" in subjects(restored, "alice"), "new mail")
+        await asyncio.sleep(0)
+    finally:
+        await restored.stop()
+        await bob.stop()

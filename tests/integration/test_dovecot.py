@@ -1,0 +1,421 @@
+"""The node's private Dovecot, for real: generated configuration, IMAP over STARTTLS, LMTP.
+
+Each test starts a Dovecot of the installed version (2.3 on Debian 12, 2.4 on Debian 13)
+from the configuration gateway/dovecot.py writes into a temporary data directory, and talks
+to it the way mail clients (imaplib) and the node (LMTP) will.  Nothing in /etc/dovecot is
+used.  Data directories live under a 0755 folder in /tmp rather than pytest's 0700 tmp_path:
+as root, Dovecot's mail account has to pass through every folder above them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import imaplib
+import os
+import pwd
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway.dovecot import (
+    SPECIAL_FOLDERS,
+    DovecotServer,
+    Identity,
+    Installation,
+    Layout,
+    PasswdFile,
+    Settings,
+    choose_identity,
+    find_installation,
+    lmtp_deliver,
+    render_config,
+)
+from gateway.tls import ensure_tls
+from onionpost.errors import FilingRefused, MailServerNotInstalled
+
+USER, PASSWORD = "alice", "correct horse battery"
+REPO = Path(__file__).resolve().parents[2]
+
+
+def message(subject: str, body: bytes = b"hello\r\n") -> bytes:
+    return (
+        f"From: Bob <bob@{'b' * 56}.onion>\r\nTo: alice@{'a' * 56}.onion\r\n"
+        f"Subject: {subject}\r\nMessage-ID: <{subject}@x>\r\n\r\n"
+    ).encode() + body
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def installation() -> Installation:
+    try:
+        return find_installation()
+    except MailServerNotInstalled as exc:
+        pytest.skip(f"{exc} (scripts/system-deps.sh test installs it)")
+
+
+@pytest.fixture
+def data_dir() -> Iterator[Path]:
+    base = Path(tempfile.mkdtemp(prefix="opdc-", dir="/tmp"))
+    base.chmod(0o755)
+    try:
+        yield base / "data"
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+async def server(installation: Installation, data_dir: Path) -> AsyncIterator[DovecotServer]:
+    srv = DovecotServer(
+        Layout(data_dir), Settings(imap_port=free_port()), installation=installation
+    )
+    srv.RESTART_MIN = 0.2
+    await srv.set_password(USER, PASSWORD)
+    await srv.start()
+    try:
+        yield srv
+    finally:
+        await srv.stop()
+
+
+def imap_login(srv: DovecotServer, password: str = PASSWORD) -> imaplib.IMAP4:
+    client = imaplib.IMAP4("127.0.0.1", srv.settings.imap_port)
+    assert "STARTTLS" in client.capabilities
+    ca = srv.layout.tls / "ca.pem"
+    client.starttls(ssl.create_default_context(cafile=str(ca)))  # verifies the local CA
+    try:
+        client.login(USER, password)
+    except imaplib.IMAP4.error:
+        client.shutdown()
+        raise
+    return client
+
+
+def fetch_all(client: imaplib.IMAP4, folder: str) -> list[bytes]:
+    typ, _ = client.select(folder, readonly=True)
+    assert typ == "OK"
+    typ, data = client.fetch("1:*", "(BODY.PEEK[])")
+    assert typ == "OK"
+    return [part[1] for part in data if isinstance(part, tuple)]
+
+
+async def test_imap_over_starttls_and_lmtp_to_inbox_and_sent(server: DovecotServer) -> None:
+    inbox_msg = message("to-inbox", b"first line\r\n.a line with a dot\r\n")
+    sent_msg = message("to-sent")
+    reply = await server.deliver(USER, inbox_msg, sender=f"bob@{'b' * 56}.onion")
+    assert reply.startswith("250")
+    assert (await server.deliver(USER, sent_msg, folder="Sent")).startswith("250")
+
+    def client_side() -> None:
+        client = imap_login(server)
+        try:
+            typ, caps = client.capability()
+            assert typ == "OK"
+            capabilities = caps[0].split()
+            assert b"IDLE" in capabilities
+            assert b"SPECIAL-USE" in capabilities
+            typ, listing = client.list()
+            assert typ == "OK"
+            for name, flag in SPECIAL_FOLDERS:
+                line = next(
+                    x for x in listing if isinstance(x, bytes) and x.endswith(name.encode())
+                )
+                assert flag.encode() in line
+            typ, subscribed = client.lsub()
+            assert {x.rsplit(b" ", 1)[-1] for x in subscribed if isinstance(x, bytes)} >= {
+                n.encode() for n, _ in SPECIAL_FOLDERS
+            }
+            # LMTP always puts a Return-Path line above the message; the rest is byte for byte.
+            expected = f"Return-Path: <bob@{'b' * 56}.onion>\r\n".encode() + inbox_msg
+            assert fetch_all(client, "INBOX") == [expected]
+            assert fetch_all(client, "Sent") == [b"Return-Path: <>\r\n" + sent_msg]
+        finally:
+            client.logout()
+
+    await asyncio.to_thread(client_side)
+    maildir = server.layout.maildir(USER)
+    assert len(list((maildir / "new").iterdir())) == 1
+    assert len(list((maildir / ".Sent" / "new").iterdir())) == 1
+
+
+async def test_idle_sees_an_lmtp_delivery(server: DovecotServer) -> None:
+    client = await asyncio.to_thread(imap_login, server)
+    try:
+        await asyncio.to_thread(client.select, "INBOX")
+        tag = client._new_tag()  # imaplib on Python 3.11 has no idle()
+        client.send(tag + b" IDLE\r\n")
+        assert (await asyncio.to_thread(client.readline)).startswith(b"+")
+        await server.deliver(USER, message("pushed"))
+        pushed = await asyncio.wait_for(asyncio.to_thread(client.readline), 10)
+        assert pushed.strip() == b"* 1 EXISTS"
+        client.send(b"DONE\r\n")
+        line = await asyncio.to_thread(client.readline)
+        while line.startswith(b"* "):  # "* 1 RECENT" may follow
+            line = await asyncio.to_thread(client.readline)
+        assert line.startswith(tag + b" OK")
+    finally:
+        await asyncio.to_thread(client.logout)
+
+
+async def test_a_file_is_delivered_too(server: DovecotServer) -> None:
+    path = server.layout.data_dir.parent / "message.eml"
+    path.write_bytes(message("from-a-file"))
+    await server.deliver(USER, path, folder="Archive")
+    client = await asyncio.to_thread(imap_login, server)
+    try:
+        got = await asyncio.to_thread(fetch_all, client, "Archive")
+    finally:
+        await asyncio.to_thread(client.logout)
+    assert got == [b"Return-Path: <>\r\n" + message("from-a-file")]
+
+
+async def test_wrong_password_and_unknown_recipient_are_refused(server: DovecotServer) -> None:
+    with pytest.raises(imaplib.IMAP4.error, match=r"AUTHENTICATIONFAILED|Authentication failed"):
+        await asyncio.to_thread(imap_login, server, "wrong password")
+    with pytest.raises(FilingRefused, match="550"):
+        await server.deliver("mallory", message("nobody"))
+    with pytest.raises(FilingRefused):
+        await lmtp_deliver(server.lmtp_socket, USER, b"x", folder="../etc")
+
+
+async def test_password_stays_out_of_config_and_files(server: DovecotServer) -> None:
+    layout = server.layout
+    assert (layout.passwd.stat().st_mode & 0o777) == 0o600
+    line = layout.passwd.read_text()
+    assert line.startswith(f"{USER}:{{{server.installation.scheme}}}")
+    assert PASSWORD not in line
+    for path in (layout.config, layout.log):
+        assert PASSWORD not in path.read_text()
+    # A new password replaces the old one at once: Dovecot rereads the changed file.
+    await server.set_password(USER, "a new password")
+    assert PasswdFile(layout).users() == [USER]
+    client = await asyncio.to_thread(imap_login, server, "a new password")
+    await asyncio.to_thread(client.logout)
+
+
+async def test_killed_dovecot_is_restarted_and_stop_is_clean(server: DovecotServer) -> None:
+    first = server.pid
+    assert first is not None
+    os.kill(first, signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while server.restarts < 1 or server.status != "running":
+        assert time.monotonic() < deadline, server.status
+        await asyncio.sleep(0.05)
+    assert server.pid not in (None, first)
+    assert (await server.deliver(USER, message("after-restart"))).startswith("250")
+
+    pid = server.pid
+    assert pid is not None
+    started = time.monotonic()
+    await server.stop()
+    assert time.monotonic() - started < 5
+    assert server.status == "stopped"
+    assert not _ours_running(server.layout)
+
+
+def _ours_running(layout: Layout) -> list[int]:
+    """Processes whose command line names this data directory's Dovecot configuration."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if str(layout.config).encode() in cmdline:
+                found.append(int(proc.name))
+    return found
+
+
+async def test_a_dovecot_left_over_by_a_killed_node_is_replaced(
+    installation: Installation, data_dir: Path
+) -> None:
+    settings = Settings(imap_port=free_port())
+    old = DovecotServer(Layout(data_dir), settings, installation=installation)
+    await old.start()
+    assert old._proc is not None
+    orphan = old._proc.pid
+    old._stopping = True  # as if the node were killed: nobody stops it
+    assert old._watch is not None
+    old._watch.cancel()
+    new = DovecotServer(Layout(data_dir), settings, installation=installation)
+    await new.start()
+    try:
+        assert new.pid != orphan
+        assert new.status == "running"
+    finally:
+        await new.stop()
+    if old._proc is not None and old._proc.returncode is None:
+        await old._proc.wait()  # reaped: it was stopped by the new server
+    assert not _ours_running(Layout(data_dir))
+
+
+def test_configuration_for_both_versions(installation: Installation, tmp_path: Path) -> None:
+    layout = Layout(tmp_path / "data")
+    tls = ensure_tls(layout.tls)
+    ident = Identity(False, "op", 1000, 1000, "op", "op", "op")
+    v23 = Installation("dovecot", "doveadm", (2, 3, 19), "2.3.19.1", "ARGON2ID")
+    v24 = Installation("dovecot", "doveadm", (2, 4, 1), "2.4.1-4", "ARGON2ID")
+    old = render_config(v23, layout, ident, Settings(imap_port=1143), tls)
+    new = render_config(v24, layout, ident, Settings(imap_port=1143, require_tls=True), tls)
+    assert "mail_location = maildir:~" in old and "ssl_cert = <" in old
+    assert new.splitlines()[0] == "dovecot_config_version = 2.4.0"
+    assert "mail_driver = maildir" in new and "ssl_server_cert_file =" in new
+    assert "ssl = required" in new and "ssl = yes" in old
+    for text in (old, new):
+        assert "port = 1143" in text and "lmtp_save_to_detail_mailbox = yes" in text
+        assert "chroot =" in text  # unprivileged: nothing may chroot
+    # The installed Dovecot accepts the file written for it.
+    mine = render_config(installation, layout, choose_identity(tmp_path), Settings(), tls)
+    layout.root.mkdir(parents=True)
+    layout.config.write_text(mine)
+    done = subprocess.run(
+        [shutil.which("doveconf", path="/usr/bin:/usr/sbin:/bin") or "doveconf",
+         "-c", str(layout.config), "-n"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+
+
+# --- as an unprivileged user ----------------------------------------------------------------
+
+CHILD = textwrap.dedent(
+    """
+    import asyncio, imaplib, ssl, sys
+    from pathlib import Path
+    from gateway.dovecot import DovecotServer, Layout, Settings
+
+    async def main(data, port):
+        srv = DovecotServer(Layout(Path(data)), Settings(imap_port=port))
+        await srv.set_password("alice", "pw for alice")
+        await srv.start()
+        try:
+            assert srv._ident is not None and not srv._ident.privileged
+            await srv.deliver("alice", b"Subject: one\\r\\n\\r\\nbody\\r\\n")
+            await srv.deliver("alice", b"Subject: two\\r\\n\\r\\nbody\\r\\n", folder="Sent")
+            def imap():
+                m = imaplib.IMAP4("127.0.0.1", port)
+                m.starttls(ssl.create_default_context(cafile=data + "/tls/ca.pem"))
+                m.login("alice", "pw for alice")
+                counts = [m.select(f, readonly=True)[1][0].decode() for f in ("INBOX", "Sent")]
+                m.logout()
+                return counts
+            print("COUNTS", *(await asyncio.to_thread(imap)))
+        finally:
+            await srv.stop()
+        print("STATUS", srv.status)
+
+    asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+    """
+)
+
+
+@pytest.fixture
+def unprivileged_user() -> Iterator[str]:
+    """The current user if not root; as root, a temporary system account made for the test."""
+    if os.geteuid() != 0:
+        yield pwd.getpwuid(os.geteuid()).pw_name
+        return
+    if shutil.which("useradd") is None or shutil.which("runuser") is None:
+        pytest.skip("running as root without useradd/runuser to make an unprivileged user")
+    name = f"opdc{os.getpid() % 100000}"
+    subprocess.run(
+        ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+        check=True,
+    )
+    try:
+        yield name
+    finally:
+        subprocess.run(["userdel", name], check=False)
+
+
+def _python_for(user: str) -> list[str]:
+    """An interpreter the user can run with this checkout's packages importable."""
+    site = [p for p in sys.path if p.endswith("site-packages")]
+    path = os.pathsep.join([str(REPO), *site])
+    candidates = [sys.executable]
+    if sys.version_info[:2] == (3, 11) and Path("/usr/bin/python3.11").exists():
+        candidates.append("/usr/bin/python3.11")  # the venv's own Python may sit under /root
+    if sys.version_info[:2] == (3, 13) and Path("/usr/bin/python3.13").exists():
+        candidates.append("/usr/bin/python3.13")
+    for python in candidates:
+        argv = [f"PYTHONPATH={path}", python]
+        probe = _as(user, [*argv, "-c", "import gateway.dovecot"])
+        if subprocess.run(probe, capture_output=True, check=False).returncode == 0:
+            return argv
+    pytest.skip(f"no Python interpreter that {user} may run can import this checkout")
+
+
+def _as(user: str, argv: list[str]) -> list[str]:
+    if os.geteuid() != 0:
+        return ["env", *argv]
+    return ["runuser", "-u", user, "--", "env", *argv]
+
+
+def test_the_whole_thing_as_an_unprivileged_user(
+    installation: Installation, unprivileged_user: str
+) -> None:
+    python = _python_for(unprivileged_user)
+    base = Path(tempfile.mkdtemp(prefix="opdc-user-", dir="/tmp"))
+    try:
+        base.chmod(0o755)
+        data = base / "data"
+        data.mkdir(mode=0o700)
+        script = base / "child.py"
+        script.write_text(CHILD)
+        script.chmod(0o644)
+        if os.geteuid() == 0:
+            account = pwd.getpwnam(unprivileged_user)
+            os.chown(data, account.pw_uid, account.pw_gid)
+        argv = _as(unprivileged_user, [*python, str(script), str(data), str(free_port())])
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "COUNTS 1 1" in done.stdout
+        assert "STATUS stopped" in done.stdout
+        owner = pwd.getpwuid(os.getuid() if os.geteuid() else account.pw_uid).pw_name
+        maildir = data / "mail" / "alice"
+        assert pwd.getpwuid(maildir.stat().st_uid).pw_name == owner
+        assert not _ours_running(Layout(data))
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_the_cli_keeps_dovecots_logins_in_step(tmp_path: Path) -> None:
+    """init, password and users remove write the private Dovecot's passwd-file too, so the
+    IMAP server that replaces pymap knows every password (hashes only, never the text)."""
+    from click.testing import CliRunner
+
+    from onionpost.cli import cli
+
+    home = tmp_path / "home"
+
+    def run(*args: str) -> str:
+        result = CliRunner().invoke(cli, ["--data-dir", str(home), *args])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    password = run("init", "--user", "alice").split("password:")[1].split()[0]
+    passwd = PasswdFile(Layout(home))
+    assert passwd.users() == ["alice"]
+    first = passwd.path.read_text()
+    assert password not in first and first.startswith("alice:{")
+    run("password", "--generate")
+    assert passwd.path.read_text() != first
+    run("users", "add", "bob")
+    assert passwd.users() == ["alice", "bob"]
+    run("users", "remove", "bob", "--yes")
+    assert passwd.users() == ["alice"]

@@ -45,7 +45,9 @@ done
 [ "$built" = 1 ] || { tail "$work/mmdebstrap.log"; exit 1; }
 git clone -q "$src" "$root/project" || exit 1
 cp /etc/resolv.conf "$root/etc/resolv.conf" 2>/dev/null
-printf '127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\n' >"$root/etc/hosts"
+# What Debian's installer writes (the host name too: programs resolve their own host name).
+printf '127.0.0.1\tlocalhost\n127.0.1.1\t%s\n::1\t\tlocalhost ip6-localhost ip6-loopback\n' \
+    "$(hostname)" >"$root/etc/hosts"
 # Trust the same certificate authorities as this machine (its mirrors may sit behind a proxy).
 mkdir -p "$root/usr/local/share/ca-certificates"
 cp /usr/local/share/ca-certificates/*.crt "$root/usr/local/share/ca-certificates/" 2>/dev/null

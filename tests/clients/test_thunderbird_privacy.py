@@ -158,6 +158,12 @@ def _dns_question(data: bytes) -> str | None:
     return ".".join(labels) if labels else None
 
 
+def _pid_fd(line: str) -> tuple[str, str] | None:
+    """(thread, socket) of an ``strace -f`` line such as ``123 sendto(10, ...``."""
+    m = re.match(r"(?:\[pid\s+)?(\d+)\]?\s+\w+\((\d+),", line)
+    return (m[1], m[2]) if m else None
+
+
 def _own_name_unlisted() -> str | None:
     """This machine's host name, if /etc/hosts does not list it (a bare chroot: Debian's
     installer always writes ``127.0.1.1 HOSTNAME``)."""
@@ -178,13 +184,15 @@ def leaks(trace: str) -> list[str]:
     a query for that exact name is excused."""
     bad = []
     own = _own_name_unlisted()
+    found = contacts(trace)
+    dns_sockets = {_pid_fd(c.line) for c in found if c.family == "inet" and c.port == 53}
     asked = {
-        q
-        for c in contacts(trace)
-        if c.family == "other" and (q := _dns_question(_unescape(c.address)))
+        _dns_question(_unescape(c.address))
+        for c in found
+        if c.family == "other" and _pid_fd(c.line) in dns_sockets
     }
-    excused = own is not None and asked <= {own}
-    for c in contacts(trace):
+    excused = own is not None and bool(asked) and asked <= {own}
+    for c in found:
         if c.family == "inet":
             if c.port == 53:
                 if not excused:

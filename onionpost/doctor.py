@@ -187,6 +187,8 @@ def _nodes(data_dir: Path) -> Finding:
             target = dirs[0] if dirs else env_home
             if target and str(Path(target).resolve()) == me:
                 pids.append(proc.name)
+    # a node's child between fork and exec still shows the node's command line
+    pids = [p for p in pids if _parent(p) not in pids]
     if len(pids) > 1:
         return Finding(
             "one node",
@@ -195,6 +197,14 @@ def _nodes(data_dir: Path) -> Finding:
             "stop all but one (kill PID); two nodes on one directory fight over the queue",
         )
     return Finding("one node", True, f"{len(pids)} node running on this data directory")
+
+
+def _parent(pid: str) -> str:
+    try:
+        stat_line = (Path("/proc") / pid / "stat").read_text()
+    except OSError:
+        return ""
+    return stat_line.rsplit(")", 1)[-1].split()[1]
 
 
 async def examine(config: Config) -> list[Finding]:

@@ -59,7 +59,7 @@ import stat
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -82,6 +82,8 @@ __all__ = [
     "PasswdFile",
     "Settings",
     "choose_identity",
+    "doveadm_add_flags",
+    "doveadm_search",
     "find_installation",
     "hash_password",
     "lmtp_deliver",
@@ -652,6 +654,7 @@ async def lmtp_deliver(
     *,
     folder: str = "INBOX",
     sender: str = "",
+    header: bytes = b"",
     timeout: float = 120.0,
 ) -> str:
     """File one message for ``user`` into ``folder``; return only after LMTP's 250.
@@ -659,34 +662,62 @@ async def lmtp_deliver(
     The folder is chosen with the recipient's detail (``user+Sent``) and Dovecot's
     ``lmtp_save_to_detail_mailbox``: no Sieve needed.  Dovecot stores the message as given
     (line ends made CRLF, one added at the end if missing) below a ``Return-Path: <sender>``
-    line that LMTP always adds.  Raises :class:`FilingDeferred` for 4xx answers and lost
-    connections (try again later) and :class:`FilingRefused` for 5xx (trying again won't help).
+    line that LMTP always adds; ``header`` (complete lines) goes first.  A file is streamed,
+    never read whole.  Raises :class:`FilingDeferred` for 4xx answers and lost connections
+    (try again later) and :class:`FilingRefused` for 5xx (trying again won't help).
     """
     _check_user(user)
     if folder != "INBOX" and not _FOLDER.match(folder):
         raise FilingRefused(f"{folder!r} is not a folder LMTP can file into.")
     if any(c in sender for c in "<>\r\n "):
         raise FilingRefused(f"{sender!r} is not a usable envelope sender.")
-    data = await asyncio.to_thread(message.read_bytes) if isinstance(message, Path) else message
     recipient = user if folder == "INBOX" else f"{user}+{folder}"
     try:
         async with asyncio.timeout(timeout):
-            return await _lmtp_session(socket_path, sender, recipient, _dot_stuffed(data))
+            return await _lmtp_session(socket_path, sender, recipient, header, message)
     except TimeoutError as exc:
         raise FilingDeferred(f"LMTP did not answer within {timeout:.0f} s.") from exc
     except OSError as exc:
         raise FilingDeferred(f"Cannot talk to Dovecot's LMTP at {socket_path}: {exc}") from exc
 
 
-def _dot_stuffed(data: bytes) -> bytes:
-    lines = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()
-    stuffed = [b"." + line if line.startswith(b".") else line for line in lines]
-    return b"\r\n".join(stuffed) + b"\r\n.\r\n"
+_CHUNK = 256 * 1024
 
 
-async def _lmtp_session(socket_path: Path, sender: str, recipient: str, body: bytes) -> str:
+def _stuffed_lines(lines: Iterable[bytes]) -> Iterator[bytes]:
+    """Lines with CRLF ends and leading dots doubled, batched into chunks of ~256 KiB."""
+    batch: list[bytes] = []
+    size = 0
+    for raw in lines:
+        line = raw.rstrip(b"\r\n")
+        if line.startswith(b"."):
+            line = b"." + line
+        batch.append(line + b"\r\n")
+        size += len(line) + 2
+        if size >= _CHUNK:
+            yield b"".join(batch)
+            batch, size = [], 0
+    if batch:
+        yield b"".join(batch)
+
+
+def _message_lines(message: bytes | Path) -> Iterator[bytes]:
+    if isinstance(message, Path):
+        with message.open("rb") as f:
+            # A lone CR is a line end to LMTP's sender as to Dovecot: split on it here too.
+            for line in f:
+                yield from line.replace(b"\r\n", b"\n").replace(b"\r", b"\n").splitlines()
+        return
+    yield from (
+        message.replace(b"\r\n", b"\n")
+        .replace(b"\r", b"\n")
+        .split(b"\n")[: -1 if message.endswith((b"\n", b"\r")) else None]
+    )
+
+
+async def _lmtp_session(
+    socket_path: Path, sender: str, recipient: str, header: bytes, message: bytes | Path
+) -> str:
     reader, writer = await asyncio.open_unix_connection(str(socket_path))
     try:
 
@@ -716,7 +747,12 @@ async def _lmtp_session(socket_path: Path, sender: str, recipient: str, body: by
         await command(f"MAIL FROM:<{sender}>", "250")
         await command(f"RCPT TO:<{recipient}>", "250")
         await command("DATA", "354")
-        writer.write(body)
+        if header:
+            writer.write(b"".join(_stuffed_lines(header.splitlines())))
+        for chunk in _stuffed_lines(_message_lines(message)):
+            writer.write(chunk)
+            await writer.drain()
+        writer.write(b".\r\n")
         await writer.drain()
         done = await reply("250", "the message")  # one reply per recipient: ours
         with contextlib.suppress(OSError, FilingDeferred, FilingRefused):
@@ -726,6 +762,62 @@ async def _lmtp_session(socket_path: Path, sender: str, recipient: str, body: by
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
+
+
+# --- looking into the mailbox (doveadm) -----------------------------------------------------
+
+
+def doveadm_search(
+    inst: Installation, layout: Layout, *, user: str, folder: str, header: str, value: str
+) -> list[str]:
+    """The GUIDs/UIDs of messages in ``folder`` whose ``header`` contains ``value``."""
+    out = _run(
+        [
+            inst.doveadm,
+            "-c",
+            str(layout.config),
+            "search",
+            "-u",
+            _check_user(user),
+            "mailbox",
+            folder,
+            "header",
+            header,
+            value,
+        ]
+    )
+    return [line.split()[-1] for line in out.splitlines() if line.strip()]
+
+
+def doveadm_add_flags(
+    inst: Installation,
+    layout: Layout,
+    *,
+    user: str,
+    folder: str,
+    header: str,
+    value: str,
+    flags: str,
+) -> None:
+    """Add ``flags`` (e.g. ``\\Seen``) to the messages in ``folder`` whose ``header`` has
+    ``value``."""
+    _run(
+        [
+            inst.doveadm,
+            "-c",
+            str(layout.config),
+            "flags",
+            "add",
+            "-u",
+            _check_user(user),
+            flags,
+            "mailbox",
+            folder,
+            "header",
+            header,
+            value,
+        ]
+    )
 
 
 # --- the running server -------------------------------------------------------------------

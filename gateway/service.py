@@ -1,29 +1,42 @@
 """The mail-client gateway as part of a running node: IMAP, SMTP submission, autoconfig.
 
 :func:`start_gateway` is a node *extension* (``Node(extensions=(start_gateway,))``): the node
-calls it once its devices run and awaits the returned function on shutdown.  It shares the
-node's event loop, its device database and its submission queue, so a message a client sends
-is durably queued before the client hears 250, and mail the node files shows up in IDLE at once.
+calls it once its devices run and awaits the returned function on shutdown.  SMTP submission
+shares the node's event loop, device database and submission queue, so a message a client
+sends is durably queued before the client hears 250.  IMAP is the node's private Dovecot
+(:mod:`gateway.dovecot`), in its own processes: no IMAP client can stall the node.  The node's
+filer hands mail to Dovecot's LMTP, and IDLE shows it at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import logging
+import socket
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Protocol
 
 from gateway.autoconfig import start_autoconfig
-from gateway.imap import start_imap
+from gateway.dovecot import (
+    DovecotServer,
+    Layout,
+    Settings,
+    doveadm_add_flags,
+    doveadm_search,
+    lmtp_deliver,
+)
 from gateway.smtp import start_smtp
 from gateway.throttle import LoginThrottle
 from gateway.tls import ensure_tls, server_context
 from onionpost.config import Config
 from onionpost.device import Device
-from onionpost.errors import ListenError
+from onionpost.errors import FilingDeferred, ListenError
+from onionpost.filing import Filer
 from onionpost.store.accounts import AccountStore
 from onionpost.store.db import Database
-from onionpost.store.mailbox import MailboxStore
 from onionpost.submission import Submissions
 
 log = logging.getLogger(__name__)
@@ -35,8 +48,8 @@ class GatewayHost(Protocol):
     config: Config
     devices: dict[str, Device]
 
-    @property
-    def mailbox(self) -> MailboxStore | None: ...
+    filer: Filer | None
+    mail_server_status: Callable[[], dict[str, object]] | None
 
     @property
     def submissions(self) -> Submissions | None: ...
@@ -55,23 +68,82 @@ def _listening(host: str, port: int, setting: str) -> Iterator[None]:
         raise ListenError.from_os_error(exc, host, port, setting) from exc
 
 
+class DovecotSink:
+    """The node's filer's view of Dovecot: LMTP to file, doveadm to look."""
+
+    def __init__(self, server: DovecotServer) -> None:
+        self.server = server
+
+    async def deliver(self, user: str, folder: str, message: Path, *, header: bytes) -> None:
+        if self.server.status != "running":
+            raise FilingDeferred(f"Dovecot is {self.server.status}.")
+        await lmtp_deliver(self.server.lmtp_socket, user, message, folder=folder, header=header)
+
+    async def holds(self, user: str, folder: str, header: str, value: str) -> bool:
+        found = await asyncio.to_thread(
+            functools.partial(
+                doveadm_search,
+                self.server.installation,
+                self.server.layout,
+                user=user,
+                folder=folder,
+                header=header,
+                value=value,
+            )
+        )
+        return bool(found)
+
+    async def mark_seen(self, user: str, folder: str, header: str, value: str) -> None:
+        await asyncio.to_thread(
+            functools.partial(
+                doveadm_add_flags,
+                self.server.installation,
+                self.server.layout,
+                user=user,
+                folder=folder,
+                header=header,
+                value=value,
+                flags="\\Seen",
+            )
+        )
+
+
+def _free_port(host: str) -> int:
+    """Port 0 means "any free port" (tests): Dovecot needs a number, so pick one now."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
 async def start_gateway(node: GatewayHost) -> Callable[[], Awaitable[None]]:
     cfg = node.config.gateway
-    if node.mailbox is None or node.submissions is None or node.device_db is None:
+    if node.filer is None or node.submissions is None or node.device_db is None:
         log.info("no local users: the mail-client gateway is not started")
 
         async def nothing() -> None:
             return None
 
         return nothing
+    filer = node.filer
     accounts = AccountStore(node.device_db)
     tls_dir = node.config.data_dir / "tls"
     ensure_tls(tls_dir)
     context = server_context(tls_dir)
-    # One for both protocols: a password guesser gains nothing by switching.
+    imap_port = cfg.imap_port or _free_port(cfg.listen_host)
+    dovecot = DovecotServer(
+        Layout(node.config.data_dir),
+        Settings(host=cfg.listen_host, imap_port=imap_port, require_tls=cfg.require_tls),
+    )
+    with _listening(cfg.listen_host, imap_port, "[gateway] imap_port"):
+        await dovecot.start()
+    filer.attach(DovecotSink(dovecot))
+    node.mail_server_status = lambda: {
+        "status": dovecot.status,
+        "restarts": dovecot.restarts,
+        "pid": dovecot.pid,
+    }
+    # One for SMTP logins (Dovecot throttles IMAP logins itself, with its auth penalty).
     throttle = LoginThrottle()
-    with _listening(cfg.listen_host, cfg.imap_port, "[gateway] imap_port"):
-        imap = await start_imap(cfg, node.mailbox, accounts, context, throttle)
     try:
         with _listening(cfg.listen_host, cfg.smtp_port, "[gateway] smtp_port"):
             smtp = await start_smtp(
@@ -82,25 +154,27 @@ async def start_gateway(node: GatewayHost) -> Callable[[], Awaitable[None]]:
                 throttle=throttle,
             )
     except BaseException:
-        await imap.stop()
+        filer.attach(None)
+        await dovecot.stop()
         raise
     try:
         with _listening(cfg.listen_host, cfg.autoconfig_port, "[gateway] autoconfig_port"):
             autoconfig = await start_autoconfig(
                 cfg,
                 lambda: [d.address.domain for d in node.devices.values()],
-                imap_port=imap.port,
+                imap_port=imap_port,
                 smtp_port=smtp.port,
             )
     except BaseException:
         await smtp.close()
-        await imap.stop()
+        filer.attach(None)
+        await dovecot.stop()
         raise
-    node.gateway_ports = {"imap": imap.port, "smtp": smtp.port, "autoconfig": autoconfig.port}
+    node.gateway_ports = {"imap": imap_port, "smtp": smtp.port, "autoconfig": autoconfig.port}
     log.info(
-        "mail-client gateway: IMAP %s:%d, SMTP %s:%d",
+        "mail-client gateway: IMAP (Dovecot) %s:%d, SMTP %s:%d",
         cfg.listen_host,
-        imap.port,
+        imap_port,
         cfg.listen_host,
         smtp.port,
     )
@@ -110,7 +184,8 @@ async def start_gateway(node: GatewayHost) -> Callable[[], Awaitable[None]]:
             await autoconfig.close()
         with contextlib.suppress(Exception):
             await smtp.close()
+        filer.attach(None)
         with contextlib.suppress(Exception):
-            await imap.stop()
+            await dovecot.stop()
 
     return stop

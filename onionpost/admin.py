@@ -638,8 +638,8 @@ def remove_user(local: Local, name: str) -> Removed:
     Each step is idempotent and the key files go last, so an interrupted removal is
     finished by running it again (the user is still listed until then)."""
     from onionpost.store.accounts import AccountStore
+    from onionpost.store.filing import FilingStore
     from onionpost.store.inbox import InboxStore
-    from onionpost.store.mailbox import MailboxStore
 
     check_user_exists(local, name)
     mailbox_id = local.files.load(name).mailbox_id if local.files.exists(name) else None
@@ -659,7 +659,7 @@ def remove_user(local: Local, name: str) -> Removed:
         device_db = local.device_db()
         submissions = SubmissionStore(device_db).remove_user(name)
         contacts_gone = ContactStore(device_db, name).forget_all()
-        messages = MailboxStore(device_db).remove_user(name)
+        messages = FilingStore(device_db, local.config.data_dir / "filing").remove_user(name)
         AccountStore(device_db).remove(name)
     local.keys.remove_user(name)
     told = poke(local.config.data_dir)
@@ -671,13 +671,16 @@ def remove_user(local: Local, name: str) -> Removed:
 
 def submit(local: Local, user: str | None, recipients: list[Address], message: bytes) -> int:
     """Queue a message as if a mail client had submitted it (durable on return)."""
+    from onionpost.store.filing import FilingStore
     from onionpost.submission import queue_submission
 
     account = local.account(user)
     if not recipients:
         raise UsageError("Give at least one recipient (--to).")
+    db = local.device_db()
     sid = queue_submission(
-        local.device_db(),
+        db,
+        filing=FilingStore(db, local.config.data_dir / "filing"),
         user=account.local,
         recipients=recipients,
         message=message,

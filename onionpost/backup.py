@@ -29,6 +29,8 @@ from onionpost.keystore import AccountFiles, KeyStore, ensure_private_dir
 from onionpost.store.db import snapshot
 
 SKIP_DIRS = {"run", "tor"}
+#: Dovecot's sockets and pid file: recreated on start.
+SKIP_PATHS = {"dovecot/run"}
 SKIP_SUFFIXES = ("-wal", "-shm", "-journal", ".tmp", ".lock")
 PUBLIC = {"tls/ca.pem", "tls/cert.pem"}
 
@@ -55,8 +57,27 @@ def _members(data_dir: Path) -> Iterator[tuple[Path, str]]:
         rel = path.relative_to(data_dir)
         if rel.parts[0] in SKIP_DIRS or path.name.endswith(SKIP_SUFFIXES):
             continue
+        if any(rel.as_posix().startswith(f"{p}/") for p in SKIP_PATHS):
+            continue
         if path.is_file() and not path.is_symlink():
             yield path, rel.as_posix()
+
+
+def _current(path: Path) -> Path | None:
+    """Where a file listed a moment ago is now.  Dovecot renames Maildir files while it runs
+    (new/ to cur/ when a client first sees a message, and ``:2,<flags>`` on every flag
+    change), so a message listed under one name may be found under another."""
+    if path.exists():
+        return path
+    box = path.parent.parent
+    if path.parent.name not in ("new", "cur"):
+        return None
+    base = path.name.split(":", 1)[0]
+    for sub in ("cur", "new"):
+        for candidate in sorted((box / sub).glob(f"{base}*")):
+            if candidate.name.split(":", 1)[0] == base:
+                return candidate
+    return None
 
 
 def make_backup(config: Config, target: Path, passphrase: str) -> BackupReport:
@@ -76,6 +97,10 @@ def make_backup(config: Config, target: Path, passphrase: str) -> BackupReport:
                     snapshot(path, copy)
                     tar.add(copy, arcname=name, recursive=False)
                 else:
+                    moved = _current(path)
+                    if moved is None:
+                        continue  # deleted meanwhile (a message expunged while we ran)
+                    path, name = moved, moved.relative_to(data_dir).as_posix()
                     tar.add(path, arcname=name, recursive=False)
                 files += 1
         size = archive.stat().st_size

@@ -99,6 +99,8 @@ class GatewayConfig:
     autoconfig_port: int = 8088
     max_message_bytes: int = 50 * MiB
     require_tls: bool = False  # plaintext AUTH is allowed on loopback; see docs/thunderbird.md
+    #: A submitted message's Sent copy waits this long for the client's own (see filing.py).
+    sent_copy_wait_seconds: int = 60
 
 
 @dataclass(frozen=True)

@@ -25,12 +25,12 @@ from onionpost.crypto.primitives import RandomSource, hash32, system_random
 from onionpost.directory import Directory
 from onionpost.dsn import device_change_notice
 from onionpost.errors import OnionpostError
+from onionpost.filing import Filer, filing_key
 from onionpost.inbox import login_message
 from onionpost.keylife import renew_binding, rotate_device
 from onionpost.keystore import AccountFiles
 from onionpost.sending import Outgoing, Sender, SendReport
 from onionpost.store.contacts import ContactStore
-from onionpost.store.mailbox import MailboxStore
 from onionpost.sync import Receiver
 from onionpost.wire import KeyUpdate
 
@@ -57,7 +57,7 @@ class Device:
         account: Account,
         *,
         config: Config,
-        mailbox: MailboxStore,
+        filer: Filer,
         contacts: ContactStore,
         accounts: AccountFiles | None,
         dialer: Dialer,
@@ -66,7 +66,7 @@ class Device:
     ) -> None:
         self.account = account
         self.config = config
-        self.mailbox = mailbox
+        self.filer = filer
         self.contacts = contacts
         self.accounts = accounts
         self.clock = clock
@@ -93,12 +93,11 @@ class Device:
         self.receiver = Receiver(
             account=account,
             session=self.session,
-            mailbox=mailbox,
+            filer=filer,
             contacts=contacts,
             now=clock.now,
             max_bytes=config.inbox.max_envelope_bytes + (1 << 20),
         )
-        mailbox.ensure_user(account.local)
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
 
@@ -196,13 +195,15 @@ class Device:
                 now=now,
             )
             key = hash32(b"onionpost/v1/devices-notice", new.uik_pk, new.version.to_bytes(4, "big"))
-            self.mailbox.file_message(
-                self.account.local,
-                "INBOX",
-                notice,
-                internal_date=now,
-                seen_id=(key[:16], now + 60 * 86_400),
-            )
+            store, user = self.filer.store, self.account.local
+            with store.db.transaction():
+                if store.record_seen(user, key[:16], now + 60 * 86_400):
+                    self.filer.queue(
+                        key=filing_key(b"devices", user.encode(), key),
+                        user=user,
+                        folder="INBOX",
+                        message=notice,
+                    )
         return True
 
     # -- background sync ------------------------------------------------------------------

@@ -38,6 +38,7 @@ from onionpost.errors import (
     TorError,
     TorStillConnecting,
 )
+from onionpost.filing import Filer
 from onionpost.inbox import Inbox
 from onionpost.keylife import rotate_server
 from onionpost.keystore import (
@@ -53,8 +54,8 @@ from onionpost.store import DEVICE_COMPONENTS, INBOX_COMPONENTS, queue
 from onionpost.store.contacts import ContactStore
 from onionpost.store.db import Database
 from onionpost.store.enrolment import EnrolmentStore
+from onionpost.store.filing import FilingStore
 from onionpost.store.inbox import InboxStore
-from onionpost.store.mailbox import MailboxStore
 from onionpost.store.outbox import OutboxStore
 from onionpost.submission import Submissions
 from onionpost.tor import TorDialer, TorRuntime, kill_launched
@@ -88,7 +89,9 @@ class Node:
         self.worker: OutboxWorker | None = None
         self.tor: TorRuntime | None = None
         self.devices: dict[str, Device] = {}
-        self.mailbox: MailboxStore | None = None
+        self.filer: Filer | None = None
+        #: One line about the mailbox server for `onionpost status` (set by the gateway).
+        self.mail_server_status: Callable[[], dict[str, Any]] | None = None
         self.submissions: Submissions | None = None
         self.device_db: Database | None = None
         self.gateway_ports: dict[str, int] = {}
@@ -263,18 +266,20 @@ class Node:
             raise NotInitialized()
         db = self._open(cfg.data_dir / "device.db", DEVICE_COMPONENTS)
         self.device_db = db
-        self.mailbox = MailboxStore(db)
+        self.filer = Filer(FilingStore(db, cfg.data_dir / "filing"), now=self.clock.now)
+        self.filer.start()
         for local in users:
             await self._start_device(files, local)
         self.submissions = Submissions(
             db=db,
-            mailbox=self.mailbox,
+            filer=self.filer,
             devices=self.devices,
             clock=self.clock,
             config=cfg.delivery,
             unit_random=random.SystemRandom().random,
             max_message_bytes=cfg.gateway.max_message_bytes,
             on_queued=lambda: self.scheduler.wake("seal"),
+            sent_copy_wait=cfg.gateway.sent_copy_wait_seconds,
         )
 
     # -- periodic jobs --------------------------------------------------------------------
@@ -337,8 +342,8 @@ class Node:
             if self.enrolment is not None:
                 self.enrolment.store.prune(now)
             log.debug("pruned: %s", counts)
-        if self.mailbox is not None:
-            self.mailbox.prune_seen(now)
+        if self.filer is not None:
+            self.filer.store.prune_seen(now)
         if self.submissions is not None:
             self.submissions.store.purge(now - 30 * 86_400)
 
@@ -358,11 +363,11 @@ class Node:
                     await device.directory.resolve(Address.parse(contact.address), now=now)
 
     async def _start_device(self, files: AccountFiles, local: str) -> None:
-        assert self.mailbox is not None and self.device_db is not None
+        assert self.filer is not None and self.device_db is not None
         device = Device(
             files.load(local),
             config=self.config,
-            mailbox=self.mailbox,
+            filer=self.filer,
             contacts=ContactStore(self.device_db, local),
             accounts=files,
             dialer=self.dialer,
@@ -404,6 +409,8 @@ class Node:
         self._stops.clear()
         for device in self.devices.values():
             await device.stop()
+        if self.filer is not None:
+            await self.filer.stop()
         for task in self._tasks:
             await cancel_and_wait(task)
         self._tasks.clear()
@@ -432,7 +439,7 @@ class Node:
             self._tasks.append(
                 asyncio.get_running_loop().create_task(self._rotate_now(), name="rotate")
             )
-        if self.has_gateway and self.mailbox is not None:
+        if self.has_gateway and self.filer is not None:
             self._tasks.append(asyncio.get_running_loop().create_task(self._update_users()))
 
     async def _rotate_now(self) -> None:
@@ -455,7 +462,7 @@ class Node:
             await device.stop()
             log.info("user %s was removed and is no longer served", local)
         for local in present:
-            if local not in self.devices and self.mailbox is not None:
+            if local not in self.devices and self.filer is not None:
                 await self._start_device(files, local)
                 log.info("new user %s is served now", local)
             elif local in self.devices:
@@ -510,6 +517,10 @@ class Node:
         }
         if self.inbox is not None or self.submissions is not None:
             info["queue"] = self.queue_summary()
+        if self.filer is not None:
+            info["filing"] = self.filer.store.count()
+        if self.mail_server_status is not None:
+            info["mail_server"] = self.mail_server_status()
         return info
 
     def queue_summary(self) -> dict[str, int]:

@@ -26,7 +26,6 @@ from onionpost.keystore import AccountFiles, KeyStore, check_user_name, ensure_p
 from onionpost.store import DEVICE_COMPONENTS, INBOX_COMPONENTS
 from onionpost.store.db import Database
 from onionpost.store.inbox import InboxStore
-from onionpost.store.mailbox import MailboxStore
 from onionpost.store.outbox import OutboxStore
 from onionpost.wire import KeyUpdate
 
@@ -121,11 +120,7 @@ def adopt_account(
     files.save(account)
     if not KeyStore(config.data_dir).has_server():
         write_config(config.data_dir, "gateway")
-    device_db = Database(config.data_dir / "device.db", DEVICE_COMPONENTS)
-    try:
-        MailboxStore(device_db).ensure_user(account.local)
-    finally:
-        device_db.close()
+    Database(config.data_dir / "device.db", DEVICE_COMPONENTS).close()  # created, migrated
     password = gateway_setup(config, account) if gateway_setup else None
     return Initialized(account.address, fingerprint(account.uik_pk), account.device.name, password)
 
@@ -204,11 +199,7 @@ def add_user(
     finally:
         inbox_db.close()
     files.save(account)
-    device_db = Database(config.data_dir / "device.db", DEVICE_COMPONENTS)
-    try:
-        MailboxStore(device_db).ensure_user(account.local)
-    finally:
-        device_db.close()
+    Database(config.data_dir / "device.db", DEVICE_COMPONENTS).close()  # created, migrated
     password = gateway_setup(config, account) if gateway_setup else None
     return Initialized(account.address, fingerprint(account.uik_pk), device_name, password)
 

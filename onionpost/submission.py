@@ -37,10 +37,11 @@ from onionpost.errors import (
     TorStillConnecting,
     UnknownLocalUser,
 )
+from onionpost.filing import Filer, filing_key
 from onionpost.retry import RetryPolicy, after_failure
 from onionpost.sending import Outgoing
 from onionpost.store.db import Database
-from onionpost.store.mailbox import MailboxStore
+from onionpost.store.filing import FilingStore
 from onionpost.store.outbox import RESEAL_CODE
 from onionpost.store.submissions import PendingRecipient, SubmissionStore
 
@@ -66,36 +67,58 @@ def message_ref(message: bytes) -> str:
 def queue_submission(
     db: Database,
     *,
+    filing: FilingStore,
     user: str,
     recipients: Sequence[Address],
     message: bytes,
     now: int,
     lifetime: int,
     own_address: Address | None = None,
+    sent_copy_wait: int = 0,
 ) -> int:
-    """Store a submission and file its Sent copy in one transaction; durable on return.
+    """Store a submission and queue its Sent copy in one transaction; durable on return.
+
+    The Sent copy of what a mail client submitted waits ``sent_copy_wait`` seconds and is
+    filed only if the client has not saved its own copy (same Message-ID) in Sent by then:
+    one copy whatever the client does (see :mod:`onionpost.filing`).  ``onionpost send``
+    passes 0: there is no client to save one.
 
     Mail addressed to the sender (``own_address`` among ``recipients``: To, Cc or Bcc) is
-    also filed in their INBOX here, in the same transaction, so it is there when the client
-    hears 250.  Sealing it to the user's own inbox would wait for keys and bounce, and the
-    inbox would refuse it anyway.  The address stays a recipient only so the sealing worker
-    makes a copy for the user's other devices; with no other devices it is simply done.
+    also queued for their INBOX here, in the same transaction.  Sealing it to the user's own
+    inbox would wait for keys and bounce, and the inbox would refuse it anyway.  The address
+    stays a recipient only so the sealing worker makes a copy for the user's other devices;
+    with no other devices it is simply done.
     """
-    mailbox = MailboxStore(db)
+    ref = message_ref(message)
     with db.transaction():
         sid = SubmissionStore(db).add(
             user=user,
             message=message,
             headers=header_block(message),
             recipients=[str(a) for a in recipients],
-            message_ref=message_ref(message),
+            message_ref=ref,
             now=now,
             expires_at=now + lifetime,
         )
-        mailbox.file_message(user, "Sent", message, flags=("\\Seen",), internal_date=now)
+        waits = bool(sent_copy_wait and ref)
+        filing.add(
+            key=filing_key(b"submission", user.encode(), str(sid).encode(), b"Sent"),
+            user=user,
+            folder="Sent",
+            message=message,
+            now=now,
+            mark_seen=True,
+            unless_message_id=ref if waits else None,
+            not_before=now + sent_copy_wait if waits else None,
+        )
         if own_address is not None and own_address in recipients:
-            mailbox.file_message(user, "INBOX", message, internal_date=now)
-    mailbox.flush_notifications()
+            filing.add(
+                key=filing_key(b"submission", user.encode(), str(sid).encode(), b"INBOX"),
+                user=user,
+                folder="INBOX",
+                message=message,
+                now=now,
+            )
     return sid
 
 
@@ -104,18 +127,20 @@ class Submissions:
         self,
         *,
         db: Database,
-        mailbox: MailboxStore,
+        filer: Filer,
         devices: Mapping[str, Device],
         clock: Clock,
         config: DeliveryConfig,
         unit_random: Callable[[], float],
         max_message_bytes: int,
         on_queued: Callable[[], None] | None = None,
+        sent_copy_wait: int = 0,
     ) -> None:
+        self.sent_copy_wait = sent_copy_wait
         self.store = SubmissionStore(db)
         self._on_queued = on_queued
         self.db = db
-        self.mailbox = mailbox
+        self.filer = filer
         self.devices = devices
         self.clock = clock
         self.config = config
@@ -139,6 +164,8 @@ class Submissions:
             )
         sid = queue_submission(
             self.db,
+            filing=self.filer.store,
+            sent_copy_wait=self.sent_copy_wait,
             user=user,
             recipients=recipients,
             message=message,
@@ -146,6 +173,7 @@ class Submissions:
             lifetime=self.config.lifetime_seconds,
             own_address=device.address,
         )
+        self.filer.wake()
         self.wake()
         return sid
 
@@ -344,13 +372,13 @@ class Submissions:
                 *(s.address.encode() for s in statuses),
             )[:16]
             with self.db.transaction():
-                self.mailbox.file_message(
-                    user,
-                    "INBOX",
-                    notice,
-                    internal_date=now,
-                    seen_id=(key, now + 60 * 86_400),
-                )
+                if self.filer.store.record_seen(user, key, now + 60 * 86_400):
+                    self.filer.queue(
+                        key=filing_key(b"dsn", user.encode(), key),
+                        user=user,
+                        folder="INBOX",
+                        message=notice,
+                    )
                 for m_sid, addr, level in marks:
                     if m_sid == sid and addr in {s.address for s in statuses}:
                         self.store.mark_notified(m_sid, addr, level)

@@ -4,12 +4,12 @@ For each message the inbox has spooled for this device: download the L2, open it
 layer and the signature are checked inside :func:`~onionpost.crypto.envelope.open_inner`),
 prove the signing key belongs to the sender (:func:`~onionpost.crypto.sender.verify_sender`,
 offline, against our pin of the contact), normalise the content so no mail client can choke
-on it, and file it — INBOX for others' mail, Sent for copies of our own mail from our other
-devices (and INBOX too when we were among its recipients) — recording its message id in the
-same transaction.  Only then is the inbox told to
-delete its copy.  A message that fails any check is not filed; the user gets a notice in
-INBOX naming the failure instead.  A crash at any point repeats work but never loses or
-duplicates mail.
+on it, and queue it for filing — INBOX for others' mail, Sent for copies of our own mail from
+our other devices (and INBOX too when we were among its recipients) — recording its message
+id in the same transaction.  Only once the filer has it in the mailbox (Dovecot's LMTP
+answered 250) is the inbox told to delete its copy.  A message that fails any check is
+not filed; the user gets a notice in INBOX naming the failure instead.  A crash at any
+point repeats work but never loses or duplicates mail.
 """
 
 from __future__ import annotations
@@ -43,12 +43,15 @@ from onionpost.crypto.sender import (
 )
 from onionpost.errors import (
     CryptoError,
+    FilingDeferred,
     IdentityKeyChanged,
     OnionpostError,
     ReplayedMessage,
 )
+from onionpost.filing import Filer, filing_key
+from onionpost.normalize import normalize
 from onionpost.store.contacts import ContactStore
-from onionpost.store.mailbox import MailboxStore
+from onionpost.store.filing import FilingStore
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +63,19 @@ _OUR_HEADER = re.compile(rb"^x-onionpost-[a-z-]*[ \t]*:", re.IGNORECASE)
 @dataclass(frozen=True)
 class Filed:
     folder: str
-    uid: int | None
+    filings: tuple[int, ...] = ()
 
 
 class _SeenIds:
-    def __init__(self, mailbox: MailboxStore, user: str) -> None:
-        self._mailbox, self._user = mailbox, user
+    """The replay check ``open_inner`` asks; remembers the id it was last asked about."""
+
+    def __init__(self, store: FilingStore, user: str) -> None:
+        self._store, self._user = store, user
+        self.last: bytes | None = None
 
     def seen(self, msg_id: bytes) -> bool:
-        return self._mailbox.is_seen(self._user, msg_id)
+        self.last = msg_id
+        return self._store.is_seen(self._user, msg_id)
 
 
 class Receiver:
@@ -77,14 +84,14 @@ class Receiver:
         *,
         account: Account,
         session: DeviceSession,
-        mailbox: MailboxStore,
+        filer: Filer,
         contacts: ContactStore,
         now: Callable[[], int],
         max_bytes: int,
     ) -> None:
         self.account = account
         self.session = session
-        self.mailbox = mailbox
+        self.filer = filer
         self.contacts = contacts
         self._now = now
         self.max_bytes = max_bytes
@@ -92,19 +99,32 @@ class Receiver:
         self._cursor = 0
 
     async def sync_once(self, *, wait: float = 0.0) -> int:
-        """Process everything pending (waiting up to ``wait`` s for something to arrive)."""
+        """Process everything pending (waiting up to ``wait`` s for something to arrive).
+
+        A message is acknowledged to the inbox (which then deletes it) only once it is in
+        the mailbox: after LMTP's 250.  If the mailbox cannot take it now it stays in the
+        inbox too, and :class:`FilingDeferred` makes the sync loop back off.
+        """
         pending = await self.session.pending(after=0, wait=wait)
         done: list[int] = []
+        unfiled = 0
         for item in pending:
             try:
-                await self.process(item)
+                filed = await self.process(item)
             except OnionpostError as exc:
                 # Network or storage trouble: leave it spooled and try again next time.
                 log.warning("could not take message %d from the inbox yet: %s", item.id, exc)
                 continue
-            done.append(item.id)
+            if await self.filer.settle(filed.filings):
+                done.append(item.id)
+            else:
+                unfiled += 1
         if done:
             await self.session.acknowledge(done)
+        if unfiled:
+            raise FilingDeferred(
+                f"{unfiled} message(s) wait in the filing queue for the mailbox (Dovecot)."
+            )
         return len(done)
 
     async def process(self, item: PendingMessage) -> Filed:
@@ -118,6 +138,8 @@ class Receiver:
 
     def _open_and_file(self, l2: IO[bytes], size: int, digest: bytes) -> Filed:
         now = self._now()
+        store = self.filer.store
+        seen = _SeenIds(store, self.user)
         with tempfile.SpooledTemporaryFile(max_size=SPOOL) as body:
             header: ContentHeader | None = None
             try:
@@ -127,35 +149,42 @@ class Receiver:
                     prekeys=self.account.prekey_secrets(),
                     reader_uik=self.account.uik_pk,
                     now=now,
-                    seen=_SeenIds(self.mailbox, self.user),
+                    seen=seen,
                     sink=body,
                 )
                 header = opened.header
                 if header.content_type != CONTENT_RFC5322:
-                    return Filed("", None)  # key updates etc.: nothing to show
+                    return Filed("")  # key updates etc.: nothing to show
                 folder, sender = self._authenticate(header, now)
             except ReplayedMessage:
-                return Filed("", None)  # already filed (a crash came before the acknowledgement)
+                # Taken before (a crash or a failed filing came before the acknowledgement):
+                # what is left to do is whatever of it still waits in the filing queue.
+                left = store.pending_for(self.user, seen.last) if seen.last else []
+                return Filed("", tuple(left))
             except CryptoError as exc:
                 return self._notice(exc, header, digest, now)
             body.seek(0)
-            message = _stamp(body.read(), sender)  # file_message normalises it
+            message = normalize(_stamp(body.read(), sender), now=now)
         # Our own mail that was also addressed to us (another device of ours sent it): the
         # mark is signed by our own device, so it is trusted as much as the copy itself.
         to_self = folder == "Sent" and header.extension(EXT_ADDRESSED_TO_SELF) is not None
-        with self.mailbox.transaction():
-            uid = self.mailbox.file_message(
-                self.user,
-                folder,
-                message,
-                flags=("\\Seen",) if folder == "Sent" else (),
-                internal_date=now,
-                seen_id=(header.msg_id, header.expires_at),
-            )
-            if to_self and uid is not None:
-                self.mailbox.file_message(self.user, "INBOX", message, internal_date=now)
-        log.info("filed a message into %s%s (uid %s)", folder, " and INBOX" if to_self else "", uid)
-        return Filed(folder, uid)
+        folders = [folder, "INBOX"] if to_self else [folder]
+        ids: list[int] = []
+        with store.db.transaction():
+            store.record_seen(self.user, header.msg_id, header.expires_at)
+            for target in folders:
+                filing_id = self.filer.queue(
+                    key=filing_key(b"inbox", self.user.encode(), header.msg_id, target.encode()),
+                    user=self.user,
+                    folder=target,
+                    message=message,
+                    source=header.msg_id,
+                    mark_seen=target == "Sent",
+                )
+                if filing_id is not None:
+                    ids.append(filing_id)
+        log.info("queued a message for %s", " and ".join(folders))
+        return Filed(folder, tuple(ids))
 
     def _authenticate(self, header: ContentHeader, now: int) -> tuple[str, _Sender]:
         credentials = header.extension(EXT_SENDER_KEYS)
@@ -224,10 +253,19 @@ class Receiver:
             "\r\n" + text
         ).encode("utf-8")
         log.warning("a message failed verification (%s); notice filed", exc)
-        uid = self.mailbox.file_message(
-            self.user, "INBOX", notice, internal_date=now, seen_id=(digest, now + NOTICE_LIFETIME)
-        )
-        return Filed("INBOX", uid)
+        store = self.filer.store
+        with store.db.transaction():
+            if not store.record_seen(self.user, digest, now + NOTICE_LIFETIME):
+                left = store.pending_for(self.user, digest)
+                return Filed("INBOX", tuple(left))
+            filing_id = self.filer.queue(
+                key=filing_key(b"notice", self.user.encode(), digest),
+                user=self.user,
+                folder="INBOX",
+                message=notice,
+                source=digest,
+            )
+        return Filed("INBOX", () if filing_id is None else (filing_id,))
 
 
 @dataclass(frozen=True)

@@ -9,4 +9,4 @@ of them a copy of the formerly shared contacts, so those two come first.
 """
 
 INBOX_COMPONENTS = ("inbox", "outbox", "enrolment")
-DEVICE_COMPONENTS = ("mailbox", "accounts", "contacts", "submissions")
+DEVICE_COMPONENTS = ("mailbox", "accounts", "contacts", "submissions", "filing")

@@ -31,6 +31,7 @@ from onionpost.store.db import Database
 from onionpost.store.inbox import InboxStore
 from onionpost.store.outbox import OutboxStore
 from onionpost.wire import KeyUpdate
+from tests.mailstore import MemorySink
 
 
 def test_config(data_dir: Path, **sections: dict[str, object]) -> Config:
@@ -128,8 +129,9 @@ class DeviceNode:
         self, root: Path, name: str, account: Account | None, clock: Clock, dialer: DirectDialer
     ) -> None:
         from onionpost.device import Device
+        from onionpost.filing import Filer
         from onionpost.store.contacts import ContactStore
-        from onionpost.store.mailbox import MailboxStore
+        from onionpost.store.filing import FilingStore
         from onionpost.submission import Submissions
 
         self.dir = root / name
@@ -141,12 +143,13 @@ class DeviceNode:
         else:
             self.files.save(account)
         self.db = Database(self.dir / "device.db", DEVICE_COMPONENTS)
-        self.mailbox = MailboxStore(self.db)
+        self.sink = MemorySink()
+        self.filer = Filer(FilingStore(self.db, self.dir / "filing"), now=clock.now, sink=self.sink)
         self.contacts = ContactStore(self.db, account.local)
         self.device = Device(
             account,
             config=self.config,
-            mailbox=self.mailbox,
+            filer=self.filer,
             contacts=self.contacts,
             accounts=self.files,
             dialer=dialer,
@@ -154,7 +157,7 @@ class DeviceNode:
         )
         self.submissions = Submissions(
             db=self.db,
-            mailbox=self.mailbox,
+            filer=self.filer,
             devices={account.local: self.device},
             clock=clock,
             config=self.config.delivery,
@@ -169,6 +172,20 @@ class DeviceNode:
     @property
     def user(self) -> str:
         return self.device.account.local
+
+    def filed(self, folder: str = "INBOX") -> list[bytes]:
+        """What the mailbox holds in ``folder``, oldest first, counting what is durably
+        queued for it and due (these tests drive no filer loop; nodes run one)."""
+        queued = [
+            self.filer.store.path(f.key).read_bytes()
+            for f in self.filer.store.due(self.device.clock.now(), limit=10_000)
+            if f.user == self.user and f.folder == folder
+        ]
+        return self.sink.messages(self.user, folder) + queued
+
+    async def file_due(self) -> int:
+        """Run the filer once (Sent copies and notices are filed by its loop in a node)."""
+        return await self.filer.run_due()
 
     async def close(self) -> None:
         await self.device.stop()

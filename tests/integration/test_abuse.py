@@ -41,11 +41,7 @@ def compose(sender: DeviceNode, to: DeviceNode, subject: str) -> bytes:
 
 
 def subjects(d: DeviceNode, folder: str) -> list[str]:
-    f = d.mailbox.folder(d.user, folder)
-    return [
-        str(message_from_bytes(d.mailbox.content(m.body_id), policy=default)["Subject"])
-        for m in d.mailbox.messages(f.id)
-    ]
+    return [str(message_from_bytes(m, policy=default)["Subject"]) for m in d.filed(folder)]
 
 
 async def junk(

@@ -6,13 +6,17 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from gateway.service import start_gateway
 from onionpost.clock import SystemClock
 from onionpost.config import load
 from onionpost.keystore import AccountFiles, KeyStore
 from onionpost.node import Node
 from onionpost.provision import initialize
+from tests.mailstore import memory_mailbox
 
 from .test_enrolment import acli, eventually, free_port, mail_bytes, subjects, tor_off, write_config
+
+GATEWAY = "[gateway]\nsmtp_port = 0\nimap_port = 0\nautoconfig_port = 0\n"
 
 
 async def test_backup_while_running_then_restore_elsewhere(tmp_path: Path) -> None:
@@ -25,13 +29,15 @@ async def test_backup_while_running_then_restore_elsewhere(tmp_path: Path) -> No
     initialize(load(b_home), local="bob", device_name="desk", now=now)
     a_onion = AccountFiles(KeyStore(a_home)).load("alice").address.onion
     b_onion = AccountFiles(KeyStore(b_home)).load("bob").address.onion
-    write_config(a_home, tor_off({b_onion: b_port}, f"listen_port = {a_port}\n"))
+    write_config(a_home, tor_off({b_onion: b_port}, f"listen_port = {a_port}\n") + GATEWAY)
     write_config(b_home, tor_off({a_onion: a_port}, f"listen_port = {b_port}\n"))
     secret = tmp_path / "passphrase"
     secret.write_text("a long backup passphrase\n")
     target = tmp_path / "alice.backup"
 
-    alice, bob = Node(load(a_home)), Node(load(b_home))
+    # alice's mail is in her Dovecot: the backup must carry the Maildir
+    alice = Node(load(a_home), extensions=(start_gateway,))
+    bob = Node(load(b_home), extensions=(memory_mailbox,))
     await alice.start()
     await bob.start()
     try:
@@ -57,7 +63,7 @@ async def test_backup_while_running_then_restore_elsewhere(tmp_path: Path) -> No
     assert str(me) in out
     code, out = await acli(new_home, "restore", str(target), "--passphrase-file", str(secret))
     assert code == 1 and "already holds" in out
-    restored = Node(load(new_home))
+    restored = Node(load(new_home), extensions=(start_gateway,))
     await restored.start()
     try:
         assert restored.devices["alice"].address == me

@@ -8,7 +8,6 @@ from onionpost.store import DEVICE_COMPONENTS
 from onionpost.store.accounts import AccountStore, ScryptCost
 from onionpost.store.contacts import ContactStore
 from onionpost.store.db import Database, available_migrations
-from onionpost.store.mailbox import MailboxStore
 
 H = "hal@" + "h" * 56 + ".onion"
 J = "jo@" + "j" * 56 + ".onion"
@@ -66,12 +65,15 @@ def _old_device_db(path: Path, *, gateway: list[str], mailbox_only: list[str]) -
             (J, b"u" * 32, b"w" * 32),
         )
     accounts = AccountStore(db, cost=CHEAP)
-    mailbox = MailboxStore(db)
     for user in gateway:
         accounts.add(user, f"{user}@" + "a" * 56 + ".onion", "password")
-        mailbox.ensure_user(user)
-    for user in mailbox_only:
-        mailbox.ensure_user(user)
+    with db.transaction() as c:  # the SQLite mailbox of that version: a user's INBOX row
+        for user in [*gateway, *mailbox_only]:
+            c.execute(
+                "INSERT INTO mailbox_folders (user, name, uidvalidity, created_at)"
+                " VALUES (?, 'INBOX', 1, 0)",
+                (user,),
+            )
     db.close()
 
 

@@ -28,9 +28,7 @@ import pytest
 from onionpost.address import Address
 from onionpost.config import load
 from onionpost.provision import initialize
-from onionpost.store import DEVICE_COMPONENTS
-from onionpost.store.db import Database
-from onionpost.store.mailbox import MailboxStore
+from tests.mailstore import maildir_messages
 
 pytestmark = pytest.mark.slow
 
@@ -145,18 +143,13 @@ def _send_batch(node: NodeProcess, to: Address, batch: list[tuple[str, int]]) ->
 
 
 def _filed(node: NodeProcess) -> list[str]:
-    db = Database(node.dir / "device.db", DEVICE_COMPONENTS)
-    try:
-        box = MailboxStore(db)
-        folder = box.folder(node.user, "INBOX")
-        ids = []
-        for m in box.messages(folder.id):
-            for line in box.header(m.body_id).split(b"\r\n"):
-                if line.lower().startswith(b"message-id:"):
-                    ids.append(line.split(b":", 1)[1].strip().decode())
-        return ids
-    finally:
-        db.close()
+    """Message-IDs in the INBOX of the node's Dovecot (its Maildir)."""
+    ids = []
+    for m in maildir_messages(node.dir, node.user, "INBOX"):
+        for line in m.split(b"\r\n\r\n", 1)[0].split(b"\r\n"):
+            if line.lower().startswith(b"message-id:"):
+                ids.append(line.split(b":", 1)[1].strip().decode())
+    return ids
 
 
 async def test_kill_both_nodes_repeatedly_and_lose_nothing(tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ from onionpost.keystore import AccountFiles, KeyStore
 from onionpost.node import Node
 from onionpost.pairing import Code
 from onionpost.provision import adopt_account, initialize
+from tests.mailstore import memory_mailbox, subjects
 
 pytestmark = pytest.mark.asyncio(loop_scope="function")
 
@@ -82,7 +83,7 @@ async def pi(tmp_path: Path) -> AsyncIterator[tuple[Node, str]]:
     write_config(
         home, 'role = "inbox"\n' + tor_off({}, f"listen_port = {port}\npairing_minutes = 1\n")
     )
-    node = Node(load(home))
+    node = Node(load(home), extensions=(memory_mailbox,))
     await node.start()
     asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, lambda: None)
     try:
@@ -90,17 +91,6 @@ async def pi(tmp_path: Path) -> AsyncIterator[tuple[Node, str]]:
     finally:
         await node.stop()
         asyncio.get_running_loop().remove_signal_handler(signal.SIGUSR1)
-
-
-def subjects(node: Node, user: str, folder: str = "INBOX") -> list[str]:
-    assert node.mailbox is not None
-    f = node.mailbox.folder(user, folder)
-    out = []
-    for m in node.mailbox.messages(f.id):
-        for line in node.mailbox.header(m.body_id).split(b"\r\n"):
-            if line.startswith(b"Subject: "):
-                out.append(line[9:].decode())
-    return out
 
 
 async def eventually(check, what: str, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
@@ -143,8 +133,8 @@ async def test_pi_and_laptop_then_a_second_device(pi: tuple[Node, str], tmp_path
     assert code == 1 and "already used" in out and "Traceback" not in out
     assert not (other / "users").exists()
 
-    harry = Node(load(h_home), clock=SystemClock())
-    laptop = Node(load(l_home), clock=SystemClock())
+    harry = Node(load(h_home), clock=SystemClock(), extensions=(memory_mailbox,))
+    laptop = Node(load(l_home), clock=SystemClock(), extensions=(memory_mailbox,))
     await harry.start()
     await laptop.start()
     try:
@@ -195,7 +185,7 @@ async def test_pi_and_laptop_then_a_second_device(pi: tuple[Node, str], tmp_path
         adopt_account(l2_config, joined, gateway_setup=None)  # type: ignore[arg-type]
         assert joined.identity is not None  # type: ignore[attr-defined]
         assert joined.uik_pk == account.uik_pk  # type: ignore[attr-defined]
-        laptop2 = Node(load(l2_home), clock=SystemClock())
+        laptop2 = Node(load(l2_home), clock=SystemClock(), extensions=(memory_mailbox,))
         await laptop2.start()
         try:
             # the laptop learns of the new device from its inbox and files a notice
@@ -382,8 +372,8 @@ async def test_two_people_invited_to_one_inbox_both_write_to_the_same_person(
         write_config(home, tor_off({onion: p.api_port, h_onion: h_port}))
         code, out = await acli(home, "init", "--invite", json.loads(out)["code"])
         assert code == 0, out
-        nodes[person] = Node(load(home), clock=SystemClock())
-    harry = Node(load(h_home), clock=SystemClock())
+        nodes[person] = Node(load(home), clock=SystemClock(), extensions=(memory_mailbox,))
+    harry = Node(load(h_home), clock=SystemClock(), extensions=(memory_mailbox,))
     for node in (harry, *nodes.values()):
         await node.start()
     try:

@@ -22,7 +22,7 @@ from onionpost.clock import SystemClock
 from onionpost.config import load
 from onionpost.node import Node
 from onionpost.provision import add_user, initialize
-from onionpost.store.mailbox import MailboxStore
+from tests.mailstore import filed, memory_mailbox
 
 from .harness import DeviceNode, InboxNode
 
@@ -39,11 +39,10 @@ def mail(sender: Address, to: Address, subject: str, text: str) -> bytes:
     return msg.as_bytes()
 
 
-def inbox_texts(mailbox: MailboxStore, user: str) -> list[str]:
-    folder = mailbox.folder(user, "INBOX")
+def inbox_texts(node: Node, user: str) -> list[str]:
     return [
-        message_from_bytes(mailbox.content(m.body_id), policy=default).get_content().strip()
-        for m in mailbox.messages(folder.id)
+        message_from_bytes(m, policy=default).get_content().strip()
+        for m in filed(node, user, "INBOX")
     ]
 
 
@@ -68,7 +67,7 @@ async def test_each_household_member_gets_their_own_answer(tmp_path: Path) -> No
     far = InboxNode(tmp_path, "far", clock, dialer)
     await far.start()
     hal = DeviceNode(tmp_path, "hal", far.provision("hal"), clock, dialer)
-    node = Node(config, dialer=dialer, extensions=())
+    node = Node(config, dialer=dialer, extensions=(memory_mailbox,))
     await node.start()
     try:
         ann, ben = node.devices["ann"], node.devices["ben"]
@@ -77,7 +76,10 @@ async def test_each_household_member_gets_their_own_answer(tmp_path: Path) -> No
             assert not report.failed, report.failed
 
         def hal_has_both() -> bool:
-            return sorted(inbox_texts(hal.mailbox, hal.user)) == ["from ann", "from ben"]
+            texts = [
+                message_from_bytes(m, policy=default).get_content().strip() for m in hal.filed()
+            ]
+            return sorted(texts) == ["from ann", "from ben"]
 
         await until("hal to receive both", hal_has_both, lambda: hal.device.sync(wait=0))
 
@@ -98,15 +100,12 @@ async def test_each_household_member_gets_their_own_answer(tmp_path: Path) -> No
             (r.destination, r.state, r.last_error) for r in outcomes
         ]
 
-        mailbox = node.mailbox
-        assert mailbox is not None
-
         def filed() -> bool:
-            return bool(inbox_texts(mailbox, "ann")) and bool(inbox_texts(mailbox, "ben"))
+            return bool(inbox_texts(node, "ann")) and bool(inbox_texts(node, "ben"))
 
         await until("the answers to be filed", filed, lambda: None)
-        assert inbox_texts(mailbox, "ann") == ["hello ann"]
-        assert inbox_texts(mailbox, "ben") == ["hello ben"]
+        assert inbox_texts(node, "ann") == ["hello ann"]
+        assert inbox_texts(node, "ben") == ["hello ben"]
     finally:
         await node.stop()
         await hal.close()
@@ -124,7 +123,7 @@ async def test_a_user_removed_while_the_node_runs_is_dropped(tmp_path: Path) -> 
     config = load(tmp_path / "node", {"tor": {"mode": "off"}, "inbox": {"pow_bits": 8}})
     initialize(config, local="ann", device_name="laptop", now=clock.now())
     add_user(config, local="ben", device_name="laptop", now=clock.now())
-    node = Node(config, dialer=dialer, extensions=())
+    node = Node(config, dialer=dialer, extensions=(memory_mailbox,))
     await node.start()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGUSR1, node.wake)

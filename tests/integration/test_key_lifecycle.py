@@ -32,10 +32,9 @@ def note(sender: DeviceNode, to: DeviceNode, subject: str) -> bytes:
 
 
 def inbox_subjects(d: DeviceNode) -> list[str]:
-    f = d.mailbox.folder(d.user, "INBOX")
     out = []
-    for m in d.mailbox.messages(f.id):
-        for line in d.mailbox.content(m.body_id).split(b"\r\n"):
+    for m in d.filed("INBOX"):
+        for line in m.split(b"\r\n"):
             if line.startswith(b"Subject: "):
                 out.append(line[9:].decode())
     return out

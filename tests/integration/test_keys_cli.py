@@ -12,6 +12,7 @@ from onionpost.config import load
 from onionpost.crypto.bundle import KeyBundle
 from onionpost.node import Node
 from onionpost.provision import initialize
+from tests.mailstore import memory_mailbox
 
 from .test_enrolment import acli, eventually, free_port, tor_off, write_config
 
@@ -22,7 +23,7 @@ async def test_keys_listing_and_rotation_by_the_running_node(tmp_path: Path) -> 
     initialize(load(home), local="alice", device_name="laptop", now=int(SystemClock().now()))
     code, out = await acli(home, "keys", "rotate")
     assert code == 1 and "not running" in out
-    node = Node(load(home))
+    node = Node(load(home), extensions=(memory_mailbox,))
     await node.start()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGUSR1, node.wake)

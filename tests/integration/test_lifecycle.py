@@ -29,7 +29,7 @@ from onionpost.config import load
 from onionpost.provision import add_user, initialize
 from onionpost.store import DEVICE_COMPONENTS
 from onionpost.store.db import Database
-from onionpost.store.mailbox import MailboxStore
+from tests.mailstore import maildir_messages
 
 pytestmark = pytest.mark.slow
 
@@ -199,17 +199,12 @@ def _stop_at_random_moments(setup: _Setup, to: list[Address], rng: random.Random
 
 
 def _subjects(home: Path, user: str) -> list[str]:
-    db = Database(home / "device.db", DEVICE_COMPONENTS)
-    try:
-        box = MailboxStore(db)
-        out = []
-        for m in box.messages(box.folder(user, "INBOX").id):
-            for line in box.header(m.body_id).split(b"\r\n"):
-                if line.lower().startswith(b"subject:"):
-                    out.append(line.split(b":", 1)[1].strip().decode())
-        return out
-    finally:
-        db.close()
+    out = []
+    for m in maildir_messages(home, user, "INBOX"):
+        for line in m.split(b"\r\n\r\n", 1)[0].split(b"\r\n"):
+            if line.lower().startswith(b"subject:"):
+                out.append(line.split(b":", 1)[1].strip().decode())
+    return out
 
 
 def test_sigterm_at_random_moments_stops_cleanly_and_keeps_the_mail(

@@ -30,6 +30,7 @@ from onionpost.node import Node, _TorNotReady
 from onionpost.provision import add_user, initialize
 from onionpost.store.outbox import OutboxStore
 from onionpost.store.submissions import SubmissionStore
+from tests.mailstore import filed, memory_mailbox
 
 NOBODY = Address.for_key("bob", ed25519_public(SeededRandom(b"queue-truth")(32)))
 
@@ -187,9 +188,9 @@ async def test_mail_waits_uncounted_for_tor_and_goes_when_it_is_up(
 ) -> None:
     bob_home = _home(tmp_path, "bob", "bob")
     alice_home = _home(tmp_path, "alice", "alice")
-    bob = Node(load(bob_home))
+    bob = Node(load(bob_home), extensions=(memory_mailbox,))
     # alice's node runs with tor "launch", held at "still connecting" (no tor is started)
-    alice = Node(load(alice_home, {"tor": {"mode": "launch"}}))
+    alice = Node(load(alice_home, {"tor": {"mode": "launch"}}), extensions=(memory_mailbox,))
 
     async def tor_never_comes(self: Node) -> None:
         self.dialer.fallback = _TorNotReady(self)
@@ -199,7 +200,7 @@ async def test_mail_waits_uncounted_for_tor_and_goes_when_it_is_up(
     await alice.start()
     try:
         assert alice.submissions is not None and alice.inbox is not None
-        assert alice.worker is not None and bob.mailbox is not None
+        assert alice.worker is not None and bob.filer is not None
         bob_address = bob.devices["bob"].address
         me = alice.devices["alice"]
         raw = f"From: {me.address}\r\nTo: {bob_address}\r\nSubject: waited\r\n\r\nhi\r\n"
@@ -243,16 +244,15 @@ async def test_mail_waits_uncounted_for_tor_and_goes_when_it_is_up(
         await _first_ticks_done(alice, "seal", "deliver")
         routes = DirectDialer({bob_address.onion: f"127.0.0.1:{bob.api_port}"})
         alice._tor_connected(_FakeTor(), routes)  # type: ignore[arg-type]
-        inbox = bob.mailbox.folder("bob", "INBOX").id
         # far longer than it takes (well under a second), shorter than the 30 s tick that
         # would send it without the wake-up
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             tried = alice.inbox.outbox.get(row)
-            if bob.mailbox.status(inbox).exists and tried is not None and tried.attempts:
+            if filed(bob, "bob") and tried is not None and tried.attempts:
                 break
             await asyncio.sleep(0.05)
-        assert bob.mailbox.status(inbox).exists == 1
+        assert len(filed(bob, "bob")) == 1
         tried = alice.inbox.outbox.get(row)
         assert tried is not None and tried.attempts == 1  # the outbox was woken too
     finally:

@@ -727,7 +727,7 @@ async def real(tmp_path: Path) -> AsyncIterator[tuple[DeviceNode, Submissions, A
     node = DeviceNode(tmp_path, "device", account, clock, dialer)
     submissions = Submissions(
         db=node.db,
-        mailbox=node.mailbox,
+        filer=node.filer,
         devices={node.user: node.device},
         clock=clock,
         config=DeliveryConfig(),
@@ -766,8 +766,7 @@ async def test_real_submissions_queue_the_message_and_file_it_in_sent(
     assert {(r.submission_id, r.address) for r in queued} == {(sid, str(BOB)), (sid, str(CAROL))}
     stored = SubmissionStore(node.db).message(sid)
     assert stored.endswith(msg) and stored.startswith(b"Message-ID: <")
-    sent = node.mailbox.folder(node.user, "Sent")
-    assert len(node.mailbox.messages(sent.id)) == 1
+    assert len(node.filed("Sent")) == 1
 
 
 async def test_real_submissions_refusal_reaches_the_client(
@@ -791,11 +790,7 @@ async def test_real_submissions_refusal_reaches_the_client(
 
 
 def _subjects(node: DeviceNode, folder: str) -> list[str]:
-    f = node.mailbox.folder(node.user, folder)
-    return [
-        str(message_from_bytes(node.mailbox.content(m.body_id))["Subject"])
-        for m in node.mailbox.messages(f.id)
-    ]
+    return [str(message_from_bytes(m)["Subject"]) for m in node.filed(folder)]
 
 
 async def test_mail_to_yourself_is_filed_in_your_inbox_at_once(

@@ -36,11 +36,7 @@ def compose(sender: DeviceNode, to: DeviceNode, subject: str) -> bytes:
 
 
 def subjects(d: DeviceNode, folder: str) -> list[str]:
-    f = d.mailbox.folder(d.user, folder)
-    return [
-        str(message_from_bytes(d.mailbox.content(m.body_id), policy=default)["Subject"])
-        for m in d.mailbox.messages(f.id)
-    ]
+    return [str(message_from_bytes(m, policy=default)["Subject"]) for m in d.filed(folder)]
 
 
 class World:
@@ -135,10 +131,7 @@ async def test_delay_notice_then_bounce_with_a_correct_dsn(world: World) -> None
     await w.alice.submissions.check_outbox(w.alice.device)
     notices = subjects(w.alice, "INBOX")
     assert notices == ["Delayed Mail (still being retried)", "Undelivered Mail Returned to Sender"]
-    folder = w.alice.mailbox.folder("alice", "INBOX")
-    bounce = message_from_bytes(
-        w.alice.mailbox.content(w.alice.mailbox.messages(folder.id)[-1].body_id), policy=default
-    )
+    bounce = message_from_bytes(w.alice.filed("INBOX")[-1], policy=default)
     assert bounce.get_content_type() == "multipart/report"
     assert bounce.get_param("report-type") == "delivery-status"
     human, status, headers = bounce.get_payload()

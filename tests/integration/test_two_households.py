@@ -55,8 +55,7 @@ async def drain(*devices: DeviceNode, rounds: int = 20) -> None:
 
 
 def folder(d: DeviceNode, name: str) -> list[bytes]:
-    f = d.mailbox.folder(d.user, name)
-    return [d.mailbox.content(m.body_id) for m in d.mailbox.messages(f.id)]
+    return d.filed(name)
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ from onionpost.config import Config, load
 from onionpost.node import Node
 from onionpost.provision import initialize
 from onionpost.tornet import TorNetwork
+from tests.mailstore import memory_mailbox, subjects
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -46,17 +47,6 @@ def mail(frm: str, to: str, subject: str) -> bytes:
     return m.as_bytes()
 
 
-def subjects(node: Node, user: str, folder: str = "INBOX") -> list[str]:
-    assert node.mailbox is not None
-    f = node.mailbox.folder(user, folder)
-    out = []
-    for m in node.mailbox.messages(f.id):
-        for line in node.mailbox.header(m.body_id).split(b"\r\n"):
-            if line.startswith(b"Subject: "):
-                out.append(line[9:].decode())
-    return out
-
-
 async def eventually(check, what: str, timeout: float = 90.0) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -76,8 +66,10 @@ async def test_two_nodes_mail_each_other_through_tor(
     tor_network: TorNetwork, tmp_path: Path
 ) -> None:
     clock = SystemClock()
-    alice = Node(make_config(tmp_path, "alice", tor_network), clock=clock)
-    bob = Node(make_config(tmp_path, "bob", tor_network), clock=clock)
+    alice = Node(
+        make_config(tmp_path, "alice", tor_network), clock=clock, extensions=(memory_mailbox,)
+    )
+    bob = Node(make_config(tmp_path, "bob", tor_network), clock=clock, extensions=(memory_mailbox,))
     await alice.start(wait_for_tor=True)
     await bob.start(wait_for_tor=True)
     try:
@@ -93,7 +85,9 @@ async def test_two_nodes_mail_each_other_through_tor(
 
         # alice's node restarts: same onion address, and mail still reaches her
         await alice.stop()
-        alice = Node(make_config(tmp_path, "alice", tor_network), clock=clock)
+        alice = Node(
+            make_config(tmp_path, "alice", tor_network), clock=clock, extensions=(memory_mailbox,)
+        )
         await alice.start(wait_for_tor=True)
         assert alice.tor is not None and alice.tor.status().onion == a_onion
         await send(bob, "bob", alice, "alice", "after restart")
@@ -123,7 +117,9 @@ async def test_two_nodes_mail_each_other_through_tor(
         row = alice.inbox.outbox.rows()[0]
         assert row.last_error_code.startswith("4."), row
         assert "inbox" in row.last_error.lower()
-        bob = Node(make_config(tmp_path, "bob", tor_network), clock=clock)
+        bob = Node(
+            make_config(tmp_path, "bob", tor_network), clock=clock, extensions=(memory_mailbox,)
+        )
         await bob.start(wait_for_tor=True)
         alice.wake()
         await eventually(

@@ -18,6 +18,7 @@ from onionpost.config import load
 from onionpost.errors import PeerUnreachable, TorNotInstalled
 from onionpost.node import Node
 from onionpost.provision import add_user, initialize
+from tests.mailstore import filed, memory_mailbox
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -35,14 +36,20 @@ def _home(tmp_path: Path) -> Path:
 
 
 async def test_missing_tor_stops_the_node_with_one_sentence(tmp_path: Path) -> None:
-    node = Node(load(_home(tmp_path), {"tor": {"tor_binary": "/nonexistent/tor"}}))
+    node = Node(
+        load(_home(tmp_path), {"tor": {"tor_binary": "/nonexistent/tor"}}),
+        extensions=(memory_mailbox,),
+    )
     with pytest.raises(TorNotInstalled, match="apt-get install tor"):
         await node.start()
 
 
 async def test_the_node_runs_while_tor_is_still_connecting(tmp_path: Path) -> None:
     home = _home(tmp_path)
-    node = Node(load(home, {"tor": {"extra_torrc": NOWHERE, "bootstrap_timeout": 600}}))
+    node = Node(
+        load(home, {"tor": {"extra_torrc": NOWHERE, "bootstrap_timeout": 600}}),
+        extensions=(memory_mailbox,),
+    )
     await node.start()
     try:
         # start() returned while tor is still connecting (it cannot finish: NOWHERE), so it
@@ -65,12 +72,11 @@ async def test_the_node_runs_while_tor_is_still_connecting(tmp_path: Path) -> No
         )
         node.wake()
         deadline = time.monotonic() + 20
-        assert node.mailbox is not None
         while time.monotonic() < deadline:
-            if node.mailbox.status(node.mailbox.folder("carol", "INBOX").id).exists:
+            if filed(node, "carol"):
                 break
             await asyncio.sleep(0.1)
-        assert node.mailbox.status(node.mailbox.folder("carol", "INBOX").id).exists == 1
+        assert len(filed(node, "carol")) == 1
         # a remote inbox is "not yet": a temporary error that says why
         with pytest.raises(PeerUnreachable, match="still connecting"):
             await node.dialer.open("x" * 56, 80, isolation="t", timeout=5)

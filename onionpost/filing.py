@@ -1,0 +1,233 @@
+"""The filer: hands queued mail to the person's mailbox (Dovecot's LMTP), exactly once.
+
+Mail reaches the filing queue (:mod:`onionpost.store.filing`) in the same transaction as
+whatever else made it (a submission, a message id taken from the inbox).  The filer takes
+each due row to a :class:`MailSink` (in production Dovecot: ``gateway.mailsink``) and
+removes it after LMTP's 250.
+
+Exactly once across crashes: a row is marked *handed* before LMTP sees a byte, and the
+message carries the row's key in an ``X-Onionpost-Filing`` header.  A handed row whose
+outcome is unknown (the node died between LMTP's 250 and the row's removal, or the
+connection broke after the data was sent) is first looked up in the mailbox by that header;
+only if it is not there is it filed again.
+
+Sent copies of what a local mail client submitted wait ``sent_copy_wait`` seconds and are
+filed only if the Sent folder does not hold a message with the same Message-ID by then: a
+client that saves its own copy (Thunderbird's default, mutt's ``record``) does so right
+after sending, and then there is exactly one copy, the client's, byte for byte.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Protocol
+
+from onionpost.aio import cancel_and_wait
+from onionpost.errors import FilingRefused, OnionpostError
+from onionpost.store.filing import FILED, HANDED, Filing, FilingStore
+
+log = logging.getLogger(__name__)
+
+#: The header that names a filing in the mailbox (recovery after a crash looks for it).
+FILING_HEADER = "X-Onionpost-Filing"
+RETRY_MIN, RETRY_MAX = 5, 600
+
+
+def filing_key(kind: bytes, *parts: bytes) -> bytes:
+    """A filing's key: the same mail filed twice gets the same key, so it is queued once."""
+    h = hashlib.blake2b(digest_size=16, person=b"onionpost-file")
+    h.update(kind)
+    for part in parts:
+        h.update(len(part).to_bytes(4, "big") + part)
+    return h.digest()
+
+
+class MailSink(Protocol):
+    """The person's mailbox, as the filer needs it."""
+
+    async def deliver(self, user: str, folder: str, message: Path, *, header: bytes) -> None:
+        """File ``header`` + the file's bytes; return only once durably stored (LMTP 250).
+        :class:`FilingDeferred` if it may work later, :class:`FilingRefused` if never."""
+
+    async def holds(self, user: str, folder: str, header: str, value: str) -> bool:
+        """Whether ``folder`` holds a message whose ``header`` is ``value``."""
+
+    async def mark_seen(self, user: str, folder: str, header: str, value: str) -> None:
+        """Add \\Seen to the messages in ``folder`` whose ``header`` is ``value``."""
+
+
+class Filer:
+    def __init__(
+        self,
+        store: FilingStore,
+        *,
+        now: Callable[[], int],
+        sink: MailSink | None = None,
+    ) -> None:
+        self.store = store
+        self._now = now
+        self.sink = sink
+        self._lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        #: Called after mail was filed (users whose mailboxes changed); tests wait on it.
+        self.on_filed: Callable[[str], None] | None = None
+
+    # -- wiring ----------------------------------------------------------------------------
+
+    def attach(self, sink: MailSink | None) -> None:
+        """The mailbox is ready (or, with None, gone): file what waited, at once."""
+        self.sink = sink
+        self.wake()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def start(self) -> None:
+        self.store.remove_orphans()
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="filer")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            await cancel_and_wait(self._task)
+            self._task = None
+
+    # -- queueing --------------------------------------------------------------------------
+
+    def queue(
+        self,
+        *,
+        key: bytes,
+        user: str,
+        folder: str,
+        message: bytes,
+        source: bytes | None = None,
+        mark_seen: bool = False,
+        unless_message_id: str | None = None,
+        wait: int = 0,
+    ) -> int | None:
+        """Queue ``message`` (durable when the caller's transaction commits); the row id, or
+        None if ``key`` was queued before.  The filer looks at it at once, or after ``wait``
+        seconds."""
+        now = self._now()
+        filing_id = self.store.add(
+            key=key,
+            user=user,
+            folder=folder,
+            message=message,
+            now=now,
+            source=source,
+            mark_seen=mark_seen,
+            unless_message_id=unless_message_id,
+            not_before=now + wait if wait else None,
+        )
+        self.wake()
+        return filing_id
+
+    # -- filing ----------------------------------------------------------------------------
+
+    async def settle(self, ids: Sequence[int]) -> bool:
+        """Try to file these rows now; True once none of them is left (all in the mailbox).
+
+        Rows that are not due yet (a Sent copy waiting for the client's own) count as
+        settled: they are durable and the caller has nothing to wait for.
+        """
+        now = self._now()
+        left = False
+        for filing_id in ids:
+            row = self.store.get(filing_id)
+            if row is None or row.not_before > now:
+                continue
+            if not await self._file(row):
+                left = True
+        return not left
+
+    async def run_due(self) -> int:
+        """File every row that is due; the number filed."""
+        filed = 0
+        for row in self.store.due(self._now()):
+            if await self._file(row):
+                filed += 1
+        return filed
+
+    async def _file(self, row: Filing) -> bool:
+        """File one row; True when it is done (filed, or refused for good and reported)."""
+        async with self._lock:
+            current = self.store.get(row.id)  # a concurrent pass may have filed it meanwhile
+            if current is None:
+                return True
+            row = current
+            sink = self.sink
+            if sink is None:
+                return False
+            value = row.key.hex()
+            try:
+                if row.state == FILED:
+                    pass  # in the mailbox; only the flag is missing
+                elif row.state == HANDED and await sink.holds(
+                    row.user, row.folder, FILING_HEADER, value
+                ):
+                    log.info(
+                        "filing %s was already in %s (a crash came between)", value, row.folder
+                    )
+                elif row.unless_message_id and await sink.holds(
+                    row.user, row.folder, "Message-ID", row.unless_message_id
+                ):
+                    log.info("the client saved its own copy in %s; none filed", row.folder)
+                    self.store.done(row)
+                    self._filed(row.user)
+                    return True
+                else:
+                    self.store.set_state(row.id, HANDED)
+                    header = f"{FILING_HEADER}: {value}\r\n".encode()
+                    await sink.deliver(
+                        row.user, row.folder, self.store.path(row.key), header=header
+                    )
+                if row.mark_seen:
+                    self.store.set_state(row.id, FILED)
+                    await sink.mark_seen(row.user, row.folder, FILING_HEADER, value)
+            except FilingRefused as exc:
+                # Trying again won't help; keeping it would block nothing but hides the mail.
+                # Leave it queued with a long wait so `onionpost doctor` and the log show it.
+                log.error("the mailbox refused filing %s into %s: %s", value, row.folder, exc)
+                self._defer(row, str(exc), RETRY_MAX)
+                return False
+            except OnionpostError as exc:
+                log.warning("filing into %s deferred: %s", row.folder, exc)
+                self._defer(row, str(exc), None)
+                return False
+            except FileNotFoundError:
+                log.error("filing %s lost its spool file; dropped", value)
+            self.store.done(row)
+            self._filed(row.user)
+            return True
+
+    def _defer(self, row: Filing, error: str, wait: int | None) -> None:
+        if wait is None:
+            wait = min(RETRY_MAX, RETRY_MIN * 2 ** min(row.attempts, 10))
+        with contextlib.suppress(OnionpostError):
+            self.store.deferred(row.id, error=error, next_try_at=self._now() + wait)
+
+    def _filed(self, user: str) -> None:
+        if self.on_filed is not None:
+            self.on_filed(user)
+
+    async def _run(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                if self.sink is not None:
+                    await self.run_due()
+            except OnionpostError as exc:
+                log.warning("filing pass failed: %s", exc)
+            nxt = self.store.next_due_at()
+            delay = 30.0 if nxt is None else max(0.05, min(30.0, nxt - self._now()))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()

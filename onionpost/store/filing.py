@@ -1,0 +1,228 @@
+"""The filing queue: mail on its way into the user's mailbox (Dovecot), durable meanwhile.
+
+Everything onionpost files for a person (mail from others, copies of their own mail from
+their other devices, the Sent copy of what a local client submitted, delivery notices,
+bounces, device-list notices) is first written here: the message into a spool file under
+``<data>/filing/`` (fsynced), then a row, in the caller's transaction.  The filer
+(:mod:`onionpost.filing`) hands each row to Dovecot's LMTP and removes it after the 250.
+
+Why a queue and not a direct LMTP call where mail arrives: the caller's other state (the
+submission a client is about to hear 250 for, the message id that makes a second download
+of the same message a replay) commits atomically with the row, and Dovecot being down or
+restarting delays filing without losing anything.
+
+The ``mailbox_seen_ids`` table (message ids already taken from the inbox, so a message
+downloaded twice is filed once) lives here too: it is recorded in the same transaction as
+the rows it produced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from onionpost.errors import StoreError
+from onionpost.store.db import Database
+
+QUEUED, HANDED, FILED = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Filing:
+    id: int
+    key: bytes
+    user: str
+    folder: str
+    source: bytes | None
+    mark_seen: bool
+    unless_message_id: str | None
+    not_before: int
+    state: int
+    attempts: int
+    next_try_at: int
+    last_error: str
+
+
+def _filing(r: sqlite3.Row) -> Filing:
+    return Filing(
+        id=int(r["id"]),
+        key=bytes(r["key"]),
+        user=str(r["user"]),
+        folder=str(r["folder"]),
+        source=None if r["source"] is None else bytes(r["source"]),
+        mark_seen=bool(r["mark_seen"]),
+        unless_message_id=r["unless_message_id"],
+        not_before=int(r["not_before"]),
+        state=int(r["state"]),
+        attempts=int(r["attempts"]),
+        next_try_at=int(r["next_try_at"]),
+        last_error=str(r["last_error"]),
+    )
+
+
+class FilingStore:
+    def __init__(self, db: Database, spool_dir: Path) -> None:
+        self.db = db
+        self.spool_dir = spool_dir
+
+    # -- the spool files -------------------------------------------------------------------
+
+    def path(self, key: bytes) -> Path:
+        return self.spool_dir / f"{key.hex()}.eml"
+
+    def _write_spool(self, key: bytes, message: bytes) -> None:
+        """Write, fsync, rename, fsync the directory: the file is whole or absent."""
+        try:
+            self.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            final = self.path(key)
+            tmp = final.with_suffix(".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                view = memoryview(message)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, final)
+            dir_fd = os.open(self.spool_dir, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            raise StoreError(f"Cannot write mail to {self.spool_dir}: {exc}") from exc
+
+    def remove_orphans(self) -> int:
+        """Spool files without a row: a transaction that wrote one and then rolled back."""
+        try:
+            names = {p.name for p in self.spool_dir.iterdir()}
+        except FileNotFoundError:
+            return 0
+        known = {f"{bytes(r[0]).hex()}.eml" for r in self.db.all("SELECT key FROM filing_queue")}
+        gone = 0
+        for name in names - known:
+            with contextlib.suppress(OSError):
+                (self.spool_dir / name).unlink()
+                gone += 1
+        return gone
+
+    # -- adding ----------------------------------------------------------------------------
+
+    def add(
+        self,
+        *,
+        key: bytes,
+        user: str,
+        folder: str,
+        message: bytes,
+        now: int,
+        source: bytes | None = None,
+        mark_seen: bool = False,
+        unless_message_id: str | None = None,
+        not_before: int | None = None,
+    ) -> int | None:
+        """Queue ``message`` for ``folder``; the row id, or None if ``key`` is queued already.
+
+        Call inside the caller's transaction to make the filing part of it.
+        """
+        if self.db.scalar("SELECT 1 FROM filing_queue WHERE key = ?", (key,)):
+            return None
+        self._write_spool(key, message)
+        start = now if not_before is None else not_before
+        cur = self.db.execute(
+            "INSERT INTO filing_queue (key, user, folder, source, mark_seen, unless_message_id,"
+            " not_before, next_try_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (key, user, folder, source, int(mark_seen), unless_message_id, start, start, now),
+        )
+        return cur.lastrowid
+
+    # -- the filer's side --------------------------------------------------------------------
+
+    def get(self, filing_id: int) -> Filing | None:
+        row = self.db.one("SELECT * FROM filing_queue WHERE id = ?", (filing_id,))
+        return None if row is None else _filing(row)
+
+    def due(self, now: int, limit: int = 100) -> list[Filing]:
+        rows = self.db.all(
+            "SELECT * FROM filing_queue WHERE next_try_at <= ? ORDER BY next_try_at, id LIMIT ?",
+            (now, limit),
+        )
+        return [_filing(r) for r in rows]
+
+    def next_due_at(self) -> int | None:
+        v = self.db.scalar("SELECT MIN(next_try_at) FROM filing_queue")
+        return None if v is None else int(v)
+
+    def pending_for(self, user: str, source: bytes) -> list[int]:
+        return [
+            int(r[0])
+            for r in self.db.all(
+                "SELECT id FROM filing_queue WHERE user = ? AND source = ?", (user, source)
+            )
+        ]
+
+    def set_state(self, filing_id: int, state: int) -> None:
+        with self.db.transaction():
+            self.db.execute("UPDATE filing_queue SET state = ? WHERE id = ?", (state, filing_id))
+
+    def deferred(self, filing_id: int, *, error: str, next_try_at: int) -> None:
+        with self.db.transaction():
+            self.db.execute(
+                "UPDATE filing_queue SET attempts = attempts + 1, last_error = ?, "
+                "next_try_at = ? WHERE id = ?",
+                (error[:500], next_try_at, filing_id),
+            )
+
+    def done(self, filing: Filing) -> None:
+        """The mailbox holds it: forget the row, then the spool file."""
+        with self.db.transaction():
+            self.db.execute("DELETE FROM filing_queue WHERE id = ?", (filing.id,))
+        with contextlib.suppress(OSError):
+            self.path(filing.key).unlink()
+
+    def count(self, user: str | None = None) -> int:
+        if user is None:
+            return self.db.count("filing_queue")
+        return self.db.count("filing_queue", "user = ?", (user,))
+
+    def remove_user(self, user: str) -> int:
+        rows = self.db.all("SELECT * FROM filing_queue WHERE user = ?", (user,))
+        with self.db.transaction():
+            self.db.execute("DELETE FROM filing_queue WHERE user = ?", (user,))
+            self.db.execute("DELETE FROM mailbox_seen_ids WHERE user = ?", (user,))
+        for r in rows:
+            with contextlib.suppress(OSError):
+                self.path(bytes(r["key"])).unlink()
+        return len(rows)
+
+    # -- message ids already taken from the inbox -------------------------------------------
+
+    def is_seen(self, user: str, msg_id: bytes) -> bool:
+        return bool(
+            self.db.scalar(
+                "SELECT 1 FROM mailbox_seen_ids WHERE user = ? AND msg_id = ?", (user, msg_id)
+            )
+        )
+
+    def record_seen(self, user: str, msg_id: bytes, expires_at: int) -> bool:
+        """Record ``msg_id``; False if it was recorded before (nothing to do then)."""
+        cur = self.db.execute(
+            "INSERT OR IGNORE INTO mailbox_seen_ids (user, msg_id, expires_at) VALUES (?, ?, ?)",
+            (user, msg_id, expires_at),
+        )
+        return cur.rowcount == 1
+
+    def prune_seen(self, now: int) -> int:
+        """Forget message ids whose lifetime has ended (a replay would be refused as expired)."""
+        with self.db.transaction():
+            return self.db.execute(
+                "DELETE FROM mailbox_seen_ids WHERE expires_at < ?", (now,)
+            ).rowcount
+
+    def users(self) -> Iterable[str]:
+        return [str(r[0]) for r in self.db.all("SELECT DISTINCT user FROM filing_queue")]

@@ -134,7 +134,7 @@ async def test_upgrade_then_dovecot_serves_the_same_mail(
     finally:
         conn.close()
     assert not tables & set(upgrade_module.OLD_TABLES)
-    assert {"mailbox_seen_ids", "mailbox_upgrade", "accounts", "contacts"} <= tables
+    assert {"mailbox_seen_ids", "mailbox_upgrade", "gateway_accounts", "contacts"} <= tables
     assert seen == 25  # every filed message's id: replays are still recognised
 
     layout = Layout(data_dir)

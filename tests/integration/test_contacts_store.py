@@ -67,12 +67,11 @@ def _old_device_db(path: Path, *, gateway: list[str], mailbox_only: list[str]) -
     accounts = AccountStore(db, cost=CHEAP)
     for user in gateway:
         accounts.add(user, f"{user}@" + "a" * 56 + ".onion", "password")
-    with db.transaction() as c:  # the SQLite mailbox of that version: a user's INBOX row
+    with db.transaction() as c:  # mail received: the message ids taken from the inbox
         for user in [*gateway, *mailbox_only]:
             c.execute(
-                "INSERT INTO mailbox_folders (user, name, uidvalidity, created_at)"
-                " VALUES (?, 'INBOX', 1, 0)",
-                (user,),
+                "INSERT INTO mailbox_seen_ids (user, msg_id, expires_at) VALUES (?, ?, 9)",
+                (user, user.encode()),
             )
     db.close()
 

@@ -4,9 +4,10 @@
 -- correspondent again in another person's mail, and the answer to the other person bounced.
 --
 -- Existing rows were shared, so each is copied to every user of this device: everyone with a
--- gateway login, and everyone with a mailbox here (a user created without a gateway login has
--- one).  These tables belong to the accounts and mailbox components, which store/__init__.py
--- lists (and so migrates) before contacts.  Pins, device lists, bundles, the token a contact
+-- gateway login, and everyone who has received mail here (mailbox_seen_ids).  These tables
+-- belong to the accounts and seen components, which store/__init__.py lists (and so
+-- migrates) before contacts.  (This migration read the SQLite mailbox's folders when mail was
+-- kept in SQLite; a new database has no such table, so the seen ids stand for it.)  Pins, device lists, bundles, the token a contact
 -- gave us (valid at their inbox whoever presents it), verified and blocked are kept for
 -- everyone.  The token we registered for a contact (token_from_them) belongs to one user's
 -- mailbox and we cannot tell whose, so when there are several users it is cleared: each user
@@ -37,7 +38,7 @@ INSERT INTO contacts (user, address, uik_pk, pin, device_list, bundle, bundle_fe
                       token_to_them, token_from_them, display_name, first_seen, last_seen,
                       verified, blocked)
 WITH users (name) AS (
-    SELECT user FROM gateway_accounts UNION SELECT user FROM mailbox_folders
+    SELECT user FROM gateway_accounts UNION SELECT user FROM mailbox_seen_ids
 )
 SELECT users.name, c.address, c.uik_pk, c.pin, c.device_list, c.bundle, c.bundle_fetched_at,
        c.token_to_them,
@@ -62,7 +63,7 @@ CREATE INDEX identity_changes_by_user ON identity_changes (user, address);
 
 INSERT INTO identity_changes (user, address, old_uik, new_uik, seen_at, resolved_at)
 WITH users (name) AS (
-    SELECT user FROM gateway_accounts UNION SELECT user FROM mailbox_folders
+    SELECT user FROM gateway_accounts UNION SELECT user FROM mailbox_seen_ids
 )
 SELECT users.name, i.address, i.old_uik, i.new_uik, i.seen_at, i.resolved_at
 FROM identity_changes_shared AS i CROSS JOIN users

@@ -433,7 +433,7 @@ def header_text(msg: Message, name: str) -> str:
 
 def parse_message(folder: str, uid: int, flags: tuple[str, ...], raw: bytes) -> MessageText:
     """Decode a message for reading: headers, the text part, the attachments."""
-    compat = email.message_from_bytes(raw, policy=email.policy.compat32)
+    compat = _header_section(raw)
     headers = {
         name: header_text(compat, name)
         for name in ("From", "To", "Cc", "Date", "Subject")
@@ -467,6 +467,16 @@ def parse_message(folder: str, uid: int, flags: tuple[str, ...], raw: bytes) -> 
             )
         )
     return MessageText(folder, uid, flags, raw, headers, text, text_from, attachments)
+
+
+def _header_section(raw: bytes) -> Message:
+    """The message's headers, 8-bit ones read as UTF-8 (RFC 6532), else as Latin-1."""
+    head = re.split(rb"\r?\n\r?\n", raw, maxsplit=1)[0]
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        text = head.decode("latin-1")
+    return email.message_from_string(text + "\n\n", policy=email.policy.compat32)
 
 
 def _part_text(part: MIMEPart) -> str:

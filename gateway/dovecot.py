@@ -6,7 +6,7 @@ to parse IMAP, so a hostile client can never stall the node (see ``shared/DESIGN
 Gateway).  The node owns this Dovecot the way it owns its tor: the configuration is generated
 into ``<data>/dovecot/`` on every start, Dovecot runs in the foreground as our child
 (``dovecot -F -c <data>/dovecot/dovecot.conf``), and nothing in ``/etc/dovecot`` is read or
-changed.  This module is the only place that runs ``dovecot`` or ``doveadm``.
+changed.  Only this module runs ``dovecot``; ``doveadm`` runs here and in gateway/mailread.py.
 
 Layout::
 

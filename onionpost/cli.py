@@ -19,13 +19,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, NoReturn
+from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn, cast
 
 import click
 
 from onionpost import __version__
 from onionpost.config import Config, default_data_dir, load
 from onionpost.errors import AlreadyInitialized, NotInitialized, OnionpostError, UsageError
+
+if TYPE_CHECKING:
+    from gateway.mailread import MailReader, SearchField, Summary
 
 EXIT_ERROR = 1
 EXIT_INTERNAL = 70
@@ -609,6 +612,221 @@ def send(
             raise click.UsageError("Give a message file, - for standard input, or --text.")
         sid = admin.submit(local, account.local, recipients, raw)
     click.echo(f"Queued as s{sid} for {len(recipients)} recipient(s).")
+
+
+# --- reading mail ------------------------------------------------------------------------------
+
+
+def _mail_reader(obj: Ctx, user: str | None) -> MailReader:
+    """The user's mail through the node's private Dovecot (gateway/mailread.py)."""
+    from gateway.dovecot import Layout
+    from gateway.mailread import MailReader
+    from onionpost.errors import DataDirError
+
+    try:
+        config = obj.config()
+        if config.role == "inbox":
+            raise UsageError(
+                "This machine is an inbox only: it keeps mail sealed for your devices and "
+                "cannot read it. Read your mail on a device set up with `onionpost init "
+                "--invite`."
+            )
+        return MailReader(Layout(config.data_dir), user)
+    except PermissionError as exc:
+        raise DataDirError(
+            f"This account may not read {exc.filename or obj.data_dir}: run the command as "
+            "the node's user or as root."
+        ) from exc
+
+
+def _short_address(value: str) -> str:
+    """The display name if there is one, else the address."""
+    from email.utils import getaddresses
+
+    pairs = getaddresses([value])
+    if len(pairs) == 1 and (pairs[0][0] or pairs[0][1]):
+        return pairs[0][0] or pairs[0][1]
+    return value
+
+
+def _when(date_header: str, received: int) -> str:
+    """The Date header in local time (``YYYY-MM-DD HH:MM``), else when it was received."""
+    from email.utils import parsedate_to_datetime
+
+    try:
+        when = parsedate_to_datetime(date_header).astimezone()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(received)) if received else "?"
+    return when.strftime("%Y-%m-%d %H:%M")
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: max(0, width - 1)] + "…"
+
+
+def _print_summaries(rows: list[Summary], *, show_folder: bool) -> None:
+    """One line per message: unread mark, folder and UID, date, sender, subject."""
+    import shutil
+
+    from gateway.mailread import printable
+
+    width = shutil.get_terminal_size((100, 24)).columns
+    folder_width = max((len(r.folder) for r in rows), default=0) if show_folder else 0
+    uid_width = max((len(str(r.uid)) for r in rows), default=1)
+    for r in rows:
+        where = f"{printable(r.folder):<{folder_width}} " if show_folder else ""
+        head = (
+            f"{' ' if r.seen else 'N'} {where}{r.uid:>{uid_width}}  {_when(r.date, r.received)}  "
+        )
+        sender = _clip(printable(_short_address(r.sender)) or "(no sender)", 22)
+        rest = max(20, width - len(head) - 24)
+        subject = _clip(printable(r.subject) or "(no subject)", rest)
+        click.echo(f"{head}{sender:<22}  {subject}")
+
+
+@cli.command()
+@click.argument("folder", required=False)
+@click.argument("uid", type=click.IntRange(min=1), required=False)
+@_user_option("Whose mail (needed when this node has several users).")
+@click.option("--folders", "list_folders", is_flag=True, help="List the folders and counts.")
+@click.option("--unread", is_flag=True, help="Only messages not yet read.")
+@click.option(
+    "--limit",
+    type=click.IntRange(min=0),
+    default=50,
+    show_default=True,
+    help="Show the newest N messages (0: all).",
+)
+@click.option("--raw", is_flag=True, help="With a UID: the whole message, as stored.")
+@click.option("--mark-read", is_flag=True, help="With a UID: mark the message as read.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_ctx
+def read(
+    obj: Ctx,
+    *,
+    folder: str | None,
+    uid: int | None,
+    user: str | None,
+    list_folders: bool,
+    unread: bool,
+    limit: int,
+    raw: bool,
+    mark_read: bool,
+    as_json: bool,
+) -> None:
+    """Read mail here, without a mail client (over SSH on a Pi, for one).
+
+    \b
+    onionpost read                 the newest messages in INBOX (N marks unread ones)
+    onionpost read Sent --unread   another folder; only unread messages
+    onionpost read --folders       the folders, with how many messages each holds
+    onionpost read INBOX 42        message 42 of INBOX: its headers and its text
+    onionpost read INBOX 42 --raw  the whole message as it is stored
+
+    Reading does not mark a message as read unless you add --mark-read.
+    """
+    from gateway.mailread import render_text
+
+    if uid is None and (raw or mark_read):
+        raise click.UsageError("--raw and --mark-read need a folder and a message UID.")
+    if list_folders and (folder is not None or unread):
+        raise click.UsageError("--folders lists every folder; it takes no folder or --unread.")
+    reader = _mail_reader(obj, user)
+    if list_folders:
+        folders = reader.folders()
+        if as_json:
+            folder_list = [f.to_json() for f in folders]
+            click.echo(json.dumps({"user": reader.user, "folders": folder_list}, indent=2))
+            return
+        width = max(len(f.name) for f in folders)
+        for f in folders:
+            click.echo(f"{f.name:<{width}}  {f.messages:>6} messages  {f.unseen:>6} unread")
+        return
+    name = reader.folder(folder or "INBOX")
+    if uid is not None:
+        msg = reader.message(name, uid)
+        if mark_read:
+            reader.mark_read(name, uid)
+        if as_json:
+            click.echo(json.dumps(msg.to_json(raw=raw), indent=2, ensure_ascii=False))
+        elif raw:
+            sys.stdout.flush()
+            sys.stdout.buffer.write(msg.raw)
+            sys.stdout.buffer.flush()
+        else:
+            click.echo(render_text(msg), nl=False)
+        return
+    rows = reader.messages(name, unread=unread, limit=limit or None)
+    counts = next(f for f in reader.folders() if f.name == name)
+    if as_json:
+        click.echo(json.dumps({"user": reader.user, "folder": counts.to_json(),
+                               "messages": [r.to_json() for r in rows]},
+                              indent=2, ensure_ascii=False))  # fmt: skip
+        return
+    shown = f", showing the newest {len(rows)}" if len(rows) < counts.messages else ""
+    what = "unread messages" if unread else "messages"
+    click.echo(f"{name}: {counts.messages} messages, {counts.unseen} unread{shown}")
+    if not rows:
+        click.echo(f"No {what} in {name}.")
+        return
+    _print_summaries(rows, show_folder=False)
+    click.echo(f"Read one with: onionpost read {name} UID")
+
+
+@cli.command()
+@click.argument("query", nargs=-1, required=True)
+@click.option("--folder", default=None, help="Search only this folder (default: all folders).")
+@click.option(
+    "--in",
+    "within",
+    type=click.Choice(["text", "body", "subject", "from", "to"]),
+    default="text",
+    show_default=True,
+    help="Where to look for the words: text is headers and body.",
+)
+@_user_option("Whose mail (needed when this node has several users).")
+@click.option(
+    "--limit",
+    type=click.IntRange(min=0),
+    default=50,
+    show_default=True,
+    help="Show the newest N matches (0: all).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_ctx
+def search(
+    obj: Ctx,
+    *,
+    query: tuple[str, ...],
+    folder: str | None,
+    within: str,
+    user: str | None,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """Find messages that contain every word of QUERY (Dovecot's search).
+
+    \b
+    onionpost search invoice march          both words, anywhere in the message
+    onionpost search --in subject meeting   only in the subject
+    onionpost search --folder Sent alice    only in Sent
+
+    Words are matched as parts of words and without regard to case; each is searched for as
+    it is written (no search operators).
+    """
+    reader = _mail_reader(obj, user)
+    field = cast("SearchField", within)
+    rows = reader.search(list(query), folder=folder, within=field, limit=limit or None)
+    if as_json:
+        click.echo(json.dumps({"user": reader.user, "query": list(query), "in": within,
+                               "folder": folder, "messages": [r.to_json() for r in rows]},
+                              indent=2, ensure_ascii=False))  # fmt: skip
+        return
+    if not rows:
+        click.echo("Nothing found.")
+        return
+    _print_summaries(rows, show_folder=True)
+    click.echo(f"{len(rows)} found. Read one with: onionpost read FOLDER UID")
 
 
 # --- contacts and devices --------------------------------------------------------------------

@@ -38,6 +38,8 @@ def test_help_and_version() -> None:
         "users",
         "password",
         "thunderbird",
+        "read",
+        "search",
     ):
         assert command in result.output
     assert "0.1.0" in CliRunner().invoke(cli, ["--version"]).output

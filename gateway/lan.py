@@ -28,12 +28,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.tls import IPAddress, nameable
+from gateway.tls import LAN_CERT_FILE, IPAddress, certificate_names, nameable
 from onionpost.config import GatewayConfig
 
 __all__ = [
     "LanNames",
+    "certificate_gaps",
     "connect_host",
+    "describe",
     "dovecot_listen",
     "ipv6_available",
     "listen_hosts",
@@ -181,3 +183,22 @@ def tls_names(
     named = tuple(sorted((a for a in found if nameable(a)), key=lambda a: (a.version, a)))
     unnamed = tuple(a for a in found if not nameable(a))
     return LanNames(tuple(_host_names(hostname, fqdn)), named, unnamed)
+
+
+def certificate_gaps(tls_dir: Path, names: LanNames) -> list[str]:
+    """The names and addresses of this machine that the LAN certificate in ``tls_dir`` does
+    not carry (all of them if there is none yet); empty when it covers everything."""
+    dns, ips = certificate_names(tls_dir / LAN_CERT_FILE)
+    return [h for h in names.dns if h not in dns] + [str(a) for a in names.ips if a not in ips]
+
+
+def describe(cfg: GatewayConfig) -> str:
+    """One line for ``onionpost status`` and ``onionpost lan``."""
+    if not cfg.lan:
+        return f"off (IMAP and SMTP on {cfg.listen_host} only)"
+    hosts = listen_hosts(cfg)
+    where = "/".join(f"[{h}]" if ":" in h else h for h in hosts)
+    return (
+        f"ON (IMAP {where}:{cfg.imap_port} TLS required, SMTP {where}:{cfg.smtp_port} "
+        "STARTTLS required; reachable from other computers)"
+    )

@@ -15,9 +15,10 @@ from typing import Protocol
 
 from gateway.autoconfig import start_autoconfig
 from gateway.imap import start_imap
+from gateway.lan import describe, tls_names
 from gateway.smtp import start_smtp
 from gateway.throttle import LoginThrottle
-from gateway.tls import ensure_tls, server_context
+from gateway.tls import ensure_tls, lan_server_context, server_context
 from onionpost.config import Config
 from onionpost.device import Device
 from onionpost.errors import ListenError
@@ -68,6 +69,11 @@ async def start_gateway(node: GatewayHost) -> Callable[[], Awaitable[None]]:
     tls_dir = node.config.data_dir / "tls"
     ensure_tls(tls_dir)
     context = server_context(tls_dir)
+    lan_context = None
+    if cfg.lan:  # LAN access: the LAN certificate, reissued here if the names changed
+        names = tls_names()
+        lan_context = lan_server_context(tls_dir, names.dns, names.ips)
+        log.warning("LAN access: %s; certificate names %s", describe(cfg), names.describe())
     # One for both protocols: a password guesser gains nothing by switching.
     throttle = LoginThrottle()
     with _listening(cfg.listen_host, cfg.imap_port, "[gateway] imap_port"):
@@ -80,6 +86,7 @@ async def start_gateway(node: GatewayHost) -> Callable[[], Awaitable[None]]:
                 accounts=accounts,
                 tls=context,
                 throttle=throttle,
+                lan_tls=lan_context,
             )
     except BaseException:
         await imap.stop()

@@ -59,6 +59,7 @@ __all__ = [
     "ensure_lan_tls",
     "ensure_tls",
     "lan_ca_covers",
+    "lan_ca_fits",
     "lan_server_context",
     "nameable",
     "server_context",
@@ -187,6 +188,16 @@ def lan_ca_covers(ca_cert: x509.Certificate, dns: Iterable[str]) -> bool:
         return False
     trees = [t.value for t in constraints.permitted_subtrees or [] if isinstance(t, x509.DNSName)]
     return all(_dns_covered(h.lower().rstrip("."), trees) for h in dns if h)
+
+
+def lan_ca_fits(tls_dir: Path, dns: Iterable[str]) -> bool:
+    """False when a LAN CA exists whose constraints do not cover these host names (the next
+    start will make a new one); True otherwise, including when there is none yet."""
+    try:
+        ca = x509.load_pem_x509_certificate((tls_dir / LAN_CA_FILE).read_bytes())
+    except (OSError, ValueError):
+        return True
+    return lan_ca_covers(ca, dns)
 
 
 def _lan_ca_subtrees(dns: Iterable[str]) -> list[x509.GeneralName]:

@@ -135,3 +135,45 @@ def test_the_current_machine_has_sane_names() -> None:
     names = tls_names()
     assert all(not a.is_loopback and not a.is_link_local for a in names.ips)
     assert all(nameable(a) for a in names.ips)
+
+
+def test_doctor_warns_when_the_lan_certificate_is_behind(tmp_path: Path) -> None:
+    from gateway.tls import ensure_lan_tls
+    from onionpost.config import Config
+    from onionpost.doctor import _lan
+
+    off = _lan(Config(tmp_path))
+    assert off.ok and "off" in off.detail
+    config = Config(tmp_path, gateway=GatewayConfig(lan=True))
+    names = tls_names()
+    if not names.dns and not names.ips:
+        pytest.skip("this machine has no LAN names")
+    missing = _lan(config)
+    assert not missing.ok and "restart the node" in missing.fix
+    ensure_lan_tls(tmp_path / "tls", names.dns, names.ips)
+    assert _lan(config).ok
+    # A LAN CA made for another host name: a new one is needed, and the fix says so.
+    ensure_lan_tls(tmp_path / "tls", ["elsewhere"], [])
+    wrong = _lan(config)
+    if names.dns:
+        assert not wrong.ok and "import again" in wrong.fix
+
+
+def test_lan_command_turns_it_on_and_off(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from onionpost.cli import cli
+
+    (tmp_path / "onionpost.toml").write_text("[gateway]\nsmtp_port = 2587\n")
+    runner = CliRunner()
+    done = runner.invoke(cli, ["--data-dir", str(tmp_path), "lan"])
+    assert done.exit_code == 0 and "LAN access: off" in done.output
+    done = runner.invoke(cli, ["--data-dir", str(tmp_path), "lan", "on"])
+    assert done.exit_code == 0, done.output
+    assert "LAN access: ON" in done.output and "lan-ca.pem" in done.output
+    assert "SMTP 0.0.0.0" in done.output and ":2587" in done.output
+    assert "node starts" in done.output
+    assert load(tmp_path).gateway.lan is True and load(tmp_path).gateway.smtp_port == 2587
+    done = runner.invoke(cli, ["--data-dir", str(tmp_path), "lan", "off"])
+    assert done.exit_code == 0 and "LAN access: off" in done.output
+    assert load(tmp_path).gateway.lan is False

@@ -64,6 +64,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from gateway.lan import connect_host
 from gateway.tls import LocalTLS, ensure_tls
 from onionpost.errors import (
     FilingDeferred,
@@ -293,9 +294,12 @@ def _group_name(gid: int) -> str:
 class Settings:
     """What the node's configuration decides about IMAP (``[gateway]``)."""
 
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # or a list, "0.0.0.0, ::" (gateway.lan.dovecot_listen)
     imap_port: int = 1143
     require_tls: bool = False  # else plaintext login is allowed from loopback only
+    #: LAN access (gateway.lan): the LAN certificate for connections to any address but
+    #: loopback, which keeps the loopback certificate (gateway.tls.ensure_lan_tls).
+    lan_tls: LocalTLS | None = None
 
 
 # --- the configuration --------------------------------------------------------------------
@@ -305,7 +309,8 @@ def render_config(
     inst: Installation, layout: Layout, ident: Identity, settings: Settings, tls: LocalTLS
 ) -> str:
     """Dovecot's configuration, in the syntax of the installed version."""
-    for path in (layout.data_dir, tls.cert, tls.key):
+    lan = [settings.lan_tls.cert, settings.lan_tls.key] if settings.lan_tls else []
+    for path in (layout.data_dir, tls.cert, tls.key, *lan):
         if any(c in str(path) for c in '"\n\\$%{}'):
             raise MailServerError(f"Dovecot cannot be configured with the path {path}.")
     if inst.syntax == "2.3":
@@ -319,6 +324,18 @@ def _folders(indent: str) -> str:
         f"{indent}  auto = subscribe\n{indent}}}\n"
         for name, flag in SPECIAL_FOLDERS
     )
+
+
+def _certificates(settings: Settings, tls: LocalTLS, cert: str, key: str) -> str:
+    """The server certificate; with LAN access the LAN one, except over loopback."""
+    if settings.lan_tls is None:
+        return f"{cert}{tls.cert}\n{key}{tls.key}"
+    lan = settings.lan_tls
+    loopback = "".join(
+        f"local {address} {{\n  {cert}{tls.cert}\n  {key}{tls.key}\n}}\n"
+        for address in ("127.0.0.1", "::1")
+    )
+    return f"{cert}{lan.cert}\n{key}{lan.key}\n{loopback}"
 
 
 def _unprivileged_services(ident: Identity) -> str:
@@ -349,8 +366,7 @@ mail_privileged_group =
 mail_access_groups =
 
 ssl = {"required" if settings.require_tls else "yes"}
-ssl_cert = <{tls.cert}
-ssl_key = <{tls.key}
+{_certificates(settings, tls, "ssl_cert = <", "ssl_key = <")}
 ssl_min_protocol = TLSv1.2
 ssl_prefer_server_ciphers = yes
 disable_plaintext_auth = yes
@@ -417,8 +433,7 @@ mail_privileged_group =
 mail_access_groups =
 
 ssl = {"required" if settings.require_tls else "yes"}
-ssl_server_cert_file = {tls.cert}
-ssl_server_key_file = {tls.key}
+{_certificates(settings, tls, "ssl_server_cert_file = ", "ssl_server_key_file = ")}
 ssl_min_protocol = TLSv1.2
 auth_allow_cleartext = no
 auth_mechanisms = plain login
@@ -974,7 +989,9 @@ class DovecotServer:
         """IMAP greets with "* OK" and LMTP with "220"."""
         try:
             async with asyncio.timeout(2):
-                r, w = await asyncio.open_connection(self.settings.host, self.settings.imap_port)
+                r, w = await asyncio.open_connection(
+                    connect_host(self.settings.host), self.settings.imap_port
+                )
                 imap = await r.readline()
                 w.close()
                 r, w2 = await asyncio.open_unix_connection(str(self.layout.lmtp_socket))

@@ -28,9 +28,10 @@ from gateway.dovecot import (
     doveadm_search,
     lmtp_deliver,
 )
+from gateway.lan import describe, dovecot_listen, tls_names
 from gateway.smtp import start_smtp
 from gateway.throttle import LoginThrottle
-from gateway.tls import ensure_tls, server_context
+from gateway.tls import ensure_lan_tls, ensure_tls, lan_server_context, server_context
 from onionpost.config import Config
 from onionpost.device import Device
 from onionpost.errors import FilingDeferred, ListenError
@@ -129,10 +130,22 @@ async def start_gateway(node: GatewayHost) -> Callable[[], Awaitable[None]]:
     tls_dir = node.config.data_dir / "tls"
     ensure_tls(tls_dir)
     context = server_context(tls_dir)
+    lan_context = None
+    lan_tls = None
+    if cfg.lan:  # LAN access: the LAN certificate, reissued here if the names changed
+        names = tls_names()
+        lan_tls = ensure_lan_tls(tls_dir, names.dns, names.ips)
+        lan_context = lan_server_context(tls_dir, names.dns, names.ips)
+        log.warning("LAN access: %s; certificate names %s", describe(cfg), names.describe())
     imap_port = cfg.imap_port or _free_port(cfg.listen_host)
     dovecot = DovecotServer(
         Layout(node.config.data_dir),
-        Settings(host=cfg.listen_host, imap_port=imap_port, require_tls=cfg.require_tls),
+        Settings(
+            host=dovecot_listen(cfg),
+            imap_port=imap_port,
+            require_tls=cfg.require_tls or cfg.lan,
+            lan_tls=lan_tls,
+        ),
     )
     with _listening(cfg.listen_host, imap_port, "[gateway] imap_port"):
         await dovecot.start()
@@ -152,6 +165,7 @@ async def start_gateway(node: GatewayHost) -> Callable[[], Awaitable[None]]:
                 accounts=accounts,
                 tls=context,
                 throttle=throttle,
+                lan_tls=lan_context,
             )
     except BaseException:
         filer.attach(None)

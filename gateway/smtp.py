@@ -10,8 +10,12 @@ What a client may do, and why:
 * Log in first (AUTH PLAIN or LOGIN with the per-user gateway password).  On loopback a
   plaintext login is allowed unless ``gateway.require_tls`` says otherwise, because mail
   clients make STARTTLS on 127.0.0.1 a chore; a listener on any other address always
-  requires STARTTLS first.  The scrypt check runs in a worker thread so that one login does
-  not stall every other session, and costs the same for unknown users.  Failures are logged
+  requires STARTTLS first.  With LAN access on (``gateway.lan``, :mod:`gateway.lan`) the
+  server listens on every address; a client that did not connect over loopback gets the LAN
+  certificate and must send STARTTLS before anything but EHLO, NOOP and QUIT (``530 5.7.0``),
+  so no command of its session travels in clear.  Loopback keeps ``require_tls``.  The
+  scrypt check runs in a worker thread so that one login does not stall every other
+  session, and costs the same for unknown users.  Failures are logged
   and slow down further logins to that account and from that client, over SMTP and IMAP
   alike (:class:`gateway.throttle.LoginThrottle`); at most five AUTH per connection.
 * Send only as itself: MAIL FROM and the From:/Sender: headers must be the address of the
@@ -49,12 +53,13 @@ import re
 import secrets
 import ssl
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, AnyStr, Final
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, TLSSetupException
 
 from gateway import replies
+from gateway.lan import listen_hosts
 from gateway.throttle import LoginThrottle
 from onionpost.address import Address
 from onionpost.clock import Clock, SystemClock
@@ -415,6 +420,7 @@ class _Connection(SMTP):
         tls: ssl.SSLContext | None,
         hostname: str,
         loop: asyncio.AbstractEventLoop,
+        lan_tls: ssl.SSLContext | None = None,
     ) -> None:
         with warnings.catch_warnings():
             # Plaintext AUTH on loopback is the configured policy, not an accident.
@@ -438,12 +444,27 @@ class _Connection(SMTP):
             )
         self._registry = registry
         self._max_bytes = max_bytes
+        self._lan_tls = lan_tls
         # Counted from creation: a burst of accepts creates many protocols before any
         # connection_made runs, and the session limit must hold during the burst too.
         registry.add(self)
 
     def _create_session(self) -> Session:
         return _Session(self.loop)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._original_transport is None and not self._over_loopback(transport):
+            # LAN access: the LAN certificate, and STARTTLS before anything else.
+            self.tls_context = self._lan_tls
+            self.require_starttls = True
+            self._auth_require_tls = True
+        super().connection_made(transport)
+
+    @staticmethod
+    def _over_loopback(transport: asyncio.BaseTransport) -> bool:
+        """The client reached a loopback address, from a loopback address."""
+        ends = (transport.get_extra_info("sockname"), transport.get_extra_info("peername"))
+        return all(isinstance(end, tuple) and end and _is_loopback(str(end[0])) for end in ends)
 
     def connection_lost(self, error: Exception | None) -> None:
         self._registry.discard(self)
@@ -591,10 +612,13 @@ class _Busy(asyncio.Protocol):
 class SMTPGateway:
     """The running submission server: where it listens, and how to stop it."""
 
-    def __init__(self, server: asyncio.Server, registry: set[_Connection]) -> None:
-        self._server = server
+    def __init__(self, servers: list[asyncio.Server], registry: set[_Connection]) -> None:
+        self._servers = servers
         self._registry = registry
-        self.host, self.port = server.sockets[0].getsockname()[:2]
+        sockets = [sock for server in servers for sock in server.sockets]
+        self.host, self.port = sockets[0].getsockname()[:2]
+        #: Every address it listens on (several with LAN access on), all on ``port``.
+        self.hosts = [str(sock.getsockname()[0]) for sock in sockets]
 
     @property
     def sessions(self) -> int:
@@ -603,7 +627,8 @@ class SMTPGateway:
 
     async def close(self) -> None:
         """Stop listening, hang up on every session, and wait for their tasks to end."""
-        self._server.close()
+        for server in self._servers:
+            server.close()
         tasks = [t for conn in list(self._registry) if (t := conn.handler_task) is not None]
         for conn in list(self._registry):
             if conn.transport is not None:
@@ -614,7 +639,8 @@ class SMTPGateway:
             await asyncio.wait(tasks, timeout=5)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(5):
-                await self._server.wait_closed()
+                for server in self._servers:
+                    await server.wait_closed()
 
 
 async def start_smtp(
@@ -630,18 +656,32 @@ async def start_smtp(
     max_recipients: int = MAX_RECIPIENTS,
     auth_failure_delay: float = AUTH_FAILURE_DELAY,
     throttle: LoginThrottle | None = None,
+    lan_tls: ssl.SSLContext | None = None,
+    hosts: Sequence[str] | None = None,
 ) -> SMTPGateway:
     """Listen on ``cfg.listen_host:cfg.smtp_port`` (port 0: any free port) in this loop.
 
     ``throttle`` is shared with the IMAP server in a running node; without one, SMTP gets
-    its own, starting at ``auth_failure_delay``.
+    its own, starting at ``auth_failure_delay``.  With ``cfg.lan`` it listens on every
+    address (:func:`gateway.lan.listen_hosts`; ``hosts`` overrides, for tests) and offers
+    ``lan_tls`` (:func:`gateway.tls.lan_server_context`) to clients not on loopback.
     """
+    # With LAN access on, loopback keeps its policy (as Dovecot does: it counts a client on
+    # the server's own address as secured); every other client must STARTTLS first.
     require_tls = cfg.require_tls or not _is_loopback(cfg.listen_host)
-    if require_tls and tls is None:
+    if (require_tls or cfg.lan) and tls is None:
         raise ConfigError(
-            "The SMTP gateway must require TLS for logins (gateway.require_tls, or a "
-            "listen_host that is not loopback) but has no TLS certificate to offer."
+            "The SMTP gateway must require TLS for logins (gateway.require_tls, "
+            "gateway.lan, or a listen_host that is not loopback) but has no TLS certificate "
+            "to offer."
         )
+    if cfg.lan and lan_tls is None:
+        raise ConfigError(
+            "gateway.lan is on, but the SMTP gateway was given no LAN certificate to offer."
+        )
+    listen = list(hosts) if hosts is not None else listen_hosts(cfg)
+    if not cfg.lan and lan_tls is None:
+        lan_tls = tls  # a listen_host that is not loopback: the one certificate there is
     if _LOG_FILTER not in _AIOSMTPD_LOG.filters:
         _AIOSMTPD_LOG.addFilter(_LOG_FILTER)
     loop = asyncio.get_running_loop()
@@ -667,11 +707,23 @@ async def start_smtp(
             tls=tls,
             hostname=hostname,
             loop=loop,
+            lan_tls=lan_tls,
         )
 
-    server = await loop.create_server(
-        connection, cfg.listen_host, cfg.smtp_port, backlog=max(128, max_sessions)
-    )
-    gateway = SMTPGateway(server, registry)
-    log.info("smtp: submission gateway on %s:%d", gateway.host, gateway.port)
+    # One server per address, so that port 0 means the same free port on all of them.
+    servers: list[asyncio.Server] = []
+    port = cfg.smtp_port
+    try:
+        for host in listen:
+            server = await loop.create_server(
+                connection, host, port, backlog=max(128, max_sessions)
+            )
+            servers.append(server)
+            port = server.sockets[0].getsockname()[1]
+    except BaseException:
+        for server in servers:
+            server.close()
+        raise
+    gateway = SMTPGateway(servers, registry)
+    log.info("smtp: submission gateway on %s port %d", ", ".join(gateway.hosts), gateway.port)
     return gateway

@@ -100,8 +100,7 @@ def make_backup(config: Config, target: Path, passphrase: str) -> BackupReport:
                     moved = _current(path)
                     if moved is None:
                         continue  # deleted meanwhile (a message expunged while we ran)
-                    path, name = moved, moved.relative_to(data_dir).as_posix()
-                    tar.add(path, arcname=name, recursive=False)
+                    tar.add(moved, arcname=moved.relative_to(data_dir).as_posix(), recursive=False)
                 files += 1
         size = archive.stat().st_size
         partial = target.with_name(f".{target.name}.partial")

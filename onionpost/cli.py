@@ -349,10 +349,36 @@ def status(obj: Ctx, as_json: bool) -> None:
     if gateway:
         imap, smtp = gateway.get("imap"), gateway.get("smtp")
         click.echo(f"gateway:    IMAP 127.0.0.1:{imap}  SMTP 127.0.0.1:{smtp}")
+    _print_lan(obj, info)
     _print_tor(info.get("tor", {}), has_inbox=info.get("role") != "gateway")
     counts = info.get("queue") or {}
     if counts:
         click.echo(f"queue:      {_queue_words(counts)}")
+
+
+def _print_lan(obj: Ctx, info: dict[str, Any]) -> None:
+    """The LAN access line: only when it is on, or set but not yet in effect."""
+    from gateway.lan import describe
+
+    try:
+        config = obj.config()
+    except OnionpostError:
+        return
+    changed = _config_changed_since(config, info)
+    if config.gateway.lan:
+        click.echo(f"LAN access: {describe(config.gateway)}")
+        if changed:
+            click.echo("            (set after the node started: restart it to apply)")
+    elif changed:
+        click.echo("LAN access: off (set after the node started: restart it to apply)")
+
+
+def _config_changed_since(config: Config, info: dict[str, Any]) -> bool:
+    started = info.get("started_at") or 0
+    try:
+        return bool(started) and config.config_file.stat().st_mtime > float(started)
+    except OSError:
+        return False
 
 
 def _queue_counts(obj: Ctx) -> dict[str, int] | None:
@@ -1461,6 +1487,68 @@ def thunderbird(obj: Ctx, user: str | None, write: Path | None) -> None:
         (write / "policies.json").write_text(render_policies(ca_copy))
         click.echo(f"\nWrote user.js, policies.json and onionpost-ca.pem to {write}.")
         click.echo("See docs/thunderbird.md for where each file goes.")
+
+
+@cli.command()
+@click.argument("action", type=click.Choice(["on", "off", "status"]), default="status")
+@pass_ctx
+def lan(obj: Ctx, action: str) -> None:
+    """LAN access: let other computers on your network use this gateway (off by default).
+
+    `lan on` makes IMAP and SMTP listen on every address of this computer as well as
+    127.0.0.1, with TLS required for every login from elsewhere and a certificate from a
+    LAN CA of its own; `lan off` puts them back on 127.0.0.1 only.  Either takes effect
+    when the node next starts.  See docs/thunderbird.md, "Using the gateway from another
+    computer on your LAN".
+    """
+    from gateway.lan import certificate_gaps, describe, tls_names
+    from gateway.tls import ensure_lan_tls, ensure_tls
+    from onionpost.config import set_setting
+
+    config = obj.config()
+    if action != "status":
+        wanted = action == "on"
+        if config.gateway.lan != wanted:
+            path = set_setting(obj.data_dir, "gateway", "lan", wanted)
+            click.echo(f"Set [gateway] lan = {str(wanted).lower()} in {path}.")
+        config = obj.config()
+    tls_dir = config.data_dir / "tls"
+    names = tls_names()
+    click.echo(f"LAN access: {describe(config.gateway)}")
+    if config.gateway.lan:
+        ensure_tls(tls_dir)
+        files = ensure_lan_tls(tls_dir, names.dns, names.ips)
+        click.echo(f"  names:     {names.describe() or '(none found)'}")
+        if names.unnamed:
+            unnamed = ", ".join(str(a) for a in names.unnamed)
+            click.echo(f"  not named: {unnamed} (internet addresses; use a name above)")
+        click.echo(f"  LAN CA:    {files.ca_cert.resolve()}")
+        click.echo("             copy it to the other computer and import it into Thunderbird")
+    gaps = certificate_gaps(tls_dir, names) if config.gateway.lan else []
+    running = _running_node(obj)
+    if action == "status":
+        if gaps:
+            click.echo(f"  the certificate does not name yet: {', '.join(gaps)}")
+        if running is not None and _config_changed_since(config, running):
+            click.echo("The running node started before this setting: restart it to apply.")
+        return
+    if running is not None:
+        click.echo(
+            "Restart the node to apply it (systemctl restart onionpost, or stop "
+            "`onionpost run` and start it again)."
+        )
+    else:
+        click.echo("It applies when the node starts (onionpost run).")
+
+
+def _running_node(obj: Ctx) -> dict[str, Any] | None:
+    try:
+        info = json.loads((obj.data_dir / "run" / "status.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if isinstance(info, dict) and _pid_alive(int(info.get("pid", 0))):
+        return info
+    return None
 
 
 def main() -> None:

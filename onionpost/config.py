@@ -9,9 +9,12 @@ platform default (``/var/lib/onionpost`` for root, ``$XDG_DATA_HOME/onionpost`` 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import ipaddress
 import os
+import re
+import tempfile
 import tomllib
 import warnings
 from collections.abc import Mapping
@@ -101,6 +104,9 @@ class GatewayConfig:
     require_tls: bool = False  # plaintext AUTH is allowed on loopback; see docs/thunderbird.md
     #: A submitted message's Sent copy waits this long for the client's own (see filing.py).
     sent_copy_wait_seconds: int = 60
+    # Listen on every address of this machine too (IMAP and SMTP), TLS required for every
+    # login, with a certificate naming its LAN names and addresses; `onionpost lan on|off`.
+    lan: bool = False
 
 
 @dataclass(frozen=True)
@@ -211,6 +217,73 @@ def _check_loopback(name: str, host: str) -> None:
         )
 
 
+_SECTION = re.compile(r"^\s*\[([^\]]+)\]\s*(#.*)?$")
+
+
+def set_setting(data_dir: Path, section: str, key: str, value: bool | int | str) -> Path:
+    """Set ``[section] key = value`` in ``<data_dir>/onionpost.toml``, keeping every other
+    line (comments included) as it is; the file is created if missing.
+
+    The result is read back and validated before it replaces the file, so a setting that
+    would make the node refuse to start is refused here instead.  Returns the file's path.
+    """
+    path = data_dir / CONFIG_FILE
+    try:
+        text = path.read_text(encoding="utf-8") if path.exists() else ""
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"Cannot read {path}: {exc}") from exc
+    if isinstance(value, bool):
+        rendered = "true" if value else "false"
+    elif isinstance(value, int):
+        rendered = str(value)
+    else:
+        rendered = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    line = f"{key} = {rendered}"
+    lines = text.splitlines()
+    start = next(
+        (
+            i
+            for i, raw in enumerate(lines)
+            if (m := _SECTION.match(raw)) and m[1].strip() == section
+        ),
+        None,
+    )
+    if start is None:
+        lines += ([""] if lines and lines[-1].strip() else []) + [f"[{section}]", line]
+    else:
+        end = next(
+            (i for i in range(start + 1, len(lines)) if _SECTION.match(lines[i])), len(lines)
+        )
+        own = re.compile(rf"^\s*{re.escape(key)}\s*=")
+        found = next((i for i in range(start + 1, end) if own.match(lines[i])), None)
+        if found is None:
+            lines.insert(start + 1, line)
+        else:
+            lines[found] = line
+    new_text = "\n".join(lines) + "\n"
+    try:
+        from_mapping(data_dir, tomllib.loads(new_text))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+    try:
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=data_dir, prefix=f".{CONFIG_FILE}.")
+        try:
+            os.fchmod(fd, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(new_text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    except OSError as exc:
+        raise ConfigError(f"Cannot write {path}: {exc}") from exc
+    return path
+
+
 def load(data_dir: Path, overrides: Mapping[str, Any] | None = None) -> Config:
     """Read ``<data_dir>/onionpost.toml`` (if present) and apply ``overrides`` on top.
 
@@ -255,6 +328,11 @@ def from_mapping(data_dir: Path, raw: Mapping[str, Any]) -> Config:
     cfg = _build(Config, "", top, fixed={"data_dir": Path(data_dir), **sections})
     _check_loopback("inbox.listen_host", cfg.inbox.listen_host)
     _check_loopback("gateway.listen_host", cfg.gateway.listen_host)
+    if cfg.gateway.lan and cfg.gateway.listen_host not in ("127.0.0.1", "localhost", "::1"):
+        raise ConfigError(
+            "gateway.lan = true already makes the gateway listen on every address; leave "
+            f"gateway.listen_host at 127.0.0.1 (it is {cfg.gateway.listen_host!r})."
+        )
     if cfg.delivery.retry_min_seconds > cfg.delivery.retry_max_seconds:
         raise ConfigError("delivery.retry_min_seconds must not exceed delivery.retry_max_seconds.")
     if cfg.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:

@@ -106,6 +106,37 @@ def _ports(config: Config, info: dict[str, object] | None) -> Finding:
     return Finding("ports", True, ", ".join(f"{k} {v}" for k, v in wanted.items()))
 
 
+def _lan(config: Config) -> Finding:
+    """LAN access: off is fine; on, the LAN certificate must name this machine as it is now."""
+    from gateway.lan import certificate_gaps, tls_names
+    from gateway.tls import lan_ca_fits
+
+    if not config.gateway.lan:
+        return Finding("LAN access", True, "off: the gateway listens on 127.0.0.1 only")
+    tls_dir = config.data_dir / "tls"
+    names = tls_names()
+    detail = f"ON: IMAP and SMTP reachable from the LAN as {names.describe() or '(no names)'}"
+    if names.unnamed:
+        detail += f"; not in the certificate: {', '.join(map(str, names.unnamed))} (internet)"
+    if not lan_ca_fits(tls_dir, names.dns):
+        return Finding(
+            "LAN access",
+            False,
+            f"{detail}; the LAN CA was made for another host name",
+            "restart the node: it makes a new LAN CA, which the other computers must import "
+            "again (onionpost lan shows where it is)",
+        )
+    gaps = certificate_gaps(tls_dir, names)
+    if gaps:
+        return Finding(
+            "LAN access",
+            False,
+            f"{detail}; the LAN certificate does not cover {', '.join(gaps)}",
+            "restart the node: it reissues the certificate (same LAN CA) at start",
+        )
+    return Finding("LAN access", True, detail)
+
+
 _SECRETS = re.compile(r"(\.key|\.db|^account|^device-list|^passwd)$")
 
 
@@ -228,6 +259,7 @@ async def examine(config: Config) -> list[Finding]:
         lambda: _tor(config),
         lambda: _onion(config, info),
         lambda: now(lambda: _ports(config, info)),
+        lambda: now(lambda: _lan(config)),
         lambda: now(lambda: _permissions(data_dir)),
         lambda: now(lambda: _clock(data_dir)),
         lambda: now(lambda: _disk(data_dir)),

@@ -41,6 +41,7 @@ DEFAULT_CONFIG = """\
 [gateway]
 # smtp_port = 1587           # mail clients submit here (127.0.0.1 only)
 # imap_port = 1143           # and read here
+# lan = false                # true: also on the LAN, TLS required (onionpost lan on)
 
 [delivery]
 # lifetime_seconds = 432000  # give up (and bounce) after 5 days

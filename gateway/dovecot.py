@@ -38,6 +38,10 @@ Who the processes run as (:func:`choose_identity`):
   directory above it must be passable by others (``/var/lib/onionpost``, the root default,
   is; a data directory under ``/root`` is not, and :func:`prepare` says so).
 
+Every user exists for LMTP and doveadm (the static userdb's ``allow_all_users``): mail is
+filed for a person whether or not they have an IMAP password yet, and only the node can
+reach the LMTP socket (0600 in a 0700 directory).  Logging in needs a passwd-file entry.
+
 The password a mail client uses is hashed by ``doveadm pw`` (ARGON2ID where this Dovecot has
 it, else BLF-CRYPT or SHA512-CRYPT) with the password on standard input, never on a command
 line, in a configuration file or in a log.
@@ -379,7 +383,7 @@ passdb {{
 }}
 userdb {{
   driver = static
-  args = uid={ident.mail_uid} gid={ident.mail_gid} home={layout.mail}/%Ln
+  args = uid={ident.mail_uid} gid={ident.mail_gid} home={layout.mail}/%Ln allow_all_users=yes
 }}
 mail_location = maildir:~
 namespace inbox {{
@@ -443,6 +447,7 @@ passdb passwd-file {{
   passwd_file_path = {layout.passwd}
 }}
 userdb static {{
+  userdb_static_allow_all_users = yes
   fields {{
     uid = {ident.mail_uid}
     gid = {ident.mail_gid}

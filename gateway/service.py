@@ -15,6 +15,7 @@ import contextlib
 import functools
 import logging
 import socket
+import ssl
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Protocol
@@ -22,20 +23,25 @@ from typing import Protocol
 from gateway.autoconfig import start_autoconfig
 from gateway.dovecot import (
     DovecotServer,
+    Identity,
     Layout,
+    PasswdFile,
     Settings,
+    choose_identity,
     doveadm_add_flags,
     doveadm_search,
     lmtp_deliver,
 )
 from gateway.lan import describe, dovecot_listen, tls_names
+from gateway.mailbox_upgrade import UpgradeReport, upgrade_sqlite_mailbox
 from gateway.smtp import start_smtp
 from gateway.throttle import LoginThrottle
 from gateway.tls import ensure_lan_tls, ensure_tls, lan_server_context, server_context
 from onionpost.config import Config
 from onionpost.device import Device
-from onionpost.errors import FilingDeferred, ListenError
+from onionpost.errors import FilingDeferred, ListenError, OnionpostError
 from onionpost.filing import Filer
+from onionpost.store import DEVICE_COMPONENTS
 from onionpost.store.accounts import AccountStore
 from onionpost.store.db import Database
 from onionpost.submission import Submissions
@@ -109,11 +115,84 @@ class DovecotSink:
         )
 
 
+async def _upgrade_sqlite_mailbox(data_dir: Path, layout: Layout, identity: Identity) -> None:
+    """A data directory from the versions that kept mail in SQLite: move it into Dovecot's
+    Maildirs before Dovecot starts (at once when there is nothing to move).  On its own
+    connection in a thread: a big mailbox takes a while and the node must stay responsive."""
+
+    def run() -> UpgradeReport:
+        db = Database(data_dir / "device.db", DEVICE_COMPONENTS)
+        try:
+            return upgrade_sqlite_mailbox(db, layout, identity)
+        finally:
+            db.close()
+
+    report = await asyncio.to_thread(run)
+    if report.ran:
+        log.warning(
+            "moved %d message(s) of %d user(s) from the SQLite mailbox into Dovecot in %.0f s; "
+            "mail clients see new UIDVALIDITYs and download the folders once",
+            report.messages,
+            report.users,
+            report.seconds,
+        )
+
+
+def _dovecot_learns(dovecot: DovecotServer) -> Callable[[str, str], Awaitable[None]]:
+    """A data directory made before the node had Dovecot has no IMAP password hash for its
+    users (the gateway keeps scrypt hashes, which Dovecot cannot check).  The first SMTP
+    login gives Dovecot its own hash of the password, so IMAP works from then on."""
+    known: set[str] = set()
+
+    async def learn(user: str, password: str) -> None:
+        if user in known:
+            return
+        passwd = PasswdFile(dovecot.layout)
+        if user not in await asyncio.to_thread(passwd.users):
+            with contextlib.suppress(OnionpostError):
+                await dovecot.set_password(user, password)
+                log.info("the IMAP login of %s was set from their SMTP login", user)
+        known.add(user)
+
+    return learn
+
+
 def _free_port(host: str) -> int:
     """Port 0 means "any free port" (tests): Dovecot needs a number, so pick one now."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+async def _start_dovecot(
+    config: Config, tls_dir: Path
+) -> tuple[ssl.SSLContext | None, DovecotServer, int]:
+    """The node's Dovecot, running (and the LAN TLS context for SMTP when LAN access is on)."""
+    cfg = config.gateway
+    lan_context = None
+    lan_tls = None
+    if cfg.lan:  # LAN access: the LAN certificate, reissued here if the names changed
+        names = tls_names()
+        lan_tls = ensure_lan_tls(tls_dir, names.dns, names.ips)
+        lan_context = lan_server_context(tls_dir, names.dns, names.ips)
+        log.warning("LAN access: %s; certificate names %s", describe(cfg), names.describe())
+    layout = Layout(config.data_dir)
+    identity = choose_identity(config.data_dir)
+    await _upgrade_sqlite_mailbox(config.data_dir, layout, identity)
+    imap_port = cfg.imap_port or _free_port(cfg.listen_host)
+    dovecot = DovecotServer(
+        layout,
+        identity=identity,
+        settings=Settings(
+            host=dovecot_listen(cfg),
+            imap_port=imap_port,
+            require_tls=cfg.require_tls or cfg.lan,
+            lan_tls=lan_tls,
+        ),
+    )
+    with _listening(cfg.listen_host, imap_port, "[gateway] imap_port"):
+        await dovecot.start()
+    return lan_context, dovecot, imap_port
 
 
 async def start_gateway(node: GatewayHost) -> Callable[[], Awaitable[None]]:
@@ -130,26 +209,15 @@ async def start_gateway(node: GatewayHost) -> Callable[[], Awaitable[None]]:
     tls_dir = node.config.data_dir / "tls"
     ensure_tls(tls_dir)
     context = server_context(tls_dir)
-    lan_context = None
-    lan_tls = None
-    if cfg.lan:  # LAN access: the LAN certificate, reissued here if the names changed
-        names = tls_names()
-        lan_tls = ensure_lan_tls(tls_dir, names.dns, names.ips)
-        lan_context = lan_server_context(tls_dir, names.dns, names.ips)
-        log.warning("LAN access: %s; certificate names %s", describe(cfg), names.describe())
-    imap_port = cfg.imap_port or _free_port(cfg.listen_host)
-    dovecot = DovecotServer(
-        Layout(node.config.data_dir),
-        Settings(
-            host=dovecot_listen(cfg),
-            imap_port=imap_port,
-            require_tls=cfg.require_tls or cfg.lan,
-            lan_tls=lan_tls,
-        ),
-    )
-    with _listening(cfg.listen_host, imap_port, "[gateway] imap_port"):
-        await dovecot.start()
+    lan_context, dovecot, imap_port = await _start_dovecot(node.config, tls_dir)
     filer.attach(DovecotSink(dovecot))
+    missing = sorted(set(accounts.users()) - set(PasswdFile(dovecot.layout).users()))
+    if missing:
+        log.warning(
+            "no IMAP password for %s yet: it is set at their next SMTP login, or now with "
+            "`onionpost password USER`",
+            ", ".join(missing),
+        )
     node.mail_server_status = lambda: {
         "status": dovecot.status,
         "restarts": dovecot.restarts,
@@ -166,6 +234,7 @@ async def start_gateway(node: GatewayHost) -> Callable[[], Awaitable[None]]:
                 tls=context,
                 throttle=throttle,
                 lan_tls=lan_context,
+                on_login=_dovecot_learns(dovecot),
             )
     except BaseException:
         filer.attach(None)

@@ -53,7 +53,7 @@ import re
 import secrets
 import ssl
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, AnyStr, Final
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, TLSSetupException
@@ -241,7 +241,9 @@ class _Policy:
         max_recipients: int,
         throttle: LoginThrottle,
         clock: Clock,
+        on_login: Callable[[str, str], Awaitable[None]] | None = None,
     ) -> None:
+        self._on_login = on_login
         self._submit = submit
         self._accounts = accounts
         self._max_bytes = max_bytes
@@ -298,6 +300,8 @@ class _Policy:
         # missing user (checked against a dummy hash), so timing does not reveal users.
         if await asyncio.to_thread(check_password, credential, secret) and credential:
             self._throttle.succeeded(credential.user, client)
+            if self._on_login is not None:
+                await self._on_login(credential.user, secret)
             return AuthResult(success=True, auth_data=credential.user, message=replies.SMTP_AUTH_OK)
         return await self._refuse(server, account)
 
@@ -658,6 +662,7 @@ async def start_smtp(
     throttle: LoginThrottle | None = None,
     lan_tls: ssl.SSLContext | None = None,
     hosts: Sequence[str] | None = None,
+    on_login: Callable[[str, str], Awaitable[None]] | None = None,
 ) -> SMTPGateway:
     """Listen on ``cfg.listen_host:cfg.smtp_port`` (port 0: any free port) in this loop.
 
@@ -665,6 +670,8 @@ async def start_smtp(
     its own, starting at ``auth_failure_delay``.  With ``cfg.lan`` it listens on every
     address (:func:`gateway.lan.listen_hosts`; ``hosts`` overrides, for tests) and offers
     ``lan_tls`` (:func:`gateway.tls.lan_server_context`) to clients not on loopback.
+    ``on_login(user, password)`` runs after each successful login (the node uses it to give
+    Dovecot a hash of a password it does not have yet).
     """
     # With LAN access on, loopback keeps its policy (as Dovecot does: it counts a client on
     # the server's own address as secured); every other client must STARTTLS first.
@@ -692,6 +699,7 @@ async def start_smtp(
         max_recipients=max_recipients,
         throttle=throttle or LoginThrottle(base=auth_failure_delay),
         clock=clock or SystemClock(),
+        on_login=on_login,
     )
     registry: set[_Connection] = set()
 

@@ -349,6 +349,14 @@ def status(obj: Ctx, as_json: bool) -> None:
     if gateway:
         imap, smtp = gateway.get("imap"), gateway.get("smtp")
         click.echo(f"gateway:    IMAP 127.0.0.1:{imap}  SMTP 127.0.0.1:{smtp}")
+    server = info.get("mail_server")
+    if server:
+        restarts = server.get("restarts") or 0
+        again = f", restarted {restarts} time(s)" if restarts else ""
+        click.echo(f"mailbox:    Dovecot {server.get('status')}{again}")
+    filing = info.get("filing") or 0
+    if filing:
+        click.echo(f"filing:     {filing} message(s) waiting to be filed into the mailbox")
     _print_lan(obj, info)
     _print_tor(info.get("tor", {}), has_inbox=info.get("role") != "gateway")
     counts = info.get("queue") or {}

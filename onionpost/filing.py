@@ -205,6 +205,7 @@ class Filer:
             except FileNotFoundError:
                 log.error("filing %s lost its spool file; dropped", value)
             self.store.done(row)
+            log.info("filed %s into %s's %s", value, row.user, row.folder)
             self._filed(row.user)
             return True
 

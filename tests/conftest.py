@@ -10,10 +10,13 @@ the test again with ``PYTHONTRACEMALLOC=20``.
 from __future__ import annotations
 
 import gc
+import shutil
 import sqlite3
 import sys
+import tempfile
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -44,3 +47,16 @@ def _collect_garbage_after_each_test() -> Iterator[None]:
     (reported from a finalizer) fails the test that leaked, not a later one."""
     yield
     gc.collect()
+
+
+@pytest.fixture
+def mail_tmp() -> Iterator[Path]:
+    """A short temporary directory other accounts may pass through: a node run as root
+    runs its Dovecot's mail processes as another account, and Dovecot's socket paths must
+    stay short (pytest's own tmp_path is 0700 and long)."""
+    base = Path(tempfile.mkdtemp(prefix="op-", dir="/tmp"))
+    base.chmod(0o755)
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

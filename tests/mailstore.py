@@ -69,7 +69,12 @@ def maildir_messages(data_dir: Path, user: str, folder: str = "INBOX") -> list[b
         with contextlib.suppress(FileNotFoundError):
             files.extend(p for p in (box / sub).iterdir() if p.is_file())
     files.sort(key=lambda p: (p.stat().st_mtime, p.name))
-    return [_strip_filing_header(_strip_return_path(p.read_bytes())) for p in files]
+    # Dovecot keeps Maildir files with LF line ends; IMAP serves them with CRLF, as here.
+    return [_strip_filing_header(_strip_return_path(_crlf(p.read_bytes()))) for p in files]
+
+
+def _crlf(data: bytes) -> bytes:
+    return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
 
 def _strip_return_path(data: bytes) -> bytes:

@@ -19,7 +19,8 @@ from .test_enrolment import acli, eventually, free_port, mail_bytes, subjects, t
 GATEWAY = "[gateway]\nsmtp_port = 0\nimap_port = 0\nautoconfig_port = 0\n"
 
 
-async def test_backup_while_running_then_restore_elsewhere(tmp_path: Path) -> None:
+async def test_backup_while_running_then_restore_elsewhere(mail_tmp: Path) -> None:
+    tmp_path = mail_tmp
     a_home, b_home = tmp_path / "alice", tmp_path / "bob"
     a_port, b_port = free_port(), free_port()
     now = int(SystemClock().now())

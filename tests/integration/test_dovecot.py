@@ -41,7 +41,7 @@ from gateway.dovecot import (
     render_config,
 )
 from gateway.tls import ensure_tls
-from onionpost.errors import FilingRefused, MailServerNotInstalled
+from onionpost.errors import FilingRefused, MailServerNotInstalled, UnknownLocalUser
 
 USER, PASSWORD = "alice", "correct horse battery"
 REPO = Path(__file__).resolve().parents[2]
@@ -183,11 +183,14 @@ async def test_a_file_is_delivered_too(server: DovecotServer) -> None:
     assert got == [b"Return-Path: <>\r\n" + message("from-a-file")]
 
 
-async def test_wrong_password_and_unknown_recipient_are_refused(server: DovecotServer) -> None:
+async def test_wrong_password_and_bad_recipients_are_refused(server: DovecotServer) -> None:
     with pytest.raises(imaplib.IMAP4.error, match=r"AUTHENTICATIONFAILED|Authentication failed"):
         await asyncio.to_thread(imap_login, server, "wrong password")
-    with pytest.raises(FilingRefused, match="550"):
-        await server.deliver("mallory", message("nobody"))
+    # A user without an IMAP password still gets mail (allow_all_users): the node files for
+    # its own users only, and only it can reach the LMTP socket.
+    await server.deliver("carol", message("no password yet"))
+    with pytest.raises(UnknownLocalUser):
+        await server.deliver("Mallory Smith", message("nobody"))
     with pytest.raises(FilingRefused):
         await lmtp_deliver(server.lmtp_socket, USER, b"x", folder="../etc")
 

@@ -55,11 +55,9 @@ def waiting(
     """Every message not delivered yet, oldest first.  ``users`` names mailbox ids."""
     items: list[QueueItem] = []
     # outbox row -> (user, address) this device handed it over for
-    recipients: dict[int, tuple[str, str]] = {}
+    recipients = submissions.outbox_recipients() if submissions is not None else {}
     for r in submissions.listing() if submissions is not None else []:
         if r.state == "queued" and outbox is not None:
-            if r.outbox_id is not None:
-                recipients[r.outbox_id] = (r.user, r.address)
             continue  # its outbox row below stands for it
         items.append(
             QueueItem(

@@ -397,20 +397,24 @@ class World(_Recipient):
         self._watch_outbox()
 
     def _watch_outbox(self) -> None:
-        outbox = self.a.inbox.outbox
-        enqueue = outbox.enqueue
+        # The outbox keeps no Message-ID, so the message number is read where the inbox
+        # takes a submission, and remembered by outbox row.
+        inbox = self.a.inbox
+        submit = inbox.submit
+        numbers: dict[int, int] = {}
 
-        def watched(**kw: object) -> int:
-            row = enqueue(**kw)  # type: ignore[arg-type]
+        def watched(*args: object, **kw: object) -> int:
+            row = submit(*args, **kw)  # type: ignore[arg-type]
             n = _ref_number(str(kw.get("message_ref", "")))
             if n is not None:
+                numbers[row] = n
                 self.handed.setdefault(n, time.perf_counter())
             return row
 
-        outbox.enqueue = watched  # type: ignore[method-assign]
+        inbox.submit = watched  # type: ignore[method-assign]
 
         def finished(row: OutboxRow) -> None:
-            n = _ref_number(row.message_ref)
+            n = numbers.get(row.id)
             if n is not None and row.state == "delivered":
                 self.delivered.setdefault(n, time.perf_counter())
 

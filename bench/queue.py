@@ -192,19 +192,17 @@ def _queue_rows(data: Path, n: int) -> None:
 
     now = int(time.time())
     alice = AccountFiles(KeyStore(data)).load("alice")
-    to = str(Address.for_key("bob", ServerSecrets.generate(now).onion_pk))
-    db = Database(data / "inbox.db", INBOX_COMPONENTS)
+    to = Address.for_key("bob", ServerSecrets.generate(now).onion_pk).onion
+    key = KeyStore(data).load_server().record_key()
+    db = Database(data / "inbox.db", INBOX_COMPONENTS, record_key=key)
     try:
         outbox = OutboxStore(db)
         for i in range(n):
             row = outbox.enqueue(
                 mailbox_id=alice.mailbox_id,
                 device_id=alice.device.device_id,
-                destination=to,
-                msg_id=os.urandom(16),
-                digest=os.urandom(32),
+                onion=to,
                 envelope=os.urandom(5000),
-                message_ref=f"<bench.{i}@bench>",
                 submission_key=f"bench-{i}",
                 now=now,
                 expires_at=now + 5 * 86_400,

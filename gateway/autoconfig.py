@@ -16,17 +16,23 @@ coming from another site (``Sec-Fetch-Site``, ``Origin``) are refused.  ``nosnif
 page from loading the file as a script to learn, by success or failure, whether a domain is
 served.  No access log is written, since request paths carry the domains.
 
+Like the node API, it tells a prober nothing about its software and repeats nothing it was
+sent: no ``Server`` header on any answer (aiohttp's own error pages included), and a request
+that is not valid HTTP gets a short fixed text instead of aiohttp's page quoting its bytes.
+
 aiohttp is imported here and in ``onionpost/api/server.py``; this server is a few routes on
 loopback, with none of the node API's exposure.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
-from aiohttp import web
+from aiohttp import hdrs, web
+from aiohttp.web_protocol import RequestHandler
 
 from gateway.thunderbird import LOOPBACK, render_autoconfig_xml
 from onionpost.config import GatewayConfig
@@ -38,6 +44,55 @@ log = logging.getLogger(__name__)
 _LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "[::1]", "::1"})
 _LOCAL_FETCH_SITES = frozenset({"none", "same-origin"})
 _HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+
+
+class _Response(web.Response):
+    """A response without a ``Server`` header (aiohttp adds one naming itself and Python's
+    version while preparing the headers, for its own error pages too)."""
+
+    async def _prepare_headers(self) -> None:
+        await super()._prepare_headers()
+        self.headers.popall(hdrs.SERVER, None)
+
+
+def _text(status: int, text: str) -> web.Response:
+    return _Response(status=status, text=text, headers=_HEADERS)
+
+
+class _FixedErrors(RequestHandler):
+    """aiohttp's per-connection protocol, answering a request that is not valid HTTP with a
+    short fixed text: aiohttp's own page quotes the offending bytes back."""
+
+    __slots__ = ()
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:
+            raise ConnectionError("The answer was already started; the connection is broken.")
+        if status >= 500:
+            log.error("autoconfig failed to handle a request", exc_info=exc)
+            response = _text(status, "The autoconfig server hit an internal error.\n")
+        else:
+            log.debug("autoconfig: malformed request refused with %d: %r", status, exc)
+            response = _text(status, "The request is not valid HTTP.\n")
+        response.force_close()
+        return response
+
+
+@web.middleware
+async def _fixed_pages(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """aiohttp's 404 and 405 pages, as short fixed texts without a ``Server`` header."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        return _text(exc.status, f"{exc.status} {exc.reason}\n")
 
 
 def _normalise(domain: str) -> str:
@@ -69,15 +124,15 @@ class _Routes:
 
     def _answer(self, request: web.Request, wanted: list[str] | None) -> web.Response:
         if not _is_local_request(request):
-            return web.Response(status=403, text="Only local mail clients may ask.\n")
+            return _text(403, "Only local mail clients may ask.\n")
         served = [_normalise(d) for d in self._domains()]
         chosen = served if wanted is None else [d for d in served if d in wanted]
         if not chosen:
-            return web.Response(status=404, text="No such mail domain here.\n", headers=_HEADERS)
+            return _text(404, "No such mail domain here.\n")
         xml = render_autoconfig_xml(
             chosen, imap_port=self._imap_port, smtp_port=self._smtp_port, host=LOOPBACK
         )
-        return web.Response(
+        return _Response(
             text=xml, content_type="application/xml", charset="utf-8", headers=_HEADERS
         )
 
@@ -95,8 +150,11 @@ class _Routes:
 class AutoconfigServer:
     """The running endpoint: where it listens, and how to stop it."""
 
-    def __init__(self, runner: web.AppRunner, host: str, port: int) -> None:
+    def __init__(
+        self, runner: web.AppRunner, listener: asyncio.Server, host: str, port: int
+    ) -> None:
         self._runner = runner
+        self._listener = listener
         self.host = host
         self.port = port
 
@@ -106,6 +164,9 @@ class AutoconfigServer:
         return f"http://{self.host}:{self.port}/v1.1/{{{{domain}}}}.xml"
 
     async def close(self) -> None:
+        self._listener.close()
+        if self._runner.server is not None:
+            await self._runner.server.shutdown(1.0)
         await self._runner.cleanup()
 
 
@@ -126,18 +187,29 @@ async def start_autoconfig(
         imap_port=cfg.imap_port if imap_port is None else imap_port,
         smtp_port=cfg.smtp_port if smtp_port is None else smtp_port,
     )
-    app = web.Application()
+    app = web.Application(middlewares=[_fixed_pages])
     app.router.add_get("/v1.1/{name}", routes.by_domain)
     app.router.add_get("/mail/config-v1.1.xml", routes.by_address)
     app.router.add_get("/.well-known/autoconfig/mail/config-v1.1.xml", routes.by_address)
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
+    server = runner.server
+    assert server is not None
+
+    def protocol() -> RequestHandler:
+        # web.Server builds plain RequestHandlers and has no hook for another class; the
+        # subclass adds no state (empty __slots__), so switching the class is safe.
+        handler = server()
+        handler.__class__ = _FixedErrors
+        return handler
+
     try:
-        site = web.TCPSite(runner, cfg.listen_host, cfg.autoconfig_port)
-        await site.start()
-        host, port = runner.addresses[0][:2]
+        listener = await asyncio.get_running_loop().create_server(
+            protocol, cfg.listen_host, cfg.autoconfig_port
+        )
+        host, port = listener.sockets[0].getsockname()[:2]
     except BaseException:
         await runner.cleanup()
         raise
     log.info("autoconfig: serving Thunderbird settings on http://%s:%d/", host, port)
-    return AutoconfigServer(runner, str(host), int(port))
+    return AutoconfigServer(runner, listener, str(host), int(port))

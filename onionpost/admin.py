@@ -63,7 +63,8 @@ class Local:
         path = self.config.data_dir / "inbox.db"
         if not path.exists():
             return None
-        db = Database(path, INBOX_COMPONENTS)
+        key = self.keys.load_server().record_key() if self.keys.has_server() else None
+        db = Database(path, INBOX_COMPONENTS, record_key=key)
         self._dbs.append(db)
         return db
 

@@ -15,7 +15,7 @@ import io
 import logging
 from collections.abc import Callable
 
-from onionpost.address import Address
+from onionpost.address import Address, public_key_from_onion
 from onionpost.api.client import InboxClient
 from onionpost.api.transport import Dialer
 from onionpost.clock import Clock
@@ -127,17 +127,18 @@ class OutboxWorker:
             except OnionpostError as exc:
                 self._failed(row, exc)
                 return
-            self.outbox.mark_delivered(row.id, now=self.clock.now(), receipt=receipt)
-            log.info("delivered outbox row %d to %s (%s)", row.id, row.destination, receipt)
+            self.outbox.mark_delivered(row.id, now=self.clock.now())
+            log.info("delivered outbox row %d to %s (%s)", row.id, row.onion, receipt)
             self._notify(row.id)
 
     async def _deliver(self, row: OutboxRow) -> str:
         try:
-            address = Address.parse(row.destination)
+            public_key_from_onion(row.onion)  # a valid label, or the row bounces
         except AddressError as exc:
             raise PermanentDeliveryError.from_error(exc) from exc
+        onion = row.onion
         envelope = self.outbox.envelope(row.id)
-        if address.onion == self._own_onion:
+        if onion == self._own_onion:
             now = self.clock.now()
             unwrapped = await asyncio.to_thread(
                 self.inbox.unwrap, io.BytesIO(envelope), len(envelope), now=now
@@ -146,9 +147,9 @@ class OutboxWorker:
                 return self.inbox.accept(unwrapped, now=now).receipt
         client = InboxClient(
             self.dialer,
-            address.onion,
+            onion,
             port=self.onion_port,
-            isolation=f"deliver:{address.onion}",
+            isolation=f"deliver:{onion}",
             timeout=self.timeout,
         )
         return (await client.deliver(envelope)).receipt
@@ -189,7 +190,7 @@ class OutboxWorker:
         log.info(
             "delivery of outbox row %d to %s deferred until %d: %s",
             row.id,
-            row.destination,
+            row.onion,
             decision.retry_at,
             exc,
         )
@@ -198,7 +199,7 @@ class OutboxWorker:
         self.outbox.mark_bounced(
             row.id, now=now, error=error, code="5" + code[1:], attempted=attempted
         )
-        log.info("outbox row %d to %s bounced: %s", row.id, row.destination, error)
+        log.info("outbox row %d to %s bounced: %s", row.id, row.onion, error)
         self._notify(row.id)
 
     def _notify(self, row_id: int) -> None:

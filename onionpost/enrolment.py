@@ -142,9 +142,7 @@ class Enrolment:
                 KeyUpdate(device_list=device_list, prekeys=update.prekeys),
                 now,
             )
-            self.inbox.store.add_token(
-                binding.mailbox_id, self.inbox.token_hash(self_token), "own", now
-            )
+            self.inbox.store.add_token(binding.mailbox_id, self.inbox.token_hash(self_token), now)
             if row.quota_bytes is not None:
                 self.inbox.store.set_policy(
                     binding.mailbox_id,

@@ -222,18 +222,19 @@ class Inbox:
         if mb is None:
             raise UnknownMailbox()
         buckets = self._check_proof(meta, mb.mailbox_id, mb.accepts_strangers, mb.pow_bits, now)
-        receipt = self.store.seen_receipt(mb.mailbox_id, meta.l2_digest)
-        if receipt is not None:
+        # Derived, not stored: a redelivery gets the same receipt.
+        receipt = hash32(b"onionpost/v1/receipt", mb.mailbox_id, meta.l2_digest)[:12].hex()
+        if self.store.seen(mb.mailbox_id, meta.l2_digest):
             return DeliveryResult(receipt, True, mb.mailbox_id, frozenset(), 0)
         targets = self.store.devices_for_prekeys(mb.mailbox_id, unwrapped.spk_ids)
         active = {d.device_id for d in self.store.devices(mb.mailbox_id)}
         if not targets:
             raise StaleRecipientKeys(
-                f"None of {mb.local}'s current devices can read this message: it was sealed "
+                # The recipient is not named: the sender's inbox keeps this sentence.
+                "None of the recipient's current devices can read this message: it was sealed "
                 "to old or revoked keys. Fetch fresh keys and send again."
             )
         self._check_rates(buckets, now)
-        receipt = hash32(b"onionpost/v1/receipt", mb.mailbox_id, meta.l2_digest)[:12].hex()
         unwrapped.l2.seek(0)
         try:
             accepted = self.store.accept_sealed(
@@ -427,6 +428,9 @@ class Inbox:
 
         ``submission_key`` makes a repeated submission of the same (re-sealed) message return
         the row already queued, so a device that crashed mid-hand-over never sends twice.
+        Only what delivery needs is stored: the destination's onion (not the recipient's
+        local part) and a keyed hash of the submission key.  ``msg_id`` and ``message_ref``
+        are checked for form and not kept (the device knows its own messages).
         """
         address = Address.parse(destination)
         if not now < expires_at <= now + MAX_SUBMIT_LIFETIME:
@@ -437,14 +441,12 @@ class Inbox:
             raise MalformedData("A message id is 16 bytes.")
         if not 1 <= len(submission_key) <= 200:
             raise MalformedData("A submission key must be 1 to 200 characters.")
+        del message_ref  # accepted on the wire, kept nowhere
         return self.outbox.enqueue(
             mailbox_id=s.mailbox_id,
             device_id=s.device_id,
-            destination=str(address),
-            msg_id=msg_id,
-            digest=hash32(envelope_bytes),
+            onion=address.onion,
             envelope=envelope_bytes,
-            message_ref=message_ref[:200],
             submission_key=f"{s.device_id.hex()}:{submission_key}",
             now=now,
             expires_at=expires_at,

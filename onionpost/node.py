@@ -166,7 +166,7 @@ class Node:
         if not self.keys.has_server():
             raise NotInitialized()
         secrets = self.keys.load_server()
-        db = self._open(cfg.data_dir / "inbox.db", INBOX_COMPONENTS)
+        db = self._open(cfg.data_dir / "inbox.db", INBOX_COMPONENTS, secrets.record_key())
         self.inbox = Inbox(
             store=InboxStore(db),
             outbox=OutboxStore(db),
@@ -379,8 +379,10 @@ class Node:
             await device.publish_keys()
         device.start()
 
-    def _open(self, path: Path, components: tuple[str, ...]) -> Database:
-        db = Database(path, components)
+    def _open(
+        self, path: Path, components: tuple[str, ...], record_key: bytes | None = None
+    ) -> Database:
+        db = Database(path, components, record_key=record_key)
         self._dbs.append(db)
         return db
 

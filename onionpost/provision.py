@@ -106,7 +106,7 @@ def initialize_inbox(config: Config, *, now: int, rng: RandomSource = system_ran
     write_config(config.data_dir, "inbox")
     server = ServerSecrets.generate(now, rng=rng)
     KeyStore(config.data_dir).save_server(server)
-    Database(config.data_dir / "inbox.db", INBOX_COMPONENTS).close()
+    Database(config.data_dir / "inbox.db", INBOX_COMPONENTS, record_key=server.record_key()).close()
     return Address.for_key("postmaster", server.onion_pk)
 
 
@@ -185,7 +185,9 @@ def add_user(
         prekey_lifetime=prekey_lifetime(config.keys),
         rng=rng,
     )
-    inbox_db = Database(config.data_dir / "inbox.db", INBOX_COMPONENTS)
+    inbox_db = Database(
+        config.data_dir / "inbox.db", INBOX_COMPONENTS, record_key=server.record_key()
+    )
     try:
         inbox = Inbox(
             store=InboxStore(inbox_db),
@@ -215,4 +217,4 @@ def register(inbox: Inbox, account: Account, *, now: int) -> None:
         KeyUpdate(device_list=account.device_list, prekeys=[account.device.signed_prekey()]),
         now,
     )
-    inbox.store.add_token(account.mailbox_id, inbox.token_hash(account.self_token), "own", now)
+    inbox.store.add_token(account.mailbox_id, inbox.token_hash(account.self_token), now)

@@ -607,12 +607,12 @@ class InboxServer:
         label = data.get("label", "")
         if not isinstance(label, str) or len(label) > 200:
             raise MalformedData("'label' must be a short string.")
+        # The label (the device names the contact) is checked for form and not kept: the
+        # inbox needs only the token's keyed hash.
         if data.get("revoke") is True:
             self.inbox.store.revoke_token(s.mailbox_id, self.inbox.token_hash(token), self._now())
         else:
-            self.inbox.store.add_token(
-                s.mailbox_id, self.inbox.token_hash(token), label, self._now()
-            )
+            self.inbox.store.add_token(s.mailbox_id, self.inbox.token_hash(token), self._now())
         return _json(200, {"status": "ok"})
 
     async def outbox(self, request: web.Request) -> web.Response:
@@ -760,11 +760,11 @@ class InboxServer:
 
 
 def _outbox_item(r: OutboxRow) -> dict[str, Any]:
+    """A queue row as its device sees it; the device knows the recipient and the message,
+    so the inbox answers with what it holds: the destination inbox while queued."""
     return {
         "id": r.id,
-        "destination": r.destination,
-        "msg_id": r.msg_id.hex(),
-        "ref": r.message_ref,
+        "destination": f"{r.onion}.onion" if r.onion else "",
         "created_at": r.created_at,
         "expires_at": r.expires_at,
         "next_attempt_at": r.next_attempt_at,

@@ -28,6 +28,8 @@ from onionpost.crypto.primitives import (
     ed25519_sign,
     ed25519_verify,
     hash32,
+    kdf,
+    mac32,
     system_random,
     x25519_public,
 )
@@ -38,6 +40,9 @@ CTX_ROTATION = b"onionpost/v1/rotation\x00"
 CTX_PREKEY = b"onionpost/v1/prekey\x00"
 CTX_BINDING = b"onionpost/v1/server-binding\x00"
 CTX_BINDING_ONION = b"onionpost/v1/server-binding-onion\x00"
+#: KDF label of the inbox's record key: the key of the keyed hashes its database keeps where
+#: only equality is needed (local to one inbox, never on the wire).
+CTX_RECORD_KEY = b"onionpost/v1/inbox-record-key"
 CTX_PROFILE = b"onionpost/v1/profile\x00"
 CTX_GENESIS = b"onionpost/v1/rotation-genesis\x00"
 
@@ -686,6 +691,14 @@ class ServerSecrets:
     def by_id(self, sek_id: int) -> ServerKey | None:
         return next((k for k in self.server_keys if k.sek_id == sek_id), None)
 
+    def record_key(self) -> bytes:
+        """The key of the inbox database's keyed hashes (see :func:`record_hash`).
+
+        Derived from the onion seed, which never rotates while the address stays, so the
+        hashes stay comparable for the inbox's whole life and need no key file of their own.
+        """
+        return kdf(self.onion_seed, CTX_RECORD_KEY)
+
     def drop_retired(self, now: int, keep_seconds: int) -> int:
         before = len(self.server_keys)
         self.server_keys = [
@@ -710,3 +723,11 @@ class ServerSecrets:
         ]
         r.end()
         return cls(seed, keys)
+
+
+def record_hash(record_key: bytes, value: bytes) -> bytes:
+    """The keyed hash an inbox stores instead of a value it only compares for equality
+    (an idempotency key naming a recipient, an envelope digest): BLAKE2b-256 keyed with
+    :meth:`ServerSecrets.record_key`.  Whoever reads the database without the key cannot
+    confirm a guessed value."""
+    return mac32(record_key, value)

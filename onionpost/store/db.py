@@ -25,9 +25,13 @@ from typing import Any
 
 import sqlite_utils
 
+from onionpost.crypto.keys import record_hash
 from onionpost.errors import StoreError
 
 _MIGRATIONS_PACKAGE = "onionpost.store.migrations"
+#: A migration with this line removes data that must not linger in freed pages: the database
+#: is compacted (VACUUM) and its WAL emptied once the migrations are applied.
+_COMPACT_MARK = "-- onionpost: compact after"
 _CREATE_TABLE = re.compile(r"CREATE TABLE (?:IF NOT EXISTS )?(\w+)", re.IGNORECASE)
 
 
@@ -41,11 +45,25 @@ def translate(exc: sqlite3.Error) -> StoreError:
     return StoreError(f"Database error: {text}")
 
 
-class Database:
-    """One SQLite file opened for onionpost: WAL, FULL sync, foreign keys, migrations applied."""
+class _NoRecordKey(Exception):
+    """A keyed hash was asked of a database opened without the inbox's record key."""
 
-    def __init__(self, path: Path | str, components: Sequence[str]) -> None:
+
+class Database:
+    """One SQLite file opened for onionpost: WAL, FULL sync, foreign keys, migrations applied.
+
+    ``record_key`` (the inbox's :meth:`~onionpost.crypto.keys.ServerSecrets.record_key`) is
+    what the inbox database's keyed hashes are made with: :meth:`record_hash` in Python and
+    ``record_hash(value)`` in SQL (migrations use it to hash values stored in clear by older
+    versions).  A database opened without it can still be read, and migrated while the
+    tables to convert are empty, but nothing can be hashed.
+    """
+
+    def __init__(
+        self, path: Path | str, components: Sequence[str], *, record_key: bytes | None = None
+    ) -> None:
         self.path = Path(path) if str(path) != ":memory:" else None
+        self._record_key = record_key
         if self.path is not None:
             _create_private(self.path)
         try:
@@ -56,6 +74,7 @@ class Database:
             raise translate(exc) from exc
         try:
             self.conn.row_factory = sqlite3.Row
+            self.conn.create_function("record_hash", 1, self._sql_record_hash, deterministic=True)
             if self.path is not None:
                 self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA synchronous=FULL")
@@ -76,6 +95,26 @@ class Database:
     def close(self) -> None:
         with contextlib.suppress(sqlite3.Error):
             self.conn.close()
+
+    # -- keyed hashes ---------------------------------------------------------------------
+
+    def record_hash(self, value: bytes | str) -> bytes:
+        """The keyed hash stored instead of ``value`` (text is hashed as UTF-8)."""
+        if self._record_key is None:
+            raise StoreError(
+                "The inbox database was opened without the inbox's key (inbox/server.key)."
+            )
+        data = value.encode("utf-8") if isinstance(value, str) else value
+        return record_hash(self._record_key, data)
+
+    def _sql_record_hash(self, value: object) -> bytes | None:
+        if value is None:
+            return None
+        if self._record_key is None:
+            raise _NoRecordKey
+        if isinstance(value, bytes):
+            return record_hash(self._record_key, value)
+        return record_hash(self._record_key, str(value).encode("utf-8"))
 
     # -- transactions ---------------------------------------------------------------------
 
@@ -161,14 +200,23 @@ class Database:
         """
         current = self.schema_version(component)
         migrations = available_migrations(component)
+        compact = False
         for version, name, sql in migrations:
             if version <= current:
                 continue
+            compact = compact or _COMPACT_MARK in sql
             with self.transaction() as conn:
                 try:
                     for statement in _split_sql(sql):
                         conn.execute(statement)
                 except sqlite3.Error as exc:
+                    if self._record_key is None and "user-defined function" in str(exc):
+                        raise StoreError(
+                            f"Upgrading the {component} database to version {version} ({name})"
+                            " needs the inbox's key (inbox/server.key) to hash what older"
+                            " versions kept in clear; start the node (onionpost run) to"
+                            " upgrade it."
+                        ) from exc
                     raise StoreError(
                         f"Upgrading the {component} database to version {version} ({name}) "
                         f"failed: {exc}"
@@ -178,6 +226,8 @@ class Database:
                     (component, version, name, int(time.time())),
                 )
             current = version
+        if compact and self.path is not None:
+            self.compact()
         declared = {m.group(1) for _, _, sql in migrations for m in _CREATE_TABLE.finditer(sql)}
         missing = sorted(declared - set(self.utils.table_names()))
         if missing:
@@ -187,6 +237,15 @@ class Database:
                 f"{', '.join(missing)} are missing. Restore it from a backup."
             )
         return current
+
+    def compact(self) -> None:
+        """Rewrite the database without free pages and empty its WAL, so that values a
+        migration removed or replaced are not left behind in the file."""
+        try:
+            self.conn.execute("VACUUM")
+            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:
+            raise translate(exc) from exc
 
     def count(self, table: str, where: str = "", params: Sequence[Any] = ()) -> int:
         """Rows in ``table`` (optionally matching ``where``), for status pages."""

@@ -1,6 +1,8 @@
 """Inbox-side storage: mailboxes and their published keys, spools of sealed mail, anti-spam state.
 
 The inbox never sees plaintext; what it stores are signed public records and L2 envelopes.
+Envelope digests, only ever compared, are stored as their keyed hash (``Database.record_hash``);
+docs/threat-model.md lists every column and what it holds.
 :meth:`InboxStore.accept_sealed` is the durability point of a delivery: it returns (and the
 peer is told ``accepted``) only after the envelope, its per-device spool entries and its
 dedup record are committed together.
@@ -312,12 +314,15 @@ class InboxStore:
 
     # -- accepting and spooling sealed mail -----------------------------------------------
 
-    def seen_receipt(self, mailbox_id: bytes, digest: bytes) -> str | None:
-        v = self.db.scalar(
-            "SELECT receipt FROM seen_digests WHERE mailbox_id = ? AND digest = ?",
-            (mailbox_id, digest),
+    def seen(self, mailbox_id: bytes, digest: bytes) -> bool:
+        """Whether an envelope with this L2 digest was accepted for the mailbox before."""
+        return (
+            self.db.one(
+                "SELECT 1 FROM seen_digests WHERE mailbox_id = ? AND digest = ?",
+                (mailbox_id, self.db.record_hash(digest)),
+            )
+            is not None
         )
-        return None if v is None else str(v)
 
     def spooled(self, mailbox_id: bytes) -> tuple[int, int]:
         """(messages, bytes) waiting at this inbox for the mailbox's devices to fetch."""
@@ -350,18 +355,20 @@ class InboxStore:
     ) -> Accepted:
         """Store an L2 and spool it for ``device_ids``; committed durably before returning.
 
-        Expired mail is pruned first when the quota would be exceeded, so a full mailbox
-        refuses only when live mail fills it.
+        ``receipt`` is derived from the digest by the caller, so a duplicate gets the same
+        one without the inbox storing it.  Expired mail is pruned first when the quota would
+        be exceeded, so a full mailbox refuses only when live mail fills it.
         """
+        digest = self.db.record_hash(digest)
         if self.usage(mailbox_id) + size > quota_bytes:
             self.prune(now)
         with self.db.transaction() as c:
             seen = c.execute(
-                "SELECT receipt FROM seen_digests WHERE mailbox_id = ? AND digest = ?",
+                "SELECT 1 FROM seen_digests WHERE mailbox_id = ? AND digest = ?",
                 (mailbox_id, digest),
             ).fetchone()
             if seen is not None:
-                return Accepted(seen[0], duplicate=True)
+                return Accepted(receipt, duplicate=True)
             used = c.execute(
                 "SELECT coalesce(sum(size), 0) FROM sealed WHERE mailbox_id = ?", (mailbox_id,)
             ).fetchone()[0]
@@ -385,8 +392,8 @@ class InboxStore:
                     (sealed_id, mailbox_id, device_id, now),
                 )
             c.execute(
-                "INSERT INTO seen_digests VALUES (?, ?, ?, ?)",
-                (mailbox_id, digest, receipt, dedup_until),
+                "INSERT INTO seen_digests (mailbox_id, digest, expires_at) VALUES (?, ?, ?)",
+                (mailbox_id, digest, dedup_until),
             )
         return Accepted(receipt, duplicate=False)
 
@@ -486,12 +493,13 @@ class InboxStore:
 
     # -- contact tokens -------------------------------------------------------------------
 
-    def add_token(self, mailbox_id: bytes, token_hash: bytes, label: str, now: int) -> None:
+    def add_token(self, mailbox_id: bytes, token_hash: bytes, now: int) -> None:
+        """Accept a contact token (its keyed hash); whose it is, the inbox is not told."""
         with self.db.transaction() as c:
             c.execute(
-                "INSERT INTO tokens (mailbox_id, token_hash, label, created_at) VALUES"
-                " (?, ?, ?, ?) ON CONFLICT DO UPDATE SET revoked_at = NULL, label = excluded.label",
-                (mailbox_id, token_hash, label, now),
+                "INSERT INTO tokens (mailbox_id, token_hash, created_at) VALUES"
+                " (?, ?, ?) ON CONFLICT DO UPDATE SET revoked_at = NULL",
+                (mailbox_id, token_hash, now),
             )
 
     def token_valid(self, mailbox_id: bytes, token_hash: bytes) -> bool:

@@ -3,8 +3,12 @@
 A submission is acknowledged only after :meth:`OutboxStore.enqueue` commits.  Delivery
 workers *claim* due rows (pushing ``next_attempt_at`` forward first, so two workers or a
 crash in the middle never deliver the same row twice at once) and then record exactly one
-outcome.  Rows are idempotent on ``(digest, destination)``: a client that retries a
+outcome.  Rows are idempotent on the submitting device's key: a device that retries a
 submission after a lost reply does not queue the message twice.
+
+A row keeps what delivery needs and no more (docs/threat-model.md): the destination inbox's
+onion while it is queued (never the recipient's local part), the sealed envelope until the
+outcome, and only a keyed hash of the device's idempotency key (which names the recipient).
 """
 
 from __future__ import annotations
@@ -23,10 +27,7 @@ class OutboxRow:
     id: int
     mailbox_id: bytes
     device_id: bytes
-    destination: str
-    msg_id: bytes
-    digest: bytes
-    message_ref: str
+    onion: str  # the destination inbox's onion label; '' once the row finished
     created_at: int
     expires_at: int
     next_attempt_at: int
@@ -36,13 +37,11 @@ class OutboxRow:
     last_attempt_at: int | None
     state: str
     finished_at: int | None
-    receipt: str | None
 
 
 _COLUMNS = (
-    "id, mailbox_id, device_id, destination, msg_id, digest, message_ref, created_at,"
-    " expires_at, next_attempt_at, attempts, last_error, last_error_code, last_attempt_at,"
-    " state, finished_at, receipt"
+    "id, mailbox_id, device_id, onion, created_at, expires_at, next_attempt_at, attempts,"
+    " last_error, last_error_code, last_attempt_at, state, finished_at"
 )
 
 
@@ -59,53 +58,38 @@ class OutboxStore:
         *,
         mailbox_id: bytes,
         device_id: bytes,
-        destination: str,
-        msg_id: bytes,
-        digest: bytes,
+        onion: str,
         envelope: bytes,
-        message_ref: str,
         submission_key: str,
         now: int,
         expires_at: int,
     ) -> int:
-        """Queue an envelope for a destination; durable on return.
+        """Queue an envelope for the inbox at ``onion``; durable on return.
 
-        Idempotent on ``submission_key``: the same key returns the existing row (and the new
-        envelope, a re-sealing of the same message, is discarded).
+        Idempotent on ``submission_key`` (stored as its keyed hash): the same key returns the
+        existing row (and the new envelope, a re-sealing of the same message, is discarded).
         """
+        key_hash = self.db.record_hash(submission_key)
         with self.db.transaction() as c:
             row = c.execute(
                 "SELECT id, state, last_error_code FROM outbox WHERE mailbox_id = ?"
-                " AND submission_key = ?",
-                (mailbox_id, submission_key),
+                " AND submission_hash = ?",
+                (mailbox_id, key_hash),
             ).fetchone()
             if row is not None:
                 if row[1] == "bounced" and row[2] == RESEAL_CODE:
                     # handed back because the recipient's keys changed: this is the re-sealing
                     c.execute(
-                        "UPDATE outbox SET envelope = ?, digest = ?, msg_id = ?, state = 'queued',"
+                        "UPDATE outbox SET envelope = ?, onion = ?, state = 'queued',"
                         " next_attempt_at = ?, leased_until = NULL, finished_at = NULL,"
                         " last_error = NULL, last_error_code = NULL WHERE id = ?",
-                        (envelope, digest, msg_id, now, row[0]),
+                        (envelope, onion, now, row[0]),
                     )
                 return int(row[0])
             cur = c.execute(
-                "INSERT INTO outbox (mailbox_id, device_id, destination, msg_id, digest, envelope,"
-                " message_ref, submission_key, created_at, expires_at, next_attempt_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    mailbox_id,
-                    device_id,
-                    destination,
-                    msg_id,
-                    digest,
-                    envelope,
-                    message_ref,
-                    submission_key,
-                    now,
-                    expires_at,
-                    now,
-                ),
+                "INSERT INTO outbox (mailbox_id, device_id, onion, envelope, submission_hash,"
+                " created_at, expires_at, next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (mailbox_id, device_id, onion, envelope, key_hash, now, expires_at, now),
             )
             assert cur.lastrowid is not None
             return cur.lastrowid
@@ -125,8 +109,8 @@ class OutboxStore:
         where = ""
         params: tuple[object, ...] = (now, now)
         if only_onion is not None:
-            where = " AND destination LIKE ?"
-            params = (*params, f"%@{only_onion}.onion")
+            where = " AND onion = ?"
+            params = (*params, only_onion)
         with self.db.transaction() as c:
             rows = c.execute(
                 f"SELECT {_COLUMNS} FROM outbox WHERE state = 'queued' AND next_attempt_at <= ?"  # noqa: S608
@@ -169,14 +153,14 @@ class OutboxStore:
         )
         return None if v is None else int(v)
 
-    def mark_delivered(self, row_id: int, *, now: int, receipt: str) -> None:
+    def mark_delivered(self, row_id: int, *, now: int) -> None:
         with self.db.transaction() as c:
             c.execute(
-                "UPDATE outbox SET state = 'delivered', finished_at = ?, receipt = ?,"
+                "UPDATE outbox SET state = 'delivered', finished_at = ?,"
                 " attempts = attempts + 1, last_attempt_at = ?, last_error = NULL,"
-                " leased_until = NULL,"
-                " last_error_code = NULL, envelope = x'' WHERE id = ? AND state = 'queued'",
-                (now, receipt, now, row_id),
+                " leased_until = NULL, last_error_code = NULL, envelope = x'', onion = ''"
+                " WHERE id = ? AND state = 'queued'",
+                (now, now, row_id),
             )
 
     def mark_deferred(
@@ -208,14 +192,14 @@ class OutboxStore:
                 "UPDATE outbox SET state = 'bounced', finished_at = ?, last_error = ?,"
                 " leased_until = NULL,"
                 " last_error_code = ?, attempts = attempts + ?, last_attempt_at = CASE WHEN ?"
-                " THEN ? ELSE last_attempt_at END, envelope = x''"
+                " THEN ? ELSE last_attempt_at END, envelope = x'', onion = ''"
                 " WHERE id = ? AND state = 'queued'",
                 (now, error, code, int(attempted), int(attempted), now, row_id),
             )
 
     def cancel(self, row_id: int, *, now: int, mailbox_id: bytes | None = None) -> bool:
         sql = (
-            "UPDATE outbox SET state = 'cancelled', finished_at = ?, envelope = x''"
+            "UPDATE outbox SET state = 'cancelled', finished_at = ?, envelope = x'', onion = ''"
             " WHERE id = ? AND state = 'queued'"
         )
         params: tuple[object, ...] = (now, row_id)

@@ -10,6 +10,10 @@ try, "deferred" after a failed one.  On a machine with both roles a sealed submi
 the submission queue (state 'queued') until its outcome comes back, so it is counted once,
 as its outbox row.  On a gateway-only machine the outbox is on another machine; such a
 submission is listed as "at the inbox" with what that inbox last reported.
+
+The outbox keeps no recipient address (only the destination inbox's onion, see
+docs/threat-model.md), so an outbox row's recipient comes from this device's submission
+queue; a row handed over by another device shows only the destination inbox, ``?@<onion>``.
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ def waiting(
 ) -> list[QueueItem]:
     """Every message not delivered yet, oldest first.  ``users`` names mailbox ids."""
     items: list[QueueItem] = []
+    # outbox row -> (user, address) this device handed it over for
+    recipients = submissions.outbox_recipients() if submissions is not None else {}
     for r in submissions.listing() if submissions is not None else []:
         if r.state == "queued" and outbox is not None:
             continue  # its outbox row below stands for it
@@ -67,11 +73,13 @@ def waiting(
             )
         )
     for row in outbox.rows() if outbox is not None else []:
+        user = users.get(row.mailbox_id, "?")
+        mine = recipients.get(row.id)
         items.append(
             QueueItem(
                 f"o{row.id}",
-                users.get(row.mailbox_id, "?"),
-                row.destination,
+                user,
+                mine[1] if mine is not None and mine[0] == user else f"?@{row.onion}.onion",
                 DEFERRED if row.attempts else QUEUED,
                 row.created_at,
                 row.attempts,

@@ -275,6 +275,17 @@ class SubmissionStore:
             params = (user,)
         return [PendingRecipient(*tuple(r)) for r in self.db.all(sql + " ORDER BY s.id", params)]
 
+    def outbox_recipients(self) -> dict[int, tuple[str, str]]:
+        """Outbox row -> (user, recipient address) for every recipient handed to an outbox
+        (the outbox itself keeps no recipient address)."""
+        return {
+            int(r[0]): (str(r[1]), str(r[2]))
+            for r in self.db.all(
+                "SELECT r.outbox_id, s.user, r.address FROM submission_recipients r"
+                " JOIN submissions s ON s.id = r.submission_id WHERE r.outbox_id IS NOT NULL"
+            )
+        }
+
     def outcomes(
         self, *, since: int, sealed: bool, user: str | None = None
     ) -> list[tuple[str, int]]:

@@ -58,7 +58,7 @@ class InboxNode:
         else:
             self.secrets = ServerSecrets.generate(clock.now())
             keys.save_server(self.secrets)
-        self.db = Database(self.dir / "inbox.db", COMPONENTS)
+        self.db = Database(self.dir / "inbox.db", COMPONENTS, record_key=self.secrets.record_key())
         self.inbox = Inbox(
             store=InboxStore(self.db),
             outbox=OutboxStore(self.db),

@@ -147,3 +147,43 @@ async def test_new_users_appear_without_a_restart() -> None:
         assert servers(body)["outgoingServer"]["port"] == "1587"  # the configured port
     finally:
         await srv.close()
+
+
+async def raw(srv: AutoconfigServer, request: bytes) -> bytes:
+    """Send raw bytes and read until the server closes the connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+    writer.write(request)
+    await writer.drain()
+    data = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    return data
+
+
+def header_names(reply: bytes) -> set[str]:
+    head = reply.partition(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")[1:]
+    return {line.partition(":")[0].strip().lower() for line in head}
+
+
+async def test_no_answer_names_the_server_or_repeats_the_request(
+    server: AutoconfigServer,
+) -> None:
+    host = f"Host: 127.0.0.1:{server.port}\r\nConnection: close\r\n"
+    marker = b"ECHO-ME-" * 1024  # 8 KiB
+    requests = [
+        f"GET /v1.1/{ALICE.domain}.xml HTTP/1.1\r\n{host}\r\n".encode(),  # 200
+        f"GET /v1.1/ECHO-ME.onion.xml HTTP/1.1\r\n{host}\r\n".encode(),  # 404: no such domain
+        b"GET /v1.1/x.xml HTTP/1.1\r\nHost: ECHO-ME.example\r\nConnection: close\r\n\r\n",  # 403
+        f"GET /ECHO-ME HTTP/1.1\r\n{host}\r\n".encode(),  # aiohttp's 404
+        f"POST /v1.1/ECHO-ME.xml HTTP/1.1\r\n{host}Content-Length: 0\r\n\r\n".encode(),  # 405
+        f"GET /mail/config-v1.1.xml?emailaddress=ECHO-ME@x.onion HTTP/1.1\r\n{host}\r\n".encode(),
+        b"GET /" + marker + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",  # line too long
+        b"GET /v1.1/x HTTP/1.1\r\nX-Junk\x01: " + marker + b"\r\n\r\n",  # bad header
+        b"\x16\x03\x01" + marker + b"\r\n\r\n",  # not HTTP at all (a TLS hello)
+    ]
+    for request in requests:
+        reply = await raw(server, request)
+        assert reply.startswith(b"HTTP/1."), (request[:60], reply[:80])
+        assert "server" not in header_names(reply), reply[:300]
+        assert b"ECHO-ME" not in reply and b"echo-me" not in reply.lower(), reply[:300]
+        assert b"aiohttp" not in reply.lower() and b"python" not in reply.lower(), reply[:300]
+        assert len(reply) < 4096 or reply.split(b" ", 2)[1] == b"200"

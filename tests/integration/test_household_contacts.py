@@ -97,7 +97,7 @@ async def test_each_household_member_gets_their_own_answer(tmp_path: Path) -> No
         outcomes = far.inbox.outbox.rows(states=("delivered", "bounced", "cancelled"))
         assert len(outcomes) == 2
         assert all(r.state == "delivered" for r in outcomes), [
-            (r.destination, r.state, r.last_error) for r in outcomes
+            (r.onion, r.state, r.last_error) for r in outcomes
         ]
 
         def filed() -> bool:

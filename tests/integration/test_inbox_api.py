@@ -350,7 +350,7 @@ async def test_device_login_refuses_replay_bad_signature_and_revoked(world) -> N
 async def test_rate_limit_per_mailbox_is_a_temporary_error(world) -> None:
     node, bob, alice, dialer = world
     token = b"\x07" * 32
-    node.inbox.store.add_token(bob.mailbox_id, node.inbox.token_hash(token), "alice", 0)
+    node.inbox.store.add_token(bob.mailbox_id, node.inbox.token_hash(token), 0)
     for i in range(12):
         await _client(node, dialer).deliver(
             await _sealed(
@@ -382,7 +382,7 @@ async def test_strangers_cannot_use_up_the_contacts_budget(world) -> None:
     await client.deliver(await _sealed(node, bob, alice, dialer, extra_bits=1, body=b"dear"))
     # and a contact's token still opens the door
     token = b"\x08" * 32
-    node.inbox.store.add_token(bob.mailbox_id, node.inbox.token_hash(token), "carol", 0)
+    node.inbox.store.add_token(bob.mailbox_id, node.inbox.token_hash(token), 0)
     await client.deliver(await _sealed(node, bob, alice, dialer, token=token, body=b"hi"))
     assert node.inbox.store.rate_count("mailbox", bob.mailbox_id, window) == 1
     assert len(await _session(node, bob, dialer).pending()) == 6 + 1 + 1

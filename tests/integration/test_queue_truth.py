@@ -88,11 +88,8 @@ def test_status_counts_every_stage_and_agrees_with_queue(tmp_path: Path) -> None
             return outbox.enqueue(
                 mailbox_id=alice.mailbox_id,
                 device_id=alice.device.device_id,
-                destination=str(carol if n % 2 else NOBODY),
-                msg_id=bytes([n]) * 16,
-                digest=bytes([n]) * 32,
+                onion=(carol if n % 2 else NOBODY).onion,
                 envelope=b"sealed",
-                message_ref="",
                 submission_key=f"k{n}",
                 now=now,
                 expires_at=now + 86_400,
@@ -101,7 +98,7 @@ def test_status_counts_every_stage_and_agrees_with_queue(tmp_path: Path) -> None
         sealed(1)  # queued, never tried
         deferred = sealed(2)
         outbox.mark_deferred(deferred, now=now, next_attempt_at=now + 60, error="no", code="4.4.1")
-        outbox.mark_delivered(sealed(3), now=now, receipt="r")
+        outbox.mark_delivered(sealed(3), now=now)
         outbox.mark_bounced(sealed(4), now=now, error="no", code="5.1.1", attempted=True)
         outbox.cancel(sealed(5), now=now)
     _pretend_running(home)
@@ -123,7 +120,7 @@ def test_status_counts_every_stage_and_agrees_with_queue(tmp_path: Path) -> None
         db = local.inbox_db()
         assert db is not None
         for row in OutboxStore(db).rows():
-            OutboxStore(db).mark_delivered(row.id, now=now, receipt="r")
+            OutboxStore(db).mark_delivered(row.id, now=now)
     out = _cli(home, "queue")
     assert "Nothing is waiting to be delivered." in out
     assert "In the last 30 days: 2 delivered, 1 bounced, 3 cancelled." in out
@@ -209,11 +206,8 @@ async def test_mail_waits_uncounted_for_tor_and_goes_when_it_is_up(
         row = alice.inbox.outbox.enqueue(
             mailbox_id=me.account.mailbox_id,
             device_id=me.account.device.device_id,
-            destination=str(bob_address),
-            msg_id=b"\x01" * 16,
-            digest=b"\x01" * 32,
+            onion=bob_address.onion,
             envelope=b"not really sealed",
-            message_ref="",
             submission_key="sealed-before",
             now=now,
             expires_at=now + 86_400,

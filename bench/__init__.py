@@ -18,6 +18,7 @@ SECTIONS: dict[str, str] = {
     "gateway": "bench.gateway",
     "queue": "bench.queue",
     "tor": "bench.tor",
+    "memory": "bench.memory",
     # "scheduler": "bench.scheduler",
     # "smtp": "bench.smtp",
     # "imap": "bench.imap",

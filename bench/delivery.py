@@ -244,17 +244,16 @@ class Tracker:
         self.last_complete = 0.0
 
     def watch(self, node: DeviceNode) -> None:
-        mailbox = node.mailbox
-        original = mailbox.file_message
+        sink = node.sink
+        original = sink.deliver
 
-        def file_message(user: str, folder: str, message: bytes, **kw: object) -> int | None:
-            uid = original(user, folder, message, **kw)  # type: ignore[arg-type]
-            n = message_number(message)
-            if uid is not None and n is not None and folder == "INBOX":
+        async def deliver(user: str, folder: str, message: Path, *, header: bytes) -> None:
+            await original(user, folder, message, header=header)
+            n = message_number(message.read_bytes())
+            if n is not None and folder == "INBOX":
                 self._filed(n)
-            return uid
 
-        mailbox.file_message = file_message  # type: ignore[method-assign]
+        sink.deliver = deliver  # type: ignore[method-assign]
 
     def expect(self, n: int) -> asyncio.Future[float]:
         fut = self.done.get(n)
@@ -372,7 +371,7 @@ async def close_devices(*nodes: DeviceNode) -> None:
 
 
 def _has_mail(d: DeviceNode) -> bool:
-    return bool(d.mailbox.messages(d.mailbox.folder(d.user, "INBOX").id))
+    return bool(d.filed("INBOX"))
 
 
 class World(_Recipient):

@@ -52,9 +52,10 @@ import logging
 import re
 import secrets
 import ssl
+import tempfile
 import warnings
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Any, AnyStr, Final
+from typing import IO, Any, AnyStr, Final
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, TLSSetupException
 
@@ -100,6 +101,7 @@ _CALL_LIMITS: Final = {
     "*": 20_000,
 }
 _REFRESH_EVERY: Final = 256 * 1024  # bytes of DATA between idle-timer restarts
+_SPOOL_IN_MEMORY: Final = 1 << 20  # DATA beyond this goes to a temporary file as it arrives
 _HEADER_SCAN: Final = 1024 * 1024  # where a header block must have ended
 _NULL_SENDER = re.compile(r"FROM:\s*<\s*>", re.IGNORECASE)
 _NEWLINE = re.compile(rb"\r?\n")
@@ -375,12 +377,15 @@ class _Policy:
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:  # noqa: N802
         content = envelope.original_content or b""
+        # The envelope lets go of the message: from here on the only copy is ``message``.
+        envelope.content = envelope.original_content = None
         try:
             own = self._own_address(session)
             _check_author(_header_fields(content), own)
             message = add_missing_headers(
                 content, own, now=self._clock.now(), token=secrets.token_hex(16)
             )
+            del content
             recipients = [Address.parse(r) for r in envelope.rcpt_tos]
             user = str(session.auth_data)
             submission = self._submit(user, recipients, message)
@@ -567,11 +572,23 @@ class _Connection(SMTP):
     async def _receive(self) -> bytes | object:
         """The message, un-dot-stuffed; ``_TOO_LARGE`` once past the limit; ``_EOF``.
 
-        Memory: what is kept never exceeds the limit; past it, each piece is dropped as it
-        is read.  A line longer than the reader's buffer arrives in pieces, which is fine:
-        RFC 5321 §4.5.3.1 asks servers not to impose line limits where they can avoid it.
+        Memory: the message is spooled to a temporary file as it arrives (in memory up to
+        :data:`_SPOOL_IN_MEMORY`) and read back in one piece at the end, so the result is the
+        one copy held (a growing buffer would need twice the message, and copying it out a
+        third time).  Past the limit, each piece is dropped as it is read.  A line longer than
+        the reader's buffer arrives in pieces, which is fine: RFC 5321 §4.5.3.1 asks servers
+        not to impose line limits where they can avoid it.
         """
-        body = bytearray()
+        with tempfile.SpooledTemporaryFile(max_size=_SPOOL_IN_MEMORY) as spool:
+            result = await self._spool_data(spool)
+            if result is not None:
+                return result
+            spool.seek(0)
+            return spool.read()
+
+    async def _spool_data(self, body: IO[bytes]) -> object | None:
+        """Write DATA to ``body``; None when complete, else ``_TOO_LARGE`` or ``_EOF``."""
+        size = 0
         too_large = False
         at_line_start = True
         unrefreshed = 0
@@ -589,15 +606,16 @@ class _Connection(SMTP):
                     piece = piece[1:]
             at_line_start = piece.endswith(b"\r\n")
             if not too_large:
-                body += piece
-                if len(body) > self._max_bytes:
+                size += len(piece)
+                if size > self._max_bytes:
                     too_large = True
-                    body = bytearray()
+                else:
+                    body.write(piece)
             unrefreshed += len(piece)
             if unrefreshed >= _REFRESH_EVERY:  # a long upload is not an idle client
                 unrefreshed = 0
                 self._reset_timeout()
-        return _TOO_LARGE if too_large else bytes(body)
+        return _TOO_LARGE if too_large else None
 
 
 _TOO_LARGE = object()

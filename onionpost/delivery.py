@@ -11,8 +11,8 @@ digest), so a retry after a crash never files a message twice.
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
+import tempfile
 from collections.abc import Callable
 
 from onionpost.address import Address, public_key_from_onion
@@ -30,6 +30,9 @@ from onionpost.errors import (
 from onionpost.inbox import Inbox
 from onionpost.retry import RetryPolicy, after_failure
 from onionpost.store.outbox import RESEAL_CODE, OutboxRow, OutboxStore
+
+#: Envelopes up to this size are staged in memory on their way out, larger ones on disk.
+SPOOL = 1 << 20
 
 log = logging.getLogger(__name__)
 
@@ -136,23 +139,24 @@ class OutboxWorker:
             public_key_from_onion(row.onion)  # a valid label, or the row bounces
         except AddressError as exc:
             raise PermanentDeliveryError.from_error(exc) from exc
-        onion = row.onion
-        envelope = self.outbox.envelope(row.id)
-        if onion == self._own_onion:
-            now = self.clock.now()
-            unwrapped = await asyncio.to_thread(
-                self.inbox.unwrap, io.BytesIO(envelope), len(envelope), now=now
+        # The envelope goes from the database to a temporary file in pieces, and from there
+        # to the peer (or our own inbox): a 64 MiB envelope is never held in memory.
+        with tempfile.SpooledTemporaryFile(max_size=SPOOL) as envelope:
+            length = self.outbox.copy_envelope(row.id, envelope)
+            envelope.seek(0)
+            if row.onion == self._own_onion:
+                now = self.clock.now()
+                unwrapped = await asyncio.to_thread(self.inbox.unwrap, envelope, length, now=now)
+                with unwrapped:
+                    return self.inbox.accept(unwrapped, now=now).receipt
+            client = InboxClient(
+                self.dialer,
+                row.onion,
+                port=self.onion_port,
+                isolation=f"deliver:{row.onion}",
+                timeout=self.timeout,
             )
-            with unwrapped:
-                return self.inbox.accept(unwrapped, now=now).receipt
-        client = InboxClient(
-            self.dialer,
-            onion,
-            port=self.onion_port,
-            isolation=f"deliver:{onion}",
-            timeout=self.timeout,
-        )
-        return (await client.deliver(envelope)).receipt
+            return (await client.deliver((envelope, length))).receipt
 
     def _failed(self, row: OutboxRow, exc: OnionpostError) -> None:
         now = self.clock.now()

@@ -8,6 +8,7 @@ submissions into the outbox and installs newly published keys.  It holds only ci
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -417,7 +418,7 @@ class Inbox:
         s: Session,
         *,
         destination: str,
-        envelope_bytes: bytes,
+        sealed: bytes | tuple[IO[bytes], int],
         msg_id: bytes,
         expires_at: int,
         message_ref: str,
@@ -435,7 +436,8 @@ class Inbox:
         address = Address.parse(destination)
         if not now < expires_at <= now + MAX_SUBMIT_LIFETIME:
             raise MalformedData("A submission's expiry must lie within the next 30 days.")
-        if len(envelope_bytes) > self.config.max_envelope_bytes + (1 << 20):
+        size = sealed[1] if isinstance(sealed, tuple) else len(sealed)
+        if size > self.config.max_envelope_bytes + (1 << 20):
             raise MessageTooLarge()
         if len(msg_id) != 16:
             raise MalformedData("A message id is 16 bytes.")
@@ -446,7 +448,7 @@ class Inbox:
             mailbox_id=s.mailbox_id,
             device_id=s.device_id,
             onion=address.onion,
-            envelope=envelope_bytes,
+            envelope=sealed,
             submission_key=f"{s.device_id.hex()}:{submission_key}",
             now=now,
             expires_at=expires_at,
@@ -558,6 +560,24 @@ class Inbox:
                 self.store.add_rotation(mailbox_id, device_id, rec.seq, rec.encode())
             if head.seq > device.dsk_seq:
                 self.store.advance_device_key(mailbox_id, device_id, head.seq, head.pk)
+
+
+def _digest(sealed: bytes | tuple[IO[bytes], int]) -> bytes:
+    """hash32 of an envelope given whole or as a seekable ``(file, length)``, read in pieces
+    (and the file left where it was, for storing)."""
+    if not isinstance(sealed, tuple):
+        return hash32(sealed)
+    source, left = sealed
+    start = source.tell()
+    h = hashlib.blake2b(digest_size=32)
+    while left:
+        piece = source.read(min(1 << 20, left))
+        if not piece:
+            raise MalformedData("The envelope ends early.")
+        h.update(piece)
+        left -= len(piece)
+    source.seek(start)
+    return h.digest()
 
 
 def _stanza_prekey_ids(l2: envelope.Readable) -> set[int]:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import faulthandler
 import fcntl
 import logging
@@ -199,6 +200,7 @@ def serve(
     Raises :class:`NodeAlreadyRunning` when another node holds the data directory, and
     whatever stopped the node from starting; returns once it has stopped.
     """
+    bound_heap()
     stopper = _Stopper(grace)
     stopper.install()
     try:
@@ -207,6 +209,31 @@ def serve(
                 asyncio.run(_run(config, extensions, stopper))
     finally:
         stopper.disarm()
+
+
+#: glibc's mallopt parameters (malloc.h).
+_M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
+
+
+def bound_heap() -> bool:
+    """Keep a large message's buffers out of the heap, so freeing them returns the memory.
+
+    glibc serves large allocations with mmap and unmaps them when freed, but after the first
+    such free it raises its threshold to that size (up to 32 MiB), so the next large buffers
+    come from the heap and stay resident after they are freed: measured, a node kept
+    ~240 MB after one 50 MiB message.  Setting the threshold explicitly turns that
+    adjustment off.  Worker threads (a delivery's unwrapping) would each get their own
+    arena; two are plenty for a node.  Returns False where this is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    ok = bool(mallopt(_M_MMAP_THRESHOLD, 256 * 1024))
+    return bool(mallopt(_M_ARENA_MAX, 2)) and ok
 
 
 async def _run(

@@ -71,9 +71,24 @@ class SendReport:
     failed: dict[str, OnionpostError] = field(default_factory=dict)
 
 
+def _header_end(message: bytes) -> tuple[int, bytes]:
+    """(offset of the blank line ending the header block, or -1; the line ending used)."""
+    head_end = message.find(b"\r\n\r\n")
+    sep = b"\r\n"
+    if head_end < 0 or (0 <= message.find(b"\n\n", 0, head_end) < head_end):
+        head_end, sep = message.find(b"\n\n"), b"\n"
+    return head_end, sep
+
+
 def visible_addresses(message: bytes) -> set[str]:
-    """Addresses named in the To and Cc headers (lower-cased)."""
-    headers = BytesHeaderParser().parsebytes(message)
+    """Addresses named in the To and Cc headers (lower-cased).
+
+    Only the header block is parsed: the email parser given a whole message keeps several
+    copies of the body (as text, as lines) however large it is.
+    """
+    head_end, sep = _header_end(message)
+    head = message if head_end < 0 else message[: head_end + len(sep)]
+    headers = BytesHeaderParser().parsebytes(head)
     found: set[str] = set()
     for name in ("to", "cc"):
         for _, addr in getaddresses([str(v) for v in headers.get_all(name, [])]):
@@ -83,11 +98,12 @@ def visible_addresses(message: bytes) -> set[str]:
 
 
 def strip_bcc(message: bytes) -> bytes:
-    """The message without its Bcc header (and that header's continuation lines)."""
-    head_end = message.find(b"\r\n\r\n")
-    sep = b"\r\n"
-    if head_end < 0 or (0 <= message.find(b"\n\n") < head_end):
-        head_end, sep = message.find(b"\n\n"), b"\n"
+    """The message without its Bcc header (and that header's continuation lines).
+
+    Without a Bcc header this is ``message`` itself (no copy); with one, the new message is
+    built in one allocation (the body is not sliced out first).
+    """
+    head_end, sep = _header_end(message)
     if head_end < 0:
         return message
     lines = message[:head_end].split(sep)
@@ -99,7 +115,9 @@ def strip_bcc(message: bytes) -> bytes:
         skipping = bool(_BCC.match(line))
         if not skipping:
             kept.append(line)
-    return sep.join(kept) + message[head_end:]
+    if len(kept) == len(lines):
+        return message
+    return b"".join((sep.join(kept), memoryview(message)[head_end:]))
 
 
 @dataclass(frozen=True)
@@ -138,7 +156,7 @@ class Sender:
         has_other_devices = out.include_own and bool(self.account.other_device_ids())
         # Others never see a Bcc header, not even one that names only the sender.
         clean = strip_bcc(out.message)
-        own_apart = to_self or bool(bcc) or clean != out.message
+        own_apart = to_self or bool(bcc) or clean is not out.message
         units: list[_Unit] = []
         if visible or (has_other_devices and not own_apart):
             units.append(_Unit(visible, clean, has_other_devices and not own_apart))

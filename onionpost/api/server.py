@@ -576,7 +576,7 @@ class InboxServer:
             row_id = self.inbox.submit(
                 s,
                 destination=q.get("destination", ""),
-                envelope_bytes=body.read(length),
+                sealed=(body, length),
                 msg_id=msg_id,
                 expires_at=expires_at,
                 message_ref=q.get("ref", ""),

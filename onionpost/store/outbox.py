@@ -16,7 +16,12 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import dataclass
 
-from onionpost.store.db import Database
+from onionpost.crypto.envelope import Readable, Writable
+from onionpost.errors import StoreError
+from onionpost.store.db import Database, translate
+
+#: Envelopes move between files and the database in pieces of this size, never whole.
+BLOB_CHUNK = 1 << 20
 
 #: An outbox row bounced with this code was handed back for re-sealing (see delivery.py).
 RESEAL_CODE = "5.7.5"
@@ -59,7 +64,7 @@ class OutboxStore:
         mailbox_id: bytes,
         device_id: bytes,
         onion: str,
-        envelope: bytes,
+        envelope: bytes | tuple[Readable, int],
         submission_key: str,
         now: int,
         expires_at: int,
@@ -68,8 +73,11 @@ class OutboxStore:
 
         Idempotent on ``submission_key`` (stored as its keyed hash): the same key returns the
         existing row (and the new envelope, a re-sealing of the same message, is discarded).
+        ``envelope`` is the bytes or ``(source, length)``, copied into the row in pieces (a
+        64 MiB envelope is never held in memory here).
         """
         key_hash = self.db.record_hash(submission_key)
+        size = envelope[1] if isinstance(envelope, tuple) else len(envelope)
         with self.db.transaction() as c:
             row = c.execute(
                 "SELECT id, state, last_error_code FROM outbox WHERE mailbox_id = ?"
@@ -80,18 +88,21 @@ class OutboxStore:
                 if row[1] == "bounced" and row[2] == RESEAL_CODE:
                     # handed back because the recipient's keys changed: this is the re-sealing
                     c.execute(
-                        "UPDATE outbox SET envelope = ?, onion = ?, state = 'queued',"
+                        "UPDATE outbox SET envelope = zeroblob(?), onion = ?, state = 'queued',"
                         " next_attempt_at = ?, leased_until = NULL, finished_at = NULL,"
                         " last_error = NULL, last_error_code = NULL WHERE id = ?",
-                        (envelope, onion, now, row[0]),
+                        (size, onion, now, row[0]),
                     )
+                    _write_blob(c, int(row[0]), envelope)
                 return int(row[0])
             cur = c.execute(
                 "INSERT INTO outbox (mailbox_id, device_id, onion, envelope, submission_hash,"
-                " created_at, expires_at, next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (mailbox_id, device_id, onion, envelope, key_hash, now, expires_at, now),
+                " created_at, expires_at, next_attempt_at)"
+                " VALUES (?, ?, ?, zeroblob(?), ?, ?, ?, ?)",
+                (mailbox_id, device_id, onion, size, key_hash, now, expires_at, now),
             )
             assert cur.lastrowid is not None
+            _write_blob(c, cur.lastrowid, envelope)
             return cur.lastrowid
 
     def get(self, row_id: int) -> OutboxRow | None:
@@ -100,6 +111,19 @@ class OutboxStore:
 
     def envelope(self, row_id: int) -> bytes:
         return bytes(self.db.scalar("SELECT envelope FROM outbox WHERE id = ?", (row_id,)) or b"")
+
+    def copy_envelope(self, row_id: int, sink: Writable) -> int:
+        """Write a row's envelope to ``sink`` in pieces; return its length (0: none)."""
+        try:
+            with self.db.conn.blobopen("outbox", "envelope", row_id, readonly=True) as blob:
+                size = len(blob)
+                while piece := blob.read(BLOB_CHUNK):
+                    sink.write(piece)
+        except sqlite3.OperationalError:  # no such row (purged meanwhile)
+            return 0
+        except sqlite3.Error as exc:
+            raise translate(exc) from exc
+        return size
 
     def claim_due(
         self, now: int, *, limit: int, lease: int, only_onion: str | None = None
@@ -253,3 +277,21 @@ class OutboxStore:
             return c.execute(
                 "DELETE FROM outbox WHERE state != 'queued' AND finished_at < ?", (before,)
             ).rowcount
+
+
+def _write_blob(c: sqlite3.Connection, rowid: int, envelope: bytes | tuple[Readable, int]) -> None:
+    """Fill the zeroblob just written for ``rowid``'s envelope."""
+    try:
+        with c.blobopen("outbox", "envelope", rowid) as blob:
+            if not isinstance(envelope, tuple):
+                blob.write(envelope)
+                return
+            source, left = envelope
+            while left:
+                piece = source.read(min(BLOB_CHUNK, left))
+                if not piece:
+                    raise StoreError("The envelope to queue ended early.")
+                blob.write(piece)
+                left -= len(piece)
+    except sqlite3.Error as exc:
+        raise translate(exc) from exc

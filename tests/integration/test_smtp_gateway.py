@@ -1111,3 +1111,56 @@ def test_no_thread_was_started_for_the_server() -> None:
             db.close()
 
     asyncio.run(main())
+
+
+async def test_a_50_mib_message_goes_from_smtp_to_the_recipients_inbox_intact(
+    tmp_path: Path, start: Start
+) -> None:
+    """The whole path with the largest message the gateway accepts: SMTP, the durable
+    submission, sealing, the outbox, delivery to another inbox over HTTP, acceptance, the
+    recipient device's fetch, opening and filing.  What is filed is what was sent."""
+    clock = SystemClock()
+    dialer = DirectDialer({})
+    home, away = InboxNode(tmp_path, "a", clock, dialer), InboxNode(tmp_path, "b", clock, dialer)
+    await home.start(worker=False)
+    await away.start(worker=False)
+    alice = DeviceNode(tmp_path, "alice", home.provision("alice"), clock, dialer)
+    bob = DeviceNode(tmp_path, "bob", away.provision("bob"), clock, dialer)
+    store = AccountStore(alice.db, cost=CHEAP)
+    store.add(alice.user, str(alice.address), PASSWORD)
+    try:
+        gw = await start(submit=alice.submissions.submit, accounts=store)
+        limit = GatewayConfig().max_message_bytes
+        head = (
+            f"From: Alice <{alice.address}>\r\nTo: <{bob.address}>\r\nSubject: big\r\n"
+            "Message-ID: <big@example.onion>\r\nDate: Mon, 1 Jan 2024 00:00:00 +0000\r\n"
+            "MIME-Version: 1.0\r\nContent-Type: application/octet-stream\r\n"
+            "Content-Transfer-Encoding: base64\r\n\r\n"
+        ).encode()
+        raw = random.Random(50).randbytes((limit - len(head)) // 78 * 57)
+        body = base64.encodebytes(raw).replace(b"\n", b"\r\n")
+        sent = head + body
+        assert limit - 78 < len(sent) <= limit
+
+        def run() -> None:
+            with connect(gw) as client:
+                client.login(alice.user, PASSWORD)
+                client.sendmail(str(alice.address), [str(bob.address)], sent)
+
+        await in_thread(run)
+        await alice.submissions.process_due()
+        assert await home.worker.run_due() == 1
+        assert await bob.device.sync() == 1
+        inbox = bob.mailbox.folder(bob.user, "INBOX")
+        (filed,) = [bob.mailbox.content(m.body_id) for m in bob.mailbox.messages(inbox.id)]
+        filed_head, _, filed_body = filed.partition(b"\r\n\r\n")
+        assert filed_body == body
+        assert b"\r\nSubject: big\r\n" in filed_head + b"\r\n"
+        assert base64.b64decode(filed_body) == raw
+    finally:
+        await alice.close()
+        await bob.close()
+        await home.stop()
+        await away.stop()
+        home.close()
+        away.close()

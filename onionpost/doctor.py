@@ -137,6 +137,40 @@ def _lan(config: Config) -> Finding:
     return Finding("LAN access", True, detail)
 
 
+def _mailbox(config: Config, info: dict[str, object] | None) -> Finding:
+    """The private Dovecot: installed, running, taking the mail the node files."""
+    from gateway.dovecot import find_installation
+
+    if not AccountFiles(KeyStore(config.data_dir)).users():
+        return Finding("mailbox", True, "no mailbox on this machine (inbox only)")
+    try:
+        inst = find_installation()
+    except OnionpostError as exc:
+        return Finding("mailbox", False, str(exc), "sudo scripts/system-deps.sh run (or make run)")
+    where = f"Dovecot {inst.version_text.split()[0]}"
+    if info is None:
+        return Finding("mailbox", True, f"{where} installed; the node is not running")
+    server = info.get("mail_server")
+    status = server.get("status") if isinstance(server, dict) else None
+    waiting = info.get("filing")
+    if status != "running":
+        return Finding(
+            "mailbox",
+            False,
+            f"{where} is {status or 'not started'}",
+            f"see {config.data_dir / 'dovecot' / 'dovecot.log'} and the node's log; mail "
+            "waits in the filing queue meanwhile, nothing is lost",
+        )
+    if isinstance(waiting, int) and waiting:
+        return Finding(
+            "mailbox",
+            True,
+            f"{where} running; {waiting} message(s) waiting to be filed (a Sent copy waits a "
+            "minute for the mail client's own)",
+        )
+    return Finding("mailbox", True, f"{where} running")
+
+
 _SECRETS = re.compile(r"(\.key|\.db|^account|^device-list|^passwd)$")
 
 
@@ -259,6 +293,7 @@ async def examine(config: Config) -> list[Finding]:
         lambda: _tor(config),
         lambda: _onion(config, info),
         lambda: now(lambda: _ports(config, info)),
+        lambda: now(lambda: _mailbox(config, info)),
         lambda: now(lambda: _lan(config)),
         lambda: now(lambda: _permissions(data_dir)),
         lambda: now(lambda: _clock(data_dir)),

@@ -152,7 +152,8 @@ def _filed(node: NodeProcess) -> list[str]:
     return ids
 
 
-async def test_kill_both_nodes_repeatedly_and_lose_nothing(tmp_path: Path) -> None:
+async def test_kill_both_nodes_repeatedly_and_lose_nothing(mail_tmp: Path) -> None:
+    tmp_path = mail_tmp
     alice, bob = NodeProcess(tmp_path, "alice"), NodeProcess(tmp_path, "bob")
     for n in (alice, bob):
         n.init()

@@ -127,7 +127,8 @@ def _cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_one_node_per_data_directory(tmp_path: Path) -> None:
+def test_one_node_per_data_directory(mail_tmp: Path) -> None:
+    tmp_path = mail_tmp
     home = _home(tmp_path, "node", _tor_off())
     log = tmp_path / "first.log"
     first = _start(home, log)
@@ -208,10 +209,11 @@ def _subjects(home: Path, user: str) -> list[str]:
 
 
 def test_sigterm_at_random_moments_stops_cleanly_and_keeps_the_mail(
-    tmp_path: Path, black_hole: int
+    mail_tmp: Path, black_hole: int
 ) -> None:
     """50 stops at random moments: starting, tor bootstrapping, sealing for an inbox that
     hangs, delivering, syncing with an own inbox that hangs; each exits 0 with nothing lost."""
+    tmp_path = mail_tmp
     bob = Address.parse("bob@" + _address_of_nobody() + ".onion")
     hole = f'"127.0.0.1:{black_hole}"'
     both = _Setup(

@@ -170,11 +170,11 @@ def wait_for(check: Callable[[], bool], what: str, timeout: float = 150) -> None
 
 
 @pytest.fixture
-def machines(tor_network: TorNetwork, tmp_path: Path) -> Iterator[Callable[..., Machine]]:
+def machines(tor_network: TorNetwork, mail_tmp: Path) -> Iterator[Callable[..., Machine]]:
     made: list[Machine] = []
 
     def make(name: str, role: str | None = None) -> Machine:
-        m = Machine(tmp_path / name, tor_network, role)
+        m = Machine(mail_tmp / name, tor_network, role)
         made.append(m)
         return m
 

@@ -40,9 +40,20 @@ def _dovecot_password(config: Config, user: str, password: str | None) -> None:
     passwd.set_password(inst, user, password)
 
 
-def forget_login(config: Config, user: str) -> None:
-    """A removed user's IMAP login goes too."""
+def forget_login(config: Config, user: str) -> int:
+    """A removed user's IMAP login and mail (their Maildir) go too; returns how many
+    messages were deleted."""
+    import shutil
+
+    from gateway.dovecot import Layout
+
     _dovecot_password(config, user, None)
+    maildir = Layout(config.data_dir).maildir(user)
+    count = sum(
+        1 for sub in maildir.rglob("*") if sub.parent.name in ("cur", "new") and sub.is_file()
+    )
+    shutil.rmtree(maildir, ignore_errors=True)
+    return count
 
 
 def setup_account(config: Config, account: Account) -> str:

@@ -1410,9 +1410,9 @@ def users_remove(obj: Ctx, name: str, yes: bool) -> None:
         removed = admin.remove_user(local, name)
     from gateway.setup import forget_login
 
-    forget_login(obj.config(), removed.user)
+    mail = forget_login(obj.config(), removed.user)
     click.echo(
-        f"Removed {removed.user}: {removed.messages} filed message(s), "
+        f"Removed {removed.user}: {mail + removed.messages} message(s) of mail, "
         f"{removed.spooled_messages} waiting at the inbox, {removed.contacts} contact(s), "
         f"{removed.submissions} queued submission(s)."
     )

@@ -349,6 +349,14 @@ def _unprivileged_services(ident: Identity) -> str:
     return "".join(f"service {name} {{\n  chroot =\n}}\n" for name in ("imap-login", "anvil"))
 
 
+#: Dovecot counts a loopback connection as secure, so ``ssl = required`` alone still lets a
+#: loopback client log in without TLS.  With require_tls the passdb looks in a file that does
+#: not exist unless the connection is TLS: a plaintext login fails (AUTHENTICATIONFAILED).
+_TLS_ONLY_23 = "%{if;%{secured};eq;TLS;;.without-tls}"
+#: Mail clients all come from loopback, so the per-IP limit is a per-user limit (default 10).
+MAX_SESSIONS_PER_USER = 256
+
+
 def _render_23(layout: Layout, ident: Identity, settings: Settings, tls: LocalTLS) -> str:
     auth_as_root = "service auth {\n  user = root\n}\n" if ident.privileged else ""
     return f"""\
@@ -379,7 +387,7 @@ auth_username_format = %Ln
 
 passdb {{
   driver = passwd-file
-  args = {layout.passwd}
+  args = {layout.passwd}{_TLS_ONLY_23 if settings.require_tls else ""}
 }}
 userdb {{
   driver = static
@@ -396,8 +404,13 @@ lmtp_save_to_detail_mailbox = yes
 lmtp_add_received_header = no
 lmtp_hdr_delivery_address = none
 postmaster_address = postmaster@localhost
+mail_max_userip_connections = {MAX_SESSIONS_PER_USER}
 
+# One login process for many connections (not one each, at most 100): a flood of
+# connections cannot use up the login processes and lock the user out.
 service imap-login {{
+  service_count = 0
+  process_min_avail = 1
   inet_listener imap {{
     address = {settings.host}
     port = {settings.imap_port}
@@ -465,8 +478,11 @@ recipient_delimiter = +
 lmtp_save_to_detail_mailbox = yes
 lmtp_add_received_header = no
 lmtp_hdr_delivery_address = none
+mail_max_userip_connections = {MAX_SESSIONS_PER_USER}
 
 service imap-login {{
+  restart_request_count = unlimited
+  process_min_avail = 1
   inet_listener imap {{
     listen = {settings.host}
     port = {settings.imap_port}

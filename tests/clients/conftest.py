@@ -16,7 +16,6 @@ import subprocess
 import termios
 import time
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import pytest
 
@@ -35,8 +34,9 @@ def require(program: str, package: str) -> str:
 
 
 @pytest.fixture
-def gateway(tmp_path: Path) -> Iterator[Gateway]:
-    gw = Gateway(tmp_path / "gateway")
+def gateway() -> Iterator[Gateway]:
+    """The node's private Dovecot (IMAP, mail filed through LMTP) in its own /tmp folder."""
+    gw = Gateway()
     yield gw
     gw.stop()
 

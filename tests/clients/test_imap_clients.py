@@ -1,4 +1,4 @@
-"""Real mail clients against the IMAP gateway: mbsync (isync) both ways, neomutt reading.
+"""Real mail clients against the node's private Dovecot: mbsync (isync) both ways, neomutt reading.
 
 Both connect with STARTTLS and trust only the gateway's local CA, as a user's setup would.
 """
@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from onionpost.store.mailbox import FlagOp
 from tests.clients.conftest import require, run_in_terminal
 from tests.integration.test_imap_gateway import HOSTILE, PASSWORD, USER, Gateway, mail
 
@@ -21,13 +20,8 @@ pytestmark = pytest.mark.clients
 
 
 def uids(gateway: Gateway, folder: str) -> dict[int, frozenset[str]]:
-    """UID -> flags of a folder, read from the store on the server's thread."""
-
-    def read() -> dict[int, frozenset[str]]:
-        box = gateway.mailbox.folder(USER, folder)
-        return {m.uid: m.flags for m in gateway.mailbox.messages(box.id)}
-
-    return gateway.call(read)
+    """UID -> flags of a folder, read over IMAP by a session of our own (FETCH FLAGS)."""
+    return gateway.flags(folder)
 
 
 # -- mbsync ---------------------------------------------------------------------------------
@@ -122,8 +116,7 @@ def test_mbsync_two_way_sync(gateway: Gateway, tmp_path: Path) -> None:
         mail("filed locally", "<local@alice.onion>")
     )
     gateway.file("INBOX", mail("arrived later", "<later@x>"))
-    inbox_id = gateway.call(gateway.mailbox.folder, USER, "INBOX").id
-    gateway.call(gateway.mailbox.set_flags, inbox_id, [3], ["\\Flagged"], FlagOp.ADD)
+    gateway.add_flags("INBOX", 3, "\\Flagged")  # as another client would
 
     mbsync(rc)
     server_inbox = uids(gateway, "INBOX")

@@ -47,6 +47,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -65,6 +66,10 @@ T = TypeVar("T")
 
 #: How long Thunderbird may take to answer one Marionette command (a script gets 15 s less).
 ANSWER_TIMEOUT = 75
+#: How long the node's Sent copy waits for Thunderbird's own (Fcc) before it is filed.
+SENT_COPY_WAIT = 3
+#: What the node logs when it finds the client's own copy in Sent and files none.
+CLIENT_COPY_FOUND = "the client saved its own copy in Sent; none filed"
 #: What Thunderbird's IMAP log says when the server tells it something while it IDLEs.
 IDLE_RESPONSE = "S-INBOX:HandleIdleResponses: idle response"
 ONION = re.compile(r"\b([a-z0-9._-]+@[a-z2-7]{56}\.onion)\b")
@@ -154,7 +159,8 @@ class Node:
         (self.data_dir / "onionpost.toml").write_text(
             '[tor]\nmode = "off"\n\n'
             f"[gateway]\nsmtp_port = {self.smtp_port}\nimap_port = {self.imap_port}\n"
-            f"autoconfig_port = {self.autoconfig_port}\n\n"
+            f"autoconfig_port = {self.autoconfig_port}\n"
+            f"sent_copy_wait_seconds = {SENT_COPY_WAIT}\n\n"
             f"[inbox]\nlisten_port = {self.inbox_port}\npow_bits = 4\n"
         )
 
@@ -636,13 +642,20 @@ def bare(message_id: str) -> str:
 
 
 @pytest.fixture
-def node(tmp_path: Path) -> Iterator[Node]:
-    n = Node(tmp_path)
-    n.add_user("alice")
-    n.add_user("carol")
-    n.start()
-    yield n
-    n.stop()
+def node() -> Iterator[Node]:
+    # Under a 0755 folder in /tmp, not pytest's 0700 tmp_path: as root, the node's Dovecot
+    # reaches the Maildirs as another account, which must pass through every folder above.
+    base = Path(tempfile.mkdtemp(prefix="optb-", dir="/tmp"))
+    base.chmod(0o755)
+    try:
+        n = Node(base)
+        n.add_user("alice")
+        n.add_user("carol")
+        n.start()
+        yield n
+        n.stop()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture
@@ -761,8 +774,14 @@ def test_thunderbird_as_alice(node: Node, thunderbird: Thunderbird) -> None:
             "the gateway did not accept Thunderbird's Fcc APPEND",
         )
 
-        # (e) ... and yet alice's Sent holds it exactly once: onionpost filed it at submission,
-        # and the store recognised Thunderbird's APPEND by its Message-ID.
+        # (e) ... and yet alice's Sent holds it exactly once: the node's own Sent copy waited
+        # SENT_COPY_WAIT seconds, found Thunderbird's (same Message-ID) and was not filed.
+        wait_for(
+            "the node to find Thunderbird's copy in Sent",
+            lambda: CLIENT_COPY_FOUND in node.log_path.read_text(errors="replace"),
+            timeout=120,
+            explain=node.log,
+        )
         in_sent = node.uids("alice", "Sent", out_id)
         check(len(in_sent) == 1, f"Sent holds {out_id} {len(in_sent)} times (UIDs {in_sent})")
         check(node.count("alice", "Sent") == 1, "Sent holds more than alice's one message")

@@ -13,9 +13,10 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from onionpost.account import Account, revoke_device
 from onionpost.address import Address
@@ -40,6 +41,10 @@ from onionpost.store.outbox import OutboxStore
 from onionpost.store.queue import QueueItem
 from onionpost.store.submissions import SubmissionStore
 from onionpost.wire import KeyUpdate
+
+if TYPE_CHECKING:
+    from onionpost.api.client import DeviceSession
+    from onionpost.inbox import Inbox
 
 
 class Local:
@@ -246,6 +251,98 @@ def set_contact(
     store = ContactStore(local.device_db(), local.account(user).local)
     if not store.set_flags(key, verified=verified, blocked=blocked):
         raise UsageError(f"{key} is not among your contacts yet.")
+
+
+def block(local: Local, address: str, user: str | None = None) -> bool:
+    """Block a contact: mark them blocked here and withdraw, at the person's inbox, the
+    contact token this device registered for them.  Returns whether there was a token to
+    withdraw.  Mail they send later with a proof of work reaches the inbox (it cannot tell
+    who a stranger is) and is dropped by this device once it has verified the sender."""
+    key = str(Address.parse(address))
+    account = local.account(user)
+    store = ContactStore(local.device_db(), account.local)
+    found, token = store.block(key)
+    if not found:
+        raise UsageError(f"{key} is not among your contacts yet.")
+    if token is not None:
+        now = _now()
+        asyncio.run(
+            _at_inbox(
+                local,
+                account,
+                direct=lambda inbox: inbox.withdraw_token(account.mailbox_id, token, now),
+                remote=lambda session: session.withdraw_token(token),
+            )
+        )
+    poke(local.config.data_dir)
+    return token is not None
+
+
+def unblock(local: Local, address: str, user: str | None = None) -> None:
+    """Lift a block.  Nothing is restored: the withdrawn token stays withdrawn, so the
+    contact's next message is a stranger's (a proof of work, or refused by a contacts-only
+    mailbox) until the person writes to them, which grants a fresh token."""
+    key = str(Address.parse(address))
+    store = ContactStore(local.device_db(), local.account(user).local)
+    if not store.unblock(key):
+        raise UsageError(f"{key} is not among your contacts yet.")
+    poke(local.config.data_dir)
+
+
+def set_policy(local: Local, *, accepts_strangers: bool, user: str | None = None) -> None:
+    """Open the person's mailbox to strangers (who pay a proof of work) or make it
+    contacts-only, at their inbox; remembered here too, for ``status``."""
+    account = local.account(user)
+    asyncio.run(
+        _at_inbox(
+            local,
+            account,
+            direct=lambda inbox: inbox.set_accepts_strangers(account.mailbox_id, accepts_strangers),
+            remote=lambda session: session.set_policy(accepts_strangers=accepts_strangers),
+        )
+    )
+    ContactStore(local.device_db(), account.local).remember_policy(accepts_strangers, _now())
+
+
+def accepts_strangers(local: Local, user: str | None = None) -> bool | None:
+    """Whether the person's mailbox accepts strangers: from the inbox database when this
+    machine runs the inbox, else as last set from this device (None: never set here, so
+    the inbox's default, which lets strangers write)."""
+    account = local.account(user)
+    db = local.inbox_db()
+    if db is not None:
+        from onionpost.store.inbox import InboxStore
+
+        mb = InboxStore(db).mailbox(account.mailbox_id)
+        if mb is not None:
+            return mb.accepts_strangers
+    return ContactStore(local.device_db(), account.local).remembered_policy()
+
+
+async def _at_inbox(
+    local: Local,
+    account: Account,
+    *,
+    direct: Callable[[Inbox], object],
+    remote: Callable[[DeviceSession], Awaitable[object]],
+) -> None:
+    """Change something at the person's inbox *now*: straight in the inbox database when
+    this machine runs it, else over tor with a device session (as ``devices revoke``)."""
+    from onionpost.device import device_session
+    from onionpost.joining import inbox_dialer
+
+    if local.inbox_db() is not None:
+        direct(_local_inbox(local))
+        return
+    async with inbox_dialer(local.config, say=lambda _: None) as dialer:
+        client = InboxClient(
+            dialer,
+            account.address.onion,
+            port=local.config.tor.onion_port,
+            isolation="enrol",
+            timeout=180.0,
+        )
+        await remote(device_session(account, client))
 
 
 def identity_changes(local: Local, user: str | None = None) -> list[tuple[str, bytes, bytes, int]]:
@@ -517,6 +614,11 @@ def _now() -> int:
 
 def _publish_direct(local: Local, account: Account, update: KeyUpdate) -> None:
     """Install a key update in this machine's inbox database (embedded mode)."""
+    _local_inbox(local).publish(account.mailbox_id, update, int(time.time()))
+
+
+def _local_inbox(local: Local) -> Inbox:
+    """This machine's inbox, opened on its database (embedded mode)."""
     from onionpost.inbox import Inbox
     from onionpost.store.inbox import InboxStore
 
@@ -526,13 +628,12 @@ def _publish_direct(local: Local, account: Account, update: KeyUpdate) -> None:
             "This machine runs no inbox; the change will be published by the node when it "
             "next connects."
         )
-    inbox = Inbox(
+    return Inbox(
         store=InboxStore(db),
         outbox=OutboxStore(db),
         secrets=local.keys.load_server(),
         config=local.config.inbox,
     )
-    inbox.publish(account.mailbox_id, update, int(time.time()))
 
 
 # --- users --------------------------------------------------------------------------------------

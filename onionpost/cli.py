@@ -362,6 +362,19 @@ def status(obj: Ctx, as_json: bool) -> None:
     counts = info.get("queue") or {}
     if counts:
         click.echo(f"queue:      {_queue_words(counts)}")
+    _print_policies(obj)
+
+
+def _print_policies(obj: Ctx) -> None:
+    """Whom each person accepts mail from (`contacts policy`), as far as this machine knows."""
+    from onionpost import admin
+
+    with contextlib.suppress(OnionpostError), admin.opened(obj.config()) as local:
+        users = local.files.users()
+        for name in users:
+            words = _POLICY_WORDS[admin.accepts_strangers(local, name) is not False]
+            who = f" ({name})" if len(users) > 1 else ""
+            click.echo(f"mail from:  {words}{who}")
 
 
 def _print_lan(obj: Ctx, info: dict[str, Any]) -> None:
@@ -936,12 +949,56 @@ def contacts_verify(obj: Ctx, address: str, user: str | None) -> None:
 @_user_option(_WHOSE)
 @pass_ctx
 def contacts_block(obj: Ctx, address: str, user: str | None) -> None:
-    """Stop refreshing this contact's keys and mark them blocked."""
+    """Refuse this contact's mail: their token is withdrawn at your inbox, so their mail
+    bounces there; mail they send as a stranger is dropped here unseen."""
     from onionpost import admin
 
     with admin.opened(obj.config()) as local:
-        admin.set_contact(local, address, blocked=True, user=_group_user(user))
-    click.echo(f"{address} is blocked.")
+        admin.block(local, address, _group_user(user))
+    click.echo(
+        f"{address} is blocked: your inbox refuses their contact token, and mail they send "
+        "as a stranger is dropped without reaching you."
+    )
+
+
+@contacts.command("unblock")
+@click.argument("address")
+@_user_option(_WHOSE)
+@pass_ctx
+def contacts_unblock(obj: Ctx, address: str, user: str | None) -> None:
+    """Lift a block. Their withdrawn token stays withdrawn: they write as a stranger until
+    you write to them."""
+    from onionpost import admin
+
+    with admin.opened(obj.config()) as local:
+        admin.unblock(local, address, _group_user(user))
+    click.echo(
+        f"{address} is no longer blocked. Their next message comes as a stranger's "
+        "(write to them to make them a contact again)."
+    )
+
+
+_POLICY_WORDS = {
+    True: "open (strangers may write, paying a proof of work)",
+    False: "contacts-only (strangers' mail is refused at your inbox)",
+}
+
+
+@contacts.command("policy")
+@click.argument("mode", required=False, type=click.Choice(["contacts-only", "open"]))
+@_user_option(_WHOSE)
+@pass_ctx
+def contacts_policy(obj: Ctx, mode: str | None, user: str | None) -> None:
+    """Who may write to you: contacts-only, or open (strangers too, with a proof of work).
+
+    A contact is someone holding a token for your mailbox: someone you wrote to."""
+    from onionpost import admin
+
+    with admin.opened(obj.config()) as local:
+        if mode is not None:
+            admin.set_policy(local, accepts_strangers=mode == "open", user=_group_user(user))
+        current = admin.accepts_strangers(local, _group_user(user))
+    click.echo(f"mail from:  {_POLICY_WORDS[current is not False]}")
 
 
 @contacts.command("trust")

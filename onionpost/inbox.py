@@ -61,6 +61,13 @@ HOUR = 3600
 MAX_SUBMIT_LIFETIME = 30 * 86_400
 SPOOL_IN_MEMORY = 1 << 20
 
+#: The refusal of a contact token that is withdrawn or was never issued (protocol §8.1).
+TOKEN_REFUSED = "The recipient's inbox does not accept this message's contact token."  # noqa: S105 (a sentence, not a secret)
+#: The refusal of a stranger's mail by a contacts-only mailbox (protocol §8.1).
+CONTACTS_ONLY = (
+    "This person accepts mail from contacts only; ask someone they know to introduce you."
+)
+
 
 def login_message(onion_pk: bytes, mailbox_id: bytes, device_id: bytes, challenge: bytes) -> bytes:
     """What a device signs to log in to its inbox (bound to this inbox and this challenge)."""
@@ -160,6 +167,27 @@ class Inbox:
             accepts_strangers=accepts_strangers,
             max_envelope_bytes=self.config.max_envelope_bytes,
         )
+
+    def set_accepts_strangers(self, mailbox_id: bytes, accepts: bool) -> None:
+        """Open the mailbox to strangers (with a proof of work) or make it contacts-only;
+        the difficulty and the quota stay as they are."""
+        mb = self.store.mailbox(mailbox_id)
+        if mb is None:
+            raise UnknownMailbox()
+        self.store.set_policy(
+            mailbox_id,
+            accepts_strangers=accepts,
+            pow_bits=mb.pow_bits,
+            quota_bytes=mb.quota_bytes,
+        )
+        self._bundle_cache.pop(mb.local, None)
+
+    def withdraw_token(self, mailbox_id: bytes, token: bytes, now: int) -> bool:
+        """Withdraw a contact token: mail carrying it is refused from now on (permanently,
+        with :data:`TOKEN_REFUSED`).  Registering the same token again restores it; a device
+        that blocked someone never does (it draws a fresh token for them after unblocking,
+        and only when the person writes to them)."""
+        return self.store.revoke_token(mailbox_id, self.token_hash(token), now)
 
     def _forget_bundle(self, mailbox_id: bytes) -> None:
         mb = self.store.mailbox(mailbox_id)
@@ -307,18 +335,11 @@ class Inbox:
                     RateBucket("token", token_hash, self.config.rate_per_source_per_hour),
                     RateBucket("mailbox", mailbox_id, self.config.rate_per_mailbox_per_hour),
                 ]
-            raise PermanentDeliveryError(
-                "The recipient does not accept this sender's contact token (it was withdrawn or "
-                "never issued).",
-                code="5.7.1",
-                reason="token-rejected",
-            )
+            # Deliberately vague: a token the person withdrew (a block) reads the same as one
+            # that was never issued, so the sender cannot tell that they were blocked.
+            raise PermanentDeliveryError(TOKEN_REFUSED, code="5.7.1", reason="token-rejected")
         if not strangers:
-            raise PermanentDeliveryError(
-                "The recipient accepts mail only from contacts.",
-                code="5.7.1",
-                reason="contacts-only",
-            )
+            raise PermanentDeliveryError(CONTACTS_ONLY, code="5.7.1", reason="contacts-only")
         required = self.config.pow_bits if bits is None else bits
         if meta.stamp is None:
             if required != 0:

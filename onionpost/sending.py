@@ -291,7 +291,8 @@ class Sender:
             if token is None and bundle.policy.pow_bits > 0:
                 if not bundle.policy.accepts_strangers:
                     raise TemporaryDeliveryError(
-                        f"{address} accepts mail only from contacts; ask them to write first.",
+                        f"{address} accepts mail from contacts only; ask someone they know to "
+                        "introduce you.",
                         code="5.7.1",
                     )
                 stamp = await _mint(bundle.mailbox_id, inner.digest, bundle.policy.pow_bits, now)
@@ -326,7 +327,8 @@ class Sender:
         grants = b""
         for address in addresses:
             contact = self.contacts.get(str(address))
-            if contact is None:
+            if contact is None or contact.blocked:
+                # a blocked contact gets no token (and the withdrawn one is never re-granted)
                 continue
             token = contact.token_from_them
             if token is None:

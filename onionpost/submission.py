@@ -38,6 +38,7 @@ from onionpost.errors import (
     UnknownLocalUser,
 )
 from onionpost.filing import Filer, filing_key
+from onionpost.inbox import TOKEN_REFUSED
 from onionpost.retry import RetryPolicy, after_failure
 from onionpost.sending import Outgoing
 from onionpost.store.db import Database
@@ -299,6 +300,12 @@ class Submissions:
                     log.info("%s changed keys; sealing the message again", r.address)
                     self.wake()
                     continue
+            if state == "bounced" and code == "5.7.1" and error == TOKEN_REFUSED:
+                # Their inbox withdrew the token they gave us (or never had it): write to
+                # them as a stranger from now on.  This message stays bounced.
+                contact = device.contacts.get(r.address)
+                if contact is not None and contact.token_to_them is not None:
+                    device.contacts.forget_token_to_them(r.address, contact.token_to_them)
             if state in ("delivered", "bounced", "cancelled"):
                 self.store.set_outcome(
                     r.submission_id,

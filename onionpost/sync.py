@@ -163,6 +163,13 @@ class Receiver:
                 return Filed("", tuple(left))
             except CryptoError as exc:
                 return self._notice(exc, header, digest, now)
+            if folder == "INBOX" and self.contacts.is_blocked(str(sender.address)):
+                # Blocked (`onionpost contacts block`): the sender is known only now, after
+                # verification, so this is where mail that came as a stranger's is stopped.
+                # Nothing is filed and no notice is made; the inbox is told it was taken.
+                store.record_seen(self.user, header.msg_id, header.expires_at)
+                log.info("dropped a message from a blocked sender")
+                return Filed("")
             body.seek(0)
             message = normalize(_stamp(body.read(), sender), now=now)
         # Our own mail that was also addressed to us (another device of ours sent it): the

@@ -450,6 +450,24 @@ class DeviceSession:
             "POST", "/v1/device/tokens", {"token": token.hex(), "label": label, "revoke": revoke}
         )
 
+    async def withdraw_token(self, token: bytes) -> bool:
+        """Withdraw a contact token at the inbox; True if it was valid until now."""
+        data = await self._call(
+            "POST", "/v1/device/tokens", {"token": token.hex(), "label": "", "revoke": True}
+        )
+        return data.get("withdrawn") is True
+
+    async def policy(self) -> bool:
+        """Whether the mailbox accepts mail from strangers (with a proof of work)."""
+        return _accepts_strangers(await self._call("GET", "/v1/device/policy"))
+
+    async def set_policy(self, *, accepts_strangers: bool) -> bool:
+        """Open the mailbox to strangers or make it contacts-only; returns the new setting."""
+        data = await self._call(
+            "POST", "/v1/device/policy", {"accepts_strangers": accepts_strangers}
+        )
+        return _accepts_strangers(data)
+
     async def outbox(
         self, states: tuple[str, ...] = ("queued",), *, ids: list[int] | None = None
     ) -> list[dict[str, Any]]:
@@ -498,3 +516,10 @@ class DeviceSession:
     async def finish_pairing(self, slot: bytes, grant: bytes | None) -> None:
         body: dict[str, Any] = {} if grant is None else {"grant": grant.hex()}
         await self._call("POST", f"/v1/device/pairing/{slot.hex()}/finish", body)
+
+
+def _accepts_strangers(data: dict[str, Any]) -> bool:
+    value = data.get("accepts_strangers")
+    if not isinstance(value, bool):
+        raise PeerProtocolError("The inbox's mailbox policy is not understood.")
+    return value

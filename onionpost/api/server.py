@@ -58,6 +58,7 @@ from onionpost.errors import (
     OnionpostError,
     RequestAborted,
     TemporaryDeliveryError,
+    UnknownMailbox,
 )
 from onionpost.inbox import Inbox, Session
 from onionpost.store.outbox import OutboxRow
@@ -302,6 +303,8 @@ class InboxServer:
         r.add_post("/v1/device/submit", self.submit)
         r.add_post("/v1/device/keys", self.keys)
         r.add_post("/v1/device/tokens", self.tokens)
+        r.add_get("/v1/device/policy", self.get_policy)
+        r.add_post("/v1/device/policy", self.set_policy)
         r.add_get("/v1/device/outbox", self.outbox)
         r.add_post("/v1/device/outbox/{id}/{op}", self.outbox_op)
         r.add_get("/v1/device/devices", self.devices)
@@ -610,10 +613,33 @@ class InboxServer:
         # The label (the device names the contact) is checked for form and not kept: the
         # inbox needs only the token's keyed hash.
         if data.get("revoke") is True:
-            self.inbox.store.revoke_token(s.mailbox_id, self.inbox.token_hash(token), self._now())
-        else:
-            self.inbox.store.add_token(s.mailbox_id, self.inbox.token_hash(token), self._now())
+            withdrawn = self.inbox.withdraw_token(s.mailbox_id, token, self._now())
+            return _json(200, {"status": "ok", "withdrawn": withdrawn})
+        self.inbox.store.add_token(s.mailbox_id, self.inbox.token_hash(token), self._now())
         return _json(200, {"status": "ok"})
+
+    def _policy_answer(self, mailbox_id: bytes) -> web.Response:
+        mb = self.inbox.store.mailbox(mailbox_id)
+        if mb is None:
+            raise UnknownMailbox()
+        policy = self.inbox.policy(mb.accepts_strangers, mb.pow_bits)
+        return _json(
+            200, {"accepts_strangers": policy.accepts_strangers, "pow_bits": policy.pow_bits}
+        )
+
+    async def get_policy(self, request: web.Request) -> web.Response:
+        """The mailbox's anti-spam policy: whether strangers may write (with a stamp)."""
+        return self._policy_answer(self._session(request).mailbox_id)
+
+    async def set_policy(self, request: web.Request) -> web.Response:
+        """Open the mailbox to strangers or make it contacts-only (``accepts_strangers``)."""
+        s = self._session(request)
+        data = await self._small_json(request)
+        accepts = data.get("accepts_strangers")
+        if not isinstance(accepts, bool):
+            raise MalformedData("'accepts_strangers' must be true or false.")
+        self.inbox.set_accepts_strangers(s.mailbox_id, accepts)
+        return self._policy_answer(s.mailbox_id)
 
     async def outbox(self, request: web.Request) -> web.Response:
         """Queue status: the rows named by ``ids`` (how a device learns the fate of what it

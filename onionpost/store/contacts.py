@@ -145,6 +145,69 @@ class ContactStore:
                 ).rowcount
             return n > 0
 
+    def block(self, address: str) -> tuple[bool, bytes | None]:
+        """Mark a contact blocked; returns the token we registered for them (if any), which
+        the caller withdraws at our inbox.  The token is kept, so a withdrawal that could
+        not reach the inbox can be repeated, and it is never granted again (see
+        :meth:`unblock`).  ``(False, None)``, and nothing changed, if the address is not a
+        contact."""
+        with self.db.transaction() as c:
+            row = c.execute(
+                "SELECT token_from_them FROM contacts WHERE user = ? AND address = ?",
+                (self.user, address),
+            ).fetchone()
+            if row is None:
+                return False, None
+            c.execute(
+                "UPDATE contacts SET blocked = 1 WHERE user = ? AND address = ?",
+                (self.user, address),
+            )
+            token: bytes | None = row["token_from_them"]
+            return True, token
+
+    def unblock(self, address: str) -> bool:
+        """Lift a block.  Nothing is restored: the withdrawn token is forgotten, so the
+        contact writes as a stranger until we write to them (which grants a fresh token)."""
+        with self.db.transaction() as c:
+            return (
+                c.execute(
+                    "UPDATE contacts SET blocked = 0, token_from_them = NULL"
+                    " WHERE user = ? AND address = ?",
+                    (self.user, address),
+                ).rowcount
+                > 0
+            )
+
+    def is_blocked(self, address: str) -> bool:
+        r = self.db.one(
+            "SELECT blocked FROM contacts WHERE user = ? AND address = ?", (self.user, address)
+        )
+        return bool(r and r["blocked"])
+
+    def forget_token_to_them(self, address: str, token: bytes) -> None:
+        """Their inbox refused the token they gave us: write as a stranger from now on."""
+        with self.db.transaction() as c:
+            c.execute(
+                "UPDATE contacts SET token_to_them = NULL WHERE user = ? AND address = ?"
+                " AND token_to_them = ?",
+                (self.user, address, token),
+            )
+
+    def remember_policy(self, accepts_strangers: bool, now: int) -> None:
+        """Record what this person last told their inbox about strangers (for status)."""
+        with self.db.transaction() as c:
+            c.execute(
+                "INSERT INTO mail_policy (user, accepts_strangers, set_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (user) DO UPDATE SET accepts_strangers = excluded.accepts_strangers,"
+                " set_at = excluded.set_at",
+                (self.user, int(accepts_strangers), now),
+            )
+
+    def remembered_policy(self) -> bool | None:
+        """What :meth:`remember_policy` recorded; None if the person never set it here."""
+        r = self.db.one("SELECT accepts_strangers FROM mail_policy WHERE user = ?", (self.user,))
+        return None if r is None else bool(r["accepts_strangers"])
+
     def forget(self, address: str) -> bool:
         with self.db.transaction() as c:
             return (
@@ -158,6 +221,7 @@ class ContactStore:
         """Delete this user's whole address book (the user is being removed)."""
         with self.db.transaction() as c:
             c.execute("DELETE FROM identity_changes WHERE user = ?", (self.user,))
+            c.execute("DELETE FROM mail_policy WHERE user = ?", (self.user,))
             return int(c.execute("DELETE FROM contacts WHERE user = ?", (self.user,)).rowcount)
 
     def record_identity_change(

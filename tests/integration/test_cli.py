@@ -294,3 +294,55 @@ def test_an_interrupted_removal_is_finished_by_running_it_again(home: Path) -> N
     code, out = run(home, "users", "remove", "carol", "--yes")
     assert code == 0 and "Removed carol" in out and "none was removed" in out, out
     assert not (home / "users" / "carol").exists()
+
+
+def test_contacts_block_unblock_and_policy_on_a_machine_with_its_inbox(home: Path) -> None:
+    import json
+    import os
+
+    from onionpost.keystore import KeyStore
+    from onionpost.store import DEVICE_COMPONENTS, INBOX_COMPONENTS
+    from onionpost.store.contacts import ContactStore
+    from onionpost.store.db import Database
+    from onionpost.store.inbox import InboxStore
+
+    run(home, "init", "--user", "alice", "--device-name", "laptop")
+    code, out = run(home, "contacts", "policy")
+    assert code == 0 and "mail from:  open" in out, out
+    code, out = run(home, "contacts", "policy", "contacts-only")
+    assert code == 0 and "contacts-only" in out, out
+    key = KeyStore(home).load_server().record_key()
+    db = Database(home / "inbox.db", INBOX_COMPONENTS, record_key=key)
+    (mb,) = InboxStore(db).mailboxes()
+    assert mb.accepts_strangers is False
+    db.close()
+    # status shows it (from the inbox database; the node need not run)
+    (home / "run").mkdir(exist_ok=True)
+    (home / "run" / "status.json").write_text(json.dumps({"pid": os.getpid(), "users": []}))
+    assert "mail from:  contacts-only" in run(home, "status")[1]
+    assert "mail from:  open" in run(home, "contacts", "policy", "open")[1]
+
+    # block withdraws the token this device registered for the contact, at the local inbox
+    hal = _hal()
+    token = b"t" * 32
+    db = Database(home / "device.db", DEVICE_COMPONENTS)
+    contacts = ContactStore(db, "alice")
+    contacts.remember(hal, uik_pk=b"u" * 32, pin=b"p" * 32, now=1)
+    contacts.set_token_from_them(hal, token)
+    db.close()
+    db = Database(home / "inbox.db", INBOX_COMPONENTS, record_key=key)
+    from onionpost.crypto.primitives import kdf, mac32
+    from onionpost.inbox import CTX_TOKEN_HASH
+
+    token_hash = mac32(kdf(KeyStore(home).load_server().onion_seed, CTX_TOKEN_HASH), token)
+    InboxStore(db).add_token(mb.mailbox_id, token_hash, 1)
+    db.close()
+    code, out = run(home, "contacts", "block", hal)
+    assert code == 0 and "is blocked" in out, out
+    assert "blocked" in run(home, "contacts")[1]
+    db = Database(home / "inbox.db", INBOX_COMPONENTS, record_key=key)
+    assert not InboxStore(db).token_valid(mb.mailbox_id, token_hash)
+    db.close()
+    code, out = run(home, "contacts", "unblock", hal)
+    assert code == 0 and "no longer blocked" in out, out
+    assert "blocked" not in run(home, "contacts")[1]

@@ -434,6 +434,8 @@ class Node:
             self.scheduler.wake(job)
         for device in self.devices.values():
             device.wake()
+        if self.filer is not None:  # `onionpost send` queued a Sent copy
+            self.filer.wake()
         request = self.config.data_dir / "run" / ROTATE_REQUEST
         if request.exists():
             request.unlink(missing_ok=True)

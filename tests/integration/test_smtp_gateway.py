@@ -1151,8 +1151,7 @@ async def test_a_50_mib_message_goes_from_smtp_to_the_recipients_inbox_intact(
         await alice.submissions.process_due()
         assert await home.worker.run_due() == 1
         assert await bob.device.sync() == 1
-        inbox = bob.mailbox.folder(bob.user, "INBOX")
-        (filed,) = [bob.mailbox.content(m.body_id) for m in bob.mailbox.messages(inbox.id)]
+        (filed,) = bob.filed("INBOX")
         filed_head, _, filed_body = filed.partition(b"\r\n\r\n")
         assert filed_body == body
         assert b"\r\nSubject: big\r\n" in filed_head + b"\r\n"

@@ -357,8 +357,8 @@ class WatchedThunderbird:
 
 
 @pytest.fixture
-def node(tmp_path: Path) -> Iterator[Node]:
-    n = Node(tmp_path)
+def node(mail_tmp: Path) -> Iterator[Node]:
+    n = Node(mail_tmp)  # as root, Dovecot's mail account must pass through
     n.add_user("alice")
     n.add_user("carol")
     n.start()

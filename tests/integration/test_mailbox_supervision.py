@@ -1,0 +1,63 @@
+"""The node's Dovecot dies: the node restarts it, `onionpost status` says so, and mail that
+arrived meanwhile waits in the filing queue and is filed once Dovecot is back."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import smtplib
+import ssl
+import time
+from email.message import EmailMessage
+
+from .test_imap_flood import RunningNode, running_node
+
+
+def status(node: RunningNode) -> dict[str, object]:
+    return dict(json.loads((node.data_dir / "run" / "status.json").read_text()))
+
+
+def until(check, what: str, timeout: float = 120) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def test_a_killed_dovecot_is_restarted_and_status_says_so() -> None:
+    with running_node() as node:
+        until(lambda: isinstance(status(node).get("mail_server"), dict), "the status file")
+        server = status(node)["mail_server"]
+        assert isinstance(server, dict) and server["status"] == "running"
+        os.kill(int(server["pid"]), signal.SIGKILL)
+
+        def restarted() -> bool:
+            s = status(node)["mail_server"]
+            return isinstance(s, dict) and s["restarts"] == 1 and s["status"] == "running"
+
+        until(restarted, "the node to restart Dovecot")
+        out = node.cli("status")
+        assert "mailbox:    Dovecot running, restarted 1 time(s)" in out, out
+        assert "Dovecot exited" in node.log_path.read_text()
+
+        # and mail flows again: to myself over SMTP, read back over IMAP
+        msg = EmailMessage()
+        msg["From"] = msg["To"] = node.address
+        msg["Subject"] = "after the restart"
+        msg.set_content("hello again\n")
+        with smtplib.SMTP("127.0.0.1", node.smtp_port, timeout=60) as smtp:
+            smtp.starttls(context=ssl.create_default_context(cafile=node.ca_file))
+            smtp.login("alice", node.password)
+            smtp.send_message(msg)
+        imap = node.imap()
+        try:
+
+            def arrived() -> bool:
+                imap.select("INBOX", readonly=True)
+                _, found = imap.search(None, "SUBJECT", '"after the restart"')
+                return bool(found[0].split())
+
+            until(arrived, "the message in INBOX")
+        finally:
+            imap.logout()

@@ -152,8 +152,8 @@ def _filed(node: NodeProcess) -> list[str]:
     return ids
 
 
-async def test_kill_both_nodes_repeatedly_and_lose_nothing(tmp_path: Path) -> None:
-    alice, bob = NodeProcess(tmp_path, "alice"), NodeProcess(tmp_path, "bob")
+async def test_kill_both_nodes_repeatedly_and_lose_nothing(mail_tmp: Path) -> None:
+    alice, bob = NodeProcess(mail_tmp, "alice"), NodeProcess(mail_tmp, "bob")
     for n in (alice, bob):
         n.init()
     alice.configure(bob)

@@ -60,11 +60,21 @@ REPO = Path(__file__).resolve().parents[1]
 
 def run(ctx: Context) -> None:
     sizes = QUICK_SIZES_MIB if ctx.quick else SIZES_MIB
-    with tempfile.TemporaryDirectory(prefix="onionpost-bench-mem-") as d:
-        _large_messages(ctx, Path(d), sizes)
+    with _passable_tmp() as d:
+        _large_messages(ctx, d, sizes)
     n = QUICK_MAILBOX_MESSAGES if ctx.quick else MAILBOX_MESSAGES
-    with tempfile.TemporaryDirectory(prefix="onionpost-bench-mem-") as d:
-        _full_mailbox(ctx, Path(d), n)
+    with _passable_tmp() as d:
+        _full_mailbox(ctx, d, n)
+
+
+@contextlib.contextmanager
+def _passable_tmp() -> Iterator[Path]:
+    """A temporary directory other accounts may pass through: a node run as root runs its
+    Dovecot's mail processes as another account (as ``tests/conftest.py::mail_tmp``)."""
+    with tempfile.TemporaryDirectory(prefix="onionpost-bench-mem-", dir="/tmp") as d:
+        root = Path(d)
+        root.chmod(0o755)
+        yield root
 
 
 # --- the node processes -----------------------------------------------------------------------

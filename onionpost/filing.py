@@ -29,7 +29,7 @@ from typing import Protocol
 
 from onionpost.aio import cancel_and_wait
 from onionpost.errors import FilingRefused, OnionpostError
-from onionpost.store.filing import FILED, HANDED, Filing, FilingStore
+from onionpost.store.filing import FILED, HANDED, Filing, FilingStore, MessageSource
 
 log = logging.getLogger(__name__)
 
@@ -106,14 +106,16 @@ class Filer:
         key: bytes,
         user: str,
         folder: str,
-        message: bytes,
+        message: MessageSource,
+        prefix: bytes = b"",
         source: bytes | None = None,
         mark_seen: bool = False,
         unless_message_id: str | None = None,
         wait: int = 0,
     ) -> int | None:
-        """Queue ``message`` (durable when the caller's transaction commits); the row id, or
-        None if ``key`` was queued before.  The filer looks at it at once, or after ``wait``
+        """Queue ``prefix`` + ``message`` (bytes, a file's path, or an open file read from
+        where it stands; durable when the caller's transaction commits); the row id, or None
+        if ``key`` was queued before.  The filer looks at it at once, or after ``wait``
         seconds."""
         now = self._now()
         filing_id = self.store.add(
@@ -121,6 +123,7 @@ class Filer:
             user=user,
             folder=folder,
             message=message,
+            prefix=prefix,
             now=now,
             source=source,
             mark_seen=mark_seen,

@@ -12,6 +12,19 @@ standard library parse mail (``email.policy.SMTP`` and its header registry), bec
 is "broken" precisely when those parsers choke on it.
 
 It is pure: bytes and the current time in, bytes out, and it never raises.
+
+**Large messages: the header only.**  A message over :data:`WHOLE_MESSAGE_LIMIT` is not
+read whole: :func:`normalize_header` repairs its top-level header block (at most
+:data:`HEADER_BLOCK_LIMIT`) and the body is filed byte for byte, streamed from a file, so a
+50 MiB message is never held in memory while it is filed.  What that gives up, and why it is
+safe: the IMAP server is Dovecot, whose MIME parser has its own limits (nested parts,
+total parts) and treats what lies beyond them as plain body, and no onionpost code parses
+the filed mail over IMAP any more; the top-level header is what clients show in message
+lists and what Dovecot indexes (ENVELOPE, SEARCH), so it is still repaired.  Parts' headers,
+MIME nesting and an unknown charset on a text part are left as sent: a client may show such
+a part oddly, but cannot be broken by it.  Line ends stay as sent too: LMTP makes them CRLF
+as it files.  A header block longer than :data:`HEADER_BLOCK_LIMIT` gets
+:func:`oversized_header`: a fresh header, with the whole original kept as an attachment.
 """
 
 from __future__ import annotations
@@ -38,7 +51,19 @@ from email.policy import SMTP
 from email.utils import formatdate
 from typing import TypeGuard
 
-__all__ = ["MAX_DEPTH", "MAX_FIELD", "MAX_HEADER", "MAX_LINE", "message_id", "normalize"]
+__all__ = [
+    "HEADER_BLOCK_LIMIT",
+    "MAX_DEPTH",
+    "MAX_FIELD",
+    "MAX_HEADER",
+    "MAX_LINE",
+    "WHOLE_MESSAGE_LIMIT",
+    "header_end",
+    "message_id",
+    "normalize",
+    "normalize_header",
+    "oversized_header",
+]
 
 #: RFC 5322's hard limit on a physical line (without CRLF).
 MAX_LINE = 998
@@ -53,6 +78,11 @@ MAX_PARTS = 500
 #: Header bytes examined per message, over all its parts; beyond it header lines are dropped.
 #: Keeps filing time bounded for a message made of nothing but millions of tiny fields.
 HEADER_BUDGET = 4 * 1024 * 1024
+#: Messages up to this size are normalised whole (:func:`normalize`); larger ones have their
+#: top-level header repaired and their body kept byte for byte (:func:`normalize_header`).
+WHOLE_MESSAGE_LIMIT = 4 * 1024 * 1024
+#: Where a large message's header block must have ended (the blank line included).
+HEADER_BLOCK_LIMIT = 1024 * 1024
 
 _CRLF = b"\r\n"
 _WSP = b" \t"
@@ -119,6 +149,64 @@ def normalize(message: bytes, *, now: int) -> bytes:
         return _opaque(message, now)
 
 
+def header_end(data: bytes) -> tuple[int, int] | None:
+    """``(end, body_start)`` of the header block in ``data``: where its last line ends and
+    where the body begins (after the blank line), with CRLF or bare LF, whichever comes first;
+    None when ``data`` holds no blank line."""
+    crlf = data.find(b"\r\n\r\n")
+    lf = data.find(b"\n\n")
+    if crlf >= 0 and (lf < 0 or crlf <= lf):
+        return crlf, crlf + 4
+    if lf >= 0:
+        return lf, lf + 2
+    return None
+
+
+def normalize_header(head: bytes, *, now: int, digest: bytes) -> bytes:
+    """The top-level header block ``head`` (its fields, without the blank line) repaired as
+    :func:`normalize` repairs a message's, ending in CRLF CRLF: what a large message's body,
+    kept as it is, follows.
+
+    ``digest`` (of the whole message) names a ``Message-ID`` when there is none.  Never
+    raises: a header that cannot be repaired is replaced by a minimal one.
+    """
+    try:
+        data = _to_crlf(head)
+        if data:
+            data += _CRLF
+        data += _CRLF
+        walk = _Walk(data, now, changed=data is not head, digest=digest)
+        found = _read_head(data, 0, len(data), top=True, budget=2 * MAX_HEADER)
+        if found.body_start != len(data):  # the first line is no field: repaired line by line
+            found = _Head(_group_fields(data[: -len(_CRLF) * 2].split(_CRLF)), len(data), False)
+        fields, changed = _fix_header(found.fields, walk, "top")
+        if not changed and found.verbatim:
+            return data
+        return b"".join(line + _CRLF for lines in fields for line in lines) + _CRLF
+    except Exception:  # the contract is "never raises"
+        return _minimal_header(now, digest)
+
+
+def oversized_header(now: int, digest: bytes) -> bytes:
+    """A header for a large message whose own header block does not end within
+    :data:`HEADER_BLOCK_LIMIT`: the original follows it, byte for byte, as an attachment."""
+    return (
+        f"Date: {_date(now)}\r\nMessage-ID: <{digest.hex()[:32]}@onionpost.invalid>\r\n"
+        "Subject: Message with an oversized header\r\n"
+        "MIME-Version: 1.0\r\nContent-Type: application/octet-stream\r\n"
+        'Content-Disposition: attachment; filename="original.eml"\r\n'
+        "X-Onionpost-Note: the header was over 1 MiB; the whole message is this attachment\r\n"
+        "\r\n"
+    ).encode("ascii")
+
+
+def _minimal_header(now: int, digest: bytes) -> bytes:
+    return (
+        f"Date: {_date(now)}\r\nMessage-ID: <{digest.hex()[:32]}@onionpost.invalid>\r\n"
+        "Subject: Unreadable message\r\n\r\n"
+    ).encode("ascii")
+
+
 def message_id(message: bytes) -> str | None:
     """The ``<id>`` of the top-level ``Message-ID:`` header, or None when there is none."""
     try:
@@ -146,6 +234,7 @@ class _Walk:
     parts: int = 0
     changed: bool = False
     header_budget: int = HEADER_BUDGET
+    digest: bytes | None = None  # of the whole message, when ``data`` is its header only
 
 
 @dataclass
@@ -388,7 +477,8 @@ def _fix_header(
         if b"date" not in names:
             added.append([b"Date: " + _date(walk.now).encode("ascii")])
         if b"message-id" not in names:
-            digest = hashlib.sha256(walk.data).hexdigest()[:32]
+            whole = walk.digest if walk.digest is not None else hashlib.sha256(walk.data).digest()
+            digest = whole.hex()[:32]
             added.append([b"Message-ID: <" + digest.encode("ascii") + b"@onionpost.invalid>"])
         if added:
             changed, out = True, added + out

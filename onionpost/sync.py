@@ -49,7 +49,14 @@ from onionpost.errors import (
     ReplayedMessage,
 )
 from onionpost.filing import Filer, filing_key
-from onionpost.normalize import normalize
+from onionpost.normalize import (
+    HEADER_BLOCK_LIMIT,
+    WHOLE_MESSAGE_LIMIT,
+    header_end,
+    normalize,
+    normalize_header,
+    oversized_header,
+)
 from onionpost.store.contacts import ContactStore
 from onionpost.store.filing import FilingStore
 
@@ -170,26 +177,30 @@ class Receiver:
                 store.record_seen(self.user, header.msg_id, header.expires_at)
                 log.info("dropped a message from a blocked sender")
                 return Filed("")
-            body.seek(0)
-            message = normalize(_stamp(body.read(), sender), now=now)
-        # Our own mail that was also addressed to us (another device of ours sent it): the
-        # mark is signed by our own device, so it is trusted as much as the copy itself.
-        to_self = folder == "Sent" and header.extension(EXT_ADDRESSED_TO_SELF) is not None
-        folders = [folder, "INBOX"] if to_self else [folder]
-        ids: list[int] = []
-        with store.db.transaction():
-            store.record_seen(self.user, header.msg_id, header.expires_at)
-            for target in folders:
-                filing_id = self.filer.queue(
-                    key=filing_key(b"inbox", self.user.encode(), header.msg_id, target.encode()),
-                    user=self.user,
-                    folder=target,
-                    message=message,
-                    source=header.msg_id,
-                    mark_seen=target == "Sent",
-                )
-                if filing_id is not None:
-                    ids.append(filing_id)
+            message, offset = _filed_form(body, sender, now)
+            # Our own mail that was also addressed to us (another device of ours sent it): the
+            # mark is signed by our own device, so it is trusted as much as the copy itself.
+            to_self = folder == "Sent" and header.extension(EXT_ADDRESSED_TO_SELF) is not None
+            folders = [folder, "INBOX"] if to_self else [folder]
+            ids: list[int] = []
+            with store.db.transaction():
+                store.record_seen(self.user, header.msg_id, header.expires_at)
+                for target in folders:
+                    if offset is not None:  # a large message: its header, then the body file
+                        body.seek(offset)
+                    filing_id = self.filer.queue(
+                        key=filing_key(
+                            b"inbox", self.user.encode(), header.msg_id, target.encode()
+                        ),
+                        user=self.user,
+                        folder=target,
+                        message=message if offset is None else body,
+                        prefix=b"" if offset is None else message,
+                        source=header.msg_id,
+                        mark_seen=target == "Sent",
+                    )
+                    if filing_id is not None:
+                        ids.append(filing_id)
         log.info("queued a message for %s", " and ".join(folders))
         return Filed(folder, tuple(ids))
 
@@ -286,6 +297,32 @@ def _file_digest(f: IO[bytes]) -> bytes:
     while piece := f.read(1 << 20):
         h.update(piece)
     return h.digest()
+
+
+def _filed_form(body: IO[bytes], sender: _Sender, now: int) -> tuple[bytes, int | None]:
+    """What to file for the opened message in ``body``: ``(message, None)``, the whole
+    message stamped and normalised, for a message up to
+    :data:`~onionpost.normalize.WHOLE_MESSAGE_LIMIT`; for a larger one ``(header, offset)``,
+    its stamped and repaired header, to be followed by ``body`` from ``offset`` on, byte for
+    byte, so that the message is never held in memory (see :mod:`onionpost.normalize`).
+    """
+    size = body.seek(0, 2)
+    body.seek(0)
+    if size <= WHOLE_MESSAGE_LIMIT:
+        return normalize(_stamp(body.read(), sender), now=now), None
+    digest = _file_digest(body)
+    body.seek(0)
+    first = body.read(HEADER_BLOCK_LIMIT)
+    found = header_end(first)
+    if found is None:
+        # No blank line within the bound: a fresh header, the whole original as an attachment.
+        log.warning("a large message's header block is over 1 MiB; filed as an attachment")
+        return _stamp(oversized_header(now, digest), sender), 0
+    stamped = _stamp(first[: found[1]], sender)
+    del first
+    end = header_end(stamped)
+    head = stamped if end is None else stamped[: end[0]]
+    return normalize_header(head, now=now, digest=digest), found[1]
 
 
 def _stamp(message: bytes, sender: _Sender) -> bytes:

@@ -25,10 +25,18 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from onionpost.crypto.envelope import Readable
 from onionpost.errors import StoreError
 from onionpost.store.db import Database
 
 QUEUED, HANDED, FILED = 0, 1, 2
+
+#: A message given as a file is copied into the spool in pieces of this size, never whole.
+COPY_CHUNK = 1 << 20
+
+#: What :meth:`FilingStore.add` files: the bytes, a file by name, or an open file (read from
+#: where it stands to its end).
+MessageSource = bytes | Path | Readable
 
 
 @dataclass(frozen=True)
@@ -74,17 +82,24 @@ class FilingStore:
     def path(self, key: bytes) -> Path:
         return self.spool_dir / f"{key.hex()}.eml"
 
-    def _write_spool(self, key: bytes, message: bytes) -> None:
-        """Write, fsync, rename, fsync the directory: the file is whole or absent."""
+    def _write_spool(self, key: bytes, message: MessageSource, prefix: bytes = b"") -> None:
+        """Write ``prefix`` + the message, fsync, rename, fsync the directory: the file is
+        whole or absent.  A message given as a file is copied in pieces of
+        :data:`COPY_CHUNK`: a 50 MiB message is not read into memory here."""
         try:
             self.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             final = self.path(key)
             tmp = final.with_suffix(".tmp")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
-                view = memoryview(message)
-                while view:
-                    view = view[os.write(fd, view) :]
+                _write_all(fd, prefix)
+                if isinstance(message, bytes):
+                    _write_all(fd, message)
+                elif isinstance(message, Path):
+                    with message.open("rb") as source:
+                        _copy(fd, source)
+                else:
+                    _copy(fd, message)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -119,20 +134,25 @@ class FilingStore:
         key: bytes,
         user: str,
         folder: str,
-        message: bytes,
+        message: MessageSource,
         now: int,
+        prefix: bytes = b"",
         source: bytes | None = None,
         mark_seen: bool = False,
         unless_message_id: str | None = None,
         not_before: int | None = None,
     ) -> int | None:
-        """Queue ``message`` for ``folder``; the row id, or None if ``key`` is queued already.
+        """Queue ``prefix`` + ``message`` for ``folder``; the row id, or None if ``key`` is
+        queued already.
 
-        Call inside the caller's transaction to make the filing part of it.
+        ``message`` is bytes, a file's path, or an open file, copied from where it stands to
+        its end (in pieces: a large message is never held whole).  The spool file is fsynced
+        before the row is written.  Call inside the caller's transaction to make the filing
+        part of it.
         """
         if self.db.scalar("SELECT 1 FROM filing_queue WHERE key = ?", (key,)):
             return None
-        self._write_spool(key, message)
+        self._write_spool(key, message, prefix)
         start = now if not_before is None else not_before
         cur = self.db.execute(
             "INSERT INTO filing_queue (key, user, folder, source, mark_seen, unless_message_id,"
@@ -226,3 +246,14 @@ class FilingStore:
 
     def users(self) -> Iterable[str]:
         return [str(r[0]) for r in self.db.all("SELECT DISTINCT user FROM filing_queue")]
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _copy(fd: int, source: Readable) -> None:
+    while piece := source.read(COPY_CHUNK):
+        _write_all(fd, piece)

@@ -88,21 +88,20 @@ class OutboxStore:
                 if row[1] == "bounced" and row[2] == RESEAL_CODE:
                     # handed back because the recipient's keys changed: this is the re-sealing
                     c.execute(
-                        "UPDATE outbox SET envelope = zeroblob(?), onion = ?, state = 'queued',"
+                        "UPDATE outbox SET onion = ?, state = 'queued',"
                         " next_attempt_at = ?, leased_until = NULL, finished_at = NULL,"
                         " last_error = NULL, last_error_code = NULL WHERE id = ?",
-                        (size, onion, now, row[0]),
+                        (onion, now, row[0]),
                     )
-                    _write_blob(c, int(row[0]), envelope)
+                    _write_blob(c, int(row[0]), size, envelope)
                 return int(row[0])
             cur = c.execute(
-                "INSERT INTO outbox (mailbox_id, device_id, onion, envelope, submission_hash,"
-                " created_at, expires_at, next_attempt_at)"
-                " VALUES (?, ?, ?, zeroblob(?), ?, ?, ?, ?)",
-                (mailbox_id, device_id, onion, size, key_hash, now, expires_at, now),
+                "INSERT INTO outbox (mailbox_id, device_id, onion, submission_hash,"
+                " created_at, expires_at, next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (mailbox_id, device_id, onion, key_hash, now, expires_at, now),
             )
             assert cur.lastrowid is not None
-            _write_blob(c, cur.lastrowid, envelope)
+            _write_blob(c, cur.lastrowid, size, envelope)
             return cur.lastrowid
 
     def get(self, row_id: int) -> OutboxRow | None:
@@ -110,12 +109,16 @@ class OutboxStore:
         return _row(r) if r else None
 
     def envelope(self, row_id: int) -> bytes:
-        return bytes(self.db.scalar("SELECT envelope FROM outbox WHERE id = ?", (row_id,)) or b"")
+        return bytes(
+            self.db.scalar("SELECT envelope FROM outbox_envelopes WHERE id = ?", (row_id,)) or b""
+        )
 
     def copy_envelope(self, row_id: int, sink: Writable) -> int:
         """Write a row's envelope to ``sink`` in pieces; return its length (0: none)."""
         try:
-            with self.db.conn.blobopen("outbox", "envelope", row_id, readonly=True) as blob:
+            with self.db.conn.blobopen(
+                "outbox_envelopes", "envelope", row_id, readonly=True
+            ) as blob:
                 size = len(blob)
                 while piece := blob.read(BLOB_CHUNK):
                     sink.write(piece)
@@ -182,10 +185,11 @@ class OutboxStore:
             c.execute(
                 "UPDATE outbox SET state = 'delivered', finished_at = ?,"
                 " attempts = attempts + 1, last_attempt_at = ?, last_error = NULL,"
-                " leased_until = NULL, last_error_code = NULL, envelope = x'', onion = ''"
+                " leased_until = NULL, last_error_code = NULL, onion = ''"
                 " WHERE id = ? AND state = 'queued'",
                 (now, now, row_id),
             )
+            _drop_envelope(c, row_id)
 
     def mark_deferred(
         self, row_id: int, *, now: int, next_attempt_at: int, error: str, code: str
@@ -216,14 +220,15 @@ class OutboxStore:
                 "UPDATE outbox SET state = 'bounced', finished_at = ?, last_error = ?,"
                 " leased_until = NULL,"
                 " last_error_code = ?, attempts = attempts + ?, last_attempt_at = CASE WHEN ?"
-                " THEN ? ELSE last_attempt_at END, envelope = x'', onion = ''"
+                " THEN ? ELSE last_attempt_at END, onion = ''"
                 " WHERE id = ? AND state = 'queued'",
                 (now, error, code, int(attempted), int(attempted), now, row_id),
             )
+            _drop_envelope(c, row_id)
 
     def cancel(self, row_id: int, *, now: int, mailbox_id: bytes | None = None) -> bool:
         sql = (
-            "UPDATE outbox SET state = 'cancelled', finished_at = ?, envelope = x'', onion = ''"
+            "UPDATE outbox SET state = 'cancelled', finished_at = ?, onion = ''"
             " WHERE id = ? AND state = 'queued'"
         )
         params: tuple[object, ...] = (now, row_id)
@@ -231,7 +236,10 @@ class OutboxStore:
             sql += " AND mailbox_id = ?"
             params = (*params, mailbox_id)
         with self.db.transaction() as c:
-            return c.execute(sql, params).rowcount > 0
+            if c.execute(sql, params).rowcount == 0:
+                return False
+            _drop_envelope(c, row_id)
+            return True
 
     def retry_now(
         self, now: int, row_id: int | None = None, *, mailbox_id: bytes | None = None
@@ -279,10 +287,26 @@ class OutboxStore:
             ).rowcount
 
 
-def _write_blob(c: sqlite3.Connection, rowid: int, envelope: bytes | tuple[Readable, int]) -> None:
-    """Fill the zeroblob just written for ``rowid``'s envelope."""
+def _drop_envelope(c: sqlite3.Connection, rowid: int) -> None:
+    """A finished row's envelope goes (the row stays for the device's status questions)."""
+    c.execute(
+        "DELETE FROM outbox_envelopes WHERE id = ? AND"
+        " (SELECT state FROM outbox WHERE id = ?) IS NOT 'queued'",
+        (rowid, rowid),
+    )
+
+
+def _write_blob(
+    c: sqlite3.Connection, rowid: int, size: int, envelope: bytes | tuple[Readable, int]
+) -> None:
+    """Store ``rowid``'s envelope: a zeroblob in a row of its own (the row's last column,
+    so SQLite never builds the record in memory), filled through a blob handle."""
     try:
-        with c.blobopen("outbox", "envelope", rowid) as blob:
+        c.execute(
+            "INSERT OR REPLACE INTO outbox_envelopes (id, envelope) VALUES (?, zeroblob(?))",
+            (rowid, size),
+        )
+        with c.blobopen("outbox_envelopes", "envelope", rowid) as blob:
             if not isinstance(envelope, tuple):
                 blob.write(envelope)
                 return

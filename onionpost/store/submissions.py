@@ -51,16 +51,21 @@ class SubmissionStore:
         """Queue a submission; call inside the caller's transaction to combine it with more."""
         with self.db.transaction() as c:
             cur = c.execute(
-                "INSERT INTO submissions (user, message, headers, message_ref, created_at,"
-                " expires_at) VALUES (?, zeroblob(?), ?, ?, ?, ?)",
-                (user, len(message), headers, message_ref, now, expires_at),
+                "INSERT INTO submissions (user, headers, message_ref, created_at, expires_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (user, headers, message_ref, now, expires_at),
             )
             sid = cur.lastrowid
             assert sid is not None
-            # Written through a blob handle: binding the bytes would have SQLite copy the
-            # message twice more (the bound value, then the record) on top of the caller's.
+            # A zeroblob in a row of its own, written through a blob handle: binding the
+            # bytes would have SQLite copy the message twice more (the bound value, then the
+            # record), and so would a zeroblob followed by other columns.
+            c.execute(
+                "INSERT INTO submission_bodies (id, message) VALUES (?, zeroblob(?))",
+                (sid, len(message)),
+            )
             if message:
-                with c.blobopen("submissions", "message", sid) as blob:
+                with c.blobopen("submission_bodies", "message", sid) as blob:
                     blob.write(message)
             for address in sorted(set(recipients)):
                 c.execute(
@@ -79,7 +84,7 @@ class SubmissionStore:
         """The stored message, read through a blob handle straight into one bytes object."""
         try:
             with self.db.conn.blobopen(
-                "submissions", "message", submission_id, readonly=True
+                "submission_bodies", "message", submission_id, readonly=True
             ) as blob:
                 return blob.read()
         except sqlite3.OperationalError:  # no such row
@@ -317,7 +322,7 @@ class SubmissionStore:
         the header block stays for delivery status notifications).  Until then it is kept:
         a copy handed back because the recipient's keys changed must be sealed again."""
         c.execute(
-            "UPDATE submissions SET message = x'' WHERE id = ? AND NOT EXISTS (SELECT 1 FROM"
+            "DELETE FROM submission_bodies WHERE id = ? AND NOT EXISTS (SELECT 1 FROM"
             " submission_recipients WHERE submission_id = ? AND state IN ('pending', 'queued'))",
             (submission_id, submission_id),
         )
@@ -329,7 +334,7 @@ class SubmissionStore:
                 c.execute(
                     "UPDATE submission_recipients SET state = 'pending', next_attempt_at = ?"
                     " WHERE submission_id = ? AND address = ? AND state = 'queued' AND EXISTS"
-                    " (SELECT 1 FROM submissions WHERE id = ? AND length(message) > 0)",
+                    " (SELECT 1 FROM submission_bodies WHERE id = ? AND length(message) > 0)",
                     (now, submission_id, address, submission_id),
                 ).rowcount
                 > 0

@@ -153,8 +153,7 @@ def _filed(node: NodeProcess) -> list[str]:
 
 
 async def test_kill_both_nodes_repeatedly_and_lose_nothing(mail_tmp: Path) -> None:
-    tmp_path = mail_tmp
-    alice, bob = NodeProcess(tmp_path, "alice"), NodeProcess(tmp_path, "bob")
+    alice, bob = NodeProcess(mail_tmp, "alice"), NodeProcess(mail_tmp, "bob")
     for n in (alice, bob):
         n.init()
     alice.configure(bob)

@@ -1118,7 +1118,8 @@ async def test_a_50_mib_message_goes_from_smtp_to_the_recipients_inbox_intact(
 ) -> None:
     """The whole path with the largest message the gateway accepts: SMTP, the durable
     submission, sealing, the outbox, delivery to another inbox over HTTP, acceptance, the
-    recipient device's fetch, opening and filing.  What is filed is what was sent."""
+    recipient device's fetch, opening and filing (the header repaired, the body streamed into
+    the filing queue).  What is filed is what was sent."""
     clock = SystemClock()
     dialer = DirectDialer({})
     home, away = InboxNode(tmp_path, "a", clock, dialer), InboxNode(tmp_path, "b", clock, dialer)
@@ -1153,7 +1154,8 @@ async def test_a_50_mib_message_goes_from_smtp_to_the_recipients_inbox_intact(
         assert await bob.device.sync() == 1
         (filed,) = bob.filed("INBOX")
         filed_head, _, filed_body = filed.partition(b"\r\n\r\n")
-        assert filed_body == body
+        assert filed_body == body  # streamed into the filing spool byte for byte
+        assert b"\r\nX-Onionpost-Verified: " in b"\r\n" + filed_head
         assert b"\r\nSubject: big\r\n" in filed_head + b"\r\n"
         assert base64.b64decode(filed_body) == raw
     finally:

@@ -16,7 +16,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import onionpost.normalize as normalize_module
-from onionpost.normalize import MAX_DEPTH, MAX_LINE, message_id, normalize
+from onionpost.normalize import (
+    MAX_DEPTH,
+    MAX_LINE,
+    header_end,
+    message_id,
+    normalize,
+    normalize_header,
+)
 
 NOW = 1_800_000_000
 
@@ -301,3 +308,44 @@ def test_any_bytes_give_well_formed_mail(no_fallback: None, message: bytes, now:
 def test_normalizing_twice_changes_nothing(no_fallback: None, message: bytes) -> None:
     once = normalize(message, now=NOW)
     assert normalize(once, now=NOW) == once
+
+
+# -- a large message's header alone --------------------------------------------------------
+
+DIGEST = bytes(range(16))
+
+
+def test_a_good_header_is_kept_as_it_is() -> None:
+    head = header_block(GOOD_SIGNED)
+    assert normalize_header(head, now=NOW, digest=DIGEST) == head + b"\r\n\r\n"
+
+
+def test_a_header_is_repaired_as_a_whole_message_would_be() -> None:
+    head = (
+        b"From: Alice <alice@aaaa.onion>\nSender: a@b.c, d@e.f\nSubject: Gr\xc3\xbc\xc3\x9fe\n"
+        b"Date: yesterday"
+    )
+    out = normalize_header(head, now=NOW, digest=DIGEST)
+    assert out.endswith(b"\r\n\r\n")
+    parsed = email.message_from_bytes(out, policy=email.policy.default)
+    assert parsed["X-Original-Sender"] == "a@b.c, d@e.f"
+    assert parsed["Subject"] == "Grüße"
+    assert parsed["X-Original-Date"] == "yesterday"
+    assert parsed["Message-ID"] == f"<{DIGEST.hex()}@onionpost.invalid>"
+
+
+@_settings
+@given(st.binary(max_size=400), st.integers(min_value=-(2**40), max_value=2**40))
+def test_any_header_bytes_give_a_well_formed_header(
+    monkeypatch: pytest.MonkeyPatch, head: bytes, now: int
+) -> None:
+    def refuse(now: int, digest: bytes) -> bytes:
+        raise AssertionError("normalize_header fell back to its last resort")
+
+    monkeypatch.setattr(normalize_module, "_minimal_header", refuse)
+    while header_end(head) is not None:  # a header block as sync cuts it: no blank line
+        head = head.replace(b"\r\n\r\n", b"\r\n").replace(b"\n\n", b"\n")
+    out = normalize_header(head, now=now, digest=DIGEST)
+    assert out.endswith(b"\r\n\r\n")
+    assert out.count(b"\r\n\r\n") == 1
+    assert_well_formed(out + b"body\r\n")

@@ -1,0 +1,72 @@
+"""The filing queue's spool file: bytes, a file by name or an open file, copied in pieces."""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from onionpost.store import DEVICE_COMPONENTS
+from onionpost.store.db import Database
+from onionpost.store.filing import COPY_CHUNK, FilingStore, MessageSource
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[FilingStore]:
+    db = Database(tmp_path / "device.db", DEVICE_COMPONENTS)
+    try:
+        yield FilingStore(db, tmp_path / "filing")
+    finally:
+        db.close()
+
+
+class _Pieces:
+    """A readable that records how much each read asked for."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = io.BytesIO(data)
+        self.asked: list[int] = []
+
+    def read(self, n: int, /) -> bytes:
+        self.asked.append(n)
+        return self._data.read(n)
+
+
+def _add(store: FilingStore, key: bytes, message: MessageSource, prefix: bytes = b"") -> Path:
+    with store.db.transaction():
+        added = store.add(
+            key=key, user="bob", folder="INBOX", message=message, prefix=prefix, now=1
+        )
+    assert added is not None
+    return store.path(key)
+
+
+def test_bytes_a_path_and_an_open_file_spool_the_same(store: FilingStore, tmp_path: Path) -> None:
+    message = os.urandom(3 * COPY_CHUNK + 17)
+    source = tmp_path / "message.eml"
+    source.write_bytes(message)
+    pieces = _Pieces(message)
+    assert _add(store, b"a" * 16, message).read_bytes() == message
+    assert _add(store, b"b" * 16, source).read_bytes() == message
+    assert _add(store, b"c" * 16, pieces).read_bytes() == message
+    assert max(pieces.asked) == COPY_CHUNK  # never asked for the whole message
+    assert store.count("bob") == 3
+
+
+def test_a_prefix_goes_first_and_an_open_file_is_read_from_where_it_stands(
+    store: FilingStore,
+) -> None:
+    f = io.BytesIO(b"Subject: old\r\n\r\nthe body\r\n")
+    f.seek(len(b"Subject: old\r\n"))
+    spooled = _add(store, b"d" * 16, f, prefix=b"Subject: new\r\n").read_bytes()
+    assert spooled == b"Subject: new\r\n\r\nthe body\r\n"
+
+
+def test_a_key_queued_before_writes_nothing(store: FilingStore) -> None:
+    _add(store, b"e" * 16, b"first")
+    with store.db.transaction():
+        assert store.add(key=b"e" * 16, user="bob", folder="INBOX", message=b"x", now=1) is None
+    assert store.path(b"e" * 16).read_bytes() == b"first"

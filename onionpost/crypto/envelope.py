@@ -717,6 +717,12 @@ def _read_then_pad(source: Readable, length: int, pad: int) -> Iterator[bytes]:
         pad -= n
 
 
+def _check_zeros(plain: bytes, start: int) -> None:
+    """Refuse padding (``plain`` from ``start`` on) that is not all zero bytes."""
+    if plain[start:].strip(b"\x00"):
+        raise MalformedData("The envelope's padding is not zeros.")
+
+
 def open_outer(
     source: Readable,
     length: int,
@@ -780,8 +786,7 @@ def open_outer(
             l2_sink.write(piece)
             digest.update(piece)
             state["left"] = left - take
-        if plain[take:].strip(b"\x00"):
-            raise MalformedData("The envelope's padding is not zeros.")
+        _check_zeros(plain, take)
 
     _stream_open(opener, source, length - L1_HEADER, consume)
     if length != outer_length(l2_len):

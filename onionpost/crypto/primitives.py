@@ -17,12 +17,12 @@ from the injected RNG.  The ciphertext is the standard secretstream format eithe
 from __future__ import annotations
 
 import hashlib
+import hmac
 from collections.abc import Callable
 
 import nacl.bindings as sodium
 import nacl.exceptions
 import nacl.pwhash
-import nacl.signing
 import nacl.utils
 
 from onionpost.errors import BadSignature, CryptoError, MalformedData
@@ -95,18 +95,34 @@ def mac32(key: bytes, data: bytes) -> bytes:
 
 
 def constant_time_equal(a: bytes, b: bytes) -> bool:
-    return len(a) == len(b) and sodium.sodium_memcmp(a, b)
+    """Compare without a timing side channel (``hmac.compare_digest``: no FFI round trip)."""
+    return hmac.compare_digest(a, b)
 
 
 # --- Ed25519 ---------------------------------------------------------------------------------
 
 
 def ed25519_public(seed: bytes) -> bytes:
-    return bytes(nacl.signing.SigningKey(seed).verify_key)
+    return ed25519_keypair(seed)[0]
+
+
+def ed25519_keypair(seed: bytes) -> tuple[bytes, bytes]:
+    """``(public key, expanded secret key)`` from a 32-byte seed, in one base-point
+    multiplication; sign with :func:`ed25519_sign_expanded` to avoid deriving it again."""
+    if len(seed) != KEY_BYTES:
+        raise CryptoError("An Ed25519 seed must be 32 bytes.")
+    public, secret = sodium.crypto_sign_seed_keypair(seed)
+    return public, secret
 
 
 def ed25519_sign(seed: bytes, message: bytes) -> bytes:
-    return nacl.signing.SigningKey(seed).sign(message).signature
+    return ed25519_sign_expanded(ed25519_keypair(seed)[1], message)
+
+
+def ed25519_sign_expanded(secret: bytes, message: bytes) -> bytes:
+    """A detached signature with an expanded secret key from :func:`ed25519_keypair`."""
+    signed: bytes = sodium.crypto_sign(message, secret)
+    return signed[:SIGNATURE_BYTES]
 
 
 def ed25519_verify(public: bytes, message: bytes, signature: bytes, what: str) -> None:
@@ -114,7 +130,7 @@ def ed25519_verify(public: bytes, message: bytes, signature: bytes, what: str) -
     if len(public) != KEY_BYTES or len(signature) != SIGNATURE_BYTES:
         raise BadSignature(f"The signature on the {what} is malformed.")
     try:
-        nacl.signing.VerifyKey(public).verify(message, signature)
+        sodium.crypto_sign_open(signature + message, public)
     except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError, ValueError) as exc:
         raise BadSignature(f"The signature on the {what} does not verify.") from exc
 

@@ -18,7 +18,6 @@ are normative and documented with vectors in ``docs/protocol.md``.
 
 from __future__ import annotations
 
-import hashlib
 import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from onionpost.crypto.primitives import (
     AEAD_TAG_BYTES,
     STREAM_ABYTES,
     STREAM_HEADER_BYTES,
+    Hasher,
     RandomSource,
     StreamOpener,
     StreamSealer,
@@ -41,6 +41,7 @@ from onionpost.crypto.primitives import (
     ed25519_sign_expanded,
     ed25519_verify,
     hash32,
+    hasher,
     kdf,
     mac32,
     system_random,
@@ -392,7 +393,7 @@ def _encrypt_l2(
     sink: Writable,
 ) -> tuple[int, bytes]:
     """Write ``l2_header`` and the encrypted L3 stream to ``sink``; return (length, digest)."""
-    digest = hashlib.blake2b(digest_size=32)
+    digest = hasher(l3_len)
     ss_header = rng(STREAM_HEADER_BYTES)
     sealer = StreamSealer(kdf(file_key, CTX_PAYLOAD), ss_header)
     for part in (l2_header, ss_header):
@@ -453,7 +454,12 @@ def seal_inner(
     ).encode()
     if len(header) > MAX_HEADER_BYTES:
         raise CryptoError("The message header is too large.")
-    body_hash = hash32(body_view)
+    if type(body) is bytes:
+        body_hasher = hasher(len(body))
+        body_hasher.update(body)
+        body_hash = body_hasher.digest()
+    else:
+        body_hash = hash32(body_view)
     signature = ed25519_sign_expanded(dsk_sk, CTX_CONTENT + header + body_hash)
     prefix = len(header).to_bytes(4, "big") + header
     trailer = body_hash + signature
@@ -479,7 +485,7 @@ class _ContentParser:
         self.header: ContentHeader | None = None
         self.header_bytes = b""
         self._body_left = 0
-        self._hasher = hashlib.blake2b(digest_size=32)
+        self._hasher: Hasher = hasher(0)  # replaced once the header gives the body length
         self.trailer = b""
 
     def feed(self, data: bytes) -> None:
@@ -517,6 +523,7 @@ class _ContentParser:
         self.header = ContentHeader.parse(self.header_bytes)
         self._buf = bytearray()
         self._body_left = self.header.body_len
+        self._hasher = hasher(self._body_left)
 
     def body_hash(self) -> bytes:
         return self._hasher.digest()
@@ -805,7 +812,7 @@ def open_outer(
         # The length is authenticated (it is in the metadata), so this is a cut envelope.
         raise MessageTruncated("The envelope is shorter than the message it claims to carry.")
     opener = StreamOpener(stream_key, _read_exact(source, STREAM_HEADER_BYTES, "envelope"))
-    digest = hashlib.blake2b(digest_size=32)
+    digest = hasher(l2_len)
     state = {"left": l2_len}
 
     def consume(plain: bytes) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Callable
+from typing import Protocol
 
 import nacl.bindings as sodium
 import nacl.exceptions
@@ -72,6 +73,47 @@ def hash32(*parts: bytes | memoryview) -> bytes:
     for part in parts:
         h.update(part)
     return h.digest()
+
+
+class Hasher(Protocol):
+    """An incremental BLAKE2b-256: what :func:`hasher` returns."""
+
+    def update(self, data: bytes, /) -> None: ...
+
+    def digest(self) -> bytes: ...
+
+
+#: From this many bytes on, libsodium's BLAKE2b (vectorised) beats hashlib's reference code
+#: despite PyNaCl's per-call overhead (~25 % faster per MiB on the bench machine).
+SODIUM_HASH_MIN = 64 * 1024
+
+
+class _SodiumHasher:
+    """BLAKE2b-256 through libsodium's ``crypto_generichash``: the same digest as hashlib's."""
+
+    __slots__ = ("_digest", "_state")
+
+    def __init__(self) -> None:
+        self._state = sodium.crypto_generichash_blake2b_init(digest_size=32)
+        self._digest: bytes | None = None
+
+    def update(self, data: bytes, /) -> None:
+        if self._digest is not None:
+            raise CryptoError("A finished hash cannot be updated.")
+        sodium.crypto_generichash_blake2b_update(self._state, data)
+
+    def digest(self) -> bytes:
+        if self._digest is None:
+            self._digest = sodium.crypto_generichash_blake2b_final(self._state)
+        return self._digest
+
+
+def hasher(expected_len: int) -> Hasher:
+    """An incremental BLAKE2b-256 for about ``expected_len`` bytes fed as ``bytes`` objects
+    (libsodium's for long inputs, hashlib's for short ones: the digest is the same)."""
+    if expected_len >= SODIUM_HASH_MIN:
+        return _SodiumHasher()
+    return hashlib.blake2b(digest_size=32)
 
 
 def kdf(key: bytes, label: bytes, salt: bytes = b"") -> bytes:

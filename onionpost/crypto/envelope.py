@@ -344,8 +344,10 @@ def _stream_open(
 
 
 def _shuffle(items: list[bytes], rng: RandomSource) -> None:
-    for i in range(len(items) - 1, 0, -1):
-        j = int.from_bytes(rng(4), "big") % (i + 1)
+    # One draw for every swap: the same bytes, in the same order, as one 4-byte draw each.
+    draws = rng(4 * (len(items) - 1)) if len(items) > 1 else b""
+    for k, i in enumerate(range(len(items) - 1, 0, -1)):
+        j = int.from_bytes(draws[4 * k : 4 * k + 4], "big") % (i + 1)
         items[i], items[j] = items[j], items[i]
 
 
@@ -366,8 +368,8 @@ def _make_stanza(file_key: bytes, target: StanzaTarget, rng: RandomSource) -> by
 
 def _dummy_stanza(rng: RandomSource) -> bytes:
     """Indistinguishable from a real stanza without the matching prekey."""
-    prefix = struct.pack(">BI", STANZA_TYPE_X25519, int.from_bytes(rng(4), "big"))
-    return prefix + x25519_public(rng(32)) + rng(48)
+    r = rng(4 + 32 + 48)  # spk id, ephemeral secret, "ciphertext": one draw, same bytes
+    return bytes([STANZA_TYPE_X25519]) + r[:4] + x25519_public(r[4:36]) + r[36:]
 
 
 def _l2_header(file_key: bytes, targets: Sequence[StanzaTarget], rng: RandomSource) -> bytes:

@@ -28,6 +28,9 @@ import nacl.utils
 
 from onionpost.errors import BadSignature, CryptoError, MalformedData
 
+#: ``rng(n)`` returns the next ``n`` bytes of a random stream.  Callers may draw several
+#: fields at once and slice them (``rng(a + b)`` stands for ``rng(a)`` then ``rng(b)``), so a
+#: source must be a byte stream, as :class:`SeededRandom` and the system RNG are.
 RandomSource = Callable[[int], bytes]
 
 KEY_BYTES = 32

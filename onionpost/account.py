@@ -57,8 +57,9 @@ class Account:
     def credentials(self) -> bytes:
         return SenderCredentials(self.binding, self.device_list, tuple(self.device.chain)).encode()
 
-    def prekey_secrets(self) -> list[tuple[int, bytes]]:
-        return [(p.spk_id, p.secret) for p in self.device.prekeys]
+    def prekey_secrets(self) -> list[tuple[int, bytes, bytes]]:
+        """``(spk_id, secret, public)`` of every prekey this device still holds."""
+        return [(p.spk_id, p.secret, p.public) for p in self.device.prekeys]
 
     def sign(self, message: bytes) -> bytes:
         return ed25519_sign(self.device.dsk_seed, message)

@@ -292,9 +292,9 @@ class Inbox:
                 listener(mb.mailbox_id, result.device_ids)
         return result
 
-    def _server_secret(self, sek_id: int) -> bytes | None:
+    def _server_secret(self, sek_id: int) -> tuple[bytes, bytes] | None:
         key = self.secrets.by_id(sek_id)
-        return None if key is None else key.secret
+        return None if key is None else (key.secret, key.public)
 
     def _check_rates(self, buckets: list[RateBucket], now: int) -> None:
         """Charge every bucket of this sender, or none when one of them is full."""

@@ -19,6 +19,7 @@ another.  The byte layouts are normative; ``docs/protocol.md`` documents them wi
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 from onionpost.crypto.encoding import Reader, Writer
 from onionpost.crypto.primitives import (
@@ -481,6 +482,11 @@ class PrekeySecret:
     not_after: int
     retired_at: int = 0  # 0 while current
 
+    @cached_property
+    def public(self) -> bytes:
+        """Derived once per object: opening a message needs it for the stanza key."""
+        return x25519_public(self.secret)
+
 
 @dataclass
 class DeviceSecrets:
@@ -649,8 +655,9 @@ class ServerKey:
     created_at: int
     retired_at: int = 0
 
-    @property
+    @cached_property
     def public(self) -> bytes:
+        """Derived once per object: opening every envelope needs it for the server keys."""
         return x25519_public(self.secret)
 
 

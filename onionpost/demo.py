@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import imaplib
+import os
 import smtplib
 import ssl
 import tempfile
@@ -72,6 +73,10 @@ def _workdir(path: Path | None) -> Iterator[Path]:
         yield path
         return
     with tempfile.TemporaryDirectory(prefix="onionpost-demo-") as tmp:
+        if os.geteuid() == 0:
+            # As root each node's Dovecot reads mail as another account, which must pass
+            # through (search only: nothing in here can be listed or read by it).
+            Path(tmp).chmod(0o711)
         yield Path(tmp)
 
 

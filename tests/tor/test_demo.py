@@ -12,9 +12,9 @@ from onionpost.tornet import TorNetwork
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 
-async def test_demo_runs_through_every_step(tor_network: TorNetwork, tmp_path: Path) -> None:
+async def test_demo_runs_through_every_step(tor_network: TorNetwork, mail_tmp: Path) -> None:
     lines: list[str] = []
-    await demo.run(lines.append, tmp_path, network=tor_network)
+    await demo.run(lines.append, mail_tmp, network=tor_network)
     text = "\n".join(lines)
     for step in ("[1/6]", "[2/6]", "[3/6]", "[4/6]", "[5/6]", "[6/6]"):
         assert step in text

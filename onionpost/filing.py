@@ -75,8 +75,6 @@ class Filer:
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        #: Called after mail was filed (users whose mailboxes changed); tests wait on it.
-        self.on_filed: Callable[[str], None] | None = None
 
     # -- wiring ----------------------------------------------------------------------------
 
@@ -184,7 +182,6 @@ class Filer:
                 ):
                     log.info("the client saved its own copy in %s; none filed", row.folder)
                     self.store.done(row)
-                    self._filed(row.user)
                     return True
                 else:
                     self.store.set_state(row.id, HANDED)
@@ -209,7 +206,6 @@ class Filer:
                 log.error("filing %s lost its spool file; dropped", value)
             self.store.done(row)
             log.info("filed %s into %s's %s", value, row.user, row.folder)
-            self._filed(row.user)
             return True
 
     def _defer(self, row: Filing, error: str, wait: int | None) -> None:
@@ -217,10 +213,6 @@ class Filer:
             wait = min(RETRY_MAX, RETRY_MIN * 2 ** min(row.attempts, 10))
         with contextlib.suppress(OnionpostError):
             self.store.deferred(row.id, error=error, next_try_at=self._now() + wait)
-
-    def _filed(self, user: str) -> None:
-        if self.on_filed is not None:
-            self.on_filed(user)
 
     async def _run(self) -> None:
         while True:

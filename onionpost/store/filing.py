@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -243,9 +242,6 @@ class FilingStore:
             return self.db.execute(
                 "DELETE FROM mailbox_seen_ids WHERE expires_at < ?", (now,)
             ).rowcount
-
-    def users(self) -> Iterable[str]:
-        return [str(r[0]) for r in self.db.all("SELECT DISTINCT user FROM filing_queue")]
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -1077,24 +1077,49 @@ class DovecotServer:
             self._output = None
 
     def _stop_stale_master(self) -> None:
-        """A node killed hard leaves its Dovecot running; Dovecot then refuses to start."""
+        """Clear what an earlier run left in the way of Dovecot's start.
+
+        A node killed hard leaves its Dovecot running: it is stopped here. A Dovecot killed
+        hard leaves ``master.pid`` behind, and Dovecot refuses to start while any process has
+        that pid; with pid_max at 32768 the number is soon reused by an unrelated process, so
+        a pid file that does not name our own Dovecot is removed. The node holds the data
+        directory's lock, so no other run of this node can own that file.
+        """
         pid_file = self.layout.base_dir / "master.pid"
         try:
             pid = int(pid_file.read_text().split()[0])
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except (OSError, ValueError, IndexError):
+            with contextlib.suppress(OSError):
+                pid_file.unlink()
             return
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            cmdline = []
         if str(self.layout.config).encode() not in cmdline:
-            return  # not ours (a reused pid)
+            with contextlib.suppress(OSError):
+                pid_file.unlink()  # gone, a zombie, or a reused pid: not a Dovecot of ours
+            return
         log.warning("stopping Dovecot (pid %d) left over from an earlier run", pid)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-        for _ in range(100):
-            if not Path(f"/proc/{pid}").exists():
-                return
-            time.sleep(0.05)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+        for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+            deadline = time.monotonic() + wait
+            while _running(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if not _running(pid):
+                break
+        with contextlib.suppress(OSError):
+            pid_file.unlink()
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie has exited, only its parent has not looked)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
 
 
 def _tail(path: Path, n: int) -> list[str]:

@@ -8,10 +8,13 @@ import os
 import signal
 import smtplib
 import ssl
+import subprocess
 import time
 from email.message import EmailMessage
+from pathlib import Path
 
 from .test_imap_flood import RunningNode, running_node
+from .test_imap_gateway import Gateway, installation
 
 
 def status(node: RunningNode) -> dict[str, object]:
@@ -61,3 +64,38 @@ def test_a_killed_dovecot_is_restarted_and_status_says_so() -> None:
             until(arrived, "the message in INBOX")
         finally:
             imap.logout()
+
+
+def test_what_an_earlier_run_left_does_not_stop_dovecot_from_starting() -> None:
+    """A Dovecot left running by a node killed hard is stopped; a ``master.pid`` whose number
+    now belongs to an unrelated process (pids wrap at 32768) is cleared, not obeyed."""
+    gw = Gateway()
+    try:
+        gw.run(gw.server.stop())
+        # what a node killed hard leaves: its Dovecot, running on, no longer anyone's child
+        daemon = [str(installation().dovecot), "-c", str(gw.layout.config)]
+        subprocess.run(daemon, check=True, timeout=60)
+        orphan = int((gw.layout.base_dir / "master.pid").read_text().split()[0])
+        gw.run(gw.server.start())
+        assert not _running(orphan)
+        gw.client().logout()
+        gw.run(gw.server.stop())
+
+        unrelated = subprocess.Popen(["sleep", "600"])
+        try:
+            (gw.layout.base_dir / "master.pid").write_text(f"{unrelated.pid}\n")
+            gw.run(gw.server.start())
+            gw.client().logout()
+            assert unrelated.poll() is None  # left alone
+        finally:
+            unrelated.kill()
+            unrelated.wait()
+    finally:
+        gw.stop()
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False

@@ -37,6 +37,7 @@ from onionpost.store import DEVICE_COMPONENTS, INBOX_COMPONENTS
 from onionpost.store import queue as queue_store
 from onionpost.store.contacts import Contact, ContactStore
 from onionpost.store.db import Database
+from onionpost.store.introductions import IntroductionStore, StoredIntroduction
 from onionpost.store.outbox import OutboxStore
 from onionpost.store.queue import QueueItem
 from onionpost.store.submissions import SubmissionStore
@@ -44,7 +45,9 @@ from onionpost.wire import KeyUpdate
 
 if TYPE_CHECKING:
     from onionpost.api.client import DeviceSession
+    from onionpost.api.transport import Dialer
     from onionpost.inbox import Inbox
+    from onionpost.introductions import Accepted
 
 
 class Local:
@@ -264,18 +267,27 @@ def block(local: Local, address: str, user: str | None = None) -> bool:
     found, token = store.block(key)
     if not found:
         raise UsageError(f"{key} is not among your contacts yet.")
-    if token is not None:
-        now = _now()
-        asyncio.run(
-            _at_inbox(
-                local,
-                account,
-                direct=lambda inbox: inbox.withdraw_token(account.mailbox_id, token, now),
-                remote=lambda session: session.withdraw_token(token),
-            )
-        )
+    # Tokens registered by accepted introductions of them are theirs too (protocol §16).
+    tokens = [token] if token is not None else []
+    tokens += [
+        t
+        for t in IntroductionStore(store.db, account.local).admitted_tokens(key)
+        if t not in tokens
+    ]
+    now = _now()
+
+    async def withdraw_all(session: DeviceSession) -> None:
+        for t in tokens:
+            await session.withdraw_token(t)
+
+    def withdraw_direct(inbox: Inbox) -> None:
+        for t in tokens:
+            inbox.withdraw_token(account.mailbox_id, t, now)
+
+    if tokens:
+        asyncio.run(_at_inbox(local, account, direct=withdraw_direct, remote=withdraw_all))
     poke(local.config.data_dir)
-    return token is not None
+    return bool(tokens)
 
 
 def unblock(local: Local, address: str, user: str | None = None) -> None:
@@ -286,6 +298,8 @@ def unblock(local: Local, address: str, user: str | None = None) -> None:
     store = ContactStore(local.device_db(), local.account(user).local)
     if not store.unblock(key):
         raise UsageError(f"{key} is not among your contacts yet.")
+    # The withdrawn introduction tokens are forgotten too, never registered again.
+    IntroductionStore(store.db, store.user).forget(key)
     poke(local.config.data_dir)
 
 
@@ -354,6 +368,96 @@ def accept_identity(local: Local, address: str, user: str | None = None) -> None
     store = ContactStore(local.device_db(), local.account(user).local)
     if not store.accept_identity(key, int(time.time())):
         raise UsageError(f"{key} has no unconfirmed identity change.")
+
+
+# --- introductions ------------------------------------------------------------------------------
+
+
+def introduce(local: Local, b: str, c: str, user: str | None = None) -> tuple[int, int]:
+    """Queue an introduction of ``b`` to ``c`` and of ``c`` to ``b`` (protocol §16); the
+    running node seals and sends them like mail.  Returns the two submission ids."""
+    from onionpost.introductions import introduce as queue_pair
+
+    account = local.account(user)
+    db = local.device_db()
+    queued = queue_pair(
+        db,
+        contacts=ContactStore(db, account.local),
+        me=account.address,
+        uik_pk=account.uik_pk,
+        dsk_seed=account.device.dsk_seed,
+        b=b,
+        c=c,
+        now=_now(),
+    )
+    poke(local.config.data_dir)
+    return queued.to_b, queued.to_c
+
+
+def introductions(local: Local, user: str | None = None) -> list[StoredIntroduction]:
+    account = local.account(user)
+    return IntroductionStore(local.device_db(), account.local).all()
+
+
+def accept_introduction(local: Local, address: str, user: str | None = None) -> Accepted:
+    """Accept the pending introduction of ``address``: check the introduced identity key
+    against the one their inbox serves (when it can be reached now; else on the first
+    fetch), pin it, and register the introduction's token at our inbox."""
+    from onionpost.introductions import accept
+    from onionpost.joining import inbox_dialer
+
+    account = local.account(user)
+    db = local.device_db()
+    contacts = ContactStore(db, account.local)
+    now = _now()
+
+    async def main() -> Accepted:
+        async with inbox_dialer(
+            local.config, say=lambda _: None, own_onion=account.address.onion
+        ) as dialer:
+
+            async def fetch_uik(who: Address) -> bytes | None:
+                return await _fetch_identity(local, dialer, who, now)
+
+            async def register(token: bytes, label: str) -> None:
+                await _at_inbox(
+                    local,
+                    account,
+                    direct=lambda inbox: inbox.store.add_token(
+                        account.mailbox_id, inbox.token_hash(token), now
+                    ),
+                    remote=lambda session: session.register_token(token, label),
+                )
+
+            return await accept(
+                contacts=contacts,
+                introductions=IntroductionStore(db, account.local),
+                address=address,
+                register=register,
+                fetch_uik=fetch_uik,
+                now=now,
+            )
+
+    accepted = asyncio.run(main())
+    poke(local.config.data_dir)
+    return accepted
+
+
+async def _fetch_identity(local: Local, dialer: Dialer, who: Address, now: int) -> bytes | None:
+    """The identity key ``who``'s inbox serves now (its bundle verified against their onion
+    address); None when it cannot be reached or serves nothing usable."""
+    from onionpost.crypto.bundle import KeyBundle, verify_bundle
+
+    client = InboxClient(
+        dialer, who.onion, port=local.config.tor.onion_port, isolation=f"bundle:{who.onion}"
+    )
+    try:
+        raw = await asyncio.wait_for(client.bundle(who.local), 120.0)
+        bundle = KeyBundle.parse(raw)
+        verify_bundle(bundle, onion_pk=who.onion_public_key, local=who.local, now=now)
+    except (OnionpostError, TimeoutError):
+        return None
+    return bundle.device_list.uik_pk
 
 
 # --- devices ------------------------------------------------------------------------------------

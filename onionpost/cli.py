@@ -1014,6 +1014,51 @@ def contacts_trust(obj: Ctx, address: str, user: str | None) -> None:
     click.echo(f"The old key of {address} is forgotten; the next message pins the new one.")
 
 
+@contacts.command("introduce")
+@click.argument("first")
+@click.argument("second")
+@_user_option(_WHOSE)
+@pass_ctx
+def contacts_introduce(obj: Ctx, first: str, second: str, user: str | None) -> None:
+    """Introduce two of your contacts to each other.
+
+    Each gets a signed introduction naming the other's address and identity fingerprint;
+    once one accepts (`onionpost contacts accept-intro`), the other can write to them
+    without a proof of work, even when they accept mail from contacts only."""
+    from onionpost import admin
+
+    with admin.opened(obj.config()) as local:
+        sid_b, sid_c = admin.introduce(local, first, second, _group_user(user))
+    click.echo(
+        f"Queued an introduction for each of them (s{sid_b}, s{sid_c}); "
+        "`onionpost queue` shows them until they are delivered."
+    )
+
+
+@contacts.command("accept-intro")
+@click.argument("address")
+@_user_option(_WHOSE)
+@pass_ctx
+def contacts_accept_intro(obj: Ctx, address: str, user: str | None) -> None:
+    """Accept an introduction: pin the introduced person's identity key and let them write
+    to you without a proof of work (also when you accept mail from contacts only)."""
+    from onionpost import admin
+    from onionpost.crypto.fingerprint import fingerprint
+
+    with admin.opened(obj.config()) as local:
+        accepted = admin.accept_introduction(local, address, _group_user(user))
+    intro = accepted.introduction
+    click.echo(
+        f"Accepted {intro.address}, introduced by {intro.introducer}: identity "
+        f"{fingerprint(intro.uik_pk)} is pinned and they may write to you."
+    )
+    if not accepted.checked_now:
+        click.echo(
+            "Their inbox could not be reached now: the first time it is, the identity key it "
+            "presents is compared with this one, and a different one is refused."
+        )
+
+
 @cli.group(invoke_without_command=True)
 @_user_option(_WHOSE)
 @click.pass_context

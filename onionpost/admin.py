@@ -45,7 +45,6 @@ from onionpost.wire import KeyUpdate
 
 if TYPE_CHECKING:
     from onionpost.api.client import DeviceSession
-    from onionpost.api.transport import Dialer
     from onionpost.inbox import Inbox
     from onionpost.introductions import Accepted
 
@@ -258,22 +257,19 @@ def set_contact(
 
 def block(local: Local, address: str, user: str | None = None) -> bool:
     """Block a contact: mark them blocked here and withdraw, at the person's inbox, the
-    contact token this device registered for them.  Returns whether there was a token to
-    withdraw.  Mail they send later with a proof of work reaches the inbox (it cannot tell
-    who a stranger is) and is dropped by this device once it has verified the sender."""
+    contact tokens this device registered for them (its own and introductions').  Returns
+    whether there was a token to withdraw.  Mail they send later with a proof of work
+    reaches the inbox (it cannot tell who a stranger is) and is dropped by this device once
+    it has verified the sender."""
     key = str(Address.parse(address))
     account = local.account(user)
     store = ContactStore(local.device_db(), account.local)
-    found, token = store.block(key)
+    from onionpost.introductions import block as block_contact
+
+    # Tokens registered by accepted introductions of them are theirs too (protocol §16).
+    found, tokens = block_contact(store, key)
     if not found:
         raise UsageError(f"{key} is not among your contacts yet.")
-    # Tokens registered by accepted introductions of them are theirs too (protocol §16).
-    tokens = [token] if token is not None else []
-    tokens += [
-        t
-        for t in IntroductionStore(store.db, account.local).admitted_tokens(key)
-        if t not in tokens
-    ]
     now = _now()
 
     async def withdraw_all(session: DeviceSession) -> None:
@@ -403,6 +399,7 @@ def accept_introduction(local: Local, address: str, user: str | None = None) -> 
     """Accept the pending introduction of ``address``: check the introduced identity key
     against the one their inbox serves (when it can be reached now; else on the first
     fetch), pin it, and register the introduction's token at our inbox."""
+    from onionpost.directory import Directory
     from onionpost.introductions import accept
     from onionpost.joining import inbox_dialer
 
@@ -415,9 +412,15 @@ def accept_introduction(local: Local, address: str, user: str | None = None) -> 
         async with inbox_dialer(
             local.config, say=lambda _: None, own_onion=account.address.onion
         ) as dialer:
+            directory = Directory(
+                contacts,
+                dialer,
+                prekey_grace=local.config.delivery.prekey_grace_seconds,
+                onion_port=local.config.tor.onion_port,
+            )
 
             async def fetch_uik(who: Address) -> bytes | None:
-                return await _fetch_identity(local, dialer, who, now)
+                return await directory.identity_now(who, now=now)
 
             async def register(token: bytes, label: str) -> None:
                 await _at_inbox(
@@ -441,23 +444,6 @@ def accept_introduction(local: Local, address: str, user: str | None = None) -> 
     accepted = asyncio.run(main())
     poke(local.config.data_dir)
     return accepted
-
-
-async def _fetch_identity(local: Local, dialer: Dialer, who: Address, now: int) -> bytes | None:
-    """The identity key ``who``'s inbox serves now (its bundle verified against their onion
-    address); None when it cannot be reached or serves nothing usable."""
-    from onionpost.crypto.bundle import KeyBundle, verify_bundle
-
-    client = InboxClient(
-        dialer, who.onion, port=local.config.tor.onion_port, isolation=f"bundle:{who.onion}"
-    )
-    try:
-        raw = await asyncio.wait_for(client.bundle(who.local), 120.0)
-        bundle = KeyBundle.parse(raw)
-        verify_bundle(bundle, onion_pk=who.onion_public_key, local=who.local, now=now)
-    except (OnionpostError, TimeoutError):
-        return None
-    return bundle.device_list.uik_pk
 
 
 # --- devices ------------------------------------------------------------------------------------

@@ -184,6 +184,18 @@ def notice(
     ).encode("utf-8")
 
 
+def block(contacts: ContactStore, address: str) -> tuple[bool, list[bytes]]:
+    """Mark a contact blocked; returns whether they were a contact, and every token to
+    withdraw at our inbox for them: the one we gave them and those registered by
+    introductions of them we accepted (they present one of those until we write to them)."""
+    found, token = contacts.block(address)
+    tokens = [token] if token is not None else []
+    for t in IntroductionStore(contacts.db, contacts.user).admitted_tokens(address):
+        if t not in tokens:
+            tokens.append(t)
+    return found, tokens
+
+
 @dataclass(frozen=True)
 class Accepted:
     introduction: StoredIntroduction

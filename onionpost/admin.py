@@ -408,7 +408,31 @@ def accept_introduction(local: Local, address: str, user: str | None = None) -> 
     contacts = ContactStore(db, account.local)
     now = _now()
 
+    async def register(token: bytes, label: str) -> None:
+        await _at_inbox(
+            local,
+            account,
+            direct=lambda inbox: inbox.store.add_token(
+                account.mailbox_id, inbox.token_hash(token), now
+            ),
+            remote=lambda session: session.register_token(token, label),
+        )
+
+    async def run(fetch_uik: Callable[[Address], Awaitable[bytes | None]] | None) -> Accepted:
+        return await accept(
+            contacts=contacts,
+            introductions=IntroductionStore(db, account.local),
+            address=address,
+            register=register,
+            fetch_uik=fetch_uik,
+            now=now,
+        )
+
     async def main() -> Accepted:
+        if running_node(local.config.data_dir) is None and local.config.tor.mode != "off":
+            # No node runs, so no tor to reach their inbox with: starting one for this check
+            # alone takes a minute.  The pin is compared at the first fetch instead.
+            return await run(None)
         async with inbox_dialer(
             local.config, say=lambda _: None, own_onion=account.address.onion
         ) as dialer:
@@ -417,29 +441,13 @@ def accept_introduction(local: Local, address: str, user: str | None = None) -> 
                 dialer,
                 prekey_grace=local.config.delivery.prekey_grace_seconds,
                 onion_port=local.config.tor.onion_port,
+                timeout=60.0,
             )
 
             async def fetch_uik(who: Address) -> bytes | None:
                 return await directory.identity_now(who, now=now)
 
-            async def register(token: bytes, label: str) -> None:
-                await _at_inbox(
-                    local,
-                    account,
-                    direct=lambda inbox: inbox.store.add_token(
-                        account.mailbox_id, inbox.token_hash(token), now
-                    ),
-                    remote=lambda session: session.register_token(token, label),
-                )
-
-            return await accept(
-                contacts=contacts,
-                introductions=IntroductionStore(db, account.local),
-                address=address,
-                register=register,
-                fetch_uik=fetch_uik,
-                now=now,
-            )
+            return await run(fetch_uik)
 
     accepted = asyncio.run(main())
     poke(local.config.data_dir)

@@ -390,9 +390,15 @@ def introduce(local: Local, b: str, c: str, user: str | None = None) -> tuple[in
     return queued.to_b, queued.to_c
 
 
-def introductions(local: Local, user: str | None = None) -> list[StoredIntroduction]:
+def pending_introductions(local: Local, user: str | None = None) -> list[StoredIntroduction]:
+    """Introductions received and not accepted yet, that can still be accepted."""
     account = local.account(user)
-    return IntroductionStore(local.device_db(), account.local).all()
+    now = _now()
+    return [
+        i
+        for i in IntroductionStore(local.device_db(), account.local).all()
+        if i.accepted_at is None and i.expires_at >= now
+    ]
 
 
 def accept_introduction(local: Local, address: str, user: str | None = None) -> Accepted:

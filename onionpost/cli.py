@@ -894,6 +894,7 @@ def contacts(ctx: click.Context, user: str | None) -> None:
     with admin.opened(obj.config()) as local:
         views = admin.contacts(local, user)
         changes = admin.identity_changes(local, user)
+        waiting = admin.pending_introductions(local, user)
     if not views:
         click.echo("No contacts yet.")
     for v in views:
@@ -906,6 +907,12 @@ def contacts(ctx: click.Context, user: str | None) -> None:
             f"WARNING: {address} now presents a DIFFERENT identity key. Mail from and to it "
             "is refused until you compare safety numbers and run "
             f"`onionpost contacts trust {address}`" + (f" --user {user}." if user else ".")
+        )
+    for intro in waiting:
+        click.echo(
+            f"Introduced by {intro.introducer}: {intro.address} "
+            f"(accept with `onionpost contacts accept-intro {intro.address}"
+            + (f" --user {user}`)" if user else "`)")
         )
 
 

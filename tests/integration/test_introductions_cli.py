@@ -88,9 +88,12 @@ def test_accept_intro_pins_and_registers_the_token(home: Path) -> None:
         expires_at=4_000_000_000,
     )
     db.close()
+    code, out = run(home, "contacts")
+    assert f"Introduced by {bob}: {carol}" in out and "accept-intro" in out
     code, out = run(home, "contacts", "accept-intro", carol)
     assert code == 0, out
     assert f"Accepted {carol}, introduced by {bob}" in out
+    assert "Introduced by" not in run(home, "contacts")[1]
     assert fingerprint(carol_uik) in out
     assert "could not be reached" in out  # no node runs: the key is compared on first fetch
 

@@ -266,7 +266,13 @@ class Receiver:
             store.record_seen(self.user, header.msg_id, header.expires_at)
             log.info("ignored an introduction from someone who is not a contact")
             return Filed("")
-        _, sender = self._authenticate(header, now)  # raises CryptoError: a notice is filed
+        folder, sender = self._authenticate(header, now)  # CryptoError: a notice is filed
+        if folder != "INBOX":
+            # Only the contact's pinned, accepted identity vouches for anyone: an
+            # introduction signed by a key not accepted yet (held mail) is dropped.
+            store.record_seen(self.user, header.msg_id, header.expires_at)
+            log.info("ignored an introduction signed by a key that is not the pinned one")
+            return Filed("")
         size = body.seek(0, 2)
         if size > MAX_INTRODUCTION_BYTES:
             raise MalformedData("The introduction is too long.")

@@ -37,6 +37,7 @@ from onionpost.store import DEVICE_COMPONENTS, INBOX_COMPONENTS
 from onionpost.store import queue as queue_store
 from onionpost.store.contacts import Contact, ContactStore
 from onionpost.store.db import Database
+from onionpost.store.introductions import IntroductionStore, StoredIntroduction
 from onionpost.store.outbox import OutboxStore
 from onionpost.store.queue import QueueItem
 from onionpost.store.submissions import SubmissionStore
@@ -45,6 +46,7 @@ from onionpost.wire import KeyUpdate
 if TYPE_CHECKING:
     from onionpost.api.client import DeviceSession
     from onionpost.inbox import Inbox
+    from onionpost.introductions import Accepted
 
 
 class Local:
@@ -255,27 +257,33 @@ def set_contact(
 
 def block(local: Local, address: str, user: str | None = None) -> bool:
     """Block a contact: mark them blocked here and withdraw, at the person's inbox, the
-    contact token this device registered for them.  Returns whether there was a token to
-    withdraw.  Mail they send later with a proof of work reaches the inbox (it cannot tell
-    who a stranger is) and is dropped by this device once it has verified the sender."""
+    contact tokens this device registered for them (its own and introductions').  Returns
+    whether there was a token to withdraw.  Mail they send later with a proof of work
+    reaches the inbox (it cannot tell who a stranger is) and is dropped by this device once
+    it has verified the sender."""
     key = str(Address.parse(address))
     account = local.account(user)
     store = ContactStore(local.device_db(), account.local)
-    found, token = store.block(key)
+    from onionpost.introductions import block as block_contact
+
+    # Tokens registered by accepted introductions of them are theirs too (protocol §16).
+    found, tokens = block_contact(store, key)
     if not found:
         raise UsageError(f"{key} is not among your contacts yet.")
-    if token is not None:
-        now = _now()
-        asyncio.run(
-            _at_inbox(
-                local,
-                account,
-                direct=lambda inbox: inbox.withdraw_token(account.mailbox_id, token, now),
-                remote=lambda session: session.withdraw_token(token),
-            )
-        )
+    now = _now()
+
+    async def withdraw_all(session: DeviceSession) -> None:
+        for t in tokens:
+            await session.withdraw_token(t)
+
+    def withdraw_direct(inbox: Inbox) -> None:
+        for t in tokens:
+            inbox.withdraw_token(account.mailbox_id, t, now)
+
+    if tokens:
+        asyncio.run(_at_inbox(local, account, direct=withdraw_direct, remote=withdraw_all))
     poke(local.config.data_dir)
-    return token is not None
+    return bool(tokens)
 
 
 def unblock(local: Local, address: str, user: str | None = None) -> None:
@@ -286,6 +294,8 @@ def unblock(local: Local, address: str, user: str | None = None) -> None:
     store = ContactStore(local.device_db(), local.account(user).local)
     if not store.unblock(key):
         raise UsageError(f"{key} is not among your contacts yet.")
+    # The withdrawn introduction tokens are forgotten too, never registered again.
+    IntroductionStore(store.db, store.user).forget(key)
     poke(local.config.data_dir)
 
 
@@ -354,6 +364,100 @@ def accept_identity(local: Local, address: str, user: str | None = None) -> None
     store = ContactStore(local.device_db(), local.account(user).local)
     if not store.accept_identity(key, int(time.time())):
         raise UsageError(f"{key} has no unconfirmed identity change.")
+
+
+# --- introductions ------------------------------------------------------------------------------
+
+
+def introduce(local: Local, b: str, c: str, user: str | None = None) -> tuple[int, int]:
+    """Queue an introduction of ``b`` to ``c`` and of ``c`` to ``b`` (protocol §16); the
+    running node seals and sends them like mail.  Returns the two submission ids."""
+    from onionpost.introductions import introduce as queue_pair
+
+    account = local.account(user)
+    db = local.device_db()
+    queued = queue_pair(
+        db,
+        contacts=ContactStore(db, account.local),
+        me=account.address,
+        uik_pk=account.uik_pk,
+        dsk_seed=account.device.dsk_seed,
+        b=b,
+        c=c,
+        now=_now(),
+    )
+    poke(local.config.data_dir)
+    return queued.to_b, queued.to_c
+
+
+def pending_introductions(local: Local, user: str | None = None) -> list[StoredIntroduction]:
+    """Introductions received and not accepted yet, that can still be accepted."""
+    account = local.account(user)
+    now = _now()
+    return [
+        i
+        for i in IntroductionStore(local.device_db(), account.local).all()
+        if i.accepted_at is None and i.expires_at >= now
+    ]
+
+
+def accept_introduction(local: Local, address: str, user: str | None = None) -> Accepted:
+    """Accept the pending introduction of ``address``: check the introduced identity key
+    against the one their inbox serves (when it can be reached now; else on the first
+    fetch), pin it, and register the introduction's token at our inbox."""
+    from onionpost.directory import Directory
+    from onionpost.introductions import accept
+    from onionpost.joining import inbox_dialer
+
+    account = local.account(user)
+    db = local.device_db()
+    contacts = ContactStore(db, account.local)
+    now = _now()
+
+    async def register(token: bytes, label: str) -> None:
+        await _at_inbox(
+            local,
+            account,
+            direct=lambda inbox: inbox.store.add_token(
+                account.mailbox_id, inbox.token_hash(token), now
+            ),
+            remote=lambda session: session.register_token(token, label),
+        )
+
+    async def run(fetch_uik: Callable[[Address], Awaitable[bytes | None]] | None) -> Accepted:
+        return await accept(
+            contacts=contacts,
+            introductions=IntroductionStore(db, account.local),
+            address=address,
+            register=register,
+            fetch_uik=fetch_uik,
+            now=now,
+        )
+
+    async def main() -> Accepted:
+        if running_node(local.config.data_dir) is None and local.config.tor.mode != "off":
+            # No node runs, so no tor to reach their inbox with: starting one for this check
+            # alone takes a minute.  The pin is compared at the first fetch instead.
+            return await run(None)
+        async with inbox_dialer(
+            local.config, say=lambda _: None, own_onion=account.address.onion
+        ) as dialer:
+            directory = Directory(
+                contacts,
+                dialer,
+                prekey_grace=local.config.delivery.prekey_grace_seconds,
+                onion_port=local.config.tor.onion_port,
+                timeout=60.0,
+            )
+
+            async def fetch_uik(who: Address) -> bytes | None:
+                return await directory.identity_now(who, now=now)
+
+            return await run(fetch_uik)
+
+    accepted = asyncio.run(main())
+    poke(local.config.data_dir)
+    return accepted
 
 
 # --- devices ------------------------------------------------------------------------------------

@@ -894,6 +894,7 @@ def contacts(ctx: click.Context, user: str | None) -> None:
     with admin.opened(obj.config()) as local:
         views = admin.contacts(local, user)
         changes = admin.identity_changes(local, user)
+        waiting = admin.pending_introductions(local, user)
     if not views:
         click.echo("No contacts yet.")
     for v in views:
@@ -906,6 +907,12 @@ def contacts(ctx: click.Context, user: str | None) -> None:
             f"WARNING: {address} now presents a DIFFERENT identity key. Mail from and to it "
             "is refused until you compare safety numbers and run "
             f"`onionpost contacts trust {address}`" + (f" --user {user}." if user else ".")
+        )
+    for intro in waiting:
+        click.echo(
+            f"Introduced by {intro.introducer}: {intro.address} "
+            f"(accept with `onionpost contacts accept-intro {intro.address}"
+            + (f" --user {user}`)" if user else "`)")
         )
 
 
@@ -1012,6 +1019,51 @@ def contacts_trust(obj: Ctx, address: str, user: str | None) -> None:
     with admin.opened(obj.config()) as local:
         admin.accept_identity(local, address, _group_user(user))
     click.echo(f"The old key of {address} is forgotten; the next message pins the new one.")
+
+
+@contacts.command("introduce")
+@click.argument("first")
+@click.argument("second")
+@_user_option(_WHOSE)
+@pass_ctx
+def contacts_introduce(obj: Ctx, first: str, second: str, user: str | None) -> None:
+    """Introduce two of your contacts to each other.
+
+    Each gets a signed introduction naming the other's address and identity fingerprint;
+    once one accepts (`onionpost contacts accept-intro`), the other can write to them
+    without a proof of work, even when they accept mail from contacts only."""
+    from onionpost import admin
+
+    with admin.opened(obj.config()) as local:
+        sid_b, sid_c = admin.introduce(local, first, second, _group_user(user))
+    click.echo(
+        f"Queued an introduction for each of them (s{sid_b}, s{sid_c}); "
+        "`onionpost queue` shows them until they are delivered."
+    )
+
+
+@contacts.command("accept-intro")
+@click.argument("address")
+@_user_option(_WHOSE)
+@pass_ctx
+def contacts_accept_intro(obj: Ctx, address: str, user: str | None) -> None:
+    """Accept an introduction: pin the introduced person's identity key and let them write
+    to you without a proof of work (also when you accept mail from contacts only)."""
+    from onionpost import admin
+    from onionpost.crypto.fingerprint import fingerprint
+
+    with admin.opened(obj.config()) as local:
+        accepted = admin.accept_introduction(local, address, _group_user(user))
+    intro = accepted.introduction
+    click.echo(
+        f"Accepted {intro.address}, introduced by {intro.introducer}: identity "
+        f"{fingerprint(intro.uik_pk)} is pinned and they may write to you."
+    )
+    if not accepted.checked_now:
+        click.echo(
+            "Their inbox could not be reached now: the first time it is, the identity key it "
+            "presents is compared with this one, and a different one is refused."
+        )
 
 
 @cli.group(invoke_without_command=True)

@@ -149,6 +149,22 @@ class Directory:
         self._fresh[key] = (clock(), resolved)
         return resolved
 
+    async def identity_now(self, address: Address, *, now: int) -> bytes | None:
+        """The identity key ``address``'s inbox serves now, its bundle verified against the
+        onion address alone; pins and caches nothing (accepting an introduction compares it
+        with the introduced key before pinning anything).  None when the inbox cannot be
+        reached now; a bundle that does not verify raises."""
+        try:
+            raw = await self.client(address, "bundle").bundle(address.local)
+        except PermanentDeliveryError:
+            raise
+        except (DeliveryError, TorError) as exc:
+            log.info("cannot fetch %s's keys now: %s", address, exc)
+            return None
+        bundle = KeyBundle.parse(raw)
+        verify_bundle(bundle, onion_pk=address.onion_public_key, local=address.local, now=now)
+        return bundle.device_list.uik_pk
+
     def _fallback(self, address: Address, exc: OnionpostError, now: int) -> Resolved:
         """The cached bundle, when the inbox cannot be reached (or a temporary error)."""
         contact = self.contacts.get(str(address))

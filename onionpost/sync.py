@@ -27,6 +27,7 @@ from onionpost.account import Account
 from onionpost.address import Address
 from onionpost.api.client import DeviceSession, PendingMessage
 from onionpost.crypto.envelope import (
+    CONTENT_INTRODUCTION,
     CONTENT_RFC5322,
     EXT_ADDRESSED_TO_SELF,
     EXT_TOKEN_GRANT,
@@ -34,6 +35,8 @@ from onionpost.crypto.envelope import (
     open_inner,
 )
 from onionpost.crypto.fingerprint import fingerprint
+from onionpost.crypto.introduction import MAX_BYTES as MAX_INTRODUCTION_BYTES
+from onionpost.crypto.introduction import open_introduction
 from onionpost.crypto.keys import DeviceList
 from onionpost.crypto.sender import (
     EXT_SENDER_KEYS,
@@ -45,10 +48,12 @@ from onionpost.errors import (
     CryptoError,
     FilingDeferred,
     IdentityKeyChanged,
+    MalformedData,
     OnionpostError,
     ReplayedMessage,
 )
 from onionpost.filing import Filer, filing_key
+from onionpost.introductions import is_contact, notice
 from onionpost.normalize import (
     HEADER_BLOCK_LIMIT,
     WHOLE_MESSAGE_LIMIT,
@@ -59,6 +64,7 @@ from onionpost.normalize import (
 )
 from onionpost.store.contacts import ContactStore
 from onionpost.store.filing import FilingStore
+from onionpost.store.introductions import IntroductionStore
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +166,8 @@ class Receiver:
                     sink=body,
                 )
                 header = opened.header
+                if header.content_type == CONTENT_INTRODUCTION:
+                    return self._introduction(header, body, now)
                 if header.content_type != CONTENT_RFC5322:
                     return Filed("")  # key updates etc.: nothing to show
                 folder, sender = self._authenticate(header, now)
@@ -237,6 +245,82 @@ class Receiver:
             if grants[i : i + 32] == self.account.uik_pk:
                 self.contacts.set_token_to_them(key, grants[i + 32 : i + 64])
         return "INBOX", _Sender(address, verified.uik_pk)
+
+    def _introduction(self, header: ContentHeader, body: IO[bytes], now: int) -> Filed:
+        """An introduction (protocol §16): recorded and announced by a notice mail only when
+        its sender is one of our contacts and every signature checked.
+
+        From anyone else it is dropped unseen: who is not a contact cannot vouch for anyone
+        (and must not be able to fill the mailbox with notices).  The sender is looked up
+        by the address the header claims *before* anything is verified, only to decide to
+        drop; a contact's introduction is then verified like any message.
+        """
+        store = self.filer.store
+        try:
+            claimed = str(Address.for_key(header.sender_local, header.sender_onion_pk))
+        except OnionpostError:
+            claimed = ""
+        if header.sender_uik == self.account.uik_pk or not is_contact(
+            self.contacts.get(claimed) if claimed else None
+        ):
+            store.record_seen(self.user, header.msg_id, header.expires_at)
+            log.info("ignored an introduction from someone who is not a contact")
+            return Filed("")
+        folder, sender = self._authenticate(header, now)  # CryptoError: a notice is filed
+        if folder != "INBOX":
+            # Only the contact's pinned, accepted identity vouches for anyone: an
+            # introduction signed by a key not accepted yet (held mail) is dropped.
+            store.record_seen(self.user, header.msg_id, header.expires_at)
+            log.info("ignored an introduction signed by a key that is not the pinned one")
+            return Filed("")
+        size = body.seek(0, 2)
+        if size > MAX_INTRODUCTION_BYTES:
+            raise MalformedData("The introduction is too long.")
+        body.seek(0)
+        intro = open_introduction(
+            body.read(),
+            dsk_pk=header.sender_dsk_pk,
+            sender_uik=sender.uik_pk,
+            reader_uik=self.account.uik_pk,
+            now=now,
+        )
+        try:
+            introduced = Address.for_key(intro.local, intro.onion_pk)
+        except OnionpostError as exc:
+            raise MalformedData(f"The introduction names an invalid address: {exc}") from exc
+        if introduced == self.account.address:
+            raise MalformedData("The introduction introduces you to yourself.")
+        known = self.contacts.get(str(introduced))
+        mail = notice(
+            me=self.account.address,
+            introducer=sender.address,
+            introduced=introduced,
+            intro=intro,
+            pinned=known.uik_pk if known else None,
+            msg_id=header.msg_id,
+            now=now,
+        )
+        with store.db.transaction():
+            if not store.record_seen(self.user, header.msg_id, header.expires_at):
+                return Filed("INBOX", tuple(store.pending_for(self.user, header.msg_id)))
+            IntroductionStore(store.db, self.user).add(
+                introducer=str(sender.address),
+                address=str(introduced),
+                uik_pk=intro.uik_pk,
+                admit_token=intro.admit_token,
+                present_token=intro.present_token,
+                now=now,
+                expires_at=intro.expires_at,
+            )
+            filing_id = self.filer.queue(
+                key=filing_key(b"introduction", self.user.encode(), header.msg_id),
+                user=self.user,
+                folder="INBOX",
+                message=mail,
+                source=header.msg_id,
+            )
+        log.info("an introduction from a contact was queued for INBOX")
+        return Filed("INBOX", () if filing_id is None else (filing_id,))
 
     def _notice(
         self, exc: OnionpostError, header: ContentHeader | None, digest: bytes, now: int

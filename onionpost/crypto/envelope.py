@@ -92,6 +92,8 @@ SUITE_1 = 1
 
 CONTENT_RFC5322 = 0
 CONTENT_KEY_UPDATE = 1
+#: The body is a signed introduction (:mod:`onionpost.crypto.introduction`), never filed as is.
+CONTENT_INTRODUCTION = 2
 
 EXT_TOKEN_GRANT = 1  # value: repeated (recipient uik 32 || token 32)
 EXT_DEVICE_LIST_GOSSIP = 2  # value: repeated (recipient uik 32 || device list digest 32)

@@ -222,6 +222,7 @@ class ContactStore:
         with self.db.transaction() as c:
             c.execute("DELETE FROM identity_changes WHERE user = ?", (self.user,))
             c.execute("DELETE FROM mail_policy WHERE user = ?", (self.user,))
+            c.execute("DELETE FROM introductions WHERE user = ?", (self.user,))
             return int(c.execute("DELETE FROM contacts WHERE user = ?", (self.user,)).rowcount)
 
     def record_identity_change(

@@ -37,7 +37,12 @@ from onionpost.address import Address
 from onionpost.api.client import DeviceSession
 from onionpost.crypto import envelope, pow
 from onionpost.crypto.bundle import VerifiedBundle
-from onionpost.crypto.envelope import EXT_ADDRESSED_TO_SELF, EXT_TOKEN_GRANT, StanzaTarget
+from onionpost.crypto.envelope import (
+    EXT_ADDRESSED_TO_SELF,
+    EXT_SENDER_PROFILE,
+    EXT_TOKEN_GRANT,
+    StanzaTarget,
+)
 from onionpost.crypto.primitives import RandomSource, hash32, system_random
 from onionpost.crypto.sender import EXT_SENDER_KEYS
 from onionpost.directory import Directory
@@ -229,6 +234,8 @@ class Sender:
             extensions.append((EXT_TOKEN_GRANT, grants))
         if unit.to_self and own is not None:
             extensions.append((EXT_ADDRESSED_TO_SELF, b""))
+        if self.account.profile_card is not None:
+            extensions.append((EXT_SENDER_PROFILE, self.account.profile_card.encode()))
         expires_at = now + self.lifetime
         unit_key = ",".join([*(str(a) for a in unit.recipients), *(["self"] if own else [])])
         msg_id = None

@@ -23,7 +23,7 @@ from onionpost.errors import UsageError
 #: The largest file accepted as input (the output is far smaller; see MAX_AVATAR_BYTES).
 MAX_AVATAR_FILE = 10 * 1024 * 1024
 #: Pixel dimensions of an input, checked from the header before decoding: a photo from a
-#: phone fits (up to 50 megapixels), a bomb of 30000 × 30000 does not.
+#: phone fits (up to 50 megapixels), a bomb of 30000 x 30000 does not.
 MAX_SOURCE_SIDE = 12_000
 MAX_SOURCE_PIXELS = 50_000_000
 #: The longest side of a published avatar (it is shown small, next to a name).
@@ -77,7 +77,7 @@ def process_avatar(data: bytes) -> tuple[str, bytes]:
                 check_avatar(media, out)
                 return media, out
     raise AvatarError(
-        f"The avatar does not fit in {MAX_AVATAR_BYTES // 1024} KiB even at 64 × 64 pixels."
+        f"The avatar does not fit in {MAX_AVATAR_BYTES // 1024} KiB even at 64 x 64 pixels."
     )
 
 
@@ -114,7 +114,7 @@ def _decode(data: bytes, kind: str) -> Image.Image:
                 or width * height > MAX_SOURCE_PIXELS
             ):
                 raise AvatarError(
-                    f"The image is {width} × {height} pixels; at most {MAX_SOURCE_SIDE} on a side "
+                    f"The image is {width} x {height} pixels; at most {MAX_SOURCE_SIDE} on a side "
                     f"and {MAX_SOURCE_PIXELS // 1_000_000} megapixels are accepted."
                 )
             img.load()

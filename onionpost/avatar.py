@@ -23,9 +23,10 @@ from onionpost.errors import UsageError
 #: The largest file accepted as input (the output is far smaller; see MAX_AVATAR_BYTES).
 MAX_AVATAR_FILE = 10 * 1024 * 1024
 #: Pixel dimensions of an input, checked from the header before decoding: a photo from a
-#: phone fits (up to 50 megapixels), a bomb of 30000 x 30000 does not.
-MAX_SOURCE_SIDE = 12_000
-MAX_SOURCE_PIXELS = 50_000_000
+#: phone or camera fits (up to 25 megapixels; a JPEG is decoded at a reduced scale anyway),
+#: a bomb of 30000 x 30000 does not.  A PNG at the limit takes about 100 MB to decode.
+MAX_SOURCE_SIDE = 10_000
+MAX_SOURCE_PIXELS = 25_000_000
 #: The longest side of a published avatar (it is shown small, next to a name).
 AVATAR_SIDE = 256
 _SIDES = (AVATAR_SIDE, 192, 128, 96, 64)
@@ -117,6 +118,10 @@ def _decode(data: bytes, kind: str) -> Image.Image:
                     f"The image is {width} x {height} pixels; at most {MAX_SOURCE_SIDE} on a side "
                     f"and {MAX_SOURCE_PIXELS // 1_000_000} megapixels are accepted."
                 )
+            if kind == "JPEG":
+                # Decode at 1/2 .. 1/8 scale straight from the DCT: a large photo never
+                # becomes a full-size bitmap in memory.
+                img.draft("RGB", (AVATAR_SIDE * 2, AVATAR_SIDE * 2))
             img.load()
     except AvatarError:
         raise

@@ -234,9 +234,16 @@ class AccountFiles:
         write_private(self._info_file(account.local), info)
 
     def save_profile(self, account: Account) -> None:
-        """Write the account's profile and card (nothing when it has none)."""
+        """Write the account's profile and card (nothing when it has none).  A newer profile
+        already on disk is kept: ``onionpost profile set`` may have written it while the node
+        ran, and the node's next save of its keys must not put the older one back before it
+        has adopted the new one (see ``Device.adopt_profile``)."""
         if account.profile is None or account.profile_card is None:
             return
+        with contextlib.suppress(OnionpostError):
+            on_disk, _ = self.load_profile(account.local)
+            if on_disk is not None and on_disk.issued_at > account.profile.issued_at:
+                return
         profile = (
             Writer()
             .raw(self.PROFILE_MAGIC)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import imaplib
 import io
+import json
 import re
 import shutil
 import ssl
@@ -35,6 +36,12 @@ from onionpost.errors import OnionpostError
 from onionpost.wire import KeyUpdate
 
 from .harness import DeviceNode, InboxNode
+from .test_enrolment import (
+    acli,
+    pi,  # noqa: F401 (a fixture: an inbox-only node, tor off)
+    tor_off,
+    write_config,
+)
 from .test_imap_flood import ONION, RunningNode, dovecot_or_skip, free_port
 
 
@@ -300,3 +307,62 @@ def _addr(text: str):  # type: ignore[no-untyped-def]
     from onionpost.address import Address
 
     return Address.parse(text)
+
+
+# -- a laptop whose inbox is a Pi: the profile goes over the network --------------------------
+
+
+async def test_a_laptop_publishes_its_profile_to_its_pi(pi, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+    p, onion = pi
+    code, out = await acli(p.config.data_dir, "users", "invite", "alice", "--json")
+    assert code == 0, out
+    l_home = tmp_path / "laptop"
+    write_config(l_home, tor_off({onion: p.api_port}))
+    code, out = await acli(
+        l_home, "init", "--invite", json.loads(out)["code"], "--device-name", "laptop"
+    )
+    assert code == 0, out
+
+    def served() -> Profile | None:
+        return KeyBundle.parse(p.inbox.bundle("alice", int(time.time()))).profile
+
+    picture = tmp_path / "me.png"
+    buf = io.BytesIO()
+    Image.new("RGBA", (640, 480), (10, 200, 30, 128)).save(buf, "PNG")
+    picture.write_bytes(buf.getvalue())
+    code, out = await acli(
+        l_home, "profile", "set", "--name", "Alice Liddell", "--avatar", str(picture)
+    )
+    assert code == 0, out
+    first = served()
+    assert first is not None and first.display_name == "Alice Liddell"
+    assert first.avatar_type == "image/png"
+    assert Image.open(io.BytesIO(first.avatar)).size == (256, 192)
+
+    # a new name keeps the published avatar; --no-avatar drops it
+    code, out = await acli(l_home, "profile", "set", "--name", "Alice L.")
+    assert code == 0, out
+    second = served()
+    assert second is not None and second.avatar == first.avatar
+    assert second.display_name == "Alice L." and second.issued_at > first.issued_at
+    code, out = await acli(l_home, "profile", "set", "--no-avatar")
+    assert code == 0, out
+    assert served().avatar == b""  # type: ignore[union-attr]
+
+    # refusals are sentences, and nothing is published
+    (tmp_path / "note.png").write_bytes(b"not a picture at all")
+    for args, words in (
+        (("--avatar", str(tmp_path / "note.png")), "PNG or JPEG"),
+        (("--name", "two\nlines"), "one line"),
+        ((), "Give --name"),
+    ):
+        code, out = await acli(l_home, "profile", "set", *args)
+        assert code != 0 and words in out and "Traceback" not in out, out
+    assert served().display_name == "Alice L."  # type: ignore[union-attr]
+
+    code, out = await acli(l_home, "profile", "clear")
+    assert code == 0, out
+    cleared = served()
+    assert cleared is not None and cleared.display_name == "" and cleared.avatar == b""
+    code, out = await acli(l_home, "profile")
+    assert code == 0 and "You have no profile" in out, out

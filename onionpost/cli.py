@@ -922,6 +922,8 @@ def contacts_show(obj: Ctx, address: str, user: str | None) -> None:
         v = admin.contact(local, address, _group_user(user))
     c = v.contact
     click.echo(f"address:        {c.address}")
+    if c.display_name:
+        click.echo(f"name:           {c.display_name} (from their signed profile)")
     click.echo(f"identity:       {v.fingerprint}")
     click.echo(f"safety number:  {v.safety_number}")
     click.echo(f"verified:       {'yes' if c.verified else 'no'}")

@@ -294,6 +294,8 @@ async def test_alices_verified_name_shows_in_bobs_mail_client(tmp_path: Path) ->
             "Alice Liddell",
         )
         assert f"{me} (Alice Liddell)" in node.cli("contacts")
+        shown = node.cli("contacts", "show", me)
+        assert "name:           Alice Liddell (from their signed profile)" in shown
         assert "name:    Bob Builder" in node.cli("profile", "show")
     finally:
         node.stop()

@@ -18,12 +18,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from onionpost.account import Account, revoke_device
+from onionpost.account import Account, check_display_name, revoke_device, sign_profile
 from onionpost.address import Address
 from onionpost.api.client import InboxClient
 from onionpost.config import Config
+from onionpost.crypto.bundle import KeyBundle
 from onionpost.crypto.fingerprint import fingerprint, safety_number
-from onionpost.crypto.keys import DeviceEntry, DeviceList
+from onionpost.crypto.keys import DeviceEntry, DeviceList, Profile
 from onionpost.errors import NotInitialized, OnionpostError, UsageError
 from onionpost.keystore import (
     ROTATE_REQUEST,
@@ -458,6 +459,139 @@ def accept_introduction(local: Local, address: str, user: str | None = None) -> 
     accepted = asyncio.run(main())
     poke(local.config.data_dir)
     return accepted
+
+
+# --- profile ------------------------------------------------------------------------------------
+
+
+def profile_set(
+    local: Local,
+    *,
+    name: str | None = None,
+    avatar: bytes | None = None,
+    no_avatar: bool = False,
+    user: str | None = None,
+) -> Profile:
+    """Sign and publish the person's profile: ``name`` and ``avatar`` (an image file's bytes,
+    re-encoded by :mod:`onionpost.avatar`) replace the published ones, what is not given
+    is kept from the profile the inbox serves now (so a name change keeps the avatar that
+    another device set), ``no_avatar`` drops the avatar.  Needs a device holding the
+    identity key."""
+    account = local.account(user)
+    new_name = check_display_name(name) if name is not None else None
+    picture: tuple[str, bytes] | None = None
+    if avatar is not None:
+        from onionpost.avatar import process_avatar
+
+        picture = process_avatar(avatar)
+    if no_avatar and picture is not None:
+        raise UsageError("Give either --avatar or --no-avatar, not both.")
+
+    def make(current: Profile | None) -> tuple[str, str, bytes]:
+        display = new_name if new_name is not None else (current.display_name if current else "")
+        if not display:
+            raise UsageError("Give your display name with --name (you have no profile yet).")
+        if picture is not None:
+            return display, *picture
+        if no_avatar or current is None:
+            return display, "", b""
+        return display, current.avatar_type, current.avatar
+
+    return asyncio.run(_publish_profile(local, account, make))
+
+
+def profile_clear(local: Local, user: str | None = None) -> Profile:
+    """Publish an empty signed profile: no name, no avatar.  It is newer than the old one,
+    so contacts that knew the old name forget it when they next see the new one."""
+    return asyncio.run(_publish_profile(local, local.account(user), lambda _current: ("", "", b"")))
+
+
+def profile_show(local: Local, user: str | None = None) -> Profile | None:
+    """The person's published profile: the inbox's copy when this machine runs the inbox,
+    else the one this device last published (None: none, or an empty one)."""
+    account = local.account(user)
+    profile = account.profile
+    if local.inbox_db() is not None:
+        profile = _published_here(local, account) or profile
+    if profile is None or (not profile.display_name and not profile.avatar):
+        return None
+    return profile
+
+
+def _published_here(local: Local, account: Account) -> Profile | None:
+    from onionpost.store.inbox import InboxStore
+
+    db = local.inbox_db()
+    mb = InboxStore(db).mailbox(account.mailbox_id) if db is not None else None
+    if mb is None or not mb.profile:
+        return None
+    return _own_profile(account, mb.profile)
+
+
+def _own_profile(account: Account, raw: bytes) -> Profile | None:
+    """``raw`` as our own profile, if it is one (verifies for our identity)."""
+    try:
+        profile = Profile.parse(raw)
+        profile.verify_for(account.uik_pk)
+    except OnionpostError:
+        return None
+    return profile
+
+
+async def _publish_profile(
+    local: Local, account: Account, make: Callable[[Profile | None], tuple[str, str, bytes]]
+) -> Profile:
+    """Sign a profile made by ``make`` from the published one and publish it *now*: straight
+    into the inbox database when this machine runs the inbox, else over tor with a device
+    session.  The device keeps it (and its card, for the mail it sends) in its key files."""
+    from onionpost.device import device_session
+    from onionpost.joining import inbox_dialer
+
+    if account.identity is None:
+        raise UsageError(
+            "This device does not hold your identity key, so it cannot sign your profile. "
+            "Run the command on one of your devices that does."
+        )
+    now = _now()
+    if local.inbox_db() is not None:
+        current = _published_here(local, account) or account.profile
+        display, media, picture = make(current)
+        profile, card = sign_profile(
+            account,
+            display_name=display,
+            avatar_type=media,
+            avatar=picture,
+            now=now,
+            previous=current,
+        )
+        _publish_direct(local, account, KeyUpdate(profile=profile))
+    else:
+        async with inbox_dialer(local.config, say=lambda _: None) as dialer:
+            client = InboxClient(
+                dialer,
+                account.address.onion,
+                port=local.config.tor.onion_port,
+                isolation="enrol",
+                timeout=180.0,
+            )
+            served = KeyBundle.parse(await client.bundle(account.local)).profile
+            current = (_own_profile(account, served.encode()) if served else None) or (
+                account.profile
+            )
+            display, media, picture = make(current)
+            profile, card = sign_profile(
+                account,
+                display_name=display,
+                avatar_type=media,
+                avatar=picture,
+                now=now,
+                previous=current,
+            )
+            await device_session(account, client).publish(KeyUpdate(profile=profile))
+    account.profile, account.profile_card = profile, card
+    local.files.save_profile(account)
+    poke(local.config.data_dir)
+    return profile
 
 
 # --- devices ------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from onionpost.errors import AlreadyInitialized, NotInitialized, OnionpostError,
 
 if TYPE_CHECKING:
     from gateway.mailread import MailReader, SearchField, Summary
+    from onionpost.crypto.keys import Profile
 
 EXIT_ERROR = 1
 EXIT_INTERNAL = 70
@@ -928,6 +929,8 @@ def contacts_show(obj: Ctx, address: str, user: str | None) -> None:
         v = admin.contact(local, address, _group_user(user))
     c = v.contact
     click.echo(f"address:        {c.address}")
+    if c.display_name:
+        click.echo(f"name:           {c.display_name} (from their signed profile)")
     click.echo(f"identity:       {v.fingerprint}")
     click.echo(f"safety number:  {v.safety_number}")
     click.echo(f"verified:       {'yes' if c.verified else 'no'}")
@@ -1064,6 +1067,99 @@ def contacts_accept_intro(obj: Ctx, address: str, user: str | None) -> None:
             "Their inbox could not be reached now: the first time it is, the identity key it "
             "presents is compared with this one, and a different one is refused."
         )
+
+
+# --- profile -------------------------------------------------------------------------------
+
+
+@cli.group(invoke_without_command=True)
+@_user_option(_WHOSE)
+@click.pass_context
+def profile(ctx: click.Context, user: str | None) -> None:
+    """Your public profile: a display name and an avatar, signed with your identity key and
+    served to anyone who fetches your keys (see also: profile set, profile clear)."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(profile_show, user=user)
+
+
+def _print_profile(p: Profile | None) -> None:
+    if p is None:
+        click.echo("You have no profile. Set one with: onionpost profile set --name NAME")
+        return
+    click.echo(f"name:    {p.display_name}")
+    if p.avatar:
+        click.echo(f"avatar:  {p.avatar_type}, {len(p.avatar)} bytes")
+    else:
+        click.echo("avatar:  none")
+    click.echo(f"signed:  {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(p.issued_at))}")
+
+
+@profile.command("show")
+@click.option(
+    "--save-avatar",
+    type=click.Path(dir_okay=False, writable=True),
+    default=None,
+    help="Also write the published avatar to this file.",
+)
+@_user_option(_WHOSE)
+@pass_ctx
+def profile_show(obj: Ctx, user: str | None, save_avatar: str | None = None) -> None:
+    """Show the profile your contacts see."""
+    from onionpost import admin
+
+    with admin.opened(obj.config()) as local:
+        p = admin.profile_show(local, _group_user(user))
+    _print_profile(p)
+    if save_avatar is not None and p is not None and p.avatar:
+        Path(save_avatar).write_bytes(p.avatar)
+        click.echo(f"The avatar is in {save_avatar}.")
+
+
+@profile.command("set")
+@click.option("--name", default=None, help='Your display name, e.g. "Alice Liddell".')
+@click.option(
+    "--avatar",
+    type=click.Path(exists=True, dir_okay=False, readable=True),
+    default=None,
+    help="A PNG or JPEG picture (scaled to 256 pixels and re-encoded before publishing).",
+)
+@click.option("--no-avatar", is_flag=True, help="Publish no avatar (drop the current one).")
+@_user_option(_WHOSE)
+@pass_ctx
+def profile_set(
+    obj: Ctx, name: str | None, avatar: str | None, no_avatar: bool, user: str | None
+) -> None:
+    """Sign and publish your display name and avatar. What you leave out is kept."""
+    from onionpost import admin
+    from onionpost.avatar import MAX_AVATAR_FILE
+
+    if name is None and avatar is None and not no_avatar:
+        raise click.UsageError("Give --name, --avatar or --no-avatar.")
+    picture = None
+    if avatar is not None:
+        try:
+            with Path(avatar).open("rb") as f:
+                picture = f.read(MAX_AVATAR_FILE + 1)
+        except OSError as exc:
+            raise click.UsageError(f"Cannot read {avatar}: {exc.strerror}.") from exc
+    with admin.opened(obj.config()) as local:
+        p = admin.profile_set(
+            local, name=name, avatar=picture, no_avatar=no_avatar, user=_group_user(user)
+        )
+    click.echo("Your profile is published:")
+    _print_profile(p)
+
+
+@profile.command("clear")
+@_user_option(_WHOSE)
+@pass_ctx
+def profile_clear(obj: Ctx, user: str | None) -> None:
+    """Publish an empty profile: contacts forget your name and avatar as they see it."""
+    from onionpost import admin
+
+    with admin.opened(obj.config()) as local:
+        admin.profile_clear(local, _group_user(user))
+    click.echo("Your profile is cleared: no name, no avatar.")
 
 
 @cli.group(invoke_without_command=True)

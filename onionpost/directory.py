@@ -135,7 +135,6 @@ class Directory:
                     key, contact.uik_pk, bundle.device_list.uik_pk, now
                 )
             raise
-        display = bundle.profile.display_name if bundle.profile else None
         self.contacts.remember(
             key,
             uik_pk=verified.uik_pk,
@@ -143,8 +142,14 @@ class Directory:
             now=now,
             device_list=verified.device_list.encode(),
             bundle=raw,
-            display_name=display,
         )
+        if verified.profile is not None:
+            # Verified against the pinned identity inside verify_bundle; an older profile
+            # than the one we know (a stale bundle) does not replace it.
+            profile = verified.profile
+            self.contacts.set_profile(key, profile.shown_name, profile.issued_at)
+        elif verified.profile_problem is not None:
+            log.warning("ignored %s's profile: %s", address, verified.profile_problem)
         resolved = Resolved(verified, fresh=True)
         self._fresh[key] = (clock(), resolved)
         return resolved

@@ -40,6 +40,7 @@ from onionpost.crypto.bundle import VerifiedBundle
 from onionpost.crypto.envelope import (
     CONTENT_RFC5322,
     EXT_ADDRESSED_TO_SELF,
+    EXT_SENDER_PROFILE,
     EXT_TOKEN_GRANT,
     StanzaTarget,
 )
@@ -246,6 +247,8 @@ class Sender:
             extensions.append((EXT_TOKEN_GRANT, grants))
         if unit.to_self and own is not None:
             extensions.append((EXT_ADDRESSED_TO_SELF, b""))
+        if self.account.profile_card is not None:
+            extensions.append((EXT_SENDER_PROFILE, self.account.profile_card.encode()))
         expires_at = now + self.lifetime
         unit_key = ",".join([*(str(a) for a in unit.recipients), *(["self"] if own else [])])
         msg_id = None

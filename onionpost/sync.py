@@ -20,6 +20,7 @@ import re
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from email.header import Header, decode_header, make_header
 from email.utils import formataddr, formatdate, getaddresses, parseaddr
 from typing import IO
 
@@ -30,6 +31,7 @@ from onionpost.crypto.envelope import (
     CONTENT_INTRODUCTION,
     CONTENT_RFC5322,
     EXT_ADDRESSED_TO_SELF,
+    EXT_SENDER_PROFILE,
     EXT_TOKEN_GRANT,
     ContentHeader,
     open_inner,
@@ -37,7 +39,7 @@ from onionpost.crypto.envelope import (
 from onionpost.crypto.fingerprint import fingerprint
 from onionpost.crypto.introduction import MAX_BYTES as MAX_INTRODUCTION_BYTES
 from onionpost.crypto.introduction import open_introduction
-from onionpost.crypto.keys import DeviceList
+from onionpost.crypto.keys import DeviceList, Profile, shown_name
 from onionpost.crypto.sender import (
     EXT_SENDER_KEYS,
     pin_encode,
@@ -244,7 +246,26 @@ class Receiver:
         for i in range(0, len(grants) - 63, 64):
             if grants[i : i + 32] == self.account.uik_pk:
                 self.contacts.set_token_to_them(key, grants[i + 32 : i + 64])
-        return "INBOX", _Sender(address, verified.uik_pk)
+        self._learn_profile(key, header, verified.uik_pk)
+        contact = self.contacts.get(key)
+        name = contact.display_name if contact is not None else ""
+        return "INBOX", _Sender(address, verified.uik_pk, name)
+
+    def _learn_profile(self, key: str, header: ContentHeader, uik_pk: bytes) -> None:
+        """Remember the display name of the profile card the sender's device put in the
+        signed header (extension 5), if it verifies for the sender's pinned identity and is
+        not older than the one we know.  A card that does not verify is ignored (the
+        message itself verified, so it is still delivered), with a warning in the log."""
+        raw = header.extension(EXT_SENDER_PROFILE)
+        if not raw:
+            return
+        try:
+            card = Profile.parse(raw)
+            card.verify_for(uik_pk)
+        except CryptoError as exc:
+            log.warning("ignored the profile in a message from %s: %s", key, exc)
+            return
+        self.contacts.set_profile(key, card.shown_name, card.issued_at)
 
     def _introduction(self, header: ContentHeader, body: IO[bytes], now: int) -> Filed:
         """An introduction (protocol §16): recorded and announced by a notice mail only when
@@ -374,6 +395,8 @@ class Receiver:
 class _Sender:
     address: Address
     uik_pk: bytes
+    #: The display name of the sender's newest verified profile ("" when none is known).
+    verified_name: str = ""
 
 
 def _file_digest(f: IO[bytes]) -> bytes:
@@ -448,8 +471,15 @@ def _stamp(message: bytes, sender: _Sender) -> bytes:
     extra: list[bytes] = [
         f"X-Onionpost-Verified: {verified} (identity {fingerprint(sender.uik_pk)})".encode()
     ]
-    if found != [verified]:
-        display = parseaddr(from_values[0])[0] if from_values else ""
+    claimed = _display_name(from_values[0]) if from_values else ""
+    display = claimed
+    if sender.verified_name:
+        display = _shown_display(claimed, sender.verified_name)
+        extra.append(
+            b"X-Onionpost-Verified-Name: "
+            + Header(sender.verified_name, "utf-8").encode(maxlinelen=0).encode("ascii")
+        )
+    if found != [verified] or display != claimed:
         kept = [k for k in kept if k[:5].lower() != b"from:"]
         kept.append(b"From: " + formataddr((display, verified)).encode("utf-8"))
         extra.extend(
@@ -458,3 +488,29 @@ def _stamp(message: bytes, sender: _Sender) -> bytes:
             for v in from_values
         )
     return b"".join((eol.join(extra + kept), rest))
+
+
+def _display_name(from_value: str) -> str:
+    """The display name of a From header's value as a person would read it (encoded words
+    decoded), "" when there is none or it cannot be read."""
+    raw = parseaddr(from_value)[0]
+    if "=?" not in raw:
+        return raw
+    try:
+        return str(make_header(decode_header(raw)))
+    except (ValueError, LookupError, UnicodeError):
+        return raw
+
+
+def _shown_display(claimed: str, verified_name: str) -> str:
+    """The From display name to file when the sender's verified profile name is known.
+
+    The verified name always comes first (a mail client's message list shows the start of
+    it); a different name the message itself claims is kept after it, marked, so a contact
+    whose profile says "Alice Liddell" cannot pass as "Your Bank" by writing that into
+    From: ``Alice Liddell (unverified: Your Bank)``.  Case and spacing do not count.
+    """
+    said = shown_name(claimed)
+    if not said or said.casefold() == verified_name.casefold():
+        return verified_name
+    return f"{verified_name} (unverified: {said})"

@@ -100,6 +100,9 @@ EXT_DEVICE_LIST_GOSSIP = 2  # value: repeated (recipient uik 32 || device list d
 # value: empty.  Only in a copy for the sender's own other devices: the sender is also one of
 # the message's recipients (To, Cc or Bcc), so the copy belongs in INBOX as well as in Sent.
 EXT_ADDRESSED_TO_SELF = 4
+# value: a Profile record without its avatar (the sender's "card", signed by the sender's
+# UIK), so the recipient learns the sender's verified display name offline with the mail.
+EXT_SENDER_PROFILE = 5
 
 AUTH_NONE = 0
 AUTH_TOKEN = 1

@@ -113,6 +113,20 @@ class ContactStore:
                 ),
             )
 
+    def set_profile(self, address: str, display_name: str, issued_at: int) -> bool:
+        """Record the display name of a profile that verified for this contact's pinned
+        identity; an older profile than the one recorded is ignored (False).  An empty name
+        (the contact cleared their profile) clears the recorded one."""
+        with self.db.transaction() as c:
+            return (
+                c.execute(
+                    "UPDATE contacts SET display_name = ?, profile_issued_at = ?"
+                    " WHERE user = ? AND address = ? AND profile_issued_at <= ?",
+                    (display_name, issued_at, self.user, address, issued_at),
+                ).rowcount
+                > 0
+            )
+
     def set_token_to_them(self, address: str, token: bytes) -> None:
         with self.db.transaction() as c:
             c.execute(

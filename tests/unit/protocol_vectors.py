@@ -521,6 +521,7 @@ def generate() -> dict[str, str]:
     out["signed-prekey"] = dump_prekey(laptop.signed_prekey()).render()
     out["server-binding"] = dump_binding(w.bob_binding).render()
     out["profile"] = dump_profile(w.bob_profile).render()
+    out["profile-card"] = dump_profile(w.bob_profile.card().signed(w.bob_id.uik_seed)).render()
     out["key-bundle"] = dump_bundle(w.bob_bundle).render()
     vb = verify_bundle(
         KeyBundle.parse(w.bob_bundle.encode()),

@@ -62,6 +62,7 @@ class Local:
         self.keys = KeyStore(config.data_dir)
         self.files = AccountFiles(self.keys)
         self._dbs: list[Database] = []
+        self._inbox_db: Database | None = None
 
     def device_db(self) -> Database:
         path = self.config.data_dir / "device.db"
@@ -72,13 +73,17 @@ class Local:
         return db
 
     def inbox_db(self) -> Database | None:
+        """The inbox database, opened once (one connection: a transaction spanning several
+        stores must not wait on a second connection of its own)."""
+        if self._inbox_db is not None:
+            return self._inbox_db
         path = self.config.data_dir / "inbox.db"
         if not path.exists():
             return None
         key = self.keys.load_server().record_key() if self.keys.has_server() else None
-        db = Database(path, INBOX_COMPONENTS, record_key=key)
-        self._dbs.append(db)
-        return db
+        self._inbox_db = Database(path, INBOX_COMPONENTS, record_key=key)
+        self._dbs.append(self._inbox_db)
+        return self._inbox_db
 
     def account(self, user: str | None) -> Account:
         users = self.files.users()

@@ -49,7 +49,7 @@ def test_allowance_arithmetic() -> None:
     assert chain.check_invite(None, 1000) == 1001
     assert chain.remaining(a) == 3  # 5, of which an open invite holds 2
     assert chain.check_invite(a, 2) == 3  # exactly what is left
-    with pytest.raises(InviteChainRefused, match="you have 3 left .*at most 2"):
+    with pytest.raises(InviteChainRefused, match=r"you have 3 left .*at most 2"):
         chain.check_invite(a, 3)
     with pytest.raises(InviteChainRefused, match="no invites left"):
         chain.check_invite(mid("bob"), 0)
@@ -108,7 +108,7 @@ def test_who_may_remove_whom() -> None:
 def test_removing_someone_who_invited_people_needs_a_choice() -> None:
     chain = household()
     a, c, d = mid("alice"), mid("carol"), mid("dave")
-    with pytest.raises(InviteChainRefused, match="'carol' invited dave, erin.*--with-invitees"):
+    with pytest.raises(InviteChainRefused, match=r"'carol' invited dave, erin.*--with-invitees"):
         chain.plan_removal(a, c, None)
     plan = chain.plan_removal(a, d, None)  # nobody below: no choice needed
     assert [m.name for m in plan.removed] == ["dave"] and plan.reparented == ()

@@ -82,13 +82,23 @@ def check_limits(
     is the default or one set for them."""
     if quota_bytes is not None and quota_bytes > own_quota:
         raise InviteChainRefused(
-            f"An invite from you can give at most your own quota ({own_quota} bytes)."
+            f"An invite from you can give at most your own quota ({_size(own_quota)})."
         )
     if max_devices is not None and own_max_devices is not None and max_devices > own_max_devices:
         raise InviteChainRefused(
             f"An invite from you can allow at most your own {own_max_devices} device(s)."
         )
     return own_max_devices if max_devices is None else max_devices
+
+
+def _size(n: int) -> str:
+    """Bytes for people: 2.0 GiB, 500.0 MiB."""
+    value, unit = float(n), "B"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            break
+        value /= 1024
+    return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
 
 
 class Chain:

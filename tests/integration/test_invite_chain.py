@@ -82,6 +82,8 @@ async def test_invite_along_the_chain_then_remove_with_reparenting(
     # no more than her allowance, nor more than her own limits
     code, out = await acli(carol, "users", "invite", "dave", "--max-devices", "3")
     assert code == 1 and "at most your own 2 device(s)" in out, out
+    code, out = await acli(alice, "users", "invite", "zed", "--quota", "100G")
+    assert code == 1 and "at most your own quota (2.0 GiB)" in out, out
     code, out = await acli(alice, "users", "invite", "zed", "--can-invite", "5")
     assert code == 1 and "you have 1 left" in out and "Traceback" not in out, out
     dave = await join(pi, tmp_path, "dave", await invite(carol, "dave"))

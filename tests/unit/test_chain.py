@@ -61,7 +61,7 @@ def test_an_invite_gives_no_more_than_the_inviters_own_limits() -> None:
     assert check_limits(100 * MIB, 3, None, None) == 3  # devices: the inviter's own
     assert check_limits(100 * MIB, 3, 50 * MIB, 2) == 2
     assert check_limits(100 * MIB, None, None, 64) == 64  # no limit of their own
-    with pytest.raises(InviteChainRefused, match="your own quota"):
+    with pytest.raises(InviteChainRefused, match=r"your own quota \(100.0 MiB\)"):
         check_limits(100 * MIB, None, 200 * MIB, None)
     with pytest.raises(InviteChainRefused, match="your own 3 device"):
         check_limits(100 * MIB, 3, None, 4)

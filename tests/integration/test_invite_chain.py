@@ -136,3 +136,32 @@ async def test_invite_along_the_chain_then_remove_with_reparenting(
     code, out = await acli(admin, "users", "remove", "alice", "--with-invitees", "--yes")
     assert code == 0 and "Also removed, invited by them: dave" in out, out
     assert [m.local for m in p.inbox.store.mailboxes()] == ["bob"]
+
+
+async def test_open_invites_hold_allowance_and_the_admin_reparents_to_itself(
+    pi: tuple[Node, str], tmp_path: Path
+) -> None:
+    p, _ = pi
+    admin = p.config.data_dir
+    assert p.inbox is not None and p.enrolment is not None
+    alice = await join(pi, tmp_path, "alice", await invite(admin, "alice", "--can-invite", "3"))
+    bob = await join(pi, tmp_path, "bob", await invite(alice, "bob"))
+    await invite(alice, "cy", "--can-invite", "1")  # open: holds 2 of alice's 2 left
+    code, out = await acli(alice, "users", "invite", "dee")
+    assert code == 1 and "no invites left" in out, out
+    # an invite that expires frees what it held
+    p.enrolment.store.db.execute("UPDATE invites SET expires_at = 1 WHERE local = 'cy'")
+    rows = tree((await acli(alice, "users", "tree"))[1])
+    assert rows["alice"][:2] == ["(admin)", "2"] and rows["bob"][:2] == ["alice", "0"]
+    await invite(alice, "dee")  # open when alice is removed: it lapses with her
+
+    code, out = await acli(admin, "users", "remove", "alice", "--reparent", "--yes")
+    assert code == 0 and "Now invited by the admin: bob" in out, out
+    rows = tree((await acli(admin, "users", "tree"))[1])
+    assert set(rows) == {"(admin)", "bob"} and rows["bob"][0] == "(admin)"
+    assert p.enrolment.store.open_invites(p.clock.now()) == []
+    # bob's devices still work; alice's are refused
+    code, out = await acli(bob, "users", "tree")
+    assert code == 0 and list(tree(out)) == ["bob"], out
+    code, out = await acli(alice, "users", "invite", "eve")
+    assert code == 1 and "may not use the mailbox" in out, out

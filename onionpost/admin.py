@@ -16,11 +16,12 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from onionpost.account import Account, check_display_name, revoke_device, sign_profile
 from onionpost.address import Address
 from onionpost.api.client import InboxClient
+from onionpost.chain import Invitees
 from onionpost.config import Config
 from onionpost.crypto.bundle import KeyBundle
 from onionpost.crypto.fingerprint import fingerprint, safety_number
@@ -46,8 +47,11 @@ from onionpost.wire import KeyUpdate
 
 if TYPE_CHECKING:
     from onionpost.api.client import DeviceSession
+    from onionpost.enrolment import Enrolment
     from onionpost.inbox import Inbox
     from onionpost.introductions import Accepted
+
+T = TypeVar("T")
 
 
 class Local:
@@ -58,6 +62,7 @@ class Local:
         self.keys = KeyStore(config.data_dir)
         self.files = AccountFiles(self.keys)
         self._dbs: list[Database] = []
+        self._inbox_db: Database | None = None
 
     def device_db(self) -> Database:
         path = self.config.data_dir / "device.db"
@@ -68,13 +73,17 @@ class Local:
         return db
 
     def inbox_db(self) -> Database | None:
+        """The inbox database, opened once (one connection: a transaction spanning several
+        stores must not wait on a second connection of its own)."""
+        if self._inbox_db is not None:
+            return self._inbox_db
         path = self.config.data_dir / "inbox.db"
         if not path.exists():
             return None
         key = self.keys.load_server().record_key() if self.keys.has_server() else None
-        db = Database(path, INBOX_COMPONENTS, record_key=key)
-        self._dbs.append(db)
-        return db
+        self._inbox_db = Database(path, INBOX_COMPONENTS, record_key=key)
+        self._dbs.append(self._inbox_db)
+        return self._inbox_db
 
     def account(self, user: str | None) -> Account:
         users = self.files.users()
@@ -339,12 +348,20 @@ async def _at_inbox(
 ) -> None:
     """Change something at the person's inbox *now*: straight in the inbox database when
     this machine runs it, else over tor with a device session (as ``devices revoke``)."""
-    from onionpost.device import device_session
-    from onionpost.joining import inbox_dialer
-
     if local.inbox_db() is not None:
         direct(_local_inbox(local))
         return
+    await _over_tor(local, account, remote)
+
+
+async def _over_tor(
+    local: Local, account: Account, remote: Callable[[DeviceSession], Awaitable[T]]
+) -> T:
+    """Run ``remote`` with a device session at the person's inbox, over tor (or the
+    running node's routes)."""
+    from onionpost.device import device_session
+    from onionpost.joining import inbox_dialer
+
     async with inbox_dialer(local.config, say=lambda _: None) as dialer:
         client = InboxClient(
             dialer,
@@ -353,7 +370,7 @@ async def _at_inbox(
             isolation="enrol",
             timeout=180.0,
         )
-        await remote(device_session(account, client))
+        return await remote(device_session(account, client))
 
 
 def identity_changes(local: Local, user: str | None = None) -> list[tuple[str, bytes, bytes, int]]:
@@ -817,33 +834,174 @@ def invite(
     lifetime: int | None,
     quota_bytes: int | None,
     max_devices: int | None,
+    can_invite: int = 0,
+    user: str | None = None,
 ) -> tuple[Code, int]:
-    """An invite code for a new person on this machine's inbox."""
-    from onionpost.enrolment import Enrolment
-    from onionpost.inbox import Inbox
-    from onionpost.store.enrolment import EnrolmentStore
-    from onionpost.store.inbox import InboxStore
-
-    db = local.inbox_db()
-    if db is None or not local.keys.has_server():
-        raise UsageError(
-            "This machine runs no inbox: invite people on the machine that does (the Pi)."
+    """An invite code for a new person on this machine's inbox (as its admin: no limit on
+    invites), or, on a machine without the inbox, one the person's inbox mints for them,
+    paid from their allowance in the invite chain."""
+    if local.inbox_db() is None or not local.keys.has_server():
+        return _invite_remote(
+            local,
+            name,
+            lifetime=lifetime,
+            quota_bytes=quota_bytes,
+            max_devices=max_devices,
+            can_invite=can_invite,
+            user=user,
         )
-    inbox = Inbox(
-        store=InboxStore(db),
-        outbox=OutboxStore(db),
-        secrets=local.keys.load_server(),
-        config=local.config.inbox,
-    )
     if name.lower() in local.files.users():
         raise UsageError(f"There is already a user '{name.lower()}' here.")
-    return Enrolment(inbox, EnrolmentStore(db), local.config.inbox).create_invite(
+    return _enrolment(local).create_invite(
         name,
         now=_now(),
         lifetime=lifetime,
         quota_bytes=quota_bytes,
         max_devices=max_devices,
+        can_invite=can_invite,
     )
+
+
+def _invite_remote(
+    local: Local,
+    name: str,
+    *,
+    lifetime: int | None,
+    quota_bytes: int | None,
+    max_devices: int | None,
+    can_invite: int,
+    user: str | None,
+) -> tuple[Code, int]:
+    account = _member(local, user)
+    check_user_name(name.lower())
+    text, expires = asyncio.run(
+        _over_tor(
+            local,
+            account,
+            lambda session: session.invite(
+                name.lower(),
+                can_invite=can_invite,
+                quota_bytes=quota_bytes,
+                max_devices=max_devices,
+                lifetime=lifetime,
+            ),
+        )
+    )
+    code = Code.parse(text, "invite")
+    if code.onion != account.address.onion:
+        raise UsageError("Your inbox answered with an invite for another inbox; not shown.")
+    return code, expires
+
+
+def _member(local: Local, user: str | None) -> Account:
+    """The person on this machine who acts in the invite chain (their inbox is elsewhere)."""
+    if not local.files.users():
+        raise UsageError(
+            "This machine holds no inbox and nobody's keys: invite people on the machine "
+            "that runs the inbox (the Pi), or from a machine set up with `init --invite`."
+        )
+    return local.account(user)
+
+
+def _enrolment(local: Local) -> Enrolment:
+    """This machine's inbox's enrolment (invites and the invite chain)."""
+    from onionpost.enrolment import Enrolment
+    from onionpost.store.enrolment import EnrolmentStore
+
+    inbox = _local_inbox(local)
+    return Enrolment(inbox, EnrolmentStore(inbox.store.db), local.config.inbox)
+
+
+@dataclass(frozen=True)
+class TreeRow:
+    """One person in ``users tree``: ``invited_by`` None is the inbox's admin; for the admin's
+    own row (``user`` None) ``remaining`` is None: unlimited."""
+
+    depth: int
+    user: str | None
+    invited_by: str | None
+    remaining: int | None
+    quota_bytes: int | None
+    max_devices: int | None
+
+
+def tree(local: Local, user: str | None = None) -> list[TreeRow]:
+    """The invite chain: the whole of it on the inbox machine (the admin's view), else the
+    person and the people below them, as their inbox tells."""
+    if local.inbox_db() is None or not local.keys.has_server():
+        account = _member(local, user)
+        rows = asyncio.run(_over_tor(local, account, lambda session: session.chain()))
+        out = []
+        for r in rows:
+            try:
+                out.append(
+                    TreeRow(
+                        int(r["depth"]),
+                        str(r["local"]),
+                        None if r.get("invited_by") is None else str(r["invited_by"]),
+                        int(r["remaining"]),
+                        None if r.get("quota_bytes") is None else int(r["quota_bytes"]),
+                        None if r.get("max_devices") is None else int(r["max_devices"]),
+                    )
+                )
+            except (KeyError, TypeError, ValueError) as exc:
+                raise UsageError(
+                    "Your inbox's answer about the invite chain is not understood."
+                ) from exc
+        return out
+    enrolment = _enrolment(local)
+    chain = enrolment.chain(_now())
+    default = local.config.inbox.quota_bytes
+    out = [TreeRow(0, None, None, None, None, None)]
+    for depth, m in chain.below(None):
+        up = chain.parent(m.mailbox_id)
+        out.append(
+            TreeRow(
+                depth,
+                m.name,
+                None if up is None else chain.members[up].name,
+                m.remaining,
+                m.quota_bytes or default,
+                m.max_devices,
+            )
+        )
+    return out
+
+
+Ask = Callable[[str, list[str]], "Invitees | None"]
+
+
+def _no_answer(_target: str, _invitees: list[str]) -> Invitees | None:
+    return None
+
+
+def remove_member(
+    local: Local,
+    name: str,
+    invitees: Invitees | None,
+    *,
+    user: str | None = None,
+    ask: Ask = _no_answer,
+) -> tuple[list[str], list[str]]:
+    """Remove someone below this machine's person in the invite chain, at their inbox
+    (checked there against the recorded chain); returns who was removed and who moved up.
+
+    When ``name`` invited people and ``invitees`` is None, ``ask`` is asked what happens to
+    them (a terminal prompt; by default nobody answers and the inbox's refusal says which
+    option to choose)."""
+    account = _member(local, user)
+    name = check_user_name(name.lower())
+
+    async def run(session: DeviceSession) -> tuple[list[str], list[str]]:
+        choice = invitees
+        if choice is None:
+            rows = await session.chain()
+            below = [str(r.get("local")) for r in rows if r.get("invited_by") == name]
+            if below:
+                choice = ask(name, below)
+        return await session.remove_member(name, choice.value if choice else None)
+
+    return asyncio.run(_over_tor(local, account, run))
 
 
 def _now() -> int:
@@ -948,52 +1106,99 @@ class Removed:
     contacts: int
     submissions: int
     node_told: bool  # a running node was poked and drops the user
+    also_removed: tuple[str, ...] = ()  # people they invited, removed with them
+    reparented: tuple[str, ...] = ()  # people they invited, now the admin's
 
 
 def check_user_exists(local: Local, name: str) -> None:
     """Refuse a name of which nothing is on this machine.  Anything counts, not only a whole
     user: key files, a mailbox in the inbox or a gateway login (an interrupted removal
     leaves some of them, and running the removal again must finish it)."""
+    if not user_exists(local, name):
+        known = local.files.users()
+        here = f" ({', '.join(known)})" if known else ""
+        raise UsageError(f"There is no user '{name}' here{here}.")
+
+
+def user_exists(local: Local, name: str) -> bool:
     from onionpost.store.accounts import AccountStore
     from onionpost.store.inbox import InboxStore
 
     check_user_name(name)
     if local.keys.has_user_files(name):
-        return
+        return True
     db = local.inbox_db()
     if db is not None and InboxStore(db).mailbox_by_local(name) is not None:
-        return
+        return True
     device_db = local.config.data_dir / "device.db"
-    if device_db.exists() and name in AccountStore(local.device_db()).users():
-        return
-    known = local.files.users()
-    here = f" ({', '.join(known)})" if known else ""
-    raise UsageError(f"There is no user '{name}' here{here}.")
+    return device_db.exists() and name in AccountStore(local.device_db()).users()
 
 
-def remove_user(local: Local, name: str) -> Removed:
+def removal_choice(local: Local, name: str, invitees: Invitees | None, ask: Ask) -> Invitees | None:
+    """On the inbox machine: ``invitees``, or (when ``name`` invited people and nothing was
+    said) ``ask``'s answer; refuses with the options when there is still no answer."""
+    if invitees is not None or local.inbox_db() is None or not local.keys.has_server():
+        return invitees
+    chain = _enrolment(local).chain(_now())
+    try:
+        target = chain.by_name(name)
+    except UsageError:
+        return None  # no mailbox here: only local data to remove
+    below = [m.name for m in chain.invitees(target.mailbox_id)]
+    choice = ask(name, below) if below else None
+    if below and choice is None:
+        chain.plan_removal(None, target.mailbox_id, None)  # raises, naming the options
+    return choice
+
+
+def remove_user(local: Local, name: str, invitees: Invitees | None = None) -> Removed:
     """Delete a person from this node: mailbox and spool, mail, contacts, queued mail,
     gateway login, key files; then tell the running node, which stops serving them.
 
-    Each step is idempotent and the key files go last, so an interrupted removal is
-    finished by running it again (the user is still listed until then)."""
-    from onionpost.store.accounts import AccountStore
-    from onionpost.store.filing import FilingStore
+    The people they invited are removed with them or re-parented to the admin, as
+    ``invitees`` says (refused when they invited people and it says nothing).  Each step is
+    idempotent and the key files go last, so an interrupted removal is finished by running
+    it again (the user is still listed until then)."""
     from onionpost.store.inbox import InboxStore
 
     check_user_exists(local, name)
     mailbox_id = local.files.load(name).mailbox_id if local.files.exists(name) else None
     had_mailbox, spooled = False, 0
+    also: tuple[str, ...] = ()
+    moved: tuple[str, ...] = ()
     db = local.inbox_db()
     if db is not None:
         inbox = InboxStore(db)
         row = inbox.mailbox(mailbox_id) if mailbox_id else inbox.mailbox_by_local(name)
         if row is not None:
+            enrolment = _enrolment(local)
+            now = _now()
             with db.transaction():
-                spooled = inbox.spooled(row.mailbox_id)[0]
-                inbox.remove_mailbox(row.mailbox_id)
-                OutboxStore(db).remove_mailbox(row.mailbox_id)
+                chain = enrolment.chain(now)
+                plan = chain.plan_removal(None, row.mailbox_id, invitees)
+                spooled = sum(inbox.spooled(m.mailbox_id)[0] for m in plan.removed)
+                plan = enrolment.remove(None, row.local, invitees, now)
+            also = tuple(m.name for m in plan.removed[1:])
+            moved = tuple(m.name for m in plan.reparented)
             had_mailbox = True
+    messages = contacts_gone = submissions = 0
+    for who in (name, *also):
+        if who != name and not user_exists(local, who):
+            continue
+        m, c, s = _remove_local_data(local, who)
+        messages, contacts_gone, submissions = messages + m, contacts_gone + c, submissions + s
+    told = poke(local.config.data_dir)
+    return Removed(
+        name, had_mailbox, spooled, messages, contacts_gone, submissions, told, also, moved
+    )
+
+
+def _remove_local_data(local: Local, name: str) -> tuple[int, int, int]:
+    """A person's mail, contacts, queued mail, gateway account and key files on this
+    machine (the key files last)."""
+    from onionpost.store.accounts import AccountStore
+    from onionpost.store.filing import FilingStore
+
     messages = contacts_gone = submissions = 0
     if (local.config.data_dir / "device.db").exists():
         device_db = local.device_db()
@@ -1002,8 +1207,7 @@ def remove_user(local: Local, name: str) -> Removed:
         messages = FilingStore(device_db, local.config.data_dir / "filing").remove_user(name)
         AccountStore(device_db).remove(name)
     local.keys.remove_user(name)
-    told = poke(local.config.data_dir)
-    return Removed(name, had_mailbox, spooled, messages, contacts_gone, submissions, told)
+    return messages, contacts_gone, submissions
 
 
 # --- sending ------------------------------------------------------------------------------------

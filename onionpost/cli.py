@@ -29,6 +29,8 @@ from onionpost.errors import AlreadyInitialized, NotInitialized, OnionpostError,
 
 if TYPE_CHECKING:
     from gateway.mailread import MailReader, SearchField, Summary
+    from onionpost.admin import Local
+    from onionpost.chain import Invitees
     from onionpost.crypto.keys import Profile
 
 EXIT_ERROR = 1
@@ -1503,6 +1505,14 @@ def users_add(obj: Ctx, name: str, device_name: str) -> None:
     default=None,
     help="How many devices the person may have.",
 )
+@click.option(
+    "--can-invite",
+    type=click.IntRange(0, 10_000),
+    default=0,
+    show_default=True,
+    help="How many others they may invite in turn (paid from your own allowance).",
+)
+@_user_option("Who invites, on a machine with several users (their inbox mints the code).")
 @click.option("--json", "as_json", is_flag=True, help="Print the invite as JSON.")
 @pass_ctx
 def users_invite(
@@ -1512,10 +1522,16 @@ def users_invite(
     hours: int | None,
     quota: str | None,
     max_devices: int | None,
+    can_invite: int,
+    user: str | None,
     as_json: bool,
 ) -> None:
     """Invite a person to have their mailbox on this inbox: prints a one-time code for
-    `onionpost init --invite CODE` on their own machine (their keys are made there)."""
+    `onionpost init --invite CODE` on their own machine (their keys are made there).
+
+    On the inbox machine this is the admin's invite (no limit). On your own machine, with
+    your inbox elsewhere, your inbox mints it if your invite allowance covers it (1 for the
+    person plus --can-invite); its quota and device limit can be no more than your own."""
     from onionpost import admin
 
     with admin.opened(obj.config()) as local:
@@ -1525,6 +1541,8 @@ def users_invite(
             lifetime=hours * 3600 if hours else None,
             quota_bytes=_parse_size(quota) if quota else None,
             max_devices=max_devices,
+            can_invite=can_invite,
+            user=user,
         )
     if as_json:
         click.echo(
@@ -1535,6 +1553,7 @@ def users_invite(
                     "qr": code.qr_payload(),
                     "inbox": f"{code.onion}.onion",
                     "expires_at": expires,
+                    "can_invite": can_invite,
                 }
             )
         )
@@ -1543,6 +1562,8 @@ def users_invite(
     click.echo("On their own computer, they run:\n")
     click.echo(f"  onionpost init --invite {code.text()}\n")
     click.echo(_qr(code.qr_payload()))
+    if can_invite:
+        click.echo(f"With it they may invite {can_invite} other(s) (`onionpost users invite`).")
     click.echo(
         f"The code works once, until {time.strftime('%Y-%m-%d %H:%M', time.localtime(expires))}."
         " Give it to them in person or over a channel you trust."
@@ -1596,35 +1617,124 @@ def _size(n: int | None) -> str:
 @users.command("remove")
 @click.argument("name")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation (for scripts).")
+@click.option(
+    "--with-invitees", is_flag=True, help="Remove the people they invited too (all the way down)."
+)
+@click.option("--reparent", is_flag=True, help="Move the people they invited under you.")
+@_user_option("Who removes, on a machine with several users (see `users tree`).")
 @pass_ctx
-def users_remove(obj: Ctx, name: str, yes: bool) -> None:
-    """Delete a person from this node: their mailbox and mail, contacts, keys and login.
+def users_remove(
+    obj: Ctx, *, name: str, yes: bool, with_invitees: bool, reparent: bool, user: str | None
+) -> None:
+    """Delete a person: their mailbox and mail, contacts, keys and login.
 
-    This cannot be undone: mail waiting at the inbox and everything filed on this device
-    for them is deleted, and their address stops working."""
+    On the inbox machine (the admin) anyone can be removed. On your own machine, with your
+    inbox elsewhere, you can remove the people below you in the invite chain (people you
+    invited, the people they invited, ...); your inbox checks. Someone who invited others
+    needs --with-invitees or --reparent. This cannot be undone."""
     from onionpost import admin
+    from onionpost.chain import Invitees
 
+    if with_invitees and reparent:
+        raise click.UsageError("Use only one of --with-invitees and --reparent.")
+    invitees = Invitees.REMOVE if with_invitees else Invitees.REPARENT if reparent else None
     name = name.lower()
     with admin.opened(obj.config()) as local:
+        if local.inbox_db() is None and not admin.user_exists(local, name):
+            _remove_member(local, name, invitees, yes=yes, user=user)
+            return
         admin.check_user_exists(local, name)
+        invitees = admin.removal_choice(local, name, invitees, _ask_invitees)
         if not yes:
             click.confirm(
                 f"Delete {name}'s mailbox, mail, contacts, keys and login for good?",
                 abort=True,
             )
-        removed = admin.remove_user(local, name)
+        removed = admin.remove_user(local, name, invitees)
     from gateway.setup import forget_login
 
-    mail = forget_login(obj.config(), removed.user)
+    mail = sum(forget_login(obj.config(), who) for who in (removed.user, *removed.also_removed))
     click.echo(
         f"Removed {removed.user}: {mail + removed.messages} message(s) of mail, "
         f"{removed.spooled_messages} waiting at the inbox, {removed.contacts} contact(s), "
         f"{removed.submissions} queued submission(s)."
     )
+    _print_chain_removal(removed.also_removed, removed.reparented, "the admin")
     if not removed.mailbox:
         click.echo("This machine runs no inbox holding their mailbox; none was removed.")
     if removed.node_told:
         click.echo("The running node stops serving them now.")
+
+
+def _remove_member(
+    local: Local,
+    name: str,
+    invitees: Invitees | None,
+    *,
+    yes: bool,
+    user: str | None,
+) -> None:
+    """`users remove` of someone below this machine's person, at their inbox."""
+    from onionpost import admin
+
+    if not yes:
+        click.confirm(
+            f"Remove {name}'s mailbox at your inbox for good (their mail waiting there too)?",
+            abort=True,
+        )
+    removed, moved = admin.remove_member(local, name, invitees, user=user, ask=_ask_invitees)
+    click.echo(f"Removed {removed[0]} at your inbox." if removed else "Nobody was removed.")
+    _print_chain_removal(tuple(removed[1:]), tuple(moved), "you")
+
+
+def _print_chain_removal(also: tuple[str, ...], moved: tuple[str, ...], whom: str) -> None:
+    if also:
+        click.echo(f"Also removed, invited by them: {', '.join(also)}.")
+    if moved:
+        click.echo(f"Now invited by {whom}: {', '.join(moved)}.")
+
+
+def _ask_invitees(target: str, below: list[str]) -> Invitees | None:
+    """Ask at a terminal what happens to the people ``target`` invited; None (and the
+    command's clear refusal) when nobody is at a terminal to answer."""
+    from onionpost.chain import Invitees
+
+    if not sys.stdin.isatty():
+        return None
+    answer = click.prompt(
+        f"{target} invited {', '.join(below)}. Remove them too, or move them under you?",
+        type=click.Choice(["remove", "reparent", "cancel"]),
+        default="cancel",
+    )
+    if answer == "cancel":
+        raise click.Abort()
+    return Invitees(answer)
+
+
+@users.command("tree")
+@_user_option("Whose part of the chain, on a machine with several users.")
+@pass_ctx
+def users_tree(obj: Ctx, user: str | None) -> None:
+    """The invite chain: who invited whom, how many invites each may still give, and the
+    limits each got. On the inbox machine the whole chain; elsewhere you and those below you.
+    """
+    from onionpost import admin
+
+    with admin.opened(obj.config()) as local:
+        rows = admin.tree(local, user)
+    width = max([len("  " * r.depth + (r.user or "(admin)")) for r in rows] + [4])
+    click.echo(
+        f"{'USER':<{width}}  {'INVITED BY':<12}  {'INVITES LEFT':>12}  {'QUOTA':>9}  {'DEVICES':>7}"
+    )
+    for r in rows:
+        who = "  " * r.depth + (r.user or "(admin)")
+        if r.user is None:
+            click.echo(f"{who:<{width}}  {'-':<12}  {'unlimited':>12}  {'-':>9}  {'-':>7}")
+            continue
+        by = r.invited_by or "(admin)"
+        left = "unlimited" if r.remaining is None else str(r.remaining)
+        devices = "-" if r.max_devices is None else str(r.max_devices)
+        click.echo(f"{who:<{width}}  {by:<12}  {left:>12}  {_size(r.quota_bytes):>9}  {devices:>7}")
 
 
 # --- mail clients ------------------------------------------------------------------------------

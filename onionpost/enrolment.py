@@ -16,11 +16,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from onionpost.chain import Chain, Invitees, Member, Removal, check_limits
 from onionpost.config import InboxConfig
 from onionpost.crypto.keys import ServerBinding, ServerKey
 from onionpost.crypto.primitives import RandomSource, hash32, system_random
 from onionpost.errors import (
     CodeRefused,
+    InviteChainRefused,
     MalformedData,
     QuotaExceeded,
     TooManyCodeAttempts,
@@ -74,8 +76,15 @@ class Enrolment:
         lifetime: int | None = None,
         quota_bytes: int | None = None,
         max_devices: int | None = None,
+        inviter: bytes | None = None,
+        can_invite: int = 0,
     ) -> tuple[Code, int]:
-        """A new invite code for ``local``; returns the code and when it expires."""
+        """A new invite code for ``local``; returns the code and when it expires.
+
+        ``inviter`` is the mailbox that asks (over its device session), or ``None`` for the
+        admin at the inbox machine.  A member's invite is paid from their allowance and can
+        give no more quota or devices than they have themselves (:mod:`onionpost.chain`).
+        """
         local = check_user_name(local.lower())
         if self.inbox.store.mailbox_by_local(local) is not None:
             raise UsageError(f"This inbox already has a mailbox named '{local}'.")
@@ -88,16 +97,74 @@ class Enrolment:
             raise UsageError("An invite must be valid for some time.")
         code = Code.generate("invite", self.inbox.onion_pk, rng=self.rng)
         expires_at = now + lifetime
-        self.store.add_invite(
-            hash32(code.claim()),
-            local=local,
-            now=now,
-            expires_at=expires_at,
-            quota_bytes=quota_bytes,
-            max_devices=max_devices,
-        )
+        with self.store.db.transaction():  # the allowance checked is the allowance charged
+            chain = self.chain(now)
+            chain.check_invite(inviter, can_invite)
+            if inviter is not None:
+                me = chain.members[inviter]
+                max_devices = check_limits(
+                    self._quota(me), me.max_devices, quota_bytes, max_devices
+                )
+                if quota_bytes is None:
+                    quota_bytes = me.quota_bytes
+            self.store.add_invite(
+                hash32(code.claim()),
+                local=local,
+                now=now,
+                expires_at=expires_at,
+                quota_bytes=quota_bytes,
+                max_devices=max_devices,
+                invited_by=inviter,
+                can_invite=can_invite,
+            )
         log.info("invite issued for '%s' (valid until %d)", local, expires_at)
         return code, expires_at
+
+    # -- the invite chain -----------------------------------------------------------------
+
+    def chain(self, now: int) -> Chain:
+        """Everyone with a mailbox here, as an invite chain (``Member.quota_bytes`` is the
+        quota set for them, ``None``: the inbox's default)."""
+        rows = {r.mailbox_id: r for r in self.store.chain()}
+        reserved = self.store.reserved(now)
+        members = []
+        for mb in self.inbox.store.mailboxes():
+            row = rows.get(mb.mailbox_id)
+            members.append(
+                Member(
+                    mb.mailbox_id,
+                    mb.local,
+                    row.invited_by if row else None,
+                    row.allowance if row else 0,
+                    reserved.get(mb.mailbox_id, 0),
+                    mb.quota_bytes,
+                    self.store.max_devices(mb.mailbox_id),
+                )
+            )
+        return Chain(members)
+
+    def _quota(self, m: Member) -> int:
+        return m.quota_bytes or self.config.quota_bytes
+
+    def remove(
+        self, remover: bytes | None, local: str, invitees: Invitees | None, now: int
+    ) -> Removal:
+        """Remove ``local``'s mailbox (and, as asked, the people they invited) if
+        ``remover`` (``None``: the admin) may; durable when it returns."""
+        with self.store.db.transaction():
+            chain = self.chain(now)
+            plan = chain.plan_removal(remover, chain.by_name(local.lower()).mailbox_id, invitees)
+            for m in plan.removed:
+                self.inbox.store.remove_mailbox(m.mailbox_id)
+                self.inbox.outbox.remove_mailbox(m.mailbox_id)
+                self.store.forget_mailbox(m.mailbox_id)
+            self.store.reparent([m.mailbox_id for m in plan.reparented], plan.new_parent, now)
+        log.info(
+            "removed %s along the invite chain%s",
+            ", ".join(m.name for m in plan.removed),
+            f" ({len(plan.reparented)} re-parented)" if plan.reparented else "",
+        )
+        return plan
 
     # -- invites (over the onion, from the invited machine) -----------------------------
 
@@ -151,6 +218,16 @@ class Enrolment:
                     quota_bytes=row.quota_bytes,
                 )
             self.store.set_max_devices(binding.mailbox_id, row.max_devices)
+            if row.invited_by is not None and not self.store.spend(
+                row.invited_by, 1 + row.can_invite
+            ):
+                raise InviteChainRefused(
+                    "The person who invited you can no longer give this invite; ask them "
+                    "for a new one."
+                )
+            self.store.join_chain(
+                binding.mailbox_id, invited_by=row.invited_by, allowance=row.can_invite, now=now
+            )
         log.info("invite for '%s' redeemed: mailbox opened", row.local)
         return signed
 

@@ -11,6 +11,7 @@ guessing.
     OnionpostError
      +- UsageError                 a person asked for something that cannot be done as asked
      |   +- ConfigError, DataDirError (NodeAlreadyRunning), AlreadyInitialized, NotInitialized
+     |   +- CodeRefused, TooManyCodeAttempts, InviteChainRefused (invites and pairings)
      +- AddressError               not a valid  local@<v3 onion>.onion  address
      +- CryptoError                keys, bundles, envelopes, stamps
      |   +- MalformedData          bytes that do not parse as the structure they claim to be
@@ -143,6 +144,14 @@ class TooManyCodeAttempts(UsageError):
     enhanced_code = "4.7.0"
     temporary = True
     reason = "code-attempts"
+
+
+class InviteChainRefused(UsageError):
+    """The invite chain does not allow that: not enough invites left, a limit above your own,
+    or a removal by someone who is not up the chain of the person."""
+
+    enhanced_code = "5.7.1"
+    reason = "invite-chain"
 
 
 class WrongPassphrase(UsageError):

@@ -19,6 +19,7 @@ from onionpost.errors import (
     BadRequest,
     CodeRefused,
     DeviceRefused,
+    InviteChainRefused,
     MalformedData,
     MessageTooLarge,
     OnionpostError,
@@ -109,10 +110,9 @@ def error_from_body(http_status: int, body: bytes) -> OnionpostError:
         status = "temporary" if http_status >= 500 or http_status == 429 else "permanent"
     if reason == "stale-keys":
         return StaleRecipientKeys(message, code=code)
-    if reason == CodeRefused.reason:
-        return CodeRefused(message)
-    if reason == TooManyCodeAttempts.reason:
-        return TooManyCodeAttempts(message)
+    for known in (CodeRefused, TooManyCodeAttempts, InviteChainRefused):
+        if reason == known.reason:
+            return known(message)
     if status == "temporary":
         return TemporaryDeliveryError(message, code=code, reason=reason)
     if http_status == 404 and reason == "unknown-mailbox":

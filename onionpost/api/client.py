@@ -501,6 +501,51 @@ class DeviceSession:
                 raise PeerProtocolError("The inbox's device activity is not understood.") from exc
         return out
 
+    async def invite(
+        self,
+        local: str,
+        *,
+        can_invite: int,
+        quota_bytes: int | None,
+        max_devices: int | None,
+        lifetime: int | None,
+    ) -> tuple[str, int]:
+        """An invite code minted by the inbox, paid from this member's allowance; returns
+        the code's text and when it expires."""
+        data = await self._call(
+            "POST",
+            "/v1/device/invite",
+            {
+                "local": local,
+                "can_invite": can_invite,
+                "quota_bytes": quota_bytes,
+                "max_devices": max_devices,
+                "lifetime": lifetime,
+            },
+        )
+        code, expires = data.get("code"), data.get("expires_at")
+        if not isinstance(code, str) or not isinstance(expires, int):
+            raise PeerProtocolError("The inbox's answer to an invite is not understood.")
+        return code, expires
+
+    async def chain(self) -> list[dict[str, Any]]:
+        """This member and everyone below them in the invite chain, depth first."""
+        data = await self._call("GET", "/v1/device/chain")
+        rows = data.get("members")
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise PeerProtocolError("The inbox's invite chain is not understood.")
+        return rows
+
+    async def remove_member(self, local: str, invitees: str | None) -> tuple[list[str], list[str]]:
+        """Remove someone below this member; returns who was removed and who re-parented."""
+        data = await self._call(
+            "POST", "/v1/device/chain/remove", {"local": local, "invitees": invitees}
+        )
+        removed, moved = data.get("removed"), data.get("reparented")
+        if not isinstance(removed, list) or not isinstance(moved, list):
+            raise PeerProtocolError("The inbox's answer to a removal is not understood.")
+        return [str(n) for n in removed], [str(n) for n in moved]
+
     async def offer_pairing(self, slot: bytes, offer: bytes) -> int:
         data = await self._call(
             "POST", "/v1/device/pairing", {"slot": slot.hex(), "offer": offer.hex()}

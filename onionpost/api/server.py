@@ -16,6 +16,9 @@ Routes (all under ``/v1``)::
     GET  /device/outbox             this mailbox's queue
     POST /device/outbox/{id}/{op}   retry / cancel one queued message
     GET  /device/devices            when each of the mailbox's devices last talked to the inbox
+    POST /device/invite             a member mints an invite paid from their allowance
+    GET  /device/chain              the member and everyone below them in the invite chain
+    POST /device/chain/remove       remove someone below them (invitees removed or re-parented)
     POST /invite/info               an invited machine learns its name and the inbox's key
     POST /invite/redeem             ... and opens its mailbox with keys it made itself
     POST /device/pairing            an existing device offers a pairing slot
@@ -46,6 +49,7 @@ from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 
+from onionpost.chain import Invitees, Member
 from onionpost.clock import Clock
 from onionpost.config import InboxConfig
 from onionpost.crypto.keys import RotationRecord
@@ -308,6 +312,9 @@ class InboxServer:
         r.add_get("/v1/device/outbox", self.outbox)
         r.add_post("/v1/device/outbox/{id}/{op}", self.outbox_op)
         r.add_get("/v1/device/devices", self.devices)
+        r.add_post("/v1/device/invite", self.device_invite)
+        r.add_get("/v1/device/chain", self.chain)
+        r.add_post("/v1/device/chain/remove", self.chain_remove)
         r.add_post("/v1/invite/info", self.invite_info)
         r.add_post("/v1/invite/redeem", self.invite_redeem)
         r.add_post("/v1/device/pairing", self.pairing_offer)
@@ -696,6 +703,64 @@ class InboxServer:
         seen = self._enrolment().store.devices_seen(s.mailbox_id)
         return _json(200, {"seen": {d.hex(): t for d, t in seen.items()}})
 
+    async def device_invite(self, request: web.Request) -> web.Response:
+        """A member (not the admin) asks for an invite code, paid from their allowance."""
+        s = self._session(request)
+        data = await self._small_json(request)
+        local = data.get("local")
+        if not isinstance(local, str) or not 0 < len(local) <= 64:
+            raise MalformedData("'local' must be the invited person's name.")
+        can_invite = _int_field(data, "can_invite", default=0)
+        code, expires = self._enrolment().create_invite(
+            local,
+            now=self._now(),
+            lifetime=_int_field(data, "lifetime"),
+            quota_bytes=_int_field(data, "quota_bytes"),
+            max_devices=_int_field(data, "max_devices"),
+            inviter=s.mailbox_id,
+            can_invite=0 if can_invite is None else can_invite,
+        )
+        return _json(200, {"code": code.text(), "expires_at": expires})
+
+    async def chain(self, request: web.Request) -> web.Response:
+        """The member and the people below them in the invite chain (nobody else's)."""
+        s = self._session(request)
+        enrolment = self._enrolment()
+        chain = enrolment.chain(self._now())
+        me = chain.members.get(s.mailbox_id)
+        if me is None:
+            raise UnknownMailbox()
+        rows = [(0, me), *chain.below(s.mailbox_id)]
+        return _json(
+            200,
+            {
+                "members": [
+                    _chain_row(d, m, chain.members, enrolment.config.quota_bytes) for d, m in rows
+                ]
+            },
+        )
+
+    async def chain_remove(self, request: web.Request) -> web.Response:
+        """Remove someone the member is up the invite chain of."""
+        s = self._session(request)
+        data = await self._small_json(request)
+        local = data.get("local")
+        mode = data.get("invitees")
+        if not isinstance(local, str) or not 0 < len(local) <= 64:
+            raise MalformedData("'local' must be the name of the person to remove.")
+        if mode is not None and mode not in ("remove", "reparent"):
+            raise MalformedData("'invitees' must be 'remove', 'reparent' or absent.")
+        plan = self._enrolment().remove(
+            s.mailbox_id, local, Invitees(mode) if mode else None, self._now()
+        )
+        return _json(
+            200,
+            {
+                "removed": [m.name for m in plan.removed],
+                "reparented": [m.name for m in plan.reparented],
+            },
+        )
+
     async def invite_info(self, request: web.Request) -> web.Response:
         data = await self._small_json(request)
         info = self._enrolment().invite_info(hex_field(data, "claim", 32), self._now())
@@ -783,6 +848,27 @@ class InboxServer:
             self._slot(request), hex_field(data, "join_pk", 32), sealed, self._now()
         )
         return _json(200, {"status": "joined"})
+
+
+def _int_field(data: dict[str, Any], name: str, *, default: int | None = None) -> int | None:
+    value = data.get(name, default)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 53:
+        raise MalformedData(f"'{name}' must be a whole number.")
+    return value
+
+
+def _chain_row(depth: int, m: Member, members: dict[bytes, Member], quota: int) -> dict[str, Any]:
+    up = members.get(m.invited_by) if m.invited_by is not None else None
+    return {
+        "local": m.name,
+        "depth": depth,
+        "invited_by": up.name if up is not None else None,
+        "remaining": m.remaining,
+        "quota_bytes": m.quota_bytes or quota,
+        "max_devices": m.max_devices,
+    }
 
 
 def _outbox_item(r: OutboxRow) -> dict[str, Any]:

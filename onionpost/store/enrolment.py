@@ -24,6 +24,18 @@ class InviteRow:
     used_at: int | None
     mailbox_id: bytes | None
     uik_pk: bytes | None
+    invited_by: bytes | None = None  # the issuing mailbox; None: the admin
+    can_invite: int = 0
+
+
+@dataclass(frozen=True)
+class ChainRow:
+    """A mailbox's place in the invite chain (see :mod:`onionpost.chain`)."""
+
+    mailbox_id: bytes
+    invited_by: bytes | None
+    allowance: int
+    joined_at: int
 
 
 @dataclass(frozen=True)
@@ -51,6 +63,8 @@ def _invite(r: sqlite3.Row) -> InviteRow:
         r["used_at"],
         r["mailbox_id"],
         r["uik_pk"],
+        r["invited_by"],
+        r["can_invite"],
     )
 
 
@@ -84,12 +98,23 @@ class EnrolmentStore:
         expires_at: int,
         quota_bytes: int | None,
         max_devices: int | None,
+        invited_by: bytes | None = None,
+        can_invite: int = 0,
     ) -> None:
         with self.db.transaction() as c:
             c.execute(
                 "INSERT INTO invites (claim_hash, local, created_at, expires_at, quota_bytes,"
-                " max_devices) VALUES (?, ?, ?, ?, ?, ?)",
-                (claim_hash, local, now, expires_at, quota_bytes, max_devices),
+                " max_devices, invited_by, can_invite) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    claim_hash,
+                    local,
+                    now,
+                    expires_at,
+                    quota_bytes,
+                    max_devices,
+                    invited_by,
+                    can_invite,
+                ),
             )
 
     def invite(self, claim_hash: bytes) -> InviteRow | None:
@@ -131,6 +156,70 @@ class EnrolmentStore:
         with self.db.transaction() as c:
             return c.execute(
                 "DELETE FROM invites WHERE local = ? AND used_at IS NULL", (local,)
+            ).rowcount
+
+    # -- the invite chain -----------------------------------------------------------------
+
+    def chain(self) -> list[ChainRow]:
+        return [
+            ChainRow(r["mailbox_id"], r["invited_by"], r["allowance"], r["joined_at"])
+            for r in self.db.all("SELECT * FROM chain")
+        ]
+
+    def reserved(self, now: int) -> dict[bytes, int]:
+        """What each member's open invites hold of their allowance (``1 + can_invite`` each)."""
+        return {
+            r["invited_by"]: int(r["held"])
+            for r in self.db.all(
+                "SELECT invited_by, sum(1 + can_invite) AS held FROM invites"
+                " WHERE invited_by IS NOT NULL AND used_at IS NULL AND expires_at > ?"
+                " GROUP BY invited_by",
+                (now,),
+            )
+        }
+
+    def join_chain(
+        self, mailbox_id: bytes, *, invited_by: bytes | None, allowance: int, now: int
+    ) -> None:
+        """Record who invited a new mailbox and what it may hand on (in the redeem's
+        transaction); the inviter's allowance pays for it (:meth:`spend`)."""
+        with self.db.transaction() as c:
+            c.execute(
+                "INSERT INTO chain VALUES (?, ?, ?, ?) ON CONFLICT (mailbox_id) DO UPDATE SET"
+                " invited_by = excluded.invited_by, allowance = excluded.allowance",
+                (mailbox_id, invited_by, allowance, now),
+            )
+
+    def spend(self, mailbox_id: bytes, cost: int) -> bool:
+        """Take ``cost`` from a member's allowance; False (and nothing taken) if too little."""
+        with self.db.transaction() as c:
+            return (
+                c.execute(
+                    "UPDATE chain SET allowance = allowance - ? WHERE mailbox_id = ?"
+                    " AND allowance >= ?",
+                    (cost, mailbox_id, cost),
+                ).rowcount
+                == 1
+            )
+
+    def reparent(self, mailbox_ids: list[bytes], invited_by: bytes | None, now: int) -> None:
+        with self.db.transaction() as c:
+            for mid in mailbox_ids:
+                c.execute(
+                    "INSERT INTO chain VALUES (?, ?, 0, ?) ON CONFLICT (mailbox_id)"
+                    " DO UPDATE SET invited_by = excluded.invited_by",
+                    (mid, invited_by, now),
+                )
+
+    def forget_mailbox(self, mailbox_id: bytes) -> int:
+        """Drop what this component holds for a removed mailbox: its place in the chain, its
+        limits, device activity and pairings, and the open invites it issued (returns how
+        many of those were withdrawn)."""
+        with self.db.transaction() as c:
+            for table in ("chain", "mailbox_limits", "device_seen", "pairings"):
+                c.execute(f"DELETE FROM {table} WHERE mailbox_id = ?", (mailbox_id,))  # noqa: S608
+            return c.execute(
+                "DELETE FROM invites WHERE invited_by = ? AND used_at IS NULL", (mailbox_id,)
             ).rowcount
 
     # -- per-mailbox limits and device activity -------------------------------------------

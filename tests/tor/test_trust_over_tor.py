@@ -111,7 +111,9 @@ async def test_block_bounces_vaguely_and_unblock_makes_a_stranger(people: dict[s
 
     # alice's next mail presents the withdrawn token: refused at bob's inbox, bounced to her
     await send(alice, "alice", bob, "bob", "after the block")
-    await eventually(lambda: bounce_of(alice, "alice", "after the block"), "alice's bounce")
+    await eventually(
+        lambda: bounce_of(alice, "alice", "after the block"), "alice's bounce", timeout=150
+    )
     bounce = bounce_of(alice, "alice", "after the block")
     assert bounce is not None
     assert "Status: 5.7.1" in bounce and TOKEN_REFUSED in bounce
@@ -162,7 +164,9 @@ async def test_contacts_only_refuses_a_stranger_and_lets_a_contact_in(
     # with the specified words, and alice gets the bounce
     await send(alice, "alice", carol, "carol", "refused as a stranger")
     await eventually(
-        lambda: bounce_of(alice, "alice", "refused as a stranger"), "the contacts-only bounce"
+        lambda: bounce_of(alice, "alice", "refused as a stranger"),
+        "the contacts-only bounce",
+        timeout=150,
     )
     bounce = bounce_of(alice, "alice", "refused as a stranger")
     assert bounce is not None and "Status: 5.7.1" in bounce

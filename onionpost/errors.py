@@ -11,6 +11,7 @@ guessing.
     OnionpostError
      +- UsageError                 a person asked for something that cannot be done as asked
      |   +- ConfigError, DataDirError (NodeAlreadyRunning), AlreadyInitialized, NotInitialized
+     |   +- FingerprintMismatch     a typed or scanned fingerprint is not the key's
      +- AddressError               not a valid  local@<v3 onion>.onion  address
      +- CryptoError                keys, bundles, envelopes, stamps
      |   +- MalformedData          bytes that do not parse as the structure they claim to be
@@ -143,6 +144,13 @@ class TooManyCodeAttempts(UsageError):
     enhanced_code = "4.7.0"
     temporary = True
     reason = "code-attempts"
+
+
+class FingerprintMismatch(UsageError):
+    """The fingerprint does NOT match the key: do not trust this key.
+
+    Either it was mistyped or misread, or the key is not your contact's. Compare again over a
+    channel you trust (in person, or a phone call in their voice)."""
 
 
 class WrongPassphrase(UsageError):

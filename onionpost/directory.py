@@ -134,10 +134,16 @@ class Directory:
             verified = verify_bundle(
                 bundle, onion_pk=address.onion_public_key, local=address.local, now=now, pin=pin
             )
-        except IdentityKeyChanged:
-            if contact is not None:
-                self._record_change(address, contact.uik_pk, bundle, raw, now)
-            raise
+        except IdentityKeyChanged as exc:
+            if contact is None:
+                raise
+            self._record_change(address, contact.uik_pk, bundle, raw, now)
+            raise IdentityKeyChanged(
+                f"{key} now presents a different identity key, so nothing was encrypted to "
+                f"it. Compare both keys with `onionpost contacts show {key}`, then run "
+                f"`onionpost contacts accept-key {key} FINGERPRINT` (the fingerprint they "
+                f"read to you) or `onionpost contacts reject-key {key}`, and send again."
+            ) from exc
         display = bundle.profile.display_name if bundle.profile else None
         self.contacts.remember(
             key,

@@ -130,7 +130,7 @@ async def test_mail_from_a_new_key_is_held_and_accepted_only_with_its_fingerprin
     assert held["X-Onionpost-Verified"] is None  # not claimed verified before acceptance
     assert "body of from the new key" in held.get_content()
     inbox = parsed(w.alice, "INBOX")
-    assert [str(m["Subject"]) for m in inbox][0] == "hello alice"
+    assert str(inbox[0]["Subject"]) == "hello alice"
     (notice,) = inbox[1:]
     assert notice["X-Onionpost-Notice"] == "key-change"
     assert dave in str(notice["Subject"]) and "VERIFIED" not in str(notice["Subject"])
@@ -228,6 +228,10 @@ async def test_sending_to_a_changed_key_records_it_and_does_not_encrypt_to_it(
     new = await w.new_dave()
     await w.send(w.alice, new, "to whoever holds the new key")
     assert subjects(new) == []
+    # bounced at once, saying what to do (not queued for a key nobody accepted)
+    await w.alice.file_due()
+    (bounce,) = [m for m in parsed(w.alice, "INBOX") if "Undelivered" in str(m["Subject"])]
+    assert f"onionpost contacts accept-key {dave}" in bounce.as_string()
     (change,) = w.alice.contacts.pending_identity_changes()
     assert change.new_uik == new.device.account.uik_pk and change.new_pin is not None
     assert change.held == 0

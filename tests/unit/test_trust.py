@@ -70,3 +70,12 @@ def test_scan_payload_round_trip() -> None:
 def test_bad_scans_are_refused_with_words(text: str, words: str) -> None:
     with pytest.raises(UsageError, match=words):
         parse_scan(text)
+
+
+def test_contact_code_vector_of_protocol_md() -> None:
+    """docs/protocol.md §4, "Contact code": bob of the §13.2 test vectors."""
+    bob_uik = bytes.fromhex("8797536c85cb02b8c0ca1f87e2497b3f6bc3842875f2abca0efb4d8788cd3f7d")
+    bob = Address.parse("bob@jeii7jgiyqm7crisv3a2755u2lgcwqn2uy3kth6eq7bfszmin2phrhad.onion")
+    vector = f"onionpost:{bob}#7nox-horm-ezpm-q45y-u6cj"
+    assert scan_payload(bob, bob_uik) == vector
+    assert parse_scan(vector) == (bob, "7noxhormezpmq45yu6cj")

@@ -10,6 +10,8 @@ alice rejects it: the old pin stays and the rejected key's mail is refused.
 
 from __future__ import annotations
 
+import asyncio
+import signal
 import time
 from pathlib import Path
 
@@ -52,6 +54,9 @@ async def test_key_change_held_then_accepted_then_rejected_over_tor(
     bob = _start(tmp_path, "bob", tor_network)
     await alice.start(wait_for_tor=True)
     await bob.start(wait_for_tor=True)
+    # accept-key and reject-key poke the running node (SIGUSR1), as `onionpost run` wires it
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGUSR1, alice.wake)
     try:
         bob_address = str(bob.devices["bob"].address)
         first_uik = bob.devices["bob"].account.uik_pk
@@ -124,5 +129,6 @@ async def test_key_change_held_then_accepted_then_rejected_over_tor(
         with admin.opened(alice.config) as local:
             assert admin.identity_changes(local, "alice") == []
     finally:
+        loop.remove_signal_handler(signal.SIGUSR1)
         await alice.stop()
         await bob.stop()

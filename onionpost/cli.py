@@ -956,14 +956,14 @@ def _show_key_change(ch: KeyChangeView, *, verified: bool) -> None:
     seen = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ch.change.seen_at))
     loud = " (a key you VERIFIED)" if verified else ""
     click.echo(f"KEY CHANGE:     a different identity key was presented {seen}{loud}")
-    click.echo(f"                {'PINNED (current)':<26}  {'NEW (not accepted)':<26}")
-    click.echo(f"identity:       {ch.old_fingerprint:<26}  {ch.new_fingerprint:<26}")
+    click.echo(f"                {'PINNED (current)':<26}  NEW (not accepted)")
+    click.echo(f"identity:       {ch.old_fingerprint:<26}  {ch.new_fingerprint}")
     old_groups, new_groups = ch.old_safety_number.split(), ch.new_safety_number.split()
     for row in range(3):
         label = "safety number:" if row == 0 else ""
         left = " ".join(old_groups[row * 4 : row * 4 + 4])
         right = " ".join(new_groups[row * 4 : row * 4 + 4])
-        click.echo(f"{label:<16}{left:<26}  {right:<26}")
+        click.echo(f"{label:<16}{left:<26}  {right}")
     click.echo(f"held:           {ch.change.held} message(s) in Quarantine")
 
 

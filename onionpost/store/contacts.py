@@ -20,7 +20,6 @@ import sqlite3
 from dataclasses import dataclass
 
 from onionpost.crypto.bundle import Pin
-from onionpost.crypto.fingerprint import fingerprint
 from onionpost.crypto.sender import pin_encode
 from onionpost.errors import FingerprintMismatch, UsageError
 from onionpost.store.db import Database
@@ -395,12 +394,13 @@ class ContactStore:
                 raise UsageError(f"{address} has no identity key change waiting to be accepted.")
             chosen = next((ch for ch in candidates if fingerprint_matches(typed, ch.new_uik)), None)
             if chosen is None:
-                pending = [ch for ch in candidates if ch.pending] or candidates
+                # The new key's fingerprint is not repeated here: copying it from an error
+                # message into the command is exactly the comparison that must not be skipped.
                 raise FingerprintMismatch(
-                    f"The fingerprint you typed does NOT match {address}'s new identity key "
-                    f"({fingerprint(pending[0].new_uik)}). Nothing was changed: the old key "
-                    "stays pinned and held mail stays in Quarantine. Compare again with your "
-                    "contact over a channel you trust; if they did not change their key, run "
+                    f"The fingerprint you typed does NOT match {address}'s new identity key. "
+                    "Nothing was changed: the old key stays pinned and held mail stays in "
+                    "Quarantine. Compare again with your contact over a channel you trust; if "
+                    "they did not change their key, run "
                     f"`onionpost contacts reject-key {address}`."
                 )
             pin = chosen.new_pin or pin_encode(Pin(chosen.new_uik, 0, bytes(32), {}))

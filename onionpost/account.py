@@ -14,11 +14,14 @@ from dataclasses import dataclass, replace
 from onionpost.address import Address, onion_from_public_key
 from onionpost.crypto.envelope import SenderKeys
 from onionpost.crypto.keys import (
+    MAX_NAME_BYTES,
     DeviceList,
     DeviceSecrets,
     IdentitySecrets,
+    Profile,
     RevokedDevice,
     ServerBinding,
+    shown_name,
 )
 from onionpost.crypto.primitives import RandomSource, ed25519_sign, system_random
 from onionpost.crypto.sender import SenderCredentials
@@ -39,6 +42,10 @@ class Account:
     device_list: DeviceList
     device: DeviceSecrets
     identity: IdentitySecrets | None = None  # only on a device that holds the UIK
+    #: The profile this device last published for the user (``onionpost profile set``), and
+    #: its card (the same without the avatar) that rides in every message sent from here.
+    profile: Profile | None = None
+    profile_card: Profile | None = None
 
     @property
     def address(self) -> Address:
@@ -171,3 +178,47 @@ def refresh_device_entry(primary: Account, *, now: int) -> DeviceList:
         primary.identity.uik_seed
     )
     return primary.device_list
+
+
+def check_display_name(name: str) -> str:
+    """A display name as a person typed it, checked: 1 to 64 bytes of UTF-8 on one line, with
+    nothing that :func:`~onionpost.crypto.keys.shown_name` would remove (so what is signed is
+    what contacts see)."""
+    cleaned = shown_name(name)
+    if not cleaned:
+        raise UsageError("A display name must not be empty (use `onionpost profile clear`).")
+    if cleaned != name.strip():
+        raise UsageError(
+            "A display name must be on one line, without control or text-direction characters."
+        )
+    if len(cleaned.encode("utf-8")) > MAX_NAME_BYTES:
+        raise UsageError(f"A display name is at most {MAX_NAME_BYTES} bytes of UTF-8.")
+    return cleaned
+
+
+def sign_profile(
+    account: Account,
+    *,
+    display_name: str,
+    avatar_type: str,
+    avatar: bytes,
+    now: int,
+    previous: Profile | None = None,
+) -> tuple[Profile, Profile]:
+    """Sign a profile for the user and its card (the same without the avatar); the account
+    must hold the UIK.  ``issued_at`` is after ``previous``'s (the published one), so every
+    contact takes the new profile as the newer one even if this device's clock is behind.
+
+    The display name and avatar are expected checked (:func:`check_display_name`,
+    ``onionpost.avatar``); an empty name with no avatar is the signed "no profile" that
+    ``profile clear`` publishes, so contacts that knew the old name forget it.
+    """
+    if account.identity is None:
+        raise UsageError(
+            "This device does not hold your identity key, so it cannot sign your profile. "
+            "Run the command on one of your devices that does."
+        )
+    issued_at = max(now, previous.issued_at + 1 if previous is not None else 0)
+    profile = Profile(account.uik_pk, issued_at, display_name, avatar_type, avatar)
+    seed = account.identity.uik_seed
+    return profile.signed(seed), profile.card().signed(seed)

@@ -18,12 +18,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from onionpost.account import Account, revoke_device
+from onionpost.account import Account, check_display_name, revoke_device, sign_profile
 from onionpost.address import Address
 from onionpost.api.client import InboxClient
 from onionpost.config import Config
+from onionpost.crypto.bundle import KeyBundle
 from onionpost.crypto.fingerprint import fingerprint, safety_number
-from onionpost.crypto.keys import DeviceEntry, DeviceList
+from onionpost.crypto.keys import DeviceEntry, DeviceList, Profile
 from onionpost.errors import FingerprintMismatch, NotInitialized, OnionpostError, UsageError
 from onionpost.keystore import (
     ROTATE_REQUEST,
@@ -37,6 +38,7 @@ from onionpost.store import DEVICE_COMPONENTS, INBOX_COMPONENTS
 from onionpost.store import queue as queue_store
 from onionpost.store.contacts import Contact, ContactStore, IdentityChange
 from onionpost.store.db import Database
+from onionpost.store.introductions import IntroductionStore, StoredIntroduction
 from onionpost.store.outbox import OutboxStore
 from onionpost.store.queue import QueueItem
 from onionpost.store.submissions import SubmissionStore
@@ -46,6 +48,7 @@ from onionpost.wire import KeyUpdate
 if TYPE_CHECKING:
     from onionpost.api.client import DeviceSession
     from onionpost.inbox import Inbox
+    from onionpost.introductions import Accepted
 
 
 class Local:
@@ -256,27 +259,33 @@ def set_contact(
 
 def block(local: Local, address: str, user: str | None = None) -> bool:
     """Block a contact: mark them blocked here and withdraw, at the person's inbox, the
-    contact token this device registered for them.  Returns whether there was a token to
-    withdraw.  Mail they send later with a proof of work reaches the inbox (it cannot tell
-    who a stranger is) and is dropped by this device once it has verified the sender."""
+    contact tokens this device registered for them (its own and introductions').  Returns
+    whether there was a token to withdraw.  Mail they send later with a proof of work
+    reaches the inbox (it cannot tell who a stranger is) and is dropped by this device once
+    it has verified the sender."""
     key = str(Address.parse(address))
     account = local.account(user)
     store = ContactStore(local.device_db(), account.local)
-    found, token = store.block(key)
+    from onionpost.introductions import block as block_contact
+
+    # Tokens registered by accepted introductions of them are theirs too (protocol §16).
+    found, tokens = block_contact(store, key)
     if not found:
         raise UsageError(f"{key} is not among your contacts yet.")
-    if token is not None:
-        now = _now()
-        asyncio.run(
-            _at_inbox(
-                local,
-                account,
-                direct=lambda inbox: inbox.withdraw_token(account.mailbox_id, token, now),
-                remote=lambda session: session.withdraw_token(token),
-            )
-        )
+    now = _now()
+
+    async def withdraw_all(session: DeviceSession) -> None:
+        for t in tokens:
+            await session.withdraw_token(t)
+
+    def withdraw_direct(inbox: Inbox) -> None:
+        for t in tokens:
+            inbox.withdraw_token(account.mailbox_id, t, now)
+
+    if tokens:
+        asyncio.run(_at_inbox(local, account, direct=withdraw_direct, remote=withdraw_all))
     poke(local.config.data_dir)
-    return token is not None
+    return bool(tokens)
 
 
 def unblock(local: Local, address: str, user: str | None = None) -> None:
@@ -287,6 +296,8 @@ def unblock(local: Local, address: str, user: str | None = None) -> None:
     store = ContactStore(local.device_db(), local.account(user).local)
     if not store.unblock(key):
         raise UsageError(f"{key} is not among your contacts yet.")
+    # The withdrawn introduction tokens are forgotten too, never registered again.
+    IntroductionStore(store.db, store.user).forget(key)
     poke(local.config.data_dir)
 
 
@@ -435,6 +446,233 @@ def verify_scanned(local: Local, address: str, scanned: str, user: str | None = 
             f"compare with onionpost contacts show {key}."
         )
     store.set_flags(key, verified=True)
+
+
+# --- introductions ------------------------------------------------------------------------------
+
+
+def introduce(local: Local, b: str, c: str, user: str | None = None) -> tuple[int, int]:
+    """Queue an introduction of ``b`` to ``c`` and of ``c`` to ``b`` (protocol §16); the
+    running node seals and sends them like mail.  Returns the two submission ids."""
+    from onionpost.introductions import introduce as queue_pair
+
+    account = local.account(user)
+    db = local.device_db()
+    queued = queue_pair(
+        db,
+        contacts=ContactStore(db, account.local),
+        me=account.address,
+        uik_pk=account.uik_pk,
+        dsk_seed=account.device.dsk_seed,
+        b=b,
+        c=c,
+        now=_now(),
+    )
+    poke(local.config.data_dir)
+    return queued.to_b, queued.to_c
+
+
+def pending_introductions(local: Local, user: str | None = None) -> list[StoredIntroduction]:
+    """Introductions received and not accepted yet, that can still be accepted."""
+    account = local.account(user)
+    now = _now()
+    return [
+        i
+        for i in IntroductionStore(local.device_db(), account.local).all()
+        if i.accepted_at is None and i.expires_at >= now
+    ]
+
+
+def accept_introduction(local: Local, address: str, user: str | None = None) -> Accepted:
+    """Accept the pending introduction of ``address``: check the introduced identity key
+    against the one their inbox serves (when it can be reached now; else on the first
+    fetch), pin it, and register the introduction's token at our inbox."""
+    from onionpost.directory import Directory
+    from onionpost.introductions import accept
+    from onionpost.joining import inbox_dialer
+
+    account = local.account(user)
+    db = local.device_db()
+    contacts = ContactStore(db, account.local)
+    now = _now()
+
+    async def register(token: bytes, label: str) -> None:
+        await _at_inbox(
+            local,
+            account,
+            direct=lambda inbox: inbox.store.add_token(
+                account.mailbox_id, inbox.token_hash(token), now
+            ),
+            remote=lambda session: session.register_token(token, label),
+        )
+
+    async def run(fetch_uik: Callable[[Address], Awaitable[bytes | None]] | None) -> Accepted:
+        return await accept(
+            contacts=contacts,
+            introductions=IntroductionStore(db, account.local),
+            address=address,
+            register=register,
+            fetch_uik=fetch_uik,
+            now=now,
+        )
+
+    async def main() -> Accepted:
+        if running_node(local.config.data_dir) is None and local.config.tor.mode != "off":
+            # No node runs, so no tor to reach their inbox with: starting one for this check
+            # alone takes a minute.  The pin is compared at the first fetch instead.
+            return await run(None)
+        async with inbox_dialer(
+            local.config, say=lambda _: None, own_onion=account.address.onion
+        ) as dialer:
+            directory = Directory(
+                contacts,
+                dialer,
+                prekey_grace=local.config.delivery.prekey_grace_seconds,
+                onion_port=local.config.tor.onion_port,
+                timeout=60.0,
+            )
+
+            async def fetch_uik(who: Address) -> bytes | None:
+                return await directory.identity_now(who, now=now)
+
+            return await run(fetch_uik)
+
+    accepted = asyncio.run(main())
+    poke(local.config.data_dir)
+    return accepted
+
+
+# --- profile ------------------------------------------------------------------------------------
+
+
+def profile_set(
+    local: Local,
+    *,
+    name: str | None = None,
+    avatar: bytes | None = None,
+    no_avatar: bool = False,
+    user: str | None = None,
+) -> Profile:
+    """Sign and publish the person's profile: ``name`` and ``avatar`` (an image file's bytes,
+    re-encoded by :mod:`onionpost.avatar`) replace the published ones, what is not given
+    is kept from the profile the inbox serves now (so a name change keeps the avatar that
+    another device set), ``no_avatar`` drops the avatar.  Needs a device holding the
+    identity key."""
+    account = local.account(user)
+    new_name = check_display_name(name) if name is not None else None
+    picture: tuple[str, bytes] | None = None
+    if avatar is not None:
+        from onionpost.avatar import process_avatar
+
+        picture = process_avatar(avatar)
+    if no_avatar and picture is not None:
+        raise UsageError("Give either --avatar or --no-avatar, not both.")
+
+    def make(current: Profile | None) -> tuple[str, str, bytes]:
+        display = new_name if new_name is not None else (current.display_name if current else "")
+        if not display:
+            raise UsageError("Give your display name with --name (you have no profile yet).")
+        if picture is not None:
+            return display, *picture
+        if no_avatar or current is None:
+            return display, "", b""
+        return display, current.avatar_type, current.avatar
+
+    return asyncio.run(_publish_profile(local, account, make))
+
+
+def profile_clear(local: Local, user: str | None = None) -> Profile:
+    """Publish an empty signed profile: no name, no avatar.  It is newer than the old one,
+    so contacts that knew the old name forget it when they next see the new one."""
+    return asyncio.run(_publish_profile(local, local.account(user), lambda _current: ("", "", b"")))
+
+
+def profile_show(local: Local, user: str | None = None) -> Profile | None:
+    """The person's published profile: the inbox's copy when this machine runs the inbox,
+    else the one this device last published (None: none, or an empty one)."""
+    account = local.account(user)
+    profile = account.profile
+    if local.inbox_db() is not None:
+        profile = _published_here(local, account) or profile
+    if profile is None or (not profile.display_name and not profile.avatar):
+        return None
+    return profile
+
+
+def _published_here(local: Local, account: Account) -> Profile | None:
+    from onionpost.store.inbox import InboxStore
+
+    db = local.inbox_db()
+    mb = InboxStore(db).mailbox(account.mailbox_id) if db is not None else None
+    if mb is None or not mb.profile:
+        return None
+    return _own_profile(account, mb.profile)
+
+
+def _own_profile(account: Account, raw: bytes) -> Profile | None:
+    """``raw`` as our own profile, if it is one (verifies for our identity)."""
+    try:
+        profile = Profile.parse(raw)
+        profile.verify_for(account.uik_pk)
+    except OnionpostError:
+        return None
+    return profile
+
+
+async def _publish_profile(
+    local: Local, account: Account, make: Callable[[Profile | None], tuple[str, str, bytes]]
+) -> Profile:
+    """Sign a profile made by ``make`` from the published one and publish it *now*: straight
+    into the inbox database when this machine runs the inbox, else over tor with a device
+    session.  The device keeps it (and its card, for the mail it sends) in its key files."""
+    from onionpost.device import device_session
+    from onionpost.joining import inbox_dialer
+
+    if account.identity is None:
+        raise UsageError(
+            "This device does not hold your identity key, so it cannot sign your profile. "
+            "Run the command on one of your devices that does."
+        )
+    now = _now()
+    if local.inbox_db() is not None:
+        current = _published_here(local, account) or account.profile
+        display, media, picture = make(current)
+        profile, card = sign_profile(
+            account,
+            display_name=display,
+            avatar_type=media,
+            avatar=picture,
+            now=now,
+            previous=current,
+        )
+        _publish_direct(local, account, KeyUpdate(profile=profile))
+    else:
+        async with inbox_dialer(local.config, say=lambda _: None) as dialer:
+            client = InboxClient(
+                dialer,
+                account.address.onion,
+                port=local.config.tor.onion_port,
+                isolation="enrol",
+                timeout=180.0,
+            )
+            served = KeyBundle.parse(await client.bundle(account.local)).profile
+            current = (_own_profile(account, served.encode()) if served else None) or (
+                account.profile
+            )
+            display, media, picture = make(current)
+            profile, card = sign_profile(
+                account,
+                display_name=display,
+                avatar_type=media,
+                avatar=picture,
+                now=now,
+                previous=current,
+            )
+            await device_session(account, client).publish(KeyUpdate(profile=profile))
+    account.profile, account.profile_card = profile, card
+    local.files.save_profile(account)
+    poke(local.config.data_dir)
+    return profile
 
 
 # --- devices ------------------------------------------------------------------------------------

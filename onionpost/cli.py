@@ -30,6 +30,7 @@ from onionpost.errors import AlreadyInitialized, NotInitialized, OnionpostError,
 if TYPE_CHECKING:
     from gateway.mailread import MailReader, SearchField, Summary
     from onionpost.admin import KeyChangeView
+    from onionpost.crypto.keys import Profile
 
 EXIT_ERROR = 1
 EXIT_INTERNAL = 70
@@ -895,6 +896,7 @@ def contacts(ctx: click.Context, user: str | None) -> None:
     with admin.opened(obj.config()) as local:
         views = admin.contacts(local, user)
         changes = admin.identity_changes(local, user)
+        waiting = admin.pending_introductions(local, user)
     if not views:
         click.echo("No contacts yet.")
     for v in views:
@@ -913,6 +915,12 @@ def contacts(ctx: click.Context, user: str | None) -> None:
             f"`onionpost contacts accept-key {ch.address} FINGERPRINT{whose}` or "
             f"`onionpost contacts reject-key {ch.address}{whose}`."
         )
+    for intro in waiting:
+        click.echo(
+            f"Introduced by {intro.introducer}: {intro.address} "
+            f"(accept with `onionpost contacts accept-intro {intro.address}"
+            + (f" --user {user}`)" if user else "`)")
+        )
 
 
 @contacts.command("show")
@@ -928,6 +936,8 @@ def contacts_show(obj: Ctx, address: str, user: str | None) -> None:
         changes = admin.key_changes(local, address, _group_user(user))
     c = v.contact
     click.echo(f"address:        {c.address}")
+    if c.display_name:
+        click.echo(f"name:           {c.display_name} (from their signed profile)")
     if changes:
         for ch in changes:
             _show_key_change(ch, verified=c.verified)
@@ -1130,6 +1140,144 @@ def contacts_trust(obj: Ctx, address: str, user: str | None) -> None:
         f"keys with `onionpost contacts show {address}`, then run `onionpost contacts "
         f"accept-key {address} FINGERPRINT` with the fingerprint your contact read to you."
     )
+
+
+@contacts.command("introduce")
+@click.argument("first")
+@click.argument("second")
+@_user_option(_WHOSE)
+@pass_ctx
+def contacts_introduce(obj: Ctx, first: str, second: str, user: str | None) -> None:
+    """Introduce two of your contacts to each other.
+
+    Each gets a signed introduction naming the other's address and identity fingerprint;
+    once one accepts (`onionpost contacts accept-intro`), the other can write to them
+    without a proof of work, even when they accept mail from contacts only."""
+    from onionpost import admin
+
+    with admin.opened(obj.config()) as local:
+        sid_b, sid_c = admin.introduce(local, first, second, _group_user(user))
+    click.echo(
+        f"Queued an introduction for each of them (s{sid_b}, s{sid_c}); "
+        "`onionpost queue` shows them until they are delivered."
+    )
+
+
+@contacts.command("accept-intro")
+@click.argument("address")
+@_user_option(_WHOSE)
+@pass_ctx
+def contacts_accept_intro(obj: Ctx, address: str, user: str | None) -> None:
+    """Accept an introduction: pin the introduced person's identity key and let them write
+    to you without a proof of work (also when you accept mail from contacts only)."""
+    from onionpost import admin
+    from onionpost.crypto.fingerprint import fingerprint
+
+    with admin.opened(obj.config()) as local:
+        accepted = admin.accept_introduction(local, address, _group_user(user))
+    intro = accepted.introduction
+    click.echo(
+        f"Accepted {intro.address}, introduced by {intro.introducer}: identity "
+        f"{fingerprint(intro.uik_pk)} is pinned and they may write to you."
+    )
+    if not accepted.checked_now:
+        click.echo(
+            "Their inbox could not be reached now: the first time it is, the identity key it "
+            "presents is compared with this one, and a different one is refused."
+        )
+
+
+# --- profile -------------------------------------------------------------------------------
+
+
+@cli.group(invoke_without_command=True)
+@_user_option(_WHOSE)
+@click.pass_context
+def profile(ctx: click.Context, user: str | None) -> None:
+    """Your public profile: a display name and an avatar, signed with your identity key and
+    served to anyone who fetches your keys (see also: profile set, profile clear)."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(profile_show, user=user)
+
+
+def _print_profile(p: Profile | None) -> None:
+    if p is None:
+        click.echo("You have no profile. Set one with: onionpost profile set --name NAME")
+        return
+    click.echo(f"name:    {p.display_name}")
+    if p.avatar:
+        click.echo(f"avatar:  {p.avatar_type}, {len(p.avatar)} bytes")
+    else:
+        click.echo("avatar:  none")
+    click.echo(f"signed:  {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(p.issued_at))}")
+
+
+@profile.command("show")
+@click.option(
+    "--save-avatar",
+    type=click.Path(dir_okay=False, writable=True),
+    default=None,
+    help="Also write the published avatar to this file.",
+)
+@_user_option(_WHOSE)
+@pass_ctx
+def profile_show(obj: Ctx, user: str | None, save_avatar: str | None = None) -> None:
+    """Show the profile your contacts see."""
+    from onionpost import admin
+
+    with admin.opened(obj.config()) as local:
+        p = admin.profile_show(local, _group_user(user))
+    _print_profile(p)
+    if save_avatar is not None and p is not None and p.avatar:
+        Path(save_avatar).write_bytes(p.avatar)
+        click.echo(f"The avatar is in {save_avatar}.")
+
+
+@profile.command("set")
+@click.option("--name", default=None, help='Your display name, e.g. "Alice Liddell".')
+@click.option(
+    "--avatar",
+    type=click.Path(exists=True, dir_okay=False, readable=True),
+    default=None,
+    help="A PNG or JPEG picture (scaled to 256 pixels and re-encoded before publishing).",
+)
+@click.option("--no-avatar", is_flag=True, help="Publish no avatar (drop the current one).")
+@_user_option(_WHOSE)
+@pass_ctx
+def profile_set(
+    obj: Ctx, name: str | None, avatar: str | None, no_avatar: bool, user: str | None
+) -> None:
+    """Sign and publish your display name and avatar. What you leave out is kept."""
+    from onionpost import admin
+    from onionpost.avatar import MAX_AVATAR_FILE
+
+    if name is None and avatar is None and not no_avatar:
+        raise click.UsageError("Give --name, --avatar or --no-avatar.")
+    picture = None
+    if avatar is not None:
+        try:
+            with Path(avatar).open("rb") as f:
+                picture = f.read(MAX_AVATAR_FILE + 1)
+        except OSError as exc:
+            raise click.UsageError(f"Cannot read {avatar}: {exc.strerror}.") from exc
+    with admin.opened(obj.config()) as local:
+        p = admin.profile_set(
+            local, name=name, avatar=picture, no_avatar=no_avatar, user=_group_user(user)
+        )
+    click.echo("Your profile is published:")
+    _print_profile(p)
+
+
+@profile.command("clear")
+@_user_option(_WHOSE)
+@pass_ctx
+def profile_clear(obj: Ctx, user: str | None) -> None:
+    """Publish an empty profile: contacts forget your name and avatar as they see it."""
+    from onionpost import admin
+
+    with admin.opened(obj.config()) as local:
+        admin.profile_clear(local, _group_user(user))
+    click.echo("Your profile is cleared: no name, no avatar.")
 
 
 @cli.group(invoke_without_command=True)

@@ -20,7 +20,7 @@ from onionpost.api.transport import Dialer
 from onionpost.clock import Clock
 from onionpost.config import Config, KeysConfig
 from onionpost.crypto.bundle import KeyBundle
-from onionpost.crypto.keys import DeviceList, ServerKey
+from onionpost.crypto.keys import DeviceList, Profile, ServerKey
 from onionpost.crypto.primitives import RandomSource, hash32, system_random
 from onionpost.directory import Directory
 from onionpost.dsn import device_change_notice
@@ -168,6 +168,18 @@ class Device:
             log.error("%s: the inbox serves a device list of another identity", self.address)
             return False
         return self.adopt_device_list(new, notify=True)
+
+    def adopt_profile(self, profile: Profile | None, card: Profile | None) -> bool:
+        """Take over a profile that ``onionpost profile set`` wrote while the node ran (the
+        messages sent from here carry its card from now on); an older one is ignored."""
+        if profile is None or card is None:
+            return False
+        old = self.account.profile
+        if old is not None and profile.issued_at <= old.issued_at:
+            return False
+        self.account.profile, self.account.profile_card = profile, card
+        log.info("%s: profile of %d now carried in sent mail", self.address, profile.issued_at)
+        return True
 
     def adopt_device_list(self, new: DeviceList, *, notify: bool) -> bool:
         old = self.account.device_list

@@ -144,7 +144,6 @@ class Directory:
                 f"`onionpost contacts accept-key {key} FINGERPRINT` (the fingerprint they "
                 f"read to you) or `onionpost contacts reject-key {key}`, and send again."
             ) from exc
-        display = bundle.profile.display_name if bundle.profile else None
         self.contacts.remember(
             key,
             uik_pk=verified.uik_pk,
@@ -152,8 +151,14 @@ class Directory:
             now=now,
             device_list=verified.device_list.encode(),
             bundle=raw,
-            display_name=display,
         )
+        if verified.profile is not None:
+            # Verified against the pinned identity inside verify_bundle; an older profile
+            # than the one we know (a stale bundle) does not replace it.
+            profile = verified.profile
+            self.contacts.set_profile(key, profile.shown_name, profile.issued_at)
+        elif verified.profile_problem is not None:
+            log.warning("ignored %s's profile: %s", address, verified.profile_problem)
         resolved = Resolved(verified, fresh=True)
         self._fresh[key] = (clock(), resolved)
         return resolved
@@ -187,6 +192,22 @@ class Directory:
             device_list=verified.device_list.encode(),
             bundle=raw,
         )
+
+    async def identity_now(self, address: Address, *, now: int) -> bytes | None:
+        """The identity key ``address``'s inbox serves now, its bundle verified against the
+        onion address alone; pins and caches nothing (accepting an introduction compares it
+        with the introduced key before pinning anything).  None when the inbox cannot be
+        reached now; a bundle that does not verify raises."""
+        try:
+            raw = await self.client(address, "bundle").bundle(address.local)
+        except PermanentDeliveryError:
+            raise
+        except (DeliveryError, TorError) as exc:
+            log.info("cannot fetch %s's keys now: %s", address, exc)
+            return None
+        bundle = KeyBundle.parse(raw)
+        verify_bundle(bundle, onion_pk=address.onion_public_key, local=address.local, now=now)
+        return bundle.device_list.uik_pk
 
     def _fallback(self, address: Address, exc: OnionpostError, now: int) -> Resolved:
         """The cached bundle, when the inbox cannot be reached (or a temporary error)."""

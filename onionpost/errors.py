@@ -612,3 +612,12 @@ class FilingRefused(GatewayError):
     """The mail server refused to file the message."""
 
     enhanced_code = "5.3.0"
+
+
+class IntroductionMismatch(CryptoError):
+    """The identity key an introduction vouches for is not the key this person presents.
+
+    Either the introducer was wrong about them, or someone is impersonating them.  Nothing was
+    pinned and nobody was let in: ask the introducer and the person to compare fingerprints
+    over another channel.
+    """

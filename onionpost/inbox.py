@@ -550,12 +550,29 @@ class Inbox:
                 not_after=spk.not_after,
             )
         if update.profile is not None:
-            update.profile.verify()
-            if update.profile.uik_pk != mb.uik_pk:
-                raise BadSignature("The profile was not signed by this mailbox's identity.")
+            self._check_profile(update.profile, mb.uik_pk, mb.profile)
             self.store.set_profile(mailbox_id, update.profile.encode())
         self._forget_bundle(mailbox_id)
         return signed
+
+    @staticmethod
+    def _check_profile(profile: Profile, uik_pk: bytes, stored: bytes | None) -> None:
+        """A published profile must be the mailbox owner's, carry a PNG or JPEG avatar (or
+        none), and not be older than the one served now (two devices holding the identity
+        key may race; the newer profile wins everywhere)."""
+        try:
+            profile.verify_for(uik_pk)
+        except BadSignature as exc:
+            raise BadSignature("The profile was not signed by this mailbox's identity.") from exc
+        if profile.avatar_type not in ("", "image/png", "image/jpeg") or (
+            bool(profile.avatar_type) != bool(profile.avatar)
+        ):
+            raise MalformedData("A profile's avatar must be a PNG or JPEG image, or absent.")
+        if stored and Profile.parse(stored).issued_at > profile.issued_at:
+            raise MalformedData(
+                "A newer profile is already published (from another of your devices); "
+                "run `onionpost profile show` and set it again."
+            )
 
     def _install_rotations(self, mailbox_id: bytes, records: list[RotationRecord]) -> None:
         by_device: dict[bytes, list[RotationRecord]] = {}

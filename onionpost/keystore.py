@@ -22,6 +22,7 @@ from onionpost.crypto.keys import (
     DeviceList,
     DeviceSecrets,
     IdentitySecrets,
+    Profile,
     ServerBinding,
     ServerSecrets,
 )
@@ -200,8 +201,13 @@ class AccountFiles:
     def __init__(self, keys: KeyStore) -> None:
         self.keys = keys
 
+    PROFILE_MAGIC = b"OPmp"
+
     def _info_file(self, local: str) -> Path:
         return self.keys.user_dir(local) / "account"
+
+    def _profile_file(self, local: str) -> Path:
+        return self.keys.user_dir(local) / "profile"
 
     def exists(self, local: str) -> bool:
         return self._info_file(local).exists()
@@ -224,7 +230,28 @@ class AccountFiles:
             self.keys.save_identity(account.identity)
         self.keys.save_device(account.local, account.device)
         self.keys.save_device_list(account.local, account.device_list)
+        self.save_profile(account)
         write_private(self._info_file(account.local), info)
+
+    def save_profile(self, account: Account) -> None:
+        """Write the account's profile and card (nothing when it has none).  A newer profile
+        already on disk is kept: ``onionpost profile set`` may have written it while the node
+        ran, and the node's next save of its keys must not put the older one back before it
+        has adopted the new one (see ``Device.adopt_profile``)."""
+        if account.profile is None or account.profile_card is None:
+            return
+        with contextlib.suppress(OnionpostError):
+            on_disk, _ = self.load_profile(account.local)
+            if on_disk is not None and on_disk.issued_at > account.profile.issued_at:
+                return
+        profile = (
+            Writer()
+            .raw(self.PROFILE_MAGIC)
+            .var32(account.profile.encode())
+            .var32(account.profile_card.encode())
+            .getvalue()
+        )
+        write_private(self._profile_file(account.local), profile)
 
     def load(self, local: str) -> Account:
         path = self._info_file(local)
@@ -243,6 +270,7 @@ class AccountFiles:
         if stored_local != local:
             raise DataDirError(f"{path} belongs to '{stored_local}', not '{local}'.")
         identity = self.keys.load_identity(local) if self.keys.has_identity(local) else None
+        profile, card = self.load_profile(local)
         return Account(
             local,
             onion_pk,
@@ -252,4 +280,23 @@ class AccountFiles:
             self.keys.load_device_list(local),
             self.keys.load_device(local),
             identity,
+            profile,
+            card,
         )
+
+    def load_profile(self, local: str) -> tuple[Profile | None, Profile | None]:
+        """The profile this device published for ``local`` and its card (none yet: both
+        None)."""
+        path = self._profile_file(local)
+        if not path.exists():
+            return None, None
+        raw = read_private(path)
+        try:
+            r = Reader(raw, "profile file")
+            r.magic(self.PROFILE_MAGIC)
+            profile = Profile.parse(r.var32("profile", 128 * 1024))
+            card = Profile.parse(r.var32("profile card", 1024))
+            r.end()
+        except OnionpostError as exc:
+            raise DataDirError(f"{path} is damaged: {exc}") from exc
+        return profile, card

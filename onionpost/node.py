@@ -432,7 +432,9 @@ class Node:
         """
         for job in ("seal", "deliver", "outcomes"):
             self.scheduler.wake(job)
-        for device in self.devices.values():
+        for local, device in self.devices.items():
+            with contextlib.suppress(OnionpostError):
+                device.adopt_profile(*AccountFiles(self.keys).load_profile(local))
             device.wake()
         if self.filer is not None:  # `onionpost send` queued a Sent copy
             self.filer.wake()

@@ -37,12 +37,19 @@ from onionpost.address import Address
 from onionpost.api.client import DeviceSession
 from onionpost.crypto import envelope, pow
 from onionpost.crypto.bundle import VerifiedBundle
-from onionpost.crypto.envelope import EXT_ADDRESSED_TO_SELF, EXT_TOKEN_GRANT, StanzaTarget
+from onionpost.crypto.envelope import (
+    CONTENT_RFC5322,
+    EXT_ADDRESSED_TO_SELF,
+    EXT_SENDER_PROFILE,
+    EXT_TOKEN_GRANT,
+    StanzaTarget,
+)
 from onionpost.crypto.primitives import RandomSource, hash32, system_random
 from onionpost.crypto.sender import EXT_SENDER_KEYS
 from onionpost.directory import Directory
 from onionpost.errors import DeliveryError, OnionpostError, TemporaryDeliveryError
 from onionpost.store.contacts import ContactStore
+from onionpost.store.introductions import IntroductionStore
 
 log = logging.getLogger(__name__)
 SPOOL = 1 << 20
@@ -62,6 +69,8 @@ class Outgoing:
     #: Identifies this submission on this device; with it, sealing is repeatable: the same
     #: message id and the same outbox rows result however often it is retried.
     submission_key: str = ""
+    #: The L3 content type: a mail, or an introduction (sealed for its recipients only).
+    content_type: int = CONTENT_RFC5322
 
 
 @dataclass
@@ -126,6 +135,7 @@ class _Unit:
     body: bytes
     include_own: bool
     to_self: bool = False
+    content_type: int = CONTENT_RFC5322
 
 
 class Sender:
@@ -148,6 +158,14 @@ class Sender:
 
     def units(self, out: Outgoing) -> list[_Unit]:
         me = self.account.address
+        if out.content_type != CONTENT_RFC5322:
+            # Not a mail (an introduction): one unit per recipient, since each one's record
+            # is its own, and no copy for the sender's other devices (nothing to file).
+            return [
+                _Unit((a,), out.message, False, content_type=out.content_type)
+                for a in sorted(set(out.recipients))
+                if a != me
+            ]
         to_self = me in out.recipients
         shown = visible_addresses(out.message)
         recipients = sorted({a for a in out.recipients if a != me})
@@ -229,6 +247,8 @@ class Sender:
             extensions.append((EXT_TOKEN_GRANT, grants))
         if unit.to_self and own is not None:
             extensions.append((EXT_ADDRESSED_TO_SELF, b""))
+        if self.account.profile_card is not None:
+            extensions.append((EXT_SENDER_PROFILE, self.account.profile_card.encode()))
         expires_at = now + self.lifetime
         unit_key = ",".join([*(str(a) for a in unit.recipients), *(["self"] if own else [])])
         msg_id = None
@@ -249,6 +269,7 @@ class Sender:
                 created_at=now,
                 expires_at=expires_at,
                 sink=l2,
+                content_type=unit.content_type,
                 extensions=extensions,
                 rng=self.rng,
             )
@@ -288,6 +309,12 @@ class Sender:
         else:
             contact = self.contacts.get(str(address))
             token = contact.token_to_them if contact else None
+            if token is None and not bundle.policy.accepts_strangers:
+                # No token of their own yet, and a stranger would be refused: an
+                # introduction to them may have given us one (valid once they accepted it).
+                token = IntroductionStore(self.contacts.db, self.contacts.user).present_token(
+                    str(address), bundle.uik_pk, now
+                )
             if token is None and bundle.policy.pow_bits > 0:
                 if not bundle.policy.accepts_strangers:
                     raise TemporaryDeliveryError(

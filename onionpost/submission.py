@@ -225,6 +225,7 @@ class Submissions:
                 recips[0].message_ref,
                 include_own=include_own,
                 submission_key=f"s{sid}",
+                content_type=self.store.content_type(sid),
             ),
             now=now,
         )

@@ -20,6 +20,7 @@ import re
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from email.header import Header, decode_header, make_header
 from email.utils import formataddr, formatdate, getaddresses, parseaddr
 from typing import IO
 
@@ -27,14 +28,18 @@ from onionpost.account import Account
 from onionpost.address import Address
 from onionpost.api.client import DeviceSession, PendingMessage
 from onionpost.crypto.envelope import (
+    CONTENT_INTRODUCTION,
     CONTENT_RFC5322,
     EXT_ADDRESSED_TO_SELF,
+    EXT_SENDER_PROFILE,
     EXT_TOKEN_GRANT,
     ContentHeader,
     open_inner,
 )
 from onionpost.crypto.fingerprint import fingerprint
-from onionpost.crypto.keys import DeviceList
+from onionpost.crypto.introduction import MAX_BYTES as MAX_INTRODUCTION_BYTES
+from onionpost.crypto.introduction import open_introduction
+from onionpost.crypto.keys import DeviceList, Profile, shown_name
 from onionpost.crypto.sender import (
     EXT_SENDER_KEYS,
     pin_encode,
@@ -45,10 +50,12 @@ from onionpost.errors import (
     CryptoError,
     FilingDeferred,
     IdentityKeyChanged,
+    MalformedData,
     OnionpostError,
     ReplayedMessage,
 )
 from onionpost.filing import Filer, filing_key
+from onionpost.introductions import is_contact, notice
 from onionpost.normalize import (
     HEADER_BLOCK_LIMIT,
     WHOLE_MESSAGE_LIMIT,
@@ -59,6 +66,7 @@ from onionpost.normalize import (
 )
 from onionpost.store.contacts import Contact, ContactStore
 from onionpost.store.filing import FilingStore
+from onionpost.store.introductions import IntroductionStore
 from onionpost.trust import KEY_CHANGE_HEADER, QUARANTINE
 
 log = logging.getLogger(__name__)
@@ -161,6 +169,8 @@ class Receiver:
                     sink=body,
                 )
                 header = opened.header
+                if header.content_type == CONTENT_INTRODUCTION:
+                    return self._introduction(header, body, now)
                 if header.content_type != CONTENT_RFC5322:
                     return Filed("")  # key updates etc.: nothing to show
                 folder, sender = self._authenticate(header, now)
@@ -171,15 +181,9 @@ class Receiver:
                 return Filed("", tuple(left))
             except CryptoError as exc:
                 return self._notice(exc, header, digest, now)
-            if folder != "Sent" and self.contacts.is_blocked(str(sender.address)):
-                # Blocked (`onionpost contacts block`): the sender is known only now, after
-                # verification, so this is where mail that came as a stranger's is stopped.
-                # Nothing is filed and no notice is made; the inbox is told it was taken.
-                store.record_seen(self.user, header.msg_id, header.expires_at)
-                log.info("dropped a message from a blocked sender")
-                return Filed("")
-            if folder == QUARANTINE:
-                return self._hold(body, header, sender, now)
+            dropped_or_held = self._drop_or_hold(body, header, folder, sender, now)
+            if dropped_or_held is not None:
+                return dropped_or_held
             message, offset = _filed_form(body, sender, now)
             # Our own mail that was also addressed to us (another device of ours sent it): the
             # mark is signed by our own device, so it is trusted as much as the copy itself.
@@ -206,6 +210,22 @@ class Receiver:
                         ids.append(filing_id)
         log.info("queued a message for %s", " and ".join(folders))
         return Filed(folder, tuple(ids))
+
+    def _drop_or_hold(
+        self, body: IO[bytes], header: ContentHeader, folder: str, sender: _Sender, now: int
+    ) -> Filed | None:
+        """Mail from a blocked sender (dropped) or signed by a changed identity key (held in
+        Quarantine); None for mail to file as usual."""
+        if folder != "Sent" and self.contacts.is_blocked(str(sender.address)):
+            # Blocked (`onionpost contacts block`): the sender is known only now, after
+            # verification, so this is where mail that came as a stranger's is stopped.
+            # Nothing is filed and no notice is made; the inbox is told it was taken.
+            self.filer.store.record_seen(self.user, header.msg_id, header.expires_at)
+            log.info("dropped a message from a blocked sender")
+            return Filed("")
+        if folder == QUARANTINE:
+            return self._hold(body, header, sender, now)
+        return None
 
     def _authenticate(self, header: ContentHeader, now: int) -> tuple[str, _Sender]:
         credentials = header.extension(EXT_SENDER_KEYS)
@@ -239,7 +259,102 @@ class Receiver:
         for i in range(0, len(grants) - 63, 64):
             if grants[i : i + 32] == self.account.uik_pk:
                 self.contacts.set_token_to_them(key, grants[i + 32 : i + 64])
-        return "INBOX", _Sender(address, verified.uik_pk)
+        self._learn_profile(key, header, verified.uik_pk)
+        contact = self.contacts.get(key)
+        name = contact.display_name if contact is not None else ""
+        return "INBOX", _Sender(address, verified.uik_pk, name)
+
+    def _learn_profile(self, key: str, header: ContentHeader, uik_pk: bytes) -> None:
+        """Remember the display name of the profile card the sender's device put in the
+        signed header (extension 5), if it verifies for the sender's pinned identity and is
+        not older than the one we know.  A card that does not verify is ignored (the
+        message itself verified, so it is still delivered), with a warning in the log."""
+        raw = header.extension(EXT_SENDER_PROFILE)
+        if not raw:
+            return
+        try:
+            card = Profile.parse(raw)
+            card.verify_for(uik_pk)
+        except CryptoError as exc:
+            log.warning("ignored the profile in a message from %s: %s", key, exc)
+            return
+        self.contacts.set_profile(key, card.shown_name, card.issued_at)
+
+    def _introduction(self, header: ContentHeader, body: IO[bytes], now: int) -> Filed:
+        """An introduction (protocol §16): recorded and announced by a notice mail only when
+        its sender is one of our contacts and every signature checked.
+
+        From anyone else it is dropped unseen: who is not a contact cannot vouch for anyone
+        (and must not be able to fill the mailbox with notices).  The sender is looked up
+        by the address the header claims *before* anything is verified, only to decide to
+        drop; a contact's introduction is then verified like any message.
+        """
+        store = self.filer.store
+        try:
+            claimed = str(Address.for_key(header.sender_local, header.sender_onion_pk))
+        except OnionpostError:
+            claimed = ""
+        if header.sender_uik == self.account.uik_pk or not is_contact(
+            self.contacts.get(claimed) if claimed else None
+        ):
+            store.record_seen(self.user, header.msg_id, header.expires_at)
+            log.info("ignored an introduction from someone who is not a contact")
+            return Filed("")
+        folder, sender = self._authenticate(header, now)  # CryptoError: a notice is filed
+        if folder != "INBOX":
+            # Only the contact's pinned, accepted identity vouches for anyone: an
+            # introduction signed by a key not accepted yet (held mail) is dropped.
+            store.record_seen(self.user, header.msg_id, header.expires_at)
+            log.info("ignored an introduction signed by a key that is not the pinned one")
+            return Filed("")
+        size = body.seek(0, 2)
+        if size > MAX_INTRODUCTION_BYTES:
+            raise MalformedData("The introduction is too long.")
+        body.seek(0)
+        intro = open_introduction(
+            body.read(),
+            dsk_pk=header.sender_dsk_pk,
+            sender_uik=sender.uik_pk,
+            reader_uik=self.account.uik_pk,
+            now=now,
+        )
+        try:
+            introduced = Address.for_key(intro.local, intro.onion_pk)
+        except OnionpostError as exc:
+            raise MalformedData(f"The introduction names an invalid address: {exc}") from exc
+        if introduced == self.account.address:
+            raise MalformedData("The introduction introduces you to yourself.")
+        known = self.contacts.get(str(introduced))
+        mail = notice(
+            me=self.account.address,
+            introducer=sender.address,
+            introduced=introduced,
+            intro=intro,
+            pinned=known.uik_pk if known else None,
+            msg_id=header.msg_id,
+            now=now,
+        )
+        with store.db.transaction():
+            if not store.record_seen(self.user, header.msg_id, header.expires_at):
+                return Filed("INBOX", tuple(store.pending_for(self.user, header.msg_id)))
+            IntroductionStore(store.db, self.user).add(
+                introducer=str(sender.address),
+                address=str(introduced),
+                uik_pk=intro.uik_pk,
+                admit_token=intro.admit_token,
+                present_token=intro.present_token,
+                now=now,
+                expires_at=intro.expires_at,
+            )
+            filing_id = self.filer.queue(
+                key=filing_key(b"introduction", self.user.encode(), header.msg_id),
+                user=self.user,
+                folder="INBOX",
+                message=mail,
+                source=header.msg_id,
+            )
+        log.info("an introduction from a contact was queued for INBOX")
+        return Filed("INBOX", () if filing_id is None else (filing_id,))
 
     def _new_key(
         self, address: Address, contact: Contact, header: ContentHeader, credentials: bytes | None
@@ -436,6 +551,8 @@ class _Held:
 class _Sender:
     address: Address
     uik_pk: bytes
+    #: The display name of the sender's newest verified profile ("" when none is known).
+    verified_name: str = ""
     #: Set for a message signed by a not-yet-accepted identity key (held in Quarantine).
     held: _Held | None = None
     #: The key-change warning to stamp instead of X-Onionpost-Verified.
@@ -521,14 +638,16 @@ def _stamp(message: bytes, sender: _Sender) -> bytes:
         kept.append(eol.join(f))
     verified = str(sender.address)
     found = [a.lower() for _, a in getaddresses(from_values) if a]
-    if sender.warning is not None:
-        extra = [f"{KEY_CHANGE_HEADER}: {sender.warning}".encode()]
-    else:
-        extra = [
-            f"X-Onionpost-Verified: {verified} (identity {fingerprint(sender.uik_pk)})".encode()
-        ]
-    if found != [verified]:
-        display = parseaddr(from_values[0])[0] if from_values else ""
+    extra: list[bytes] = [_verification_line(sender)]
+    claimed = _display_name(from_values[0]) if from_values else ""
+    display = claimed
+    if sender.verified_name:
+        display = _shown_display(claimed, sender.verified_name)
+        extra.append(
+            b"X-Onionpost-Verified-Name: "
+            + Header(sender.verified_name, "utf-8").encode(maxlinelen=0).encode("ascii")
+        )
+    if found != [verified] or display != claimed:
         kept = [k for k in kept if k[:5].lower() != b"from:"]
         kept.append(b"From: " + formataddr((display, verified)).encode("utf-8"))
         extra.extend(
@@ -537,3 +656,39 @@ def _stamp(message: bytes, sender: _Sender) -> bytes:
             for v in from_values
         )
     return b"".join((eol.join(extra + kept), rest))
+
+
+def _verification_line(sender: _Sender) -> bytes:
+    """X-Onionpost-Verified for mail from the pinned key; for held mail (a changed key) the
+    key-change warning instead, so that nothing calls it verified before it is accepted."""
+    if sender.warning is not None:
+        return f"{KEY_CHANGE_HEADER}: {sender.warning}".encode()
+    return (
+        f"X-Onionpost-Verified: {sender.address} (identity {fingerprint(sender.uik_pk)})".encode()
+    )
+
+
+def _display_name(from_value: str) -> str:
+    """The display name of a From header's value as a person would read it (encoded words
+    decoded), "" when there is none or it cannot be read."""
+    raw = parseaddr(from_value)[0]
+    if "=?" not in raw:
+        return raw
+    try:
+        return str(make_header(decode_header(raw)))
+    except (ValueError, LookupError, UnicodeError):
+        return raw
+
+
+def _shown_display(claimed: str, verified_name: str) -> str:
+    """The From display name to file when the sender's verified profile name is known.
+
+    The verified name always comes first (a mail client's message list shows the start of
+    it); a different name the message itself claims is kept after it, marked, so a contact
+    whose profile says "Alice Liddell" cannot pass as "Your Bank" by writing that into
+    From: ``Alice Liddell (unverified: Your Bank)``.  Case and spacing do not count.
+    """
+    said = shown_name(claimed)
+    if not said or said.casefold() == verified_name.casefold():
+        return verified_name
+    return f"{verified_name} (unverified: {said})"

@@ -160,6 +160,8 @@ class VerifiedBundle:
     policy: AntiSpamPolicy
     profile: Profile | None
     pin: Pin
+    #: Why the bundle's profile was left out (it did not verify for this identity), if it was.
+    profile_problem: str | None = None
 
     def signing_key(self, device_id: bytes, seq: int) -> bytes | None:
         return self.device_keys.get(device_id, {}).get(seq)
@@ -204,11 +206,14 @@ def verify_bundle(
             f"None of {local}'s devices has a current encryption key; they need to bring a "
             "device online so it can publish one."
         )
-    profile = bundle.profile
+    profile, profile_problem = bundle.profile, None
     if profile is not None:
-        profile.verify()
-        if profile.uik_pk != dl.uik_pk:
-            raise KeyBundleError("The profile was signed by a different identity.")
+        try:
+            profile.verify_for(dl.uik_pk)
+        except BadSignature as exc:
+            # The profile is decoration: the keys verified, so mail can still be sealed.
+            # A profile that does not verify is left out (the caller says so), never shown.
+            profile, profile_problem = None, str(exc)
     return VerifiedBundle(
         local=local,
         uik_pk=dl.uik_pk,
@@ -224,6 +229,7 @@ def verify_bundle(
         policy=bundle.policy,
         profile=profile,
         pin=Pin(dl.uik_pk, dl.version, dl.digest(), heads),
+        profile_problem=profile_problem,
     )
 
 

@@ -92,12 +92,17 @@ SUITE_1 = 1
 
 CONTENT_RFC5322 = 0
 CONTENT_KEY_UPDATE = 1
+#: The body is a signed introduction (:mod:`onionpost.crypto.introduction`), never filed as is.
+CONTENT_INTRODUCTION = 2
 
 EXT_TOKEN_GRANT = 1  # value: repeated (recipient uik 32 || token 32)
 EXT_DEVICE_LIST_GOSSIP = 2  # value: repeated (recipient uik 32 || device list digest 32)
 # value: empty.  Only in a copy for the sender's own other devices: the sender is also one of
 # the message's recipients (To, Cc or Bcc), so the copy belongs in INBOX as well as in Sent.
 EXT_ADDRESSED_TO_SELF = 4
+# value: a Profile record without its avatar (the sender's "card", signed by the sender's
+# UIK), so the recipient learns the sender's verified display name offline with the mail.
+EXT_SENDER_PROFILE = 5
 
 AUTH_NONE = 0
 AUTH_TOKEN = 1

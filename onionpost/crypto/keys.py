@@ -18,6 +18,7 @@ another.  The byte layouts are normative; ``docs/protocol.md`` documents them wi
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 
@@ -453,6 +454,23 @@ class Profile:
     def verify(self) -> None:
         ed25519_verify(self.uik_pk, CTX_PROFILE + self.body(), self.signature, "profile")
 
+    def verify_for(self, uik_pk: bytes) -> None:
+        """Verify the signature and that the profile is ``uik_pk``'s (a valid profile of
+        someone else, replayed in a bundle or a message, is as bad as a forged one)."""
+        if self.uik_pk != uik_pk:
+            raise BadSignature("The profile was signed by a different identity.")
+        self.verify()
+
+    def card(self) -> Profile:
+        """The same profile without the avatar, unsigned: what a device puts in each message
+        (a few dozen bytes, where the avatar may be 64 KiB); sign it with :meth:`signed`."""
+        return replace(self, avatar_type="", avatar=b"", signature=b"")
+
+    @property
+    def shown_name(self) -> str:
+        """The display name as it may be shown: see :func:`shown_name`."""
+        return shown_name(self.display_name)
+
     @classmethod
     def parse(cls, data: bytes) -> Profile:
         r = Reader(data, "profile")
@@ -469,6 +487,24 @@ class Profile:
         signature = r.fixed(64, "signature")
         r.end()
         return cls(uik_pk, issued_at, name, avatar_type_raw.decode("ascii"), avatar, signature)
+
+
+def shown_name(text: str) -> str:
+    """``text`` without control, format-direction or line characters and with its spaces
+    collapsed: a name someone else chose must not reorder or hide what is shown next to it
+    (a right-to-left override can make "moc.knab" read as "bank.com")."""
+    kept = []
+    for ch in text:
+        if ch in _BIDI_CONTROLS or unicodedata.category(ch) in ("Cc", "Zl", "Zp"):
+            kept.append(" ")
+        else:
+            kept.append(ch)
+    return " ".join("".join(kept).split())
+
+
+_BIDI_CONTROLS = frozenset(
+    "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+)
 
 
 # --- private key material ---------------------------------------------------------------------

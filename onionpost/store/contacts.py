@@ -70,7 +70,8 @@ class IdentityChange:
     old_uik: bytes
     new_uik: bytes
     seen_at: int
-    #: The verified pin of the new key (None for a change recorded before version 0004).
+    #: The verified pin of the new key (None for a change recorded before contacts
+    #: migration 0006).
     new_pin: bytes | None
     new_device_list: bytes | None
     new_bundle: bytes | None
@@ -158,6 +159,20 @@ class ContactStore:
                     now,
                     display_name,
                 ),
+            )
+
+    def set_profile(self, address: str, display_name: str, issued_at: int) -> bool:
+        """Record the display name of a profile that verified for this contact's pinned
+        identity; an older profile than the one recorded is ignored (False).  An empty name
+        (the contact cleared their profile) clears the recorded one."""
+        with self.db.transaction() as c:
+            return (
+                c.execute(
+                    "UPDATE contacts SET display_name = ?, profile_issued_at = ?"
+                    " WHERE user = ? AND address = ? AND profile_issued_at <= ?",
+                    (display_name, issued_at, self.user, address, issued_at),
+                ).rowcount
+                > 0
             )
 
     def set_token_to_them(self, address: str, token: bytes) -> None:
@@ -269,6 +284,7 @@ class ContactStore:
         with self.db.transaction() as c:
             c.execute("DELETE FROM identity_changes WHERE user = ?", (self.user,))
             c.execute("DELETE FROM mail_policy WHERE user = ?", (self.user,))
+            c.execute("DELETE FROM introductions WHERE user = ?", (self.user,))
             return int(c.execute("DELETE FROM contacts WHERE user = ?", (self.user,)).rowcount)
 
     def record_identity_change(

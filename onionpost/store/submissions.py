@@ -47,13 +47,17 @@ class SubmissionStore:
         message_ref: str,
         now: int,
         expires_at: int,
+        content_type: int = 0,
     ) -> int:
-        """Queue a submission; call inside the caller's transaction to combine it with more."""
+        """Queue a submission; call inside the caller's transaction to combine it with more.
+
+        ``content_type`` is the L3 content type the body is sealed as (0, a mail, unless
+        it is an introduction: see the migration ``0004_content_type``)."""
         with self.db.transaction() as c:
             cur = c.execute(
-                "INSERT INTO submissions (user, headers, message_ref, created_at, expires_at)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (user, headers, message_ref, now, expires_at),
+                "INSERT INTO submissions (user, headers, message_ref, created_at, expires_at,"
+                " content_type) VALUES (?, ?, ?, ?, ?, ?)",
+                (user, headers, message_ref, now, expires_at, content_type),
             )
             sid = cur.lastrowid
             assert sid is not None
@@ -78,6 +82,12 @@ class SubmissionStore:
     def headers(self, submission_id: int) -> bytes:
         return bytes(
             self.db.scalar("SELECT headers FROM submissions WHERE id = ?", (submission_id,)) or b""
+        )
+
+    def content_type(self, submission_id: int) -> int:
+        return int(
+            self.db.scalar("SELECT content_type FROM submissions WHERE id = ?", (submission_id,))
+            or 0
         )
 
     def message(self, submission_id: int) -> bytes:

@@ -193,7 +193,7 @@ def test_reject_key_keeps_the_pin_and_refuses_the_rejected_key(tmp_path: Path) -
     later = store.record_identity_change(H, b"u" * 32, b"v" * 32, 4, held=True)
     assert later.outcome == "rejected" and later.held == 1  # refused, not held again
     assert store.pending_identity_changes() == []
-    # a change recorded before migration 0004 has no pin of the new key: accepting it pins
+    # a change recorded before contacts migration 0006 has no pin of the new key: accepting it pins
     # the identity key alone (the next verified bundle or message fills in the devices)
     accepted = store.accept_key(H, fingerprint(b"v" * 32), 5)
     assert accepted.new_pin is None

@@ -24,6 +24,12 @@ from onionpost.address import onion_from_public_key, tor_service_key_blob
 from onionpost.crypto import envelope as env
 from onionpost.crypto.bundle import AntiSpamPolicy, KeyBundle, verify_bundle
 from onionpost.crypto.fingerprint import fingerprint, safety_number
+from onionpost.crypto.introduction import (
+    CTX_INTRODUCTION,
+    Introduction,
+    introduction_pair,
+    open_introduction,
+)
 from onionpost.crypto.keys import (
     DeviceEntry,
     DeviceList,
@@ -515,6 +521,7 @@ def generate() -> dict[str, str]:
     out["signed-prekey"] = dump_prekey(laptop.signed_prekey()).render()
     out["server-binding"] = dump_binding(w.bob_binding).render()
     out["profile"] = dump_profile(w.bob_profile).render()
+    out["profile-card"] = dump_profile(w.bob_profile.card().signed(w.bob_id.uik_seed)).render()
     out["key-bundle"] = dump_bundle(w.bob_bundle).render()
     vb = verify_bundle(
         KeyBundle.parse(w.bob_bundle.encode()),
@@ -692,7 +699,79 @@ def generate() -> dict[str, str]:
         ]
     )
     out.update(enrolment_vectors(w))
+    out.update(introduction_vectors(w))
     return out
+
+
+def dump_introduction(i: Introduction) -> Dump:
+    d = Dump("Introduction", i.encode())
+    d.take("magic", 4)
+    d.take("introducer_uik", 32)
+    d.take("recipient_uik", 32)
+    d.take("local var8", 1 + d.data[d.pos])
+    d.take("onion_pk", 32)
+    d.take("uik_pk", 32)
+    d.take("admit_token", 32)
+    d.take("present_token", 32)
+    d.take("created_at u64", 8)
+    d.take("expires_at u64", 8)
+    d.take("signature (introducer DSK)", 64)
+    return d
+
+
+def introduction_vectors(w: World) -> dict[str, str]:
+    """alice introduces bob to carol (§16), from a seed of its own so the vectors above stay
+    as they are."""
+    rng = SeededRandom(SEED + b"/introduction")
+    carol_id = IdentitySecrets.generate("carol", NOW, rng=rng)
+    carol_server = ServerSecrets.generate(NOW, rng=rng)
+    token_b, token_c = rng(32), rng(32)
+    for_bob, for_carol = introduction_pair(
+        introducer_uik=w.alice_id.uik_pk,
+        b=("bob", w.bob_server.onion_pk, w.bob_id.uik_pk),
+        c=("carol", carol_server.onion_pk, carol_id.uik_pk),
+        token_b=token_b,
+        token_c=token_c,
+        created_at=NOW,
+        expires_at=NOW + 14 * DAY,
+        dsk_seed=w.alice_dev.dsk_seed,
+    )
+    # checked from bob's side, as a receiver would
+    assert (
+        open_introduction(
+            for_bob.encode(),
+            dsk_pk=w.alice_dev.dsk_pk,
+            sender_uik=w.alice_id.uik_pk,
+            reader_uik=w.bob_id.uik_pk,
+            now=NOW,
+        )
+        == for_bob
+    )
+    inputs = _kv(
+        "alice introduces bob to carol (alice's DSK, bob's keys: §13.2; carol's drawn from "
+        "SeededRandom(b'onionpost/v1 test vectors/introduction'), in this order)",
+        [
+            ("carol UIK seed", carol_id.uik_seed),
+            ("carol UIK", carol_id.uik_pk),
+            ("carol onion seed", carol_server.onion_seed),
+            ("carol onion_pk", carol_server.onion_pk),
+            ("token_b (carol presents it at bob's inbox)", token_b),
+            ("token_c (bob presents it at carol's inbox)", token_c),
+            ("signed by alice's DSK", w.alice_dev.dsk_pk),
+            ("signature context", CTX_INTRODUCTION),
+            ("signed bytes", "context || every field before the signature"),
+            ("carol's fingerprint (shown to bob)", fingerprint(carol_id.uik_pk)),
+        ],
+    )
+    return {
+        "introduction": "\n".join(
+            [
+                inputs,
+                dump_introduction(for_bob).render(),
+                dump_introduction(for_carol).render(full=False),
+            ]
+        )
+    }
 
 
 def enrolment_vectors(w: World) -> dict[str, str]:

@@ -213,27 +213,43 @@ def test_expired_binding() -> None:
     assert type(err.value) is KeyBundleError
 
 
-def test_signatures_on_binding_device_list_profile() -> None:
+def test_signatures_on_binding_device_list() -> None:
     _, bob = _bob(b"sigs", profile=True)
     b = bob.bundle()
-    assert bob.profile is not None
     broken_sig = bytes(64)
     for altered in (
         replace(b, binding=replace(b.binding, signature=broken_sig)),
         replace(b, device_list=replace(b.device_list, signature=b.binding.signature)),
-        replace(b, profile=replace(bob.profile, display_name="Mallory")),
     ):
         with pytest.raises(BadSignature):
             _verify(bob, altered)
 
 
-def test_profile_by_another_identity() -> None:
+def test_a_valid_profile_is_returned() -> None:
+    _, bob = _bob(b"goodprofile", profile=True)
+    v = _verify(bob)
+    assert v.profile == bob.profile
+    assert v.profile_problem is None
+
+
+def test_a_forged_profile_is_left_out_and_the_keys_still_verify() -> None:
+    """The profile is decoration: a bad one must not stop mail, and must never be shown."""
+    _, bob = _bob(b"sigs", profile=True)
+    assert bob.profile is not None
+    forged = replace(bob.profile, display_name="Mallory")
+    v = _verify(bob, replace(bob.bundle(), profile=forged))
+    assert v.profile is None
+    assert v.profile_problem is not None and "signature" in v.profile_problem
+    assert v.devices  # the keys are usable
+
+
+def test_profile_by_another_identity_is_left_out() -> None:
     rng, bob = _bob(b"profile")
     carol = make_user("carol", 1, rng)
     prof = Profile(carol.uik_pk, NOW, "Bob").signed(carol.identity.uik_seed)
-    with pytest.raises(KeyBundleError) as err:
-        _verify(bob, replace(bob.bundle(), profile=prof))
-    assert type(err.value) is KeyBundleError
+    v = _verify(bob, replace(bob.bundle(), profile=prof))
+    assert v.profile is None
+    assert v.profile_problem == "The profile was signed by a different identity."
 
 
 # --- pins: what a sender remembers -------------------------------------------------------------

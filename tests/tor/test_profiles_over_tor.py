@@ -1,0 +1,88 @@
+"""A profile crosses the private Tor network both ways: in a message and in a bundle.
+
+alice publishes a profile at her node's inbox; her mail to bob carries its card through
+onion services and bob's node files it with her verified name in From (a different name
+the message claims is marked); bob's reply makes his node fetch alice's bundle over tor and
+verify her profile there.
+"""
+
+from __future__ import annotations
+
+import time
+from email import message_from_bytes
+from email.message import EmailMessage
+from email.policy import default
+from pathlib import Path
+
+import pytest
+
+from onionpost.account import sign_profile
+from onionpost.clock import SystemClock
+from onionpost.node import Node
+from onionpost.tornet import TorNetwork
+from onionpost.wire import KeyUpdate
+from tests.mailstore import filed, memory_mailbox
+
+from .test_nodes_over_tor import eventually, make_config
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+def mail(frm: str, to: str, subject: str) -> bytes:
+    m = EmailMessage()
+    m["From"], m["To"], m["Subject"] = frm, to, subject
+    m["Message-ID"] = f"<{subject.replace(' ', '.')}@tor.test>"
+    m.set_content(f"{subject} over onion services")
+    return m.as_bytes()
+
+
+def froms(node: Node, user: str) -> dict[str, str]:
+    out = {}
+    for raw in filed(node, user):
+        msg = message_from_bytes(raw, policy=default)
+        out[str(msg["Subject"])] = str(msg["From"])
+    return out
+
+
+async def test_a_verified_name_crosses_tor_in_mail_and_in_bundles(
+    tor_network: TorNetwork, tmp_path: Path
+) -> None:
+    clock = SystemClock()
+    alice = Node(
+        make_config(tmp_path, "alice", tor_network), clock=clock, extensions=(memory_mailbox,)
+    )
+    bob = Node(make_config(tmp_path, "bob", tor_network), clock=clock, extensions=(memory_mailbox,))
+    await alice.start(wait_for_tor=True)
+    await bob.start(wait_for_tor=True)
+    try:
+        assert alice.inbox is not None and alice.submissions is not None
+        assert bob.submissions is not None
+        device = alice.devices["alice"]
+        profile, card = sign_profile(
+            device.account,
+            display_name="Alice Liddell",
+            avatar_type="",
+            avatar=b"",
+            now=int(time.time()),
+        )
+        alice.inbox.publish(device.account.mailbox_id, KeyUpdate(profile=profile), int(time.time()))
+        assert device.adopt_profile(profile, card)
+
+        a, b = device.address, bob.devices["bob"].address
+        alice.submissions.submit("alice", [b], mail(str(a), str(b), "plain"))
+        alice.submissions.submit("alice", [b], mail(f"Your Bank <{a}>", str(b), "claiming"))
+        await eventually(lambda: len(froms(bob, "bob")) == 2, "alice's mail at bob")
+        assert froms(bob, "bob") == {
+            "plain": f"Alice Liddell <{a}>",
+            "claiming": f'"Alice Liddell (unverified: Your Bank)" <{a}>',
+        }
+
+        # bob writes back: his node fetches alice's bundle over tor and verifies her profile
+        bob.devices["bob"].directory.forget(a)
+        bob.submissions.submit("bob", [a], mail(str(b), str(a), "reply"))
+        await eventually(lambda: "reply" in froms(alice, "alice"), "bob's reply at alice")
+        contact = bob.devices["bob"].contacts.get(str(a))
+        assert contact is not None and contact.display_name == "Alice Liddell"
+    finally:
+        await alice.stop()
+        await bob.stop()

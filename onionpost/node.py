@@ -280,6 +280,8 @@ class Node:
             max_message_bytes=cfg.gateway.max_message_bytes,
             on_queued=lambda: self.scheduler.wake("seal"),
             sent_copy_wait=cfg.gateway.sent_copy_wait_seconds,
+            # Its own connection, for the group commit's thread (see Submissions).
+            commit_db=self._open(cfg.data_dir / "device.db", DEVICE_COMPONENTS),
         )
 
     # -- periodic jobs --------------------------------------------------------------------
@@ -409,6 +411,8 @@ class Node:
         for stop in reversed(self._stops):
             await _bounded(stop(), "the mail-client gateway")
         self._stops.clear()
+        if self.submissions is not None:  # a commit in flight ends before its database closes
+            await _bounded(self.submissions.close(), "the submission queue")
         for device in self.devices.values():
             await device.stop()
         if self.filer is not None:

@@ -88,6 +88,8 @@ class GroupCommit(Generic[T, R]):
                 raise
             except Exception as exc:  # the commit itself failed: every item of it did
                 outcomes = exc
+            if not isinstance(outcomes, BaseException) and len(outcomes) != len(batch):
+                outcomes = RuntimeError(f"{self._name}: {len(outcomes)} outcomes for {len(batch)}")
             if len(self.batches) < 100_000:
                 self.batches.append(len(batch))
             for i, w in enumerate(batch):

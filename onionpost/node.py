@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import random
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, is_dataclass
@@ -264,7 +265,9 @@ class Node:
         users = files.users()
         if not users:
             raise NotInitialized()
-        db = self._open(cfg.data_dir / "device.db", DEVICE_COMPONENTS)
+        # The loop's connection and the group commit's share one write lock (Database).
+        self._device_lock = threading.Lock()
+        db = self._open(cfg.data_dir / "device.db", DEVICE_COMPONENTS, write_lock=self._device_lock)
         self.device_db = db
         self.filer = Filer(FilingStore(db, cfg.data_dir / "filing"), now=self.clock.now)
         self.filer.start()
@@ -281,7 +284,9 @@ class Node:
             on_queued=lambda: self.scheduler.wake("seal"),
             sent_copy_wait=cfg.gateway.sent_copy_wait_seconds,
             # Its own connection, for the group commit's thread (see Submissions).
-            commit_db=self._open(cfg.data_dir / "device.db", DEVICE_COMPONENTS),
+            commit_db=self._open(
+                cfg.data_dir / "device.db", DEVICE_COMPONENTS, write_lock=self._device_lock
+            ),
         )
 
     # -- periodic jobs --------------------------------------------------------------------
@@ -382,9 +387,13 @@ class Node:
         device.start()
 
     def _open(
-        self, path: Path, components: tuple[str, ...], record_key: bytes | None = None
+        self,
+        path: Path,
+        components: tuple[str, ...],
+        record_key: bytes | None = None,
+        write_lock: threading.Lock | None = None,
     ) -> Database:
-        db = Database(path, components, record_key=record_key)
+        db = Database(path, components, record_key=record_key, write_lock=write_lock)
         self._dbs.append(db)
         return db
 

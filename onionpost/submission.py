@@ -44,7 +44,7 @@ from onionpost.inbox import TOKEN_REFUSED
 from onionpost.retry import RetryPolicy, after_failure
 from onionpost.sending import Outgoing
 from onionpost.store.db import Database
-from onionpost.store.filing import FilingStore, Spooled
+from onionpost.store.filing import FilingStore
 from onionpost.store.outbox import RESEAL_CODE
 from onionpost.store.submissions import PendingRecipient, SubmissionStore
 
@@ -78,8 +78,6 @@ def queue_submission(
     lifetime: int,
     own_address: Address | None = None,
     sent_copy_wait: int = 0,
-    sent_spooled: Spooled | None = None,
-    sync_dir: bool = True,
 ) -> int:
     """Store a submission and queue its Sent copy in one transaction; durable on return.
 
@@ -94,9 +92,9 @@ def queue_submission(
     stays a recipient only so the sealing worker makes a copy for the user's other devices;
     with no other devices it is simply done.
 
-    ``sent_spooled`` is ``message`` already written to the filing spool (a batch writes its
-    files before it takes the write lock); with ``sync_dir`` False the caller fsyncs the
-    spool directory once for the batch before committing (:class:`Submissions`).
+    Both copies are kept in the database (``filing_bodies``), not in spool files: the
+    transaction's one COMMIT makes everything durable, so a group commit of many
+    submissions costs one fsync (:class:`Submissions`).
     """
     ref = message_ref(message)
     with db.transaction():
@@ -114,12 +112,12 @@ def queue_submission(
             key=filing_key(b"submission", user.encode(), str(sid).encode(), b"Sent"),
             user=user,
             folder="Sent",
-            message=message if sent_spooled is None else sent_spooled,
+            message=message,
             now=now,
             mark_seen=True,
             unless_message_id=ref if waits else None,
             not_before=now + sent_copy_wait if waits else None,
-            sync_dir=sync_dir,
+            in_database=True,
         )
         if own_address is not None and own_address in recipients:
             filing.add(
@@ -128,7 +126,7 @@ def queue_submission(
                 folder="INBOX",
                 message=message,
                 now=now,
-                sync_dir=sync_dir,
+                in_database=True,
             )
     return sid
 
@@ -228,46 +226,32 @@ class Submissions:
         self.wake()
 
     def _commit_batch(self, batch: list[_Pending]) -> list[int | BaseException]:
-        """One transaction for the whole batch, in the group commit's thread.
-
-        The Sent copies are written and fsynced first, before the write lock is taken (the
-        loop's own writers wait on that lock); then each submission is queued in a savepoint
-        of its own (a refused one takes only itself back), the spool directory is fsynced
-        once for every rename, and the one COMMIT makes the batch durable: per batch, one
-        fsync per message file, one of the directory and one of the WAL, instead of three
-        per message.
-        """
+        """One transaction for the whole batch, in the group commit's thread: each
+        submission in a savepoint of its own (a refused one takes only itself back), then
+        the one COMMIT, the batch's one fsync (the WAL's; the Sent copies are rows too)."""
         db, filing = self._commit_db, self._commit_filing
         assert db is not None
-        spooled = [filing.spool(p.message) for p in batch]
-        try:
-            outcomes: list[int | BaseException] = []
-            with db.transaction():
-                for p, sent in zip(batch, spooled, strict=True):
-                    try:
-                        with db.transaction():  # a savepoint
-                            outcomes.append(
-                                queue_submission(
-                                    db,
-                                    filing=filing,
-                                    sent_copy_wait=self.sent_copy_wait,
-                                    user=p.user,
-                                    recipients=p.recipients,
-                                    message=p.message,
-                                    now=p.now,
-                                    lifetime=self.config.lifetime_seconds,
-                                    own_address=p.own_address,
-                                    sent_spooled=sent,
-                                    sync_dir=False,
-                                )
+        outcomes: list[int | BaseException] = []
+        with db.transaction():
+            for p in batch:
+                try:
+                    with db.transaction():  # a savepoint
+                        outcomes.append(
+                            queue_submission(
+                                db,
+                                filing=filing,
+                                sent_copy_wait=self.sent_copy_wait,
+                                user=p.user,
+                                recipients=p.recipients,
+                                message=p.message,
+                                now=p.now,
+                                lifetime=self.config.lifetime_seconds,
+                                own_address=p.own_address,
                             )
-                    except OnionpostError as exc:
-                        outcomes.append(exc)
-                filing.sync_dir()
-            return outcomes
-        finally:
-            for sent in spooled:  # those not renamed into place: refused, or rolled back
-                filing.discard(sent)
+                        )
+                except OnionpostError as exc:
+                    outcomes.append(exc)
+        return outcomes
 
     async def close(self) -> None:
         """Let a running group commit finish (its clients hear their answer)."""

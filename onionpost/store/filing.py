@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,19 +33,9 @@ QUEUED, HANDED, FILED = 0, 1, 2
 #: A message given as a file is copied into the spool in pieces of this size, never whole.
 COPY_CHUNK = 1 << 20
 
-
-@dataclass(frozen=True)
-class Spooled:
-    """A message already written to the spool and fsynced, under a temporary name
-    (:meth:`FilingStore.spool`): :meth:`FilingStore.add` then only renames it, so a batch of
-    them is written before its transaction takes the database's write lock."""
-
-    path: Path
-
-
-#: What :meth:`FilingStore.add` files: the bytes, a file by name, an open file (read from
-#: where it stands to its end), or a file :meth:`FilingStore.spool` wrote.
-MessageSource = bytes | Path | Readable | Spooled
+#: What :meth:`FilingStore.add` files: the bytes, a file by name, or an open file (read from
+#: where it stands to its end).
+MessageSource = bytes | Path | Readable
 
 
 @dataclass(frozen=True)
@@ -92,70 +81,28 @@ class FilingStore:
     def path(self, key: bytes) -> Path:
         return self.spool_dir / f"{key.hex()}.eml"
 
-    def _write_spool(
-        self, key: bytes, message: MessageSource, prefix: bytes = b"", *, sync_dir: bool = True
-    ) -> None:
+    def _write_spool(self, key: bytes, message: MessageSource, prefix: bytes = b"") -> None:
         """Write ``prefix`` + the message, fsync, rename, fsync the directory: the file is
         whole or absent.  A message given as a file is copied in pieces of
-        :data:`COPY_CHUNK`: a 50 MiB message is not read into memory here.  A
-        :class:`Spooled` one is only renamed.  With ``sync_dir`` False the caller fsyncs
-        the directory (:meth:`sync_dir`) before its transaction commits: one directory
-        fsync for a whole batch."""
-        try:
-            final = self.path(key)
-            if isinstance(message, Spooled):
-                if prefix:
-                    raise ValueError("a spooled message takes no prefix")
-                os.replace(message.path, final)
-            else:
-                self.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-                tmp = final.with_suffix(".tmp")
-                self._write_synced(tmp, message, prefix)
-                os.replace(tmp, final)
-            if sync_dir:
-                self.sync_dir()
-        except OSError as exc:
-            raise StoreError(f"Cannot write mail to {self.spool_dir}: {exc}") from exc
-
-    def _write_synced(self, path: Path, message: MessageSource, prefix: bytes) -> None:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            _write_all(fd, prefix)
-            if isinstance(message, bytes):
-                _write_all(fd, message)
-            elif isinstance(message, Path):
-                with message.open("rb") as source:
-                    _copy(fd, source)
-            elif isinstance(message, Spooled):
-                raise ValueError("a spooled message is renamed, not copied")
-            else:
-                _copy(fd, message)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    def spool(self, message: bytes) -> Spooled:
-        """Write ``message`` to a temporary spool file and fsync it, outside any transaction;
-        :meth:`add` it, or :meth:`discard` it.  Until it is added it has no row, so a crash
-        leaves an orphan that :meth:`remove_orphans` deletes at the next start."""
+        :data:`COPY_CHUNK`: a 50 MiB message is not read into memory here."""
         try:
             self.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            path = self.spool_dir / f"spooled-{secrets.token_hex(12)}.tmp"
-            self._write_synced(path, message, b"")
-        except OSError as exc:
-            raise StoreError(f"Cannot write mail to {self.spool_dir}: {exc}") from exc
-        return Spooled(path)
-
-    @staticmethod
-    def discard(spooled: Spooled) -> None:
-        """Remove a spooled file that was not added (its submission failed); a no-op once
-        it was."""
-        with contextlib.suppress(OSError):
-            spooled.path.unlink()
-
-    def sync_dir(self) -> None:
-        """fsync the spool directory: the renames into it are durable on return."""
-        try:
+            final = self.path(key)
+            tmp = final.with_suffix(".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                _write_all(fd, prefix)
+                if isinstance(message, bytes):
+                    _write_all(fd, message)
+                elif isinstance(message, Path):
+                    with message.open("rb") as source:
+                        _copy(fd, source)
+                else:
+                    _copy(fd, message)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, final)
             dir_fd = os.open(self.spool_dir, os.O_RDONLY)
             try:
                 os.fsync(dir_fd)
@@ -193,7 +140,7 @@ class FilingStore:
         mark_seen: bool = False,
         unless_message_id: str | None = None,
         not_before: int | None = None,
-        sync_dir: bool = True,
+        in_database: bool = False,
     ) -> int | None:
         """Queue ``prefix`` + ``message`` for ``folder``; the row id, or None if ``key`` is
         queued already.
@@ -201,18 +148,67 @@ class FilingStore:
         ``message`` is bytes, a file's path, or an open file, copied from where it stands to
         its end (in pieces: a large message is never held whole).  The spool file is fsynced
         before the row is written.  Call inside the caller's transaction to make the filing
-        part of it; with ``sync_dir`` False, call :meth:`sync_dir` before it commits.
+        part of it.
+
+        With ``in_database`` (``message`` as bytes, no prefix) the message goes into the
+        ``filing_bodies`` table instead, durable with the caller's COMMIT and no fsync of
+        its own: what lets a group commit of submissions cost one fsync
+        (:class:`onionpost.submission.Submissions`).
         """
         if self.db.scalar("SELECT 1 FROM filing_queue WHERE key = ?", (key,)):
             return None
-        self._write_spool(key, message, prefix, sync_dir=sync_dir)
+        if in_database and not isinstance(message, bytes):
+            raise TypeError("only a message given as bytes is kept in the database")
+        if not in_database:
+            self._write_spool(key, message, prefix)
         start = now if not_before is None else not_before
         cur = self.db.execute(
             "INSERT INTO filing_queue (key, user, folder, source, mark_seen, unless_message_id,"
             " not_before, next_try_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (key, user, folder, source, int(mark_seen), unless_message_id, start, start, now),
         )
-        return cur.lastrowid
+        row_id = cur.lastrowid
+        assert row_id is not None
+        if isinstance(message, bytes) and in_database:
+            data = prefix + message if prefix else message
+            # As SubmissionStore.add: a zeroblob written through a blob handle, so SQLite
+            # does not copy the message twice more.
+            self.db.execute(
+                "INSERT INTO filing_bodies (id, message) VALUES (?, zeroblob(?))",
+                (row_id, len(data)),
+            )
+            if data:
+                with self.db.conn.blobopen("filing_bodies", "message", row_id) as blob:
+                    blob.write(data)
+        return row_id
+
+    def body(self, filing: Filing) -> bytes | None:
+        """The message of a filing kept in the database; None for one with a spool file."""
+        try:
+            with self.db.conn.blobopen(
+                "filing_bodies", "message", filing.id, readonly=True
+            ) as blob:
+                return blob.read()
+        except sqlite3.OperationalError:  # no such row
+            return None
+
+    def write_scratch(self, key: bytes, data: bytes) -> Path:
+        """The file the mailbox is handed for a filing kept in the database, written from
+        its :meth:`body` at each attempt.  It is a scratch copy, so no fsync: a torn one left
+        by a crash is replaced at the next attempt, and the row stays the durable copy."""
+        final = self.path(key)
+        try:
+            self.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            tmp = final.with_suffix(".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                _write_all(fd, data)
+            finally:
+                os.close(fd)
+            os.replace(tmp, final)
+        except OSError as exc:
+            raise StoreError(f"Cannot write mail to {self.spool_dir}: {exc}") from exc
+        return final
 
     # -- the filer's side --------------------------------------------------------------------
 

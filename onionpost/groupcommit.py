@@ -29,9 +29,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -58,8 +61,11 @@ class GroupCommit(Generic[T, R]):
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=name
         )
-        #: Sizes of the batches committed so far (for the bench and the tests), capped.
+        #: Sizes of the first batches committed (for the tests), capped.
         self.batches: list[int] = []
+        #: Items and commits so far (logged at close, which the bench reads).
+        self.items = 0
+        self.commits = 0
 
     async def submit(self, item: T) -> R:
         """Queue ``item``; returns its outcome once the commit that holds it is durable."""
@@ -90,7 +96,9 @@ class GroupCommit(Generic[T, R]):
                 outcomes = exc
             if not isinstance(outcomes, BaseException) and len(outcomes) != len(batch):
                 outcomes = RuntimeError(f"{self._name}: {len(outcomes)} outcomes for {len(batch)}")
-            if len(self.batches) < 100_000:
+            self.items += len(batch)
+            self.commits += 1
+            if len(self.batches) < 10_000:
                 self.batches.append(len(batch))
             for i, w in enumerate(batch):
                 if w.future.done():  # its caller gave up meanwhile
@@ -106,3 +114,11 @@ class GroupCommit(Generic[T, R]):
         if self._runner is not None and not self._runner.done():
             await asyncio.gather(self._runner, return_exceptions=True)
         self._executor.shutdown(wait=True)
+        if self.commits:
+            log.info(
+                "%s: %d items in %d commits (%.2f per commit)",
+                self._name,
+                self.items,
+                self.commits,
+                self.items / self.commits,
+            )

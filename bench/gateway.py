@@ -5,8 +5,9 @@ this process, so the three servers are measured the same way:
 
 * **onionpost**: ``onionpost run`` on a fresh data directory (``onionpost.provision``: alice,
   whose mail client logs in, and bob, a second user of the same node), tor mode "off".
-  SMTP is alice mailing bob: each 250 comes after ``Submissions.submit``'s one SQLite
-  transaction (``synchronous=FULL``) that queues the message and alice's Sent copy,
+  SMTP is alice mailing bob: each 250 comes after the SQLite transaction
+  (``synchronous=FULL``) that queues the message and alice's Sent copy has committed
+  (``Submissions.submit_async``: concurrent submissions share a commit, a group commit),
   and meanwhile the node seals, hands over and files the accepted mail in the same event
   loop, as it always does.  For the run, the inbox's stranger proof of work is 0 bits and
   its hourly rate limits are open, so the background work is the steady state between
@@ -762,7 +763,7 @@ def report_smtp(
         )
     ctx.note(
         "onionpost: AUTH PLAIN once per session, MAIL FROM must be the user, each 250 after "
-        "Submissions.submit; Postfix: relay from 127.0.0.0/8, default_transport = discard."
+        "its submission's commit; Postfix: relay from 127.0.0.0/8, default_transport = discard."
     )
 
 

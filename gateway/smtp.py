@@ -27,8 +27,8 @@ What a client may do, and why:
   the limit even for a 100 MiB line without a line break (which aiosmtpd 1.4's own DATA
   reader would buffer whole).  The 552 comes after the final dot, as RFC 5321 expects.
 * 250 is said only after ``submit`` returned, i.e. once the message is durable and filed in
-  Sent.  The node passes ``Submissions.submit_async``: the parsing, the spool file and the
-  commit run in the group commit's thread, and concurrent sessions share one commit
+  Sent.  The node passes ``Submissions.submit_async``: the header parsing and the
+  transaction run in the group commit's thread, and concurrent sessions share one commit
   (:mod:`onionpost.groupcommit`), so one session's fsync does not stall the others.  Every
   refusal is worded in ``gateway/replies.py``.
 * As an MSA may (RFC 6409 §8), a missing Message-ID or Date is added; nothing else in the

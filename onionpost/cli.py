@@ -340,6 +340,9 @@ def status(obj: Ctx, as_json: bool) -> None:
     counts = _queue_counts(obj)
     if counts is not None:
         info["queue"] = counts  # counted now, the way `onionpost queue` lists them
+    policies = _policies(obj)
+    if policies is not None:
+        info["policies"] = policies  # read now: `contacts policy` changes it while it runs
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -365,19 +368,23 @@ def status(obj: Ctx, as_json: bool) -> None:
     counts = info.get("queue") or {}
     if counts:
         click.echo(f"queue:      {_queue_words(counts)}")
-    _print_policies(obj)
+    for name, policy in (info.get("policies") or {}).items():
+        who = f"{name}: " if len(info["policies"]) > 1 else ""
+        click.echo(f"mail from:  {who}{_POLICY_WORDS[policy == 'open']}")
 
 
-def _print_policies(obj: Ctx) -> None:
-    """Whom each person accepts mail from (`contacts policy`), as far as this machine knows."""
+def _policies(obj: Ctx) -> dict[str, str] | None:
+    """Whom each person accepts mail from (`contacts policy`): ``open`` or ``contacts-only``,
+    by user, as far as this machine knows (its inbox database, else what was last set from
+    this device); None when it cannot tell (not initialized, databases unreadable)."""
     from onionpost import admin
 
     with contextlib.suppress(OnionpostError), admin.opened(obj.config()) as local:
-        users = local.files.users()
-        for name in users:
-            words = _POLICY_WORDS[admin.accepts_strangers(local, name) is not False]
-            who = f" ({name})" if len(users) > 1 else ""
-            click.echo(f"mail from:  {words}{who}")
+        return {
+            name: "contacts-only" if admin.accepts_strangers(local, name) is False else "open"
+            for name in local.files.users()
+        }
+    return None
 
 
 def _print_lan(obj: Ctx, info: dict[str, Any]) -> None:

@@ -1118,8 +1118,39 @@ class DovecotServer:
                 time.sleep(0.05)
             if not _running(pid):
                 break
+        # Its children (imap-login holds the IMAP port) can outlive the master by a moment:
+        # they are in its process group (Dovecot runs in a session of its own), so end them too.
+        _end_group(pid)
         with contextlib.suppress(OSError):
             pid_file.unlink()
+
+
+def _end_group(pgid: int) -> None:
+    """SIGTERM, then SIGKILL, the processes of group ``pgid``; return once none is left."""
+    for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 2.0)):
+        try:
+            os.killpg(pgid, sig)
+        except (ProcessLookupError, PermissionError):
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if not any(_running(p) for p in _group_members(pgid)):
+                return
+            time.sleep(0.05)
+
+
+def _group_members(pgid: int) -> list[int]:
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 2 and fields[2] == str(pgid):
+            members.append(int(entry.name))
+    return members
 
 
 def _running(pid: int) -> bool:

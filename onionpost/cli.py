@@ -343,6 +343,9 @@ def status(obj: Ctx, as_json: bool) -> None:
     policies = _policies(obj)
     if policies is not None:
         info["policies"] = policies  # read now: `contacts policy` changes it while it runs
+    changes = _key_changes(obj)
+    if changes is not None:
+        info["key_changes"] = changes
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -368,9 +371,40 @@ def status(obj: Ctx, as_json: bool) -> None:
     counts = info.get("queue") or {}
     if counts:
         click.echo(f"queue:      {_queue_words(counts)}")
+    _print_trust(info)
+
+
+def _print_trust(info: dict[str, Any]) -> None:
+    """Whom each person accepts mail from, and contacts whose identity key changed."""
     for name, policy in (info.get("policies") or {}).items():
         who = f"{name}: " if len(info["policies"]) > 1 else ""
         click.echo(f"mail from:  {who}{_POLICY_WORDS[policy == 'open']}")
+    for name, pending in (info.get("key_changes") or {}).items():
+        for change in pending:
+            held = f"; {change['held']} message(s) held in Quarantine" if change["held"] else ""
+            click.echo(
+                f"WARNING:    {change['address']} presents a NEW identity key{held}: compare "
+                f"safety numbers with `onionpost contacts show {change['address']}"
+                + (f" --user {name}`" if len(info["key_changes"]) > 1 else "`")
+            )
+
+
+def _key_changes(obj: Ctx) -> dict[str, list[dict[str, Any]]] | None:
+    """Each person's contacts whose identity key changed and who wait for `accept-key` or
+    `reject-key` (only people with one); None when this machine cannot tell."""
+    from onionpost import admin
+
+    with contextlib.suppress(OnionpostError), admin.opened(obj.config()) as local:
+        found: dict[str, list[dict[str, Any]]] = {}
+        for name in local.files.users():
+            pending = [
+                {"address": c.address, "held": c.held, "seen_at": c.seen_at}
+                for c in admin.identity_changes(local, name)
+            ]
+            if pending:
+                found[name] = pending
+        return found
+    return None
 
 
 def _policies(obj: Ctx) -> dict[str, str] | None:

@@ -134,3 +134,19 @@ def test_me_qr_and_verify_scan(home: Path) -> None:
     code, out = run(home, "contacts", "verify", HAL, "--scan", scanned)
     assert code == 0 and "matches the pinned key" in out
     assert "verified" in run(home, "contacts")[1]
+
+
+def test_status_names_a_pending_key_change(home: Path) -> None:
+    (home / "run").mkdir(exist_ok=True)
+    (home / "run" / "status.json").write_text('{"pid": 0, "updated_at": 0, "users": []}')
+    code, out = run(home, "status")
+    assert code == 0 and "NEW identity key" not in out, out
+    _change(home)
+    code, out = run(home, "status")
+    assert code == 0, out
+    assert f"{HAL} presents a NEW identity key; 1 message(s) held in Quarantine" in out
+    assert f"onionpost contacts show {HAL}" in out
+    code, out = run(home, "status", "--json")
+    assert code == 0 and '"key_changes"' in out and HAL in out
+    assert run(home, "contacts", "accept-key", HAL, fingerprint(NEW))[0] == 0
+    assert "NEW identity key" not in run(home, "status")[1]

@@ -70,12 +70,15 @@ def test_what_an_earlier_run_left_does_not_stop_dovecot_from_starting() -> None:
     """A Dovecot left running by a node killed hard is stopped; a ``master.pid`` whose number
     now belongs to an unrelated process (pids wrap at 32768) is cleared, not obeyed."""
     gw = Gateway()
+    orphan = 0
     try:
         gw.run(gw.server.stop())
         # what a node killed hard leaves: its Dovecot, running on, no longer anyone's child
         daemon = [str(installation().dovecot), "-c", str(gw.layout.config)]
         subprocess.run(daemon, check=True, timeout=60)
-        orphan = int((gw.layout.base_dir / "master.pid").read_text().split()[0])
+        pid_file = gw.layout.base_dir / "master.pid"
+        until(lambda: pid_file.exists() and pid_file.read_text().strip(), "the daemon's pid")
+        orphan = int(pid_file.read_text().split()[0])
         gw.run(gw.server.start())
         assert not _running(orphan)
         gw.client().logout()
@@ -92,6 +95,8 @@ def test_what_an_earlier_run_left_does_not_stop_dovecot_from_starting() -> None:
             unrelated.wait()
     finally:
         gw.stop()
+        if orphan and _running(orphan):  # the test failed before the node stopped it
+            os.killpg(orphan, signal.SIGKILL)
 
 
 def _running(pid: int) -> bool:

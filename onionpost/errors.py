@@ -315,6 +315,14 @@ class StoreError(OnionpostError):
     temporary = True
 
 
+class DatabaseBusy(StoreError):
+    """The database is busy with another writer; try again in a moment."""
+
+
+class DatabaseFailed(StoreError):
+    """The database could not complete the operation: it may be full, damaged or unreadable."""
+
+
 class QuotaExceeded(StoreError):
     """The mailbox is full; the message can be delivered once the owner frees space."""
 

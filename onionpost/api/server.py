@@ -1,4 +1,5 @@
-"""The node API over HTTP/1.1: what the onion service maps to (the only importer of aiohttp).
+"""The node API over HTTP/1.1: what the onion service maps to (aiohttp; its one other importer
+is the loopback-only autoconfig server, ``gateway/autoconfig.py``).
 
 Routes (all under ``/v1``)::
 

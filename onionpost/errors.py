@@ -20,6 +20,7 @@ guessing.
      |   +- CodeRefused                invites and pairings, also answered by the node API
      |   +- TooManyCodeAttempts
      |   +- InviteChainRefused
+     |   +- FingerprintMismatch        a typed or scanned fingerprint is not the key's
      |   +- WrongPassphrase            a backup's passphrase
      |   +- AvatarError                (onionpost/avatar.py)
      |   +- BadCode                    (onionpost/pairing.py)
@@ -218,6 +219,13 @@ class InviteChainRefused(UsageError):
 
     enhanced_code = "5.7.1"
     reason = "invite-chain"
+
+
+class FingerprintMismatch(UsageError):
+    """The fingerprint does NOT match the key: do not trust this key.
+
+    Either it was mistyped or misread, or the key is not your contact's. Compare again over a
+    channel you trust (in person, or a phone call in their voice)."""
 
 
 class WrongPassphrase(UsageError):

@@ -186,9 +186,12 @@ class Filer:
                 else:
                     self.store.set_state(row.id, HANDED)
                     header = f"{FILING_HEADER}: {value}\r\n".encode()
-                    await sink.deliver(
-                        row.user, row.folder, self.store.path(row.key), header=header
-                    )
+                    path = self.store.path(row.key)
+                    body = self.store.body(row)  # kept in the database: write it out first
+                    if body is not None:
+                        path = await asyncio.to_thread(self.store.write_scratch, row.key, body)
+                        del body
+                    await sink.deliver(row.user, row.folder, path, header=header)
                 if row.mark_seen:
                     self.store.set_state(row.id, FILED)
                     await sink.mark_seen(row.user, row.folder, FILING_HEADER, value)

@@ -49,7 +49,7 @@ from onionpost.errors import (
     TemporaryDeliveryError,
     UnknownMailbox,
 )
-from onionpost.store.inbox import InboxStore, RateBucket, SpoolEntry
+from onionpost.store.inbox import InboxStore, MailboxRow, RateBucket, SpoolEntry
 from onionpost.store.outbox import OutboxStore
 from onionpost.wire import KeyUpdate
 
@@ -120,7 +120,8 @@ class Inbox:
         self.config = config
         self.rng = rng
         self._token_key = kdf(secrets.onion_seed, CTX_TOKEN_HASH)
-        self._bundle_cache: dict[str, tuple[int, bytes]] = {}
+        #: local -> (valid until, the mailbox row it was built from, the bundle).
+        self._bundle_cache: dict[str, tuple[int, MailboxRow, bytes]] = {}
         #: Called with (mailbox id, device ids) after new mail was spooled for devices.
         self.on_spooled: list[Callable[[bytes, frozenset[bytes]], None]] = []
 
@@ -141,8 +142,10 @@ class Inbox:
                 raise UnknownMailbox(f"This inbox has no mailbox named '{name}'.")
             raise UnknownMailbox()
         cached = self._bundle_cache.get(mb.local)
-        if cached is not None and cached[0] > now:
-            return cached[1]
+        # The row is compared too: the CLI changes it beside a running node (`contacts
+        # policy` straight in the database), and senders must see the policy at once.
+        if cached is not None and cached[0] > now and cached[1] == mb:
+            return cached[2]
         chains = {
             device_id: tuple(RotationRecord.parse(r) for r in records)
             for device_id, records in self.store.rotations(mb.mailbox_id).items()
@@ -158,7 +161,7 @@ class Inbox:
             policy=self.policy(mb.accepts_strangers, mb.pow_bits),
             profile=Profile.parse(mb.profile) if mb.profile else None,
         ).encode()
-        self._bundle_cache[mb.local] = (now + 60, bundle)
+        self._bundle_cache[mb.local] = (now + 60, mb, bundle)
         return bundle
 
     def policy(self, accepts_strangers: bool, pow_bits: int | None) -> AntiSpamPolicy:

@@ -26,7 +26,9 @@ run, and its login over STARTTLS found the six SPECIAL-USE folders; (b) alice se
 with Thunderbird's compose API (SMTP submission, then Fcc APPEND to Sent); (e) Sent holds that
 mail exactly once although both Thunderbird's Fcc and onionpost's own filing put it there;
 (c) mail from carol (smtplib) reaches Thunderbird by IMAP IDLE, with no refresh asked for,
-within seconds; (d) Thunderbird moves it to Archive with UID MOVE and the server shows it.
+within seconds; (d) Thunderbird moves it to Archive with UID MOVE and the server shows it;
+(f) Thunderbird shows carol's verified profile name in From (her ``profile set`` name), with
+the different name her message claims marked "(unverified: ...)" after it.
 
 Thunderbird missing is a failure, not a skip: ``make test`` installs it (scripts/system-deps.sh).
 Headless mode needs no X server; Xvfb is needed only by docs/images/make-thunderbird-screenshots.py.
@@ -72,6 +74,8 @@ SENT_COPY_WAIT = 3
 CLIENT_COPY_FOUND = "the client saved its own copy in Sent; none filed"
 #: What Thunderbird's IMAP log says when the server tells it something while it IDLEs.
 IDLE_RESPONSE = "S-INBOX:HandleIdleResponses: idle response"
+#: carol's verified profile name (`onionpost profile set`); her mail claims "Carol".
+CAROL_NAME = "Carol Liddell"
 ONION = re.compile(r"\b([a-z0-9._-]+@[a-z2-7]{56}\.onion)\b")
 
 # Only for the test profile, never for the user.js people get: no first-run dialogs, nothing
@@ -264,10 +268,13 @@ class Node:
         finally:
             client.logout()
 
-    def send(self, sender: str, to: str, subject: str, body: str) -> str:
-        """Submit a message as ``sender`` with smtplib over STARTTLS; return its Message-ID."""
+    def send(
+        self, sender: str, to: str, subject: str, body: str, *, name: str | None = None
+    ) -> str:
+        """Submit a message as ``sender`` (From display name ``name``, by default the user
+        name capitalized) with smtplib over STARTTLS; return its Message-ID."""
         msg = EmailMessage()
-        msg["From"] = f"{sender.capitalize()} <{self.addresses[sender]}>"
+        msg["From"] = f"{name or sender.capitalize()} <{self.addresses[sender]}>"
         msg["To"] = self.addresses[to]
         msg["Subject"] = subject
         msg["Message-ID"] = make_msgid(domain=self.addresses[sender].split("@")[1])
@@ -535,8 +542,12 @@ if (!window.onionpostSeen) {
   window.onionpostSeen = [];
   window.onionpostListener = {
     msgAdded(hdr) {
+      // The From name the message list shows: Thunderbird's own parse of its decoded From.
+      const [from] = MailServices.headerParser.parseDecodedHeader(hdr.mime2DecodedAuthor);
       window.onionpostSeen.push({at: Date.now() / 1000, folder: hdr.folder.name,
-                                 messageId: hdr.messageId, subject: hdr.subject});
+                                 messageId: hdr.messageId, subject: hdr.subject,
+                                 fromName: from ? from.name : "",
+                                 fromEmail: from ? from.email : ""});
     },
   };
   MailServices.mfn.addListener(window.onionpostListener,
@@ -651,6 +662,8 @@ def node() -> Iterator[Node]:
         n = Node(base)
         n.add_user("alice")
         n.add_user("carol")
+        # carol's signed profile: her mail carries it, and alice's node shows its name in From
+        n.cli("profile", "set", "--user", "carol", "--name", CAROL_NAME)
         n.start()
         yield n
         n.stop()
@@ -816,6 +829,12 @@ def test_thunderbird_as_alice(node: Node, thunderbird: Thunderbird) -> None:
         latency = news["at"] - submitted_at  # reported below; how long depends on the machine
         check(news["folder"] == "INBOX", f"carol's message appeared in {news['folder']}")
         check(news["subject"] == subject_in, f"unexpected subject {news['subject']!r}")
+        # (f) From as Thunderbird shows it: carol's verified profile name first, the different
+        # name her message claims ("Carol") kept after it, marked (docs/contacts.md, Profiles).
+        check(
+            (news["fromName"], news["fromEmail"]) == (f"{CAROL_NAME} (unverified: Carol)", carol),
+            f"Thunderbird shows carol's message from {news['fromName']!r} <{news['fromEmail']}>",
+        )
         check(
             tb.imap_log().count(IDLE_RESPONSE) > idle_responses,
             "Thunderbird found the message, but not through an untagged response during IDLE",
@@ -842,6 +861,28 @@ def test_thunderbird_as_alice(node: Node, thunderbird: Thunderbird) -> None:
         check(
             f"X-Onionpost-Verified: {carol}".encode() in archived,
             f"the archived message lost its verification header:\n{archived.decode()}",
+        )
+
+        # (f) ... and when she writes under her own name, just that name.
+        seen_before = tb.js("return window.onionpostSeen.length;")
+        named_id = node.send("carol", "alice", "Under my own name", "Hello.\n", name=CAROL_NAME)
+        named = wait_for(
+            "Thunderbird to show carol's second message",
+            lambda: next(
+                (
+                    s
+                    for s in tb.js("return window.onionpostSeen;")[seen_before:]
+                    if s["messageId"] == bare(named_id)
+                ),
+                None,
+            ),
+            timeout=60,
+            explain=explain,
+            interval=0.1,
+        )
+        check(
+            (named["fromName"], named["fromEmail"]) == (CAROL_NAME, carol),
+            f"Thunderbird shows carol's message from {named['fromName']!r} <{named['fromEmail']}>",
         )
     except Exception as exc:
         if isinstance(exc, pytest.fail.Exception):

@@ -184,3 +184,24 @@ async def test_the_policy_survives_a_restart(world: World) -> None:
     from onionpost.crypto.bundle import KeyBundle
 
     assert KeyBundle.parse(bundle).policy.accepts_strangers is False
+
+
+async def test_a_policy_set_beside_the_running_inbox_is_in_its_next_bundle(world: World) -> None:
+    """`contacts policy` on the inbox's machine writes the database with an inbox of its
+    own; the running one must not keep serving its cached (open) bundle for a minute."""
+    from onionpost.crypto.bundle import KeyBundle
+    from onionpost.inbox import Inbox
+    from onionpost.store.inbox import InboxStore
+
+    w = world
+    running = w.a.inbox
+    now = w.clock.now()
+    assert KeyBundle.parse(running.bundle("alice", now)).policy.accepts_strangers is True
+    beside = Inbox(
+        store=InboxStore(running.store.db),
+        outbox=running.outbox,
+        secrets=running.secrets,
+        config=running.config,
+    )
+    beside.set_accepts_strangers(w.alice.device.account.mailbox_id, False)
+    assert KeyBundle.parse(running.bundle("alice", now)).policy.accepts_strangers is False

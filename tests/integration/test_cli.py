@@ -165,7 +165,11 @@ def test_several_users_say_whose_contacts_and_devices(home: Path) -> None:
     code, out = run(home, "contacts", "block", hal, "--user", "carol")
     assert code == 1 and "not among your contacts" in out
     code, out = run(home, "contacts", "trust", hal, "--user", "alice")
-    assert code == 1 and "no unconfirmed identity change" in out
+    assert code == 1 and "accept-key" in out  # trust pinned whatever came next: gone
+    code, out = run(
+        home, "contacts", "accept-key", hal, "abcd-efgh-ijkl-mnop-qrst", "--user", "alice"
+    )
+    assert code == 1 and "no identity key change" in out
     code, out = run(home, "contacts", "--user", "nobody")
     assert code == 1 and "no user 'nobody'" in out
 
@@ -296,6 +300,25 @@ def test_an_interrupted_removal_is_finished_by_running_it_again(home: Path) -> N
     assert not (home / "users" / "carol").exists()
 
 
+def test_status_shows_each_persons_policy_on_a_shared_inbox(home: Path) -> None:
+    import json
+    import os
+
+    run(home, "init", "--user", "alice")
+    assert run(home, "users", "add", "carol")[0] == 0
+    code, out = run(home, "contacts", "policy", "contacts-only", "--user", "alice")
+    assert code == 0 and "contacts-only" in out, out
+    (home / "run").mkdir(exist_ok=True)
+    (home / "run" / "status.json").write_text(json.dumps({"pid": os.getpid(), "users": []}))
+    code, out = run(home, "status", "--json")
+    assert code == 0 and json.loads(out)["policies"] == {
+        "alice": "contacts-only",
+        "carol": "open",
+    }, out
+    out = run(home, "status")[1]
+    assert "mail from:  alice: contacts-only" in out and "mail from:  carol: open" in out, out
+
+
 def test_contacts_block_unblock_and_policy_on_a_machine_with_its_inbox(home: Path) -> None:
     import json
     import os
@@ -320,6 +343,8 @@ def test_contacts_block_unblock_and_policy_on_a_machine_with_its_inbox(home: Pat
     (home / "run").mkdir(exist_ok=True)
     (home / "run" / "status.json").write_text(json.dumps({"pid": os.getpid(), "users": []}))
     assert "mail from:  contacts-only" in run(home, "status")[1]
+    code, out = run(home, "status", "--json")
+    assert code == 0 and json.loads(out)["policies"] == {"alice": "contacts-only"}, out
     assert "mail from:  open" in run(home, "contacts", "policy", "open")[1]
 
     # block withdraws the token this device registered for the contact, at the local inbox

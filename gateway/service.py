@@ -37,6 +37,7 @@ from gateway.mailbox_upgrade import UpgradeReport, upgrade_sqlite_mailbox
 from gateway.smtp import start_smtp
 from gateway.throttle import LoginThrottle
 from gateway.tls import ensure_lan_tls, ensure_tls, lan_server_context, server_context
+from onionpost.clock import Clock
 from onionpost.config import Config
 from onionpost.device import Device
 from onionpost.errors import FilingDeferred, ListenError, OnionpostError
@@ -53,6 +54,7 @@ class GatewayHost(Protocol):
     """What the gateway needs from the node that runs it."""
 
     config: Config
+    clock: Clock
     devices: dict[str, Device]
 
     filer: Filer | None
@@ -205,7 +207,7 @@ async def start_gateway(node: GatewayHost) -> Callable[[], Awaitable[None]]:
 
         return nothing
     filer = node.filer
-    accounts = AccountStore(node.device_db)
+    accounts = AccountStore(node.device_db, clock=node.clock)
     tls_dir = node.config.data_dir / "tls"
     ensure_tls(tls_dir)
     context = server_context(tls_dir)

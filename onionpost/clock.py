@@ -63,3 +63,27 @@ class FakeClock:
         for _, fut in due:
             if not fut.done():
                 fut.set_result(None)
+
+
+async def wait_event(clock: Clock, event: asyncio.Event, seconds: float) -> bool:
+    """Wait until ``event`` is set or ``seconds`` have passed on ``clock``; return whether it
+    was set.
+
+    What a worker does between passes (woken by new work, or looking again after a while).
+    Timing it with ``asyncio.timeout`` would wait real seconds under a :class:`FakeClock`;
+    here the timeout is a ``clock.sleep``, so advancing a fake clock ends it.
+    """
+    if event.is_set():
+        return True
+    if seconds <= 0:
+        return False
+    waiter = asyncio.ensure_future(event.wait())
+    sleeper = asyncio.ensure_future(clock.sleep(seconds))
+    try:
+        await asyncio.wait({waiter, sleeper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (waiter, sleeper):
+            task.cancel()
+        # Both end at once when cancelled; collected so none is reported as never retrieved.
+        await asyncio.gather(waiter, sleeper, return_exceptions=True)
+    return event.is_set()

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from onionpost.address import Address, public_key_from_onion
 from onionpost.api.client import InboxClient
 from onionpost.api.transport import Dialer
-from onionpost.clock import Clock
+from onionpost.clock import Clock, wait_event
 from onionpost.errors import (
     AddressError,
     OnionpostError,
@@ -104,12 +104,7 @@ class OutboxWorker:
             delay = idle
             if next_due is not None:
                 delay = max(0.0, min(idle, next_due - self.clock.now()))
-            if delay > 0:
-                try:
-                    async with asyncio.timeout(delay):
-                        await self._wake.wait()
-                except TimeoutError:
-                    pass
+            await wait_event(self.clock, self._wake, delay)
 
     async def _attempt(self, row: OutboxRow) -> None:
         async with self._slots:

@@ -9,7 +9,6 @@ arriving there.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from onionpost.account import Account
@@ -17,7 +16,7 @@ from onionpost.address import Address
 from onionpost.aio import cancel_and_wait
 from onionpost.api.client import DeviceSession, InboxClient
 from onionpost.api.transport import Dialer
-from onionpost.clock import Clock
+from onionpost.clock import Clock, wait_event
 from onionpost.config import Config, KeysConfig
 from onionpost.crypto.bundle import KeyBundle
 from onionpost.crypto.keys import DeviceList, Profile, ServerKey
@@ -244,7 +243,5 @@ class Device:
                 backoff = 1.0
             except OnionpostError as exc:
                 log.warning("sync with the inbox failed (%s); retrying in %.0f s", exc, backoff)
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(backoff):
-                        await self._wake.wait()
+                await wait_event(self.clock, self._wake, backoff)
                 backoff = min(backoff * 2, 60.0)

@@ -9,35 +9,101 @@ guessing.
 ::
 
     OnionpostError
-     +- UsageError                 a person asked for something that cannot be done as asked
-     |   +- ConfigError, DataDirError (NodeAlreadyRunning), AlreadyInitialized, NotInitialized
-     |   +- CodeRefused, TooManyCodeAttempts, InviteChainRefused (invites and pairings)
-     |   +- FingerprintMismatch     a typed or scanned fingerprint is not the key's
-     +- AddressError               not a valid  local@<v3 onion>.onion  address
-     +- CryptoError                keys, bundles, envelopes, stamps
-     |   +- MalformedData          bytes that do not parse as the structure they claim to be
+     +- UsageError                     a person asked for something that cannot be done as asked
+     |   +- ConfigError
+     |   +- DataDirError
+     |   |   +- NodeAlreadyRunning
+     |   +- AlreadyInitialized
+     |   +- NotInitialized
+     |   +- ListenError
+     |   +- PairingFailed
+     |   +- CodeRefused                invites and pairings, also answered by the node API
+     |   +- TooManyCodeAttempts
+     |   +- InviteChainRefused
+     |   +- FingerprintMismatch        a typed or scanned fingerprint is not the key's
+     |   +- WrongPassphrase            a backup's passphrase
+     |   +- AvatarError                (onionpost/avatar.py)
+     |   +- BadCode                    (onionpost/pairing.py)
+     +- AddressError                   not a valid  local@<v3 onion>.onion  address
+     +- CryptoError                    keys, bundles, envelopes, stamps
+     |   +- MalformedData              bytes that do not parse as the structure they claim to be
      |   +- BadSignature
-     |   +- KeyBundleError         ... RotationChainBroken, RotationChainForked,
-     |   |                             DeviceListRollback, PrekeyExpired, BindingMismatch,
-     |   |                             IdentityKeyChanged
-     |   +- EnvelopeError          ... NotForThisInbox, NoStanzaForDevice, HeaderTampered,
-     |   |                             PayloadTampered, MessageTruncated, NotARecipient,
-     |   |                             ForwardedMessage, MessageExpired, MessageFromFuture,
-     |   |                             ReplayedMessage, MessageTooLarge
+     |   +- KeyBundleError             a recipient's published keys
+     |   |   +- RotationChainBroken
+     |   |   +- RotationChainForked
+     |   |   +- DeviceListRollback
+     |   |   +- PrekeyExpired
+     |   |   +- BindingMismatch
+     |   |   +- IdentityKeyChanged
+     |   +- EnvelopeError              a message's layers
+     |   |   +- NotForThisInbox
+     |   |   +- NoStanzaForDevice
+     |   |   +- HeaderTampered
+     |   |   +- PayloadTampered
+     |   |   +- MessageTruncated
+     |   |   +- NotARecipient
+     |   |   +- ForwardedMessage
+     |   |   +- MessageExpired
+     |   |   +- InvalidLifetime
+     |   |   +- MessageFromFuture
+     |   |   +- ReplayedMessage
+     |   |   +- MessageTooLarge
      |   +- ProofOfWorkError
-     +- StoreError                 the local database
+     |   +- IntroductionMismatch
+     +- StoreError                     the local database (no sqlite3 exception leaves store/)
+     |   +- DatabaseBusy               another writer holds the lock: try again
+     |   +- DatabaseFailed             full, damaged, or a bug
      |   +- QuotaExceeded
-     |   +- FolderError            FolderNotFound, FolderExists, FolderProtected,
-     |                                 InvalidFolderName
-     +- DeliveryError              what a peer inbox answered, or why it could not be reached
-     |   +- PeerUnreachable        ... TorStillConnecting (this node's tor, not the peer)
-     +- BadRequest                 a peer or device sent the node API something it cannot parse
-     +- RequestAborted             ... or went away before its request arrived
-     +- TorError                   tor missing, too old, unreachable, or failing
-     +- GatewayError               mail-client facing problems (auth, recipients, size)
-         +- AuthenticationFailed, SenderNotAllowed, UnknownLocalUser, PasswordRejected,
-            LocalTLSError, FilingRefused
-         +- MailServerError        the private Dovecot: MailServerNotInstalled, FilingDeferred
+     |   +- FolderError
+     |       +- FolderNotFound
+     |       +- FolderExists
+     |       +- FolderProtected
+     |       +- InvalidFolderName
+     +- DeliveryError                  what a peer inbox answered, or why it could not be reached
+     |   +- TemporaryDeliveryError     always temporary: the outbox retries
+     |   |   +- StaleRecipientKeys
+     |   |   +- PeerProtocolError
+     |   +- PermanentDeliveryError     never temporary: the sender gets a bounce
+     |   |   +- UnknownMailbox
+     |   +- PeerUnreachable            tor's answer; temporary unless the subclass says not
+     |       +- TorStillConnecting     this node's tor, not the peer
+     |       +- PeerOffline
+     |       +- PeerDescriptorInvalid
+     |       +- PeerIntroductionFailed
+     |       +- PeerIntroductionTimedOut
+     |       +- PeerRendezvousFailed
+     |       +- PeerTimedOut
+     |       +- PeerConnectionFailed
+     |       +- PeerRefused
+     |       +- BadOnionAddress        permanent
+     |       +- OnionClientAuthRequired  permanent
+     |       +- OnionClientAuthRejected  permanent
+     +- BadRequest                     a peer or device sent the node API something it cannot parse
+     +- RequestAborted                 ... or went away before its request arrived
+     +- DeviceRefused                  unknown or revoked device, or a failed device login
+     +- TorError                       tor missing, too old, unreachable, or failing
+     |   +- TorNotInstalled
+     |   +- TorTooOld
+     |   +- TorControlError
+     |   |   +- TorAuthError
+     |   +- OnionServiceError
+     |   +- TorNotRunning
+     |   +- TorBootstrapError
+     +- GatewayError                   mail-client facing problems (auth, recipients, size)
+         +- AuthenticationFailed
+         +- SenderNotAllowed
+         +- UnknownLocalUser
+         +- PasswordRejected
+         +- LocalTLSError
+         +- MailServerError            the private Dovecot
+         |   +- MailServerNotInstalled
+         |   +- FilingDeferred
+         +- FilingRefused
+
+Every class is in this tree, under its real parent: ``tests/unit/test_errors.py`` fails when
+they differ.  Whether an error is temporary is its ``temporary`` attribute, never its place in
+the tree, except under ``TemporaryDeliveryError`` and ``PermanentDeliveryError``, whose names
+promise it (the same test holds every subclass to its parent's promise).
 """
 
 from __future__ import annotations
@@ -163,7 +229,7 @@ class FingerprintMismatch(UsageError):
 
 
 class WrongPassphrase(UsageError):
-    """The passphrase does not unlock the key file."""
+    """The passphrase does not open this backup."""
 
 
 # --- addresses ------------------------------------------------------------------------------
@@ -323,6 +389,14 @@ class StoreError(OnionpostError):
     temporary = True
 
 
+class DatabaseBusy(StoreError):
+    """The database is busy with another writer; try again in a moment."""
+
+
+class DatabaseFailed(StoreError):
+    """The database could not complete the operation: it may be full, damaged or unreadable."""
+
+
 class QuotaExceeded(StoreError):
     """The mailbox is full; the message can be delivered once the owner frees space."""
 
@@ -441,8 +515,13 @@ class DeviceRefused(OnionpostError):
     enhanced_code = "5.7.8"
 
 
-class PeerUnreachable(TemporaryDeliveryError):
-    """The recipient's inbox cannot be reached right now."""
+class PeerUnreachable(DeliveryError):
+    """The recipient's inbox cannot be reached right now.
+
+    Temporary, as a :class:`DeliveryError` is by default; a few of tor's answers are
+    permanent (a malformed address, a missing or rejected client-authorization key), so this
+    is not a :class:`TemporaryDeliveryError`, whose name promises a retry.
+    """
 
     enhanced_code = "4.4.1"
 

@@ -237,7 +237,7 @@ class Node:
                     self._tor_ready.set()
                     return
                 log.warning("tor is not ready (%s); trying again in %.0f s", exc, delay)
-                await asyncio.sleep(delay)
+                await self.clock.sleep(delay)
                 delay = min(delay * 2, 300.0)
                 continue
             self._tor_connected(runtime, TorDialer(runtime))
@@ -528,6 +528,9 @@ class Node:
             "pid": os.getpid(),
             "role": self.config.role,
             "started_at": self.started_at,
+            # Wall-clock time, not self.clock: other processes (onionpost status, the CLI's
+            # joining of a running node) compare it with their own time.time() to tell a
+            # live node from a stale status file.
             "updated_at": int(time.time()),
             "api_port": self.api_port,
             "gateway": dict(self.gateway_ports),

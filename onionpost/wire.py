@@ -37,16 +37,25 @@ _CODE = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
 
 
 def refusal(exc: OnionpostError) -> tuple[int, dict[str, Any]]:
-    """HTTP status and JSON body for an error answered to a peer or a device."""
+    """HTTP status and JSON body for an error answered to a peer or a device.
+
+    The JSON body is what a peer acts on (:func:`error_from_body`); the HTTP status only
+    names the kind of refusal for people reading logs and for plain HTTP tools: 403 device
+    refused, 404 no such mailbox, 413 too large, 507 mailbox full (or no room for another
+    device), 429 rate limited, 503 other temporary, 400 other permanent.
+    """
     temporary = exc.temporary
     code = exc.code
+    # The inbox carries a store or envelope error across to the peer as a DeliveryError whose
+    # reason is the original class name (DeliveryError.from_error), so both forms are checked.
+    carried = getattr(exc, "reason", "")
     if isinstance(exc, DeviceRefused):
         status = 403
     elif isinstance(exc, UnknownMailbox):
         status = 404
-    elif isinstance(exc, MessageTooLarge) or "MessageTooLarge" in getattr(exc, "reason", ""):
+    elif isinstance(exc, MessageTooLarge) or carried == MessageTooLarge.__name__:
         status = 413
-    elif isinstance(exc, QuotaExceeded):
+    elif isinstance(exc, QuotaExceeded) or carried == QuotaExceeded.__name__:
         status = 507
     elif temporary:
         status = 429 if code.endswith(".7.0") and not isinstance(exc, StaleRecipientKeys) else 503

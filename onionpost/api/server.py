@@ -1,4 +1,5 @@
-"""The node API over HTTP/1.1: what the onion service maps to (the only importer of aiohttp).
+"""The node API over HTTP/1.1: what the onion service maps to (aiohttp; its one other importer
+is the loopback-only autoconfig server, ``gateway/autoconfig.py``).
 
 Routes (all under ``/v1``)::
 
@@ -12,7 +13,9 @@ Routes (all under ``/v1``)::
     POST /device/ack                drop this device's copies
     POST /device/submit             queue an L1 for delivery by this inbox
     POST /device/keys               publish rotated keys, device lists, prekeys, bindings
-    POST /device/tokens             register a contact token
+    POST /device/tokens             register (or withdraw) a contact token
+    GET  /device/policy             whether strangers may write (with a stamp)
+    POST /device/policy             ... set it
     GET  /device/outbox             this mailbox's queue
     POST /device/outbox/{id}/{op}   retry / cancel one queued message
     GET  /device/devices            when each of the mailbox's devices last talked to the inbox
@@ -26,6 +29,9 @@ Routes (all under ``/v1``)::
     POST /device/pairing/{slot}/finish  ... answers it sealed (or aborts)
     GET  /pair/{slot}               the new device reads the offer, later the sealed answer
     POST /pair/{slot}/join          ... and leaves its sealed request
+
+docs/protocol.md §17 specifies each route (tests/unit/test_protocol_doc.py keeps both lists
+whole).
 
 The server bounds what a hostile client can make it do: request size (Content-Length
 required and capped before any body is read), header size (aiohttp's limits), the time to

@@ -16,10 +16,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-import time
 import unicodedata
 from dataclasses import dataclass, field
 
+from onionpost.clock import Clock, SystemClock
 from onionpost.errors import PasswordRejected, UnknownLocalUser
 from onionpost.store.db import Database
 
@@ -92,14 +92,17 @@ def check_password(credential: Credential | None, password: str) -> bool:
 class AccountStore:
     """The ``gateway_accounts`` table of ``device.db``."""
 
-    def __init__(self, db: Database, *, cost: ScryptCost = DEFAULT_COST) -> None:
+    def __init__(
+        self, db: Database, *, cost: ScryptCost = DEFAULT_COST, clock: Clock | None = None
+    ) -> None:
         self._db = db
         self._cost = cost
+        self._clock = clock or SystemClock()
 
     def add(self, user: str, address: str, password: str) -> None:
         """Create the account, or reset its address and password if it exists."""
         salt, digest = self._hash(password)
-        now = int(time.time())
+        now = self._clock.now()
         with self._db.transaction() as conn:
             conn.execute(
                 "INSERT INTO gateway_accounts (user, address, scrypt_n, scrypt_r, scrypt_p, "
@@ -117,7 +120,7 @@ class AccountStore:
             changed = conn.execute(
                 "UPDATE gateway_accounts SET scrypt_n = ?, scrypt_r = ?, scrypt_p = ?, salt = ?, "
                 "digest = ?, updated_at = ? WHERE user = ?",
-                (self._cost.n, self._cost.r, self._cost.p, salt, digest, int(time.time()), user),
+                (self._cost.n, self._cost.r, self._cost.p, salt, digest, self._clock.now(), user),
             ).rowcount
         if not changed:
             raise UnknownLocalUser(f"There is no gateway account for {user!r}.")

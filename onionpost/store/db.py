@@ -27,7 +27,7 @@ from typing import Any
 import sqlite_utils
 
 from onionpost.crypto.keys import record_hash
-from onionpost.errors import StoreError
+from onionpost.errors import DatabaseBusy, DatabaseFailed, StoreError
 
 _MIGRATIONS_PACKAGE = "onionpost.store.migrations"
 #: A migration with this line removes data that must not linger in freed pages: the database
@@ -37,13 +37,19 @@ _CREATE_TABLE = re.compile(r"CREATE TABLE (?:IF NOT EXISTS )?(\w+)", re.IGNORECA
 
 
 def translate(exc: sqlite3.Error) -> StoreError:
-    """Turn a sqlite3 error into the one error type the rest of onionpost sees."""
+    """Turn a sqlite3 error into the one error type the rest of onionpost sees.
+
+    Every way out of this module goes through here (queries, transactions, blobs), so no
+    caller outside ``store/`` ever handles a ``sqlite3`` exception.  A lock held too long by
+    another writer is :class:`DatabaseBusy`, so a caller can tell "wait and retry" from a
+    database that is damaged or full.
+    """
     text = str(exc)
-    if isinstance(exc, sqlite3.OperationalError) and "locked" in text:
-        return StoreError("The database is busy; try again in a moment.")
+    if isinstance(exc, sqlite3.OperationalError) and ("locked" in text or "busy" in text):
+        return DatabaseBusy("The database is busy; try again in a moment.")
     if "disk" in text and ("full" in text or "I/O" in text):
-        return StoreError(f"The database cannot be written: {text}. Free disk space and retry.")
-    return StoreError(f"Database error: {text}")
+        return DatabaseFailed(f"The database cannot be written: {text}. Free disk space and retry.")
+    return DatabaseFailed(f"Database error: {text}")
 
 
 class _NoRecordKey(Exception):
@@ -135,7 +141,9 @@ class Database:
         """``BEGIN IMMEDIATE`` ... ``COMMIT``; nested calls become savepoints.
 
         Writers take the write lock up front (IMMEDIATE) so two writers never deadlock on a
-        lock upgrade.  When the block returns, the data is durably committed.
+        lock upgrade.  When the block returns, the data is durably committed.  A ``sqlite3``
+        error raised inside the block (the callers run SQL on the yielded connection) rolls
+        back and leaves as a :class:`~onionpost.errors.StoreError` (see :func:`translate`).
         """
         name = f"sp{self._depth}"
         locked = self._depth == 0 and self._write_lock is not None
@@ -161,7 +169,7 @@ class Database:
         """The transaction once begun: yield, then commit (or roll back on an error)."""
         try:
             yield self.conn
-        except BaseException:
+        except BaseException as exc:
             self._depth -= 1
             with contextlib.suppress(sqlite3.Error):
                 if self._depth == 0:
@@ -169,6 +177,8 @@ class Database:
                 else:
                     self.conn.execute(f"ROLLBACK TO {name}")
                     self.conn.execute(f"RELEASE {name}")
+            if isinstance(exc, sqlite3.Error):
+                raise translate(exc) from exc
             raise
         else:
             self._depth -= 1

@@ -49,6 +49,8 @@ from onionpost.crypto.primitives import (
     SeededRandom,
     StreamOpener,
     aead_decrypt,
+    ed25519_sign,
+    ed25519_verify,
     hash32,
     kdf,
     mac32,
@@ -700,7 +702,43 @@ def generate() -> dict[str, str]:
     )
     out.update(enrolment_vectors(w))
     out.update(introduction_vectors(w))
+    out.update(login_vectors(w))
     return out
+
+
+def login_vectors(w: World) -> dict[str, str]:
+    """alice's laptop logs in to alice's inbox (§17.2), and the empty key update (§17.3); the
+    challenge is drawn from a seed of its own so the vectors above stay as they are."""
+    from onionpost.inbox import CTX_LOGIN, login_message
+    from onionpost.wire import KeyUpdate
+
+    challenge = SeededRandom(SEED + b"/device-login")(32)
+    mailbox_id = w.alice_binding.mailbox_id
+    device_id = w.alice_dev.device_id
+    signed = login_message(w.alice_server.onion_pk, mailbox_id, device_id, challenge)
+    signature = ed25519_sign(w.alice_dev.dsk_seed, signed)
+    ed25519_verify(w.alice_dev.dsk_pk, signed, signature, "login")
+    return {
+        "device-login": "\n".join(
+            [
+                _kv(
+                    "alice's laptop logs in to alice's inbox (keys: §13.2; the challenge is the "
+                    "first 32 bytes of SeededRandom(b'onionpost/v1 test vectors/device-login'))",
+                    [
+                        ("context", CTX_LOGIN),
+                        ("onion_pk", w.alice_server.onion_pk),
+                        ("mailbox_id", mailbox_id),
+                        ("device_id", device_id),
+                        ("challenge", challenge),
+                        ("signed by the DSK", w.alice_dev.dsk_pk),
+                        ("signed bytes", signed),
+                        ("signature", signature),
+                    ],
+                ),
+                _kv("the empty key update", [("OPku", KeyUpdate().encode())]),
+            ]
+        )
+    }
 
 
 def dump_introduction(i: Introduction) -> Dump:

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from onionpost.clock import FakeClock
 from onionpost.errors import PasswordRejected, UnknownLocalUser
 from onionpost.store.accounts import (
     DEFAULT_COST,
@@ -134,3 +135,14 @@ def test_check_password_is_usable_on_its_own(accounts: AccountStore) -> None:
     credential = accounts.credential("alice")
     assert check_password(credential, "correct horse")
     assert not check_password(None, "correct horse")
+
+
+def test_times_come_from_the_clock(db: Database) -> None:
+    clock = FakeClock(1_700_000_000)
+    store = AccountStore(db, cost=CHEAP, clock=clock)
+    store.add("bob", ADDRESS, "first password")
+    clock.advance(3600)
+    store.set_password("bob", "second password")
+    row = db.one("SELECT created_at, updated_at FROM gateway_accounts WHERE user = 'bob'")
+    assert row is not None
+    assert (row["created_at"], row["updated_at"]) == (1_700_000_000, 1_700_003_600)

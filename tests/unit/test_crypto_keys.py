@@ -138,15 +138,21 @@ def test_signed_records_detect_any_change() -> None:
     for rec, verify in checks:
         verify(rec)
         body_len = len(rec.encode()) - 64
+        # Every flip must be caught, by the parser or by the signature; and the signature check
+        # must be what catches some of them, or this test would pass with no verification.
+        caught: dict[str, int] = {"parser": 0, "signature": 0}
         for at in range(4, body_len, 7):
             data = bytearray(rec.encode())
             data[at] ^= 0x01
             try:
                 altered = type(rec).parse(bytes(data))
             except MalformedData:
-                continue  # a change that breaks the structure is refused by the parser
+                caught["parser"] += 1  # a change that breaks the structure is refused early
+                continue
             with pytest.raises(BadSignature):
                 verify(altered)
+            caught["signature"] += 1
+        assert caught["signature"] > 0, (type(rec).__name__, caught)
 
 
 def test_device_list_structure_rules() -> None:

@@ -938,6 +938,7 @@ class DovecotServer:
         self._stopping = False
         self._last_lines: list[str] = []
         self._tidy: asyncio.Task[None] | None = None
+        self._tidy_error: str | None = None
 
     @property
     def installation(self) -> Installation:
@@ -1033,23 +1034,25 @@ class DovecotServer:
                         waiting = sum(1 for _ in zip(entries, range(TIDY_AT), strict=False))
                 except OSError:
                     continue  # no such folder (yet)
-                if waiting >= TIDY_AT:
+                if waiting < TIDY_AT:
+                    continue
+                try:
                     doveadm_sync(self.installation, self.layout, user=user, folder=folder)
-                    done.append((user, folder))
+                except MailServerError as exc:
+                    # Harmless (the next SELECT moves the mail); said once, not every pass.
+                    if str(exc) != self._tidy_error:
+                        log.warning("could not have Dovecot move new mail into place: %s", exc)
+                    self._tidy_error = str(exc)
+                    continue
+                done.append((user, folder))
         return done
 
     async def _tidy_loop(self) -> None:
         while True:
             await asyncio.sleep(self.TIDY_INTERVAL)
-            if self.status != "running":
-                continue
-            try:
-                done = await asyncio.to_thread(self.tidy_new_mail)
-            except MailServerError as exc:
-                log.warning("could not move new mail into place: %s", exc)
-                continue
-            for user, folder in done:
-                log.debug("moved %s's new mail in %s from new/ to cur/", user, folder)
+            if self.status == "running":
+                for user, folder in await asyncio.to_thread(self.tidy_new_mail):
+                    log.debug("Dovecot moved %s's new mail in %s to cur/", user, folder)
 
     # -- internals --
 

@@ -90,6 +90,7 @@ __all__ = [
     "choose_identity",
     "doveadm_add_flags",
     "doveadm_search",
+    "doveadm_sync",
     "find_installation",
     "hash_password",
     "lmtp_deliver",
@@ -119,6 +120,11 @@ PLAIN_FOLDERS = (QUARANTINE,)
 #: sockaddr_un holds 108 bytes; Dovecot's longest socket name below base_dir is about 25.
 _MAX_BASE_DIR = 80
 _LOG_ROTATE_BYTES = 10 * 1024 * 1024
+#: The folders the node files into (gateway.service's filer), as Maildir++ directories.
+FILED_FOLDERS = (("INBOX", ""), ("Sent", ".Sent"))
+#: Mail waiting in a folder's new/ before the node has Dovecot move it to cur/ (fewer is not
+#: worth a doveadm process: the next SELECT renames a few files in well under a millisecond).
+TIDY_AT = 32
 _USER = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _FOLDER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -406,6 +412,9 @@ mail_location = maildir:~
 # Only this Dovecot touches these Maildirs (the node files through LMTP), so it need not rescan
 # a folder whose directory changed within the last seconds: SELECT right after new mail stays fast.
 maildir_very_dirty_syncs = yes
+# LMTP leaves mail in new/; any sync (the node's doveadm, STATUS, EXAMINE) moves it to cur/, not
+# only a SELECT: the first SELECT after a pile of mail stays fast.  \\Recent lives in the index.
+maildir_empty_new = yes
 namespace inbox {{
   inbox = yes
   separator = /
@@ -484,6 +493,9 @@ mail_path = ~
 # Only this Dovecot touches these Maildirs (the node files through LMTP), so it need not rescan
 # a folder whose directory changed within the last seconds: SELECT right after new mail stays fast.
 maildir_very_dirty_syncs = yes
+# LMTP leaves mail in new/; any sync (the node's doveadm, STATUS, EXAMINE) moves it to cur/, not
+# only a SELECT: the first SELECT after a pile of mail stays fast.  \\Recent lives in the index.
+maildir_empty_new = yes
 namespace inbox {{
   inbox = yes
   separator = /
@@ -871,6 +883,30 @@ def doveadm_add_flags(
     )
 
 
+def doveadm_sync(inst: Installation, layout: Layout, *, user: str, folder: str) -> None:
+    """Have Dovecot sync ``folder``: with ``maildir_empty_new`` that moves its new/ to cur/.
+
+    A doveadm search syncs the folder before it looks, in 2.3 and 2.4 alike (doveadm's mail
+    iterator); ``mailbox status`` need not, since the folder list index may answer it.  The
+    search itself (UID 1) is the cheapest there is.  Flags, \\Recent and UIDs stay as they
+    are (see :meth:`DovecotServer.tidy_new_mail`).
+    """
+    _run(
+        [
+            inst.doveadm,
+            "-c",
+            str(layout.config),
+            "search",
+            "-u",
+            _check_user(user),
+            "mailbox",
+            folder,
+            "uid",
+            "1",
+        ]
+    )
+
+
 # --- the running server -------------------------------------------------------------------
 
 
@@ -880,9 +916,14 @@ class DovecotServer:
     ``status`` is one line for ``onionpost status``: "running", "restarting (...)", "stopped"
     or "failed (...)".  A restart waits 1 s, doubling to 60 s while Dovecot keeps dying soon
     after starting; a run of a minute or more resets the wait.
+
+    While it runs, every ``TIDY_INTERVAL`` seconds it looks into the Maildirs' new/ directories
+    (:meth:`tidy_new_mail`): mail filed while no client had the folder selected waits there,
+    and Dovecot's first SELECT would rename all of it into cur/ while the client waits.
     """
 
     RESTART_MIN, RESTART_MAX, STABLE_AFTER = 1.0, 60.0, 60.0
+    TIDY_INTERVAL = 5.0
 
     def __init__(
         self,
@@ -905,6 +946,8 @@ class DovecotServer:
         self._output: asyncio.Task[None] | None = None
         self._stopping = False
         self._last_lines: list[str] = []
+        self._tidy: asyncio.Task[None] | None = None
+        self._tidy_error: str | None = None
 
     @property
     def installation(self) -> Installation:
@@ -943,6 +986,7 @@ class DovecotServer:
             self.layout.lmtp_socket,
         )
         self._watch = asyncio.create_task(self._supervise(), name="dovecot-supervisor")
+        self._tidy = asyncio.create_task(self._tidy_loop(), name="dovecot-tidy")
 
     async def set_password(self, user: str, password: str) -> None:
         """Set (or replace) ``user``'s IMAP password; hashing takes a noticeable moment."""
@@ -963,13 +1007,61 @@ class DovecotServer:
     async def stop(self, timeout: float = 5.0) -> None:
         """SIGTERM, then SIGKILL to the whole process group after ``timeout`` seconds."""
         self._stopping = True
-        if self._watch is not None:
-            self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch
-            self._watch = None
+        for task in (self._tidy, self._watch):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._tidy = self._watch = None
         await self._terminate(timeout)
         self.status = "stopped"
+
+    def tidy_new_mail(self) -> list[tuple[str, str]]:
+        """Have Dovecot move mail waiting in new/ to cur/ where :data:`TIDY_AT` or more wait;
+        the (user, folder) pairs it did.  Blocking: run it in a thread.
+
+        Why: LMTP saves into new/, and Dovecot moves new/ to cur/ when a session SELECTs the
+        folder.  With a client in IDLE that is a file or two at a time; after a pile of mail
+        filed while no client looked (a week away, a mailing list), the first SELECT renamed
+        every file while the client waited, about five times as long as the same SELECT of a
+        mailbox already in cur/ (docs/performance.md, IMAP).  ``maildir_empty_new`` lets any
+        sync move them, so a doveadm sync here does that work ahead of the client.  Only the
+        files' directory changes: \\Recent (kept in Dovecot's index), the flags in the file
+        names (none: unread) and the UIDs stay as they were.  While nothing waits, this costs
+        a look into two directories per user.
+        """
+        done: list[tuple[str, str]] = []
+        try:
+            users = sorted(p.name for p in self.layout.mail.iterdir() if _USER.match(p.name))
+        except OSError:
+            return done
+        for user in users:
+            for folder, subdir in FILED_FOLDERS:
+                new = self.layout.maildir(user) / subdir / "new"
+                try:
+                    with os.scandir(new) as entries:
+                        waiting = sum(1 for _ in zip(entries, range(TIDY_AT), strict=False))
+                except OSError:
+                    continue  # no such folder (yet)
+                if waiting < TIDY_AT:
+                    continue
+                try:
+                    doveadm_sync(self.installation, self.layout, user=user, folder=folder)
+                except MailServerError as exc:
+                    # Harmless (the next SELECT moves the mail); said once, not every pass.
+                    if str(exc) != self._tidy_error:
+                        log.warning("could not have Dovecot move new mail into place: %s", exc)
+                    self._tidy_error = str(exc)
+                    continue
+                done.append((user, folder))
+        return done
+
+    async def _tidy_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.TIDY_INTERVAL)
+            if self.status == "running":
+                for user, folder in await asyncio.to_thread(self.tidy_new_mail):
+                    log.debug("Dovecot moved %s's new mail in %s to cur/", user, folder)
 
     # -- internals --
 

@@ -29,6 +29,7 @@ import pytest
 
 from gateway.dovecot import (
     SPECIAL_FOLDERS,
+    TIDY_AT,
     DovecotServer,
     Identity,
     Installation,
@@ -148,9 +149,11 @@ async def test_imap_over_starttls_and_lmtp_to_inbox_and_sent(server: DovecotServ
             client.logout()
 
     await asyncio.to_thread(client_side)
+    # LMTP filed into new/; EXAMINE synced, which (maildir_empty_new) moved each to cur/ unread.
     maildir = server.layout.maildir(USER)
-    assert len(list((maildir / "new").iterdir())) == 1
-    assert len(list((maildir / ".Sent" / "new").iterdir())) == 1
+    for folder in (maildir, maildir / ".Sent"):
+        assert not list((folder / "new").iterdir())
+        assert [p.name.rsplit(":2,", 1)[1] for p in (folder / "cur").iterdir()] == [""]
 
 
 async def test_idle_sees_an_lmtp_delivery(server: DovecotServer) -> None:
@@ -170,6 +173,80 @@ async def test_idle_sees_an_lmtp_delivery(server: DovecotServer) -> None:
         assert line.startswith(tag + b" OK")
     finally:
         await asyncio.to_thread(client.logout)
+
+
+def _subjects_and_flags(client: imaplib.IMAP4) -> list[tuple[str, str]]:
+    typ, data = client.fetch("1:*", "(FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+    assert typ == "OK"
+    found = []
+    for part in data:
+        if isinstance(part, tuple):
+            flags = part[0].split(b"FLAGS (", 1)[1].split(b")", 1)[0].decode()
+            found.append((part[1].decode().split(":", 1)[1].strip(), flags))
+    return found
+
+
+async def test_a_pile_of_new_mail_is_moved_before_a_client_looks(server: DovecotServer) -> None:
+    """Mail filed while no client looks waits in new/; the node has Dovecot move it to cur/
+    (tidy_new_mail) so that the first SELECT need not.  The client still sees every message
+    unread and \\Recent, in the order filed, and a folder with a few waiting is left alone."""
+    count = TIDY_AT + 3
+    for i in range(count):
+        await server.deliver(USER, message(f"pile-{i:02d}"))
+    await server.deliver(USER, message("sent-copy"), folder="Sent")
+    maildir = server.layout.maildir(USER)
+    assert len(list((maildir / "new").iterdir())) == count
+
+    assert await asyncio.to_thread(server.tidy_new_mail) == [(USER, "INBOX")]
+    assert not list((maildir / "new").iterdir())
+    moved = [p.name for p in (maildir / "cur").iterdir()]
+    assert len(moved) == count and all(name.endswith(":2,") for name in moved)  # no flags
+    assert len(list((maildir / ".Sent" / "new").iterdir())) == 1  # fewer than TIDY_AT
+    assert await asyncio.to_thread(server.tidy_new_mail) == []  # nothing left to do
+
+    def client_side() -> None:
+        client = imap_login(server)
+        try:
+            typ, data = client.select("INBOX")
+            assert typ == "OK" and int(data[0]) == count
+            assert client.response("RECENT")[1] == [str(count).encode()]
+            assert _subjects_and_flags(client) == [
+                (f"pile-{i:02d}", "\\Recent") for i in range(count)
+            ]
+            typ, data = client.search(None, "UNSEEN")
+            assert typ == "OK" and len(data[0].split()) == count
+        finally:
+            client.logout()
+
+    await asyncio.to_thread(client_side)
+
+
+async def test_the_running_server_moves_piled_up_mail_itself(
+    installation: Installation, data_dir: Path
+) -> None:
+    srv = DovecotServer(
+        Layout(data_dir), Settings(imap_port=free_port()), installation=installation
+    )
+    srv.TIDY_INTERVAL = 0.1
+    await srv.set_password(USER, PASSWORD)
+    await srv.start()
+    try:
+        for i in range(TIDY_AT):
+            await srv.deliver(USER, message(f"bulk-{i:02d}"))
+        new = srv.layout.maildir(USER) / "new"
+        for _ in range(600):  # a loaded machine may take a while; normally well under 1 s
+            if not list(new.iterdir()):
+                break
+            await asyncio.sleep(0.1)
+        assert not list(new.iterdir())
+        client = await asyncio.to_thread(imap_login, srv)
+        try:
+            typ, data = await asyncio.to_thread(client.select, "INBOX")
+            assert typ == "OK" and int(data[0]) == TIDY_AT
+        finally:
+            await asyncio.to_thread(client.logout)
+    finally:
+        await srv.stop()
 
 
 async def test_a_file_is_delivered_too(server: DovecotServer) -> None:
@@ -305,6 +382,7 @@ def test_configuration_for_both_versions(installation: Installation, tmp_path: P
     for text in (old, new):
         assert "port = 1143" in text and "lmtp_save_to_detail_mailbox = yes" in text
         assert "chroot =" in text  # unprivileged: nothing may chroot
+        assert "maildir_empty_new = yes" in text  # the same name in 2.3 and 2.4
     # The installed Dovecot accepts the file written for it.
     mine = render_config(installation, layout, choose_identity(tmp_path), Settings(), tls)
     layout.root.mkdir(parents=True)

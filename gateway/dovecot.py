@@ -361,7 +361,12 @@ def _unprivileged_services(ident: Identity) -> str:
 #: Dovecot counts a loopback connection as secure, so ``ssl = required`` alone still lets a
 #: loopback client log in without TLS.  With require_tls the passdb looks in a file that does
 #: not exist unless the connection is TLS: a plaintext login fails (AUTHENTICATIONFAILED).
+#: The auth variable ``secured`` is "TLS" only for a TLS connection ("secured" for a loopback
+#: one, empty otherwise) in both versions; the passwd-file path is expanded per login in both
+#: (2.4 keeps ``passwd_file_path`` unexpanded until then).  Only the syntax differs: 2.3's
+#: ``%{if;...}`` became 2.4's ``if`` filter with the value first.
 _TLS_ONLY_23 = "%{if;%{secured};eq;TLS;;.without-tls}"
+_TLS_ONLY_24 = "%{if(secured, 'eq', 'TLS', '', '.without-tls')}"
 #: Mail clients all come from loopback, so the per-IP limit is a per-user limit (default 10).
 MAX_SESSIONS_PER_USER = 256
 
@@ -469,7 +474,7 @@ auth_mechanisms = plain login
 auth_username_format = %{{user | username | lower}}
 
 passdb passwd-file {{
-  passwd_file_path = {layout.passwd}
+  passwd_file_path = {layout.passwd}{_TLS_ONLY_24 if settings.require_tls else ""}
 }}
 userdb static {{
   userdb_static_allow_all_users = yes

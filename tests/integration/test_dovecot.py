@@ -305,16 +305,30 @@ def test_configuration_for_both_versions(installation: Installation, tmp_path: P
     for text in (old, new):
         assert "port = 1143" in text and "lmtp_save_to_detail_mailbox = yes" in text
         assert "chroot =" in text  # unprivileged: nothing may chroot
-    # The installed Dovecot accepts the file written for it.
-    mine = render_config(installation, layout, choose_identity(tmp_path), Settings(), tls)
+    # require_tls: the passwd-file path names a missing file unless the login came over TLS,
+    # in each version's expansion syntax.
+    assert f"  args = {layout.passwd}\n" in old
+    assert (
+        f"  passwd_file_path = {layout.passwd}%{{if(secured, 'eq', 'TLS', '', '.without-tls')}}\n"
+        in new
+    )
+    old_tls = render_config(v23, layout, ident, Settings(require_tls=True), tls)
+    assert f"  args = {layout.passwd}%{{if;%{{secured}};eq;TLS;;.without-tls}}\n" in old_tls
+    plain_24 = render_config(v24, layout, ident, Settings(), tls)
+    assert f"  passwd_file_path = {layout.passwd}\n" in plain_24
+    # The installed Dovecot accepts the file written for it, with and without require_tls.
     layout.root.mkdir(parents=True)
-    layout.config.write_text(mine)
-    done = subprocess.run(
-        [shutil.which("doveconf", path="/usr/bin:/usr/sbin:/bin") or "doveconf",
-         "-c", str(layout.config), "-n"],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
+    for require_tls in (False, True):
+        mine = render_config(
+            installation, layout, choose_identity(tmp_path), Settings(require_tls=require_tls), tls
+        )
+        layout.config.write_text(mine)
+        done = subprocess.run(
+            [shutil.which("doveconf", path="/usr/bin:/usr/sbin:/bin") or "doveconf",
+             "-c", str(layout.config), "-n"],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
 
 
 # --- as an unprivileged user ----------------------------------------------------------------

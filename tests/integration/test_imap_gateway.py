@@ -632,17 +632,27 @@ def test_starttls_is_refused_without_trusting_the_ca(gateway: Gateway) -> None:
     gateway.client(tls=True).logout()  # the server is unaffected
 
 
+def test_plaintext_login_on_loopback_without_require_tls(gateway: Gateway) -> None:
+    """By default (require_tls = false) a client on 127.0.0.1 may log in without TLS."""
+    conn = imaplib.IMAP4("127.0.0.1", gateway.port, timeout=60)
+    try:
+        assert "LOGINDISABLED" not in conn.capabilities
+        ok(conn.login(USER, PASSWORD))
+        assert not isinstance(conn.sock, ssl.SSLSocket)
+        ok(conn.select("INBOX"))
+        conn.logout()
+    finally:
+        with contextlib.suppress(OSError):
+            conn.shutdown()
+
+
 def test_require_tls_means_no_plaintext_login() -> None:
-    """Dovecot counts loopback as secure, so ssl = required alone would allow a plaintext
-    login from 127.0.0.1; the configuration makes such a login fail instead (Dovecot 2.3
-    does not advertise LOGINDISABLED to loopback, so the refusal is AUTHENTICATIONFAILED)."""
+    """Dovecot (2.3 and 2.4) counts loopback as secure, so ssl = required alone would allow a
+    plaintext login from 127.0.0.1; the configuration makes such a login fail instead.
+    Dovecot does not advertise LOGINDISABLED to loopback, so the refusal is
+    AUTHENTICATIONFAILED, with the right password, for LOGIN and AUTHENTICATE alike."""
     gw = Gateway(require_tls=True)
     try:
-        if gw.server.installation.syntax == "2.4":
-            pytest.skip(
-                "Dovecot 2.4 counts loopback as secured and the generated passdb cannot tell "
-                "TLS apart there: a known limit (docs/threat-model.md, Known limits)"
-            )
         conn = imaplib.IMAP4("127.0.0.1", gw.port, timeout=60)
         try:
             # past imaplib's own LOGINDISABLED check

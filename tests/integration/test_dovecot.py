@@ -29,6 +29,7 @@ import pytest
 
 from gateway.dovecot import (
     SPECIAL_FOLDERS,
+    TLS_REQUIRED,
     DovecotServer,
     Identity,
     Installation,
@@ -305,17 +306,18 @@ def test_configuration_for_both_versions(installation: Installation, tmp_path: P
     for text in (old, new):
         assert "port = 1143" in text and "lmtp_save_to_detail_mailbox = yes" in text
         assert "chroot =" in text  # unprivileged: nothing may chroot
-    # require_tls: the passwd-file path names a missing file unless the login came over TLS,
-    # in each version's expansion syntax.
-    assert f"  args = {layout.passwd}\n" in old
-    assert (
-        f"  passwd_file_path = {layout.passwd}%{{if(secured, 'eq', 'TLS', '', '.without-tls')}}\n"
-        in new
-    )
+    # require_tls: the first passdb's file is missing unless the login came over TLS, in each
+    # version's expansion syntax; the second refuses the right password with the reason.
+    assert f"  args = {layout.passwd}\n}}\nuserdb" in old
+    tls_only = "%{if(secured, 'eq', 'TLS', '', '.without-tls')}"
+    assert f"  passwd_file_path = {layout.passwd}{tls_only}\n" in new
+    assert f'    nologin = yes\n    reason = "{TLS_REQUIRED}"\n' in new
     old_tls = render_config(v23, layout, ident, Settings(require_tls=True), tls)
     assert f"  args = {layout.passwd}%{{if;%{{secured}};eq;TLS;;.without-tls}}\n" in old_tls
+    assert "override_fields = nologin=y reason=%{env:ONIONPOST_TLS_REQUIRED}\n" in old_tls
     plain_24 = render_config(v24, layout, ident, Settings(), tls)
-    assert f"  passwd_file_path = {layout.passwd}\n" in plain_24
+    assert f"  passwd_file_path = {layout.passwd}\n}}\nuserdb" in plain_24
+    assert "nologin" not in plain_24 + old
     # The installed Dovecot accepts the file written for it, with and without require_tls.
     layout.root.mkdir(parents=True)
     for require_tls in (False, True):

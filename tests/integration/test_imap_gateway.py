@@ -35,6 +35,7 @@ import pytest
 
 from gateway.dovecot import (
     SPECIAL_FOLDERS,
+    TLS_REQUIRED,
     DovecotServer,
     Installation,
     Layout,
@@ -648,19 +649,22 @@ def test_plaintext_login_on_loopback_without_require_tls(gateway: Gateway) -> No
 
 def test_require_tls_means_no_plaintext_login() -> None:
     """Dovecot (2.3 and 2.4) counts loopback as secure, so ssl = required alone would allow a
-    plaintext login from 127.0.0.1; the configuration makes such a login fail instead.
-    Dovecot does not advertise LOGINDISABLED to loopback, so the refusal is
-    AUTHENTICATIONFAILED, with the right password, for LOGIN and AUTHENTICATE alike."""
+    plaintext login from 127.0.0.1 and it advertises no LOGINDISABLED there; the generated
+    passdbs refuse such a login instead.  The right password gets the reason ("use
+    STARTTLS"), a wrong one the usual AUTHENTICATIONFAILED: the reason is no hint to a
+    password guesser.  LOGIN and AUTHENTICATE alike; after STARTTLS the login works."""
     gw = Gateway(require_tls=True)
     try:
         conn = imaplib.IMAP4("127.0.0.1", gw.port, timeout=60)
         try:
+            assert "STARTTLS" in conn.capabilities
             # past imaplib's own LOGINDISABLED check
             typ, data = conn._simple_command("LOGIN", USER, conn._quote(PASSWORD))
-            assert typ == "NO", data
-            assert b"AUTHENTICATIONFAILED" in data[0] or "LOGINDISABLED" in conn.capabilities
+            assert (typ, data) == ("NO", [f"[CONTACTADMIN] {TLS_REQUIRED}".encode()]), data
+            typ, data = conn._simple_command("LOGIN", USER, conn._quote("wrong password"))
+            assert typ == "NO" and b"[AUTHENTICATIONFAILED]" in data[0], data
             token = f"\0{USER}\0{PASSWORD}".encode()
-            with pytest.raises(imaplib.IMAP4.error):
+            with pytest.raises(imaplib.IMAP4.error, match="use STARTTLS"):
                 conn.authenticate("PLAIN", lambda _: token)
             conn.send(b"S1 SELECT INBOX\r\n")  # imaplib would refuse before sending
             answer = conn.readline()
@@ -668,10 +672,16 @@ def test_require_tls_means_no_plaintext_login() -> None:
         finally:
             conn.shutdown()
         conn = imaplib.IMAP4("127.0.0.1", gw.port, timeout=60)
-        ok(conn.starttls(ssl.create_default_context(cafile=str(gw.ca_file))))
-        ok(conn.login(USER, PASSWORD))
-        ok(conn.select("INBOX"))
-        conn.logout()
+        try:
+            ok(conn.starttls(ssl.create_default_context(cafile=str(gw.ca_file))))
+            typ, data = conn._simple_command("LOGIN", USER, conn._quote("wrong password"))
+            assert typ == "NO" and b"[AUTHENTICATIONFAILED]" in data[0], data
+            ok(conn.login(USER, PASSWORD))
+            ok(conn.select("INBOX"))
+            conn.logout()
+        finally:
+            with contextlib.suppress(OSError):
+                conn.shutdown()
     finally:
         gw.stop()
 

@@ -81,6 +81,7 @@ from onionpost.errors import (
 from onionpost.trust import QUARANTINE
 
 __all__ = [
+    "TLS_REQUIRED",
     "DovecotServer",
     "Identity",
     "Installation",
@@ -365,11 +366,58 @@ def _unprivileged_services(ident: Identity) -> str:
 
 
 #: Dovecot counts a loopback connection as secure, so ``ssl = required`` alone still lets a
-#: loopback client log in without TLS.  With require_tls the passdb looks in a file that does
-#: not exist unless the connection is TLS: a plaintext login fails (AUTHENTICATIONFAILED).
+#: loopback client log in without TLS.  With require_tls the first passdb looks in a file that
+#: does not exist unless the connection is TLS (the auth variable ``secured`` is "TLS" only for
+#: a TLS connection, "secured" for loopback); the passwd-file path is expanded per login in
+#: both versions (2.4 keeps ``passwd_file_path`` unexpanded until then), only the syntax
+#: differs.  A login that fails there reaches the second passdb, the same file with
+#: ``nologin``: the right password then gets :data:`TLS_REQUIRED` as the answer ("NO
+#: [CONTACTADMIN] ...", the code Dovecot gives every nologin), a wrong one AUTHENTICATIONFAILED
+#: as ever, so the clear answer tells nothing to someone who does not know the password.
 _TLS_ONLY_23 = "%{if;%{secured};eq;TLS;;.without-tls}"
+_TLS_ONLY_24 = "%{if(secured, 'eq', 'TLS', '', '.without-tls')}"
+TLS_REQUIRED = "This server requires TLS: use STARTTLS before logging in."
+#: Dovecot 2.3 splits passdb fields at spaces, so the answer reaches its auth process through
+#: the environment (``import_environment``, ``%{env:...}``); 2.4 reads it quoted.
+_TLS_REQUIRED_ENV = "ONIONPOST_TLS_REQUIRED"
 #: Mail clients all come from loopback, so the per-IP limit is a per-user limit (default 10).
 MAX_SESSIONS_PER_USER = 256
+
+
+def _passdbs_23(layout: Layout, settings: Settings) -> str:
+    if not settings.require_tls:
+        return f"passdb {{\n  driver = passwd-file\n  args = {layout.passwd}\n}}\n"
+    return f"""\
+import_environment = $import_environment {_TLS_REQUIRED_ENV}
+passdb {{
+  driver = passwd-file
+  args = {layout.passwd}{_TLS_ONLY_23}
+}}
+passdb {{
+  driver = passwd-file
+  args = {layout.passwd}
+  override_fields = nologin=y reason=%{{env:{_TLS_REQUIRED_ENV}}}
+}}
+"""
+
+
+def _passdbs_24(layout: Layout, settings: Settings) -> str:
+    if not settings.require_tls:
+        return f"passdb passwd-file {{\n  passwd_file_path = {layout.passwd}\n}}\n"
+    return f"""\
+passdb tls {{
+  driver = passwd-file
+  passwd_file_path = {layout.passwd}{_TLS_ONLY_24}
+}}
+passdb without_tls {{
+  driver = passwd-file
+  passwd_file_path = {layout.passwd}
+  fields {{
+    nologin = yes
+    reason = "{TLS_REQUIRED}"
+  }}
+}}
+"""
 
 
 def _render_23(layout: Layout, ident: Identity, settings: Settings, tls: LocalTLS) -> str:
@@ -400,11 +448,7 @@ disable_plaintext_auth = yes
 auth_mechanisms = plain login
 auth_username_format = %Ln
 
-passdb {{
-  driver = passwd-file
-  args = {layout.passwd}{_TLS_ONLY_23 if settings.require_tls else ""}
-}}
-userdb {{
+{_passdbs_23(layout, settings)}userdb {{
   driver = static
   args = uid={ident.mail_uid} gid={ident.mail_gid} home={layout.mail}/%Ln allow_all_users=yes
 }}
@@ -477,10 +521,7 @@ auth_allow_cleartext = no
 auth_mechanisms = plain login
 auth_username_format = %{{user | username | lower}}
 
-passdb passwd-file {{
-  passwd_file_path = {layout.passwd}
-}}
-userdb static {{
+{_passdbs_24(layout, settings)}userdb static {{
   userdb_static_allow_all_users = yes
   fields {{
     uid = {ident.mail_uid}
@@ -1080,7 +1121,11 @@ class DovecotServer:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             start_new_session=True,  # its own process group: stop() can kill all of it
-            env={"PATH": f"/usr/bin:/bin:{_EXTRA_PATH}", "LANG": "C.UTF-8"},
+            env={
+                "PATH": f"/usr/bin:/bin:{_EXTRA_PATH}",
+                "LANG": "C.UTF-8",
+                _TLS_REQUIRED_ENV: TLS_REQUIRED,  # read by 2.3's auth (_passdbs_23)
+            },
         )
         self._output = asyncio.create_task(self._read_output(self._proc))
         await self._wait_ready(self._proc)

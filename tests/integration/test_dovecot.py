@@ -30,6 +30,7 @@ import pytest
 from gateway.dovecot import (
     SPECIAL_FOLDERS,
     TIDY_AT,
+    TLS_REQUIRED,
     DovecotServer,
     Identity,
     Installation,
@@ -383,16 +384,31 @@ def test_configuration_for_both_versions(installation: Installation, tmp_path: P
         assert "port = 1143" in text and "lmtp_save_to_detail_mailbox = yes" in text
         assert "chroot =" in text  # unprivileged: nothing may chroot
         assert "maildir_empty_new = yes" in text  # the same name in 2.3 and 2.4
-    # The installed Dovecot accepts the file written for it.
-    mine = render_config(installation, layout, choose_identity(tmp_path), Settings(), tls)
+    # require_tls: the first passdb's file is missing unless the login came over TLS, in each
+    # version's expansion syntax; the second refuses the right password with the reason.
+    assert f"  args = {layout.passwd}\n}}\nuserdb" in old
+    tls_only = "%{if(secured, 'eq', 'TLS', '', '.without-tls')}"
+    assert f"  passwd_file_path = {layout.passwd}{tls_only}\n" in new
+    assert f'    nologin = yes\n    reason = "{TLS_REQUIRED}"\n' in new
+    old_tls = render_config(v23, layout, ident, Settings(require_tls=True), tls)
+    assert f"  args = {layout.passwd}%{{if;%{{secured}};eq;TLS;;.without-tls}}\n" in old_tls
+    assert "override_fields = nologin=y reason=%{env:ONIONPOST_TLS_REQUIRED}\n" in old_tls
+    plain_24 = render_config(v24, layout, ident, Settings(), tls)
+    assert f"  passwd_file_path = {layout.passwd}\n}}\nuserdb" in plain_24
+    assert "nologin" not in plain_24 + old
+    # The installed Dovecot accepts the file written for it, with and without require_tls.
     layout.root.mkdir(parents=True)
-    layout.config.write_text(mine)
-    done = subprocess.run(
-        [shutil.which("doveconf", path="/usr/bin:/usr/sbin:/bin") or "doveconf",
-         "-c", str(layout.config), "-n"],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
+    for require_tls in (False, True):
+        mine = render_config(
+            installation, layout, choose_identity(tmp_path), Settings(require_tls=require_tls), tls
+        )
+        layout.config.write_text(mine)
+        done = subprocess.run(
+            [shutil.which("doveconf", path="/usr/bin:/usr/sbin:/bin") or "doveconf",
+             "-c", str(layout.config), "-n"],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
 
 
 # --- as an unprivileged user ----------------------------------------------------------------

@@ -35,6 +35,7 @@ import pytest
 
 from gateway.dovecot import (
     SPECIAL_FOLDERS,
+    TLS_REQUIRED,
     DovecotServer,
     Installation,
     Layout,
@@ -632,25 +633,38 @@ def test_starttls_is_refused_without_trusting_the_ca(gateway: Gateway) -> None:
     gateway.client(tls=True).logout()  # the server is unaffected
 
 
+def test_plaintext_login_on_loopback_without_require_tls(gateway: Gateway) -> None:
+    """By default (require_tls = false) a client on 127.0.0.1 may log in without TLS."""
+    conn = imaplib.IMAP4("127.0.0.1", gateway.port, timeout=60)
+    try:
+        assert "LOGINDISABLED" not in conn.capabilities
+        ok(conn.login(USER, PASSWORD))
+        assert not isinstance(conn.sock, ssl.SSLSocket)
+        ok(conn.select("INBOX"))
+        conn.logout()
+    finally:
+        with contextlib.suppress(OSError):
+            conn.shutdown()
+
+
 def test_require_tls_means_no_plaintext_login() -> None:
-    """Dovecot counts loopback as secure, so ssl = required alone would allow a plaintext
-    login from 127.0.0.1; the configuration makes such a login fail instead (Dovecot 2.3
-    does not advertise LOGINDISABLED to loopback, so the refusal is AUTHENTICATIONFAILED)."""
+    """Dovecot (2.3 and 2.4) counts loopback as secure, so ssl = required alone would allow a
+    plaintext login from 127.0.0.1 and it advertises no LOGINDISABLED there; the generated
+    passdbs refuse such a login instead.  The right password gets the reason ("use
+    STARTTLS"), a wrong one the usual AUTHENTICATIONFAILED: the reason is no hint to a
+    password guesser.  LOGIN and AUTHENTICATE alike; after STARTTLS the login works."""
     gw = Gateway(require_tls=True)
     try:
-        if gw.server.installation.syntax == "2.4":
-            pytest.skip(
-                "Dovecot 2.4 counts loopback as secured and the generated passdb cannot tell "
-                "TLS apart there: a known limit (docs/threat-model.md, Known limits)"
-            )
         conn = imaplib.IMAP4("127.0.0.1", gw.port, timeout=60)
         try:
+            assert "STARTTLS" in conn.capabilities
             # past imaplib's own LOGINDISABLED check
             typ, data = conn._simple_command("LOGIN", USER, conn._quote(PASSWORD))
-            assert typ == "NO", data
-            assert b"AUTHENTICATIONFAILED" in data[0] or "LOGINDISABLED" in conn.capabilities
+            assert (typ, data) == ("NO", [f"[CONTACTADMIN] {TLS_REQUIRED}".encode()]), data
+            typ, data = conn._simple_command("LOGIN", USER, conn._quote("wrong password"))
+            assert typ == "NO" and b"[AUTHENTICATIONFAILED]" in data[0], data
             token = f"\0{USER}\0{PASSWORD}".encode()
-            with pytest.raises(imaplib.IMAP4.error):
+            with pytest.raises(imaplib.IMAP4.error, match="use STARTTLS"):
                 conn.authenticate("PLAIN", lambda _: token)
             conn.send(b"S1 SELECT INBOX\r\n")  # imaplib would refuse before sending
             answer = conn.readline()
@@ -658,10 +672,16 @@ def test_require_tls_means_no_plaintext_login() -> None:
         finally:
             conn.shutdown()
         conn = imaplib.IMAP4("127.0.0.1", gw.port, timeout=60)
-        ok(conn.starttls(ssl.create_default_context(cafile=str(gw.ca_file))))
-        ok(conn.login(USER, PASSWORD))
-        ok(conn.select("INBOX"))
-        conn.logout()
+        try:
+            ok(conn.starttls(ssl.create_default_context(cafile=str(gw.ca_file))))
+            typ, data = conn._simple_command("LOGIN", USER, conn._quote("wrong password"))
+            assert typ == "NO" and b"[AUTHENTICATIONFAILED]" in data[0], data
+            ok(conn.login(USER, PASSWORD))
+            ok(conn.select("INBOX"))
+            conn.logout()
+        finally:
+            with contextlib.suppress(OSError):
+                conn.shutdown()
     finally:
         gw.stop()
 

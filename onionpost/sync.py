@@ -14,6 +14,7 @@ point repeats work but never loses or duplicates mail.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import re
@@ -119,37 +120,71 @@ class Receiver:
         A message is acknowledged to the inbox (which then deletes it) only once it is in
         the mailbox: after LMTP's 250.  If the mailbox cannot take it now it stays in the
         inbox too, and :class:`FilingDeferred` makes the sync loop back off.
+
+        Messages are taken in batches (:func:`_batches`): each batch is fetched, then opened
+        and queued for filing in *one* transaction, filed with two commits, and acknowledged
+        in one request, so a burst costs a few commits per batch instead of several per
+        message.  The order of the durable steps is the single message's: queued, handed,
+        filed (LMTP 250), removed, acknowledged.
         """
         pending = await self.session.pending(after=0, wait=wait)
-        done: list[int] = []
+        taken = 0
         unfiled = 0
-        for item in pending:
-            try:
-                filed = await self.process(item)
-            except OnionpostError as exc:
-                # Network or storage trouble: leave it spooled and try again next time.
-                log.warning("could not take message %d from the inbox yet: %s", item.id, exc)
-                continue
-            if await self.filer.settle(filed.filings):
-                done.append(item.id)
-            else:
-                unfiled += 1
-        if done:
-            await self.session.acknowledge(done)
+        for batch in _batches(pending):
+            done, left = await self._take(batch)
+            if done:
+                await self.session.acknowledge(done)
+            taken += len(done)
+            unfiled += left
         if unfiled:
             raise FilingDeferred(
                 f"{unfiled} message(s) wait in the filing queue for the mailbox (Dovecot)."
             )
-        return len(done)
+        return taken
+
+    async def _take(self, batch: list[PendingMessage]) -> tuple[list[int], int]:
+        """Fetch, open, queue and file one batch: the ids the inbox may now delete, and how
+        many of the batch wait in the filing queue."""
+        store = self.filer.store
+        with contextlib.ExitStack() as files:
+            fetched: list[tuple[PendingMessage, IO[bytes]]] = []
+            for item in batch:
+                l2 = files.enter_context(tempfile.SpooledTemporaryFile(max_size=SPOOL))
+                try:
+                    await self.session.fetch(item.id, l2, limit=self.max_bytes)
+                except OnionpostError as exc:
+                    # Network or storage trouble: leave it spooled and try again next time.
+                    log.warning("could not take message %d from the inbox yet: %s", item.id, exc)
+                    continue
+                fetched.append((item, l2))
+            opened: list[tuple[int, Filed]] = []
+            # One transaction for the batch (nothing awaited inside it); each message in its
+            # own savepoint, so one that fails leaves nothing behind and spoils no other.
+            with store.db.transaction():
+                for item, spooled in fetched:
+                    try:
+                        with store.db.transaction():
+                            opened.append((item.id, self._open_fetched(spooled)))
+                    except OnionpostError as exc:
+                        log.warning(
+                            "could not take message %d from the inbox yet: %s", item.id, exc
+                        )
+        left = await self.filer.settle_many([i for _, f in opened for i in f.filings])
+        done = [item_id for item_id, f in opened if not left.intersection(f.filings)]
+        return done, len(opened) - len(done)
 
     async def process(self, item: PendingMessage) -> Filed:
+        """Fetch, open and queue one message (its own transaction); see :meth:`sync_once`."""
         with tempfile.SpooledTemporaryFile(max_size=SPOOL) as l2:
             await self.session.fetch(item.id, l2, limit=self.max_bytes)
-            size = l2.tell()
-            l2.seek(0)
-            digest = _file_digest(l2)
-            l2.seek(0)
-            return self._open_and_file(l2, size, digest)
+            return self._open_fetched(l2)
+
+    def _open_fetched(self, l2: IO[bytes]) -> Filed:
+        size = l2.tell()
+        l2.seek(0)
+        digest = _file_digest(l2)
+        l2.seek(0)
+        return self._open_and_file(l2, size, digest)
 
     def _open_and_file(self, l2: IO[bytes], size: int, digest: bytes) -> Filed:
         now = self._now()
@@ -389,6 +424,26 @@ class Receiver:
                 source=digest,
             )
         return Filed("INBOX", () if filing_id is None else (filing_id,))
+
+
+#: A batch of pending messages is cut at this many messages or this many bytes (the fetched
+#: envelopes are held in spooled temporary files until the batch is queued).
+BATCH_MESSAGES = 32
+BATCH_BYTES = 8 << 20
+
+
+def _batches(pending: list[PendingMessage]) -> list[list[PendingMessage]]:
+    """``pending`` in order, cut into batches of at most :data:`BATCH_MESSAGES` messages and
+    about :data:`BATCH_BYTES` (a larger message makes a batch of its own)."""
+    out: list[list[PendingMessage]] = []
+    size = 0
+    for item in pending:
+        if not out or len(out[-1]) >= BATCH_MESSAGES or size + item.size > BATCH_BYTES:
+            out.append([])
+            size = 0
+        out[-1].append(item)
+        size += item.size
+    return out
 
 
 @dataclass(frozen=True)

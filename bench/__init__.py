@@ -16,6 +16,7 @@ SECTIONS: dict[str, str] = {
     "crypto": "bench.crypto",
     "delivery": "bench.delivery",
     "gateway": "bench.gateway",
+    "submission": "bench.submission",  # the gateway section's SMTP rows alone
     "queue": "bench.queue",
     "tor": "bench.tor",
     "memory": "bench.memory",

@@ -5,8 +5,9 @@ this process, so the three servers are measured the same way:
 
 * **onionpost**: ``onionpost run`` on a fresh data directory (``onionpost.provision``: alice,
   whose mail client logs in, and bob, a second user of the same node), tor mode "off".
-  SMTP is alice mailing bob: each 250 comes after ``Submissions.submit``'s one SQLite
-  transaction (``synchronous=FULL``) that queues the message and alice's Sent copy,
+  SMTP is alice mailing bob: each 250 comes after the SQLite transaction
+  (``synchronous=FULL``) that queues the message and alice's Sent copy has committed
+  (``Submissions.submit_async``: concurrent submissions share a commit, a group commit),
   and meanwhile the node seals, hands over and files the accepted mail in the same event
   loop, as it always does.  For the run, the inbox's stranger proof of work is 0 bits and
   its hourly rate limits are open, so the background work is the steady state between
@@ -94,8 +95,8 @@ def run(ctx: Context) -> None:
         mails = [folder_message(i, sizes.folder) for i in range(sizes.folder)]
         onion = _measure_onionpost(root / "node", mails, sizes)
         dovecot = _measure_dovecot(root / "dovecot", mails, sizes, refs) if refs.dovecot else None
-        postfix = _measure_postfix(root / "postfix", sizes, refs) if refs.postfix else None
-    _report_smtp(ctx, sizes, onion.smtp, postfix, refs)
+        postfix = measure_postfix(root / "postfix", sizes, refs) if refs.postfix else None
+    report_smtp(ctx, sizes, onion.smtp, postfix, refs)
     _report_imap(ctx, sizes, onion.imap, dovecot, refs)
     ctx.heading(
         f"Filing through LMTP: {sizes.folder:,} messages of {fmt_bytes(MESSAGE_BYTES)} into the "
@@ -484,10 +485,20 @@ class OnionpostResult:
     filing_seconds: float  # the whole INBOX filed through the node's Dovecot LMTP
 
 
-def _measure_onionpost(
-    data_dir: Path, mails: list[tuple[int, bytes]], sizes: Sizes
-) -> OnionpostResult:
-    from gateway.dovecot import Layout
+@dataclass(frozen=True)
+class _Node:
+    """A running ``onionpost run`` of :func:`onionpost_node`: its ports and its users."""
+
+    data_dir: Path
+    smtp_port: int
+    imap_port: int
+    alice: Any  # onionpost.provision's result: address and password
+    bob: Any
+
+
+@contextlib.contextmanager
+def onionpost_node(data_dir: Path) -> Iterator[_Node]:
+    """``onionpost run`` on a fresh data directory with alice and bob, stopped on exit."""
     from gateway.setup import setup_account
     from onionpost.config import load
     from onionpost.provision import add_user, initialize
@@ -513,17 +524,31 @@ def _measure_onionpost(
     cmd = [sys.executable, "-m", "onionpost", "--data-dir", str(data_dir), "run"]
     log = data_dir.parent / "onionpost-node.log"
     with running(cmd, [smtp_port, imap_port], "onionpost run", log, cwd=REPO):
-        filing = asyncio.run(_file_through_lmtp(Layout(data_dir).lmtp_socket, mails))
-        imap = imap_run(imap_port, "alice", alice.password, len(mails), sizes.imap_passes)
-        smtp = asyncio.run(
-            smtp_load(
-                smtp_port,
-                login=("alice", alice.password),
-                sender=str(alice.address),
-                rcpt=str(bob.address),
-                messages=sizes.smtp_messages,
-            )
+        yield _Node(data_dir, smtp_port, imap_port, alice, bob)
+
+
+def onionpost_smtp(node: _Node, messages: int) -> SmtpResult:
+    """The SMTP load against a running node: alice mails bob."""
+    return asyncio.run(
+        smtp_load(
+            node.smtp_port,
+            login=("alice", node.alice.password),
+            sender=str(node.alice.address),
+            rcpt=str(node.bob.address),
+            messages=messages,
         )
+    )
+
+
+def _measure_onionpost(
+    data_dir: Path, mails: list[tuple[int, bytes]], sizes: Sizes
+) -> OnionpostResult:
+    from gateway.dovecot import Layout
+
+    with onionpost_node(data_dir) as node:
+        filing = asyncio.run(_file_through_lmtp(Layout(data_dir).lmtp_socket, mails))
+        imap = imap_run(node.imap_port, "alice", node.alice.password, len(mails), sizes.imap_passes)
+        smtp = onionpost_smtp(node, sizes.smtp_messages)
     return OnionpostResult(smtp, imap, filing)
 
 
@@ -599,7 +624,7 @@ def _postfix_config(root: Path, port: int, refs: References) -> Path:
     return etc
 
 
-def _measure_postfix(root: Path, sizes: Sizes, refs: References) -> PostfixResult:
+def measure_postfix(root: Path, sizes: Sizes, refs: References) -> PostfixResult:
     port = free_port()
     etc = _postfix_config(root, port, refs)
     daemon_dir = _output([refs.postconf, "-c", str(etc), "-h", "daemon_directory"])
@@ -694,7 +719,7 @@ def _measure_dovecot(
 # --- reporting --------------------------------------------------------------------------------
 
 
-def _report_smtp(
+def report_smtp(
     ctx: Context,
     sizes: Sizes,
     onion: SmtpResult,
@@ -738,7 +763,7 @@ def _report_smtp(
         )
     ctx.note(
         "onionpost: AUTH PLAIN once per session, MAIL FROM must be the user, each 250 after "
-        "Submissions.submit; Postfix: relay from 127.0.0.0/8, default_transport = discard."
+        "its submission's commit; Postfix: relay from 127.0.0.0/8, default_transport = discard."
     )
 
 

@@ -78,6 +78,7 @@ from onionpost.errors import (
     PasswordRejected,
     UnknownLocalUser,
 )
+from onionpost.trust import QUARANTINE
 
 __all__ = [
     "DovecotServer",
@@ -112,6 +113,9 @@ SPECIAL_FOLDERS = (
     ("Junk", "\\Junk"),
     ("Archive", "\\Archive"),
 )
+#: Folders every mailbox has that no SPECIAL-USE flag names: Quarantine holds mail signed by
+#: a contact's identity key that the person has not accepted yet (see onionpost.sync).
+PLAIN_FOLDERS = (QUARANTINE,)
 #: sockaddr_un holds 108 bytes; Dovecot's longest socket name below base_dir is about 25.
 _MAX_BASE_DIR = 80
 _LOG_ROTATE_BYTES = 10 * 1024 * 1024
@@ -323,11 +327,16 @@ def render_config(
 
 
 def _folders(indent: str) -> str:
-    return "".join(
+    special = "".join(
         f"{indent}mailbox {name} {{\n{indent}  special_use = {flag}\n"
         f"{indent}  auto = subscribe\n{indent}}}\n"
         for name, flag in SPECIAL_FOLDERS
     )
+    plain = "".join(
+        f"{indent}mailbox {name} {{\n{indent}  auto = subscribe\n{indent}}}\n"
+        for name in PLAIN_FOLDERS
+    )
+    return special + plain
 
 
 def _certificates(settings: Settings, tls: LocalTLS, cert: str, key: str) -> str:

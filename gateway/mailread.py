@@ -39,7 +39,14 @@ from email.message import EmailMessage, Message, MIMEPart
 from email.utils import parsedate_to_datetime
 from typing import Any, Literal
 
-from gateway.dovecot import SPECIAL_FOLDERS, Installation, Layout, PasswdFile, find_installation
+from gateway.dovecot import (
+    PLAIN_FOLDERS,
+    SPECIAL_FOLDERS,
+    Installation,
+    Layout,
+    PasswdFile,
+    find_installation,
+)
 from onionpost.errors import (
     DataDirError,
     FolderNotFound,
@@ -236,7 +243,7 @@ class MailReader:
                    _int(r.get("vsize")))
             for r in rows
         ]  # fmt: skip
-        order = ["INBOX", *(name for name, _ in SPECIAL_FOLDERS)]
+        order = ["INBOX", *(name for name, _ in SPECIAL_FOLDERS), *PLAIN_FOLDERS]
         return sorted(
             found, key=lambda f: (order.index(f.name) if f.name in order else len(order), f.name)
         )

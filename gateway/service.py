@@ -229,7 +229,7 @@ async def start_gateway(node: GatewayHost) -> Callable[[], Awaitable[None]]:
         with _listening(cfg.listen_host, cfg.smtp_port, "[gateway] smtp_port"):
             smtp = await start_smtp(
                 cfg,
-                submit=node.submissions.submit,
+                submit=node.submissions.submit_async,
                 accounts=accounts,
                 tls=context,
                 throttle=throttle,

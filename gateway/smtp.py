@@ -27,7 +27,10 @@ What a client may do, and why:
   the limit even for a 100 MiB line without a line break (which aiosmtpd 1.4's own DATA
   reader would buffer whole).  The 552 comes after the final dot, as RFC 5321 expects.
 * 250 is said only after ``submit`` returned, i.e. once the message is durable and filed in
-  Sent.  Every refusal is worded in ``gateway/replies.py``.
+  Sent.  The node passes ``Submissions.submit_async``: the header parsing and the
+  transaction run in the group commit's thread, and concurrent sessions share one commit
+  (:mod:`onionpost.groupcommit`), so one session's fsync does not stall the others.  Every
+  refusal is worded in ``gateway/replies.py``.
 * As an MSA may (RFC 6409 §8), a missing Message-ID or Date is added; nothing else in the
   message is touched, and no Received: header is written (it would record the client).
 
@@ -47,6 +50,7 @@ import base64
 import binascii
 import contextlib
 import email.utils
+import inspect
 import ipaddress
 import logging
 import re
@@ -78,8 +82,9 @@ __all__ = ["SMTPGateway", "Submit", "add_missing_headers", "start_smtp"]
 
 log = logging.getLogger(__name__)
 
-#: What the gateway hands accepted mail to (``Submissions.submit``); returns a queue id.
-Submit = Callable[[str, list[Address], bytes], int]
+#: What the gateway hands accepted mail to (``Submissions.submit_async``, or the synchronous
+#: ``Submissions.submit``); returns a queue id once the message is durable.
+Submit = Callable[[str, list[Address], bytes], int | Awaitable[int]]
 
 #: RFC 5321 §4.5.3.2.7 suggests at least five minutes before a server gives up on a client.
 IDLE_TIMEOUT: Final = 300.0
@@ -388,7 +393,9 @@ class _Policy:
             del content
             recipients = [Address.parse(r) for r in envelope.rcpt_tos]
             user = str(session.auth_data)
-            submission = self._submit(user, recipients, message)
+            queued = self._submit(user, recipients, message)
+            del message
+            submission = await queued if inspect.isawaitable(queued) else queued
         except OnionpostError as exc:
             log.info("smtp: a message was refused (%s)", exc.code)
             return replies.smtp_reply(exc)

@@ -26,7 +26,7 @@ from onionpost.config import Config
 from onionpost.crypto.bundle import KeyBundle
 from onionpost.crypto.fingerprint import fingerprint, safety_number
 from onionpost.crypto.keys import DeviceEntry, DeviceList, Profile
-from onionpost.errors import NotInitialized, OnionpostError, UsageError
+from onionpost.errors import FingerprintMismatch, NotInitialized, OnionpostError, UsageError
 from onionpost.keystore import (
     ROTATE_REQUEST,
     AccountFiles,
@@ -37,12 +37,13 @@ from onionpost.keystore import (
 from onionpost.pairing import Code
 from onionpost.store import DEVICE_COMPONENTS, INBOX_COMPONENTS
 from onionpost.store import queue as queue_store
-from onionpost.store.contacts import Contact, ContactStore
+from onionpost.store.contacts import Contact, ContactStore, IdentityChange
 from onionpost.store.db import Database
 from onionpost.store.introductions import IntroductionStore, StoredIntroduction
 from onionpost.store.outbox import OutboxStore
 from onionpost.store.queue import QueueItem
 from onionpost.store.submissions import SubmissionStore
+from onionpost.trust import fingerprint_matches, parse_scan, scan_payload
 from onionpost.wire import KeyUpdate
 
 if TYPE_CHECKING:
@@ -373,15 +374,95 @@ async def _over_tor(
         return await remote(device_session(account, client))
 
 
-def identity_changes(local: Local, user: str | None = None) -> list[tuple[str, bytes, bytes, int]]:
+def identity_changes(local: Local, user: str | None = None) -> list[IdentityChange]:
+    """``user``'s pending identity key changes (mail signed by these keys is held)."""
     return ContactStore(local.device_db(), local.account(user).local).pending_identity_changes()
 
 
-def accept_identity(local: Local, address: str, user: str | None = None) -> None:
+@dataclass(frozen=True)
+class KeyChangeView:
+    """A pending key change as ``contacts show`` prints it: both keys side by side."""
+
+    change: IdentityChange
+    old_fingerprint: str
+    new_fingerprint: str
+    old_safety_number: str
+    new_safety_number: str
+
+
+def key_changes(local: Local, address: str, user: str | None = None) -> list[KeyChangeView]:
+    key = str(Address.parse(address))
+    me = local.account(user)
+    return [
+        KeyChangeView(
+            ch,
+            fingerprint(ch.old_uik),
+            fingerprint(ch.new_uik),
+            safety_number(me.uik_pk, ch.old_uik),
+            safety_number(me.uik_pk, ch.new_uik),
+        )
+        for ch in ContactStore(local.device_db(), me.local).changes_of(key)
+    ]
+
+
+def accept_key(local: Local, address: str, typed: str, user: str | None = None) -> IdentityChange:
+    """Pin the contact's new identity key if ``typed`` is its fingerprint (see
+    :meth:`ContactStore.accept_key`); the running node sends with it from now on."""
     key = str(Address.parse(address))
     store = ContactStore(local.device_db(), local.account(user).local)
-    if not store.accept_identity(key, int(time.time())):
-        raise UsageError(f"{key} has no unconfirmed identity change.")
+    change = store.accept_key(key, typed, _now())
+    poke(local.config.data_dir)
+    return change
+
+
+def reject_key(local: Local, address: str, user: str | None = None) -> list[IdentityChange]:
+    """Keep the pinned key of ``address``; mail signed by the rejected key is refused."""
+    key = str(Address.parse(address))
+    store = ContactStore(local.device_db(), local.account(user).local)
+    rejected = store.reject_key(key, _now())
+    poke(local.config.data_dir)
+    return rejected
+
+
+def own_identity(local: Local, user: str | None = None) -> tuple[Address, str, str]:
+    """The person's own address, fingerprint and QR payload (``contacts me``)."""
+    account = local.account(user)
+    return (
+        account.address,
+        fingerprint(account.uik_pk),
+        scan_payload(account.address, account.uik_pk),
+    )
+
+
+def verify_scanned(local: Local, address: str, scanned: str, user: str | None = None) -> None:
+    """Mark ``address`` verified if ``scanned`` (the text of their ``contacts me --qr``)
+    names that address and the pinned key; FingerprintMismatch otherwise, and nothing is
+    marked."""
+    key = str(Address.parse(address))
+    scanned_address, scanned_fp = parse_scan(scanned)
+    if str(scanned_address) != key:
+        raise FingerprintMismatch(
+            f"The scanned code is {scanned_address}'s, not {key}'s. Nothing was marked "
+            "verified: scan the code on the device of the person you mean to verify."
+        )
+    store = ContactStore(local.device_db(), local.account(user).local)
+    contact = store.get(key)
+    if contact is None:
+        raise UsageError(f"{key} is not among your contacts yet.")
+    if not fingerprint_matches(scanned_fp, contact.uik_pk):
+        if any(fingerprint_matches(scanned_fp, ch.new_uik) for ch in store.changes_of(key)):
+            raise FingerprintMismatch(
+                f"The scanned code matches {key}'s NEW identity key, not the one pinned. "
+                f"Nothing was marked verified. If you are sure it is theirs, accept it first "
+                f"(onionpost contacts accept-key {key} FINGERPRINT), then scan again."
+            )
+        raise FingerprintMismatch(
+            f"The scanned fingerprint does NOT match the key pinned for {key} "
+            f"({fingerprint(contact.uik_pk)}). Nothing was marked verified. The person "
+            "showing this code may not be the contact you write with, or their key changed: "
+            f"compare with onionpost contacts show {key}."
+        )
+    store.set_flags(key, verified=True)
 
 
 # --- introductions ------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from onionpost.errors import AlreadyInitialized, NotInitialized, OnionpostError,
 
 if TYPE_CHECKING:
     from gateway.mailread import MailReader, SearchField, Summary
-    from onionpost.admin import Local
+    from onionpost.admin import KeyChangeView, Local
     from onionpost.chain import Invitees
     from onionpost.crypto.keys import Profile
 
@@ -905,11 +905,16 @@ def contacts(ctx: click.Context, user: str | None) -> None:
         marks = [m for m, on in (("verified", c.verified), ("blocked", c.blocked)) if on]
         name = f" ({c.display_name})" if c.display_name else ""
         click.echo(f"{c.address}{name}  {v.fingerprint}  {' '.join(marks)}")
-    for address, _, _, _ in changes:
+    verified = {v.contact.address for v in views if v.contact.verified}
+    for ch in changes:
+        whose = f" --user {user}" if user else ""
+        loud = "VERIFIED contact " if ch.address in verified else ""
         click.echo(
-            f"WARNING: {address} now presents a DIFFERENT identity key. Mail from and to it "
-            "is refused until you compare safety numbers and run "
-            f"`onionpost contacts trust {address}`" + (f" --user {user}." if user else ".")
+            f"WARNING: your {loud}{ch.address} now presents a DIFFERENT identity key; "
+            f"{ch.held} message(s) from it are held in Quarantine. Compare both keys with "
+            f"`onionpost contacts show {ch.address}{whose}`, then run "
+            f"`onionpost contacts accept-key {ch.address} FINGERPRINT{whose}` or "
+            f"`onionpost contacts reject-key {ch.address}{whose}`."
         )
     for intro in waiting:
         click.echo(
@@ -929,31 +934,95 @@ def contacts_show(obj: Ctx, address: str, user: str | None) -> None:
 
     with admin.opened(obj.config()) as local:
         v = admin.contact(local, address, _group_user(user))
+        changes = admin.key_changes(local, address, _group_user(user))
     c = v.contact
     click.echo(f"address:        {c.address}")
     if c.display_name:
         click.echo(f"name:           {c.display_name} (from their signed profile)")
-    click.echo(f"identity:       {v.fingerprint}")
-    click.echo(f"safety number:  {v.safety_number}")
+    if changes:
+        for ch in changes:
+            _show_key_change(ch, verified=c.verified)
+    else:
+        click.echo(f"identity:       {v.fingerprint}")
+        click.echo(f"safety number:  {v.safety_number}")
     click.echo(f"verified:       {'yes' if c.verified else 'no'}")
     click.echo(f"first seen:     {time.strftime('%Y-%m-%d', time.gmtime(c.first_seen))}")
-    click.echo(
-        "Compare the safety number with your contact (in person or by phone); if it "
-        "matches, run `onionpost contacts verify ADDRESS`."
-    )
+    if changes:
+        click.echo(
+            "Ask your contact, over a channel you trust (in person, or a phone call in their "
+            "voice), to read you their fingerprint (`onionpost contacts me`). If it is the "
+            f"NEW one, run `onionpost contacts accept-key {c.address} FINGERPRINT` typing what "
+            f"they read; if they did not change their key, run `onionpost contacts reject-key "
+            f"{c.address}`."
+        )
+    else:
+        click.echo(
+            "Compare the safety number with your contact (in person or by phone); if it "
+            "matches, run `onionpost contacts verify ADDRESS`."
+        )
+
+
+def _show_key_change(ch: KeyChangeView, *, verified: bool) -> None:
+    """The pinned and the new key side by side; safety numbers as three rows of four."""
+    seen = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ch.change.seen_at))
+    loud = " (a key you VERIFIED)" if verified else ""
+    click.echo(f"KEY CHANGE:     a different identity key was presented {seen}{loud}")
+    click.echo(f"                {'PINNED (current)':<26}  NEW (not accepted)")
+    click.echo(f"identity:       {ch.old_fingerprint:<26}  {ch.new_fingerprint}")
+    old_groups, new_groups = ch.old_safety_number.split(), ch.new_safety_number.split()
+    for row in range(3):
+        label = "safety number:" if row == 0 else ""
+        left = " ".join(old_groups[row * 4 : row * 4 + 4])
+        right = " ".join(new_groups[row * 4 : row * 4 + 4])
+        click.echo(f"{label:<16}{left:<26}  {right}")
+    click.echo(f"held:           {ch.change.held} message(s) in Quarantine")
 
 
 @contacts.command("verify")
 @click.argument("address")
+@click.option(
+    "--scan",
+    "scanned",
+    metavar="TEXT",
+    help="The text of your contact's QR code (`onionpost contacts me --qr` on their device): "
+    "verified only if it names this address and the pinned key.",
+)
 @_user_option(_WHOSE)
 @pass_ctx
-def contacts_verify(obj: Ctx, address: str, user: str | None) -> None:
-    """Record that you compared safety numbers with this contact."""
+def contacts_verify(obj: Ctx, address: str, scanned: str | None, user: str | None) -> None:
+    """Record that you compared safety numbers (or scanned the QR code) with this contact.
+
+    A verified contact's later key change is louder: its mail is held, never delivered to
+    INBOX, until you accept the new key."""
     from onionpost import admin
 
     with admin.opened(obj.config()) as local:
-        admin.set_contact(local, address, verified=True, user=_group_user(user))
-    click.echo(f"{address} is marked as verified.")
+        if scanned is not None:
+            admin.verify_scanned(local, address, scanned, _group_user(user))
+        else:
+            admin.set_contact(local, address, verified=True, user=_group_user(user))
+    how = "the scanned code matches the pinned key; " if scanned is not None else ""
+    click.echo(f"{how}{address} is marked as verified.")
+
+
+@contacts.command("me")
+@click.option("--qr", is_flag=True, help="Also draw it as a QR code for a contact to scan.")
+@_user_option(_WHOSE)
+@pass_ctx
+def contacts_me(obj: Ctx, qr: bool, user: str | None) -> None:
+    """Your own address and identity fingerprint, for a contact to compare (or scan)."""
+    from onionpost import admin
+
+    with admin.opened(obj.config()) as local:
+        address, fp, payload = admin.own_identity(local, _group_user(user))
+    click.echo(f"address:      {address}")
+    click.echo(f"fingerprint:  {fp}")
+    if qr:
+        click.echo(_qr(payload))
+        click.echo(payload)
+        click.echo(
+            f"Your contact scans this and runs `onionpost contacts verify {address} --scan TEXT`."
+        )
 
 
 @contacts.command("block")
@@ -1013,17 +1082,65 @@ def contacts_policy(obj: Ctx, mode: str | None, user: str | None) -> None:
     click.echo(f"mail from:  {_POLICY_WORDS[current is not False]}")
 
 
-@contacts.command("trust")
+@contacts.command("accept-key")
+@click.argument("address")
+@click.argument("fingerprint", nargs=-1, required=True)
+@_user_option(_WHOSE)
+@pass_ctx
+def contacts_accept_key(
+    obj: Ctx, address: str, fingerprint: tuple[str, ...], user: str | None
+) -> None:
+    """Pin a contact's NEW identity key, if FINGERPRINT (as they read it to you over a channel
+    you trust) is that key's. Spaces, dashes and case do not matter."""
+    from onionpost import admin
+
+    with admin.opened(obj.config()) as local:
+        change = admin.accept_key(local, address, " ".join(fingerprint), _group_user(user))
+    click.echo(f"The new identity key of {address} is pinned; mail to and from it flows again.")
+    if change.held:
+        click.echo(
+            f"{change.held} message(s) it sent while the key was not accepted stay in your "
+            "Quarantine folder; move them to INBOX in your mail client once you have read them."
+        )
+    click.echo(
+        f"It is no longer marked verified: verify the new key with "
+        f"`onionpost contacts verify {address}` when you have compared it in person."
+    )
+
+
+@contacts.command("reject-key")
+@click.argument("address")
+@_user_option(_WHOSE)
+@pass_ctx
+def contacts_reject_key(obj: Ctx, address: str, user: str | None) -> None:
+    """Keep the pinned identity key: mail signed by the new key is refused from now on."""
+    from onionpost import admin
+
+    with admin.opened(obj.config()) as local:
+        rejected = admin.reject_key(local, address, _group_user(user))
+    held = sum(ch.held for ch in rejected)
+    click.echo(
+        f"The pinned identity key of {address} is kept; mail signed by the rejected key is "
+        "refused from now on."
+    )
+    if held:
+        click.echo(
+            f"{held} message(s) signed by it stay in Quarantine: delete them, or keep them "
+            "as evidence."
+        )
+
+
+@contacts.command("trust", hidden=True)
 @click.argument("address")
 @_user_option(_WHOSE)
 @pass_ctx
 def contacts_trust(obj: Ctx, address: str, user: str | None) -> None:
-    """Accept a contact's NEW identity key (only after comparing safety numbers)."""
-    from onionpost import admin
-
-    with admin.opened(obj.config()) as local:
-        admin.accept_identity(local, address, _group_user(user))
-    click.echo(f"The old key of {address} is forgotten; the next message pins the new one.")
+    """Replaced by accept-key, which checks the fingerprint you type."""
+    raise UsageError(
+        "`onionpost contacts trust` is gone: it pinned whatever key came next. Compare the "
+        f"keys with `onionpost contacts show {address}`, then run `onionpost contacts "
+        f"accept-key {address} FINGERPRINT` with the fingerprint your contact read to you."
+    )
 
 
 @contacts.command("introduce")

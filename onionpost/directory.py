@@ -85,7 +85,12 @@ class Directory:
         clock = self.clock.monotonic
         recent = self._fresh.get(key)
         if recent is not None and clock() - recent[0] < self.fresh_seconds:
-            return recent[1]
+            # ... unless the person has accepted a new identity key for the address since
+            # (`contacts accept-key`): the bundle of the old key is no one's to seal to now.
+            contact = self.contacts.get(key)
+            if contact is None or contact.uik_pk == recent[1].bundle.uik_pk:
+                return recent[1]
+            del self._fresh[key]
         failed = self._failed.get(key)
         if failed is not None and clock() - failed[0] < self.failure_seconds:
             return self._fallback(address, failed[1], now)
@@ -129,12 +134,16 @@ class Directory:
             verified = verify_bundle(
                 bundle, onion_pk=address.onion_public_key, local=address.local, now=now, pin=pin
             )
-        except IdentityKeyChanged:
-            if contact is not None:
-                self.contacts.record_identity_change(
-                    key, contact.uik_pk, bundle.device_list.uik_pk, now
-                )
-            raise
+        except IdentityKeyChanged as exc:
+            if contact is None:
+                raise
+            self._record_change(address, contact.uik_pk, bundle, raw, now)
+            raise IdentityKeyChanged(
+                f"{key} now presents a different identity key, so nothing was encrypted to "
+                f"it. Compare both keys with `onionpost contacts show {key}`, then run "
+                f"`onionpost contacts accept-key {key} FINGERPRINT` (the fingerprint they "
+                f"read to you) or `onionpost contacts reject-key {key}`, and send again."
+            ) from exc
         self.contacts.remember(
             key,
             uik_pk=verified.uik_pk,
@@ -153,6 +162,36 @@ class Directory:
         resolved = Resolved(verified, fresh=True)
         self._fresh[key] = (clock(), resolved)
         return resolved
+
+    def _record_change(
+        self, address: Address, old_uik: bytes, bundle: KeyBundle, raw: bytes, now: int
+    ) -> None:
+        """Record a contact's new identity key with what its bundle proves of it, so that
+        ``contacts accept-key`` can pin it.  A bundle that does not verify even against the
+        new key is not recorded (it is no one's key); nothing is sent either way."""
+        key = str(address)
+        new_uik = bundle.device_list.uik_pk
+        pending = self.contacts.pending_change(key, new_uik)
+        try:
+            verified = verify_bundle(
+                bundle,
+                onion_pk=address.onion_public_key,
+                local=address.local,
+                now=now,
+                pin=pin_parse(pending.new_pin) if pending and pending.new_pin else None,
+            )
+        except OnionpostError as exc:
+            log.warning("%s's inbox served a new identity key that does not verify: %s", key, exc)
+            return
+        self.contacts.record_identity_change(
+            key,
+            old_uik,
+            new_uik,
+            now,
+            new_pin=pin_encode(verified.pin),
+            device_list=verified.device_list.encode(),
+            bundle=raw,
+        )
 
     async def identity_now(self, address: Address, *, now: int) -> bytes | None:
         """The identity key ``address``'s inbox serves now, its bundle verified against the

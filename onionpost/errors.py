@@ -12,6 +12,7 @@ guessing.
      +- UsageError                 a person asked for something that cannot be done as asked
      |   +- ConfigError, DataDirError (NodeAlreadyRunning), AlreadyInitialized, NotInitialized
      |   +- CodeRefused, TooManyCodeAttempts, InviteChainRefused (invites and pairings)
+     |   +- FingerprintMismatch     a typed or scanned fingerprint is not the key's
      +- AddressError               not a valid  local@<v3 onion>.onion  address
      +- CryptoError                keys, bundles, envelopes, stamps
      |   +- MalformedData          bytes that do not parse as the structure they claim to be
@@ -152,6 +153,13 @@ class InviteChainRefused(UsageError):
 
     enhanced_code = "5.7.1"
     reason = "invite-chain"
+
+
+class FingerprintMismatch(UsageError):
+    """The fingerprint does NOT match the key: do not trust this key.
+
+    Either it was mistyped or misread, or the key is not your contact's. Compare again over a
+    channel you trust (in person, or a phone call in their voice)."""
 
 
 class WrongPassphrase(UsageError):

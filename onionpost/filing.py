@@ -110,11 +110,14 @@ class Filer:
         mark_seen: bool = False,
         unless_message_id: str | None = None,
         wait: int = 0,
+        in_database: bool = False,
     ) -> int | None:
         """Queue ``prefix`` + ``message`` (bytes, a file's path, or an open file read from
         where it stands; durable when the caller's transaction commits); the row id, or None
         if ``key`` was queued before.  The filer looks at it at once, or after ``wait``
-        seconds."""
+        seconds.  With ``in_database`` (bytes, no prefix) the message is kept in the
+        database, durable with the caller's COMMIT and without an fsync of its own (see
+        :meth:`FilingStore.add`)."""
         now = self._now()
         filing_id = self.store.add(
             key=key,
@@ -127,6 +130,7 @@ class Filer:
             mark_seen=mark_seen,
             unless_message_id=unless_message_id,
             not_before=now + wait if wait else None,
+            in_database=in_database,
         )
         self.wake()
         return filing_id
@@ -217,7 +221,12 @@ class Filer:
                 if not handed_now:
                     self.store.set_state(row.id, HANDED)
                 header = f"{FILING_HEADER}: {value}\r\n".encode()
-                await sink.deliver(row.user, row.folder, self.store.path(row.key), header=header)
+                path = self.store.path(row.key)
+                body = self.store.body(row)  # kept in the database: write it out first
+                if body is not None:
+                    path = await asyncio.to_thread(self.store.write_scratch, row.key, body)
+                    del body
+                await sink.deliver(row.user, row.folder, path, header=header)
             if row.mark_seen:
                 self.store.set_state(row.id, FILED)
                 await sink.mark_seen(row.user, row.folder, FILING_HEADER, value)

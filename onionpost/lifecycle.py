@@ -186,6 +186,10 @@ def _exit_now(status: int) -> None:
     os._exit(status)
 
 
+#: Seconds a thread holding the GIL runs before one that waits for it gets its turn.
+SWITCH_INTERVAL = 0.0005
+
+
 def serve(
     config: Config,
     *,
@@ -201,6 +205,10 @@ def serve(
     whatever stopped the node from starting; returns once it has stopped.
     """
     bound_heap()
+    # Worker threads (the SMTP group commit, scrypt, Dovecot) mostly wait on fsync and
+    # sockets; each time one returns it needs the GIL back, and with the default 5 ms switch
+    # interval a busy event loop makes it wait that long, after every fsync of a commit.
+    sys.setswitchinterval(SWITCH_INTERVAL)
     stopper = _Stopper(grace)
     stopper.install()
     try:

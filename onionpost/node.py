@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import random
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, is_dataclass
@@ -264,7 +265,9 @@ class Node:
         users = files.users()
         if not users:
             raise NotInitialized()
-        db = self._open(cfg.data_dir / "device.db", DEVICE_COMPONENTS)
+        # The loop's connection and the group commit's share one write lock (Database).
+        self._device_lock = threading.Lock()
+        db = self._open(cfg.data_dir / "device.db", DEVICE_COMPONENTS, write_lock=self._device_lock)
         self.device_db = db
         self.filer = Filer(FilingStore(db, cfg.data_dir / "filing"), now=self.clock.now)
         self.filer.start()
@@ -280,6 +283,10 @@ class Node:
             max_message_bytes=cfg.gateway.max_message_bytes,
             on_queued=lambda: self.scheduler.wake("seal"),
             sent_copy_wait=cfg.gateway.sent_copy_wait_seconds,
+            # Its own connection, for the group commit's thread (see Submissions).
+            commit_db=self._open(
+                cfg.data_dir / "device.db", DEVICE_COMPONENTS, write_lock=self._device_lock
+            ),
         )
 
     # -- periodic jobs --------------------------------------------------------------------
@@ -380,9 +387,13 @@ class Node:
         device.start()
 
     def _open(
-        self, path: Path, components: tuple[str, ...], record_key: bytes | None = None
+        self,
+        path: Path,
+        components: tuple[str, ...],
+        record_key: bytes | None = None,
+        write_lock: threading.Lock | None = None,
     ) -> Database:
-        db = Database(path, components, record_key=record_key)
+        db = Database(path, components, record_key=record_key, write_lock=write_lock)
         self._dbs.append(db)
         return db
 
@@ -409,6 +420,8 @@ class Node:
         for stop in reversed(self._stops):
             await _bounded(stop(), "the mail-client gateway")
         self._stops.clear()
+        if self.submissions is not None:  # a commit in flight ends before its database closes
+            await _bounded(self.submissions.close(), "the submission queue")
         for device in self.devices.values():
             await device.stop()
         if self.filer is not None:

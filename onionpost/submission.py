@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from email.parser import BytesHeaderParser
 from typing import Any
 
@@ -38,6 +39,7 @@ from onionpost.errors import (
     UnknownLocalUser,
 )
 from onionpost.filing import Filer, filing_key
+from onionpost.groupcommit import GroupCommit
 from onionpost.inbox import TOKEN_REFUSED
 from onionpost.retry import RetryPolicy, after_failure
 from onionpost.sending import Outgoing
@@ -89,6 +91,10 @@ def queue_submission(
     inbox would wait for keys and bounce, and the inbox would refuse it anyway.  The address
     stays a recipient only so the sealing worker makes a copy for the user's other devices;
     with no other devices it is simply done.
+
+    Both copies are kept in the database (``filing_bodies``), not in spool files: the
+    transaction's one COMMIT makes everything durable, so a group commit of many
+    submissions costs one fsync (:class:`Submissions`).
     """
     ref = message_ref(message)
     with db.transaction():
@@ -111,6 +117,7 @@ def queue_submission(
             mark_seen=True,
             unless_message_id=ref if waits else None,
             not_before=now + sent_copy_wait if waits else None,
+            in_database=True,
         )
         if own_address is not None and own_address in recipients:
             filing.add(
@@ -119,8 +126,20 @@ def queue_submission(
                 folder="INBOX",
                 message=message,
                 now=now,
+                in_database=True,
             )
     return sid
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """A checked submission on its way into a group commit."""
+
+    user: str
+    recipients: tuple[Address, ...]
+    message: bytes
+    own_address: Address
+    now: int
 
 
 class Submissions:
@@ -136,8 +155,17 @@ class Submissions:
         max_message_bytes: int,
         on_queued: Callable[[], None] | None = None,
         sent_copy_wait: int = 0,
+        commit_db: Database | None = None,
     ) -> None:
         self.sent_copy_wait = sent_copy_wait
+        # The group commit's own connection to the same database file, used only by its
+        # thread: the event loop's connection (``db``) stays the loop's alone.  Without one,
+        # submit_async commits each submission on the loop, one at a time.
+        self._commit_db = commit_db
+        self._group: GroupCommit[_Pending, int] | None = None
+        if commit_db is not None:
+            self._commit_filing = FilingStore(commit_db, filer.store.spool_dir)
+            self._group = GroupCommit(self._commit_batch, name="submit-commit")
         self.store = SubmissionStore(db)
         self._on_queued = on_queued
         self.db = db
@@ -154,6 +182,34 @@ class Submissions:
 
     def submit(self, user: str, recipients: Sequence[Address], message: bytes) -> int:
         """Queue ``message`` for ``recipients``; durable (and filed in Sent) on return."""
+        pending = self._check(user, recipients, message)
+        sid = queue_submission(
+            self.db,
+            filing=self.filer.store,
+            sent_copy_wait=self.sent_copy_wait,
+            user=user,
+            recipients=recipients,
+            message=message,
+            now=pending.now,
+            lifetime=self.config.lifetime_seconds,
+            own_address=pending.own_address,
+        )
+        self._queued()
+        return sid
+
+    async def submit_async(self, user: str, recipients: Sequence[Address], message: bytes) -> int:
+        """:meth:`submit` for the SMTP gateway: the same checks and the same durable result
+        on return, but the work (header parsing, the spool file, the transaction and its
+        fsyncs) runs in the group commit's thread, and submissions that arrive while a
+        commit runs share the next one (:mod:`onionpost.groupcommit`)."""
+        pending = self._check(user, recipients, message)
+        if self._group is None:
+            return self.submit(user, recipients, message)
+        sid = await self._group.submit(pending)
+        self._queued()
+        return sid
+
+    def _check(self, user: str, recipients: Sequence[Address], message: bytes) -> _Pending:
         device = self.devices.get(user)
         if device is None:
             raise UnknownLocalUser(f"There is no onionpost user '{user}' on this node.")
@@ -163,20 +219,44 @@ class Submissions:
             raise MessageTooLarge(
                 f"The message is {len(message)} bytes; the limit is {self.max_message_bytes}."
             )
-        sid = queue_submission(
-            self.db,
-            filing=self.filer.store,
-            sent_copy_wait=self.sent_copy_wait,
-            user=user,
-            recipients=recipients,
-            message=message,
-            now=self.clock.now(),
-            lifetime=self.config.lifetime_seconds,
-            own_address=device.address,
-        )
+        return _Pending(user, tuple(recipients), message, device.address, self.clock.now())
+
+    def _queued(self) -> None:
         self.filer.wake()
         self.wake()
-        return sid
+
+    def _commit_batch(self, batch: list[_Pending]) -> list[int | BaseException]:
+        """One transaction for the whole batch, in the group commit's thread: each
+        submission in a savepoint of its own (a refused one takes only itself back), then
+        the one COMMIT, the batch's one fsync (the WAL's; the Sent copies are rows too)."""
+        db, filing = self._commit_db, self._commit_filing
+        assert db is not None
+        outcomes: list[int | BaseException] = []
+        with db.transaction():
+            for p in batch:
+                try:
+                    with db.transaction():  # a savepoint
+                        outcomes.append(
+                            queue_submission(
+                                db,
+                                filing=filing,
+                                sent_copy_wait=self.sent_copy_wait,
+                                user=p.user,
+                                recipients=p.recipients,
+                                message=p.message,
+                                now=p.now,
+                                lifetime=self.config.lifetime_seconds,
+                                own_address=p.own_address,
+                            )
+                        )
+                except OnionpostError as exc:
+                    outcomes.append(exc)
+        return outcomes
+
+    async def close(self) -> None:
+        """Let a running group commit finish (its clients hear their answer)."""
+        if self._group is not None:
+            await self._group.close()
 
     def wake(self) -> None:
         self._wake.set()

@@ -65,9 +65,10 @@ from onionpost.normalize import (
     normalize_header,
     oversized_header,
 )
-from onionpost.store.contacts import ContactStore
+from onionpost.store.contacts import Contact, ContactStore
 from onionpost.store.filing import FilingStore
 from onionpost.store.introductions import IntroductionStore
+from onionpost.trust import KEY_CHANGE_HEADER, QUARANTINE
 
 log = logging.getLogger(__name__)
 
@@ -215,13 +216,9 @@ class Receiver:
                 return Filed("", tuple(left))
             except CryptoError as exc:
                 return self._notice(exc, header, digest, now)
-            if folder == "INBOX" and self.contacts.is_blocked(str(sender.address)):
-                # Blocked (`onionpost contacts block`): the sender is known only now, after
-                # verification, so this is where mail that came as a stranger's is stopped.
-                # Nothing is filed and no notice is made; the inbox is told it was taken.
-                store.record_seen(self.user, header.msg_id, header.expires_at)
-                log.info("dropped a message from a blocked sender")
-                return Filed("")
+            dropped_or_held = self._drop_or_hold(body, header, folder, sender, now)
+            if dropped_or_held is not None:
+                return dropped_or_held
             message, offset = _filed_form(body, sender, now)
             # Our own mail that was also addressed to us (another device of ours sent it): the
             # mark is signed by our own device, so it is trusted as much as the copy itself.
@@ -243,11 +240,30 @@ class Receiver:
                         prefix=b"" if offset is None else message,
                         source=header.msg_id,
                         mark_seen=target == "Sent",
+                        # A small message rides in the batch's COMMIT: no spool file and
+                        # no fsyncs of its own (a file and its directory, per message).
+                        in_database=offset is None and len(message) <= IN_DATABASE_BYTES,
                     )
                     if filing_id is not None:
                         ids.append(filing_id)
         log.info("queued a message for %s", " and ".join(folders))
         return Filed(folder, tuple(ids))
+
+    def _drop_or_hold(
+        self, body: IO[bytes], header: ContentHeader, folder: str, sender: _Sender, now: int
+    ) -> Filed | None:
+        """Mail from a blocked sender (dropped) or signed by a changed identity key (held in
+        Quarantine); None for mail to file as usual."""
+        if folder != "Sent" and self.contacts.is_blocked(str(sender.address)):
+            # Blocked (`onionpost contacts block`): the sender is known only now, after
+            # verification, so this is where mail that came as a stranger's is stopped.
+            # Nothing is filed and no notice is made; the inbox is told it was taken.
+            self.filer.store.record_seen(self.user, header.msg_id, header.expires_at)
+            log.info("dropped a message from a blocked sender")
+            return Filed("")
+        if folder == QUARANTINE:
+            return self._hold(body, header, sender, now)
+        return None
 
     def _authenticate(self, header: ContentHeader, now: int) -> tuple[str, _Sender]:
         credentials = header.extension(EXT_SENDER_KEYS)
@@ -266,9 +282,9 @@ class Receiver:
         try:
             verified = verify_sender(header, credentials, pin, known)
         except IdentityKeyChanged:
-            if contact is not None:
-                self.contacts.record_identity_change(key, contact.uik_pk, header.sender_uik, now)
-            raise
+            if contact is None:
+                raise
+            return QUARANTINE, self._new_key(address, contact, header, credentials)
         newer_list = known is None or verified.device_list.version > known.version
         self.contacts.remember(
             key,
@@ -378,6 +394,140 @@ class Receiver:
         log.info("an introduction from a contact was queued for INBOX")
         return Filed("INBOX", () if filing_id is None else (filing_id,))
 
+    def _new_key(
+        self, address: Address, contact: Contact, header: ContentHeader, credentials: bytes | None
+    ) -> _Sender:
+        """The sender of a message signed by an identity key other than the pinned one,
+        verified as thoroughly as a first message is, against the new key (and what earlier
+        messages or a bundle proved of it): a message that fails is not held but refused
+        with a notice, like any other."""
+        key = str(address)
+        pending = self.contacts.pending_change(key, header.sender_uik)
+        new_pin = pin_parse(pending.new_pin) if pending and pending.new_pin else None
+        known = (
+            DeviceList.parse(pending.new_device_list)
+            if pending and pending.new_device_list
+            else None
+        )
+        verified = verify_sender(header, credentials, new_pin, known)
+        newer_list = known is None or verified.device_list.version > known.version
+        return _Sender(
+            address,
+            verified.uik_pk,
+            held=_Held(
+                contact,
+                pin_encode(verified.pin),
+                verified.device_list.encode() if newer_list else None,
+            ),
+        )
+
+    def _hold(self, body: IO[bytes], header: ContentHeader, sender: _Sender, now: int) -> Filed:
+        """File a message signed by a not-yet-accepted identity key into Quarantine, with
+        the key-change header, and (once per change) a notice in INBOX saying what to run.
+
+        Held, not delivered: nothing from a new key reaches INBOX before the person accepts
+        it, whether or not the old key was verified (a verified contact's notice is louder).
+        Mail signed by a key the person rejected is refused: recorded as taken, not filed.
+        """
+        assert sender.held is not None
+        held = sender.held
+        old, store = held.contact, self.filer.store
+        address = str(sender.address)
+        with store.db.transaction():
+            store.record_seen(self.user, header.msg_id, header.expires_at)
+            change = self.contacts.record_identity_change(
+                address,
+                old.uik_pk,
+                sender.uik_pk,
+                now,
+                new_pin=held.pin,
+                device_list=held.device_list,
+                held=True,
+            )
+            if not change.pending:
+                log.info("refused a message signed by an identity key the person rejected")
+                return Filed("")
+            stamped = _Sender(
+                sender.address, sender.uik_pk, warning=_key_change_words(old, sender.uik_pk)
+            )
+            message, offset = _filed_form(body, stamped, now)
+            if offset is not None:
+                body.seek(offset)
+            ids: list[int] = []
+            filing_id = self.filer.queue(
+                key=filing_key(b"inbox", self.user.encode(), header.msg_id, QUARANTINE.encode()),
+                user=self.user,
+                folder=QUARANTINE,
+                message=message if offset is None else body,
+                prefix=b"" if offset is None else message,
+                source=header.msg_id,
+            )
+            if filing_id is not None:
+                ids.append(filing_id)
+            if self.contacts.mark_noticed(change.id):
+                notice_id = self.filer.queue(
+                    key=filing_key(
+                        b"key-change", self.user.encode(), address.encode(), sender.uik_pk
+                    ),
+                    user=self.user,
+                    folder="INBOX",
+                    message=self._key_change_notice(old, sender, now),
+                    source=header.msg_id,
+                )
+                if notice_id is not None:
+                    ids.append(notice_id)
+        log.warning("held a message signed by a changed identity key in %s", QUARANTINE)
+        return Filed(QUARANTINE, tuple(ids))
+
+    def _key_change_notice(self, old: Contact, sender: _Sender, now: int) -> bytes:
+        """The INBOX notice of a held key change: who, both fingerprints, what to run."""
+        me = self.account.address
+        address = str(sender.address)
+        old_fp, new_fp = fingerprint(old.uik_pk), fingerprint(sender.uik_pk)
+        if old.verified:
+            subject = f"WARNING: your VERIFIED contact {address} changed identity key"
+            louder = (
+                "You had VERIFIED this contact's key (onionpost contacts verify). A verified "
+                "key changes only if they reset onionpost or lost every device that held "
+                "it. Treat this as a possible impersonation until they confirm it in person "
+                "or by a phone call in their own voice.\r\n\r\n"
+            )
+        else:
+            subject = f"Identity key changed: {address} (mail held in {QUARANTINE})"
+            louder = ""
+        text = (
+            f"{address} sent you mail signed with a NEW identity key. It was held in your "
+            f"{QUARANTINE} folder and not delivered to your INBOX.\r\n\r\n"
+            f"  pinned key (the one you know):  {old_fp}\r\n"
+            f"  new key (not accepted):         {new_fp}\r\n\r\n"
+            + louder
+            + "Either your contact reset their identity (a new installation, lost devices), "
+            "or someone else now speaks for their address. Ask them, over a channel you "
+            "trust, to read you their fingerprint (onionpost contacts me). Then run one of:\r\n"
+            f"\r\n  onionpost contacts show {address}\r\n"
+            "      both keys and safety numbers side by side\r\n"
+            f"  onionpost contacts accept-key {address} FINGERPRINT\r\n"
+            "      pins the new key, if FINGERPRINT (what they read you) is its own\r\n"
+            f"  onionpost contacts reject-key {address}\r\n"
+            "      keeps the old key; mail signed by the new one is refused\r\n\r\n"
+            f"Until then further mail signed by the new key is held in {QUARANTINE} too. "
+            f"Held mail stays in {QUARANTINE} after you accept the key: move it yourself "
+            "once you are sure.\r\n"
+        )
+        return (
+            f"From: onionpost <postmaster@{me.domain}>\r\n"
+            f"To: {me}\r\n"
+            f"Subject: {subject}\r\n"
+            f"Date: {formatdate(now, usegmt=True)}\r\n"
+            f"Message-ID: <key-change.{sender.uik_pk.hex()[:32]}.{now}@{me.domain}>\r\n"
+            "MIME-Version: 1.0\r\n"
+            "Content-Type: text/plain; charset=utf-8\r\n"
+            "Content-Transfer-Encoding: 8bit\r\n"
+            "X-Onionpost-Notice: key-change\r\n"
+            f"{KEY_CHANGE_HEADER}: {_key_change_words(old, sender.uik_pk)}\r\n"
+            "\r\n" + text
+        ).encode("utf-8")
+
     def _notice(
         self, exc: OnionpostError, header: ContentHeader | None, digest: bytes, now: int
     ) -> Filed:
@@ -426,6 +576,9 @@ class Receiver:
         return Filed("INBOX", () if filing_id is None else (filing_id,))
 
 
+#: Messages up to this size wait for filing in the database rather than in a spool file.
+IN_DATABASE_BYTES = 1 << 20
+
 #: A batch of pending messages is cut at this many messages or this many bytes (the fetched
 #: envelopes are held in spooled temporary files until the batch is queued).
 BATCH_MESSAGES = 32
@@ -447,11 +600,34 @@ def _batches(pending: list[PendingMessage]) -> list[list[PendingMessage]]:
 
 
 @dataclass(frozen=True)
+class _Held:
+    """What a message signed by a changed identity key proved of the new key."""
+
+    contact: Contact
+    pin: bytes
+    device_list: bytes | None
+
+
+@dataclass(frozen=True)
 class _Sender:
     address: Address
     uik_pk: bytes
     #: The display name of the sender's newest verified profile ("" when none is known).
     verified_name: str = ""
+    #: Set for a message signed by a not-yet-accepted identity key (held in Quarantine).
+    held: _Held | None = None
+    #: The key-change warning to stamp instead of X-Onionpost-Verified.
+    warning: str | None = None
+
+
+def _key_change_words(old: Contact, new_uik: bytes) -> str:
+    """The value of the key-change header: held, both fingerprints, what to run."""
+    verified = " which you had VERIFIED" if old.verified else ""
+    return (
+        f"HELD: signed by a NEW identity key {fingerprint(new_uik)}, not the pinned key "
+        f"{fingerprint(old.uik_pk)}{verified}; not accepted yet. Compare with "
+        f"onionpost contacts show {old.address}"
+    )
 
 
 def _file_digest(f: IO[bytes]) -> bytes:
@@ -523,9 +699,7 @@ def _stamp(message: bytes, sender: _Sender) -> bytes:
         kept.append(eol.join(f))
     verified = str(sender.address)
     found = [a.lower() for _, a in getaddresses(from_values) if a]
-    extra: list[bytes] = [
-        f"X-Onionpost-Verified: {verified} (identity {fingerprint(sender.uik_pk)})".encode()
-    ]
+    extra: list[bytes] = [_verification_line(sender)]
     claimed = _display_name(from_values[0]) if from_values else ""
     display = claimed
     if sender.verified_name:
@@ -543,6 +717,16 @@ def _stamp(message: bytes, sender: _Sender) -> bytes:
             for v in from_values
         )
     return b"".join((eol.join(extra + kept), rest))
+
+
+def _verification_line(sender: _Sender) -> bytes:
+    """X-Onionpost-Verified for mail from the pinned key; for held mail (a changed key) the
+    key-change warning instead, so that nothing calls it verified before it is accepted."""
+    if sender.warning is not None:
+        return f"{KEY_CHANGE_HEADER}: {sender.warning}".encode()
+    return (
+        f"X-Onionpost-Verified: {sender.address} (identity {fingerprint(sender.uik_pk)})".encode()
+    )
 
 
 def _display_name(from_value: str) -> str:

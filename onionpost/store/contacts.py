@@ -2,8 +2,11 @@
 
 A contact's identity key is pinned the first time we see it, from a bundle fetched from the
 contact's own onion or from a message whose credentials verified.  Later bundles and
-messages must agree with the pin; a change is recorded in ``identity_changes`` and refused
-until the user accepts it (``onionpost contacts trust``).
+messages must agree with the pin.  A different identity key is recorded in
+``identity_changes`` with what was verified of it; mail signed by it is held in Quarantine
+(see :mod:`onionpost.sync`) until the person compares fingerprints and runs ``onionpost
+contacts accept-key ADDR FINGERPRINT`` (pins the new key if the typed fingerprint is its
+own) or ``contacts reject-key ADDR`` (keeps the old pin; the new key's mail is refused).
 
 Every row belongs to one local user: the people of a household share a device database but
 not their contacts.  Tokens in particular are per person (the token we grant a contact is
@@ -16,7 +19,11 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import dataclass
 
+from onionpost.crypto.bundle import Pin
+from onionpost.crypto.sender import pin_encode
+from onionpost.errors import FingerprintMismatch, UsageError
 from onionpost.store.db import Database
+from onionpost.trust import check_typed, fingerprint_matches
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,47 @@ def _contact(r: sqlite3.Row) -> Contact:
         r["last_seen"],
         bool(r["verified"]),
         bool(r["blocked"]),
+    )
+
+
+@dataclass(frozen=True)
+class IdentityChange:
+    """A contact presented an identity key other than the pinned one."""
+
+    id: int
+    address: str
+    old_uik: bytes
+    new_uik: bytes
+    seen_at: int
+    #: The verified pin of the new key (None for a change recorded before contacts
+    #: migration 0006).
+    new_pin: bytes | None
+    new_device_list: bytes | None
+    new_bundle: bytes | None
+    #: How many messages signed by the new key were held in Quarantine.
+    held: int
+    noticed: bool
+    #: None while pending; "accepted" or "rejected".
+    outcome: str | None
+
+    @property
+    def pending(self) -> bool:
+        return self.outcome is None
+
+
+def _change(r: sqlite3.Row) -> IdentityChange:
+    return IdentityChange(
+        r["id"],
+        r["address"],
+        r["old_uik"],
+        r["new_uik"],
+        r["seen_at"],
+        r["new_pin"],
+        r["new_device_list"],
+        r["new_bundle"],
+        r["held"],
+        bool(r["noticed"]),
+        r["outcome"],
     )
 
 
@@ -240,37 +288,196 @@ class ContactStore:
             return int(c.execute("DELETE FROM contacts WHERE user = ?", (self.user,)).rowcount)
 
     def record_identity_change(
-        self, address: str, old_uik: bytes, new_uik: bytes, now: int
-    ) -> None:
-        with self.db.transaction() as c:
-            exists = c.execute(
-                "SELECT 1 FROM identity_changes WHERE user = ? AND address = ? AND new_uik = ?"
-                " AND resolved_at IS NULL",
-                (self.user, address, new_uik),
-            ).fetchone()
-            if not exists:
-                c.execute(
-                    "INSERT INTO identity_changes (user, address, old_uik, new_uik, seen_at)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    (self.user, address, old_uik, new_uik, now),
-                )
+        self,
+        address: str,
+        old_uik: bytes,
+        new_uik: bytes,
+        now: int,
+        *,
+        new_pin: bytes | None = None,
+        device_list: bytes | None = None,
+        bundle: bytes | None = None,
+        held: bool = False,
+    ) -> IdentityChange:
+        """Record that ``address`` presented ``new_uik`` instead of the pinned ``old_uik``,
+        with what was verified of the new key (``new_pin``, ``device_list``, ``bundle``: the
+        caller checked every signature against the new key), and count a ``held`` message.
 
-    def pending_identity_changes(self) -> list[tuple[str, bytes, bytes, int]]:
+        Returns the change as it stands: pending (a new or the existing row), or rejected if
+        the person already rejected this key while ``old_uik`` stayed pinned, in which case
+        nothing is updated and the caller refuses the mail.
+        """
+        with self.db.transaction() as c:
+            row = c.execute(
+                "SELECT * FROM identity_changes WHERE user = ? AND address = ? AND new_uik = ?"
+                " AND old_uik = ? AND (resolved_at IS NULL OR outcome = 'rejected')"
+                " ORDER BY resolved_at IS NOT NULL, id DESC LIMIT 1",
+                (self.user, address, new_uik, old_uik),
+            ).fetchone()
+            if row is not None and row["outcome"] == "rejected":
+                return _change(row)
+            if row is None:
+                change_id = c.execute(
+                    "INSERT INTO identity_changes (user, address, old_uik, new_uik, seen_at,"
+                    " new_pin, new_device_list, new_bundle, held)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        self.user,
+                        address,
+                        old_uik,
+                        new_uik,
+                        now,
+                        new_pin,
+                        device_list,
+                        bundle,
+                        int(held),
+                    ),
+                ).lastrowid
+            else:
+                change_id = row["id"]
+                c.execute(
+                    "UPDATE identity_changes SET new_pin = coalesce(?, new_pin),"
+                    " new_device_list = coalesce(?, new_device_list),"
+                    " new_bundle = coalesce(?, new_bundle), held = held + ? WHERE id = ?",
+                    (new_pin, device_list, bundle, int(held), change_id),
+                )
+            got = c.execute("SELECT * FROM identity_changes WHERE id = ?", (change_id,)).fetchone()
+            return _change(got)
+
+    def pending_change(self, address: str, new_uik: bytes) -> IdentityChange | None:
+        """The pending (unresolved) change of ``address`` to ``new_uik``, if any."""
+        r = self.db.one(
+            "SELECT * FROM identity_changes WHERE user = ? AND address = ? AND new_uik = ?"
+            " AND resolved_at IS NULL ORDER BY id DESC LIMIT 1",
+            (self.user, address, new_uik),
+        )
+        return _change(r) if r else None
+
+    def mark_noticed(self, change_id: int) -> bool:
+        """Record that the INBOX notice of this change was queued; False if it already was
+        (one notice per change, however many messages are held)."""
+        with self.db.transaction() as c:
+            return (
+                c.execute(
+                    "UPDATE identity_changes SET noticed = 1 WHERE id = ? AND noticed = 0",
+                    (change_id,),
+                ).rowcount
+                > 0
+            )
+
+    def pending_identity_changes(self) -> list[IdentityChange]:
         return [
-            (r["address"], r["old_uik"], r["new_uik"], r["seen_at"])
+            _change(r)
             for r in self.db.all(
                 "SELECT * FROM identity_changes WHERE user = ? AND resolved_at IS NULL ORDER BY id",
                 (self.user,),
             )
         ]
 
-    def accept_identity(self, address: str, now: int) -> bool:
-        """The user accepts a contact's new identity: forget the old pin entirely."""
+    def changes_of(self, address: str) -> list[IdentityChange]:
+        """The pending changes of one contact, oldest first."""
+        return [c for c in self.pending_identity_changes() if c.address == address]
+
+    def accept_key(self, address: str, typed: str, now: int) -> IdentityChange:
+        """Pin the new identity key whose fingerprint ``typed`` is (case, spaces and dashes
+        aside), if ``address`` has a pending change to it, or a rejected one to it while
+        the rejected-from key is still pinned (the person changed their mind).
+
+        The contact keeps its blocked flag and the token we granted them; *verified* is
+        cleared, because what was verified was the old key, and so is the token the old key
+        granted us (the new identity grants its own with its next message; until then we
+        write as a stranger, with a proof of work).  Every other pending change of the address is
+        rejected: the person said which key is their contact's.  Raises UsageError if there
+        is nothing to accept and FingerprintMismatch if ``typed`` matches none of the keys.
+        """
+        check_typed(typed)
         with self.db.transaction() as c:
-            n = c.execute(
-                "UPDATE identity_changes SET resolved_at = ? WHERE user = ? AND address = ?"
-                " AND resolved_at IS NULL",
+            contact = c.execute(
+                "SELECT uik_pk FROM contacts WHERE user = ? AND address = ?", (self.user, address)
+            ).fetchone()
+            rows = c.execute(
+                "SELECT * FROM identity_changes WHERE user = ? AND address = ?"
+                " AND (resolved_at IS NULL OR outcome = 'rejected') ORDER BY id DESC",
+                (self.user, address),
+            ).fetchall()
+            candidates = [
+                _change(r)
+                for r in rows
+                if r["resolved_at"] is None
+                or (contact is not None and r["old_uik"] == contact["uik_pk"])
+            ]
+            if not candidates:
+                raise UsageError(f"{address} has no identity key change waiting to be accepted.")
+            chosen = next((ch for ch in candidates if fingerprint_matches(typed, ch.new_uik)), None)
+            if chosen is None:
+                # The new key's fingerprint is not repeated here: copying it from an error
+                # message into the command is exactly the comparison that must not be skipped.
+                raise FingerprintMismatch(
+                    f"The fingerprint you typed does NOT match {address}'s new identity key. "
+                    "Nothing was changed: the old key stays pinned and held mail stays in "
+                    "Quarantine. Compare again with your contact over a channel you trust; if "
+                    "they did not change their key, run "
+                    f"`onionpost contacts reject-key {address}`."
+                )
+            pin = chosen.new_pin or pin_encode(Pin(chosen.new_uik, 0, bytes(32), {}))
+            if contact is None:
+                c.execute(
+                    "INSERT INTO contacts (user, address, uik_pk, pin, device_list, bundle,"
+                    " bundle_fetched_at, first_seen, last_seen) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        self.user,
+                        address,
+                        chosen.new_uik,
+                        pin,
+                        chosen.new_device_list,
+                        chosen.new_bundle,
+                        now if chosen.new_bundle else None,
+                        now,
+                        now,
+                    ),
+                )
+            else:
+                c.execute(
+                    "UPDATE contacts SET uik_pk = ?, pin = ?, device_list = ?, bundle = ?,"
+                    " bundle_fetched_at = ?, verified = 0, token_to_them = NULL, last_seen = ?"
+                    " WHERE user = ? AND address = ?",
+                    (
+                        chosen.new_uik,
+                        pin,
+                        chosen.new_device_list,
+                        chosen.new_bundle,
+                        now if chosen.new_bundle else None,
+                        now,
+                        self.user,
+                        address,
+                    ),
+                )
+            c.execute(
+                "UPDATE identity_changes SET resolved_at = ?, outcome = 'accepted' WHERE id = ?",
+                (now, chosen.id),
+            )
+            c.execute(
+                "UPDATE identity_changes SET resolved_at = ?, outcome = 'rejected'"
+                " WHERE user = ? AND address = ? AND resolved_at IS NULL",
                 (now, self.user, address),
-            ).rowcount
-            c.execute("DELETE FROM contacts WHERE user = ? AND address = ?", (self.user, address))
-            return n > 0
+            )
+            return chosen
+
+    def reject_key(self, address: str, now: int) -> list[IdentityChange]:
+        """Keep the pinned key: every pending change of ``address`` is rejected, and later
+        mail signed by a rejected key is refused (see :meth:`record_identity_change`).
+        Raises UsageError if nothing was pending."""
+        with self.db.transaction() as c:
+            rows = c.execute(
+                "SELECT * FROM identity_changes WHERE user = ? AND address = ?"
+                " AND resolved_at IS NULL ORDER BY id",
+                (self.user, address),
+            ).fetchall()
+            if not rows:
+                raise UsageError(f"{address} has no identity key change waiting to be rejected.")
+            c.execute(
+                "UPDATE identity_changes SET resolved_at = ?, outcome = 'rejected'"
+                " WHERE user = ? AND address = ? AND resolved_at IS NULL",
+                (now, self.user, address),
+            )
+            return [_change(r) for r in rows]

@@ -17,6 +17,7 @@ import os
 import re
 import sqlite3
 import stat
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from importlib import resources
@@ -60,10 +61,21 @@ class Database:
     """
 
     def __init__(
-        self, path: Path | str, components: Sequence[str], *, record_key: bytes | None = None
+        self,
+        path: Path | str,
+        components: Sequence[str],
+        *,
+        record_key: bytes | None = None,
+        write_lock: threading.Lock | None = None,
     ) -> None:
         self.path = Path(path) if str(path) != ":memory:" else None
         self._record_key = record_key
+        # Shared by the connections one process opens to the same file from different
+        # threads (the node's loop and its group commit): a writer waiting for the other
+        # sleeps on this lock and wakes the moment it is free, where SQLite's busy handler
+        # would poll in steps of 1, 2, 5, 10... ms.  Never shared by two connections of one
+        # thread (the second would wait for the first for ever).
+        self._write_lock = write_lock
         if self.path is not None:
             _create_private(self.path)
         try:
@@ -126,14 +138,27 @@ class Database:
         lock upgrade.  When the block returns, the data is durably committed.
         """
         name = f"sp{self._depth}"
+        locked = self._depth == 0 and self._write_lock is not None
+        if locked:
+            assert self._write_lock is not None
+            self._write_lock.acquire()
         try:
-            if self._depth == 0:
-                self.conn.execute("BEGIN IMMEDIATE")
-            else:
-                self.conn.execute(f"SAVEPOINT {name}")
-        except sqlite3.Error as exc:
-            raise translate(exc) from exc
-        self._depth += 1
+            try:
+                if self._depth == 0:
+                    self.conn.execute("BEGIN IMMEDIATE")
+                else:
+                    self.conn.execute(f"SAVEPOINT {name}")
+            except sqlite3.Error as exc:
+                raise translate(exc) from exc
+            self._depth += 1
+            yield from self._body(name)
+        finally:
+            if locked:
+                assert self._write_lock is not None
+                self._write_lock.release()
+
+    def _body(self, name: str) -> Iterator[sqlite3.Connection]:
+        """The transaction once begun: yield, then commit (or roll back on an error)."""
         try:
             yield self.conn
         except BaseException:

@@ -176,8 +176,9 @@ class DeviceNode:
     def filed(self, folder: str = "INBOX") -> list[bytes]:
         """What the mailbox holds in ``folder``, oldest first, counting what is durably
         queued for it and due (these tests drive no filer loop; nodes run one)."""
+        store = self.filer.store
         queued = [
-            self.filer.store.path(f.key).read_bytes()
+            store.body(f) or store.path(f.key).read_bytes()  # in the database, or a file
             for f in self.filer.store.due(self.device.clock.now(), limit=10_000)
             if f.user == self.user and f.folder == folder
         ]

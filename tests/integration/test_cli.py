@@ -165,7 +165,11 @@ def test_several_users_say_whose_contacts_and_devices(home: Path) -> None:
     code, out = run(home, "contacts", "block", hal, "--user", "carol")
     assert code == 1 and "not among your contacts" in out
     code, out = run(home, "contacts", "trust", hal, "--user", "alice")
-    assert code == 1 and "no unconfirmed identity change" in out
+    assert code == 1 and "accept-key" in out  # trust pinned whatever came next: gone
+    code, out = run(
+        home, "contacts", "accept-key", hal, "abcd-efgh-ijkl-mnop-qrst", "--user", "alice"
+    )
+    assert code == 1 and "no identity key change" in out
     code, out = run(home, "contacts", "--user", "nobody")
     assert code == 1 and "no user 'nobody'" in out
 

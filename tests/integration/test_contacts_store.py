@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
+from onionpost.crypto.fingerprint import fingerprint
+from onionpost.crypto.sender import pin_parse
+from onionpost.errors import FingerprintMismatch, UsageError
 from onionpost.store import DEVICE_COMPONENTS
 from onionpost.store.accounts import AccountStore, ScryptCost
 from onionpost.store.contacts import ContactStore
@@ -30,7 +35,8 @@ def test_two_users_keep_separate_contacts(tmp_path: Path) -> None:
     assert (b.token_from_them, b.verified) == (b"b" * 32, False)
     assert ann.pending_identity_changes() == []
     assert len(ben.pending_identity_changes()) == 1
-    assert ben.accept_identity(H, 4) and ben.get(H) is None
+    ben.accept_key(H, fingerprint(b"v" * 32), 4)
+    assert ben.get(H) is not None and ben.get(H).uik_pk == b"v" * 32  # type: ignore[union-attr]
     assert ann.get(H) is not None  # ben accepting a new key does not touch ann's pin
     assert ann.forget_all() == 1 and ann.all() == []
     db.close()
@@ -99,7 +105,13 @@ def test_upgrade_copies_shared_contacts_to_every_user(tmp_path: Path) -> None:
         jo = store.get(J)
         assert jo is not None and jo.blocked
         (change,) = store.pending_identity_changes()
-        assert change == (J, b"u" * 32, b"w" * 32, 7)
+        assert (change.address, change.old_uik, change.new_uik, change.seen_at) == (
+            J,
+            b"u" * 32,
+            b"w" * 32,
+            7,
+        )
+        assert change.pending and change.new_pin is None and change.held == 0
     assert ContactStore(db, "nobody").all() == []
     db.close()
 
@@ -110,4 +122,81 @@ def test_upgrade_of_a_single_user_keeps_everything(tmp_path: Path) -> None:
     db = Database(path, DEVICE_COMPONENTS)
     hal = ContactStore(db, "ann").get(H)
     assert hal is not None and hal.token_from_them == b"f" * 32 and hal.verified
+    db.close()
+
+
+def _store(tmp_path: Path) -> tuple[Database, ContactStore]:
+    db = Database(tmp_path / "device.db", DEVICE_COMPONENTS)
+    store = ContactStore(db, "ann")
+    store.remember(H, uik_pk=b"u" * 32, pin=b"p" * 32, now=1)
+    store.set_token_to_them(H, b"t" * 32)
+    store.set_token_from_them(H, b"f" * 32)
+    store.set_flags(H, verified=True)
+    return db, store
+
+
+def test_a_key_change_is_recorded_once_and_counts_held_mail(tmp_path: Path) -> None:
+    db, store = _store(tmp_path)
+    first = store.record_identity_change(H, b"u" * 32, b"v" * 32, 2, new_pin=b"n1", held=True)
+    again = store.record_identity_change(H, b"u" * 32, b"v" * 32, 3, new_pin=b"n2", held=True)
+    bundle = store.record_identity_change(H, b"u" * 32, b"v" * 32, 4, bundle=b"b")
+    assert first.id == again.id == bundle.id and first.pending
+    assert (bundle.held, bundle.new_pin, bundle.new_bundle, bundle.seen_at) == (2, b"n2", b"b", 2)
+    assert store.mark_noticed(first.id) and not store.mark_noticed(first.id)
+    other = store.record_identity_change(H, b"u" * 32, b"x" * 32, 5)
+    assert other.id != first.id
+    assert [c.new_uik for c in store.changes_of(H)] == [b"v" * 32, b"x" * 32]
+    assert store.pending_change(H, b"x" * 32) == other
+    assert store.get(H).uik_pk == b"u" * 32  # type: ignore[union-attr]  # nothing pinned
+    db.close()
+
+
+def test_accept_key_pins_only_the_typed_fingerprint(tmp_path: Path) -> None:
+    db, store = _store(tmp_path)
+    with pytest.raises(UsageError, match="no identity key change"):
+        store.accept_key(H, fingerprint(b"v" * 32), 2)
+    store.record_identity_change(H, b"u" * 32, b"v" * 32, 2, new_pin=b"np", device_list=b"dl")
+    store.record_identity_change(H, b"u" * 32, b"x" * 32, 3)
+    for wrong in (fingerprint(b"u" * 32), fingerprint(b"v" * 32)[:-1] + "a"):
+        with pytest.raises(FingerprintMismatch, match="does NOT match"):
+            store.accept_key(H, wrong, 4)
+    with pytest.raises(UsageError, match="is not a fingerprint"):
+        store.accept_key(H, "not-a-fingerprint!", 4)
+    assert store.get(H).uik_pk == b"u" * 32  # type: ignore[union-attr]
+    assert len(store.changes_of(H)) == 2
+
+    typed = "  " + fingerprint(b"v" * 32).upper().replace("-", " ") + " "
+    accepted = store.accept_key(H, typed, 5)
+    assert accepted.new_uik == b"v" * 32
+    c = store.get(H)
+    assert c is not None
+    assert (c.uik_pk, c.pin, c.device_list) == (b"v" * 32, b"np", b"dl")
+    assert not c.verified  # what was verified was the old key
+    assert c.token_to_them is None and c.token_from_them == b"f" * 32
+    assert store.changes_of(H) == []  # the other candidate was rejected with it
+    # the other key was rejected as a change from the old pin; presented again it is a
+    # change from the new pin, and asks again
+    assert store.record_identity_change(H, b"v" * 32, b"x" * 32, 6).pending
+    db.close()
+
+
+def test_reject_key_keeps_the_pin_and_refuses_the_rejected_key(tmp_path: Path) -> None:
+    db, store = _store(tmp_path)
+    with pytest.raises(UsageError, match="no identity key change"):
+        store.reject_key(H, 2)
+    store.record_identity_change(H, b"u" * 32, b"v" * 32, 2, held=True)
+    (rejected,) = store.reject_key(H, 3)
+    assert rejected.new_uik == b"v" * 32 and rejected.held == 1
+    assert store.changes_of(H) == []
+    c = store.get(H)
+    assert c is not None and c.uik_pk == b"u" * 32 and c.verified
+    later = store.record_identity_change(H, b"u" * 32, b"v" * 32, 4, held=True)
+    assert later.outcome == "rejected" and later.held == 1  # refused, not held again
+    assert store.pending_identity_changes() == []
+    # a change recorded before contacts migration 0006 has no pin of the new key: accepting it pins
+    # the identity key alone (the next verified bundle or message fills in the devices)
+    accepted = store.accept_key(H, fingerprint(b"v" * 32), 5)
+    assert accepted.new_pin is None
+    pin = pin_parse(store.get(H).pin)  # type: ignore[union-attr]
+    assert (pin.uik_pk, pin.device_list_version, pin.heads) == (b"v" * 32, 0, {})
     db.close()

@@ -42,6 +42,7 @@ from gateway.dovecot import (
 )
 from gateway.tls import ensure_tls
 from onionpost.errors import FilingRefused, MailServerNotInstalled, UnknownLocalUser
+from onionpost.trust import QUARANTINE
 
 USER, PASSWORD = "alice", "correct horse battery"
 REPO = Path(__file__).resolve().parents[2]
@@ -181,6 +182,28 @@ async def test_a_file_is_delivered_too(server: DovecotServer) -> None:
     finally:
         await asyncio.to_thread(client.logout)
     assert got == [b"Return-Path: <>\r\n" + message("from-a-file")]
+
+
+async def test_quarantine_is_made_subscribed_and_takes_held_mail(server: DovecotServer) -> None:
+    """Held mail (a contact's unaccepted new identity key) goes to Quarantine: every mailbox
+    has it, subscribed, with no SPECIAL-USE role, and LMTP files into it."""
+    held = message("held")
+    assert (await server.deliver(USER, held, folder=QUARANTINE)).startswith("250")
+
+    def client_side() -> tuple[list[bytes], list[bytes], list[bytes]]:
+        client = imap_login(server)
+        try:
+            listing = [x for x in client.list()[1] if isinstance(x, bytes)]
+            subscribed = [x for x in client.lsub()[1] if isinstance(x, bytes)]
+            return listing, subscribed, fetch_all(client, QUARANTINE)
+        finally:
+            client.logout()
+
+    listing, subscribed, got = await asyncio.to_thread(client_side)
+    (line,) = [x for x in listing if x.rsplit(b" ", 1)[-1].strip(b'"') == QUARANTINE.encode()]
+    assert not any(flag.encode() in line for _, flag in SPECIAL_FOLDERS)
+    assert QUARANTINE.encode() in {x.rsplit(b" ", 1)[-1].strip(b'"') for x in subscribed}
+    assert got == [b"Return-Path: <>\r\n" + held]
 
 
 async def test_wrong_password_and_bad_recipients_are_refused(server: DovecotServer) -> None:

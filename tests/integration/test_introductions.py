@@ -281,4 +281,4 @@ async def test_a_fingerprint_mismatch_is_refused(world: World) -> None:
     await w.send(w.bob, w.carol, "to the real carol")
     assert "to the real carol" not in subjects(w.carol)
     changes = w.bob.contacts.pending_identity_changes()
-    assert [c[0] for c in changes] == [str(carol_addr)]
+    assert [c.address for c in changes] == [str(carol_addr)]

@@ -70,3 +70,37 @@ def test_a_key_queued_before_writes_nothing(store: FilingStore) -> None:
     with store.db.transaction():
         assert store.add(key=b"e" * 16, user="bob", folder="INBOX", message=b"x", now=1) is None
     assert store.path(b"e" * 16).read_bytes() == b"first"
+
+
+def test_a_filing_kept_in_the_database_has_no_spool_file_until_it_is_filed(
+    store: FilingStore,
+) -> None:
+    """A submission's copy lives in filing_bodies (durable with the caller's COMMIT); the
+    filer's scratch file is written from it at each attempt and goes with the row."""
+    message = b"Subject: kept\r\n\r\n" + os.urandom(70_000)
+    with store.db.transaction():
+        row_id = store.add(
+            key=b"d" * 16, user="bob", folder="Sent", message=message, now=1, in_database=True
+        )
+    assert row_id is not None
+    assert not store.path(b"d" * 16).exists()
+    filing = store.get(row_id)
+    assert filing is not None and store.body(filing) == message
+    store.path(b"d" * 16).parent.mkdir(parents=True, exist_ok=True)
+    store.path(b"d" * 16).write_bytes(b"a torn scratch copy from before a crash")
+    scratch = store.write_scratch(filing.key, message)
+    assert scratch == store.path(b"d" * 16) and scratch.read_bytes() == message
+    assert store.remove_orphans() == 0  # the scratch file has its row
+    store.done(filing)
+    assert not scratch.exists()
+    assert store.db.count("filing_bodies") == 0  # the body went with the row
+
+    with pytest.raises(TypeError, match="bytes"):
+        store.add(
+            key=b"e" * 16, user="bob", folder="Sent", message=io.BytesIO(b"x"), now=1,
+            in_database=True,
+        )  # fmt: skip
+    # A spooled filing has no body in the database.
+    _add(store, b"f" * 16, b"spooled")
+    spooled = store.due(10)[-1]
+    assert store.body(spooled) is None

@@ -125,3 +125,11 @@ def test_a_large_message_whose_header_does_not_end_within_the_bound_is_an_attach
     assert msg["X-Onionpost-Verified"].startswith(str(ALICE))
     assert msg.get_content_type() == "application/octet-stream"
     assert msg.get_filename() == "original.eml"
+
+
+def test_held_mail_carries_the_key_change_warning_instead_of_verified() -> None:
+    raw = b"X-Onionpost-Key-Change: forged\r\nFrom: <" + str(ALICE).encode() + b">\r\n\r\nhi"
+    held = _Sender(ALICE, b"\x02" * 32, warning="HELD: signed by a NEW identity key")
+    msg = message_from_bytes(_stamp(raw, held), policy=default)
+    assert msg.get_all("X-Onionpost-Key-Change") == ["HELD: signed by a NEW identity key"]
+    assert msg["X-Onionpost-Verified"] is None

@@ -581,7 +581,7 @@ IN_DATABASE_BYTES = 1 << 20
 
 #: A batch of pending messages is cut at this many messages or this many bytes (the fetched
 #: envelopes are held in spooled temporary files until the batch is queued).
-BATCH_MESSAGES = 32
+BATCH_MESSAGES = 16
 BATCH_BYTES = 8 << 20
 
 

@@ -115,9 +115,14 @@ def _decrypt(
     body = tempfile.SpooledTemporaryFile(max_size=SPOOL)  # noqa: SIM115 (the caller closes it)
     try:
         opened = open_inner(
-            l2, size, prekeys=prekeys, reader_uik=reader_uik, now=now, seen=_NotSeenHere(),
+            l2,
+            size,
+            prekeys=prekeys,
+            reader_uik=reader_uik,
+            now=now,
+            seen=_NotSeenHere(),
             sink=body,
-        )  # fmt: skip
+        )
     except CryptoError as exc:
         return _Decrypted(body, digest, None, exc)
     except BaseException:
@@ -201,6 +206,9 @@ class Receiver:
                 ),
                 return_exceptions=True,
             )
+            for result in decrypted:
+                if isinstance(result, _Decrypted):
+                    files.enter_context(result.body)
             opened: list[tuple[int, Filed]] = []
             # One transaction for the batch (nothing awaited inside it); each message in its
             # own savepoint, so one that fails leaves nothing behind and spoils no other.
@@ -211,7 +219,6 @@ class Receiver:
                     try:
                         if isinstance(result, OnionpostError):
                             raise result
-                        files.enter_context(result.body)
                         with store.db.transaction():
                             opened.append((item.id, self._file_decrypted(result, now)))
                     except OnionpostError as exc:

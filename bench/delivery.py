@@ -214,6 +214,62 @@ def crypto_reference(ctx: Context, repeat: int) -> Stats:
     )
 
 
+def pool_speedup(ctx: Context, repeat: int, size: int = MESSAGE_BYTES) -> None:
+    """Opening one sync batch (16 fetched 4 KiB messages) in the crypto pool
+    (:func:`onionpost.aio.crypto_pool`, what :meth:`Receiver.sync_once` does) with 1 worker
+    and with 2: libsodium releases the GIL, the Python around it does not."""
+    from concurrent.futures import wait
+
+    from onionpost.aio import crypto_pool, crypto_workers, set_crypto_workers
+    from onionpost.sync import BATCH_MESSAGES, _decrypt
+
+    w = _CryptoWorld.make()
+    bob = w.bob[0]
+    l2s = []
+    for i in range(BATCH_MESSAGES):
+        l1 = w.seal(compose("alice@x", "bob@x", i, size=size))
+        l2 = io.BytesIO()
+        open_outer(
+            io.BytesIO(l1),
+            len(l1),
+            server_key=lambda _: w.server.current().secret,
+            now=w.now,
+            max_l2_bytes=1 << 30,
+            l2_sink=l2,
+        )
+        l2s.append(l2.getvalue())
+    prekeys, uik = bob.prekey_secrets(), bob.uik_pk
+
+    def batch() -> None:
+        files = []
+        for data in l2s:
+            f = io.BytesIO(data)
+            f.seek(0, 2)
+            files.append(f)
+        futures = [crypto_pool().submit(_decrypt, f, prekeys, uik, w.now) for f in files]
+        wait(futures)
+        for fut in futures:
+            opened = fut.result()
+            opened.body.close()
+            assert opened.error is None, opened.error
+
+    default = crypto_workers()
+    stats = {}
+    try:
+        for workers in (1, 2):
+            set_crypto_workers(workers)
+            label = f"open {BATCH_MESSAGES} x {fmt_bytes(size)}, {workers} worker(s)"
+            stats[workers] = ctx.measure(label, batch, repeat=repeat)
+    finally:
+        set_crypto_workers(None)
+    ctx.compare(
+        stats[2],
+        stats[1],
+        extra=f"x{stats[1].p50 / stats[2].p50:.2f} speed-up from the second worker "
+        f"(the pool has {default} on this machine)",
+    )
+
+
 def commit_reference(ctx: Context, workdir: Path, repeat: int) -> Stats:
     """One small durable commit through onionpost's Database (WAL, synchronous=FULL)."""
     db = Database(workdir / "commit.db", ())
@@ -675,6 +731,8 @@ def run(ctx: Context) -> None:
     node_burst = 20 if ctx.quick else 500
     sequential = 10 if ctx.quick else 200
     ref = crypto_reference(ctx, repeat=20 if ctx.quick else 200)
+    pool_speedup(ctx, repeat=5 if ctx.quick else 30)
+    pool_speedup(ctx, repeat=3 if ctx.quick else 10, size=256 * KiB)
     before = rss_bytes()
     reset_peak_rss()
     with tempfile.TemporaryDirectory(prefix="onionpost-bench-") as d:

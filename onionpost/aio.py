@@ -9,7 +9,9 @@ for example into a 25-second long-poll, and whoever cancelled it waits that long
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import os
 
 #: How often a task that survived its cancellation is cancelled again.
 RECANCEL_SECONDS = 0.5
@@ -32,3 +34,38 @@ async def cancel_and_wait(task: asyncio.Task[object], grace: float | None = None
     with contextlib.suppress(asyncio.CancelledError, Exception):
         task.result()  # retrieved, so asyncio does not report it as never retrieved
     return True
+
+
+# -- the crypto worker pool -----------------------------------------------------------------
+
+
+class _Pool:
+    """The process's crypto pool and its size (None: one worker per CPU)."""
+
+    executor: concurrent.futures.ThreadPoolExecutor | None = None
+    workers: int | None = None
+
+
+def crypto_workers() -> int:
+    """How many threads open envelopes: one per CPU (libsodium releases the GIL, so opening
+    several fetched messages uses every core), unless :func:`set_crypto_workers` said
+    otherwise."""
+    return _Pool.workers or os.cpu_count() or 1
+
+
+def crypto_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """The process's pool for pure crypto work (no sockets, no database, no shared state):
+    it keeps the event loop free while a batch of messages is opened."""
+    if _Pool.executor is None:
+        _Pool.executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=crypto_workers(), thread_name_prefix="crypto"
+        )
+    return _Pool.executor
+
+
+def set_crypto_workers(workers: int | None) -> None:
+    """Size the pool (None: one per CPU); the next :func:`crypto_pool` call makes a new one.
+    For the bench, which compares 1 and 2 workers."""
+    old, _Pool.executor, _Pool.workers = _Pool.executor, None, workers
+    if old is not None:
+        old.shutdown(wait=True)

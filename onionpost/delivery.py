@@ -89,7 +89,21 @@ class OutboxWorker:
             if not rows:
                 return total
             total += len(rows)
-            await asyncio.gather(*(self._attempt(row) for row in rows))
+            outcomes = await asyncio.gather(
+                *(self._attempt(row) for row in rows), return_exceptions=True
+            )
+            # Group commit: the rows of a pass that reached their inbox are marked delivered
+            # in one transaction, not one each.  Nothing waits on this commit (the peer's
+            # `accepted` came first; the sender's outcome notice follows it): a crash before
+            # it only makes the rows go out again, and the receiving inbox drops the repeat
+            # by its digest.
+            delivered = [r for r in outcomes if isinstance(r, int)]
+            self.outbox.mark_delivered_many(delivered, now=self.clock.now())
+            for row_id in delivered:
+                self._notify(row_id)
+            for r in outcomes:
+                if isinstance(r, BaseException):
+                    raise r
 
     async def run_forever(self, idle: float = 30.0) -> None:
         """Deliver due rows whenever woken, or at least every ``idle`` seconds."""
@@ -106,7 +120,9 @@ class OutboxWorker:
                 delay = max(0.0, min(idle, next_due - self.clock.now()))
             await wait_event(self.clock, self._wake, delay)
 
-    async def _attempt(self, row: OutboxRow) -> None:
+    async def _attempt(self, row: OutboxRow) -> int | None:
+        """Try one row; its id if it was delivered (the caller marks it), else None (the
+        failure is recorded here)."""
         async with self._slots:
             now = self.clock.now()
             if now >= row.expires_at:
@@ -119,15 +135,14 @@ class OutboxWorker:
                     row.last_error_code or "4.4.7",
                     attempted=False,
                 )
-                return
+                return None
             try:
                 receipt = await self._deliver(row)
             except OnionpostError as exc:
                 self._failed(row, exc)
-                return
-            self.outbox.mark_delivered(row.id, now=self.clock.now())
+                return None
             log.info("delivered outbox row %d to %s (%s)", row.id, row.onion, receipt)
-            self._notify(row.id)
+            return row.id
 
     async def _deliver(self, row: OutboxRow) -> str:
         try:

@@ -29,7 +29,7 @@ from typing import Protocol
 
 from onionpost.aio import cancel_and_wait
 from onionpost.errors import FilingRefused, OnionpostError
-from onionpost.store.filing import FILED, HANDED, Filing, FilingStore, MessageSource
+from onionpost.store.filing import FILED, HANDED, QUEUED, Filing, FilingStore, MessageSource
 
 log = logging.getLogger(__name__)
 
@@ -110,11 +110,14 @@ class Filer:
         mark_seen: bool = False,
         unless_message_id: str | None = None,
         wait: int = 0,
+        in_database: bool = False,
     ) -> int | None:
         """Queue ``prefix`` + ``message`` (bytes, a file's path, or an open file read from
         where it stands; durable when the caller's transaction commits); the row id, or None
         if ``key`` was queued before.  The filer looks at it at once, or after ``wait``
-        seconds."""
+        seconds.  With ``in_database`` (bytes, no prefix) the message is kept in the
+        database, durable with the caller's COMMIT and without an fsync of its own (see
+        :meth:`FilingStore.add`)."""
         now = self._now()
         filing_id = self.store.add(
             key=key,
@@ -127,6 +130,7 @@ class Filer:
             mark_seen=mark_seen,
             unless_message_id=unless_message_id,
             not_before=now + wait if wait else None,
+            in_database=in_database,
         )
         self.wake()
         return filing_id
@@ -139,77 +143,106 @@ class Filer:
         Rows that are not due yet (a Sent copy waiting for the client's own) count as
         settled: they are durable and the caller has nothing to wait for.
         """
+        return not await self.settle_many(ids)
+
+    async def settle_many(self, ids: Sequence[int]) -> set[int]:
+        """:meth:`settle` for a batch (the rows of several messages): the ids left unfiled.
+
+        The batch costs two commits however many rows it holds (all marked handed, then all
+        removed), instead of two per row; see :meth:`_file_batch`.
+        """
         now = self._now()
-        left = False
-        for filing_id in ids:
-            row = self.store.get(filing_id)
-            if row is None or row.not_before > now:
-                continue
-            if not await self._file(row):
-                left = True
-        return not left
+        rows = [r for r in self.store.get_many(ids) if r.not_before <= now]
+        return await self._file_batch(rows)
 
     async def run_due(self) -> int:
         """File every row that is due; the number filed."""
         filed = 0
-        for row in self.store.due(self._now()):
-            if await self._file(row):
-                filed += 1
+        while rows := self.store.due(self._now()):
+            left = await self._file_batch(rows)
+            filed += len(rows) - len(left)
+            if left:
+                break  # the mailbox refuses or is away: the rest waits for the next pass
         return filed
 
-    async def _file(self, row: Filing) -> bool:
-        """File one row; True when it is done (filed, or refused for good and reported)."""
+    async def _file_batch(self, rows: Sequence[Filing]) -> set[int]:
+        """File these rows; the ids of those not done (deferred, or no mailbox attached).
+
+        Exactly once, as for a single row: every row is durably *handed* before the mailbox
+        sees a byte of it (one commit for all the plain rows of the batch), and removed only
+        after the mailbox's 250 (one commit for all that made it).  A crash in between leaves
+        rows handed whose outcome is unknown; they are looked up in the mailbox by their
+        header before being filed again, as always.
+        """
         async with self._lock:
-            current = self.store.get(row.id)  # a concurrent pass may have filed it meanwhile
-            if current is None:
-                return True
-            row = current
+            # A concurrent pass may have filed some meanwhile: reread them under the lock.
+            current = self.store.get_many([r.id for r in rows])
             sink = self.sink
             if sink is None:
-                return False
-            value = row.key.hex()
+                return {r.id for r in current}
+            plain = [r.id for r in current if r.state == QUEUED and not r.unless_message_id]
+            self.store.set_states(plain, HANDED)
+            handed_now = set(plain)
+            finished: list[Filing] = []
+            left: set[int] = set()
             try:
-                if row.state == FILED:
-                    pass  # in the mailbox; only the flag is missing
-                elif row.state == HANDED and await sink.holds(
-                    row.user, row.folder, FILING_HEADER, value
-                ):
-                    log.info(
-                        "filing %s was already in %s (a crash came between)", value, row.folder
-                    )
-                elif row.unless_message_id and await sink.holds(
-                    row.user, row.folder, "Message-ID", row.unless_message_id
-                ):
-                    log.info("the client saved its own copy in %s; none filed", row.folder)
-                    self.store.done(row)
-                    return True
-                else:
+                for row in current:
+                    if await self._file_one(sink, row, handed_now=row.id in handed_now):
+                        finished.append(row)
+                    else:
+                        left.add(row.id)
+            finally:
+                # Whatever reached the mailbox is forgotten even if a later row's filing was
+                # interrupted (cancellation): left queued it would only cost a lookup.
+                self.store.done_many(finished)
+            for row in finished:
+                log.info("filed %s into %s's %s", row.key.hex(), row.user, row.folder)
+            return left
+
+    async def _file_one(self, sink: MailSink, row: Filing, *, handed_now: bool) -> bool:
+        """Put one row in the mailbox; True when it is done (filed, or its spool file is
+        gone), False when deferred.  The caller removes the done rows from the queue."""
+        value = row.key.hex()
+        try:
+            if row.state == FILED:
+                pass  # in the mailbox; only the flag is missing
+            elif (
+                not handed_now
+                and row.state == HANDED
+                and await sink.holds(row.user, row.folder, FILING_HEADER, value)
+            ):
+                log.info("filing %s was already in %s (a crash came between)", value, row.folder)
+            elif row.unless_message_id and await sink.holds(
+                row.user, row.folder, "Message-ID", row.unless_message_id
+            ):
+                log.info("the client saved its own copy in %s; none filed", row.folder)
+                return True
+            else:
+                if not handed_now:
                     self.store.set_state(row.id, HANDED)
-                    header = f"{FILING_HEADER}: {value}\r\n".encode()
-                    path = self.store.path(row.key)
-                    body = self.store.body(row)  # kept in the database: write it out first
-                    if body is not None:
-                        path = await asyncio.to_thread(self.store.write_scratch, row.key, body)
-                        del body
-                    await sink.deliver(row.user, row.folder, path, header=header)
-                if row.mark_seen:
-                    self.store.set_state(row.id, FILED)
-                    await sink.mark_seen(row.user, row.folder, FILING_HEADER, value)
-            except FilingRefused as exc:
-                # Trying again won't help; keeping it would block nothing but hides the mail.
-                # Leave it queued with a long wait so `onionpost doctor` and the log show it.
-                log.error("the mailbox refused filing %s into %s: %s", value, row.folder, exc)
-                self._defer(row, str(exc), RETRY_MAX)
-                return False
-            except OnionpostError as exc:
-                log.warning("filing into %s deferred: %s", row.folder, exc)
-                self._defer(row, str(exc), None)
-                return False
-            except FileNotFoundError:
-                log.error("filing %s lost its spool file; dropped", value)
-            self.store.done(row)
-            log.info("filed %s into %s's %s", value, row.user, row.folder)
-            return True
+                header = f"{FILING_HEADER}: {value}\r\n".encode()
+                path = self.store.path(row.key)
+                body = self.store.body(row)  # kept in the database: write it out first
+                if body is not None:
+                    path = await asyncio.to_thread(self.store.write_scratch, row.key, body)
+                    del body
+                await sink.deliver(row.user, row.folder, path, header=header)
+            if row.mark_seen:
+                self.store.set_state(row.id, FILED)
+                await sink.mark_seen(row.user, row.folder, FILING_HEADER, value)
+        except FilingRefused as exc:
+            # Trying again won't help; keeping it would block nothing but hides the mail.
+            # Leave it queued with a long wait so `onionpost doctor` and the log show it.
+            log.error("the mailbox refused filing %s into %s: %s", value, row.folder, exc)
+            self._defer(row, str(exc), RETRY_MAX)
+            return False
+        except OnionpostError as exc:
+            log.warning("filing into %s deferred: %s", row.folder, exc)
+            self._defer(row, str(exc), None)
+            return False
+        except FileNotFoundError:
+            log.error("filing %s lost its spool file; dropped", value)
+        return True
 
     def _defer(self, row: Filing, error: str, wait: int | None) -> None:
         if wait is None:

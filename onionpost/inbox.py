@@ -266,21 +266,25 @@ class Inbox:
                 "None of the recipient's current devices can read this message: it was sealed "
                 "to old or revoked keys. Fetch fresh keys and send again."
             )
-        self._check_rates(buckets, now)
         unwrapped.l2.seek(0)
         try:
-            accepted = self.store.accept_sealed(
-                mailbox_id=mb.mailbox_id,
-                digest=meta.l2_digest,
-                size=meta.l2_len,
-                source=unwrapped.l2,
-                device_ids=targets,
-                receipt=receipt,
-                now=now,
-                spool_until=now + self.config.spool_days * 86_400,
-                dedup_until=max(meta.not_after, now) + 86_400,
-                quota_bytes=mb.quota_bytes or self.config.quota_bytes,
-            )
+            # The charge and the storing commit together: one durable commit per delivery
+            # (the peer hears `accepted` only after it), and a delivery refused for the quota
+            # does not count against the sender's limits either.
+            with self.store.db.transaction():
+                self._check_rates(buckets, now)
+                accepted = self.store.accept_sealed(
+                    mailbox_id=mb.mailbox_id,
+                    digest=meta.l2_digest,
+                    size=meta.l2_len,
+                    source=unwrapped.l2,
+                    device_ids=targets,
+                    receipt=receipt,
+                    now=now,
+                    spool_until=now + self.config.spool_days * 86_400,
+                    dedup_until=max(meta.not_after, now) + 86_400,
+                    quota_bytes=mb.quota_bytes or self.config.quota_bytes,
+                )
         except QuotaExceeded as exc:
             raise TemporaryDeliveryError.from_error(exc) from exc
         result = DeliveryResult(

@@ -14,6 +14,8 @@ point repeats work but never loses or duplicates mail.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import logging
 import re
@@ -26,6 +28,7 @@ from typing import IO
 
 from onionpost.account import Account
 from onionpost.address import Address
+from onionpost.aio import crypto_pool
 from onionpost.api.client import DeviceSession, PendingMessage
 from onionpost.crypto.envelope import (
     CONTENT_INTRODUCTION,
@@ -52,7 +55,6 @@ from onionpost.errors import (
     IdentityKeyChanged,
     MalformedData,
     OnionpostError,
-    ReplayedMessage,
 )
 from onionpost.filing import Filer, filing_key
 from onionpost.introductions import is_contact, notice
@@ -65,7 +67,6 @@ from onionpost.normalize import (
     oversized_header,
 )
 from onionpost.store.contacts import Contact, ContactStore
-from onionpost.store.filing import FilingStore
 from onionpost.store.introductions import IntroductionStore
 from onionpost.trust import KEY_CHANGE_HEADER, QUARANTINE
 
@@ -82,16 +83,52 @@ class Filed:
     filings: tuple[int, ...] = ()
 
 
-class _SeenIds:
-    """The replay check ``open_inner`` asks; remembers the id it was last asked about."""
+@dataclass
+class _Decrypted:
+    """A fetched envelope opened by :func:`_decrypt`: its plaintext body (a temporary file the
+    caller closes) and content header, or the error that stopped it."""
 
-    def __init__(self, store: FilingStore, user: str) -> None:
-        self._store, self._user = store, user
-        self.last: bytes | None = None
+    body: IO[bytes]
+    digest: bytes
+    header: ContentHeader | None
+    error: CryptoError | None
+
+
+class _NotSeenHere:
+    """``open_inner``'s replay check, answered "no": it runs in a worker thread, where the
+    database is not used; the caller checks the message id on the loop before filing."""
 
     def seen(self, msg_id: bytes) -> bool:
-        self.last = msg_id
-        return self._store.is_seen(self._user, msg_id)
+        return False
+
+
+def _decrypt(
+    l2: IO[bytes], prekeys: list[tuple[int, bytes, bytes]], reader_uik: bytes, now: int
+) -> _Decrypted:
+    """Open an L2 fetched into ``l2`` (positioned at its end): pure crypto and parsing, no
+    database, safe in the crypto pool.  The replay check, the last one ``open_inner`` makes,
+    is left to the caller."""
+    size = l2.tell()
+    l2.seek(0)
+    digest = _file_digest(l2)
+    l2.seek(0)
+    body = tempfile.SpooledTemporaryFile(max_size=SPOOL)  # noqa: SIM115 (the caller closes it)
+    try:
+        opened = open_inner(
+            l2,
+            size,
+            prekeys=prekeys,
+            reader_uik=reader_uik,
+            now=now,
+            seen=_NotSeenHere(),
+            sink=body,
+        )
+    except CryptoError as exc:
+        return _Decrypted(body, digest, None, exc)
+    except BaseException:
+        body.close()
+        raise
+    return _Decrypted(body, digest, opened.header, None)
 
 
 class Receiver:
@@ -120,94 +157,142 @@ class Receiver:
         A message is acknowledged to the inbox (which then deletes it) only once it is in
         the mailbox: after LMTP's 250.  If the mailbox cannot take it now it stays in the
         inbox too, and :class:`FilingDeferred` makes the sync loop back off.
+
+        Messages are taken in batches (:func:`_batches`): each batch is fetched, then opened
+        and queued for filing in *one* transaction, filed with two commits, and acknowledged
+        in one request, so a burst costs a few commits per batch instead of several per
+        message.  The order of the durable steps is the single message's: queued, handed,
+        filed (LMTP 250), removed, acknowledged.
         """
         pending = await self.session.pending(after=0, wait=wait)
-        done: list[int] = []
+        taken = 0
         unfiled = 0
-        for item in pending:
-            try:
-                filed = await self.process(item)
-            except OnionpostError as exc:
-                # Network or storage trouble: leave it spooled and try again next time.
-                log.warning("could not take message %d from the inbox yet: %s", item.id, exc)
-                continue
-            if await self.filer.settle(filed.filings):
-                done.append(item.id)
-            else:
-                unfiled += 1
-        if done:
-            await self.session.acknowledge(done)
+        for batch in _batches(pending):
+            done, left = await self._take(batch)
+            if done:
+                await self.session.acknowledge(done)
+            taken += len(done)
+            unfiled += left
         if unfiled:
             raise FilingDeferred(
                 f"{unfiled} message(s) wait in the filing queue for the mailbox (Dovecot)."
             )
-        return len(done)
+        return taken
+
+    async def _take(self, batch: list[PendingMessage]) -> tuple[list[int], int]:
+        """Fetch, open, queue and file one batch: the ids the inbox may now delete, and how
+        many of the batch wait in the filing queue."""
+        store = self.filer.store
+        with contextlib.ExitStack() as files:
+            fetched: list[tuple[PendingMessage, IO[bytes]]] = []
+            for item in batch:
+                l2 = files.enter_context(tempfile.SpooledTemporaryFile(max_size=SPOOL))
+                try:
+                    await self.session.fetch(item.id, l2, limit=self.max_bytes)
+                except OnionpostError as exc:
+                    # Network or storage trouble: leave it spooled and try again next time.
+                    log.warning("could not take message %d from the inbox yet: %s", item.id, exc)
+                    continue
+                fetched.append((item, l2))
+            # The envelopes are opened in the crypto pool, off the event loop and on every
+            # core; only then is the database touched (replay check, sender, filing).
+            now = self._now()
+            prekeys, uik = self.account.prekey_secrets(), self.account.uik_pk
+            loop = asyncio.get_running_loop()
+            decrypted = await asyncio.gather(
+                *(
+                    loop.run_in_executor(crypto_pool(), _decrypt, spooled, prekeys, uik, now)
+                    for _, spooled in fetched
+                ),
+                return_exceptions=True,
+            )
+            for result in decrypted:
+                if isinstance(result, _Decrypted):
+                    files.enter_context(result.body)
+            opened: list[tuple[int, Filed]] = []
+            # One transaction for the batch (nothing awaited inside it); each message in its
+            # own savepoint, so one that fails leaves nothing behind and spoils no other.
+            with store.db.transaction():
+                for (item, _), result in zip(fetched, decrypted, strict=True):
+                    if isinstance(result, BaseException) and not isinstance(result, OnionpostError):
+                        raise result
+                    try:
+                        if isinstance(result, OnionpostError):
+                            raise result
+                        with store.db.transaction():
+                            opened.append((item.id, self._file_decrypted(result, now)))
+                    except OnionpostError as exc:
+                        log.warning(
+                            "could not take message %d from the inbox yet: %s", item.id, exc
+                        )
+        left = await self.filer.settle_many([i for _, f in opened for i in f.filings])
+        done = [item_id for item_id, f in opened if not left.intersection(f.filings)]
+        return done, len(opened) - len(done)
 
     async def process(self, item: PendingMessage) -> Filed:
+        """Fetch, open and queue one message (its own transaction); see :meth:`sync_once`."""
         with tempfile.SpooledTemporaryFile(max_size=SPOOL) as l2:
             await self.session.fetch(item.id, l2, limit=self.max_bytes)
-            size = l2.tell()
-            l2.seek(0)
-            digest = _file_digest(l2)
-            l2.seek(0)
-            return self._open_and_file(l2, size, digest)
+            return self._open_fetched(l2)
 
-    def _open_and_file(self, l2: IO[bytes], size: int, digest: bytes) -> Filed:
+    def _open_fetched(self, l2: IO[bytes]) -> Filed:
         now = self._now()
+        result = _decrypt(l2, self.account.prekey_secrets(), self.account.uik_pk, now)
+        with result.body:
+            return self._file_decrypted(result, now)
+
+    def _file_decrypted(self, opened: _Decrypted, now: int) -> Filed:
+        """File what :func:`_decrypt` opened (or file a notice for what failed): the replay
+        check, the sender's verification against our pins, normalising, queueing."""
         store = self.filer.store
-        seen = _SeenIds(store, self.user)
-        with tempfile.SpooledTemporaryFile(max_size=SPOOL) as body:
-            header: ContentHeader | None = None
-            try:
-                opened = open_inner(
-                    l2,
-                    size,
-                    prekeys=self.account.prekey_secrets(),
-                    reader_uik=self.account.uik_pk,
-                    now=now,
-                    seen=seen,
-                    sink=body,
-                )
-                header = opened.header
-                if header.content_type == CONTENT_INTRODUCTION:
-                    return self._introduction(header, body, now)
-                if header.content_type != CONTENT_RFC5322:
-                    return Filed("")  # key updates etc.: nothing to show
-                folder, sender = self._authenticate(header, now)
-            except ReplayedMessage:
-                # Taken before (a crash or a failed filing came before the acknowledgement):
-                # what is left to do is whatever of it still waits in the filing queue.
-                left = store.pending_for(self.user, seen.last) if seen.last else []
+        body, digest = opened.body, opened.digest
+        header: ContentHeader | None = None
+        try:
+            if opened.error is not None:
+                raise opened.error
+            assert opened.header is not None
+            header = opened.header
+            if store.is_seen(self.user, header.msg_id):
+                # The last check of open_inner, made here where the database is: taken before
+                # (a crash or a failed filing came before the acknowledgement), so what is
+                # left to do is whatever of it still waits in the filing queue.
+                left = store.pending_for(self.user, header.msg_id)
                 return Filed("", tuple(left))
-            except CryptoError as exc:
-                return self._notice(exc, header, digest, now)
-            dropped_or_held = self._drop_or_hold(body, header, folder, sender, now)
-            if dropped_or_held is not None:
-                return dropped_or_held
-            message, offset = _filed_form(body, sender, now)
-            # Our own mail that was also addressed to us (another device of ours sent it): the
-            # mark is signed by our own device, so it is trusted as much as the copy itself.
-            to_self = folder == "Sent" and header.extension(EXT_ADDRESSED_TO_SELF) is not None
-            folders = [folder, "INBOX"] if to_self else [folder]
-            ids: list[int] = []
-            with store.db.transaction():
-                store.record_seen(self.user, header.msg_id, header.expires_at)
-                for target in folders:
-                    if offset is not None:  # a large message: its header, then the body file
-                        body.seek(offset)
-                    filing_id = self.filer.queue(
-                        key=filing_key(
-                            b"inbox", self.user.encode(), header.msg_id, target.encode()
-                        ),
-                        user=self.user,
-                        folder=target,
-                        message=message if offset is None else body,
-                        prefix=b"" if offset is None else message,
-                        source=header.msg_id,
-                        mark_seen=target == "Sent",
-                    )
-                    if filing_id is not None:
-                        ids.append(filing_id)
+            if header.content_type == CONTENT_INTRODUCTION:
+                return self._introduction(header, body, now)
+            if header.content_type != CONTENT_RFC5322:
+                return Filed("")  # key updates etc.: nothing to show
+            folder, sender = self._authenticate(header, now)
+        except CryptoError as exc:
+            return self._notice(exc, header, digest, now)
+        dropped_or_held = self._drop_or_hold(body, header, folder, sender, now)
+        if dropped_or_held is not None:
+            return dropped_or_held
+        message, offset = _filed_form(body, sender, now)
+        # Our own mail that was also addressed to us (another device of ours sent it): the
+        # mark is signed by our own device, so it is trusted as much as the copy itself.
+        to_self = folder == "Sent" and header.extension(EXT_ADDRESSED_TO_SELF) is not None
+        folders = [folder, "INBOX"] if to_self else [folder]
+        ids: list[int] = []
+        with store.db.transaction():
+            store.record_seen(self.user, header.msg_id, header.expires_at)
+            for target in folders:
+                if offset is not None:  # a large message: its header, then the body file
+                    body.seek(offset)
+                filing_id = self.filer.queue(
+                    key=filing_key(b"inbox", self.user.encode(), header.msg_id, target.encode()),
+                    user=self.user,
+                    folder=target,
+                    message=message if offset is None else body,
+                    prefix=b"" if offset is None else message,
+                    source=header.msg_id,
+                    mark_seen=target == "Sent",
+                    # A small message rides in the batch's COMMIT: no spool file and
+                    # no fsyncs of its own (a file and its directory, per message).
+                    in_database=offset is None and len(message) <= IN_DATABASE_BYTES,
+                )
+                if filing_id is not None:
+                    ids.append(filing_id)
         log.info("queued a message for %s", " and ".join(folders))
         return Filed(folder, tuple(ids))
 
@@ -536,6 +621,29 @@ class Receiver:
                 source=digest,
             )
         return Filed("INBOX", () if filing_id is None else (filing_id,))
+
+
+#: Messages up to this size wait for filing in the database rather than in a spool file.
+IN_DATABASE_BYTES = 1 << 20
+
+#: A batch of pending messages is cut at this many messages or this many bytes (the fetched
+#: envelopes are held in spooled temporary files until the batch is queued).
+BATCH_MESSAGES = 16
+BATCH_BYTES = 8 << 20
+
+
+def _batches(pending: list[PendingMessage]) -> list[list[PendingMessage]]:
+    """``pending`` in order, cut into batches of at most :data:`BATCH_MESSAGES` messages and
+    about :data:`BATCH_BYTES` (a larger message makes a batch of its own)."""
+    out: list[list[PendingMessage]] = []
+    size = 0
+    for item in pending:
+        if not out or len(out[-1]) >= BATCH_MESSAGES or size + item.size > BATCH_BYTES:
+            out.append([])
+            size = 0
+        out[-1].append(item)
+        size += item.size
+    return out
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -239,6 +240,30 @@ class FilingStore:
         with self.db.transaction():
             self.db.execute("UPDATE filing_queue SET state = ? WHERE id = ?", (state, filing_id))
 
+    def get_many(self, ids: Sequence[int]) -> list[Filing]:
+        """The rows of ``ids`` still queued, in the order given (one query, no commit)."""
+        if not ids:
+            return []
+        marks = ",".join("?" * len(ids))
+        rows = {
+            int(r["id"]): _filing(r)
+            for r in self.db.all(
+                f"SELECT * FROM filing_queue WHERE id IN ({marks})",  # noqa: S608 (only ?s)
+                tuple(ids),
+            )
+        }
+        return [rows[i] for i in ids if i in rows]
+
+    def set_states(self, ids: Sequence[int], state: int) -> None:
+        """:meth:`set_state` for several rows in one transaction (one commit for a batch)."""
+        if not ids:
+            return
+        with self.db.transaction():
+            for filing_id in ids:
+                self.db.execute(
+                    "UPDATE filing_queue SET state = ? WHERE id = ?", (state, filing_id)
+                )
+
     def deferred(self, filing_id: int, *, error: str, next_try_at: int) -> None:
         with self.db.transaction():
             self.db.execute(
@@ -253,6 +278,17 @@ class FilingStore:
             self.db.execute("DELETE FROM filing_queue WHERE id = ?", (filing.id,))
         with contextlib.suppress(OSError):
             self.path(filing.key).unlink()
+
+    def done_many(self, filings: Sequence[Filing]) -> None:
+        """:meth:`done` for several rows: one transaction, then the spool files."""
+        if not filings:
+            return
+        with self.db.transaction():
+            for f in filings:
+                self.db.execute("DELETE FROM filing_queue WHERE id = ?", (f.id,))
+        for f in filings:
+            with contextlib.suppress(OSError):
+                self.path(f.key).unlink()
 
     def count(self, user: str | None = None) -> int:
         if user is None:

@@ -353,7 +353,9 @@ class InboxStore:
         dedup_until: int,
         quota_bytes: int,
     ) -> Accepted:
-        """Store an L2 and spool it for ``device_ids``; committed durably before returning.
+        """Store an L2 and spool it for ``device_ids``; committed durably before returning
+        (with the caller's transaction when called inside one: :meth:`Inbox.accept` commits
+        the rate charge with it).
 
         ``receipt`` is derived from the digest by the caller, so a duplicate gets the same
         one without the inbox storing it.  Expired mail is pruned first when the quota would

@@ -14,6 +14,7 @@ outcome, and only a keyed hash of the device's idempotency key (which names the 
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from onionpost.crypto.envelope import Readable, Writable
@@ -190,6 +191,14 @@ class OutboxStore:
                 (now, now, row_id),
             )
             _drop_envelope(c, row_id)
+
+    def mark_delivered_many(self, row_ids: Sequence[int], *, now: int) -> None:
+        """:meth:`mark_delivered` for several rows, in one transaction."""
+        if not row_ids:
+            return
+        with self.db.transaction():
+            for row_id in row_ids:
+                self.mark_delivered(row_id, now=now)
 
     def mark_deferred(
         self, row_id: int, *, now: int, next_attempt_at: int, error: str, code: str

@@ -270,6 +270,22 @@ async def test_quota_full_is_a_temporary_error(world) -> None:
     assert err.value.code == "4.2.2" and "full" in str(err.value)
 
 
+async def test_a_delivery_refused_for_the_quota_charges_no_rate(world) -> None:
+    """The rate charge commits together with the stored envelope (one durable commit per
+    delivery, issue 12): a delivery refused because the mailbox is full counts nowhere."""
+    node, bob, alice, dialer = world
+    charged = "SELECT coalesce(sum(count), 0) FROM rate_counters"
+    big = b"Subject: big\r\n\r\n" + b"x" * 150_000
+    await _client(node, dialer).deliver(await _sealed(node, bob, alice, dialer, body=big))
+    await _client(node, dialer).deliver(await _sealed(node, bob, alice, dialer, body=big))
+    before = node.inbox.store.db.scalar(charged)
+    assert before > 0
+    with pytest.raises(TemporaryDeliveryError):
+        await _client(node, dialer).deliver(await _sealed(node, bob, alice, dialer, body=big))
+    assert node.inbox.store.db.scalar(charged) == before
+    assert len(await _session(node, bob, dialer).pending()) == 2
+
+
 async def test_slow_clients_are_disconnected_and_others_still_served(world) -> None:
     node, bob, alice, dialer = world
     # headers that never finish

@@ -1,0 +1,215 @@
+"""Receiving in batches (issue 12): several pending messages cost a few commits, not a few
+each, and nothing about exactly-once changes.
+
+Two inboxes on loopback (alice's A, bob's B); alice hands several messages to A, A's worker
+delivers them in one pass, and bob's device takes them in one sync.  What is checked: every
+message is filed exactly once, the inbox is told only after, the batch's commits on bob's
+device database are a handful (one transaction for the batch, two for filing it), a message
+that cannot be filed now stays queued without holding back the rest, and a filing row left
+*handed* by an interrupted batch is looked up in the mailbox instead of filed again.
+"""
+
+from __future__ import annotations
+
+import time
+from email import message_from_bytes
+from email.message import EmailMessage
+from email.policy import default
+from pathlib import Path
+
+import pytest
+
+from onionpost.api.transport import DirectDialer
+from onionpost.clock import FakeClock
+from onionpost.errors import FilingDeferred
+from onionpost.filing import FILING_HEADER, Filer
+from onionpost.store import DEVICE_COMPONENTS
+from onionpost.store.db import Database
+from onionpost.store.filing import HANDED, FilingStore
+from onionpost.sync import BATCH_MESSAGES, _batches
+from tests.mailstore import MemorySink
+
+from .harness import DeviceNode, InboxNode
+
+
+def compose(sender: DeviceNode, to: DeviceNode, subject: str) -> bytes:
+    msg = EmailMessage()
+    msg["From"] = str(sender.address)
+    msg["To"] = str(to.address)
+    msg["Subject"] = subject
+    msg["Message-ID"] = f"<{subject.replace(' ', '.')}@test>"
+    msg.set_content(f"body of {subject}")
+    return msg.as_bytes()
+
+
+def subjects(d: DeviceNode, folder: str = "INBOX") -> list[str]:
+    return sorted(str(message_from_bytes(m, policy=default)["Subject"]) for m in d.filed(folder))
+
+
+class Commits:
+    """COMMITs on one database (its connection's trace callback)."""
+
+    def __init__(self, db: Database) -> None:
+        self.count = 0
+        self.db = db
+        db.conn.set_trace_callback(self._trace)
+
+    def _trace(self, sql: str) -> None:
+        if sql.startswith("COMMIT"):
+            self.count += 1
+
+    def stop(self) -> int:
+        self.db.conn.set_trace_callback(None)
+        return self.count
+
+
+class World:
+    def __init__(self, root: Path) -> None:
+        self.clock = FakeClock(int(time.time()))
+        self.dialer = DirectDialer()
+        self.a = InboxNode(root, "inbox-a", self.clock, self.dialer)
+        self.b = InboxNode(root, "inbox-b", self.clock, self.dialer)
+        self.alice = DeviceNode(root, "alice", self.a.provision("alice"), self.clock, self.dialer)
+        self.bob = DeviceNode(root, "bob", self.b.provision("bob"), self.clock, self.dialer)
+
+    async def hand_over(self, n: int, prefix: str = "mail") -> None:
+        for i in range(n):
+            self.alice.submissions.submit(
+                self.alice.user,
+                [self.bob.address],
+                compose(self.alice, self.bob, f"{prefix} {i}"),
+            )
+        await self.alice.submissions.process_due()
+
+
+@pytest.fixture
+async def world(tmp_path: Path):
+    w = World(tmp_path)
+    await w.a.start(worker=False)
+    await w.b.start(worker=False)
+    try:
+        yield w
+    finally:
+        await w.alice.close()
+        await w.bob.close()
+        await w.a.stop()
+        await w.b.stop()
+        w.a.close()
+        w.b.close()
+
+
+def pending_at_b(w: World) -> int:
+    mailbox_id = w.bob.device.account.mailbox_id
+    return w.b.inbox.store.spooled(mailbox_id)[0]
+
+
+async def test_a_burst_is_taken_in_one_batch_with_few_commits(world: World) -> None:
+    await world.hand_over(1, "first")  # the first contact (proof of work), alone
+    await world.a.worker.run_due()
+    assert await world.bob.device.sync() == 1
+
+    await world.hand_over(10)
+    await world.a.worker.run_due()  # one pass: all ten reach B, marked in one commit
+    assert pending_at_b(world) == 10
+    commits = Commits(world.bob.db)
+    assert await world.bob.device.sync() == 10
+    n = commits.stop()
+    # One transaction for the ten (opened, contacts, seen ids, filing rows), one marking
+    # them handed, one removing them once the mailbox has them: not 5 per message.
+    assert n <= 4, n
+    assert subjects(world.bob) == ["first 0"] + [f"mail {i}" for i in range(10)]
+    assert pending_at_b(world) == 0  # acknowledged after filing
+    assert world.bob.filer.store.count() == 0
+
+    assert await world.bob.device.sync() == 0  # nothing twice
+    assert len(world.bob.filed()) == 11
+
+
+async def test_a_message_the_mailbox_refuses_now_does_not_hold_back_the_rest(
+    world: World,
+) -> None:
+    await world.hand_over(1, "first")
+    await world.a.worker.run_due()
+    await world.bob.device.sync()
+
+    sink = world.bob.sink
+    original = sink.deliver
+    refused: list[str] = []
+
+    async def deliver_all_but_third(user: str, folder: str, message: Path, *, header: bytes):
+        if b"Subject: mail 2\n" in message.read_bytes().replace(b"\r\n", b"\n"):
+            refused.append(header.decode())
+            raise FilingDeferred("the mailbox is busy")
+        await original(user, folder, message, header=header)
+
+    sink.deliver = deliver_all_but_third  # type: ignore[method-assign]
+    await world.hand_over(5)
+    await world.a.worker.run_due()
+    with pytest.raises(FilingDeferred):
+        await world.bob.device.sync()
+    assert refused
+    delivered = sorted(
+        str(message_from_bytes(m, policy=default)["Subject"])
+        for m in world.bob.sink.messages(world.bob.user)
+    )
+    assert delivered == ["first 0", "mail 0", "mail 1", "mail 3", "mail 4"]
+    assert pending_at_b(world) == 1  # only the unfiled one stays at the inbox
+    assert world.bob.filer.store.count() == 1
+
+    sink.deliver = original  # type: ignore[method-assign]
+    world.clock.advance(3600)  # past the filing row's backoff
+    assert await world.bob.device.sync() == 1
+    delivered = sorted(
+        str(message_from_bytes(m, policy=default)["Subject"])
+        for m in world.bob.sink.messages(world.bob.user)
+    )
+    assert delivered == ["first 0"] + [f"mail {i}" for i in range(5)]
+    assert pending_at_b(world) == 0
+
+
+async def test_rows_left_handed_by_an_interrupted_batch_are_looked_up_not_refiled(
+    tmp_path: Path,
+) -> None:
+    db = Database(tmp_path / "device.db", DEVICE_COMPONENTS)
+    try:
+        store = FilingStore(db, tmp_path / "filing")
+        sink = MemorySink()
+        filer = Filer(store, now=lambda: 1_000, sink=sink)
+        ids = []
+        with db.transaction():
+            for i in range(4):
+                fid = filer.queue(
+                    key=bytes([i]) * 16,
+                    user="bob",
+                    folder="INBOX",
+                    message=f"Subject: {i}\r\n\r\nbody {i}\r\n".encode(),
+                )
+                assert fid is not None
+                ids.append(fid)
+        # The node died mid-batch: all four were marked handed, two reached the mailbox.
+        store.set_states(ids, HANDED)
+        for fid in ids[:2]:
+            row = store.get(fid)
+            assert row is not None
+            header = f"{FILING_HEADER}: {row.key.hex()}\r\n".encode()
+            await sink.deliver("bob", "INBOX", store.path(row.key), header=header)
+
+        assert await filer.settle_many(ids) == set()
+        bodies = sorted(m.split(b"\r\n\r\n", 1)[1] for m in sink.messages("bob"))
+        assert bodies == [f"body {i}\r\n".encode() for i in range(4)]  # each exactly once
+        assert store.count() == 0
+        assert not list((tmp_path / "filing").glob("*.eml"))
+    finally:
+        db.close()
+
+
+def test_batches_keep_order_and_bounds() -> None:
+    from onionpost.api.client import PendingMessage
+
+    items = [PendingMessage(i, 1000, 0) for i in range(BATCH_MESSAGES * 2 + 3)]
+    cut = _batches(items)
+    assert [p.id for b in cut for p in b] == list(range(len(items)))
+    assert all(0 < len(b) <= BATCH_MESSAGES for b in cut)
+    big = [PendingMessage(1, 5 << 20, 0), PendingMessage(2, 5 << 20, 0), PendingMessage(3, 1, 0)]
+    assert [[p.id for p in b] for b in _batches(big)] == [[1], [2, 3]]
+    assert _batches([]) == []

@@ -64,13 +64,27 @@ def maildir_messages(data_dir: Path, user: str, folder: str = "INBOX") -> list[b
     """The messages of ``folder`` in a node's Maildir (``<data>/mail/<user>``), oldest first."""
     root = data_dir / "mail" / user
     box = root if folder == "INBOX" else root / f".{folder}"
-    files: list[Path] = []
+    # A running node's Dovecot moves files from new/ to cur/ (and renames them when flags
+    # change) while they are read here: a file gone between listing and reading means
+    # "look again", never "lost".
+    for _ in range(100):
+        try:
+            return _read_maildir(box)
+        except FileNotFoundError:
+            continue
+    return _read_maildir(box)
+
+
+def _read_maildir(box: Path) -> list[bytes]:
+    files: list[tuple[float, str, bytes]] = []
     for sub in ("new", "cur"):
         with contextlib.suppress(FileNotFoundError):
-            files.extend(p for p in (box / sub).iterdir() if p.is_file())
-    files.sort(key=lambda p: (p.stat().st_mtime, p.name))
+            for p in (box / sub).iterdir():
+                if p.is_file():
+                    files.append((p.stat().st_mtime, p.name, p.read_bytes()))
+    files.sort(key=lambda f: (f[0], f[1]))
     # Dovecot keeps Maildir files with LF line ends; IMAP serves them with CRLF, as here.
-    return [_strip_filing_header(_strip_return_path(_crlf(p.read_bytes()))) for p in files]
+    return [_strip_filing_header(_strip_return_path(_crlf(data))) for _, _, data in files]
 
 
 def _crlf(data: bytes) -> bytes:

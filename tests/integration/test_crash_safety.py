@@ -154,6 +154,14 @@ def _filed(node: NodeProcess) -> list[str]:
 
 async def test_kill_both_nodes_repeatedly_and_lose_nothing(mail_tmp: Path) -> None:
     alice, bob = NodeProcess(mail_tmp, "alice"), NodeProcess(mail_tmp, "bob")
+    try:
+        await _kill_repeatedly(alice, bob)
+    finally:  # a failed run leaves no node running behind it
+        for n in (alice, bob):
+            n.stop()
+
+
+async def _kill_repeatedly(alice: NodeProcess, bob: NodeProcess) -> None:
     for n in (alice, bob):
         n.init()
     alice.configure(bob)

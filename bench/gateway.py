@@ -352,6 +352,10 @@ class SmtpResult:
     seconds: float  # wall time, first MAIL FROM to the last 250
     latencies: tuple[float, ...]
     client_cpu: float  # CPU seconds this process spent as the client in that window
+    # CPU seconds of the server process (all its threads) in that window, and until it had
+    # finished the background work for those messages too (None: not measured).
+    server_cpu: float | None = None
+    server_cpu_settled: float | None = None
 
     @property
     def rate(self) -> float:
@@ -372,6 +376,7 @@ async def smtp_load(
     rcpt: str,
     messages: int,
     sessions: int = SESSIONS,
+    server_pid: int | None = None,
 ) -> SmtpResult:
     """``sessions`` concurrent sessions share ``messages`` transactions (after a warm-up)."""
     warm = [dot_stuffed(submission(sender, rcpt, -1 - i)) for i in range(sessions * SMTP_WARMUP)]
@@ -387,12 +392,35 @@ async def smtp_load(
         async def drive(conn: SmtpSession, payloads: list[bytes]) -> list[float]:
             return [await conn.send(sender, rcpt, p) for p in payloads]
 
+        server0 = process_cpu(server_pid) if server_pid else 0.0
         cpu0, t0 = time.process_time(), time.perf_counter()
         results = await asyncio.gather(*(drive(c, s) for c, s in zip(conns, shares, strict=True)))
         wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        server = process_cpu(server_pid) - server0 if server_pid else None
     finally:
         await asyncio.gather(*(c.close() for c in conns))
-    return SmtpResult(messages, wall, tuple(x for r in results for x in r), cpu)
+    settled = await _settled_cpu(server_pid) - server0 if server_pid else None
+    return SmtpResult(messages, wall, tuple(x for r in results for x in r), cpu, server, settled)
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system, every thread) a process has used, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _settled_cpu(pid: int, quiet: float = 0.02, timeout: float = 120.0) -> float:
+    """The process's CPU seconds once it is done with what the load gave it: the first
+    half second in which it used less than ``quiet`` seconds of CPU."""
+    deadline = time.perf_counter() + timeout
+    last = process_cpu(pid)
+    while time.perf_counter() < deadline:
+        await asyncio.sleep(0.5)
+        now = process_cpu(pid)
+        if now - last < quiet:
+            return now
+        last = now
+    return last
 
 
 def percentile(values: tuple[float, ...], p: float) -> float:
@@ -511,6 +539,7 @@ class _Node:
     imap_port: int
     alice: Any  # onionpost.provision's result: address and password
     bob: Any
+    pid: int
 
 
 @contextlib.contextmanager
@@ -540,8 +569,8 @@ def onionpost_node(data_dir: Path) -> Iterator[_Node]:
     assert alice.password is not None
     cmd = [sys.executable, "-m", "onionpost", "--data-dir", str(data_dir), "run"]
     log = data_dir.parent / "onionpost-node.log"
-    with running(cmd, [smtp_port, imap_port], "onionpost run", log, cwd=REPO):
-        yield _Node(data_dir, smtp_port, imap_port, alice, bob)
+    with running(cmd, [smtp_port, imap_port], "onionpost run", log, cwd=REPO) as proc:
+        yield _Node(data_dir, smtp_port, imap_port, alice, bob, proc.pid)
 
 
 def onionpost_smtp(node: _Node, messages: int) -> SmtpResult:
@@ -553,6 +582,7 @@ def onionpost_smtp(node: _Node, messages: int) -> SmtpResult:
             sender=str(node.alice.address),
             rcpt=str(node.bob.address),
             messages=messages,
+            server_pid=node.pid,
         )
     )
 
@@ -774,6 +804,7 @@ def report_smtp(
     load = f"client CPU {onion.client_cpu / onion.seconds:.0%} of a core"
     if postfix is None:
         ctx.figure(subject.name, f"{onion.rate:.0f} msg/s", extra=load)
+        _report_node_cpu(ctx, onion)
         ctx.figure("onionpost latency p50 / p99", f"{fmt_time(latency.p50)} / {fmt_time(p99)}")
         ctx.note(f"Postfix reference: {refs.why_not.get('postfix', 'unavailable')}")
         return
@@ -798,9 +829,22 @@ def report_smtp(
             extra=f"{sizes.smtp_messages / postfix.smtp_source:.0f} msg/s with smtp-source -d "
             f"-s {SESSIONS} (no AUTH either): how far the Python client limits the reference",
         )
+    _report_node_cpu(ctx, onion)
     ctx.note(
         "onionpost: AUTH PLAIN once per session, MAIL FROM must be the user, each 250 after "
         "its submission's commit; Postfix: relay from 127.0.0.0/8, default_transport = discard."
+    )
+
+
+def _report_node_cpu(ctx: Context, onion: SmtpResult) -> None:
+    """The node's CPU per message: less disturbed by other load on the machine than rates."""
+    if onion.server_cpu is None or onion.server_cpu_settled is None:
+        return
+    ctx.figure(
+        "onionpost node CPU per message",
+        f"{onion.server_cpu / onion.messages * 1e3:.2f} ms",
+        extra=f"while the load ran; {onion.server_cpu_settled / onion.messages * 1e3:.2f} ms "
+        "until it had also sealed, delivered, synced and filed them (all threads)",
     )
 
 

@@ -31,6 +31,7 @@ def _checksum(pubkey: bytes) -> bytes:
     return hashlib.sha3_256(b".onion checksum" + pubkey + ONION_VERSION).digest()[:2]
 
 
+@functools.lru_cache(maxsize=4096)  # a pure function, and asked for on every send
 def onion_from_public_key(pubkey: bytes) -> str:
     """The 56-character onion label (without ``.onion``) of an Ed25519 public key."""
     if len(pubkey) != 32:

@@ -12,6 +12,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import os
+from collections.abc import Iterator
 
 #: How often a task that survived its cancellation is cancelled again.
 RECANCEL_SECONDS = 0.5
@@ -69,3 +70,72 @@ def set_crypto_workers(workers: int | None) -> None:
     old, _Pool.executor, _Pool.workers = _Pool.executor, None, workers
     if old is not None:
         old.shutdown(wait=True)
+
+
+# -- foreground before background -----------------------------------------------------------
+
+#: The longest a background step waits for the foreground to go quiet: under a sustained
+#: burst of submissions, background work still takes one step this often, so nothing it does
+#: (sealing, delivery, syncing, filing) stops, and the backlog drains once the burst ends.
+MAX_DEFER_SECONDS = 0.1
+
+
+class Foreground:
+    """Work a client is waiting on, counted so that background loops can yield to it.
+
+    One event loop runs the SMTP gateway and the node's own background work for the mail it
+    accepted (sealing, the outbox's delivery, the devices' sync, filing).  asyncio has no
+    priorities, so during a burst of submissions the background work took more than half of
+    the loop and every 250 waited behind it (docs/performance.md, SMTP submission).  An SMTP
+    transaction marks itself :meth:`busy` while its DATA is read and committed; a background
+    loop calls :meth:`yield_to` before each step, which returns at once when no transaction
+    is in flight and otherwise waits until none is, or :data:`MAX_DEFER_SECONDS` at most.
+    A client cannot stall the node this way: the wait is bounded whatever it does.
+    """
+
+    def __init__(self) -> None:
+        self._busy = 0
+        self._waiters: set[asyncio.Future[None]] = set()
+
+    @property
+    def is_busy(self) -> bool:
+        return self._busy > 0
+
+    @contextlib.contextmanager
+    def busy(self) -> Iterator[None]:
+        self._busy += 1
+        try:
+            yield
+        finally:
+            self._busy -= 1
+            if self._busy == 0:
+                self._release()
+
+    def _release(self) -> None:
+        waiters, self._waiters = self._waiters, set()
+        for fut in waiters:
+            # Each waiter belongs to its own loop (tests run several nodes in one process).
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
+                fut.get_loop().call_soon_threadsafe(_wake_waiter, fut)
+
+    async def yield_to(self, most: float = MAX_DEFER_SECONDS) -> None:
+        """Wait until no foreground work is in flight, or ``most`` seconds."""
+        if self._busy == 0:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.add(fut)
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(most):
+                    await fut
+        finally:
+            self._waiters.discard(fut)
+
+
+def _wake_waiter(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+#: The process's one :class:`Foreground` (the SMTP gateway marks it, background loops yield).
+foreground = Foreground()

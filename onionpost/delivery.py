@@ -16,6 +16,7 @@ import tempfile
 from collections.abc import Callable
 
 from onionpost.address import Address, public_key_from_onion
+from onionpost.aio import foreground
 from onionpost.api.client import InboxClient
 from onionpost.api.transport import Dialer
 from onionpost.clock import Clock, wait_event
@@ -82,6 +83,7 @@ class OutboxWorker:
             # While this node's tor is not up, rows for other inboxes are left alone rather
             # than tried and failed: their attempts and backoff stay as they are, and they
             # go as soon as the node wakes this worker on tor becoming ready.
+            await foreground.yield_to()  # SMTP clients waiting on a 250 go first
             only = None if self.can_reach_others() else self._own_onion
             rows = self.outbox.claim_due(
                 self.clock.now(), limit=BATCH, lease=LEASE_SECONDS, only_onion=only

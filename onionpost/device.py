@@ -13,7 +13,7 @@ import logging
 
 from onionpost.account import Account
 from onionpost.address import Address
-from onionpost.aio import cancel_and_wait
+from onionpost.aio import cancel_and_wait, foreground
 from onionpost.api.client import DeviceSession, InboxClient
 from onionpost.api.transport import Dialer
 from onionpost.clock import Clock, wait_event
@@ -237,6 +237,7 @@ class Device:
         while True:
             try:
                 self._wake.clear()
+                await foreground.yield_to()  # SMTP clients waiting on a 250 go first
                 await self.sync(wait=self.config.inbox.longpoll_seconds)
                 if self.session.inbox_device_list_version > self.account.device_list.version:
                     await self.refresh_own_devices()

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from onionpost.aio import cancel_and_wait
+from onionpost.aio import cancel_and_wait, foreground
 from onionpost.errors import FilingRefused, OnionpostError
 from onionpost.store.filing import FILED, HANDED, QUEUED, Filing, FilingStore, MessageSource
 
@@ -159,6 +159,7 @@ class Filer:
         """File every row that is due; the number filed."""
         filed = 0
         while rows := self.store.due(self._now()):
+            await foreground.yield_to()  # SMTP clients waiting on a 250 go first
             left = await self._file_batch(rows)
             filed += len(rows) - len(left)
             if left:

@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from onionpost.aio import cancel_and_wait
+from onionpost.aio import cancel_and_wait, foreground
 from onionpost.errors import OnionpostError
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,7 @@ class Scheduler:
                 while True:
                     self._again.discard(name)
                     try:
+                        await foreground.yield_to()  # a client waiting goes first
                         await job()
                     except OnionpostError as exc:
                         log.warning("%s: %s", name, exc)

@@ -24,6 +24,7 @@ from typing import Any
 
 from onionpost import dsn
 from onionpost.address import Address
+from onionpost.aio import foreground
 from onionpost.clock import Clock
 from onionpost.config import DeliveryConfig
 from onionpost.crypto.primitives import hash32
@@ -274,6 +275,7 @@ class Submissions:
             if not due:
                 return handled
             for sid, recips in due.items():
+                await foreground.yield_to()  # SMTP clients waiting on a 250 go first
                 handled += len(recips)
                 await self._process(sid, recips)
                 after = max(after, (sid, max(r.address for r in recips)))

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from email import message_from_bytes
 from email.message import EmailMessage
 from email.policy import default
@@ -35,7 +36,7 @@ from onionpost.crypto.keys import Profile
 from onionpost.errors import OnionpostError
 from onionpost.wire import KeyUpdate
 
-from .harness import DeviceNode, InboxNode
+from .harness import DeviceNode, InboxNode, Loopback
 from .test_enrolment import (
     acli,
     pi,  # noqa: F401 (a fixture: an inbox-only node, tor off)
@@ -80,14 +81,13 @@ def froms(d: DeviceNode) -> list[tuple[str, str | None]]:
     return out
 
 
-class World:
+class World(Loopback):
     def __init__(self, root: Path) -> None:
-        self.clock = FakeClock(int(time.time()))
-        self.dialer = DirectDialer()
-        self.a = InboxNode(root, "inbox-a", self.clock, self.dialer)
-        self.b = InboxNode(root, "inbox-b", self.clock, self.dialer)
-        self.alice = DeviceNode(root, "alice", self.a.provision("alice"), self.clock, self.dialer)
-        self.bob = DeviceNode(root, "bob", self.b.provision("bob"), self.clock, self.dialer)
+        super().__init__(root)
+        self.a = self.add_inbox("inbox-a")
+        self.b = self.add_inbox("inbox-b")
+        self.alice = self.add_person(self.a, "alice")
+        self.bob = self.add_person(self.b, "bob")
 
     async def send(
         self, sender: DeviceNode, to: DeviceNode, subject: str, display: str = ""
@@ -96,24 +96,14 @@ class World:
             sender.user, [to.address], compose(sender, str(to.address), subject, display)
         )
         await sender.submissions.process_due()
-        await (self.a if sender is self.alice else self.b).worker.run_due()
+        await self.inbox_of(sender).worker.run_due()
         await to.device.sync()
 
 
 @pytest.fixture
-async def world(tmp_path: Path):
-    w = World(tmp_path)
-    await w.a.start(worker=False)
-    await w.b.start(worker=False)
-    try:
+async def world(tmp_path: Path) -> AsyncIterator[World]:
+    async with World(tmp_path) as w:
         yield w
-    finally:
-        await w.alice.close()
-        await w.bob.close()
-        await w.a.stop()
-        await w.b.stop()
-        w.a.close()
-        w.b.close()
 
 
 async def test_a_profile_is_verified_on_receipt_and_on_fetch(world: World, caplog) -> None:  # type: ignore[no-untyped-def]

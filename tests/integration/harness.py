@@ -203,13 +203,15 @@ class DeviceNode:
         self.db.close()
 
 
-def compose(sender: DeviceNode, to: DeviceNode, subject: str) -> bytes:
-    """A plain message from ``sender`` to ``to``, its Message-ID made from the subject."""
+def compose(sender: DeviceNode, to: DeviceNode, subject: str, *, unique: bool = False) -> bytes:
+    """A plain message from ``sender`` to ``to``, its Message-ID made from the subject (and,
+    ``unique``, a counter: for a test that sends one subject twice)."""
     msg = EmailMessage()
     msg["From"] = str(sender.address)
     msg["To"] = str(to.address)
     msg["Subject"] = subject
-    msg["Message-ID"] = f"<{subject.replace(' ', '.')}@test>"
+    stamp = f".{time.monotonic_ns()}" if unique else ""
+    msg["Message-ID"] = f"<{subject.replace(' ', '.')}{stamp}@test>"
     msg.set_content(f"body of {subject}")
     return msg.as_bytes()
 

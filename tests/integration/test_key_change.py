@@ -9,7 +9,6 @@ refused, the right one pinned; or the change rejected and the old pin kept.
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 from email import message_from_bytes
 from email.message import EmailMessage
@@ -22,17 +21,7 @@ from onionpost.crypto.fingerprint import fingerprint
 from onionpost.errors import FingerprintMismatch, UsageError
 from onionpost.trust import KEY_CHANGE_HEADER, QUARANTINE
 
-from .harness import DeviceNode, Loopback
-
-
-def compose(sender: DeviceNode, to: DeviceNode, subject: str) -> bytes:
-    msg = EmailMessage()
-    msg["From"] = str(sender.address)
-    msg["To"] = str(to.address)
-    msg["Subject"] = subject
-    msg["Message-ID"] = f"<{subject.replace(' ', '.')}.{time.monotonic_ns()}@test>"
-    msg.set_content(f"body of {subject}")
-    return msg.as_bytes()
+from .harness import DeviceNode, Loopback, compose
 
 
 def parsed(d: DeviceNode, folder: str) -> list[EmailMessage]:
@@ -52,7 +41,9 @@ class World(Loopback):
         self.dave = self.add_person(self.b, "dave")
 
     async def send(self, sender: DeviceNode, to: DeviceNode, subject: str) -> None:
-        sender.submissions.submit(sender.user, [to.address], compose(sender, to, subject))
+        sender.submissions.submit(
+            sender.user, [to.address], compose(sender, to, subject, unique=True)
+        )
         await sender.submissions.process_due()
         await self.inbox_of(sender).worker.run_due()
         await to.device.sync()

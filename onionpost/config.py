@@ -9,12 +9,10 @@ platform default (``/var/lib/onionpost`` for root, ``$XDG_DATA_HOME/onionpost`` 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import ipaddress
 import os
 import re
-import tempfile
 import tomllib
 import warnings
 from collections.abc import Mapping
@@ -22,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_type_hints
 
+from onionpost.atomicfile import write_atomic
 from onionpost.errors import ConfigError
 
 CONFIG_FILE = "onionpost.toml"
@@ -267,18 +266,7 @@ def set_setting(data_dir: Path, section: str, key: str, value: bool | int | str)
         raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
     try:
         data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=data_dir, prefix=f".{CONFIG_FILE}.")
-        try:
-            os.fchmod(fd, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(new_text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        write_atomic(path, new_text.encode())
     except OSError as exc:
         raise ConfigError(f"Cannot write {path}: {exc}") from exc
     return path

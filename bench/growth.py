@@ -1,0 +1,385 @@
+"""Cost growth: delivery rate and RSS with 1k, 10k and 100k messages already in the mailbox,
+and the crypto worker pool at 1 and 2 workers on the same delivery workload.
+
+Two real ``onionpost run`` processes (alice's node and bob's, tor off, each other's inbox on
+a static loopback route: :class:`bench.memory.NodeProcess`), each with its private Dovecot.
+A *burst* is 4 KiB messages submitted over SMTP to alice's gateway (a few sessions at
+once), sealed, delivered to bob's inbox, fetched by bob's device, opened, verified and filed
+into bob's Dovecot through LMTP.  Its rate is the number of messages over the time from the
+first submission to the last "filed ... into bob's INBOX" line of bob's node log (read, not
+polled through IMAP, so the measurement does not touch the mailbox).
+
+**The pre-fill.**  Filing 100,000 messages through the whole path would take over an hour
+here, so before each size bob's node is stopped and his mailbox brought to that size the way
+it would look after that many deliveries, without the path:
+
+* INBOX: Maildir files written straight into ``cur/`` (2 KiB each, with the
+  ``Return-Path`` and ``X-Onionpost-Filing`` lines filed mail carries, seen, LF line ends,
+  the ``S=``/``W=`` sizes in the name as Dovecot writes them), owned by Dovecot's mail
+  account; once the node is up, a ``doveadm search`` syncs the folder (uidlist and index
+  built, as a client's first SELECT would) and ``doveadm mailbox status`` checks the count.
+* bob's ``device.db``: a ``mailbox_seen_ids`` row per message (what the device records for
+  each message it took from the inbox; expiring in four days, so none is pruned meanwhile).
+* bob's ``inbox.db``: a ``seen_digests`` row per message (the inbox's duplicate check).
+
+Those are the only records a filed message leaves: the filing queue, the sealed copy and
+its spool rows are deleted once it is filed and acknowledged.
+
+RSS is bob's node process (``/proc/<pid>/status``; Dovecot's processes are not counted):
+the peak (``VmHWM``, reset before the burst) and after the burst once idle.  The reference
+of each row is the same burst into the smallest mailbox, in the same run: flat is the goal.
+
+**The pool.**  Before the growth rows, the same burst runs with bob's node configured
+``delivery.crypto_workers = 1`` and then ``2`` (restarted in between), into the smallest
+mailbox: the speed-up of the whole delivery from the second worker, not only of the crypto.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sqlite3
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from email.utils import formatdate
+
+from bench.delivery import compose
+from bench.harness import Context, Stats, fmt_bytes
+from bench.memory import NodeProcess, _passable_tmp
+
+SIZES = (1_000, 10_000, 100_000)
+QUICK_SIZES = (200, 2_000)
+BURST = 300
+QUICK_BURST = 30
+SESSIONS = 4  # SMTP sessions submitting at once
+FILL_BYTES = 2 << 10
+FILED_TIMEOUT = 600.0
+OPEN_LIMIT = 10_000_000  # the inbox's hourly rate limits, out of the way
+
+
+class GrowthNode(NodeProcess):
+    """A node whose configuration also raises the inbox's rate limits and sizes the pool."""
+
+    crypto_workers = 0
+    _read = 0  # bytes of the log counted so far
+    _filed = 0
+
+    def configure(self, peer: NodeProcess | None) -> None:
+        routes = (
+            f'static_routes = {{ "{peer.address.onion}" = "127.0.0.1:{peer.api}" }}\n'
+            if peer is not None
+            else ""
+        )
+        limits = "".join(
+            f"{name} = {OPEN_LIMIT}\n"
+            for name in (
+                "rate_per_mailbox_per_hour",
+                "rate_per_source_per_hour",
+                "rate_strangers_per_mailbox_per_hour",
+                "rate_strangers_per_hour",
+            )
+        )
+        (self.dir / "onionpost.toml").write_text(
+            '[tor]\nmode = "off"\n'
+            + routes
+            + f"[inbox]\nlisten_port = {self.api}\npow_bits = 4\nlongpoll_seconds = 2.0\n"
+            + limits
+            + f"[gateway]\nsmtp_port = {self.smtp}\nimap_port = {self.imap}\n"
+            f"autoconfig_port = {self.auto}\n"
+            "[delivery]\nretry_min_seconds = 1\nretry_max_seconds = 2\n"
+            f"crypto_workers = {self.crypto_workers}\n",
+            encoding="utf-8",
+        )
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+        self.wait_ready()
+
+    # -- what the log says was filed --------------------------------------------------------
+
+    def filed(self) -> int:
+        """How many "filed ... into <user>'s INBOX" lines the node's log holds (read on from
+        where the last call stopped, whole lines only)."""
+        pattern = re.compile(rf"filed [0-9a-f]+ into {re.escape(self.user)}'s INBOX".encode())
+        try:
+            with self.log.open("rb") as f:
+                f.seek(self._read)
+                data = f.read()
+        except OSError:
+            return self._filed
+        whole = data.rfind(b"\n") + 1
+        self._read += whole
+        self._filed += len(pattern.findall(data, 0, whole))
+        return self._filed
+
+    # -- Dovecot, through the node's own configuration ----------------------------------
+
+    def doveadm(self, *args: str) -> str:
+        conf = self.dir / "dovecot" / "dovecot.conf"
+        out = subprocess.run(
+            ["doveadm", "-c", str(conf), *args],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        return out.stdout
+
+    def inbox_messages(self) -> int:
+        out = self.doveadm("mailbox", "status", "-u", self.user, "messages", "INBOX")
+        m = re.search(r"messages=(\d+)", out)
+        return int(m.group(1)) if m else -1
+
+
+@dataclass
+class Burst:
+    messages: int
+    mailbox: int  # messages in bob's INBOX before it
+    seconds: float
+    peak: int
+    after: int
+
+    @property
+    def rate(self) -> float:
+        return self.messages / self.seconds
+
+
+def run(ctx: Context) -> None:
+    sizes = QUICK_SIZES if ctx.quick else SIZES
+    burst = QUICK_BURST if ctx.quick else BURST
+    with _passable_tmp() as root:
+        alice, bob = GrowthNode(root, "alice"), GrowthNode(root, "bob")
+        try:
+            _measure(ctx, alice, bob, sizes, burst)
+        finally:
+            bob.stop()
+            alice.stop()
+
+
+def _measure(
+    ctx: Context, alice: GrowthNode, bob: GrowthNode, sizes: tuple[int, ...], burst: int
+) -> None:
+    alice.configure(bob)
+    bob.configure(alice)
+    for node in (alice, bob):
+        node.start()
+    for node in (alice, bob):
+        node.wait_ready()
+    _introduce(alice, bob)
+    in_mailbox = bob.inbox_messages()
+
+    ctx.heading(
+        f"the crypto pool: bursts of {burst} x 4.0 KiB alice -> bob (two `onionpost run`, "
+        f"tor off, filed through bob's Dovecot), bob's node at 1 and at 2 workers"
+    )
+    pool: dict[int, Burst] = {}
+    filler = _Filler(bob)
+    for workers in (1, 2):
+        bob.stop()
+        in_mailbox = filler.fill_to(sizes[0], in_mailbox)
+        bob.crypto_workers = workers
+        bob.configure(alice)
+        bob.start()
+        bob.wait_ready()
+        _index(ctx, bob, in_mailbox)
+        pool[workers] = _burst(alice, bob, burst, in_mailbox)
+        in_mailbox += burst
+    one, two = pool[1], pool[2]
+    ctx.compare(
+        Stats("delivery, bob at 2 crypto workers", (two.seconds / two.messages,)),
+        Stats("1 worker", (one.seconds / one.messages,)),
+        extra=f"{two.rate:.1f} vs {one.rate:.1f} msg/s: x{two.rate / one.rate:.2f} speed-up "
+        f"from the second worker ({os.cpu_count()} CPUs, shared)",
+    )
+
+    ctx.heading(
+        f"cost growth: the same burst of {burst} into a mailbox already holding "
+        f"{', '.join(f'{n:,}' for n in sizes)} messages (bob's node at its default pool)"
+    )
+    ctx.note(
+        "pre-fill: Maildir files written into cur/ + a doveadm sync, and the seen-id rows of "
+        "device.db and inbox.db the node keeps per message (see bench/growth.py)"
+    )
+    bob.crypto_workers = 0
+    bob.configure(alice)
+    results: list[Burst] = []
+    searches: list[tuple[int, float]] = []
+    for size in sizes:
+        bob.stop()
+        started = time.monotonic()
+        in_mailbox = filler.fill_to(size, in_mailbox)
+        filled = time.monotonic() - started
+        bob.start()
+        bob.wait_ready()
+        indexed = _index(ctx, bob, in_mailbox)
+        ctx.note(
+            f"{in_mailbox:,} in bob's INBOX: pre-filled in {filled:.0f} s, "
+            f"Dovecot synced it in {indexed:.1f} s"
+        )
+        results.append(_burst(alice, bob, burst, in_mailbox))
+        in_mailbox += burst
+        searches.append((in_mailbox, _search(bob)))
+    ref = results[0]
+    ref_stats = Stats(f"into {ref.mailbox:,}", (ref.seconds / ref.messages,))
+    for r in results:
+        ctx.compare(
+            Stats(f"delivery into {r.mailbox:,}", (r.seconds / r.messages,)),
+            ref_stats,
+            extra=f"{r.rate:.1f} vs {ref.rate:.1f} msg/s",
+        )
+    first = Stats(f"in {searches[0][0]:,}", (searches[0][1],))
+    for count, seconds in searches:
+        ctx.compare(
+            Stats(f"header search in {count:,}", (seconds,)),
+            first,
+            extra="doveadm search header Message-ID, as the filer looks for a client's own "
+            "Sent copy (and for a handed row after a crash)",
+        )
+    for r in results:
+        ctx.figure(
+            f"bob's node RSS, {r.mailbox:,} in mailbox",
+            f"peak {fmt_bytes(r.peak)}",
+            extra=f"after {fmt_bytes(r.after)}   vs {fmt_bytes(ref.after)} into "
+            f"{ref.mailbox:,}: x{r.after / ref.after:.2f}",
+        )
+
+
+# --- the steps ---------------------------------------------------------------------------------
+
+
+def _introduce(alice: GrowthNode, bob: GrowthNode) -> None:
+    """alice writes first (proof of work), bob answers: alice then holds a contact token."""
+    _send_all(alice, str(bob.address), [compose(str(alice.address), str(bob.address), -1)])
+    _until(lambda: bob.filed() >= 1, "alice's first message")
+    _send_all(bob, str(alice.address), [compose(str(bob.address), str(alice.address), -2)])
+    _until(lambda: alice.filed() >= 1, "bob's answer")
+
+
+def _index(ctx: Context, node: GrowthNode, expect: int) -> float:
+    """Have Dovecot sync the INBOX (as a client's first look would) and check its count."""
+    started = time.monotonic()
+    node.doveadm("search", "-u", node.user, "mailbox", "INBOX", "uid", "1")
+    took = time.monotonic() - started
+    found = node.inbox_messages()
+    if found != expect:
+        raise RuntimeError(f"bob's INBOX holds {found} messages, {expect} expected")
+    return took
+
+
+def _search(node: GrowthNode) -> float:
+    """One header search in the INBOX, as :meth:`Filer._file_one` has Dovecot do in Sent."""
+    started = time.perf_counter()
+    node.doveadm(
+        "search", "-u", node.user, "mailbox", "INBOX", "header", "Message-ID", "<growth.7@bench>"
+    )
+    return time.perf_counter() - started
+
+
+def _burst(alice: GrowthNode, bob: GrowthNode, n: int, mailbox: int) -> Burst:
+    to, sender = str(bob.address), str(alice.address)
+    messages = [compose(sender, to, i) for i in range(n)]
+    before = bob.filed()
+    bob.reset_peak()
+    started = time.perf_counter()
+    sending = threading.Thread(target=_send_all, args=(alice, to, messages), daemon=True)
+    sending.start()
+    _until(lambda: bob.filed() >= before + n, f"a burst of {n}", poll=0.05)
+    seconds = time.perf_counter() - started
+    sending.join()
+    peak = bob.peak()
+    return Burst(n, mailbox, seconds, peak, bob.settle())
+
+
+def _send_all(node: NodeProcess, to: str, messages: list[bytes]) -> None:
+    import smtplib
+
+    def session(part: list[bytes]) -> None:
+        with smtplib.SMTP("127.0.0.1", node.smtp, timeout=120) as s:
+            s.login(node.user, node.password)
+            for m in part:
+                s.sendmail(str(node.address), [to], m)
+
+    parts = [messages[i::SESSIONS] for i in range(SESSIONS)]
+    with ThreadPoolExecutor(SESSIONS) as pool:
+        for f in [pool.submit(session, p) for p in parts if p]:
+            f.result()
+
+
+def _until(check: object, what: str, poll: float = 0.2) -> None:
+    assert callable(check)
+    deadline = time.monotonic() + FILED_TIMEOUT
+    while not check():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what}: not filed within {FILED_TIMEOUT:.0f} s")
+        time.sleep(poll)
+
+
+# --- the pre-fill ------------------------------------------------------------------------------
+
+
+class _Filler:
+    """Brings a stopped node's INBOX to a size: Maildir files and the node's seen-id rows."""
+
+    def __init__(self, node: GrowthNode) -> None:
+        self.node = node
+        self.written = 0  # files written so far (their names stay unique)
+        body = "A line of a message that was filed before the bench began.\n"
+        self.body = body * (FILL_BYTES // len(body))
+
+    def fill_to(self, size: int, have: int) -> int:
+        """Add messages until the INBOX holds ``size`` (``have`` now); the new count."""
+        add = size - have
+        if add <= 0:
+            return have
+        node = self.node
+        maildir = node.dir / "mail" / node.user
+        cur = maildir / "cur"
+        for sub in ("cur", "new", "tmp"):
+            (maildir / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+        owner = maildir.stat()
+        now = int(time.time())
+        msg_ids, digests = [], []
+        for _ in range(add):
+            i = self.written
+            self.written += 1
+            when = now - 10 * add + 10 * i
+            message = (
+                f"Return-Path: <>\nX-Onionpost-Filing: {os.urandom(16).hex()}\n"
+                f"From: <someone{i % 50}@example.onion>\nTo: <{node.address}>\n"
+                f"Subject: filed before {i}\nMessage-ID: <growth.{i}@bench>\n"
+                f"Date: {formatdate(when, usegmt=True)}\nMIME-Version: 1.0\n"
+                f"Content-Type: text/plain; charset=us-ascii\n\n{self.body}"
+            ).encode()
+            vsize = len(message) + message.count(b"\n")
+            path = cur / f"{when}.M{i}P{os.getpid()}.bench,S={len(message)},W={vsize}:2,S"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, message)
+                os.fchown(fd, owner.st_uid, owner.st_gid)
+            finally:
+                os.close(fd)
+            os.utime(path, (when, when))
+            msg_ids.append(os.urandom(16))
+            digests.append(os.urandom(32))
+        for d in (cur, maildir):
+            os.utime(d)  # Dovecot notices the new files at its next sync
+        expires = now + 4 * 86_400
+        with contextlib.closing(sqlite3.connect(node.dir / "device.db")) as db, db:
+            db.executemany(
+                "INSERT INTO mailbox_seen_ids (user, msg_id, expires_at) VALUES (?, ?, ?)",
+                [(node.user, m, expires) for m in msg_ids],
+            )
+        with contextlib.closing(sqlite3.connect(node.dir / "inbox.db")) as db, db:
+            (mailbox_id,) = db.execute(
+                "SELECT mailbox_id FROM mailboxes WHERE local = ?", (node.user,)
+            ).fetchone()
+            db.executemany(
+                "INSERT INTO seen_digests (mailbox_id, digest, expires_at) VALUES (?, ?, ?)",
+                [(mailbox_id, d, expires) for d in digests],
+            )
+        return size

@@ -23,7 +23,12 @@ it would look after that many deliveries, without the path:
 * bob's ``inbox.db``: a ``seen_digests`` row per message (the inbox's duplicate check).
 
 Those are the only records a filed message leaves: the filing queue, the sealed copy and
-its spool rows are deleted once it is filed and acknowledged.
+its spool rows are deleted once it is filed and acknowledged.  alice's Sent folder is
+pre-filled to the same size the same way (files only), and her ``sent_copy_wait_seconds`` is
+2 s, so the Sent copies of the burst (a search for the client's own copy, LMTP, a search to
+flag it seen: the filer's header searches) are filed during the measurement; the time to the
+last of them is a row of its own.  A header search of bob's whole INBOX and one from a UID
+floor are timed after each burst.
 
 RSS is bob's node process (``/proc/<pid>/status``; Dovecot's processes are not counted):
 the peak (``VmHWM``, reset before the burst) and after the burst once idle.  The reference
@@ -46,9 +51,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from email.utils import formatdate
+from pathlib import Path
 
 from bench.delivery import compose
-from bench.harness import Context, Stats, fmt_bytes
+from bench.harness import Context, Stats, fmt_bytes, fmt_time
 from bench.memory import NodeProcess, _passable_tmp
 
 SIZES = (1_000, 10_000, 100_000)
@@ -58,6 +64,7 @@ QUICK_BURST = 30
 SESSIONS = 4  # SMTP sessions submitting at once
 FILL_BYTES = 2 << 10
 FILED_TIMEOUT = 600.0
+SENT_COPY_WAIT = 2  # alice's gateway.sent_copy_wait_seconds: her Sent copies file during the burst
 OPEN_LIMIT = 10_000_000  # the inbox's hourly rate limits, out of the way
 
 
@@ -65,8 +72,12 @@ class GrowthNode(NodeProcess):
     """A node whose configuration also raises the inbox's rate limits and sizes the pool."""
 
     crypto_workers = 0
+    sent_copy_wait = 60
     _read = 0  # bytes of the log counted so far
-    _filed = 0
+
+    def __init__(self, root: Path, user: str) -> None:
+        super().__init__(root, user)
+        self._counts: dict[str, int] = {}
 
     def configure(self, peer: NodeProcess | None) -> None:
         routes = (
@@ -89,7 +100,7 @@ class GrowthNode(NodeProcess):
             + f"[inbox]\nlisten_port = {self.api}\npow_bits = 4\nlongpoll_seconds = 2.0\n"
             + limits
             + f"[gateway]\nsmtp_port = {self.smtp}\nimap_port = {self.imap}\n"
-            f"autoconfig_port = {self.auto}\n"
+            f"autoconfig_port = {self.auto}\nsent_copy_wait_seconds = {self.sent_copy_wait}\n"
             "[delivery]\nretry_min_seconds = 1\nretry_max_seconds = 2\n"
             f"crypto_workers = {self.crypto_workers}\n",
             encoding="utf-8",
@@ -102,20 +113,21 @@ class GrowthNode(NodeProcess):
 
     # -- what the log says was filed --------------------------------------------------------
 
-    def filed(self) -> int:
-        """How many "filed ... into <user>'s INBOX" lines the node's log holds (read on from
-        where the last call stopped, whole lines only)."""
-        pattern = re.compile(rf"filed [0-9a-f]+ into {re.escape(self.user)}'s INBOX".encode())
+    def filed(self, folder: str = "INBOX") -> int:
+        """How many "filed ... into <user>'s <folder>" lines the node's log holds (read on
+        from where the last call stopped, whole lines only)."""
         try:
             with self.log.open("rb") as f:
                 f.seek(self._read)
                 data = f.read()
         except OSError:
-            return self._filed
+            data = b""
         whole = data.rfind(b"\n") + 1
         self._read += whole
-        self._filed += len(pattern.findall(data, 0, whole))
-        return self._filed
+        for name in ("INBOX", "Sent"):
+            pattern = rf"filed [0-9a-f]+ into {re.escape(self.user)}'s {name}\b".encode()
+            self._counts[name] = self._counts.get(name, 0) + len(re.findall(pattern, data[:whole]))
+        return self._counts.get(folder, 0)
 
     # -- Dovecot, through the node's own configuration ----------------------------------
 
@@ -130,8 +142,8 @@ class GrowthNode(NodeProcess):
         )
         return out.stdout
 
-    def inbox_messages(self) -> int:
-        out = self.doveadm("mailbox", "status", "-u", self.user, "messages", "INBOX")
+    def inbox_messages(self, folder: str = "INBOX") -> int:
+        out = self.doveadm("mailbox", "status", "-u", self.user, "messages", folder)
         m = re.search(r"messages=(\d+)", out)
         return int(m.group(1)) if m else -1
 
@@ -140,7 +152,8 @@ class GrowthNode(NodeProcess):
 class Burst:
     messages: int
     mailbox: int  # messages in bob's INBOX before it
-    seconds: float
+    seconds: float  # first submission -> last filed in bob's INBOX
+    sent_seconds: float  # first submission -> alice's last Sent copy filed
     peak: int
     after: int
 
@@ -164,6 +177,7 @@ def run(ctx: Context) -> None:
 def _measure(
     ctx: Context, alice: GrowthNode, bob: GrowthNode, sizes: tuple[int, ...], burst: int
 ) -> None:
+    alice.sent_copy_wait = SENT_COPY_WAIT
     alice.configure(bob)
     bob.configure(alice)
     for node in (alice, bob):
@@ -171,24 +185,19 @@ def _measure(
     for node in (alice, bob):
         node.wait_ready()
     _introduce(alice, bob)
-    in_mailbox = bob.inbox_messages()
+    inbox = _Filler(bob, "INBOX", records=True)
+    sent = _Filler(alice, "Sent", records=False)
+    inbox.have, sent.have = bob.inbox_messages(), alice.inbox_messages("Sent")
 
     ctx.heading(
         f"the crypto pool: bursts of {burst} x 4.0 KiB alice -> bob (two `onionpost run`, "
         f"tor off, filed through bob's Dovecot), bob's node at 1 and at 2 workers"
     )
     pool: dict[int, Burst] = {}
-    filler = _Filler(bob)
     for workers in (1, 2):
-        bob.stop()
-        in_mailbox = filler.fill_to(sizes[0], in_mailbox)
         bob.crypto_workers = workers
-        bob.configure(alice)
-        bob.start()
-        bob.wait_ready()
-        _index(ctx, bob, in_mailbox)
-        pool[workers] = _burst(alice, bob, burst, in_mailbox)
-        in_mailbox += burst
+        _refill(ctx, [(bob, inbox)], sizes[0], alice)
+        pool[workers] = _burst(alice, bob, burst, inbox, sent)
     one, two = pool[1], pool[2]
     ctx.compare(
         Stats("delivery, bob at 2 crypto workers", (two.seconds / two.messages,)),
@@ -198,47 +207,43 @@ def _measure(
     )
 
     ctx.heading(
-        f"cost growth: the same burst of {burst} into a mailbox already holding "
-        f"{', '.join(f'{n:,}' for n in sizes)} messages (bob's node at its default pool)"
+        f"cost growth: the same burst of {burst} with bob's INBOX and alice's Sent already "
+        f"holding {', '.join(f'{n:,}' for n in sizes)} messages (default pool)"
     )
     ctx.note(
-        "pre-fill: Maildir files written into cur/ + a doveadm sync, and the seen-id rows of "
-        "device.db and inbox.db the node keeps per message (see bench/growth.py)"
+        "pre-fill: Maildir files written into cur/ + a doveadm sync (both folders), and the "
+        "seen-id rows of bob's device.db and inbox.db (see bench/growth.py)"
     )
     bob.crypto_workers = 0
-    bob.configure(alice)
     results: list[Burst] = []
-    searches: list[tuple[int, float]] = []
+    searches: list[tuple[int, float, float]] = []
     for size in sizes:
-        bob.stop()
-        started = time.monotonic()
-        in_mailbox = filler.fill_to(size, in_mailbox)
-        filled = time.monotonic() - started
-        bob.start()
-        bob.wait_ready()
-        indexed = _index(ctx, bob, in_mailbox)
-        ctx.note(
-            f"{in_mailbox:,} in bob's INBOX: pre-filled in {filled:.0f} s, "
-            f"Dovecot synced it in {indexed:.1f} s"
-        )
-        results.append(_burst(alice, bob, burst, in_mailbox))
-        in_mailbox += burst
-        searches.append((in_mailbox, _search(bob)))
+        _refill(ctx, [(bob, inbox), (alice, sent)], size, alice)
+        results.append(_burst(alice, bob, burst, inbox, sent))
+        searches.append((inbox.have, *_search(bob)))
     ref = results[0]
     ref_stats = Stats(f"into {ref.mailbox:,}", (ref.seconds / ref.messages,))
     for r in results:
         ctx.compare(
             Stats(f"delivery into {r.mailbox:,}", (r.seconds / r.messages,)),
             ref_stats,
-            extra=f"{r.rate:.1f} vs {ref.rate:.1f} msg/s",
+            extra=f"{r.rate:.1f} vs {ref.rate:.1f} msg/s (filed in bob's INBOX)",
         )
-    first = Stats(f"in {searches[0][0]:,}", (searches[0][1],))
-    for count, seconds in searches:
+    sent_ref = Stats(f"Sent of {ref.mailbox:,}", (ref.sent_seconds / ref.messages,))
+    for r in results:
         ctx.compare(
-            Stats(f"header search in {count:,}", (seconds,)),
+            Stats(f"alice's Sent copies, {r.mailbox:,}", (r.sent_seconds / r.messages,)),
+            sent_ref,
+            extra=f"{r.messages / r.sent_seconds:.1f} vs "
+            f"{ref.messages / ref.sent_seconds:.1f} msg/s (each: a search for the client's "
+            f"own copy after {SENT_COPY_WAIT} s, LMTP, a search to flag it seen)",
+        )
+    first = Stats(f"whole folder of {searches[0][0]:,}", (searches[0][1],))
+    for count, whole, bounded in searches:
+        ctx.compare(
+            Stats(f"header search, {count:,}", (whole,)),
             first,
-            extra="doveadm search header Message-ID, as the filer looks for a client's own "
-            "Sent copy (and for a handed row after a crash)",
+            extra=f"whole folder (what the filer did); from a UID floor: {fmt_time(bounded)}",
         )
     for r in results:
         ctx.figure(
@@ -249,6 +254,37 @@ def _measure(
         )
 
 
+def _refill(
+    ctx: Context,
+    fills: list[tuple[GrowthNode, _Filler]],
+    size: int,
+    alice: GrowthNode,
+) -> None:
+    """Stop the nodes, bring their folders to ``size``, start them again (new settings
+    too) and have Dovecot sync the folders."""
+    for node, _ in fills:
+        node.stop()
+    started = time.monotonic()
+    for _, filler in fills:
+        filler.fill_to(size)
+    filled = time.monotonic() - started
+    for node, _ in fills:
+        node.configure(alice if node is not alice else _peer(fills, alice))
+        node.start()
+    took = 0.0
+    for node, filler in fills:
+        node.wait_ready()
+        took += _index(node, filler.folder, filler.have)
+    ctx.note(
+        ", ".join(f"{f.node.user}'s {f.folder}: {f.have:,}" for _, f in fills)
+        + f" (pre-filled in {filled:.0f} s, Dovecot synced in {took:.1f} s)"
+    )
+
+
+def _peer(fills: list[tuple[GrowthNode, _Filler]], alice: GrowthNode) -> GrowthNode:
+    return next(n for n, _ in fills if n is not alice)
+
+
 # --- the steps ---------------------------------------------------------------------------------
 
 
@@ -257,42 +293,58 @@ def _introduce(alice: GrowthNode, bob: GrowthNode) -> None:
     _send_all(alice, str(bob.address), [compose(str(alice.address), str(bob.address), -1)])
     _until(lambda: bob.filed() >= 1, "alice's first message")
     _send_all(bob, str(alice.address), [compose(str(bob.address), str(alice.address), -2)])
-    _until(lambda: alice.filed() >= 1, "bob's answer")
+    _until(lambda: alice.filed() >= 1 and alice.filed("Sent") >= 1, "bob's answer")
 
 
-def _index(ctx: Context, node: GrowthNode, expect: int) -> float:
-    """Have Dovecot sync the INBOX (as a client's first look would) and check its count."""
+def _index(node: GrowthNode, folder: str, expect: int) -> float:
+    """Have Dovecot sync the folder (as a client's first look would) and check its count."""
     started = time.monotonic()
-    node.doveadm("search", "-u", node.user, "mailbox", "INBOX", "uid", "1")
+    node.doveadm("search", "-u", node.user, "mailbox", folder, "uid", "1")
     took = time.monotonic() - started
-    found = node.inbox_messages()
+    found = node.inbox_messages(folder)
     if found != expect:
-        raise RuntimeError(f"bob's INBOX holds {found} messages, {expect} expected")
+        raise RuntimeError(f"{node.user}'s {folder} holds {found} messages, {expect} expected")
     return took
 
 
-def _search(node: GrowthNode) -> float:
-    """One header search in the INBOX, as :meth:`Filer._file_one` has Dovecot do in Sent."""
-    started = time.perf_counter()
-    node.doveadm(
-        "search", "-u", node.user, "mailbox", "INBOX", "header", "Message-ID", "<growth.7@bench>"
+def _search(node: GrowthNode) -> tuple[float, float]:
+    """One header search in the INBOX as the filer ran it in Sent (the whole folder), and
+    one from a UID floor a few messages back (as it does now)."""
+    times = []
+    uidnext = int(
+        re.findall(
+            r"uidnext=(\d+)",
+            node.doveadm("mailbox", "status", "-u", node.user, "uidnext", "INBOX"),
+        )[0]
     )
-    return time.perf_counter() - started
+    for floor in ([], ["uid", f"{max(1, uidnext - 20)}:*"]):
+        started = time.perf_counter()
+        node.doveadm(
+            "search", "-u", node.user, "mailbox", "INBOX", *floor,
+            "header", "Message-ID", "<growth.7@bench>",
+        )  # fmt: skip
+        times.append(time.perf_counter() - started)
+    return times[0], times[1]
 
 
-def _burst(alice: GrowthNode, bob: GrowthNode, n: int, mailbox: int) -> Burst:
+def _burst(alice: GrowthNode, bob: GrowthNode, n: int, inbox: _Filler, sent: _Filler) -> Burst:
     to, sender = str(bob.address), str(alice.address)
     messages = [compose(sender, to, i) for i in range(n)]
-    before = bob.filed()
+    before, sent_before = bob.filed(), alice.filed("Sent")
     bob.reset_peak()
     started = time.perf_counter()
     sending = threading.Thread(target=_send_all, args=(alice, to, messages), daemon=True)
     sending.start()
     _until(lambda: bob.filed() >= before + n, f"a burst of {n}", poll=0.05)
     seconds = time.perf_counter() - started
-    sending.join()
     peak = bob.peak()
-    return Burst(n, mailbox, seconds, peak, bob.settle())
+    _until(lambda: alice.filed("Sent") >= sent_before + n, f"{n} Sent copies", poll=0.05)
+    sent_seconds = time.perf_counter() - started
+    sending.join()
+    result = Burst(n, inbox.have, seconds, sent_seconds, peak, bob.settle())
+    inbox.have += n
+    sent.have += n
+    return result
 
 
 def _send_all(node: NodeProcess, to: str, messages: list[bytes]) -> None:
@@ -323,25 +375,32 @@ def _until(check: object, what: str, poll: float = 0.2) -> None:
 
 
 class _Filler:
-    """Brings a stopped node's INBOX to a size: Maildir files and the node's seen-id rows."""
+    """Brings a stopped node's folder to a size: Maildir files (and, with ``records``, the
+    seen-id rows a node keeps for each message it received)."""
 
-    def __init__(self, node: GrowthNode) -> None:
+    def __init__(self, node: GrowthNode, folder: str, *, records: bool) -> None:
         self.node = node
+        self.folder = folder
+        self.records = records
+        self.have = 0  # messages in the folder
         self.written = 0  # files written so far (their names stay unique)
         body = "A line of a message that was filed before the bench began.\n"
         self.body = body * (FILL_BYTES // len(body))
 
-    def fill_to(self, size: int, have: int) -> int:
-        """Add messages until the INBOX holds ``size`` (``have`` now); the new count."""
-        add = size - have
+    def fill_to(self, size: int) -> None:
+        """Add messages until the folder holds ``size``."""
+        add = size - self.have
         if add <= 0:
-            return have
+            return
         node = self.node
-        maildir = node.dir / "mail" / node.user
+        top = node.dir / "mail" / node.user
+        maildir = top if self.folder == "INBOX" else top / f".{self.folder}"
+        owner = top.stat()
+        for d in (maildir, *(maildir / sub for sub in ("cur", "new", "tmp"))):
+            if not d.exists():
+                d.mkdir(mode=0o700)
+                os.chown(d, owner.st_uid, owner.st_gid)
         cur = maildir / "cur"
-        for sub in ("cur", "new", "tmp"):
-            (maildir / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
-        owner = maildir.stat()
         now = int(time.time())
         msg_ids, digests = [], []
         for _ in range(add):
@@ -366,9 +425,13 @@ class _Filler:
             os.utime(path, (when, when))
             msg_ids.append(os.urandom(16))
             digests.append(os.urandom(32))
-        for d in (cur, maildir):
-            os.utime(d)  # Dovecot notices the new files at its next sync
-        expires = now + 4 * 86_400
+        os.utime(cur)  # Dovecot notices the new files at its next sync
+        self.have = size
+        if self.records:
+            self._records(msg_ids, digests, now + 4 * 86_400)
+
+    def _records(self, msg_ids: list[bytes], digests: list[bytes], expires: int) -> None:
+        node = self.node
         with contextlib.closing(sqlite3.connect(node.dir / "device.db")) as db, db:
             db.executemany(
                 "INSERT INTO mailbox_seen_ids (user, msg_id, expires_at) VALUES (?, ?, ?)",
@@ -382,4 +445,3 @@ class _Filler:
                 "INSERT INTO seen_digests (mailbox_id, digest, expires_at) VALUES (?, ?, ?)",
                 [(mailbox_id, d, expires) for d in digests],
             )
-        return size

@@ -230,7 +230,12 @@ async def start_gateway(node: GatewayHost) -> Callable[[], Awaitable[None]]:
     ensure_tls(tls_dir)
     context = server_context(tls_dir)
     lan_context, dovecot, imap_port = await _start_dovecot(node.config, tls_dir)
-    filer.attach(DovecotSink(dovecot))
+    sink = DovecotSink(dovecot)
+    filer.attach(sink)
+    # Sent's UIDNEXT now, before any client can submit: the floor of the search for the
+    # client's own copy of what it sends from here on (onionpost/filing.py).
+    for user in accounts.users():
+        await filer.observe(sink, user, "Sent")
     missing = sorted(set(accounts.users()) - set(PasswdFile(dovecot.layout).users()))
     if missing:
         log.warning(

@@ -201,9 +201,12 @@ class Filer:
             handed_now = set(plain)
             finished: list[Filing] = []
             left: set[int] = set()
+            floors: dict[tuple[str, str], int] = {}  # UIDNEXT before this batch's first copy
             try:
                 for row in current:
-                    if await self._file_one(sink, row, handed_now=row.id in handed_now):
+                    if await self._file_one(
+                        sink, row, handed_now=row.id in handed_now, floors=floors
+                    ):
                         finished.append(row)
                     else:
                         left.add(row.id)
@@ -215,7 +218,14 @@ class Filer:
                 log.info("filed %s into %s's %s", row.key.hex(), row.user, row.folder)
             return left
 
-    async def _file_one(self, sink: MailSink, row: Filing, *, handed_now: bool) -> bool:
+    async def _file_one(
+        self,
+        sink: MailSink,
+        row: Filing,
+        *,
+        handed_now: bool,
+        floors: dict[tuple[str, str], int],
+    ) -> bool:
         """Put one row in the mailbox; True when it is done (filed, or its spool file is
         gone), False when deferred.  The caller removes the done rows from the queue.
 
@@ -224,7 +234,8 @@ class Filer:
         saved after the row was created has a UID at least the folder's UIDNEXT seen before
         that.  The client's own Sent copy and a filing left *handed* by a crash were both
         saved after the row was created; the copy just filed, after the UIDNEXT read right
-        before it was handed to the mailbox.
+        before the batch's first copy into that folder was handed to the mailbox (``floors``:
+        one reading per folder and batch, not one per message).
         """
         value = row.key.hex()
         since_row = self._floor_before(row.user, row.folder, row.created_at)
@@ -253,7 +264,10 @@ class Filer:
                     path = await asyncio.to_thread(self.store.write_scratch, row.key, body)
                     del body
                 if row.mark_seen:
-                    filed_from = await self._observe(sink, row.user, row.folder)
+                    where = (row.user, row.folder)
+                    if where not in floors:
+                        floors[where] = await self.observe(sink, row.user, row.folder)
+                    filed_from = floors[where]
                 await sink.deliver(row.user, row.folder, path, header=header)
             if row.mark_seen:
                 self.store.set_state(row.id, FILED)
@@ -274,9 +288,10 @@ class Filer:
             log.error("filing %s lost its spool file; dropped", value)
         return True
 
-    async def _observe(self, sink: MailSink, user: str, folder: str) -> int:
+    async def observe(self, sink: MailSink, user: str, folder: str) -> int:
         """The folder's UIDNEXT now (1 if the mailbox cannot say), remembered with the
-        second it was read *after*, as a floor for rows created later."""
+        second it was read *after*, as a floor for rows created later.  The gateway reads
+        each user's Sent at start, before its SMTP server takes a message."""
         try:
             uid = await sink.next_uid(user, folder)
         except OnionpostError as exc:

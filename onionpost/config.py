@@ -27,6 +27,8 @@ CONFIG_FILE = "onionpost.toml"
 DAY = 86_400
 HOUR = 3_600
 MiB = 1 << 20
+#: More threads than this only add memory: each opens one envelope at a time.
+MAX_CRYPTO_WORKERS = 64
 
 Role = Literal["both", "inbox", "gateway"]
 TorMode = Literal["launch", "attach", "off"]
@@ -119,6 +121,8 @@ class DeliveryConfig:
     bundle_refresh_seconds: int = 6 * HOUR
     prekey_grace_seconds: int = 14 * DAY
     concurrency: int = 8
+    #: Threads that open fetched envelopes (libsodium releases the GIL); 0: one per CPU.
+    crypto_workers: int = 0
 
 
 @dataclass(frozen=True)
@@ -323,6 +327,10 @@ def from_mapping(data_dir: Path, raw: Mapping[str, Any]) -> Config:
         )
     if cfg.delivery.retry_min_seconds > cfg.delivery.retry_max_seconds:
         raise ConfigError("delivery.retry_min_seconds must not exceed delivery.retry_max_seconds.")
+    if not 0 <= cfg.delivery.crypto_workers <= MAX_CRYPTO_WORKERS:
+        raise ConfigError(
+            f"delivery.crypto_workers must be between 0 (one per CPU) and {MAX_CRYPTO_WORKERS}."
+        )
     if cfg.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise ConfigError("log_level must be one of DEBUG, INFO, WARNING, ERROR.")
     return cfg

@@ -53,6 +53,7 @@ class Filing:
     attempts: int
     next_try_at: int
     last_error: str
+    created_at: int = 0
 
 
 def _filing(r: sqlite3.Row) -> Filing:
@@ -69,6 +70,7 @@ def _filing(r: sqlite3.Row) -> Filing:
         attempts=int(r["attempts"]),
         next_try_at=int(r["next_try_at"]),
         last_error=str(r["last_error"]),
+        created_at=int(r["created_at"]),
     )
 
 

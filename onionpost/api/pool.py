@@ -51,17 +51,15 @@ def peer_isolation(onion: str) -> str:
 
 @dataclass(eq=False)
 class PooledConnection:
-    """One stream to one destination; ``reused`` says it carried an exchange before."""
+    """One stream to one destination; ``reused`` says it waited idle in the pool (after an
+    exchange, or pre-warmed), so the peer may have closed it meanwhile."""
 
     key: Key
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
     uses: int = 0
+    reused: bool = False
     _timer: asyncio.TimerHandle | None = field(default=None, repr=False)
-
-    @property
-    def reused(self) -> bool:
-        return self.uses > 0
 
     def usable(self) -> bool:
         """Whether the idle stream still looks open: the peer has not closed it (EOF) and
@@ -115,14 +113,23 @@ class ConnectionPool:
     async def acquire(
         self, onion: str, port: int, *, isolation: str, timeout: float
     ) -> PooledConnection:
-        """An idle connection to the destination if one is still open, else a new one."""
+        """An idle connection to the destination if one is still open, else the one being
+        pre-warmed for it (already under way: waiting for it beats starting a second),
+        else a new one."""
         key = (onion, port, isolation)
-        while (conn := self._pop(key)) is not None:
-            if conn.usable():
-                self.stats.reused += 1
-                return conn
-            self.stats.expired += 1
-            conn.close()
+        for _ in range(2):
+            while (conn := self._pop(key)) is not None:
+                if conn.usable():
+                    self.stats.reused += 1
+                    return conn
+                self.stats.expired += 1
+                conn.close()
+            warming = self._warming.get(key)
+            if warming is None:
+                break
+            # wait() neither raises the warm-up's failure (met by dialing below) nor cancels
+            # it when this caller is cancelled
+            await asyncio.wait({warming})
         reader, writer = await self.dialer.open(onion, port, isolation=isolation, timeout=timeout)
         self.stats.opened += 1
         return PooledConnection(key, reader, writer)
@@ -204,6 +211,7 @@ class ConnectionPool:
             self.discard(conn)
             return
         conns.append(conn)
+        conn.reused = True
         conn._timer = asyncio.get_running_loop().call_later(self.idle_timeout, self._expire, conn)
         while len(self._idle) > self.max_destinations:
             _, oldest = self._idle.popitem(last=False)

@@ -69,8 +69,8 @@ class CuttingProxy:
             self._doomed[w] = when
 
     async def _handle(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        self._open.add(cw)  # before any await: cut() must see every accepted connection
         ur, uw = await asyncio.open_connection("127.0.0.1", self.target)
-        self._open.add(cw)
         answer_lost = asyncio.Event()
 
         def close() -> None:
@@ -284,3 +284,30 @@ async def test_the_outbox_worker_reuses_one_connection_for_a_burst(world) -> Non
     finally:
         await pool.close()
         sender.close()
+
+
+async def test_a_prewarmed_connection_carries_the_next_request(world) -> None:
+    """warm() opens the connection in the background; a request that comes meanwhile waits
+    for it instead of opening a second one, and a later warm() with one idle does nothing."""
+    node, bob, alice, direct, proxy = world
+    dialer = CountingDialer(direct)
+    pool = ConnectionPool(dialer)
+    pool.warm(node.onion, 80, isolation=peer_isolation(node.onion), timeout=20)
+    l1 = await _sealed(node, bob, alice, direct)
+    assert not (await _pooled(node, dialer, pool).deliver(l1)).duplicate
+    assert dialer.opened == {node.onion: 1} and pool.stats.warmed == 1
+    pool.warm(node.onion, 80, isolation=peer_isolation(node.onion), timeout=20)
+    assert dialer.opened == {node.onion: 1}  # one is idle: nothing to warm
+    # a pre-warmed connection the peer drops as it is used is replaced like a kept one
+    pool2 = ConnectionPool(direct)
+    pool2.warm(node.onion, 80, isolation=peer_isolation(node.onion), timeout=20)
+    deadline = time.monotonic() + 60
+    while not pool2.idle_count() and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    proxy.cut("before")
+    l1 = await _sealed(node, bob, alice, direct, body=b"Subject: warm\r\n\r\nhi\r\n")
+    assert not (await _pooled(node, direct, pool2).deliver(l1)).duplicate
+    assert pool2.stats.discarded == 1 and pool2.stats.opened == 2
+    assert len(await _session(node, bob, direct).pending()) == 2
+    await pool.close()
+    await pool2.close()

@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -232,15 +232,23 @@ async def _end_to_end(ctx: Context, alice: Node, bob: Node, floor: Stats, upload
     ctx.heading("end to end, 4 KiB: submitted at alice's gateway -> filed on bob's device")
     cold = await _one(alice, "alice", bob, "bob", "cold")
     await _one(bob, "bob", alice, "alice", "token for alice")  # alice gets bob's contact token
-    warm = [
-        await _one(alice, "alice", bob, "bob", f"warm {i}") for i in range(5 if ctx.quick else 30)
-    ]
+    pool = getattr(alice, "pool", None)
+    warm, fresh = [], []
+    for i in range(5 if ctx.quick else 30):
+        warm.append(await _one(alice, "alice", bob, "bob", f"warm {i}"))
+        if pool is not None:  # interleaved, so both see the same load on a shared machine
+            with _without_pool(alice):
+                fresh.append(await _one(alice, "alice", bob, "bob", f"fresh {i}"))
     ctx.figure("cold (first contact)", fmt_time(cold), extra="keys fetched, circuits built")
     ctx.distribution(Stats("warm", tuple(warm)), floor)
     ctx.compare(Stats("warm", tuple(warm)), upload)
-    pool = getattr(alice, "pool", None)
     if pool is None:
         return
+    ctx.distribution(
+        Stats("warm, a new stream per request", tuple(fresh)),
+        floor,
+        extra="no kept-alive streams (as before them), interleaved with the row above",
+    )
     # The kept stream expires after pool.idle_timeout; the keys are still fresh, so sealing
     # the next message opens the stream again (pre-warming) while it seals.
     idle = []
@@ -258,6 +266,22 @@ async def _end_to_end(ctx: Context, alice: Node, bob: Node, floor: Stats, upload
         f"{s.opened} opened",
         extra=f"{s.reused} reuses, {s.warmed} pre-warmed, {s.expired} expired idle",
     )
+
+
+@contextlib.contextmanager
+def _without_pool(node: Node) -> Iterator[None]:
+    """The node's deliveries and key fetches without kept-alive streams, for comparison."""
+    assert node.worker is not None
+    pool = node.worker.pool
+    node.worker.pool = None
+    for device in node.devices.values():
+        device.directory.pool = None
+    try:
+        yield
+    finally:
+        node.worker.pool = pool
+        for device in node.devices.values():
+            device.directory.pool = pool
 
 
 # --- draining a queue -------------------------------------------------------------------------

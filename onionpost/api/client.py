@@ -35,6 +35,7 @@ from onionpost.wire import KeyUpdate, error_from_body, parse_json
 
 USER_AGENT = "onionpost/1"
 READ_CHUNK = 65536
+REUSED_ANSWER_TIMEOUT = 60.0
 
 
 class Rewindable(Readable, Protocol):
@@ -87,6 +88,11 @@ class InboxClient:
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.pool = pool
+        #: On a reused kept-alive connection, how long after the request went out the first
+        #: byte of the answer may take before the connection is taken for dead (its circuit
+        #: gone silently) and the request sent again on a fresh one.  Above an inbox's
+        #: longest legitimate wait before answering a delivery (30 s for a free slot).
+        self.reused_answer_timeout = REUSED_ANSWER_TIMEOUT
 
     async def request(
         self,
@@ -186,6 +192,7 @@ class InboxClient:
                             limit=limit,
                             sink=sink,
                             keep_alive=True,
+                            first_byte=self.reused_answer_timeout if conn.reused else None,
                         )
                     except _NoAnswer:
                         pool.discard(conn)
@@ -217,6 +224,7 @@ class InboxClient:
         limit: int,
         sink: Writable | None,
         keep_alive: bool,
+        first_byte: float | None = None,
     ) -> tuple[Response, bool]:
         """One exchange; returns the answer and whether the connection may carry another."""
         conn = h11.Connection(our_role=h11.CLIENT, max_incomplete_event_size=16 * 1024)
@@ -246,7 +254,7 @@ class InboxClient:
                 await writer.drain()
             except OSError as exc:
                 raise _NoAnswer("The connection to the inbox was lost.") from exc
-            response = await self._read_response(conn, reader, limit, sink)
+            response = await self._read_response(conn, reader, limit, sink, first_byte)
         except h11.ProtocolError as exc:
             raise PeerProtocolError(
                 "The inbox answered with something that is not valid HTTP."
@@ -263,7 +271,11 @@ class InboxClient:
 
     @staticmethod
     async def _read_response(
-        conn: h11.Connection, reader: asyncio.StreamReader, limit: int, sink: Writable | None
+        conn: h11.Connection,
+        reader: asyncio.StreamReader,
+        limit: int,
+        sink: Writable | None,
+        first_byte: float | None = None,
     ) -> Response:
         status = 0
         chunks: list[bytes] = []
@@ -272,7 +284,7 @@ class InboxClient:
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
-                conn.receive_data(await _receive(reader, answered=answered))
+                conn.receive_data(await _receive(reader, answered=answered, wait=first_byte))
                 answered = True
             elif isinstance(event, h11.Response):
                 status = event.status_code
@@ -369,11 +381,22 @@ class InboxClient:
         )
 
 
-async def _receive(reader: asyncio.StreamReader, *, answered: bool) -> bytes:
+async def _receive(
+    reader: asyncio.StreamReader, *, answered: bool, wait: float | None = None
+) -> bytes:
     """The next bytes of an answer; a connection lost before its first byte is a
-    :class:`_NoAnswer` (the request may go again on a fresh connection)."""
+    :class:`_NoAnswer` (the request may go again on a fresh connection), and so is no first
+    byte within ``wait`` seconds (given for reused connections: see
+    ``InboxClient.reused_answer_timeout``)."""
     try:
-        data = await reader.read(READ_CHUNK)
+        if wait is not None and not answered:
+            try:
+                async with asyncio.timeout(wait):
+                    data = await reader.read(READ_CHUNK)
+            except TimeoutError as exc:
+                raise _NoAnswer("The kept connection to the inbox went silent.") from exc
+        else:
+            data = await reader.read(READ_CHUNK)
     except OSError as exc:
         if answered:
             raise

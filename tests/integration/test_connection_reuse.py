@@ -64,7 +64,8 @@ class CuttingProxy:
 
     def cut(self, when: str) -> None:
         """``before``: the next request on an open connection is dropped unread and the
-        connection closed; ``after``: it reaches the inbox, whose answer is dropped."""
+        connection closed; ``after``: it reaches the inbox, whose answer is dropped;
+        ``stall``: everything sent on it from now on vanishes, the connection stays open."""
         for w in self._open:
             self._doomed[w] = when
 
@@ -80,7 +81,10 @@ class CuttingProxy:
         async def up() -> None:
             with contextlib.suppress(ConnectionError):
                 while data := await cr.read(65536):
-                    when = self._doomed.pop(cw, None)
+                    when = self._doomed.get(cw)
+                    if when == "stall":  # a circuit gone silent: bytes go nowhere
+                        continue
+                    self._doomed.pop(cw, None)
                     if when == "before":
                         close()
                         return
@@ -311,3 +315,22 @@ async def test_a_prewarmed_connection_carries_the_next_request(world) -> None:
     assert len(await _session(node, bob, direct).pending()) == 2
     await pool.close()
     await pool2.close()
+
+
+async def test_a_kept_connection_gone_silent_is_given_up_and_the_request_sent_again(
+    world,
+) -> None:
+    """A reused connection that swallows the request (its circuit died without tor closing
+    the stream) is taken for dead when no answer byte comes in time, not after the whole
+    request timeout; the request goes again on a fresh connection."""
+    node, bob, alice, direct, proxy = world
+    pool = ConnectionPool(direct)
+    client = _pooled(node, direct, pool)
+    client.reused_answer_timeout = 0.5
+    await client.deliver(await _sealed(node, bob, alice, direct))
+    proxy.cut("stall")
+    l1 = await _sealed(node, bob, alice, direct, body=b"Subject: silent\r\n\r\nhi\r\n")
+    assert not (await client.deliver(l1)).duplicate
+    assert pool.stats.discarded == 1 and pool.stats.opened == 2
+    assert len(await _session(node, bob, direct).pending()) == 2
+    await pool.close()

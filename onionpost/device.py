@@ -85,6 +85,7 @@ class Device:
             clock=clock,
             pool=pool,
             prewarm=prewarm,
+            local_onion=own.onion,
         )
         self.sender = Sender(
             account=account,

@@ -54,9 +54,11 @@ class Directory:
         failure_seconds: float = 60.0,
         pool: ConnectionPool | None = None,
         prewarm: bool = False,
+        local_onion: str | None = None,
     ) -> None:
         self.pool = pool
         self.prewarm = prewarm
+        self.local_onion = local_onion  # its mail never leaves this machine: nothing to warm
         self.contacts = contacts
         self.dialer = dialer
         self.prekey_grace = prekey_grace
@@ -86,7 +88,7 @@ class Directory:
         """Mail for ``address`` is being sealed with keys already at hand: open the
         connection its delivery will use now, alongside the sealing (only where this node's
         own inbox delivers it, i.e. ``prewarm``)."""
-        if self.pool is not None and self.prewarm:
+        if self.pool is not None and self.prewarm and address.onion != self.local_onion:
             self.pool.warm(
                 address.onion,
                 self.onion_port,

@@ -33,6 +33,10 @@ from onionpost.store.contacts import ContactStore
 
 log = logging.getLogger(__name__)
 
+#: A pre-warm dials for as long as a delivery's own connect would (InboxClient's
+#: connect_timeout): a delivery waiting on it gets its outcome in the same time.
+WARM_TIMEOUT = 60.0
+
 
 @dataclass(frozen=True)
 class Resolved:
@@ -93,7 +97,7 @@ class Directory:
                 address.onion,
                 self.onion_port,
                 isolation=peer_isolation(address.onion),
-                timeout=self.timeout,
+                timeout=WARM_TIMEOUT,
             )
 
     async def resolve(self, address: Address, *, now: int) -> Resolved:

@@ -36,6 +36,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from onionpost.api.transport import Dialer
+from onionpost.errors import OnionpostError
 
 Key = tuple[str, int, str]
 
@@ -105,6 +106,7 @@ class ConnectionPool:
         self.stats = PoolStats()
         self._idle: OrderedDict[Key, list[PooledConnection]] = OrderedDict()
         self._warming: dict[Key, asyncio.Task[None]] = {}
+        self._warm_failures: dict[Key, OnionpostError] = {}
         self._closed = False
 
     def idle_count(self, onion: str | None = None) -> int:
@@ -127,9 +129,14 @@ class ConnectionPool:
             warming = self._warming.get(key)
             if warming is None:
                 break
-            # wait() neither raises the warm-up's failure (met by dialing below) nor cancels
-            # it when this caller is cancelled
+            # wait() does not cancel the warm-up when this caller is cancelled
             await asyncio.wait({warming})
+            failed = self._warm_failures.pop(key, None)
+            if failed is not None:
+                # The dial this request would make has just failed, started earlier: the same
+                # answer now, instead of a second full attempt (a peer that is down would
+                # otherwise cost two connect timeouts per delivery).
+                raise failed
         reader, writer = await self.dialer.open(onion, port, isolation=isolation, timeout=timeout)
         self.stats.opened += 1
         return PooledConnection(key, reader, writer)
@@ -150,17 +157,21 @@ class ConnectionPool:
     def warm(self, onion: str, port: int, *, isolation: str, timeout: float) -> None:
         """Open a connection to the destination in the background, unless one is idle or
         being opened: mail for it is on its way (being sealed), so the circuit and the stream
-        are built while the message is, not after.  A failure is left for the delivery to meet
-        and report; it costs nothing here."""
+        are built while the message is, not after.  A failure is handed to a request that was
+        waiting for this connection, if one was; it costs nothing here."""
         key = (onion, port, isolation)
         if self._closed or key in self._warming or self._idle.get(key):
             return
+        self._warm_failures.pop(key, None)
 
         async def run() -> None:
             try:
                 reader, writer = await self.dialer.open(
                     onion, port, isolation=isolation, timeout=timeout
                 )
+            except OnionpostError as exc:  # for a request waiting on this warm-up
+                self._warm_failures[key] = exc
+                return
             except Exception:
                 return
             finally:
@@ -185,6 +196,7 @@ class ConnectionPool:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._warming.clear()
+        self._warm_failures.clear()
         for conns in self._idle.values():
             for conn in conns:
                 conn.close()

@@ -334,3 +334,19 @@ async def test_a_kept_connection_gone_silent_is_given_up_and_the_request_sent_ag
     assert pool.stats.discarded == 1 and pool.stats.opened == 2
     assert len(await _session(node, bob, direct).pending()) == 2
     await pool.close()
+
+
+async def test_a_request_waiting_on_a_failed_warm_up_gets_its_failure(world) -> None:
+    """A delivery that waited for a pre-warm to a dead inbox fails with the warm-up's error
+    instead of dialing a second time (two connect timeouts per delivery to a peer that is
+    down)."""
+    node, bob, alice, direct, proxy = world
+    l1 = await _sealed_direct(node, bob, alice)
+    await proxy.stop()  # nothing listens on the proxy's port any more
+    dialer = CountingDialer(direct)
+    pool = ConnectionPool(dialer)
+    pool.warm(node.onion, 80, isolation=peer_isolation(node.onion), timeout=20)
+    with pytest.raises(PeerUnreachable):
+        await _pooled(node, dialer, pool).deliver(l1)
+    assert dialer.opened == {node.onion: 1}
+    await pool.close()

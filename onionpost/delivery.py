@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from onionpost.address import Address, public_key_from_onion
 from onionpost.api.client import InboxClient
+from onionpost.api.pool import ConnectionPool, peer_isolation
 from onionpost.api.transport import Dialer
 from onionpost.clock import Clock, wait_event
 from onionpost.errors import (
@@ -56,7 +57,10 @@ class OutboxWorker:
         onion_port: int = 80,
         timeout: float = 180.0,
         can_reach_others: Callable[[], bool] = lambda: True,
+        pool: ConnectionPool | None = None,
     ) -> None:
+        #: Kept-alive connections per destination (deliveries to one inbox reuse them).
+        self.pool = pool
         self.outbox = outbox
         self.inbox = inbox
         self.dialer = dialer
@@ -163,8 +167,9 @@ class OutboxWorker:
                 self.dialer,
                 row.onion,
                 port=self.onion_port,
-                isolation=f"deliver:{row.onion}",
+                isolation=peer_isolation(row.onion),
                 timeout=self.timeout,
+                pool=self.pool,
             )
             return (await client.deliver((envelope, length))).receipt
 

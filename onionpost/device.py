@@ -16,6 +16,7 @@ from onionpost.account import Account
 from onionpost.address import Address
 from onionpost.aio import cancel_and_wait
 from onionpost.api.client import DeviceSession, InboxClient
+from onionpost.api.pool import ConnectionPool
 from onionpost.api.transport import Dialer
 from onionpost.clock import Clock, wait_event
 from onionpost.config import Config, KeysConfig
@@ -64,6 +65,8 @@ class Device:
         clock: Clock,
         rng: RandomSource = system_random,
         crypto_pool: Executor | None = None,
+        pool: ConnectionPool | None = None,
+        prewarm: bool = False,
     ) -> None:
         self.account = account
         self.config = config
@@ -82,6 +85,9 @@ class Device:
             prekey_grace=config.delivery.prekey_grace_seconds,
             onion_port=config.tor.onion_port,
             clock=clock,
+            pool=pool,
+            prewarm=prewarm,
+            local_onion=own.onion,
         )
         self.sender = Sender(
             account=account,

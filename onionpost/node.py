@@ -25,6 +25,7 @@ from typing import Any
 
 from onionpost.address import Address
 from onionpost.aio import cancel_and_wait, new_crypto_pool
+from onionpost.api.pool import ConnectionPool
 from onionpost.api.server import InboxServer
 from onionpost.api.transport import Dialer, DirectDialer
 from onionpost.clock import Clock, SystemClock
@@ -89,6 +90,9 @@ class Node:
         self.enrolment: Enrolment | None = None
         self.server: InboxServer | None = None
         self.worker: OutboxWorker | None = None
+        #: Kept-alive connections to other inboxes, shared by deliveries and key fetches
+        #: (each destination and role its own; closed when the node stops).
+        self.pool = ConnectionPool(self.dialer)
         self.tor: TorRuntime | None = None
         self.devices: dict[str, Device] = {}
         self.filer: Filer | None = None
@@ -149,6 +153,7 @@ class Node:
     async def _start(self) -> None:
         cfg = self.config
         self.started_at = self.clock.now()
+        self.pool = ConnectionPool(self.dialer)
         ensure_private_dir(cfg.data_dir)
         if self.has_inbox:
             await self._start_inbox()
@@ -188,6 +193,7 @@ class Node:
             concurrency=cfg.delivery.concurrency,
             onion_port=cfg.tor.onion_port,
             can_reach_others=self.can_reach_others,
+            pool=self.pool,
         )
         self.enrolment = Enrolment(self.inbox, EnrolmentStore(db), cfg.inbox, rng=self.rng)
         self.server = InboxServer(
@@ -386,6 +392,9 @@ class Node:
             clock=self.clock,
             rng=self.rng,
             crypto_pool=self.crypto_pool,
+            pool=self.pool,
+            # This node's own inbox delivers what its devices seal: warm the way there.
+            prewarm=self.has_inbox,
         )
         self.devices[local] = device
         with contextlib.suppress(OnionpostError):
@@ -420,6 +429,7 @@ class Node:
 
     async def _stop(self) -> None:
         await self.scheduler.stop()
+        await self.pool.close()  # no job runs now: nothing takes a connection any more
         if self._tor_task is not None:
             await cancel_and_wait(self._tor_task)
             self._tor_task = None

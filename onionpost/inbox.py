@@ -470,6 +470,18 @@ class Inbox:
             raise StoreError("No such message in this device's spool.")
         return found
 
+    def read_many(
+        self, s: Session, spool_ids: Iterable[int]
+    ) -> list[tuple[int, int, Iterator[bytes]]]:
+        """(spool id, size, chunks) of each of ``spool_ids`` still spooled for this device, in
+        the order asked; the ones that are not (acknowledged meanwhile) are left out."""
+        out = []
+        for spool_id in dict.fromkeys(spool_ids):
+            found = self.store.read_spooled(s.mailbox_id, s.device_id, spool_id)
+            if found is not None:
+                out.append((spool_id, *found))
+        return out
+
     def acknowledge(self, s: Session, spool_ids: Iterable[int]) -> int:
         return self.store.acknowledge(s.mailbox_id, s.device_id, spool_ids)
 

@@ -10,6 +10,7 @@ Routes (all under ``/v1``)::
     POST /device/login              device login, step 2 (signed challenge) -> session
     GET  /device/pending            long-poll: new sealed mail for this device
     GET  /device/message/{id}       one spooled L2
+    GET  /device/messages           several spooled L2s in one answer (?ids=1,2,...)
     POST /device/ack                drop this device's copies
     POST /device/submit             queue an L1 for delivery by this inbox
     POST /device/keys               publish rotated keys, device lists, prekeys, bindings
@@ -72,7 +73,15 @@ from onionpost.errors import (
 )
 from onionpost.inbox import DeliveryResult, Inbox, Session, Unwrapped
 from onionpost.store.outbox import OutboxRow
-from onionpost.wire import KeyUpdate, hex_field, parse_request_json, refusal
+from onionpost.wire import (
+    MAX_FETCH_IDS,
+    MESSAGE_FRAME_HEAD,
+    KeyUpdate,
+    hex_field,
+    message_frame_head,
+    parse_request_json,
+    refusal,
+)
 
 log = logging.getLogger(__name__)
 
@@ -355,6 +364,7 @@ class InboxServer:
         r.add_post("/v1/device/login", self.login)
         r.add_get("/v1/device/pending", self.pending)
         r.add_get("/v1/device/message/{id}", self.message)
+        r.add_get("/v1/device/messages", self.messages)
         r.add_post("/v1/device/ack", self.ack)
         r.add_post("/v1/device/submit", self.submit)
         r.add_post("/v1/device/keys", self.keys)
@@ -612,6 +622,32 @@ class InboxServer:
         await response.prepare(request)
         for chunk in chunks:
             await response.write(chunk)
+        await response.write_eof()
+        return response
+
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        """Several spooled envelopes in one answer (protocol §17.3): a device fetching a
+        batch pays one request, not one per message."""
+        s = self._session(request)
+        raw = request.query.get("ids", "")
+        try:
+            ids = [int(i) for i in raw.split(",")] if raw else []
+        except ValueError as exc:
+            raise MalformedData("'ids' must be message numbers separated by commas.") from exc
+        if not 1 <= len(ids) <= MAX_FETCH_IDS:
+            raise MalformedData(f"Ask for 1 to {MAX_FETCH_IDS} messages at a time.")
+        found = self.inbox.read_many(s, ids)
+        response = _StreamResponse(
+            headers={
+                "Content-Type": "application/octet-stream",
+                "Content-Length": str(sum(MESSAGE_FRAME_HEAD + size for _, size, _ in found)),
+            }
+        )
+        await response.prepare(request)
+        for spool_id, size, chunks in found:
+            await response.write(message_frame_head(spool_id, size))
+            for chunk in chunks:
+                await response.write(chunk)
         await response.write_eof()
         return response
 

@@ -587,3 +587,30 @@ async def test_concurrent_deliveries_are_each_accepted_once(world) -> None:
     again = await asyncio.gather(*(_client(node, dialer).deliver(l1) for l1 in l1s[:2]))
     assert all(a.duplicate for a in again)
     assert len(await _session(node, bob, dialer).pending()) == 5
+
+
+async def test_several_messages_are_fetched_in_one_request(world) -> None:
+    """GET /v1/device/messages: the envelopes asked for, in order, each as the one-at-a-time
+    route gives it; an id not spooled for this device is left out; too many ids is refused."""
+    node, bob, alice, dialer = world
+    for i in range(3):
+        await _client(node, dialer).deliver(
+            await _sealed(node, bob, alice, dialer, body=b"Subject: %d\r\n\r\nx\r\n" % i)
+        )
+    session = _session(node, bob, dialer)
+    pending = await session.pending()
+    assert len(pending) == 3
+    singles = {}
+    for m in pending:
+        one = io.BytesIO()
+        await session.fetch(m.id, one, limit=1 << 20)
+        singles[m.id] = one.getvalue()
+    sinks: dict[int, io.BytesIO] = {}
+    wanted = [pending[2], pending[0], dataclasses.replace(pending[1], id=10_000)]
+    got = await session.fetch_many(wanted, lambda i: sinks.setdefault(i, io.BytesIO()))
+    assert got == [pending[2].id, pending[0].id]
+    assert {i: s.getvalue() for i, s in sinks.items()} == {i: singles[i] for i in got}
+    with pytest.raises(PermanentDeliveryError):
+        await session.fetch_many(
+            [dataclasses.replace(pending[0], id=i) for i in range(1, 66)], lambda i: io.BytesIO()
+        )

@@ -316,6 +316,9 @@ class Receiver:
                     # A small message rides in the batch's COMMIT: no spool file and
                     # no fsyncs of its own (a file and its directory, per message).
                     in_database=offset is None and len(message) <= IN_DATABASE_BYTES,
+                    # Filed right after the batch's COMMIT (settle_many): marked handed in
+                    # it, so the batch's filing costs one commit (the removal), not two.
+                    handed=True,
                 )
                 if filing_id is not None:
                     ids.append(filing_id)

@@ -91,6 +91,9 @@ class Filer:
         self._task: asyncio.Task[None] | None = None
         #: (user, folder) -> UIDNEXT seen at each second (ascending): the floors of searches.
         self._uidnext: dict[tuple[str, str], list[tuple[int, int]]] = {}
+        #: Rows queued already *handed* (:meth:`queue` with ``handed``) that no filing pass
+        #: has tried yet: nothing of them can be in the mailbox, so they need no lookup.
+        self._fresh: set[int] = set()
 
     # -- wiring ----------------------------------------------------------------------------
 
@@ -127,13 +130,20 @@ class Filer:
         unless_message_id: str | None = None,
         wait: int = 0,
         in_database: bool = False,
+        handed: bool = False,
     ) -> int | None:
         """Queue ``prefix`` + ``message`` (bytes, a file's path, or an open file read from
         where it stands; durable when the caller's transaction commits); the row id, or None
         if ``key`` was queued before.  The filer looks at it at once, or after ``wait``
         seconds.  With ``in_database`` (bytes, no prefix) the message is kept in the
         database, durable with the caller's COMMIT and without an fsync of its own (see
-        :meth:`FilingStore.add`)."""
+        :meth:`FilingStore.add`).
+
+        With ``handed`` (inside the caller's transaction, for a row the caller files right
+        after its COMMIT with :meth:`settle_many`), the row is stored already marked handed:
+        the mark that must be durable before the mailbox sees the message rides the
+        caller's COMMIT instead of costing one of its own.  A crash before the filing leaves
+        a handed row, which is looked up in the mailbox before being filed, as always."""
         now = self._now()
         filing_id = self.store.add(
             key=key,
@@ -148,6 +158,9 @@ class Filer:
             not_before=now + wait if wait else None,
             in_database=in_database,
         )
+        if handed and filing_id is not None and not unless_message_id and not wait:
+            self.store.set_states([filing_id], HANDED)
+            self._fresh.add(filing_id)
         self.wake()
         return filing_id
 
@@ -199,6 +212,8 @@ class Filer:
             plain = [r.id for r in current if r.state == QUEUED and not r.unless_message_id]
             self.store.set_states(plain, HANDED)
             handed_now = set(plain)
+            handed_now.update(r.id for r in current if r.state == HANDED and r.id in self._fresh)
+            self._fresh.difference_update(r.id for r in current)
             finished: list[Filing] = []
             left: set[int] = set()
             floors: dict[tuple[str, str], int] = {}  # UIDNEXT before this batch's first copy

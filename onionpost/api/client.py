@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -31,7 +32,13 @@ from onionpost.api.transport import Dialer
 from onionpost.crypto.envelope import Readable, Writable
 from onionpost.crypto.keys import ServerBinding
 from onionpost.errors import DeviceRefused, OnionpostError, PeerProtocolError, PeerUnreachable
-from onionpost.wire import KeyUpdate, error_from_body, parse_json
+from onionpost.wire import (
+    MESSAGE_FRAME_HEAD,
+    KeyUpdate,
+    error_from_body,
+    parse_json,
+    parse_message_frame_head,
+)
 
 USER_AGENT = "onionpost/1"
 READ_CHUNK = 65536
@@ -521,6 +528,50 @@ class DeviceSession:
             if r.status in (401, 403):
                 self._token = None
             raise error_from_body(r.status, r.body)
+
+    async def fetch_many(
+        self, wanted: list[PendingMessage], sink: Callable[[int], Writable]
+    ) -> list[int]:
+        """Fetch several spooled envelopes in one request (``GET /v1/device/messages``);
+        each goes to ``sink(its id)``.  Returns the ids received, in order: one the inbox
+        no longer holds is left out of its answer.  The answer may hold only what was asked,
+        at the sizes the pending list gave, or it is refused whole."""
+        if self._token is None:
+            await self.login()
+        sizes = {m.id: m.size for m in wanted}
+        limit = sum(MESSAGE_FRAME_HEAD + m.size for m in wanted)
+        with tempfile.SpooledTemporaryFile(max_size=1 << 20) as body:
+            r = await self.client.request(
+                "GET",
+                "/v1/device/messages?ids=" + ",".join(str(m.id) for m in wanted),
+                headers=self._auth(),
+                sink=body,
+                limit=limit,
+            )
+            if r.status != 200:
+                if r.status in (401, 403):
+                    self._token = None
+                raise error_from_body(r.status, r.body)
+            end = body.tell()
+            body.seek(0)
+            got: list[int] = []
+            while body.tell() < end:
+                try:
+                    spool_id, size = parse_message_frame_head(body.read(MESSAGE_FRAME_HEAD))
+                except OnionpostError as exc:
+                    raise PeerProtocolError(
+                        "The inbox's batch of messages is not understood."
+                    ) from exc
+                if sizes.get(spool_id) != size or spool_id in got or body.tell() + size > end:
+                    raise PeerProtocolError("The inbox's batch of messages is not understood.")
+                out = sink(spool_id)
+                left = size
+                while left:
+                    piece = body.read(min(left, 1 << 20))
+                    out.write(piece)
+                    left -= len(piece)
+                got.append(spool_id)
+            return got
 
     async def acknowledge(self, ids: list[int]) -> int:
         data = await self._call("POST", "/v1/device/ack", {"ids": ids})

@@ -10,6 +10,7 @@ Routes (all under ``/v1``)::
     POST /device/login              device login, step 2 (signed challenge) -> session
     GET  /device/pending            long-poll: new sealed mail for this device
     GET  /device/message/{id}       one spooled L2
+    GET  /device/messages           several spooled L2s in one answer (?ids=1,2,...)
     POST /device/ack                drop this device's copies
     POST /device/submit             queue an L1 for delivery by this inbox
     POST /device/keys               publish rotated keys, device lists, prekeys, bindings
@@ -70,9 +71,17 @@ from onionpost.errors import (
     TemporaryDeliveryError,
     UnknownMailbox,
 )
-from onionpost.inbox import Inbox, Session
+from onionpost.inbox import DeliveryResult, Inbox, Session, Unwrapped
 from onionpost.store.outbox import OutboxRow
-from onionpost.wire import KeyUpdate, hex_field, parse_request_json, refusal
+from onionpost.wire import (
+    MAX_FETCH_IDS,
+    MESSAGE_FRAME_HEAD,
+    KeyUpdate,
+    hex_field,
+    message_frame_head,
+    parse_request_json,
+    refusal,
+)
 
 log = logging.getLogger(__name__)
 
@@ -304,6 +313,51 @@ def _overloaded_reply() -> bytes:
     return head.encode() + body
 
 
+class _AcceptBatch:
+    """Group commit for deliveries: the ones ready to be stored in the same turn of the
+    event loop share one COMMIT (:meth:`Inbox.accept_many`).
+
+    Storing runs on the loop and its COMMIT (an fsync) blocks it, so deliveries whose outer
+    layer finished opening meanwhile (in worker threads) are all ready on the next turn and
+    go together; an idle inbox stores a lone delivery one turn after it is ready.  Each
+    request waits for the commit that holds its delivery before answering ``accepted``.
+    """
+
+    def __init__(self, inbox: Inbox) -> None:
+        self.inbox = inbox
+        self._batch: list[tuple[Unwrapped, int, asyncio.Future[DeliveryResult]]] = []
+
+    async def accept(self, unwrapped: Unwrapped, now: int) -> DeliveryResult:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[DeliveryResult] = loop.create_future()
+        if not self._batch:
+            loop.call_soon(self._flush)
+        self._batch.append((unwrapped, now, fut))
+        # Cancelled (the peer went away): the future is cancelled with it and the flush skips
+        # the delivery, whose file the caller closes on the way out.
+        return await fut
+
+    def _flush(self) -> None:
+        batch = [b for b in self._batch if not b[2].cancelled()]
+        self._batch = []
+        if not batch:
+            return
+        try:
+            results = self.inbox.accept_many([(u, now) for u, now, _ in batch])
+        except Exception as exc:  # the COMMIT failed: every request hears it
+            for *_, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        for (*_, fut), result in zip(batch, results, strict=True):
+            if fut.done():
+                continue
+            if isinstance(result, Exception):
+                fut.set_exception(result)
+            else:
+                fut.set_result(result)
+
+
 class InboxServer:
     def __init__(
         self,
@@ -322,6 +376,7 @@ class InboxServer:
         self._on_inbound = on_inbound
         self._on_submitted = on_submitted
         self._deliveries = asyncio.Semaphore(8)
+        self._accepts = _AcceptBatch(inbox)
         self._events: dict[tuple[bytes, bytes], asyncio.Event] = {}
         self._server: asyncio.Server | None = None
         self._runner: web.AppRunner
@@ -341,6 +396,7 @@ class InboxServer:
         r.add_post("/v1/device/login", self.login)
         r.add_get("/v1/device/pending", self.pending)
         r.add_get("/v1/device/message/{id}", self.message)
+        r.add_get("/v1/device/messages", self.messages)
         r.add_post("/v1/device/ack", self.ack)
         r.add_post("/v1/device/submit", self.submit)
         r.add_post("/v1/device/keys", self.keys)
@@ -512,7 +568,7 @@ class InboxServer:
                 now = self._now()
                 unwrapped = await asyncio.to_thread(self.inbox.unwrap, body, length, now=now)
                 with unwrapped:
-                    result = self.inbox.accept(unwrapped, now=now)
+                    result = await self._accepts.accept(unwrapped, now)
             finally:
                 self._deliveries.release()
         return _json(
@@ -598,6 +654,32 @@ class InboxServer:
         await response.prepare(request)
         for chunk in chunks:
             await response.write(chunk)
+        await response.write_eof()
+        return response
+
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        """Several spooled envelopes in one answer (protocol §17.3): a device fetching a
+        batch pays one request, not one per message."""
+        s = self._session(request)
+        raw = request.query.get("ids", "")
+        try:
+            ids = [int(i) for i in raw.split(",")] if raw else []
+        except ValueError as exc:
+            raise MalformedData("'ids' must be message numbers separated by commas.") from exc
+        if not 1 <= len(ids) <= MAX_FETCH_IDS:
+            raise MalformedData(f"Ask for 1 to {MAX_FETCH_IDS} messages at a time.")
+        found = self.inbox.read_many(s, ids)
+        response = _StreamResponse(
+            headers={
+                "Content-Type": "application/octet-stream",
+                "Content-Length": str(sum(MESSAGE_FRAME_HEAD + size for _, size, _ in found)),
+            }
+        )
+        await response.prepare(request)
+        for spool_id, size, chunks in found:
+            await response.write(message_frame_head(spool_id, size))
+            for chunk in chunks:
+                await response.write(chunk)
         await response.write_eof()
         return response
 

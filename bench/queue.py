@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.delivery import OPEN_LIMITS, World, fmt_rate, stop_device
+from bench.delivery import OPEN_LIMITS, Commits, World, fmt_rate, stop_device
 from bench.harness import Context, Stats, fmt_time
 from onionpost.clock import FakeClock
 from onionpost.store.outbox import OutboxRow
@@ -46,6 +46,28 @@ class _Phase:
     delivered: float
     filed: float
     outcome_errors: list[str]  # alice's 60-s outcome checks that failed
+    cost: _Cost | None = None  # the drain's CPU and commits, from B's return to the last filing
+
+
+@dataclass
+class _Cost:
+    """CPU seconds (the whole process) and SQLite commits (every database of the world)
+    over a phase: less sensitive to a loaded machine than its rate."""
+
+    cpu: float = 0.0
+    commits: int = 0
+
+
+def _start_cost(w: World) -> tuple[Commits, float]:
+    commits = Commits()
+    commits.attach(*w.databases)
+    return commits, time.process_time()
+
+
+def _end_cost(started: tuple[Commits, float]) -> _Cost:
+    commits, c0 = started
+    commits.detach()
+    return _Cost(time.process_time() - c0, commits.count)
 
 
 class _Counter:
@@ -118,12 +140,19 @@ async def _drain(root: Path, n: int, timeout: float) -> _Phase:
         await w.b.start()  # B is back (a new port; the dialer learns it), and bob's device
         w.start_sync()
         clock.advance(BACKOFF_SKIP)
+        cost = _start_cost(w)
         t0 = time.perf_counter()
         w.a.worker.wake()
         async with asyncio.timeout(timeout):
             delivered = await counter.all_delivered
         await _wait_until("drain filing", lambda: w.tracker.complete >= n, timeout)
-        return _Phase(queued, delivered - t0, w.tracker.last_complete - t0, w.outcome_errors)
+        return _Phase(
+            queued,
+            delivered - t0,
+            w.tracker.last_complete - t0,
+            w.outcome_errors,
+            _end_cost(cost),
+        )
     finally:
         await w.close()
 
@@ -279,6 +308,7 @@ def _drain_section(ctx: Context, n: int, timeout: float) -> None:
             Stats("inbox up from the start", (r_secs,)),
             extra=f"{fmt_rate(n, d_secs)} vs {fmt_rate(n, r_secs)}",
         )
+    _drain_cost(ctx, n, drain)
     ctx.note(
         f"(drain times start when B is back and the fake clock has skipped {BACKOFF_SKIP} s "
         "of backoff; reference times start at the first submission)"
@@ -289,6 +319,23 @@ def _drain_section(ctx: Context, n: int, timeout: float) -> None:
                 f"{name}: alice's outcome checks (every 60 s) failed "
                 f"{len(phase.outcome_errors)}x: {phase.outcome_errors[-1]}"
             )
+
+
+def _drain_cost(ctx: Context, n: int, drain: _Phase) -> None:
+    """The drain's CPU and commits per message: figures a loaded machine moves less than
+    its rates."""
+    if drain.cost is None:
+        return
+    ctx.figure(
+        "drain: CPU per message (one process)",
+        fmt_time(drain.cost.cpu / n),
+        extra="both inboxes and both devices share one process",
+    )
+    ctx.figure(
+        "drain: SQLite commits per message",
+        f"{drain.cost.commits / n:.2f}",
+        extra="all five databases, from B's return until the last message is filed",
+    )
 
 
 def _idle_section(ctx: Context, *, settle: float, window: float, backlog: int) -> None:

@@ -1,7 +1,10 @@
 """Latency and throughput over real onion services, on a private Tor network on 127.0.0.1.
 
 The floor is a raw onion echo: 64 bytes through an established onion circuit and back, measured
-in the same run on the same network.  Against it:
+in the same run on the same network.  A second floor carries a delivery's bytes: a 16 KiB
+upload (the size of every short envelope, ``padding.FLOOR``) answered with 64 bytes, on an
+established stream; on the test network the circuit moves 16 KiB far slower than 64 B, so a
+delivery can never be faster than this.  Against them:
 
 * the node API round trip over a fresh stream (what every delivery and key fetch pays);
 * end to end, from a mail client's submission to the message being filed on the recipient's
@@ -18,12 +21,18 @@ import asyncio
 import contextlib
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from email.message import EmailMessage
 from pathlib import Path
 
 from bench.harness import Context, Stats, fmt_time
 from onionpost.api.client import InboxClient
+from onionpost.crypto.padding import FLOOR
+
+try:
+    from onionpost.api.pool import ConnectionPool
+except ImportError:  # the same bench on code from before the pool (for before/after runs)
+    ConnectionPool = None  # type: ignore[assignment,misc]
 from onionpost.clock import SystemClock
 from onionpost.config import Config, load
 from onionpost.node import Node
@@ -48,14 +57,14 @@ def run(ctx: Context) -> None:
 
 async def measure(ctx: Context, net: TorNetwork, root: Path) -> None:
     """All measurements on an already running network (the tor tests' smoke test uses this)."""
-    echo = await _echo_floor(ctx, net, root)
+    echo, upload = await _echo_floor(ctx, net, root)
     alice = _node(root, "alice", net)
     bob = _node(root, "bob", net)
     await alice.start(wait_for_tor=True)
     await bob.start(wait_for_tor=True)
     try:
         await _api_round_trip(ctx, alice, bob, echo)
-        await _end_to_end(ctx, alice, bob, echo)
+        await _end_to_end(ctx, alice, bob, echo, upload)
         await bob.stop()
         await _drain(ctx, alice, bob, root, net)
     finally:
@@ -66,11 +75,16 @@ async def measure(ctx: Context, net: TorNetwork, root: Path) -> None:
 # --- the floor: raw echo through an onion ----------------------------------------------------
 
 
-async def _echo_floor(ctx: Context, net: TorNetwork, root: Path) -> Stats:
+async def _echo_floor(ctx: Context, net: TorNetwork, root: Path) -> tuple[Stats, Stats]:
     ctx.heading("onion round trip: 64 bytes through an established onion circuit (the floor)")
 
     async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError):
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            if await reader.readexactly(1) == b"u":  # uploads: 4-byte length, data, 64 B answer
+                while size := int.from_bytes(await reader.readexactly(4), "big"):
+                    await reader.readexactly(size)
+                    writer.write(b"a" * 64)
+                    await writer.drain()
             while data := await reader.read(65536):
                 writer.write(data)
                 await writer.drain()
@@ -86,6 +100,7 @@ async def _echo_floor(ctx: Context, net: TorNetwork, root: Path) -> Stats:
         t0 = time.perf_counter()
         reader, writer = await dialer.open(onion, 80, isolation="bench", timeout=60)
         first = time.perf_counter() - t0
+        writer.write(b"e")
         rounds = 30 if ctx.quick else 200
         samples = []
         for _ in range(rounds):
@@ -94,6 +109,17 @@ async def _echo_floor(ctx: Context, net: TorNetwork, root: Path) -> Stats:
             await writer.drain()
             await reader.readexactly(64)
             samples.append(time.perf_counter() - t)
+        writer.close()
+        reader, writer = await dialer.open(onion, 80, isolation="bench", timeout=60)
+        writer.write(b"u")
+        uploads = []
+        for _ in range(10 if ctx.quick else 40):
+            t = time.perf_counter()
+            writer.write(FLOOR.to_bytes(4, "big") + b"x" * FLOOR)
+            await writer.drain()
+            await reader.readexactly(64)
+            uploads.append(time.perf_counter() - t)
+        writer.write(b"\0\0\0\0")
         writer.close()
         streams = []
         for _ in range(10 if ctx.quick else 40):
@@ -106,7 +132,9 @@ async def _echo_floor(ctx: Context, net: TorNetwork, root: Path) -> Stats:
         ctx.figure("echo round trip p50 / p95", f"{fmt_time(floor.p50)} / {fmt_time(floor.p95)}")
         new_stream = Stats("new stream on the circuit", tuple(streams))
         ctx.compare(new_stream, floor)
-        return floor
+        upload = Stats("16 KiB up + 64 B back", tuple(uploads))
+        ctx.compare(upload, floor, extra="a short envelope's bytes: a delivery's floor")
+        return floor, upload
     finally:
         await client.stop()
         await service.stop()
@@ -139,7 +167,7 @@ def _node(root: Path, user: str, net: TorNetwork) -> Node:
 
 
 async def _api_round_trip(ctx: Context, alice: Node, bob: Node, floor: Stats) -> None:
-    ctx.heading("node API over an onion: GET /v1/health on a fresh stream, as deliveries do")
+    ctx.heading("node API over an onion: GET /v1/health, a fresh stream each / one kept alive")
     assert alice.tor is not None
     onion = bob.devices["bob"].address.onion
     client = InboxClient(TorDialer(alice.tor), onion, isolation="bench-api", timeout=60)
@@ -150,6 +178,18 @@ async def _api_round_trip(ctx: Context, alice: Node, bob: Node, floor: Stats) ->
         await client.health()
         samples.append(time.perf_counter() - t)
     ctx.distribution(Stats("API round trip", tuple(samples)), floor)
+    if ConnectionPool is None:  # the bench run on code from before the pool
+        return
+    pool = ConnectionPool(TorDialer(alice.tor))
+    kept = InboxClient(TorDialer(alice.tor), onion, isolation="bench-api", timeout=60, pool=pool)
+    await kept.health()
+    samples = []
+    for _ in range(10 if ctx.quick else 60):
+        t = time.perf_counter()
+        await kept.health()
+        samples.append(time.perf_counter() - t)
+    await pool.close()
+    ctx.distribution(Stats("API round trip, kept alive", tuple(samples)), floor)
 
 
 # --- end to end -------------------------------------------------------------------------------
@@ -188,15 +228,60 @@ async def _one(frm: Node, fuser: str, to: Node, tuser: str, subject: str) -> flo
     return time.perf_counter() - t
 
 
-async def _end_to_end(ctx: Context, alice: Node, bob: Node, floor: Stats) -> None:
+async def _end_to_end(ctx: Context, alice: Node, bob: Node, floor: Stats, upload: Stats) -> None:
     ctx.heading("end to end, 4 KiB: submitted at alice's gateway -> filed on bob's device")
     cold = await _one(alice, "alice", bob, "bob", "cold")
     await _one(bob, "bob", alice, "alice", "token for alice")  # alice gets bob's contact token
-    warm = [
-        await _one(alice, "alice", bob, "bob", f"warm {i}") for i in range(5 if ctx.quick else 30)
-    ]
+    pool = getattr(alice, "pool", None)
+    warm, fresh = [], []
+    for i in range(5 if ctx.quick else 30):
+        warm.append(await _one(alice, "alice", bob, "bob", f"warm {i}"))
+        if pool is not None:  # interleaved, so both see the same load on a shared machine
+            with _without_pool(alice):
+                fresh.append(await _one(alice, "alice", bob, "bob", f"fresh {i}"))
     ctx.figure("cold (first contact)", fmt_time(cold), extra="keys fetched, circuits built")
     ctx.distribution(Stats("warm", tuple(warm)), floor)
+    ctx.compare(Stats("warm", tuple(warm)), upload)
+    if pool is None:
+        return
+    ctx.distribution(
+        Stats("warm, a new stream per request", tuple(fresh)),
+        floor,
+        extra="no kept-alive streams (as before them), interleaved with the row above",
+    )
+    # The kept stream expires after pool.idle_timeout; the keys are still fresh, so sealing
+    # the next message opens the stream again (pre-warming) while it seals.
+    idle = []
+    for i in range(1 if ctx.quick else 3):
+        await asyncio.sleep(pool.idle_timeout + 1)
+        idle.append(await _one(alice, "alice", bob, "bob", f"after idle {i}"))
+    ctx.distribution(
+        Stats(f"warm after {pool.idle_timeout + 1:.0f} s idle", tuple(idle)),
+        floor,
+        extra="kept stream expired, reopened while sealing",
+    )
+    s = pool.stats
+    ctx.figure(
+        "alice's kept-alive streams",
+        f"{s.opened} opened",
+        extra=f"{s.reused} reuses, {s.warmed} pre-warmed, {s.expired} expired idle",
+    )
+
+
+@contextlib.contextmanager
+def _without_pool(node: Node) -> Iterator[None]:
+    """The node's deliveries and key fetches without kept-alive streams, for comparison."""
+    assert node.worker is not None
+    pool = node.worker.pool
+    node.worker.pool = None
+    for device in node.devices.values():
+        device.directory.pool = None
+    try:
+        yield
+    finally:
+        node.worker.pool = pool
+        for device in node.devices.values():
+            device.directory.pool = pool
 
 
 # --- draining a queue -------------------------------------------------------------------------

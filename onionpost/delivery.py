@@ -18,6 +18,7 @@ from collections.abc import Callable
 from onionpost.address import Address, public_key_from_onion
 from onionpost.aio import foreground
 from onionpost.api.client import InboxClient
+from onionpost.api.pool import ConnectionPool, peer_isolation
 from onionpost.api.transport import Dialer
 from onionpost.clock import Clock, wait_event
 from onionpost.errors import (
@@ -57,7 +58,10 @@ class OutboxWorker:
         onion_port: int = 80,
         timeout: float = 180.0,
         can_reach_others: Callable[[], bool] = lambda: True,
+        pool: ConnectionPool | None = None,
     ) -> None:
+        #: Kept-alive connections per destination (deliveries to one inbox reuse them).
+        self.pool = pool
         self.outbox = outbox
         self.inbox = inbox
         self.dialer = dialer
@@ -79,33 +83,39 @@ class OutboxWorker:
     async def run_due(self) -> int:
         """Deliver everything due now; returns the number of rows attempted."""
         total = 0
+        delivered: list[int] = []
         while True:
             # While this node's tor is not up, rows for other inboxes are left alone rather
             # than tried and failed: their attempts and backoff stay as they are, and they
             # go as soon as the node wakes this worker on tor becoming ready.
             await foreground.yield_to()  # SMTP clients waiting on a 250 go first
             only = None if self.can_reach_others() else self._own_onion
-            rows = self.outbox.claim_due(
-                self.clock.now(), limit=BATCH, lease=LEASE_SECONDS, only_onion=only
-            )
+            # Group commit: the rows of the last pass that reached their inbox are marked
+            # delivered in the same transaction that claims the next pass, not one commit
+            # each nor one of their own.  Nothing waits on this commit (the peer's
+            # `accepted` came first; the sender's outcome notice follows it): a crash before
+            # it only makes the rows go out again, and the receiving inbox drops the repeat
+            # by its digest.
+            with self.outbox.db.transaction():
+                self.outbox.mark_delivered_many(delivered, now=self.clock.now())
+                rows = self.outbox.claim_due(
+                    self.clock.now(), limit=BATCH, lease=LEASE_SECONDS, only_onion=only
+                )
+            for row_id in delivered:
+                self._notify(row_id)
             if not rows:
                 return total
             total += len(rows)
             outcomes = await asyncio.gather(
                 *(self._attempt(row) for row in rows), return_exceptions=True
             )
-            # Group commit: the rows of a pass that reached their inbox are marked delivered
-            # in one transaction, not one each.  Nothing waits on this commit (the peer's
-            # `accepted` came first; the sender's outcome notice follows it): a crash before
-            # it only makes the rows go out again, and the receiving inbox drops the repeat
-            # by its digest.
             delivered = [r for r in outcomes if isinstance(r, int)]
-            self.outbox.mark_delivered_many(delivered, now=self.clock.now())
-            for row_id in delivered:
-                self._notify(row_id)
-            for r in outcomes:
-                if isinstance(r, BaseException):
-                    raise r
+            failed = [r for r in outcomes if isinstance(r, BaseException)]
+            if failed:
+                self.outbox.mark_delivered_many(delivered, now=self.clock.now())
+                for row_id in delivered:
+                    self._notify(row_id)
+                raise failed[0]
 
     async def run_forever(self, idle: float = 30.0) -> None:
         """Deliver due rows whenever woken, or at least every ``idle`` seconds."""
@@ -165,8 +175,9 @@ class OutboxWorker:
                 self.dialer,
                 row.onion,
                 port=self.onion_port,
-                isolation=f"deliver:{row.onion}",
+                isolation=peer_isolation(row.onion),
                 timeout=self.timeout,
+                pool=self.pool,
             )
             return (await client.deliver((envelope, length))).receipt
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import Executor
 
 from onionpost.account import Account
 from onionpost.address import Address
 from onionpost.aio import cancel_and_wait, foreground
 from onionpost.api.client import DeviceSession, InboxClient
+from onionpost.api.pool import ConnectionPool
 from onionpost.api.transport import Dialer
 from onionpost.clock import Clock, wait_event
 from onionpost.config import Config, KeysConfig
@@ -62,6 +64,9 @@ class Device:
         dialer: Dialer,
         clock: Clock,
         rng: RandomSource = system_random,
+        crypto_pool: Executor | None = None,
+        pool: ConnectionPool | None = None,
+        prewarm: bool = False,
     ) -> None:
         self.account = account
         self.config = config
@@ -80,6 +85,9 @@ class Device:
             prekey_grace=config.delivery.prekey_grace_seconds,
             onion_port=config.tor.onion_port,
             clock=clock,
+            pool=pool,
+            prewarm=prewarm,
+            local_onion=own.onion,
         )
         self.sender = Sender(
             account=account,
@@ -96,6 +104,7 @@ class Device:
             contacts=contacts,
             now=clock.now,
             max_bytes=config.inbox.max_envelope_bytes + (1 << 20),
+            pool=crypto_pool,
         )
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()

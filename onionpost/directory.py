@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from onionpost.address import Address
 from onionpost.api.client import InboxClient
+from onionpost.api.pool import ConnectionPool, peer_isolation
 from onionpost.api.transport import Dialer
 from onionpost.clock import Clock, SystemClock
 from onionpost.crypto.bundle import KeyBundle, Pin, VerifiedBundle, verify_bundle
@@ -31,6 +32,10 @@ from onionpost.errors import (
 from onionpost.store.contacts import ContactStore
 
 log = logging.getLogger(__name__)
+
+#: A pre-warm dials for as long as a delivery's own connect would (InboxClient's
+#: connect_timeout): a delivery waiting on it gets its outcome in the same time.
+WARM_TIMEOUT = 60.0
 
 
 @dataclass(frozen=True)
@@ -51,7 +56,13 @@ class Directory:
         clock: Clock | None = None,
         fresh_seconds: float = 60.0,
         failure_seconds: float = 60.0,
+        pool: ConnectionPool | None = None,
+        prewarm: bool = False,
+        local_onion: str | None = None,
     ) -> None:
+        self.pool = pool
+        self.prewarm = prewarm
+        self.local_onion = local_onion  # its mail never leaves this machine: nothing to warm
         self.contacts = contacts
         self.dialer = dialer
         self.prekey_grace = prekey_grace
@@ -64,14 +75,30 @@ class Directory:
         self._failed: dict[str, tuple[float, OnionpostError]] = {}
         self._inflight: dict[str, asyncio.Future[Resolved]] = {}
 
-    def client(self, address: Address, role: str) -> InboxClient:
+    def client(self, address: Address) -> InboxClient:
+        """A client for ``address``'s inbox, in the role deliveries use
+        (:func:`~onionpost.api.pool.peer_isolation`): a key fetch and the delivery it is for
+        share one circuit and, through the pool, one kept-alive connection."""
         return InboxClient(
             self.dialer,
             address.onion,
             port=self.onion_port,
-            isolation=f"{role}:{address.onion}",
+            isolation=peer_isolation(address.onion),
             timeout=self.timeout,
+            pool=self.pool,
         )
+
+    def _warm(self, address: Address) -> None:
+        """Mail for ``address`` is being sealed with keys already at hand: open the
+        connection its delivery will use now, alongside the sealing (only where this node's
+        own inbox delivers it, i.e. ``prewarm``)."""
+        if self.pool is not None and self.prewarm and address.onion != self.local_onion:
+            self.pool.warm(
+                address.onion,
+                self.onion_port,
+                isolation=peer_isolation(address.onion),
+                timeout=WARM_TIMEOUT,
+            )
 
     async def resolve(self, address: Address, *, now: int) -> Resolved:
         """The recipient's verified keys; raises DeliveryError (temporary or permanent).
@@ -89,6 +116,7 @@ class Directory:
             # (`contacts accept-key`): the bundle of the old key is no one's to seal to now.
             contact = self.contacts.get(key)
             if contact is None or contact.uik_pk == recent[1].bundle.uik_pk:
+                self._warm(address)
                 return recent[1]
             del self._fresh[key]
         failed = self._failed.get(key)
@@ -116,7 +144,7 @@ class Directory:
         key = str(address)
         clock = self.clock.monotonic
         try:
-            raw = await self.client(address, "bundle").bundle(address.local)
+            raw = await self.client(address).bundle(address.local)
         except PermanentDeliveryError:
             raise
         except TorStillConnecting as exc:
@@ -199,7 +227,7 @@ class Directory:
         with the introduced key before pinning anything).  None when the inbox cannot be
         reached now; a bundle that does not verify raises."""
         try:
-            raw = await self.client(address, "bundle").bundle(address.local)
+            raw = await self.client(address).bundle(address.local)
         except PermanentDeliveryError:
             raise
         except (DeliveryError, TorError) as exc:

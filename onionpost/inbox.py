@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import IO
 
@@ -249,6 +249,18 @@ class Inbox:
         Duplicates and envelopes no current device can read are answered before charging
         too; only an envelope that is about to be stored counts against the limits.
         """
+        result = self._accept(unwrapped, now=now)
+        self._spooled(result)
+        return result
+
+    def _spooled(self, result: DeliveryResult) -> None:
+        """Tell the listeners (the devices' long polls) of a committed delivery."""
+        if result.device_ids:
+            for listener in self.on_spooled:
+                listener(result.mailbox_id, result.device_ids)
+
+    def _accept(self, unwrapped: Unwrapped, *, now: int) -> DeliveryResult:
+        """:meth:`accept` without telling the listeners (the caller does, after its commit)."""
         meta = unwrapped.meta
         mb = self.store.mailbox(meta.mailbox_id)
         if mb is None:
@@ -287,17 +299,39 @@ class Inbox:
                 )
         except QuotaExceeded as exc:
             raise TemporaryDeliveryError.from_error(exc) from exc
-        result = DeliveryResult(
+        return DeliveryResult(
             accepted.receipt,
             accepted.duplicate,
             mb.mailbox_id,
             frozenset() if accepted.duplicate else frozenset(targets),
             len(active - targets),
         )
-        if result.device_ids:
-            for listener in self.on_spooled:
-                listener(mb.mailbox_id, result.device_ids)
-        return result
+
+    def accept_many(
+        self, batch: Sequence[tuple[Unwrapped, int]]
+    ) -> list[DeliveryResult | Exception]:
+        """:meth:`accept` for several deliveries, all durable in **one** commit (group
+        commit: the node API gathers the deliveries that are ready at the same moment).
+
+        Each delivery runs in its own savepoint, so one that is refused (quota, proof,
+        unknown mailbox) leaves nothing behind and spoils no other; its error takes its place
+        in the answer.  Nothing is answered to a peer before this returns, i.e. before the
+        COMMIT: an ``accepted`` still means "on disk".  Two deliveries of the same envelope
+        in one batch are told apart as they would be one after the other (the second is a
+        duplicate): the second reads what the first wrote, in the same transaction.
+        """
+        out: list[DeliveryResult | Exception] = []
+        with self.store.db.transaction():
+            for unwrapped, now in batch:
+                try:
+                    with self.store.db.transaction():  # a savepoint
+                        out.append(self._accept(unwrapped, now=now))
+                except Exception as exc:  # handed to that delivery's request
+                    out.append(exc)
+        for result in out:  # committed: the devices may look now
+            if isinstance(result, DeliveryResult):
+                self._spooled(result)
+        return out
 
     def _server_secret(self, sek_id: int) -> tuple[bytes, bytes] | None:
         key = self.secrets.by_id(sek_id)
@@ -435,6 +469,18 @@ class Inbox:
         if found is None:
             raise StoreError("No such message in this device's spool.")
         return found
+
+    def read_many(
+        self, s: Session, spool_ids: Iterable[int]
+    ) -> list[tuple[int, int, Iterator[bytes]]]:
+        """(spool id, size, chunks) of each of ``spool_ids`` still spooled for this device, in
+        the order asked; the ones that are not (acknowledged meanwhile) are left out."""
+        out = []
+        for spool_id in dict.fromkeys(spool_ids):
+            found = self.store.read_spooled(s.mailbox_id, s.device_id, spool_id)
+            if found is not None:
+                out.append((spool_id, *found))
+        return out
 
     def acknowledge(self, s: Session, spool_ids: Iterable[int]) -> int:
         return self.store.acknowledge(s.mailbox_id, s.device_id, spool_ids)

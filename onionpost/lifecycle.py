@@ -17,6 +17,8 @@ acknowledged depends on stopping in order (SMTP answers 250 and the inbox answer
 ``accepted`` only after their commits, and the crash test kills nodes with SIGKILL at random),
 so the process never waits long for it:
 
+* a request that comes while the node's modules are still being imported (seconds on a
+  small, busy machine) exits at once with status 0: nothing has started yet;
 * a second SIGTERM or SIGINT exits at once, with status 128 + the signal's number;
 * if the orderly stop takes more than :data:`STOP_GRACE` seconds, something blocked that
   should not have: the process says so on stderr, dumps every thread's stack for the bug
@@ -146,6 +148,11 @@ class _Stopper:
         if self.requested:
             _say(f"onionpost: second {name}: stopping at once.")
             _exit_now(128 + signum)
+        if self._loop is None:
+            # Still importing the node's modules (seconds on a small, busy machine): nothing
+            # has started and nothing was acknowledged, so there is nothing to wind down.
+            _say(f"onionpost: {name} before the node started: stopped.")
+            _exit_now(0)
         self.requested = True
         self._watchdog = threading.Timer(self._grace, self._overran)
         self._watchdog.daemon = True

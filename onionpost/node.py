@@ -18,12 +18,14 @@ import random
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
 from onionpost.address import Address
-from onionpost.aio import cancel_and_wait
+from onionpost.aio import cancel_and_wait, new_crypto_pool
+from onionpost.api.pool import ConnectionPool
 from onionpost.api.server import InboxServer
 from onionpost.api.transport import Dialer, DirectDialer
 from onionpost.clock import Clock, SystemClock
@@ -88,9 +90,14 @@ class Node:
         self.enrolment: Enrolment | None = None
         self.server: InboxServer | None = None
         self.worker: OutboxWorker | None = None
+        #: Kept-alive connections to other inboxes, shared by deliveries and key fetches
+        #: (each destination and role its own; closed when the node stops).
+        self.pool = ConnectionPool(self.dialer)
         self.tor: TorRuntime | None = None
         self.devices: dict[str, Device] = {}
         self.filer: Filer | None = None
+        #: Opens the devices' fetched envelopes, sized by delivery.crypto_workers.
+        self.crypto_pool: ThreadPoolExecutor | None = None
         #: One line about the mailbox server for `onionpost status` (set by the gateway).
         self.mail_server_status: Callable[[], dict[str, Any]] | None = None
         self.submissions: Submissions | None = None
@@ -146,6 +153,7 @@ class Node:
     async def _start(self) -> None:
         cfg = self.config
         self.started_at = self.clock.now()
+        self.pool = ConnectionPool(self.dialer)
         ensure_private_dir(cfg.data_dir)
         if self.has_inbox:
             await self._start_inbox()
@@ -185,6 +193,7 @@ class Node:
             concurrency=cfg.delivery.concurrency,
             onion_port=cfg.tor.onion_port,
             can_reach_others=self.can_reach_others,
+            pool=self.pool,
         )
         self.enrolment = Enrolment(self.inbox, EnrolmentStore(db), cfg.inbox, rng=self.rng)
         self.server = InboxServer(
@@ -371,6 +380,8 @@ class Node:
 
     async def _start_device(self, files: AccountFiles, local: str) -> None:
         assert self.filer is not None and self.device_db is not None
+        if self.crypto_pool is None:
+            self.crypto_pool = new_crypto_pool(self.config.delivery.crypto_workers)
         device = Device(
             files.load(local),
             config=self.config,
@@ -380,6 +391,10 @@ class Node:
             dialer=self.dialer,
             clock=self.clock,
             rng=self.rng,
+            crypto_pool=self.crypto_pool,
+            pool=self.pool,
+            # This node's own inbox delivers what its devices seal: warm the way there.
+            prewarm=self.has_inbox,
         )
         self.devices[local] = device
         with contextlib.suppress(OnionpostError):
@@ -414,6 +429,7 @@ class Node:
 
     async def _stop(self) -> None:
         await self.scheduler.stop()
+        await self.pool.close()  # no job runs now: nothing takes a connection any more
         if self._tor_task is not None:
             await cancel_and_wait(self._tor_task)
             self._tor_task = None
@@ -426,6 +442,9 @@ class Node:
             await device.stop()
         if self.filer is not None:
             await self.filer.stop()
+        if self.crypto_pool is not None:  # the devices' sync has stopped: nothing is queued
+            self.crypto_pool.shutdown(wait=False, cancel_futures=True)
+            self.crypto_pool = None
         for task in self._tasks:
             await cancel_and_wait(task)
         self._tasks.clear()

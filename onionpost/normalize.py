@@ -843,23 +843,37 @@ def _content_type(fields: list[list[bytes]]) -> tuple[str, str, bytes | None]:
     for lines in fields:
         if _name(lines) != b"content-type":
             continue
-        try:
-            strings = [line.decode("ascii", "surrogateescape") for line in lines]
-            name, value = SMTP.header_source_parse(strings)
-            header = _parse(name, value)
-            if not isinstance(header, ContentTypeHeader):
-                return "text", "plain", None
-            boundary = header.params.get("boundary")
-            raw: bytes | None = None
-            if isinstance(boundary, str):
-                try:
-                    raw = boundary.encode("ascii")
-                except UnicodeError:
-                    raw = None
-            return header.maintype, header.subtype, raw or None
-        except Exception:  # unparseable means the text/plain default
-            return "text", "plain", None
+        if sum(len(line) for line in lines) > FIELD_MEMO_BYTES:
+            return _content_type_field(tuple(lines))
+        return _content_type_memo(tuple(lines))
     return "text", "plain", None
+
+
+@functools.lru_cache(maxsize=512)
+def _content_type_memo(lines: tuple[bytes, ...]) -> tuple[str, str, bytes | None]:
+    """:func:`_content_type_field`, remembered: a pure function of the field's bytes, and
+    the same few Content-Type fields (text/plain; charset=...) recur in most messages, so
+    the header parser runs once per distinct field instead of once per message part."""
+    return _content_type_field(lines)
+
+
+def _content_type_field(lines: tuple[bytes, ...]) -> tuple[str, str, bytes | None]:
+    try:
+        strings = [line.decode("ascii", "surrogateescape") for line in lines]
+        name, value = SMTP.header_source_parse(strings)
+        header = _parse(name, value)
+        if not isinstance(header, ContentTypeHeader):
+            return "text", "plain", None
+        boundary = header.params.get("boundary")
+        raw: bytes | None = None
+        if isinstance(boundary, str):
+            try:
+                raw = boundary.encode("ascii")
+            except UnicodeError:
+                raw = None
+        return header.maintype, header.subtype, raw or None
+    except Exception:  # unparseable means the text/plain default
+        return "text", "plain", None
 
 
 def _known_charset(charset: str) -> bool:

@@ -274,13 +274,26 @@ class Submissions:
             due = self.store.due(self.clock.now(), after=after)
             if not due:
                 return handled
-            for sid, recips in due.items():
-                await foreground.yield_to()  # SMTP clients waiting on a 250 go first
-                handled += len(recips)
-                await self._process(sid, recips)
-                after = max(after, (sid, max(r.address for r in recips)))
+            # The hand-overs of a page are recorded in one transaction after it, not one
+            # commit each.  Nothing waits on this commit: the inbox had the envelope durably
+            # first, and a crash before it only seals the message again, which the inbox
+            # answers with the row it already queued (the same submission key).
+            queued: list[tuple[int, str, int]] = []
+            try:
+                for sid, recips in due.items():
+                    await foreground.yield_to()  # SMTP clients waiting on a 250 go first
+                    handled += len(recips)
+                    await self._process(sid, recips, queued)
+                    after = max(after, (sid, max(r.address for r in recips)))
+            finally:
+                if queued:
+                    with self.db.transaction():
+                        for sid, address, outbox_id in queued:
+                            self.store.mark_queued(sid, address, outbox_id)
 
-    async def _process(self, sid: int, recips: list[PendingRecipient]) -> None:
+    async def _process(
+        self, sid: int, recips: list[PendingRecipient], queued: list[tuple[int, str, int]]
+    ) -> None:
         device = self.devices.get(recips[0].user)
         now = self.clock.now()
         if device is None:
@@ -316,7 +329,7 @@ class Submissions:
                 # No other device needs a copy; INBOX here was filed at submission.
                 self.store.mark_delivered(sid, r.address)
             elif r.address in report.queued:
-                self.store.mark_queued(sid, r.address, report.queued[r.address])
+                queued.append((sid, r.address, report.queued[r.address]))  # see process_due
             elif r.address in report.failed:
                 self._fail(sid, r, report.failed[r.address], now)
             else:  # every recipient gets an outcome, or the sealing pass would spin on it
@@ -365,54 +378,60 @@ class Submissions:
         for start in range(0, len(wanted), 200):  # only the rows we wait on, in batches
             for fetched in await device.session.outbox(ids=wanted[start : start + 200]):
                 by_id[fetched.get("id")] = fetched
-        for r in mine:
-            item = by_id.get(r.outbox_id)
-            if item is None:
-                continue
-            state = item.get("state")
-            error = item.get("last_error") if isinstance(item.get("last_error"), str) else None
-            code = (
-                item.get("last_error_code")
-                if isinstance(item.get("last_error_code"), str)
-                else None
-            )
-            if state == "bounced" and code == RESEAL_CODE:
-                address = Address.parse(r.address)
-                device.directory.forget(address)
-                if self.store.reseal(r.submission_id, r.address, self.clock.now()):
-                    log.info("%s changed keys; sealing the message again", r.address)
-                    self.wake()
-                    continue
-            if state == "bounced" and code == "5.7.1" and error == TOKEN_REFUSED:
-                # Their inbox withdrew the token they gave us (or never had it): write to
-                # them as a stranger from now on.  This message stays bounced.
-                contact = device.contacts.get(r.address)
-                if contact is not None and contact.token_to_them is not None:
-                    device.contacts.forget_token_to_them(r.address, contact.token_to_them)
-            if state in ("delivered", "bounced", "cancelled"):
-                self.store.set_outcome(
-                    r.submission_id,
-                    r.address,
-                    "bounced"
-                    if state == "bounced"
-                    else "delivered"
-                    if state == "delivered"
-                    else "cancelled",
-                    error,
-                    code,
-                )
-            elif state == "queued":
-                attempts = item.get("attempts")
-                nxt = item.get("next_attempt_at")
-                self.store.set_progress(
-                    submission_id=r.submission_id,
-                    address=r.address,
-                    attempts=attempts if isinstance(attempts, int) else r.attempts,
-                    error=error,
-                    code=code,
-                    next_attempt_at=nxt if isinstance(nxt, int) else r.next_attempt_at,
-                )
+        # The outcomes learnt in one check are recorded in one transaction (nothing is
+        # awaited inside it): a check after a burst would otherwise cost a durable commit
+        # per delivered message.  Nothing is acknowledged on it; a crash before it only
+        # means the next check learns the same outcomes again.
+        with self.db.transaction():
+            for r in mine:
+                self._record_outcome(device, r, by_id.get(r.outbox_id))
         self._notify(device, self.clock.now())
+
+    def _record_outcome(
+        self, device: Device, r: PendingRecipient, item: dict[str, Any] | None
+    ) -> None:
+        """Record what the inbox's outbox says of one handed-over recipient."""
+        if item is None:
+            return
+        state = item.get("state")
+        error = item.get("last_error") if isinstance(item.get("last_error"), str) else None
+        code = item.get("last_error_code") if isinstance(item.get("last_error_code"), str) else None
+        if state == "bounced" and code == RESEAL_CODE:
+            address = Address.parse(r.address)
+            device.directory.forget(address)
+            if self.store.reseal(r.submission_id, r.address, self.clock.now()):
+                log.info("%s changed keys; sealing the message again", r.address)
+                self.wake()
+                return
+        if state == "bounced" and code == "5.7.1" and error == TOKEN_REFUSED:
+            # Their inbox withdrew the token they gave us (or never had it): write to
+            # them as a stranger from now on.  This message stays bounced.
+            contact = device.contacts.get(r.address)
+            if contact is not None and contact.token_to_them is not None:
+                device.contacts.forget_token_to_them(r.address, contact.token_to_them)
+        if state in ("delivered", "bounced", "cancelled"):
+            self.store.set_outcome(
+                r.submission_id,
+                r.address,
+                "bounced"
+                if state == "bounced"
+                else "delivered"
+                if state == "delivered"
+                else "cancelled",
+                error,
+                code,
+            )
+        elif state == "queued":
+            attempts = item.get("attempts")
+            nxt = item.get("next_attempt_at")
+            self.store.set_progress(
+                submission_id=r.submission_id,
+                address=r.address,
+                attempts=attempts if isinstance(attempts, int) else r.attempts,
+                error=error,
+                code=code,
+                next_attempt_at=nxt if isinstance(nxt, int) else r.next_attempt_at,
+            )
 
     def _notify(self, device: Device, now: int) -> None:
         """File delay notices and bounces for this user's submissions, once each."""

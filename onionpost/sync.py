@@ -21,6 +21,7 @@ import logging
 import re
 import tempfile
 from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from email.header import Header, decode_header, make_header
 from email.utils import formataddr, formatdate, getaddresses, parseaddr
@@ -141,13 +142,17 @@ class Receiver:
         contacts: ContactStore,
         now: Callable[[], int],
         max_bytes: int,
+        pool: Executor | None = None,
     ) -> None:
+        """``pool`` opens the fetched envelopes (the node's crypto pool); None: the
+        process's shared one (:func:`onionpost.aio.crypto_pool`)."""
         self.account = account
         self.session = session
         self.filer = filer
         self.contacts = contacts
         self._now = now
         self.max_bytes = max_bytes
+        self._pool = pool
         self.user = account.local
         self._cursor = 0
 
@@ -184,24 +189,16 @@ class Receiver:
         many of the batch wait in the filing queue."""
         store = self.filer.store
         with contextlib.ExitStack() as files:
-            fetched: list[tuple[PendingMessage, IO[bytes]]] = []
-            for item in batch:
-                l2 = files.enter_context(tempfile.SpooledTemporaryFile(max_size=SPOOL))
-                try:
-                    await self.session.fetch(item.id, l2, limit=self.max_bytes)
-                except OnionpostError as exc:
-                    # Network or storage trouble: leave it spooled and try again next time.
-                    log.warning("could not take message %d from the inbox yet: %s", item.id, exc)
-                    continue
-                fetched.append((item, l2))
+            fetched = await self._fetch(batch, files)
             # The envelopes are opened in the crypto pool, off the event loop and on every
             # core; only then is the database touched (replay check, sender, filing).
             now = self._now()
             prekeys, uik = self.account.prekey_secrets(), self.account.uik_pk
             loop = asyncio.get_running_loop()
+            pool = self._pool or crypto_pool()
             decrypted = await asyncio.gather(
                 *(
-                    loop.run_in_executor(crypto_pool(), _decrypt, spooled, prekeys, uik, now)
+                    loop.run_in_executor(pool, _decrypt, spooled, prekeys, uik, now)
                     for _, spooled in fetched
                 ),
                 return_exceptions=True,
@@ -228,6 +225,41 @@ class Receiver:
         left = await self.filer.settle_many([i for _, f in opened for i in f.filings])
         done = [item_id for item_id, f in opened if not left.intersection(f.filings)]
         return done, len(opened) - len(done)
+
+    async def _fetch(
+        self, batch: list[PendingMessage], files: contextlib.ExitStack
+    ) -> list[tuple[PendingMessage, IO[bytes]]]:
+        """The batch's envelopes, each in a spooled file that ``files`` closes: in one
+        request when the batch holds several small ones, else one request each (also the
+        fallback when the inbox does not serve batches, or a batch answer is refused)."""
+        spooled: dict[int, IO[bytes]] = {}
+
+        def sink(item_id: int) -> IO[bytes]:
+            l2 = files.enter_context(tempfile.SpooledTemporaryFile(max_size=SPOOL))  # noqa: SIM115 (files closes it)
+            spooled[item_id] = l2
+            return l2
+
+        if len(batch) > 1 and all(item.size <= self.max_bytes for item in batch):
+            try:
+                got = set(await self.session.fetch_many(batch, sink))
+            except OnionpostError as exc:
+                log.info("fetching a batch failed (%s); fetching one at a time", exc)
+                for l2 in spooled.values():
+                    l2.close()
+                spooled.clear()
+            else:
+                return [(item, spooled[item.id]) for item in batch if item.id in got]
+        fetched: list[tuple[PendingMessage, IO[bytes]]] = []
+        for item in batch:
+            l2 = sink(item.id)
+            try:
+                await self.session.fetch(item.id, l2, limit=self.max_bytes)
+            except OnionpostError as exc:
+                # Network or storage trouble: leave it spooled and try again next time.
+                log.warning("could not take message %d from the inbox yet: %s", item.id, exc)
+                continue
+            fetched.append((item, l2))
+        return fetched
 
     async def process(self, item: PendingMessage) -> Filed:
         """Fetch, open and queue one message (its own transaction); see :meth:`sync_once`."""
@@ -290,6 +322,9 @@ class Receiver:
                     # A small message rides in the batch's COMMIT: no spool file and
                     # no fsyncs of its own (a file and its directory, per message).
                     in_database=offset is None and len(message) <= IN_DATABASE_BYTES,
+                    # Filed right after the batch's COMMIT (settle_many): marked handed in
+                    # it, so the batch's filing costs one commit (the removal), not two.
+                    handed=True,
                 )
                 if filing_id is not None:
                     ids.append(filing_id)

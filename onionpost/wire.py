@@ -196,3 +196,24 @@ def int_field(data: dict[str, Any], name: str, *, low: int = 0, high: int = 1 <<
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise MalformedData(f"The request's '{name}' must be a whole number.")
     return value
+
+
+# -- GET /v1/device/messages (§17.3) ----------------------------------------------------------
+
+#: At most this many ids per ``GET /v1/device/messages``.
+MAX_FETCH_IDS = 64
+#: In its answer, each envelope follows its spool id and its length, two u64.
+MESSAGE_FRAME_HEAD = 16
+
+
+def message_frame_head(spool_id: int, size: int) -> bytes:
+    """What precedes one envelope in a ``GET /v1/device/messages`` answer."""
+    return Writer().u64(spool_id).u64(size).getvalue()
+
+
+def parse_message_frame_head(head: bytes) -> tuple[int, int]:
+    """(spool id, size) from :func:`message_frame_head`'s bytes."""
+    r = Reader(head, "batch of messages")
+    spool_id, size = r.u64("spool id"), r.u64("length")
+    r.end()
+    return spool_id, size

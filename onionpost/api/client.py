@@ -1,4 +1,11 @@
-"""The node API client (the only importer of h11): one HTTP/1.1 exchange per connection.
+"""The node API client (the only importer of h11): HTTP/1.1 over a stream from a dialer.
+
+Without a :class:`~onionpost.api.pool.ConnectionPool` every exchange has its own connection
+(``Connection: close``).  With one, the connection is kept alive after a complete exchange
+and reused for the next request to the same destination and role; a request that meets a
+reused connection the peer has closed meanwhile (nothing of an answer arrived) is sent once
+more on a fresh connection.  Only requests that are safe to repeat go through a pool: key
+fetches, health checks and deliveries (an inbox drops a repeated envelope by its digest).
 
 It speaks to another inbox (bundles, deliveries) or to the device's own inbox (login, fetch,
 acknowledge, submit, publish keys) over whatever :class:`~onionpost.api.transport.Dialer` it
@@ -12,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -19,18 +27,31 @@ from urllib.parse import quote, urlencode
 
 import h11
 
+from onionpost.api.pool import ConnectionPool
 from onionpost.api.transport import Dialer
 from onionpost.crypto.envelope import Readable, Writable
 from onionpost.crypto.keys import ServerBinding
 from onionpost.errors import DeviceRefused, OnionpostError, PeerProtocolError, PeerUnreachable
-from onionpost.wire import KeyUpdate, error_from_body, parse_json
+from onionpost.wire import (
+    MESSAGE_FRAME_HEAD,
+    KeyUpdate,
+    error_from_body,
+    parse_json,
+    parse_message_frame_head,
+)
 
 USER_AGENT = "onionpost/1"
 READ_CHUNK = 65536
+REUSED_ANSWER_TIMEOUT = 60.0
 
 
 class Rewindable(Readable, Protocol):
     def seek(self, offset: int, whence: int = 0, /) -> int: ...
+
+
+class _NoAnswer(PeerUnreachable):
+    """The connection failed before any byte of the answer arrived: on a reused keep-alive
+    connection, the peer most likely closed it while idle, and the request may go again."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +86,7 @@ class InboxClient:
         isolation: str,
         timeout: float = 120.0,
         connect_timeout: float = 60.0,
+        pool: ConnectionPool | None = None,
     ) -> None:
         self.dialer = dialer
         self.onion = onion
@@ -72,6 +94,12 @@ class InboxClient:
         self.isolation = isolation
         self.timeout = timeout
         self.connect_timeout = connect_timeout
+        self.pool = pool
+        #: On a reused kept-alive connection, how long after the request went out the first
+        #: byte of the answer may take before the connection is taken for dead (its circuit
+        #: gone silently) and the request sent again on a fresh one.  Above an inbox's
+        #: longest legitimate wait before answering a delivery (30 s for a free slot).
+        self.reused_answer_timeout = REUSED_ANSWER_TIMEOUT
 
     async def request(
         self,
@@ -86,13 +114,25 @@ class InboxClient:
         timeout: float | None = None,
     ) -> Response:
         """One request; the response body goes to ``sink`` if given, else is returned."""
+        if self.pool is not None:
+            return await self._pooled(
+                self.pool,
+                method=method,
+                path=path,
+                body=body,
+                source=source,
+                headers=headers,
+                limit=limit,
+                sink=sink,
+                timeout=timeout,
+            )
         try:
             async with asyncio.timeout(timeout or self.timeout):
                 reader, writer = await self.dialer.open(
                     self.onion, self.port, isolation=self.isolation, timeout=self.connect_timeout
                 )
                 try:
-                    return await self._exchange(
+                    response, _ = await self._exchange(
                         reader=reader,
                         writer=writer,
                         method=method,
@@ -102,12 +142,77 @@ class InboxClient:
                         headers=headers,
                         limit=limit,
                         sink=sink,
+                        keep_alive=False,
                     )
+                    return response
                 finally:
                     writer.close()
                     # never swallow a cancellation here: the caller's stop() must win
                     with contextlib.suppress(OSError, TimeoutError):
                         await writer.wait_closed()
+        except TimeoutError as exc:
+            raise PeerUnreachable("The recipient's inbox did not answer in time.") from exc
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            raise PeerUnreachable("The connection to the inbox was lost.") from exc
+
+    async def _pooled(
+        self,
+        pool: ConnectionPool,
+        *,
+        method: str,
+        path: str,
+        body: bytes,
+        source: tuple[Readable, int] | None,
+        headers: tuple[tuple[str, str], ...],
+        limit: int,
+        sink: Writable | None,
+        timeout: float | None,
+    ) -> Response:
+        """One request on a kept-alive connection from ``pool``.
+
+        A reused connection that fails before any byte of the answer arrived is closed and
+        the request sent once more on a fresh connection (when its body can be read again):
+        the peer closed the idle connection just as it was picked.  The request may have
+        reached the peer anyway, which is why only repeatable requests use a pool.  Any other
+        failure closes the connection and is reported as without a pool.
+        """
+        start = source[0].tell() if source is not None and hasattr(source[0], "tell") else None
+        rewind = getattr(source[0], "seek", None) if source is not None else None
+        try:
+            async with asyncio.timeout(timeout or self.timeout):
+                while True:
+                    conn = await pool.acquire(
+                        self.onion,
+                        self.port,
+                        isolation=self.isolation,
+                        timeout=self.connect_timeout,
+                    )
+                    try:
+                        response, reusable = await self._exchange(
+                            reader=conn.reader,
+                            writer=conn.writer,
+                            method=method,
+                            path=path,
+                            body=body,
+                            source=source,
+                            headers=headers,
+                            limit=limit,
+                            sink=sink,
+                            keep_alive=True,
+                            first_byte=self.reused_answer_timeout if conn.reused else None,
+                        )
+                    except _NoAnswer:
+                        pool.discard(conn)
+                        if not conn.reused or (source is not None and rewind is None):
+                            raise
+                        if rewind is not None:
+                            rewind(start or 0)
+                        continue
+                    except BaseException:
+                        pool.discard(conn)
+                        raise
+                    pool.release(conn, reusable=reusable)
+                    return response
         except TimeoutError as exc:
             raise PeerUnreachable("The recipient's inbox did not answer in time.") from exc
         except (OSError, asyncio.IncompleteReadError) as exc:
@@ -125,51 +230,69 @@ class InboxClient:
         headers: tuple[tuple[str, str], ...],
         limit: int,
         sink: Writable | None,
-    ) -> Response:
+        keep_alive: bool,
+        first_byte: float | None = None,
+    ) -> tuple[Response, bool]:
+        """One exchange; returns the answer and whether the connection may carry another."""
         conn = h11.Connection(our_role=h11.CLIENT, max_incomplete_event_size=16 * 1024)
         length = source[1] if source is not None else len(body)
         head = [
             ("Host", f"{self.onion}.onion"),
             ("User-Agent", USER_AGENT),
             ("Content-Length", str(length)),
-            ("Connection", "close"),
+            *(() if keep_alive else (("Connection", "close"),)),
             *headers,
         ]
         try:
-            writer.write(conn.send(h11.Request(method=method, target=path, headers=head)))
-            if source is not None:
-                stream, left = source
-                while left:
-                    piece = stream.read(min(READ_CHUNK, left))
-                    if not piece:
-                        raise PeerProtocolError("The message to send ended early.")
-                    left -= len(piece)
-                    writer.write(conn.send(h11.Data(data=piece)))
-                    await writer.drain()
-            elif body:
-                writer.write(conn.send(h11.Data(data=body)))
-            writer.write(conn.send(h11.EndOfMessage()))
-            await writer.drain()
-            return await self._read_response(conn, reader, limit, sink)
+            try:
+                writer.write(conn.send(h11.Request(method=method, target=path, headers=head)))
+                if source is not None:
+                    stream, left = source
+                    while left:
+                        piece = stream.read(min(READ_CHUNK, left))
+                        if not piece:
+                            raise PeerProtocolError("The message to send ended early.")
+                        left -= len(piece)
+                        writer.write(conn.send(h11.Data(data=piece)))
+                        await writer.drain()
+                elif body:
+                    writer.write(conn.send(h11.Data(data=body)))
+                writer.write(conn.send(h11.EndOfMessage()))
+                await writer.drain()
+            except OSError as exc:
+                raise _NoAnswer("The connection to the inbox was lost.") from exc
+            response = await self._read_response(conn, reader, limit, sink, first_byte)
         except h11.ProtocolError as exc:
             raise PeerProtocolError(
                 "The inbox answered with something that is not valid HTTP."
             ) from exc
+        # Reusable only if both sides finished the exchange without asking to close, and
+        # the peer sent nothing beyond its answer.
+        reusable = (
+            keep_alive
+            and conn.our_state is h11.DONE
+            and conn.their_state is h11.DONE
+            and not conn.trailing_data[0]
+        )
+        return response, reusable
 
     @staticmethod
     async def _read_response(
-        conn: h11.Connection, reader: asyncio.StreamReader, limit: int, sink: Writable | None
+        conn: h11.Connection,
+        reader: asyncio.StreamReader,
+        limit: int,
+        sink: Writable | None,
+        first_byte: float | None = None,
     ) -> Response:
         status = 0
         chunks: list[bytes] = []
         received = 0
+        answered = False
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
-                data = await reader.read(READ_CHUNK)
-                if not data:
-                    raise PeerUnreachable("The inbox closed the connection before answering.")
-                conn.receive_data(data)
+                conn.receive_data(await _receive(reader, answered=answered, wait=first_byte))
+                answered = True
             elif isinstance(event, h11.Response):
                 status = event.status_code
             elif isinstance(event, h11.InformationalResponse):
@@ -263,6 +386,33 @@ class InboxClient:
         await self.call_json(
             "POST", f"/v1/pair/{slot.hex()}/join", {"join_pk": join_pk.hex(), "box": box.hex()}
         )
+
+
+async def _receive(
+    reader: asyncio.StreamReader, *, answered: bool, wait: float | None = None
+) -> bytes:
+    """The next bytes of an answer; a connection lost before its first byte is a
+    :class:`_NoAnswer` (the request may go again on a fresh connection), and so is no first
+    byte within ``wait`` seconds (given for reused connections: see
+    ``InboxClient.reused_answer_timeout``)."""
+    try:
+        if wait is not None and not answered:
+            try:
+                async with asyncio.timeout(wait):
+                    data = await reader.read(READ_CHUNK)
+            except TimeoutError as exc:
+                raise _NoAnswer("The kept connection to the inbox went silent.") from exc
+        else:
+            data = await reader.read(READ_CHUNK)
+    except OSError as exc:
+        if answered:
+            raise
+        raise _NoAnswer("The connection to the inbox was lost.") from exc
+    if not data:
+        if not answered:
+            raise _NoAnswer("The inbox closed the connection before answering.")
+        raise PeerUnreachable("The inbox closed the connection mid-answer.")
+    return data
 
 
 def _countersigned(raw: object, sent: ServerBinding | None) -> ServerBinding:
@@ -378,6 +528,50 @@ class DeviceSession:
             if r.status in (401, 403):
                 self._token = None
             raise error_from_body(r.status, r.body)
+
+    async def fetch_many(
+        self, wanted: list[PendingMessage], sink: Callable[[int], Writable]
+    ) -> list[int]:
+        """Fetch several spooled envelopes in one request (``GET /v1/device/messages``);
+        each goes to ``sink(its id)``.  Returns the ids received, in order: one the inbox
+        no longer holds is left out of its answer.  The answer may hold only what was asked,
+        at the sizes the pending list gave, or it is refused whole."""
+        if self._token is None:
+            await self.login()
+        sizes = {m.id: m.size for m in wanted}
+        limit = sum(MESSAGE_FRAME_HEAD + m.size for m in wanted)
+        with tempfile.SpooledTemporaryFile(max_size=1 << 20) as body:
+            r = await self.client.request(
+                "GET",
+                "/v1/device/messages?ids=" + ",".join(str(m.id) for m in wanted),
+                headers=self._auth(),
+                sink=body,
+                limit=limit,
+            )
+            if r.status != 200:
+                if r.status in (401, 403):
+                    self._token = None
+                raise error_from_body(r.status, r.body)
+            end = body.tell()
+            body.seek(0)
+            got: list[int] = []
+            while body.tell() < end:
+                try:
+                    spool_id, size = parse_message_frame_head(body.read(MESSAGE_FRAME_HEAD))
+                except OnionpostError as exc:
+                    raise PeerProtocolError(
+                        "The inbox's batch of messages is not understood."
+                    ) from exc
+                if sizes.get(spool_id) != size or spool_id in got or body.tell() + size > end:
+                    raise PeerProtocolError("The inbox's batch of messages is not understood.")
+                out = sink(spool_id)
+                left = size
+                while left:
+                    piece = body.read(min(left, 1 << 20))
+                    out.write(piece)
+                    left -= len(piece)
+                got.append(spool_id)
+            return got
 
     async def acknowledge(self, ids: list[int]) -> int:
         data = await self._call("POST", "/v1/device/ack", {"ids": ids})

@@ -10,6 +10,7 @@ Routes (all under ``/v1``)::
     POST /device/login              device login, step 2 (signed challenge) -> session
     GET  /device/pending            long-poll: new sealed mail for this device
     GET  /device/message/{id}       one spooled L2
+    GET  /device/messages           several spooled L2s in one answer (?ids=1,2,...)
     POST /device/ack                drop this device's copies
     POST /device/submit             queue an L1 for delivery by this inbox
     POST /device/keys               publish rotated keys, device lists, prekeys, bindings
@@ -49,7 +50,7 @@ import json
 import logging
 import tempfile
 from collections.abc import Awaitable, Callable
-from typing import IO, Any
+from typing import IO, Any, ClassVar
 
 from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -70,9 +71,17 @@ from onionpost.errors import (
     TemporaryDeliveryError,
     UnknownMailbox,
 )
-from onionpost.inbox import Inbox, Session
+from onionpost.inbox import DeliveryResult, Inbox, Session, Unwrapped
 from onionpost.store.outbox import OutboxRow
-from onionpost.wire import KeyUpdate, hex_field, parse_request_json, refusal
+from onionpost.wire import (
+    MAX_FETCH_IDS,
+    MESSAGE_FRAME_HEAD,
+    KeyUpdate,
+    hex_field,
+    message_frame_head,
+    parse_request_json,
+    refusal,
+)
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +105,7 @@ KEYS_LIMIT = 1 << 20
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-class _Response(web.Response):
+class QuietResponse(web.Response):
     """A response without a ``Server`` header.
 
     aiohttp names itself and the Python version in every answer; behind an onion address that
@@ -111,7 +120,7 @@ class _Response(web.Response):
 
 
 class _StreamResponse(web.StreamResponse):
-    """A streamed response without a ``Server`` header (see :class:`_Response`)."""
+    """A streamed response without a ``Server`` header (see :class:`QuietResponse`)."""
 
     async def _prepare_headers(self) -> None:
         await super()._prepare_headers()
@@ -119,7 +128,9 @@ class _StreamResponse(web.StreamResponse):
 
 
 def _json(status: int, body: dict[str, Any]) -> web.Response:
-    return _Response(status=status, body=json.dumps(body).encode(), content_type="application/json")
+    return QuietResponse(
+        status=status, body=json.dumps(body).encode(), content_type="application/json"
+    )
 
 
 def _error(exc: OnionpostError) -> web.Response:
@@ -127,17 +138,35 @@ def _error(exc: OnionpostError) -> web.Response:
     return _json(status, body)
 
 
-class _ApiRequestHandler(RequestHandler):
+class FixedErrorPages(RequestHandler):
     """aiohttp's per-connection protocol, answering requests that never reach a route.
 
     For a request that is not valid HTTP (bad syntax, oversized line or header) aiohttp's own
     answer is a text page quoting the offending bytes: a 64 KiB garbage request got a 188 KB
-    reply echoing it.  Here the answer is a short fixed JSON body, and the failure is logged
-    at DEBUG only (a hostile peer could otherwise fill the log); a failure of the node itself
-    (5xx) is still logged as an error.
+    reply echoing it.  Here the answer is a short fixed page (:meth:`page`), and the failure
+    is logged at DEBUG only (a hostile peer could otherwise fill the log); a failure of the
+    server itself (5xx) is still logged as an error.  The node API and the autoconfig server
+    (``gateway/autoconfig.py``) each subclass it with their own page.
     """
 
     __slots__ = ()
+
+    #: Who failed, in the log's words.
+    what: ClassVar[str]
+    error_log: ClassVar[logging.Logger]
+
+    @classmethod
+    def page(cls, status: int) -> web.Response:
+        """The fixed answer for ``status`` (5xx: our failure; else: a malformed request)."""
+        raise NotImplementedError
+
+    @classmethod
+    def adopt(cls, handler: RequestHandler) -> RequestHandler:
+        """``handler`` (from ``web.Server()``) answering errors with this class's pages."""
+        # web.Server builds plain RequestHandlers and has no hook for another class; the
+        # subclass adds no state (empty __slots__), so switching the class is safe.
+        handler.__class__ = cls
+        return handler
 
     def handle_error(
         self,
@@ -148,16 +177,32 @@ class _ApiRequestHandler(RequestHandler):
     ) -> web.StreamResponse:
         if request.writer.output_size > 0:
             raise ConnectionError("The answer was already started; the connection is broken.")
-        error: OnionpostError
         if status >= 500:
-            log.error("the node API failed to handle a request", exc_info=exc)
-            error = TemporaryDeliveryError("The inbox hit an internal error.", code="4.3.0")
+            self.error_log.error("%s failed to handle a request", self.what, exc_info=exc)
         else:
-            log.debug("malformed request refused with %d: %r", status, exc)
-            error = BadRequest("The request is not valid HTTP.")
-        response = _json(status, refusal(error)[1])
+            self.error_log.debug(
+                "%s: malformed request refused with %d: %r", self.what, status, exc
+            )
+        response = self.page(status)
         response.force_close()
         return response
+
+
+class _ApiRequestHandler(FixedErrorPages):
+    """The node API's pages: the short JSON refusal every other answer has."""
+
+    __slots__ = ()
+    what = "the node API"
+    error_log = log
+
+    @classmethod
+    def page(cls, status: int) -> web.Response:
+        error: OnionpostError
+        if status >= 500:
+            error = TemporaryDeliveryError("The inbox hit an internal error.", code="4.3.0")
+        else:
+            error = BadRequest("The request is not valid HTTP.")
+        return _json(status, refusal(error)[1])
 
 
 class _ConnectionGuard:
@@ -179,11 +224,7 @@ class _ConnectionGuard:
         return len(self._timers)
 
     def factory(self) -> asyncio.Protocol:
-        inner = self._server()
-        # web.Server builds plain RequestHandlers and has no hook for another class; the
-        # subclass adds no state (empty __slots__), so switching the class is safe.
-        inner.__class__ = _ApiRequestHandler
-        return _GuardedProtocol(inner, self)
+        return _GuardedProtocol(_ApiRequestHandler.adopt(self._server()), self)
 
     def opened(self, transport: asyncio.BaseTransport) -> bool:
         """Register a new connection; False (after answering 503) when over the cap."""
@@ -272,6 +313,51 @@ def _overloaded_reply() -> bytes:
     return head.encode() + body
 
 
+class _AcceptBatch:
+    """Group commit for deliveries: the ones ready to be stored in the same turn of the
+    event loop share one COMMIT (:meth:`Inbox.accept_many`).
+
+    Storing runs on the loop and its COMMIT (an fsync) blocks it, so deliveries whose outer
+    layer finished opening meanwhile (in worker threads) are all ready on the next turn and
+    go together; an idle inbox stores a lone delivery one turn after it is ready.  Each
+    request waits for the commit that holds its delivery before answering ``accepted``.
+    """
+
+    def __init__(self, inbox: Inbox) -> None:
+        self.inbox = inbox
+        self._batch: list[tuple[Unwrapped, int, asyncio.Future[DeliveryResult]]] = []
+
+    async def accept(self, unwrapped: Unwrapped, now: int) -> DeliveryResult:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[DeliveryResult] = loop.create_future()
+        if not self._batch:
+            loop.call_soon(self._flush)
+        self._batch.append((unwrapped, now, fut))
+        # Cancelled (the peer went away): the future is cancelled with it and the flush skips
+        # the delivery, whose file the caller closes on the way out.
+        return await fut
+
+    def _flush(self) -> None:
+        batch = [b for b in self._batch if not b[2].cancelled()]
+        self._batch = []
+        if not batch:
+            return
+        try:
+            results = self.inbox.accept_many([(u, now) for u, now, _ in batch])
+        except Exception as exc:  # the COMMIT failed: every request hears it
+            for *_, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        for (*_, fut), result in zip(batch, results, strict=True):
+            if fut.done():
+                continue
+            if isinstance(result, Exception):
+                fut.set_exception(result)
+            else:
+                fut.set_result(result)
+
+
 class InboxServer:
     def __init__(
         self,
@@ -290,6 +376,7 @@ class InboxServer:
         self._on_inbound = on_inbound
         self._on_submitted = on_submitted
         self._deliveries = asyncio.Semaphore(8)
+        self._accepts = _AcceptBatch(inbox)
         self._events: dict[tuple[bytes, bytes], asyncio.Event] = {}
         self._server: asyncio.Server | None = None
         self._runner: web.AppRunner
@@ -309,6 +396,7 @@ class InboxServer:
         r.add_post("/v1/device/login", self.login)
         r.add_get("/v1/device/pending", self.pending)
         r.add_get("/v1/device/message/{id}", self.message)
+        r.add_get("/v1/device/messages", self.messages)
         r.add_post("/v1/device/ack", self.ack)
         r.add_post("/v1/device/submit", self.submit)
         r.add_post("/v1/device/keys", self.keys)
@@ -463,7 +551,7 @@ class InboxServer:
 
     async def bundle(self, request: web.Request) -> web.Response:
         data = self.inbox.bundle(request.match_info["local"], self._now())
-        return _Response(body=data, content_type="application/octet-stream")
+        return QuietResponse(body=data, content_type="application/octet-stream")
 
     async def deliver(self, request: web.Request) -> web.Response:
         limit = self.config.max_envelope_bytes + (1 << 20)
@@ -480,7 +568,7 @@ class InboxServer:
                 now = self._now()
                 unwrapped = await asyncio.to_thread(self.inbox.unwrap, body, length, now=now)
                 with unwrapped:
-                    result = self.inbox.accept(unwrapped, now=now)
+                    result = await self._accepts.accept(unwrapped, now)
             finally:
                 self._deliveries.release()
         return _json(
@@ -566,6 +654,32 @@ class InboxServer:
         await response.prepare(request)
         for chunk in chunks:
             await response.write(chunk)
+        await response.write_eof()
+        return response
+
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        """Several spooled envelopes in one answer (protocol §17.3): a device fetching a
+        batch pays one request, not one per message."""
+        s = self._session(request)
+        raw = request.query.get("ids", "")
+        try:
+            ids = [int(i) for i in raw.split(",")] if raw else []
+        except ValueError as exc:
+            raise MalformedData("'ids' must be message numbers separated by commas.") from exc
+        if not 1 <= len(ids) <= MAX_FETCH_IDS:
+            raise MalformedData(f"Ask for 1 to {MAX_FETCH_IDS} messages at a time.")
+        found = self.inbox.read_many(s, ids)
+        response = _StreamResponse(
+            headers={
+                "Content-Type": "application/octet-stream",
+                "Content-Length": str(sum(MESSAGE_FRAME_HEAD + size for _, size, _ in found)),
+            }
+        )
+        await response.prepare(request)
+        for spool_id, size, chunks in found:
+            await response.write(message_frame_head(spool_id, size))
+            for chunk in chunks:
+                await response.write(chunk)
         await response.write_eof()
         return response
 

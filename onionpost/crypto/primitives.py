@@ -180,9 +180,27 @@ def ed25519_verify(public: bytes, message: bytes, signature: bytes, what: str) -
         raise BadSignature(f"The signature on the {what} does not verify.") from exc
 
 
+#: Points already found valid (a pure property of the 32 bytes), so that the few keys every
+#: message carries (the sender's identity, device and server keys, parsed again from each
+#: message's credentials and each contact record) are checked once, not per message.  Only
+#: valid points are remembered; bounded, and cleared when full.
+_VALID_POINTS: set[bytes] = set()
+_VALID_POINTS_MAX = 4096
+
+
 def ed25519_is_valid_point(public: bytes) -> bool:
     """True for a canonical point of the prime-order subgroup (no torsion component)."""
-    return len(public) == KEY_BYTES and bool(sodium.crypto_core_ed25519_is_valid_point(public))
+    if len(public) != KEY_BYTES:
+        return False
+    key = bytes(public)
+    if key in _VALID_POINTS:
+        return True
+    if not sodium.crypto_core_ed25519_is_valid_point(key):
+        return False
+    if len(_VALID_POINTS) >= _VALID_POINTS_MAX:
+        _VALID_POINTS.clear()
+    _VALID_POINTS.add(key)
+    return True
 
 
 # --- X25519 ----------------------------------------------------------------------------------

@@ -538,3 +538,79 @@ async def test_a_sender_dying_mid_upload_is_one_info_line(world, caplog) -> None
     assert not [r for r in caplog.records if r.exc_info], caplog.text
     # and the inbox goes on accepting mail
     await _client(node, dialer).deliver(await _sealed(node, bob, alice, dialer))
+
+
+async def test_deliveries_ready_together_share_one_commit(world) -> None:
+    """Group commit at the accept (Inbox.accept_many, which the node API's deliveries go
+    through): several deliveries are stored by one COMMIT, each in its own savepoint, so a
+    refused one spoils no other and a repeat within the batch is told apart as a duplicate."""
+    node, bob, alice, dialer = world
+    one = await _sealed(node, bob, alice, dialer, body=b"Subject: one\r\n\r\n1\r\n")
+    two = await _sealed(node, bob, alice, dialer, body=b"Subject: two\r\n\r\n2\r\n")
+    stray = await _sealed(node, bob, alice, dialer, mailbox_id=b"\x02" * 16)
+    now = int(time.time())
+    batch = [
+        (node.inbox.unwrap(io.BytesIO(l1), len(l1), now=now), now) for l1 in (one, stray, two, one)
+    ]
+    commits: list[str] = []
+    woken: list[bytes] = []
+    node.inbox.on_spooled.append(lambda mailbox_id, devices: woken.append(mailbox_id))
+    node.db.conn.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
+    try:
+        results = node.inbox.accept_many(batch)
+    finally:
+        node.db.conn.set_trace_callback(None)
+        for unwrapped, _ in batch:
+            unwrapped.l2.close()
+    assert len(commits) == 1
+    first, refused, second, again = results
+    assert isinstance(refused, UnknownMailbox)
+    assert not isinstance(first, Exception) and not first.duplicate
+    assert not isinstance(second, Exception) and not second.duplicate
+    assert not isinstance(again, Exception) and again.duplicate
+    assert again.receipt == first.receipt
+    assert woken == [bob.mailbox_id, bob.mailbox_id]  # told only of the stored two, after
+    assert len(await _session(node, bob, dialer).pending()) == 2
+
+
+async def test_concurrent_deliveries_are_each_accepted_once(world) -> None:
+    """Through the node API, deliveries that arrive together (and may share a commit) are
+    each answered and stored once; the same envelope twice is a duplicate the second time."""
+    node, bob, alice, dialer = world
+    l1s = [
+        await _sealed(node, bob, alice, dialer, body=b"Subject: %d\r\n\r\nx\r\n" % i)
+        for i in range(5)
+    ]
+    answers = await asyncio.gather(*(_client(node, dialer).deliver(l1) for l1 in l1s))
+    assert not any(a.duplicate for a in answers)
+    assert len({a.receipt for a in answers}) == 5
+    again = await asyncio.gather(*(_client(node, dialer).deliver(l1) for l1 in l1s[:2]))
+    assert all(a.duplicate for a in again)
+    assert len(await _session(node, bob, dialer).pending()) == 5
+
+
+async def test_several_messages_are_fetched_in_one_request(world) -> None:
+    """GET /v1/device/messages: the envelopes asked for, in order, each as the one-at-a-time
+    route gives it; an id not spooled for this device is left out; too many ids is refused."""
+    node, bob, alice, dialer = world
+    for i in range(3):
+        await _client(node, dialer).deliver(
+            await _sealed(node, bob, alice, dialer, body=b"Subject: %d\r\n\r\nx\r\n" % i)
+        )
+    session = _session(node, bob, dialer)
+    pending = await session.pending()
+    assert len(pending) == 3
+    singles = {}
+    for m in pending:
+        one = io.BytesIO()
+        await session.fetch(m.id, one, limit=1 << 20)
+        singles[m.id] = one.getvalue()
+    sinks: dict[int, io.BytesIO] = {}
+    wanted = [pending[2], pending[0], dataclasses.replace(pending[1], id=10_000)]
+    got = await session.fetch_many(wanted, lambda i: sinks.setdefault(i, io.BytesIO()))
+    assert got == [pending[2].id, pending[0].id]
+    assert {i: s.getvalue() for i, s in sinks.items()} == {i: singles[i] for i in got}
+    with pytest.raises(PermanentDeliveryError):
+        await session.fetch_many(
+            [dataclasses.replace(pending[0], id=i) for i in range(1, 66)], lambda i: io.BytesIO()
+        )

@@ -703,7 +703,28 @@ def generate() -> dict[str, str]:
     out.update(enrolment_vectors(w))
     out.update(introduction_vectors(w))
     out.update(login_vectors(w))
+    out.update(batch_fetch_vectors())
     return out
+
+
+def batch_fetch_vectors() -> dict[str, str]:
+    """The answer to ``GET /v1/device/messages?ids=7,9`` (§17.3) holding two envelopes
+    (stand-ins: the envelopes travel as they are, whatever their bytes)."""
+    from onionpost.wire import message_frame_head
+
+    one, two = b"L2 envelope seven", b"L2 envelope nine"
+    answer = message_frame_head(7, len(one)) + one + message_frame_head(9, len(two)) + two
+    return {
+        "device-messages": _kv(
+            "GET /v1/device/messages?ids=7,9: spool ids 7 and 9, with the envelopes "
+            "b'L2 envelope seven' and b'L2 envelope nine'",
+            [
+                ("frame head of 7", message_frame_head(7, len(one))),
+                ("frame head of 9", message_frame_head(9, len(two))),
+                ("answer body", answer),
+            ],
+        )
+    }
 
 
 def login_vectors(w: World) -> dict[str, str]:

@@ -119,9 +119,13 @@ def _holder(fd: int) -> int | None:
 class _Stopper:
     """SIGTERM and SIGINT as a stop request: the first one asks, a second one insists."""
 
-    def __init__(self, grace: float) -> None:
+    def __init__(self, grace: float, *, exit_before_attach: bool = False) -> None:
         self.requested = False
         self._grace = grace
+        #: Whether a request that comes before :meth:`attach` exits the process at once:
+        #: :func:`serve` attaches only once the node's modules are imported, and nothing
+        #: has started before that.
+        self._exit_before_attach = exit_before_attach
         self._loop: asyncio.AbstractEventLoop | None = None
         self._event: asyncio.Event | None = None
         self._watchdog: threading.Timer | None = None
@@ -148,7 +152,7 @@ class _Stopper:
         if self.requested:
             _say(f"onionpost: second {name}: stopping at once.")
             _exit_now(128 + signum)
-        if self._loop is None:
+        if self._loop is None and self._exit_before_attach:
             # Still importing the node's modules (seconds on a small, busy machine): nothing
             # has started and nothing was acknowledged, so there is nothing to wind down.
             _say(f"onionpost: {name} before the node started: stopped.")
@@ -216,7 +220,7 @@ def serve(
     # sockets; each time one returns it needs the GIL back, and with the default 5 ms switch
     # interval a busy event loop makes it wait that long, after every fsync of a commit.
     sys.setswitchinterval(SWITCH_INTERVAL)
-    stopper = _Stopper(grace)
+    stopper = _Stopper(grace, exit_before_attach=True)
     stopper.install()
     try:
         with RunLock(config.data_dir):

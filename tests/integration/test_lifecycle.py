@@ -316,7 +316,7 @@ def _subject_of(home: Path) -> Callable[[str], str | None]:
 _STUCK = """
 import sys, time
 from onionpost import lifecycle
-stopper = lifecycle._Stopper(grace=float(sys.argv[1]))
+stopper = lifecycle._Stopper(grace=float(sys.argv[1]), exit_before_attach=sys.argv[2] == "early")
 stopper.install()
 print("ready", flush=True)
 while not stopper.requested:
@@ -326,9 +326,9 @@ time.sleep(600)  # a stop that never finishes
 """
 
 
-def _stuck(grace: float) -> subprocess.Popen[str]:
+def _stuck(grace: float, *, early: bool = False) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
-        [sys.executable, "-c", _STUCK, str(grace)],
+        [sys.executable, "-c", _STUCK, str(grace), "early" if early else "attached"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -345,6 +345,14 @@ def test_a_second_signal_exits_at_once() -> None:
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 128 + signal.SIGTERM
     assert "second SIGTERM: stopping at once" in proc.communicate()[1]
+
+
+def test_a_stop_before_the_node_is_imported_exits_at_once_and_cleanly() -> None:
+    """serve()'s stopper, before the node's modules are imported (nothing has started)."""
+    proc = _stuck(grace=600, early=True)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    assert "SIGTERM before the node started: stopped" in proc.communicate()[1]
 
 
 def test_a_stop_that_overruns_its_grace_ends_the_process() -> None:

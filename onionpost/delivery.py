@@ -31,7 +31,7 @@ from onionpost.errors import (
 )
 from onionpost.inbox import Inbox
 from onionpost.retry import RetryPolicy, after_failure
-from onionpost.store.outbox import RESEAL_CODE, OutboxRow, OutboxStore
+from onionpost.store.outbox import OutboxRow, OutboxStore
 
 #: Envelopes up to this size are staged in memory on their way out, larger ones on disk.
 SPOOL = 1 << 20
@@ -193,9 +193,7 @@ class OutboxWorker:
         if isinstance(exc, StaleRecipientKeys):
             # Sending this envelope again cannot help: hand it back so the submitting device
             # seals the message again with the recipient's current keys.
-            self.outbox.mark_bounced(
-                row.id, now=now, error=str(exc), code=RESEAL_CODE, attempted=True
-            )
+            self.outbox.mark_reseal(row.id, now=now, error=str(exc))
             self._notify(row.id)
             return
         temporary = exc.temporary or isinstance(exc, TorError)

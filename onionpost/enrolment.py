@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from onionpost import quota
 from onionpost.chain import Chain, Invitees, Member, Removal, check_limits
 from onionpost.config import InboxConfig
 from onionpost.crypto.keys import ServerBinding, ServerKey
@@ -144,7 +145,7 @@ class Enrolment:
         return Chain(members)
 
     def _quota(self, m: Member) -> int:
-        return m.quota_bytes or self.config.quota_bytes
+        return quota.limit(m.quota_bytes, self.config.quota_bytes)
 
     def remove(
         self, remover: bytes | None, local: str, invitees: Invitees | None, now: int
@@ -174,7 +175,7 @@ class Enrolment:
             row.local,
             row.expires_at,
             self.inbox.secrets.current(),
-            row.quota_bytes or self.config.quota_bytes,
+            quota.limit(row.quota_bytes, self.config.quota_bytes),
             row.max_devices,
         )
 

@@ -54,6 +54,7 @@ guessing.
      |   +- DatabaseBusy               another writer holds the lock: try again
      |   +- DatabaseFailed             full, damaged, or a bug
      |   +- QuotaExceeded
+     |   +- IllegalTransition          a queue step its state machine does not have (a bug)
      |   +- FolderError
      |       +- FolderNotFound
      |       +- FolderExists
@@ -401,6 +402,13 @@ class QuotaExceeded(StoreError):
     """The mailbox is full; the message can be delivered once the owner frees space."""
 
     enhanced_code = "4.2.2"
+    temporary = True
+
+
+class IllegalTransition(StoreError):
+    """A queued message cannot go from that state to that one (docs/queues.md)."""
+
+    enhanced_code = "4.3.0"
     temporary = True
 
 

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import IO
 
+from onionpost import quota
 from onionpost.address import Address, is_local_part
 from onionpost.config import InboxConfig
 from onionpost.crypto import envelope, pow
@@ -295,7 +296,7 @@ class Inbox:
                     now=now,
                     spool_until=now + self.config.spool_days * 86_400,
                     dedup_until=max(meta.not_after, now) + 86_400,
-                    quota_bytes=mb.quota_bytes or self.config.quota_bytes,
+                    quota_bytes=quota.limit(mb.quota_bytes, self.config.quota_bytes),
                 )
         except QuotaExceeded as exc:
             raise TemporaryDeliveryError.from_error(exc) from exc

@@ -42,11 +42,11 @@ from onionpost.errors import (
 from onionpost.filing import Filer, filing_key
 from onionpost.groupcommit import GroupCommit
 from onionpost.inbox import TOKEN_REFUSED
+from onionpost.queuestate import OutboxState, outbox_from_wire, recipient_outcome
 from onionpost.retry import RetryPolicy, after_failure
 from onionpost.sending import Outgoing
 from onionpost.store.db import Database
 from onionpost.store.filing import FilingStore
-from onionpost.store.outbox import RESEAL_CODE
 from onionpost.store.submissions import PendingRecipient, SubmissionStore
 
 log = logging.getLogger(__name__)
@@ -393,35 +393,27 @@ class Submissions:
         """Record what the inbox's outbox says of one handed-over recipient."""
         if item is None:
             return
-        state = item.get("state")
         error = item.get("last_error") if isinstance(item.get("last_error"), str) else None
         code = item.get("last_error_code") if isinstance(item.get("last_error_code"), str) else None
-        if state == "bounced" and code == RESEAL_CODE:
+        state = outbox_from_wire(item.get("state"), code)
+        if state is OutboxState.RESEAL:
             address = Address.parse(r.address)
             device.directory.forget(address)
             if self.store.reseal(r.submission_id, r.address, self.clock.now()):
                 log.info("%s changed keys; sealing the message again", r.address)
                 self.wake()
                 return
-        if state == "bounced" and code == "5.7.1" and error == TOKEN_REFUSED:
+            state = OutboxState.BOUNCED  # nothing left to seal again: it stays bounced
+        if state is OutboxState.BOUNCED and code == "5.7.1" and error == TOKEN_REFUSED:
             # Their inbox withdrew the token they gave us (or never had it): write to
             # them as a stranger from now on.  This message stays bounced.
             contact = device.contacts.get(r.address)
             if contact is not None and contact.token_to_them is not None:
                 device.contacts.forget_token_to_them(r.address, contact.token_to_them)
-        if state in ("delivered", "bounced", "cancelled"):
-            self.store.set_outcome(
-                r.submission_id,
-                r.address,
-                "bounced"
-                if state == "bounced"
-                else "delivered"
-                if state == "delivered"
-                else "cancelled",
-                error,
-                code,
-            )
-        elif state == "queued":
+        outcome = None if state is None else recipient_outcome(state)
+        if outcome is not None:
+            self.store.set_outcome(r.submission_id, r.address, outcome, error, code)
+        elif state is OutboxState.QUEUED:
             attempts = item.get("attempts")
             nxt = item.get("next_attempt_at")
             self.store.set_progress(

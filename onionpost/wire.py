@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from onionpost import quota
 from onionpost.crypto.encoding import Reader, Writer
 from onionpost.crypto.keys import DeviceList, Profile, RotationRecord, ServerBinding, SignedPrekey
 from onionpost.errors import (
@@ -25,7 +26,6 @@ from onionpost.errors import (
     OnionpostError,
     PeerProtocolError,
     PermanentDeliveryError,
-    QuotaExceeded,
     StaleRecipientKeys,
     TemporaryDeliveryError,
     TooManyCodeAttempts,
@@ -55,8 +55,8 @@ def refusal(exc: OnionpostError) -> tuple[int, dict[str, Any]]:
         status = 404
     elif isinstance(exc, MessageTooLarge) or carried == MessageTooLarge.__name__:
         status = 413
-    elif isinstance(exc, QuotaExceeded) or carried == QuotaExceeded.__name__:
-        status = 507
+    elif quota.is_full(exc):
+        status = quota.FULL_STATUS
     elif temporary:
         status = 429 if code.endswith(".7.0") and not isinstance(exc, StaleRecipientKeys) else 503
     else:

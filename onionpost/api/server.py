@@ -72,6 +72,7 @@ from onionpost.errors import (
     UnknownMailbox,
 )
 from onionpost.inbox import DeliveryResult, Inbox, Session, Unwrapped
+from onionpost.queuestate import outbox_states_from_wire, outbox_to_wire
 from onionpost.store.outbox import OutboxRow
 from onionpost.wire import (
     MAX_FETCH_IDS,
@@ -781,9 +782,10 @@ class InboxServer:
                 raise MalformedData(f"Ask for at most {OUTBOX_IDS_MAX} queue ids at a time.")
             rows = self.inbox.outbox.rows_by_ids(s.mailbox_id, ids)
         else:
-            states = tuple(request.query.get("states", "queued").split(","))
-            if not set(states) <= {"queued", "delivered", "bounced", "cancelled"}:
-                raise MalformedData("Unknown outbox state.")
+            try:
+                states = outbox_states_from_wire(request.query.get("states", "queued").split(","))
+            except ValueError as exc:
+                raise MalformedData("Unknown outbox state.") from exc
             rows = self.inbox.outbox.rows(mailbox_id=s.mailbox_id, states=states)[-500:]
         return _json(200, {"items": [_outbox_item(r) for r in rows]})
 
@@ -1003,6 +1005,6 @@ def _outbox_item(r: OutboxRow) -> dict[str, Any]:
         "attempts": r.attempts,
         "last_error": r.last_error,
         "last_error_code": r.last_error_code,
-        "state": r.state,
+        "state": outbox_to_wire(r.state),
         "finished_at": r.finished_at,
     }

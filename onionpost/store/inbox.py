@@ -14,8 +14,9 @@ import sqlite3
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+from onionpost import quota
 from onionpost.crypto.envelope import Readable
-from onionpost.errors import QuotaExceeded, StoreError
+from onionpost.errors import StoreError
 from onionpost.store.db import Database, translate
 
 BLOB_CHUNK = 1 << 20
@@ -362,7 +363,7 @@ class InboxStore:
         be exceeded, so a full mailbox refuses only when live mail fills it.
         """
         digest = self.db.record_hash(digest)
-        if self.usage(mailbox_id) + size > quota_bytes:
+        if quota.refusal(used=self.usage(mailbox_id), size=size, quota=quota_bytes):
             self.prune(now)
         with self.db.transaction() as c:
             seen = c.execute(
@@ -374,11 +375,9 @@ class InboxStore:
             used = c.execute(
                 "SELECT coalesce(sum(size), 0) FROM sealed WHERE mailbox_id = ?", (mailbox_id,)
             ).fetchone()[0]
-            if used + size > quota_bytes:
-                raise QuotaExceeded(
-                    f"The recipient's mailbox is full ({used // (1 << 20)} MiB of "
-                    f"{quota_bytes // (1 << 20)} MiB used); delivery will be retried."
-                )
+            full = quota.refusal(used=used, size=size, quota=quota_bytes)
+            if full is not None:
+                raise full
             cur = c.execute(
                 "INSERT INTO sealed (mailbox_id, digest, size, received_at, expires_at, data)"
                 " VALUES (?, ?, ?, ?, ?, zeroblob(?))",

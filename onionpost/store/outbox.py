@@ -19,13 +19,12 @@ from dataclasses import dataclass
 
 from onionpost.crypto.envelope import Readable, Writable
 from onionpost.errors import StoreError
+from onionpost.queuestate import OUTBOX, RESEAL_CODE
+from onionpost.queuestate import OutboxState as S
 from onionpost.store.db import Database, translate
 
 #: Envelopes move between files and the database in pieces of this size, never whole.
 BLOB_CHUNK = 1 << 20
-
-#: An outbox row bounced with this code was handed back for re-sealing (see delivery.py).
-RESEAL_CODE = "5.7.5"
 
 
 @dataclass(frozen=True)
@@ -86,16 +85,18 @@ class OutboxStore:
                 (mailbox_id, key_hash),
             ).fetchone()
             if row is not None:
-                if row[1] == "bounced" and row[2] == RESEAL_CODE:
+                if row[1] == S.RESEAL:
                     # handed back because the recipient's keys changed: this is the re-sealing
+                    t = OUTBOX.check(S.RESEAL, S.QUEUED)
                     c.execute(
-                        "UPDATE outbox SET onion = ?, state = 'queued',"
+                        "UPDATE outbox SET onion = ?, state = ?,"
                         " next_attempt_at = ?, leased_until = NULL, finished_at = NULL,"
-                        " last_error = NULL, last_error_code = NULL WHERE id = ?",
-                        (onion, now, row[0]),
+                        " last_error = NULL, last_error_code = NULL WHERE id = ? AND state = ?",
+                        (onion, t.target, now, row[0], t.source),
                     )
                     _write_blob(c, int(row[0]), size, envelope)
                 return int(row[0])
+            OUTBOX.check(None, S.QUEUED)  # the column's default
             cur = c.execute(
                 "INSERT INTO outbox (mailbox_id, device_id, onion, submission_hash,"
                 " created_at, expires_at, next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -134,6 +135,7 @@ class OutboxStore:
     ) -> list[OutboxRow]:
         """Queued rows due now, leased for ``lease`` seconds so nobody else takes them;
         with ``only_onion``, only rows for that inbox (this node's own, while tor is down)."""
+        OUTBOX.check(S.QUEUED, S.QUEUED)
         where = ""
         params: tuple[object, ...] = (now, now)
         if only_onion is not None:
@@ -160,17 +162,15 @@ class OutboxStore:
     def queued_count(self) -> int:
         return self.db.count("outbox", "state = ?", ["queued"])
 
-    def outcomes(
-        self, *, since: int, except_code: str, mailbox_id: bytes | None = None
-    ) -> list[tuple[str, int]]:
-        """(state, count) of rows finished since ``since`` (of ``mailbox_id`` if given),
-        leaving out rows bounced with ``except_code`` (handed back for re-sealing: not an
-        outcome)."""
+    def outcomes(self, *, since: int, mailbox_id: bytes | None = None) -> list[tuple[str, int]]:
+        """(state, count) of rows finished since ``since`` (of ``mailbox_id`` if given): final
+        states only (a row handed back for re-sealing is not an outcome)."""
+        final = sorted(OUTBOX.final)
+        marks = ",".join("?" * len(final))
         rows = self.db.all(
-            "SELECT state, count(*) FROM outbox WHERE state != 'queued' AND finished_at >= ?"
-            " AND NOT (state = 'bounced' AND coalesce(last_error_code, '') = ?)"
-            " AND (? IS NULL OR mailbox_id = ?) GROUP BY state",
-            (since, except_code, mailbox_id, mailbox_id),
+            f"SELECT state, count(*) FROM outbox WHERE state IN ({marks})"  # noqa: S608
+            " AND finished_at >= ? AND (? IS NULL OR mailbox_id = ?) GROUP BY state",
+            (*final, since, mailbox_id, mailbox_id),
         )
         return [(str(r[0]), int(r[1])) for r in rows]
 
@@ -182,13 +182,14 @@ class OutboxStore:
         return None if v is None else int(v)
 
     def mark_delivered(self, row_id: int, *, now: int) -> None:
+        t = OUTBOX.check(S.QUEUED, S.DELIVERED)
         with self.db.transaction() as c:
             c.execute(
-                "UPDATE outbox SET state = 'delivered', finished_at = ?,"
+                "UPDATE outbox SET state = ?, finished_at = ?,"
                 " attempts = attempts + 1, last_attempt_at = ?, last_error = NULL,"
                 " leased_until = NULL, last_error_code = NULL, onion = ''"
-                " WHERE id = ? AND state = 'queued'",
-                (now, now, row_id),
+                " WHERE id = ? AND state = ?",
+                (t.target, now, now, row_id, t.source),
             )
             _drop_envelope(c, row_id)
 
@@ -203,44 +204,55 @@ class OutboxStore:
     def mark_deferred(
         self, row_id: int, *, now: int, next_attempt_at: int, error: str, code: str
     ) -> None:
+        t = OUTBOX.check(S.QUEUED, S.QUEUED)
         with self.db.transaction() as c:
             c.execute(
                 "UPDATE outbox SET attempts = attempts + 1, last_attempt_at = ?, last_error = ?,"
                 " last_error_code = ?, next_attempt_at = ?, leased_until = NULL"
-                " WHERE id = ? AND state = 'queued'",
-                (now, error, code, next_attempt_at, row_id),
+                " WHERE id = ? AND state = ?",
+                (now, error, code, next_attempt_at, row_id, t.source),
             )
 
     def note_waiting(self, row_id: int, *, error: str, code: str, until: int) -> None:
         """Say why a row waits, without counting an attempt or moving its next try; the
         lease keeps it from being claimed again before ``until``."""
+        t = OUTBOX.check(S.QUEUED, S.QUEUED)
         with self.db.transaction() as c:
             c.execute(
                 "UPDATE outbox SET last_error = ?, last_error_code = ?, leased_until = ?"
-                " WHERE id = ? AND state = 'queued'",
-                (error, code, until, row_id),
+                " WHERE id = ? AND state = ?",
+                (error, code, until, row_id, t.source),
             )
 
     def mark_bounced(
         self, row_id: int, *, now: int, error: str, code: str, attempted: bool
     ) -> None:
+        self._finish(S.BOUNCED, row_id, now=now, error=error, code=code, attempted=attempted)
+
+    def mark_reseal(self, row_id: int, *, now: int, error: str) -> None:
+        """Hand the row back: the recipient's keys changed, so its device must seal the
+        message again (and enqueue it under the same key, which requeues this row)."""
+        self._finish(S.RESEAL, row_id, now=now, error=error, code=RESEAL_CODE, attempted=True)
+
+    def _finish(
+        self, target: S, row_id: int, *, now: int, error: str, code: str, attempted: bool
+    ) -> None:
+        t = OUTBOX.check(S.QUEUED, target)
         with self.db.transaction() as c:
             c.execute(
-                "UPDATE outbox SET state = 'bounced', finished_at = ?, last_error = ?,"
+                "UPDATE outbox SET state = ?, finished_at = ?, last_error = ?,"
                 " leased_until = NULL,"
                 " last_error_code = ?, attempts = attempts + ?, last_attempt_at = CASE WHEN ?"
                 " THEN ? ELSE last_attempt_at END, onion = ''"
-                " WHERE id = ? AND state = 'queued'",
-                (now, error, code, int(attempted), int(attempted), now, row_id),
+                " WHERE id = ? AND state = ?",
+                (t.target, now, error, code, int(attempted), int(attempted), now, row_id, t.source),
             )
             _drop_envelope(c, row_id)
 
     def cancel(self, row_id: int, *, now: int, mailbox_id: bytes | None = None) -> bool:
-        sql = (
-            "UPDATE outbox SET state = 'cancelled', finished_at = ?, onion = ''"
-            " WHERE id = ? AND state = 'queued'"
-        )
-        params: tuple[object, ...] = (now, row_id)
+        t = OUTBOX.check(S.QUEUED, S.CANCELLED)
+        sql = "UPDATE outbox SET state = ?, finished_at = ?, onion = '' WHERE id = ? AND state = ?"
+        params: tuple[object, ...] = (t.target, now, row_id, t.source)
         if mailbox_id is not None:
             sql += " AND mailbox_id = ?"
             params = (*params, mailbox_id)
@@ -254,8 +266,9 @@ class OutboxStore:
         self, now: int, row_id: int | None = None, *, mailbox_id: bytes | None = None
     ) -> int:
         """Make queued rows due now: one row or all (of one mailbox, when given)."""
-        sql = "UPDATE outbox SET next_attempt_at = ? WHERE state = 'queued'"
-        params: tuple[object, ...] = (now,)
+        t = OUTBOX.check(S.QUEUED, S.QUEUED)
+        sql = "UPDATE outbox SET next_attempt_at = ? WHERE state = ?"
+        params: tuple[object, ...] = (now, t.source)
         if row_id is not None:
             sql += " AND id = ?"
             params = (*params, row_id)
@@ -290,9 +303,12 @@ class OutboxStore:
         return [_row(r) for r in self.db.all(sql, (mailbox_id, *ids))]
 
     def purge_finished(self, before: int) -> int:
+        purged = sorted(OUTBOX.purged)
+        marks = ",".join("?" * len(purged))
         with self.db.transaction() as c:
             return c.execute(
-                "DELETE FROM outbox WHERE state != 'queued' AND finished_at < ?", (before,)
+                f"DELETE FROM outbox WHERE state IN ({marks}) AND finished_at < ?",  # noqa: S608
+                (*purged, before),
             ).rowcount
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from onionpost.store.outbox import RESEAL_CODE, OutboxStore
+from onionpost.store.outbox import OutboxStore
 from onionpost.store.submissions import SubmissionStore
 
 WAITING_FOR_KEYS = "waiting for keys"
@@ -121,9 +121,7 @@ def finished(
             if state in counts:
                 counts[state] += n
     if outbox is not None:
-        for state, n in outbox.outcomes(
-            since=since, except_code=RESEAL_CODE, mailbox_id=mailbox_id
-        ):
+        for state, n in outbox.outcomes(since=since, mailbox_id=mailbox_id):
             if state in counts:
                 counts[state] += n
     return counts

@@ -6,6 +6,9 @@ import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from onionpost.errors import IllegalTransition
+from onionpost.queuestate import SUBMISSION
+from onionpost.queuestate import RecipientState as S
 from onionpost.store.db import Database
 
 
@@ -71,6 +74,7 @@ class SubmissionStore:
             if message:
                 with c.blobopen("submission_bodies", "message", sid) as blob:
                     blob.write(message)
+            SUBMISSION.check(None, S.PENDING)  # the column's default
             for address in sorted(set(recipients)):
                 c.execute(
                     "INSERT INTO submission_recipients (submission_id, address, next_attempt_at)"
@@ -125,53 +129,58 @@ class SubmissionStore:
         return None if v is None else int(v)
 
     def mark_queued(self, submission_id: int, address: str, outbox_id: int) -> None:
+        t = SUBMISSION.check(S.PENDING, S.QUEUED)
         with self.db.transaction() as c:
             c.execute(
-                "UPDATE submission_recipients SET state = 'queued', outbox_id = ?,"
+                "UPDATE submission_recipients SET state = ?, outbox_id = ?,"
                 " attempts = attempts + 1, last_error = NULL, last_error_code = NULL"
-                " WHERE submission_id = ? AND address = ? AND state = 'pending'",
-                (outbox_id, submission_id, address),
+                " WHERE submission_id = ? AND address = ? AND state = ?",
+                (t.target, outbox_id, submission_id, address, t.source),
             )
             self._drop_finished(c, submission_id)
 
     def mark_delivered(self, submission_id: int, address: str) -> None:
         """Done without the outbox: mail to the user themself, filed on this device."""
+        t = SUBMISSION.check(S.PENDING, S.DELIVERED)
         with self.db.transaction() as c:
             c.execute(
-                "UPDATE submission_recipients SET state = 'delivered'"
-                " WHERE submission_id = ? AND address = ? AND state = 'pending'",
-                (submission_id, address),
+                "UPDATE submission_recipients SET state = ?"
+                " WHERE submission_id = ? AND address = ? AND state = ?",
+                (t.target, submission_id, address, t.source),
             )
             self._drop_finished(c, submission_id)
 
     def mark_deferred(
         self, submission_id: int, address: str, *, next_attempt_at: int, error: str, code: str
     ) -> None:
+        t = SUBMISSION.check(S.PENDING, S.PENDING)
         with self.db.transaction() as c:
             c.execute(
                 "UPDATE submission_recipients SET attempts = attempts + 1, next_attempt_at = ?,"
                 " last_error = ?, last_error_code = ? WHERE submission_id = ? AND address = ?"
-                " AND state = 'pending'",
-                (next_attempt_at, error, code, submission_id, address),
+                " AND state = ?",
+                (next_attempt_at, error, code, submission_id, address, t.source),
             )
 
     def note_waiting(self, submission_id: int, address: str, *, error: str, code: str) -> None:
         """Say why a recipient still waits without counting an attempt or moving its next
         try (the reason was on this side, not the recipient's: this node's tor is starting)."""
+        t = SUBMISSION.check(S.PENDING, S.PENDING)
         with self.db.transaction() as c:
             c.execute(
                 "UPDATE submission_recipients SET last_error = ?, last_error_code = ?"
-                " WHERE submission_id = ? AND address = ? AND state = 'pending'",
-                (error, code, submission_id, address),
+                " WHERE submission_id = ? AND address = ? AND state = ?",
+                (error, code, submission_id, address, t.source),
             )
 
     def mark_bounced(self, submission_id: int, address: str, *, error: str, code: str) -> None:
+        t = SUBMISSION.check(S.PENDING, S.BOUNCED)
         with self.db.transaction() as c:
             c.execute(
-                "UPDATE submission_recipients SET state = 'bounced', attempts = attempts + 1,"
+                "UPDATE submission_recipients SET state = ?, attempts = attempts + 1,"
                 " last_error = ?, last_error_code = ? WHERE submission_id = ? AND address = ?"
-                " AND state = 'pending'",
-                (error, code, submission_id, address),
+                " AND state = ?",
+                (t.target, error, code, submission_id, address, t.source),
             )
 
     def mark_notified(self, submission_id: int, address: str, level: int) -> None:
@@ -186,12 +195,10 @@ class SubmissionStore:
         self, submission_id: int, address: str | None = None, *, user: str | None = None
     ) -> int:
         """Withdraw recipients still waiting to be sealed (of ``user``'s mail, when given)."""
+        t = SUBMISSION.check(S.PENDING, S.CANCELLED)
         with self.db.transaction() as c:
-            sql = (
-                "UPDATE submission_recipients SET state = 'cancelled' WHERE submission_id = ?"
-                " AND state = 'pending'"
-            )
-            params: tuple[object, ...] = (submission_id,)
+            sql = "UPDATE submission_recipients SET state = ? WHERE submission_id = ? AND state = ?"
+            params: tuple[object, ...] = (t.target, submission_id, t.source)
             if address is not None:
                 sql += " AND address = ?"
                 params = (*params, address)
@@ -206,8 +213,9 @@ class SubmissionStore:
         self, now: int, submission_id: int | None = None, *, user: str | None = None
     ) -> int:
         """Make waiting recipients due now: one submission's or all (``user``'s, when given)."""
-        sql = "UPDATE submission_recipients SET next_attempt_at = ? WHERE state = 'pending'"
-        params: tuple[object, ...] = (now,)
+        t = SUBMISSION.check(S.PENDING, S.PENDING)
+        sql = "UPDATE submission_recipients SET next_attempt_at = ? WHERE state = ?"
+        params: tuple[object, ...] = (now, t.source)
         if submission_id is not None:
             sql += " AND submission_id = ?"
             params = (*params, submission_id)
@@ -234,13 +242,16 @@ class SubmissionStore:
     def set_outcome(
         self, submission_id: int, address: str, state: str, error: str | None, code: str | None
     ) -> None:
-        """Record what the inbox's outbox finally did ('delivered' or 'bounced')."""
+        """Record what the inbox's outbox finally did (delivered, bounced or cancelled)."""
+        t = SUBMISSION.check(S.QUEUED, state)
+        if t.target not in SUBMISSION.final:  # re-sealing is :meth:`reseal`, progress
+            raise IllegalTransition(f"'{state}' is not an outcome of the outbox.")
         with self.db.transaction() as c:
             c.execute(
                 "UPDATE submission_recipients SET state = ?, last_error = coalesce(?, last_error),"
                 " last_error_code = coalesce(?, last_error_code) WHERE submission_id = ?"
-                " AND address = ? AND state = 'queued'",
-                (state, error, code, submission_id, address),
+                " AND address = ? AND state = ?",
+                (t.target, error, code, submission_id, address, t.source),
             )
             self._drop_finished(c, submission_id)
 
@@ -254,11 +265,14 @@ class SubmissionStore:
         code: str | None,
         next_attempt_at: int,
     ) -> None:
+        """What the outbox last reported of a recipient still on its way there."""
+        t = SUBMISSION.check(S.QUEUED, S.QUEUED)
         with self.db.transaction() as c:
             c.execute(
                 "UPDATE submission_recipients SET attempts = ?, last_error = ?,"
-                " last_error_code = ?, next_attempt_at = ? WHERE submission_id = ? AND address = ?",
-                (attempts, error, code, next_attempt_at, submission_id, address),
+                " last_error_code = ?, next_attempt_at = ? WHERE submission_id = ? AND address = ?"
+                " AND state = ?",
+                (attempts, error, code, next_attempt_at, submission_id, address, t.source),
             )
 
     def purge(self, before: int) -> int:
@@ -339,13 +353,14 @@ class SubmissionStore:
 
     def reseal(self, submission_id: int, address: str, now: int) -> bool:
         """Send a recipient back to sealing (its inbox refused the keys we used)."""
+        t = SUBMISSION.check(S.QUEUED, S.PENDING)
         with self.db.transaction() as c:
             return (
                 c.execute(
-                    "UPDATE submission_recipients SET state = 'pending', next_attempt_at = ?"
-                    " WHERE submission_id = ? AND address = ? AND state = 'queued' AND EXISTS"
+                    "UPDATE submission_recipients SET state = ?, next_attempt_at = ?"
+                    " WHERE submission_id = ? AND address = ? AND state = ? AND EXISTS"
                     " (SELECT 1 FROM submission_bodies WHERE id = ? AND length(message) > 0)",
-                    (now, submission_id, address, submission_id),
+                    (t.target, now, submission_id, address, t.source, submission_id),
                 ).rowcount
                 > 0
             )

@@ -1,0 +1,108 @@
+"""The quota decision (onionpost/quota.py), and that the inbox, its store and the wire ask it."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from onionpost import quota
+from onionpost.errors import (
+    MessageTooLarge,
+    PermanentDeliveryError,
+    QuotaExceeded,
+    TemporaryDeliveryError,
+)
+from onionpost.store.db import Database
+from onionpost.store.inbox import InboxStore
+from onionpost.wire import refusal
+
+MiB = 1 << 20
+
+
+@pytest.mark.parametrize(
+    ("own", "default", "limit"),
+    [
+        (None, 2048 * MiB, 2048 * MiB),  # no quota of its own: the inbox's default
+        (0, 2048 * MiB, 2048 * MiB),  # an old row's 0 means the same
+        (10 * MiB, 2048 * MiB, 10 * MiB),
+        (4096 * MiB, 2048 * MiB, 4096 * MiB),  # an own quota may be larger than the default
+    ],
+)
+def test_limit(own: int | None, default: int, limit: int) -> None:
+    assert quota.limit(own, default) == limit
+
+
+@pytest.mark.parametrize(
+    ("used", "size", "limit", "fits"),
+    [
+        (0, 0, 0, True),
+        (0, 1, 0, False),
+        (0, 10 * MiB, 10 * MiB, True),  # exactly full is allowed
+        (1, 10 * MiB, 10 * MiB, False),
+        (10 * MiB, 0, 10 * MiB, True),  # a duplicate or empty message still fits
+        (5 * MiB, 5 * MiB - 1, 10 * MiB, True),
+        (11 * MiB, 0, 10 * MiB, False),  # over already (the quota was lowered)
+    ],
+)
+def test_refusal(used: int, size: int, limit: int, fits: bool) -> None:
+    got = quota.refusal(used=used, size=size, quota=limit)
+    if fits:
+        assert got is None
+    else:
+        assert isinstance(got, QuotaExceeded) and got.temporary and got.code == "4.2.2"
+        assert f"{used // MiB} MiB of {limit // MiB} MiB used" in str(got)
+
+
+@pytest.mark.parametrize(
+    ("exc", "full"),
+    [
+        (QuotaExceeded(), True),
+        (TemporaryDeliveryError.from_error(QuotaExceeded()), True),  # carried across (inbox.py)
+        (TemporaryDeliveryError("busy"), False),
+        (PermanentDeliveryError.from_error(MessageTooLarge()), False),
+        (MessageTooLarge(), False),
+    ],
+)
+def test_is_full_and_the_wire_status(exc: QuotaExceeded, full: bool) -> None:
+    assert quota.is_full(exc) is full
+    status, body = refusal(exc)
+    assert (status == quota.FULL_STATUS) is full
+    if full:
+        assert body["status"] == "temporary" and body["code"] == "4.2.2"
+
+
+def _accept(store: InboxStore, digest: bytes, size: int, *, now: int, limit: int) -> bool:
+    return not store.accept_sealed(
+        mailbox_id=b"M" * 16,
+        digest=digest,
+        size=size,
+        source=io.BytesIO(b"x" * size),
+        device_ids=[],  # spooled for no device: the quota counts the stored copy
+        receipt="r",
+        now=now,
+        spool_until=now + 100,
+        dedup_until=now + 1000,
+        quota_bytes=limit,
+    ).duplicate
+
+
+def test_the_store_refuses_what_quota_refuses_and_prunes_first() -> None:
+    db = Database(":memory:", ("inbox",), record_key=b"k" * 32)
+    try:
+        db.conn.execute(
+            "INSERT INTO mailboxes (mailbox_id, local, uik_pk, binding, device_list,"
+            " device_list_version, created_at) VALUES (?, 'alice', x'00', x'00', x'', 0, 0)",
+            (b"M" * 16,),
+        )
+        store = InboxStore(db)
+        assert _accept(store, b"a" * 32, 600, now=0, limit=1000)
+        with pytest.raises(QuotaExceeded, match="mailbox is full"):
+            _accept(store, b"b" * 32, 401, now=1, limit=1000)
+        assert _accept(store, b"b" * 32, 400, now=1, limit=1000)  # exactly full
+        assert store.usage(b"M" * 16) == 1000
+        # once the first ones expired, the same refusal prunes them and the mail fits
+        assert _accept(store, b"c" * 32, 1000, now=500, limit=1000)
+        assert store.usage(b"M" * 16) == 1000
+    finally:
+        db.close()

@@ -75,6 +75,7 @@ guessing.
      |       +- PeerRendezvousFailed
      |       +- PeerTimedOut
      |       +- PeerConnectionFailed
+     |       +- PeerConnectionLost       a kept connection: the request may go again
      |       +- PeerRefused
      |       +- BadOnionAddress        permanent
      |       +- OnionClientAuthRequired  permanent
@@ -572,6 +573,15 @@ class PeerTimedOut(PeerUnreachable):
 
 class PeerConnectionFailed(PeerUnreachable):
     """Tor could not complete the connection to the recipient's inbox."""
+
+
+class PeerConnectionLost(PeerUnreachable):
+    """The connection to the recipient's inbox ended before any of its answer arrived.
+
+    On a reused keep-alive connection the peer most likely closed it while it was idle, so
+    the request may go once more on a fresh connection (a repeated delivery is recognised by
+    its digest and answered as a duplicate).
+    """
 
 
 class PeerRefused(PeerUnreachable):

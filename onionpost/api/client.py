@@ -31,7 +31,13 @@ from onionpost.api.pool import ConnectionPool
 from onionpost.api.transport import Dialer
 from onionpost.crypto.envelope import Readable, Writable
 from onionpost.crypto.keys import ServerBinding
-from onionpost.errors import DeviceRefused, OnionpostError, PeerProtocolError, PeerUnreachable
+from onionpost.errors import (
+    DeviceRefused,
+    OnionpostError,
+    PeerConnectionLost,
+    PeerProtocolError,
+    PeerUnreachable,
+)
 from onionpost.wire import (
     MESSAGE_FRAME_HEAD,
     KeyUpdate,
@@ -47,11 +53,6 @@ REUSED_ANSWER_TIMEOUT = 60.0
 
 class Rewindable(Readable, Protocol):
     def seek(self, offset: int, whence: int = 0, /) -> int: ...
-
-
-class _NoAnswer(PeerUnreachable):
-    """The connection failed before any byte of the answer arrived: on a reused keep-alive
-    connection, the peer most likely closed it while idle, and the request may go again."""
 
 
 @dataclass(frozen=True)
@@ -201,7 +202,7 @@ class InboxClient:
                             keep_alive=True,
                             first_byte=self.reused_answer_timeout if conn.reused else None,
                         )
-                    except _NoAnswer:
+                    except PeerConnectionLost:
                         pool.discard(conn)
                         if not conn.reused or (source is not None and rewind is None):
                             raise
@@ -260,7 +261,7 @@ class InboxClient:
                 writer.write(conn.send(h11.EndOfMessage()))
                 await writer.drain()
             except OSError as exc:
-                raise _NoAnswer("The connection to the inbox was lost.") from exc
+                raise PeerConnectionLost("The connection to the inbox was lost.") from exc
             response = await self._read_response(conn, reader, limit, sink, first_byte)
         except h11.ProtocolError as exc:
             raise PeerProtocolError(
@@ -392,7 +393,7 @@ async def _receive(
     reader: asyncio.StreamReader, *, answered: bool, wait: float | None = None
 ) -> bytes:
     """The next bytes of an answer; a connection lost before its first byte is a
-    :class:`_NoAnswer` (the request may go again on a fresh connection), and so is no first
+    :class:`PeerConnectionLost` (the request may go again on a fresh connection), and so is no first
     byte within ``wait`` seconds (given for reused connections: see
     ``InboxClient.reused_answer_timeout``)."""
     try:
@@ -401,16 +402,16 @@ async def _receive(
                 async with asyncio.timeout(wait):
                     data = await reader.read(READ_CHUNK)
             except TimeoutError as exc:
-                raise _NoAnswer("The kept connection to the inbox went silent.") from exc
+                raise PeerConnectionLost("The kept connection to the inbox went silent.") from exc
         else:
             data = await reader.read(READ_CHUNK)
     except OSError as exc:
         if answered:
             raise
-        raise _NoAnswer("The connection to the inbox was lost.") from exc
+        raise PeerConnectionLost("The connection to the inbox was lost.") from exc
     if not data:
         if not answered:
-            raise _NoAnswer("The inbox closed the connection before answering.")
+            raise PeerConnectionLost("The inbox closed the connection before answering.")
         raise PeerUnreachable("The inbox closed the connection mid-answer.")
     return data
 

@@ -119,7 +119,7 @@ async def _drain(root: Path, n: int, timeout: float) -> _Phase:
         w.start_sync()
         clock.advance(BACKOFF_SKIP)
         t0 = time.perf_counter()
-        w.a.worker.wake()
+        w.a.scheduler.wake("deliver")
         async with asyncio.timeout(timeout):
             delivered = await counter.all_delivered
         await _wait_until("drain filing", lambda: w.tracker.complete >= n, timeout)

@@ -78,6 +78,7 @@ from onionpost.errors import (
     PasswordRejected,
     UnknownLocalUser,
 )
+from onionpost.retry import DOVECOT_RESTART, Backoff
 from onionpost.trust import QUARANTINE
 
 __all__ = [
@@ -963,7 +964,7 @@ class DovecotServer:
     and Dovecot's first SELECT would rename all of it into cur/ while the client waits.
     """
 
-    RESTART_MIN, RESTART_MAX, STABLE_AFTER = 1.0, 60.0, 60.0
+    RESTART, STABLE_AFTER = DOVECOT_RESTART, 60.0
     TIDY_INTERVAL = 5.0
 
     def __init__(
@@ -1176,7 +1177,7 @@ class DovecotServer:
         return imap.startswith(b"* OK") and lmtp.startswith(b"220")
 
     async def _supervise(self) -> None:
-        delay = self.RESTART_MIN
+        backoff = Backoff(self.RESTART)
         while not self._stopping:
             proc = self._proc
             assert proc is not None
@@ -1185,12 +1186,12 @@ class DovecotServer:
             if self._stop_requested():  # stop() may have been called while we waited
                 return
             if time.monotonic() - started >= self.STABLE_AFTER:
-                delay = self.RESTART_MIN
+                backoff.succeeded()  # it ran a while: this exit starts the backoff over
             why = self._why()
             self.status = f"restarting (Dovecot exited with status {code}: {why})"
+            delay = backoff.failed()
             log.error("Dovecot exited with status %s (%s); restarting in %.0f s", code, why, delay)
             await asyncio.sleep(delay)
-            delay = min(delay * 2, self.RESTART_MAX)
             try:
                 await self._terminate(1.0)  # what is left of the old process group
                 await self._spawn()

@@ -29,13 +29,13 @@ from typing import Protocol
 
 from onionpost.aio import cancel_and_wait
 from onionpost.errors import FilingRefused, OnionpostError
+from onionpost.retry import FILING
 from onionpost.store.filing import FILED, HANDED, QUEUED, Filing, FilingStore, MessageSource
 
 log = logging.getLogger(__name__)
 
 #: The header that names a filing in the mailbox (recovery after a crash looks for it).
 FILING_HEADER = "X-Onionpost-Filing"
-RETRY_MIN, RETRY_MAX = 5, 600
 
 
 def filing_key(kind: bytes, *parts: bytes) -> bytes:
@@ -234,7 +234,7 @@ class Filer:
             # Trying again won't help; keeping it would block nothing but hides the mail.
             # Leave it queued with a long wait so `onionpost doctor` and the log show it.
             log.error("the mailbox refused filing %s into %s: %s", value, row.folder, exc)
-            self._defer(row, str(exc), RETRY_MAX)
+            self._defer(row, str(exc), round(FILING.max_delay))
             return False
         except OnionpostError as exc:
             log.warning("filing into %s deferred: %s", row.folder, exc)
@@ -245,8 +245,8 @@ class Filer:
         return True
 
     def _defer(self, row: Filing, error: str, wait: int | None) -> None:
-        if wait is None:
-            wait = min(RETRY_MAX, RETRY_MIN * 2 ** min(row.attempts, 10))
+        if wait is None:  # row.attempts failed before this one
+            wait = FILING.delay(row.attempts + 1, 0.5)
         with contextlib.suppress(OnionpostError):
             self.store.deferred(row.id, error=error, next_try_at=self._now() + wait)
 

@@ -49,7 +49,7 @@ from onionpost.keystore import (
     ensure_private_dir,
     write_private,
 )
-from onionpost.retry import RetryPolicy
+from onionpost.retry import TOR_START, Backoff, RetryPolicy
 from onionpost.scheduler import Scheduler
 from onionpost.store import DEVICE_COMPONENTS, INBOX_COMPONENTS, queue
 from onionpost.store.contacts import ContactStore
@@ -243,7 +243,7 @@ class Node:
     async def _tor_supervisor(self) -> None:
         """Bring tor up and publish the inbox, retrying with backoff until it works."""
         cfg = self.config
-        delay = 15.0
+        backoff = Backoff(TOR_START)
         while True:
             try:
                 runtime = await TorRuntime.start(
@@ -265,9 +265,9 @@ class Node:
                     self._tor_failure = exc
                     self._tor_ready.set()
                     return
+                delay = backoff.failed()
                 log.warning("tor is not ready (%s); trying again in %.0f s", exc, delay)
                 await self.clock.sleep(delay)
-                delay = min(delay * 2, 300.0)
                 continue
             self._tor_connected(runtime, TorDialer(runtime))
             return

@@ -101,7 +101,7 @@ class Scheduler:
         try:
             while not self._stopping:
                 await wait_event(clock, entry.woken, entry.next_at - clock.monotonic())
-                if self._stopping:
+                if self.stopping():  # stop() came while it waited
                     break
                 entry.woken.clear()  # a wake-up from here on means "once more"
                 started = clock.monotonic()
@@ -124,6 +124,9 @@ class Scheduler:
             # Cancelled by stop(): the tables are the truth, so the job simply ends here.
         finally:
             entry.next_at = None
+
+    def stopping(self) -> bool:
+        return self._stopping
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop scheduling, cancel the jobs that are running and wait for them to end.

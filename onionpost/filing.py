@@ -23,11 +23,12 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
 from onionpost.aio import cancel_and_wait
+from onionpost.clock import Clock, wait_event
 from onionpost.errors import FilingRefused, OnionpostError
 from onionpost.retry import FILING
 from onionpost.store.filing import FILED, HANDED, QUEUED, Filing, FilingStore, MessageSource
@@ -66,11 +67,12 @@ class Filer:
         self,
         store: FilingStore,
         *,
-        now: Callable[[], int],
+        clock: Clock,
         sink: MailSink | None = None,
     ) -> None:
         self.store = store
-        self._now = now
+        self.clock = clock
+        self._now = clock.now
         self.sink = sink
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
@@ -260,6 +262,4 @@ class Filer:
                 log.warning("filing pass failed: %s", exc)
             nxt = self.store.next_due_at()
             delay = 30.0 if nxt is None else max(0.05, min(30.0, nxt - self._now()))
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay):
-                    await self._wake.wait()
+            await wait_event(self.clock, self._wake, delay)

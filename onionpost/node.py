@@ -298,7 +298,7 @@ class Node:
         self._device_lock = threading.Lock()
         db = self._open(cfg.data_dir / "device.db", DEVICE_COMPONENTS, write_lock=self._device_lock)
         self.device_db = db
-        self.filer = Filer(FilingStore(db, cfg.data_dir / "filing"), now=self.clock.now)
+        self.filer = Filer(FilingStore(db, cfg.data_dir / "filing"), clock=self.clock)
         self.filer.start()
         for local in users:
             await self._start_device(files, local)

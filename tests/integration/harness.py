@@ -151,7 +151,7 @@ class DeviceNode:
             self.files.save(account)
         self.db = Database(self.dir / "device.db", DEVICE_COMPONENTS)
         self.sink = MemorySink()
-        self.filer = Filer(FilingStore(self.db, self.dir / "filing"), now=clock.now, sink=self.sink)
+        self.filer = Filer(FilingStore(self.db, self.dir / "filing"), clock=clock, sink=self.sink)
         self.contacts = ContactStore(self.db, account.local)
         self.device = Device(
             account,

@@ -20,6 +20,7 @@ SECTIONS: dict[str, str] = {
     "queue": "bench.queue",
     "tor": "bench.tor",
     "memory": "bench.memory",
+    "growth": "bench.growth",  # delivery rate and RSS against mailbox size; the crypto pool
     # "scheduler": "bench.scheduler",
     # "smtp": "bench.smtp",
     # "imap": "bench.imap",

@@ -20,8 +20,9 @@ Like the node API, it tells a prober nothing about its software and repeats noth
 sent: no ``Server`` header on any answer (aiohttp's own error pages included), and a request
 that is not valid HTTP gets a short fixed text instead of aiohttp's page quoting its bytes.
 
-aiohttp is imported here and in ``onionpost/api/server.py``; this server is a few routes on
-loopback, with none of the node API's exposure.
+aiohttp is imported here and in ``onionpost/api/server.py`` (a contract in pyproject.toml
+names both); this server is a few routes on loopback, with none of the node API's exposure,
+and takes its header-less responses and fixed error pages from the API server.
 """
 
 from __future__ import annotations
@@ -31,10 +32,11 @@ import logging
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
-from aiohttp import hdrs, web
+from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from gateway.thunderbird import LOOPBACK, render_autoconfig_xml
+from onionpost.api.server import FixedErrorPages, QuietResponse
 from onionpost.config import GatewayConfig
 
 __all__ = ["AutoconfigServer", "start_autoconfig"]
@@ -46,42 +48,23 @@ _LOCAL_FETCH_SITES = frozenset({"none", "same-origin"})
 _HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
 
 
-class _Response(web.Response):
-    """A response without a ``Server`` header (aiohttp adds one naming itself and Python's
-    version while preparing the headers, for its own error pages too)."""
-
-    async def _prepare_headers(self) -> None:
-        await super()._prepare_headers()
-        self.headers.popall(hdrs.SERVER, None)
-
-
 def _text(status: int, text: str) -> web.Response:
-    return _Response(status=status, text=text, headers=_HEADERS)
+    return QuietResponse(status=status, text=text, headers=_HEADERS)
 
 
-class _FixedErrors(RequestHandler):
-    """aiohttp's per-connection protocol, answering a request that is not valid HTTP with a
-    short fixed text: aiohttp's own page quotes the offending bytes back."""
+class _FixedErrors(FixedErrorPages):
+    """A request that is not valid HTTP gets a short fixed text, not aiohttp's page quoting
+    the offending bytes."""
 
     __slots__ = ()
+    what = "autoconfig"
+    error_log = log
 
-    def handle_error(
-        self,
-        request: web.BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        if request.writer.output_size > 0:
-            raise ConnectionError("The answer was already started; the connection is broken.")
+    @classmethod
+    def page(cls, status: int) -> web.Response:
         if status >= 500:
-            log.error("autoconfig failed to handle a request", exc_info=exc)
-            response = _text(status, "The autoconfig server hit an internal error.\n")
-        else:
-            log.debug("autoconfig: malformed request refused with %d: %r", status, exc)
-            response = _text(status, "The request is not valid HTTP.\n")
-        response.force_close()
-        return response
+            return _text(status, "The autoconfig server hit an internal error.\n")
+        return _text(status, "The request is not valid HTTP.\n")
 
 
 @web.middleware
@@ -132,7 +115,7 @@ class _Routes:
         xml = render_autoconfig_xml(
             chosen, imap_port=self._imap_port, smtp_port=self._smtp_port, host=LOOPBACK
         )
-        return _Response(
+        return QuietResponse(
             text=xml, content_type="application/xml", charset="utf-8", headers=_HEADERS
         )
 
@@ -197,11 +180,7 @@ async def start_autoconfig(
     assert server is not None
 
     def protocol() -> RequestHandler:
-        # web.Server builds plain RequestHandlers and has no hook for another class; the
-        # subclass adds no state (empty __slots__), so switching the class is safe.
-        handler = server()
-        handler.__class__ = _FixedErrors
-        return handler
+        return _FixedErrors.adopt(server())
 
     try:
         listener = await asyncio.get_running_loop().create_server(

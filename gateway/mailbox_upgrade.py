@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.dovecot import Identity, Layout
+from onionpost.atomicfile import fsync_dir, write_atomic
 from onionpost.errors import MailServerError, UnknownLocalUser
 from onionpost.store.db import Database
 
@@ -144,12 +145,12 @@ def upgrade_sqlite_mailbox(db: Database, layout: Layout, identity: Identity) -> 
                 last_log = time.monotonic()
                 log.info("upgrade: %d of %d messages written", written, len(pending))
         for folder in folders:
-            _fsync_dir(folder.path / "cur")
+            fsync_dir(folder.path / "cur")
         for user in users:
             names = [f for f in folders if f.user == user and f.subscribed]
             _write_subscriptions(layout.maildir(user), names, identity)
-            _fsync_dir(layout.maildir(user))
-        _fsync_dir(layout.mail)
+            fsync_dir(layout.maildir(user))
+        fsync_dir(layout.mail)
     except OSError as exc:
         raise MailServerError(
             f"Moving the mailbox into {layout.mail} stopped: {exc}. Nothing is lost; fix the "
@@ -326,8 +327,8 @@ def _create_folder(folder: _Folder, ident: Identity) -> None:
                 _chown_fd(fd, ident)
             finally:
                 os.close(fd)
-    _fsync_dir(folder.path)
-    _fsync_dir(folder.path.parent)
+    fsync_dir(folder.path)
+    fsync_dir(folder.path.parent)
 
 
 def _map_keywords(db: Database, folder: _Folder, ident: Identity) -> list[str]:
@@ -393,24 +394,8 @@ def _chown_fd(fd: int, ident: Identity) -> None:
 
 
 def _atomic_write(path: Path, data: bytes, ident: Identity) -> None:
-    tmp = path.with_name(f".{path.name}.upgrade")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    try:
-        _chown_fd(fd, ident)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """``path`` replaced atomically by a file of the mail account's."""
+    write_atomic(path, data, prepare=lambda fd: _chown_fd(fd, ident))
 
 
 def _check_space(layout: Layout, needed: int) -> None:

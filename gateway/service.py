@@ -30,6 +30,7 @@ from gateway.dovecot import (
     choose_identity,
     doveadm_add_flags,
     doveadm_search,
+    doveadm_uidnext,
     lmtp_deliver,
 )
 from gateway.lan import describe, dovecot_listen, tls_names
@@ -88,7 +89,9 @@ class DovecotSink:
             raise FilingDeferred(f"Dovecot is {self.server.status}.")
         await lmtp_deliver(self.server.lmtp_socket, user, message, folder=folder, header=header)
 
-    async def holds(self, user: str, folder: str, header: str, value: str) -> bool:
+    async def holds(
+        self, user: str, folder: str, header: str, value: str, *, from_uid: int = 1
+    ) -> bool:
         found = await asyncio.to_thread(
             functools.partial(
                 doveadm_search,
@@ -98,11 +101,14 @@ class DovecotSink:
                 folder=folder,
                 header=header,
                 value=value,
+                from_uid=from_uid,
             )
         )
         return bool(found)
 
-    async def mark_seen(self, user: str, folder: str, header: str, value: str) -> None:
+    async def mark_seen(
+        self, user: str, folder: str, header: str, value: str, *, from_uid: int = 1
+    ) -> None:
         await asyncio.to_thread(
             functools.partial(
                 doveadm_add_flags,
@@ -113,6 +119,18 @@ class DovecotSink:
                 header=header,
                 value=value,
                 flags="\\Seen",
+                from_uid=from_uid,
+            )
+        )
+
+    async def next_uid(self, user: str, folder: str) -> int:
+        return await asyncio.to_thread(
+            functools.partial(
+                doveadm_uidnext,
+                self.server.installation,
+                self.server.layout,
+                user=user,
+                folder=folder,
             )
         )
 
@@ -213,7 +231,12 @@ async def start_gateway(node: GatewayHost) -> Callable[[], Awaitable[None]]:
     ensure_tls(tls_dir)
     context = server_context(tls_dir)
     lan_context, dovecot, imap_port = await _start_dovecot(node.config, tls_dir, node.clock)
-    filer.attach(DovecotSink(dovecot))
+    sink = DovecotSink(dovecot)
+    filer.attach(sink)
+    # Sent's UIDNEXT now, before any client can submit: the floor of the search for the
+    # client's own copy of what it sends from here on (onionpost/filing.py).
+    for user in accounts.users():
+        await filer.observe(sink, user, "Sent")
     missing = sorted(set(accounts.users()) - set(PasswdFile(dovecot.layout).users()))
     if missing:
         log.warning(

@@ -651,10 +651,12 @@ async def _publish_profile(
             "Run the command on one of your devices that does."
         )
     now = _now()
-    if local.inbox_db() is not None:
-        current = _published_here(local, account) or account.profile
+
+    def signed(current: Profile | None) -> tuple[Profile, Profile]:
+        """The new profile made from ``current`` (the newest published), and its card
+        (the same without the avatar, carried in sent mail)."""
         display, media, picture = make(current)
-        profile, card = sign_profile(
+        return sign_profile(
             account,
             display_name=display,
             avatar_type=media,
@@ -662,6 +664,9 @@ async def _publish_profile(
             now=now,
             previous=current,
         )
+
+    if local.inbox_db() is not None:
+        profile, card = signed(_published_here(local, account) or account.profile)
         _publish_direct(local, account, KeyUpdate(profile=profile))
     else:
         async with inbox_dialer(local.config, say=lambda _: None) as dialer:
@@ -676,15 +681,7 @@ async def _publish_profile(
             current = (_own_profile(account, served.encode()) if served else None) or (
                 account.profile
             )
-            display, media, picture = make(current)
-            profile, card = sign_profile(
-                account,
-                display_name=display,
-                avatar_type=media,
-                avatar=picture,
-                now=now,
-                previous=current,
-            )
+            profile, card = signed(current)
             await device_session(account, client).publish(KeyUpdate(profile=profile))
     account.profile, account.profile_card = profile, card
     local.files.save_profile(account)

@@ -55,12 +55,20 @@ def crypto_workers() -> int:
 
 def crypto_pool() -> concurrent.futures.ThreadPoolExecutor:
     """The process's pool for pure crypto work (no sockets, no database, no shared state):
-    it keeps the event loop free while a batch of messages is opened."""
+    it keeps the event loop free while a batch of messages is opened.  A node makes its own,
+    sized by its configuration (:func:`new_crypto_pool`); this one serves the rest."""
     if _Pool.executor is None:
-        _Pool.executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=crypto_workers(), thread_name_prefix="crypto"
-        )
+        _Pool.executor = new_crypto_pool(_Pool.workers)
     return _Pool.executor
+
+
+def new_crypto_pool(workers: int | None) -> concurrent.futures.ThreadPoolExecutor:
+    """A pool of ``workers`` threads for pure crypto work (None or 0: one per CPU); its owner
+    shuts it down.  ``delivery.crypto_workers`` sizes the node's, so the bench can compare 1
+    and 2 workers on two nodes side by side."""
+    return concurrent.futures.ThreadPoolExecutor(
+        max_workers=workers or os.cpu_count() or 1, thread_name_prefix="crypto"
+    )
 
 
 def set_crypto_workers(workers: int | None) -> None:

@@ -9,12 +9,10 @@ platform default (``/var/lib/onionpost`` for root, ``$XDG_DATA_HOME/onionpost`` 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import ipaddress
 import os
 import re
-import tempfile
 import tomllib
 import warnings
 from collections.abc import Mapping
@@ -22,12 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_type_hints
 
+from onionpost.atomicfile import write_atomic
 from onionpost.errors import ConfigError
 
 CONFIG_FILE = "onionpost.toml"
 DAY = 86_400
 HOUR = 3_600
 MiB = 1 << 20
+#: More threads than this only add memory: each opens one envelope at a time.
+MAX_CRYPTO_WORKERS = 64
 
 Role = Literal["both", "inbox", "gateway"]
 TorMode = Literal["launch", "attach", "off"]
@@ -120,6 +121,8 @@ class DeliveryConfig:
     bundle_refresh_seconds: int = 6 * HOUR
     prekey_grace_seconds: int = 14 * DAY
     concurrency: int = 8
+    #: Threads that open fetched envelopes (libsodium releases the GIL); 0: one per CPU.
+    crypto_workers: int = 0
 
 
 @dataclass(frozen=True)
@@ -267,18 +270,7 @@ def set_setting(data_dir: Path, section: str, key: str, value: bool | int | str)
         raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
     try:
         data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=data_dir, prefix=f".{CONFIG_FILE}.")
-        try:
-            os.fchmod(fd, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(new_text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        write_atomic(path, new_text.encode())
     except OSError as exc:
         raise ConfigError(f"Cannot write {path}: {exc}") from exc
     return path
@@ -335,6 +327,10 @@ def from_mapping(data_dir: Path, raw: Mapping[str, Any]) -> Config:
         )
     if cfg.delivery.retry_min_seconds > cfg.delivery.retry_max_seconds:
         raise ConfigError("delivery.retry_min_seconds must not exceed delivery.retry_max_seconds.")
+    if not 0 <= cfg.delivery.crypto_workers <= MAX_CRYPTO_WORKERS:
+        raise ConfigError(
+            f"delivery.crypto_workers must be between 0 (one per CPU) and {MAX_CRYPTO_WORKERS}."
+        )
     if cfg.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise ConfigError("log_level must be one of DEBUG, INFO, WARNING, ERROR.")
     return cfg

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import Executor
 
 from onionpost.account import Account
 from onionpost.address import Address
@@ -63,6 +64,7 @@ class Device:
         dialer: Dialer,
         clock: Clock,
         rng: RandomSource = system_random,
+        crypto_pool: Executor | None = None,
     ) -> None:
         self.account = account
         self.config = config
@@ -97,6 +99,7 @@ class Device:
             contacts=contacts,
             now=clock.now,
             max_bytes=config.inbox.max_envelope_bytes + (1 << 20),
+            pool=crypto_pool,
         )
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()

@@ -20,6 +20,7 @@ after sending, and then there is exactly one copy, the client's, byte for byte.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import hashlib
 import logging
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 
 #: The header that names a filing in the mailbox (recovery after a crash looks for it).
 FILING_HEADER = "X-Onionpost-Filing"
+#: UIDNEXT readings kept per folder (at most one a second): an hour of steady filing.
+FLOORS_KEPT = 4096
 
 
 def filing_key(kind: bytes, *parts: bytes) -> bytes:
@@ -55,11 +58,22 @@ class MailSink(Protocol):
         """File ``header`` + the file's bytes; return only once durably stored (LMTP 250).
         :class:`FilingDeferred` if it may work later, :class:`FilingRefused` if never."""
 
-    async def holds(self, user: str, folder: str, header: str, value: str) -> bool:
-        """Whether ``folder`` holds a message whose ``header`` is ``value``."""
+    async def holds(
+        self, user: str, folder: str, header: str, value: str, *, from_uid: int = 1
+    ) -> bool:
+        """Whether ``folder`` holds a message whose ``header`` is ``value``, among those
+        with a UID of ``from_uid`` or more (a header search costs a look at every message
+        it covers: in a folder of 100,000, seconds)."""
 
-    async def mark_seen(self, user: str, folder: str, header: str, value: str) -> None:
-        """Add \\Seen to the messages in ``folder`` whose ``header`` is ``value``."""
+    async def mark_seen(
+        self, user: str, folder: str, header: str, value: str, *, from_uid: int = 1
+    ) -> None:
+        """Add \\Seen to the messages in ``folder`` (UID ``from_uid`` or more) whose
+        ``header`` is ``value``."""
+
+    async def next_uid(self, user: str, folder: str) -> int:
+        """The folder's UIDNEXT: every message saved from now on gets this UID or a higher
+        one (UIDs only grow), so a search for it may skip the messages below."""
 
 
 class Filer:
@@ -77,6 +91,8 @@ class Filer:
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        #: (user, folder) -> UIDNEXT seen at each second (ascending): the floors of searches.
+        self._uidnext: dict[tuple[str, str], list[tuple[int, int]]] = {}
 
     # -- wiring ----------------------------------------------------------------------------
 
@@ -187,9 +203,12 @@ class Filer:
             handed_now = set(plain)
             finished: list[Filing] = []
             left: set[int] = set()
+            floors: dict[tuple[str, str], int] = {}  # UIDNEXT before this batch's first copy
             try:
                 for row in current:
-                    if await self._file_one(sink, row, handed_now=row.id in handed_now):
+                    if await self._file_one(
+                        sink, row, handed_now=row.id in handed_now, floors=floors
+                    ):
                         finished.append(row)
                     else:
                         left.add(row.id)
@@ -201,21 +220,39 @@ class Filer:
                 log.info("filed %s into %s's %s", row.key.hex(), row.user, row.folder)
             return left
 
-    async def _file_one(self, sink: MailSink, row: Filing, *, handed_now: bool) -> bool:
+    async def _file_one(
+        self,
+        sink: MailSink,
+        row: Filing,
+        *,
+        handed_now: bool,
+        floors: dict[tuple[str, str], int],
+    ) -> bool:
         """Put one row in the mailbox; True when it is done (filed, or its spool file is
-        gone), False when deferred.  The caller removes the done rows from the queue."""
+        gone), False when deferred.  The caller removes the done rows from the queue.
+
+        Searches of the folder start at a UID floor where one is known (see
+        :meth:`_floor_before`), so their cost does not grow with the folder: a message
+        saved after the row was created has a UID at least the folder's UIDNEXT seen before
+        that.  The client's own Sent copy and a filing left *handed* by a crash were both
+        saved after the row was created; the copy just filed, after the UIDNEXT read right
+        before the batch's first copy into that folder was handed to the mailbox (``floors``:
+        one reading per folder and batch, not one per message).
+        """
         value = row.key.hex()
+        since_row = self._floor_before(row.user, row.folder, row.created_at)
         try:
+            filed_from = 1  # a row filed before a crash: where it landed is not known
             if row.state == FILED:
                 pass  # in the mailbox; only the flag is missing
             elif (
                 not handed_now
                 and row.state == HANDED
-                and await sink.holds(row.user, row.folder, FILING_HEADER, value)
+                and await sink.holds(row.user, row.folder, FILING_HEADER, value, from_uid=since_row)
             ):
                 log.info("filing %s was already in %s (a crash came between)", value, row.folder)
             elif row.unless_message_id and await sink.holds(
-                row.user, row.folder, "Message-ID", row.unless_message_id
+                row.user, row.folder, "Message-ID", row.unless_message_id, from_uid=since_row
             ):
                 log.info("the client saved its own copy in %s; none filed", row.folder)
                 return True
@@ -228,10 +265,17 @@ class Filer:
                 if body is not None:
                     path = await asyncio.to_thread(self.store.write_scratch, row.key, body)
                     del body
+                if row.mark_seen:
+                    where = (row.user, row.folder)
+                    if where not in floors:
+                        floors[where] = await self.observe(sink, row.user, row.folder)
+                    filed_from = floors[where]
                 await sink.deliver(row.user, row.folder, path, header=header)
             if row.mark_seen:
                 self.store.set_state(row.id, FILED)
-                await sink.mark_seen(row.user, row.folder, FILING_HEADER, value)
+                await sink.mark_seen(
+                    row.user, row.folder, FILING_HEADER, value, from_uid=filed_from
+                )
         except FilingRefused as exc:
             # Trying again won't help; keeping it would block nothing but hides the mail.
             # Leave it queued with a long wait so `onionpost doctor` and the log show it.
@@ -245,6 +289,33 @@ class Filer:
         except FileNotFoundError:
             log.error("filing %s lost its spool file; dropped", value)
         return True
+
+    async def observe(self, sink: MailSink, user: str, folder: str) -> int:
+        """The folder's UIDNEXT now (1 if the mailbox cannot say), remembered with the
+        second it was read *after*, as a floor for rows created later.  The gateway reads
+        each user's Sent at start, before its SMTP server takes a message."""
+        try:
+            uid = await sink.next_uid(user, folder)
+        except OnionpostError as exc:
+            log.debug("no UIDNEXT for %s's %s: %s", user, folder, exc)
+            return 1
+        seen = self._uidnext.setdefault((user, folder), [])
+        at = self._now()
+        if seen and seen[-1][0] >= at:
+            seen[-1] = (seen[-1][0], min(seen[-1][1], uid))
+        else:
+            seen.append((at, uid))
+            if len(seen) > FLOORS_KEPT:
+                del seen[: len(seen) - FLOORS_KEPT]
+        return uid
+
+    def _floor_before(self, user: str, folder: str, created_at: int) -> int:
+        """The newest UIDNEXT of the folder read in a second *before* ``created_at`` (so
+        before the row existed, and before anything saved after it); 1 if none is known
+        (after a restart, or a row older than what is kept): a search of the whole folder."""
+        seen = self._uidnext.get((user, folder), [])
+        i = bisect.bisect_left(seen, (created_at, 0))
+        return seen[i - 1][1] if i else 1
 
     def _defer(self, row: Filing, error: str, wait: int | None) -> None:
         if wait is None:  # row.attempts failed before this one

@@ -8,7 +8,6 @@ here logs key material.
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import shutil
 import stat
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from onionpost.account import Account
+from onionpost.atomicfile import write_atomic
 from onionpost.crypto.encoding import Reader, Writer
 from onionpost.crypto.keys import (
     DeviceList,
@@ -59,24 +59,9 @@ def ensure_private_dir(path: Path) -> Path:
 def write_private(path: Path, data: bytes) -> None:
     """Atomically replace ``path`` with ``data``, mode 0600, durable on return."""
     ensure_private_dir(path.parent)
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        tmp.chmod(0o600)
-        tmp.replace(path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_atomic(path, data)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         raise DataDirError(f"Cannot write {path}: {exc.strerror}.") from exc
 
 

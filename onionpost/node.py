@@ -18,12 +18,13 @@ import random
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
 from onionpost.address import Address
-from onionpost.aio import cancel_and_wait
+from onionpost.aio import cancel_and_wait, new_crypto_pool
 from onionpost.api.server import InboxServer
 from onionpost.api.transport import Dialer, DirectDialer
 from onionpost.clock import Clock, SystemClock
@@ -120,6 +121,8 @@ class Node:
         self.tor: TorRuntime | None = None
         self.devices: dict[str, Device] = {}
         self.filer: Filer | None = None
+        #: Opens the devices' fetched envelopes, sized by delivery.crypto_workers.
+        self.crypto_pool: ThreadPoolExecutor | None = None
         #: One line about the mailbox server for `onionpost status` (set by the gateway).
         self.mail_server_status: Callable[[], dict[str, Any]] | None = None
         self.submissions: Submissions | None = None
@@ -390,6 +393,8 @@ class Node:
 
     async def _start_device(self, files: AccountFiles, local: str) -> None:
         assert self.filer is not None and self.device_db is not None
+        if self.crypto_pool is None:
+            self.crypto_pool = new_crypto_pool(self.config.delivery.crypto_workers)
         device = Device(
             files.load(local),
             config=self.config,
@@ -399,6 +404,7 @@ class Node:
             dialer=self.dialer,
             clock=self.clock,
             rng=self.rng,
+            crypto_pool=self.crypto_pool,
         )
         self.devices[local] = device
         with contextlib.suppress(OnionpostError):
@@ -445,6 +451,9 @@ class Node:
             await device.stop()
         if self.filer is not None:
             await self.filer.stop()
+        if self.crypto_pool is not None:  # the devices' sync has stopped: nothing is queued
+            self.crypto_pool.shutdown(wait=False, cancel_futures=True)
+            self.crypto_pool = None
         for task in self._tasks:
             await cancel_and_wait(task)
         self._tasks.clear()

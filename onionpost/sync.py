@@ -21,6 +21,7 @@ import logging
 import re
 import tempfile
 from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from email.header import Header, decode_header, make_header
 from email.utils import formataddr, formatdate, getaddresses, parseaddr
@@ -141,13 +142,17 @@ class Receiver:
         contacts: ContactStore,
         now: Callable[[], int],
         max_bytes: int,
+        pool: Executor | None = None,
     ) -> None:
+        """``pool`` opens the fetched envelopes (the node's crypto pool); None: the
+        process's shared one (:func:`onionpost.aio.crypto_pool`)."""
         self.account = account
         self.session = session
         self.filer = filer
         self.contacts = contacts
         self._now = now
         self.max_bytes = max_bytes
+        self._pool = pool
         self.user = account.local
         self._cursor = 0
 
@@ -199,9 +204,10 @@ class Receiver:
             now = self._now()
             prekeys, uik = self.account.prekey_secrets(), self.account.uik_pk
             loop = asyncio.get_running_loop()
+            pool = self._pool or crypto_pool()
             decrypted = await asyncio.gather(
                 *(
-                    loop.run_in_executor(crypto_pool(), _decrypt, spooled, prekeys, uik, now)
+                    loop.run_in_executor(pool, _decrypt, spooled, prekeys, uik, now)
                     for _, spooled in fetched
                 ),
                 return_exceptions=True,

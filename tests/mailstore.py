@@ -36,20 +36,28 @@ class MemorySink:
         data = header + message.read_bytes()
         self.boxes.setdefault((user, folder), []).append((data, set()))
 
-    async def holds(self, user: str, folder: str, header: str, value: str) -> bool:
-        return bool(self._matching(user, folder, header, value))
+    async def holds(
+        self, user: str, folder: str, header: str, value: str, *, from_uid: int = 1
+    ) -> bool:
+        return bool(self._matching(user, folder, header, value, from_uid))
 
-    async def mark_seen(self, user: str, folder: str, header: str, value: str) -> None:
-        for _, flags in self._matching(user, folder, header, value):
+    async def mark_seen(
+        self, user: str, folder: str, header: str, value: str, *, from_uid: int = 1
+    ) -> None:
+        for _, flags in self._matching(user, folder, header, value, from_uid):
             flags.add("\\Seen")
 
+    async def next_uid(self, user: str, folder: str) -> int:
+        """UIDs here are positions from 1 (nothing is ever expunged)."""
+        return len(self.boxes.get((user, folder), [])) + 1
+
     def _matching(
-        self, user: str, folder: str, header: str, value: str
+        self, user: str, folder: str, header: str, value: str, from_uid: int = 1
     ) -> list[tuple[bytes, set[str]]]:
         needle = f"{header}: {value}".lower().encode()
         return [
             (d, f)
-            for d, f in self.boxes.get((user, folder), [])
+            for d, f in self.boxes.get((user, folder), [])[from_uid - 1 :]
             if needle in d.split(b"\r\n\r\n", 1)[0].lower()
         ]
 

@@ -49,7 +49,7 @@ import json
 import logging
 import tempfile
 from collections.abc import Awaitable, Callable
-from typing import IO, Any
+from typing import IO, Any, ClassVar
 
 from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -96,7 +96,7 @@ KEYS_LIMIT = 1 << 20
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-class _Response(web.Response):
+class QuietResponse(web.Response):
     """A response without a ``Server`` header.
 
     aiohttp names itself and the Python version in every answer; behind an onion address that
@@ -111,7 +111,7 @@ class _Response(web.Response):
 
 
 class _StreamResponse(web.StreamResponse):
-    """A streamed response without a ``Server`` header (see :class:`_Response`)."""
+    """A streamed response without a ``Server`` header (see :class:`QuietResponse`)."""
 
     async def _prepare_headers(self) -> None:
         await super()._prepare_headers()
@@ -119,7 +119,9 @@ class _StreamResponse(web.StreamResponse):
 
 
 def _json(status: int, body: dict[str, Any]) -> web.Response:
-    return _Response(status=status, body=json.dumps(body).encode(), content_type="application/json")
+    return QuietResponse(
+        status=status, body=json.dumps(body).encode(), content_type="application/json"
+    )
 
 
 def _error(exc: OnionpostError) -> web.Response:
@@ -127,17 +129,35 @@ def _error(exc: OnionpostError) -> web.Response:
     return _json(status, body)
 
 
-class _ApiRequestHandler(RequestHandler):
+class FixedErrorPages(RequestHandler):
     """aiohttp's per-connection protocol, answering requests that never reach a route.
 
     For a request that is not valid HTTP (bad syntax, oversized line or header) aiohttp's own
     answer is a text page quoting the offending bytes: a 64 KiB garbage request got a 188 KB
-    reply echoing it.  Here the answer is a short fixed JSON body, and the failure is logged
-    at DEBUG only (a hostile peer could otherwise fill the log); a failure of the node itself
-    (5xx) is still logged as an error.
+    reply echoing it.  Here the answer is a short fixed page (:meth:`page`), and the failure
+    is logged at DEBUG only (a hostile peer could otherwise fill the log); a failure of the
+    server itself (5xx) is still logged as an error.  The node API and the autoconfig server
+    (``gateway/autoconfig.py``) each subclass it with their own page.
     """
 
     __slots__ = ()
+
+    #: Who failed, in the log's words.
+    what: ClassVar[str]
+    error_log: ClassVar[logging.Logger]
+
+    @classmethod
+    def page(cls, status: int) -> web.Response:
+        """The fixed answer for ``status`` (5xx: our failure; else: a malformed request)."""
+        raise NotImplementedError
+
+    @classmethod
+    def adopt(cls, handler: RequestHandler) -> RequestHandler:
+        """``handler`` (from ``web.Server()``) answering errors with this class's pages."""
+        # web.Server builds plain RequestHandlers and has no hook for another class; the
+        # subclass adds no state (empty __slots__), so switching the class is safe.
+        handler.__class__ = cls
+        return handler
 
     def handle_error(
         self,
@@ -148,16 +168,32 @@ class _ApiRequestHandler(RequestHandler):
     ) -> web.StreamResponse:
         if request.writer.output_size > 0:
             raise ConnectionError("The answer was already started; the connection is broken.")
-        error: OnionpostError
         if status >= 500:
-            log.error("the node API failed to handle a request", exc_info=exc)
-            error = TemporaryDeliveryError("The inbox hit an internal error.", code="4.3.0")
+            self.error_log.error("%s failed to handle a request", self.what, exc_info=exc)
         else:
-            log.debug("malformed request refused with %d: %r", status, exc)
-            error = BadRequest("The request is not valid HTTP.")
-        response = _json(status, refusal(error)[1])
+            self.error_log.debug(
+                "%s: malformed request refused with %d: %r", self.what, status, exc
+            )
+        response = self.page(status)
         response.force_close()
         return response
+
+
+class _ApiRequestHandler(FixedErrorPages):
+    """The node API's pages: the short JSON refusal every other answer has."""
+
+    __slots__ = ()
+    what = "the node API"
+    error_log = log
+
+    @classmethod
+    def page(cls, status: int) -> web.Response:
+        error: OnionpostError
+        if status >= 500:
+            error = TemporaryDeliveryError("The inbox hit an internal error.", code="4.3.0")
+        else:
+            error = BadRequest("The request is not valid HTTP.")
+        return _json(status, refusal(error)[1])
 
 
 class _ConnectionGuard:
@@ -179,11 +215,7 @@ class _ConnectionGuard:
         return len(self._timers)
 
     def factory(self) -> asyncio.Protocol:
-        inner = self._server()
-        # web.Server builds plain RequestHandlers and has no hook for another class; the
-        # subclass adds no state (empty __slots__), so switching the class is safe.
-        inner.__class__ = _ApiRequestHandler
-        return _GuardedProtocol(inner, self)
+        return _GuardedProtocol(_ApiRequestHandler.adopt(self._server()), self)
 
     def opened(self, transport: asyncio.BaseTransport) -> bool:
         """Register a new connection; False (after answering 503) when over the cap."""
@@ -463,7 +495,7 @@ class InboxServer:
 
     async def bundle(self, request: web.Request) -> web.Response:
         data = self.inbox.bundle(request.match_info["local"], self._now())
-        return _Response(body=data, content_type="application/octet-stream")
+        return QuietResponse(body=data, content_type="application/octet-stream")
 
     async def deliver(self, request: web.Request) -> web.Response:
         limit = self.config.max_envelope_bytes + (1 << 20)

@@ -420,47 +420,32 @@ class ContactStore:
                     f"`onionpost contacts reject-key {address}`."
                 )
             pin = chosen.new_pin or pin_encode(Pin(chosen.new_uik, 0, bytes(32), {}))
-            if contact is None:
-                c.execute(
-                    "INSERT INTO contacts (user, address, uik_pk, pin, device_list, bundle,"
-                    " bundle_fetched_at, first_seen, last_seen) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        self.user,
-                        address,
-                        chosen.new_uik,
-                        pin,
-                        chosen.new_device_list,
-                        chosen.new_bundle,
-                        now if chosen.new_bundle else None,
-                        now,
-                        now,
-                    ),
-                )
-            else:
-                c.execute(
-                    "UPDATE contacts SET uik_pk = ?, pin = ?, device_list = ?, bundle = ?,"
-                    " bundle_fetched_at = ?, verified = 0, token_to_them = NULL, last_seen = ?"
-                    " WHERE user = ? AND address = ?",
-                    (
-                        chosen.new_uik,
-                        pin,
-                        chosen.new_device_list,
-                        chosen.new_bundle,
-                        now if chosen.new_bundle else None,
-                        now,
-                        self.user,
-                        address,
-                    ),
-                )
+            # A new contact row, or the new key over the old one (what was verified and the
+            # token the old key granted go with it; first_seen, blocked and our token stay).
+            c.execute(
+                "INSERT INTO contacts (user, address, uik_pk, pin, device_list, bundle,"
+                " bundle_fetched_at, first_seen, last_seen) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (user, address) DO UPDATE SET uik_pk = excluded.uik_pk,"
+                " pin = excluded.pin, device_list = excluded.device_list,"
+                " bundle = excluded.bundle, bundle_fetched_at = excluded.bundle_fetched_at,"
+                " verified = 0, token_to_them = NULL, last_seen = excluded.last_seen",
+                (
+                    self.user,
+                    address,
+                    chosen.new_uik,
+                    pin,
+                    chosen.new_device_list,
+                    chosen.new_bundle,
+                    now if chosen.new_bundle else None,
+                    now,
+                    now,
+                ),
+            )
             c.execute(
                 "UPDATE identity_changes SET resolved_at = ?, outcome = 'accepted' WHERE id = ?",
                 (now, chosen.id),
             )
-            c.execute(
-                "UPDATE identity_changes SET resolved_at = ?, outcome = 'rejected'"
-                " WHERE user = ? AND address = ? AND resolved_at IS NULL",
-                (now, self.user, address),
-            )
+            self._reject_pending(c, address, now)
             return chosen
 
     def reject_key(self, address: str, now: int) -> list[IdentityChange]:
@@ -475,9 +460,13 @@ class ContactStore:
             ).fetchall()
             if not rows:
                 raise UsageError(f"{address} has no identity key change waiting to be rejected.")
-            c.execute(
-                "UPDATE identity_changes SET resolved_at = ?, outcome = 'rejected'"
-                " WHERE user = ? AND address = ? AND resolved_at IS NULL",
-                (now, self.user, address),
-            )
+            self._reject_pending(c, address, now)
             return [_change(r) for r in rows]
+
+    def _reject_pending(self, c: sqlite3.Connection, address: str, now: int) -> None:
+        """Resolve every still-pending change of ``address`` as rejected (inside ``c``)."""
+        c.execute(
+            "UPDATE identity_changes SET resolved_at = ?, outcome = 'rejected'"
+            " WHERE user = ? AND address = ? AND resolved_at IS NULL",
+            (now, self.user, address),
+        )

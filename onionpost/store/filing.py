@@ -19,12 +19,12 @@ the rows it produced.
 from __future__ import annotations
 
 import contextlib
-import os
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from onionpost.atomicfile import write_all, write_atomic
 from onionpost.crypto.envelope import Readable
 from onionpost.errors import StoreError
 from onionpost.store.db import Database
@@ -53,6 +53,7 @@ class Filing:
     attempts: int
     next_try_at: int
     last_error: str
+    created_at: int = 0
 
 
 def _filing(r: sqlite3.Row) -> Filing:
@@ -69,6 +70,7 @@ def _filing(r: sqlite3.Row) -> Filing:
         attempts=int(r["attempts"]),
         next_try_at=int(r["next_try_at"]),
         last_error=str(r["last_error"]),
+        created_at=int(r["created_at"]),
     )
 
 
@@ -88,27 +90,18 @@ class FilingStore:
         :data:`COPY_CHUNK`: a 50 MiB message is not read into memory here."""
         try:
             self.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            final = self.path(key)
-            tmp = final.with_suffix(".tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                _write_all(fd, prefix)
+
+            def fill(fd: int) -> None:
+                write_all(fd, prefix)
                 if isinstance(message, bytes):
-                    _write_all(fd, message)
+                    write_all(fd, message)
                 elif isinstance(message, Path):
                     with message.open("rb") as source:
                         _copy(fd, source)
                 else:
                     _copy(fd, message)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, final)
-            dir_fd = os.open(self.spool_dir, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+
+            write_atomic(self.path(key), fill)
         except OSError as exc:
             raise StoreError(f"Cannot write mail to {self.spool_dir}: {exc}") from exc
 
@@ -200,13 +193,7 @@ class FilingStore:
         final = self.path(key)
         try:
             self.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            tmp = final.with_suffix(".tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                _write_all(fd, data)
-            finally:
-                os.close(fd)
-            os.replace(tmp, final)
+            write_atomic(final, data, durable=False)
         except OSError as exc:
             raise StoreError(f"Cannot write mail to {self.spool_dir}: {exc}") from exc
         return final
@@ -330,12 +317,6 @@ class FilingStore:
             ).rowcount
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
 def _copy(fd: int, source: Readable) -> None:
     while piece := source.read(COPY_CHUNK):
-        _write_all(fd, piece)
+        write_all(fd, piece)

@@ -13,13 +13,19 @@ each inbox's onion label to its loopback port.
 from __future__ import annotations
 
 import random
+import time
+from email import message_from_bytes
+from email.message import EmailMessage
+from email.policy import default
 from pathlib import Path
+from types import TracebackType
+from typing import Self
 
 from onionpost.account import Account, add_device, create_identity
 from onionpost.address import Address
 from onionpost.api.server import InboxServer
 from onionpost.api.transport import DirectDialer
-from onionpost.clock import Clock
+from onionpost.clock import Clock, FakeClock
 from onionpost.config import Config, from_mapping
 from onionpost.crypto.keys import ServerSecrets
 from onionpost.delivery import OutboxWorker
@@ -172,6 +178,7 @@ class DeviceNode:
             max_message_bytes=self.config.gateway.max_message_bytes,
             on_queued=lambda: self.scheduler.wake("seal"),
         )
+        self.closed = False
         self.scheduler = Scheduler(clock)
         sealing_jobs(self.scheduler, self.submissions, {account.local: self.device})
 
@@ -204,6 +211,93 @@ class DeviceNode:
         return await self.filer.run_due()
 
     async def close(self) -> None:
+        if self.closed:  # a test that restarted or replaced this device closed it already
+            return
+        self.closed = True
         await self.scheduler.stop()
         await self.device.stop()
         self.db.close()
+
+
+def compose(sender: DeviceNode, to: DeviceNode, subject: str, *, unique: bool = False) -> bytes:
+    """A plain message from ``sender`` to ``to``, its Message-ID made from the subject (and,
+    ``unique``, a counter: for a test that sends one subject twice)."""
+    msg = EmailMessage()
+    msg["From"] = str(sender.address)
+    msg["To"] = str(to.address)
+    msg["Subject"] = subject
+    stamp = f".{time.monotonic_ns()}" if unique else ""
+    msg["Message-ID"] = f"<{subject.replace(' ', '.')}{stamp}@test>"
+    msg.set_content(f"body of {subject}")
+    return msg.as_bytes()
+
+
+def subjects(d: DeviceNode, folder: str = "INBOX") -> list[str]:
+    """The subjects of what ``d``'s mailbox holds in ``folder``, oldest first."""
+    return [str(message_from_bytes(m, policy=default)["Subject"]) for m in d.filed(folder)]
+
+
+class Loopback:
+    """Inboxes and the devices of the people on them, sharing one fake clock and one dialer.
+
+    The set-up and tear-down every end-to-end test wrote again for itself: a test's world
+    subclasses this, adds its inboxes and people in ``__init__``, and its fixture is
+    ``async with World(tmp_path) as w: yield w``.  The inboxes run without their outbox
+    workers (tests call ``worker.run_due`` when they want delivery); leaving the block closes
+    every device and stops and closes every inbox, restarted ones included.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.clock = FakeClock(int(time.time()))
+        self.dialer = DirectDialer()
+        self.inbox_nodes: list[InboxNode] = []
+        self.devices: list[DeviceNode] = []
+        self._homes: dict[str, InboxNode] = {}  # user -> the inbox that holds their mailbox
+
+    def add_inbox(self, name: str) -> InboxNode:
+        node = InboxNode(self.root, name, self.clock, self.dialer)
+        self.inbox_nodes.append(node)
+        return node
+
+    def add_person(self, inbox: InboxNode, local: str, *, dirname: str = "") -> DeviceNode:
+        """A new mailbox ``local`` on ``inbox`` and the device that holds it (in ``dirname``,
+        by default named after the user)."""
+        d = DeviceNode(self.root, dirname or local, inbox.provision(local), self.clock, self.dialer)
+        self.devices.append(d)
+        self._homes[local] = inbox
+        return d
+
+    def inbox_of(self, d: DeviceNode) -> InboxNode:
+        return self._homes[d.user]
+
+    def reopen_inbox(self, old: InboxNode) -> InboxNode:
+        """``old`` (stopped and closed) built again from its files, as a restart would."""
+        node = InboxNode(self.root, old.name, self.clock, self.dialer)
+        self.inbox_nodes[self.inbox_nodes.index(old)] = node
+        self._homes = {u: node if i is old else i for u, i in self._homes.items()}
+        return node
+
+    def reopen_person(self, old: DeviceNode) -> DeviceNode:
+        """``old`` (closed) built again from its files, as a restart would."""
+        d = DeviceNode(self.root, old.dir.name, None, self.clock, self.dialer)
+        self.devices.append(d)
+        return d
+
+    async def __aenter__(self) -> Self:
+        for node in self.inbox_nodes:
+            await node.start(worker=False)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        for d in self.devices:
+            await d.close()
+        for node in self.inbox_nodes:
+            await node.stop()
+        for node in self.inbox_nodes:
+            node.close()

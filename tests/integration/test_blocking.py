@@ -6,47 +6,23 @@ sees: the blocked sender a permanent, vague bounce; the person nothing at all.
 
 from __future__ import annotations
 
-import time
-from email import message_from_bytes
-from email.message import EmailMessage
-from email.policy import default
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from onionpost.api.transport import DirectDialer
-from onionpost.clock import FakeClock
 from onionpost.inbox import CONTACTS_ONLY, TOKEN_REFUSED
 
-from .harness import DeviceNode, InboxNode
+from .harness import DeviceNode, Loopback, compose, subjects
 
 
-def compose(sender: DeviceNode, to: DeviceNode, subject: str) -> bytes:
-    msg = EmailMessage()
-    msg["From"] = str(sender.address)
-    msg["To"] = str(to.address)
-    msg["Subject"] = subject
-    msg["Message-ID"] = f"<{subject.replace(' ', '.')}@test>"
-    msg.set_content(f"body of {subject}")
-    return msg.as_bytes()
-
-
-def subjects(d: DeviceNode, folder: str = "INBOX") -> list[str]:
-    return [str(message_from_bytes(m, policy=default)["Subject"]) for m in d.filed(folder)]
-
-
-class World:
+class World(Loopback):
     def __init__(self, root: Path) -> None:
-        self.root = root
-        self.clock = FakeClock(int(time.time()))
-        self.dialer = DirectDialer()
-        self.a = InboxNode(root, "inbox-a", self.clock, self.dialer)
-        self.b = InboxNode(root, "inbox-b", self.clock, self.dialer)
-        self.alice = DeviceNode(root, "alice", self.a.provision("alice"), self.clock, self.dialer)
-        self.dave = DeviceNode(root, "dave", self.b.provision("dave"), self.clock, self.dialer)
-
-    def inbox_of(self, d: DeviceNode) -> InboxNode:
-        return self.a if d is self.alice else self.b
+        super().__init__(root)
+        self.a = self.add_inbox("inbox-a")
+        self.b = self.add_inbox("inbox-b")
+        self.alice = self.add_person(self.a, "alice")
+        self.dave = self.add_person(self.b, "dave")
 
     async def hand_over(self, sender: DeviceNode, to: DeviceNode, subject: str) -> None:
         """Seal and hand to the sender's inbox; not delivered yet."""
@@ -68,19 +44,9 @@ class World:
 
 
 @pytest.fixture
-async def world(tmp_path: Path):
-    w = World(tmp_path)
-    await w.a.start(worker=False)
-    await w.b.start(worker=False)
-    try:
+async def world(tmp_path: Path) -> AsyncIterator[World]:
+    async with World(tmp_path) as w:
         yield w
-    finally:
-        await w.alice.close()
-        await w.dave.close()
-        await w.a.stop()
-        await w.b.stop()
-        w.a.close()
-        w.b.close()
 
 
 async def _acquainted(w: World) -> None:
@@ -174,7 +140,7 @@ async def test_the_policy_survives_a_restart(world: World) -> None:
     await w.alice.device.session.set_policy(accepts_strangers=False)
     await w.a.stop()
     w.a.close()
-    w.a = InboxNode(w.root, "inbox-a", w.clock, w.dialer)
+    w.a = w.reopen_inbox(w.a)
     await w.a.start(worker=False)
     mb = w.a.inbox.store.mailbox(w.alice.device.account.mailbox_id)
     assert mb is not None and mb.accepts_strangers is False

@@ -11,15 +11,13 @@ that cannot be filed now stays queued without holding back the rest, and a filin
 
 from __future__ import annotations
 
-import time
+from collections.abc import AsyncIterator
 from email import message_from_bytes
-from email.message import EmailMessage
 from email.policy import default
 from pathlib import Path
 
 import pytest
 
-from onionpost.api.transport import DirectDialer
 from onionpost.clock import FakeClock
 from onionpost.errors import FilingDeferred
 from onionpost.filing import FILING_HEADER, Filer
@@ -29,21 +27,12 @@ from onionpost.store.filing import HANDED, FilingStore
 from onionpost.sync import BATCH_MESSAGES, _batches
 from tests.mailstore import MemorySink
 
-from .harness import DeviceNode, InboxNode
-
-
-def compose(sender: DeviceNode, to: DeviceNode, subject: str) -> bytes:
-    msg = EmailMessage()
-    msg["From"] = str(sender.address)
-    msg["To"] = str(to.address)
-    msg["Subject"] = subject
-    msg["Message-ID"] = f"<{subject.replace(' ', '.')}@test>"
-    msg.set_content(f"body of {subject}")
-    return msg.as_bytes()
+from .harness import DeviceNode, Loopback, compose
+from .harness import subjects as filed_subjects
 
 
 def subjects(d: DeviceNode, folder: str = "INBOX") -> list[str]:
-    return sorted(str(message_from_bytes(m, policy=default)["Subject"]) for m in d.filed(folder))
+    return sorted(filed_subjects(d, folder))
 
 
 class Commits:
@@ -63,14 +52,13 @@ class Commits:
         return self.count
 
 
-class World:
+class World(Loopback):
     def __init__(self, root: Path) -> None:
-        self.clock = FakeClock(int(time.time()))
-        self.dialer = DirectDialer()
-        self.a = InboxNode(root, "inbox-a", self.clock, self.dialer)
-        self.b = InboxNode(root, "inbox-b", self.clock, self.dialer)
-        self.alice = DeviceNode(root, "alice", self.a.provision("alice"), self.clock, self.dialer)
-        self.bob = DeviceNode(root, "bob", self.b.provision("bob"), self.clock, self.dialer)
+        super().__init__(root)
+        self.a = self.add_inbox("inbox-a")
+        self.b = self.add_inbox("inbox-b")
+        self.alice = self.add_person(self.a, "alice")
+        self.bob = self.add_person(self.b, "bob")
 
     async def hand_over(self, n: int, prefix: str = "mail") -> None:
         for i in range(n):
@@ -83,19 +71,9 @@ class World:
 
 
 @pytest.fixture
-async def world(tmp_path: Path):
-    w = World(tmp_path)
-    await w.a.start(worker=False)
-    await w.b.start(worker=False)
-    try:
+async def world(tmp_path: Path) -> AsyncIterator[World]:
+    async with World(tmp_path) as w:
         yield w
-    finally:
-        await w.alice.close()
-        await w.bob.close()
-        await w.a.stop()
-        await w.b.stop()
-        w.a.close()
-        w.b.close()
 
 
 def pending_at_b(w: World) -> int:

@@ -540,3 +540,32 @@ def test_the_cli_keeps_dovecots_logins_in_step(tmp_path: Path) -> None:
     assert passwd.users() == ["alice", "bob"]
     run("users", "remove", "bob", "--yes")
     assert passwd.users() == ["alice"]
+
+
+async def test_the_filers_searches_from_a_uid_floor(server: DovecotServer) -> None:
+    """A search from UIDNEXT read before a message was filed finds it (and only what came
+    after); the \\Seen flag set from that floor lands on it alone (onionpost/filing.py)."""
+    from gateway.service import DovecotSink
+
+    sink = DovecotSink(server)
+    for i in range(3):
+        await lmtp_deliver(
+            server.lmtp_socket, USER, message(f"old{i}"), folder="Sent", header=b"X-K: same\r\n"
+        )
+    floor = await sink.next_uid(USER, "Sent")
+    assert floor == 4
+    await lmtp_deliver(
+        server.lmtp_socket, USER, message("new"), folder="Sent", header=b"X-K: same\r\n"
+    )
+    assert await sink.holds(USER, "Sent", "Message-ID", "<new@x>", from_uid=floor)
+    assert not await sink.holds(USER, "Sent", "Message-ID", "<old1@x>", from_uid=floor)
+    assert await sink.holds(USER, "Sent", "Message-ID", "<old1@x>")  # the whole folder
+    await sink.mark_seen(USER, "Sent", "X-K", "same", from_uid=floor)
+    client = await asyncio.to_thread(imap_login, server)
+    try:
+        client.select("Sent", readonly=True)
+        typ, data = client.search(None, "SEEN")
+    finally:
+        await asyncio.to_thread(client.logout)
+    assert typ == "OK"
+    assert data[0].split() == [b"4"]  # the new one only, not the three with X-K too

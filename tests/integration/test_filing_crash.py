@@ -50,11 +50,14 @@ CHILD = textwrap.dedent(
             await lmtp_deliver(socket_path, user, message, folder=folder, header=header)
             os.kill(os.getpid(), signal.SIGKILL)  # Dovecot has it; our row still says handed
 
-        async def holds(self, user, folder, header, value):
+        async def holds(self, user, folder, header, value, *, from_uid=1):
             return False  # the first attempt: nothing to look up
 
-        async def mark_seen(self, user, folder, header, value):
+        async def mark_seen(self, user, folder, header, value, *, from_uid=1):
             raise AssertionError("not reached")
+
+        async def next_uid(self, user, folder):
+            return 1
 
     db = Database(data / "device.db", DEVICE_COMPONENTS)
     filer = Filer(FilingStore(db, data / "filing"), clock=SystemClock())

@@ -54,9 +54,10 @@ def free_port() -> int:
 
 
 class RunningNode:
-    """``onionpost init`` then ``onionpost run`` on loopback ports, tor off."""
+    """``onionpost init --user USER`` then ``onionpost run`` on loopback ports, tor off."""
 
-    def __init__(self, root: Path, *, extra: str = "") -> None:
+    def __init__(self, root: Path, *, user: str = "alice", extra: str = "") -> None:
+        self.user = user
         self.data_dir = root / "node"
         self.log_path = root / "node.log"
         self.imap_port, self.smtp_port = free_port(), free_port()
@@ -68,7 +69,7 @@ class RunningNode:
             f"autoconfig_port = {autoconfig}\n{extra}\n"
             f"[inbox]\nlisten_port = {self.api_port}\npow_bits = 4\n"
         )
-        out = self.cli("init", "--user", "alice")
+        out = self.cli("init", "--user", user)
         address, password = ONION.search(out), re.search(r"password:\s+(\S+)", out)
         assert address and password, out
         self.address, self.password = address[1], password[1]
@@ -78,6 +79,14 @@ class RunningNode:
         argv = [sys.executable, "-m", "onionpost", "--data-dir", str(self.data_dir), *args]
         done = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
         assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout + done.stderr
+
+    def cli_fails(self, *args: str) -> str:
+        """A command that must fail, with a sentence and no traceback."""
+        argv = [sys.executable, "-m", "onionpost", "--data-dir", str(self.data_dir), *args]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
+        assert done.returncode != 0, done.stdout + done.stderr
+        assert "Traceback" not in done.stderr, done.stderr
         return done.stdout + done.stderr
 
     def start(self) -> None:
@@ -107,7 +116,7 @@ class RunningNode:
     def imap(self) -> imaplib.IMAP4:
         conn = imaplib.IMAP4("127.0.0.1", self.imap_port, timeout=300)
         conn.starttls(ssl.create_default_context(cafile=self.ca_file))
-        conn.login("alice", self.password)
+        conn.login(self.user, self.password)
         return conn
 
 

@@ -8,7 +8,7 @@ refusal before the introduction and delivery without a proof of work after bob a
 
 from __future__ import annotations
 
-import time
+from collections.abc import AsyncIterator
 from email import message_from_bytes
 from email.message import EmailMessage
 from email.policy import default
@@ -16,8 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from onionpost.api.transport import DirectDialer
-from onionpost.clock import FakeClock
 from onionpost.crypto import envelope
 from onionpost.crypto.fingerprint import fingerprint
 from onionpost.crypto.introduction import introduction_pair
@@ -26,21 +24,7 @@ from onionpost.introductions import accept, block, introduce
 from onionpost.store.introductions import IntroductionStore
 from onionpost.store.submissions import SubmissionStore
 
-from .harness import DeviceNode, InboxNode
-
-
-def compose(sender: DeviceNode, to: DeviceNode, subject: str) -> bytes:
-    msg = EmailMessage()
-    msg["From"] = str(sender.address)
-    msg["To"] = str(to.address)
-    msg["Subject"] = subject
-    msg["Message-ID"] = f"<{subject.replace(' ', '.')}@test>"
-    msg.set_content(f"body of {subject}")
-    return msg.as_bytes()
-
-
-def subjects(d: DeviceNode, folder: str = "INBOX") -> list[str]:
-    return [str(message_from_bytes(m, policy=default)["Subject"]) for m in d.filed(folder)]
+from .harness import DeviceNode, InboxNode, Loopback, compose, subjects
 
 
 def filed(d: DeviceNode, subject_part: str) -> list[EmailMessage]:
@@ -52,31 +36,16 @@ def filed(d: DeviceNode, subject_part: str) -> list[EmailMessage]:
     return out  # type: ignore[return-value]
 
 
-class World:
+class World(Loopback):
     def __init__(self, root: Path) -> None:
-        self.clock = FakeClock(int(time.time()))
-        self.dialer = DirectDialer()
+        super().__init__(root)
         self.inboxes: dict[str, InboxNode] = {}
         self.people: dict[str, DeviceNode] = {}
         for name in ("alice", "bob", "carol", "dave"):
-            node = InboxNode(root, f"inbox-{name}", self.clock, self.dialer)
-            self.inboxes[name] = node
-            self.people[name] = DeviceNode(
-                root, name, node.provision(name), self.clock, self.dialer
-            )
+            node = self.inboxes[name] = self.add_inbox(f"inbox-{name}")
+            self.people[name] = self.add_person(node, name)
         self.alice, self.bob = self.people["alice"], self.people["bob"]
         self.carol, self.dave = self.people["carol"], self.people["dave"]
-
-    async def start(self) -> None:
-        for node in self.inboxes.values():
-            await node.start(worker=False)
-
-    async def stop(self) -> None:
-        for d in self.people.values():
-            await d.close()
-        for node in self.inboxes.values():
-            await node.stop()
-            node.close()
 
     async def deliver(self, sender: DeviceNode, *to: DeviceNode) -> None:
         await sender.submissions.process_due()
@@ -129,13 +98,9 @@ class World:
 
 
 @pytest.fixture
-async def world(tmp_path: Path):
-    w = World(tmp_path)
-    await w.start()
-    try:
+async def world(tmp_path: Path) -> AsyncIterator[World]:
+    async with World(tmp_path) as w:
         yield w
-    finally:
-        await w.stop()
 
 
 async def acquaint(w: World, x: DeviceNode, y: DeviceNode) -> None:

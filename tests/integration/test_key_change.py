@@ -9,7 +9,7 @@ refused, the right one pinned; or the change rejected and the old pin kept.
 
 from __future__ import annotations
 
-import time
+from collections.abc import AsyncIterator
 from email import message_from_bytes
 from email.message import EmailMessage
 from email.policy import default
@@ -17,23 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from onionpost.api.transport import DirectDialer
-from onionpost.clock import FakeClock
 from onionpost.crypto.fingerprint import fingerprint
 from onionpost.errors import FingerprintMismatch, UsageError
 from onionpost.trust import KEY_CHANGE_HEADER, QUARANTINE
 
-from .harness import DeviceNode, InboxNode
-
-
-def compose(sender: DeviceNode, to: DeviceNode, subject: str) -> bytes:
-    msg = EmailMessage()
-    msg["From"] = str(sender.address)
-    msg["To"] = str(to.address)
-    msg["Subject"] = subject
-    msg["Message-ID"] = f"<{subject.replace(' ', '.')}.{time.monotonic_ns()}@test>"
-    msg.set_content(f"body of {subject}")
-    return msg.as_bytes()
+from .harness import DeviceNode, Loopback, compose
 
 
 def parsed(d: DeviceNode, folder: str) -> list[EmailMessage]:
@@ -44,22 +32,18 @@ def subjects(d: DeviceNode, folder: str = "INBOX") -> list[str]:
     return [str(m["Subject"]) for m in parsed(d, folder)]
 
 
-class World:
+class World(Loopback):
     def __init__(self, root: Path) -> None:
-        self.root = root
-        self.clock = FakeClock(int(time.time()))
-        self.dialer = DirectDialer()
-        self.a = InboxNode(root, "inbox-a", self.clock, self.dialer)
-        self.b = InboxNode(root, "inbox-b", self.clock, self.dialer)
-        self.alice = DeviceNode(root, "alice", self.a.provision("alice"), self.clock, self.dialer)
-        self.dave = DeviceNode(root, "dave", self.b.provision("dave"), self.clock, self.dialer)
-        self.nodes = [self.alice, self.dave]
-
-    def inbox_of(self, d: DeviceNode) -> InboxNode:
-        return self.a if d is self.alice else self.b
+        super().__init__(root)
+        self.a = self.add_inbox("inbox-a")
+        self.b = self.add_inbox("inbox-b")
+        self.alice = self.add_person(self.a, "alice")
+        self.dave = self.add_person(self.b, "dave")
 
     async def send(self, sender: DeviceNode, to: DeviceNode, subject: str) -> None:
-        sender.submissions.submit(sender.user, [to.address], compose(sender, to, subject))
+        sender.submissions.submit(
+            sender.user, [to.address], compose(sender, to, subject, unique=True)
+        )
         await sender.submissions.process_due()
         await self.inbox_of(sender).worker.run_due()
         await to.device.sync()
@@ -70,10 +54,7 @@ class World:
         old = self.dave
         self.b.inbox.store.remove_mailbox(old.device.account.mailbox_id)
         await old.close()
-        self.dave = DeviceNode(
-            self.root, "dave-new", self.b.provision("dave"), self.clock, self.dialer
-        )
-        self.nodes.append(self.dave)
+        self.dave = self.add_person(self.b, "dave", dirname="dave-new")
         if later:
             self.clock.advance(120)  # past the minute a fetched bundle is reused for
         assert str(self.dave.address) == str(old.address)
@@ -82,20 +63,9 @@ class World:
 
 
 @pytest.fixture
-async def world(tmp_path: Path):
-    w = World(tmp_path)
-    await w.a.start(worker=False)
-    await w.b.start(worker=False)
-    try:
+async def world(tmp_path: Path) -> AsyncIterator[World]:
+    async with World(tmp_path) as w:
         yield w
-    finally:
-        for node in w.nodes:
-            if node.db.conn is not None:
-                await node.close()
-        await w.a.stop()
-        await w.b.stop()
-        w.a.close()
-        w.b.close()
 
 
 async def _changed(

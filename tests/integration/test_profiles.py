@@ -12,13 +12,10 @@ import asyncio
 import imaplib
 import io
 import json
-import re
 import shutil
-import ssl
-import subprocess
-import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from email import message_from_bytes
 from email.message import EmailMessage
 from email.policy import default
@@ -35,14 +32,14 @@ from onionpost.crypto.keys import Profile
 from onionpost.errors import OnionpostError
 from onionpost.wire import KeyUpdate
 
-from .harness import DeviceNode, InboxNode
+from .harness import DeviceNode, InboxNode, Loopback
 from .test_enrolment import (
     acli,
     pi,  # noqa: F401 (a fixture: an inbox-only node, tor off)
     tor_off,
     write_config,
 )
-from .test_imap_flood import ONION, RunningNode, dovecot_or_skip, free_port
+from .test_imap_flood import RunningNode, dovecot_or_skip
 
 
 def compose(sender: DeviceNode, to: str, subject: str, display: str = "") -> bytes:
@@ -80,14 +77,13 @@ def froms(d: DeviceNode) -> list[tuple[str, str | None]]:
     return out
 
 
-class World:
+class World(Loopback):
     def __init__(self, root: Path) -> None:
-        self.clock = FakeClock(int(time.time()))
-        self.dialer = DirectDialer()
-        self.a = InboxNode(root, "inbox-a", self.clock, self.dialer)
-        self.b = InboxNode(root, "inbox-b", self.clock, self.dialer)
-        self.alice = DeviceNode(root, "alice", self.a.provision("alice"), self.clock, self.dialer)
-        self.bob = DeviceNode(root, "bob", self.b.provision("bob"), self.clock, self.dialer)
+        super().__init__(root)
+        self.a = self.add_inbox("inbox-a")
+        self.b = self.add_inbox("inbox-b")
+        self.alice = self.add_person(self.a, "alice")
+        self.bob = self.add_person(self.b, "bob")
 
     async def send(
         self, sender: DeviceNode, to: DeviceNode, subject: str, display: str = ""
@@ -96,24 +92,14 @@ class World:
             sender.user, [to.address], compose(sender, str(to.address), subject, display)
         )
         await sender.submissions.process_due()
-        await (self.a if sender is self.alice else self.b).worker.run_due()
+        await self.inbox_of(sender).worker.run_due()
         await to.device.sync()
 
 
 @pytest.fixture
-async def world(tmp_path: Path):
-    w = World(tmp_path)
-    await w.a.start(worker=False)
-    await w.b.start(worker=False)
-    try:
+async def world(tmp_path: Path) -> AsyncIterator[World]:
+    async with World(tmp_path) as w:
         yield w
-    finally:
-        await w.alice.close()
-        await w.bob.close()
-        await w.a.stop()
-        await w.b.stop()
-        w.a.close()
-        w.b.close()
 
 
 async def test_a_profile_is_verified_on_receipt_and_on_fetch(world: World, caplog) -> None:  # type: ignore[no-untyped-def]
@@ -191,41 +177,6 @@ async def set_profile_cleared(d: DeviceNode) -> None:
 # -- a whole node: the CLI, Dovecot, IMAP ----------------------------------------------------
 
 
-class BobsNode(RunningNode):
-    """``onionpost init --user bob`` then ``onionpost run``, tor off (see test_imap_flood)."""
-
-    def __init__(self, root: Path) -> None:
-        self.data_dir = root / "node"
-        self.log_path = root / "node.log"
-        self.imap_port, self.smtp_port = free_port(), free_port()
-        self.api_port, autoconfig = free_port(), free_port()
-        self.data_dir.mkdir(mode=0o700)
-        (self.data_dir / "onionpost.toml").write_text(
-            '[tor]\nmode = "off"\n\n'
-            f"[gateway]\nsmtp_port = {self.smtp_port}\nimap_port = {self.imap_port}\n"
-            f"autoconfig_port = {autoconfig}\n\n"
-            f"[inbox]\nlisten_port = {self.api_port}\npow_bits = 4\n"
-        )
-        out = self.cli("init", "--user", "bob")
-        address, password = ONION.search(out), re.search(r"password:\s+(\S+)", out)
-        assert address and password, out
-        self.address, self.password = address[1], password[1]
-        self.proc = None
-
-    def cli_fails(self, *args: str) -> str:
-        argv = [sys.executable, "-m", "onionpost", "--data-dir", str(self.data_dir), *args]
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
-        assert done.returncode != 0, done.stdout + done.stderr
-        assert "Traceback" not in done.stderr, done.stderr
-        return done.stdout + done.stderr
-
-    def imap(self) -> imaplib.IMAP4:
-        conn = imaplib.IMAP4("127.0.0.1", self.imap_port, timeout=300)
-        conn.starttls(ssl.create_default_context(cafile=self.ca_file))
-        conn.login("bob", self.password)
-        return conn
-
-
 def inbox_headers(imap: imaplib.IMAP4) -> dict[str, tuple[str, str | None]]:
     """Subject -> (From, X-Onionpost-Verified-Name) of every message in INBOX, over IMAP."""
     imap.select("INBOX", readonly=True)
@@ -245,7 +196,7 @@ async def test_alices_verified_name_shows_in_bobs_mail_client(tmp_path: Path) ->
     dovecot_or_skip()
     base = Path(tempfile.mkdtemp(prefix="opprofile-", dir="/tmp"))
     base.chmod(0o755)  # as root, Dovecot's mail account must pass through
-    node = BobsNode(base)
+    node = RunningNode(base, user="bob")
     clock = FakeClock(int(time.time()))
     dialer = DirectDialer()
     a = InboxNode(tmp_path, "inbox-a", clock, dialer)

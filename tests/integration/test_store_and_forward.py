@@ -7,47 +7,27 @@ bounces with a real RFC 3464 notification in the sender's INBOX, after a delay n
 
 from __future__ import annotations
 
-import time
+from collections.abc import AsyncIterator
 from email import message_from_bytes
-from email.message import EmailMessage
 from email.policy import default
 from pathlib import Path
 
 import pytest
 
-from onionpost.api.transport import DirectDialer
-from onionpost.clock import FakeClock
-
-from .harness import DeviceNode, InboxNode
+from .harness import Loopback, compose, subjects
 
 MINUTE = 60
 HOUR = 3600
 DAY = 86400
 
 
-def compose(sender: DeviceNode, to: DeviceNode, subject: str) -> bytes:
-    msg = EmailMessage()
-    msg["From"] = str(sender.address)
-    msg["To"] = str(to.address)
-    msg["Subject"] = subject
-    msg["Message-ID"] = f"<{subject.replace(' ', '.')}@test>"
-    msg.set_content(f"body of {subject}")
-    return msg.as_bytes()
-
-
-def subjects(d: DeviceNode, folder: str) -> list[str]:
-    return [str(message_from_bytes(m, policy=default)["Subject"]) for m in d.filed(folder)]
-
-
-class World:
+class World(Loopback):
     def __init__(self, root: Path) -> None:
-        self.root = root
-        self.clock = FakeClock(int(time.time()))
-        self.dialer = DirectDialer()
-        self.a = InboxNode(root, "inbox-a", self.clock, self.dialer)
-        self.b = InboxNode(root, "inbox-b", self.clock, self.dialer)
-        self.alice = DeviceNode(root, "alice", self.a.provision("alice"), self.clock, self.dialer)
-        self.bob = DeviceNode(root, "bob", self.b.provision("bob"), self.clock, self.dialer)
+        super().__init__(root)
+        self.a = self.add_inbox("inbox-a")
+        self.b = self.add_inbox("inbox-b")
+        self.alice = self.add_person(self.a, "alice")
+        self.bob = self.add_person(self.b, "bob")
 
     async def send(self, subject: str) -> None:
         self.alice.submissions.submit(
@@ -66,25 +46,15 @@ class World:
         await self.a.stop()
         self.a.close()
         await self.alice.close()
-        self.a = InboxNode(self.root, "inbox-a", self.clock, self.dialer)
+        self.a = self.reopen_inbox(self.a)
         await self.a.start(worker=False)
-        self.alice = DeviceNode(self.root, "alice", None, self.clock, self.dialer)
+        self.alice = self.reopen_person(self.alice)
 
 
 @pytest.fixture
-async def world(tmp_path: Path):
-    w = World(tmp_path)
-    await w.a.start(worker=False)
-    await w.b.start(worker=False)
-    try:
+async def world(tmp_path: Path) -> AsyncIterator[World]:
+    async with World(tmp_path) as w:
         yield w
-    finally:
-        await w.alice.close()
-        await w.bob.close()
-        await w.a.stop()
-        await w.b.stop()
-        w.a.close()
-        w.b.close()
 
 
 async def test_mail_waits_for_an_offline_recipient_across_a_sender_restart(world: World) -> None:

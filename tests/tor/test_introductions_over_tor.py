@@ -12,14 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from onionpost.clock import SystemClock
 from onionpost.crypto.fingerprint import fingerprint
 from onionpost.introductions import accept, introduce
-from onionpost.node import Node
 from onionpost.store.introductions import IntroductionStore
 from onionpost.tornet import TorNetwork
-from tests.mailstore import memory_mailbox, subjects
-from tests.tor.test_nodes_over_tor import eventually, make_config, send
+from tests.mailstore import subjects
+from tests.tor.nodes import eventually, running, send
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -27,17 +25,8 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 async def test_an_introduction_opens_a_contacts_only_mailbox_over_tor(
     tor_network: TorNetwork, tmp_path: Path
 ) -> None:
-    clock = SystemClock()
-    nodes = {
-        name: Node(
-            make_config(tmp_path, name, tor_network), clock=clock, extensions=(memory_mailbox,)
-        )
-        for name in ("alice", "bob", "carol")
-    }
-    for node in nodes.values():
-        await node.start(wait_for_tor=True)
-    alice, bob, carol = nodes["alice"], nodes["bob"], nodes["carol"]
-    try:
+    async with running(tmp_path, tor_network, "alice", "bob", "carol") as nodes:
+        alice, bob, carol = nodes["alice"], nodes["bob"], nodes["carol"]
         # alice knows both (mail both ways with each); bob and carol do not know each other
         for a, b in (("alice", "bob"), ("alice", "carol")):
             await send(nodes[a], a, nodes[b], b, f"hello {b}")
@@ -111,6 +100,3 @@ async def test_an_introduction_opens_a_contacts_only_mailbox_over_tor(
         )
         # alice's first mail to bob was a stranger's (one stamp); carol's was not
         assert strangers == 1
-    finally:
-        for node in nodes.values():
-            await node.stop()

@@ -18,21 +18,16 @@ from pathlib import Path
 import pytest
 
 from onionpost import admin
-from onionpost.clock import SystemClock
 from onionpost.crypto.fingerprint import fingerprint
 from onionpost.errors import FingerprintMismatch
 from onionpost.node import Node
 from onionpost.provision import add_user
 from onionpost.tornet import TorNetwork
 from onionpost.trust import KEY_CHANGE_HEADER, QUARANTINE
-from tests.mailstore import filed, memory_mailbox, subjects
-from tests.tor.test_nodes_over_tor import eventually, make_config, send
+from tests.mailstore import filed, subjects
+from tests.tor.nodes import eventually, send, tor_node
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
-
-
-def _start(tmp_path: Path, user: str, net: TorNetwork) -> Node:
-    return Node(make_config(tmp_path, user, net), clock=SystemClock(), extensions=(memory_mailbox,))
 
 
 async def _new_bob(bob: Node, tmp_path: Path, net: TorNetwork) -> tuple[Node, bytes]:
@@ -42,7 +37,7 @@ async def _new_bob(bob: Node, tmp_path: Path, net: TorNetwork) -> tuple[Node, by
     with admin.opened(config) as local:
         admin.remove_user(local, "bob")
     add_user(config, local="bob", device_name="laptop", now=int(time.time()))
-    bob = _start(tmp_path, "bob", net)
+    bob = tor_node(tmp_path, "bob", net)
     await bob.start(wait_for_tor=True)
     return bob, bob.devices["bob"].account.uik_pk
 
@@ -50,8 +45,8 @@ async def _new_bob(bob: Node, tmp_path: Path, net: TorNetwork) -> tuple[Node, by
 async def test_key_change_held_then_accepted_then_rejected_over_tor(
     tor_network: TorNetwork, tmp_path: Path
 ) -> None:
-    alice = _start(tmp_path, "alice", tor_network)
-    bob = _start(tmp_path, "bob", tor_network)
+    alice = tor_node(tmp_path, "alice", tor_network)
+    bob = tor_node(tmp_path, "bob", tor_network)
     await alice.start(wait_for_tor=True)
     await bob.start(wait_for_tor=True)
     # accept-key and reject-key poke the running node (SIGUSR1), as `onionpost run` wires it

@@ -8,71 +8,24 @@ that is down (temporary errors) and then comes back.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
-import time
-from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
 
-from onionpost.clock import SystemClock
-from onionpost.config import Config, load
-from onionpost.node import Node
-from onionpost.provision import initialize
 from onionpost.tornet import TorNetwork
-from tests.mailstore import memory_mailbox, subjects
+from tests.mailstore import subjects
+from tests.tor.nodes import eventually, running, send, tor_node
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
-
-
-def make_config(root: Path, user: str, net: TorNetwork) -> Config:
-    home = root / user
-    overrides = {
-        "tor": {"extra_torrc": net.client_torrc_lines(), "bootstrap_timeout": 90},
-        "inbox": {"pow_bits": 8, "longpoll_seconds": 5.0},
-        "delivery": {"retry_min_seconds": 1, "retry_max_seconds": 5},
-    }
-    if not (home / "inbox").exists():
-        initialize(load(home), local=user, device_name="laptop", now=int(time.time()))
-    return load(home, overrides)
-
-
-def mail(frm: str, to: str, subject: str) -> bytes:
-    m = EmailMessage()
-    m["From"], m["To"], m["Subject"] = frm, to, subject
-    m["Message-ID"] = f"<{subject.replace(' ', '.')}@tor.test>"
-    m.set_content(f"{subject} over onion services")
-    return m.as_bytes()
-
-
-async def eventually(check, what: str, timeout: float = 90.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        await asyncio.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-async def send(node: Node, user: str, to: Node, to_user: str, subject: str) -> None:
-    assert node.submissions is not None
-    frm, dest = node.devices[user].address, to.devices[to_user].address
-    node.submissions.submit(user, [dest], mail(str(frm), str(dest), subject))
 
 
 async def test_two_nodes_mail_each_other_through_tor(
     tor_network: TorNetwork, tmp_path: Path
 ) -> None:
-    clock = SystemClock()
-    alice = Node(
-        make_config(tmp_path, "alice", tor_network), clock=clock, extensions=(memory_mailbox,)
-    )
-    bob = Node(make_config(tmp_path, "bob", tor_network), clock=clock, extensions=(memory_mailbox,))
-    await alice.start(wait_for_tor=True)
-    await bob.start(wait_for_tor=True)
-    try:
+    async with running(tmp_path, tor_network, "alice", "bob") as nodes:
+        alice, bob = nodes["alice"], nodes["bob"]
         assert alice.tor is not None and bob.tor is not None
         a_onion = alice.devices["alice"].address.onion
         assert alice.tor.status().onion == a_onion and alice.tor.status().published
@@ -85,9 +38,7 @@ async def test_two_nodes_mail_each_other_through_tor(
 
         # alice's node restarts: same onion address, and mail still reaches her
         await alice.stop()
-        alice = Node(
-            make_config(tmp_path, "alice", tor_network), clock=clock, extensions=(memory_mailbox,)
-        )
+        nodes["alice"] = alice = tor_node(tmp_path, "alice", tor_network)
         await alice.start(wait_for_tor=True)
         assert alice.tor is not None and alice.tor.status().onion == a_onion
         await send(bob, "bob", alice, "alice", "after restart")
@@ -117,9 +68,7 @@ async def test_two_nodes_mail_each_other_through_tor(
         row = alice.inbox.outbox.rows()[0]
         assert row.last_error_code.startswith("4."), row
         assert "inbox" in row.last_error.lower()
-        bob = Node(
-            make_config(tmp_path, "bob", tor_network), clock=clock, extensions=(memory_mailbox,)
-        )
+        nodes["bob"] = bob = tor_node(tmp_path, "bob", tor_network)
         await bob.start(wait_for_tor=True)
         alice.wake()
         await eventually(
@@ -127,6 +76,3 @@ async def test_two_nodes_mail_each_other_through_tor(
             "delivery after bob returned",
             timeout=150,
         )
-    finally:
-        await alice.stop()
-        await bob.stop()

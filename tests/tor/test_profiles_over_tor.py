@@ -10,30 +10,19 @@ from __future__ import annotations
 
 import time
 from email import message_from_bytes
-from email.message import EmailMessage
 from email.policy import default
 from pathlib import Path
 
 import pytest
 
 from onionpost.account import sign_profile
-from onionpost.clock import SystemClock
 from onionpost.node import Node
 from onionpost.tornet import TorNetwork
 from onionpost.wire import KeyUpdate
-from tests.mailstore import filed, memory_mailbox
-
-from .test_nodes_over_tor import eventually, make_config
+from tests.mailstore import filed
+from tests.tor.nodes import eventually, mail, running
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
-
-
-def mail(frm: str, to: str, subject: str) -> bytes:
-    m = EmailMessage()
-    m["From"], m["To"], m["Subject"] = frm, to, subject
-    m["Message-ID"] = f"<{subject.replace(' ', '.')}@tor.test>"
-    m.set_content(f"{subject} over onion services")
-    return m.as_bytes()
 
 
 def froms(node: Node, user: str) -> dict[str, str]:
@@ -47,14 +36,8 @@ def froms(node: Node, user: str) -> dict[str, str]:
 async def test_a_verified_name_crosses_tor_in_mail_and_in_bundles(
     tor_network: TorNetwork, tmp_path: Path
 ) -> None:
-    clock = SystemClock()
-    alice = Node(
-        make_config(tmp_path, "alice", tor_network), clock=clock, extensions=(memory_mailbox,)
-    )
-    bob = Node(make_config(tmp_path, "bob", tor_network), clock=clock, extensions=(memory_mailbox,))
-    await alice.start(wait_for_tor=True)
-    await bob.start(wait_for_tor=True)
-    try:
+    async with running(tmp_path, tor_network, "alice", "bob") as nodes:
+        alice, bob = nodes["alice"], nodes["bob"]
         assert alice.inbox is not None and alice.submissions is not None
         assert bob.submissions is not None
         device = alice.devices["alice"]
@@ -83,6 +66,3 @@ async def test_a_verified_name_crosses_tor_in_mail_and_in_bundles(
         await eventually(lambda: "reply" in froms(alice, "alice"), "bob's reply at alice")
         contact = bob.devices["bob"].contacts.get(str(a))
         assert contact is not None and contact.display_name == "Alice Liddell"
-    finally:
-        await alice.stop()
-        await bob.stop()

@@ -22,12 +22,11 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from onionpost.clock import SystemClock
 from onionpost.inbox import CONTACTS_ONLY, TOKEN_REFUSED
 from onionpost.node import Node
 from onionpost.tornet import TorNetwork
-from tests.mailstore import filed, memory_mailbox, subjects
-from tests.tor.test_nodes_over_tor import eventually, make_config, send
+from tests.mailstore import filed, subjects
+from tests.tor.nodes import eventually, running, send
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -41,20 +40,15 @@ async def people(
 ) -> AsyncIterator[dict[str, Node]]:
     """alice, bob and carol, each on a node of their own; started once for this module."""
     root = tmp_path_factory.mktemp("trust")
-    clock = SystemClock()
-    nodes = {
-        name: Node(make_config(root, name, tor_network), clock=clock, extensions=(memory_mailbox,))
-        for name in ("alice", "bob", "carol")
-    }
+    started: dict[str, Node] = {}
     loop = asyncio.get_running_loop()
     # The CLI pokes the node whose status.json it finds: here, this process.
-    loop.add_signal_handler(signal.SIGUSR1, lambda: [n.wake() for n in nodes.values()])
+    loop.add_signal_handler(signal.SIGUSR1, lambda: [n.wake() for n in started.values()])
     try:
-        await asyncio.gather(*(n.start(wait_for_tor=True) for n in nodes.values()))
-        yield nodes
+        async with running(root, tor_network, "alice", "bob", "carol", together=True) as nodes:
+            started.update(nodes)
+            yield nodes
     finally:
-        for node in nodes.values():
-            await node.stop()
         loop.remove_signal_handler(signal.SIGUSR1)
 
 

@@ -44,6 +44,8 @@ def test_unknown_setting_names_the_key(tmp_path: Path) -> None:
         ('[gateway]\nsmtp_port = "x"\n', "gateway.smtp_port"),
         ("[gateway]\nrequire_tls = 1\n", "gateway.require_tls"),
         ("[delivery]\nretry_min_seconds = 7200\n", "retry_min_seconds"),
+        ("[delivery]\ncrypto_workers = -1\n", "delivery.crypto_workers"),
+        ("[delivery]\ncrypto_workers = 65\n", "delivery.crypto_workers"),
         ("inbox = 3\n", "[inbox]"),
         ("[inbox\n", "not valid TOML"),
     ],

@@ -5,8 +5,8 @@ devices with their own device.db, built with the integration harness
 (:mod:`tests.integration.harness`).  alice (one device, behind inbox A) mails bob, who has
 three devices behind inbox B.  Every message is 4 KiB and goes the way a mail client's does:
 :meth:`~onionpost.submission.Submissions.submit` (durable, Sent copy filed), the sealing loop
-(``Submissions.run_forever``, woken by the submission: fetch bob's bundle, seal, hand to inbox
-A), A's outbox worker (``OutboxWorker.run_forever``, woken by the hand-over), ``POST
+(the node's "seal" job, woken by the submission: fetch bob's bundle, seal, hand to inbox
+A), A's outbox worker (the node's "deliver" job, woken by the hand-over), ``POST
 /v1/deliver`` to B, and each of bob's devices' background long-poll sync (``Device.start``),
 which fetches, opens, verifies and files.  alice's side also checks her outcomes every 60 s,
 as a node's "outcomes" job does.  A message is delivered when the last of bob's three
@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import logging
 import os
 import re
 import statistics
@@ -62,7 +63,6 @@ from onionpost.crypto.keys import ServerSecrets
 from onionpost.crypto.primitives import x25519_public
 from onionpost.crypto.sender import EXT_SENDER_KEYS
 from onionpost.device import Device
-from onionpost.errors import OnionpostError
 from onionpost.store.contacts import ContactStore
 from onionpost.store.db import Database
 from onionpost.store.outbox import OutboxRow
@@ -445,6 +445,7 @@ class World(_Recipient):
             root, "alice", self.a.provision("alice", "laptop"), clock, self.dialer
         )
         self.outcome_errors: list[str] = []
+        self._outcome_log = _OutcomeErrors(self.outcome_errors)
         self._tasks: list[asyncio.Task[None]] = []
         #: message number -> when inbox A's outbox took it / when A delivered it to B
         self.handed: dict[int, float] = {}
@@ -507,22 +508,13 @@ class World(_Recipient):
         self.alice.submissions.submit("alice", [self.address], compose(self.from_, self.to, n))
 
     def start_sealing(self) -> None:
-        """alice's node side: the sealing loop, the outcomes check, her own long-poll sync."""
-        self._tasks.append(asyncio.create_task(self.alice.submissions.run_forever()))
-        self._tasks.append(asyncio.create_task(self._outcomes()))
+        """alice's node side: the node's "seal" and "outcomes" jobs, her own long-poll sync."""
+        logging.getLogger("onionpost.node").addHandler(self._outcome_log)
+        self.alice.start_jobs()
         self.alice.device.start()
 
-    async def _outcomes(self) -> None:
-        """What the node's "outcomes" job does (first after 10 s, then every 60 s)."""
-        await asyncio.sleep(10)
-        while True:
-            try:
-                await self.alice.submissions.check_outbox(self.alice.device)
-            except OnionpostError as exc:
-                self.outcome_errors.append(str(exc))
-            await asyncio.sleep(60)
-
     async def close(self) -> None:
+        logging.getLogger("onionpost.node").removeHandler(self._outcome_log)
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -532,6 +524,18 @@ class World(_Recipient):
         await asyncio.gather(self.a.stop(), self.b.stop())
         self.a.close()
         self.b.close()
+
+
+class _OutcomeErrors(logging.Handler):
+    """Collects the outcome checks that failed (the "outcomes" job logs and carries on)."""
+
+    def __init__(self, into: list[str]) -> None:
+        super().__init__()
+        self.into = into
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("could not check the outbox"):
+            self.into.append(record.getMessage())
 
 
 def _has_token(contacts: ContactStore, to: str) -> bool:

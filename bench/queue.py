@@ -142,7 +142,7 @@ async def _drain(root: Path, n: int, timeout: float) -> _Phase:
         clock.advance(BACKOFF_SKIP)
         cost = _start_cost(w)
         t0 = time.perf_counter()
-        w.a.worker.wake()
+        w.a.scheduler.wake("deliver")
         async with asyncio.timeout(timeout):
             delivered = await counter.all_delivered
         await _wait_until("drain filing", lambda: w.tracker.complete >= n, timeout)

@@ -70,6 +70,7 @@ from typing import Literal
 from gateway.lan import connect_host
 from gateway.tls import LocalTLS, ensure_tls
 from onionpost.atomicfile import write_atomic
+from onionpost.clock import Clock, SystemClock
 from onionpost.errors import (
     FilingDeferred,
     FilingRefused,
@@ -78,6 +79,7 @@ from onionpost.errors import (
     PasswordRejected,
     UnknownLocalUser,
 )
+from onionpost.retry import DOVECOT_RESTART, Backoff
 from onionpost.trust import QUARANTINE
 
 __all__ = [
@@ -984,7 +986,7 @@ class DovecotServer:
     and Dovecot's first SELECT would rename all of it into cur/ while the client waits.
     """
 
-    RESTART_MIN, RESTART_MAX, STABLE_AFTER = 1.0, 60.0, 60.0
+    RESTART, STABLE_AFTER = DOVECOT_RESTART, 60.0
     TIDY_INTERVAL = 5.0
 
     def __init__(
@@ -995,7 +997,11 @@ class DovecotServer:
         installation: Installation | None = None,
         identity: Identity | None = None,
         ready_timeout: float = 20.0,
+        clock: Clock | None = None,
     ) -> None:
+        #: The node's clock: the restart backoff and the tidying interval wait on it (the
+        #: readiness and stop deadlines bound real waiting on a real process, on purpose).
+        self.clock: Clock = clock or SystemClock()
         self.layout = layout
         self.settings = settings
         self._inst = installation
@@ -1120,7 +1126,7 @@ class DovecotServer:
 
     async def _tidy_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.TIDY_INTERVAL)
+            await self.clock.sleep(self.TIDY_INTERVAL)
             if self.status == "running":
                 for user, folder in await asyncio.to_thread(self.tidy_new_mail):
                     log.debug("Dovecot moved %s's new mail in %s to cur/", user, folder)
@@ -1197,21 +1203,21 @@ class DovecotServer:
         return imap.startswith(b"* OK") and lmtp.startswith(b"220")
 
     async def _supervise(self) -> None:
-        delay = self.RESTART_MIN
+        backoff = Backoff(self.RESTART)
         while not self._stopping:
             proc = self._proc
             assert proc is not None
-            started = time.monotonic()
+            started = self.clock.monotonic()
             code = await proc.wait()
             if self._stop_requested():  # stop() may have been called while we waited
                 return
-            if time.monotonic() - started >= self.STABLE_AFTER:
-                delay = self.RESTART_MIN
+            if self.clock.monotonic() - started >= self.STABLE_AFTER:
+                backoff.succeeded()  # it ran a while: this exit starts the backoff over
             why = self._why()
             self.status = f"restarting (Dovecot exited with status {code}: {why})"
+            delay = backoff.failed()
             log.error("Dovecot exited with status %s (%s); restarting in %.0f s", code, why, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, self.RESTART_MAX)
+            await self.clock.sleep(delay)
             try:
                 await self._terminate(1.0)  # what is left of the old process group
                 await self._spawn()

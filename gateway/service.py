@@ -185,7 +185,7 @@ def _free_port(host: str) -> int:
 
 
 async def _start_dovecot(
-    config: Config, tls_dir: Path
+    config: Config, tls_dir: Path, clock: Clock
 ) -> tuple[ssl.SSLContext | None, DovecotServer, int]:
     """The node's Dovecot, running (and the LAN TLS context for SMTP when LAN access is on)."""
     cfg = config.gateway
@@ -209,6 +209,7 @@ async def _start_dovecot(
             require_tls=cfg.require_tls or cfg.lan,
             lan_tls=lan_tls,
         ),
+        clock=clock,
     )
     with _listening(cfg.listen_host, imap_port, "[gateway] imap_port"):
         await dovecot.start()
@@ -229,7 +230,7 @@ async def start_gateway(node: GatewayHost) -> Callable[[], Awaitable[None]]:
     tls_dir = node.config.data_dir / "tls"
     ensure_tls(tls_dir)
     context = server_context(tls_dir)
-    lan_context, dovecot, imap_port = await _start_dovecot(node.config, tls_dir)
+    lan_context, dovecot, imap_port = await _start_dovecot(node.config, tls_dir, node.clock)
     sink = DovecotSink(dovecot)
     filer.attach(sink)
     # Sent's UIDNEXT now, before any client can submit: the floor of the search for the
@@ -249,7 +250,7 @@ async def start_gateway(node: GatewayHost) -> Callable[[], Awaitable[None]]:
         "pid": dovecot.pid,
     }
     # One for SMTP logins (Dovecot throttles IMAP logins itself, with its auth penalty).
-    throttle = LoginThrottle()
+    throttle = LoginThrottle(clock=node.clock)
     try:
         with _listening(cfg.listen_host, cfg.smtp_port, "[gateway] smtp_port"):
             smtp = await start_smtp(

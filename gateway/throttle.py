@@ -22,11 +22,11 @@ memory or reveal which accounts exist.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
+
+from onionpost.clock import Clock, SystemClock
+from onionpost.retry import RetryPolicy
 
 BASE_DELAY = 0.5
 MAX_DELAY = 15.0
@@ -47,19 +47,24 @@ class LoginThrottle:
         base: float = BASE_DELAY,
         cap: float = MAX_DELAY,
         forget: float = FORGET_AFTER,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Clock | None = None,
     ) -> None:
         self.base = base
         self.cap = cap
         self.forget = forget
-        self._clock = clock
+        #: The backoff a guesser earns, by the one retry policy (no jitter: the pace is
+        #: the point, and it is the same for every client).
+        self.policy = RetryPolicy(base, cap, jitter=0)
+        #: The node's clock: failures are timed and logins wait on it.
+        self.clock: Clock = clock or SystemClock()
+        self._clock = self.clock.monotonic
         self._keys: dict[tuple[str, str], _Failures] = {}
 
     def delay(self, failures: int) -> float:
         """The delay that ``failures`` failures in a row earn: exponential, capped."""
         if failures <= 0 or self.base <= 0:
             return 0.0
-        return min(self.cap, self.base * 2.0 ** min(failures - 1, 60))
+        return min(self.cap, self.policy.pause(failures))
 
     def failures(self, account: str | None, client: str) -> int:
         """Recent failures in a row on the worse of the two keys."""
@@ -78,7 +83,7 @@ class LoginThrottle:
     async def before_check(self, account: str | None, client: str) -> None:
         wait = self.wait_for(account, client)
         if wait > 0:
-            await asyncio.sleep(wait)
+            await self.clock.sleep(wait)
 
     async def failed(self, protocol: str, account: str | None, client: str) -> None:
         """Count a failed login, log it (never the password), and pause before the answer."""
@@ -105,7 +110,7 @@ class LoginThrottle:
             delay,
         )
         if delay > 0:
-            await asyncio.sleep(delay)
+            await self.clock.sleep(delay)
 
     def succeeded(self, account: str, client: str) -> None:
         for key in _keys(account, client):

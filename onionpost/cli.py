@@ -294,8 +294,6 @@ def _logging(config: Config, debug: bool) -> None:
     )
     for noisy in ("stem", "aiohttp.access", "mail.log"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    # "skipped: maximum number of running instances" is coalescing working as intended
-    logging.getLogger("apscheduler").setLevel(logging.ERROR)
 
 
 @cli.command()
@@ -1610,7 +1608,6 @@ def demo(obj: Ctx, workdir: Path | None) -> None:
     from onionpost import demo as demo_module
 
     logging.basicConfig(level=logging.DEBUG if obj.debug else logging.ERROR)
-    logging.getLogger("apscheduler").setLevel(logging.ERROR)
     asyncio.run(demo_module.run(click.echo, workdir))
 
 

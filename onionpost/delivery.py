@@ -20,7 +20,7 @@ from onionpost.aio import foreground
 from onionpost.api.client import InboxClient
 from onionpost.api.pool import ConnectionPool, peer_isolation
 from onionpost.api.transport import Dialer
-from onionpost.clock import Clock, wait_event
+from onionpost.clock import Clock
 from onionpost.errors import (
     AddressError,
     OnionpostError,
@@ -72,13 +72,8 @@ class OutboxWorker:
         self.timeout = timeout
         self.can_reach_others = can_reach_others
         self._slots = asyncio.Semaphore(concurrency)
-        self._wake = asyncio.Event()
         self.on_finished: list[Callable[[OutboxRow], None]] = []
         self._own_onion = Address.for_key("x", inbox.onion_pk).onion
-
-    def wake(self) -> None:
-        """A submission arrived: deliver now instead of at the next tick."""
-        self._wake.set()
 
     async def run_due(self) -> int:
         """Deliver everything due now; returns the number of rows attempted."""
@@ -116,21 +111,6 @@ class OutboxWorker:
                 for row_id in delivered:
                     self._notify(row_id)
                 raise failed[0]
-
-    async def run_forever(self, idle: float = 30.0) -> None:
-        """Deliver due rows whenever woken, or at least every ``idle`` seconds."""
-        self.outbox.release_leases()
-        while True:
-            self._wake.clear()
-            try:
-                await self.run_due()
-            except OnionpostError as exc:
-                log.warning("outbox pass failed: %s", exc)
-            next_due = self.outbox.next_due_at()
-            delay = idle
-            if next_due is not None:
-                delay = max(0.0, min(idle, next_due - self.clock.now()))
-            await wait_event(self.clock, self._wake, delay)
 
     async def _attempt(self, row: OutboxRow) -> int | None:
         """Try one row; its id if it was delivered (the caller marks it), else None (the

@@ -30,6 +30,7 @@ from onionpost.filing import Filer, filing_key
 from onionpost.inbox import login_message
 from onionpost.keylife import renew_binding, rotate_device
 from onionpost.keystore import AccountFiles
+from onionpost.retry import DEVICE_SYNC, Backoff
 from onionpost.sending import Outgoing, Sender, SendReport
 from onionpost.store.contacts import ContactStore
 from onionpost.sync import Receiver
@@ -242,7 +243,7 @@ class Device:
         self._wake.set()
 
     async def _sync_loop(self) -> None:
-        backoff = 1.0
+        backoff = Backoff(DEVICE_SYNC)
         while True:
             try:
                 self._wake.clear()
@@ -250,8 +251,8 @@ class Device:
                 await self.sync(wait=self.config.inbox.longpoll_seconds)
                 if self.session.inbox_device_list_version > self.account.device_list.version:
                     await self.refresh_own_devices()
-                backoff = 1.0
+                backoff.succeeded()
             except OnionpostError as exc:
-                log.warning("sync with the inbox failed (%s); retrying in %.0f s", exc, backoff)
-                await wait_event(self.clock, self._wake, backoff)
-                backoff = min(backoff * 2, 60.0)
+                pause = backoff.failed()
+                log.warning("sync with the inbox failed (%s); retrying in %.0f s", exc, pause)
+                await wait_event(self.clock, self._wake, pause)

@@ -24,19 +24,20 @@ import bisect
 import contextlib
 import hashlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
 from onionpost.aio import cancel_and_wait, foreground
+from onionpost.clock import Clock, wait_event
 from onionpost.errors import FilingRefused, OnionpostError
+from onionpost.retry import FILING
 from onionpost.store.filing import FILED, HANDED, QUEUED, Filing, FilingStore, MessageSource
 
 log = logging.getLogger(__name__)
 
 #: The header that names a filing in the mailbox (recovery after a crash looks for it).
 FILING_HEADER = "X-Onionpost-Filing"
-RETRY_MIN, RETRY_MAX = 5, 600
 #: UIDNEXT readings kept per folder (at most one a second): an hour of steady filing.
 FLOORS_KEPT = 4096
 
@@ -80,11 +81,12 @@ class Filer:
         self,
         store: FilingStore,
         *,
-        now: Callable[[], int],
+        clock: Clock,
         sink: MailSink | None = None,
     ) -> None:
         self.store = store
-        self._now = now
+        self.clock = clock
+        self._now = clock.now
         self.sink = sink
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
@@ -294,7 +296,7 @@ class Filer:
             # Trying again won't help; keeping it would block nothing but hides the mail.
             # Leave it queued with a long wait so `onionpost doctor` and the log show it.
             log.error("the mailbox refused filing %s into %s: %s", value, row.folder, exc)
-            self._defer(row, str(exc), RETRY_MAX)
+            self._defer(row, str(exc), round(FILING.max_delay))
             return False
         except OnionpostError as exc:
             log.warning("filing into %s deferred: %s", row.folder, exc)
@@ -332,8 +334,8 @@ class Filer:
         return seen[i - 1][1] if i else 1
 
     def _defer(self, row: Filing, error: str, wait: int | None) -> None:
-        if wait is None:
-            wait = min(RETRY_MAX, RETRY_MIN * 2 ** min(row.attempts, 10))
+        if wait is None:  # row.attempts failed before this one
+            wait = FILING.delay(row.attempts + 1, 0.5)
         with contextlib.suppress(OnionpostError):
             self.store.deferred(row.id, error=error, next_try_at=self._now() + wait)
 
@@ -347,6 +349,4 @@ class Filer:
                 log.warning("filing pass failed: %s", exc)
             nxt = self.store.next_due_at()
             delay = 30.0 if nxt is None else max(0.05, min(30.0, nxt - self._now()))
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay):
-                    await self._wake.wait()
+            await wait_event(self.clock, self._wake, delay)

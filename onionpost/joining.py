@@ -37,6 +37,7 @@ from onionpost.errors import (
 )
 from onionpost.keylife import prekey_lifetime
 from onionpost.pairing import Code, Joiner, JoinGrant, JoinRequest, Offer
+from onionpost.retry import JOINING, Backoff
 from onionpost.tor import SocksEndpoint, TorDialer, TorRuntime
 from onionpost.wire import KeyUpdate
 
@@ -121,19 +122,19 @@ async def retrying(
 ) -> T:
     """Await ``attempt()`` until it works; while the inbox is unreachable say so and retry."""
     deadline = clock.monotonic() + patience
-    delay = 2.0
+    backoff = Backoff(JOINING)
     while True:
         try:
             return await attempt()
         except PeerUnreachable as exc:
+            delay = backoff.next_pause()
             if clock.monotonic() + delay > deadline:
                 raise PeerUnreachable(
                     f"The inbox could not be reached over tor to {what} ({exc}). Check that it "
                     "runs (`onionpost status` on it) and try again."
                 ) from exc
             say(f"The inbox cannot be reached yet ({exc}); retrying in {delay:.0f} s.")
-            await clock.sleep(delay)
-            delay = min(delay * 2, 30.0)
+            await clock.sleep(backoff.failed())
 
 
 def _client(config: Config, dialer: Dialer, onion: str) -> InboxClient:

@@ -51,7 +51,7 @@ from onionpost.keystore import (
     ensure_private_dir,
     write_private,
 )
-from onionpost.retry import RetryPolicy
+from onionpost.retry import TOR_START, Backoff, RetryPolicy
 from onionpost.scheduler import Scheduler
 from onionpost.store import DEVICE_COMPONENTS, INBOX_COMPONENTS, queue
 from onionpost.store.contacts import ContactStore
@@ -68,6 +68,35 @@ log = logging.getLogger(__name__)
 
 #: Something started alongside the node (the mail-client gateway): start() returns a stop().
 Extension = Callable[["Node"], Awaitable[Callable[[], Awaitable[None]]]]
+
+
+def delivery_jobs(scheduler: Scheduler, worker: OutboxWorker) -> None:
+    """The outbox's job: deliver what is due, every 30 s and whenever a submission wakes it
+    (``scheduler.wake("deliver")``).  The node and the integration tests' harness both
+    schedule delivery through here, so the tests drive what ships."""
+    scheduler.every("deliver", 30, worker.run_due, start_in=1)
+
+
+def sealing_jobs(
+    scheduler: Scheduler, submissions: Submissions, devices: dict[str, Device]
+) -> None:
+    """The submission queue's jobs: seal what is due (woken by ``scheduler.wake("seal")``
+    on every submission) and check how sent mail fared, for the node and the harness."""
+    scheduler.every("seal", 30, submissions.process_due, start_in=1)
+
+    async def outcomes() -> None:
+        await check_outcomes(submissions, devices)
+
+    scheduler.every("outcomes", 60, outcomes, start_in=10)
+
+
+async def check_outcomes(submissions: Submissions, devices: dict[str, Device]) -> None:
+    """Ask the outbox how each user's mail fared, so delays and bounces reach them."""
+    for device in list(devices.values()):
+        try:
+            await submissions.check_outbox(device)
+        except OnionpostError as exc:
+            log.info("could not check the outbox for %s: %s", device.address, exc)
 
 
 class Node:
@@ -103,7 +132,7 @@ class Node:
         self.submissions: Submissions | None = None
         self.device_db: Database | None = None
         self.gateway_ports: dict[str, int] = {}
-        self.scheduler = Scheduler()
+        self.scheduler = Scheduler(self.clock)
         self._tor_task: asyncio.Task[None] | None = None
         self._tor_ready = asyncio.Event()
         self._tor_failure: TorError | None = None
@@ -223,7 +252,7 @@ class Node:
     async def _tor_supervisor(self) -> None:
         """Bring tor up and publish the inbox, retrying with backoff until it works."""
         cfg = self.config
-        delay = 15.0
+        backoff = Backoff(TOR_START)
         while True:
             try:
                 runtime = await TorRuntime.start(
@@ -245,9 +274,9 @@ class Node:
                     self._tor_failure = exc
                     self._tor_ready.set()
                     return
+                delay = backoff.failed()
                 log.warning("tor is not ready (%s); trying again in %.0f s", exc, delay)
                 await self.clock.sleep(delay)
-                delay = min(delay * 2, 300.0)
                 continue
             self._tor_connected(runtime, TorDialer(runtime))
             return
@@ -278,7 +307,7 @@ class Node:
         self._device_lock = threading.Lock()
         db = self._open(cfg.data_dir / "device.db", DEVICE_COMPONENTS, write_lock=self._device_lock)
         self.device_db = db
-        self.filer = Filer(FilingStore(db, cfg.data_dir / "filing"), now=self.clock.now)
+        self.filer = Filer(FilingStore(db, cfg.data_dir / "filing"), clock=self.clock)
         self.filer.start()
         for local in users:
             await self._start_device(files, local)
@@ -306,25 +335,15 @@ class Node:
         s.every("keys", 3600, self.maintain_keys, start_in=5)
         s.every("prune", 3600, self.prune, start_in=60)
         if self.worker is not None:
-            s.every("deliver", 30, self.worker.run_due, start_in=1)
+            delivery_jobs(s, self.worker)
         if self.submissions is not None:
-            s.every("seal", 30, self.submissions.process_due, start_in=1)
-            s.every("outcomes", 60, self.check_outcomes, start_in=10)
+            sealing_jobs(s, self.submissions, self.devices)
             s.every(
                 "refresh",
                 self.config.delivery.bundle_refresh_seconds,
                 self.refresh_contacts,
                 start_in=120,
             )
-
-    async def check_outcomes(self) -> None:
-        """Ask the outbox how our mail fared, so delays and bounces reach the user."""
-        for device in list(self.devices.values()):
-            if self.submissions is not None:
-                try:
-                    await self.submissions.check_outbox(device)
-                except OnionpostError as exc:
-                    log.info("could not check the outbox for %s: %s", device.address, exc)
 
     async def maintain_keys(self, *, force: bool = False) -> None:
         """Rotate what is due (everything, with ``force``: `onionpost keys rotate`), save it,

@@ -1,9 +1,15 @@
-"""Periodic work, driven by APScheduler 3.x in the node's event loop (its only importer).
+"""Periodic work on the node's :class:`~onionpost.clock.Clock`: the one way queues are driven.
 
 The tables are the truth (the outbox, the submission queue, the key files); jobs only decide
 *when* to look at them, so a job that runs late, twice, or after a crash does no harm.  Each
 job runs at most once at a time and missed runs coalesce into one.  :meth:`Scheduler.wake`
 runs a job now: an accepted submission wakes delivery instead of waiting for the next tick.
+
+The node and the integration tests' harness build the same jobs on the same scheduler
+(:func:`onionpost.node.queue_jobs`), so the tests run what ships.  Every wait is a
+``clock`` wait (:func:`~onionpost.clock.wait_event`): under a
+:class:`~onionpost.clock.FakeClock`, moving the clock is what makes a tick come.  (This
+replaced APScheduler, which could only count real seconds.)
 """
 
 from __future__ import annotations
@@ -11,101 +17,117 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
-
-from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from dataclasses import dataclass, field
 
 from onionpost.aio import cancel_and_wait, foreground
+from onionpost.clock import Clock, SystemClock, wait_event
 from onionpost.errors import OnionpostError
 
 log = logging.getLogger(__name__)
 
-
-class _SkippedRuns(logging.Filter):
-    """APScheduler warns whenever a run is skipped because the job still runs; with
-    coalescing that is the intended behaviour (a wake-up during a run is kept, see wake)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "maximum number of running instances reached" not in record.getMessage()
-
-
-logging.getLogger("apscheduler.scheduler").addFilter(_SkippedRuns())
-logging.getLogger("apscheduler.executors.default").addFilter(_SkippedRuns())
-
 Job = Callable[[], Awaitable[object]]
 
 
+@dataclass
+class _Entry:
+    name: str
+    seconds: float
+    job: Job
+    start_in: float
+    #: Set by wake(): run as soon as possible (or once more, if it is running now).
+    woken: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Clock.monotonic() of the next planned run; None before start and while running.
+    next_at: float | None = None
+    task: asyncio.Task[None] | None = None
+
+
 class Scheduler:
-    def __init__(self) -> None:
-        self._scheduler = AsyncIOScheduler(timezone=UTC)
-        self._names: set[str] = set()
-        self._running: set[str] = set()
-        self._again: set[str] = set()
-        self._tasks: set[asyncio.Task[object]] = set()
+    def __init__(self, clock: Clock | None = None) -> None:
+        self.clock: Clock = clock or SystemClock()
+        self._entries: dict[str, _Entry] = {}
+        self._started = False
         self._stopping = False
 
     def every(self, name: str, seconds: float, job: Job, *, start_in: float = 0.0) -> None:
-        """Run ``job`` every ``seconds`` (first run after ``start_in`` seconds)."""
+        """Run ``job`` every ``seconds`` (first run after ``start_in`` seconds).
 
-        async def guarded() -> None:
-            task = asyncio.current_task()
-            if self._stopping or task is None:
-                return
-            self._running.add(name)
-            self._tasks.add(task)
-            try:
-                while True:
-                    self._again.discard(name)
-                    try:
-                        await foreground.yield_to()  # a client waiting goes first
-                        await job()
-                    except OnionpostError as exc:
-                        log.warning("%s: %s", name, exc)
-                    except Exception:
-                        log.exception("job %s failed unexpectedly", name)
-                    if name not in self._again or self._stopping:
-                        break  # nobody woke the job while it ran
-            except asyncio.CancelledError:
-                if not self._stopping:
-                    raise
-                # Cancelled by stop(): the tables are the truth, so the job simply ends here
-                # (APScheduler would report a cancelled job as an error with a traceback).
-            finally:
-                self._running.discard(name)
-                self._tasks.discard(task)
-
-        self._scheduler.add_job(
-            guarded,
-            "interval",
-            seconds=seconds,
-            id=name,
-            name=name,
-            max_instances=1,
-            coalesce=True,
-            misfire_grace_time=None,
-            next_run_time=datetime.now(UTC) + timedelta(seconds=start_in),
-        )
-        self._names.add(name)
+        Runs are spaced from start to start; a run that overruns its interval skips the
+        ticks it missed rather than running again at once (they coalesce into the next).
+        """
+        if name in self._entries:
+            raise ValueError(f"job {name!r} is scheduled already")
+        entry = _Entry(name, seconds, job, start_in)
+        self._entries[name] = entry
+        if self._started:
+            self._launch(entry)
 
     def wake(self, name: str) -> None:
         """Run a job as soon as possible (once, even if woken many times meanwhile).
 
         A wake-up while the job runs is not lost: the job runs once more when it finishes
-        (the work that woke it may have arrived after the running pass looked).
+        (the work that woke it may have arrived after the running pass looked).  Waking a
+        job that does not exist does nothing.
         """
-        if name in self._running:
-            self._again.add(name)
-            return
-        job = self._scheduler.get_job(name)
-        if job is not None:
-            job.modify(next_run_time=datetime.now(UTC))
+        entry = self._entries.get(name)
+        if entry is not None:
+            entry.woken.set()
 
     def names(self) -> list[str]:
-        return sorted(self._names)
+        return sorted(self._entries)
+
+    def due_in(self, name: str) -> float | None:
+        """Seconds until the job's next planned run (on the clock), or None while it runs
+        or before the scheduler started."""
+        entry = self._entries.get(name)
+        if entry is None or entry.next_at is None:
+            return None
+        return entry.next_at - self.clock.monotonic()
 
     def start(self) -> None:
         self._stopping = False
-        self._scheduler.start()
+        self._started = True
+        for entry in self._entries.values():
+            if entry.task is None or entry.task.done():
+                self._launch(entry)
+
+    def _launch(self, entry: _Entry) -> None:
+        entry.task = asyncio.get_running_loop().create_task(
+            self._loop(entry), name=f"job {entry.name}"
+        )
+
+    async def _loop(self, entry: _Entry) -> None:
+        clock = self.clock
+        entry.next_at = clock.monotonic() + entry.start_in
+        try:
+            while not self._stopping:
+                await wait_event(clock, entry.woken, entry.next_at - clock.monotonic())
+                if self.stopping():  # stop() came while it waited
+                    break
+                entry.woken.clear()  # a wake-up from here on means "once more"
+                started = clock.monotonic()
+                entry.next_at = None
+                try:
+                    await foreground.yield_to()  # a client waiting goes first
+                    await entry.job()
+                except OnionpostError as exc:
+                    log.warning("%s: %s", entry.name, exc)
+                except Exception:
+                    log.exception("job %s failed unexpectedly", entry.name)
+                # The next tick on the grid of this run's start, skipping the ones missed.
+                due = started + entry.seconds
+                now = clock.monotonic()
+                if due <= now and entry.seconds > 0:
+                    due += entry.seconds * (int((now - due) // entry.seconds) + 1)
+                entry.next_at = due
+        except asyncio.CancelledError:
+            if not self._stopping:
+                raise
+            # Cancelled by stop(): the tables are the truth, so the job simply ends here.
+        finally:
+            entry.next_at = None
+
+    def stopping(self) -> bool:
+        return self._stopping
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop scheduling, cancel the jobs that are running and wait for them to end.
@@ -115,7 +137,8 @@ class Scheduler:
         when cancelled; ``grace`` only bounds a job stuck in code that does not await.
         """
         self._stopping = True
-        if self._scheduler.running:
-            self._scheduler.shutdown(wait=False)  # also cancels the jobs' tasks
-        tasks = [t for t in self._tasks if not t.done()]
-        await asyncio.gather(*(cancel_and_wait(t, grace) for t in tasks))
+        self._started = False
+        tasks = [e.task for e in self._entries.values() if e.task is not None]
+        for entry in self._entries.values():
+            entry.task = None
+        await asyncio.gather(*(cancel_and_wait(t, grace) for t in tasks if not t.done()))

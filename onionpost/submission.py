@@ -14,8 +14,6 @@ lifetime runs out, whether the problem was here (no keys) or at the outbox (unde
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -177,7 +175,6 @@ class Submissions:
         self.policy = RetryPolicy(config.retry_min_seconds, config.retry_max_seconds)
         self.unit_random = unit_random
         self.max_message_bytes = max_message_bytes
-        self._wake = asyncio.Event()
 
     # -- the hand-off ---------------------------------------------------------------------
 
@@ -260,7 +257,8 @@ class Submissions:
             await self._group.close()
 
     def wake(self) -> None:
-        self._wake.set()
+        """Seal now rather than at the next tick: the scheduler's "seal" job, through
+        ``on_queued`` (the node's and the test harness's :func:`onionpost.node.sealing_jobs`)."""
         if self._on_queued is not None:
             self._on_queued()
 
@@ -484,22 +482,6 @@ class Submissions:
                     if m_sid == sid and addr in {s.address for s in statuses}:
                         self.store.mark_notified(m_sid, addr, level)
             log.info("filed a %s notice for submission %d", kind, sid)
-
-    # -- running --------------------------------------------------------------------------
-
-    async def run_forever(self, idle: float = 30.0) -> None:
-        while True:
-            self._wake.clear()
-            try:
-                await self.process_due()
-            except OnionpostError as exc:
-                log.warning("sealing pass failed: %s", exc)
-            nxt = self.store.next_due_at()
-            delay = idle if nxt is None else max(0.0, min(idle, nxt - self.clock.now()))
-            if delay > 0:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(delay):
-                        await self._wake.wait()
 
 
 def _code(code: str | None, klass: str) -> str:

@@ -71,6 +71,7 @@ from onionpost.errors import (
     TorNotRunning,
     TorTooOld,
 )
+from onionpost.retry import TOR_REPAIR
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +95,6 @@ _MAX_DESCRIPTOR_RETRIES = 2  # 0xF0 right after publication: the HSDir asked had
 _MAX_INTRO_RETRIES = 2
 _GRACE_SECONDS = 5.0
 _CLOSE_TIMEOUT = 5.0  # closing the control connection; stem can hang in it (see _in_thread)
-_BACKOFF_FIRST = 5.0
-_BACKOFF_MAX = 300.0
 _PROBE_FAILURES_BEFORE_RESTART = 3
 _PROBE_TIMEOUT = 60.0
 _SOCKS_PASSWORD = "onionpost"  # noqa: S105 - not a secret: isolation is keyed by the username
@@ -1044,7 +1043,7 @@ class TorRuntime:
                 done = await self._recover(problem)
             except OnionpostError as exc:
                 self._failures += 1
-                delay = min(_BACKOFF_MAX, _BACKOFF_FIRST * 2 ** (self._failures - 1))
+                delay = TOR_REPAIR.pause(self._failures)
                 self._next_recovery = now + delay
                 self._last_error = (
                     f"{problem.words}; repair failed: {exc} (next attempt in {delay:.0f} s)"

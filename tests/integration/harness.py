@@ -2,14 +2,16 @@
 
 Each :class:`InboxNode` is a real inbox (SQLite file, aiohttp server on 127.0.0.1, outbox
 worker); each :class:`DeviceNode` is a real device (its own data directory and device.db)
-that talks to its inbox over HTTP.  They share one :class:`DirectDialer`, which plays the
-part tor plays in production: it maps each inbox's onion label to its loopback port.
+that talks to its inbox over HTTP.  Their queues are driven the way a node drives them: a
+:class:`~onionpost.scheduler.Scheduler` on the test's clock with the node's own jobs
+(:func:`onionpost.node.delivery_jobs`, :func:`onionpost.node.sealing_jobs`), woken by
+submissions as in production; tests that want to step a queue by hand start without them.
+They share one :class:`DirectDialer`, which plays the part tor plays in production: it maps
+each inbox's onion label to its loopback port.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import random
 import time
 from email import message_from_bytes
@@ -29,8 +31,10 @@ from onionpost.crypto.keys import ServerSecrets
 from onionpost.delivery import OutboxWorker
 from onionpost.inbox import Inbox
 from onionpost.keystore import AccountFiles, KeyStore
+from onionpost.node import delivery_jobs, sealing_jobs
 from onionpost.provision import register
 from onionpost.retry import RetryPolicy
+from onionpost.scheduler import Scheduler
 from onionpost.store import DEVICE_COMPONENTS
 from onionpost.store import INBOX_COMPONENTS as COMPONENTS
 from onionpost.store.db import Database
@@ -79,23 +83,26 @@ class InboxNode:
             policy=RetryPolicy(60, 3600),
             unit_random=random.Random(1).random,
         )
+        self.scheduler = Scheduler(clock)
+        delivery_jobs(self.scheduler, self.worker)
         self.server = InboxServer(
-            self.inbox, config=self.config.inbox, clock=clock, on_submitted=self.worker.wake
+            self.inbox,
+            config=self.config.inbox,
+            clock=clock,
+            on_submitted=lambda: self.scheduler.wake("deliver"),
         )
         self.onion = Address.for_key("x", self.secrets.onion_pk).onion
-        self._task: asyncio.Task[None] | None = None
 
     async def start(self, *, worker: bool = True) -> None:
+        """Serve the node API; with ``worker``, deliver as a node does (its "deliver" job)."""
         port = await self.server.start("127.0.0.1", 0)
         self.dialer.add(self.onion, "127.0.0.1", port)
         if worker:
-            self._task = asyncio.create_task(self.worker.run_forever(idle=1.0))
+            self.inbox.outbox.release_leases()  # as Node._start_inbox does
+            self.scheduler.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self.scheduler.stop()
         await self.server.stop()  # the route stays: peers now find the port closed
 
     def close(self) -> None:
@@ -150,7 +157,7 @@ class DeviceNode:
             self.files.save(account)
         self.db = Database(self.dir / "device.db", DEVICE_COMPONENTS)
         self.sink = MemorySink()
-        self.filer = Filer(FilingStore(self.db, self.dir / "filing"), now=clock.now, sink=self.sink)
+        self.filer = Filer(FilingStore(self.db, self.dir / "filing"), clock=clock, sink=self.sink)
         self.contacts = ContactStore(self.db, account.local)
         self.device = Device(
             account,
@@ -169,8 +176,16 @@ class DeviceNode:
             config=self.config.delivery,
             unit_random=random.Random(2).random,
             max_message_bytes=self.config.gateway.max_message_bytes,
+            on_queued=lambda: self.scheduler.wake("seal"),
         )
         self.closed = False
+        self.scheduler = Scheduler(clock)
+        sealing_jobs(self.scheduler, self.submissions, {account.local: self.device})
+
+    def start_jobs(self) -> None:
+        """Seal and check outcomes as a node does (its "seal" and "outcomes" jobs); tests
+        that step the queue by hand (``submissions.process_due()``) do not call this."""
+        self.scheduler.start()
 
     @property
     def address(self) -> Address:
@@ -199,6 +214,7 @@ class DeviceNode:
         if self.closed:  # a test that restarted or replaced this device closed it already
             return
         self.closed = True
+        await self.scheduler.stop()
         await self.device.stop()
         self.db.close()
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from onionpost.clock import FakeClock
 from onionpost.errors import FilingDeferred, UnknownMailbox
 from onionpost.filing import FILING_HEADER, Filer
 from onionpost.store import DEVICE_COMPONENTS
@@ -201,7 +202,7 @@ async def test_rows_left_handed_by_an_interrupted_batch_are_looked_up_not_refile
     try:
         store = FilingStore(db, tmp_path / "filing")
         sink = MemorySink()
-        filer = Filer(store, now=lambda: 1_000, sink=sink)
+        filer = Filer(store, clock=FakeClock(1_000), sink=sink)
         ids = []
         with db.transaction():
             for i in range(4):

@@ -44,6 +44,7 @@ from gateway.dovecot import (
 )
 from gateway.tls import ensure_tls
 from onionpost.errors import FilingRefused, MailServerNotInstalled, UnknownLocalUser
+from onionpost.retry import RetryPolicy
 from onionpost.trust import QUARANTINE
 
 USER, PASSWORD = "alice", "correct horse battery"
@@ -86,7 +87,7 @@ async def server(installation: Installation, data_dir: Path) -> AsyncIterator[Do
     srv = DovecotServer(
         Layout(data_dir), Settings(imap_port=free_port()), installation=installation
     )
-    srv.RESTART_MIN = 0.2
+    srv.RESTART = RetryPolicy(0.2, 60, jitter=0)
     await srv.set_password(USER, PASSWORD)
     await srv.start()
     try:

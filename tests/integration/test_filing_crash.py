@@ -12,7 +12,6 @@ import asyncio
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import pytest
 
 from gateway.dovecot import DovecotServer, Layout, Settings, find_installation
 from gateway.service import DovecotSink, _free_port
+from onionpost.clock import SystemClock
 from onionpost.errors import MailServerNotInstalled
 from onionpost.filing import FILING_HEADER, Filer
 from onionpost.store import DEVICE_COMPONENTS
@@ -35,6 +35,7 @@ CHILD = textwrap.dedent(
     import asyncio, os, signal, sys, time
     from pathlib import Path
     from gateway.dovecot import lmtp_deliver
+    from onionpost.clock import SystemClock
     from onionpost.filing import Filer
     from onionpost.store import DEVICE_COMPONENTS
     from onionpost.store.db import Database
@@ -59,7 +60,7 @@ CHILD = textwrap.dedent(
             return 1
 
     db = Database(data / "device.db", DEVICE_COMPONENTS)
-    filer = Filer(FilingStore(db, data / "filing"), now=lambda: int(time.time()))
+    filer = Filer(FilingStore(db, data / "filing"), clock=SystemClock())
     filer.attach(DiesAtTheWorstMoment())
     asyncio.run(filer.run_due())
     sys.exit("the filer was not killed")
@@ -105,7 +106,7 @@ async def test_killed_between_lmtp_and_the_record_files_exactly_once(
     db = Database(data / "device.db", DEVICE_COMPONENTS)
     try:
         store = FilingStore(db, data / "filing")
-        filer = Filer(store, now=lambda: int(time.time()))
+        filer = Filer(store, clock=SystemClock())
         subject = f"killed {when} the 250"
         with db.transaction():
             filing_id = filer.queue(

@@ -12,6 +12,7 @@ from __future__ import annotations
 from email.message import EmailMessage
 from pathlib import Path
 
+from onionpost.clock import FakeClock
 from onionpost.filing import FILING_HEADER, Filer
 from onionpost.store import DEVICE_COMPONENTS
 from onionpost.store.db import Database
@@ -55,13 +56,21 @@ def message(n: int) -> bytes:
 
 class World:
     def __init__(self, tmp_path: Path) -> None:
-        self.now = 1_000
+        self.clock = FakeClock(1_000)
         self.db = Database(tmp_path / "device.db", DEVICE_COMPONENTS)
         self.store = FilingStore(self.db, tmp_path / "filing")
         self.sink = RecordingSink()
-        self.filer = Filer(self.store, now=lambda: self.now, sink=self.sink)
+        self.filer = Filer(self.store, clock=self.clock, sink=self.sink)
         for n in range(50):  # an old Sent folder
             self.sink.save("Sent", message(-n - 1))
+
+    @property
+    def now(self) -> int:
+        return self.clock.now()
+
+    @now.setter
+    def now(self, value: int) -> None:
+        self.clock.advance(value - self.clock.now())
 
     def sent_copy(self, n: int, *, wait: int = 0) -> int | None:
         """What a submission queues (onionpost/submission.py): a Sent copy, marked seen,
@@ -148,7 +157,7 @@ async def test_without_a_reading_the_whole_folder_is_searched(tmp_path: Path) ->
     w.sink.boxes[("ann", "Sent")].append(
         (f"{FILING_HEADER}: {key}\r\n".encode() + message(1), set())
     )
-    fresh = Filer(w.store, now=lambda: w.now + 5, sink=w.sink)
+    fresh = Filer(w.store, clock=FakeClock(w.now + 5), sink=w.sink)
     assert await fresh.run_due() == 1
     assert len(copies(w.sink, 1)) == 1  # found, not filed twice
     assert w.sink.searches[0] == ("holds", FILING_HEADER, 1)

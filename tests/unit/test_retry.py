@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import pytest
 
-from onionpost.retry import Decision, RetryPolicy, after_failure
+from onionpost.retry import (
+    DEVICE_SYNC,
+    DOVECOT_RESTART,
+    FILING,
+    JOINING,
+    TOR_REPAIR,
+    TOR_START,
+    Backoff,
+    Decision,
+    RetryPolicy,
+    after_failure,
+)
 
 DEFAULT = RetryPolicy()
 NO_JITTER = RetryPolicy(jitter=0.0)
@@ -96,3 +107,48 @@ def test_a_retry_is_always_in_the_future_and_never_after_expiry() -> None:
                 )
                 assert d.reason == "retry" and d.retry_at is not None
                 assert NOW < d.retry_at <= NOW + expires_in
+
+
+# Every in-process retry loop's pauses, failure after failure (what each loop did before it
+# took its policy from onionpost.retry: the same numbers).
+LOOPS = [
+    (DEVICE_SYNC, [1, 2, 4, 8, 16, 32, 60, 60]),
+    (TOR_START, [15, 30, 60, 120, 240, 300, 300]),
+    (TOR_REPAIR, [5, 10, 20, 40, 80, 160, 300, 300]),
+    (JOINING, [2, 4, 8, 16, 30, 30]),
+    (FILING, [5, 10, 20, 40, 80, 160, 320, 600, 600]),
+    (DOVECOT_RESTART, [1, 2, 4, 8, 16, 32, 60, 60]),
+]
+
+
+@pytest.mark.parametrize(("policy", "pauses"), LOOPS)
+def test_each_loop_backs_off_by_its_policy(policy: RetryPolicy, pauses: list[float]) -> None:
+    backoff = Backoff(policy)
+    assert [backoff.failed() for _ in pauses] == pauses
+    assert [policy.delay(n, 0.9) for n in range(1, len(pauses) + 1)] == pauses  # no jitter
+
+
+@pytest.mark.parametrize(("policy", "pauses"), LOOPS)
+def test_a_success_starts_the_backoff_over(policy: RetryPolicy, pauses: list[float]) -> None:
+    backoff = Backoff(policy)
+    assert backoff.next_pause() == pauses[0]
+    for _ in range(5):
+        backoff.failed()
+    assert backoff.next_pause() == pauses[5]  # looking ahead does not count as a failure
+    backoff.succeeded()
+    assert backoff.failed() == pauses[0]
+
+
+# (unit_random, pause): a Backoff takes its jitter from the caller's random source.
+JITTERED = [(0.0, 45.0), (0.5, 60.0), (0.75, 67.5)]
+
+
+@pytest.mark.parametrize(("unit_random", "pause"), JITTERED)
+def test_backoff_draws_jitter_from_its_random_source(unit_random: float, pause: float) -> None:
+    assert Backoff(DEFAULT, lambda: unit_random).failed() == pause
+
+
+def test_pause_is_delay_before_rounding() -> None:
+    for attempts in range(1, 12):
+        for r in (0.0, 0.3, 0.5, 0.999):
+            assert DEFAULT.delay(attempts, r) == max(1, round(DEFAULT.pause(attempts, r)))

@@ -2,7 +2,7 @@
 
 The references are the primitives the envelope is built from, run on the same bytes in the
 same process a moment earlier: secretstream push/pull in 64 KiB chunks and one-shot
-XChaCha20-Poly1305 (both through ``onionpost.crypto.primitives``, a thin wrapper over
+XChaCha20-Poly1305 (both through ``onionpost.core.crypto.primitives``, a thin wrapper over
 libsodium, so only one module imports it), one X25519 scalar multiplication, and one BLAKE2b
 stamp hash.  A full seal runs the body through secretstream twice (L2 and L1) and BLAKE2b
 twice (body hash, L2 digest), so about 3x over one secretstream pass is the floor to expect
@@ -33,10 +33,10 @@ from bench.harness import (
     reset_peak_rss,
     rss_bytes,
 )
-from onionpost.config import InboxConfig
-from onionpost.crypto import envelope as env
-from onionpost.crypto import pow as stamps
-from onionpost.crypto.envelope import (
+from onionpost.base.config import InboxConfig
+from onionpost.core.crypto import envelope as env
+from onionpost.core.crypto import pow as stamps
+from onionpost.core.crypto.envelope import (
     CHUNK,
     SenderKeys,
     StanzaTarget,
@@ -45,8 +45,8 @@ from onionpost.crypto.envelope import (
     seal_inner,
     seal_outer,
 )
-from onionpost.crypto.keys import DeviceSecrets, IdentitySecrets, ServerSecrets
-from onionpost.crypto.primitives import (
+from onionpost.core.crypto.keys import DeviceSecrets, IdentitySecrets, ServerSecrets
+from onionpost.core.crypto.primitives import (
     StreamOpener,
     StreamSealer,
     aead_decrypt,

@@ -2,9 +2,9 @@
 
 Two real inboxes (SQLite files, the node API on 127.0.0.1, their outbox workers) and real
 devices with their own device.db, built with the integration harness
-(:mod:`tests.integration.harness`).  alice (one device, behind inbox A) mails bob, who has
+(:mod:`onionpost.testing.harness`).  alice (one device, behind inbox A) mails bob, who has
 three devices behind inbox B.  Every message is 4 KiB and goes the way a mail client's does:
-:meth:`~onionpost.submission.Submissions.submit` (durable, Sent copy filed), the sealing loop
+:meth:`~onionpost.device.submission.Submissions.submit` (durable, Sent copy filed), the sealing loop
 (the node's "seal" job, woken by the submission: fetch bob's bundle, seal, hand to inbox
 A), A's outbox worker (the node's "deliver" job, woken by the hand-over), ``POST
 /v1/deliver`` to B, and each of bob's devices' background long-poll sync (``Device.start``),
@@ -19,7 +19,7 @@ exchange per request, key bundle fetch and verification, normalising and filing 
 ratio.  Commits per message are counted (SQLite trace callbacks) and printed next to one
 durable commit on the same disk.
 
-The same measurement is then repeated with a full :class:`onionpost.node.Node` as the sender
+The same measurement is then repeated with a full :class:`onionpost.app.node.Node` as the sender
 (tor off, no gateway extensions): there, sealing and delivery are the node's scheduler jobs
 ("seal", "deliver"), woken by each submission, as in production.
 
@@ -54,20 +54,26 @@ from bench.harness import (
     reset_peak_rss,
     rss_bytes,
 )
-from onionpost.account import Account, add_device, create_identity
-from onionpost.address import Address
-from onionpost.api.transport import DirectDialer
-from onionpost.clock import Clock, SystemClock
-from onionpost.crypto.envelope import StanzaTarget, open_inner, open_outer, seal_inner, seal_outer
-from onionpost.crypto.keys import ServerSecrets
-from onionpost.crypto.primitives import x25519_public
-from onionpost.crypto.sender import EXT_SENDER_KEYS
-from onionpost.device import Device
+from onionpost.base.clock import Clock, SystemClock
+from onionpost.core.account import Account, add_device, create_identity
+from onionpost.core.address import Address
+from onionpost.core.crypto.envelope import (
+    StanzaTarget,
+    open_inner,
+    open_outer,
+    seal_inner,
+    seal_outer,
+)
+from onionpost.core.crypto.keys import ServerSecrets
+from onionpost.core.crypto.primitives import x25519_public
+from onionpost.core.crypto.sender import EXT_SENDER_KEYS
+from onionpost.device.session import Device
+from onionpost.device.submission import Submissions
+from onionpost.net.transport import DirectDialer
 from onionpost.store.contacts import ContactStore
 from onionpost.store.db import Database
 from onionpost.store.outbox import OutboxRow
-from onionpost.submission import Submissions
-from tests.integration.harness import DeviceNode, InboxNode
+from onionpost.testing.harness import DeviceNode, InboxNode
 
 KiB = 1 << 10
 MESSAGE_BYTES = 4 * KiB
@@ -216,12 +222,12 @@ def crypto_reference(ctx: Context, repeat: int) -> Stats:
 
 def pool_speedup(ctx: Context, repeat: int, size: int = MESSAGE_BYTES) -> None:
     """Opening one sync batch (16 fetched 4 KiB messages) in the crypto pool
-    (:func:`onionpost.aio.crypto_pool`, what :meth:`Receiver.sync_once` does) with 1 worker
+    (:func:`onionpost.base.aio.crypto_pool`, what :meth:`Receiver.sync_once` does) with 1 worker
     and with 2: libsodium releases the GIL, the Python around it does not."""
     from concurrent.futures import wait
 
-    from onionpost.aio import crypto_pool, crypto_workers, set_crypto_workers
-    from onionpost.sync import BATCH_MESSAGES, _decrypt
+    from onionpost.base.aio import crypto_pool, crypto_workers, set_crypto_workers
+    from onionpost.device.sync import BATCH_MESSAGES, _decrypt
 
     w = _CryptoWorld.make()
     bob = w.bob[0]
@@ -509,12 +515,12 @@ class World(_Recipient):
 
     def start_sealing(self) -> None:
         """alice's node side: the node's "seal" and "outcomes" jobs, her own long-poll sync."""
-        logging.getLogger("onionpost.node").addHandler(self._outcome_log)
+        logging.getLogger("onionpost.app.node").addHandler(self._outcome_log)
         self.alice.start_jobs()
         self.alice.device.start()
 
     async def close(self) -> None:
-        logging.getLogger("onionpost.node").removeHandler(self._outcome_log)
+        logging.getLogger("onionpost.app.node").removeHandler(self._outcome_log)
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -677,9 +683,9 @@ def _split(r: Result, w: World) -> list[tuple[str, float]]:
 
 async def measure_node(root: Path, *, burst: int, sequential: int, timeout: float) -> Result:
     """The sender is a full onionpost Node (scheduler-driven), the recipient the harness's."""
-    from onionpost.config import load
-    from onionpost.node import Node
-    from onionpost.provision import initialize
+    from onionpost.app.node import Node
+    from onionpost.app.provision import initialize
+    from onionpost.base.config import load
 
     clock = SystemClock()
     dialer = DirectDialer()

@@ -3,7 +3,7 @@
 Every server is a separate process tree on 127.0.0.1 and every client is the same code in
 this process, so the three servers are measured the same way:
 
-* **onionpost**: ``onionpost run`` on a fresh data directory (``onionpost.provision``: alice,
+* **onionpost**: ``onionpost run`` on a fresh data directory (``onionpost.app.provision``: alice,
   whose mail client logs in, and bob, a second user of the same node), tor mode "off".
   SMTP is alice mailing bob: each 250 comes after the SQLite transaction
   (``synchronous=FULL``) that queues the message and alice's Sent copy has committed
@@ -537,7 +537,7 @@ class _Node:
     data_dir: Path
     smtp_port: int
     imap_port: int
-    alice: Any  # onionpost.provision's result: address and password
+    alice: Any  # onionpost.app.provision's result: address and password
     bob: Any
     pid: int
 
@@ -546,8 +546,8 @@ class _Node:
 def onionpost_node(data_dir: Path) -> Iterator[_Node]:
     """``onionpost run`` on a fresh data directory with alice and bob, stopped on exit."""
     from gateway.setup import setup_account
-    from onionpost.config import load
-    from onionpost.provision import add_user, initialize
+    from onionpost.app.provision import add_user, initialize
+    from onionpost.base.config import load
 
     data_dir.mkdir(mode=0o700)
     smtp_port, imap_port, autoconfig_port = free_port(), free_port(), free_port()

@@ -91,8 +91,8 @@ class NodeProcess:
 
     def __init__(self, root: Path, user: str) -> None:
         from gateway.setup import setup_account
-        from onionpost.config import load
-        from onionpost.provision import initialize
+        from onionpost.app.provision import initialize
+        from onionpost.base.config import load
 
         self.user = user
         self.dir = root / user

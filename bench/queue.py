@@ -1,7 +1,7 @@
 """Store-and-forward: draining a backlog to an inbox that comes back, and a node's idle cost.
 
 **Drain.**  The loopback world of :mod:`bench.delivery` (inbox A with alice, inbox B with bob,
-here with one device) on a :class:`~onionpost.clock.FakeClock`.  alice and bob exchange a
+here with one device) on a :class:`~onionpost.base.clock.FakeClock`.  alice and bob exchange a
 first message (so alice holds bob's keys and a contact token), then inbox B and bob's device
 go away.  alice submits the backlog; the sealing loop seals each message with the cached
 keys and hands it to inbox A, whose outbox worker tries it once, finds B offline and defers
@@ -11,8 +11,8 @@ is delivered to inbox B and when the last message is filed on bob's device.  The
 is the same number of messages in a fresh world where B was never down, timed from the
 first submission (so it includes sealing, which the drain had done beforehand).
 
-**Idle.**  A full :class:`onionpost.node.Node` (role "both", tor off, no gateway extensions,
-a data directory made by :func:`onionpost.provision.initialize`) in a child process: its CPU
+**Idle.**  A full :class:`onionpost.app.node.Node` (role "both", tor off, no gateway extensions,
+a data directory made by :func:`onionpost.app.provision.initialize`) in a child process: its CPU
 time over a window of idleness after start-up has settled, as % of one core, against an
 asyncio loop with nothing scheduled, in another child process, over the same window.
 """
@@ -32,7 +32,7 @@ from pathlib import Path
 
 from bench.delivery import OPEN_LIMITS, Commits, World, fmt_rate, stop_device
 from bench.harness import Context, Stats, fmt_time
-from onionpost.clock import FakeClock
+from onionpost.base.clock import FakeClock
 from onionpost.store.outbox import OutboxRow
 
 BACKOFF_SKIP = 90  # fake seconds: past the first retry (60 s +25 % jitter)
@@ -171,9 +171,9 @@ async def _idle(kind: str, settle: float, window: float) -> dict[str, float]:
     tmp = None
     stop_seconds = 0.0
     if kind.startswith("node"):
-        from onionpost.config import load
-        from onionpost.node import Node
-        from onionpost.provision import initialize
+        from onionpost.app.node import Node
+        from onionpost.app.provision import initialize
+        from onionpost.base.config import load
 
         tmp = tempfile.TemporaryDirectory(prefix="onionpost-bench-idle-")
         data = Path(tmp.name) / "node"
@@ -212,11 +212,11 @@ async def _idle(kind: str, settle: float, window: float) -> dict[str, float]:
 def _queue_rows(data: Path, n: int) -> None:
     """``n`` rows in the node's outbox for an unreachable inbox, next attempt in a day
     (nothing is due during the measurement: what remains is the node's periodic work)."""
-    from onionpost.address import Address
-    from onionpost.crypto.keys import ServerSecrets
-    from onionpost.keystore import AccountFiles, KeyStore
+    from onionpost.core.address import Address
+    from onionpost.core.crypto.keys import ServerSecrets
     from onionpost.store import INBOX_COMPONENTS
     from onionpost.store.db import Database
+    from onionpost.store.keystore import AccountFiles, KeyStore
     from onionpost.store.outbox import OutboxStore
 
     now = int(time.time())

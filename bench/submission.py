@@ -38,7 +38,7 @@ def run(ctx: Context) -> None:
         root.chmod(0o755)  # Postfix runs its workers as other users
         with onionpost_node(root / "node") as node:
             onion = onionpost_smtp(node, sizes.smtp_messages)
-        # The node logs its group commit's totals as it stops (onionpost.groupcommit).
+        # The node logs its group commit's totals as it stops (onionpost.base.groupcommit).
         totals = _COMMITS.findall((root / "onionpost-node.log").read_text(errors="replace"))
         postfix = measure_postfix(root / "postfix", sizes, refs) if refs.postfix else None
     report_smtp(ctx, sizes, onion, postfix, refs)
@@ -64,12 +64,12 @@ def _commit_path(ctx: Context, count: int) -> None:
     from nacl.signing import SigningKey
 
     from bench.gateway import submission
-    from onionpost.address import Address, onion_from_public_key
-    from onionpost.groupcommit import GroupCommit
+    from onionpost.base.groupcommit import GroupCommit
+    from onionpost.core.address import Address, onion_from_public_key
+    from onionpost.device.submission import queue_submission
     from onionpost.store import DEVICE_COMPONENTS
     from onionpost.store.db import Database
     from onionpost.store.filing import FilingStore
-    from onionpost.submission import queue_submission
 
     key = SigningKey.generate().verify_key.encode()
     to = Address.parse(f"bob@{onion_from_public_key(key)}.onion")

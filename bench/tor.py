@@ -26,20 +26,21 @@ from email.message import EmailMessage
 from pathlib import Path
 
 from bench.harness import Context, Stats, fmt_time
-from onionpost.api.client import InboxClient
-from onionpost.crypto.padding import FLOOR
+from onionpost.core.crypto.padding import FLOOR
+from onionpost.net.client import InboxClient
 
 try:
-    from onionpost.api.pool import ConnectionPool
+    from onionpost.net.pool import ConnectionPool
 except ImportError:  # the same bench on code from before the pool (for before/after runs)
     ConnectionPool = None  # type: ignore[assignment,misc]
-from onionpost.clock import SystemClock
-from onionpost.config import Config, load
-from onionpost.node import Node
-from onionpost.provision import initialize
-from onionpost.tor import TorDialer, TorRuntime
-from onionpost.tornet import TorNetwork
-from tests.mailstore import filed, memory_mailbox
+from onionpost.app.node import Node
+from onionpost.app.provision import initialize
+from onionpost.base.clock import SystemClock
+from onionpost.base.config import Config, load
+from onionpost.net.tor.runtime import TorRuntime
+from onionpost.net.tor.socks import TorDialer
+from onionpost.testing.mailstore import filed, memory_mailbox
+from onionpost.testing.tornet import TorNetwork
 
 
 def run(ctx: Context) -> None:

@@ -20,7 +20,7 @@ Like the node API, it tells a prober nothing about its software and repeats noth
 sent: no ``Server`` header on any answer (aiohttp's own error pages included), and a request
 that is not valid HTTP gets a short fixed text instead of aiohttp's page quoting its bytes.
 
-aiohttp is imported here and in ``onionpost/api/server.py`` (a contract in pyproject.toml
+aiohttp is imported here and in ``onionpost/inbox/api.py`` (a contract in pyproject.toml
 names both); this server is a few routes on loopback, with none of the node API's exposure,
 and takes its header-less responses and fixed error pages from the API server.
 """
@@ -36,8 +36,8 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from gateway.thunderbird import LOOPBACK, render_autoconfig_xml
-from onionpost.api.server import FixedErrorPages, QuietResponse
-from onionpost.config import GatewayConfig
+from onionpost.base.config import GatewayConfig
+from onionpost.inbox.api import FixedErrorPages, QuietResponse
 
 __all__ = ["AutoconfigServer", "start_autoconfig"]
 

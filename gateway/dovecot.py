@@ -69,9 +69,9 @@ from typing import Literal
 
 from gateway.lan import connect_host
 from gateway.tls import LocalTLS, ensure_tls
-from onionpost.atomicfile import write_atomic
-from onionpost.clock import Clock, SystemClock
-from onionpost.errors import (
+from onionpost.base.atomicfile import write_atomic
+from onionpost.base.clock import Clock, SystemClock
+from onionpost.core.errors import (
     FilingDeferred,
     FilingRefused,
     MailServerError,
@@ -79,8 +79,8 @@ from onionpost.errors import (
     PasswordRejected,
     UnknownLocalUser,
 )
-from onionpost.retry import DOVECOT_RESTART, Backoff
-from onionpost.trust import QUARANTINE
+from onionpost.core.retry import DOVECOT_RESTART, Backoff
+from onionpost.core.trust import QUARANTINE
 
 __all__ = [
     "TLS_REQUIRED",
@@ -118,7 +118,7 @@ SPECIAL_FOLDERS = (
     ("Archive", "\\Archive"),
 )
 #: Folders every mailbox has that no SPECIAL-USE flag names: Quarantine holds mail signed by
-#: a contact's identity key that the person has not accepted yet (see onionpost.sync).
+#: a contact's identity key that the person has not accepted yet (see onionpost.device.sync).
 PLAIN_FOLDERS = (QUARANTINE,)
 #: sockaddr_un holds 108 bytes; Dovecot's longest socket name below base_dir is about 25.
 _MAX_BASE_DIR = 80

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.tls import LAN_CERT_FILE, IPAddress, certificate_names, nameable
-from onionpost.config import GatewayConfig
+from onionpost.base.config import GatewayConfig
 
 __all__ = [
     "LanNames",

@@ -51,8 +51,8 @@ from pathlib import Path
 from typing import Any
 
 from gateway.dovecot import Identity, Layout
-from onionpost.atomicfile import fsync_dir, write_atomic
-from onionpost.errors import MailServerError, UnknownLocalUser
+from onionpost.base.atomicfile import fsync_dir, write_atomic
+from onionpost.core.errors import MailServerError, UnknownLocalUser
 from onionpost.store.db import Database
 
 __all__ = ["UpgradeReport", "upgrade_sqlite_mailbox"]

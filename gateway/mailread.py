@@ -47,7 +47,7 @@ from gateway.dovecot import (
     PasswdFile,
     find_installation,
 )
-from onionpost.errors import (
+from onionpost.core.errors import (
     DataDirError,
     FolderNotFound,
     MailServerError,

@@ -1,6 +1,6 @@
 """What mail clients read when something fails: onionpost errors as IMAP (and SMTP) replies.
 
-Every :class:`~onionpost.errors.OnionpostError` that reaches a mail client is worded here and
+Every :class:`~onionpost.core.errors.OnionpostError` that reaches a mail client is worded here and
 nowhere else, so the same problem reads the same way in every command.  The sentence is the
 error's own (its class docstring, or the more specific text it was raised with); this module
 only picks the protocol's machine-readable code and makes the text safe to put on one
@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from onionpost.errors import (
+from onionpost.core.errors import (
     AddressError,
     AuthenticationFailed,
     FolderExists,

@@ -38,15 +38,15 @@ from gateway.mailbox_upgrade import UpgradeReport, upgrade_sqlite_mailbox
 from gateway.smtp import start_smtp
 from gateway.throttle import LoginThrottle
 from gateway.tls import ensure_lan_tls, ensure_tls, lan_server_context, server_context
-from onionpost.clock import Clock
-from onionpost.config import Config
-from onionpost.device import Device
-from onionpost.errors import FilingDeferred, ListenError, OnionpostError
-from onionpost.filing import Filer
+from onionpost.base.clock import Clock
+from onionpost.base.config import Config
+from onionpost.core.errors import FilingDeferred, ListenError, OnionpostError
+from onionpost.device.filing import Filer
+from onionpost.device.session import Device
+from onionpost.device.submission import Submissions
 from onionpost.store import DEVICE_COMPONENTS
 from onionpost.store.accounts import AccountStore
 from onionpost.store.db import Database
-from onionpost.submission import Submissions
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +234,7 @@ async def start_gateway(node: GatewayHost) -> Callable[[], Awaitable[None]]:
     sink = DovecotSink(dovecot)
     filer.attach(sink)
     # Sent's UIDNEXT now, before any client can submit: the floor of the search for the
-    # client's own copy of what it sends from here on (onionpost/filing.py).
+    # client's own copy of what it sends from here on (onionpost/device/filing.py).
     for user in accounts.users():
         await filer.observe(sink, user, "Sent")
     missing = sorted(set(accounts.users()) - set(PasswdFile(dovecot.layout).users()))

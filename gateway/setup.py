@@ -5,8 +5,8 @@ from __future__ import annotations
 import secrets
 
 from gateway.tls import ensure_tls
-from onionpost.account import Account
-from onionpost.config import Config
+from onionpost.base.config import Config
+from onionpost.core.account import Account
 from onionpost.store import DEVICE_COMPONENTS
 from onionpost.store.accounts import AccountStore
 from onionpost.store.db import Database
@@ -27,7 +27,7 @@ def _dovecot_password(config: Config, user: str, password: str | None) -> None:
     server-to-be); it stores only its own hash.  Without Dovecot installed there is nothing
     to keep in step."""
     from gateway.dovecot import Layout, PasswdFile, find_installation
-    from onionpost.errors import MailServerNotInstalled
+    from onionpost.core.errors import MailServerNotInstalled
 
     passwd = PasswdFile(Layout(config.data_dir))
     if password is None:

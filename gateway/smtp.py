@@ -2,7 +2,7 @@
 
 This is the only module that imports aiosmtpd.  Its ``SMTP`` protocol runs through
 ``loop.create_server`` in the node's own event loop, not in aiosmtpd's ``Controller``
-thread: a submission ends in :meth:`onionpost.submission.Submissions.submit`, which writes
+thread: a submission ends in :meth:`onionpost.device.submission.Submissions.submit`, which writes
 the SQLite connection the rest of the node writes too, and one loop means one writer.
 
 What a client may do, and why:
@@ -29,7 +29,7 @@ What a client may do, and why:
 * 250 is said only after ``submit`` returned, i.e. once the message is durable and filed in
   Sent.  The node passes ``Submissions.submit_async``: the header parsing and the
   transaction run in the group commit's thread, and concurrent sessions share one commit
-  (:mod:`onionpost.groupcommit`), so one session's fsync does not stall the others.  Every
+  (:mod:`onionpost.base.groupcommit`), so one session's fsync does not stall the others.  Every
   refusal is worded in ``gateway/replies.py``.
 * As an MSA may (RFC 6409 §8), a missing Message-ID or Date is added; nothing else in the
   message is touched, and no Received: header is written (it would record the client).
@@ -66,11 +66,11 @@ from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, TLSSetup
 from gateway import replies
 from gateway.lan import listen_hosts
 from gateway.throttle import LoginThrottle
-from onionpost.address import Address
-from onionpost.aio import foreground
-from onionpost.clock import Clock, SystemClock
-from onionpost.config import GatewayConfig
-from onionpost.errors import (
+from onionpost.base.aio import foreground
+from onionpost.base.clock import Clock, SystemClock
+from onionpost.base.config import GatewayConfig
+from onionpost.core.address import Address
+from onionpost.core.errors import (
     AddressError,
     ConfigError,
     MessageTooLarge,

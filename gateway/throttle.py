@@ -25,8 +25,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from onionpost.clock import Clock, SystemClock
-from onionpost.retry import RetryPolicy
+from onionpost.base.clock import Clock, SystemClock
+from onionpost.core.retry import RetryPolicy
 
 BASE_DELAY = 0.5
 MAX_DELAY = 15.0

@@ -36,8 +36,8 @@ from dataclasses import dataclass
 from pathlib import PurePath
 from urllib.parse import quote
 
-from onionpost.address import Address
-from onionpost.errors import UsageError
+from onionpost.core.address import Address
+from onionpost.core.errors import UsageError
 
 __all__ = [
     "LOOPBACK",

@@ -46,8 +46,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from onionpost.atomicfile import write_atomic
-from onionpost.errors import LocalTLSError
+from onionpost.base.atomicfile import write_atomic
+from onionpost.core.errors import LocalTLSError
 
 __all__ = [
     "LAN_NETWORKS",

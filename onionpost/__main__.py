@@ -1,3 +1,3 @@
-from onionpost.cli import main
+from onionpost.app.cli import main
 
 main()

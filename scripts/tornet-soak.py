@@ -10,8 +10,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from onionpost.errors import TorError
-from onionpost.tornet import TorNetwork
+from onionpost.core.errors import TorError
+from onionpost.testing.tornet import TorNetwork
 
 
 def main() -> int:

@@ -19,8 +19,8 @@ import secrets
 import unicodedata
 from dataclasses import dataclass, field
 
-from onionpost.clock import Clock, SystemClock
-from onionpost.errors import PasswordRejected, UnknownLocalUser
+from onionpost.base.clock import Clock, SystemClock
+from onionpost.core.errors import PasswordRejected, UnknownLocalUser
 from onionpost.store.db import Database
 
 __all__ = ["DEFAULT_COST", "AccountStore", "Credential", "ScryptCost", "check_password"]

@@ -4,7 +4,7 @@ A contact's identity key is pinned the first time we see it, from a bundle fetch
 contact's own onion or from a message whose credentials verified.  Later bundles and
 messages must agree with the pin.  A different identity key is recorded in
 ``identity_changes`` with what was verified of it; mail signed by it is held in Quarantine
-(see :mod:`onionpost.sync`) until the person compares fingerprints and runs ``onionpost
+(see :mod:`onionpost.device.sync`) until the person compares fingerprints and runs ``onionpost
 contacts accept-key ADDR FINGERPRINT`` (pins the new key if the typed fingerprint is its
 own) or ``contacts reject-key ADDR`` (keeps the old pin; the new key's mail is refused).
 
@@ -19,11 +19,11 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import dataclass
 
-from onionpost.crypto.bundle import Pin
-from onionpost.crypto.sender import pin_encode
-from onionpost.errors import FingerprintMismatch, UsageError
+from onionpost.core.crypto.bundle import Pin
+from onionpost.core.crypto.sender import pin_encode
+from onionpost.core.errors import FingerprintMismatch, UsageError
+from onionpost.core.trust import check_typed, fingerprint_matches
 from onionpost.store.db import Database
-from onionpost.trust import check_typed, fingerprint_matches
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,8 @@ from typing import Any
 
 import sqlite_utils
 
-from onionpost.crypto.keys import record_hash
-from onionpost.errors import DatabaseBusy, DatabaseFailed, StoreError
+from onionpost.core.crypto.keys import record_hash
+from onionpost.core.errors import DatabaseBusy, DatabaseFailed, StoreError
 
 _MIGRATIONS_PACKAGE = "onionpost.store.migrations"
 #: A migration with this line removes data that must not linger in freed pages: the database
@@ -59,7 +59,7 @@ class _NoRecordKey(Exception):
 class Database:
     """One SQLite file opened for onionpost: WAL, FULL sync, foreign keys, migrations applied.
 
-    ``record_key`` (the inbox's :meth:`~onionpost.crypto.keys.ServerSecrets.record_key`) is
+    ``record_key`` (the inbox's :meth:`~onionpost.core.crypto.keys.ServerSecrets.record_key`) is
     what the inbox database's keyed hashes are made with: :meth:`record_hash` in Python and
     ``record_hash(value)`` in SQL (migrations use it to hash values stored in clear by older
     versions).  A database opened without it can still be read, and migrated while the
@@ -143,7 +143,7 @@ class Database:
         Writers take the write lock up front (IMMEDIATE) so two writers never deadlock on a
         lock upgrade.  When the block returns, the data is durably committed.  A ``sqlite3``
         error raised inside the block (the callers run SQL on the yielded connection) rolls
-        back and leaves as a :class:`~onionpost.errors.StoreError` (see :func:`translate`).
+        back and leaves as a :class:`~onionpost.core.errors.StoreError` (see :func:`translate`).
         """
         name = f"sp{self._depth}"
         locked = self._depth == 0 and self._write_lock is not None

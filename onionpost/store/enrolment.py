@@ -30,7 +30,7 @@ class InviteRow:
 
 @dataclass(frozen=True)
 class ChainRow:
-    """A mailbox's place in the invite chain (see :mod:`onionpost.chain`)."""
+    """A mailbox's place in the invite chain (see :mod:`onionpost.core.chain`)."""
 
     mailbox_id: bytes
     invited_by: bytes | None

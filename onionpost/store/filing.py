@@ -4,7 +4,7 @@ Everything onionpost files for a person (mail from others, copies of their own m
 their other devices, the Sent copy of what a local client submitted, delivery notices,
 bounces, device-list notices) is first written here: the message into a spool file under
 ``<data>/filing/`` (fsynced), then a row, in the caller's transaction.  The filer
-(:mod:`onionpost.filing`) hands each row to Dovecot's LMTP and removes it after the 250.
+(:mod:`onionpost.device.filing`) hands each row to Dovecot's LMTP and removes it after the 250.
 
 Why a queue and not a direct LMTP call where mail arrives: the caller's other state (the
 submission a client is about to hear 250 for, the message id that makes a second download
@@ -24,9 +24,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from onionpost.atomicfile import write_all, write_atomic
-from onionpost.crypto.envelope import Readable
-from onionpost.errors import StoreError
+from onionpost.base.atomicfile import write_all, write_atomic
+from onionpost.core.crypto.envelope import Readable
+from onionpost.core.errors import StoreError
 from onionpost.store.db import Database
 
 QUEUED, HANDED, FILED = 0, 1, 2
@@ -147,7 +147,7 @@ class FilingStore:
         With ``in_database`` (``message`` as bytes, no prefix) the message goes into the
         ``filing_bodies`` table instead, durable with the caller's COMMIT and no fsync of
         its own: what lets a group commit of submissions cost one fsync
-        (:class:`onionpost.submission.Submissions`).
+        (:class:`onionpost.device.submission.Submissions`).
         """
         if self.db.scalar("SELECT 1 FROM filing_queue WHERE key = ?", (key,)):
             return None

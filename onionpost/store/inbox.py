@@ -14,9 +14,9 @@ import sqlite3
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from onionpost import quota
-from onionpost.crypto.envelope import Readable
-from onionpost.errors import StoreError
+from onionpost.core import quota
+from onionpost.core.crypto.envelope import Readable
+from onionpost.core.errors import StoreError
 from onionpost.store.db import Database, translate
 
 BLOB_CHUNK = 1 << 20

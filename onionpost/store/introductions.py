@@ -1,7 +1,7 @@
 """Introductions one person received (``A introduces you to C``), waiting for a decision.
 
 Rows are written only after the introduction's every signature checked and its sender was
-found to be an existing, unblocked contact (:mod:`onionpost.sync`).  Like contacts, rows are
+found to be an existing, unblocked contact (:mod:`onionpost.device.sync`).  Like contacts, rows are
 per person: a :class:`IntroductionStore` is one user's view.
 """
 

@@ -17,10 +17,10 @@ import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from onionpost.crypto.envelope import Readable, Writable
-from onionpost.errors import StoreError
-from onionpost.queuestate import OUTBOX, RESEAL_CODE
-from onionpost.queuestate import OutboxState as S
+from onionpost.core.crypto.envelope import Readable, Writable
+from onionpost.core.errors import StoreError
+from onionpost.core.queuestate import OUTBOX, RESEAL_CODE
+from onionpost.core.queuestate import OutboxState as S
 from onionpost.store.db import Database, translate
 
 #: Envelopes move between files and the database in pieces of this size, never whole.

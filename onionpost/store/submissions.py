@@ -6,9 +6,9 @@ import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from onionpost.errors import IllegalTransition
-from onionpost.queuestate import SUBMISSION
-from onionpost.queuestate import RecipientState as S
+from onionpost.core.errors import IllegalTransition
+from onionpost.core.queuestate import SUBMISSION
+from onionpost.core.queuestate import RecipientState as S
 from onionpost.store.db import Database
 
 

@@ -20,9 +20,9 @@ from gateway.autoconfig import start_autoconfig
 from gateway.smtp import SMTPGateway, start_smtp
 from gateway.thunderbird import GatewaySettings, render_user_js
 from gateway.tls import ca_path, server_context
-from onionpost.address import Address
-from onionpost.config import GatewayConfig
-from onionpost.crypto.primitives import SeededRandom, ed25519_public
+from onionpost.base.config import GatewayConfig
+from onionpost.core.address import Address
+from onionpost.core.crypto.primitives import SeededRandom, ed25519_public
 from onionpost.store.accounts import AccountStore, ScryptCost
 from onionpost.store.db import Database
 

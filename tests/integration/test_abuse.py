@@ -17,16 +17,15 @@ from email.message import EmailMessage
 from email.policy import default
 from pathlib import Path
 
-from onionpost.account import Account
-from onionpost.api.client import InboxClient
-from onionpost.api.transport import DirectDialer
-from onionpost.clock import FakeClock
-from onionpost.crypto import envelope, pow
-from onionpost.crypto.bundle import KeyBundle, verify_bundle
-from onionpost.crypto.envelope import StanzaTarget
-from onionpost.errors import PermanentDeliveryError, TemporaryDeliveryError
-
-from .harness import DeviceNode, InboxNode
+from onionpost.base.clock import FakeClock
+from onionpost.core.account import Account
+from onionpost.core.crypto import envelope, pow
+from onionpost.core.crypto.bundle import KeyBundle, verify_bundle
+from onionpost.core.crypto.envelope import StanzaTarget
+from onionpost.core.errors import PermanentDeliveryError, TemporaryDeliveryError
+from onionpost.net.client import InboxClient
+from onionpost.net.transport import DirectDialer
+from onionpost.testing.harness import DeviceNode, InboxNode
 
 STRANGER_LIMIT = 5
 

@@ -9,9 +9,9 @@ from collections.abc import AsyncIterator
 import pytest
 
 from gateway.autoconfig import AutoconfigServer, start_autoconfig
-from onionpost.address import Address
-from onionpost.config import GatewayConfig
-from onionpost.crypto.primitives import SeededRandom, ed25519_public
+from onionpost.base.config import GatewayConfig
+from onionpost.core.address import Address
+from onionpost.core.crypto.primitives import SeededRandom, ed25519_public
 
 ALICE = Address.for_key("alice", ed25519_public(SeededRandom(b"autoconfig")(32)))
 OTHER = Address.for_key("x", ed25519_public(SeededRandom(b"autoconfig-2")(32)))

@@ -7,12 +7,12 @@ import asyncio
 from pathlib import Path
 
 from gateway.service import start_gateway
-from onionpost.clock import SystemClock
-from onionpost.config import load
-from onionpost.keystore import AccountFiles, KeyStore
-from onionpost.node import Node
-from onionpost.provision import initialize
-from tests.mailstore import memory_mailbox
+from onionpost.app.node import Node
+from onionpost.app.provision import initialize
+from onionpost.base.clock import SystemClock
+from onionpost.base.config import load
+from onionpost.store.keystore import AccountFiles, KeyStore
+from onionpost.testing.mailstore import memory_mailbox
 
 from .test_enrolment import acli, eventually, free_port, mail_bytes, subjects, tor_off, write_config
 

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from onionpost.inbox import CONTACTS_ONLY, TOKEN_REFUSED
-
-from .harness import DeviceNode, Loopback, compose, subjects
+from onionpost.inbox.postoffice import CONTACTS_ONLY, TOKEN_REFUSED
+from onionpost.testing.harness import DeviceNode, Loopback, compose, subjects
 
 
 class World(Loopback):
@@ -147,7 +146,7 @@ async def test_the_policy_survives_a_restart(world: World) -> None:
     assert await w.alice.device.session.policy() is False
     # the bundle says so too, so senders need not try
     bundle = w.a.inbox.bundle("alice", w.clock.now())
-    from onionpost.crypto.bundle import KeyBundle
+    from onionpost.core.crypto.bundle import KeyBundle
 
     assert KeyBundle.parse(bundle).policy.accepts_strangers is False
 
@@ -155,8 +154,8 @@ async def test_the_policy_survives_a_restart(world: World) -> None:
 async def test_a_policy_set_beside_the_running_inbox_is_in_its_next_bundle(world: World) -> None:
     """`contacts policy` on the inbox's machine writes the database with an inbox of its
     own; the running one must not keep serving its cached (open) bundle for a minute."""
-    from onionpost.crypto.bundle import KeyBundle
-    from onionpost.inbox import Inbox
+    from onionpost.core.crypto.bundle import KeyBundle
+    from onionpost.inbox.postoffice import Inbox
     from onionpost.store.inbox import InboxStore
 
     w = world

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from onionpost.address import Address
-from onionpost.cli import cli
-from onionpost.crypto.keys import ServerSecrets
+from onionpost.app.cli import cli
+from onionpost.core.address import Address
+from onionpost.core.crypto.keys import ServerSecrets
 
 
 @pytest.fixture
@@ -323,11 +323,11 @@ def test_contacts_block_unblock_and_policy_on_a_machine_with_its_inbox(home: Pat
     import json
     import os
 
-    from onionpost.keystore import KeyStore
     from onionpost.store import DEVICE_COMPONENTS, INBOX_COMPONENTS
     from onionpost.store.contacts import ContactStore
     from onionpost.store.db import Database
     from onionpost.store.inbox import InboxStore
+    from onionpost.store.keystore import KeyStore
 
     run(home, "init", "--user", "alice", "--device-name", "laptop")
     code, out = run(home, "contacts", "policy")
@@ -356,8 +356,8 @@ def test_contacts_block_unblock_and_policy_on_a_machine_with_its_inbox(home: Pat
     contacts.set_token_from_them(hal, token)
     db.close()
     db = Database(home / "inbox.db", INBOX_COMPONENTS, record_key=key)
-    from onionpost.crypto.primitives import kdf, mac32
-    from onionpost.inbox import CTX_TOKEN_HASH
+    from onionpost.core.crypto.primitives import kdf, mac32
+    from onionpost.inbox.postoffice import CTX_TOKEN_HASH
 
     token_hash = mac32(kdf(KeyStore(home).load_server().onion_seed, CTX_TOKEN_HASH), token)
     InboxStore(db).add_token(mb.mailbox_id, token_hash, 1)

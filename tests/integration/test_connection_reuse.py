@@ -1,4 +1,4 @@
-"""Kept-alive connections between inboxes (onionpost/api/pool.py), over loopback: reuse
+"""Kept-alive connections between inboxes (onionpost/net/pool.py), over loopback: reuse
 happens, destinations never share a connection, and a pooled connection that dies is replaced
 by a fresh one without losing or duplicating a message.
 
@@ -17,15 +17,15 @@ from pathlib import Path
 
 import pytest
 
-from onionpost.api.client import InboxClient
-from onionpost.api.pool import ConnectionPool, peer_isolation
-from onionpost.api.transport import DirectDialer, Streams
-from onionpost.clock import SystemClock
-from onionpost.crypto.bundle import KeyBundle, verify_bundle
-from onionpost.errors import PeerUnreachable
+from onionpost.base.clock import SystemClock
+from onionpost.core.crypto.bundle import KeyBundle, verify_bundle
+from onionpost.core.errors import PeerUnreachable
+from onionpost.net.client import InboxClient
+from onionpost.net.pool import ConnectionPool, peer_isolation
+from onionpost.net.transport import DirectDialer, Streams
 from onionpost.store.outbox import OutboxRow
+from onionpost.testing.harness import InboxNode
 
-from .harness import InboxNode
 from .test_inbox_api import _sealed, _session
 
 

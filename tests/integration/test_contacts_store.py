@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from onionpost.crypto.fingerprint import fingerprint
-from onionpost.crypto.sender import pin_parse
-from onionpost.errors import FingerprintMismatch, UsageError
+from onionpost.core.crypto.fingerprint import fingerprint
+from onionpost.core.crypto.sender import pin_parse
+from onionpost.core.errors import FingerprintMismatch, UsageError
 from onionpost.store import DEVICE_COMPONENTS
 from onionpost.store.accounts import AccountStore, ScryptCost
 from onionpost.store.contacts import ContactStore

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import pytest
 
-from onionpost.address import Address
-from onionpost.config import load
-from onionpost.provision import initialize
-from tests.mailstore import maildir_messages
+from onionpost.app.provision import initialize
+from onionpost.base.config import load
+from onionpost.core.address import Address
+from onionpost.testing.mailstore import maildir_messages
 
 pytestmark = pytest.mark.slow
 

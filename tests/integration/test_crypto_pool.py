@@ -19,12 +19,11 @@ from typing import Any
 
 import pytest
 
-from onionpost.api.transport import DirectDialer
-from onionpost.clock import FakeClock
-from onionpost.config import load
-from onionpost.sync import Receiver
-
-from .harness import DeviceNode, InboxNode
+from onionpost.base.clock import FakeClock
+from onionpost.base.config import load
+from onionpost.device.sync import Receiver
+from onionpost.net.transport import DirectDialer
+from onionpost.testing.harness import DeviceNode, InboxNode
 
 
 class CountingPool(ThreadPoolExecutor):

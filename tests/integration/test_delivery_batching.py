@@ -18,17 +18,16 @@ from pathlib import Path
 
 import pytest
 
-from onionpost.clock import FakeClock
-from onionpost.errors import FilingDeferred, UnknownMailbox
-from onionpost.filing import FILING_HEADER, Filer
+from onionpost.base.clock import FakeClock
+from onionpost.core.errors import FilingDeferred, UnknownMailbox
+from onionpost.device.filing import FILING_HEADER, Filer
+from onionpost.device.sync import BATCH_MESSAGES, _batches
 from onionpost.store import DEVICE_COMPONENTS
 from onionpost.store.db import Database
 from onionpost.store.filing import HANDED, FilingStore
-from onionpost.sync import BATCH_MESSAGES, _batches
-from tests.mailstore import MemorySink
-
-from .harness import DeviceNode, Loopback, compose
-from .harness import subjects as filed_subjects
+from onionpost.testing.harness import DeviceNode, Loopback, compose
+from onionpost.testing.harness import subjects as filed_subjects
+from onionpost.testing.mailstore import MemorySink
 
 
 def subjects(d: DeviceNode, folder: str = "INBOX") -> list[str]:
@@ -232,7 +231,7 @@ async def test_rows_left_handed_by_an_interrupted_batch_are_looked_up_not_refile
 
 
 def test_batches_keep_order_and_bounds() -> None:
-    from onionpost.api.client import PendingMessage
+    from onionpost.net.client import PendingMessage
 
     items = [PendingMessage(i, 1000, 0) for i in range(BATCH_MESSAGES * 2 + 3)]
     cut = _batches(items)

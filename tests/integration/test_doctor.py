@@ -8,9 +8,9 @@ import socket
 import time
 from pathlib import Path
 
-from onionpost.clock import SystemClock
-from onionpost.config import load
-from onionpost.provision import initialize
+from onionpost.app.provision import initialize
+from onionpost.base.clock import SystemClock
+from onionpost.base.config import load
 
 from .test_enrolment import acli, free_port, tor_off, write_config
 

@@ -43,9 +43,9 @@ from gateway.dovecot import (
     render_config,
 )
 from gateway.tls import ensure_tls
-from onionpost.errors import FilingRefused, MailServerNotInstalled, UnknownLocalUser
-from onionpost.retry import RetryPolicy
-from onionpost.trust import QUARANTINE
+from onionpost.core.errors import FilingRefused, MailServerNotInstalled, UnknownLocalUser
+from onionpost.core.retry import RetryPolicy
+from onionpost.core.trust import QUARANTINE
 
 USER, PASSWORD = "alice", "correct horse battery"
 REPO = Path(__file__).resolve().parents[2]
@@ -520,7 +520,7 @@ def test_the_cli_keeps_dovecots_logins_in_step(tmp_path: Path) -> None:
     IMAP server that replaces pymap knows every password (hashes only, never the text)."""
     from click.testing import CliRunner
 
-    from onionpost.cli import cli
+    from onionpost.app.cli import cli
 
     home = tmp_path / "home"
 
@@ -544,7 +544,7 @@ def test_the_cli_keeps_dovecots_logins_in_step(tmp_path: Path) -> None:
 
 async def test_the_filers_searches_from_a_uid_floor(server: DovecotServer) -> None:
     """A search from UIDNEXT read before a message was filed finds it (and only what came
-    after); the \\Seen flag set from that floor lands on it alone (onionpost/filing.py)."""
+    after); the \\Seen flag set from that floor lands on it alone (onionpost/device/filing.py)."""
     from gateway.service import DovecotSink
 
     sink = DovecotSink(server)

@@ -20,17 +20,17 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from onionpost import admin
-from onionpost.address import Address
-from onionpost.clock import SystemClock
-from onionpost.config import Config, load
-from onionpost.errors import CodeRefused, DeviceRefused, PairingFailed
-from onionpost.joining import inbox_dialer, join_identity, offer_pairing
-from onionpost.keystore import AccountFiles, KeyStore
-from onionpost.node import Node
-from onionpost.pairing import Code
-from onionpost.provision import adopt_account, initialize
-from tests.mailstore import memory_mailbox, subjects
+from onionpost.app import admin
+from onionpost.app.node import Node
+from onionpost.app.provision import adopt_account, initialize
+from onionpost.base.clock import SystemClock
+from onionpost.base.config import Config, load
+from onionpost.core.address import Address
+from onionpost.core.errors import CodeRefused, DeviceRefused, PairingFailed
+from onionpost.core.pairing import Code
+from onionpost.device.joining import inbox_dialer, join_identity, offer_pairing
+from onionpost.store.keystore import AccountFiles, KeyStore
+from onionpost.testing.mailstore import memory_mailbox, subjects
 
 pytestmark = pytest.mark.asyncio(loop_scope="function")
 
@@ -43,7 +43,7 @@ def free_port() -> int:
 
 
 def cli(home: Path, *args: str) -> tuple[int, str]:
-    from onionpost.cli import cli as command
+    from onionpost.app.cli import cli as command
 
     result = CliRunner().invoke(command, ["--data-dir", str(home), *args])
     return result.exit_code, result.output
@@ -298,7 +298,7 @@ async def test_wrong_codes_are_rate_limited_and_logged(
             p.enrolment.invite_info(b"\x00" * 32, now)
     code, _ = p.enrolment.create_invite("dora", now=now)
     # past the limit even the right code waits for the next hour: guessing stops here
-    from onionpost.errors import TooManyCodeAttempts
+    from onionpost.core.errors import TooManyCodeAttempts
 
     with pytest.raises(TooManyCodeAttempts):
         p.enrolment.invite_info(code.claim(), now)

@@ -19,13 +19,13 @@ import pytest
 
 from gateway.dovecot import DovecotServer, Layout, Settings, find_installation
 from gateway.service import DovecotSink, _free_port
-from onionpost.clock import SystemClock
-from onionpost.errors import MailServerNotInstalled
-from onionpost.filing import FILING_HEADER, Filer
+from onionpost.base.clock import SystemClock
+from onionpost.core.errors import MailServerNotInstalled
+from onionpost.device.filing import FILING_HEADER, Filer
 from onionpost.store import DEVICE_COMPONENTS
 from onionpost.store.db import Database
 from onionpost.store.filing import HANDED, FilingStore
-from tests.mailstore import maildir_messages
+from onionpost.testing.mailstore import maildir_messages
 
 REPO = Path(__file__).resolve().parents[2]
 USER = "alice"
@@ -35,8 +35,8 @@ CHILD = textwrap.dedent(
     import asyncio, os, signal, sys, time
     from pathlib import Path
     from gateway.dovecot import lmtp_deliver
-    from onionpost.clock import SystemClock
-    from onionpost.filing import Filer
+    from onionpost.base.clock import SystemClock
+    from onionpost.device.filing import Filer
     from onionpost.store import DEVICE_COMPONENTS
     from onionpost.store.db import Database
     from onionpost.store.filing import FilingStore

@@ -3,7 +3,7 @@ every acknowledged message is in the store.
 
 A real ``onionpost run`` (tor off, alice and bob on one node) takes 16 concurrent smtplib
 sessions, each sending several messages with their own Message-IDs, so the gateway's
-submissions share commits (onionpost.groupcommit).  The moment the last 250 arrives the node
+submissions share commits (onionpost.base.groupcommit).  The moment the last 250 arrives the node
 is killed with SIGKILL, without any chance to flush anything; then its database is opened
 and every acknowledged Message-ID must be there: the submission (which the sealing worker
 hands to bob) and its Sent copy (still queued, with its body in the database, or already
@@ -27,10 +27,10 @@ from pathlib import Path
 
 import pytest
 
-from onionpost.config import load
-from onionpost.provision import add_user, initialize
+from onionpost.app.provision import add_user, initialize
+from onionpost.base.config import load
 from onionpost.store.db import Database
-from tests.mailstore import maildir_messages
+from onionpost.testing.mailstore import maildir_messages
 
 pytestmark = pytest.mark.slow
 

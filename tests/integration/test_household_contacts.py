@@ -16,15 +16,14 @@ from email.message import EmailMessage
 from email.policy import default
 from pathlib import Path
 
-from onionpost.address import Address
-from onionpost.api.transport import DirectDialer
-from onionpost.clock import SystemClock
-from onionpost.config import load
-from onionpost.node import Node
-from onionpost.provision import add_user, initialize
-from tests.mailstore import filed, memory_mailbox
-
-from .harness import DeviceNode, InboxNode
+from onionpost.app.node import Node
+from onionpost.app.provision import add_user, initialize
+from onionpost.base.clock import SystemClock
+from onionpost.base.config import load
+from onionpost.core.address import Address
+from onionpost.net.transport import DirectDialer
+from onionpost.testing.harness import DeviceNode, InboxNode
+from onionpost.testing.mailstore import filed, memory_mailbox
 
 TIMEOUT = 30.0
 
@@ -116,7 +115,7 @@ async def test_each_household_member_gets_their_own_answer(tmp_path: Path) -> No
 async def test_a_user_removed_while_the_node_runs_is_dropped(tmp_path: Path) -> None:
     """`onionpost users remove` pokes the node (SIGUSR1, as `onionpost run` wires it); the
     node stops ben's device and nothing brings his files back, while ann carries on."""
-    from onionpost import admin
+    from onionpost.app import admin
 
     clock = SystemClock()
     dialer = DirectDialer()

@@ -38,7 +38,7 @@ from typing import Any
 import pytest
 
 from gateway.dovecot import find_installation
-from onionpost.errors import MailServerNotInstalled
+from onionpost.core.errors import MailServerNotInstalled
 
 pytestmark = pytest.mark.slow
 

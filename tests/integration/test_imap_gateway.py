@@ -44,7 +44,7 @@ from gateway.dovecot import (
     lmtp_deliver,
 )
 from gateway.tls import ca_path
-from onionpost.errors import MailServerNotInstalled
+from onionpost.core.errors import MailServerNotInstalled
 
 USER, PASSWORD = "alice", "correct horse battery"
 ADDRESS = "alice@" + "a" * 56 + ".onion"

@@ -14,23 +14,22 @@ from pathlib import Path
 
 import pytest
 
-from onionpost.account import Account, revoke_device
-from onionpost.api.client import DeviceSession, InboxClient
-from onionpost.api.transport import DirectDialer
-from onionpost.clock import SystemClock
-from onionpost.crypto import envelope, pow
-from onionpost.crypto.bundle import KeyBundle, verify_bundle
-from onionpost.crypto.envelope import StanzaTarget
-from onionpost.errors import (
+from onionpost.base.clock import SystemClock
+from onionpost.core.account import Account, revoke_device
+from onionpost.core.crypto import envelope, pow
+from onionpost.core.crypto.bundle import KeyBundle, verify_bundle
+from onionpost.core.crypto.envelope import StanzaTarget
+from onionpost.core.errors import (
     DeviceRefused,
     PermanentDeliveryError,
     TemporaryDeliveryError,
     UnknownMailbox,
 )
-from onionpost.inbox import login_message
-from onionpost.wire import KeyUpdate
-
-from .harness import InboxNode
+from onionpost.core.wire import KeyUpdate
+from onionpost.inbox.postoffice import login_message
+from onionpost.net.client import DeviceSession, InboxClient
+from onionpost.net.transport import DirectDialer
+from onionpost.testing.harness import InboxNode
 
 
 @pytest.fixture

@@ -19,16 +19,15 @@ from pathlib import Path
 
 import pytest
 
-from onionpost.api.transport import DirectDialer
-from onionpost.clock import FakeClock
-from onionpost.crypto.keys import ServerSecrets, record_hash
-from onionpost.errors import StoreError
+from onionpost.base.clock import FakeClock
+from onionpost.core.crypto.keys import ServerSecrets, record_hash
+from onionpost.core.errors import StoreError
+from onionpost.net.transport import DirectDialer
 from onionpost.store import INBOX_COMPONENTS
 from onionpost.store.db import Database, available_migrations
 from onionpost.store.inbox import InboxStore
 from onionpost.store.outbox import OutboxStore
-
-from .harness import DeviceNode, InboxNode
+from onionpost.testing.harness import DeviceNode, InboxNode
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "threat-model.md"
 SECTION = "## What the inbox database holds"

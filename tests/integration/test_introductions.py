@@ -16,15 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from onionpost.crypto import envelope
-from onionpost.crypto.fingerprint import fingerprint
-from onionpost.crypto.introduction import introduction_pair
-from onionpost.errors import IntroductionMismatch, UsageError
-from onionpost.introductions import accept, block, introduce
+from onionpost.core.crypto import envelope
+from onionpost.core.crypto.fingerprint import fingerprint
+from onionpost.core.crypto.introduction import introduction_pair
+from onionpost.core.errors import IntroductionMismatch, UsageError
+from onionpost.device.introductions import accept, block, introduce
 from onionpost.store.introductions import IntroductionStore
 from onionpost.store.submissions import SubmissionStore
-
-from .harness import DeviceNode, InboxNode, Loopback, compose, subjects
+from onionpost.testing.harness import DeviceNode, InboxNode, Loopback, compose, subjects
 
 
 def filed(d: DeviceNode, subject_part: str) -> list[EmailMessage]:

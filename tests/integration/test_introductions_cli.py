@@ -12,19 +12,19 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from onionpost.address import Address
-from onionpost.cli import cli
-from onionpost.crypto.envelope import CONTENT_INTRODUCTION
-from onionpost.crypto.fingerprint import fingerprint
-from onionpost.crypto.keys import ServerSecrets
-from onionpost.crypto.primitives import kdf, mac32, system_random
-from onionpost.inbox import CTX_TOKEN_HASH
-from onionpost.keystore import KeyStore
+from onionpost.app.cli import cli
+from onionpost.core.address import Address
+from onionpost.core.crypto.envelope import CONTENT_INTRODUCTION
+from onionpost.core.crypto.fingerprint import fingerprint
+from onionpost.core.crypto.keys import ServerSecrets
+from onionpost.core.crypto.primitives import kdf, mac32, system_random
+from onionpost.inbox.postoffice import CTX_TOKEN_HASH
 from onionpost.store import DEVICE_COMPONENTS, INBOX_COMPONENTS
 from onionpost.store.contacts import ContactStore
 from onionpost.store.db import Database
 from onionpost.store.inbox import InboxStore
 from onionpost.store.introductions import IntroductionStore
+from onionpost.store.keystore import KeyStore
 
 
 @pytest.fixture

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from onionpost.config import load
-from onionpost.node import Node
+from onionpost.app.node import Node
+from onionpost.base.config import load
+from onionpost.testing.mailstore import memory_mailbox
 from tests.integration.test_enrolment import acli, free_port, tor_off, write_config
-from tests.mailstore import memory_mailbox
 
 pytestmark = pytest.mark.asyncio(loop_scope="function")
 

@@ -17,11 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from onionpost.crypto.fingerprint import fingerprint
-from onionpost.errors import FingerprintMismatch, UsageError
-from onionpost.trust import KEY_CHANGE_HEADER, QUARANTINE
-
-from .harness import DeviceNode, Loopback, compose
+from onionpost.core.crypto.fingerprint import fingerprint
+from onionpost.core.errors import FingerprintMismatch, UsageError
+from onionpost.core.trust import KEY_CHANGE_HEADER, QUARANTINE
+from onionpost.testing.harness import DeviceNode, Loopback, compose
 
 
 def parsed(d: DeviceNode, folder: str) -> list[EmailMessage]:

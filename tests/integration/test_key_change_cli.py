@@ -8,18 +8,18 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from onionpost.address import Address
-from onionpost.cli import cli
-from onionpost.crypto.bundle import Pin
-from onionpost.crypto.fingerprint import fingerprint, safety_number
-from onionpost.crypto.keys import ServerSecrets
-from onionpost.crypto.primitives import ed25519_public
-from onionpost.crypto.sender import pin_encode
-from onionpost.keystore import AccountFiles, KeyStore
+from onionpost.app.cli import cli
+from onionpost.core.address import Address
+from onionpost.core.crypto.bundle import Pin
+from onionpost.core.crypto.fingerprint import fingerprint, safety_number
+from onionpost.core.crypto.keys import ServerSecrets
+from onionpost.core.crypto.primitives import ed25519_public
+from onionpost.core.crypto.sender import pin_encode
+from onionpost.core.trust import scan_payload
 from onionpost.store import DEVICE_COMPONENTS
 from onionpost.store.contacts import ContactStore
 from onionpost.store.db import Database
-from onionpost.trust import scan_payload
+from onionpost.store.keystore import AccountFiles, KeyStore
 
 HAL = str(Address.for_key("hal", ServerSecrets.generate(0).onion_pk))
 OLD = ed25519_public(b"\x11" * 32)

@@ -8,16 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from onionpost.account import revoke_device
-from onionpost.api.transport import DirectDialer
-from onionpost.clock import FakeClock
-from onionpost.config import KeysConfig
-from onionpost.crypto.bundle import KeyBundle, verify_bundle
-from onionpost.crypto.keys import DeviceList, RevokedDevice
-from onionpost.errors import DeviceRefused
-from onionpost.wire import KeyUpdate
-
-from .harness import DeviceNode, InboxNode
+from onionpost.base.clock import FakeClock
+from onionpost.base.config import KeysConfig
+from onionpost.core.account import revoke_device
+from onionpost.core.crypto.bundle import KeyBundle, verify_bundle
+from onionpost.core.crypto.keys import DeviceList, RevokedDevice
+from onionpost.core.errors import DeviceRefused
+from onionpost.core.wire import KeyUpdate
+from onionpost.net.transport import DirectDialer
+from onionpost.testing.harness import DeviceNode, InboxNode
 
 DAY = 86400
 
@@ -145,7 +144,7 @@ async def test_revoked_device_is_refused_at_once_and_its_spool_deleted(pair) -> 
 
 async def test_server_key_rotation_moves_the_binding(pair) -> None:
     clock, a, _, alice, _, _ = pair
-    from onionpost.keylife import rotate_server
+    from onionpost.device.keylife import rotate_server
 
     clock.advance(31 * DAY)
     new = rotate_server(a.secrets, clock.now(), KeysConfig(), keep_seconds=60 * DAY)

@@ -7,12 +7,12 @@ import asyncio
 import signal
 from pathlib import Path
 
-from onionpost.clock import SystemClock
-from onionpost.config import load
-from onionpost.crypto.bundle import KeyBundle
-from onionpost.node import Node
-from onionpost.provision import initialize
-from tests.mailstore import memory_mailbox
+from onionpost.app.node import Node
+from onionpost.app.provision import initialize
+from onionpost.base.clock import SystemClock
+from onionpost.base.config import load
+from onionpost.core.crypto.bundle import KeyBundle
+from onionpost.testing.mailstore import memory_mailbox
 
 from .test_enrolment import acli, eventually, free_port, tor_off, write_config
 

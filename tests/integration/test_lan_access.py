@@ -40,10 +40,10 @@ from gateway.tls import (
     lan_server_context,
     server_context,
 )
-from onionpost.address import Address
-from onionpost.config import GatewayConfig
-from onionpost.crypto.primitives import SeededRandom, ed25519_public
-from onionpost.errors import MailServerNotInstalled
+from onionpost.base.config import GatewayConfig
+from onionpost.core.address import Address
+from onionpost.core.crypto.primitives import SeededRandom, ed25519_public
+from onionpost.core.errors import MailServerNotInstalled
 from onionpost.store.accounts import AccountStore, ScryptCost
 from onionpost.store.db import Database
 

@@ -23,13 +23,13 @@ from pathlib import Path
 
 import pytest
 
-from onionpost import admin
-from onionpost.address import Address
-from onionpost.config import load
-from onionpost.provision import add_user, initialize
+from onionpost.app import admin
+from onionpost.app.provision import add_user, initialize
+from onionpost.base.config import load
+from onionpost.core.address import Address
 from onionpost.store import DEVICE_COMPONENTS
 from onionpost.store.db import Database
-from tests.mailstore import maildir_messages
+from onionpost.testing.mailstore import maildir_messages
 
 pytestmark = pytest.mark.slow
 
@@ -288,7 +288,7 @@ def test_sigterm_at_random_moments_stops_cleanly_and_keeps_the_mail(
 
 
 def _address_of_nobody() -> str:
-    from onionpost.crypto.primitives import SeededRandom, ed25519_public
+    from onionpost.core.crypto.primitives import SeededRandom, ed25519_public
 
     return Address.for_key("x", ed25519_public(SeededRandom(b"nobody")(32))).onion
 
@@ -315,7 +315,7 @@ def _subject_of(home: Path) -> Callable[[str], str | None]:
 
 _STUCK = """
 import sys, time
-from onionpost import lifecycle
+from onionpost.app import lifecycle
 stopper = lifecycle._Stopper(grace=float(sys.argv[1]), exit_before_attach=sys.argv[2] == "early")
 stopper.install()
 print("ready", flush=True)

@@ -28,7 +28,7 @@ import pytest
 import gateway.mailbox_upgrade as upgrade_module
 from gateway.dovecot import DovecotServer, Installation, Layout, Settings, choose_identity
 from gateway.mailbox_upgrade import mutf7, upgrade_sqlite_mailbox
-from onionpost.errors import MailServerError
+from onionpost.core.errors import MailServerError
 from onionpost.store.db import Database
 from tests.integration.test_dovecot import free_port, installation  # noqa: F401 - a fixture
 

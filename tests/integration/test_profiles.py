@@ -24,15 +24,15 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from onionpost.account import sign_profile
-from onionpost.api.transport import DirectDialer
-from onionpost.clock import FakeClock
-from onionpost.crypto.bundle import KeyBundle
-from onionpost.crypto.keys import Profile
-from onionpost.errors import OnionpostError
-from onionpost.wire import KeyUpdate
+from onionpost.base.clock import FakeClock
+from onionpost.core.account import sign_profile
+from onionpost.core.crypto.bundle import KeyBundle
+from onionpost.core.crypto.keys import Profile
+from onionpost.core.errors import OnionpostError
+from onionpost.core.wire import KeyUpdate
+from onionpost.net.transport import DirectDialer
+from onionpost.testing.harness import DeviceNode, InboxNode, Loopback
 
-from .harness import DeviceNode, InboxNode, Loopback
 from .test_enrolment import (
     acli,
     pi,  # noqa: F401 (a fixture: an inbox-only node, tor off)
@@ -257,7 +257,7 @@ async def test_alices_verified_name_shows_in_bobs_mail_client(tmp_path: Path) ->
 
 
 def _addr(text: str):  # type: ignore[no-untyped-def]
-    from onionpost.address import Address
+    from onionpost.core.address import Address
 
     return Address.parse(text)
 

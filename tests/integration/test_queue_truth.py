@@ -18,18 +18,18 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from onionpost import admin
-from onionpost.address import Address
-from onionpost.api.transport import DirectDialer
-from onionpost.cli import cli
-from onionpost.config import load
-from onionpost.crypto.primitives import SeededRandom, ed25519_public
-from onionpost.errors import TorStillConnecting
-from onionpost.node import Node, _TorNotReady
-from onionpost.provision import add_user, initialize
+from onionpost.app import admin
+from onionpost.app.cli import cli
+from onionpost.app.node import Node, _TorNotReady
+from onionpost.app.provision import add_user, initialize
+from onionpost.base.config import load
+from onionpost.core.address import Address
+from onionpost.core.crypto.primitives import SeededRandom, ed25519_public
+from onionpost.core.errors import TorStillConnecting
+from onionpost.net.transport import DirectDialer
 from onionpost.store.outbox import OutboxStore
 from onionpost.store.submissions import SubmissionStore
-from tests.mailstore import filed, memory_mailbox
+from onionpost.testing.mailstore import filed, memory_mailbox
 
 NOBODY = Address.for_key("bob", ed25519_public(SeededRandom(b"queue-truth")(32)))
 

@@ -25,8 +25,8 @@ from click.testing import CliRunner
 
 from gateway.dovecot import DovecotServer, Installation, Layout, Settings, find_installation
 from gateway.mailread import MailReader, printable
-from onionpost.cli import cli
-from onionpost.errors import MailServerNotInstalled
+from onionpost.app.cli import cli
+from onionpost.core.errors import MailServerNotInstalled
 from tests.integration.test_dovecot import _as, _python_for, free_port, unprivileged_user
 
 __all__ = ["unprivileged_user"]  # a fixture, imported for the last test
@@ -245,7 +245,7 @@ if sys.argv[2:] == ["fill"]:
     from tests.integration.test_read_cli import _fill
     asyncio.run(_fill(find_installation(), Path(sys.argv[1]), ("alice",)))
 else:
-    from onionpost.cli import main
+    from onionpost.app.cli import main
     sys.argv = ["onionpost", "--data-dir", sys.argv[1], *sys.argv[2:]]
     main()
 """

@@ -15,8 +15,8 @@ import time
 from email.message import EmailMessage
 from email.utils import make_msgid
 
-from onionpost.address import Address
-from onionpost.crypto.primitives import SeededRandom, ed25519_public
+from onionpost.core.address import Address
+from onionpost.core.crypto.primitives import SeededRandom, ed25519_public
 
 from .test_imap_flood import RunningNode, running_node
 

@@ -28,24 +28,23 @@ import pytest
 from gateway.smtp import SMTPGateway, add_missing_headers, start_smtp
 from gateway.throttle import LoginThrottle
 from gateway.tls import ca_path, server_context
-from onionpost.address import Address
-from onionpost.api.transport import DirectDialer
-from onionpost.clock import SystemClock
-from onionpost.config import DeliveryConfig, GatewayConfig
-from onionpost.crypto.primitives import SeededRandom, ed25519_public
-from onionpost.errors import (
+from onionpost.base.clock import SystemClock
+from onionpost.base.config import DeliveryConfig, GatewayConfig
+from onionpost.core.address import Address
+from onionpost.core.crypto.primitives import SeededRandom, ed25519_public
+from onionpost.core.errors import (
     GatewayError,
     MessageTooLarge,
     QuotaExceeded,
     StoreError,
     UnknownLocalUser,
 )
+from onionpost.device.submission import Submissions
+from onionpost.net.transport import DirectDialer
 from onionpost.store.accounts import AccountStore, ScryptCost
 from onionpost.store.db import Database
 from onionpost.store.submissions import SubmissionStore
-from onionpost.submission import Submissions
-
-from .harness import DeviceNode, InboxNode
+from onionpost.testing.harness import DeviceNode, InboxNode
 
 PASSWORD = "correct horse battery staple"
 CHEAP = ScryptCost(n=1 << 10, r=8, p=1)
@@ -719,7 +718,7 @@ async def test_a_failed_submit_is_never_250(
 
 @pytest.fixture
 async def real(tmp_path: Path) -> AsyncIterator[tuple[DeviceNode, Submissions, AccountStore]]:
-    """A provisioned user with a real device.db, as onionpost/node.py builds it."""
+    """A provisioned user with a real device.db, as onionpost/app/node.py builds it."""
     clock = SystemClock()
     dialer = DirectDialer({})
     inbox = InboxNode(tmp_path, "inbox", clock, dialer)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from .harness import Loopback, compose, subjects
+from onionpost.testing.harness import Loopback, compose, subjects
 
 MINUTE = 60
 HOUR = 3600

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from onionpost.api.transport import DirectDialer
-from onionpost.clock import SystemClock
-
-from .harness import DeviceNode, InboxNode
+from onionpost.base.clock import SystemClock
+from onionpost.net.transport import DirectDialer
+from onionpost.testing.harness import DeviceNode, InboxNode
 
 
 def mail(

@@ -4,10 +4,11 @@
 directories in one pytest run, import them from ``tests/conftest.py`` instead (a second import
 in a sub-directory conftest would define a second, separate network).
 
-* ``tor_network`` (session): a started :class:`~onionpost.tornet.TorNetwork`;
+* ``tor_network`` (session): a started :class:`~onionpost.testing.tornet.TorNetwork`;
   ``tor_network.tor_config(**overrides)`` is a launch-mode ``TorConfig`` for a node on it.
 * ``tor_launcher`` (per test, session event loop): ``await tor_launcher(**overrides)`` starts a
-  :class:`~onionpost.tor.TorRuntime` on the network in a fresh directory (or ``data_dir=``) and
+  :class:`~onionpost.net.tor.runtime.TorRuntime` on the network in a fresh directory (or
+  ``data_dir=``) and
   stops it after the test.
 * ``tor_client`` (session, session event loop): one launched runtime to dial from.
 * ``http_target`` (session, session event loop): a tiny HTTP server on 127.0.0.1 that answers
@@ -30,9 +31,9 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from onionpost.clock import SystemClock
-from onionpost.tor import TorRuntime
-from onionpost.tornet import TorNetwork
+from onionpost.base.clock import SystemClock
+from onionpost.net.tor.runtime import TorRuntime
+from onionpost.testing.tornet import TorNetwork
 
 NETWORK_TIMEOUT = float(os.environ.get("ONIONPOST_TORNET_TIMEOUT", "150"))
 

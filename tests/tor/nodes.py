@@ -15,12 +15,12 @@ from collections.abc import AsyncIterator, Callable
 from email.message import EmailMessage
 from pathlib import Path
 
-from onionpost.clock import SystemClock
-from onionpost.config import Config, load
-from onionpost.node import Node
-from onionpost.provision import initialize
-from onionpost.tornet import TorNetwork
-from tests.mailstore import memory_mailbox
+from onionpost.app.node import Node
+from onionpost.app.provision import initialize
+from onionpost.base.clock import SystemClock
+from onionpost.base.config import Config, load
+from onionpost.testing.mailstore import memory_mailbox
+from onionpost.testing.tornet import TorNetwork
 
 
 def make_config(root: Path, user: str, net: TorNetwork) -> Config:

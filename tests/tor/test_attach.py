@@ -16,11 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from onionpost.clock import SystemClock
-from onionpost.config import TorConfig
-from onionpost.errors import TorAuthError, TorControlError, TorError, TorNotInstalled
-from onionpost.tor import TorDialer, TorRuntime
-from onionpost.tornet import TorNetwork
+from onionpost.base.clock import SystemClock
+from onionpost.base.config import TorConfig
+from onionpost.core.errors import TorAuthError, TorControlError, TorError, TorNotInstalled
+from onionpost.net.tor.runtime import TorRuntime
+from onionpost.net.tor.socks import TorDialer
+from onionpost.testing.tornet import TorNetwork
 from tests.tor.network import HttpTarget
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")

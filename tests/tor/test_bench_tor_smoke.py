@@ -8,7 +8,7 @@ import pytest
 
 from bench import tor as tor_bench
 from bench.harness import Context
-from onionpost.tornet import TorNetwork
+from onionpost.testing.tornet import TorNetwork
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

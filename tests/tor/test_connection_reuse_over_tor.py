@@ -1,4 +1,4 @@
-"""Kept-alive connections over real onion services (onionpost/api/pool.py).
+"""Kept-alive connections over real onion services (onionpost/net/pool.py).
 
 Two nodes on the private Tor network: the key fetch and the delivery of the first message
 share one stream, later messages reuse it, and when the recipient's inbox drops that stream
@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from onionpost.api import server as api_server
-from onionpost.clock import SystemClock
-from onionpost.node import Node
-from onionpost.tornet import TorNetwork
-from tests.mailstore import memory_mailbox, subjects
+from onionpost.app.node import Node
+from onionpost.base.clock import SystemClock
+from onionpost.inbox import api as api_server
+from onionpost.testing.mailstore import memory_mailbox, subjects
+from onionpost.testing.tornet import TorNetwork
 from tests.tor.test_nodes_over_tor import eventually, make_config, send
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from onionpost import demo
-from onionpost.tornet import TorNetwork
+from onionpost.app import demo
+from onionpost.testing.tornet import TorNetwork
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from onionpost.crypto.fingerprint import fingerprint
-from onionpost.introductions import accept, introduce
+from onionpost.core.crypto.fingerprint import fingerprint
+from onionpost.device.introductions import accept, introduce
 from onionpost.store.introductions import IntroductionStore
-from onionpost.tornet import TorNetwork
-from tests.mailstore import subjects
+from onionpost.testing.mailstore import subjects
+from onionpost.testing.tornet import TorNetwork
 from tests.tor.nodes import eventually, running, send
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")

@@ -17,14 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from onionpost import admin
-from onionpost.crypto.fingerprint import fingerprint
-from onionpost.errors import FingerprintMismatch
-from onionpost.node import Node
-from onionpost.provision import add_user
-from onionpost.tornet import TorNetwork
-from onionpost.trust import KEY_CHANGE_HEADER, QUARANTINE
-from tests.mailstore import filed, subjects
+from onionpost.app import admin
+from onionpost.app.node import Node
+from onionpost.app.provision import add_user
+from onionpost.core.crypto.fingerprint import fingerprint
+from onionpost.core.errors import FingerprintMismatch
+from onionpost.core.trust import KEY_CHANGE_HEADER, QUARANTINE
+from onionpost.testing.mailstore import filed, subjects
+from onionpost.testing.tornet import TorNetwork
 from tests.tor.nodes import eventually, send, tor_node
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")

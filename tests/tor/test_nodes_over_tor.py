@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from onionpost.tornet import TorNetwork
-from tests.mailstore import subjects
+from onionpost.testing.mailstore import subjects
+from onionpost.testing.tornet import TorNetwork
 from tests.tor.nodes import eventually, running, send, tor_node
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from onionpost.account import sign_profile
-from onionpost.node import Node
-from onionpost.tornet import TorNetwork
-from onionpost.wire import KeyUpdate
-from tests.mailstore import filed
+from onionpost.app.node import Node
+from onionpost.core.account import sign_profile
+from onionpost.core.wire import KeyUpdate
+from onionpost.testing.mailstore import filed
+from onionpost.testing.tornet import TorNetwork
 from tests.tor.nodes import eventually, mail, running
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")

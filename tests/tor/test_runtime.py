@@ -10,10 +10,11 @@ import time
 
 import pytest
 
-from onionpost.address import onion_from_public_key
-from onionpost.crypto.primitives import ed25519_public
-from onionpost.errors import PeerUnreachable
-from onionpost.tor import TorDialer, TorRuntime
+from onionpost.core.address import onion_from_public_key
+from onionpost.core.crypto.primitives import ed25519_public
+from onionpost.core.errors import PeerUnreachable
+from onionpost.net.tor.runtime import TorRuntime
+from onionpost.net.tor.socks import TorDialer
 from tests.tor.network import TIMINGS, HttpTarget, Launcher
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -164,7 +165,7 @@ async def test_self_probe_restarts_tor_when_the_onion_stalls(
 ) -> None:
     # A service whose streams open but never answer looks, from inside, like stalled onion
     # delivery: only repeated probes through the Tor network notice it.
-    monkeypatch.setattr("onionpost.tor._PROBE_TIMEOUT", 2.0)
+    monkeypatch.setattr("onionpost.net.tor.runtime._PROBE_TIMEOUT", 2.0)
     held: list[asyncio.StreamWriter] = []
 
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

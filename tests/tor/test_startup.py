@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from onionpost.cli import cli
-from onionpost.config import load
-from onionpost.errors import PeerUnreachable, TorNotInstalled
-from onionpost.node import Node
-from onionpost.provision import add_user, initialize
-from tests.mailstore import filed, memory_mailbox
+from onionpost.app.cli import cli
+from onionpost.app.node import Node
+from onionpost.app.provision import add_user, initialize
+from onionpost.base.config import load
+from onionpost.core.errors import PeerUnreachable, TorNotInstalled
+from onionpost.testing.mailstore import filed, memory_mailbox
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

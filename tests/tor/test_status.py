@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from onionpost.cli import cli
-from onionpost.clock import SystemClock
-from onionpost.config import load
-from onionpost.node import Node
-from onionpost.provision import initialize
-from onionpost.tornet import TorNetwork
+from onionpost.app.cli import cli
+from onionpost.app.node import Node
+from onionpost.app.provision import initialize
+from onionpost.base.clock import SystemClock
+from onionpost.base.config import load
+from onionpost.testing.tornet import TorNetwork
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

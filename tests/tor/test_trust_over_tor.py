@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from onionpost.inbox import CONTACTS_ONLY, TOKEN_REFUSED
-from onionpost.node import Node
-from onionpost.tornet import TorNetwork
-from tests.mailstore import filed, subjects
+from onionpost.app.node import Node
+from onionpost.inbox.postoffice import CONTACTS_ONLY, TOKEN_REFUSED
+from onionpost.testing.mailstore import filed, subjects
+from onionpost.testing.tornet import TorNetwork
 from tests.tor.nodes import eventually, running, send
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from onionpost.tornet import TorNetwork
+from onionpost.testing.tornet import TorNetwork
 
 pytestmark = [pytest.mark.slow]
 

@@ -1,7 +1,7 @@
 """A small, deterministic world of users, devices, inboxes and messages for the crypto tests.
 
 Everything is derived from :class:`SeededRandom`, so a failing case reproduces exactly; the
-helpers only assemble the public API of ``onionpost.crypto`` (no I/O, time passed in).
+helpers only assemble the public API of ``onionpost.core.crypto`` (no I/O, time passed in).
 """
 
 from __future__ import annotations
@@ -10,9 +10,15 @@ import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from onionpost.crypto import envelope as env
-from onionpost.crypto.bundle import AntiSpamPolicy, KeyBundle, Pin, VerifiedBundle, verify_bundle
-from onionpost.crypto.envelope import (
+from onionpost.core.crypto import envelope as env
+from onionpost.core.crypto.bundle import (
+    AntiSpamPolicy,
+    KeyBundle,
+    Pin,
+    VerifiedBundle,
+    verify_bundle,
+)
+from onionpost.core.crypto.envelope import (
     OpenedMessage,
     OuterMeta,
     SealedInner,
@@ -23,7 +29,7 @@ from onionpost.crypto.envelope import (
     seal_inner,
     seal_outer,
 )
-from onionpost.crypto.keys import (
+from onionpost.core.crypto.keys import (
     DeviceList,
     DeviceSecrets,
     IdentitySecrets,
@@ -33,7 +39,7 @@ from onionpost.crypto.keys import (
     ServerBinding,
     ServerSecrets,
 )
-from onionpost.crypto.primitives import (
+from onionpost.core.crypto.primitives import (
     RandomSource,
     SeededRandom,
     StreamOpener,

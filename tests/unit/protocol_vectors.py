@@ -20,17 +20,17 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from onionpost.address import onion_from_public_key, tor_service_key_blob
-from onionpost.crypto import envelope as env
-from onionpost.crypto.bundle import AntiSpamPolicy, KeyBundle, verify_bundle
-from onionpost.crypto.fingerprint import fingerprint, safety_number
-from onionpost.crypto.introduction import (
+from onionpost.core.address import onion_from_public_key, tor_service_key_blob
+from onionpost.core.crypto import envelope as env
+from onionpost.core.crypto.bundle import AntiSpamPolicy, KeyBundle, verify_bundle
+from onionpost.core.crypto.fingerprint import fingerprint, safety_number
+from onionpost.core.crypto.introduction import (
     CTX_INTRODUCTION,
     Introduction,
     introduction_pair,
     open_introduction,
 )
-from onionpost.crypto.keys import (
+from onionpost.core.crypto.keys import (
     DeviceEntry,
     DeviceList,
     DeviceSecrets,
@@ -43,9 +43,9 @@ from onionpost.crypto.keys import (
     SignedPrekey,
     genesis_hash,
 )
-from onionpost.crypto.padding import bucket as padding_bucket
-from onionpost.crypto.pow import mint
-from onionpost.crypto.primitives import (
+from onionpost.core.crypto.padding import bucket as padding_bucket
+from onionpost.core.crypto.pow import mint
+from onionpost.core.crypto.primitives import (
     SeededRandom,
     StreamOpener,
     aead_decrypt,
@@ -710,7 +710,7 @@ def generate() -> dict[str, str]:
 def batch_fetch_vectors() -> dict[str, str]:
     """The answer to ``GET /v1/device/messages?ids=7,9`` (§17.3) holding two envelopes
     (stand-ins: the envelopes travel as they are, whatever their bytes)."""
-    from onionpost.wire import message_frame_head
+    from onionpost.core.wire import message_frame_head
 
     one, two = b"L2 envelope seven", b"L2 envelope nine"
     answer = message_frame_head(7, len(one)) + one + message_frame_head(9, len(two)) + two
@@ -730,8 +730,8 @@ def batch_fetch_vectors() -> dict[str, str]:
 def login_vectors(w: World) -> dict[str, str]:
     """alice's laptop logs in to alice's inbox (§17.2), and the empty key update (§17.3); the
     challenge is drawn from a seed of its own so the vectors above stay as they are."""
-    from onionpost.inbox import CTX_LOGIN, login_message
-    from onionpost.wire import KeyUpdate
+    from onionpost.core.wire import KeyUpdate
+    from onionpost.inbox.postoffice import CTX_LOGIN, login_message
 
     challenge = SeededRandom(SEED + b"/device-login")(32)
     mailbox_id = w.alice_binding.mailbox_id
@@ -836,7 +836,7 @@ def introduction_vectors(w: World) -> dict[str, str]:
 def enrolment_vectors(w: World) -> dict[str, str]:
     """Invite and pairing codes and a pairing exchange (§15), from their own seed so the
     message vectors above stay as they are."""
-    from onionpost.pairing import Code, Joiner, JoinGrant, JoinRequest, Offer
+    from onionpost.core.pairing import Code, Joiner, JoinGrant, JoinRequest, Offer
 
     rng = SeededRandom(SEED + b"/enrolment")
     onion_pk = w.bob_server.onion_pk

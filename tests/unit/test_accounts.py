@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from onionpost.clock import FakeClock
-from onionpost.errors import PasswordRejected, UnknownLocalUser
+from onionpost.base.clock import FakeClock
+from onionpost.core.errors import PasswordRejected, UnknownLocalUser
 from onionpost.store.accounts import (
     DEFAULT_COST,
     AccountStore,

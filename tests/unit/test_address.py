@@ -11,14 +11,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from stem.descriptor.hidden_service import HiddenServiceDescriptorV3
 
-from onionpost.address import (
+from onionpost.core.address import (
     Address,
     onion_from_public_key,
     public_key_from_onion,
     tor_service_key_blob,
 )
-from onionpost.crypto.primitives import SeededRandom, ed25519_public
-from onionpost.errors import AddressError
+from onionpost.core.crypto.primitives import SeededRandom, ed25519_public
+from onionpost.core.errors import AddressError
 
 SEED = SeededRandom(b"address")(32)
 PK = ed25519_public(SEED)

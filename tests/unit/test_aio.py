@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from onionpost.aio import cancel_and_wait
+from onionpost.base.aio import cancel_and_wait
 
 
 async def test_a_task_that_swallows_its_first_cancellation_still_ends() -> None:

@@ -1,4 +1,5 @@
-"""onionpost.atomicfile: a file is replaced whole, with its mode from the start, or not at all."""
+"""onionpost.base.atomicfile: a file is replaced whole, with its mode from the start, or not at
+all."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from onionpost.atomicfile import write_atomic
+from onionpost.base.atomicfile import write_atomic
 
 
 def test_replaces_the_file_with_the_mode_asked_and_leaves_no_temporary(tmp_path: Path) -> None:

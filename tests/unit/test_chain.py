@@ -1,11 +1,12 @@
-"""The invite chain's policy (onionpost.chain): allowances, who may remove whom, re-parenting."""
+"""The invite chain's policy (onionpost.core.chain): allowances, who may remove whom,
+re-parenting."""
 
 from __future__ import annotations
 
 import pytest
 
-from onionpost.chain import MAX_CAN_INVITE, Chain, Invitees, Member, check_limits, invite_cost
-from onionpost.errors import InviteChainRefused, UsageError
+from onionpost.core.chain import MAX_CAN_INVITE, Chain, Invitees, Member, check_limits, invite_cost
+from onionpost.core.errors import InviteChainRefused, UsageError
 
 MIB = 1 << 20
 

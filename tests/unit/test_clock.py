@@ -1,10 +1,10 @@
-"""wait_event (onionpost/clock.py): a worker's pause between passes ends on its Clock."""
+"""wait_event (onionpost/base/clock.py): a worker's pause between passes ends on its Clock."""
 
 from __future__ import annotations
 
 import asyncio
 
-from onionpost.clock import FakeClock, SystemClock, wait_event
+from onionpost.base.clock import FakeClock, SystemClock, wait_event
 
 
 async def _settle() -> None:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from onionpost.config import Config, from_mapping, load
-from onionpost.errors import ConfigError
+from onionpost.base.config import Config, from_mapping, load
+from onionpost.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 

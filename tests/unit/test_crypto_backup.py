@@ -6,9 +6,9 @@ import io
 
 import pytest
 
-from onionpost.crypto import backup
-from onionpost.crypto.primitives import SeededRandom
-from onionpost.errors import MalformedData, WrongPassphrase
+from onionpost.core.crypto import backup
+from onionpost.core.crypto.primitives import SeededRandom
+from onionpost.core.errors import MalformedData, WrongPassphrase
 
 PASS = "correct horse battery"
 

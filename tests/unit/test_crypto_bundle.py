@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 
-from onionpost.crypto.bundle import (
+from onionpost.core.crypto.bundle import (
     MAX_BUNDLE_BYTES,
     AntiSpamPolicy,
     KeyBundle,
@@ -16,10 +16,10 @@ from onionpost.crypto.bundle import (
     VerifiedBundle,
     verify_bundle,
 )
-from onionpost.crypto.envelope import StanzaTarget, seal_inner
-from onionpost.crypto.keys import Profile, SignedPrekey
-from onionpost.crypto.primitives import SeededRandom
-from onionpost.errors import (
+from onionpost.core.crypto.envelope import StanzaTarget, seal_inner
+from onionpost.core.crypto.keys import Profile, SignedPrekey
+from onionpost.core.crypto.primitives import SeededRandom
+from onionpost.core.errors import (
     BadSignature,
     BindingMismatch,
     DeviceListRollback,

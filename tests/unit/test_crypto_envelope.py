@@ -13,9 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from onionpost.crypto import envelope as env
-from onionpost.crypto.primitives import SeededRandom, hash32
-from onionpost.errors import (
+from onionpost.core.crypto import envelope as env
+from onionpost.core.crypto.primitives import SeededRandom, hash32
+from onionpost.core.errors import (
     CryptoError,
     ForwardedMessage,
     InvalidLifetime,
@@ -200,7 +200,7 @@ def test_wrong_device_has_no_stanza() -> None:
 def test_device_added_after_sending_has_no_stanza() -> None:
     rng, alice, bob, _ = world(b"newdev")
     l2, _ = seal_l2(alice, [bob], b"before", rng)
-    from onionpost.crypto.keys import DeviceSecrets
+    from onionpost.core.crypto.keys import DeviceSecrets
 
     bob.devices.append(DeviceSecrets.generate("new", NOW, rng=rng))
     with pytest.raises(NoStanzaForDevice):
@@ -401,7 +401,7 @@ def test_l1_unknown_proof_kind() -> None:
 
 
 def test_l1_carries_token_or_stamp() -> None:
-    from onionpost.crypto.pow import Stamp
+    from onionpost.core.crypto.pow import Stamp
 
     rng, alice, bob, _ = world(b"proofs")
     l2, sealed = seal_l2(alice, [bob], b"x", rng)

@@ -12,8 +12,8 @@ import io
 
 import pytest
 
-from onionpost.crypto import envelope as env
-from onionpost.crypto.primitives import (
+from onionpost.core.crypto import envelope as env
+from onionpost.core.crypto.primitives import (
     SODIUM_HASH_MIN,
     SeededRandom,
     ed25519_keypair,
@@ -23,7 +23,7 @@ from onionpost.crypto.primitives import (
     ed25519_verify,
     hasher,
 )
-from onionpost.errors import MalformedData, NotForThisInbox
+from onionpost.core.errors import MalformedData, NotForThisInbox
 from tests.unit import crypto_world as cw
 
 

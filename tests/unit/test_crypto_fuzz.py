@@ -18,10 +18,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from onionpost.address import Address, public_key_from_onion
-from onionpost.crypto import envelope as env
-from onionpost.crypto.bundle import KeyBundle, verify_bundle
-from onionpost.crypto.keys import (
+from onionpost.core.address import Address, public_key_from_onion
+from onionpost.core.crypto import envelope as env
+from onionpost.core.crypto.bundle import KeyBundle, verify_bundle
+from onionpost.core.crypto.keys import (
     DeviceList,
     DeviceSecrets,
     IdentitySecrets,
@@ -31,9 +31,9 @@ from onionpost.crypto.keys import (
     ServerSecrets,
     SignedPrekey,
 )
-from onionpost.crypto.primitives import SeededRandom
-from onionpost.crypto.sender import SenderCredentials, pin_encode, pin_parse, verify_sender
-from onionpost.errors import OnionpostError
+from onionpost.core.crypto.primitives import SeededRandom
+from onionpost.core.crypto.sender import SenderCredentials, pin_encode, pin_parse, verify_sender
+from onionpost.core.errors import OnionpostError
 from tests.unit.crypto_world import (
     NOW,
     NeverSeen,

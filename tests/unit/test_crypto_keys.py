@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from onionpost.crypto import keys
-from onionpost.crypto.keys import (
+from onionpost.core.crypto import keys
+from onionpost.core.crypto.keys import (
     DeviceList,
     DeviceSecrets,
     IdentitySecrets,
@@ -23,8 +23,8 @@ from onionpost.crypto.keys import (
     genesis_hash,
     verify_chain,
 )
-from onionpost.crypto.primitives import SeededRandom, ed25519_public, x25519_public
-from onionpost.errors import (
+from onionpost.core.crypto.primitives import SeededRandom, ed25519_public, x25519_public
+from onionpost.core.errors import (
     BadSignature,
     MalformedData,
     RotationChainBroken,

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from onionpost.crypto import primitives as p
-from onionpost.errors import BadSignature, CryptoError, MalformedData
+from onionpost.core.crypto import primitives as p
+from onionpost.core.errors import BadSignature, CryptoError, MalformedData
 
 
 def test_seeded_random_is_a_stream() -> None:

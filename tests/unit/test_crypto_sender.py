@@ -1,4 +1,4 @@
-"""Offline proof of who sent a message (``onionpost.crypto.sender``)."""
+"""Offline proof of who sent a message (``onionpost.core.crypto.sender``)."""
 
 from __future__ import annotations
 
@@ -7,17 +7,17 @@ import io
 
 import pytest
 
-from onionpost.crypto.envelope import ContentHeader, seal_inner
-from onionpost.crypto.keys import ServerBinding
-from onionpost.crypto.primitives import SeededRandom
-from onionpost.crypto.sender import (
+from onionpost.core.crypto.envelope import ContentHeader, seal_inner
+from onionpost.core.crypto.keys import ServerBinding
+from onionpost.core.crypto.primitives import SeededRandom
+from onionpost.core.crypto.sender import (
     EXT_SENDER_KEYS,
     SenderCredentials,
     pin_encode,
     pin_parse,
     verify_sender,
 )
-from onionpost.errors import (
+from onionpost.core.errors import (
     BadSignature,
     BindingMismatch,
     IdentityKeyChanged,

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from onionpost.crypto import envelope as env
-from onionpost.crypto.primitives import STREAM_ABYTES, SeededRandom
-from onionpost.errors import (
+from onionpost.core.crypto import envelope as env
+from onionpost.core.crypto.primitives import STREAM_ABYTES, SeededRandom
+from onionpost.core.errors import (
     BadSignature,
     ForwardedMessage,
     HeaderTampered,

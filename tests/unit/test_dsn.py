@@ -1,4 +1,5 @@
-"""Delivery status notifications (onionpost/dsn.py) read as RFC 3464 reports by a mail parser."""
+"""Delivery status notifications (onionpost/core/dsn.py) read as RFC 3464 reports by a mail
+parser."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from email.message import EmailMessage
 
 import pytest
 
-from onionpost.dsn import MAX_HEADERS, RecipientStatus, build, device_change_notice
+from onionpost.core.dsn import MAX_HEADERS, RecipientStatus, build, device_change_notice
 
 ONION = "a" * 56 + ".onion"
 USER = f"alice@{ONION}"

@@ -1,4 +1,4 @@
-"""The error tree (onionpost/errors.py): the docstring's drawing is the real hierarchy, and the
+"""The error tree (onionpost/core/errors.py): the docstring's drawing is the real hierarchy, and the
 classes keep the promises their names make."""
 
 from __future__ import annotations
@@ -12,12 +12,8 @@ import pytest
 
 import gateway
 import onionpost
-from onionpost import errors
-from onionpost.errors import (
-    OnionpostError,
-    PermanentDeliveryError,
-    TemporaryDeliveryError,
-)
+from onionpost.core import errors
+from onionpost.core.errors import OnionpostError, PermanentDeliveryError, TemporaryDeliveryError
 
 
 @functools.cache

@@ -12,12 +12,12 @@ from __future__ import annotations
 from email.message import EmailMessage
 from pathlib import Path
 
-from onionpost.clock import FakeClock
-from onionpost.filing import FILING_HEADER, Filer
+from onionpost.base.clock import FakeClock
+from onionpost.device.filing import FILING_HEADER, Filer
 from onionpost.store import DEVICE_COMPONENTS
 from onionpost.store.db import Database
 from onionpost.store.filing import HANDED, FilingStore
-from tests.mailstore import MemorySink
+from onionpost.testing.mailstore import MemorySink
 
 
 class RecordingSink(MemorySink):
@@ -73,7 +73,7 @@ class World:
         self.clock.advance(value - self.clock.now())
 
     def sent_copy(self, n: int, *, wait: int = 0) -> int | None:
-        """What a submission queues (onionpost/submission.py): a Sent copy, marked seen,
+        """What a submission queues (onionpost/device/submission.py): a Sent copy, marked seen,
         filed only if the client saved none within ``wait`` seconds."""
         with self.db.transaction():
             return self.filer.queue(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from onionpost.aio import Foreground
+from onionpost.base.aio import Foreground
 
 
 async def test_nobody_busy_means_no_wait() -> None:

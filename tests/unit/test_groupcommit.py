@@ -1,4 +1,4 @@
-"""onionpost.groupcommit: every caller hears its outcome only after the commit holding its
+"""onionpost.base.groupcommit: every caller hears its outcome only after the commit holding its
 item returned, batches are what queued meanwhile, a lone item is not held back, and a failed
 item or batch reaches exactly its callers.  A fake committer records the order of events; no
 timing is asserted (the committer is held with events, not sleeps)."""
@@ -10,8 +10,8 @@ import threading
 
 import pytest
 
-from onionpost.errors import StoreError
-from onionpost.groupcommit import GroupCommit
+from onionpost.base.groupcommit import GroupCommit
+from onionpost.core.errors import StoreError
 
 
 class Recorder:

@@ -6,20 +6,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from onionpost.crypto.introduction import (
+from onionpost.core.crypto.introduction import (
     MAX_BYTES,
     MAX_LIFETIME,
     Introduction,
     introduction_pair,
     open_introduction,
 )
-from onionpost.crypto.primitives import SeededRandom, ed25519_public
-from onionpost.errors import (
-    BadSignature,
-    MalformedData,
-    MessageExpired,
-    OnionpostError,
-)
+from onionpost.core.crypto.primitives import SeededRandom, ed25519_public
+from onionpost.core.errors import BadSignature, MalformedData, MessageExpired, OnionpostError
 
 NOW = 1_700_000_000
 RNG = SeededRandom(b"introduction unit tests")

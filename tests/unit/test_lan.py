@@ -16,8 +16,8 @@ from gateway.lan import (
     tls_names,
 )
 from gateway.tls import nameable
-from onionpost.config import GatewayConfig, load, set_setting
-from onionpost.errors import ConfigError
+from onionpost.base.config import GatewayConfig, load, set_setting
+from onionpost.core.errors import ConfigError
 
 FIB_TRIE = """\
 Main:
@@ -139,8 +139,8 @@ def test_the_current_machine_has_sane_names() -> None:
 
 def test_doctor_warns_when_the_lan_certificate_is_behind(tmp_path: Path) -> None:
     from gateway.tls import ensure_lan_tls
-    from onionpost.config import Config
-    from onionpost.doctor import _lan
+    from onionpost.app.doctor import _lan
+    from onionpost.base.config import Config
 
     off = _lan(Config(tmp_path))
     assert off.ok and "off" in off.detail
@@ -162,7 +162,7 @@ def test_doctor_warns_when_the_lan_certificate_is_behind(tmp_path: Path) -> None
 def test_lan_command_turns_it_on_and_off(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from onionpost.cli import cli
+    from onionpost.app.cli import cli
 
     (tmp_path / "onionpost.toml").write_text("[gateway]\nsmtp_port = 2587\n")
     runner = CliRunner()

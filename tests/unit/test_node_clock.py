@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from onionpost import node as node_module
-from onionpost.clock import FakeClock
-from onionpost.config import Config
-from onionpost.errors import TorError, TorNotInstalled, TorNotRunning
-from onionpost.node import Node
+from onionpost.app import node as node_module
+from onionpost.app.node import Node
+from onionpost.base.clock import FakeClock
+from onionpost.base.config import Config
+from onionpost.core.errors import TorError, TorNotInstalled, TorNotRunning
 
 
 async def test_tor_start_is_retried_on_the_nodes_clock(

@@ -1,4 +1,4 @@
-"""onionpost.normalize: broken mail is repaired, good mail is left byte for byte alone.
+"""onionpost.core.normalize: broken mail is repaired, good mail is left byte for byte alone.
 
 The checks that the output "parses" use the standard library's parser; that Dovecot serves
 what we file (ENVELOPE, BODYSTRUCTURE) is checked against the real Dovecot in
@@ -15,8 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import onionpost.normalize as normalize_module
-from onionpost.normalize import (
+import onionpost.core.normalize as normalize_module
+from onionpost.core.normalize import (
     MAX_DEPTH,
     MAX_LINE,
     header_end,

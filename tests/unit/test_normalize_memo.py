@@ -8,8 +8,8 @@ hands out a list the caller could change under the next message.
 
 from __future__ import annotations
 
-import onionpost.normalize as normalize_module
-from onionpost.normalize import FIELD_MEMO_BYTES, normalize
+import onionpost.core.normalize as normalize_module
+from onionpost.core.normalize import FIELD_MEMO_BYTES, normalize
 
 NOW = 1_800_000_000
 

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from onionpost.crypto import envelope as env
-from onionpost.crypto.padding import FLOOR, bucket, padme
-from onionpost.crypto.primitives import STREAM_ABYTES, SeededRandom, x25519_public
+from onionpost.core.crypto import envelope as env
+from onionpost.core.crypto.padding import FLOOR, bucket, padme
+from onionpost.core.crypto.primitives import STREAM_ABYTES, SeededRandom, x25519_public
 
 MiB = 1 << 20
 

@@ -1,4 +1,4 @@
-"""Invite and pairing codes and the pairing exchange (onionpost/pairing.py), without I/O."""
+"""Invite and pairing codes and the pairing exchange (onionpost/core/pairing.py), without I/O."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from onionpost.crypto.keys import DeviceSecrets, ServerSecrets
-from onionpost.crypto.primitives import SeededRandom
-from onionpost.errors import MalformedData, PairingFailed
-from onionpost.pairing import BadCode, Code, Joiner, JoinGrant, JoinRequest, Offer
+from onionpost.core.crypto.keys import DeviceSecrets, ServerSecrets
+from onionpost.core.crypto.primitives import SeededRandom
+from onionpost.core.errors import MalformedData, PairingFailed
+from onionpost.core.pairing import BadCode, Code, Joiner, JoinGrant, JoinRequest, Offer
 
 from .crypto_world import make_user
 

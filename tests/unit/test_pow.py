@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from onionpost.crypto import pow as pw
-from onionpost.crypto.pow import DAY, Stamp, day_of, leading_zero_bits, mint, verify
-from onionpost.errors import ProofOfWorkError
+from onionpost.core.crypto import pow as pw
+from onionpost.core.crypto.pow import DAY, Stamp, day_of, leading_zero_bits, mint, verify
+from onionpost.core.errors import ProofOfWorkError
 
 MAILBOX = bytes(range(16))
 MSG = bytes(range(32, 64))

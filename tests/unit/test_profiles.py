@@ -12,20 +12,20 @@ from email.policy import default
 import pytest
 from PIL import Image
 
-from onionpost.account import check_display_name, create_identity, sign_profile
-from onionpost.address import Address
-from onionpost.avatar import (
+from onionpost.core.account import check_display_name, create_identity, sign_profile
+from onionpost.core.address import Address
+from onionpost.core.crypto.keys import MAX_AVATAR_BYTES, Profile, shown_name
+from onionpost.core.crypto.primitives import SeededRandom, ed25519_public
+from onionpost.core.errors import BadSignature, UsageError
+from onionpost.core.normalize import normalize
+from onionpost.device.avatar import (
     AVATAR_SIDE,
     MAX_AVATAR_FILE,
     AvatarError,
     check_avatar,
     process_avatar,
 )
-from onionpost.crypto.keys import MAX_AVATAR_BYTES, Profile, shown_name
-from onionpost.crypto.primitives import SeededRandom, ed25519_public
-from onionpost.errors import BadSignature, UsageError
-from onionpost.normalize import normalize
-from onionpost.sync import _Sender, _stamp
+from onionpost.device.sync import _Sender, _stamp
 
 NOW = 1_700_000_000
 

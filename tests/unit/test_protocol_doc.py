@@ -44,7 +44,7 @@ def test_every_context_string_is_in_the_spec(path: str, text: str) -> None:
 
 
 def _routes() -> list[tuple[str, str]]:
-    source = (ROOT / "onionpost" / "api" / "server.py").read_text("utf-8")
+    source = (ROOT / "onionpost" / "inbox" / "api.py").read_text("utf-8")
     return re.findall(r'add_(get|post)\("(/v1/[^"]*)"', source)
 
 
@@ -59,5 +59,5 @@ def test_the_server_has_routes() -> None:
 def test_every_route_is_in_the_spec(method: str, route: str) -> None:
     assert f"`{method.upper()} {route}" in SPEC, f"{method.upper()} {route} is not in the spec"
     # and in the module's own list
-    doc = (ROOT / "onionpost" / "api" / "server.py").read_text("utf-8").split('"""')[1]
+    doc = (ROOT / "onionpost" / "inbox" / "api.py").read_text("utf-8").split('"""')[1]
     assert re.search(rf"{method.upper()}\s+{re.escape(route.removeprefix('/v1'))}\s", doc)

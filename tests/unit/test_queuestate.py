@@ -1,4 +1,4 @@
-"""The queues' state machines (onionpost/queuestate.py): every legal and illegal step, the
+"""The queues' state machines (onionpost/core/queuestate.py): every legal and illegal step, the
 diagram in docs/queues.md, the node API's vocabulary, and the stores keeping to the table."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from onionpost import queuestate as q
-from onionpost.errors import IllegalTransition, StoreError
-from onionpost.queuestate import OutboxState as O
-from onionpost.queuestate import RecipientState as R
+from onionpost.core import queuestate as q
+from onionpost.core.errors import IllegalTransition, StoreError
+from onionpost.core.queuestate import OutboxState as O
+from onionpost.core.queuestate import RecipientState as R
 from onionpost.store.db import Database, available_migrations, record_hash
 from onionpost.store.outbox import OutboxStore
 from onionpost.store.submissions import SubmissionStore

@@ -1,4 +1,5 @@
-"""The quota decision (onionpost/quota.py), and that the inbox, its store and the wire ask it."""
+"""The quota decision (onionpost/core/quota.py), and that the inbox, its store and the wire ask
+it."""
 
 from __future__ import annotations
 
@@ -6,16 +7,16 @@ import io
 
 import pytest
 
-from onionpost import quota
-from onionpost.errors import (
+from onionpost.core import quota
+from onionpost.core.errors import (
     MessageTooLarge,
     PermanentDeliveryError,
     QuotaExceeded,
     TemporaryDeliveryError,
 )
+from onionpost.core.wire import refusal
 from onionpost.store.db import Database
 from onionpost.store.inbox import InboxStore
-from onionpost.wire import refusal
 
 MiB = 1 << 20
 

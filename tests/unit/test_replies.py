@@ -19,7 +19,7 @@ from gateway.replies import (
     smtp_too_many_recipients,
     unexpected_imap_reply,
 )
-from onionpost.errors import (
+from onionpost.core.errors import (
     AddressError,
     AuthenticationFailed,
     FilingDeferred,

@@ -1,10 +1,11 @@
-"""The retry policy (onionpost/retry.py): backoff, jitter, the deadline, and when to give up."""
+"""The retry policy (onionpost/core/retry.py): backoff, jitter, the deadline, and when to give
+up."""
 
 from __future__ import annotations
 
 import pytest
 
-from onionpost.retry import (
+from onionpost.core.retry import (
     DEVICE_SYNC,
     DOVECOT_RESTART,
     FILING,
@@ -110,7 +111,7 @@ def test_a_retry_is_always_in_the_future_and_never_after_expiry() -> None:
 
 
 # Every in-process retry loop's pauses, failure after failure (what each loop did before it
-# took its policy from onionpost.retry: the same numbers).
+# took its policy from onionpost.core.retry: the same numbers).
 LOOPS = [
     (DEVICE_SYNC, [1, 2, 4, 8, 16, 32, 60, 60]),
     (TOR_START, [15, 30, 60, 120, 240, 300, 300]),

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import asyncio
 
-from onionpost.clock import FakeClock
-from onionpost.errors import OnionpostError
-from onionpost.scheduler import Scheduler
+from onionpost.base.clock import FakeClock
+from onionpost.base.scheduler import Scheduler
+from onionpost.core.errors import OnionpostError
 
 
 async def settle() -> None:

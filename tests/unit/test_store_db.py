@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from onionpost.errors import DatabaseBusy, DatabaseFailed, OnionpostError, StoreError
+from onionpost.core.errors import DatabaseBusy, DatabaseFailed, OnionpostError, StoreError
 from onionpost.store.db import Database, translate
 
 

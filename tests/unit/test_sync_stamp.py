@@ -8,10 +8,10 @@ from email.policy import default
 
 import pytest
 
-from onionpost.address import Address
-from onionpost.crypto.primitives import ed25519_public
-from onionpost.normalize import HEADER_BLOCK_LIMIT, WHOLE_MESSAGE_LIMIT, normalize
-from onionpost.sync import _filed_form, _Sender, _stamp
+from onionpost.core.address import Address
+from onionpost.core.crypto.primitives import ed25519_public
+from onionpost.core.normalize import HEADER_BLOCK_LIMIT, WHOLE_MESSAGE_LIMIT, normalize
+from onionpost.device.sync import _filed_form, _Sender, _stamp
 
 ALICE = Address.for_key("alice", ed25519_public(b"\x01" * 32))
 SENDER = _Sender(ALICE, b"\x02" * 32)

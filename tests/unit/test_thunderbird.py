@@ -16,9 +16,9 @@ from gateway.thunderbird import (
     render_settings,
     render_user_js,
 )
-from onionpost.address import Address
-from onionpost.crypto.primitives import SeededRandom, ed25519_public
-from onionpost.errors import UsageError
+from onionpost.core.address import Address
+from onionpost.core.crypto.primitives import SeededRandom, ed25519_public
+from onionpost.core.errors import UsageError
 
 ONION_KEY = ed25519_public(SeededRandom(b"thunderbird")(32))
 ALICE = Address.for_key("alice", ONION_KEY)

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import socks
 
-from onionpost.address import onion_from_public_key
-from onionpost.clock import SystemClock
-from onionpost.config import TorConfig
-from onionpost.crypto.primitives import SeededRandom, ed25519_public
-from onionpost.errors import (
+from onionpost.base.clock import SystemClock
+from onionpost.base.config import TorConfig
+from onionpost.core.address import onion_from_public_key
+from onionpost.core.crypto.primitives import SeededRandom, ed25519_public
+from onionpost.core.errors import (
     BadOnionAddress,
     OnionClientAuthRejected,
     OnionClientAuthRequired,
@@ -33,15 +33,17 @@ from onionpost.errors import (
     TorNotRunning,
     TorTooOld,
 )
-from onionpost.tor import (
-    TorDialer,
-    TorRuntime,
+from onionpost.net.tor.process import (
     _bootstrap_phase,
     check_version,
-    isolation_username,
     parse_modules,
     parse_tor_version,
     pow_support,
+)
+from onionpost.net.tor.runtime import TorRuntime
+from onionpost.net.tor.socks import (
+    TorDialer,
+    isolation_username,
     socks_reply_error,
     translate_socks_error,
 )

@@ -1,20 +1,14 @@
-"""Typed fingerprints and scanned contact codes (onionpost.trust): pure, no I/O."""
+"""Typed fingerprints and scanned contact codes (onionpost.core.trust): pure, no I/O."""
 
 from __future__ import annotations
 
 import pytest
 
-from onionpost.address import Address
-from onionpost.crypto.fingerprint import fingerprint
-from onionpost.crypto.primitives import ed25519_public
-from onionpost.errors import UsageError
-from onionpost.trust import (
-    check_typed,
-    compact,
-    fingerprint_matches,
-    parse_scan,
-    scan_payload,
-)
+from onionpost.core.address import Address
+from onionpost.core.crypto.fingerprint import fingerprint
+from onionpost.core.crypto.primitives import ed25519_public
+from onionpost.core.errors import UsageError
+from onionpost.core.trust import check_typed, compact, fingerprint_matches, parse_scan, scan_payload
 
 ONION = ed25519_public(b"\x01" * 32)
 UIK = ed25519_public(b"\x02" * 32)

@@ -1,4 +1,5 @@
-"""Refusal bodies between nodes (onionpost/wire.py): status, code and words survive the trip."""
+"""Refusal bodies between nodes (onionpost/core/wire.py): status, code and words survive the
+trip."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from onionpost.crypto.primitives import SeededRandom
-from onionpost.errors import (
+from onionpost.core.crypto.primitives import SeededRandom
+from onionpost.core.errors import (
     BadRequest,
     CodeRefused,
     DeliveryError,
@@ -26,7 +27,7 @@ from onionpost.errors import (
     TooManyCodeAttempts,
     UnknownMailbox,
 )
-from onionpost.wire import (
+from onionpost.core.wire import (
     MAX_JSON_BYTES,
     KeyUpdate,
     error_from_body,

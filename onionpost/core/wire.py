@@ -1,0 +1,225 @@
+"""What travels between nodes besides envelopes: status bodies and key updates.  Pure.
+
+Every refusal is a JSON object ``{"status": "temporary"|"permanent", "code": "4.2.2",
+"reason": "...", "message": "..."}``: the enhanced status code (RFC 3463) and the sentence go
+back to the sender's outbox unchanged, so the person who sent the mail reads the recipient
+inbox's own words in a delay notice or a bounce.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from onionpost.core import quota
+from onionpost.core.crypto.encoding import Reader, Writer
+from onionpost.core.crypto.keys import (
+    DeviceList,
+    Profile,
+    RotationRecord,
+    ServerBinding,
+    SignedPrekey,
+)
+from onionpost.core.errors import (
+    BadRequest,
+    CodeRefused,
+    DeviceRefused,
+    InviteChainRefused,
+    MalformedData,
+    MessageTooLarge,
+    OnionpostError,
+    PeerProtocolError,
+    PermanentDeliveryError,
+    StaleRecipientKeys,
+    TemporaryDeliveryError,
+    TooManyCodeAttempts,
+    UnknownMailbox,
+)
+
+MAX_JSON_BYTES = 256 * 1024
+_CODE = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
+
+
+def refusal(exc: OnionpostError) -> tuple[int, dict[str, Any]]:
+    """HTTP status and JSON body for an error answered to a peer or a device.
+
+    The JSON body is what a peer acts on (:func:`error_from_body`); the HTTP status only
+    names the kind of refusal for people reading logs and for plain HTTP tools: 403 device
+    refused, 404 no such mailbox, 413 too large, 507 mailbox full (or no room for another
+    device), 429 rate limited, 503 other temporary, 400 other permanent.
+    """
+    temporary = exc.temporary
+    code = exc.code
+    # The inbox carries a store or envelope error across to the peer as a DeliveryError whose
+    # reason is the original class name (DeliveryError.from_error), so both forms are checked.
+    carried = getattr(exc, "reason", "")
+    if isinstance(exc, DeviceRefused):
+        status = 403
+    elif isinstance(exc, UnknownMailbox):
+        status = 404
+    elif isinstance(exc, MessageTooLarge) or carried == MessageTooLarge.__name__:
+        status = 413
+    elif quota.is_full(exc):
+        status = quota.FULL_STATUS
+    elif temporary:
+        status = 429 if code.endswith(".7.0") and not isinstance(exc, StaleRecipientKeys) else 503
+    else:
+        status = 400
+    reason = getattr(exc, "reason", type(exc).__name__)
+    return status, {
+        "status": "temporary" if temporary else "permanent",
+        "code": code,
+        "reason": reason,
+        "message": str(exc),
+    }
+
+
+def parse_json(raw: bytes, what: str) -> dict[str, Any]:
+    """Parse a JSON object a server answered, whose bytes are untrusted.
+
+    Raises :class:`PeerProtocolError`: temporary, since the peer may be mid-upgrade.
+    """
+    return _json_object(raw, what, PeerProtocolError)
+
+
+def parse_request_json(raw: bytes) -> dict[str, Any]:
+    """Parse a JSON object a client sent to the node API.
+
+    Raises :class:`BadRequest`: the same bytes will never parse, so the answer is a permanent
+    400, not the temporary refusal a broken *answer* gets.
+    """
+    return _json_object(raw, "request", BadRequest)
+
+
+def _json_object(raw: bytes, what: str, error: type[OnionpostError]) -> dict[str, Any]:
+    if len(raw) > MAX_JSON_BYTES:
+        raise error(f"The {what} is larger than {MAX_JSON_BYTES} bytes.")
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise error(f"The {what} is not valid JSON.") from exc
+    if not isinstance(value, dict):
+        raise error(f"The {what} is not a JSON object.")
+    return value
+
+
+def error_from_body(http_status: int, body: bytes) -> OnionpostError:
+    """Turn a peer's refusal into the matching error, keeping its code and words."""
+    try:
+        data = parse_json(body, "reply")
+    except PeerProtocolError:
+        data = {}
+    status = data.get("status")
+    code = data.get("code")
+    message = data.get("message")
+    reason = data.get("reason")
+    if not isinstance(code, str) or not _CODE.match(code):
+        code = "4.4.0" if http_status >= 500 or http_status == 429 else "5.0.0"
+    if not isinstance(message, str) or not message.strip():
+        message = f"The recipient's inbox answered HTTP {http_status} without an explanation."
+    message = " ".join(message.split())[:500]
+    reason = reason if isinstance(reason, str) and len(reason) <= 64 else None
+    if status not in ("temporary", "permanent"):
+        status = "temporary" if http_status >= 500 or http_status == 429 else "permanent"
+    if reason == "stale-keys":
+        return StaleRecipientKeys(message, code=code)
+    for known in (CodeRefused, TooManyCodeAttempts, InviteChainRefused):
+        if reason == known.reason:
+            return known(message)
+    if status == "temporary":
+        return TemporaryDeliveryError(message, code=code, reason=reason)
+    if http_status == 404 and reason == "unknown-mailbox":
+        return UnknownMailbox(message, code=code)
+    return PermanentDeliveryError(message, code=code, reason=reason)
+
+
+# --- key updates ----------------------------------------------------------------------------
+
+
+@dataclass
+class KeyUpdate:
+    """Records a device publishes to its inbox; each is verified before it is installed."""
+
+    MAGIC = b"OPku"
+
+    device_list: DeviceList | None = None
+    binding: ServerBinding | None = None
+    profile: Profile | None = None
+    rotations: list[RotationRecord] = field(default_factory=list)
+    prekeys: list[SignedPrekey] = field(default_factory=list)
+
+    def encode(self) -> bytes:
+        w = Writer().raw(self.MAGIC)
+        w.var32(self.device_list.encode() if self.device_list else b"")
+        w.var16(self.binding.encode() if self.binding else b"")
+        w.var32(self.profile.encode() if self.profile else b"")
+        w.u16(len(self.rotations))
+        for rec in self.rotations:
+            w.var16(rec.encode())
+        w.u16(len(self.prekeys))
+        for p in self.prekeys:
+            w.var16(p.encode())
+        return w.getvalue()
+
+    @classmethod
+    def parse(cls, data: bytes) -> KeyUpdate:
+        r = Reader(data, "key update")
+        r.magic(cls.MAGIC)
+        dl = r.var32("device list", 256 * 1024)
+        binding = r.var16("server binding")
+        profile = r.var32("profile", 128 * 1024)
+        rotations = [
+            RotationRecord.parse(r.var16("rotation")) for _ in range(r.count("rotations", 4096))
+        ]
+        prekeys = [SignedPrekey.parse(r.var16("prekey")) for _ in range(r.count("prekeys", 256))]
+        r.end()
+        return cls(
+            DeviceList.parse(dl) if dl else None,
+            ServerBinding.parse(binding) if binding else None,
+            Profile.parse(profile) if profile else None,
+            rotations,
+            prekeys,
+        )
+
+
+def hex_field(data: dict[str, Any], name: str, length: int | None = None) -> bytes:
+    """A hex-encoded bytes field of a JSON request, validated."""
+    value = data.get(name)
+    try:
+        raw = bytes.fromhex(value) if isinstance(value, str) else None
+    except ValueError:
+        raw = None
+    if raw is None or (length is not None and len(raw) != length):
+        size = f" of {length} bytes" if length else ""
+        raise MalformedData(f"The request's '{name}' must be hex{size}.")
+    return raw
+
+
+def int_field(data: dict[str, Any], name: str, *, low: int = 0, high: int = 1 << 62) -> int:
+    value = data.get(name)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise MalformedData(f"The request's '{name}' must be a whole number.")
+    return value
+
+
+# -- GET /v1/device/messages (§17.3) ----------------------------------------------------------
+
+#: At most this many ids per ``GET /v1/device/messages``.
+MAX_FETCH_IDS = 64
+#: In its answer, each envelope follows its spool id and its length, two u64.
+MESSAGE_FRAME_HEAD = 16
+
+
+def message_frame_head(spool_id: int, size: int) -> bytes:
+    """What precedes one envelope in a ``GET /v1/device/messages`` answer."""
+    return Writer().u64(spool_id).u64(size).getvalue()
+
+
+def parse_message_frame_head(head: bytes) -> tuple[int, int]:
+    """(spool id, size) from :func:`message_frame_head`'s bytes."""
+    r = Reader(head, "batch of messages")
+    spool_id, size = r.u64("spool id"), r.u64("length")
+    r.end()
+    return spool_id, size

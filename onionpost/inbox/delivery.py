@@ -1,0 +1,214 @@
+"""Outbox processing: deliver queued envelopes, record the outcome, retry or bounce.
+
+The outbox table is the truth.  :meth:`OutboxWorker.run_due` claims due rows (a lease, so a
+crash mid-delivery only delays a row), delivers each to its destination inbox — over the
+network, or straight into this inbox when the recipient is a local user — and records exactly
+one outcome: delivered, deferred with the next attempt time from :mod:`onionpost.core.retry`, or
+bounced.  Delivery is idempotent end to end (the receiving inbox dedups on the envelope's
+digest), so a retry after a crash never files a message twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import tempfile
+from collections.abc import Callable
+
+from onionpost.base.aio import foreground
+from onionpost.base.clock import Clock
+from onionpost.core.address import Address, public_key_from_onion
+from onionpost.core.errors import (
+    AddressError,
+    OnionpostError,
+    PermanentDeliveryError,
+    StaleRecipientKeys,
+    TorError,
+    TorStillConnecting,
+)
+from onionpost.core.retry import RetryPolicy, after_failure
+from onionpost.inbox.postoffice import Inbox
+from onionpost.net.client import InboxClient
+from onionpost.net.pool import ConnectionPool, peer_isolation
+from onionpost.net.transport import Dialer
+from onionpost.store.outbox import OutboxRow, OutboxStore
+
+#: Envelopes up to this size are staged in memory on their way out, larger ones on disk.
+SPOOL = 1 << 20
+
+log = logging.getLogger(__name__)
+
+LEASE_SECONDS = 600
+#: How long a row claimed while this node's tor was not up rests before it is claimed again.
+WAIT_FOR_TOR = 5
+BATCH = 64
+
+
+class OutboxWorker:
+    def __init__(
+        self,
+        *,
+        outbox: OutboxStore,
+        inbox: Inbox,
+        dialer: Dialer,
+        clock: Clock,
+        policy: RetryPolicy,
+        unit_random: Callable[[], float],
+        concurrency: int = 8,
+        onion_port: int = 80,
+        timeout: float = 180.0,
+        can_reach_others: Callable[[], bool] = lambda: True,
+        pool: ConnectionPool | None = None,
+    ) -> None:
+        #: Kept-alive connections per destination (deliveries to one inbox reuse them).
+        self.pool = pool
+        self.outbox = outbox
+        self.inbox = inbox
+        self.dialer = dialer
+        self.clock = clock
+        self.policy = policy
+        self.unit_random = unit_random
+        self.onion_port = onion_port
+        self.timeout = timeout
+        self.can_reach_others = can_reach_others
+        self._slots = asyncio.Semaphore(concurrency)
+        self.on_finished: list[Callable[[OutboxRow], None]] = []
+        self._own_onion = Address.for_key("x", inbox.onion_pk).onion
+
+    async def run_due(self) -> int:
+        """Deliver everything due now; returns the number of rows attempted."""
+        total = 0
+        delivered: list[int] = []
+        while True:
+            # While this node's tor is not up, rows for other inboxes are left alone rather
+            # than tried and failed: their attempts and backoff stay as they are, and they
+            # go as soon as the node wakes this worker on tor becoming ready.
+            await foreground.yield_to()  # SMTP clients waiting on a 250 go first
+            only = None if self.can_reach_others() else self._own_onion
+            # Group commit: the rows of the last pass that reached their inbox are marked
+            # delivered in the same transaction that claims the next pass, not one commit
+            # each nor one of their own.  Nothing waits on this commit (the peer's
+            # `accepted` came first; the sender's outcome notice follows it): a crash before
+            # it only makes the rows go out again, and the receiving inbox drops the repeat
+            # by its digest.
+            with self.outbox.db.transaction():
+                self.outbox.mark_delivered_many(delivered, now=self.clock.now())
+                rows = self.outbox.claim_due(
+                    self.clock.now(), limit=BATCH, lease=LEASE_SECONDS, only_onion=only
+                )
+            for row_id in delivered:
+                self._notify(row_id)
+            if not rows:
+                return total
+            total += len(rows)
+            outcomes = await asyncio.gather(
+                *(self._attempt(row) for row in rows), return_exceptions=True
+            )
+            delivered = [r for r in outcomes if isinstance(r, int)]
+            failed = [r for r in outcomes if isinstance(r, BaseException)]
+            if failed:
+                self.outbox.mark_delivered_many(delivered, now=self.clock.now())
+                for row_id in delivered:
+                    self._notify(row_id)
+                raise failed[0]
+
+    async def _attempt(self, row: OutboxRow) -> int | None:
+        """Try one row; its id if it was delivered (the caller marks it), else None (the
+        failure is recorded here)."""
+        async with self._slots:
+            now = self.clock.now()
+            if now >= row.expires_at:
+                self._bounce(
+                    row,
+                    now,
+                    "The message's lifetime ran out before it could be "
+                    "delivered; the last error was: "
+                    f"{row.last_error or 'none'}",
+                    row.last_error_code or "4.4.7",
+                    attempted=False,
+                )
+                return None
+            try:
+                receipt = await self._deliver(row)
+            except OnionpostError as exc:
+                self._failed(row, exc)
+                return None
+            log.info("delivered outbox row %d to %s (%s)", row.id, row.onion, receipt)
+            return row.id
+
+    async def _deliver(self, row: OutboxRow) -> str:
+        try:
+            public_key_from_onion(row.onion)  # a valid label, or the row bounces
+        except AddressError as exc:
+            raise PermanentDeliveryError.from_error(exc) from exc
+        # The envelope goes from the database to a temporary file in pieces, and from there
+        # to the peer (or our own inbox): a 64 MiB envelope is never held in memory.
+        with tempfile.SpooledTemporaryFile(max_size=SPOOL) as envelope:
+            length = self.outbox.copy_envelope(row.id, envelope)
+            envelope.seek(0)
+            if row.onion == self._own_onion:
+                now = self.clock.now()
+                unwrapped = await asyncio.to_thread(self.inbox.unwrap, envelope, length, now=now)
+                with unwrapped:
+                    return self.inbox.accept(unwrapped, now=now).receipt
+            client = InboxClient(
+                self.dialer,
+                row.onion,
+                port=self.onion_port,
+                isolation=peer_isolation(row.onion),
+                timeout=self.timeout,
+                pool=self.pool,
+            )
+            return (await client.deliver((envelope, length))).receipt
+
+    def _failed(self, row: OutboxRow, exc: OnionpostError) -> None:
+        now = self.clock.now()
+        if isinstance(exc, TorStillConnecting):
+            # Claimed just before tor went down again (or before the node knew): not an
+            # attempt.  The row rests briefly so this pass does not pick it up again.
+            self.outbox.note_waiting(
+                row.id, error=str(exc), code="4" + exc.code[1:], until=now + WAIT_FOR_TOR
+            )
+            return
+        if isinstance(exc, StaleRecipientKeys):
+            # Sending this envelope again cannot help: hand it back so the submitting device
+            # seals the message again with the recipient's current keys.
+            self.outbox.mark_reseal(row.id, now=now, error=str(exc))
+            self._notify(row.id)
+            return
+        temporary = exc.temporary or isinstance(exc, TorError)
+        decision = after_failure(
+            self.policy,
+            attempts=row.attempts + 1,
+            temporary=temporary,
+            now=now,
+            expires_at=row.expires_at,
+            unit_random=self.unit_random(),
+        )
+        code = exc.code if exc.code[:1] in "45" else ("4" if temporary else "5") + ".0.0"
+        if decision.retry_at is None:
+            self._bounce(row, now, str(exc), code, attempted=True)
+            return
+        self.outbox.mark_deferred(
+            row.id, now=now, next_attempt_at=decision.retry_at, error=str(exc), code=code
+        )
+        log.info(
+            "delivery of outbox row %d to %s deferred until %d: %s",
+            row.id,
+            row.onion,
+            decision.retry_at,
+            exc,
+        )
+
+    def _bounce(self, row: OutboxRow, now: int, error: str, code: str, *, attempted: bool) -> None:
+        self.outbox.mark_bounced(
+            row.id, now=now, error=error, code="5" + code[1:], attempted=attempted
+        )
+        log.info("outbox row %d to %s bounced: %s", row.id, row.onion, error)
+        self._notify(row.id)
+
+    def _notify(self, row_id: int) -> None:
+        row = self.outbox.get(row_id)
+        if row is not None:
+            for listener in self.on_finished:
+                listener(row)

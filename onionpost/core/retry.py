@@ -101,3 +101,6 @@ JOINING = RetryPolicy(2, 30, jitter=0)
 FILING = RetryPolicy(5, 600, jitter=0)
 #: Restarting Dovecot after it exited (gateway/dovecot.py; starts over once it ran a while).
 DOVECOT_RESTART = RetryPolicy(1, 60, jitter=0)
+#: Dialing a peer through tor's SOCKS port again within one dial's timeout (net/tor/socks.py:
+#: a steady second; how many tries each kind of failure gets is decided there).
+TOR_DIAL = RetryPolicy(1, 1, jitter=0)

@@ -10,6 +10,7 @@ from onionpost.core.retry import (
     DOVECOT_RESTART,
     FILING,
     JOINING,
+    TOR_DIAL,
     TOR_REPAIR,
     TOR_START,
     Backoff,
@@ -119,6 +120,7 @@ LOOPS = [
     (JOINING, [2, 4, 8, 16, 30, 30]),
     (FILING, [5, 10, 20, 40, 80, 160, 320, 600, 600]),
     (DOVECOT_RESTART, [1, 2, 4, 8, 16, 32, 60, 60]),
+    (TOR_DIAL, [1, 1, 1, 1, 1, 1, 1]),
 ]
 
 

@@ -33,11 +33,12 @@ from onionpost.core.errors import (
     TorError,
     TorNotRunning,
 )
+from onionpost.core.retry import TOR_DIAL
 from onionpost.net.tor.process import _in_thread
 
 _SOCKS_ATTEMPT_TIMEOUT = 15.0  # short attempts: a hung one can otherwise eat the whole budget
 
-_RETRY_PAUSE = 1.0
+_RETRY_PAUSE = TOR_DIAL.pause(1)
 
 _MAX_DESCRIPTOR_RETRIES = 2  # 0xF0 right after publication: the HSDir asked had no copy yet
 

@@ -18,7 +18,7 @@ from onionpost.base.clock import SystemClock
 from onionpost.inbox import api as api_server
 from onionpost.testing.mailstore import memory_mailbox, subjects
 from onionpost.testing.tornet import TorNetwork
-from tests.tor.test_nodes_over_tor import eventually, make_config, send
+from tests.tor.nodes import eventually, make_config, send
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

@@ -184,7 +184,7 @@ class Node:
     async def _start(self) -> None:
         cfg = self.config
         self.started_at = self.clock.now()
-        self.pool = ConnectionPool(self.dialer)
+        self.pool.reopen()
         ensure_private_dir(cfg.data_dir)
         if self.has_inbox:
             await self._start_inbox()

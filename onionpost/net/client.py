@@ -51,6 +51,18 @@ READ_CHUNK = 65536
 REUSED_ANSWER_TIMEOUT = 60.0
 
 
+#: The largest answer a request takes unless its caller says otherwise.
+ANSWER_LIMIT = 4 << 20
+
+
+def refusal(r: Response) -> OnionpostError:
+    """The error a peer's non-200 answer stands for: its own code and words, except that
+    a refused session (401/403) is always :class:`DeviceRefused`, whatever its body says,
+    so that callers can tell "log in again" from a refusal of the request itself."""
+    err = error_from_body(r.status, r.body)
+    return DeviceRefused(str(err)) if r.status in (401, 403) else err
+
+
 class Rewindable(Readable, Protocol):
     def seek(self, offset: int, whence: int = 0, /) -> int: ...
 
@@ -110,7 +122,7 @@ class InboxClient:
         body: bytes = b"",
         source: tuple[Readable, int] | None = None,
         headers: tuple[tuple[str, str], ...] = (),
-        limit: int = 4 << 20,
+        limit: int = ANSWER_LIMIT,
         sink: Writable | None = None,
         timeout: float | None = None,
     ) -> Response:
@@ -330,10 +342,7 @@ class InboxClient:
     @staticmethod
     def check_json(r: Response) -> dict[str, Any]:
         if r.status != 200:
-            err = error_from_body(r.status, r.body)
-            if r.status in (401, 403):
-                raise DeviceRefused(str(err))
-            raise err
+            raise refusal(r)
         return parse_json(r.body, "answer")
 
     # -- between inboxes ------------------------------------------------------------------
@@ -344,7 +353,7 @@ class InboxClient:
     async def bundle(self, local: str) -> bytes:
         r = await self.request("GET", f"/v1/bundle/{quote(local, safe='')}", limit=1 << 20)
         if r.status != 200:
-            raise error_from_body(r.status, r.body)
+            raise refusal(r)
         return r.body
 
     async def deliver(self, envelope: bytes | tuple[Readable, int]) -> DeliveryReceipt:
@@ -494,6 +503,44 @@ class DeviceSession:
         assert self._token is not None
         return (("Authorization", f"Bearer {self._token.hex()}"),)
 
+    async def _authorized(
+        self,
+        method: str,
+        path: str,
+        *,
+        again: bool,
+        rewind: Rewindable | None = None,
+        body: bytes = b"",
+        source: tuple[Readable, int] | None = None,
+        headers: tuple[tuple[str, str], ...] = (),
+        sink: Writable | None = None,
+        limit: int = ANSWER_LIMIT,
+    ) -> Response:
+        """A raw request in this device's session: log in first if there is no session,
+        and forget a session the inbox refuses (401/403; it expired or the inbox restarted).
+        With ``again``, a refused request is sent once more in a new session (``rewind``
+        is sought to its start first); without, the refusal is the caller's answer."""
+        for attempt in (1, 2):
+            if self._token is None:
+                await self.login()
+            if rewind is not None:
+                rewind.seek(0)
+            r = await self.client.request(
+                method,
+                path,
+                body=body,
+                source=source,
+                headers=(*self._auth(), *headers),
+                sink=sink,
+                limit=limit,
+            )
+            if r.status not in (401, 403):
+                return r
+            self._token = None
+            if not again or attempt == 2:
+                return r
+        raise AssertionError("unreachable")  # pragma: no cover
+
     async def pending(self, *, after: int = 0, wait: float = 0) -> list[PendingMessage]:
         query = urlencode({"after": after, "wait": wait})
         data = await self._call("GET", f"/v1/device/pending?{query}", timeout=wait + 60)
@@ -516,19 +563,11 @@ class DeviceSession:
         return out
 
     async def fetch(self, message_id: int, sink: Writable, *, limit: int) -> None:
-        if self._token is None:
-            await self.login()
-        r = await self.client.request(
-            "GET",
-            f"/v1/device/message/{message_id}",
-            headers=self._auth(),
-            sink=sink,
-            limit=limit,
+        r = await self._authorized(
+            "GET", f"/v1/device/message/{message_id}", again=False, sink=sink, limit=limit
         )
         if r.status != 200:
-            if r.status in (401, 403):
-                self._token = None
-            raise error_from_body(r.status, r.body)
+            raise refusal(r)
 
     async def fetch_many(
         self, wanted: list[PendingMessage], sink: Callable[[int], Writable]
@@ -537,22 +576,18 @@ class DeviceSession:
         each goes to ``sink(its id)``.  Returns the ids received, in order: one the inbox
         no longer holds is left out of its answer.  The answer may hold only what was asked,
         at the sizes the pending list gave, or it is refused whole."""
-        if self._token is None:
-            await self.login()
         sizes = {m.id: m.size for m in wanted}
         limit = sum(MESSAGE_FRAME_HEAD + m.size for m in wanted)
         with tempfile.SpooledTemporaryFile(max_size=1 << 20) as body:
-            r = await self.client.request(
+            r = await self._authorized(
                 "GET",
                 "/v1/device/messages?ids=" + ",".join(str(m.id) for m in wanted),
-                headers=self._auth(),
+                again=False,
                 sink=body,
                 limit=limit,
             )
             if r.status != 200:
-                if r.status in (401, 403):
-                    self._token = None
-                raise error_from_body(r.status, r.body)
+                raise refusal(r)
             end = body.tell()
             body.seek(0)
             got: list[int] = []
@@ -598,47 +633,34 @@ class DeviceSession:
                 "key": key,
             }
         )
-        for attempt in (1, 2):
-            if self._token is None:
-                await self.login()
-            if isinstance(envelope, tuple):
-                envelope[0].seek(0)  # a retry after a lost session re-sends from the start
-            r = await self.client.request(
-                "POST",
-                f"/v1/device/submit?{query}",
-                body=envelope if isinstance(envelope, bytes) else b"",
-                source=envelope if isinstance(envelope, tuple) else None,
-                headers=(*self._auth(), ("Content-Type", "application/octet-stream")),
-            )
-            if r.status in (401, 403) and attempt == 1:
-                self._token = None
-                continue
-            data = self.client.check_json(r)
-            row = data.get("id")
-            if not isinstance(row, int):
-                raise PeerProtocolError("The inbox's answer to a submission is not understood.")
-            return row
-        raise AssertionError("unreachable")  # pragma: no cover
+        r = await self._authorized(
+            "POST",
+            f"/v1/device/submit?{query}",
+            again=True,
+            # a retry after a lost session re-sends from the start
+            rewind=envelope[0] if isinstance(envelope, tuple) else None,
+            body=envelope if isinstance(envelope, bytes) else b"",
+            source=envelope if isinstance(envelope, tuple) else None,
+            headers=(("Content-Type", "application/octet-stream"),),
+        )
+        row = self.client.check_json(r).get("id")
+        if not isinstance(row, int):
+            raise PeerProtocolError("The inbox's answer to a submission is not understood.")
+        return row
 
     async def publish(self, update: KeyUpdate) -> ServerBinding | None:
         """Publish keys; returns the inbox's countersigned binding if one was published."""
-        for attempt in (1, 2):
-            if self._token is None:
-                await self.login()
-            r = await self.client.request(
-                "POST",
-                "/v1/device/keys",
-                body=update.encode(),
-                headers=(*self._auth(), ("Content-Type", "application/octet-stream")),
-            )
-            if r.status in (401, 403) and attempt == 1:
-                self._token = None
-                continue
-            data = self.client.check_json(r)
-            if update.binding is None:
-                return None
-            return _countersigned(data.get("binding"), update.binding)
-        raise AssertionError("unreachable")  # pragma: no cover
+        r = await self._authorized(
+            "POST",
+            "/v1/device/keys",
+            again=True,
+            body=update.encode(),
+            headers=(("Content-Type", "application/octet-stream"),),
+        )
+        data = self.client.check_json(r)
+        if update.binding is None:
+            return None
+        return _countersigned(data.get("binding"), update.binding)
 
     async def register_token(self, token: bytes, label: str, *, revoke: bool = False) -> None:
         await self._call(

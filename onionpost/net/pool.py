@@ -186,6 +186,11 @@ class ConnectionPool:
 
         self._warming[key] = asyncio.get_running_loop().create_task(run(), name="pool-warm")
 
+    def reopen(self) -> None:
+        """Keep connections again after :meth:`close` (a node stopped and started again
+        keeps its one pool; nothing from before the stop is in it)."""
+        self._closed = False
+
     async def close(self) -> None:
         """Close every idle connection and stop warming (the node is stopping)."""
         self._closed = True

@@ -613,3 +613,26 @@ async def test_several_messages_are_fetched_in_one_request(world) -> None:
         await session.fetch_many(
             [dataclasses.replace(pending[0], id=i) for i in range(1, 66)], lambda i: io.BytesIO()
         )
+
+
+async def test_a_session_the_inbox_forgot_is_dropped_and_a_new_one_opened(world) -> None:
+    """An inbox that restarted or expired the session answers 401: a fetch is refused and
+    forgets the session; the next request logs in again; a request that may be repeated
+    (a hand-over, a key publication) is sent once more in the new session at once."""
+    node, bob, alice, dialer = world
+    await _client(node, dialer).deliver(await _sealed(node, bob, alice, dialer))
+    session = _session(node, bob, dialer)
+    (item,) = await session.pending()
+    forgotten = b"\x5a" * 32  # a session token this inbox never issued
+    session._token = forgotten
+    with pytest.raises(DeviceRefused):
+        await session.fetch(item.id, io.BytesIO(), limit=1 << 20)
+    assert session._token is None
+    sinks: dict[int, io.BytesIO] = {}
+    assert await session.fetch_many([item], lambda i: sinks.setdefault(i, io.BytesIO())) == [
+        item.id
+    ]
+    assert len(sinks[item.id].getvalue()) == item.size
+    session._token = forgotten
+    r = await session._authorized("GET", "/v1/device/policy", again=True)
+    assert r.status == 200 and session._token not in (None, forgotten)

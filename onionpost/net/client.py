@@ -258,7 +258,10 @@ class InboxClient:
         ]
         try:
             try:
-                writer.write(conn.send(h11.Request(method=method, target=path, headers=head)))
+                # The head, the body's first piece and (when it fits) the end go out in one
+                # write: over tor, a request that reaches the SOCKS port in two writes can
+                # wait ~40 ms for the second (measured in docs/performance.md, "one write").
+                out = [conn.send(h11.Request(method=method, target=path, headers=head))]
                 if source is not None:
                     stream, left = source
                     while left:
@@ -266,11 +269,15 @@ class InboxClient:
                         if not piece:
                             raise PeerProtocolError("The message to send ended early.")
                         left -= len(piece)
-                        writer.write(conn.send(h11.Data(data=piece)))
-                        await writer.drain()
+                        out.append(conn.send(h11.Data(data=piece)))
+                        if left:
+                            writer.write(b"".join(out))
+                            out.clear()
+                            await writer.drain()
                 elif body:
-                    writer.write(conn.send(h11.Data(data=body)))
-                writer.write(conn.send(h11.EndOfMessage()))
+                    out.append(conn.send(h11.Data(data=body)))
+                out.append(conn.send(h11.EndOfMessage()))
+                writer.write(b"".join(out))
                 await writer.drain()
             except OSError as exc:
                 raise PeerConnectionLost("The connection to the inbox was lost.") from exc

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import time
 from pathlib import Path
 
@@ -350,3 +351,37 @@ async def test_a_request_waiting_on_a_failed_warm_up_gets_its_failure(world) -> 
         await _pooled(node, dialer, pool).deliver(l1)
     assert dialer.opened == {node.onion: 1}
     await pool.close()
+
+
+class WriteCountingDialer:
+    """A DirectDialer whose connections record each ``write`` the client makes."""
+
+    def __init__(self, inner: DirectDialer) -> None:
+        self.inner = inner
+        self.writes: list[int] = []
+
+    async def open(self, onion: str, port: int, *, isolation: str, timeout: float) -> Streams:
+        reader, writer = await self.inner.open(onion, port, isolation=isolation, timeout=timeout)
+        real = writer.write
+
+        def write(data: bytes | bytearray | memoryview) -> None:
+            self.writes.append(len(data))
+            real(data)
+
+        writer.write = write  # type: ignore[method-assign]
+        return reader, writer
+
+
+async def test_a_request_and_its_body_leave_in_one_write(world) -> None:
+    """Over tor, the second of two writes can wait ~40 ms behind the first: a request with a
+    small body (a device's JSON calls, a delivery from memory) is one write, and a streamed
+    one sends its head with the first piece."""
+    node, bob, alice, dialer, _ = world
+    counting = WriteCountingDialer(dialer)
+    client = InboxClient(counting, node.onion, isolation="test", timeout=20)
+    l1 = await _sealed(node, bob, alice, dialer)
+    await client.deliver(l1)
+    assert counting.writes == [pytest.approx(len(l1), abs=400)]
+    counting.writes.clear()
+    await client.deliver((io.BytesIO(l1), len(l1)))
+    assert len(counting.writes) == 1 and counting.writes[0] > len(l1)

@@ -14,7 +14,7 @@ outcome, and only a keyed hash of the device's idempotency key (which names the 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from onionpost.core.crypto.envelope import Readable, Writable
@@ -151,6 +151,34 @@ class OutboxStore:
             for r in rows:
                 c.execute("UPDATE outbox SET leased_until = ? WHERE id = ?", (now + lease, r["id"]))
             return [_row(r) for r in rows]
+
+    def due_rows(
+        self,
+        now: int,
+        *,
+        limit: int,
+        skip: Collection[int] = (),
+        only_onion: str | None = None,
+    ) -> list[OutboxRow]:
+        """Queued rows due now, except ``skip`` (the ones the caller has in flight): what
+        :meth:`claim_due` claims, read without a commit.  The worker keeps its claims in
+        memory; a lease in the database would protect nothing more (only this process
+        delivers, and :meth:`release_leases` forgets every lease at start-up)."""
+        where = ""
+        params: tuple[object, ...] = (now, now)
+        if only_onion is not None:
+            where = " AND onion = ?"
+            params = (*params, only_onion)
+        if skip:
+            where += f" AND id NOT IN ({','.join('?' * len(skip))})"
+            params = (*params, *skip)
+        rows = self.db.all(
+            f"SELECT {_COLUMNS} FROM outbox WHERE state = 'queued' AND next_attempt_at <= ?"  # noqa: S608
+            f" AND (leased_until IS NULL OR leased_until < ?){where}"
+            " ORDER BY next_attempt_at, id LIMIT ?",
+            (*params, limit),
+        )
+        return [_row(r) for r in rows]
 
     def release_leases(self) -> int:
         """Forget every claim: called once at start-up, when no worker can hold one."""

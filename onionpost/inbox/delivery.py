@@ -89,18 +89,22 @@ class OutboxWorker:
             await foreground.yield_to()  # SMTP clients waiting on a 250 go first
             only = None if self.can_reach_others() else self._own_onion
             # Group commit: the rows of the last pass that reached their inbox are marked
-            # delivered in one commit, not one each.  Nothing waits on this commit (the
-            # peer's `accepted` came first; the sender's outcome notice follows it): a crash
-            # before it only makes the rows go out again, and the receiving inbox drops the
-            # repeat by its digest.  The next pass is claimed in memory (`_claimed`), with
-            # no commit: a run that finds one pass costs one commit, not two.
-            self.outbox.mark_delivered_many(delivered, now=self.clock.now())
-            for row_id in delivered:
-                self._notify(row_id)
+            # delivered by the next hand-over's commit (one happens anyway while mail keeps
+            # coming), or at the end of this run: not one commit each, nor one per pass.
+            # Nothing waits on these marks (the peer's `accepted` came first; the sender's
+            # outcome notice follows them): a crash before them only makes the rows go out
+            # again, and the receiving inbox drops the repeat by its digest.  The next pass
+            # is claimed in memory (`_claimed`), with no commit.
+            self.outbox.mark_delivered_later(delivered, now=self.clock.now())
+            if self.outbox.marks_waiting() >= BATCH:  # a drain with no hand-overs coming
+                self.outbox.flush_marks()
+            self._notify_marked()
             rows = self.outbox.due_rows(
                 self.clock.now(), limit=BATCH, skip=self._claimed, only_onion=only
             )
             if not rows:
+                self.outbox.flush_marks()
+                self._notify_marked()
                 return total
             total += len(rows)
             claimed = {row.id for row in rows}
@@ -114,10 +118,15 @@ class OutboxWorker:
             delivered = [r for r in outcomes if isinstance(r, int)]
             failed = [r for r in outcomes if isinstance(r, BaseException)]
             if failed:
-                self.outbox.mark_delivered_many(delivered, now=self.clock.now())
-                for row_id in delivered:
-                    self._notify(row_id)
+                self.outbox.mark_delivered_later(delivered, now=self.clock.now())
+                self.outbox.flush_marks()
+                self._notify_marked()
                 raise failed[0]
+
+    def _notify_marked(self) -> None:
+        """Tell the listeners of the rows whose delivered mark has been committed."""
+        for row_id in self.outbox.committed():
+            self._notify(row_id)
 
     async def _attempt(self, row: OutboxRow) -> int | None:
         """Try one row; its id if it was delivered (the caller marks it), else None (the

@@ -193,6 +193,46 @@ async def test_a_crash_before_the_removals_commit_loses_and_duplicates_nothing(
     assert sorted(delivered) == ["first 0"] + [f"mail {i}" for i in range(4)]  # once each
 
 
+async def test_delivered_marks_ride_the_next_hand_over(world: World) -> None:
+    """A's worker marks what it delivered with the next hand-over's commit, or at the end of
+    its run; a crash before either only sends the rows again, and B drops the repeats."""
+    await world.hand_over(1, "first")
+    await world.a.worker.run_due()
+    assert await world.bob.device.sync() == 1
+    outbox, worker = world.a.inbox.outbox, world.a.worker
+    await world.hand_over(3, "run")
+    ids = [r.id for r in outbox.due_rows(world.clock.now(), limit=10)]
+    await worker.run_due()  # the marks of its passes commit at the run's end at the latest
+    assert outbox.marks_waiting() == 0
+    assert {outbox.get(i).state for i in ids} == {"delivered"}  # type: ignore[union-attr]
+
+    # Mid-run: a row delivered (the peer said `accepted`), its mark waiting in memory.
+    await world.hand_over(1, "carried")
+    (row,) = outbox.due_rows(world.clock.now(), limit=10)
+    assert await worker._attempt(row) == row.id
+    outbox.mark_delivered_later([row.id], now=world.clock.now())
+    assert outbox.due_rows(world.clock.now(), limit=10) == []  # the worker leaves it alone
+    commits = Commits(world.a.db)
+    await world.hand_over(1, "next")  # this hand-over's commit carries the mark
+    assert commits.stop() == 1
+    assert outbox.get(row.id).state == "delivered"  # type: ignore[union-attr]
+    assert outbox.committed() == [row.id] and outbox.marks_waiting() == 0
+
+    # The crash before a mark's commit: the row is still queued and goes out again.
+    (row,) = outbox.due_rows(world.clock.now(), limit=10)
+    assert await worker._attempt(row) == row.id
+    outbox.mark_delivered_later([row.id], now=world.clock.now())
+    outbox._marks.clear()  # what the crash forgets
+    assert outbox.get(row.id).state == "queued"  # type: ignore[union-attr]
+    assert await worker.run_due() == 1  # sent again: B answers "duplicate"
+    assert outbox.get(row.id).state == "delivered"  # type: ignore[union-attr]
+    assert await world.bob.device.sync() == 5
+    assert await world.bob.device.sync() == 0
+    assert subjects(world.bob) == sorted(
+        ["first 0", "run 0", "run 1", "run 2", "carried 0", "next 0"]
+    )
+
+
 async def test_a_batch_is_fetched_in_one_request(world: World, monkeypatch) -> None:
     """The ten messages of a batch come in one GET /v1/device/messages, not ten."""
     await world.hand_over(1, "first")

@@ -159,10 +159,11 @@ class Receiver:
         inbox too, and :class:`FilingDeferred` makes the sync loop back off.
 
         Messages are taken in batches (:func:`_batches`): each batch is fetched, then opened
-        and queued for filing in *one* transaction, filed with two commits, and acknowledged
-        in one request, so a burst costs a few commits per batch instead of several per
-        message.  The order of the durable steps is the single message's: queued, handed,
-        filed (LMTP 250), removed, acknowledged.
+        and queued for filing (already marked handed) in *one* transaction, filed, and
+        acknowledged in one request; the removal of its filing rows rides the next batch's
+        transaction.  So a sync costs one commit, not several per message.  The order of the
+        durable steps is the single message's: queued and handed, filed (LMTP 250),
+        acknowledged, removed (a crash before the removal costs a lookup in the mailbox).
         """
         pending = await self.session.pending(after=0, wait=wait)
         taken = 0

@@ -4,9 +4,11 @@ each, and nothing about exactly-once changes.
 Two inboxes on loopback (alice's A, bob's B); alice hands several messages to A, A's worker
 delivers them in one pass, and bob's device takes them in one sync.  What is checked: every
 message is filed exactly once, the inbox is told only after, the batch's commits on bob's
-device database are a handful (one transaction for the batch, two for filing it), a message
-that cannot be filed now stays queued without holding back the rest, and a filing row left
-*handed* by an interrupted batch is looked up in the mailbox instead of filed again.
+device database are a handful (one transaction for the batch, which also removes what the
+previous batch filed), the removals, the inbox's deletions and the outbox's marks ride
+later commits without losing or duplicating anything across a crash, a message that cannot
+be filed now stays queued without holding back the rest, and a filing row left *handed* by
+an interrupted batch is looked up in the mailbox instead of filed again.
 """
 
 from __future__ import annotations

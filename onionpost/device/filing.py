@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 FILING_HEADER = "X-Onionpost-Filing"
 #: UIDNEXT readings kept per folder (at most one a second): an hour of steady filing.
 FLOORS_KEPT = 4096
+#: Seconds a filed row waits for the receiver's next batch to carry its removal before the
+#: filer's loop removes it in a commit of its own (the device has gone quiet).
+REMOVAL_WAIT = 2
 
 
 def filing_key(kind: bytes, *parts: bytes) -> bytes:
@@ -116,6 +119,8 @@ class Filer:
         if self._task is not None:
             await cancel_and_wait(self._task)
             self._task = None
+        with contextlib.suppress(OnionpostError):  # else a lookup after the restart
+            self.store.flush_filed()
 
     # -- queueing --------------------------------------------------------------------------
 
@@ -176,15 +181,19 @@ class Filer:
         """
         return not await self.settle_many(ids)
 
-    async def settle_many(self, ids: Sequence[int]) -> set[int]:
+    async def settle_many(self, ids: Sequence[int], *, remove_later: bool = False) -> set[int]:
         """:meth:`settle` for a batch (the rows of several messages): the ids left unfiled.
 
         The batch costs two commits however many rows it holds (all marked handed, then all
-        removed), instead of two per row; see :meth:`_file_batch`.
+        removed), instead of two per row; see :meth:`_file_batch`.  With ``remove_later``
+        (the receiver, whose next batch commits anyway) the rows that reach the mailbox are
+        not removed here: :meth:`FilingStore.filed_later` hides them and the caller's next
+        transaction removes them (:meth:`FilingStore.forget_filed`), or this filer's loop
+        after :data:`REMOVAL_WAIT` seconds of quiet.
         """
         now = self._now()
         rows = [r for r in self.store.get_many(ids) if r.not_before <= now]
-        return await self._file_batch(rows)
+        return await self._file_batch(rows, remove_later=remove_later)
 
     async def run_due(self) -> int:
         """File every row that is due; the number filed."""
@@ -197,7 +206,7 @@ class Filer:
                 break  # the mailbox refuses or is away: the rest waits for the next pass
         return filed
 
-    async def _file_batch(self, rows: Sequence[Filing]) -> set[int]:
+    async def _file_batch(self, rows: Sequence[Filing], *, remove_later: bool = False) -> set[int]:
         """File these rows; the ids of those not done (deferred, or no mailbox attached).
 
         Exactly once, as for a single row: every row is durably *handed* before the mailbox
@@ -231,7 +240,10 @@ class Filer:
             finally:
                 # Whatever reached the mailbox is forgotten even if a later row's filing was
                 # interrupted (cancellation): left queued it would only cost a lookup.
-                self.store.done_many(finished)
+                if remove_later:
+                    self.store.filed_later(finished, self._now())
+                else:
+                    self.store.done_many(finished)
             for row in finished:
                 log.info("filed %s into %s's %s", row.key.hex(), row.user, row.folder)
             return left
@@ -339,14 +351,25 @@ class Filer:
         with contextlib.suppress(OnionpostError):
             self.store.deferred(row.id, error=error, next_try_at=self._now() + wait)
 
+    def _remove_quiet(self) -> None:
+        """Remove the filed rows that no batch of the receiver took along within
+        :data:`REMOVAL_WAIT` seconds: one commit once mail stops arriving."""
+        oldest = self.store.oldest_filed_at()
+        if oldest is not None and self._now() - oldest >= REMOVAL_WAIT:
+            self.store.flush_filed()
+
     async def _run(self) -> None:
         while True:
             self._wake.clear()
             try:
                 if self.sink is not None:
                     await self.run_due()
+                self._remove_quiet()
             except OnionpostError as exc:
                 log.warning("filing pass failed: %s", exc)
             nxt = self.store.next_due_at()
+            oldest = self.store.oldest_filed_at()
+            if oldest is not None:
+                nxt = min(nxt, oldest + REMOVAL_WAIT) if nxt is not None else oldest + REMOVAL_WAIT
             delay = 30.0 if nxt is None else max(0.05, min(30.0, nxt - self._now()))
             await wait_event(self.clock, self._wake, delay)

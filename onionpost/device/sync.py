@@ -159,10 +159,11 @@ class Receiver:
         inbox too, and :class:`FilingDeferred` makes the sync loop back off.
 
         Messages are taken in batches (:func:`_batches`): each batch is fetched, then opened
-        and queued for filing in *one* transaction, filed with two commits, and acknowledged
-        in one request, so a burst costs a few commits per batch instead of several per
-        message.  The order of the durable steps is the single message's: queued, handed,
-        filed (LMTP 250), removed, acknowledged.
+        and queued for filing (already marked handed) in *one* transaction, filed, and
+        acknowledged in one request; the removal of its filing rows rides the next batch's
+        transaction.  So a sync costs one commit, not several per message.  The order of the
+        durable steps is the single message's: queued and handed, filed (LMTP 250),
+        acknowledged, removed (a crash before the removal costs a lookup in the mailbox).
         """
         pending = await self.session.pending(after=0, wait=wait)
         taken = 0
@@ -202,9 +203,13 @@ class Receiver:
                 if isinstance(result, _Decrypted):
                     files.enter_context(result.body)
             opened: list[tuple[int, Filed]] = []
+            # The rows the last batches put in the mailbox are removed by this batch's
+            # COMMIT, not one of their own (settle_many's remove_later, below).
+            removing = store.filed_waiting()
             # One transaction for the batch (nothing awaited inside it); each message in its
             # own savepoint, so one that fails leaves nothing behind and spoils no other.
             with store.db.transaction():
+                store.forget_filed(removing)
                 for (item, _), result in zip(fetched, decrypted, strict=True):
                     if isinstance(result, BaseException) and not isinstance(result, OnionpostError):
                         raise result
@@ -217,7 +222,10 @@ class Receiver:
                         log.warning(
                             "could not take message %d from the inbox yet: %s", item.id, exc
                         )
-        left = await self.filer.settle_many([i for _, f in opened for i in f.filings])
+            store.forgotten(removing)
+        left = await self.filer.settle_many(
+            [i for _, f in opened for i in f.filings], remove_later=True
+        )
         done = [item_id for item_id, f in opened if not left.intersection(f.filings)]
         return done, len(opened) - len(done)
 

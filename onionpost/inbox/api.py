@@ -102,6 +102,9 @@ logging.getLogger("aiohttp.server").addFilter(_MalformedRequests())
 JSON_LIMIT = 64 * 1024
 OUTBOX_IDS_MAX = 200
 KEYS_LIMIT = 1 << 20
+#: Seconds the devices' acknowledgements wait for a batch of deliveries to carry their
+#: deletion before they are committed on their own (the inbox has gone quiet).
+ACK_WAIT = 1.0
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -378,6 +381,7 @@ class InboxServer:
         self._on_submitted = on_submitted
         self._deliveries = asyncio.Semaphore(8)
         self._accepts = _AcceptBatch(inbox)
+        self._ack_flush: asyncio.TimerHandle | None = None
         self._events: dict[tuple[bytes, bytes], asyncio.Event] = {}
         self._server: asyncio.Server | None = None
         self._runner: web.AppRunner
@@ -451,6 +455,7 @@ class InboxServer:
             await self._runner.server.shutdown(2.0)
         await self._runner.cleanup()
         self._server = None
+        self._flush_acks()  # else offered again after the restart, and acknowledged again
 
     @property
     def open_connections(self) -> int:
@@ -692,7 +697,20 @@ class InboxServer:
             isinstance(i, int) and not isinstance(i, bool) for i in ids
         ):
             raise MalformedData("'ids' must be a list of message numbers.")
-        return _json(200, {"acknowledged": self.inbox.acknowledge(s, ids)})
+        acknowledged = self.inbox.acknowledge(s, ids)
+        if acknowledged and self._ack_flush is None:
+            # Their deletion rides the next batch of deliveries; if none comes, this commits it.
+            self._ack_flush = asyncio.get_running_loop().call_later(ACK_WAIT, self._flush_acks)
+        return _json(200, {"acknowledged": acknowledged})
+
+    def _flush_acks(self) -> None:
+        if self._ack_flush is not None:
+            self._ack_flush.cancel()
+            self._ack_flush = None
+        try:
+            self.inbox.flush_acks()
+        except OnionpostError as exc:  # they stay hidden and waiting; tried again at stop
+            log.warning("could not delete acknowledged messages: %s", exc)
 
     async def submit(self, request: web.Request) -> web.Response:
         s = self._session(request)

@@ -38,7 +38,6 @@ SPOOL = 1 << 20
 
 log = logging.getLogger(__name__)
 
-LEASE_SECONDS = 600
 #: How long a row claimed while this node's tor was not up rests before it is claimed again.
 WAIT_FOR_TOR = 5
 BATCH = 64
@@ -74,6 +73,10 @@ class OutboxWorker:
         self._slots = asyncio.Semaphore(concurrency)
         self.on_finished: list[Callable[[OutboxRow], None]] = []
         self._own_onion = Address.for_key("x", inbox.onion_pk).onion
+        #: Rows being attempted now: a concurrent pass leaves them alone.  Kept in memory,
+        #: not as a lease in the database (a commit per pass): only this worker delivers,
+        #: and a restart forgets every claim anyway (``release_leases``).
+        self._claimed: set[int] = set()
 
     async def run_due(self) -> int:
         """Deliver everything due now; returns the number of rows attempted."""
@@ -86,31 +89,44 @@ class OutboxWorker:
             await foreground.yield_to()  # SMTP clients waiting on a 250 go first
             only = None if self.can_reach_others() else self._own_onion
             # Group commit: the rows of the last pass that reached their inbox are marked
-            # delivered in the same transaction that claims the next pass, not one commit
-            # each nor one of their own.  Nothing waits on this commit (the peer's
-            # `accepted` came first; the sender's outcome notice follows it): a crash before
-            # it only makes the rows go out again, and the receiving inbox drops the repeat
-            # by its digest.
-            with self.outbox.db.transaction():
-                self.outbox.mark_delivered_many(delivered, now=self.clock.now())
-                rows = self.outbox.claim_due(
-                    self.clock.now(), limit=BATCH, lease=LEASE_SECONDS, only_onion=only
-                )
-            for row_id in delivered:
-                self._notify(row_id)
+            # delivered by the next hand-over's commit (one happens anyway while mail keeps
+            # coming), or at the end of this run: not one commit each, nor one per pass.
+            # Nothing waits on these marks (the peer's `accepted` came first; the sender's
+            # outcome notice follows them): a crash before them only makes the rows go out
+            # again, and the receiving inbox drops the repeat by its digest.  The next pass
+            # is claimed in memory (`_claimed`), with no commit.
+            self.outbox.mark_delivered_later(delivered, now=self.clock.now())
+            if self.outbox.marks_waiting() >= BATCH:  # a drain with no hand-overs coming
+                self.outbox.flush_marks()
+            self._notify_marked()
+            rows = self.outbox.due_rows(
+                self.clock.now(), limit=BATCH, skip=self._claimed, only_onion=only
+            )
             if not rows:
+                self.outbox.flush_marks()
+                self._notify_marked()
                 return total
             total += len(rows)
-            outcomes = await asyncio.gather(
-                *(self._attempt(row) for row in rows), return_exceptions=True
-            )
+            claimed = {row.id for row in rows}
+            self._claimed |= claimed
+            try:
+                outcomes = await asyncio.gather(
+                    *(self._attempt(row) for row in rows), return_exceptions=True
+                )
+            finally:
+                self._claimed -= claimed
             delivered = [r for r in outcomes if isinstance(r, int)]
             failed = [r for r in outcomes if isinstance(r, BaseException)]
             if failed:
-                self.outbox.mark_delivered_many(delivered, now=self.clock.now())
-                for row_id in delivered:
-                    self._notify(row_id)
+                self.outbox.mark_delivered_later(delivered, now=self.clock.now())
+                self.outbox.flush_marks()
+                self._notify_marked()
                 raise failed[0]
+
+    def _notify_marked(self) -> None:
+        """Tell the listeners of the rows whose delivered mark has been committed."""
+        for row_id in self.outbox.committed():
+            self._notify(row_id)
 
     async def _attempt(self, row: OutboxRow) -> int | None:
         """Try one row; its id if it was delivered (the caller marks it), else None (the

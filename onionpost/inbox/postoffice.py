@@ -323,12 +323,15 @@ class Inbox:
         """
         out: list[DeliveryResult | Exception] = []
         with self.store.db.transaction():
+            # The devices' acknowledgements since the last commit ride this one.
+            acks = self.store.apply_acks()
             for unwrapped, now in batch:
                 try:
                     with self.store.db.transaction():  # a savepoint
                         out.append(self._accept(unwrapped, now=now))
                 except Exception as exc:  # handed to that delivery's request
                     out.append(exc)
+        self.store.acks_applied(acks)
         for result in out:  # committed: the devices may look now
             if isinstance(result, DeliveryResult):
                 self._spooled(result)
@@ -484,7 +487,13 @@ class Inbox:
         return out
 
     def acknowledge(self, s: Session, spool_ids: Iterable[int]) -> int:
-        return self.store.acknowledge(s.mailbox_id, s.device_id, spool_ids)
+        """The device holds these durably: hide them from it now; their deletion rides the
+        next commit (:meth:`accept_many`) or :meth:`flush_acks`, not a commit of its own."""
+        return self.store.acknowledge_later(s.mailbox_id, s.device_id, spool_ids)
+
+    def flush_acks(self) -> int:
+        """Commit the acknowledgements still waiting (the inbox idles or stops)."""
+        return self.store.flush_acks()
 
     # -- submissions ----------------------------------------------------------------------
 

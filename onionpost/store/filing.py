@@ -78,6 +78,13 @@ class FilingStore:
     def __init__(self, db: Database, spool_dir: Path) -> None:
         self.db = db
         self.spool_dir = spool_dir
+        #: Rows the mailbox already holds (LMTP answered 250) whose removal has not been
+        #: committed yet, with when they were filed: the removal rides the next write that
+        #: commits anyway (:meth:`forget_filed`, in the receiver's next batch) instead of
+        #: costing a commit of its own.  Every query of the queue leaves them out; a crash
+        #: forgets this list, and the rows (still *handed*) are looked up in the mailbox and
+        #: removed without being filed again.
+        self._filed: dict[int, tuple[Filing, int]] = {}
 
     # -- the spool files -------------------------------------------------------------------
 
@@ -205,23 +212,82 @@ class FilingStore:
         return None if row is None else _filing(row)
 
     def due(self, now: int, limit: int = 100) -> list[Filing]:
+        hidden, params = self._hidden()
         rows = self.db.all(
-            "SELECT * FROM filing_queue WHERE next_try_at <= ? ORDER BY next_try_at, id LIMIT ?",
-            (now, limit),
+            f"SELECT * FROM filing_queue WHERE next_try_at <= ?{hidden}"  # noqa: S608 (only ?s)
+            " ORDER BY next_try_at, id LIMIT ?",
+            (now, *params, limit),
         )
         return [_filing(r) for r in rows]
 
     def next_due_at(self) -> int | None:
-        v = self.db.scalar("SELECT MIN(next_try_at) FROM filing_queue")
+        hidden, params = self._hidden()
+        v = self.db.scalar(
+            f"SELECT MIN(next_try_at) FROM filing_queue WHERE 1{hidden}",  # noqa: S608 (only ?s)
+            params,
+        )
         return None if v is None else int(v)
 
     def pending_for(self, user: str, source: bytes) -> list[int]:
+        hidden, params = self._hidden()
         return [
             int(r[0])
             for r in self.db.all(
-                "SELECT id FROM filing_queue WHERE user = ? AND source = ?", (user, source)
+                f"SELECT id FROM filing_queue WHERE user = ? AND source = ?{hidden}",  # noqa: S608
+                (user, source, *params),
             )
         ]
+
+    def _hidden(self) -> tuple[str, tuple[int, ...]]:
+        """The SQL (and its parameters) that leaves out the rows filed but not yet removed."""
+        if not self._filed:
+            return "", ()
+        ids = tuple(self._filed)
+        return f" AND id NOT IN ({','.join('?' * len(ids))})", ids
+
+    # -- removal riding the next commit -----------------------------------------------------
+
+    def filed_later(self, filings: Sequence[Filing], now: int) -> None:
+        """These rows are in the mailbox: hide them now, remove them with the next
+        :meth:`forget_filed` (or :meth:`flush_filed`).  Nothing may depend on their removal
+        being durable: until then a crash only costs a lookup of each in the mailbox."""
+        for f in filings:
+            self._filed.setdefault(f.id, (f, now))
+
+    def filed_waiting(self) -> list[Filing]:
+        """The rows filed whose removal has not been committed (see :meth:`filed_later`)."""
+        return [f for f, _ in self._filed.values()]
+
+    def oldest_filed_at(self) -> int | None:
+        """When the longest-waiting of :meth:`filed_waiting` was filed; None if none waits."""
+        return min((at for _, at in self._filed.values()), default=None)
+
+    def forget_filed(self, filings: Sequence[Filing]) -> None:
+        """Delete these filed rows, inside the caller's transaction (durable with its
+        COMMIT); call :meth:`forgotten` after that COMMIT.  A rollback keeps them waiting."""
+        if not filings:
+            return
+        with self.db.transaction():
+            for f in filings:
+                self.db.execute("DELETE FROM filing_queue WHERE id = ?", (f.id,))
+
+    def forgotten(self, filings: Sequence[Filing]) -> None:
+        """The COMMIT holding :meth:`forget_filed` is done: drop them here, then their files."""
+        for f in filings:
+            self._filed.pop(f.id, None)
+        for f in filings:
+            with contextlib.suppress(OSError):
+                self.path(f.key).unlink()
+
+    def flush_filed(self) -> int:
+        """Remove every filed row still waiting, in a commit of its own (the node idles or
+        stops); how many."""
+        waiting = self.filed_waiting()
+        if waiting:
+            with self.db.transaction():
+                self.forget_filed(waiting)
+            self.forgotten(waiting)
+        return len(waiting)
 
     def set_state(self, filing_id: int, state: int) -> None:
         with self.db.transaction():
@@ -239,7 +305,7 @@ class FilingStore:
                 tuple(ids),
             )
         }
-        return [rows[i] for i in ids if i in rows]
+        return [rows[i] for i in ids if i in rows and i not in self._filed]
 
     def set_states(self, ids: Sequence[int], state: int) -> None:
         """:meth:`set_state` for several rows in one transaction (one commit for a batch)."""
@@ -278,9 +344,11 @@ class FilingStore:
                 self.path(f.key).unlink()
 
     def count(self, user: str | None = None) -> int:
+        """Rows still to file (the filed ones waiting for their removal left out)."""
+        hidden, params = self._hidden()
         if user is None:
-            return self.db.count("filing_queue")
-        return self.db.count("filing_queue", "user = ?", (user,))
+            return self.db.count("filing_queue", f"1{hidden}", params)
+        return self.db.count("filing_queue", f"user = ?{hidden}", (user, *params))
 
     def remove_user(self, user: str) -> int:
         rows = self.db.all("SELECT * FROM filing_queue WHERE user = ?", (user,))
@@ -288,6 +356,7 @@ class FilingStore:
             self.db.execute("DELETE FROM filing_queue WHERE user = ?", (user,))
             self.db.execute("DELETE FROM mailbox_seen_ids WHERE user = ?", (user,))
         for r in rows:
+            self._filed.pop(int(r["id"]), None)
             with contextlib.suppress(OSError):
                 self.path(bytes(r["key"])).unlink()
         return len(rows)

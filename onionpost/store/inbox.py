@@ -85,6 +85,11 @@ def _mailbox(row: sqlite3.Row) -> MailboxRow:
 class InboxStore:
     def __init__(self, db: Database) -> None:
         self.db = db
+        #: Spool rows a device acknowledged (:meth:`acknowledge_later`) whose deletion has
+        #: not been committed yet: spool id -> (mailbox, device).  Hidden from the device's
+        #: pending list and fetches; deleted by the next write that commits anyway (a batch
+        #: of deliveries, :meth:`apply_acks`) or by :meth:`flush_acks`.
+        self._acked: dict[int, tuple[bytes, bytes]] = {}
 
     # -- mailboxes ------------------------------------------------------------------------
 
@@ -326,19 +331,35 @@ class InboxStore:
         )
 
     def spooled(self, mailbox_id: bytes) -> tuple[int, int]:
-        """(messages, bytes) waiting at this inbox for the mailbox's devices to fetch."""
+        """(messages, bytes) waiting at this inbox for the mailbox's devices to fetch (the
+        ones every device acknowledged left out, their deletion still to commit)."""
+        unacked, hidden = self._unacked()
         row = self.db.one(
-            "SELECT count(*), coalesce(sum(size), 0) FROM sealed WHERE mailbox_id = ?",
-            (mailbox_id,),
+            "SELECT count(*), coalesce(sum(size), 0) FROM sealed"  # noqa: S608 (only ?s)
+            f" WHERE mailbox_id = ?{unacked}",
+            (mailbox_id, *hidden),
         )
         return (int(row[0]), int(row[1])) if row else (0, 0)
 
     def usage(self, mailbox_id: bytes) -> int:
+        unacked, hidden = self._unacked()
         return int(
             self.db.scalar(
-                "SELECT coalesce(sum(size), 0) FROM sealed WHERE mailbox_id = ?", (mailbox_id,)
+                "SELECT coalesce(sum(size), 0) FROM sealed"  # noqa: S608 (only ?s)
+                f" WHERE mailbox_id = ?{unacked}",
+                (mailbox_id, *hidden),
             )
         )
+
+    def _unacked(self) -> tuple[str, tuple[int, ...]]:
+        """SQL on ``sealed`` (and its parameters) that leaves out the envelopes every device
+        acknowledged whose deletion waits for the next commit (:meth:`acknowledge_later`)."""
+        hidden = tuple(self._acked)
+        if not hidden:
+            return "", ()
+        marks = ",".join("?" * len(hidden))
+        sql = " AND EXISTS (SELECT 1 FROM spool s WHERE s.sealed_id = sealed.id AND s.id NOT IN "
+        return f"{sql}({marks}))", hidden
 
     def accept_sealed(
         self,
@@ -415,20 +436,25 @@ class InboxStore:
     def pending(
         self, mailbox_id: bytes, device_id: bytes, *, after: int = 0, limit: int = 100
     ) -> list[SpoolEntry]:
+        """The device's spooled copies, oldest first (the acknowledged ones left out)."""
+        hidden = self._acked
         return [
             SpoolEntry(r["id"], r["size"], r["received_at"])
             for r in self.db.all(
                 "SELECT s.id, m.size, m.received_at FROM spool s JOIN sealed m"
                 " ON m.id = s.sealed_id WHERE s.mailbox_id = ? AND s.device_id = ? AND s.id > ?"
                 " ORDER BY s.id LIMIT ?",
-                (mailbox_id, device_id, after, limit),
+                (mailbox_id, device_id, after, limit + len(hidden)),
             )
-        ]
+            if r["id"] not in hidden
+        ][:limit]
 
     def read_spooled(
         self, mailbox_id: bytes, device_id: bytes, spool_id: int
     ) -> tuple[int, Iterator[bytes]] | None:
         """(size, chunks) of one spooled envelope, streamed from the database."""
+        if spool_id in self._acked:
+            return None
         row = self.db.one(
             "SELECT m.id, m.size FROM spool s JOIN sealed m ON m.id = s.sealed_id"
             " WHERE s.id = ? AND s.mailbox_id = ? AND s.device_id = ?",
@@ -469,6 +495,60 @@ class InboxStore:
                     candidates,
                 )
             return len(freed)
+
+    def acknowledge_later(
+        self, mailbox_id: bytes, device_id: bytes, spool_ids: Iterable[int]
+    ) -> int:
+        """:meth:`acknowledge`, the deletion riding the next commit (:meth:`apply_acks`):
+        the copies are hidden from this device at once.  How many were still spooled for it.
+
+        Nothing depends on the deletion being durable: the device acknowledges only what it
+        holds durably (in the mailbox), and an acknowledgement lost with a crash only offers
+        the message again, which the device recognises by its message id and acknowledges
+        without filing it twice."""
+        ids = sorted(set(spool_ids) - self._acked.keys())
+        if not ids:
+            return 0
+        marks = ",".join("?" * len(ids))
+        found = [
+            int(r[0])
+            for r in self.db.all(
+                f"SELECT id FROM spool WHERE mailbox_id = ? AND device_id = ? AND id IN ({marks})",  # noqa: S608
+                (mailbox_id, device_id, *ids),
+            )
+        ]
+        for spool_id in found:
+            self._acked[spool_id] = (mailbox_id, device_id)
+        return len(found)
+
+    def acks_waiting(self) -> int:
+        """How many acknowledged copies wait for their deletion to be committed."""
+        return len(self._acked)
+
+    def apply_acks(self) -> dict[int, tuple[bytes, bytes]]:
+        """Delete the acknowledged copies inside the caller's transaction; hand what this
+        returns to :meth:`acks_applied` after its COMMIT (a rollback keeps them waiting)."""
+        taken = dict(self._acked)
+        by_device: dict[tuple[bytes, bytes], list[int]] = {}
+        for spool_id, who in taken.items():
+            by_device.setdefault(who, []).append(spool_id)
+        with self.db.transaction():
+            for (mailbox_id, device_id), ids in by_device.items():
+                self.acknowledge(mailbox_id, device_id, ids)
+        return taken
+
+    def acks_applied(self, taken: dict[int, tuple[bytes, bytes]]) -> None:
+        for spool_id in taken:
+            self._acked.pop(spool_id, None)
+
+    def flush_acks(self) -> int:
+        """Commit the deletion of every acknowledged copy still waiting; how many."""
+        if not self._acked:
+            return 0
+        with self.db.transaction():
+            taken = self.apply_acks()
+        self.acks_applied(taken)
+        return len(taken)
 
     @staticmethod
     def _drop_orphans(c: sqlite3.Connection) -> None:

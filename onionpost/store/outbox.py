@@ -14,7 +14,7 @@ outcome, and only a keyed hash of the device's idempotency key (which names the 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from onionpost.core.crypto.envelope import Readable, Writable
@@ -57,6 +57,47 @@ def _row(r: sqlite3.Row) -> OutboxRow:
 class OutboxStore:
     def __init__(self, db: Database) -> None:
         self.db = db
+        #: Rows the worker delivered whose mark has not been committed yet (row id -> when):
+        #: the marks ride the next hand-over's commit (:meth:`enqueue`), or the end of the
+        #: worker's run (:meth:`flush_marks`).  Nothing is acknowledged on them, and the
+        #: worker's queries leave these rows out meanwhile.
+        self._marks: dict[int, int] = {}
+        #: Row ids whose marks a commit carried since the worker last asked (:meth:`committed`).
+        self._carried: list[int] = []
+
+    def mark_delivered_later(self, row_ids: Sequence[int], *, now: int) -> None:
+        """:meth:`mark_delivered` for these rows, with the next commit (see ``_marks``).  A
+        crash first makes them go out again; the receiving inbox drops the repeat by its
+        digest."""
+        for row_id in row_ids:
+            self._marks.setdefault(row_id, now)
+
+    def marks_waiting(self) -> int:
+        return len(self._marks)
+
+    def flush_marks(self) -> None:
+        """Commit the marks still waiting (the worker's run ends)."""
+        if self._marks:
+            with self.db.transaction():
+                taken = self._apply_marks()
+            self._marks_carried(taken)
+
+    def committed(self) -> list[int]:
+        """The rows whose delivered mark was committed since the last call."""
+        out, self._carried = self._carried, []
+        return out
+
+    def _apply_marks(self) -> dict[int, int]:
+        taken = dict(self._marks)
+        with self.db.transaction():
+            for row_id, now in taken.items():
+                self.mark_delivered(row_id, now=now)
+        return taken
+
+    def _marks_carried(self, taken: dict[int, int]) -> None:
+        for row_id in taken:
+            self._marks.pop(row_id, None)
+        self._carried.extend(taken)
 
     def enqueue(
         self,
@@ -74,8 +115,34 @@ class OutboxStore:
         Idempotent on ``submission_key`` (stored as its keyed hash): the same key returns the
         existing row (and the new envelope, a re-sealing of the same message, is discarded).
         ``envelope`` is the bytes or ``(source, length)``, copied into the row in pieces (a
-        64 MiB envelope is never held in memory here).
+        64 MiB envelope is never held in memory here).  The worker's delivered marks still
+        waiting ride this commit (:meth:`mark_delivered_later`).
         """
+        with self.db.transaction():
+            taken = self._apply_marks()
+            row_id = self._enqueue(
+                mailbox_id=mailbox_id,
+                device_id=device_id,
+                onion=onion,
+                envelope=envelope,
+                submission_key=submission_key,
+                now=now,
+                expires_at=expires_at,
+            )
+        self._marks_carried(taken)
+        return row_id
+
+    def _enqueue(
+        self,
+        *,
+        mailbox_id: bytes,
+        device_id: bytes,
+        onion: str,
+        envelope: bytes | tuple[Readable, int],
+        submission_key: str,
+        now: int,
+        expires_at: int,
+    ) -> int:
         key_hash = self.db.record_hash(submission_key)
         size = envelope[1] if isinstance(envelope, tuple) else len(envelope)
         with self.db.transaction() as c:
@@ -151,6 +218,36 @@ class OutboxStore:
             for r in rows:
                 c.execute("UPDATE outbox SET leased_until = ? WHERE id = ?", (now + lease, r["id"]))
             return [_row(r) for r in rows]
+
+    def due_rows(
+        self,
+        now: int,
+        *,
+        limit: int,
+        skip: Collection[int] = (),
+        only_onion: str | None = None,
+    ) -> list[OutboxRow]:
+        """Queued rows due now, except ``skip`` (the ones the caller has in flight) and the
+        delivered ones whose mark waits (:meth:`mark_delivered_later`): what
+        :meth:`claim_due` claims, read without a commit.  The worker keeps its claims in
+        memory; a lease in the database would protect nothing more (only this process
+        delivers, and :meth:`release_leases` forgets every lease at start-up)."""
+        where = ""
+        params: tuple[object, ...] = (now, now)
+        if only_onion is not None:
+            where = " AND onion = ?"
+            params = (*params, only_onion)
+        skip = {*skip, *self._marks}
+        if skip:
+            where += f" AND id NOT IN ({','.join('?' * len(skip))})"
+            params = (*params, *skip)
+        rows = self.db.all(
+            f"SELECT {_COLUMNS} FROM outbox WHERE state = 'queued' AND next_attempt_at <= ?"  # noqa: S608
+            f" AND (leased_until IS NULL OR leased_until < ?){where}"
+            " ORDER BY next_attempt_at, id LIMIT ?",
+            (*params, limit),
+        )
+        return [_row(r) for r in rows]
 
     def release_leases(self) -> int:
         """Forget every claim: called once at start-up, when no worker can hold one."""

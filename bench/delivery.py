@@ -57,7 +57,6 @@ from bench.harness import (
 from onionpost.base.clock import Clock, SystemClock
 from onionpost.core.account import Account, add_device, create_identity
 from onionpost.core.address import Address
-from onionpost.net.pool import ConnectionPool
 from onionpost.core.crypto.envelope import (
     StanzaTarget,
     open_inner,
@@ -70,6 +69,7 @@ from onionpost.core.crypto.primitives import x25519_public
 from onionpost.core.crypto.sender import EXT_SENDER_KEYS
 from onionpost.device.session import Device
 from onionpost.device.submission import Submissions
+from onionpost.net.pool import ConnectionPool
 from onionpost.net.transport import DirectDialer
 from onionpost.store.contacts import ContactStore
 from onionpost.store.db import Database

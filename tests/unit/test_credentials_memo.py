@@ -75,7 +75,7 @@ def test_a_changed_byte_is_checked_afresh_and_refused(signatures: list[str]) -> 
 
 
 def test_a_failure_is_not_remembered(signatures: list[str]) -> None:
-    rng, alice, bob = _setup(b"fail")
+    _rng, alice, _bob = _setup(b"fail")
     forged = copy.deepcopy(alice)
     forged.device_list = DeviceList(
         alice.uik_pk, alice.device_list.version, NOW, alice.device_list.devices, (), bytes(64)

@@ -819,6 +819,8 @@ _from_facts_memo = functools.lru_cache(maxsize=1024)(_parse_from)
 # Nothing mutates a Pin or a DeviceList (verify_sender copies the pin's heads to advance it).
 _pin_parse = functools.lru_cache(maxsize=256)(pin_parse)
 _list_parse = functools.lru_cache(maxsize=256)(DeviceList.parse)
+# The verified sender's fingerprint, stamped into every message: a pure function of the key.
+_fingerprint = functools.lru_cache(maxsize=256)(fingerprint)
 
 
 def _verification_line(sender: _Sender) -> bytes:
@@ -827,7 +829,7 @@ def _verification_line(sender: _Sender) -> bytes:
     if sender.warning is not None:
         return f"{KEY_CHANGE_HEADER}: {sender.warning}".encode()
     return (
-        f"X-Onionpost-Verified: {sender.address} (identity {fingerprint(sender.uik_pk)})".encode()
+        f"X-Onionpost-Verified: {sender.address} (identity {_fingerprint(sender.uik_pk)})".encode()
     )
 
 

@@ -150,3 +150,16 @@ async def test_a_cut_kept_connection_loses_and_doubles_nothing(world: World, whe
     assert bob.pool.stats.discarded >= 2  # the cut connections
     assert await bob.node.device.sync() == 0  # nothing left, nothing filed again
     assert len(subjects(bob.node)) == 4
+
+
+async def test_a_long_poll_on_a_kept_connection_is_not_taken_for_dead(world: World) -> None:
+    """A reused connection whose answer has not begun within ``reused_answer_timeout`` is
+    given up and the request sent again; a long poll's wait is added to that allowance, so a
+    quiet inbox holding the pending list back is not mistaken for a dead connection."""
+    bob = world.bob
+    await world.hand_over(["first"])
+    assert await bob.node.device.sync() == 1  # the connection is kept now
+    bob.node.device.client.reused_answer_timeout = 5.0
+    assert await bob.node.device.session.pending(wait=7.0) == []  # nothing comes: 7 s
+    assert bob.pool.stats.discarded == 0
+    assert bob.pool.stats.opened == 1

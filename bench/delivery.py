@@ -69,6 +69,7 @@ from onionpost.core.crypto.primitives import x25519_public
 from onionpost.core.crypto.sender import EXT_SENDER_KEYS
 from onionpost.device.session import Device
 from onionpost.device.submission import Submissions
+from onionpost.net.pool import ConnectionPool
 from onionpost.net.transport import DirectDialer
 from onionpost.store.contacts import ContactStore
 from onionpost.store.db import Database
@@ -79,6 +80,9 @@ KiB = 1 << 10
 MESSAGE_BYTES = 4 * KiB
 DEVICES = 3
 DAY = 86_400
+#: Both nodes keep connections alive (a ConnectionPool each), as onionpost's Node does; off
+#: only to measure what keep-alive saves.
+KEEP_ALIVE = True
 #: Inbox B's limits for the run (the defaults are a few hundred per hour; see InboxConfig).
 OPEN_LIMITS: dict[str, object] = {
     "rate_per_mailbox_per_hour": 10_000_000,
@@ -384,11 +388,14 @@ class _Recipient:
         devices: int,
         limits: dict[str, object],
     ) -> None:
-        self.b = InboxNode(root, "inbox-b", clock, dialer, inbox=limits)
+        # Node B's kept-alive connections, as a node has one (its devices' requests to
+        # their own inbox go through it; so would its deliveries).
+        self.pool_b = ConnectionPool(dialer) if KEEP_ALIVE else None
+        self.b = InboxNode(root, "inbox-b", clock, dialer, pool=self.pool_b, inbox=limits)
         bob = self.b.provision("bob", "laptop")
         extra = [self.b.add_device(bob, f"device-{i}") for i in range(2, devices + 1)]
         self.bobs = [
-            DeviceNode(root, f"bob-{i}", acc, clock, dialer)
+            DeviceNode(root, f"bob-{i}", acc, clock, dialer, pool=self.pool_b)
             for i, acc in enumerate([bob, *extra], 1)
         ]
         self.tracker = Tracker(devices)
@@ -406,6 +413,10 @@ class _Recipient:
     def start_sync(self) -> None:
         for d in self.bobs:
             d.device.start()
+
+    async def close_pool(self) -> None:
+        if self.pool_b is not None:
+            await self.pool_b.close()
 
 
 async def stop_device(device: Device) -> None:
@@ -445,10 +456,17 @@ class World(_Recipient):
         self.root = root
         self.clock = clock
         self.dialer = DirectDialer()
-        self.a = InboxNode(root, "inbox-a", clock, self.dialer)
+        # Node A's kept-alive connections: alice's to her inbox, inbox A's deliveries to B.
+        self.pool_a = ConnectionPool(self.dialer) if KEEP_ALIVE else None
+        self.a = InboxNode(root, "inbox-a", clock, self.dialer, pool=self.pool_a)
         super().__init__(root, clock, self.dialer, devices, b_inbox)
         self.alice = DeviceNode(
-            root, "alice", self.a.provision("alice", "laptop"), clock, self.dialer
+            root,
+            "alice",
+            self.a.provision("alice", "laptop"),
+            clock,
+            self.dialer,
+            pool=self.pool_a,
         )
         self.outcome_errors: list[str] = []
         self._outcome_log = _OutcomeErrors(self.outcome_errors)
@@ -527,6 +545,9 @@ class World(_Recipient):
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         await close_devices(self.alice, *self.bobs)
+        if self.pool_a is not None:
+            await self.pool_a.close()
+        await self.close_pool()
         await asyncio.gather(self.a.stop(), self.b.stop())
         self.a.close()
         self.b.close()
@@ -718,6 +739,7 @@ async def measure_node(root: Path, *, burst: int, sequential: int, timeout: floa
         )
     finally:
         await close_devices(*rcpt.bobs)
+        await rcpt.close_pool()
         for device in node.devices.values():
             await stop_device(device)
         await asyncio.gather(node.stop(), rcpt.b.stop())

@@ -76,8 +76,10 @@ class Device:
         self.accounts = accounts
         self.clock = clock
         own = account.address
+        # The node's pool keeps the connection to our own inbox alive between the sync's
+        # requests (pending, fetch, acknowledge) and the hand-overs: ~5 requests a message.
         self.client = InboxClient(
-            dialer, own.onion, port=config.tor.onion_port, isolation=f"own:{own.onion}"
+            dialer, own.onion, port=config.tor.onion_port, isolation=f"own:{own.onion}", pool=pool
         )
         self.session = device_session(account, self.client)
         self.directory = Directory(

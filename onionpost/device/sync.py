@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import re
@@ -362,8 +363,8 @@ class Receiver:
             return "Sent", _Sender(address, header.sender_uik)
         key = str(address)
         contact = self.contacts.get(key)
-        pin = pin_parse(contact.pin) if contact else None
-        known = DeviceList.parse(contact.device_list) if contact and contact.device_list else None
+        pin = _pin_parse(contact.pin) if contact else None
+        known = _list_parse(contact.device_list) if contact and contact.device_list else None
         try:
             verified = verify_sender(header, credentials, pin, known)
         except IdentityKeyChanged:
@@ -783,9 +784,8 @@ def _stamp(message: bytes, sender: _Sender) -> bytes:
             from_values.append(b" ".join(f)[5:].decode("utf-8", "replace"))
         kept.append(eol.join(f))
     verified = str(sender.address)
-    found = [a.lower() for _, a in getaddresses(from_values) if a]
+    found, claimed = _from_facts(tuple(from_values))
     extra: list[bytes] = [_verification_line(sender)]
-    claimed = _display_name(from_values[0]) if from_values else ""
     display = claimed
     if sender.verified_name:
         display = _shown_display(claimed, sender.verified_name)
@@ -793,7 +793,7 @@ def _stamp(message: bytes, sender: _Sender) -> bytes:
             b"X-Onionpost-Verified-Name: "
             + Header(sender.verified_name, "utf-8").encode(maxlinelen=0).encode("ascii")
         )
-    if found != [verified] or display != claimed:
+    if found != (verified,) or display != claimed:
         kept = [k for k in kept if k[:5].lower() != b"from:"]
         kept.append(b"From: " + formataddr((display, verified)).encode("utf-8"))
         extra.extend(
@@ -804,13 +804,40 @@ def _stamp(message: bytes, sender: _Sender) -> bytes:
     return b"".join((eol.join(extra + kept), rest))
 
 
+def _from_facts(from_values: tuple[str, ...]) -> tuple[tuple[str, ...], str]:
+    """The addresses the From fields name (lower case) and the first one's display name:
+    the standard library's address parser, a large share of a received message's CPU, and
+    a pure function of the fields, which recur in every message of a contact.  Remembered
+    for short fields (:func:`_from_facts_memo`)."""
+    if sum(len(v) for v in from_values) > _FROM_MEMO_CHARS:
+        return _parse_from(from_values)
+    return _from_facts_memo(from_values)
+
+
+def _parse_from(from_values: tuple[str, ...]) -> tuple[tuple[str, ...], str]:
+    found = tuple(a.lower() for _, a in getaddresses(list(from_values)) if a)
+    return found, _display_name(from_values[0]) if from_values else ""
+
+
+_FROM_MEMO_CHARS = 1024
+_from_facts_memo = functools.lru_cache(maxsize=1024)(_parse_from)
+
+# The contact's stored pin and device list, parsed per message and device before: pure parses
+# of the stored bytes (verified before they were stored), remembered by those exact bytes.
+# Nothing mutates a Pin or a DeviceList (verify_sender copies the pin's heads to advance it).
+_pin_parse = functools.lru_cache(maxsize=256)(pin_parse)
+_list_parse = functools.lru_cache(maxsize=256)(DeviceList.parse)
+# The verified sender's fingerprint, stamped into every message: a pure function of the key.
+_fingerprint = functools.lru_cache(maxsize=256)(fingerprint)
+
+
 def _verification_line(sender: _Sender) -> bytes:
     """X-Onionpost-Verified for mail from the pinned key; for held mail (a changed key) the
     key-change warning instead, so that nothing calls it verified before it is accepted."""
     if sender.warning is not None:
         return f"{KEY_CHANGE_HEADER}: {sender.warning}".encode()
     return (
-        f"X-Onionpost-Verified: {sender.address} (identity {fingerprint(sender.uik_pk)})".encode()
+        f"X-Onionpost-Verified: {sender.address} (identity {_fingerprint(sender.uik_pk)})".encode()
     )
 
 

@@ -5,7 +5,12 @@ Without a :class:`~onionpost.net.pool.ConnectionPool` every exchange has its own
 and reused for the next request to the same destination and role; a request that meets a
 reused connection the peer has closed meanwhile (nothing of an answer arrived) is sent once
 more on a fresh connection.  Only requests that are safe to repeat go through a pool: key
-fetches, health checks and deliveries (an inbox drops a repeated envelope by its digest).
+fetches, health checks and deliveries (an inbox drops a repeated envelope by its digest), and
+a device's hot path to its own inbox: the pending list (a read), fetches (reads),
+acknowledgements (deleting what is already deleted does nothing) and hand-overs (the inbox
+answers a repeated submission key with the row it already queued).  Everything else a
+device asks (login, keys, tokens, invites, pairing) passes ``reuse=False`` and has a
+connection of its own.
 
 It speaks to another inbox (bundles, deliveries) or to the device's own inbox (login, fetch,
 acknowledge, submit, publish keys) over whatever :class:`~onionpost.net.transport.Dialer` it
@@ -125,9 +130,16 @@ class InboxClient:
         limit: int = ANSWER_LIMIT,
         sink: Writable | None = None,
         timeout: float | None = None,
+        reuse: bool = True,
+        answer_wait: float = 0.0,
     ) -> Response:
-        """One request; the response body goes to ``sink`` if given, else is returned."""
-        if self.pool is not None:
+        """One request; the response body goes to ``sink`` if given, else is returned.
+
+        With a pool, the request goes on a kept-alive connection unless ``reuse`` is False
+        (a request that must not be sent twice).  ``answer_wait`` is how long the peer may
+        legitimately hold the answer back (a long poll), added to the silence allowed on a
+        reused connection before it is taken for dead."""
+        if self.pool is not None and reuse:
             return await self._pooled(
                 self.pool,
                 method=method,
@@ -138,6 +150,7 @@ class InboxClient:
                 limit=limit,
                 sink=sink,
                 timeout=timeout,
+                answer_wait=answer_wait,
             )
         try:
             async with asyncio.timeout(timeout or self.timeout):
@@ -180,6 +193,7 @@ class InboxClient:
         limit: int,
         sink: Writable | None,
         timeout: float | None,
+        answer_wait: float = 0.0,
     ) -> Response:
         """One request on a kept-alive connection from ``pool``.
 
@@ -212,7 +226,9 @@ class InboxClient:
                             limit=limit,
                             sink=sink,
                             keep_alive=True,
-                            first_byte=self.reused_answer_timeout if conn.reused else None,
+                            first_byte=(
+                                self.reused_answer_timeout + answer_wait if conn.reused else None
+                            ),
                         )
                     except PeerConnectionLost:
                         pool.discard(conn)
@@ -338,12 +354,22 @@ class InboxClient:
         *,
         token: bytes | None = None,
         timeout: float | None = None,
+        reuse: bool = True,
+        answer_wait: float = 0.0,
     ) -> dict[str, Any]:
         headers: tuple[tuple[str, str], ...] = (("Content-Type", "application/json"),)
         if token is not None:
             headers = (*headers, ("Authorization", f"Bearer {token.hex()}"))
         body = json.dumps(data).encode() if data is not None else b""
-        r = await self.request(method, path, body=body, headers=headers, timeout=timeout)
+        r = await self.request(
+            method,
+            path,
+            body=body,
+            headers=headers,
+            timeout=timeout,
+            reuse=reuse,
+            answer_wait=answer_wait,
+        )
         return self.check_json(r)
 
     @staticmethod
@@ -469,7 +495,7 @@ class DeviceSession:
 
     async def login(self) -> None:
         ids = {"mailbox": self.mailbox_id.hex(), "device": self.device_id.hex()}
-        ch = await self.client.call_json("POST", "/v1/device/challenge", ids)
+        ch = await self.client.call_json("POST", "/v1/device/challenge", ids, reuse=False)
         try:
             challenge = bytes.fromhex(str(ch.get("challenge")))
         except ValueError as exc:
@@ -480,6 +506,7 @@ class DeviceSession:
             "POST",
             "/v1/device/login",
             {**ids, "challenge": challenge.hex(), "signature": signature.hex(), "rotations": chain},
+            reuse=False,
         )
         try:
             self._token = bytes.fromhex(str(answer.get("session")))
@@ -492,13 +519,24 @@ class DeviceSession:
         path: str,
         data: dict[str, Any] | None = None,
         timeout: float | None = None,
+        *,
+        reuse: bool = False,
+        answer_wait: float = 0.0,
     ) -> dict[str, Any]:
+        """``reuse``: the request is safe to send twice, so it may go on a kept-alive
+        connection (see the module's docstring); off unless asked for."""
         for attempt in (1, 2):
             if self._token is None:
                 await self.login()
             try:
                 return await self.client.call_json(
-                    method, path, data, token=self._token, timeout=timeout
+                    method,
+                    path,
+                    data,
+                    token=self._token,
+                    timeout=timeout,
+                    reuse=reuse,
+                    answer_wait=answer_wait,
                 )
             except DeviceRefused:
                 self._token = None
@@ -522,11 +560,13 @@ class DeviceSession:
         headers: tuple[tuple[str, str], ...] = (),
         sink: Writable | None = None,
         limit: int = ANSWER_LIMIT,
+        reuse: bool = False,
     ) -> Response:
         """A raw request in this device's session: log in first if there is no session,
         and forget a session the inbox refuses (401/403; it expired or the inbox restarted).
         With ``again``, a refused request is sent once more in a new session (``rewind``
-        is sought to its start first); without, the refusal is the caller's answer."""
+        is sought to its start first); without, the refusal is the caller's answer.
+        ``reuse``: safe to send twice, so it may go on a kept-alive connection."""
         for attempt in (1, 2):
             if self._token is None:
                 await self.login()
@@ -540,6 +580,7 @@ class DeviceSession:
                 headers=(*self._auth(), *headers),
                 sink=sink,
                 limit=limit,
+                reuse=reuse,
             )
             if r.status not in (401, 403):
                 return r
@@ -550,7 +591,9 @@ class DeviceSession:
 
     async def pending(self, *, after: int = 0, wait: float = 0) -> list[PendingMessage]:
         query = urlencode({"after": after, "wait": wait})
-        data = await self._call("GET", f"/v1/device/pending?{query}", timeout=wait + 60)
+        data = await self._call(
+            "GET", f"/v1/device/pending?{query}", timeout=wait + 60, reuse=True, answer_wait=wait
+        )
         items = data.get("messages")
         if not isinstance(items, list):
             raise PeerProtocolError("The inbox's list of pending mail is not understood.")
@@ -571,7 +614,12 @@ class DeviceSession:
 
     async def fetch(self, message_id: int, sink: Writable, *, limit: int) -> None:
         r = await self._authorized(
-            "GET", f"/v1/device/message/{message_id}", again=False, sink=sink, limit=limit
+            "GET",
+            f"/v1/device/message/{message_id}",
+            again=False,
+            sink=sink,
+            limit=limit,
+            reuse=True,
         )
         if r.status != 200:
             raise refusal(r)
@@ -592,6 +640,7 @@ class DeviceSession:
                 again=False,
                 sink=body,
                 limit=limit,
+                reuse=True,
             )
             if r.status != 200:
                 raise refusal(r)
@@ -617,7 +666,7 @@ class DeviceSession:
             return got
 
     async def acknowledge(self, ids: list[int]) -> int:
-        data = await self._call("POST", "/v1/device/ack", {"ids": ids})
+        data = await self._call("POST", "/v1/device/ack", {"ids": ids}, reuse=True)
         n = data.get("acknowledged", 0)
         return n if isinstance(n, int) else 0
 
@@ -649,6 +698,7 @@ class DeviceSession:
             body=envelope if isinstance(envelope, bytes) else b"",
             source=envelope if isinstance(envelope, tuple) else None,
             headers=(("Content-Type", "application/octet-stream"),),
+            reuse=True,  # the inbox answers a repeated key with the row it queued
         )
         row = self.client.check_json(r).get("id")
         if not isinstance(row, int):

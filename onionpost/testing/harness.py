@@ -34,6 +34,7 @@ from onionpost.core.wire import KeyUpdate
 from onionpost.inbox.api import InboxServer
 from onionpost.inbox.delivery import OutboxWorker
 from onionpost.inbox.postoffice import Inbox
+from onionpost.net.pool import ConnectionPool
 from onionpost.net.transport import DirectDialer
 from onionpost.store import DEVICE_COMPONENTS
 from onionpost.store import INBOX_COMPONENTS as COMPONENTS
@@ -54,8 +55,17 @@ def test_config(data_dir: Path, **sections: dict[str, object]) -> Config:
 
 class InboxNode:
     def __init__(
-        self, root: Path, name: str, clock: Clock, dialer: DirectDialer, **cfg: dict[str, object]
+        self,
+        root: Path,
+        name: str,
+        clock: Clock,
+        dialer: DirectDialer,
+        *,
+        pool: ConnectionPool | None = None,
+        **cfg: dict[str, object],
     ) -> None:
+        """``pool``: the node's kept-alive connections for deliveries (a node has one);
+        None: a connection per request, as most tests want."""
         self.name = name
         self.dir = root / name
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -82,6 +92,7 @@ class InboxNode:
             clock=clock,
             policy=RetryPolicy(60, 3600),
             unit_random=random.Random(1).random,
+            pool=pool,
         )
         self.scheduler = Scheduler(clock)
         delivery_jobs(self.scheduler, self.worker)
@@ -139,8 +150,17 @@ class DeviceNode:
     """
 
     def __init__(
-        self, root: Path, name: str, account: Account | None, clock: Clock, dialer: DirectDialer
+        self,
+        root: Path,
+        name: str,
+        account: Account | None,
+        clock: Clock,
+        dialer: DirectDialer,
+        *,
+        pool: ConnectionPool | None = None,
     ) -> None:
+        """``pool``: the node's kept-alive connections (to its own inbox and to peers), as
+        :class:`~onionpost.app.node.Node` gives its devices; None: a connection per request."""
         from onionpost.device.filing import Filer
         from onionpost.device.session import Device
         from onionpost.device.submission import Submissions
@@ -167,6 +187,7 @@ class DeviceNode:
             accounts=self.files,
             dialer=dialer,
             clock=clock,
+            pool=pool,
         )
         self.submissions = Submissions(
             db=self.db,

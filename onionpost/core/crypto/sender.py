@@ -11,6 +11,7 @@ offline can still be verified and filed (the same idea as Autocrypt's key gossip
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from onionpost.core.crypto.bundle import DeviceHead, Pin
@@ -51,6 +52,47 @@ class SenderCredentials:
         )
         r.end()
         return cls(binding, device_list, chain)
+
+
+#: Credentials up to this size are remembered once they verified (a binding and a device
+#: list of a few devices are under 1 KiB; a device list may be up to 60 KiB).
+MEMO_BYTES = 8 << 10
+#: How many distinct credential blobs are remembered (least recently used first out): at most
+#: MEMO_ENTRIES x MEMO_BYTES = 2 MiB, and in practice one blob per contact's device.
+MEMO_ENTRIES = 256
+
+
+def checked_credentials(credentials: bytes) -> SenderCredentials:
+    """``credentials`` parsed, with the signatures that are *inside* them checked: the
+    binding's two (the UIK's and the inbox's countersignature) and the device list's.
+
+    A pure function of the bytes: parsing is deterministic, and an Ed25519 verification is a
+    deterministic function of the key, the signed bytes and the signature, all three taken
+    from ``credentials``.  So the answer for byte-identical credentials (every message of a
+    contact's device carries the same blob until their keys change) is remembered, keyed by
+    the exact bytes, not by a hash of them; only blobs that verified are remembered (a failure
+    raises and is not kept).  Nothing about the *message* is remembered: its own signature is
+    checked in :func:`~onionpost.core.crypto.envelope.open_inner` every time, and everything
+    that ties these credentials to it and to the recipient's pin (identity, address, device,
+    key history, revocation, rollback) is checked by :func:`verify_sender` every time.  The
+    rotation records' signatures are checked there too (``verify_chain``), since the chain is
+    usually empty.  See docs/threat-model.md, "Remembered checks".
+    """
+    if len(credentials) > MEMO_BYTES:
+        return _check_credentials(credentials)
+    return _checked_credentials_memo(credentials)
+
+
+def _check_credentials(credentials: bytes) -> SenderCredentials:
+    creds = SenderCredentials.parse(credentials)
+    creds.binding.verify()
+    creds.device_list.verify()
+    return creds
+
+
+# lru_cache keeps only returned values (an exception is never cached) and is thread-safe;
+# the cached SenderCredentials is frozen, its parts tuples, so callers cannot alter it.
+_checked_credentials_memo = functools.lru_cache(maxsize=MEMO_ENTRIES)(_check_credentials)
 
 
 @dataclass(frozen=True)
@@ -106,10 +148,8 @@ def verify_sender(
     """
     if credentials is None:
         raise KeyBundleError("The message does not carry its sender's credentials.")
-    creds = SenderCredentials.parse(credentials)
+    creds = checked_credentials(credentials)
     binding, dl = creds.binding, creds.device_list
-    binding.verify()
-    dl.verify()
     if binding.uik_pk != header.sender_uik or dl.uik_pk != header.sender_uik:
         raise KeyBundleError("The sender's credentials belong to a different identity.")
     if binding.onion_pk != header.sender_onion_pk or binding.local != header.sender_local:

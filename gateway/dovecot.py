@@ -422,6 +422,22 @@ passdb without_tls {{
 """
 
 
+#: No mailbox list index.  With one, every commit (each LMTP delivery, each doveadm flag
+#: change) ends by updating the folder's status in ``dovecot.list.index``, and that update asks
+#: the folder for its GUID, which a Maildir keeps only in the header of ``dovecot-uidlist``:
+#: Dovecot then parses the whole uidlist, one line per message, to read one line (2.3.19 and
+#: 2.4: ``index_list_update_fill_changes`` -> ``maildir_uidlist_get_mailbox_guid``).  That was
+#: ~0.3 s per delivery into a folder of 100,000 messages; without it an LMTP delivery only
+#: appends to the uidlist and the index (docs/performance.md, "Cost growth").  What the list
+#: index saved: a STATUS of a folder not selected opens its index instead (a few syscalls; a
+#: sync only if mail arrived since), and LIST reads the Maildir++ root (a dozen folders).
+_LIST_INDEX_OFF = """\
+# No mailbox list index: updating it after each delivery made Dovecot parse the folder's whole
+# dovecot-uidlist (for the folder GUID), a cost that grew with the folder (gateway/dovecot.py).
+mailbox_list_index = no
+"""
+
+
 def _render_23(layout: Layout, ident: Identity, settings: Settings, tls: LocalTLS) -> str:
     auth_as_root = "service auth {\n  user = root\n}\n" if ident.privileged else ""
     return f"""\
@@ -461,7 +477,7 @@ maildir_very_dirty_syncs = yes
 # LMTP leaves mail in new/; any sync (the node's doveadm, STATUS, EXAMINE) moves it to cur/, not
 # only a SELECT: the first SELECT after a pile of mail stays fast.  \\Recent lives in the index.
 maildir_empty_new = yes
-namespace inbox {{
+{_LIST_INDEX_OFF}namespace inbox {{
   inbox = yes
   separator = /
 {_folders("  ")}}}
@@ -539,7 +555,7 @@ maildir_very_dirty_syncs = yes
 # LMTP leaves mail in new/; any sync (the node's doveadm, STATUS, EXAMINE) moves it to cur/, not
 # only a SELECT: the first SELECT after a pile of mail stays fast.  \\Recent lives in the index.
 maildir_empty_new = yes
-namespace inbox {{
+{_LIST_INDEX_OFF}namespace inbox {{
   inbox = yes
   separator = /
 {_folders("  ")}}}

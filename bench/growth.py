@@ -213,8 +213,8 @@ def _measure(
         f"holding {', '.join(f'{n:,}' for n in sizes)} messages (default pool)"
     )
     ctx.note(
-        "pre-fill: Maildir files written into cur/ + a doveadm force-resync (both folders), and the "
-        "seen-id rows of bob's device.db and inbox.db (see bench/growth.py)"
+        "pre-fill: Maildir files written into cur/ + a doveadm force-resync (both folders), and "
+        "the seen-id rows of bob's device.db and inbox.db (see bench/growth.py)"
     )
     bob.crypto_workers = 0
     results: list[Burst] = []

@@ -1141,8 +1141,9 @@ class DovecotServer:
         """Reread every user's folders from disk (see :func:`request_resync`); the users done.
 
         Blocking: run it in a thread.  :meth:`start` calls it when the marker is there, once
-        Dovecot answers and before it returns (so before the node files anything); a user whose resync fails is logged and the marker stays, so the next
-        start tries again (the mail is on disk either way, only a client may not see it yet).
+        Dovecot answers and before it returns (so before the node files anything).  A user
+        whose resync fails is logged and the marker stays, so the next start tries again (the
+        mail is on disk either way; only a client may not see all of it yet).
         """
         done: list[str] = []
         failed = False

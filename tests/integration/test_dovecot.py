@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway import dovecot as dovecot_module
 from gateway.dovecot import (
     SPECIAL_FOLDERS,
     TIDY_AT,
@@ -47,7 +48,6 @@ from gateway.dovecot import (
     request_resync,
 )
 from gateway.tls import ensure_tls
-from gateway import dovecot as dovecot_module
 from onionpost.core.errors import (
     FilingRefused,
     MailServerError,

@@ -1011,8 +1011,9 @@ def request_resync(layout: Layout) -> None:
 
     Why: ``maildir_very_dirty_syncs`` lets Dovecot trust its index about ``cur/`` and read the
     directory only when its mtime changed.  A file written into ``cur/`` in the same clock tick
-    as Dovecot's last look, or a directory whose mtime was set back (a restore), would stay
-    invisible to every mail client until something else changed the directory.  Whatever
+    as Dovecot's last look, or a directory whose mtime was set back (a restore), would be
+    missed until something else changed the directory, and mail delivered meanwhile would be
+    numbered before them (tests/integration/test_dovecot.py shows both).  Whatever
     writes Maildir files itself (gateway/mailbox_upgrade.py, ``onionpost restore``) calls this
     first; :meth:`DovecotServer.start` then runs :func:`doveadm_force_resync` for every user
     once Dovecot answers (doveadm looks users up through it) and before the node files

@@ -176,7 +176,13 @@ def restore_backup(config: Config, source: Path, passphrase: str) -> list[str]:
     if layout.mail.exists():
         # The Maildirs and Dovecot's index were copied at slightly different moments while
         # Dovecot ran: its first start here rereads every folder rather than trust the index.
-        request_resync(layout)
+        try:
+            request_resync(layout)
+        except OSError as exc:
+            raise DataDirError(
+                f"Restored, but cannot write {layout.resync_marker}: {exc.strerror}. Create "
+                "that file (empty) before starting onionpost."
+            ) from exc
     files = AccountFiles(KeyStore(data_dir))
     found = [str(files.load(u).address) for u in files.users()]
     if keys.has_server():

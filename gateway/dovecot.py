@@ -438,6 +438,8 @@ passdb without_tls {{
 #: appends to the uidlist and the index (docs/performance.md, "Cost growth").  What the list
 #: index saved: a STATUS of a folder not selected opens its index instead (a few syscalls; a
 #: sync only if mail arrived since), and LIST reads the Maildir++ root (a dozen folders).
+#: Dovecot then offers no IMAP NOTIFY (RFC 5465), which common mail clients do not use (IDLE
+#: is unchanged).
 _LIST_INDEX_OFF = """\
 # No mailbox list index: updating it after each delivery made Dovecot parse the folder's whole
 # dovecot-uidlist (for the folder GUID), a cost that grew with the folder (gateway/dovecot.py).

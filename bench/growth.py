@@ -16,7 +16,7 @@ it would look after that many deliveries, without the path:
 * INBOX: Maildir files written straight into ``cur/`` (2 KiB each, with the
   ``Return-Path`` and ``X-Onionpost-Filing`` lines filed mail carries, seen, LF line ends,
   the ``S=``/``W=`` sizes in the name as Dovecot writes them), owned by Dovecot's mail
-  account; once the node is up, a ``doveadm search`` syncs the folder (uidlist and index
+  account; once the node is up, a ``doveadm force-resync`` reads the folder (uidlist and index
   built, as a client's first SELECT would) and ``doveadm mailbox status`` checks the count.
 * bob's ``device.db``: a ``mailbox_seen_ids`` row per message (what the device records for
   each message it took from the inbox; expiring in four days, so none is pruned meanwhile).
@@ -213,8 +213,8 @@ def _measure(
         f"holding {', '.join(f'{n:,}' for n in sizes)} messages (default pool)"
     )
     ctx.note(
-        "pre-fill: Maildir files written into cur/ + a doveadm sync (both folders), and the "
-        "seen-id rows of bob's device.db and inbox.db (see bench/growth.py)"
+        "pre-fill: Maildir files written into cur/ + a doveadm force-resync (both folders), and "
+        "the seen-id rows of bob's device.db and inbox.db (see bench/growth.py)"
     )
     bob.crypto_workers = 0
     results: list[Burst] = []
@@ -296,9 +296,11 @@ def _introduce(alice: GrowthNode, bob: GrowthNode) -> None:
 
 
 def _index(node: GrowthNode, folder: str, expect: int) -> float:
-    """Have Dovecot sync the folder (as a client's first look would) and check its count."""
+    """Have Dovecot read the folder from disk and check its count.  A force-resync, not just
+    a sync: the files were written without Dovecot, which trusts its index about ``cur/``
+    (``maildir_very_dirty_syncs``, gateway/dovecot.py ``request_resync``)."""
     started = time.monotonic()
-    node.doveadm("search", "-u", node.user, "mailbox", folder, "uid", "1")
+    node.doveadm("force-resync", "-u", node.user, folder)
     took = time.monotonic() - started
     found = node.inbox_messages(folder)
     if found != expect:

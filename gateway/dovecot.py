@@ -92,6 +92,7 @@ __all__ = [
     "Settings",
     "choose_identity",
     "doveadm_add_flags",
+    "doveadm_force_resync",
     "doveadm_search",
     "doveadm_sync",
     "find_installation",
@@ -99,6 +100,7 @@ __all__ = [
     "lmtp_deliver",
     "prepare",
     "render_config",
+    "request_resync",
 ]
 
 log = logging.getLogger(__name__)
@@ -245,6 +247,11 @@ class Layout:
     @property
     def lmtp_socket(self) -> Path:
         return self.base_dir / "lmtp"
+
+    @property
+    def resync_marker(self) -> Path:
+        """Left by whatever wrote Maildir files without Dovecot (:func:`request_resync`)."""
+        return self.root / "resync-needed"
 
     @property
     def mail(self) -> Path:
@@ -422,6 +429,24 @@ passdb without_tls {{
 """
 
 
+#: No mailbox list index.  With one, every commit (each LMTP delivery, each doveadm flag
+#: change) ends by updating the folder's status in ``dovecot.list.index``, and that update asks
+#: the folder for its GUID, which a Maildir keeps only in the header of ``dovecot-uidlist``:
+#: Dovecot then parses the whole uidlist, one line per message, to read one line (2.3.19 and
+#: 2.4: ``index_list_update_fill_changes`` -> ``maildir_uidlist_get_mailbox_guid``).  That was
+#: ~0.3 s per delivery into a folder of 100,000 messages; without it an LMTP delivery only
+#: appends to the uidlist and the index (docs/performance.md, "Cost growth").  What the list
+#: index saved: a STATUS of a folder not selected opens its index instead (a few syscalls; a
+#: sync only if mail arrived since), and LIST reads the Maildir++ root (a dozen folders).
+#: Dovecot then offers no IMAP NOTIFY (RFC 5465), which common mail clients do not use (IDLE
+#: is unchanged).
+_LIST_INDEX_OFF = """\
+# No mailbox list index: updating it after each delivery made Dovecot parse the folder's whole
+# dovecot-uidlist (for the folder GUID), a cost that grew with the folder (gateway/dovecot.py).
+mailbox_list_index = no
+"""
+
+
 def _render_23(layout: Layout, ident: Identity, settings: Settings, tls: LocalTLS) -> str:
     auth_as_root = "service auth {\n  user = root\n}\n" if ident.privileged else ""
     return f"""\
@@ -461,7 +486,7 @@ maildir_very_dirty_syncs = yes
 # LMTP leaves mail in new/; any sync (the node's doveadm, STATUS, EXAMINE) moves it to cur/, not
 # only a SELECT: the first SELECT after a pile of mail stays fast.  \\Recent lives in the index.
 maildir_empty_new = yes
-namespace inbox {{
+{_LIST_INDEX_OFF}namespace inbox {{
   inbox = yes
   separator = /
 {_folders("  ")}}}
@@ -539,7 +564,7 @@ maildir_very_dirty_syncs = yes
 # LMTP leaves mail in new/; any sync (the node's doveadm, STATUS, EXAMINE) moves it to cur/, not
 # only a SELECT: the first SELECT after a pile of mail stays fast.  \\Recent lives in the index.
 maildir_empty_new = yes
-namespace inbox {{
+{_LIST_INDEX_OFF}namespace inbox {{
   inbox = yes
   separator = /
 {_folders("  ")}}}
@@ -971,6 +996,35 @@ def doveadm_sync(inst: Installation, layout: Layout, *, user: str, folder: str) 
     )
 
 
+def doveadm_force_resync(
+    inst: Installation, layout: Layout, *, user: str, folder: str = "*"
+) -> None:
+    """Have Dovecot read ``folder`` (a mask: ``*`` is every folder) from disk as if it had no
+    index: every file in ``cur/`` and ``new/`` is listed and checked against the uidlist and the
+    index, which are corrected (new files get UIDs, vanished ones are expunged)."""
+    _run(
+        [inst.doveadm, "-c", str(layout.config), "force-resync", "-u", _check_user(user), folder],
+        timeout=600.0,
+    )
+
+
+def request_resync(layout: Layout) -> None:
+    """Say that Maildir files were written without Dovecot: its next start rereads every folder.
+
+    Why: ``maildir_very_dirty_syncs`` lets Dovecot trust its index about ``cur/`` and read the
+    directory only when its mtime changed.  A file written into ``cur/`` in the same clock tick
+    as Dovecot's last look, or a directory whose mtime was set back (a restore), would be
+    missed until something else changed the directory, and mail delivered meanwhile would be
+    numbered before them (tests/integration/test_dovecot.py shows both).  Whatever
+    writes Maildir files itself (gateway/mailbox_upgrade.py, ``onionpost restore``) calls this
+    first; :meth:`DovecotServer.start` then runs :func:`doveadm_force_resync` for every user
+    once Dovecot answers (doveadm looks users up through it) and before the node files
+    anything, and removes the marker once all succeeded.
+    """
+    layout.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    write_atomic(layout.resync_marker, b"Maildir files were written outside Dovecot.\n")
+
+
 # --- the running server -------------------------------------------------------------------
 
 
@@ -1041,6 +1095,8 @@ class DovecotServer:
         self.status = "starting"
         try:
             await self._spawn()
+            if self.layout.resync_marker.exists():  # doveadm needs Dovecot's auth for users
+                await asyncio.to_thread(self.resync_all)
         except BaseException:
             await self._terminate()
             self.status = "stopped"
@@ -1083,6 +1139,40 @@ class DovecotServer:
         self._tidy = self._watch = None
         await self._terminate(timeout)
         self.status = "stopped"
+
+    def resync_all(self) -> list[str]:
+        """Reread every user's folders from disk (see :func:`request_resync`); the users done.
+
+        Blocking: run it in a thread.  :meth:`start` calls it when the marker is there, once
+        Dovecot answers and before it returns (so before the node files anything).  A user
+        whose resync fails is logged and the marker stays, so the next start tries again (the
+        mail is on disk either way; only a client may not see all of it yet).
+        """
+        done: list[str] = []
+        failed = False
+        try:
+            users = sorted(p.name for p in self.layout.mail.iterdir() if _USER.match(p.name))
+        except OSError:
+            users = []
+        for user in users:
+            started = time.monotonic()
+            try:
+                doveadm_force_resync(self.installation, self.layout, user=user)
+            except MailServerError as exc:
+                log.error("Dovecot could not reread %s's folders: %s", user, exc)
+                failed = True
+                continue
+            log.info(
+                "Dovecot reread %s's folders from disk in %.1f s (Maildir files were written "
+                "outside Dovecot)",
+                user,
+                time.monotonic() - started,
+            )
+            done.append(user)
+        if not failed:
+            with contextlib.suppress(FileNotFoundError):
+                self.layout.resync_marker.unlink()
+        return done
 
     def tidy_new_mail(self) -> list[tuple[str, str]]:
         """Have Dovecot move mail waiting in new/ to cur/ where :data:`TIDY_AT` or more wait;

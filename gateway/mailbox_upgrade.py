@@ -5,6 +5,8 @@ Versions before the private Dovecot kept each user's folders and messages in ``d
 :func:`upgrade_sqlite_mailbox` on start, *before* it starts Dovecot: with Dovecot not running,
 writing Maildir files directly in Dovecot's documented Maildir++ format is safe, and Dovecot
 picks them up (assigning new UIDs, under a new UIDVALIDITY) the first time a client looks.
+Before writing anything it leaves :func:`gateway.dovecot.request_resync`'s marker, so Dovecot
+rereads every folder from disk when it starts rather than trusting an index it may already have.
 
 What is carried over, per user, into ``Layout.maildir(user)``:
 
@@ -50,7 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway.dovecot import Identity, Layout
+from gateway.dovecot import Identity, Layout, request_resync
 from onionpost.base.atomicfile import fsync_dir, write_atomic
 from onionpost.core.errors import MailServerError, UnknownLocalUser
 from onionpost.store.db import Database
@@ -125,6 +127,7 @@ def upgrade_sqlite_mailbox(db: Database, layout: Layout, identity: Identity) -> 
     dropped: list[tuple[str, str, str]] = []
     total = written = size = 0
     try:
+        request_resync(layout)  # first: an interrupted run leaves it too
         _mkdir(layout.mail, identity)
         for user in users:
             _mkdir(layout.maildir(user), identity)

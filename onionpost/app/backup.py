@@ -8,6 +8,9 @@ backup taken while the node runs is consistent.  What is left out can be rebuilt
 
 Restore writes only into a data directory that holds no identity yet, checks every archive
 member (no absolute paths, no ``..``, only files and directories), and sets the usual modes.
+The Maildirs were copied file by file while Dovecot ran, its index beside them: restore leaves
+``gateway.dovecot.request_resync``'s marker, and the node's first start has Dovecot reread every
+folder from disk.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from gateway.dovecot import Layout, request_resync
 from onionpost.base.config import CONFIG_FILE, Config
 from onionpost.core.address import Address
 from onionpost.core.crypto import backup as sealed
@@ -168,6 +172,17 @@ def restore_backup(config: Config, source: Path, passphrase: str) -> list[str]:
                     dest.chmod(mode)
         except tarfile.TarError as exc:
             raise MalformedData(f"The backup's archive is damaged: {exc}") from exc
+    layout = Layout(data_dir)
+    if layout.mail.exists():
+        # The Maildirs and Dovecot's index were copied at slightly different moments while
+        # Dovecot ran: its first start here rereads every folder rather than trust the index.
+        try:
+            request_resync(layout)
+        except OSError as exc:
+            raise DataDirError(
+                f"Restored, but cannot write {layout.resync_marker}: {exc.strerror}. Create "
+                "that file (empty) before starting onionpost."
+            ) from exc
     files = AccountFiles(KeyStore(data_dir))
     found = [str(files.load(u).address) for u in files.users()]
     if keys.has_server():

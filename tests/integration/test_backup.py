@@ -64,8 +64,11 @@ async def test_backup_while_running_then_restore_elsewhere(mail_tmp: Path) -> No
     assert str(me) in out
     code, out = await acli(new_home, "restore", str(target), "--passphrase-file", str(secret))
     assert code == 1 and "already holds" in out
+    marker = new_home / "dovecot" / "resync-needed"
+    assert marker.exists()  # the Maildirs were copied while Dovecot ran: reread them all
     restored = Node(load(new_home), extensions=(start_gateway,))
     await restored.start()
+    assert not marker.exists()
     try:
         assert restored.devices["alice"].address == me
         assert "before the backup" in subjects(restored, "alice")

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway import dovecot as dovecot_module
 from gateway.dovecot import (
     SPECIAL_FOLDERS,
     TIDY_AT,
@@ -38,12 +39,21 @@ from gateway.dovecot import (
     PasswdFile,
     Settings,
     choose_identity,
+    doveadm_force_resync,
+    doveadm_sync,
+    doveadm_uidnext,
     find_installation,
     lmtp_deliver,
     render_config,
+    request_resync,
 )
 from gateway.tls import ensure_tls
-from onionpost.core.errors import FilingRefused, MailServerNotInstalled, UnknownLocalUser
+from onionpost.core.errors import (
+    FilingRefused,
+    MailServerError,
+    MailServerNotInstalled,
+    UnknownLocalUser,
+)
 from onionpost.core.retry import RetryPolicy
 from onionpost.core.trust import QUARANTINE
 
@@ -385,6 +395,7 @@ def test_configuration_for_both_versions(installation: Installation, tmp_path: P
         assert "port = 1143" in text and "lmtp_save_to_detail_mailbox = yes" in text
         assert "chroot =" in text  # unprivileged: nothing may chroot
         assert "maildir_empty_new = yes" in text  # the same name in 2.3 and 2.4
+        assert "\nmailbox_list_index = no\n" in text  # likewise
     # require_tls: the first passdb's file is missing unless the login came over TLS, in each
     # version's expansion syntax; the second refuses the right password with the reason.
     assert f"  args = {layout.passwd}\n}}\nuserdb" in old
@@ -569,3 +580,97 @@ async def test_the_filers_searches_from_a_uid_floor(server: DovecotServer) -> No
         await asyncio.to_thread(client.logout)
     assert typ == "OK"
     assert data[0].split() == [b"4"]  # the new one only, not the three with X-K too
+
+
+# --- Maildir files written without Dovecot; the cost of a delivery --------------------------
+
+
+def _write_into_cur(maildir: Path, count: int, tag: str) -> None:
+    """``count`` messages written straight into ``maildir/cur`` as the upgrade, a restore or
+    the growth bench's pre-fill do, owned by the Maildir's owner; ``cur/``'s mtime is then set
+    back to what it was, as when the files land in the same clock tick as Dovecot's last look
+    (or a restore brings the old mtime back)."""
+    cur = maildir / "cur"
+    before = cur.stat()
+    for i in range(count):
+        data = f"Subject: {tag} {i}\r\nMessage-ID: <{tag}.{i}@x>\r\n\r\nwritten directly\r\n"
+        raw = data.encode()
+        path = cur / f"{1_700_000_000 + i}.M{i}P1.{tag},S={len(raw)},W={len(raw)}:2,S"
+        path.write_bytes(raw)
+        os.chown(path, before.st_uid, before.st_gid)
+        path.chmod(0o600)
+    os.utime(cur, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+def _imap_count_and_last(srv: DovecotServer, folder: str) -> tuple[int, int, str]:
+    """(messages, the newest UID, its Subject) over IMAP."""
+    client = imap_login(srv)
+    try:
+        typ, data = client.select(folder, readonly=True)
+        assert typ == "OK"
+        count = int(data[0] or b"0")
+        typ, fetched = client.uid("FETCH", "*", "(UID BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+        assert typ == "OK"
+        part = next(p for p in fetched if isinstance(p, tuple))
+        uid = int(part[0].split(b"UID ")[1].split()[0])
+        subject = part[1].decode().split(":", 1)[1].strip()
+        return count, uid, subject
+    finally:
+        client.logout()
+
+
+async def test_mail_written_without_dovecot_is_seen_after_the_resync_marker(
+    server: DovecotServer,
+) -> None:
+    """The direct-write paths (mailbox upgrade, restore) leave :func:`request_resync`'s marker;
+    the next start rereads every folder, so a delivery into a folder that already held mail
+    lands after all of it, and the index agrees with the files."""
+    inst, layout = server.installation, server.layout
+    for folder in ("INBOX", "Sent"):
+        await server.deliver(USER, message(f"first in {folder}"), folder=folder)
+        doveadm_sync(inst, layout, user=USER, folder=folder)  # the index knows cur/'s mtime
+    await server.stop()
+    maildir = layout.maildir(USER)
+    _write_into_cur(maildir, 300, "inbox")
+    _write_into_cur(maildir / ".Sent", 300, "sent")
+    request_resync(layout)
+    await server.start()
+    assert not layout.resync_marker.exists()
+    for folder in ("INBOX", "Sent"):
+        await server.deliver(USER, message(f"new in {folder}"), folder=folder)
+        count, uid, subject = await asyncio.to_thread(_imap_count_and_last, server, folder)
+        assert (count, uid, subject) == (302, 302, f"new in {folder}")
+        # Reading the folder from disk once more changes nothing: index and files agree.
+        doveadm_force_resync(inst, layout, user=USER, folder=folder)
+        assert doveadm_uidnext(inst, layout, user=USER, folder=folder) == 303
+        count, uid, _ = await asyncio.to_thread(_imap_count_and_last, server, folder)
+        assert (count, uid) == (302, 302)
+
+
+async def test_a_failed_resync_keeps_the_marker(
+    server: DovecotServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A user whose folders could not be reread is tried again at the next start."""
+    await server.deliver(USER, message("one"))
+    request_resync(server.layout)
+
+    def fails(*args: object, **kwargs: object) -> None:
+        raise MailServerError("doveadm force-resync failed: disk on fire")
+
+    monkeypatch.setattr(dovecot_module, "doveadm_force_resync", fails)
+    assert server.resync_all() == []
+    assert server.layout.resync_marker.exists()
+    monkeypatch.undo()
+    assert server.resync_all() == [USER]
+    assert not server.layout.resync_marker.exists()
+
+
+async def test_deliveries_leave_no_mailbox_list_index(server: DovecotServer) -> None:
+    """``mailbox_list_index = no``: a delivery ends without updating a list index, which for a
+    Maildir meant parsing the folder's whole dovecot-uidlist (docs/performance.md, "Cost
+    growth")."""
+    for folder in ("INBOX", "Sent", QUARANTINE):
+        await server.deliver(USER, message(f"to {folder}"), folder=folder)
+        doveadm_sync(server.installation, server.layout, user=USER, folder=folder)
+    assert not list(server.layout.mail.rglob("dovecot.list.index*"))
+    assert (server.layout.maildir(USER) / ".Sent" / "dovecot-uidlist").exists()

@@ -144,10 +144,12 @@ async def test_upgrade_then_dovecot_serves_the_same_mail(
         assert (st.st_uid, st.st_gid) == (ident.mail_uid, ident.mail_gid), path
         assert stat.S_IMODE(st.st_mode) == (0o700 if path.is_dir() else 0o600), path
 
+    assert layout.resync_marker.exists()  # Dovecot is told the Maildirs were written without it
     server = DovecotServer(layout, Settings(imap_port=free_port()), installation=installation)
     for user in ("alice", "bob"):
         await server.set_password(user, PASSWORD)
     await server.start()
+    assert not layout.resync_marker.exists()  # it reread every folder before answering
     try:
         for user in ("alice", "bob"):
             await asyncio.to_thread(check_over_imap, server, user, expected, folders)

@@ -170,6 +170,9 @@ def restore_backup(config: Config, source: Path, passphrase: str) -> list[str]:
                         out.flush()
                         os.fsync(out.fileno())
                     dest.chmod(mode)
+                    # A Maildir message's modification time is its received date (IMAP's
+                    # INTERNALDATE): restored mail keeps the day it came, not the restore's.
+                    os.utime(dest, (m.mtime, m.mtime))
         except tarfile.TarError as exc:
             raise MalformedData(f"The backup's archive is damaged: {exc}") from exc
     layout = Layout(data_dir)

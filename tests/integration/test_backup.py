@@ -4,6 +4,7 @@ the same address, the old mail, and new mail arriving there."""
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 from gateway.service import start_gateway
@@ -17,6 +18,9 @@ from onionpost.testing.mailstore import memory_mailbox
 from .test_enrolment import acli, eventually, free_port, mail_bytes, subjects, tor_off, write_config
 
 GATEWAY = "[gateway]\nsmtp_port = 0\nimap_port = 0\nautoconfig_port = 0\n"
+
+#: The folders of a Maildir that hold messages.
+MAILDIR = ("cur", "new")
 
 
 async def test_backup_while_running_then_restore_elsewhere(mail_tmp: Path) -> None:
@@ -46,6 +50,14 @@ async def test_backup_while_running_then_restore_elsewhere(mail_tmp: Path) -> No
         assert bob.submissions is not None
         bob.submissions.submit("bob", [me], mail_bytes(other, me, "before the backup"))
         await eventually(lambda: "before the backup" in subjects(alice, "alice"), "first mail")
+        # A message's file time is its received date; make it one a restore could not fake.
+        received = 1_600_000_000
+        messages = [
+            p for p in (a_home / "mail").rglob("*") if p.is_file() and p.parent.name in MAILDIR
+        ]
+        assert messages
+        for p in messages:
+            os.utime(p, (received, received))
         code, out = await acli(a_home, "backup", str(target), "--passphrase-file", str(secret))
         assert code == 0, out
         assert target.stat().st_mode & 0o077 == 0
@@ -72,6 +84,14 @@ async def test_backup_while_running_then_restore_elsewhere(mail_tmp: Path) -> No
     try:
         assert restored.devices["alice"].address == me
         assert "before the backup" in subjects(restored, "alice")
+        restored_files = {
+            p.name.split(":")[0]: p
+            for p in (new_home / "mail").rglob("*")
+            if p.is_file() and p.parent.name in MAILDIR
+        }
+        for p in messages:  # Dovecot may have moved it from new/ to cur/ since
+            again = restored_files[p.name.split(":")[0]]
+            assert again.stat().st_mtime == received, again  # the day it came, not today
         bob.submissions.submit("bob", [me], mail_bytes(other, me, "after the restore"))
         bob.wake()
         await eventually(lambda: "after the restore" in subjects(restored, "alice"), "new mail")

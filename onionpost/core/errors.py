@@ -704,6 +704,13 @@ class MailServerError(GatewayError):
     temporary = True
 
 
+class SMTPFrontError(GatewayError):
+    """The SMTP front process (the submission protocol's second process) failed."""
+
+    enhanced_code = "4.3.0"
+    temporary = True
+
+
 class MailServerNotInstalled(MailServerError):
     """Dovecot's IMAP and LMTP servers are not installed: run scripts/system-deps.sh run as root."""
 

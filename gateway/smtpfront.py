@@ -100,6 +100,7 @@ __all__ = [
     "encode_frame",
     "parse_frame",
     "read_frame",
+    "serve_pair",
     "start_front",
 ]
 
@@ -204,7 +205,7 @@ def _text(field: bytes) -> str:
 # -- the node's side ------------------------------------------------------------------------
 
 
-async def _serve_pair(
+async def serve_pair(
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
     backend: LocalBackend,
@@ -344,7 +345,7 @@ class SMTPFront:
                 "its error, if any, is in the log above."
             ) from None
         self._pair = asyncio.create_task(
-            _serve_pair(reader, writer, self._backend, self._limit), name="smtp-front-pair"
+            serve_pair(reader, writer, self._backend, self._limit), name="smtp-front-pair"
         )
         log.info("smtp: the SMTP front process (pid %d) serves port %d", proc.pid, self.port)
 
@@ -356,9 +357,11 @@ class SMTPFront:
             assert proc is not None and pair is not None
             started = loop.time()
             # The front's exit, or a pair the node gave up on (then the front is ended).
-            await asyncio.wait(
-                {pair, asyncio.ensure_future(proc.wait())}, return_when="FIRST_COMPLETED"
-            )
+            exited = asyncio.ensure_future(proc.wait())
+            try:
+                await asyncio.wait({pair, exited}, return_when="FIRST_COMPLETED")
+            finally:
+                exited.cancel()
             if self._stop_requested():  # close() may have been called while we waited
                 return
             await self._terminate()

@@ -1,11 +1,12 @@
 """The mail-client gateway as part of a running node: IMAP, SMTP submission, autoconfig.
 
 :func:`start_gateway` is a node *extension* (``Node(extensions=(start_gateway,))``): the node
-calls it once its devices run and awaits the returned function on shutdown.  SMTP submission
-shares the node's event loop, device database and submission queue, so a message a client
-sends is durably queued before the client hears 250.  IMAP is the node's private Dovecot
-(:mod:`gateway.dovecot`), in its own processes: no IMAP client can stall the node.  The node's
-filer hands mail to Dovecot's LMTP, and IDLE shows it at once.
+calls it once its devices run and awaits the returned function on shutdown.  SMTP submission's
+protocol runs in the SMTP front process (:mod:`gateway.smtpfront`), on sockets the node binds;
+logins and submissions come back to the node's event loop, device database and submission
+queue, so a message a client sends is durably queued before the client hears 250.  IMAP is the
+node's private Dovecot (:mod:`gateway.dovecot`), in its own processes: no IMAP client can stall
+the node.  The node's filer hands mail to Dovecot's LMTP, and IDLE shows it at once.
 """
 
 from __future__ import annotations

@@ -1,9 +1,12 @@
 """SMTP submission (RFC 6409) for the user's mail client, on 127.0.0.1.
 
 This is the only module that imports aiosmtpd.  Its ``SMTP`` protocol runs through
-``loop.create_server`` in the node's own event loop, not in aiosmtpd's ``Controller``
-thread: a submission ends in :meth:`onionpost.device.submission.Submissions.submit`, which writes
-the SQLite connection the rest of the node writes too, and one loop means one writer.
+``loop.create_server`` in an event loop of ours, not in aiosmtpd's ``Controller`` thread.  In a
+running node that loop is the SMTP front process's (:mod:`gateway.smtpfront`), on the other
+core: the protocol code asks a :class:`Backend` for logins and for the submission, and the
+front's backend forwards each to the node, which answers from its :class:`LocalBackend`
+(account store, login throttle, :meth:`onionpost.device.submission.Submissions.submit_async`);
+only the node writes the database.  :func:`start_smtp` runs both halves in one loop (tests).
 
 What a client may do, and why:
 

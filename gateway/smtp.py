@@ -272,6 +272,10 @@ class Backend(Protocol):
     async def submit(self, user: str, recipients: list[str], message: bytes) -> str:
         """Submit a checked message; the reply line (250 only once it is durable)."""
 
+    def in_data(self) -> contextlib.AbstractContextManager[None]:
+        """Held while a client sends DATA and waits for its reply: the node's background work
+        yields meanwhile (:class:`onionpost.base.aio.Foreground`)."""
+
 
 class LocalBackend:
     """:class:`Backend` in the node itself: the account store, the login throttle and
@@ -306,6 +310,9 @@ class LocalBackend:
 
     async def refused(self, client: str) -> None:
         await self._throttle.failed("smtp", None, client)
+
+    def in_data(self) -> contextlib.AbstractContextManager[None]:
+        return foreground.busy()
 
     async def submit(self, user: str, recipients: list[str], message: bytes) -> str:
         # From here to the reply a client waits on us: the node's background work yields.
@@ -476,6 +483,10 @@ class _Policy:
             return replies.smtp_reply(exc)
         return await self._backend.submit(str(session.auth_data), list(envelope.rcpt_tos), message)
 
+    def in_data(self) -> contextlib.AbstractContextManager[None]:
+        """See :meth:`Backend.in_data`."""
+        return self._backend.in_data()
+
     async def handle_exception(self, error: Exception) -> str:
         """Whatever escaped a command: a reply for the client, a log line for the owner."""
         if isinstance(error, TLSSetupException):
@@ -536,6 +547,7 @@ class _Connection(SMTP):
                 loop=loop,
             )
         self._registry = registry
+        self._handler = policy
         self._max_bytes = max_bytes
         self._lan_tls = lan_tls
         # Counted from creation: a burst of accepts creates many protocols before any
@@ -639,7 +651,7 @@ class _Connection(SMTP):
 
     async def smtp_DATA(self, arg: str) -> None:  # noqa: N802
         # From here to the reply a client waits on us: the node's background work yields.
-        with foreground.busy():
+        with self._handler.in_data():
             await self._data(arg)
 
     async def _data(self, arg: str) -> None:

@@ -33,7 +33,9 @@ frame exactly.  A frame the node cannot read as a request gets an ``E`` answer n
 problem; a length out of bounds closes the pair (there is no telling where the next frame
 starts), which ends the front and makes the node start a new one.  Kinds, front to node:
 ``H`` hello (pid), ``L`` login (name, password, client address), ``F`` a login refused before
-any check (client address), ``S`` submit (user, message, recipient, ...); node to front:
+any check (client address), ``S`` submit (user, message, recipient, ...), ``B`` and ``D`` a
+session entered and left DATA (not answered: the node's background work yields meanwhile);
+node to front:
 ``l`` login answer (user and address, or no fields for a failure), ``f`` done, ``s`` the
 reply line, ``E`` an error (text).  Requests are answered out of order, by ``request``.
 docs/protocol.md has a test vector.
@@ -64,7 +66,7 @@ import signal
 import socket
 import struct
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Final
@@ -87,6 +89,7 @@ from gateway.smtp import (
 )
 from gateway.throttle import LoginThrottle
 from gateway.tls import lan_server_context, server_context
+from onionpost.base.aio import foreground
 from onionpost.base.clock import SystemClock
 from onionpost.base.config import GatewayConfig
 from onionpost.core.address import Address
@@ -110,11 +113,13 @@ HELLO: Final = ord("H")
 LOGIN: Final = ord("L")
 REFUSED: Final = ord("F")
 SUBMIT: Final = ord("S")
+IN_DATA: Final = ord("B")
+DATA_DONE: Final = ord("D")
 LOGGED_IN: Final = ord("l")
 DONE: Final = ord("f")
 REPLY: Final = ord("s")
 ERROR: Final = ord("E")
-_REQUESTS: Final = frozenset({HELLO, LOGIN, REFUSED, SUBMIT})
+_REQUESTS: Final = frozenset({HELLO, LOGIN, REFUSED, SUBMIT, IN_DATA, DATA_DONE})
 _ANSWERS: Final = frozenset({LOGGED_IN, DONE, REPLY, ERROR})
 
 _LENGTH = struct.Struct(">I")
@@ -205,6 +210,61 @@ def _text(field: bytes) -> str:
 # -- the node's side ------------------------------------------------------------------------
 
 
+class _PairServer:
+    """The node's end of one pair: see :func:`serve_pair`."""
+
+    def __init__(self, writer: asyncio.StreamWriter, backend: LocalBackend) -> None:
+        self._writer = writer
+        self._backend = backend
+        self.tasks: set[asyncio.Task[None]] = set()
+        # Sessions of the front in DATA: while any is, the node's background work yields (as
+        # it does for DATA in one process), so a client's 250 does not wait behind a sealing
+        # step.  Clamped at 0: a stray DATA_DONE cannot make it negative.
+        self._in_data = 0
+        self.busy = contextlib.ExitStack()
+
+    def mark(self, delta: int) -> None:
+        before, self._in_data = self._in_data, max(0, self._in_data + delta)
+        if before == 0 and self._in_data:
+            self.busy.enter_context(foreground.busy())
+        elif before and not self._in_data:
+            self.busy.close()
+
+    def answer(self, kind: int, request: int, fields: Sequence[bytes]) -> None:
+        if not self._writer.is_closing():
+            self._writer.write(encode_frame(kind, request, fields))
+
+    def start(self, kind: int, request: int, fields: list[bytes]) -> None:
+        task = asyncio.create_task(self._handle(kind, request, fields), name="smtp-front-request")
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _handle(self, kind: int, request: int, fields: list[bytes]) -> None:
+        backend = self._backend
+        try:
+            if kind == LOGIN and len(fields) == 3:
+                found = await backend.login(_text(fields[0]), _text(fields[1]), _text(fields[2]))
+                out = [] if found is None else [found[0].encode(), str(found[1]).encode()]
+                self.answer(LOGGED_IN, request, out)
+            elif kind == REFUSED and len(fields) == 1:
+                await backend.refused(_text(fields[0]))
+                self.answer(DONE, request, [])
+            elif kind == SUBMIT and len(fields) >= 3:
+                user, message = _text(fields[0]), fields[1]
+                recipients = [_text(f) for f in fields[2:]]
+                del fields
+                line = await backend.submit(user, recipients, message)
+                self.answer(REPLY, request, [line.encode()])
+            else:
+                raise FrameError(f"A request of kind {kind} with the wrong fields.", request)
+        except FrameError as exc:
+            log.error("smtp front: a bad request: %s", exc)
+            self.answer(ERROR, request, [str(exc).encode()])
+        except Exception as exc:  # the front answers 451; the node goes on
+            log.exception("smtp front: a request failed")
+            self.answer(ERROR, request, [type(exc).__name__.encode()])
+
+
 async def serve_pair(
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
@@ -216,36 +276,7 @@ async def serve_pair(
     Each request runs in its own task, so a slow login (the throttle's pause, scrypt) does not
     hold up a submission.  A submission still running when the pair closes completes: it is
     committed, and only its answer is lost (the client never heard 250)."""
-    tasks: set[asyncio.Task[None]] = set()
-
-    def answer(kind: int, request: int, fields: Sequence[bytes]) -> None:
-        if not writer.is_closing():
-            writer.write(encode_frame(kind, request, fields))
-
-    async def handle(kind: int, request: int, fields: list[bytes]) -> None:
-        try:
-            if kind == LOGIN and len(fields) == 3:
-                found = await backend.login(_text(fields[0]), _text(fields[1]), _text(fields[2]))
-                out = [] if found is None else [found[0].encode(), str(found[1]).encode()]
-                answer(LOGGED_IN, request, out)
-            elif kind == REFUSED and len(fields) == 1:
-                await backend.refused(_text(fields[0]))
-                answer(DONE, request, [])
-            elif kind == SUBMIT and len(fields) >= 3:
-                user, message = _text(fields[0]), fields[1]
-                recipients = [_text(f) for f in fields[2:]]
-                del fields
-                line = await backend.submit(user, recipients, message)
-                answer(REPLY, request, [line.encode()])
-            else:
-                raise FrameError(f"A request of kind {kind} with the wrong fields.", request)
-        except FrameError as exc:
-            log.error("smtp front: a bad request: %s", exc)
-            answer(ERROR, request, [str(exc).encode()])
-        except Exception as exc:  # the front answers 451; the node goes on
-            log.exception("smtp front: a request failed")
-            answer(ERROR, request, [type(exc).__name__.encode()])
-
+    server = _PairServer(writer, backend)
     try:
         while True:
             try:
@@ -256,14 +287,14 @@ async def serve_pair(
                 log.error("smtp front: %s", exc)
                 if exc.request is None:
                     return  # the stream cannot be trusted past this: the front is restarted
-                answer(ERROR, exc.request, [str(exc).encode()])
+                server.answer(ERROR, exc.request, [str(exc).encode()])
                 continue
-            if kind == HELLO:
-                continue
-            task = asyncio.create_task(handle(kind, request, fields), name="smtp-front-request")
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
+            if kind in (IN_DATA, DATA_DONE):  # no answer: the front does not wait for one
+                server.mark(1 if kind == IN_DATA else -1)
+            elif kind != HELLO:
+                server.start(kind, request, fields)
     finally:
+        server.busy.close()
         writer.close()
 
 
@@ -537,6 +568,20 @@ class _PairBackend:
 
     async def refused(self, client: str) -> None:
         await self._ask(REFUSED, [client.encode()])
+
+    @contextlib.contextmanager
+    def in_data(self) -> Iterator[None]:
+        """Tell the node a session is in DATA, and when it is no longer (two small frames,
+        written without waiting: the node does not answer them)."""
+        self._tell(IN_DATA)
+        try:
+            yield
+        finally:
+            self._tell(DATA_DONE)
+
+    def _tell(self, kind: int) -> None:
+        if not self._closed and not self._writer.is_closing():
+            self._writer.write(encode_frame(kind, 0, []))
 
     async def submit(self, user: str, recipients: list[str], message: bytes) -> str:
         fields = [user.encode(), message, *(r.encode() for r in recipients)]

@@ -25,7 +25,9 @@ import pytest
 
 from gateway.smtp import LocalBackend
 from gateway.smtpfront import (
+    DATA_DONE,
     ERROR,
+    IN_DATA,
     LOGGED_IN,
     LOGIN,
     REPLY,
@@ -40,6 +42,7 @@ from gateway.smtpfront import (
 )
 from gateway.throttle import LoginThrottle
 from gateway.tls import ensure_tls
+from onionpost.base.aio import foreground
 from onionpost.base.config import GatewayConfig
 from onionpost.core.address import Address
 from onionpost.core.crypto.primitives import SeededRandom, ed25519_public
@@ -235,6 +238,7 @@ _NODE = """
 import asyncio, sys
 from pathlib import Path
 from gateway.smtpfront import start_front
+from onionpost.base.aio import foreground
 from onionpost.base.config import GatewayConfig
 from onionpost.store.accounts import AccountStore
 from onionpost.store.db import Database
@@ -343,9 +347,27 @@ async def test_garbage_on_the_pair_gets_an_error_answer_and_never_a_crash(
     )
     assert (kind, answered) == (REPLY, 10) and fields[0].startswith(b"250 "), fields
 
+    # A session in DATA holds the node's background work back until it is done; a stray
+    # "done" does nothing, and a front that goes away in DATA releases it.
+    async def tell(kind: int) -> None:
+        writer.write(encode_frame(kind, 0, []))
+        await writer.drain()
+        # An answered request after it: the node has read the frame before answering.
+        await ask(encode_frame(LOGIN, 11, [b"nobody", b"x", b""]))
+
+    assert not foreground.is_busy
+    await tell(IN_DATA)
+    assert foreground.is_busy
+    await tell(DATA_DONE)
+    assert not foreground.is_busy
+    await tell(DATA_DONE)
+    await tell(IN_DATA)
+    assert foreground.is_busy
+
     # A length out of bounds: the stream cannot be trusted, so the node closes the pair.
     writer.write(b"\xff\xff\xff\xff" + b"x" * 100)
     await writer.drain()
     assert await reader.read() == b""
     await serving  # ended on its own, without an exception
+    assert not foreground.is_busy
     writer.close()

@@ -94,6 +94,7 @@ from onionpost.base.clock import SystemClock
 from onionpost.base.config import GatewayConfig
 from onionpost.core.address import Address
 from onionpost.core.errors import AddressError, SMTPFrontError
+from onionpost.core.errors import SMTPFrontFrameError as FrameError
 from onionpost.core.retry import SMTP_FRONT_RESTART, Backoff
 from onionpost.store.accounts import AccountStore
 
@@ -138,17 +139,6 @@ START_TIMEOUT: Final = 60.0
 STOP_WAIT: Final = 3.0
 #: A front that ran this long before it exited starts the backoff over.
 STABLE_AFTER: Final = 30.0
-
-
-class FrameError(SMTPFrontError):
-    """A frame on the SMTP front's pair that cannot be read.
-
-    ``request`` is the frame's request id when its header could be read (the frame can then
-    be answered and skipped); None when the stream itself can no longer be trusted."""
-
-    def __init__(self, detail: str, request: int | None = None) -> None:
-        super().__init__(detail)
-        self.request = request
 
 
 # -- the framing (pure) ---------------------------------------------------------------------
@@ -344,11 +334,13 @@ class SMTPFront:
                 log_level=logging.getLogger().getEffectiveLevel(),
             )
             env = dict(os.environ)
-            # The front runs this very code, wherever the node imported it from.
+            # The front runs this very code, wherever the node imported it from; -P keeps
+            # the working directory off sys.path, so a "gateway" directory there is not it.
             root = str(Path(gateway.__file__).resolve().parent.parent)
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
+                "-P",
                 "-m",
                 "gateway.smtpfront",
                 json.dumps(config),
@@ -488,7 +480,7 @@ async def start_front(
     sockets = bind_listeners(listen, cfg.smtp_port, backlog=max(128, max_sessions))
     config: dict[str, Any] = {
         "policy": asdict(policy),
-        "tls_dir": str(tls_dir),
+        "tls_dir": str(tls_dir.resolve()),
         "lan": None
         if lan_names is None or not cfg.lan
         else {"dns": list(lan_names.dns), "ips": [str(a) for a in lan_names.ips]},

@@ -156,6 +156,19 @@ async def test_the_front_serves_logins_and_submissions_from_the_node(
                 return exc.smtp_code, exc.smtp_error
         raise AssertionError("a wrong password logged in")
 
+    # A message of several MiB crosses the pair in one frame (the reader resumes as it goes).
+    big = _message("<big@test>") + b"x" * 76 + b"\r\n"
+    big += b"y" * 998 * 1024 * 3 + b"\r\n"
+
+    def send_big() -> None:
+        with smtplib.SMTP("127.0.0.1", gw.port, timeout=PATIENCE) as client:
+            client.login("alice", PASSWORD)
+            client.sendmail(str(ALICE), [str(BOB)], big)
+
+    await asyncio.to_thread(send_big)
+    assert recorder.calls[-1][2].endswith(big)
+    del recorder.calls[-1]
+
     code, text = await asyncio.to_thread(refused)
     assert code == 535 and b"password is wrong" in text
 

@@ -93,7 +93,7 @@ from onionpost.base.aio import foreground
 from onionpost.base.clock import SystemClock
 from onionpost.base.config import GatewayConfig
 from onionpost.core.address import Address
-from onionpost.core.errors import AddressError, SMTPFrontError
+from onionpost.core.errors import AddressError, OnionpostError, SMTPFrontError
 from onionpost.core.errors import SMTPFrontFrameError as FrameError
 from onionpost.core.retry import SMTP_FRONT_RESTART, Backoff
 from onionpost.store.accounts import AccountStore
@@ -360,12 +360,22 @@ class SMTPFront:
                 kind, _request, _fields = await read_frame(reader, SMALL_FRAME, _REQUESTS)
             if kind != HELLO:
                 raise FrameError(f"The SMTP front began with a frame of kind {kind}.")
-        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, FrameError) as exc:
-            writer.close()
+        except BaseException as exc:
+            writer.close()  # the front exits at EOF (also when the node is stopping now)
+            if not isinstance(
+                exc, (TimeoutError, asyncio.IncompleteReadError, ConnectionError, FrameError)
+            ):
+                raise
             await self._terminate()
+            if isinstance(exc, TimeoutError):
+                why = f"it was not ready after {START_TIMEOUT:.0f} s"
+            elif isinstance(exc, FrameError):
+                why = str(exc)
+            else:
+                why = "it exited before it was ready"
             raise SMTPFrontError(
-                f"The SMTP front process did not start ({type(exc).__name__}: {exc}); "
-                "its error, if any, is in the log above."
+                f"The SMTP front process did not start ({why}); its error, if any, is in the "
+                "log above."
             ) from None
         self._pair = asyncio.create_task(
             serve_pair(reader, writer, self._backend, self._limit), name="smtp-front-pair"
@@ -375,32 +385,30 @@ class SMTPFront:
     async def _supervise(self) -> None:
         backoff = Backoff(SMTP_FRONT_RESTART)
         loop = asyncio.get_running_loop()
-        while not self._stopping:
+        while True:
             proc, pair = self._proc, self._pair
-            assert proc is not None and pair is not None
-            started = loop.time()
-            # The front's exit, or a pair the node gave up on (then the front is ended).
-            exited = asyncio.ensure_future(proc.wait())
-            try:
-                await asyncio.wait({pair, exited}, return_when="FIRST_COMPLETED")
-            finally:
-                exited.cancel()
-            if self._stop_requested():  # close() may have been called while we waited
-                return
-            await self._terminate()
-            if loop.time() - started >= STABLE_AFTER:
-                backoff.succeeded()
+            why = "did not start"
+            if proc is not None and pair is not None:  # None: the last start failed
+                started = loop.time()
+                # The front's exit, or a pair the node gave up on (then the front is ended).
+                exited = asyncio.ensure_future(proc.wait())
+                try:
+                    await asyncio.wait({pair, exited}, return_when="FIRST_COMPLETED")
+                finally:
+                    exited.cancel()
+                if self._stop_requested():  # close() may have been called while we waited
+                    return
+                await self._terminate()
+                if loop.time() - started >= STABLE_AFTER:
+                    backoff.succeeded()
+                why = f"exited with status {proc.returncode}"
             delay = backoff.failed()
-            log.error(
-                "smtp: the SMTP front process exited with status %s; restarting it in %.1f s",
-                proc.returncode,
-                delay,
-            )
+            log.error("smtp: the SMTP front process %s; restarting it in %.1f s", why, delay)
             await asyncio.sleep(delay)
             try:
                 await self._spawn()
-            except SMTPFrontError as exc:
-                log.error("%s", exc)
+            except (SMTPFrontError, OSError) as exc:
+                log.error("smtp: %s", exc)
                 continue
             self.restarts += 1
 
@@ -645,7 +653,11 @@ def main(argv: Sequence[str]) -> int:
         stream=sys.stderr,
     )
     logging.getLogger("mail.log").setLevel(logging.WARNING)
-    asyncio.run(_front(config))
+    try:
+        asyncio.run(_front(config))
+    except OnionpostError as exc:  # e.g. the certificate cannot be loaded: a sentence, no trace
+        log.error("smtp front: %s", exc)
+        return 1
     return 0
 
 

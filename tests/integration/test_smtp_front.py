@@ -384,3 +384,21 @@ async def test_garbage_on_the_pair_gets_an_error_answer_and_never_a_crash(
     await serving  # ended on its own, without an exception
     assert not foreground.is_busy
     writer.close()
+
+
+async def test_a_front_that_cannot_start_is_tried_again(
+    front: tuple[SMTPFront, Recorder], caplog: pytest.LogCaptureFixture
+) -> None:
+    gw, _recorder = front
+    first = gw.pid
+    assert first is not None
+    good = gw._config["tls_dir"]
+    gw._config["tls_dir"] = "/proc/no-such-directory"  # the next front fails before its hello
+    os.kill(first, signal.SIGKILL)
+    await _eventually(
+        lambda: "SMTP front process did not start" in caplog.text, "a failed start is logged"
+    )
+    assert gw.restarts == 0
+    gw._config["tls_dir"] = good
+    await _eventually(lambda: gw.restarts == 1 and gw.pid, "the node tries again")
+    await asyncio.to_thread(_send, gw.port, "<again@test>")

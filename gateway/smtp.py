@@ -160,7 +160,7 @@ class _Session(Session):
     """aiosmtpd 1.4 logs a deprecation warning each time ``login_data`` is set, which its
     AUTH command does on every successful login; nothing here reads it."""
 
-    #: (user, address) of the login, remembered by :meth:`_Policy._own_address`.
+    #: (user, address) of the login, as the backend answered it (read by ``_own_address``).
     own_address: tuple[str, Address] | None = None
 
     @property

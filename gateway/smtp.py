@@ -781,11 +781,15 @@ class SMTPGateway:
                     await server.wait_closed()
 
 
-def bind_listeners(hosts: Sequence[str], port: int, *, backlog: int) -> list[socket.socket]:
+def bind_listeners(
+    hosts: Sequence[str], port: int, *, backlog: int, listen: bool = True
+) -> list[socket.socket]:
     """Listening sockets on every address of ``hosts`` at ``port`` (0: one free port, the same
     on all of them), as ``loop.create_server`` binds them.  The node binds them itself even
     when an SMTP front process serves them, so port 0, a port in use and the choice of
-    addresses are decided (and reported) in the node."""
+    addresses are decided (and reported) in the node.  ``listen=False`` leaves them bound
+    but closed to clients until whoever serves them listens (``create_server`` does): the
+    port opens when the SMTP front can answer, not before."""
     sockets: list[socket.socket] = []
     try:
         for host in hosts:
@@ -797,7 +801,8 @@ def bind_listeners(hosts: Sequence[str], port: int, *, backlog: int) -> list[soc
                 if family == socket.AF_INET6:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 sock.bind((address[0], port, *address[2:]))
-                sock.listen(backlog)
+                if listen:
+                    sock.listen(backlog)
                 sock.setblocking(False)
                 port = sock.getsockname()[1]
     except BaseException:

@@ -485,7 +485,9 @@ async def start_front(
         on_login=on_login,
     )
     listen = list(hosts) if hosts is not None else listen_hosts(cfg)
-    sockets = bind_listeners(listen, cfg.smtp_port, backlog=max(128, max_sessions))
+    # Bound here, opened to clients by the front (its create_server listens): a client that
+    # connects finds a server that answers, also while the node starts.
+    sockets = bind_listeners(listen, cfg.smtp_port, backlog=max(128, max_sessions), listen=False)
     config: dict[str, Any] = {
         "policy": asdict(policy),
         "tls_dir": str(tls_dir.resolve()),

@@ -660,6 +660,8 @@ def main(argv: Sequence[str]) -> int:
     except OnionpostError as exc:  # e.g. the certificate cannot be loaded: a sentence, no trace
         log.error("smtp front: %s", exc)
         return 1
+    except ConnectionError:  # the node went away while this front started: nothing to do
+        return 0
     return 0
 
 

@@ -18,8 +18,9 @@ Only the node holds the database; the front holds nothing that must survive it.
 
 **Sockets.**  The node binds the listening sockets itself (:func:`gateway.smtp.bind_listeners`:
 port 0, a port in use, 127.0.0.1-only binding and the LAN addresses are decided and reported
-in the node) and keeps them open; the front inherits them and accepts on them.  While a front
-restarts, new clients wait in the listen backlog.
+in the node) and keeps them open; the front inherits them, and its ``create_server`` is what
+calls ``listen()``, so the port accepts connections only once a front can answer.  While a
+front restarts, new clients wait in the listen backlog.
 
 **The pair.**  Node and front talk over a Unix socketpair (the front's end is passed as an
 inherited descriptor), in frames::

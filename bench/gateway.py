@@ -356,6 +356,8 @@ class SmtpResult:
     # finished the background work for those messages too (None: not measured).
     server_cpu: float | None = None
     server_cpu_settled: float | None = None
+    # CPU seconds of the node's SMTP front process in the timed window (None: none runs).
+    front_cpu: float | None = None
 
     @property
     def rate(self) -> float:
@@ -392,15 +394,32 @@ async def smtp_load(
         async def drive(conn: SmtpSession, payloads: list[bytes]) -> list[float]:
             return [await conn.send(sender, rcpt, p) for p in payloads]
 
+        front_pid = smtp_front_pid(server_pid) if server_pid else None
+        front0 = process_cpu(front_pid) if front_pid else 0.0
         server0 = process_cpu(server_pid) if server_pid else 0.0
         cpu0, t0 = time.process_time(), time.perf_counter()
         results = await asyncio.gather(*(drive(c, s) for c, s in zip(conns, shares, strict=True)))
         wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
         server = process_cpu(server_pid) - server0 if server_pid else None
+        front = process_cpu(front_pid) - front0 if front_pid else None
     finally:
         await asyncio.gather(*(c.close() for c in conns))
     settled = await _settled_cpu(server_pid) - server0 if server_pid else None
-    return SmtpResult(messages, wall, tuple(x for r in results for x in r), cpu, server, settled)
+    latencies = tuple(x for r in results for x in r)
+    return SmtpResult(messages, wall, latencies, cpu, server, settled, front)
+
+
+def smtp_front_pid(node_pid: int) -> int | None:
+    """The node's SMTP front process (gateway/smtpfront.py), if it runs one."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == node_pid and b"gateway.smtpfront" in cmdline:
+            return int(stat.parent.name)
+    return None
 
 
 def process_cpu(pid: int) -> float:
@@ -846,6 +865,12 @@ def _report_node_cpu(ctx: Context, onion: SmtpResult) -> None:
         extra=f"while the load ran; {onion.server_cpu_settled / onion.messages * 1e3:.2f} ms "
         "until it had also sealed, delivered, synced and filed them (all threads)",
     )
+    if onion.front_cpu is not None:
+        ctx.figure(
+            "onionpost SMTP front process CPU per message",
+            f"{onion.front_cpu / onion.messages * 1e3:.2f} ms",
+            extra="while the load ran (the protocol, on the other core)",
+        )
 
 
 def _report_imap(

@@ -1,11 +1,12 @@
 """The mail-client gateway as part of a running node: IMAP, SMTP submission, autoconfig.
 
 :func:`start_gateway` is a node *extension* (``Node(extensions=(start_gateway,))``): the node
-calls it once its devices run and awaits the returned function on shutdown.  SMTP submission
-shares the node's event loop, device database and submission queue, so a message a client
-sends is durably queued before the client hears 250.  IMAP is the node's private Dovecot
-(:mod:`gateway.dovecot`), in its own processes: no IMAP client can stall the node.  The node's
-filer hands mail to Dovecot's LMTP, and IDLE shows it at once.
+calls it once its devices run and awaits the returned function on shutdown.  SMTP submission's
+protocol runs in the SMTP front process (:mod:`gateway.smtpfront`), on sockets the node binds;
+logins and submissions come back to the node's event loop, device database and submission
+queue, so a message a client sends is durably queued before the client hears 250.  IMAP is the
+node's private Dovecot (:mod:`gateway.dovecot`), in its own processes: no IMAP client can stall
+the node.  The node's filer hands mail to Dovecot's LMTP, and IDLE shows it at once.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import contextlib
 import functools
 import logging
 import socket
-import ssl
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Protocol
@@ -33,11 +33,11 @@ from gateway.dovecot import (
     doveadm_uidnext,
     lmtp_deliver,
 )
-from gateway.lan import describe, dovecot_listen, tls_names
+from gateway.lan import LanNames, describe, dovecot_listen, tls_names
 from gateway.mailbox_upgrade import UpgradeReport, upgrade_sqlite_mailbox
-from gateway.smtp import start_smtp
+from gateway.smtpfront import start_front
 from gateway.throttle import LoginThrottle
-from gateway.tls import ensure_lan_tls, ensure_tls, lan_server_context, server_context
+from gateway.tls import ensure_lan_tls, ensure_tls
 from onionpost.base.clock import Clock
 from onionpost.base.config import Config
 from onionpost.core.errors import FilingDeferred, ListenError, OnionpostError
@@ -186,15 +186,14 @@ def _free_port(host: str) -> int:
 
 async def _start_dovecot(
     config: Config, tls_dir: Path, clock: Clock
-) -> tuple[ssl.SSLContext | None, DovecotServer, int]:
-    """The node's Dovecot, running (and the LAN TLS context for SMTP when LAN access is on)."""
+) -> tuple[LanNames | None, DovecotServer, int]:
+    """The node's Dovecot, running (and the LAN names for SMTP when LAN access is on)."""
     cfg = config.gateway
-    lan_context = None
+    names = None
     lan_tls = None
     if cfg.lan:  # LAN access: the LAN certificate, reissued here if the names changed
         names = tls_names()
         lan_tls = ensure_lan_tls(tls_dir, names.dns, names.ips)
-        lan_context = lan_server_context(tls_dir, names.dns, names.ips)
         log.warning("LAN access: %s; certificate names %s", describe(cfg), names.describe())
     layout = Layout(config.data_dir)
     identity = choose_identity(config.data_dir)
@@ -213,7 +212,7 @@ async def _start_dovecot(
     )
     with _listening(cfg.listen_host, imap_port, "[gateway] imap_port"):
         await dovecot.start()
-    return lan_context, dovecot, imap_port
+    return names, dovecot, imap_port
 
 
 async def start_gateway(node: GatewayHost) -> Callable[[], Awaitable[None]]:
@@ -229,8 +228,7 @@ async def start_gateway(node: GatewayHost) -> Callable[[], Awaitable[None]]:
     accounts = AccountStore(node.device_db, clock=node.clock)
     tls_dir = node.config.data_dir / "tls"
     ensure_tls(tls_dir)
-    context = server_context(tls_dir)
-    lan_context, dovecot, imap_port = await _start_dovecot(node.config, tls_dir, node.clock)
+    lan_names, dovecot, imap_port = await _start_dovecot(node.config, tls_dir, node.clock)
     sink = DovecotSink(dovecot)
     filer.attach(sink)
     # Sent's UIDNEXT now, before any client can submit: the floor of the search for the
@@ -253,13 +251,15 @@ async def start_gateway(node: GatewayHost) -> Callable[[], Awaitable[None]]:
     throttle = LoginThrottle(clock=node.clock)
     try:
         with _listening(cfg.listen_host, cfg.smtp_port, "[gateway] smtp_port"):
-            smtp = await start_smtp(
+            # The protocol runs in the SMTP front process; logins and submissions come
+            # back here (gateway/smtpfront.py).
+            smtp = await start_front(
                 cfg,
                 submit=node.submissions.submit_async,
                 accounts=accounts,
-                tls=context,
+                tls_dir=tls_dir,
+                lan_names=lan_names,
                 throttle=throttle,
-                lan_tls=lan_context,
                 on_login=_dovecot_learns(dovecot),
             )
     except BaseException:

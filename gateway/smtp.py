@@ -1,9 +1,12 @@
 """SMTP submission (RFC 6409) for the user's mail client, on 127.0.0.1.
 
 This is the only module that imports aiosmtpd.  Its ``SMTP`` protocol runs through
-``loop.create_server`` in the node's own event loop, not in aiosmtpd's ``Controller``
-thread: a submission ends in :meth:`onionpost.device.submission.Submissions.submit`, which writes
-the SQLite connection the rest of the node writes too, and one loop means one writer.
+``loop.create_server`` in an event loop of ours, not in aiosmtpd's ``Controller`` thread.  In a
+running node that loop is the SMTP front process's (:mod:`gateway.smtpfront`), on the other
+core: the protocol code asks a :class:`Backend` for logins and for the submission, and the
+front's backend forwards each to the node, which answers from its :class:`LocalBackend`
+(account store, login throttle, :meth:`onionpost.device.submission.Submissions.submit_async`);
+only the node writes the database.  :func:`start_smtp` runs both halves in one loop (tests).
 
 What a client may do, and why:
 
@@ -55,11 +58,13 @@ import ipaddress
 import logging
 import re
 import secrets
+import socket
 import ssl
 import tempfile
 import warnings
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import IO, Any, AnyStr, Final
+from dataclasses import dataclass
+from typing import IO, Any, AnyStr, Final, Protocol
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, TLSSetupException
 
@@ -79,7 +84,16 @@ from onionpost.core.errors import (
 )
 from onionpost.store.accounts import AccountStore, check_password
 
-__all__ = ["SMTPGateway", "Submit", "add_missing_headers", "start_smtp"]
+__all__ = [
+    "Backend",
+    "LocalBackend",
+    "SMTPGateway",
+    "Submit",
+    "add_missing_headers",
+    "serve_smtp",
+    "smtp_policy",
+    "start_smtp",
+]
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +160,7 @@ class _Session(Session):
     """aiosmtpd 1.4 logs a deprecation warning each time ``login_data`` is set, which its
     AUTH command does on every successful login; nothing here reads it."""
 
-    #: (user, address) of the login, remembered by :meth:`_Policy._own_address`.
+    #: (user, address) of the login, as the backend answered it (read by ``_own_address``).
     own_address: tuple[str, Address] | None = None
 
     @property
@@ -241,6 +255,84 @@ def add_missing_headers(message: bytes, own: Address, *, now: int, token: str) -
     return added + message
 
 
+class Backend(Protocol):
+    """What the protocol code asks of the node: logins, and the durable submission.
+
+    In one process (:func:`start_smtp`) it is :class:`LocalBackend`; in the SMTP front
+    process (:mod:`gateway.smtpfront`) each call is a request over the pair to the node, which
+    answers from its own :class:`LocalBackend`.  Only the node holds the database."""
+
+    async def login(self, name: str, password: str, client: str) -> tuple[str, Address] | None:
+        """The user and their address if ``name``/``password`` is a login, else None (the
+        failure is counted by the throttle, and the call slowed down by it)."""
+
+    async def refused(self, client: str) -> None:
+        """A login refused before any check (an authorization id for somebody else)."""
+
+    async def submit(self, user: str, recipients: list[str], message: bytes) -> str:
+        """Submit a checked message; the reply line (250 only once it is durable)."""
+
+    def in_data(self) -> contextlib.AbstractContextManager[None]:
+        """Held while a client sends DATA and waits for its reply: the node's background work
+        yields meanwhile (:class:`onionpost.base.aio.Foreground`)."""
+
+
+class LocalBackend:
+    """:class:`Backend` in the node itself: the account store, the login throttle and
+    ``Submissions.submit_async``."""
+
+    def __init__(
+        self,
+        *,
+        submit: Submit,
+        accounts: AccountStore,
+        throttle: LoginThrottle,
+        on_login: Callable[[str, str], Awaitable[None]] | None = None,
+    ) -> None:
+        self._submit = submit
+        self._accounts = accounts
+        self._throttle = throttle
+        self._on_login = on_login
+
+    async def login(self, name: str, password: str, client: str) -> tuple[str, Address] | None:
+        credential = self._accounts.credential(name) if name else None
+        account = credential.user if credential else None
+        await self._throttle.before_check(account, client)
+        # scrypt: tens of milliseconds of CPU, so off the event loop; the same for a
+        # missing user (checked against a dummy hash), so timing does not reveal users.
+        if await asyncio.to_thread(check_password, credential, password) and credential:
+            self._throttle.succeeded(credential.user, client)
+            if self._on_login is not None:
+                await self._on_login(credential.user, password)
+            return credential.user, Address.parse(self._accounts.address(credential.user))
+        await self._throttle.failed("smtp", account, client)
+        return None
+
+    async def refused(self, client: str) -> None:
+        await self._throttle.failed("smtp", None, client)
+
+    def in_data(self) -> contextlib.AbstractContextManager[None]:
+        return foreground.busy()
+
+    async def submit(self, user: str, recipients: list[str], message: bytes) -> str:
+        # From here to the reply a client waits on us: the node's background work yields.
+        with foreground.busy():
+            try:
+                parsed = [Address.parse(r) for r in recipients]
+                queued = self._submit(user, parsed, message)
+                del message
+                submission = await queued if inspect.isawaitable(queued) else queued
+            except OnionpostError as exc:
+                log.info("smtp: a message was refused (%s)", exc.code)
+                return replies.smtp_reply(exc)
+            except Exception:
+                log.exception("smtp: submitting a message failed")
+                return replies.SMTP_INTERNAL_ERROR
+        # DEBUG: one line per message cost ~2 % of the loop under load (the handler's write).
+        log.debug("smtp: submission %d queued for %d recipient(s)", submission, len(parsed))
+        return replies.smtp_queued(submission)
+
+
 class _Policy:
     """aiosmtpd's "handler": who may log in, send as whom, to whom, and what happens at DATA.
 
@@ -251,20 +343,14 @@ class _Policy:
     def __init__(
         self,
         *,
-        submit: Submit,
-        accounts: AccountStore,
+        backend: Backend,
         max_bytes: int,
         max_recipients: int,
-        throttle: LoginThrottle,
         clock: Clock,
-        on_login: Callable[[str, str], Awaitable[None]] | None = None,
     ) -> None:
-        self._on_login = on_login
-        self._submit = submit
-        self._accounts = accounts
+        self._backend = backend
         self._max_bytes = max_bytes
         self._max_recipients = max_recipients
-        self._throttle = throttle
         self._clock = clock
 
     # -- AUTH: our own mechanisms, because aiosmtpd's call a synchronous checker ----------
@@ -284,7 +370,8 @@ class _Policy:
             return AuthResult(success=False, handled=False, message=replies.SMTP_BAD_PLAIN)
         authzid, login, password = parts
         if authzid and authzid != login:  # acting for another user is not offered
-            return await self._refuse(server, None)
+            await self._backend.refused(_client_address(server))
+            return _AUTH_FAILED
         return await self._check(server, login, password)
 
     async def auth_LOGIN(self, server: SMTP, args: list[str]) -> AuthResult:  # noqa: N802
@@ -308,22 +395,13 @@ class _Policy:
             name, secret = login.decode("utf-8"), password.decode("utf-8")
         except UnicodeDecodeError:
             name, secret = "", ""
-        credential = self._accounts.credential(name) if name else None
-        account = credential.user if credential else None
-        client = _client_address(server)
-        await self._throttle.before_check(account, client)
-        # scrypt: tens of milliseconds of CPU, so off the event loop; the same for a
-        # missing user (checked against a dummy hash), so timing does not reveal users.
-        if await asyncio.to_thread(check_password, credential, secret) and credential:
-            self._throttle.succeeded(credential.user, client)
-            if self._on_login is not None:
-                await self._on_login(credential.user, secret)
-            return AuthResult(success=True, auth_data=credential.user, message=replies.SMTP_AUTH_OK)
-        return await self._refuse(server, account)
-
-    async def _refuse(self, server: SMTP, account: str | None) -> AuthResult:
-        await self._throttle.failed("smtp", account, _client_address(server))
-        return AuthResult(success=False, handled=False, message=replies.SMTP_AUTH_FAILED)
+        found = await self._backend.login(name, secret, _client_address(server))
+        if found is None:
+            return _AUTH_FAILED
+        user, own = found
+        if isinstance(server.session, _Session):
+            server.session.own_address = (user, own)
+        return AuthResult(success=True, auth_data=user, message=replies.SMTP_AUTH_OK)
 
     # -- the envelope ---------------------------------------------------------------------
 
@@ -400,20 +478,14 @@ class _Policy:
                 content, own, now=self._clock.now(), token=secrets.token_hex(16)
             )
             del content
-            recipients = [Address.parse(r) for r in envelope.rcpt_tos]
-            user = str(session.auth_data)
-            queued = self._submit(user, recipients, message)
-            del message
-            submission = await queued if inspect.isawaitable(queued) else queued
         except OnionpostError as exc:
             log.info("smtp: a message was refused (%s)", exc.code)
             return replies.smtp_reply(exc)
-        except Exception:
-            log.exception("smtp: submitting a message failed")
-            return replies.SMTP_INTERNAL_ERROR
-        # DEBUG: one line per message cost ~2 % of the loop under load (the handler's write).
-        log.debug("smtp: submission %d queued for %d recipient(s)", submission, len(recipients))
-        return replies.smtp_queued(submission)
+        return await self._backend.submit(str(session.auth_data), list(envelope.rcpt_tos), message)
+
+    def in_data(self) -> contextlib.AbstractContextManager[None]:
+        """See :meth:`Backend.in_data`."""
+        return self._backend.in_data()
 
     async def handle_exception(self, error: Exception) -> str:
         """Whatever escaped a command: a reply for the client, a log line for the owner."""
@@ -426,19 +498,16 @@ class _Policy:
         return replies.SMTP_INTERNAL_ERROR
 
     def _own_address(self, session: Session) -> Address:
-        """The logged-in user's address, looked up once per session (MAIL and DATA of every
-        transaction need it; the account store is a database query)."""
-        user = str(session.auth_data)
+        """The logged-in user's address, as the login found it (MAIL and DATA of every
+        transaction need it; looking it up is a database query, in the node)."""
         cached = session.own_address if isinstance(session, _Session) else None
-        if cached is not None and cached[0] == user:
-            return cached[1]
-        own = Address.parse(self._accounts.address(user))
-        if isinstance(session, _Session):
-            session.own_address = (user, own)
-        return own
+        if cached is None or cached[0] != str(session.auth_data):
+            raise OnionpostError("The session's login is not known.")  # aiosmtpd requires AUTH
+        return cached[1]
 
 
 _BAD_BASE64 = replies.smtp_protocol_reply("501 5.5.2 Can't decode base64")
+_AUTH_FAILED = AuthResult(success=False, handled=False, message=replies.SMTP_AUTH_FAILED)
 
 
 class _Connection(SMTP):
@@ -478,6 +547,7 @@ class _Connection(SMTP):
                 loop=loop,
             )
         self._registry = registry
+        self._handler = policy
         self._max_bytes = max_bytes
         self._lan_tls = lan_tls
         # Counted from creation: a burst of accepts creates many protocols before any
@@ -581,7 +651,7 @@ class _Connection(SMTP):
 
     async def smtp_DATA(self, arg: str) -> None:  # noqa: N802
         # From here to the reply a client waits on us: the node's background work yields.
-        with foreground.busy():
+        with self._handler.in_data():
             await self._data(arg)
 
     async def _data(self, arg: str) -> None:
@@ -711,6 +781,125 @@ class SMTPGateway:
                     await server.wait_closed()
 
 
+def bind_listeners(
+    hosts: Sequence[str], port: int, *, backlog: int, listen: bool = True
+) -> list[socket.socket]:
+    """Listening sockets on every address of ``hosts`` at ``port`` (0: one free port, the same
+    on all of them), as ``loop.create_server`` binds them.  The node binds them itself even
+    when an SMTP front process serves them, so port 0, a port in use and the choice of
+    addresses are decided (and reported) in the node.  ``listen=False`` leaves them bound
+    but closed to clients until whoever serves them listens (``create_server`` does): the
+    port opens when the SMTP front can answer, not before."""
+    sockets: list[socket.socket] = []
+    try:
+        for host in hosts:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+            for family, kind, proto, _name, address in dict.fromkeys(infos):
+                sock = socket.socket(family, kind, proto)
+                sockets.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind((address[0], port, *address[2:]))
+                if listen:
+                    sock.listen(backlog)
+                sock.setblocking(False)
+                port = sock.getsockname()[1]
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+@dataclass(frozen=True)
+class SMTPPolicy:
+    """The settings of the protocol side, which the SMTP front process gets as JSON."""
+
+    require_tls: bool
+    max_bytes: int
+    max_recipients: int = MAX_RECIPIENTS
+    max_sessions: int = MAX_SESSIONS
+    idle_timeout: float = IDLE_TIMEOUT
+    hostname: str = "onionpost"
+
+
+def smtp_policy(
+    cfg: GatewayConfig,
+    *,
+    tls: ssl.SSLContext | None,
+    lan_tls: ssl.SSLContext | None,
+    **settings: Any,  # noqa: ANN401 - SMTPPolicy's own fields
+) -> SMTPPolicy:
+    """The policy ``cfg`` asks for, after checking that the certificates it needs are there."""
+    # With LAN access on, loopback keeps its policy (as Dovecot does: it counts a client on
+    # the server's own address as secured); every other client must STARTTLS first.
+    require_tls = cfg.require_tls or not _is_loopback(cfg.listen_host)
+    if (require_tls or cfg.lan) and tls is None:
+        raise ConfigError(
+            "The SMTP gateway must require TLS for logins (gateway.require_tls, "
+            "gateway.lan, or a listen_host that is not loopback) but has no TLS certificate "
+            "to offer."
+        )
+    if cfg.lan and lan_tls is None:
+        raise ConfigError(
+            "gateway.lan is on, but the SMTP gateway was given no LAN certificate to offer."
+        )
+    return SMTPPolicy(require_tls=require_tls, max_bytes=cfg.max_message_bytes, **settings)
+
+
+async def serve_smtp(
+    sockets: Sequence[socket.socket],
+    policy: SMTPPolicy,
+    backend: Backend,
+    *,
+    tls: ssl.SSLContext | None,
+    lan_tls: ssl.SSLContext | None,
+    clock: Clock,
+) -> SMTPGateway:
+    """Serve SMTP on listening ``sockets`` (bound by :func:`bind_listeners`; each is
+    duplicated, the caller keeps its own) in this loop, asking ``backend``."""
+    if _LOG_FILTER not in _AIOSMTPD_LOG.filters:
+        _AIOSMTPD_LOG.addFilter(_LOG_FILTER)
+    loop = asyncio.get_running_loop()
+    handler = _Policy(
+        backend=backend,
+        max_bytes=policy.max_bytes,
+        max_recipients=policy.max_recipients,
+        clock=clock,
+    )
+    registry: set[_Connection] = set()
+
+    def connection() -> asyncio.Protocol:
+        if len(registry) >= policy.max_sessions:
+            return _Busy()
+        return _Connection(
+            handler,
+            registry,
+            max_bytes=policy.max_bytes,
+            idle_timeout=policy.idle_timeout,
+            require_tls=policy.require_tls,
+            tls=tls,
+            hostname=policy.hostname,
+            loop=loop,
+            lan_tls=lan_tls,
+        )
+
+    servers: list[asyncio.Server] = []
+    try:
+        for sock in sockets:
+            servers.append(
+                await loop.create_server(
+                    connection, sock=sock.dup(), backlog=max(128, policy.max_sessions)
+                )
+            )
+    except BaseException:
+        for server in servers:
+            server.close()
+        raise
+    return SMTPGateway(servers, registry)
+
+
 async def start_smtp(
     cfg: GatewayConfig,
     *,
@@ -737,65 +926,31 @@ async def start_smtp(
     ``on_login(user, password)`` runs after each successful login (the node uses it to give
     Dovecot a hash of a password it does not have yet).
     """
-    # With LAN access on, loopback keeps its policy (as Dovecot does: it counts a client on
-    # the server's own address as secured); every other client must STARTTLS first.
-    require_tls = cfg.require_tls or not _is_loopback(cfg.listen_host)
-    if (require_tls or cfg.lan) and tls is None:
-        raise ConfigError(
-            "The SMTP gateway must require TLS for logins (gateway.require_tls, "
-            "gateway.lan, or a listen_host that is not loopback) but has no TLS certificate "
-            "to offer."
-        )
-    if cfg.lan and lan_tls is None:
-        raise ConfigError(
-            "gateway.lan is on, but the SMTP gateway was given no LAN certificate to offer."
-        )
     listen = list(hosts) if hosts is not None else listen_hosts(cfg)
     if not cfg.lan and lan_tls is None:
         lan_tls = tls  # a listen_host that is not loopback: the one certificate there is
-    if _LOG_FILTER not in _AIOSMTPD_LOG.filters:
-        _AIOSMTPD_LOG.addFilter(_LOG_FILTER)
-    loop = asyncio.get_running_loop()
-    policy = _Policy(
+    policy = smtp_policy(
+        cfg,
+        tls=tls,
+        lan_tls=lan_tls,
+        max_recipients=max_recipients,
+        max_sessions=max_sessions,
+        idle_timeout=idle_timeout,
+        hostname=hostname,
+    )
+    backend = LocalBackend(
         submit=submit,
         accounts=accounts,
-        max_bytes=cfg.max_message_bytes,
-        max_recipients=max_recipients,
         throttle=throttle or LoginThrottle(base=auth_failure_delay),
-        clock=clock or SystemClock(),
         on_login=on_login,
     )
-    registry: set[_Connection] = set()
-
-    def connection() -> asyncio.Protocol:
-        if len(registry) >= max_sessions:
-            return _Busy()
-        return _Connection(
-            policy,
-            registry,
-            max_bytes=cfg.max_message_bytes,
-            idle_timeout=idle_timeout,
-            require_tls=require_tls,
-            tls=tls,
-            hostname=hostname,
-            loop=loop,
-            lan_tls=lan_tls,
-        )
-
-    # One server per address, so that port 0 means the same free port on all of them.
-    servers: list[asyncio.Server] = []
-    port = cfg.smtp_port
+    sockets = bind_listeners(listen, cfg.smtp_port, backlog=max(128, max_sessions))
     try:
-        for host in listen:
-            server = await loop.create_server(
-                connection, host, port, backlog=max(128, max_sessions)
-            )
-            servers.append(server)
-            port = server.sockets[0].getsockname()[1]
-    except BaseException:
-        for server in servers:
-            server.close()
-        raise
-    gateway = SMTPGateway(servers, registry)
+        gateway = await serve_smtp(
+            sockets, policy, backend, tls=tls, lan_tls=lan_tls, clock=clock or SystemClock()
+        )
+    finally:
+        for sock in sockets:  # the servers listen on duplicates of their own
+            sock.close()
     log.info("smtp: submission gateway on %s port %d", ", ".join(gateway.hosts), gateway.port)
     return gateway

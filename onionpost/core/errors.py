@@ -100,6 +100,8 @@ guessing.
          +- MailServerError            the private Dovecot
          |   +- MailServerNotInstalled
          |   +- FilingDeferred
+         +- SMTPFrontError             the SMTP front process (gateway/smtpfront.py)
+         |   +- SMTPFrontFrameError
          +- FilingRefused
 
 Every class is in this tree, under its real parent: ``tests/unit/test_errors.py`` fails when
@@ -702,6 +704,25 @@ class MailServerError(GatewayError):
 
     enhanced_code = "4.3.0"
     temporary = True
+
+
+class SMTPFrontError(GatewayError):
+    """The SMTP front process (the submission protocol's second process) failed."""
+
+    enhanced_code = "4.3.0"
+    temporary = True
+
+
+class SMTPFrontFrameError(SMTPFrontError):
+    """A frame between the node and its SMTP front process cannot be read.
+
+    ``request`` is the frame's request id when its header could be read (the frame can then
+    be answered and skipped); None when the stream itself can no longer be trusted.
+    """
+
+    def __init__(self, detail: str, request: int | None = None) -> None:
+        super().__init__(detail)
+        self.request = request
 
 
 class MailServerNotInstalled(MailServerError):

@@ -101,6 +101,9 @@ JOINING = RetryPolicy(2, 30, jitter=0)
 FILING = RetryPolicy(5, 600, jitter=0)
 #: Restarting Dovecot after it exited (gateway/dovecot.py; starts over once it ran a while).
 DOVECOT_RESTART = RetryPolicy(1, 60, jitter=0)
+#: Restarting the SMTP front process after it exited (gateway/smtpfront.py; clients wait in
+#: the listen backlog meanwhile, so it starts quickly; starts over once it ran a while).
+SMTP_FRONT_RESTART = RetryPolicy(0.5, 30, jitter=0)
 #: Dialing a peer through tor's SOCKS port again within one dial's timeout (net/tor/socks.py:
 #: a steady second; how many tries each kind of failure gets is decided there).
 TOR_DIAL = RetryPolicy(1, 1, jitter=0)

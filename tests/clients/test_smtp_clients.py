@@ -18,8 +18,9 @@ import pytest
 
 from gateway.autoconfig import start_autoconfig
 from gateway.smtp import SMTPGateway, start_smtp
+from gateway.smtpfront import SMTPFront, start_front
 from gateway.thunderbird import GatewaySettings, render_user_js
-from gateway.tls import ca_path, server_context
+from gateway.tls import ca_path, ensure_tls, server_context
 from onionpost.base.config import GatewayConfig
 from onionpost.core.address import Address
 from onionpost.core.crypto.primitives import SeededRandom, ed25519_public
@@ -54,7 +55,7 @@ class Recorder:
 
 @dataclass
 class Gateway:
-    server: SMTPGateway
+    server: SMTPGateway | SMTPFront
     recorder: Recorder
     cafile: Path
 
@@ -68,8 +69,21 @@ def accounts() -> Iterator[AccountStore]:
     db.close()
 
 
-async def _gateway(tmp_path: Path, accounts: AccountStore, *, require_tls: bool) -> Gateway:
+async def _gateway(
+    tmp_path: Path, accounts: AccountStore, *, require_tls: bool, where: str
+) -> Gateway:
     recorder = Recorder()
+    server: SMTPGateway | SMTPFront
+    if where == "front":  # as a node runs it: the protocol in the SMTP front process
+        ensure_tls(tmp_path / "tls")
+        server = await start_front(
+            GatewayConfig(smtp_port=0, require_tls=require_tls),
+            submit=recorder,
+            accounts=accounts,
+            tls_dir=tmp_path / "tls",
+            auth_failure_delay=0.0,
+        )
+        return Gateway(server, recorder, ca_path(tmp_path / "tls"))
     server = await start_smtp(
         GatewayConfig(smtp_port=0, require_tls=require_tls),
         submit=recorder,
@@ -80,16 +94,20 @@ async def _gateway(tmp_path: Path, accounts: AccountStore, *, require_tls: bool)
     return Gateway(server, recorder, ca_path(tmp_path / "tls"))
 
 
-@pytest.fixture
-async def gateway(tmp_path: Path, accounts: AccountStore) -> AsyncIterator[Gateway]:
-    gw = await _gateway(tmp_path, accounts, require_tls=False)
+@pytest.fixture(params=["in-process", "front"])
+async def gateway(
+    tmp_path: Path, accounts: AccountStore, request: pytest.FixtureRequest
+) -> AsyncIterator[Gateway]:
+    gw = await _gateway(tmp_path, accounts, require_tls=False, where=request.param)
     yield gw
     await gw.server.close()
 
 
-@pytest.fixture
-async def strict_gateway(tmp_path: Path, accounts: AccountStore) -> AsyncIterator[Gateway]:
-    gw = await _gateway(tmp_path, accounts, require_tls=True)
+@pytest.fixture(params=["in-process", "front"])
+async def strict_gateway(
+    tmp_path: Path, accounts: AccountStore, request: pytest.FixtureRequest
+) -> AsyncIterator[Gateway]:
+    gw = await _gateway(tmp_path, accounts, require_tls=True, where=request.param)
     yield gw
     await gw.server.close()
 

@@ -395,7 +395,7 @@ class _Recipient:
         bob = self.b.provision("bob", "laptop")
         extra = [self.b.add_device(bob, f"device-{i}") for i in range(2, devices + 1)]
         self.bobs = [
-            DeviceNode(root, f"bob-{i}", acc, clock, dialer, pool=self.pool_b)
+            DeviceNode(root, f"bob-{i}", acc, clock, dialer, connections=self.pool_b)
             for i, acc in enumerate([bob, *extra], 1)
         ]
         self.tracker = Tracker(devices)
@@ -466,7 +466,7 @@ class World(_Recipient):
             self.a.provision("alice", "laptop"),
             clock,
             self.dialer,
-            pool=self.pool_a,
+            connections=self.pool_a,
         )
         self.outcome_errors: list[str] = []
         self._outcome_log = _OutcomeErrors(self.outcome_errors)

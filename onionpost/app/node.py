@@ -123,7 +123,7 @@ class Node:
         self.worker: OutboxWorker | None = None
         #: Kept-alive connections to other inboxes, shared by deliveries and key fetches
         #: (each destination and role its own; closed when the node stops).
-        self.pool = ConnectionPool(self.dialer)
+        self.connections = ConnectionPool(self.dialer)
         self.tor: TorRuntime | None = None
         self.devices: dict[str, Device] = {}
         self.filer: Filer | None = None
@@ -184,7 +184,7 @@ class Node:
     async def _start(self) -> None:
         cfg = self.config
         self.started_at = self.clock.now()
-        self.pool.reopen()
+        self.connections.reopen()
         ensure_private_dir(cfg.data_dir)
         if self.has_inbox:
             await self._start_inbox()
@@ -224,7 +224,7 @@ class Node:
             concurrency=cfg.delivery.concurrency,
             onion_port=cfg.tor.onion_port,
             can_reach_others=self.can_reach_others,
-            pool=self.pool,
+            pool=self.connections,
         )
         self.enrolment = Enrolment(self.inbox, EnrolmentStore(db), cfg.inbox, rng=self.rng)
         self.server = InboxServer(
@@ -413,7 +413,7 @@ class Node:
             clock=self.clock,
             rng=self.rng,
             crypto_pool=self.crypto_pool,
-            pool=self.pool,
+            connections=self.connections,
             # This node's own inbox delivers what its devices seal: warm the way there.
             prewarm=self.has_inbox,
         )
@@ -450,7 +450,7 @@ class Node:
 
     async def _stop(self) -> None:
         await self.scheduler.stop()
-        await self.pool.close()  # no job runs now: nothing takes a connection any more
+        await self.connections.close()  # no job runs now: nothing takes a connection any more
         if self._tor_task is not None:
             await cancel_and_wait(self._tor_task)
             self._tor_task = None

@@ -66,7 +66,7 @@ class Device:
         clock: Clock,
         rng: RandomSource = system_random,
         crypto_pool: Executor | None = None,
-        pool: ConnectionPool | None = None,
+        connections: ConnectionPool | None = None,
         prewarm: bool = False,
     ) -> None:
         self.account = account
@@ -76,10 +76,14 @@ class Device:
         self.accounts = accounts
         self.clock = clock
         own = account.address
-        # The node's pool keeps the connection to our own inbox alive between the sync's
+        # The node's kept connections keep the one to our own inbox alive between the sync's
         # requests (pending, fetch, acknowledge) and the hand-overs: ~5 requests a message.
         self.client = InboxClient(
-            dialer, own.onion, port=config.tor.onion_port, isolation=f"own:{own.onion}", pool=pool
+            dialer,
+            own.onion,
+            port=config.tor.onion_port,
+            isolation=f"own:{own.onion}",
+            pool=connections,
         )
         self.session = device_session(account, self.client)
         self.directory = Directory(
@@ -88,7 +92,7 @@ class Device:
             prekey_grace=config.delivery.prekey_grace_seconds,
             onion_port=config.tor.onion_port,
             clock=clock,
-            pool=pool,
+            pool=connections,
             prewarm=prewarm,
             local_onion=own.onion,
         )
@@ -107,7 +111,7 @@ class Device:
             contacts=contacts,
             now=clock.now,
             max_bytes=config.inbox.max_envelope_bytes + (1 << 20),
-            pool=crypto_pool,
+            crypto_pool=crypto_pool,
         )
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()

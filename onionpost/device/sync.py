@@ -138,9 +138,9 @@ class Receiver:
         contacts: ContactStore,
         now: Callable[[], int],
         max_bytes: int,
-        pool: Executor | None = None,
+        crypto_pool: Executor | None = None,
     ) -> None:
-        """``pool`` opens the fetched envelopes (the node's crypto pool); None: the
+        """``crypto_pool`` opens the fetched envelopes (the node's crypto pool); None: the
         process's shared one (:func:`onionpost.base.aio.crypto_pool`)."""
         self.account = account
         self.session = session
@@ -148,7 +148,7 @@ class Receiver:
         self.contacts = contacts
         self._now = now
         self.max_bytes = max_bytes
-        self._pool = pool
+        self._crypto_pool = crypto_pool
         self.user = account.local
         self._cursor = 0
 
@@ -192,7 +192,7 @@ class Receiver:
             now = self._now()
             prekeys, uik = self.account.prekey_secrets(), self.account.uik_pk
             loop = asyncio.get_running_loop()
-            pool = self._pool or crypto_pool()
+            pool = self._crypto_pool or crypto_pool()
             decrypted = await asyncio.gather(
                 *(
                     loop.run_in_executor(pool, _decrypt, spooled, prekeys, uik, now)

@@ -157,9 +157,9 @@ class DeviceNode:
         clock: Clock,
         dialer: DirectDialer,
         *,
-        pool: ConnectionPool | None = None,
+        connections: ConnectionPool | None = None,
     ) -> None:
-        """``pool``: the node's kept-alive connections (to its own inbox and to peers), as
+        """``connections``: the node's kept-alive ones (to its own inbox and to peers), as
         :class:`~onionpost.app.node.Node` gives its devices; None: a connection per request."""
         from onionpost.device.filing import Filer
         from onionpost.device.session import Device
@@ -187,7 +187,7 @@ class DeviceNode:
             accounts=self.files,
             dialer=dialer,
             clock=clock,
-            pool=pool,
+            connections=connections,
         )
         self.submissions = Submissions(
             db=self.db,

@@ -43,7 +43,12 @@ class Person:
         self.dialer = CountingDirect()
         self.pool = ConnectionPool(self.dialer)
         self.node = DeviceNode(
-            world.root, local, inbox.provision(local), world.clock, self.dialer, pool=self.pool
+            world.root,
+            local,
+            inbox.provision(local),
+            world.clock,
+            self.dialer,
+            connections=self.pool,
         )
         world.devices.append(self.node)
         self.proxy: CuttingProxy | None = None

@@ -42,12 +42,12 @@ async def test_deliveries_reuse_one_stream_and_survive_a_dropped_one(
         await send(alice, "alice", bob, "bob", "first")
         await eventually(lambda: "first" in inbox(), "the first message")
         # the key fetch opened the stream, the delivery reused it
-        assert alice.pool.stats.opened == 1, alice.pool.stats
-        assert alice.pool.stats.reused >= 1, alice.pool.stats
+        assert alice.connections.stats.opened == 1, alice.connections.stats
+        assert alice.connections.stats.reused >= 1, alice.connections.stats
         await send(alice, "alice", bob, "bob", "second")
         await eventually(lambda: "second" in inbox(), "the second message")
-        assert alice.pool.stats.opened == 1, alice.pool.stats
-        assert alice.pool.idle_count(bob_onion) == 1
+        assert alice.connections.stats.opened == 1, alice.connections.stats
+        assert alice.connections.idle_count(bob_onion) == 1
 
         # Bob's inbox drops every connection open now the moment it next receives a byte:
         # alice's kept stream dies exactly as the next delivery is sent on it.
@@ -65,8 +65,8 @@ async def test_deliveries_reuse_one_stream_and_survive_a_dropped_one(
         monkeypatch.setattr(api_server._GuardedProtocol, "data_received", data_received)
         await send(alice, "alice", bob, "bob", "third")
         await eventually(lambda: "third" in inbox(), "the third message")
-        assert alice.pool.stats.discarded >= 1, alice.pool.stats
-        assert alice.pool.stats.opened == 2, alice.pool.stats
+        assert alice.connections.stats.discarded >= 1, alice.connections.stats
+        assert alice.connections.stats.opened == 2, alice.connections.stats
         assert alice.inbox is not None
         # alice mailed only bob: every row of her outbox is one of these three
         rows = alice.inbox.outbox.rows(states=("queued", "delivered", "bounced"))
@@ -77,4 +77,4 @@ async def test_deliveries_reuse_one_stream_and_survive_a_dropped_one(
     finally:
         await alice.stop()
         await bob.stop()
-    assert alice.pool.idle_count() == 0  # stopping closed the kept streams
+    assert alice.connections.idle_count() == 0  # stopping closed the kept streams

@@ -67,7 +67,7 @@ async def test_a_device_opens_its_mail_in_the_pool_it_is_given(
         contacts=old.contacts,
         now=clock.now,
         max_bytes=old.max_bytes,
-        pool=pool,
+        crypto_pool=pool,
     )
     await a.start(worker=False)
     await b.start(worker=False)

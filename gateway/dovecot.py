@@ -1277,19 +1277,25 @@ class DovecotServer:
 
     async def _answers(self) -> bool:
         """IMAP greets with "* OK" and LMTP with "220"."""
+        writers: list[asyncio.StreamWriter] = []  # closed also when a greeting never comes
         try:
             async with asyncio.timeout(2):
                 r, w = await asyncio.open_connection(
                     connect_host(self.settings.host), self.settings.imap_port
                 )
+                writers.append(w)
                 imap = await r.readline()
                 w.close()
                 r, w2 = await asyncio.open_unix_connection(str(self.layout.lmtp_socket))
+                writers.append(w2)
                 lmtp = await r.readline()
                 w2.write(b"QUIT\r\n")
                 w2.close()
         except (OSError, TimeoutError):
             return False
+        finally:
+            for writer in writers:
+                writer.close()
         return imap.startswith(b"* OK") and lmtp.startswith(b"220")
 
     async def _supervise(self) -> None:

@@ -35,12 +35,13 @@ from gateway.dovecot import (
 )
 from gateway.lan import LanNames, describe, dovecot_listen, tls_names
 from gateway.mailbox_upgrade import UpgradeReport, upgrade_sqlite_mailbox
-from gateway.smtpfront import start_front
+from gateway.smtpfront import SMTPFront, start_front
 from gateway.throttle import LoginThrottle
-from gateway.tls import ensure_lan_tls, ensure_tls
+from gateway.tls import LocalTLS, ensure_lan_tls, ensure_tls
 from onionpost.base.clock import Clock
 from onionpost.base.config import Config
-from onionpost.core.errors import FilingDeferred, ListenError, OnionpostError
+from onionpost.core.address import Address
+from onionpost.core.errors import FilingDeferred, ListenError, MailServerError, OnionpostError
 from onionpost.device.filing import Filer
 from onionpost.device.session import Device
 from onionpost.device.submission import Submissions
@@ -158,15 +159,19 @@ async def _upgrade_sqlite_mailbox(data_dir: Path, layout: Layout, identity: Iden
         )
 
 
-def _dovecot_learns(dovecot: DovecotServer) -> Callable[[str, str], Awaitable[None]]:
+def _dovecot_learns(
+    started: asyncio.Future[DovecotServer],
+) -> Callable[[str, str], Awaitable[None]]:
     """A data directory made before the node had Dovecot has no IMAP password hash for its
     users (the gateway keeps scrypt hashes, which Dovecot cannot check).  The first SMTP
-    login gives Dovecot its own hash of the password, so IMAP works from then on."""
+    login gives Dovecot its own hash of the password, so IMAP works from then on.  The SMTP
+    front answers while Dovecot still starts: a login then waits for it (``started``)."""
     known: set[str] = set()
 
     async def learn(user: str, password: str) -> None:
         if user in known:
             return
+        dovecot = await asyncio.shield(started)
         passwd = PasswdFile(dovecot.layout)
         if user not in await asyncio.to_thread(passwd.users):
             with contextlib.suppress(OnionpostError):
@@ -184,17 +189,22 @@ def _free_port(host: str) -> int:
         return int(s.getsockname()[1])
 
 
-async def _start_dovecot(
-    config: Config, tls_dir: Path, clock: Clock
-) -> tuple[LanNames | None, DovecotServer, int]:
-    """The node's Dovecot, running (and the LAN names for SMTP when LAN access is on)."""
+def _lan_access(config: Config, tls_dir: Path) -> tuple[LanNames | None, LocalTLS | None]:
+    """With LAN access on, the LAN names and certificate (reissued if the names changed)."""
     cfg = config.gateway
-    names = None
-    lan_tls = None
-    if cfg.lan:  # LAN access: the LAN certificate, reissued here if the names changed
-        names = tls_names()
-        lan_tls = ensure_lan_tls(tls_dir, names.dns, names.ips)
-        log.warning("LAN access: %s; certificate names %s", describe(cfg), names.describe())
+    if not cfg.lan:
+        return None, None
+    names = tls_names()
+    lan_tls = ensure_lan_tls(tls_dir, names.dns, names.ips)
+    log.warning("LAN access: %s; certificate names %s", describe(cfg), names.describe())
+    return names, lan_tls
+
+
+async def _start_dovecot(
+    config: Config, clock: Clock, lan_tls: LocalTLS | None
+) -> tuple[DovecotServer, int]:
+    """The node's Dovecot, running, and its IMAP port."""
+    cfg = config.gateway
     layout = Layout(config.data_dir)
     identity = choose_identity(config.data_dir)
     await _upgrade_sqlite_mailbox(config.data_dir, layout, identity)
@@ -212,7 +222,50 @@ async def _start_dovecot(
     )
     with _listening(cfg.listen_host, imap_port, "[gateway] imap_port"):
         await dovecot.start()
-    return names, dovecot, imap_port
+    return dovecot, imap_port
+
+
+async def _start_both(
+    mailbox: Awaitable[tuple[DovecotServer, int]],
+    front: Awaitable[SMTPFront],
+    started: asyncio.Future[DovecotServer],
+    filer: Filer,
+) -> tuple[DovecotServer, int, SMTPFront]:
+    """Dovecot and the SMTP front, started concurrently; both running, or neither.
+
+    Each start is waited for to its end even when the other failed (a start cut short could
+    leave a process behind); then whichever did start is stopped and the first error raised.
+    """
+    tasks = (
+        asyncio.ensure_future(mailbox),
+        asyncio.ensure_future(front),
+    )
+    try:
+        await asyncio.wait(tasks)
+    finally:
+        if not all(t.done() for t in tasks):  # cancelled: the node stops while starting
+            for t in tasks:
+                t.cancel()
+            await asyncio.wait(tasks)
+        errors = [t.exception() if not t.cancelled() else None for t in tasks]
+        failed = any(t.cancelled() for t in tasks) or any(errors)
+        if failed:
+            if not started.done():  # logins and submissions that wait: the front closes
+                started.set_exception(MailServerError("The mail server did not start."))
+                started.exception()  # retrieved: nothing to log when no one waited
+            mailbox_task, front_task = tasks
+            if not mailbox_task.cancelled() and mailbox_task.exception() is None:
+                filer.attach(None)
+                await mailbox_task.result()[0].stop()
+            if not front_task.cancelled() and front_task.exception() is None:
+                await front_task.result().close()
+    for error in errors:
+        if error is not None:
+            raise error
+    if failed:
+        raise asyncio.CancelledError
+    dovecot, imap_port = tasks[0].result()
+    return dovecot, imap_port, tasks[1].result()
 
 
 async def start_gateway(node: GatewayHost) -> Callable[[], Awaitable[None]]:
@@ -225,16 +278,56 @@ async def start_gateway(node: GatewayHost) -> Callable[[], Awaitable[None]]:
 
         return nothing
     filer = node.filer
+    submissions = node.submissions
     accounts = AccountStore(node.device_db, clock=node.clock)
     tls_dir = node.config.data_dir / "tls"
     ensure_tls(tls_dir)
-    lan_names, dovecot, imap_port = await _start_dovecot(node.config, tls_dir, node.clock)
-    sink = DovecotSink(dovecot)
-    filer.attach(sink)
-    # Sent's UIDNEXT now, before any client can submit: the floor of the search for the
-    # client's own copy of what it sends from here on (onionpost/device/filing.py).
-    for user in accounts.users():
-        await filer.observe(sink, user, "Sent")
+    lan_names, lan_tls = _lan_access(node.config, tls_dir)
+    # Dovecot and the SMTP front start at the same time (the front's process start is most of
+    # a node's start, ~0.3-0.5 s on a fast machine; Dovecot's ~0.1 s or more).  The front
+    # needs nothing of Dovecot but a login's IMAP password (see _dovecot_learns) and the Sent
+    # floor below, so a login or submission that comes in before Dovecot is up waits for
+    # ``started``.
+    started: asyncio.Future[DovecotServer] = asyncio.get_running_loop().create_future()
+
+    async def submit(user: str, recipients: list[Address], message: bytes) -> int:
+        await asyncio.shield(started)
+        return await submissions.submit_async(user, recipients, message)
+
+    async def mailbox() -> tuple[DovecotServer, int]:
+        dovecot, imap_port = await _start_dovecot(node.config, node.clock, lan_tls)
+        try:
+            sink = DovecotSink(dovecot)
+            filer.attach(sink)
+            # Sent's UIDNEXT now, before any client's submission goes on (``started``): the
+            # floor of the search for the client's own copy of what it sends from here on
+            # (onionpost/device/filing.py).
+            for user in accounts.users():
+                await filer.observe(sink, user, "Sent")
+        except BaseException:
+            filer.attach(None)
+            await dovecot.stop()
+            raise
+        started.set_result(dovecot)
+        return dovecot, imap_port
+
+    async def front() -> SMTPFront:
+        with _listening(cfg.listen_host, cfg.smtp_port, "[gateway] smtp_port"):
+            # The protocol runs in the SMTP front process; logins and submissions come
+            # back here (gateway/smtpfront.py).
+            return await start_front(
+                cfg,
+                submit=submit,
+                accounts=accounts,
+                tls_dir=tls_dir,
+                lan_names=lan_names,
+                # One for SMTP logins (Dovecot throttles IMAP logins itself, with its auth
+                # penalty).
+                throttle=LoginThrottle(clock=node.clock),
+                on_login=_dovecot_learns(started),
+            )
+
+    dovecot, imap_port, smtp = await _start_both(mailbox(), front(), started, filer)
     missing = sorted(set(accounts.users()) - set(PasswdFile(dovecot.layout).users()))
     if missing:
         log.warning(
@@ -247,25 +340,6 @@ async def start_gateway(node: GatewayHost) -> Callable[[], Awaitable[None]]:
         "restarts": dovecot.restarts,
         "pid": dovecot.pid,
     }
-    # One for SMTP logins (Dovecot throttles IMAP logins itself, with its auth penalty).
-    throttle = LoginThrottle(clock=node.clock)
-    try:
-        with _listening(cfg.listen_host, cfg.smtp_port, "[gateway] smtp_port"):
-            # The protocol runs in the SMTP front process; logins and submissions come
-            # back here (gateway/smtpfront.py).
-            smtp = await start_front(
-                cfg,
-                submit=node.submissions.submit_async,
-                accounts=accounts,
-                tls_dir=tls_dir,
-                lan_names=lan_names,
-                throttle=throttle,
-                on_login=_dovecot_learns(dovecot),
-            )
-    except BaseException:
-        filer.attach(None)
-        await dovecot.stop()
-        raise
     try:
         with _listening(cfg.listen_host, cfg.autoconfig_port, "[gateway] autoconfig_port"):
             autoconfig = await start_autoconfig(

@@ -311,6 +311,9 @@ class SMTPFront:
         self.restarts = 0
         self._proc: asyncio.subprocess.Process | None = None
         self._pair: asyncio.Task[None] | None = None
+        #: The pair's writer, closed by :meth:`_terminate` too: a pair task cancelled before
+        #: it first ran (a close right after the start) never reaches its own ``finally``.
+        self._pair_writer: asyncio.StreamWriter | None = None
         self._watch: asyncio.Task[None] | None = None
         self._stopping = False
 
@@ -378,6 +381,7 @@ class SMTPFront:
                 f"The SMTP front process did not start ({why}); its error, if any, is in the "
                 "log above."
             ) from None
+        self._pair_writer = writer
         self._pair = asyncio.create_task(
             serve_pair(reader, writer, self._backend, self._limit), name="smtp-front-pair"
         )
@@ -418,12 +422,14 @@ class SMTPFront:
 
     async def _terminate(self) -> None:
         """End the current front: close the pair (it exits at EOF), SIGKILL if it lingers."""
-        proc, pair = self._proc, self._pair
-        self._pair = None
+        proc, pair, writer = self._proc, self._pair, self._pair_writer
+        self._pair = self._pair_writer = None
         if pair is not None:
             pair.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await pair
+        if writer is not None:
+            writer.close()
         if proc is None:
             return
         try:

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
 from onionpost.core.errors import OnionpostError
@@ -86,6 +86,13 @@ class PoolStats:
     expired: int = 0
     discarded: int = 0
     warmed: int = 0
+    #: Connections opened per destination onion (a node's pool serves its devices' own
+    #: inbox as well as every peer, so the total alone says little about one peer).
+    opened_to: Counter[str] = field(default_factory=Counter)
+
+    def open(self, onion: str) -> None:
+        self.opened += 1
+        self.opened_to[onion] += 1
 
 
 class ConnectionPool:
@@ -138,7 +145,7 @@ class ConnectionPool:
                 # otherwise cost two connect timeouts per delivery).
                 raise failed
         reader, writer = await self.dialer.open(onion, port, isolation=isolation, timeout=timeout)
-        self.stats.opened += 1
+        self.stats.open(onion)
         return PooledConnection(key, reader, writer)
 
     def release(self, conn: PooledConnection, *, reusable: bool) -> None:
@@ -176,7 +183,7 @@ class ConnectionPool:
                 return
             finally:
                 self._warming.pop(key, None)
-            self.stats.opened += 1
+            self.stats.open(onion)
             self.stats.warmed += 1
             conn = PooledConnection(key, reader, writer)
             if self._closed:

@@ -14,7 +14,6 @@ from email.utils import getaddresses
 import pytest
 
 from onionpost.device.sending import _header_end, field_values, visible_addresses
-from onionpost.device.submission import header_block, message_ref
 
 
 def reference(message: bytes) -> set[str]:
@@ -131,36 +130,3 @@ def test_random_headers_agree() -> None:
             b"to": reference_values(message, "to"),
             b"cc": reference_values(message, "cc"),
         }, message
-
-
-def reference_message_ref(message: bytes) -> str:
-    """``message_ref`` before: the header block through the standard parser."""
-    value = BytesHeaderParser().parsebytes(header_block(message) + b"\r\n\r\n").get("Message-ID")
-    return " ".join(str(value).split())[:200] if value else ""
-
-
-MESSAGE_IDS: list[bytes] = [
-    b"Message-ID: <a@x>\r\n\r\nbody",
-    b"Message-Id:\r\n <folded@x>\r\n\r\n",
-    b"message-id: <first@x>\r\nMessage-ID: <second@x>\r\n\r\n",
-    b"Message-ID:\r\nSubject: x\r\n\r\n",
-    b"Message-ID: <\xe4\xff@x>\r\n\r\n",
-    b"Message-ID : <spaced@x>\r\n\r\n",
-    b"Subject: x\r\n",
-    b"Message-ID: <" + b"y" * 500 + b"@x>\r\n\r\n",
-    b"Message-ID: <lf@x>\n\nbody",
-]
-
-
-@pytest.mark.parametrize("message", MESSAGE_IDS + TRICKY, ids=range(len(MESSAGE_IDS + TRICKY)))
-def test_message_ref_as_before(message: bytes) -> None:
-    assert message_ref(message) == reference_message_ref(message)
-    assert message_ref(message + BODY) == reference_message_ref(message + BODY)
-
-
-def test_random_message_ids_as_before() -> None:
-    rng = random.Random(5322)
-    parts = [*FRAGMENTS, b"Message-ID:", b"message-id:", b"<id@x>", b"  "]
-    for _ in range(2000):
-        message = b"".join(rng.choice(parts) for _ in range(rng.randrange(1, 30)))
-        assert message_ref(message) == reference_message_ref(message), message

@@ -28,9 +28,9 @@ import re
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from email.policy import compat32
 from email.utils import getaddresses
-from functools import lru_cache
 from typing import IO
 
 from onionpost.core.account import Account

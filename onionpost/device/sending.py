@@ -28,8 +28,7 @@ import re
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
-from email.policy import compat32
+from email.parser import BytesHeaderParser
 from email.utils import getaddresses
 from typing import IO
 
@@ -90,94 +89,21 @@ def _header_end(message: bytes) -> tuple[int, bytes]:
     return head_end, sep
 
 
-#: One line of the header block as the standard library's parser reads it: its ``headerRE``
-#: (a "From " envelope line, a field name and its colon, or a continuation), then the rest
-#: of the line and its end as the parser splits lines (``StringIO(newline="")``: CRLF, a lone
-#: CR, LF, or the end of the data).  Group 1, 2 or 3 says which kind of line it is.
-_HEADER_LINE = re.compile(rb"(?:(From )|([\x21-\x39\x3b-\x7e]*):|([\t ]))[^\r\n]*(?:\r\n|\r|\n|\Z)")
-#: Field values of at most this many characters in all have their addresses remembered.
-_MEMO_CHARS = 4096
-
-
-def field_values(head: bytes, names: Sequence[bytes]) -> dict[bytes, list[str]]:
-    """The values of the fields called ``names`` (lower-case), in order, as the parser gives them.
-
-    For each name, the same answer as ``BytesHeaderParser().parsebytes(head).get_all(name)`` (as
-    ``str``), at a
-    fraction of its cost: the parser builds a message object for every field and keeps the
-    rest of ``head`` as a body; this walks the lines once and stops where the parser's header
-    block ends.  Its rules, kept exactly: lines end at CRLF, CR or LF; the block ends at the
-    first line that is neither ``name:`` (printable ASCII without a space before the colon)
-    nor a continuation nor a "From " line; a "From " line or one starting with ":" ends the
-    field before it and is ignored with its continuations; a value is the text after the
-    colon with leading blanks removed, its continuation lines appended as they are (line ends
-    included) and the final line end removed.  A value with 8-bit bytes gets the parser's
-    treatment of them (``compat32``: each such byte becomes U+FFFD).
-    """
-    values: dict[bytes, list[str]] = {n: [] for n in names}
-    current: list[bytes] | None = None  # the lines of the wanted field being read
-    name = key = b""
-    pos, size = 0, len(head)
-    while pos < size and (m := _HEADER_LINE.match(head, pos)):
-        pos = m.end()
-        if m.lastindex == 3:  # a continuation line
-            if current is not None:
-                current.append(m[0])
-            continue
-        if current is not None:
-            values[key].append(_field_text(name, b"".join(current)))
-            current = None
-        if m.lastindex == 2 and m.end(2) > m.start(2):  # not "From " nor ":..."
-            name = m[2]
-            key = name.lower()
-            if key in values:
-                current = [head[m.end(2) + 1 : pos].lstrip(b" \t")]
-    if current is not None:
-        values[key].append(_field_text(name, b"".join(current)))
-    return values
-
-
-def _field_text(name: bytes, raw: bytes) -> str:
-    raw = raw.rstrip(b"\r\n")
-    if raw.isascii():
-        return raw.decode("ascii")
-    # The parser's rendering of undecodable bytes, from the parser's own policy.
-    value = raw.decode("ascii", "surrogateescape")
-    return str(compat32.header_fetch_parse(name.decode("ascii"), value))
-
-
-def _addresses(fields: tuple[tuple[str, ...], ...]) -> frozenset[str]:
-    # One getaddresses call per field name, as before: it joins the values it is given, so
-    # an unbalanced quote in To must not run on into Cc.
-    return frozenset(
-        addr.strip().lower() for values in fields for _, addr in getaddresses(values) if addr
-    )
-
-
-@lru_cache(maxsize=256)
-def _remembered_addresses(fields: tuple[tuple[str, ...], ...]) -> frozenset[str]:
-    return _addresses(fields)
-
-
-_TO_CC = (b"to", b"cc")
-
-
 def visible_addresses(message: bytes) -> set[str]:
     """Addresses named in the To and Cc headers (lower-cased).
 
-    Only the header block is read, and only the To and Cc fields are handed to the address
-    parser (:func:`field_values`; the same answer as parsing the header block with the
-    standard library's ``BytesHeaderParser``, which cost several times more for every
-    message sealed).  The addresses of identical field values are remembered (a user
-    writing to the same people again), for values up to :data:`_MEMO_CHARS` in all.
+    Only the header block is parsed: the email parser given a whole message keeps several
+    copies of the body (as text, as lines) however large it is.
     """
     head_end, sep = _header_end(message)
     head = message if head_end < 0 else message[: head_end + len(sep)]
-    found = field_values(head, _TO_CC)
-    fields = tuple(tuple(found[name]) for name in _TO_CC)
-    if sum(len(v) for values in fields for v in values) <= _MEMO_CHARS:
-        return set(_remembered_addresses(fields))
-    return set(_addresses(fields))
+    headers = BytesHeaderParser().parsebytes(head)
+    found: set[str] = set()
+    for name in ("to", "cc"):
+        for _, addr in getaddresses([str(v) for v in headers.get_all(name, [])]):
+            if addr:
+                found.add(addr.strip().lower())
+    return found
 
 
 def strip_bcc(message: bytes) -> bytes:

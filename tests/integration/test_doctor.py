@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
+import pytest
+
+from onionpost.app.doctor import Finding, MiB, _disk
 from onionpost.app.provision import initialize
 from onionpost.base.clock import SystemClock
 from onionpost.base.config import load
+from tests.doctor_report import flagged, flagged_beyond_host
 
 from .test_enrolment import acli, free_port, tor_off, write_config
 
@@ -28,8 +34,9 @@ async def test_doctor_finds_loose_permissions_and_a_busy_port(tmp_path: Path) ->
     assert code == 1 and "holds no onionpost identity" in out and "onionpost init" in out
     initialize(load(home), local="alice", device_name="laptop", now=int(SystemClock().now()))
     code, out = await acli(home, "doctor")
-    assert code == 0, out
-    assert "Everything checked is fine" in out
+    assert flagged_beyond_host(out) == [], out
+    assert (code == 0) == (flagged(out) == []), out
+    assert "Everything checked is fine" in out or flagged(out) == ["disk"]
     key = home / "users" / "alice" / "identity.key"
     key.chmod(0o644)
     with socket.socket() as other:
@@ -60,3 +67,20 @@ async def test_doctor_says_when_dovecot_is_down(tmp_path: Path) -> None:
     assert code == 1, out
     assert "restarting (Dovecot exited with status 89)" in out
     assert "dovecot.log" in out and "nothing is lost" in out
+
+
+def test_doctor_warns_before_the_disk_is_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Free space below a GiB is flagged early; below 200 MiB it says mail is waiting."""
+
+    def free(mib: int) -> Finding:
+        usage = SimpleNamespace(total=1 << 40, used=(1 << 40) - mib * MiB, free=mib * MiB)
+        monkeypatch.setattr(shutil, "disk_usage", lambda _path: usage)
+        return _disk(tmp_path)
+
+    assert free(4096) == Finding("disk", True, "4 GiB free")
+    soon = free(511)
+    assert not soon.ok and soon.detail == "511 MiB free" and "soon" in soon.fix
+    now = free(150)
+    assert not now.ok and "only 150 MiB" in now.detail and "mail waits" in now.fix

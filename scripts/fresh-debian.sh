@@ -10,7 +10,7 @@
 # brings plus python3, python3-venv, make, git, ca-certificates, procps and iproute2: what a
 # fresh Debian or Raspberry Pi OS install has at least; everything else the project's own
 # files must install. Prints the command's last lines and exits with its status; the full log
-# stays in the folder it names (removed on success when FRESH_KEEP is unset).
+# stays in the folder it names after a failure; the root is removed unless FRESH_KEEP is set.
 set -u
 suite=${1:?usage: scripts/fresh-debian.sh bookworm|trixie [COMMAND]}
 cmd=${2:-make test}
@@ -56,10 +56,15 @@ mount -t proc proc "$root/proc"; mount --rbind /sys "$root/sys"; mount --rbind /
 cleanup() {
     umount -R "$root/proc" "$root/sys" "$root/dev" 2>/dev/null
     # Never delete through a mount that is still there (it would be the host's /dev or /sys).
-    if [ "${rc:-1}" = 0 ] && [ -z "${FRESH_KEEP:-}" ] && ! grep -qF " $root/" /proc/mounts; then
+    if [ -n "${FRESH_KEEP:-}" ] || grep -qF " $root/" /proc/mounts; then
+        echo "log and root in $work"
+    elif [ "${rc:-1}" = 0 ]; then
         rm -rf "$work"
     else
-        echo "log and root in $work"
+        # A root is 1-2 GB; kept after a failure it can leave the next suite's root (CI builds
+        # both, one after the other) without room to install. The log says what failed.
+        rm -rf "$root"
+        echo "log in $work/run.log (the root is removed; FRESH_KEEP=1 keeps it)"
     fi
 }
 trap cleanup EXIT

@@ -91,7 +91,7 @@ __all__ = [
     "Submit",
     "add_missing_headers",
     "serve_smtp",
-    "smtp_policy",
+    "smtp_service",
     "start_smtp",
 ]
 
@@ -824,14 +824,30 @@ class SMTPPolicy:
     hostname: str = "onionpost"
 
 
-def smtp_policy(
+def smtp_service(
     cfg: GatewayConfig,
     *,
     tls: ssl.SSLContext | None,
     lan_tls: ssl.SSLContext | None,
+    submit: Submit,
+    accounts: AccountStore,
+    throttle: LoginThrottle | None,
+    auth_failure_delay: float,
+    on_login: Callable[[str, str], Awaitable[None]] | None,
     **settings: Any,  # noqa: ANN401 - SMTPPolicy's own fields
-) -> SMTPPolicy:
-    """The policy ``cfg`` asks for, after checking that the certificates it needs are there."""
+) -> tuple[SMTPPolicy, LocalBackend]:
+    """What serving SMTP in this process and through the SMTP front decide alike.
+
+    The policy ``cfg`` asks for (after checking that the certificates it needs are there),
+    and the backend that answers logins and submissions; without a shared ``throttle``, SMTP
+    gets its own, starting at ``auth_failure_delay``.
+    """
+    backend = LocalBackend(
+        submit=submit,
+        accounts=accounts,
+        throttle=throttle or LoginThrottle(base=auth_failure_delay),
+        on_login=on_login,
+    )
     # With LAN access on, loopback keeps its policy (as Dovecot does: it counts a client on
     # the server's own address as secured); every other client must STARTTLS first.
     require_tls = cfg.require_tls or not _is_loopback(cfg.listen_host)
@@ -845,7 +861,8 @@ def smtp_policy(
         raise ConfigError(
             "gateway.lan is on, but the SMTP gateway was given no LAN certificate to offer."
         )
-    return SMTPPolicy(require_tls=require_tls, max_bytes=cfg.max_message_bytes, **settings)
+    policy = SMTPPolicy(require_tls=require_tls, max_bytes=cfg.max_message_bytes, **settings)
+    return policy, backend
 
 
 async def serve_smtp(
@@ -929,20 +946,19 @@ async def start_smtp(
     listen = list(hosts) if hosts is not None else listen_hosts(cfg)
     if not cfg.lan and lan_tls is None:
         lan_tls = tls  # a listen_host that is not loopback: the one certificate there is
-    policy = smtp_policy(
+    policy, backend = smtp_service(
         cfg,
         tls=tls,
         lan_tls=lan_tls,
+        submit=submit,
+        accounts=accounts,
+        throttle=throttle,
+        auth_failure_delay=auth_failure_delay,
+        on_login=on_login,
         max_recipients=max_recipients,
         max_sessions=max_sessions,
         idle_timeout=idle_timeout,
         hostname=hostname,
-    )
-    backend = LocalBackend(
-        submit=submit,
-        accounts=accounts,
-        throttle=throttle or LoginThrottle(base=auth_failure_delay),
-        on_login=on_login,
     )
     sockets = bind_listeners(listen, cfg.smtp_port, backlog=max(128, max_sessions))
     try:

@@ -86,7 +86,7 @@ from gateway.smtp import (
     Submit,
     bind_listeners,
     serve_smtp,
-    smtp_policy,
+    smtp_service,
 )
 from gateway.throttle import LoginThrottle
 from gateway.tls import lan_server_context, server_context
@@ -477,19 +477,18 @@ async def start_front(
         if lan_names is None:
             raise SMTPFrontError("gateway.lan is on, but the SMTP front was given no LAN names.")
         lan_tls = lan_server_context(tls_dir, lan_names.dns, lan_names.ips)
-    policy = smtp_policy(
+    policy, backend = smtp_service(
         cfg,
         tls=tls,
         lan_tls=lan_tls if cfg.lan else tls,
+        submit=submit,
+        accounts=accounts,
+        throttle=throttle,
+        auth_failure_delay=auth_failure_delay,
+        on_login=on_login,
         max_sessions=max_sessions,
         max_recipients=max_recipients,
         idle_timeout=idle_timeout,
-    )
-    backend = LocalBackend(
-        submit=submit,
-        accounts=accounts,
-        throttle=throttle or LoginThrottle(base=auth_failure_delay),
-        on_login=on_login,
     )
     listen = list(hosts) if hosts is not None else listen_hosts(cfg)
     # Bound here, opened to clients by the front (its create_server listens): a client that

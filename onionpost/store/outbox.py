@@ -118,40 +118,26 @@ class OutboxStore:
         64 MiB envelope is never held in memory here).  The worker's delivered marks still
         waiting ride this commit (:meth:`mark_delivered_later`).
         """
-        with self.db.transaction():
-            taken = self._apply_marks()
-            row_id = self._enqueue(
-                mailbox_id=mailbox_id,
-                device_id=device_id,
-                onion=onion,
-                envelope=envelope,
-                submission_key=submission_key,
-                now=now,
-                expires_at=expires_at,
-            )
-        self._marks_carried(taken)
-        return row_id
-
-    def _enqueue(
-        self,
-        *,
-        mailbox_id: bytes,
-        device_id: bytes,
-        onion: str,
-        envelope: bytes | tuple[Readable, int],
-        submission_key: str,
-        now: int,
-        expires_at: int,
-    ) -> int:
         key_hash = self.db.record_hash(submission_key)
         size = envelope[1] if isinstance(envelope, tuple) else len(envelope)
         with self.db.transaction() as c:
+            taken = self._apply_marks()
             row = c.execute(
-                "SELECT id, state, last_error_code FROM outbox WHERE mailbox_id = ?"
-                " AND submission_hash = ?",
+                "SELECT id, state FROM outbox WHERE mailbox_id = ? AND submission_hash = ?",
                 (mailbox_id, key_hash),
             ).fetchone()
-            if row is not None:
+            if row is None:
+                OUTBOX.check(None, S.QUEUED)  # the column's default
+                cur = c.execute(
+                    "INSERT INTO outbox (mailbox_id, device_id, onion, submission_hash,"
+                    " created_at, expires_at, next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (mailbox_id, device_id, onion, key_hash, now, expires_at, now),
+                )
+                assert cur.lastrowid is not None
+                row_id = cur.lastrowid
+                _write_blob(c, row_id, size, envelope)
+            else:
+                row_id = int(row[0])
                 if row[1] == S.RESEAL:
                     # handed back because the recipient's keys changed: this is the re-sealing
                     t = OUTBOX.check(S.RESEAL, S.QUEUED)
@@ -159,19 +145,11 @@ class OutboxStore:
                         "UPDATE outbox SET onion = ?, state = ?,"
                         " next_attempt_at = ?, leased_until = NULL, finished_at = NULL,"
                         " last_error = NULL, last_error_code = NULL WHERE id = ? AND state = ?",
-                        (onion, t.target, now, row[0], t.source),
+                        (onion, t.target, now, row_id, t.source),
                     )
-                    _write_blob(c, int(row[0]), size, envelope)
-                return int(row[0])
-            OUTBOX.check(None, S.QUEUED)  # the column's default
-            cur = c.execute(
-                "INSERT INTO outbox (mailbox_id, device_id, onion, submission_hash,"
-                " created_at, expires_at, next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (mailbox_id, device_id, onion, key_hash, now, expires_at, now),
-            )
-            assert cur.lastrowid is not None
-            _write_blob(c, cur.lastrowid, size, envelope)
-            return cur.lastrowid
+                    _write_blob(c, row_id, size, envelope)
+        self._marks_carried(taken)
+        return row_id
 
     def get(self, row_id: int) -> OutboxRow | None:
         r = self.db.one(f"SELECT {_COLUMNS} FROM outbox WHERE id = ?", (row_id,))  # noqa: S608

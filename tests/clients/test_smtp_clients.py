@@ -24,8 +24,8 @@ from gateway.tls import ca_path, ensure_tls, server_context
 from onionpost.base.config import GatewayConfig
 from onionpost.core.address import Address
 from onionpost.core.crypto.primitives import SeededRandom, ed25519_public
-from onionpost.store.accounts import AccountStore, ScryptCost
-from onionpost.store.db import Database
+from onionpost.store.accounts import AccountStore
+from tests.accounts import account_store
 
 pytestmark = pytest.mark.clients
 
@@ -62,11 +62,8 @@ class Gateway:
 
 @pytest.fixture
 def accounts() -> Iterator[AccountStore]:
-    db = Database(":memory:", ["accounts"])
-    store = AccountStore(db, cost=ScryptCost(n=1 << 10, r=8, p=1))
-    store.add("alice", str(ALICE), PASSWORD)
-    yield store
-    db.close()
+    with account_store(("alice", str(ALICE), PASSWORD)) as store:
+        yield store
 
 
 async def _gateway(

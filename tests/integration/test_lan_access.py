@@ -44,8 +44,8 @@ from onionpost.base.config import GatewayConfig
 from onionpost.core.address import Address
 from onionpost.core.crypto.primitives import SeededRandom, ed25519_public
 from onionpost.core.errors import MailServerNotInstalled
-from onionpost.store.accounts import AccountStore, ScryptCost
-from onionpost.store.db import Database
+from onionpost.store.accounts import AccountStore
+from tests.accounts import account_store
 
 PASSWORD = "correct horse battery staple"
 ALICE = Address.for_key("alice", ed25519_public(SeededRandom(b"lan-home")(32)))
@@ -74,11 +74,8 @@ def lan_address() -> str:
 
 @pytest.fixture
 def accounts() -> Iterator[AccountStore]:
-    db = Database(":memory:", ["accounts"])
-    store = AccountStore(db, cost=ScryptCost(n=1 << 10, r=8, p=1))
-    store.add("alice", str(ALICE), PASSWORD)
-    yield store
-    db.close()
+    with account_store(("alice", str(ALICE), PASSWORD)) as store:
+        yield store
 
 
 def _submit(user: str, recipients: list[Address], message: bytes) -> int:

@@ -46,8 +46,8 @@ from onionpost.base.aio import foreground
 from onionpost.base.config import GatewayConfig
 from onionpost.core.address import Address
 from onionpost.core.crypto.primitives import SeededRandom, ed25519_public
-from onionpost.store.accounts import AccountStore, ScryptCost
-from onionpost.store.db import Database
+from onionpost.store.accounts import AccountStore
+from tests.accounts import account_store
 
 REPO = Path(__file__).resolve().parents[2]
 PASSWORD = "correct horse battery staple"
@@ -84,11 +84,8 @@ def _message(msg_id: str) -> bytes:
 
 @pytest.fixture
 def accounts() -> Iterator[AccountStore]:
-    db = Database(":memory:", ["accounts"])
-    store = AccountStore(db, cost=ScryptCost(n=1 << 10, r=8, p=1))
-    store.add("alice", str(ALICE), PASSWORD)
-    yield store
-    db.close()
+    with account_store(("alice", str(ALICE), PASSWORD)) as store:
+        yield store
 
 
 @pytest.fixture

@@ -41,13 +41,13 @@ from onionpost.core.errors import (
 )
 from onionpost.device.submission import Submissions
 from onionpost.net.transport import DirectDialer
-from onionpost.store.accounts import AccountStore, ScryptCost
+from onionpost.store.accounts import AccountStore
 from onionpost.store.db import Database
 from onionpost.store.submissions import SubmissionStore
 from onionpost.testing.harness import DeviceNode, InboxNode
+from tests.accounts import CHEAP, account_store
 
 PASSWORD = "correct horse battery staple"
-CHEAP = ScryptCost(n=1 << 10, r=8, p=1)
 HOME = ed25519_public(SeededRandom(b"smtp-home")(32))
 ALICE = Address.for_key("alice", HOME)
 CAROL = Address.for_key("carol", HOME)  # another user of the same inbox
@@ -85,12 +85,10 @@ class Recorder:
 
 @pytest.fixture
 def accounts() -> Iterator[AccountStore]:
-    db = Database(":memory:", ["accounts"])
-    store = AccountStore(db, cost=CHEAP)
-    store.add("alice", str(ALICE), PASSWORD)
-    store.add("carol", str(CAROL), "carol's password")
-    yield store
-    db.close()
+    with account_store(
+        ("alice", str(ALICE), PASSWORD), ("carol", str(CAROL), "carol's password")
+    ) as store:
+        yield store
 
 
 @pytest.fixture

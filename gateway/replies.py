@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from onionpost.core.errors import (
     AddressError,
     AuthenticationFailed,
+    DiskFull,
     FolderExists,
     FolderNotFound,
     FolderProtected,
@@ -137,6 +138,7 @@ _SMTP_BASIC: tuple[tuple[type[OnionpostError], int], ...] = (
     (AddressError, 550),
     (MessageTooLarge, 552),
     (QuotaExceeded, 452),
+    (DiskFull, 452),  # RFC 5321 "insufficient system storage"
 )
 
 

@@ -1293,12 +1293,16 @@ def _remove_local_data(local: Local, name: str) -> tuple[int, int, int]:
 
 def submit(local: Local, user: str | None, recipients: list[Address], message: bytes) -> int:
     """Queue a message as if a mail client had submitted it (durable on return)."""
-    from onionpost.device.submission import queue_submission
+    from onionpost.device.submission import queue_submission, refuse_if_short
+    from onionpost.store.disk import DiskRoom
     from onionpost.store.filing import FilingStore
 
     account = local.account(user)
     if not recipients:
         raise UsageError("Give at least one recipient (--to).")
+    refuse_if_short(
+        DiskRoom(local.config.data_dir, reserve_mib=local.config.min_free_mib), message, recipients
+    )
     db = local.device_db()
     sid = queue_submission(
         db,

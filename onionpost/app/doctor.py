@@ -220,12 +220,16 @@ def _clock(data_dir: Path) -> Finding:
     return Finding("clock", True, "tor reports no clock skew")
 
 
-def _disk(data_dir: Path) -> Finding:
-    usage = shutil.disk_usage(data_dir)
-    free = usage.free // MiB
-    if free < 200:
-        return Finding("disk", False, f"only {free} MiB free", "free disk space now: mail waits")
-    if free < 1024:
+def _disk(data_dir: Path, min_free_mib: int) -> Finding:
+    free = shutil.disk_usage(data_dir).free // MiB
+    if free < min_free_mib:
+        return Finding(
+            "disk",
+            False,
+            f"only {free} MiB free: new mail is refused until {min_free_mib} MiB are free",
+            "free disk space now: senders keep retrying, but only for the messages' lifetime",
+        )
+    if free < max(1024, 2 * min_free_mib):
         return Finding("disk", False, f"{free} MiB free", "free some disk space soon")
     return Finding("disk", True, f"{free // 1024} GiB free")
 
@@ -297,7 +301,7 @@ async def examine(config: Config) -> list[Finding]:
         lambda: now(lambda: _lan(config)),
         lambda: now(lambda: _permissions(data_dir)),
         lambda: now(lambda: _clock(data_dir)),
-        lambda: now(lambda: _disk(data_dir)),
+        lambda: now(lambda: _disk(data_dir, config.min_free_mib)),
         lambda: now(lambda: _nodes(data_dir)),
     ]
     found = []

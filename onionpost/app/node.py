@@ -54,6 +54,7 @@ from onionpost.net.transport import Dialer, DirectDialer
 from onionpost.store import DEVICE_COMPONENTS, INBOX_COMPONENTS, queue
 from onionpost.store.contacts import ContactStore
 from onionpost.store.db import Database
+from onionpost.store.disk import DiskRoom
 from onionpost.store.enrolment import EnrolmentStore
 from onionpost.store.filing import FilingStore
 from onionpost.store.inbox import InboxStore
@@ -124,6 +125,8 @@ class Node:
         #: Kept-alive connections to other inboxes, shared by deliveries and key fetches
         #: (each destination and role its own; closed when the node stops).
         self.connections = ConnectionPool(self.dialer)
+        #: New mail waits while the data directory's disk is nearly full (min_free_mib).
+        self.room = DiskRoom(config.data_dir, reserve_mib=config.min_free_mib)
         self.tor: TorRuntime | None = None
         self.devices: dict[str, Device] = {}
         self.filer: Filer | None = None
@@ -213,6 +216,7 @@ class Node:
             secrets=secrets,
             config=cfg.inbox,
             rng=self.rng,
+            room=self.room,
         )
         self.worker = OutboxWorker(
             outbox=self.inbox.outbox,
@@ -323,6 +327,7 @@ class Node:
             max_message_bytes=cfg.gateway.max_message_bytes,
             on_queued=lambda: self.scheduler.wake("seal"),
             sent_copy_wait=cfg.gateway.sent_copy_wait_seconds,
+            room=self.room,
             # Its own connection, for the group commit's thread (see Submissions).
             commit_db=self._open(
                 cfg.data_dir / "device.db", DEVICE_COMPONENTS, write_lock=self._device_lock

@@ -140,6 +140,9 @@ class Config:
     data_dir: Path
     role: Role = "both"
     log_level: str = "INFO"
+    # New mail (from mail clients and from other inboxes) is refused, temporarily, while
+    # storing it would leave less than this free on the data directory's disk (0: never).
+    min_free_mib: int = 64
     inbox: InboxConfig = field(default_factory=InboxConfig)
     tor: TorConfig = field(default_factory=TorConfig)
     gateway: GatewayConfig = field(default_factory=GatewayConfig)

@@ -54,6 +54,7 @@ guessing.
      |   +- DatabaseBusy               another writer holds the lock: try again
      |   +- DatabaseFailed             full, damaged, or a bug
      |   +- QuotaExceeded
+     |   +- DiskFull                   this machine's disk is nearly full: new mail waits
      |   +- IllegalTransition          a queue step its state machine does not have (a bug)
      |   +- FolderError
      |       +- FolderNotFound
@@ -405,6 +406,16 @@ class QuotaExceeded(StoreError):
     """The mailbox is full; the message can be delivered once the owner frees space."""
 
     enhanced_code = "4.2.2"
+    temporary = True
+
+
+class DiskFull(StoreError):
+    """This machine's disk is nearly full: new mail is refused until space is freed.
+
+    Refused before it is stored (``Config.min_free_mib``), so that the databases never run
+    into a full disk halfway through a commit; the sender keeps the message and retries."""
+
+    enhanced_code = "4.3.1"  # RFC 3463: mail system full
     temporary = True
 
 

@@ -17,6 +17,11 @@ may hold only so much.  Three places need the answer and ask here:
 A full mailbox is temporary (4.2.2): the sender's outbox retries until the owner's devices
 fetch (and so free) their mail, or the message's lifetime ends.
 
+A nearly full *disk* is the machine's limit, not a mailbox's: :func:`short_of_disk` decides
+it for new mail from mail clients (:class:`onionpost.device.submission.Submissions`) and from
+other inboxes (:meth:`onionpost.inbox.postoffice.Inbox.accept`), which refuse it with
+``DiskFull`` (4.3.1, temporary) while less than ``Config.min_free_mib`` would stay free.
+
 Pure: no I/O, no clock.
 """
 
@@ -45,6 +50,13 @@ def refusal(*, used: int, size: int, quota: int) -> QuotaExceeded | None:
         f"The recipient's mailbox is full ({used // _MIB} MiB of "
         f"{quota // _MIB} MiB used); delivery will be retried."
     )
+
+
+def short_of_disk(*, free: int, incoming: int, reserve: int) -> bool:
+    """Whether storing ``incoming`` more bytes would leave less than ``reserve`` free (0: no
+    reserve, never short).  A refusal here is cheap and clean; a disk that fills up in the
+    middle of a commit is neither."""
+    return reserve > 0 and free - incoming < reserve
 
 
 def is_full(exc: OnionpostError) -> bool:

@@ -26,6 +26,7 @@ from onionpost.core.errors import (
     BadRequest,
     CodeRefused,
     DeviceRefused,
+    DiskFull,
     InviteChainRefused,
     MalformedData,
     MessageTooLarge,
@@ -48,7 +49,8 @@ def refusal(exc: OnionpostError) -> tuple[int, dict[str, Any]]:
     The JSON body is what a peer acts on (:func:`error_from_body`); the HTTP status only
     names the kind of refusal for people reading logs and for plain HTTP tools: 403 device
     refused, 404 no such mailbox, 413 too large, 507 mailbox full (or no room for another
-    device), 429 rate limited, 503 other temporary, 400 other permanent.
+    device, or the inbox's disk nearly full), 429 rate limited, 503 other temporary, 400
+    other permanent.
     """
     temporary = exc.temporary
     code = exc.code
@@ -61,7 +63,7 @@ def refusal(exc: OnionpostError) -> tuple[int, dict[str, Any]]:
         status = 404
     elif isinstance(exc, MessageTooLarge) or carried == MessageTooLarge.__name__:
         status = 413
-    elif quota.is_full(exc):
+    elif quota.is_full(exc) or isinstance(exc, DiskFull) or carried == DiskFull.__name__:
         status = quota.FULL_STATUS
     elif temporary:
         status = 429 if code.endswith(".7.0") and not isinstance(exc, StaleRecipientKeys) else 503

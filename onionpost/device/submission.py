@@ -29,6 +29,7 @@ from onionpost.core.address import Address
 from onionpost.core.crypto.primitives import hash32
 from onionpost.core.errors import (
     AddressError,
+    DiskFull,
     GatewayError,
     MessageTooLarge,
     OnionpostError,
@@ -44,6 +45,7 @@ from onionpost.device.sending import Outgoing
 from onionpost.device.session import Device
 from onionpost.inbox.postoffice import TOKEN_REFUSED
 from onionpost.store.db import Database
+from onionpost.store.disk import DiskRoom
 from onionpost.store.filing import FilingStore
 from onionpost.store.submissions import PendingRecipient, SubmissionStore
 
@@ -130,6 +132,26 @@ def queue_submission(
     return sid
 
 
+def refuse_if_short(room: DiskRoom | None, message: bytes, recipients: Sequence[Address]) -> None:
+    """Refuse a submission that would eat into the disk's reserve (``DiskFull``: 452 4.3.1
+    for a mail client, the same words for the CLI), before anything of it is stored."""
+    # Stored once as the submission and the Sent copy, then sealed once per recipient.
+    incoming = len(message) * (2 + len(recipients))
+    if room is None or (free := room.short_by(incoming)) is None:
+        return
+    log.warning(
+        "submission: refused for now: %d MiB free on the disk, %d MiB are kept free "
+        "(min_free_mib); free disk space",
+        free >> 20,
+        room.reserve >> 20,
+    )
+    raise DiskFull(
+        f"This node's disk is nearly full ({free >> 20} MiB free, {room.reserve >> 20} MiB "
+        "are kept free), so the message was not accepted. Free disk space on the node "
+        "(onionpost doctor shows how much is free), then send it again."
+    )
+
+
 @dataclass(frozen=True)
 class _Pending:
     """A checked submission on its way into a group commit."""
@@ -155,8 +177,11 @@ class Submissions:
         on_queued: Callable[[], None] | None = None,
         sent_copy_wait: int = 0,
         commit_db: Database | None = None,
+        room: DiskRoom | None = None,
     ) -> None:
         self.sent_copy_wait = sent_copy_wait
+        #: Refuses submissions while the disk is nearly full (None: never asks).
+        self.room = room
         # The group commit's own connection to the same database file, used only by its
         # thread: the event loop's connection (``db``) stays the loop's alone.  Without one,
         # submit_async commits each submission on the loop, one at a time.
@@ -217,6 +242,7 @@ class Submissions:
             raise MessageTooLarge(
                 f"The message is {len(message)} bytes; the limit is {self.max_message_bytes}."
             )
+        refuse_if_short(self.room, message, recipients)
         return _Pending(user, tuple(recipients), message, device.address, self.clock.now())
 
     def _queued(self) -> None:

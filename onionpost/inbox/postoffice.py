@@ -9,6 +9,7 @@ submissions into the outbox and installs newly published keys.  It holds only ci
 from __future__ import annotations
 
 import hashlib
+import logging
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from onionpost.core.errors import (
     BadSignature,
     CryptoError,
     DeviceRefused,
+    DiskFull,
     MalformedData,
     MessageTooLarge,
     PermanentDeliveryError,
@@ -51,8 +53,11 @@ from onionpost.core.errors import (
     UnknownMailbox,
 )
 from onionpost.core.wire import KeyUpdate
+from onionpost.store.disk import DiskRoom
 from onionpost.store.inbox import InboxStore, MailboxRow, RateBucket, SpoolEntry
 from onionpost.store.outbox import OutboxStore
+
+log = logging.getLogger(__name__)
 
 CTX_LOGIN = b"onionpost/v1/device-login\x00"
 CTX_TOKEN_HASH = b"onionpost/v1/token-hash"
@@ -114,8 +119,11 @@ class Inbox:
         secrets: ServerSecrets,
         config: InboxConfig,
         rng: RandomSource = system_random,
+        room: DiskRoom | None = None,
     ) -> None:
         self.store = store
+        #: Refuses deliveries while the disk is nearly full (None: never asks).
+        self.room = room
         self.outbox = outbox
         self.secrets = secrets
         self.config = config
@@ -271,6 +279,17 @@ class Inbox:
         receipt = hash32(b"onionpost/v1/receipt", mb.mailbox_id, meta.l2_digest)[:12].hex()
         if self.store.seen(mb.mailbox_id, meta.l2_digest):
             return DeliveryResult(receipt, True, mb.mailbox_id, frozenset(), 0)
+        if self.room is not None and (free := self.room.short_by(meta.l2_len)) is not None:
+            log.warning(
+                "inbox: a delivery was refused for now: %d MiB free on the disk, %d MiB are "
+                "kept free (min_free_mib); free disk space",
+                free >> 20,
+                self.room.reserve >> 20,
+            )
+            # The sender hears only that it must retry, not how full this disk is.
+            raise TemporaryDeliveryError.from_error(
+                DiskFull("The recipient's inbox is short of disk space; delivery will be retried.")
+            )
         targets = self.store.devices_for_prekeys(mb.mailbox_id, unwrapped.spk_ids)
         active = {d.device_id for d in self.store.devices(mb.mailbox_id)}
         if not targets:

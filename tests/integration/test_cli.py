@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import stat
 from pathlib import Path
 
@@ -371,3 +372,20 @@ def test_contacts_block_unblock_and_policy_on_a_machine_with_its_inbox(home: Pat
     code, out = run(home, "contacts", "unblock", hal)
     assert code == 0 and "no longer blocked" in out, out
     assert "blocked" not in run(home, "contacts")[1]
+
+
+def test_send_waits_while_the_disk_is_nearly_full(home: Path) -> None:
+    """`onionpost send` keeps the disk's reserve as SMTP does, and says what to do."""
+    run(home, "init", "--user", "alice")
+    alice = _address(home, "alice")
+    beyond = shutil.disk_usage(home).total // (1 << 20) + 1024  # more than this whole disk
+    config = home / "onionpost.toml"
+    original = config.read_text() if config.exists() else ""
+    config.write_text(f"min_free_mib = {beyond}\n" + original)
+    code, out = run(home, "send", "--user", "alice", "--to", alice, "--text", "room?")
+    assert code == 1 and "disk is nearly full" in out and "Free disk space" in out, out
+    assert "Traceback" not in out
+    assert "s1" not in run(home, "queue")[1]  # nothing was queued
+    config.write_text(original)
+    code, out = run(home, "send", "--user", "alice", "--to", alice, "--text", "room?")
+    assert code == 0 and "Queued as s1" in out, out

@@ -72,15 +72,16 @@ async def test_doctor_says_when_dovecot_is_down(tmp_path: Path) -> None:
 def test_doctor_warns_before_the_disk_is_full(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Free space below a GiB is flagged early; below 200 MiB it says mail is waiting."""
+    """Below a GiB free is flagged early; below min_free_mib it says new mail is refused."""
 
     def free(mib: int) -> Finding:
         usage = SimpleNamespace(total=1 << 40, used=(1 << 40) - mib * MiB, free=mib * MiB)
         monkeypatch.setattr(shutil, "disk_usage", lambda _path: usage)
-        return _disk(tmp_path)
+        return _disk(tmp_path, 64)
 
     assert free(4096) == Finding("disk", True, "4 GiB free")
     soon = free(511)
     assert not soon.ok and soon.detail == "511 MiB free" and "soon" in soon.fix
-    now = free(150)
-    assert not now.ok and "only 150 MiB" in now.detail and "mail waits" in now.fix
+    now = free(50)
+    assert not now.ok and "only 50 MiB free: new mail is refused" in now.detail
+    assert "free disk space now" in now.fix

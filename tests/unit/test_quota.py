@@ -4,6 +4,7 @@ it."""
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import pytest
 
@@ -107,3 +108,25 @@ def test_the_store_refuses_what_quota_refuses_and_prunes_first() -> None:
         assert store.usage(b"M" * 16) == 1000
     finally:
         db.close()
+
+
+def test_the_disk_reserve_is_kept_free() -> None:
+    mib = 1 << 20
+    assert not quota.short_of_disk(free=100 * mib, incoming=10 * mib, reserve=64 * mib)
+    assert quota.short_of_disk(free=70 * mib, incoming=10 * mib, reserve=64 * mib)
+    assert not quota.short_of_disk(free=0, incoming=10 * mib, reserve=0)  # 0: no reserve
+
+
+def test_disk_room_asks_the_file_system_and_never_fails_on_it(tmp_path: Path) -> None:
+    from onionpost.store.disk import DiskRoom
+
+    assert DiskRoom(tmp_path, reserve_mib=0).short_by(1 << 40) is None
+    assert DiskRoom(tmp_path, reserve_mib=1 << 40).short_by(0) is not None  # a real statvfs
+    assert DiskRoom(tmp_path, reserve_mib=64, free=lambda _p: 70 << 20).short_by(10 << 20) == (
+        70 << 20
+    )
+
+    def broken(_path: Path) -> int:
+        raise OSError("no such file system")
+
+    assert DiskRoom(tmp_path, reserve_mib=64, free=broken).short_by(10) is None

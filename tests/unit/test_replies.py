@@ -22,6 +22,7 @@ from gateway.replies import (
 from onionpost.core.errors import (
     AddressError,
     AuthenticationFailed,
+    DiskFull,
     FilingDeferred,
     FolderExists,
     FolderNotFound,
@@ -105,6 +106,7 @@ SMTP: list[tuple[OnionpostError, str]] = [
     (AddressError(), "550 5.1.3 "),
     (MessageTooLarge(), "552 5.3.4 "),
     (QuotaExceeded(), "452 4.2.2 "),
+    (DiskFull(), "452 4.3.1 "),  # RFC 5321 "insufficient system storage"
     (StoreError(), "451 4.3.0 "),  # not listed: temporary gives 451
     (UsageError(), "554 5.0.0 "),  # not listed: permanent gives 554
     # the instance's code is used when it is a valid enhanced code

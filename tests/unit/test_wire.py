@@ -14,6 +14,7 @@ from onionpost.core.errors import (
     CodeRefused,
     DeliveryError,
     DeviceRefused,
+    DiskFull,
     InviteChainRefused,
     MalformedData,
     MessageTooLarge,
@@ -49,6 +50,8 @@ REFUSALS: list[tuple[OnionpostError, int, str, str]] = [
     (QuotaExceeded(), 507, "temporary", "4.2.2"),
     # a full mailbox at delivery is wrapped (inbox.py); it is still 507, not a generic 503
     (TemporaryDeliveryError.from_error(QuotaExceeded()), 507, "temporary", "4.2.2"),
+    # the inbox's disk nearly full: "Insufficient Storage" too, with its own code
+    (TemporaryDeliveryError.from_error(DiskFull()), 507, "temporary", "4.3.1"),
     (TemporaryDeliveryError("busy", code="4.7.0"), 429, "temporary", "4.7.0"),
     (TooManyCodeAttempts(), 429, "temporary", "4.7.0"),
     (StaleRecipientKeys(), 503, "temporary", "4.7.5"),

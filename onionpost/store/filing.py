@@ -193,18 +193,6 @@ class FilingStore:
         except sqlite3.OperationalError:  # no such row
             return None
 
-    def write_scratch(self, key: bytes, data: bytes) -> Path:
-        """The file the mailbox is handed for a filing kept in the database, written from
-        its :meth:`body` at each attempt.  It is a scratch copy, so no fsync: a torn one left
-        by a crash is replaced at the next attempt, and the row stays the durable copy."""
-        final = self.path(key)
-        try:
-            self.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            write_atomic(final, data, durable=False)
-        except OSError as exc:
-            raise StoreError(f"Cannot write mail to {self.spool_dir}: {exc}") from exc
-        return final
-
     # -- the filer's side --------------------------------------------------------------------
 
     def get(self, filing_id: int) -> Filing | None:

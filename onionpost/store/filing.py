@@ -259,6 +259,17 @@ class FilingStore:
             for f in filings:
                 self.db.execute("DELETE FROM filing_queue WHERE id = ?", (f.id,))
 
+    def _by_ids(self, sql: str, params: tuple[object, ...], ids: Sequence[int]) -> None:
+        """``sql WHERE id IN (ids)`` as one step: one statement per 500 ids (SQLite bounds
+        the number of parameters), without a savepoint when one statement does."""
+        if len(ids) > 500:
+            with self.db.transaction():
+                for i in range(0, len(ids), 500):
+                    self._by_ids(sql, params, ids[i : i + 500])
+            return
+        marks = ",".join("?" * len(ids))
+        self.db.write(f"{sql} WHERE id IN ({marks})", (*params, *ids))
+
     def forgotten(self, filings: Sequence[Filing]) -> None:
         """The COMMIT holding :meth:`forget_filed` is done: drop them here, then their files."""
         for f in filings:
@@ -297,13 +308,8 @@ class FilingStore:
 
     def set_states(self, ids: Sequence[int], state: int) -> None:
         """:meth:`set_state` for several rows in one transaction (one commit for a batch)."""
-        if not ids:
-            return
-        marks = ",".join("?" * len(ids))
-        self.db.write(
-            f"UPDATE filing_queue SET state = ? WHERE id IN ({marks})",  # noqa: S608 (only ?s)
-            (state, *ids),
-        )
+        if ids:
+            self._by_ids("UPDATE filing_queue SET state = ?", (state,), ids)
 
     def deferred(self, filing_id: int, *, error: str, next_try_at: int) -> None:
         with self.db.transaction():

@@ -313,9 +313,9 @@ class Tracker:
         sink = node.sink
         original = sink.deliver
 
-        async def deliver(user: str, folder: str, message: Path, *, header: bytes) -> None:
+        async def deliver(user: str, folder: str, message: Path | bytes, *, header: bytes) -> None:
             await original(user, folder, message, header=header)
-            n = message_number(message.read_bytes())
+            n = message_number(message if isinstance(message, bytes) else message.read_bytes())
             if n is not None and folder == "INBOX":
                 self._filed(n)
 

@@ -85,7 +85,9 @@ class DovecotSink:
     def __init__(self, server: DovecotServer) -> None:
         self.server = server
 
-    async def deliver(self, user: str, folder: str, message: Path, *, header: bytes) -> None:
+    async def deliver(
+        self, user: str, folder: str, message: Path | bytes, *, header: bytes
+    ) -> None:
         if self.server.status != "running":
             raise FilingDeferred(f"Dovecot is {self.server.status}.")
         await lmtp_deliver(self.server.lmtp_socket, user, message, folder=folder, header=header)

@@ -57,8 +57,11 @@ def filing_key(kind: bytes, *parts: bytes) -> bytes:
 class MailSink(Protocol):
     """The person's mailbox, as the filer needs it."""
 
-    async def deliver(self, user: str, folder: str, message: Path, *, header: bytes) -> None:
-        """File ``header`` + the file's bytes; return only once durably stored (LMTP 250).
+    async def deliver(
+        self, user: str, folder: str, message: Path | bytes, *, header: bytes
+    ) -> None:
+        """File ``header`` + the message (a spool file, or the bytes of one kept in the
+        database); return only once durably stored (LMTP 250).
         :class:`FilingDeferred` if it may work later, :class:`FilingRefused` if never."""
 
     async def holds(
@@ -288,17 +291,17 @@ class Filer:
                 if not handed_now:
                     self.store.set_state(row.id, HANDED)
                 header = f"{FILING_HEADER}: {value}\r\n".encode()
-                path = self.store.path(row.key)
-                body = self.store.body(row)  # kept in the database: write it out first
-                if body is not None:
-                    path = await asyncio.to_thread(self.store.write_scratch, row.key, body)
-                    del body
+                # Kept in the database (up to 1 MiB): handed over as it was read, no file.
+                body = self.store.body(row)
+                message: Path | bytes = self.store.path(row.key) if body is None else body
+                del body
                 if row.mark_seen:
                     where = (row.user, row.folder)
                     if where not in floors:
                         floors[where] = await self.observe(sink, row.user, row.folder)
                     filed_from = floors[where]
-                await sink.deliver(row.user, row.folder, path, header=header)
+                await sink.deliver(row.user, row.folder, message, header=header)
+                del message
             if row.mark_seen:
                 self.store.set_state(row.id, FILED)
                 await sink.mark_seen(

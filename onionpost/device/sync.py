@@ -274,12 +274,13 @@ class Receiver:
     def _open_fetched(self, l2: IO[bytes]) -> Filed:
         now = self._now()
         result = _decrypt(l2, self.account.prekey_secrets(), self.account.uik_pk, now)
-        with result.body:
+        with result.body, self.filer.store.db.transaction():
             return self._file_decrypted(result, now)
 
     def _file_decrypted(self, opened: _Decrypted, now: int) -> Filed:
         """File what :func:`_decrypt` opened (or file a notice for what failed): the replay
-        check, the sender's verification against our pins, normalising, queueing."""
+        check, the sender's verification against our pins, normalising, queueing.  Call it
+        inside a transaction (or savepoint) of its own: what it records is one step."""
         store = self.filer.store
         body, digest = opened.body, opened.digest
         header: ContentHeader | None = None
@@ -310,28 +311,28 @@ class Receiver:
         to_self = folder == "Sent" and header.extension(EXT_ADDRESSED_TO_SELF) is not None
         folders = [folder, "INBOX"] if to_self else [folder]
         ids: list[int] = []
-        with store.db.transaction():
-            store.record_seen(self.user, header.msg_id, header.expires_at)
-            for target in folders:
-                if offset is not None:  # a large message: its header, then the body file
-                    body.seek(offset)
-                filing_id = self.filer.queue(
-                    key=filing_key(b"inbox", self.user.encode(), header.msg_id, target.encode()),
-                    user=self.user,
-                    folder=target,
-                    message=message if offset is None else body,
-                    prefix=b"" if offset is None else message,
-                    source=header.msg_id,
-                    mark_seen=target == "Sent",
-                    # A small message rides in the batch's COMMIT: no spool file and
-                    # no fsyncs of its own (a file and its directory, per message).
-                    in_database=offset is None and len(message) <= IN_DATABASE_BYTES,
-                    # Filed right after the batch's COMMIT (settle_many): marked handed in
-                    # it, so the batch's filing costs one commit (the removal), not two.
-                    handed=True,
-                )
-                if filing_id is not None:
-                    ids.append(filing_id)
+        # In the caller's transaction (see above): recorded seen and queued as one step.
+        store.record_seen(self.user, header.msg_id, header.expires_at)
+        for target in folders:
+            if offset is not None:  # a large message: its header, then the body file
+                body.seek(offset)
+            filing_id = self.filer.queue(
+                key=filing_key(b"inbox", self.user.encode(), header.msg_id, target.encode()),
+                user=self.user,
+                folder=target,
+                message=message if offset is None else body,
+                prefix=b"" if offset is None else message,
+                source=header.msg_id,
+                mark_seen=target == "Sent",
+                # A small message rides in the batch's COMMIT: no spool file and
+                # no fsyncs of its own (a file and its directory, per message).
+                in_database=offset is None and len(message) <= IN_DATABASE_BYTES,
+                # Filed right after the batch's COMMIT (settle_many): marked handed in
+                # it, so the batch's filing costs one commit (the removal), not two.
+                handed=True,
+            )
+            if filing_id is not None:
+                ids.append(filing_id)
         log.info("queued a message for %s", " and ".join(folders))
         return Filed(folder, tuple(ids))
 
@@ -372,37 +373,52 @@ class Receiver:
                 raise
             return QUARANTINE, self._new_key(address, contact, header, credentials)
         newer_list = known is None or verified.device_list.version > known.version
-        self.contacts.remember(
-            key,
-            uik_pk=verified.uik_pk,
-            pin=pin_encode(verified.pin),
-            now=now,
-            device_list=verified.device_list.encode() if newer_list else None,
-        )
+        pin_bytes = pin_encode(verified.pin)
+        # Written only when it changes something (the contact as read above, in this same
+        # transaction): mail arriving in a burst would otherwise rewrite the same row.
+        if (
+            contact is None
+            or newer_list
+            or contact.uik_pk != verified.uik_pk
+            or contact.pin != pin_bytes
+            or contact.last_seen != now
+        ):
+            self.contacts.remember(
+                key,
+                uik_pk=verified.uik_pk,
+                pin=pin_bytes,
+                now=now,
+                device_list=verified.device_list.encode() if newer_list else None,
+            )
         grants = header.extension(EXT_TOKEN_GRANT) or b""
+        token_now = contact.token_to_them if contact is not None else None
         for i in range(0, len(grants) - 63, 64):
-            if grants[i : i + 32] == self.account.uik_pk:
-                self.contacts.set_token_to_them(key, grants[i + 32 : i + 64])
-        self._learn_profile(key, header, verified.uik_pk)
-        contact = self.contacts.get(key)
-        name = contact.display_name if contact is not None else ""
+            if grants[i : i + 32] == self.account.uik_pk and grants[i + 32 : i + 64] != token_now:
+                token_now = grants[i + 32 : i + 64]
+                self.contacts.set_token_to_them(key, token_now)
+        name = self._learn_profile(key, header, verified.uik_pk)
+        if name is None:  # the name as read above: remember() was given none to record
+            name = contact.display_name if contact is not None else ""
         return "INBOX", _Sender(address, verified.uik_pk, name)
 
-    def _learn_profile(self, key: str, header: ContentHeader, uik_pk: bytes) -> None:
+    def _learn_profile(self, key: str, header: ContentHeader, uik_pk: bytes) -> str | None:
         """Remember the display name of the profile card the sender's device put in the
         signed header (extension 5), if it verifies for the sender's pinned identity and is
         not older than the one we know.  A card that does not verify is ignored (the
-        message itself verified, so it is still delivered), with a warning in the log."""
+        message itself verified, so it is still delivered), with a warning in the log.
+        The name recorded, or None if none was."""
         raw = header.extension(EXT_SENDER_PROFILE)
         if not raw:
-            return
+            return None
         try:
             card = Profile.parse(raw)
             card.verify_for(uik_pk)
         except CryptoError as exc:
             log.warning("ignored the profile in a message from %s: %s", key, exc)
-            return
-        self.contacts.set_profile(key, card.shown_name, card.issued_at)
+            return None
+        if self.contacts.set_profile(key, card.shown_name, card.issued_at):
+            return card.shown_name
+        return None
 
     def _introduction(self, header: ContentHeader, body: IO[bytes], now: int) -> Filed:
         """An introduction (protocol §16): recorded and announced by a notice mail only when

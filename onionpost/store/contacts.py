@@ -135,53 +135,50 @@ class ContactStore:
         display_name: str | None = None,
     ) -> None:
         """Create or advance a contact; the caller has verified everything against the pin."""
-        with self.db.transaction() as c:
-            c.execute(
-                "INSERT INTO contacts (user, address, uik_pk, pin, device_list, bundle,"
-                " bundle_fetched_at, display_name, first_seen, last_seen)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, coalesce(?, ''), ?, ?)"
-                " ON CONFLICT (user, address) DO UPDATE SET pin = excluded.pin,"
-                " device_list = coalesce(excluded.device_list, device_list),"
-                " bundle = coalesce(excluded.bundle, bundle),"
-                " bundle_fetched_at = coalesce(excluded.bundle_fetched_at, bundle_fetched_at),"
-                " display_name = CASE WHEN ? IS NULL THEN display_name ELSE excluded.display_name"
-                " END, last_seen = excluded.last_seen WHERE uik_pk = excluded.uik_pk",
-                (
-                    self.user,
-                    address,
-                    uik_pk,
-                    pin,
-                    device_list,
-                    bundle,
-                    now if bundle else None,
-                    display_name,
-                    now,
-                    now,
-                    display_name,
-                ),
-            )
+        self.db.write(
+            "INSERT INTO contacts (user, address, uik_pk, pin, device_list, bundle,"
+            " bundle_fetched_at, display_name, first_seen, last_seen)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, coalesce(?, ''), ?, ?)"
+            " ON CONFLICT (user, address) DO UPDATE SET pin = excluded.pin,"
+            " device_list = coalesce(excluded.device_list, device_list),"
+            " bundle = coalesce(excluded.bundle, bundle),"
+            " bundle_fetched_at = coalesce(excluded.bundle_fetched_at, bundle_fetched_at),"
+            " display_name = CASE WHEN ? IS NULL THEN display_name ELSE excluded.display_name"
+            " END, last_seen = excluded.last_seen WHERE uik_pk = excluded.uik_pk",
+            (
+                self.user,
+                address,
+                uik_pk,
+                pin,
+                device_list,
+                bundle,
+                now if bundle else None,
+                display_name,
+                now,
+                now,
+                display_name,
+            ),
+        )
 
     def set_profile(self, address: str, display_name: str, issued_at: int) -> bool:
         """Record the display name of a profile that verified for this contact's pinned
         identity; an older profile than the one recorded is ignored (False).  An empty name
         (the contact cleared their profile) clears the recorded one."""
-        with self.db.transaction() as c:
-            return (
-                c.execute(
-                    "UPDATE contacts SET display_name = ?, profile_issued_at = ?"
-                    " WHERE user = ? AND address = ? AND profile_issued_at <= ?",
-                    (display_name, issued_at, self.user, address, issued_at),
-                ).rowcount
-                > 0
-            )
+        return (
+            self.db.write(
+                "UPDATE contacts SET display_name = ?, profile_issued_at = ?"
+                " WHERE user = ? AND address = ? AND profile_issued_at <= ?",
+                (display_name, issued_at, self.user, address, issued_at),
+            ).rowcount
+            > 0
+        )
 
     def set_token_to_them(self, address: str, token: bytes) -> None:
-        with self.db.transaction() as c:
-            c.execute(
-                "UPDATE contacts SET token_to_them = ? WHERE user = ? AND address = ?"
-                " AND token_to_them IS NOT ?",
-                (token, self.user, address, token),
-            )
+        self.db.write(
+            "UPDATE contacts SET token_to_them = ? WHERE user = ? AND address = ?"
+            " AND token_to_them IS NOT ?",
+            (token, self.user, address, token),
+        )
 
     def set_token_from_them(self, address: str, token: bytes | None) -> None:
         with self.db.transaction() as c:

@@ -193,6 +193,19 @@ class Database:
                         self.conn.execute("ROLLBACK")
                 raise translate(exc) from exc
 
+    def write(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> sqlite3.Cursor:
+        """One writing statement, atomic as :meth:`transaction` makes a block.
+
+        Alone it is a transaction of its own (committed when this returns).  Inside a
+        transaction it runs as it is, without a savepoint of its own: SQLite undoes a
+        statement that fails as a whole, so a savepoint around a single statement would
+        only cost two more statements (26 per delivered message on the receiving path).
+        """
+        if self._depth == 0:
+            with self.transaction() as conn:
+                return conn.execute(sql, params)
+        return self.execute(sql, params)
+
     # -- queries --------------------------------------------------------------------------
 
     def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> sqlite3.Cursor:

@@ -193,18 +193,6 @@ class FilingStore:
         except sqlite3.OperationalError:  # no such row
             return None
 
-    def write_scratch(self, key: bytes, data: bytes) -> Path:
-        """The file the mailbox is handed for a filing kept in the database, written from
-        its :meth:`body` at each attempt.  It is a scratch copy, so no fsync: a torn one left
-        by a crash is replaced at the next attempt, and the row stays the durable copy."""
-        final = self.path(key)
-        try:
-            self.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            write_atomic(final, data, durable=False)
-        except OSError as exc:
-            raise StoreError(f"Cannot write mail to {self.spool_dir}: {exc}") from exc
-        return final
-
     # -- the filer's side --------------------------------------------------------------------
 
     def get(self, filing_id: int) -> Filing | None:
@@ -271,6 +259,17 @@ class FilingStore:
             for f in filings:
                 self.db.execute("DELETE FROM filing_queue WHERE id = ?", (f.id,))
 
+    def _by_ids(self, sql: str, params: tuple[object, ...], ids: Sequence[int]) -> None:
+        """``sql WHERE id IN (ids)`` as one step: one statement per 500 ids (SQLite bounds
+        the number of parameters), without a savepoint when one statement does."""
+        if len(ids) > 500:
+            with self.db.transaction():
+                for i in range(0, len(ids), 500):
+                    self._by_ids(sql, params, ids[i : i + 500])
+            return
+        marks = ",".join("?" * len(ids))
+        self.db.write(f"{sql} WHERE id IN ({marks})", (*params, *ids))
+
     def forgotten(self, filings: Sequence[Filing]) -> None:
         """The COMMIT holding :meth:`forget_filed` is done: drop them here, then their files."""
         for f in filings:
@@ -309,13 +308,8 @@ class FilingStore:
 
     def set_states(self, ids: Sequence[int], state: int) -> None:
         """:meth:`set_state` for several rows in one transaction (one commit for a batch)."""
-        if not ids:
-            return
-        with self.db.transaction():
-            for filing_id in ids:
-                self.db.execute(
-                    "UPDATE filing_queue SET state = ? WHERE id = ?", (state, filing_id)
-                )
+        if ids:
+            self._by_ids("UPDATE filing_queue SET state = ?", (state,), ids)
 
     def deferred(self, filing_id: int, *, error: str, next_try_at: int) -> None:
         with self.db.transaction():

@@ -30,10 +30,12 @@ class MemorySink:
         self.boxes: dict[tuple[str, str], list[tuple[bytes, set[str]]]] = {}
         self.refuse: Exception | None = None  # raise this from deliver (a broken mailbox)
 
-    async def deliver(self, user: str, folder: str, message: Path, *, header: bytes) -> None:
+    async def deliver(
+        self, user: str, folder: str, message: Path | bytes, *, header: bytes
+    ) -> None:
         if self.refuse is not None:
             raise self.refuse
-        data = header + message.read_bytes()
+        data = header + (message if isinstance(message, bytes) else message.read_bytes())
         self.boxes.setdefault((user, folder), []).append((data, set()))
 
     async def holds(

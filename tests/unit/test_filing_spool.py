@@ -11,7 +11,7 @@ import pytest
 
 from onionpost.store import DEVICE_COMPONENTS
 from onionpost.store.db import Database
-from onionpost.store.filing import COPY_CHUNK, FilingStore, MessageSource
+from onionpost.store.filing import COPY_CHUNK, HANDED, FilingStore, MessageSource
 
 
 @pytest.fixture
@@ -76,7 +76,8 @@ def test_a_filing_kept_in_the_database_has_no_spool_file_until_it_is_filed(
     store: FilingStore,
 ) -> None:
     """A submission's copy lives in filing_bodies (durable with the caller's COMMIT); the
-    filer's scratch file is written from it at each attempt and goes with the row."""
+    filer hands its bytes to the mailbox, and a scratch file left by an older version goes
+    with the row."""
     message = b"Subject: kept\r\n\r\n" + os.urandom(70_000)
     with store.db.transaction():
         row_id = store.add(
@@ -88,8 +89,7 @@ def test_a_filing_kept_in_the_database_has_no_spool_file_until_it_is_filed(
     assert filing is not None and store.body(filing) == message
     store.path(b"d" * 16).parent.mkdir(parents=True, exist_ok=True)
     store.path(b"d" * 16).write_bytes(b"a torn scratch copy from before a crash")
-    scratch = store.write_scratch(filing.key, message)
-    assert scratch == store.path(b"d" * 16) and scratch.read_bytes() == message
+    scratch = store.path(b"d" * 16)
     assert store.remove_orphans() == 0  # the scratch file has its row
     store.done(filing)
     assert not scratch.exists()
@@ -104,3 +104,26 @@ def test_a_filing_kept_in_the_database_has_no_spool_file_until_it_is_filed(
     _add(store, b"f" * 16, b"spooled")
     spooled = store.due(10)[-1]
     assert store.body(spooled) is None
+
+
+def test_rows_are_marked_and_removed_many_at_a_time(store: FilingStore) -> None:
+    """set_states takes any number of rows (one statement per 500 ids)."""
+    with store.db.transaction():
+        ids = [
+            store.add(
+                key=i.to_bytes(16, "big"),
+                user="bob",
+                folder="INBOX",
+                message=b"m",
+                now=1,
+                in_database=True,
+            )
+            for i in range(1203)
+        ]
+    assert None not in ids
+    some = [i for i in ids if i is not None]
+    store.set_states(some[:1100], HANDED)
+    assert store.db.scalar("SELECT COUNT(*) FROM filing_queue WHERE state = ?", (HANDED,)) == 1100
+    store.done_many(store.get_many(some[1:]))
+    assert [f.id for f in store.get_many(some)] == some[:1]
+    assert store.db.count("filing_bodies") == 1

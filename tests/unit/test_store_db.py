@@ -63,6 +63,25 @@ def test_an_error_in_a_nested_transaction_rolls_back_the_savepoint_only(db: Data
     assert [r["v"] for r in db.all("SELECT v FROM t")] == ["kept"]
 
 
+def test_a_single_write_is_atomic_alone_and_inside_a_transaction(db: Database) -> None:
+    """Database.write: alone, its own transaction; nested, no savepoint of its own, yet a
+    statement that fails leaves none of its rows (SQLite undoes the statement whole) and
+    the enclosing transaction carries on."""
+    db.write("INSERT INTO t (v) VALUES ('a')")
+    assert db.scalar("SELECT COUNT(*) FROM t") == 1  # committed on its own
+    statements: list[str] = []
+    db.conn.set_trace_callback(statements.append)
+    with db.transaction():
+        db.write("INSERT INTO t (v) VALUES ('b')")
+        with pytest.raises(DatabaseFailed, match="UNIQUE"):
+            # 'c' would go in first, then 'a' fails: the statement is undone as a whole
+            db.write("INSERT INTO t (v) SELECT 'c' UNION ALL SELECT 'a'")
+        db.write("INSERT INTO t (v) VALUES ('d')")
+    db.conn.set_trace_callback(None)
+    assert not [s for s in statements if s.startswith(("SAVEPOINT", "RELEASE"))]
+    assert sorted(r["v"] for r in db.all("SELECT v FROM t")) == ["a", "b", "d"]
+
+
 def test_other_errors_pass_unchanged(db: Database) -> None:
     with pytest.raises(KeyError), db.transaction() as c:
         c.execute("INSERT INTO t (v) VALUES ('x')")

@@ -239,14 +239,23 @@ def _check_author(fields: Iterable[tuple[str, str]], own: Address) -> None:
                 )
 
 
-def add_missing_headers(message: bytes, own: Address, *, now: int, token: str) -> bytes:
+def add_missing_headers(
+    message: bytes,
+    own: Address,
+    *,
+    now: int,
+    token: str,
+    fields: Iterable[tuple[str, str]] | None = None,
+) -> bytes:
     """Prepend Message-ID and Date if the client sent none (RFC 6409 §8.2, §8.3).
+
+    ``fields``: the message's :func:`_header_fields`, if the caller has them already.
 
     The Message-ID names the sender's own onion domain, which the From: header already
     shows; the Date is in UTC marked ``-0000`` ("time zone unknown", RFC 5322 §3.3), so it
     does not tell recipients where the sender lives.
     """
-    names = {name for name, _ in _header_fields(message)}
+    names = {name for name, _ in (_header_fields(message) if fields is None else fields)}
     added = b""
     if "message-id" not in names:
         added += f"Message-ID: <{token}@{own.domain}>\r\n".encode("ascii")
@@ -473,9 +482,10 @@ class _Policy:
         envelope.content = envelope.original_content = None
         try:
             own = self._own_address(session)
-            _check_author(_header_fields(content), own)
+            fields = _header_fields(content)  # read once, for both
+            _check_author(fields, own)
             message = add_missing_headers(
-                content, own, now=self._clock.now(), token=secrets.token_hex(16)
+                content, own, now=self._clock.now(), token=secrets.token_hex(16), fields=fields
             )
             del content
         except OnionpostError as exc:
@@ -703,35 +713,61 @@ class _Connection(SMTP):
             return spool.read()
 
     async def _spool_data(self, body: IO[bytes]) -> object | None:
-        """Write DATA to ``body``; None when complete, else ``_TOO_LARGE`` or ``_EOF``."""
-        size = 0
-        too_large = False
-        at_line_start = True
+        """Write DATA to ``body``; None when complete, else ``_TOO_LARGE`` or ``_EOF``.
+
+        Read in runs up to the next dot at the start of a line (``\\n.``), not line by line:
+        a line-start dot is rare (a dot-stuffed line, and the final ``.``), and one
+        ``readuntil`` per line was most of the SMTP front's DATA cost.  Only what the
+        message needs is taken from the reader (up to the final dot line), as before."""
+        kept = 0  # bytes of the message so far (counted also past the limit)
         unrefreshed = 0
+        at_line_start = True  # DATA begins at the start of a line (the command's CRLF)
+        dot_taken = False  # the dot that begins this line has been read
+        last = b"\n"  # the last byte taken
         while True:
             try:
-                piece = await self._reader.readuntil(b"\r\n")
-            except asyncio.LimitOverrunError as exc:
-                piece = await self._reader.read(exc.consumed)
+                piece, dot_taken = await self._data_piece(at_line_start, dot_taken, last)
             except asyncio.IncompleteReadError:
                 return _EOF
-            if at_line_start:
-                if piece == b".\r\n":
-                    break
-                if piece[:1] == b".":
-                    piece = piece[1:]
-            at_line_start = piece.endswith(b"\r\n")
-            if not too_large:
-                size += len(piece)
-                if size > self._max_bytes:
-                    too_large = True
-                else:
+            if piece is None:
+                break  # the final dot line
+            if not piece:
+                continue  # a line's leading dot, taken off
+            at_line_start = piece.endswith(b"\r\n") or (piece == b"\n" and last == b"\r")
+            last = piece[-1:]
+            if kept <= self._max_bytes:
+                kept += len(piece)
+                if kept <= self._max_bytes:
                     body.write(piece)
             unrefreshed += len(piece)
             if unrefreshed >= _REFRESH_EVERY:  # a long upload is not an idle client
                 unrefreshed = 0
                 self._reset_timeout()
-        return _TOO_LARGE if too_large else None
+        return _TOO_LARGE if kept > self._max_bytes else None
+
+    async def _data_piece(
+        self, at_line_start: bool, dot_taken: bool, last: bytes
+    ) -> tuple[bytes | None, bool]:
+        """The next piece of the message (None: the final dot line was read), and whether
+        the next line's leading dot was taken with it.  ``at_line_start``: what was taken
+        ends with CRLF; ``dot_taken``: and the dot after it too; ``last``: its last byte."""
+        reader = self._reader
+        if dot_taken:  # the rest of a line that begins with a dot
+            try:
+                piece = await reader.readuntil(b"\r\n")
+            except asyncio.LimitOverrunError as exc:
+                return await reader.readexactly(exc.consumed), False
+            return (None if piece == b"\r\n" else piece), False
+        if at_line_start:  # its CRLF consumed, so look at the line's first byte
+            piece = await reader.readexactly(1)
+            return (b"", True) if piece == b"." else (piece, False)
+        try:
+            piece = await reader.readuntil(b"\n.")
+        except asyncio.LimitOverrunError as exc:
+            return await reader.readexactly(exc.consumed), False
+        if (piece[-3:-2] if len(piece) > 2 else last) == b"\r":
+            return piece[:-1], True  # a dot at a line's start: stuffing, not the message's
+        return piece, False
 
 
 _TOO_LARGE = object()

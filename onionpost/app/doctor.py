@@ -20,6 +20,7 @@ from pathlib import Path
 from onionpost.base.config import Config
 from onionpost.core.address import Address
 from onionpost.core.errors import OnionpostError
+from onionpost.core.quota import short_of_disk
 from onionpost.device.joining import inbox_dialer, running_status
 from onionpost.net.client import InboxClient
 from onionpost.net.tor.process import preflight
@@ -221,8 +222,10 @@ def _clock(data_dir: Path) -> Finding:
 
 
 def _disk(data_dir: Path, min_free_mib: int) -> Finding:
-    free = shutil.disk_usage(data_dir).free // MiB
-    if free < min_free_mib:
+    free_bytes = shutil.disk_usage(data_dir).free
+    free = free_bytes // MiB
+    # The node's own rule (Inbox.accept, Submissions): short even for a message of no size.
+    if short_of_disk(free=free_bytes, incoming=0, reserve=min_free_mib * MiB):
         return Finding(
             "disk",
             False,

@@ -137,14 +137,8 @@ def refuse_if_short(room: DiskRoom | None, message: bytes, recipients: Sequence[
     for a mail client, the same words for the CLI), before anything of it is stored."""
     # Stored once as the submission and the Sent copy, then sealed once per recipient.
     incoming = len(message) * (2 + len(recipients))
-    if room is None or (free := room.short_by(incoming)) is None:
+    if room is None or (free := room.short_by(incoming, refusing="a submission")) is None:
         return
-    log.warning(
-        "submission: refused for now: %d MiB free on the disk, %d MiB are kept free "
-        "(min_free_mib); free disk space",
-        free >> 20,
-        room.reserve >> 20,
-    )
     raise DiskFull(
         f"This node's disk is nearly full ({free >> 20} MiB free, {room.reserve >> 20} MiB "
         "are kept free), so the message was not accepted. Free disk space on the node "

@@ -9,7 +9,6 @@ submissions into the outbox and installs newly published keys.  It holds only ci
 from __future__ import annotations
 
 import hashlib
-import logging
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -56,8 +55,6 @@ from onionpost.core.wire import KeyUpdate
 from onionpost.store.disk import DiskRoom
 from onionpost.store.inbox import InboxStore, MailboxRow, RateBucket, SpoolEntry
 from onionpost.store.outbox import OutboxStore
-
-log = logging.getLogger(__name__)
 
 CTX_LOGIN = b"onionpost/v1/device-login\x00"
 CTX_TOKEN_HASH = b"onionpost/v1/token-hash"
@@ -279,13 +276,8 @@ class Inbox:
         receipt = hash32(b"onionpost/v1/receipt", mb.mailbox_id, meta.l2_digest)[:12].hex()
         if self.store.seen(mb.mailbox_id, meta.l2_digest):
             return DeliveryResult(receipt, True, mb.mailbox_id, frozenset(), 0)
-        if self.room is not None and (free := self.room.short_by(meta.l2_len)) is not None:
-            log.warning(
-                "inbox: a delivery was refused for now: %d MiB free on the disk, %d MiB are "
-                "kept free (min_free_mib); free disk space",
-                free >> 20,
-                self.room.reserve >> 20,
-            )
+        room = self.room
+        if room is not None and room.short_by(meta.l2_len, refusing="a delivery") is not None:
             # The sender hears only that it must retry, not how full this disk is.
             raise TemporaryDeliveryError.from_error(
                 DiskFull("The recipient's inbox is short of disk space; delivery will be retried.")

@@ -9,6 +9,7 @@ tries again, as it does for any temporary refusal.  The decision is
 
 from __future__ import annotations
 
+import logging
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,8 @@ from pathlib import Path
 from onionpost.core.quota import short_of_disk
 
 MiB = 1 << 20
+
+log = logging.getLogger(__name__)
 
 
 def free_bytes(path: Path) -> int:
@@ -33,8 +36,9 @@ class DiskRoom:
         self.reserve = reserve_mib * MiB
         self._free = free
 
-    def short_by(self, incoming: int) -> int | None:
-        """None if ``incoming`` bytes fit; else the bytes free now (for the refusal's words).
+    def short_by(self, incoming: int, *, refusing: str) -> int | None:
+        """None if ``incoming`` bytes fit; else the bytes free now (for the refusal's words),
+        and the log says that ``refusing`` (what the caller refuses) waits for room.
 
         A disk that cannot be asked counts as roomy: the store's own errors still stop a
         write that truly does not fit."""
@@ -44,4 +48,13 @@ class DiskRoom:
             free = self._free(self.path)
         except OSError:
             return None
-        return free if short_of_disk(free=free, incoming=incoming, reserve=self.reserve) else None
+        if not short_of_disk(free=free, incoming=incoming, reserve=self.reserve):
+            return None
+        log.warning(
+            "%s refused for now: %d MiB free on the disk, %d MiB are kept free "
+            "(min_free_mib); free disk space",
+            refusing,
+            free >> 20,
+            self.reserve >> 20,
+        )
+        return free

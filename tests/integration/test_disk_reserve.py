@@ -24,9 +24,10 @@ from onionpost.base.clock import SystemClock
 from onionpost.base.config import load
 from onionpost.store.disk import DiskRoom, MiB
 from onionpost.store.submissions import SubmissionStore
-from onionpost.testing.harness import Loopback, compose, subjects
+from onionpost.testing.harness import compose, subjects
 
 from .test_enrolment import free_port, tor_off, write_config
+from .test_store_and_forward import World  # two inboxes: alice at a, bob at b
 
 
 def beyond_the_disk(path: Path) -> int:
@@ -84,15 +85,6 @@ async def test_a_mail_client_hears_452_4_3_1_and_sends_once_there_is_room(
         assert await asyncio.to_thread(send, node) == (250, b"")
     finally:
         await node.stop()
-
-
-class World(Loopback):
-    def __init__(self, root: Path) -> None:
-        super().__init__(root)
-        self.a = self.add_inbox("inbox-a")
-        self.b = self.add_inbox("inbox-b")
-        self.alice = self.add_person(self.a, "alice")
-        self.bob = self.add_person(self.b, "bob")
 
 
 @pytest.fixture

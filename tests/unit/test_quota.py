@@ -120,13 +120,15 @@ def test_the_disk_reserve_is_kept_free() -> None:
 def test_disk_room_asks_the_file_system_and_never_fails_on_it(tmp_path: Path) -> None:
     from onionpost.store.disk import DiskRoom
 
-    assert DiskRoom(tmp_path, reserve_mib=0).short_by(1 << 40) is None
-    assert DiskRoom(tmp_path, reserve_mib=1 << 40).short_by(0) is not None  # a real statvfs
-    assert DiskRoom(tmp_path, reserve_mib=64, free=lambda _p: 70 << 20).short_by(10 << 20) == (
-        70 << 20
-    )
+    assert DiskRoom(tmp_path, reserve_mib=0).short_by(1 << 40, refusing="mail") is None
+    assert (
+        DiskRoom(tmp_path, reserve_mib=1 << 40).short_by(0, refusing="mail") is not None
+    )  # a real statvfs
+    assert DiskRoom(tmp_path, reserve_mib=64, free=lambda _p: 70 << 20).short_by(
+        10 << 20, refusing="mail"
+    ) == (70 << 20)
 
     def broken(_path: Path) -> int:
         raise OSError("no such file system")
 
-    assert DiskRoom(tmp_path, reserve_mib=64, free=broken).short_by(10) is None
+    assert DiskRoom(tmp_path, reserve_mib=64, free=broken).short_by(10, refusing="mail") is None

@@ -204,16 +204,18 @@ class _FrameWriter:
         self._writer = writer
         self._queued: list[bytes] = []
 
-    def write(self, frame: bytes) -> None:
+    def write(self, frame: bytes) -> bool:
+        """Queue ``frame``, or write it at once if it is large; True if it was written."""
         if self._writer.is_closing():
-            return
+            return False
         if len(frame) > SMALL_FRAME:
             self.flush()
             self._writer.write(frame)
-            return
+            return True
         if not self._queued:
             asyncio.get_running_loop().call_soon(self.flush)
         self._queued.append(frame)
+        return False
 
     def flush(self) -> None:
         queued, self._queued = self._queued, []
@@ -552,12 +554,14 @@ class _PairBackend:
         self._frames = _FrameWriter(writer)
         self._pending: dict[int, asyncio.Future[tuple[int, list[bytes]]]] = {}
         self._next = 0
-        self._sending = asyncio.Lock()
         self._closed = False
 
     async def _send(self, kind: int, request: int, fields: Sequence[bytes]) -> None:
-        async with self._sending:  # one drain at a time, frames whole
-            self._frames.write(encode_frame(kind, request, fields))
+        """Hand one frame to the writer.  Only a frame written at once (a message) waits for
+        the socket to take it: that is the back-pressure that bounds the front's memory.  A
+        small frame leaves at the end of this turn, and there are at most a few per session
+        in flight (each session waits for its answer), so waiting on it would bound nothing."""
+        if self._frames.write(encode_frame(kind, request, fields)):
             await self._writer.drain()
 
     async def _ask(self, kind: int, fields: Sequence[bytes]) -> tuple[int, list[bytes]]:

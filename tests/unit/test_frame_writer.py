@@ -52,9 +52,9 @@ def test_a_large_frame_goes_at_once_after_what_was_queued() -> None:
     async def run() -> list[bytes]:
         writer = _Writer()
         frames = _frames(writer)
-        frames.write(b"a")
-        frames.write(big)
-        frames.write(b"b")
+        assert frames.write(b"a") is False  # queued: the caller need not wait for it
+        assert frames.write(big) is True  # written: the caller waits for room (drain)
+        assert frames.write(b"b") is False
         await asyncio.sleep(0)
         return writer.writes
 

@@ -299,6 +299,21 @@ class Loopback:
         self._homes = {u: node if i is old else i for u, i in self._homes.items()}
         return node
 
+    async def deliver(self, sender: DeviceNode, *to: DeviceNode) -> None:
+        """What the node's schedule would do for mail ``sender`` submitted: seal it, deliver
+        it to the recipients' inboxes, let the devices ``to`` fetch it, and let the sender
+        see how it went (delivered, or bounced)."""
+        await sender.submissions.process_due()
+        await self.inbox_of(sender).worker.run_due()
+        for d in to:
+            await d.device.sync()
+        await sender.submissions.check_outbox(sender.device)
+
+    def bounced(self, sender: DeviceNode) -> list[tuple[str | None, str | None]]:
+        """``(code, reason)`` of each of ``sender``'s messages that bounced."""
+        rows = self.inbox_of(sender).inbox.outbox.rows(states=("bounced",))
+        return [(r.last_error_code, r.last_error) for r in rows]
+
     def reopen_person(self, old: DeviceNode) -> DeviceNode:
         """``old`` (closed) built again from its files, as a restart would."""
         d = DeviceNode(self.root, old.dir.name, None, self.clock, self.dialer)

@@ -28,18 +28,9 @@ class World(Loopback):
         sender.submissions.submit(sender.user, [to.address], compose(sender, to, subject))
         await sender.submissions.process_due()
 
-    async def deliver(self, sender: DeviceNode, to: DeviceNode) -> None:
-        await self.inbox_of(sender).worker.run_due()
-        await to.device.sync()
-        await sender.submissions.check_outbox(sender.device)
-
     async def send(self, sender: DeviceNode, to: DeviceNode, subject: str) -> None:
         await self.hand_over(sender, to, subject)
         await self.deliver(sender, to)
-
-    def bounced(self, sender: DeviceNode) -> list[tuple[str | None, str | None]]:
-        rows = self.inbox_of(sender).inbox.outbox.rows(states=("bounced",))
-        return [(r.last_error_code, r.last_error) for r in rows]
 
 
 @pytest.fixture

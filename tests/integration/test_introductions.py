@@ -46,20 +46,9 @@ class World(Loopback):
         self.alice, self.bob = self.people["alice"], self.people["bob"]
         self.carol, self.dave = self.people["carol"], self.people["dave"]
 
-    async def deliver(self, sender: DeviceNode, *to: DeviceNode) -> None:
-        await sender.submissions.process_due()
-        await self.inboxes[sender.user].worker.run_due()
-        for d in to:
-            await d.device.sync()
-        await sender.submissions.check_outbox(sender.device)
-
     async def send(self, sender: DeviceNode, to: DeviceNode, subject: str) -> None:
         sender.submissions.submit(sender.user, [to.address], compose(sender, to, subject))
         await self.deliver(sender, to)
-
-    def bounced(self, sender: DeviceNode) -> list[tuple[str | None, str | None]]:
-        rows = self.inboxes[sender.user].inbox.outbox.rows(states=("bounced",))
-        return [(r.last_error_code, r.last_error) for r in rows]
 
     def counted_at(self, who: DeviceNode, scope: str) -> int:
         """How many envelopes the person's inbox accepted so far as a stranger's (with a

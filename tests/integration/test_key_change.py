@@ -43,10 +43,7 @@ class World(Loopback):
         sender.submissions.submit(
             sender.user, [to.address], compose(sender, to, subject, unique=True)
         )
-        await sender.submissions.process_due()
-        await self.inbox_of(sender).worker.run_due()
-        await to.device.sync()
-        await sender.submissions.check_outbox(sender.device)
+        await self.deliver(sender, to)
 
     async def new_dave(self, *, later: bool = True) -> DeviceNode:
         """dave's mailbox made again under the same address, with a new identity key."""

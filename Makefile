@@ -25,7 +25,7 @@ run: $(STAMP)
 test: $(STAMP)
 	@scripts/system-deps.sh test
 	$(MAKE) --no-print-directory check
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25 tests
 
 # What CI runs: `make test` in clean Debian 12 and 13 roots (as root; several minutes each).
 fresh:

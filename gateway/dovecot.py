@@ -14,7 +14,7 @@ Layout::
     <data>/dovecot/passwd         user:{ARGON2ID}hash, 0600, written atomically
     <data>/dovecot/run/           Dovecot's base_dir: sockets, among them run/lmtp
     <data>/dovecot/state/         state_dir
-    <data>/dovecot/dovecot.log    Dovecot's log (rotated once at start past 10 MiB)
+    <data>/dovecot/dovecot.log    Dovecot's log (set aside as .1 past 10 MiB, while it runs)
     <data>/mail/<user>/           the user's Maildir (INBOX, .Sent, .Drafts, ...)
 
 Two configuration syntaxes: Debian 12 (and Raspberry Pi OS bookworm) ships Dovecot 2.3,
@@ -71,6 +71,7 @@ from gateway.lan import connect_host
 from gateway.tls import LocalTLS, ensure_tls
 from onionpost.base.atomicfile import write_atomic
 from onionpost.base.clock import Clock, SystemClock
+from onionpost.base.logfiles import LOG_ROTATE_BYTES, set_aside_if_large
 from onionpost.core.errors import (
     FilingDeferred,
     FilingRefused,
@@ -124,7 +125,6 @@ SPECIAL_FOLDERS = (
 PLAIN_FOLDERS = (QUARANTINE,)
 #: sockaddr_un holds 108 bytes; Dovecot's longest socket name below base_dir is about 25.
 _MAX_BASE_DIR = 80
-_LOG_ROTATE_BYTES = 10 * 1024 * 1024
 #: The folders the node files into (gateway.service's filer), as Maildir++ directories.
 FILED_FOLDERS = (("INBOX", ""), ("Sent", ".Sent"))
 #: Mail waiting in a folder's new/ before the node has Dovecot move it to cur/ (fewer is not
@@ -620,7 +620,7 @@ def prepare(
                 d.chmod(0o700)
         if not layout.passwd.exists():
             write_atomic(layout.passwd, b"")
-        _rotate_log(layout.log)
+        set_aside_if_large(layout.log)
         text = render_config(inst, layout, ident, settings, tls)
         write_atomic(layout.config, text.encode())
     except OSError as exc:
@@ -662,12 +662,6 @@ def _check_ancestors_passable(data_dir: Path, ident: Identity) -> None:
                 "as root needs its data directory where other accounts may pass, such as "
                 "/var/lib/onionpost (the default), or run it as its own user."
             )
-
-
-def _rotate_log(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        if path.stat().st_size > _LOG_ROTATE_BYTES:
-            path.replace(path.with_name(path.name + ".1"))
 
 
 # --- passwords ----------------------------------------------------------------------------
@@ -1037,11 +1031,13 @@ class DovecotServer:
 
     While it runs, every ``TIDY_INTERVAL`` seconds it looks into the Maildirs' new/ directories
     (:meth:`tidy_new_mail`): mail filed while no client had the folder selected waits there,
-    and Dovecot's first SELECT would rename all of it into cur/ while the client waits.
+    and Dovecot's first SELECT would rename all of it into cur/ while the client waits.  It
+    also keeps Dovecot's log from growing without end (:meth:`rotate_log`).
     """
 
     RESTART, STABLE_AFTER = DOVECOT_RESTART, 60.0
     TIDY_INTERVAL = 5.0
+    LOG_LIMIT = LOG_ROTATE_BYTES
 
     def __init__(
         self,
@@ -1070,6 +1066,7 @@ class DovecotServer:
         self._last_lines: list[str] = []
         self._tidy: asyncio.Task[None] | None = None
         self._tidy_error: str | None = None
+        self._log_error = ""
 
     @property
     def installation(self) -> Installation:
@@ -1214,12 +1211,30 @@ class DovecotServer:
                 done.append((user, folder))
         return done
 
+    def rotate_log(self) -> bool:
+        """Set Dovecot's log aside once it passes the limit (onionpost.base.logfiles) and have
+        Dovecot reopen it; whether it did.  Blocking: run it in a thread.  Dovecot writes into
+        the renamed file until it has reopened, so no line is lost."""
+        try:
+            if not set_aside_if_large(self.layout.log, self.LOG_LIMIT):
+                return False
+            _run([self.installation.doveadm, "-c", str(self.layout.config), "log", "reopen"])
+        except (OSError, MailServerError) as exc:
+            if str(exc) != self._log_error:  # said once, not every pass
+                log.warning("could not start a new Dovecot log at %s: %s", self.layout.log, exc)
+            self._log_error = str(exc)
+            return False
+        self._log_error = ""
+        return True
+
     async def _tidy_loop(self) -> None:
         while True:
             await self.clock.sleep(self.TIDY_INTERVAL)
             if self.status == "running":
                 for user, folder in await asyncio.to_thread(self.tidy_new_mail):
                     log.debug("Dovecot moved %s's new mail in %s to cur/", user, folder)
+                if await asyncio.to_thread(self.rotate_log):
+                    log.info("Dovecot's log was set aside as %s.1", self.layout.log.name)
 
     # -- internals --
 

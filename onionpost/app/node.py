@@ -295,6 +295,7 @@ class Node:
         self._tor_problem = None
         self.dialer.fallback = dialer
         self.scheduler.every("tor-health", 30, runtime.check_health, start_in=30)
+        self.scheduler.every("tor-log", 600, runtime.rotate_log, start_in=600)
         self.wake()
         log.info("tor is connected; onionpost is reachable")
         self._tor_ready.set()

@@ -674,3 +674,39 @@ async def test_deliveries_leave_no_mailbox_list_index(server: DovecotServer) -> 
         doveadm_sync(server.installation, server.layout, user=USER, folder=folder)
     assert not list(server.layout.mail.rglob("dovecot.list.index*"))
     assert (server.layout.maildir(USER) / ".Sent" / "dovecot-uidlist").exists()
+
+
+async def test_a_long_log_is_set_aside_and_dovecot_writes_a_new_one(
+    installation: Installation, data_dir: Path
+) -> None:
+    """A node runs for months: Dovecot's log is set aside past its limit while Dovecot runs,
+    and Dovecot goes on in a new file (its own lines, not a copy)."""
+    srv = DovecotServer(
+        Layout(data_dir), Settings(imap_port=free_port()), installation=installation
+    )
+    srv.TIDY_INTERVAL = 0.1
+    srv.LOG_LIMIT = 4096
+    await srv.set_password(USER, PASSWORD)
+    await srv.start()
+    log, aside = srv.layout.log, srv.layout.log.with_name(srv.layout.log.name + ".1")
+    try:
+        with log.open("ab") as f:
+            f.write(b"padding from the test\n" * 400)  # past the limit
+        for _ in range(600):  # the tidy loop looks every 0.1 s; a loaded machine is slower
+            if aside.exists() and log.exists():
+                break
+            await asyncio.sleep(0.1)
+        assert b"padding from the test" in aside.read_bytes()
+        # Dovecot writes its next lines into the new file
+        with pytest.raises(imaplib.IMAP4.error):
+            await asyncio.to_thread(imap_login, srv, "wrong password")
+        await srv.deliver(USER, message("after the rotation"))
+        for _ in range(600):
+            if log.exists() and log.stat().st_size > 0:
+                break
+            await asyncio.sleep(0.1)
+        text = log.read_text(errors="replace")
+        assert "padding from the test" not in text and "wrong password" not in text
+        assert text.strip(), "Dovecot wrote nothing into its new log"
+    finally:
+        await srv.stop()

@@ -189,3 +189,32 @@ async def test_self_probe_restarts_tor_when_the_onion_stalls(
             writer.close()
         server_socket.close()
         await server_socket.wait_closed()
+
+
+async def test_a_long_tor_log_is_set_aside_and_tor_goes_on(
+    tor_launcher: Launcher, tor_client: TorRuntime, http_target: HttpTarget
+) -> None:
+    """tor reopens its log on RELOAD; its SOCKS port, control connection and the inbox's
+    ephemeral onion service all outlive it."""
+    server = await tor_launcher()
+    onion = await server.publish_service(os.urandom(32), "127.0.0.1", http_target.port)
+    server.LOG_LIMIT = 4096
+    log = server._tor_dir / "notice.log"  # white-box: where a launched tor logs
+    aside = log.with_name("notice.log.1")
+    socks = server.socks_endpoint()
+    with log.open("ab") as f:
+        f.write(b"padding from the test\n" * 400)
+    assert await server.rotate_log()
+    assert b"padding from the test" in aside.read_bytes()
+    for _ in range(300):  # tor handles the signal in its own time
+        if log.exists() and b"opening new log file" in log.read_bytes():
+            break
+        await asyncio.sleep(0.1)
+    assert b"padding from the test" not in log.read_bytes()
+    assert b"opening new log file" in log.read_bytes()
+    assert await server.rotate_log() is False  # the new file is small
+    assert server.socks_endpoint() == socks
+    await server.check_health()
+    assert server.status().last_error is None and server.status().published
+    answer = await http_get(TorDialer(tor_client), onion, timeout=90)
+    assert answer.startswith(b"HTTP/1.1 200 OK")

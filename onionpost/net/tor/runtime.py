@@ -40,6 +40,7 @@ import stem.response
 
 from onionpost.base.clock import Clock
 from onionpost.base.config import TorConfig
+from onionpost.base.logfiles import LOG_ROTATE_BYTES, set_aside_if_large
 from onionpost.core.address import (
     onion_from_public_key,
     tor_service_key_blob,
@@ -105,6 +106,8 @@ _PROBE_TIMEOUT = 60.0
 
 class TorRuntime:
     """A tor that onionpost controls, with at most one onion service: the inbox."""
+
+    LOG_LIMIT = LOG_ROTATE_BYTES
 
     def __init__(self, cfg: TorConfig, data_dir: Path, clock: Clock) -> None:
         self._on_progress: Callable[[int, str], None] | None = None
@@ -691,6 +694,27 @@ class TorRuntime:
         """
         with contextlib.suppress(TorError):
             await self._call(lambda c: c.signal(stem.Signal.NEWNYM), "renewing circuits")
+
+    async def rotate_log(self) -> bool:
+        """Set a launched tor's ``notice.log`` aside once it passes the limit
+        (onionpost.base.logfiles) and have tor reopen it; whether it did.  Never raises.
+
+        tor reopens its logs on RELOAD (SIGHUP), which also rereads the torrc: the node wrote
+        that once at the start and it is unchanged, and tor keeps its listeners (``auto``
+        ports included), its circuits and the inbox's ephemeral onion service across it.  A
+        tor run by the system (``mode = "attach"``) keeps its own logs."""
+        if self._cfg.mode != "launch" or self._stopped or not self._process_alive():
+            return False
+        log_file = self._tor_dir / "notice.log"
+        try:
+            if not await asyncio.to_thread(set_aside_if_large, log_file, self.LOG_LIMIT):
+                return False
+            await self._call(lambda c: c.signal(stem.Signal.RELOAD), "reopening its log")
+        except (OSError, TorError) as exc:
+            log.warning("tor: could not start a new log at %s: %s", log_file, exc)
+            return False
+        log.info("tor's log was set aside as %s.1", log_file.name)
+        return True
 
     # --- health ---------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -186,3 +187,49 @@ async def test_the_imap_process_killed_files_exactly_once(
         assert len(inbox) == 3
     finally:
         db.close()
+
+
+FAKE = """
+import sys
+sys.stdout.buffer.write(b"* PREAUTH [CAPABILITY IMAP4rev1 LITERAL+] fake\\r\\n")
+sys.stdout.flush()
+sys.stdin.buffer.readline()
+sys.stdout.buffer.write({answer})
+sys.stdout.flush()
+if ({answer}).endswith(b"\\n"):
+    sys.stdin.buffer.read()  # else the process ends, in the middle of a line
+"""
+
+
+@pytest.mark.parametrize(
+    ("answer", "ok"),
+    [
+        # an answer we did not ask for, with a literal, and a flood of FETCH lines: skipped
+        (
+            r'b"* 1 FETCH (BODY[] {5}\r\nhello)\r\n" + b"* 2 FETCH (FLAGS (S))\r\n" * 20_000'
+            r' + b"* SEARCH 7\r\nf1 OK done\r\n"',
+            True,
+        ),
+        (r'b"* " + b"x" * 70_000 + b"\r\nf1 OK done\r\n"', False),  # a line too long
+        (r'b"* 1 FETCH (BODY[] {2000000}\r\n"', False),  # a literal too big to skip
+        (r'(b"* SEARCH " + b"1 " * 20_000 + b"\r\n") * 10', False),  # more kept than allowed
+        (r'b"f1 OK [unterminated"', False),  # the process ends mid-line
+        (r'b"garbage\r\n"', False),
+    ],
+)
+async def test_the_session_reads_bounded(answer: str, ok: bool) -> None:
+    session = imapsession.ImapSession(
+        [sys.executable, "-c", FAKE.format(answer=answer)], USER, timeout=60
+    )
+    await session.start()
+    try:
+        if ok:
+            untagged, text = await session.command(b"NOOP")
+            assert untagged == [b"* SEARCH 7"] and text == b"done"
+            assert session.alive
+        else:
+            with pytest.raises(FilingDeferred):
+                await session.command(b"NOOP")
+            assert not session.alive  # killed: the next use starts a new process
+    finally:
+        await session.logout()

@@ -340,6 +340,9 @@ class ImapSessions:
     def reopen(self) -> None:
         self._closed = False
 
+    def closed(self) -> bool:
+        return self._closed
+
     async def _session(self, user: str) -> tuple[ImapSession, bool]:
         """The user's running session and whether it was started just now."""
         if self._closed:
@@ -351,6 +354,9 @@ class ImapSessions:
         if s is None:
             s = ImapSession(self._argv(user), user, timeout=self.timeout)
             await s.start()
+            if self.closed():  # closed while it started
+                await s.logout()
+                raise FilingDeferred("The mail server is stopping.")
             self._sessions[user] = s
             log.debug("imap session for %s started (pid %s)", user, s.pid)
             return s, True

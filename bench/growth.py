@@ -34,6 +34,9 @@ RSS is bob's node process (``/proc/<pid>/status``; Dovecot's processes are not c
 the peak (``VmHWM``, reset before the burst) and after the burst once idle.  The reference
 of each row is the same burst into the smallest mailbox, in the same run: flat is the goal.
 
+``BENCH_GROWTH_SIZES=1000,100000`` runs only those sizes, ``BENCH_GROWTH_POOL=0`` skips the
+pool rows (both for before/after comparisons that need only some rows).
+
 **The pool.**  Before the growth rows, the same burst runs with bob's node configured
 ``delivery.crypto_workers = 1`` and then ``2`` (restarted in between), into the smallest
 mailbox: the speed-up of the whole delivery from the second worker, not only of the crypto.
@@ -166,6 +169,8 @@ class Burst:
 
 def run(ctx: Context) -> None:
     sizes = QUICK_SIZES if ctx.quick else SIZES
+    if os.environ.get("BENCH_GROWTH_SIZES"):  # e.g. "1000,100000": only the sizes needed
+        sizes = tuple(int(n) for n in os.environ["BENCH_GROWTH_SIZES"].split(","))
     burst = QUICK_BURST if ctx.quick else BURST
     with _passable_tmp() as root:
         alice, bob = GrowthNode(root, "alice"), GrowthNode(root, "bob")
@@ -196,17 +201,18 @@ def _measure(
         f"tor off, filed through bob's Dovecot), bob's node at 1 and at 2 workers"
     )
     pool: dict[int, Burst] = {}
-    for workers in (1, 2):
+    for workers in () if os.environ.get("BENCH_GROWTH_POOL") == "0" else (1, 2):
         bob.crypto_workers = workers
         _refill(ctx, [(bob, inbox)], sizes[0], alice)
         pool[workers] = _burst(alice, bob, burst, inbox, sent)
-    one, two = pool[1], pool[2]
-    ctx.compare(
-        Stats("delivery, bob at 2 crypto workers", (two.seconds / two.messages,)),
-        Stats("1 worker", (one.seconds / one.messages,)),
-        extra=f"{two.rate:.1f} vs {one.rate:.1f} msg/s: x{two.rate / one.rate:.2f} speed-up "
-        f"from the second worker ({os.cpu_count()} CPUs, shared)",
-    )
+    if pool:
+        one, two = pool[1], pool[2]
+        ctx.compare(
+            Stats("delivery, bob at 2 crypto workers", (two.seconds / two.messages,)),
+            Stats("1 worker", (one.seconds / one.messages,)),
+            extra=f"{two.rate:.1f} vs {one.rate:.1f} msg/s: x{two.rate / one.rate:.2f} "
+            f"speed-up from the second worker ({os.cpu_count()} CPUs, shared)",
+        )
 
     ctx.heading(
         f"cost growth: the same burst of {burst} with bob's INBOX and alice's Sent already "

@@ -67,6 +67,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from gateway.imapsession import ImapSessions
 from gateway.lan import connect_host
 from gateway.tls import LocalTLS, ensure_tls
 from onionpost.base.atomicfile import write_atomic
@@ -1067,6 +1068,22 @@ class DovecotServer:
         self._tidy: asyncio.Task[None] | None = None
         self._tidy_error: str | None = None
         self._log_error = ""
+        #: The filer's kept-open IMAP sessions, one per user (gateway/imapsession.py).
+        self.imap_sessions = ImapSessions(self._imap_argv)
+
+    def _imap_argv(self, user: str) -> list[str]:
+        """Dovecot's ``imap`` for ``user``, pre-authenticated on standard input and output,
+        as the mail user (doveadm finds the program and looks the user up, as for its own
+        commands)."""
+        return [
+            self.installation.doveadm,
+            "-c",
+            str(self.layout.config),
+            "exec",
+            "imap",
+            "-u",
+            _check_user(user),
+        ]
 
     @property
     def installation(self) -> Installation:
@@ -1090,6 +1107,7 @@ class DovecotServer:
         )
         self._stopping = False
         self.status = "starting"
+        self.imap_sessions.reopen()
         try:
             await self._spawn()
             if self.layout.resync_marker.exists():  # doveadm needs Dovecot's auth for users
@@ -1134,6 +1152,7 @@ class DovecotServer:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self._tidy = self._watch = None
+        await self.imap_sessions.close()
         await self._terminate(timeout)
         self.status = "stopped"
 

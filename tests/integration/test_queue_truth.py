@@ -168,6 +168,9 @@ class _FakeTor:
     async def check_health(self) -> None:
         return None
 
+    async def rotate_log(self) -> bool:
+        return False
+
     async def stop(self) -> None:
         return None
 

@@ -1338,9 +1338,13 @@ class DovecotServer:
             proc = self._proc
             assert proc is not None
             started = self.clock.monotonic()
-            code = await proc.wait()
+            code = await _exit_status(proc)
             if self._stop_requested():  # stop() may have been called while we waited
                 return
+            # The filer's IMAP sessions belong to the Dovecot that died: they end with it and
+            # the first use after the restart starts new ones.
+            await self.imap_sessions.close()
+            self.imap_sessions.reopen()
             if self.clock.monotonic() - started >= self.STABLE_AFTER:
                 backoff.succeeded()  # it ran a while: this exit starts the backoff over
             why = self._why()
@@ -1445,6 +1449,21 @@ def _group_members(pgid: int) -> list[int]:
         if len(fields) > 2 and fields[2] == str(pgid):
             members.append(int(entry.name))
     return members
+
+
+async def _exit_status(proc: asyncio.subprocess.Process) -> int:
+    """The master's exit status, as soon as it has exited.
+
+    ``proc.wait()`` alone also waits for the end of the master's output pipe, which its
+    children hold until they notice it is gone: tens of seconds while the filer's kept IMAP
+    session keeps one of them busy, and mail would wait that long for the restart."""
+    waiting = asyncio.ensure_future(proc.wait())
+    try:
+        while proc.returncode is None and not waiting.done():
+            await asyncio.wait({waiting}, timeout=0.5)
+    finally:
+        waiting.cancel()
+    return proc.returncode if proc.returncode is not None else waiting.result()
 
 
 def _running(pid: int) -> bool:

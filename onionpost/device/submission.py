@@ -14,7 +14,6 @@ lifetime runs out, whether the problem was here (no keys) or at the outbox (unde
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -307,12 +306,9 @@ class Submissions:
                     after = max(after, (sid, max(r.address for r in recips)))
             finally:
                 if queued:
-                    # Its COMMIT runs off the event loop (Database.transact).
-                    await self.db.transact(functools.partial(self._mark_queued, queued))
-
-    def _mark_queued(self, queued: list[tuple[int, str, int]], _conn: object) -> None:
-        for sid, address, outbox_id in queued:
-            self.store.mark_queued(sid, address, outbox_id)
+                    with self.db.transaction():
+                        for sid, address, outbox_id in queued:
+                            self.store.mark_queued(sid, address, outbox_id)
 
     async def _process(
         self, sid: int, recips: list[PendingRecipient], queued: list[tuple[int, str, int]]

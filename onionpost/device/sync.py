@@ -207,8 +207,9 @@ class Receiver:
             # The rows the last batches put in the mailbox are removed by this batch's
             # COMMIT, not one of their own (settle_many's remove_later, below).
             removing = store.filed_waiting()
-
-            def body(_conn: object) -> None:
+            # One transaction for the batch (nothing awaited inside it); each message in its
+            # own savepoint, so one that fails leaves nothing behind and spoils no other.
+            with store.db.transaction():
                 store.forget_filed(removing)
                 for (item, _), result in zip(fetched, decrypted, strict=True):
                     if isinstance(result, BaseException) and not isinstance(result, OnionpostError):
@@ -222,11 +223,6 @@ class Receiver:
                         log.warning(
                             "could not take message %d from the inbox yet: %s", item.id, exc
                         )
-
-            # One transaction for the batch (nothing awaited inside it, its COMMIT off the
-            # event loop: Database.transact); each message in its own savepoint, so one that
-            # fails leaves nothing behind and spoils no other.
-            await store.db.transact(body)
             store.forgotten(removing)
         left = await self.filer.settle_many(
             [i for _, f in opened for i in f.filings], remove_later=True

@@ -81,7 +81,7 @@ from onionpost.core.wire import (
     refusal,
 )
 from onionpost.inbox.enrolment import Enrolment
-from onionpost.inbox.postoffice import Inbox, Session
+from onionpost.inbox.postoffice import DeliveryResult, Inbox, Session, Unwrapped
 from onionpost.store.outbox import OutboxRow
 
 log = logging.getLogger(__name__)
@@ -317,6 +317,51 @@ def _overloaded_reply() -> bytes:
     return head.encode() + body
 
 
+class _AcceptBatch:
+    """Group commit for deliveries: the ones ready to be stored in the same turn of the
+    event loop share one COMMIT (:meth:`Inbox.accept_many`).
+
+    Storing runs on the loop and its COMMIT (an fsync) blocks it, so deliveries whose outer
+    layer finished opening meanwhile (in worker threads) are all ready on the next turn and
+    go together; an idle inbox stores a lone delivery one turn after it is ready.  Each
+    request waits for the commit that holds its delivery before answering ``accepted``.
+    """
+
+    def __init__(self, inbox: Inbox) -> None:
+        self.inbox = inbox
+        self._batch: list[tuple[Unwrapped, int, asyncio.Future[DeliveryResult]]] = []
+
+    async def accept(self, unwrapped: Unwrapped, now: int) -> DeliveryResult:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[DeliveryResult] = loop.create_future()
+        if not self._batch:
+            loop.call_soon(self._flush)
+        self._batch.append((unwrapped, now, fut))
+        # Cancelled (the peer went away): the future is cancelled with it and the flush skips
+        # the delivery, whose file the caller closes on the way out.
+        return await fut
+
+    def _flush(self) -> None:
+        batch = [b for b in self._batch if not b[2].cancelled()]
+        self._batch = []
+        if not batch:
+            return
+        try:
+            results = self.inbox.accept_many([(u, now) for u, now, _ in batch])
+        except Exception as exc:  # the COMMIT failed: every request hears it
+            for *_, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        for (*_, fut), result in zip(batch, results, strict=True):
+            if fut.done():
+                continue
+            if isinstance(result, Exception):
+                fut.set_exception(result)
+            else:
+                fut.set_result(result)
+
+
 class InboxServer:
     def __init__(
         self,
@@ -335,6 +380,7 @@ class InboxServer:
         self._on_inbound = on_inbound
         self._on_submitted = on_submitted
         self._deliveries = asyncio.Semaphore(8)
+        self._accepts = _AcceptBatch(inbox)
         self._ack_flush: asyncio.TimerHandle | None = None
         self._events: dict[tuple[bytes, bytes], asyncio.Event] = {}
         self._server: asyncio.Server | None = None
@@ -528,7 +574,7 @@ class InboxServer:
                 now = self._now()
                 unwrapped = await asyncio.to_thread(self.inbox.unwrap, body, length, now=now)
                 with unwrapped:
-                    result = await self.inbox.accepts.accept(unwrapped, now)
+                    result = await self._accepts.accept(unwrapped, now)
             finally:
                 self._deliveries.release()
         return _json(
@@ -676,7 +722,7 @@ class InboxServer:
             raise MalformedData("'msg_id' must be hex and 'expires_at' a number.") from exc
         body, length = await self._body_to_file(request, self.config.max_envelope_bytes + (1 << 20))
         with body:
-            row_id = await self.inbox.submit_async(
+            row_id = self.inbox.submit(
                 s,
                 destination=q.get("destination", ""),
                 sealed=(body, length),

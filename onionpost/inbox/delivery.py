@@ -166,7 +166,7 @@ class OutboxWorker:
                 now = self.clock.now()
                 unwrapped = await asyncio.to_thread(self.inbox.unwrap, envelope, length, now=now)
                 with unwrapped:
-                    return (await self.inbox.accepts.accept(unwrapped, now)).receipt
+                    return self.inbox.accept(unwrapped, now=now).receipt
             client = InboxClient(
                 self.dialer,
                 row.onion,

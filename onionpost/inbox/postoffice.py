@@ -8,7 +8,6 @@ submissions into the outbox and installs newly published keys.  It holds only ci
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -55,7 +54,7 @@ from onionpost.core.errors import (
 from onionpost.core.wire import KeyUpdate
 from onionpost.store.disk import DiskRoom
 from onionpost.store.inbox import InboxStore, MailboxRow, RateBucket, SpoolEntry
-from onionpost.store.outbox import Enqueue, OutboxStore
+from onionpost.store.outbox import OutboxStore
 
 CTX_LOGIN = b"onionpost/v1/device-login\x00"
 CTX_TOKEN_HASH = b"onionpost/v1/token-hash"
@@ -131,9 +130,6 @@ class Inbox:
         self._bundle_cache: dict[str, tuple[int, MailboxRow, bytes]] = {}
         #: Called with (mailbox id, device ids) after new mail was spooled for devices.
         self.on_spooled: list[Callable[[bytes, frozenset[bytes]], None]] = []
-        #: Deliveries stored in batches, each batch's COMMIT off the event loop: the node
-        #: API's and those of this node's own outbox to itself.
-        self.accepts = AcceptBatch(self)
 
     @property
     def onion_pk(self) -> bytes:
@@ -336,38 +332,16 @@ class Inbox:
         in one batch are told apart as they would be one after the other (the second is a
         duplicate): the second reads what the first wrote, in the same transaction.
         """
-        with self.store.db.transaction() as c:
-            acks, out = self._accept_each(c, batch)
-        return self._accepted_many(acks, out)
-
-    async def accept_many_async(
-        self, batch: Sequence[tuple[Unwrapped, int]]
-    ) -> list[DeliveryResult | Exception]:
-        """:meth:`accept_many` with its ``COMMIT`` (the fsync) off the event loop
-        (:meth:`Database.transact`): the checks and the inserts run here, and this returns,
-        like :meth:`accept_many`, once the commit holding them is durable."""
-        acks, out = await self.store.db.transact(lambda c: self._accept_each(c, batch))
-        return self._accepted_many(acks, out)
-
-    def _accept_each(
-        self, _conn: object, batch: Sequence[tuple[Unwrapped, int]]
-    ) -> tuple[dict[int, tuple[bytes, bytes]], list[DeliveryResult | Exception]]:
-        """Inside the batch's transaction: the acknowledgements, then each delivery in its
-        own savepoint."""
         out: list[DeliveryResult | Exception] = []
-        # The devices' acknowledgements since the last commit ride this one.
-        acks = self.store.apply_acks()
-        for unwrapped, now in batch:
-            try:
-                with self.store.db.transaction():  # a savepoint
-                    out.append(self._accept(unwrapped, now=now))
-            except Exception as exc:  # handed to that delivery's request
-                out.append(exc)
-        return acks, out
-
-    def _accepted_many(
-        self, acks: dict[int, tuple[bytes, bytes]], out: list[DeliveryResult | Exception]
-    ) -> list[DeliveryResult | Exception]:
+        with self.store.db.transaction():
+            # The devices' acknowledgements since the last commit ride this one.
+            acks = self.store.apply_acks()
+            for unwrapped, now in batch:
+                try:
+                    with self.store.db.transaction():  # a savepoint
+                        out.append(self._accept(unwrapped, now=now))
+                except Exception as exc:  # handed to that delivery's request
+                    out.append(exc)
         self.store.acks_applied(acks)
         for result in out:  # committed: the devices may look now
             if isinstance(result, DeliveryResult):
@@ -546,62 +520,7 @@ class Inbox:
         submission_key: str,
         now: int,
     ) -> int:
-        """Queue a sealed envelope for delivery by this inbox; durable when it returns (the
-        checks: :meth:`_checked_submission`)."""
-        return self.outbox.enqueue_one(
-            self._checked_submission(
-                s,
-                destination=destination,
-                sealed=sealed,
-                msg_id=msg_id,
-                expires_at=expires_at,
-                message_ref=message_ref,
-                submission_key=submission_key,
-                now=now,
-            )
-        )
-
-    async def submit_async(
-        self,
-        s: Session,
-        *,
-        destination: str,
-        sealed: bytes | tuple[IO[bytes], int],
-        msg_id: bytes,
-        expires_at: int,
-        message_ref: str,
-        submission_key: str,
-        now: int,
-    ) -> int:
-        """:meth:`submit` with its ``COMMIT`` off the event loop
-        (:meth:`OutboxStore.enqueue_async`); durable when it returns."""
-        return await self.outbox.enqueue_async(
-            self._checked_submission(
-                s,
-                destination=destination,
-                sealed=sealed,
-                msg_id=msg_id,
-                expires_at=expires_at,
-                message_ref=message_ref,
-                submission_key=submission_key,
-                now=now,
-            )
-        )
-
-    def _checked_submission(
-        self,
-        s: Session,
-        *,
-        destination: str,
-        sealed: bytes | tuple[IO[bytes], int],
-        msg_id: bytes,
-        expires_at: int,
-        message_ref: str,
-        submission_key: str,
-        now: int,
-    ) -> Enqueue:
-        """Check a sealed envelope submitted for delivery by this inbox; what to queue
-        (:meth:`submit` / :meth:`submit_async` queue it, durable when they return).
+        """Queue a sealed envelope for delivery by this inbox; durable when it returns.
 
         ``submission_key`` makes a repeated submission of the same (re-sealed) message return
         the row already queued, so a device that crashed mid-hand-over never sends twice.
@@ -620,7 +539,7 @@ class Inbox:
         if not 1 <= len(submission_key) <= 200:
             raise MalformedData("A submission key must be 1 to 200 characters.")
         del message_ref  # accepted on the wire, kept nowhere
-        return Enqueue(
+        return self.outbox.enqueue(
             mailbox_id=s.mailbox_id,
             device_id=s.device_id,
             onion=address.onion,
@@ -791,52 +710,3 @@ def _stanza_prekey_ids(l2: envelope.Readable) -> set[int]:
         for i in range(n)
         if stanzas[i * 85] == envelope.STANZA_TYPE_X25519
     }
-
-
-class AcceptBatch:
-    """Group commit for deliveries: the ones ready while the previous batch commits share
-    the next COMMIT (:meth:`Inbox.accept_many_async`).
-
-    Storing runs on the loop and its COMMIT (an fsync) in the inbox database's commit
-    thread, so deliveries whose outer layer finished opening meanwhile (in worker threads)
-    queue up and go together in the next batch; an idle inbox stores a lone delivery one
-    turn after it is ready.  Each request waits for the commit that holds its delivery
-    before answering ``accepted``.  This node's own outbox hands its deliveries here too
-    (:class:`~onionpost.inbox.delivery.OutboxWorker`).
-    """
-
-    def __init__(self, inbox: Inbox) -> None:
-        self.inbox = inbox
-        self._batch: list[tuple[Unwrapped, int, asyncio.Future[DeliveryResult]]] = []
-        self._runner: asyncio.Task[None] | None = None
-
-    async def accept(self, unwrapped: Unwrapped, now: int) -> DeliveryResult:
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[DeliveryResult] = loop.create_future()
-        self._batch.append((unwrapped, now, fut))
-        if self._runner is None or self._runner.done():
-            self._runner = asyncio.create_task(self._run(), name="accept-commit")
-        # Cancelled (the peer went away): the future is cancelled with it and the batch skips
-        # the delivery, whose file the caller closes on the way out.
-        return await fut
-
-    async def _run(self) -> None:
-        while self._batch:
-            batch = [b for b in self._batch if not b[2].cancelled()]
-            self._batch = []
-            if not batch:
-                continue
-            try:
-                results = await self.inbox.accept_many_async([(u, now) for u, now, _ in batch])
-            except Exception as exc:  # the COMMIT failed: every request hears it
-                for *_, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(exc)
-                continue
-            for (*_, fut), result in zip(batch, results, strict=True):
-                if fut.done():
-                    continue
-                if isinstance(result, Exception):
-                    fut.set_exception(result)
-                else:
-                    fut.set_result(result)

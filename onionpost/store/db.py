@@ -12,8 +12,6 @@ upgraded in place on open.
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import contextlib
 import os
 import re
@@ -21,10 +19,10 @@ import sqlite3
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import sqlite_utils
 
@@ -36,8 +34,6 @@ _MIGRATIONS_PACKAGE = "onionpost.store.migrations"
 #: is compacted (VACUUM) and its WAL emptied once the migrations are applied.
 _COMPACT_MARK = "-- onionpost: compact after"
 _CREATE_TABLE = re.compile(r"CREATE TABLE (?:IF NOT EXISTS )?(\w+)", re.IGNORECASE)
-
-T = TypeVar("T")
 
 
 def translate(exc: sqlite3.Error) -> StoreError:
@@ -86,27 +82,17 @@ class Database:
         # would poll in steps of 1, 2, 5, 10... ms.  Never shared by two connections of one
         # thread (the second would wait for the first for ever).
         self._write_lock = write_lock
-        # The connection is *owned* by the threads that call this object's methods (the
-        # node's event loop) except while :meth:`transact` has lent it to this database's
-        # commit thread for one ``COMMIT``: then ``_returned`` is clear, and every use of the
-        # connection (``conn``, the queries, a new transaction) first waits for it to be set
-        # again by the commit thread.  So the connection is never used by two threads at
-        # once, and nothing runs between a transaction's last statement and its ``COMMIT``.
-        self._returned = threading.Event()
-        self._returned.set()
-        self._committer: concurrent.futures.ThreadPoolExecutor | None = None
-        self._commit_turn: asyncio.Future[None] | None = None
         if self.path is not None:
             _create_private(self.path)
         try:
-            self._conn = sqlite3.connect(
+            self.conn = sqlite3.connect(
                 str(path), isolation_level=None, timeout=10.0, check_same_thread=False
             )
         except sqlite3.Error as exc:
             raise translate(exc) from exc
         try:
-            self._conn.row_factory = sqlite3.Row
-            self._conn.create_function("record_hash", 1, self._sql_record_hash, deterministic=True)
+            self.conn.row_factory = sqlite3.Row
+            self.conn.create_function("record_hash", 1, self._sql_record_hash, deterministic=True)
             if self.path is not None:
                 self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA synchronous=FULL")
@@ -124,20 +110,9 @@ class Database:
                 raise translate(exc) from exc
             raise
 
-    @property
-    def conn(self) -> sqlite3.Connection:
-        """The connection, once no commit thread holds it (see :meth:`transact`)."""
-        if not self._returned.is_set():
-            self._returned.wait()
-        return self._conn
-
     def close(self) -> None:
-        self._returned.wait()  # a COMMIT in flight ends first
-        if self._committer is not None:
-            self._committer.shutdown(wait=True)
-            self._committer = None
         with contextlib.suppress(sqlite3.Error):
-            self._conn.close()
+            self.conn.close()
 
     # -- keyed hashes ---------------------------------------------------------------------
 
@@ -217,89 +192,6 @@ class Database:
                     if self._depth == 0:
                         self.conn.execute("ROLLBACK")
                 raise translate(exc) from exc
-
-    async def transact(self, body: Callable[[sqlite3.Connection], T]) -> T:
-        """:meth:`transaction` for the event loop: ``body`` runs here inside ``BEGIN
-        IMMEDIATE`` (nested :meth:`transaction` calls in it are savepoints), and its ``COMMIT``
-        with its fsync runs in this database's commit thread while the loop serves others.
-
-        Returns ``body``'s result once the commit is durable; an exception of ``body`` rolls
-        back and is raised, as is a failed commit (rolled back).  Meanwhile the connection is
-        lent to the commit thread: any use of it from another thread waits until the
-        ``COMMIT`` returned (see ``conn``), and another :meth:`transact` waits its turn
-        without blocking the loop.  A caller cancelled while its commit runs still waits for
-        the commit to end (so it never leaves the connection lent behind it) and is then
-        cancelled; its data may be committed, and it was never acknowledged.
-        """
-        while self._commit_turn is not None:
-            await asyncio.wait({self._commit_turn})
-        locked = self._write_lock is not None
-        if locked:
-            assert self._write_lock is not None
-            self._write_lock.acquire()
-        lent = False
-        try:
-            try:
-                self.conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as exc:
-                raise translate(exc) from exc
-            self._depth = 1
-            try:
-                result = body(self._conn)
-            except BaseException as exc:
-                self._depth = 0
-                with contextlib.suppress(sqlite3.Error):
-                    self._conn.execute("ROLLBACK")
-                if isinstance(exc, sqlite3.Error):
-                    raise translate(exc) from exc
-                raise
-            self._depth = 0
-            if self._committer is None:
-                self._committer = concurrent.futures.ThreadPoolExecutor(
-                    max_workers=1, thread_name_prefix="db-commit"
-                )
-            self._returned.clear()  # lent: from here only the commit thread uses it
-            lent = True
-            turn = asyncio.get_running_loop().run_in_executor(
-                self._committer, self._commit_lent, locked
-            )
-            self._commit_turn = turn
-            turn.add_done_callback(self._turn_over)
-            locked = False  # the commit thread releases the write lock
-        finally:
-            if locked:
-                assert self._write_lock is not None
-                self._write_lock.release()
-            if not lent and not self._returned.is_set():
-                self._returned.set()
-        try:
-            await asyncio.shield(turn)
-        except asyncio.CancelledError:
-            if not turn.done():
-                with contextlib.suppress(BaseException):
-                    await asyncio.wait({turn})
-            raise
-        return result
-
-    def _turn_over(self, turn: asyncio.Future[None]) -> None:
-        if self._commit_turn is turn:
-            self._commit_turn = None
-
-    def _commit_lent(self, locked: bool) -> None:
-        """In the commit thread: ``COMMIT`` (or ``ROLLBACK`` if it fails), then hand the
-        connection and the write lock back."""
-        try:
-            try:
-                self._conn.execute("COMMIT")
-            except sqlite3.Error as exc:
-                with contextlib.suppress(sqlite3.Error):
-                    self._conn.execute("ROLLBACK")
-                raise translate(exc) from exc
-        finally:
-            if locked:
-                assert self._write_lock is not None
-                self._write_lock.release()
-            self._returned.set()
 
     def write(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> sqlite3.Cursor:
         """One writing statement, atomic as :meth:`transaction` makes a block.
@@ -405,7 +297,6 @@ class Database:
 
     def count(self, table: str, where: str = "", params: Sequence[Any] = ()) -> int:
         """Rows in ``table`` (optionally matching ``where``), for status pages."""
-        self._returned.wait()
         try:
             return int(self.utils[table].count_where(where or "1", params))
         except sqlite3.Error as exc:

@@ -54,19 +54,6 @@ def _row(r: sqlite3.Row) -> OutboxRow:
     return OutboxRow(*tuple(r))
 
 
-@dataclass(frozen=True)
-class Enqueue:
-    """One envelope to queue (:meth:`OutboxStore.enqueue`'s arguments)."""
-
-    mailbox_id: bytes
-    device_id: bytes
-    onion: str
-    envelope: bytes | tuple[Readable, int]
-    submission_key: str
-    now: int
-    expires_at: int
-
-
 class OutboxStore:
     def __init__(self, db: Database) -> None:
         self.db = db
@@ -131,60 +118,38 @@ class OutboxStore:
         64 MiB envelope is never held in memory here).  The worker's delivered marks still
         waiting ride this commit (:meth:`mark_delivered_later`).
         """
-        return self.enqueue_one(
-            Enqueue(mailbox_id, device_id, onion, envelope, submission_key, now, expires_at)
-        )
-
-    def enqueue_one(self, e: Enqueue) -> int:
-        """:meth:`enqueue` of a prepared :class:`Enqueue`."""
-        key_hash = self.db.record_hash(e.submission_key)
+        key_hash = self.db.record_hash(submission_key)
+        size = envelope[1] if isinstance(envelope, tuple) else len(envelope)
         with self.db.transaction() as c:
-            row_id, taken = self._enqueue_in(c, e, key_hash)
-        self._marks_carried(taken)
-        return row_id
-
-    async def enqueue_async(self, e: Enqueue) -> int:
-        """:meth:`enqueue_one` with its ``COMMIT`` off the event loop
-        (:meth:`Database.transact`); durable when it returns."""
-        key_hash = self.db.record_hash(e.submission_key)
-        row_id, taken = await self.db.transact(lambda c: self._enqueue_in(c, e, key_hash))
-        self._marks_carried(taken)
-        return row_id
-
-    def _enqueue_in(
-        self, c: sqlite3.Connection, e: Enqueue, key_hash: bytes
-    ) -> tuple[int, dict[int, int]]:
-        """Inside the caller's transaction: the row (or the one already queued) and the
-        delivered marks taken along (for :meth:`_marks_carried` once committed)."""
-        size = e.envelope[1] if isinstance(e.envelope, tuple) else len(e.envelope)
-        taken = self._apply_marks()
-        row = c.execute(
-            "SELECT id, state FROM outbox WHERE mailbox_id = ? AND submission_hash = ?",
-            (e.mailbox_id, key_hash),
-        ).fetchone()
-        if row is None:
-            OUTBOX.check(None, S.QUEUED)  # the column's default
-            cur = c.execute(
-                "INSERT INTO outbox (mailbox_id, device_id, onion, submission_hash,"
-                " created_at, expires_at, next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (e.mailbox_id, e.device_id, e.onion, key_hash, e.now, e.expires_at, e.now),
-            )
-            assert cur.lastrowid is not None
-            row_id = cur.lastrowid
-            _write_blob(c, row_id, size, e.envelope)
-        else:
-            row_id = int(row[0])
-            if row[1] == S.RESEAL:
-                # handed back because the recipient's keys changed: this is the re-sealing
-                t = OUTBOX.check(S.RESEAL, S.QUEUED)
-                c.execute(
-                    "UPDATE outbox SET onion = ?, state = ?,"
-                    " next_attempt_at = ?, leased_until = NULL, finished_at = NULL,"
-                    " last_error = NULL, last_error_code = NULL WHERE id = ? AND state = ?",
-                    (e.onion, t.target, e.now, row_id, t.source),
+            taken = self._apply_marks()
+            row = c.execute(
+                "SELECT id, state FROM outbox WHERE mailbox_id = ? AND submission_hash = ?",
+                (mailbox_id, key_hash),
+            ).fetchone()
+            if row is None:
+                OUTBOX.check(None, S.QUEUED)  # the column's default
+                cur = c.execute(
+                    "INSERT INTO outbox (mailbox_id, device_id, onion, submission_hash,"
+                    " created_at, expires_at, next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (mailbox_id, device_id, onion, key_hash, now, expires_at, now),
                 )
-                _write_blob(c, row_id, size, e.envelope)
-        return row_id, taken
+                assert cur.lastrowid is not None
+                row_id = cur.lastrowid
+                _write_blob(c, row_id, size, envelope)
+            else:
+                row_id = int(row[0])
+                if row[1] == S.RESEAL:
+                    # handed back because the recipient's keys changed: this is the re-sealing
+                    t = OUTBOX.check(S.RESEAL, S.QUEUED)
+                    c.execute(
+                        "UPDATE outbox SET onion = ?, state = ?,"
+                        " next_attempt_at = ?, leased_until = NULL, finished_at = NULL,"
+                        " last_error = NULL, last_error_code = NULL WHERE id = ? AND state = ?",
+                        (onion, t.target, now, row_id, t.source),
+                    )
+                    _write_blob(c, row_id, size, envelope)
+        self._marks_carried(taken)
+        return row_id
 
     def get(self, row_id: int) -> OutboxRow | None:
         r = self.db.one(f"SELECT {_COLUMNS} FROM outbox WHERE id = ?", (row_id,))  # noqa: S608

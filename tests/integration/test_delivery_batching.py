@@ -117,14 +117,14 @@ async def test_removals_and_acknowledgements_ride_the_next_commit(
     assert await world.bob.device.sync() == 1
     store, inbox = world.bob.filer.store, world.b.inbox.store
     accepts = 0
-    accept_many = world.b.inbox.accept_many_async
+    accept_many = world.b.inbox.accept_many
 
-    async def counted(batch):  # type: ignore[no-untyped-def]
+    def counted(batch):  # type: ignore[no-untyped-def]
         nonlocal accepts
         accepts += 1
-        return await accept_many(batch)
+        return accept_many(batch)
 
-    monkeypatch.setattr(world.b.inbox, "accept_many_async", counted)
+    monkeypatch.setattr(world.b.inbox, "accept_many", counted)
     for r in range(3):
         # What the last sync filed is hidden, its rows still in the database; the copies it
         # acknowledged are hidden from bob and still stored at B.

@@ -39,15 +39,21 @@ async def test_deliveries_reuse_one_stream_and_survive_a_dropped_one(
         def inbox() -> list[str]:
             return subjects(bob, "bob")
 
+        def stream_back() -> bool:
+            # Bob files a message before his answer has crossed tor back to alice: until it
+            # has, her stream is still in use, and mail sent now rightly opens a second one.
+            return alice.connections.idle_count(bob_onion) == 1
+
         await send(alice, "alice", bob, "bob", "first")
         await eventually(lambda: "first" in inbox(), "the first message")
+        await eventually(stream_back, "alice's stream back in her pool")
         # the key fetch opened the stream, the delivery reused it
         assert alice.connections.stats.opened_to[bob_onion] == 1, alice.connections.stats
         assert alice.connections.stats.reused >= 1, alice.connections.stats
         await send(alice, "alice", bob, "bob", "second")
         await eventually(lambda: "second" in inbox(), "the second message")
+        await eventually(stream_back, "alice's stream back in her pool")
         assert alice.connections.stats.opened_to[bob_onion] == 1, alice.connections.stats
-        assert alice.connections.idle_count(bob_onion) == 1
 
         # Bob's inbox drops every connection open now the moment it next receives a byte:
         # alice's kept stream dies exactly as the next delivery is sent on it.

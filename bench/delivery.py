@@ -313,8 +313,10 @@ class Tracker:
         sink = node.sink
         original = sink.deliver
 
-        async def deliver(user: str, folder: str, message: Path | bytes, *, header: bytes) -> None:
-            await original(user, folder, message, header=header)
+        async def deliver(
+            user: str, folder: str, message: Path | bytes, *, header: bytes, seen: bool = False
+        ) -> None:
+            await original(user, folder, message, header=header, seen=seen)
             n = message_number(message if isinstance(message, bytes) else message.read_bytes())
             if n is not None and folder == "INBOX":
                 self._filed(n)

@@ -428,10 +428,20 @@ def _uids(untagged: list[bytes]) -> list[int]:
     return uids
 
 
-async def append(session: ImapSession, folder: str, message: bytes | Path, prefix: bytes) -> None:
-    """Save ``prefix`` + ``message`` into ``folder``; returns after Dovecot's commit."""
+async def append(
+    session: ImapSession,
+    folder: str,
+    message: bytes | Path,
+    prefix: bytes,
+    *,
+    seen: bool = False,
+) -> None:
+    """Save ``prefix`` + ``message`` into ``folder`` (with ``\\Seen`` already set if
+    ``seen``: no flag change, hence no rename in ``cur/``, afterwards); returns after
+    Dovecot's commit."""
     literal = await asyncio.to_thread(message_literal, message, prefix)
-    await session.command(b"APPEND", mailbox_name(folder), literal)
+    flags = (b"(\\Seen)",) if seen else ()
+    await session.command(b"APPEND", mailbox_name(folder), *flags, literal)
 
 
 async def search(

@@ -81,12 +81,15 @@ def _listening(host: str, port: int, setting: str) -> Iterator[None]:
 
 class DovecotSink:
     """The node's filer's view of Dovecot: a kept-open IMAP session per user to file into
-    INBOX and to look into folders, LMTP to file into the others.
+    INBOX, to file a message that is to be seen (a Sent copy) and to look into folders,
+    LMTP to file into the others.
 
     Why two paths (docs/performance.md, "Filing through a kept IMAP session"): LMTP reads an
     INBOX's whole uidlist on every delivery (Dovecot's duplicate-GUID check, ~0.35 s at
     100,000 messages) where an IMAP ``APPEND`` reads none; into other folders LMTP costs the
-    same as an APPEND and stays.  Both answer only after Dovecot's commit.  The looks
+    same as an APPEND and stays, except for a copy to be seen: LMTP cannot set a flag, and
+    an ``APPEND (\\Seen)`` saves it flagged where LMTP and a ``STORE`` cost a second look
+    and a rename in ``cur/``.  Both answer only after Dovecot's commit.  The looks
     (header searches from a UID floor, ``\\Seen``, UIDNEXT) were a ``doveadm`` process each,
     which opens the folder afresh (seconds at 100,000); the session keeps it open.
     """
@@ -99,16 +102,24 @@ class DovecotSink:
             raise FilingDeferred(f"Dovecot is {self.server.status}.")
 
     async def deliver(
-        self, user: str, folder: str, message: Path | bytes, *, header: bytes
+        self,
+        user: str,
+        folder: str,
+        message: Path | bytes,
+        *,
+        header: bytes,
+        seen: bool = False,
     ) -> None:
         self._running()
-        if folder != "INBOX":
+        if folder != "INBOX" and not seen:
             await lmtp_deliver(self.server.lmtp_socket, user, message, folder=folder, header=header)
             return
         # The Return-Path line LMTP adds: the file is the same whichever path saved it.
         prefix = RETURN_PATH + header
         await self.server.imap_sessions.run(
-            user, lambda s: imapsession.append(s, folder, message, prefix), idempotent=False
+            user,
+            lambda s: imapsession.append(s, folder, message, prefix, seen=seen),
+            idempotent=False,
         )
 
     async def holds(

@@ -58,10 +58,17 @@ class MailSink(Protocol):
     """The person's mailbox, as the filer needs it."""
 
     async def deliver(
-        self, user: str, folder: str, message: Path | bytes, *, header: bytes
+        self,
+        user: str,
+        folder: str,
+        message: Path | bytes,
+        *,
+        header: bytes,
+        seen: bool = False,
     ) -> None:
         """File ``header`` + the message (a spool file, or the bytes of one kept in the
-        database); return only once durably stored (LMTP 250).
+        database), flagged ``\\Seen`` if ``seen``; return only once durably stored
+        (LMTP 250, an APPEND's OK).
         :class:`FilingDeferred` if it may work later, :class:`FilingRefused` if never."""
 
     async def holds(
@@ -265,15 +272,15 @@ class Filer:
         Searches of the folder start at a UID floor where one is known (see
         :meth:`_floor_before`), so their cost does not grow with the folder: a message
         saved after the row was created has a UID at least the folder's UIDNEXT seen before
-        that.  The client's own Sent copy and a filing left *handed* by a crash were both
-        saved after the row was created; the copy just filed, after the UIDNEXT read right
-        before the batch's first copy into that folder was handed to the mailbox (``floors``:
-        one reading per folder and batch, not one per message).
+        that.  The client's own Sent copy and a filing left *handed* or *filed* by a crash
+        were all saved after the row was created.  A copy to be seen is saved with its flag,
+        so the copy just filed needs no search; each batch reads the folder's UIDNEXT once,
+        before its first such copy (``floors``), to keep the floors of later rows close.
         """
         value = row.key.hex()
         since_row = self._floor_before(row.user, row.folder, row.created_at)
         try:
-            filed_from = 1  # a row filed before a crash: where it landed is not known
+            flag_later = row.mark_seen  # saved by an earlier attempt, perhaps unflagged
             if row.state == FILED:
                 pass  # in the mailbox; only the flag is missing
             elif (
@@ -295,18 +302,16 @@ class Filer:
                 body = self.store.body(row)
                 message: Path | bytes = self.store.path(row.key) if body is None else body
                 del body
-                if row.mark_seen:
-                    where = (row.user, row.folder)
-                    if where not in floors:
-                        floors[where] = await self.observe(sink, row.user, row.folder)
-                    filed_from = floors[where]
-                await sink.deliver(row.user, row.folder, message, header=header)
+                if row.mark_seen and (row.user, row.folder) not in floors:
+                    # A fresh floor for the client-copy checks of the copies to come.
+                    floors[(row.user, row.folder)] = await self.observe(sink, row.user, row.folder)
+                # Saved with its flag: no search for it, no flag change afterwards.
+                await sink.deliver(row.user, row.folder, message, header=header, seen=row.mark_seen)
                 del message
-            if row.mark_seen:
+                flag_later = False
+            if flag_later:  # found in the folder after a crash; flag it if it is not
                 self.store.set_state(row.id, FILED)
-                await sink.mark_seen(
-                    row.user, row.folder, FILING_HEADER, value, from_uid=filed_from
-                )
+                await sink.mark_seen(row.user, row.folder, FILING_HEADER, value, from_uid=since_row)
         except FilingRefused as exc:
             # Trying again won't help; keeping it would block nothing but hides the mail.
             # Leave it queued with a long wait so `onionpost doctor` and the log show it.

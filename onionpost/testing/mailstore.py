@@ -31,12 +31,18 @@ class MemorySink:
         self.refuse: Exception | None = None  # raise this from deliver (a broken mailbox)
 
     async def deliver(
-        self, user: str, folder: str, message: Path | bytes, *, header: bytes
+        self,
+        user: str,
+        folder: str,
+        message: Path | bytes,
+        *,
+        header: bytes,
+        seen: bool = False,
     ) -> None:
         if self.refuse is not None:
             raise self.refuse
         data = header + (message if isinstance(message, bytes) else message.read_bytes())
-        self.boxes.setdefault((user, folder), []).append((data, set()))
+        self.boxes.setdefault((user, folder), []).append((data, {"\\Seen"} if seen else set()))
 
     async def holds(
         self, user: str, folder: str, header: str, value: str, *, from_uid: int = 1

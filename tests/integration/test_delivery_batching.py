@@ -297,13 +297,13 @@ async def test_a_message_the_mailbox_refuses_now_does_not_hold_back_the_rest(
     refused: list[str] = []
 
     async def deliver_all_but_third(
-        user: str, folder: str, message: Path | bytes, *, header: bytes
+        user: str, folder: str, message: Path | bytes, *, header: bytes, seen: bool = False
     ) -> None:
         data = message if isinstance(message, bytes) else message.read_bytes()
         if b"Subject: mail 2\n" in data.replace(b"\r\n", b"\n"):
             refused.append(header.decode())
             raise FilingDeferred("the mailbox is busy")
-        await original(user, folder, message, header=header)
+        await original(user, folder, message, header=header, seen=seen)
 
     sink.deliver = deliver_all_but_third  # type: ignore[method-assign]
     await world.hand_over(5)

@@ -44,7 +44,7 @@ CHILD = textwrap.dedent(
     data, socket_path, when = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 
     class DiesAtTheWorstMoment:
-        async def deliver(self, user, folder, message, *, header):
+        async def deliver(self, user, folder, message, *, header, seen=False):
             if when == "before":
                 os.kill(os.getpid(), signal.SIGKILL)  # handed, LMTP never saw it
             await lmtp_deliver(socket_path, user, message, folder=folder, header=header)

@@ -99,6 +99,34 @@ async def test_append_files_like_lmtp_in_uid_order(dovecot: DovecotServer, tmp_p
     assert sum(n.endswith(":2,S") for n in names) == 2
 
 
+async def test_a_copy_to_be_seen_is_saved_flagged_and_like_lmtps(
+    dovecot: DovecotServer, tmp_path: Path
+) -> None:
+    """A Sent copy goes by ``APPEND (\\Seen)``: flagged as it is saved (``:2,S``, no
+    rename afterwards), the same bytes as LMTP's file, a client sees it \\Seen at once."""
+    sink = DovecotSink(dovecot)
+    data = dovecot.layout.data_dir
+    body = message("sent copy")
+    await lmtp_deliver(dovecot.lmtp_socket, USER, body, folder="Archive", header=b"X-A: 1\r\n")
+    spooled = tmp_path / "copy"
+    spooled.write_bytes(body)
+    await sink.deliver(USER, "Sent", spooled, header=b"X-A: 1\r\n", seen=True)
+    await sink.deliver(USER, "Sent", message("not seen"), header=b"X-A: 2\r\n")
+    assert maildir_messages(data, USER, "Sent")[0] == maildir_messages(data, USER, "Archive")[0]
+    sent = data / "mail" / USER / ".Sent"
+    flagged = [p.name for p in (sent / "cur").iterdir() if p.name.endswith(":2,S")]
+    assert len(flagged) == 1, sorted(p.name for p in sent.rglob("*") if p.is_file())
+
+    async def seen_uids(session: imapsession.ImapSession) -> list[bytes]:
+        await imapsession.search(session, "Sent", "X-A", "1", 1)  # selects Sent
+        untagged, _ = await session.command(b"UID SEARCH", b"SEEN")
+        return untagged
+
+    seen = await dovecot.imap_sessions.run(USER, seen_uids, idempotent=True)
+    assert [line.split()[2:] for line in seen if line.startswith(b"* SEARCH")] == [[b"1"]], seen
+    assert await sink.holds(USER, "Sent", "X-A", "1")
+
+
 async def test_a_dead_session_is_replaced_for_looks(dovecot: DovecotServer) -> None:
     sink = DovecotSink(dovecot)
     await sink.deliver(USER, "INBOX", message("one"), header=b"X-A: 1\r\n")
@@ -133,15 +161,21 @@ class KillsTheSession(DovecotSink):
     kills = 0
 
     async def deliver(
-        self, user: str, folder: str, message: Path | bytes, *, header: bytes
+        self,
+        user: str,
+        folder: str,
+        message: Path | bytes,
+        *,
+        header: bytes,
+        seen: bool = False,
     ) -> None:
         if self.kills:
-            return await super().deliver(user, folder, message, header=header)
+            return await super().deliver(user, folder, message, header=header, seen=seen)
         self.kills += 1
         if self.when == "before":
             os.kill(session_pid(self.server), signal.SIGKILL)
-            return await super().deliver(user, folder, message, header=header)
-        await super().deliver(user, folder, message, header=header)
+            return await super().deliver(user, folder, message, header=header, seen=seen)
+        await super().deliver(user, folder, message, header=header, seen=seen)
         os.kill(session_pid(self.server), signal.SIGKILL)
         raise FilingDeferred("Dovecot's imap ended (the tagged OK was lost).")
 

@@ -252,12 +252,17 @@ class FilingStore:
 
     def forget_filed(self, filings: Sequence[Filing]) -> None:
         """Delete these filed rows, inside the caller's transaction (durable with its
-        COMMIT); call :meth:`forgotten` after that COMMIT.  A rollback keeps them waiting."""
+        COMMIT); call :meth:`forgotten` after that COMMIT.  A rollback keeps them waiting.
+
+        A row is matched by its id *and* its key: ids are reused (``INTEGER PRIMARY KEY``
+        without ``AUTOINCREMENT``: a new row takes the highest id plus one), so a list
+        that went stale while another step removed the rows and queued new ones must
+        delete nothing (docs/performance.md, "Tried and taken back")."""
         if not filings:
             return
         with self.db.transaction():
             for f in filings:
-                self.db.execute("DELETE FROM filing_queue WHERE id = ?", (f.id,))
+                self.db.execute("DELETE FROM filing_queue WHERE id = ? AND key = ?", (f.id, f.key))
 
     def _by_ids(self, sql: str, params: tuple[object, ...], ids: Sequence[int]) -> None:
         """``sql WHERE id IN (ids)`` as one step: one statement per 500 ids (SQLite bounds
@@ -273,7 +278,9 @@ class FilingStore:
     def forgotten(self, filings: Sequence[Filing]) -> None:
         """The COMMIT holding :meth:`forget_filed` is done: drop them here, then their files."""
         for f in filings:
-            self._filed.pop(f.id, None)
+            kept = self._filed.get(f.id)
+            if kept is not None and kept[0].key == f.key:  # not a new row with a reused id
+                del self._filed[f.id]
         for f in filings:
             with contextlib.suppress(OSError):
                 self.path(f.key).unlink()
@@ -322,7 +329,9 @@ class FilingStore:
     def done(self, filing: Filing) -> None:
         """The mailbox holds it: forget the row, then the spool file."""
         with self.db.transaction():
-            self.db.execute("DELETE FROM filing_queue WHERE id = ?", (filing.id,))
+            self.db.execute(
+                "DELETE FROM filing_queue WHERE id = ? AND key = ?", (filing.id, filing.key)
+            )
         with contextlib.suppress(OSError):
             self.path(filing.key).unlink()
 
@@ -332,7 +341,7 @@ class FilingStore:
             return
         with self.db.transaction():
             for f in filings:
-                self.db.execute("DELETE FROM filing_queue WHERE id = ?", (f.id,))
+                self.db.execute("DELETE FROM filing_queue WHERE id = ? AND key = ?", (f.id, f.key))
         for f in filings:
             with contextlib.suppress(OSError):
                 self.path(f.key).unlink()

@@ -127,3 +127,27 @@ def test_rows_are_marked_and_removed_many_at_a_time(store: FilingStore) -> None:
     store.done_many(store.get_many(some[1:]))
     assert [f.id for f in store.get_many(some)] == some[:1]
     assert store.db.count("filing_bodies") == 1
+
+
+def test_a_stale_list_of_filed_rows_removes_nothing_queued_since(store: FilingStore) -> None:
+    """Row ids are reused (no AUTOINCREMENT): a list of filed rows taken before another step
+    removed them, and new mail took their ids, must not remove the new mail (a change that
+    moved COMMITs off the event loop lost mail this way; docs/performance.md)."""
+    _add(store, b"a" * 16, b"first")
+    first = store.due(10)
+    store.filed_later(first, now=2)
+    stale = store.filed_waiting()
+    assert store.flush_filed() == 1  # another step removes it meanwhile
+    _add(store, b"b" * 16, b"second")  # new mail takes the freed id
+    second = store.due(10)
+    assert [f.id for f in second] == [f.id for f in first]
+    store.filed_later(second, now=3)
+    with store.db.transaction():
+        store.forget_filed(stale)
+    store.forgotten(stale)
+    assert store.db.count("filing_queue") == 1  # the new row is still there...
+    assert store.filed_waiting() == second  # ...and still waits for its own removal
+    assert store.path(b"b" * 16).exists()
+    store.done_many(stale)
+    store.done(first[0])
+    assert store.db.count("filing_queue") == 1

@@ -25,9 +25,9 @@ it would look after that many deliveries, without the path:
 Those are the only records a filed message leaves: the filing queue, the sealed copy and
 its spool rows are deleted once it is filed and acknowledged.  alice's Sent folder is
 pre-filled to the same size the same way (files only), and her ``sent_copy_wait_seconds`` is
-2 s, so the Sent copies of the burst (a search for the client's own copy, LMTP, a search to
-flag it seen: the filer's header searches) are filed during the measurement; the time to the
-last of them is a row of its own.  A header search of bob's whole INBOX and one from a UID
+2 s, so the Sent copies of the burst (a search for the client's own copy, then an IMAP
+``APPEND (\\Seen)``) are filed during the measurement; the time to the last of them is a row
+of its own.  A header search of bob's whole INBOX and one from a UID
 floor are timed after each burst.
 
 RSS is bob's node process (``/proc/<pid>/status``; Dovecot's processes are not counted):
@@ -239,8 +239,7 @@ def _measure(
             Stats(f"alice's Sent copies, {r.mailbox:,}", (r.sent_seconds / max(1, r.sent_filed),)),
             Stats(f"Sent of {ref.mailbox:,}", (ref.sent_seconds / max(1, ref.sent_filed),)),
             extra=f"{r.sent_filed} of {r.messages} filed in {r.sent_seconds:.0f} s (each: a "
-            f"search for the client's own copy after {SENT_COPY_WAIT} s, LMTP, a search to flag "
-            "it seen)",
+            f"search for the client's own copy after {SENT_COPY_WAIT} s, APPEND (\\Seen))",
         )
         searches.append((inbox.have, *_search(bob)))
         count, whole, bounded = searches[-1]

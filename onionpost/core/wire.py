@@ -225,3 +225,36 @@ def parse_message_frame_head(head: bytes) -> tuple[int, int]:
     spool_id, size = r.u64("spool id"), r.u64("length")
     r.end()
     return spool_id, size
+
+
+# -- GET /v1/device/pending-mail (§17.3) ------------------------------------------------------
+
+#: Its answer starts with the length of the pending list's JSON, a u32.
+PENDING_LIST_HEAD = 4
+
+
+def pending_list_head(length: int) -> bytes:
+    """What precedes the pending list's JSON in a ``GET /v1/device/pending-mail`` answer."""
+    return Writer().u32(length).getvalue()
+
+
+def parse_pending_list_head(head: bytes) -> int:
+    r = Reader(head, "pending mail")
+    length = r.u32("length")
+    r.end()
+    return length
+
+
+def first_that_fit(sizes: list[tuple[int, int]], count: int, limit: int) -> list[int]:
+    """The spool ids of the first ``(id, size)`` entries, in order, that a
+    ``pending-mail`` answer carries: at most ``count`` of them, together at most ``limit``
+    bytes of envelopes, stopping at the first that does not fit (so a large message is
+    never passed over for the small ones behind it)."""
+    out: list[int] = []
+    total = 0
+    for spool_id, size in sizes[:count]:
+        if total + size > limit:
+            break
+        out.append(spool_id)
+        total += size
+    return out

@@ -166,27 +166,56 @@ class Receiver:
         durable steps is the single message's: queued and handed, filed (LMTP 250),
         acknowledged, removed (a crash before the removal costs a lookup in the mailbox).
         """
-        pending = await self.session.pending(after=0, wait=wait)
         taken = 0
         unfiled = 0
-        for batch in _batches(pending):
-            done, left = await self._take(batch)
-            if done:
-                await self.session.acknowledge(done)
-            taken += len(done)
-            unfiled += left
+        with contextlib.ExitStack() as files:
+            pending, inline = await self._pending(wait, files)
+            for batch in _batches(pending):
+                done, left = await self._take(batch, inline)
+                if done:
+                    await self.session.acknowledge(done)
+                taken += len(done)
+                unfiled += left
         if unfiled:
             raise FilingDeferred(
                 f"{unfiled} message(s) wait in the filing queue for the mailbox (Dovecot)."
             )
         return taken
 
-    async def _take(self, batch: list[PendingMessage]) -> tuple[list[int], int]:
-        """Fetch, open, queue and file one batch: the ids the inbox may now delete, and how
-        many of the batch wait in the filing queue."""
+    async def _pending(
+        self, wait: float, files: contextlib.ExitStack
+    ) -> tuple[list[PendingMessage], dict[int, IO[bytes]]]:
+        """What the inbox holds for this device, and the envelopes of its first batch
+        (:func:`_batches`) from the same answer, spooled in files ``files`` closes: new mail
+        costs one exchange with the inbox before it is opened, not two (an older inbox
+        answers the list alone, and the batch is fetched as before)."""
+        inline: dict[int, IO[bytes]] = {}
+
+        def sink(item_id: int) -> IO[bytes]:
+            l2 = files.enter_context(tempfile.SpooledTemporaryFile(max_size=SPOOL))  # noqa: SIM115 (files closes it)
+            inline[item_id] = l2
+            return l2
+
+        answer = await self.session.pending_mail(
+            wait=wait,
+            count=BATCH_MESSAGES,
+            limit=min(BATCH_BYTES, self.max_bytes),
+            sink=sink,
+        )
+        if answer is None:
+            return await self.session.pending(after=0, wait=wait), {}
+        pending, got = answer
+        return pending, {i: inline[i] for i in got}
+
+    async def _take(
+        self, batch: list[PendingMessage], inline: dict[int, IO[bytes]] | None = None
+    ) -> tuple[list[int], int]:
+        """Fetch (unless ``inline`` holds them already), open, queue and file one batch:
+        the ids the inbox may now delete, and how many of the batch wait in the filing
+        queue."""
         store = self.filer.store
         with contextlib.ExitStack() as files:
-            fetched = await self._fetch(batch, files)
+            fetched = await self._fetch(batch, files, inline or {})
             # The envelopes are opened in the crypto pool, off the event loop and on every
             # core; only then is the database touched (replay check, sender, filing).
             now = self._now()
@@ -231,11 +260,21 @@ class Receiver:
         return done, len(opened) - len(done)
 
     async def _fetch(
-        self, batch: list[PendingMessage], files: contextlib.ExitStack
+        self,
+        batch: list[PendingMessage],
+        files: contextlib.ExitStack,
+        inline: dict[int, IO[bytes]],
     ) -> list[tuple[PendingMessage, IO[bytes]]]:
-        """The batch's envelopes, each in a spooled file that ``files`` closes: in one
-        request when the batch holds several small ones, else one request each (also the
-        fallback when the inbox does not serve batches, or a batch answer is refused)."""
+        """The batch's envelopes, each in a spooled file that ``files`` closes: the ones
+        the pending list's answer carried (``inline``), the rest in one request when they
+        are several small ones, else one request each (also the fallback when the inbox does
+        not serve batches, or a batch answer is refused)."""
+        carried = {item.id: inline[item.id] for item in batch if item.id in inline}
+        if carried:
+            rest = [item for item in batch if item.id not in carried]
+            more = await self._fetch(rest, files, {}) if rest else []
+            by_id = {item.id: l2 for item, l2 in more} | carried
+            return [(item, by_id[item.id]) for item in batch if item.id in by_id]
         spooled: dict[int, IO[bytes]] = {}
 
         def sink(item_id: int) -> IO[bytes]:

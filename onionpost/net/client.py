@@ -43,10 +43,12 @@ from onionpost.core.errors import (
 )
 from onionpost.core.wire import (
     MESSAGE_FRAME_HEAD,
+    PENDING_LIST_HEAD,
     KeyUpdate,
     error_from_body,
     parse_json,
     parse_message_frame_head,
+    parse_pending_list_head,
 )
 from onionpost.net.pool import ConnectionPool
 from onionpost.net.transport import Dialer
@@ -492,6 +494,8 @@ class DeviceSession:
         self._token: bytes | None = None
         #: The device list version the inbox holds, as of the last ``pending`` answer.
         self.inbox_device_list_version = 0
+        #: False once the inbox answered ``pending-mail`` with 404 (an older inbox).
+        self.pending_mail_served = True
 
     async def login(self) -> None:
         ids = {"mailbox": self.mailbox_id.hex(), "device": self.device_id.hex()}
@@ -561,6 +565,8 @@ class DeviceSession:
         sink: Writable | None = None,
         limit: int = ANSWER_LIMIT,
         reuse: bool = False,
+        timeout: float | None = None,
+        answer_wait: float = 0.0,
     ) -> Response:
         """A raw request in this device's session: log in first if there is no session,
         and forget a session the inbox refuses (401/403; it expired or the inbox restarted).
@@ -581,6 +587,8 @@ class DeviceSession:
                 sink=sink,
                 limit=limit,
                 reuse=reuse,
+                timeout=timeout,
+                answer_wait=answer_wait,
             )
             if r.status not in (401, 403):
                 return r
@@ -594,6 +602,9 @@ class DeviceSession:
         data = await self._call(
             "GET", f"/v1/device/pending?{query}", timeout=wait + 60, reuse=True, answer_wait=wait
         )
+        return self._pending_list(data)
+
+    def _pending_list(self, data: dict[str, Any]) -> list[PendingMessage]:
         items = data.get("messages")
         if not isinstance(items, list):
             raise PeerProtocolError("The inbox's list of pending mail is not understood.")
@@ -611,6 +622,74 @@ class DeviceSession:
                     "The inbox's list of pending mail is not understood."
                 ) from exc
         return out
+
+    async def pending_mail(
+        self, *, wait: float, count: int, limit: int, sink: Callable[[int], Writable]
+    ) -> tuple[list[PendingMessage], list[int]] | None:
+        """What :meth:`pending` lists, with the envelopes of its first messages in the same
+        answer (``GET /v1/device/pending-mail``): at most ``count`` of them and ``limit``
+        bytes, each to ``sink(its id)``.  Returns the list and the ids received, in list
+        order; None if the inbox does not serve the route (an older inbox: ask
+        :meth:`pending`, as this session will from now on).  The envelopes must be ones the
+        list names, in its order, at the sizes it gives, within what was asked, or the
+        answer is refused whole."""
+        if not self.pending_mail_served:
+            return None
+        query = urlencode({"after": 0, "wait": wait, "count": count, "bytes": limit})
+        ceiling = PENDING_LIST_HEAD + ANSWER_LIMIT + count * MESSAGE_FRAME_HEAD + limit
+        bad = "The inbox's pending mail is not understood."
+        with tempfile.SpooledTemporaryFile(max_size=1 << 20) as body:
+            r = await self._authorized(
+                "GET",
+                f"/v1/device/pending-mail?{query}",
+                again=True,  # the body goes to ``body`` only with a 200
+                sink=body,
+                limit=ceiling,
+                reuse=True,
+                timeout=wait + 60,
+                answer_wait=wait,
+            )
+            if r.status == 404:
+                self.pending_mail_served = False
+                return None
+            if r.status != 200:
+                raise refusal(r)
+            end = body.tell()
+            body.seek(0)
+            try:
+                length = parse_pending_list_head(body.read(PENDING_LIST_HEAD))
+            except OnionpostError as exc:
+                raise PeerProtocolError(bad) from exc
+            if length > ANSWER_LIMIT or PENDING_LIST_HEAD + length > end:
+                raise PeerProtocolError(bad)
+            listed = self._pending_list(parse_json(body.read(length), "answer"))
+            position = {m.id: (i, m.size) for i, m in enumerate(listed)}
+            got: list[int] = []
+            last, total = -1, 0
+            while body.tell() < end:
+                try:
+                    spool_id, size = parse_message_frame_head(body.read(MESSAGE_FRAME_HEAD))
+                except OnionpostError as exc:
+                    raise PeerProtocolError(bad) from exc
+                at, listed_size = position.get(spool_id, (-1, -1))
+                total += size
+                if (
+                    at <= last
+                    or size != listed_size
+                    or len(got) >= count
+                    or total > limit
+                    or body.tell() + size > end
+                ):
+                    raise PeerProtocolError(bad)
+                last = at
+                out = sink(spool_id)
+                left = size
+                while left:
+                    piece = body.read(min(left, 1 << 20))
+                    out.write(piece)
+                    left -= len(piece)
+                got.append(spool_id)
+            return listed, got
 
     async def fetch(self, message_id: int, sink: Writable, *, limit: int) -> None:
         r = await self._authorized(

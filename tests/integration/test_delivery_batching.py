@@ -235,14 +235,8 @@ async def test_delivered_marks_ride_the_next_hand_over(world: World) -> None:
     )
 
 
-async def test_a_batch_is_fetched_in_one_request(world: World, monkeypatch) -> None:
-    """The ten messages of a batch come in one GET /v1/device/messages, not ten."""
-    await world.hand_over(1, "first")
-    await world.a.worker.run_due()
-    assert await world.bob.device.sync() == 1
-    await world.hand_over(10)
-    await world.a.worker.run_due()
-    session = world.bob.device.session
+def _watch_fetches(session, monkeypatch) -> tuple[list[int], list[list[int]]]:  # type: ignore[no-untyped-def]
+    """The messages fetched one at a time, and the batches fetched, from now on."""
     singles: list[int] = []
     batches: list[list[int]] = []
     fetch, fetch_many = session.fetch, session.fetch_many
@@ -257,6 +251,38 @@ async def test_a_batch_is_fetched_in_one_request(world: World, monkeypatch) -> N
 
     monkeypatch.setattr(session, "fetch", one)
     monkeypatch.setattr(session, "fetch_many", many)
+    return singles, batches
+
+
+async def test_new_mail_comes_with_its_list(world: World, monkeypatch) -> None:
+    """The answer listing what is pending carries the first batch (GET
+    /v1/device/pending-mail): nothing is fetched after it; a batch beyond the first is
+    fetched in one request."""
+    await world.hand_over(1, "first")
+    await world.a.worker.run_due()
+    session = world.bob.device.session
+    singles, batches = _watch_fetches(session, monkeypatch)
+    assert await world.bob.device.sync() == 1
+    await world.hand_over(20)
+    await world.a.worker.run_due()
+    assert await world.bob.device.sync() == 20
+    assert singles == [] and [len(b) for b in batches] == [4]  # 16 came with the list
+    assert session.pending_mail_served
+    assert subjects(world.bob) == sorted(["first 0"] + [f"mail {i}" for i in range(20)])
+    assert pending_at_b(world) == 0
+
+
+async def test_a_batch_is_fetched_in_one_request(world: World, monkeypatch) -> None:
+    """From an inbox that lists pending mail without it (an older one), the ten messages of
+    a batch come in one GET /v1/device/messages, not ten."""
+    await world.hand_over(1, "first")
+    await world.a.worker.run_due()
+    assert await world.bob.device.sync() == 1
+    await world.hand_over(10)
+    await world.a.worker.run_due()
+    session = world.bob.device.session
+    session.pending_mail_served = False
+    singles, batches = _watch_fetches(session, monkeypatch)
     assert await world.bob.device.sync() == 10
     assert singles == [] and len(batches) == 1 and len(batches[0]) == 10
     assert subjects(world.bob) == ["first 0"] + [f"mail {i}" for i in range(10)]
@@ -279,6 +305,7 @@ async def test_an_inbox_without_batches_is_fetched_from_one_at_a_time(
         raise UnknownMailbox("no such route")
 
     monkeypatch.setattr(world.bob.device.session, "fetch_many", refused)
+    world.bob.device.session.pending_mail_served = False  # an older inbox
     assert await world.bob.device.sync() == 5
     assert subjects(world.bob) == ["first 0"] + [f"mail {i}" for i in range(5)]
     assert pending_at_b(world) == 0

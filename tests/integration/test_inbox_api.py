@@ -11,6 +11,7 @@ import logging
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -613,6 +614,68 @@ async def test_several_messages_are_fetched_in_one_request(world) -> None:
         await session.fetch_many(
             [dataclasses.replace(pending[0], id=i) for i in range(1, 66)], lambda i: io.BytesIO()
         )
+
+
+async def test_pending_mail_carries_the_first_envelopes_with_the_list(world) -> None:
+    """GET /v1/device/pending-mail: the list ``pending`` gives, and the envelopes of its
+    first messages, byte for byte the ones the one-at-a-time route gives, as many as fit in
+    ``count`` and ``bytes``; a long-poll that returns because mail arrived carries it; an
+    unknown route is a 404, which the session takes as "ask pending"."""
+    node, bob, alice, dialer = world
+    session = _session(node, bob, dialer)
+
+    def sinks() -> tuple[dict[int, io.BytesIO], Any]:
+        got: dict[int, io.BytesIO] = {}
+        return got, lambda i: got.setdefault(i, io.BytesIO())
+
+    # a long-poll on an empty inbox returns with the mail that arrives meanwhile
+    out, sink = sinks()
+    poll = asyncio.ensure_future(session.pending_mail(wait=20, count=16, limit=1 << 20, sink=sink))
+    await asyncio.sleep(0.2)
+    assert not poll.done()
+    await _client(node, dialer).deliver(await _sealed(node, bob, alice, dialer))
+    answer = await asyncio.wait_for(poll, 30)
+    assert answer is not None
+    listed, carried = answer
+    assert [m.id for m in listed] == carried and len(carried) == 1
+    for i in range(1, 3):
+        await _client(node, dialer).deliver(
+            await _sealed(node, bob, alice, dialer, body=b"Subject: %d\r\n\r\nx\r\n" % i)
+        )
+    pending = await session.pending()
+    assert len(pending) == 3
+    singles = {}
+    for m in pending:
+        one = io.BytesIO()
+        await session.fetch(m.id, one, limit=1 << 20)
+        singles[m.id] = one.getvalue()
+    out, sink = sinks()
+    answer = await session.pending_mail(wait=0, count=16, limit=1 << 20, sink=sink)
+    assert answer is not None
+    assert answer == (pending, [m.id for m in pending])
+    assert {i: s.getvalue() for i, s in out.items()} == singles
+    # count and bytes bound what is carried; the list is whole
+    out, sink = sinks()
+    answer = await session.pending_mail(wait=0, count=2, limit=1 << 20, sink=sink)
+    assert answer == (pending, [m.id for m in pending[:2]])
+    limit = pending[0].size + pending[1].size - 1
+    answer = await session.pending_mail(wait=0, count=16, limit=limit, sink=sink)
+    assert answer == (pending, [pending[0].id])
+    answer = await session.pending_mail(wait=0, count=0, limit=1 << 20, sink=sink)
+    assert answer == (pending, [])
+    r = await session._authorized("GET", "/v1/device/pending-mail?count=65", again=False)
+    assert r.status == 400
+    # an inbox without the route (an older one): 404, and the session stops asking
+    request = session.client.request
+
+    async def older(method: str, path: str, **kw: Any) -> Any:
+        return await request(method, path.replace("/pending-mail?", "/no-such-route?"), **kw)
+
+    session.client.request = older  # type: ignore[method-assign]
+    assert await session.pending_mail(wait=0, count=16, limit=1 << 20, sink=sink) is None
+    assert not session.pending_mail_served
+    session.client.request = request  # type: ignore[method-assign]
+    assert await session.pending_mail(wait=0, count=16, limit=1 << 20, sink=sink) is None
 
 
 async def test_a_session_the_inbox_forgot_is_dropped_and_a_new_one_opened(world) -> None:

@@ -723,8 +723,37 @@ def batch_fetch_vectors() -> dict[str, str]:
                 ("frame head of 9", message_frame_head(9, len(two))),
                 ("answer body", answer),
             ],
-        )
+        ),
+        "device-pending-mail": pending_mail_vector(one, two),
     }
+
+
+def pending_mail_vector(one: bytes, two: bytes) -> str:
+    """The answer to ``GET /v1/device/pending-mail`` (§17.3) with the same two messages
+    pending and room for the first only."""
+    import json
+
+    from onionpost.core.wire import first_that_fit, message_frame_head, pending_list_head
+
+    listed = {
+        "messages": [
+            {"id": 7, "size": len(one), "received_at": 1767225600},
+            {"id": 9, "size": len(two), "received_at": 1767225601},
+        ],
+        "device_list_version": 3,
+    }
+    text = json.dumps(listed).encode()
+    carried = first_that_fit([(7, len(one)), (9, len(two))], 16, 24)
+    assert carried == [7]
+    answer = pending_list_head(len(text)) + text + message_frame_head(7, len(one)) + one
+    return _kv(
+        "GET /v1/device/pending-mail?after=0&wait=0&count=16&bytes=24: spool ids 7 and 9 "
+        "pending (the envelopes above), device list version 3; 7 fits in 24 bytes, 9 does not",
+        [
+            ("list head", pending_list_head(len(text))),
+            ("answer body", answer),
+        ],
+    )
 
 
 def login_vectors(w: World) -> dict[str, str]:

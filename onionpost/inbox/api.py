@@ -9,6 +9,7 @@ Routes (all under ``/v1``)::
     POST /device/challenge          device login, step 1
     POST /device/login              device login, step 2 (signed challenge) -> session
     GET  /device/pending            long-poll: new sealed mail for this device
+    GET  /device/pending-mail       the same, with the envelopes of its first messages
     GET  /device/message/{id}       one spooled L2
     GET  /device/messages           several spooled L2s in one answer (?ids=1,2,...)
     POST /device/ack                drop this device's copies
@@ -486,9 +487,16 @@ class InboxServer:
                     "message": exc.reason,
                 },
             )
-        except RequestAborted as exc:
-            log.info("%s %s: %s", request.method, request.path, exc)
-            return _error(exc)  # nobody reads it; aiohttp drops it quietly
+        except (RequestAborted, ConnectionResetError) as exc:
+            # A reset: the client went away while a streamed answer was written (a
+            # device that stopped during its long-poll), as ordinary as an aborted upload.
+            aborted = (
+                exc
+                if isinstance(exc, RequestAborted)
+                else RequestAborted("The client went away during the answer.")
+            )
+            log.info("%s %s: %s", request.method, request.path, aborted)
+            return _error(aborted)  # nobody reads it; aiohttp drops it quietly
         except OnionpostError as exc:
             return _error(exc)
         except TimeoutError:

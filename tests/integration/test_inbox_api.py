@@ -540,6 +540,36 @@ async def test_a_sender_dying_mid_upload_is_one_info_line(world, caplog) -> None
     await _client(node, dialer).deliver(await _sealed(node, bob, alice, dialer))
 
 
+async def test_a_device_gone_during_its_long_poll_is_one_info_line(world, caplog) -> None:
+    """A device that stops while its pending-mail long-poll waits: when mail arrives the
+    answer meets a closed connection; one info line, no traceback, and the inbox goes on."""
+    node, bob, alice, dialer = world
+    caplog.set_level(logging.DEBUG)
+    session = _session(node, bob, dialer)
+    await session.login()
+    assert session._token is not None
+    _, writer = await asyncio.open_connection("127.0.0.1", node.server.port)
+    writer.write(
+        b"GET /v1/device/pending-mail?wait=20&count=16&bytes=1048576 HTTP/1.1\r\nHost: x\r\n"
+        b"Authorization: Bearer " + session._token.hex().encode() + b"\r\n\r\n"
+    )
+    await writer.drain()
+    await asyncio.sleep(0.3)  # the inbox is waiting for mail
+    writer.transport.abort()  # the device is killed
+    await asyncio.sleep(0.1)
+    await _client(node, dialer).deliver(await _sealed(node, bob, alice, dialer))
+    for _ in range(1500):  # a guard against hanging, not a deadline
+        if any("went away" in r.getMessage() for r in caplog.records):
+            break
+        await asyncio.sleep(0.02)
+    assert not [r for r in caplog.records if r.exc_info], caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    answer = await session.pending_mail(
+        wait=0, count=16, limit=1 << 20, sink=lambda i: io.BytesIO()
+    )
+    assert answer is not None and len(answer[1]) == 1  # still there for the next sync
+
+
 async def test_deliveries_ready_together_share_one_commit(world) -> None:
     """Group commit at the accept (Inbox.accept_many, which the node API's deliveries go
     through): several deliveries are stored by one COMMIT, each in its own savepoint, so a

@@ -155,7 +155,7 @@ def queue(local: Local, user: str | None = None) -> list[QueueItem]:
 
 def queue_summary(local: Local) -> dict[str, int]:
     """How many of :func:`queue`'s items are in each stage (what `onionpost status` shows)."""
-    return queue_store.summary(queue(local))
+    return queue_store.counts(*_queues(local))
 
 
 def queue_outcomes(local: Local, user: str | None = None, *, days: int) -> dict[str, int]:

@@ -594,13 +594,10 @@ class Node:
     def queue_summary(self) -> dict[str, int]:
         """Messages not delivered yet, by stage, counted exactly as `onionpost queue` lists
         them (:mod:`onionpost.store.queue`)."""
-        users = {d.account.mailbox_id: local for local, d in self.devices.items()}
-        items = queue.waiting(
+        return queue.counts(
             self.submissions.store if self.submissions is not None else None,
             self.inbox.outbox if self.inbox is not None else None,
-            users,
         )
-        return queue.summary(items)
 
     def _tor_status(self) -> dict[str, Any]:
         if self.tor is not None:

@@ -314,6 +314,18 @@ class SubmissionStore:
             params = (user,)
         return [PendingRecipient(*tuple(r)) for r in self.db.all(sql + " ORDER BY s.id", params)]
 
+    def waiting_counts(self) -> dict[str, int]:
+        """How many recipients :meth:`listing` would list, by state ('pending', 'queued'):
+        counted by SQLite, no row read into Python."""
+        return {
+            str(r[0]): int(r[1])
+            for r in self.db.all(
+                "SELECT r.state, COUNT(*) FROM submission_recipients r"
+                " JOIN submissions s ON s.id = r.submission_id"
+                " WHERE r.state IN ('pending', 'queued') GROUP BY r.state"
+            )
+        }
+
     def outbox_recipients(self) -> dict[int, tuple[str, str]]:
         """Outbox row -> (user, recipient address) for every recipient handed to an outbox
         (the outbox itself keeps no recipient address)."""

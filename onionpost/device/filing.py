@@ -238,11 +238,11 @@ class Filer:
             self._fresh.difference_update(r.id for r in current)
             finished: list[Filing] = []
             left: set[int] = set()
-            floors: dict[tuple[str, str], int] = {}  # UIDNEXT before this batch's first copy
+            observed: set[tuple[str, str]] = set()  # folders whose UIDNEXT this batch read
             try:
                 for row in current:
                     if await self._file_one(
-                        sink, row, handed_now=row.id in handed_now, floors=floors
+                        sink, row, handed_now=row.id in handed_now, observed=observed
                     ):
                         finished.append(row)
                     else:
@@ -264,7 +264,7 @@ class Filer:
         row: Filing,
         *,
         handed_now: bool,
-        floors: dict[tuple[str, str], int],
+        observed: set[tuple[str, str]],
     ) -> bool:
         """Put one row in the mailbox; True when it is done (filed, or its spool file is
         gone), False when deferred.  The caller removes the done rows from the queue.
@@ -275,7 +275,7 @@ class Filer:
         that.  The client's own Sent copy and a filing left *handed* or *filed* by a crash
         were all saved after the row was created.  A copy to be seen is saved with its flag,
         so the copy just filed needs no search; each batch reads the folder's UIDNEXT once,
-        before its first such copy (``floors``), to keep the floors of later rows close.
+        before its first such copy (``observed``), to keep the floors of later rows close.
         """
         value = row.key.hex()
         since_row = self._floor_before(row.user, row.folder, row.created_at)
@@ -302,9 +302,10 @@ class Filer:
                 body = self.store.body(row)
                 message: Path | bytes = self.store.path(row.key) if body is None else body
                 del body
-                if row.mark_seen and (row.user, row.folder) not in floors:
+                if row.mark_seen and (row.user, row.folder) not in observed:
                     # A fresh floor for the client-copy checks of the copies to come.
-                    floors[(row.user, row.folder)] = await self.observe(sink, row.user, row.folder)
+                    observed.add((row.user, row.folder))
+                    await self.observe(sink, row.user, row.folder)
                 # Saved with its flag: no search for it, no flag change afterwards.
                 await sink.deliver(row.user, row.folder, message, header=header, seen=row.mark_seen)
                 del message

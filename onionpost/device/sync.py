@@ -208,14 +208,14 @@ class Receiver:
         return pending, {i: inline[i] for i in got}
 
     async def _take(
-        self, batch: list[PendingMessage], inline: dict[int, IO[bytes]] | None = None
+        self, batch: list[PendingMessage], inline: dict[int, IO[bytes]]
     ) -> tuple[list[int], int]:
         """Fetch (unless ``inline`` holds them already), open, queue and file one batch:
         the ids the inbox may now delete, and how many of the batch wait in the filing
         queue."""
         store = self.filer.store
         with contextlib.ExitStack() as files:
-            fetched = await self._fetch(batch, files, inline or {})
+            fetched = await self._fetch(batch, files, inline)
             # The envelopes are opened in the crypto pool, off the event loop and on every
             # core; only then is the database touched (replay check, sender, filing).
             now = self._now()

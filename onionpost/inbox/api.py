@@ -50,7 +50,7 @@ import contextlib
 import json
 import logging
 import tempfile
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import IO, Any, ClassVar
 
 from aiohttp import hdrs, web
@@ -75,7 +75,6 @@ from onionpost.core.queuestate import outbox_states_from_wire, outbox_to_wire
 from onionpost.core.wire import (
     MAX_FETCH_IDS,
     MESSAGE_FRAME_HEAD,
-    PENDING_LIST_HEAD,
     KeyUpdate,
     first_that_fit,
     hex_field,
@@ -140,6 +139,30 @@ def _json(status: int, body: dict[str, Any]) -> web.Response:
     return QuietResponse(
         status=status, body=json.dumps(body).encode(), content_type="application/json"
     )
+
+
+async def _framed(
+    request: web.Request, found: list[tuple[int, int, Iterator[bytes]]], prefix: bytes = b""
+) -> web.StreamResponse:
+    """``prefix``, then each spooled envelope of ``found`` as a ``/v1/device/messages``
+    frame (its spool id and length, then its bytes), streamed from the spool."""
+    response = _StreamResponse(
+        headers={
+            "Content-Type": "application/octet-stream",
+            "Content-Length": str(
+                len(prefix) + sum(MESSAGE_FRAME_HEAD + size for _, size, _ in found)
+            ),
+        }
+    )
+    await response.prepare(request)
+    if prefix:
+        await response.write(prefix)
+    for spool_id, size, chunks in found:
+        await response.write(message_frame_head(spool_id, size))
+        for chunk in chunks:
+            await response.write(chunk)
+    await response.write_eof()
+    return response
 
 
 def _error(exc: OnionpostError) -> web.Response:
@@ -678,25 +701,9 @@ class InboxServer:
         answer, entries = await self._pending_list(request, s)
         listed = json.dumps(answer).encode()
         chosen = first_that_fit([(e.spool_id, e.size) for e in entries], count, limit)
-        found = self.inbox.read_many(s, chosen)
-        response = _StreamResponse(
-            headers={
-                "Content-Type": "application/octet-stream",
-                "Content-Length": str(
-                    PENDING_LIST_HEAD
-                    + len(listed)
-                    + sum(MESSAGE_FRAME_HEAD + size for _, size, _ in found)
-                ),
-            }
+        return await _framed(
+            request, self.inbox.read_many(s, chosen), pending_list_head(len(listed)) + listed
         )
-        await response.prepare(request)
-        await response.write(pending_list_head(len(listed)) + listed)
-        for spool_id, size, chunks in found:
-            await response.write(message_frame_head(spool_id, size))
-            for chunk in chunks:
-                await response.write(chunk)
-        await response.write_eof()
-        return response
 
     async def message(self, request: web.Request) -> web.StreamResponse:
         s = self._session(request)
@@ -725,20 +732,7 @@ class InboxServer:
             raise MalformedData("'ids' must be message numbers separated by commas.") from exc
         if not 1 <= len(ids) <= MAX_FETCH_IDS:
             raise MalformedData(f"Ask for 1 to {MAX_FETCH_IDS} messages at a time.")
-        found = self.inbox.read_many(s, ids)
-        response = _StreamResponse(
-            headers={
-                "Content-Type": "application/octet-stream",
-                "Content-Length": str(sum(MESSAGE_FRAME_HEAD + size for _, size, _ in found)),
-            }
-        )
-        await response.prepare(request)
-        for spool_id, size, chunks in found:
-            await response.write(message_frame_head(spool_id, size))
-            for chunk in chunks:
-                await response.write(chunk)
-        await response.write_eof()
-        return response
+        return await _framed(request, self.inbox.read_many(s, ids))
 
     async def ack(self, request: web.Request) -> web.Response:
         s = self._session(request)

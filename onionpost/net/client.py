@@ -27,7 +27,7 @@ import json
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import IO, Any, Protocol
 from urllib.parse import quote, urlencode
 
 import h11
@@ -472,6 +472,35 @@ def _countersigned(raw: object, sent: ServerBinding | None) -> ServerBinding:
     return signed
 
 
+def _read_frames(
+    body: IO[bytes],
+    end: int,
+    sink: Callable[[int], Writable],
+    accept: Callable[[int, int, list[int]], bool],
+    bad: str,
+) -> list[int]:
+    """The envelopes framed as ``/v1/device/messages`` frames them, from where ``body``
+    stands to ``end``, each copied to ``sink(its id)``; the ids, in order.  A frame that does
+    not parse, runs past ``end`` or that ``accept(id, size, ids so far)`` refuses refuses the
+    whole answer (:class:`PeerProtocolError` with ``bad``)."""
+    got: list[int] = []
+    while body.tell() < end:
+        try:
+            spool_id, size = parse_message_frame_head(body.read(MESSAGE_FRAME_HEAD))
+        except OnionpostError as exc:
+            raise PeerProtocolError(bad) from exc
+        if not accept(spool_id, size, got) or body.tell() + size > end:
+            raise PeerProtocolError(bad)
+        out = sink(spool_id)
+        left = size
+        while left:
+            piece = body.read(min(left, 1 << 20))
+            out.write(piece)
+            left -= len(piece)
+        got.append(spool_id)
+    return got
+
+
 class DeviceSession:
     """A device's logged-in session with its own inbox."""
 
@@ -664,32 +693,14 @@ class DeviceSession:
                 raise PeerProtocolError(bad)
             listed = self._pending_list(parse_json(body.read(length), "answer"))
             position = {m.id: (i, m.size) for i, m in enumerate(listed)}
-            got: list[int] = []
-            last, total = -1, 0
-            while body.tell() < end:
-                try:
-                    spool_id, size = parse_message_frame_head(body.read(MESSAGE_FRAME_HEAD))
-                except OnionpostError as exc:
-                    raise PeerProtocolError(bad) from exc
+
+            def in_list_order(spool_id: int, size: int, got: list[int]) -> bool:
                 at, listed_size = position.get(spool_id, (-1, -1))
-                total += size
-                if (
-                    at <= last
-                    or size != listed_size
-                    or len(got) >= count
-                    or total > limit
-                    or body.tell() + size > end
-                ):
-                    raise PeerProtocolError(bad)
-                last = at
-                out = sink(spool_id)
-                left = size
-                while left:
-                    piece = body.read(min(left, 1 << 20))
-                    out.write(piece)
-                    left -= len(piece)
-                got.append(spool_id)
-            return listed, got
+                last = position[got[-1]][0] if got else -1
+                carried = size + sum(position[i][1] for i in got)
+                return at > last and size == listed_size and len(got) < count and carried <= limit
+
+            return listed, _read_frames(body, end, sink, in_list_order, bad)
 
     async def fetch(self, message_id: int, sink: Writable, *, limit: int) -> None:
         r = await self._authorized(
@@ -725,24 +736,13 @@ class DeviceSession:
                 raise refusal(r)
             end = body.tell()
             body.seek(0)
-            got: list[int] = []
-            while body.tell() < end:
-                try:
-                    spool_id, size = parse_message_frame_head(body.read(MESSAGE_FRAME_HEAD))
-                except OnionpostError as exc:
-                    raise PeerProtocolError(
-                        "The inbox's batch of messages is not understood."
-                    ) from exc
-                if sizes.get(spool_id) != size or spool_id in got or body.tell() + size > end:
-                    raise PeerProtocolError("The inbox's batch of messages is not understood.")
-                out = sink(spool_id)
-                left = size
-                while left:
-                    piece = body.read(min(left, 1 << 20))
-                    out.write(piece)
-                    left -= len(piece)
-                got.append(spool_id)
-            return got
+            return _read_frames(
+                body,
+                end,
+                sink,
+                lambda spool_id, size, got: sizes.get(spool_id) == size and spool_id not in got,
+                "The inbox's batch of messages is not understood.",
+            )
 
     async def acknowledge(self, ids: list[int]) -> int:
         data = await self._call("POST", "/v1/device/ack", {"ids": ids}, reuse=True)

@@ -1,7 +1,8 @@
 """What is still on its way, read from both queues one way for every audience.
 
-`onionpost queue`, `onionpost status` and the running node's status file all count through
-:func:`waiting`, so they cannot disagree about how much mail is not delivered yet.
+`onionpost queue` lists through :func:`waiting`; `onionpost status` and the running node's
+status file count through :func:`counts`, the same stages by the same rules in SQL (a unit
+test holds the two equal), so they cannot disagree about how much mail is not delivered yet.
 
 Mail waits in one of two tables.  The device's submission queue holds what is not sealed yet
 ("waiting for keys": the recipient's keys could not be had, or this node's tor is not up).

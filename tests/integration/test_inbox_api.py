@@ -619,6 +619,16 @@ async def test_concurrent_deliveries_are_each_accepted_once(world) -> None:
     assert len(await _session(node, bob, dialer).pending()) == 5
 
 
+async def _one_at_a_time(session: DeviceSession, pending: list[Any]) -> dict[int, bytes]:
+    """Each pending envelope as the one-at-a-time route gives it."""
+    singles = {}
+    for m in pending:
+        one = io.BytesIO()
+        await session.fetch(m.id, one, limit=1 << 20)
+        singles[m.id] = one.getvalue()
+    return singles
+
+
 async def test_several_messages_are_fetched_in_one_request(world) -> None:
     """GET /v1/device/messages: the envelopes asked for, in order, each as the one-at-a-time
     route gives it; an id not spooled for this device is left out; too many ids is refused."""
@@ -630,11 +640,7 @@ async def test_several_messages_are_fetched_in_one_request(world) -> None:
     session = _session(node, bob, dialer)
     pending = await session.pending()
     assert len(pending) == 3
-    singles = {}
-    for m in pending:
-        one = io.BytesIO()
-        await session.fetch(m.id, one, limit=1 << 20)
-        singles[m.id] = one.getvalue()
+    singles = await _one_at_a_time(session, pending)
     sinks: dict[int, io.BytesIO] = {}
     wanted = [pending[2], pending[0], dataclasses.replace(pending[1], id=10_000)]
     got = await session.fetch_many(wanted, lambda i: sinks.setdefault(i, io.BytesIO()))
@@ -674,11 +680,7 @@ async def test_pending_mail_carries_the_first_envelopes_with_the_list(world) -> 
         )
     pending = await session.pending()
     assert len(pending) == 3
-    singles = {}
-    for m in pending:
-        one = io.BytesIO()
-        await session.fetch(m.id, one, limit=1 << 20)
-        singles[m.id] = one.getvalue()
+    singles = await _one_at_a_time(session, pending)
     out, sink = sinks()
     answer = await session.pending_mail(wait=0, count=16, limit=1 << 20, sink=sink)
     assert answer is not None

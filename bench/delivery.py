@@ -77,6 +77,7 @@ from onionpost.store.outbox import OutboxRow
 from onionpost.testing.harness import DeviceNode, InboxNode
 
 KiB = 1 << 10
+MiB = 1 << 20
 MESSAGE_BYTES = 4 * KiB
 DEVICES = 3
 DAY = 86_400
@@ -757,6 +758,57 @@ def _submit(submissions: Submissions, to: Address, message: bytes) -> None:
     submissions.submit("alice", [to], message)
 
 
+def sealing_stall(ctx: Context, repeat: int, size: int) -> None:
+    """The longest the event loop goes unserved while one large message is sealed: by
+    :func:`onionpost.device.sending.seal_step` (in the crypto pool from
+    ``SEAL_IN_POOL_FROM`` on) against the same seal run on the loop, as every seal was
+    before.  A 1 ms timer on the loop measures the stall: on the loop, an SMTP client
+    waiting for its 250 waits that long."""
+    import functools
+
+    from onionpost.device.sending import SEAL_IN_POOL_FROM, seal_step
+
+    w = _CryptoWorld.make()
+    body = compose("alice@x", "bob@x", 0, size=size)
+
+    async def stall(in_pool: bool) -> tuple[float, float]:
+        worst, done = 0.0, False
+
+        async def ticker() -> None:
+            nonlocal worst
+            while not done:
+                t = time.perf_counter()
+                await asyncio.sleep(0.001)
+                worst = max(worst, time.perf_counter() - t - 0.001)
+
+        task = asyncio.create_task(ticker())
+        await asyncio.sleep(0.01)
+        t0 = time.perf_counter()
+        if in_pool:
+            await seal_step(functools.partial(w.seal, body), len(body), None)
+        else:
+            w.seal(body)
+        took = time.perf_counter() - t0
+        done = True
+        await task
+        return worst, took
+
+    runs: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
+    for _ in range(repeat):
+        for in_pool in (False, True):
+            runs[in_pool].append(asyncio.run(stall(in_pool)))
+    label = fmt_bytes(size)
+    on_loop = Stats(f"loop stall, seal {label} on the loop", tuple(s for s, _ in runs[False]))
+    pooled = Stats(f"loop stall, seal {label} seal_step", tuple(s for s, _ in runs[True]))
+    took = statistics.median(t for _, t in runs[True])
+    ctx.compare(
+        pooled,
+        on_loop,
+        extra=f"the seal itself {fmt_time(took)}; sealed in the crypto pool from "
+        f"{fmt_bytes(SEAL_IN_POOL_FROM)} on, smaller ones on the loop",
+    )
+
+
 # --- the section ------------------------------------------------------------------------------
 
 
@@ -767,6 +819,7 @@ def run(ctx: Context) -> None:
     ref = crypto_reference(ctx, repeat=20 if ctx.quick else 200)
     pool_speedup(ctx, repeat=5 if ctx.quick else 30)
     pool_speedup(ctx, repeat=3 if ctx.quick else 10, size=256 * KiB)
+    sealing_stall(ctx, repeat=2 if ctx.quick else 5, size=(4 if ctx.quick else 20) * MiB)
     before = rss_bytes()
     reset_peak_rss()
     with tempfile.TemporaryDirectory(prefix="onionpost-bench-") as d:

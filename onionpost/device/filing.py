@@ -103,6 +103,9 @@ class Filer:
         self.sink = sink
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
+        self._attached = asyncio.Event()
+        if sink is not None:
+            self._attached.set()
         self._task: asyncio.Task[None] | None = None
         #: (user, folder) -> UIDNEXT seen at each second (ascending): the floors of searches.
         self._uidnext: dict[tuple[str, str], list[tuple[int, int]]] = {}
@@ -115,7 +118,17 @@ class Filer:
     def attach(self, sink: MailSink | None) -> None:
         """The mailbox is ready (or, with None, gone): file what waited, at once."""
         self.sink = sink
+        if sink is None:
+            self._attached.clear()
+        else:
+            self._attached.set()
         self.wake()
+
+    async def mailbox_attached(self) -> None:
+        """Until a mailbox is attached.  A node starts its devices' syncs before its mailbox
+        (Dovecot, started by the gateway), so a first sync can fetch mail that has nowhere
+        to go yet; it waits here instead of backing off as from a failure."""
+        await self._attached.wait()
 
     def wake(self) -> None:
         self._wake.set()

@@ -23,15 +23,18 @@ message in memory: layers stream through spooled temporary files.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import tempfile
 from collections.abc import Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from email.parser import BytesHeaderParser
 from email.utils import getaddresses
-from typing import IO
+from typing import IO, TypeVar
 
+from onionpost.base.aio import crypto_pool
 from onionpost.core.account import Account
 from onionpost.core.address import Address
 from onionpost.core.crypto import envelope, pow
@@ -52,7 +55,11 @@ from onionpost.store.contacts import ContactStore
 from onionpost.store.introductions import IntroductionStore
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 SPOOL = 1 << 20
+#: Messages from this size on are sealed in the crypto pool (see :meth:`Sender._seal_step`).
+SEAL_IN_POOL_FROM = 256 << 10
 _BCC = re.compile(rb"^bcc[ \t]*:", re.IGNORECASE)
 
 
@@ -138,6 +145,32 @@ class _Unit:
     content_type: int = CONTENT_RFC5322
 
 
+async def seal_step(call: functools.partial[T], size: int, pool: Executor | None) -> T:
+    """Run a sealing step: a large message's in the crypto pool (``pool``; None: the
+    process's shared one), a small one's here.
+
+    A seal is ~0.5 ms of fixed public-key work plus 5-10 ms per MiB.  A large message's
+    would hold the event loop (half a second for 50 MiB, no SMTP client answered
+    meanwhile), and most of its time is spent in libsodium, which lets the loop run
+    beside it.  A small message's is mostly Python between short libsodium calls: in a
+    thread it fights the loop for the GIL, and the loopback bench delivered a third fewer
+    messages a second that way (docs/performance.md, "Seventh pass").  Each step's files
+    are used by one thread at a time: the loop waits for the step before it touches
+    them again.
+    """
+    if size < SEAL_IN_POOL_FROM:
+        return call()
+    pool = pool or crypto_pool()
+    step = asyncio.get_running_loop().run_in_executor(pool, call)
+    try:
+        return await asyncio.shield(step)
+    except asyncio.CancelledError:
+        # The node stops: let the step finish (one seal at most) before the caller
+        # closes the files it writes.
+        await asyncio.wait({step})
+        raise
+
+
 class Sender:
     def __init__(
         self,
@@ -148,13 +181,20 @@ class Sender:
         contacts: ContactStore,
         lifetime: int,
         rng: RandomSource = system_random,
+        crypto_pool: Executor | None = None,
     ) -> None:
+        """``crypto_pool`` seals (the node's crypto pool); None: the process's shared one
+        (:func:`onionpost.base.aio.crypto_pool`)."""
         self.account = account
         self.session = session
         self.directory = directory
         self.contacts = contacts
         self.lifetime = lifetime
         self.rng = rng
+        self._crypto_pool = crypto_pool
+
+    async def _seal_step(self, call: functools.partial[T], size: int) -> T:
+        return await seal_step(call, size, self._crypto_pool)
 
     def units(self, out: Outgoing) -> list[_Unit]:
         me = self.account.address
@@ -260,18 +300,22 @@ class Sender:
                 unit_key.encode(),
             )[:16]
         with tempfile.SpooledTemporaryFile(max_size=SPOOL) as l2:
-            inner = envelope.seal_inner(
-                msg_id=msg_id,
-                sender=self.account.sender_keys(),
-                targets=targets,
-                recipient_uiks=uiks,
-                body=unit.body,
-                created_at=now,
-                expires_at=expires_at,
-                sink=l2,
-                content_type=unit.content_type,
-                extensions=extensions,
-                rng=self.rng,
+            inner = await self._seal_step(
+                functools.partial(
+                    envelope.seal_inner,
+                    msg_id=msg_id,
+                    sender=self.account.sender_keys(),
+                    targets=targets,
+                    recipient_uiks=uiks,
+                    body=unit.body,
+                    created_at=now,
+                    expires_at=expires_at,
+                    sink=l2,
+                    content_type=unit.content_type,
+                    extensions=extensions,
+                    rng=self.rng,
+                ),
+                len(unit.body),
             )
             report.msg_ids.append(inner.msg_id)
             destinations: list[tuple[Address, VerifiedBundle]] = list(bundles.items())
@@ -325,17 +369,21 @@ class Sender:
                 stamp = await _mint(bundle.mailbox_id, inner.digest, bundle.policy.pow_bits, now)
         l2.seek(0)
         with tempfile.SpooledTemporaryFile(max_size=SPOOL) as l1:
-            length = envelope.seal_outer(
-                l2,
+            length = await self._seal_step(
+                functools.partial(
+                    envelope.seal_outer,
+                    l2,
+                    inner.length,
+                    sek_id=bundle.sek_id,
+                    sek_pk=bundle.sek_pk,
+                    mailbox_id=bundle.mailbox_id,
+                    not_after=inner.expires_at,
+                    sink=l1,
+                    token=token,
+                    stamp=stamp,
+                    rng=self.rng,
+                ),
                 inner.length,
-                sek_id=bundle.sek_id,
-                sek_pk=bundle.sek_pk,
-                mailbox_id=bundle.mailbox_id,
-                not_after=inner.expires_at,
-                sink=l1,
-                token=token,
-                stamp=stamp,
-                rng=self.rng,
             )
             l1.seek(0)
             return await self.session.submit(

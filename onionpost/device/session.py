@@ -21,7 +21,7 @@ from onionpost.core.crypto.bundle import KeyBundle
 from onionpost.core.crypto.keys import DeviceList, Profile, ServerKey
 from onionpost.core.crypto.primitives import RandomSource, hash32, system_random
 from onionpost.core.dsn import device_change_notice
-from onionpost.core.errors import OnionpostError
+from onionpost.core.errors import FilingDeferred, OnionpostError
 from onionpost.core.retry import DEVICE_SYNC, Backoff
 from onionpost.core.wire import KeyUpdate
 from onionpost.device.directory import Directory
@@ -103,6 +103,7 @@ class Device:
             contacts=contacts,
             lifetime=config.delivery.lifetime_seconds,
             rng=rng,
+            crypto_pool=crypto_pool,
         )
         self.receiver = Receiver(
             account=account,
@@ -258,6 +259,17 @@ class Device:
                 if self.session.inbox_device_list_version > self.account.device_list.version:
                     await self.refresh_own_devices()
                 backoff.succeeded()
+            except FilingDeferred as exc:
+                if self.filer.sink is not None:
+                    pause = backoff.failed()
+                    log.warning("sync with the inbox: %s Trying again in %.0f s.", exc, pause)
+                    await wait_event(self.clock, self._wake, pause)
+                    continue
+                # Not a failure: the node is starting and its mailbox is not up yet.  What
+                # was fetched is queued durably and filed when it comes; the next sync then
+                # acknowledges it to the inbox.
+                log.info("%s It is filed once the mailbox has started.", exc)
+                await self.filer.mailbox_attached()
             except OnionpostError as exc:
                 pause = backoff.failed()
                 log.warning("sync with the inbox failed (%s); retrying in %.0f s", exc, pause)

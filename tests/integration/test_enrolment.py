@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import signal
 import socket
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -103,7 +104,9 @@ async def eventually(check, what: str, timeout: float = 30.0) -> None:  # type: 
     raise AssertionError(f"timed out waiting for {what}")
 
 
-async def test_pi_and_laptop_then_a_second_device(pi: tuple[Node, str], tmp_path: Path) -> None:
+async def test_pi_and_laptop_then_a_second_device(
+    pi: tuple[Node, str], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     p, onion = pi
     pi_home = p.config.data_dir
     # another household H, one machine, on its own inbox
@@ -146,6 +149,19 @@ async def test_pi_and_laptop_then_a_second_device(pi: tuple[Node, str], tmp_path
         await eventually(lambda: "from the laptop" in subjects(harry, "harry"), "L->H")
         harry.submissions.submit("harry", [alice], mail_bytes(hl, alice, "to the laptop"))
         await eventually(lambda: "to the laptop" in subjects(laptop, "alice"), "H->L")
+
+        # the laptop is off while mail comes; started again, it files that mail as it
+        # starts, without a failed sync in its log, and the Pi is told at once
+        await laptop.stop()
+        harry.submissions.submit("harry", [alice], mail_bytes(hl, alice, "while off"))
+        await eventually(lambda: spooled(p) == 1, "the Pi holding the mail")
+        laptop = Node(load(l_home), clock=SystemClock(), extensions=(slow_mailbox,))
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="onionpost"):
+            await laptop.start()
+            await eventually(lambda: "while off" in subjects(laptop, "alice"), "H->L, later")
+            await eventually(lambda: spooled(p) == 0, "the Pi told of the filed mail", 5.0)
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
 
         # a second device joins alice's identity through a pairing relayed by the Pi
         l2_home = tmp_path / "laptop2"
@@ -236,6 +252,21 @@ async def test_pi_and_laptop_then_a_second_device(pi: tuple[Node, str], tmp_path
         db.close()
     for plain in (b"from the laptop", b"to the laptop", b"to both", b"sent from L"):
         assert plain not in blobs
+
+
+async def slow_mailbox(node: Node) -> Callable[[], Awaitable[None]]:
+    """:func:`memory_mailbox` ready half a second after the devices' syncs started, as
+    Dovecot is on a real node."""
+    await asyncio.sleep(0.5)
+    return await memory_mailbox(node)
+
+
+def spooled(pi: Node) -> int:
+    """Copies the Pi holds for devices, not yet acknowledged."""
+    assert pi.inbox is not None
+    row = pi.inbox.store.db.one("SELECT COUNT(*) AS n FROM spool")
+    assert row is not None
+    return int(row["n"])
 
 
 def mail_bytes(frm: Address, to: Address, subject: str) -> bytes:

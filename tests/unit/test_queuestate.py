@@ -364,3 +364,35 @@ def test_an_old_outbox_is_upgraded(tmp_path: Path) -> None:
         assert db.scalar("SELECT count(*) FROM outbox_envelopes") == 0
     finally:
         db.close()
+
+
+# --- outbox 0005: a row id is never given out twice -------------------------------------------
+
+
+def test_an_outbox_row_id_is_never_reused(tmp_path: Path) -> None:
+    """The worker holds row ids in memory (deliveries in flight, delivered marks that ride
+    the next commit): when the newest rows are deleted (a person removed), the next row
+    queued must not take one of their ids, or an outcome meant for a deleted row would land
+    on it."""
+    db = Database(tmp_path / "inbox.db", ("outbox",), record_key=KEY)
+    try:
+        outbox = OutboxStore(db)
+
+        def queue(mailbox: bytes, key: str) -> int:
+            return outbox.enqueue(
+                mailbox_id=mailbox, device_id=b"d" * 16, onion=ONION, envelope=b"env",
+                submission_key=key, now=0, expires_at=10_000,
+            )  # fmt: skip
+
+        kept = queue(MB, "dev:kept")
+        gone = queue(b"G" * 16, "dev:gone")
+        assert outbox.remove_mailbox(b"G" * 16) == 1
+        new = queue(MB, "dev:new")
+        assert new > gone > kept
+        # an outcome for the deleted row (the worker's, in memory) changes nothing
+        outbox.mark_delivered(gone, now=5)
+        outbox.mark_bounced(gone, now=5, error="gone", code="5.0.0", attempted=True)
+        assert {r.id for r in outbox.rows()} == {kept, new}
+        assert outbox.envelope(new) == b"env"
+    finally:
+        db.close()

@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 SPOOL = 1 << 20
-#: Messages from this size on are sealed in the crypto pool (see :meth:`Sender._seal_step`).
+#: Messages from this size on are sealed in the crypto pool (see :func:`seal_step`).
 SEAL_IN_POOL_FROM = 256 << 10
 _BCC = re.compile(rb"^bcc[ \t]*:", re.IGNORECASE)
 
@@ -193,9 +193,6 @@ class Sender:
         self.rng = rng
         self._crypto_pool = crypto_pool
 
-    async def _seal_step(self, call: functools.partial[T], size: int) -> T:
-        return await seal_step(call, size, self._crypto_pool)
-
     def units(self, out: Outgoing) -> list[_Unit]:
         me = self.account.address
         if out.content_type != CONTENT_RFC5322:
@@ -300,7 +297,7 @@ class Sender:
                 unit_key.encode(),
             )[:16]
         with tempfile.SpooledTemporaryFile(max_size=SPOOL) as l2:
-            inner = await self._seal_step(
+            inner = await seal_step(
                 functools.partial(
                     envelope.seal_inner,
                     msg_id=msg_id,
@@ -316,6 +313,7 @@ class Sender:
                     rng=self.rng,
                 ),
                 len(unit.body),
+                self._crypto_pool,
             )
             report.msg_ids.append(inner.msg_id)
             destinations: list[tuple[Address, VerifiedBundle]] = list(bundles.items())
@@ -369,7 +367,7 @@ class Sender:
                 stamp = await _mint(bundle.mailbox_id, inner.digest, bundle.policy.pow_bits, now)
         l2.seek(0)
         with tempfile.SpooledTemporaryFile(max_size=SPOOL) as l1:
-            length = await self._seal_step(
+            length = await seal_step(
                 functools.partial(
                     envelope.seal_outer,
                     l2,
@@ -384,6 +382,7 @@ class Sender:
                     rng=self.rng,
                 ),
                 inner.length,
+                self._crypto_pool,
             )
             l1.seek(0)
             return await self.session.submit(

@@ -259,18 +259,14 @@ class Device:
                 if self.session.inbox_device_list_version > self.account.device_list.version:
                     await self.refresh_own_devices()
                 backoff.succeeded()
-            except FilingDeferred as exc:
-                if self.filer.sink is not None:
-                    pause = backoff.failed()
-                    log.warning("sync with the inbox: %s Trying again in %.0f s.", exc, pause)
-                    await wait_event(self.clock, self._wake, pause)
-                    continue
-                # Not a failure: the node is starting and its mailbox is not up yet.  What
-                # was fetched is queued durably and filed when it comes; the next sync then
-                # acknowledges it to the inbox.
-                log.info("%s It is filed once the mailbox has started.", exc)
-                await self.filer.mailbox_attached()
             except OnionpostError as exc:
+                if isinstance(exc, FilingDeferred) and self.filer.sink is None:
+                    # Not a failure: the node is starting and its mailbox is not up yet.
+                    # What was fetched is queued durably and filed when it comes; the next
+                    # sync then acknowledges it to the inbox.
+                    log.info("%s It is filed once the mailbox has started.", exc)
+                    await self.filer.mailbox_attached()
+                    continue
                 pause = backoff.failed()
                 log.warning("sync with the inbox failed (%s); retrying in %.0f s", exc, pause)
                 await wait_event(self.clock, self._wake, pause)

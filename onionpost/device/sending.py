@@ -192,6 +192,9 @@ class Sender:
         self.lifetime = lifetime
         self.rng = rng
         self._crypto_pool = crypto_pool
+        # Messages are sealed several at a time (the sealing job's page): two first messages
+        # to the same new contact must not each register a token for it.
+        self._granting = asyncio.Lock()
 
     def units(self, out: Outgoing) -> list[_Unit]:
         me = self.account.address
@@ -399,17 +402,18 @@ class Sender:
     ) -> bytes:
         """Hand each recipient a token so they can reply without proof of work."""
         grants = b""
-        for address in addresses:
-            contact = self.contacts.get(str(address))
-            if contact is None or contact.blocked:
-                # a blocked contact gets no token (and the withdrawn one is never re-granted)
-                continue
-            token = contact.token_from_them
-            if token is None:
-                token = self.rng(32)
-                await self.session.register_token(token, str(address))
-                self.contacts.set_token_from_them(str(address), token)
-            grants += bundles[address].uik_pk + token
+        async with self._granting:
+            for address in addresses:
+                contact = self.contacts.get(str(address))
+                if contact is None or contact.blocked:
+                    # a blocked contact gets no token (and the withdrawn one is never re-granted)
+                    continue
+                token = contact.token_from_them
+                if token is None:
+                    token = self.rng(32)
+                    await self.session.register_token(token, str(address))
+                    self.contacts.set_token_from_them(str(address), token)
+                grants += bundles[address].uik_pk + token
         return grants
 
 

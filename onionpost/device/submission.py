@@ -14,6 +14,7 @@ lifetime runs out, whether the problem was here (no keys) or at the outbox (unde
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -51,6 +52,10 @@ from onionpost.store.submissions import PendingRecipient, SubmissionStore
 
 log = logging.getLogger(__name__)
 
+#: Submissions of a page sealed and handed over at a time.  Their hand-overs overlap, so the
+#: inbox stores them with one commit (the node API's group commit) instead of an fsync each;
+#: sealing itself stays one at a time on the loop (a large message in the crypto pool).
+HAND_OVERS_AT_ONCE = 4
 NOTIFIED_DELAY = 1
 NOTIFIED_FINAL = 2
 
@@ -298,17 +303,33 @@ class Submissions:
             # first, and a crash before it only seals the message again, which the inbox
             # answers with the row it already queued (the same submission key).
             queued: list[tuple[int, str, int]] = []
+            slots = asyncio.Semaphore(HAND_OVERS_AT_ONCE)
             try:
-                for sid, recips in due.items():
-                    await foreground.yield_to()  # SMTP clients waiting on a 250 go first
-                    handled += len(recips)
-                    await self._process(sid, recips, queued)
-                    after = max(after, (sid, max(r.address for r in recips)))
+                outcomes = await asyncio.gather(
+                    *(self._in_turn(slots, sid, recips, queued) for sid, recips in due.items()),
+                    return_exceptions=True,
+                )
             finally:
                 if queued:
                     with self.db.transaction():
                         for sid, address, outbox_id in queued:
                             self.store.mark_queued(sid, address, outbox_id)
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException):
+                    raise outcome
+            handled += sum(len(recips) for recips in due.values())
+            after = max(after, *((sid, max(r.address for r in rs)) for sid, rs in due.items()))
+
+    async def _in_turn(
+        self,
+        slots: asyncio.Semaphore,
+        sid: int,
+        recips: list[PendingRecipient],
+        queued: list[tuple[int, str, int]],
+    ) -> None:
+        async with slots:
+            await foreground.yield_to()  # SMTP clients waiting on a 250 go first
+            await self._process(sid, recips, queued)
 
     async def _process(
         self, sid: int, recips: list[PendingRecipient], queued: list[tuple[int, str, int]]

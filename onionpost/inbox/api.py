@@ -50,8 +50,8 @@ import contextlib
 import json
 import logging
 import tempfile
-from collections.abc import Awaitable, Callable, Iterator
-from typing import IO, Any, ClassVar
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from typing import IO, Any, ClassVar, Generic, TypeVar
 
 from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -84,11 +84,15 @@ from onionpost.core.wire import (
     refusal,
 )
 from onionpost.inbox.enrolment import Enrolment
-from onionpost.inbox.postoffice import DeliveryResult, Inbox, Session, Unwrapped
+from onionpost.inbox.postoffice import DeliveryResult, HandOver, Inbox, Session, Unwrapped
 from onionpost.store.inbox import SpoolEntry
 from onionpost.store.outbox import OutboxRow
 
 log = logging.getLogger(__name__)
+
+
+A = TypeVar("A")
+R = TypeVar("R")
 
 
 class _MalformedRequests(logging.Filter):
@@ -345,43 +349,45 @@ def _overloaded_reply() -> bytes:
     return head.encode() + body
 
 
-class _AcceptBatch:
-    """Group commit for deliveries: the ones ready to be stored in the same turn of the
-    event loop share one COMMIT (:meth:`Inbox.accept_many`).
+class _BatchedCommit(Generic[A, R]):
+    """Group commit for requests that each store one thing: the ones ready to be stored in
+    the same turn of the event loop share one COMMIT (``run_many``: peers' deliveries,
+    :meth:`Inbox.accept_many`; devices' hand-overs, :meth:`Inbox.submit_many`).
 
-    Storing runs on the loop and its COMMIT (an fsync) blocks it, so deliveries whose outer
-    layer finished opening meanwhile (in worker threads) are all ready on the next turn and
-    go together; an idle inbox stores a lone delivery one turn after it is ready.  Each
-    request waits for the commit that holds its delivery before answering ``accepted``.
+    Storing runs on the loop and its COMMIT (an fsync) blocks it, so requests that became
+    ready meanwhile (a delivery's outer layer opened in a worker thread, a hand-over's body
+    read) are all ready on the next turn and go together; an idle inbox stores a lone one a
+    turn after it is ready.  Each request waits for the commit that holds its item before
+    it is answered (``accepted``, ``queued``).
     """
 
-    def __init__(self, inbox: Inbox) -> None:
-        self.inbox = inbox
-        self._batch: list[tuple[Unwrapped, int, asyncio.Future[DeliveryResult]]] = []
+    def __init__(self, run_many: Callable[[list[A]], Sequence[R | Exception]]) -> None:
+        self._run_many = run_many
+        self._batch: list[tuple[A, asyncio.Future[R]]] = []
 
-    async def accept(self, unwrapped: Unwrapped, now: int) -> DeliveryResult:
+    async def run(self, item: A) -> R:
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[DeliveryResult] = loop.create_future()
+        fut: asyncio.Future[R] = loop.create_future()
         if not self._batch:
             loop.call_soon(self._flush)
-        self._batch.append((unwrapped, now, fut))
-        # Cancelled (the peer went away): the future is cancelled with it and the flush skips
-        # the delivery, whose file the caller closes on the way out.
+        self._batch.append((item, fut))
+        # Cancelled (the client went away): the future is cancelled with it and the flush
+        # skips the item, whose file the caller closes on the way out.
         return await fut
 
     def _flush(self) -> None:
-        batch = [b for b in self._batch if not b[2].cancelled()]
+        batch = [b for b in self._batch if not b[1].cancelled()]
         self._batch = []
         if not batch:
             return
         try:
-            results = self.inbox.accept_many([(u, now) for u, now, _ in batch])
+            results = self._run_many([item for item, _ in batch])
         except Exception as exc:  # the COMMIT failed: every request hears it
-            for *_, fut in batch:
+            for _, fut in batch:
                 if not fut.done():
                     fut.set_exception(exc)
             return
-        for (*_, fut), result in zip(batch, results, strict=True):
+        for (_, fut), result in zip(batch, results, strict=True):
             if fut.done():
                 continue
             if isinstance(result, Exception):
@@ -408,7 +414,10 @@ class InboxServer:
         self._on_inbound = on_inbound
         self._on_submitted = on_submitted
         self._deliveries = asyncio.Semaphore(8)
-        self._accepts = _AcceptBatch(inbox)
+        self._accepts: _BatchedCommit[tuple[Unwrapped, int], DeliveryResult] = _BatchedCommit(
+            inbox.accept_many
+        )
+        self._hand_overs: _BatchedCommit[HandOver, int] = _BatchedCommit(inbox.submit_many)
         self._ack_flush: asyncio.TimerHandle | None = None
         self._events: dict[tuple[bytes, bytes], asyncio.Event] = {}
         self._server: asyncio.Server | None = None
@@ -610,7 +619,7 @@ class InboxServer:
                 now = self._now()
                 unwrapped = await asyncio.to_thread(self.inbox.unwrap, body, length, now=now)
                 with unwrapped:
-                    result = await self._accepts.accept(unwrapped, now)
+                    result = await self._accepts.run((unwrapped, now))
             finally:
                 self._deliveries.release()
         return _json(
@@ -767,15 +776,17 @@ class InboxServer:
             raise MalformedData("'msg_id' must be hex and 'expires_at' a number.") from exc
         body, length = await self._body_to_file(request, self.config.max_envelope_bytes + (1 << 20))
         with body:
-            row_id = self.inbox.submit(
-                s,
-                destination=q.get("destination", ""),
-                sealed=(body, length),
-                msg_id=msg_id,
-                expires_at=expires_at,
-                message_ref=q.get("ref", ""),
-                submission_key=q.get("key", "") or msg_id.hex(),
-                now=self._now(),
+            row_id = await self._hand_overs.run(
+                HandOver(
+                    s,
+                    destination=q.get("destination", ""),
+                    sealed=(body, length),
+                    msg_id=msg_id,
+                    expires_at=expires_at,
+                    message_ref=q.get("ref", ""),
+                    submission_key=q.get("key", "") or msg_id.hex(),
+                    now=self._now(),
+                )
             )
         if self._on_submitted is not None:
             self._on_submitted()

@@ -102,6 +102,21 @@ class Unwrapped:
 
 
 @dataclass(frozen=True)
+class HandOver:
+    """A sealed envelope a device hands to its inbox for delivery (``POST
+    /v1/device/submit``)."""
+
+    session: Session
+    destination: str
+    sealed: bytes | tuple[IO[bytes], int]
+    msg_id: bytes
+    expires_at: int
+    message_ref: str
+    submission_key: str
+    now: int
+
+
+@dataclass(frozen=True)
 class Session:
     mailbox_id: bytes
     device_id: bytes
@@ -246,7 +261,7 @@ class Inbox:
             raise
         return Unwrapped(meta, l2, spk_ids)
 
-    def accept(self, unwrapped: Unwrapped, *, now: int) -> DeliveryResult:
+    def accept(self, unwrapped: Unwrapped, *, now: int, durable: bool = True) -> DeliveryResult:
         """Check proof, routing and limits, then store durably; raises delivery errors.
 
         The order matters for abuse resistance: the token or stamp is checked *before* any
@@ -254,8 +269,12 @@ class Inbox:
         anything (it costs the sender a connection and an upload, and the owner nothing).
         Duplicates and envelopes no current device can read are answered before charging
         too; only an envelope that is about to be stored counts against the limits.
+
+        ``durable=False`` is for this node's own outbox only (see
+        :meth:`Database.transaction`): its delivered mark is committed to the same database
+        file after this, durably, so the mark is never on disk without the delivery.
         """
-        result = self._accept(unwrapped, now=now)
+        result = self._accept(unwrapped, now=now, durable=durable)
         self._spooled(result)
         return result
 
@@ -265,7 +284,7 @@ class Inbox:
             for listener in self.on_spooled:
                 listener(result.mailbox_id, result.device_ids)
 
-    def _accept(self, unwrapped: Unwrapped, *, now: int) -> DeliveryResult:
+    def _accept(self, unwrapped: Unwrapped, *, now: int, durable: bool = True) -> DeliveryResult:
         """:meth:`accept` without telling the listeners (the caller does, after its commit)."""
         meta = unwrapped.meta
         mb = self.store.mailbox(meta.mailbox_id)
@@ -295,7 +314,7 @@ class Inbox:
             # The charge and the storing commit together: one durable commit per delivery
             # (the peer hears `accepted` only after it), and a delivery refused for the quota
             # does not count against the sender's limits either.
-            with self.store.db.transaction():
+            with self.store.db.transaction(durable=durable):
                 self._check_rates(buckets, now)
                 accepted = self.store.accept_sealed(
                     mailbox_id=mb.mailbox_id,
@@ -508,18 +527,7 @@ class Inbox:
 
     # -- submissions ----------------------------------------------------------------------
 
-    def submit(
-        self,
-        s: Session,
-        *,
-        destination: str,
-        sealed: bytes | tuple[IO[bytes], int],
-        msg_id: bytes,
-        expires_at: int,
-        message_ref: str,
-        submission_key: str,
-        now: int,
-    ) -> int:
+    def submit(self, h: HandOver) -> int:
         """Queue a sealed envelope for delivery by this inbox; durable when it returns.
 
         ``submission_key`` makes a repeated submission of the same (re-sealed) message return
@@ -528,26 +536,43 @@ class Inbox:
         local part) and a keyed hash of the submission key.  ``msg_id`` and ``message_ref``
         are checked for form and not kept (the device knows its own messages).
         """
-        address = Address.parse(destination)
-        if not now < expires_at <= now + MAX_SUBMIT_LIFETIME:
+        address = Address.parse(h.destination)
+        if not h.now < h.expires_at <= h.now + MAX_SUBMIT_LIFETIME:
             raise MalformedData("A submission's expiry must lie within the next 30 days.")
-        size = sealed[1] if isinstance(sealed, tuple) else len(sealed)
+        size = h.sealed[1] if isinstance(h.sealed, tuple) else len(h.sealed)
         if size > self.config.max_envelope_bytes + (1 << 20):
             raise MessageTooLarge()
-        if len(msg_id) != 16:
+        if len(h.msg_id) != 16:
             raise MalformedData("A message id is 16 bytes.")
-        if not 1 <= len(submission_key) <= 200:
+        if not 1 <= len(h.submission_key) <= 200:
             raise MalformedData("A submission key must be 1 to 200 characters.")
-        del message_ref  # accepted on the wire, kept nowhere
         return self.outbox.enqueue(
-            mailbox_id=s.mailbox_id,
-            device_id=s.device_id,
+            mailbox_id=h.session.mailbox_id,
+            device_id=h.session.device_id,
             onion=address.onion,
-            envelope=sealed,
-            submission_key=f"{s.device_id.hex()}:{submission_key}",
-            now=now,
-            expires_at=expires_at,
+            envelope=h.sealed,
+            submission_key=f"{h.session.device_id.hex()}:{h.submission_key}",
+            now=h.now,
+            expires_at=h.expires_at,
         )
+
+    def submit_many(self, batch: Sequence[HandOver]) -> list[int | Exception]:
+        """:meth:`submit` for several hand-overs, all durable in **one** commit (group
+        commit: the node API gathers the hand-overs that are ready at the same moment).
+
+        Each runs in its own savepoint, so one that is refused leaves nothing behind and
+        spoils no other; its error takes its place in the answer.  No device hears
+        ``queued`` before this returns, i.e. before the COMMIT.
+        """
+        out: list[int | Exception] = []
+        with self.outbox.transaction_with_marks():
+            for h in batch:
+                try:
+                    with self.outbox.db.transaction():  # a savepoint
+                        out.append(self.submit(h))
+                except Exception as exc:  # handed to that hand-over's request
+                    out.append(exc)
+        return out
 
     # -- publishing keys ------------------------------------------------------------------
 

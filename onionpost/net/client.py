@@ -521,6 +521,9 @@ class DeviceSession:
         self._sign = sign
         self._login_message = login_message
         self._token: bytes | None = None
+        # One login at a time: requests sent together with no session (the sealing job's
+        # concurrent hand-overs, a sync) share the session the first one opens.
+        self._logging_in = asyncio.Lock()
         #: The device list version the inbox holds, as of the last ``pending`` answer.
         self.inbox_device_list_version = 0
         #: False once the inbox answered ``pending-mail`` with 404 (an older inbox).
@@ -604,7 +607,9 @@ class DeviceSession:
         ``reuse``: safe to send twice, so it may go on a kept-alive connection."""
         for attempt in (1, 2):
             if self._token is None:
-                await self.login()
+                async with self._logging_in:
+                    if self._token is None:
+                        await self.login()
             if rewind is not None:
                 rewind.seek(0)
             r = await self.client.request(

@@ -82,6 +82,9 @@ class Database:
         # would poll in steps of 1, 2, 5, 10... ms.  Never shared by two connections of one
         # thread (the second would wait for the first for ever).
         self._write_lock = write_lock
+        #: Whether the connection's commits fsync (``synchronous=FULL``): always, except
+        #: inside a ``transaction(durable=False)``.
+        self._fsync_commits = True
         if self.path is not None:
             _create_private(self.path)
         try:
@@ -95,7 +98,7 @@ class Database:
             self.conn.create_function("record_hash", 1, self._sql_record_hash, deterministic=True)
             if self.path is not None:
                 self.conn.execute("PRAGMA journal_mode=WAL")
-            self.conn.execute("PRAGMA synchronous=FULL")
+            self._set_fsync_commits(True)
             self.conn.execute("PRAGMA foreign_keys=ON")
             self.conn.execute("PRAGMA busy_timeout=10000")
             self.utils = sqlite_utils.Database(self.conn)
@@ -137,22 +140,34 @@ class Database:
     # -- transactions ---------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
         """``BEGIN IMMEDIATE`` ... ``COMMIT``; nested calls become savepoints.
 
         Writers take the write lock up front (IMMEDIATE) so two writers never deadlock on a
         lock upgrade.  When the block returns, the data is durably committed.  A ``sqlite3``
         error raised inside the block (the callers run SQL on the yielded connection) rolls
         back and leaves as a :class:`~onionpost.core.errors.StoreError` (see :func:`translate`).
+
+        ``durable=False`` (outermost block only; a nested block is part of its outer one)
+        commits without the fsync: ``synchronous=NORMAL`` for this one transaction.  The
+        commit is atomic and visible at once, and survives the process being killed; only a
+        power loss or kernel crash can undo it, and then only together with every later
+        commit to this file (WAL replays a prefix of its commits).  So it is right for a
+        transaction that nothing outside this file relies on until a later, durable commit
+        to the same file has been made: see docs/queues.md, "Commits without an fsync".
         """
         name = f"sp{self._depth}"
-        locked = self._depth == 0 and self._write_lock is not None
+        outermost = self._depth == 0
+        lazy = outermost and not durable and self.path is not None
+        locked = outermost and self._write_lock is not None
         if locked:
             assert self._write_lock is not None
             self._write_lock.acquire()
         try:
             try:
-                if self._depth == 0:
+                if outermost and self._fsync_commits == lazy:
+                    self._set_fsync_commits(not lazy)
+                if outermost:
                     self.conn.execute("BEGIN IMMEDIATE")
                 else:
                     self.conn.execute(f"SAVEPOINT {name}")
@@ -161,9 +176,23 @@ class Database:
             self._depth += 1
             yield from self._body(name)
         finally:
+            if lazy:
+                # Back to FULL at once, for statements outside any transaction too.  Should
+                # that fail, the next transaction sets it before its BEGIN.
+                with contextlib.suppress(sqlite3.Error):
+                    self._set_fsync_commits(True)
             if locked:
                 assert self._write_lock is not None
                 self._write_lock.release()
+
+    @property
+    def in_transaction(self) -> bool:
+        """Whether a :meth:`transaction` block of this connection is open (a new one nests)."""
+        return self._depth > 0
+
+    def _set_fsync_commits(self, on: bool) -> None:
+        self.conn.execute(f"PRAGMA synchronous={'FULL' if on else 'NORMAL'}")
+        self._fsync_commits = on
 
     def _body(self, name: str) -> Iterator[sqlite3.Connection]:
         """The transaction once begun: yield, then commit (or roll back on an error)."""

@@ -13,8 +13,9 @@ outcome, and only a keyed hash of the device's idempotency key (which names the 
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 
 from onionpost.core.crypto.envelope import Readable, Writable
@@ -78,9 +79,24 @@ class OutboxStore:
     def flush_marks(self) -> None:
         """Commit the marks still waiting (the worker's run ends)."""
         if self._marks:
-            with self.db.transaction():
-                taken = self._apply_marks()
-            self._marks_carried(taken)
+            with self.transaction_with_marks():
+                pass
+
+    @contextlib.contextmanager
+    def transaction_with_marks(self) -> Iterator[sqlite3.Connection]:
+        """A transaction that also commits the worker's waiting delivered marks.
+
+        Inside another transaction it is a plain nested block: the outermost one carries
+        the marks, so none is dropped from memory before the COMMIT that holds it.
+        """
+        if self.db.in_transaction:
+            with self.db.transaction() as c:
+                yield c
+            return
+        with self.db.transaction() as c:
+            taken = self._apply_marks()
+            yield c
+        self._marks_carried(taken)
 
     def committed(self) -> list[int]:
         """The rows whose delivered mark was committed since the last call."""
@@ -116,12 +132,12 @@ class OutboxStore:
         existing row (and the new envelope, a re-sealing of the same message, is discarded).
         ``envelope`` is the bytes or ``(source, length)``, copied into the row in pieces (a
         64 MiB envelope is never held in memory here).  The worker's delivered marks still
-        waiting ride this commit (:meth:`mark_delivered_later`).
+        waiting ride this commit (:meth:`mark_delivered_later`), or the outer transaction's
+        when this is called inside one (:meth:`Inbox.submit_many`).
         """
         key_hash = self.db.record_hash(submission_key)
         size = envelope[1] if isinstance(envelope, tuple) else len(envelope)
-        with self.db.transaction() as c:
-            taken = self._apply_marks()
+        with self.transaction_with_marks() as c:
             row = c.execute(
                 "SELECT id, state FROM outbox WHERE mailbox_id = ? AND submission_hash = ?",
                 (mailbox_id, key_hash),
@@ -148,7 +164,6 @@ class OutboxStore:
                         (onion, t.target, now, row_id, t.source),
                     )
                     _write_blob(c, row_id, size, envelope)
-        self._marks_carried(taken)
         return row_id
 
     def get(self, row_id: int) -> OutboxRow | None:

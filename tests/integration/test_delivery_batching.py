@@ -54,6 +54,26 @@ class Commits:
         return self.count
 
 
+class CommitModes:
+    """The fsync mode of each COMMIT on one database: "FULL" (durable) or "NORMAL"."""
+
+    def __init__(self, db: Database) -> None:
+        self.modes: list[str] = []
+        self._mode = "FULL"
+        self.db = db
+        db.conn.set_trace_callback(self._trace)
+
+    def _trace(self, sql: str) -> None:
+        if sql.startswith("PRAGMA synchronous="):
+            self._mode = sql.removeprefix("PRAGMA synchronous=")
+        elif sql.startswith("COMMIT"):
+            self.modes.append(self._mode)
+
+    def stop(self) -> list[str]:
+        self.db.conn.set_trace_callback(None)
+        return self.modes
+
+
 class World(Loopback):
     def __init__(self, root: Path) -> None:
         super().__init__(root)
@@ -117,14 +137,15 @@ async def test_removals_and_acknowledgements_ride_the_next_commit(
     assert await world.bob.device.sync() == 1
     store, inbox = world.bob.filer.store, world.b.inbox.store
     accepts = 0
-    accept_many = world.b.inbox.accept_many
+    batches = world.b.server._accepts
+    accept_many = batches._run_many
 
     def counted(batch):  # type: ignore[no-untyped-def]
         nonlocal accepts
         accepts += 1
         return accept_many(batch)
 
-    monkeypatch.setattr(world.b.inbox, "accept_many", counted)
+    monkeypatch.setattr(batches, "_run_many", counted)
     for r in range(3):
         # What the last sync filed is hidden, its rows still in the database; the copies it
         # acknowledged are hidden from bob and still stored at B.
@@ -233,6 +254,32 @@ async def test_delivered_marks_ride_the_next_hand_over(world: World) -> None:
     assert subjects(world.bob) == sorted(
         ["first 0", "run 0", "run 1", "run 2", "carried 0", "next 0"]
     )
+
+
+async def test_a_delivery_into_the_own_inbox_skips_its_fsync_and_a_peers_does_not(
+    world: World,
+) -> None:
+    """alice's mail to carol (on alice's inbox A) is stored by A's own worker with a commit
+    that skips its fsync; the row's delivered mark after it, on the same file, is durable
+    (docs/queues.md, "Commits without an fsync").  alice's mail to bob is stored by B as a
+    peer's delivery: durable, since A hears `accepted` after it."""
+    carol = world.add_person(world.a, "carol")
+    world.alice.submissions.submit(
+        world.alice.user, [carol.address], compose(world.alice, carol, "to carol")
+    )
+    await world.alice.submissions.process_due()
+    a = CommitModes(world.a.db)
+    await world.a.worker.run_due()
+    assert a.stop() == ["NORMAL", "FULL"]  # carol's delivery, then its delivered mark
+    assert world.a.db.scalar("PRAGMA synchronous") == 2  # FULL again for everything else
+    assert await carol.device.sync() == 1
+    assert subjects(carol) == ["to carol"]
+
+    await world.hand_over(1, "to bob")
+    b = CommitModes(world.b.db)
+    await world.a.worker.run_due()
+    assert b.stop() == ["FULL"]
+    assert await world.bob.device.sync() == 1
 
 
 def _watch_fetches(session, monkeypatch) -> tuple[list[int], list[list[int]]]:  # type: ignore[no-untyped-def]

@@ -22,12 +22,13 @@ from onionpost.core.crypto.bundle import KeyBundle, verify_bundle
 from onionpost.core.crypto.envelope import StanzaTarget
 from onionpost.core.errors import (
     DeviceRefused,
+    MalformedData,
     PermanentDeliveryError,
     TemporaryDeliveryError,
     UnknownMailbox,
 )
 from onionpost.core.wire import KeyUpdate
-from onionpost.inbox.postoffice import login_message
+from onionpost.inbox.postoffice import HandOver, Session, login_message
 from onionpost.net.client import DeviceSession, InboxClient
 from onionpost.net.transport import DirectDialer
 from onionpost.testing.harness import InboxNode
@@ -601,6 +602,76 @@ async def test_deliveries_ready_together_share_one_commit(world) -> None:
     assert again.receipt == first.receipt
     assert woken == [bob.mailbox_id, bob.mailbox_id]  # told only of the stored two, after
     assert len(await _session(node, bob, dialer).pending()) == 2
+
+
+async def test_hand_overs_ready_together_share_one_commit(world) -> None:
+    """Group commit at the hand-over (Inbox.submit_many, which the node API's ``POST
+    /v1/device/submit`` goes through): several are queued by one COMMIT, each in its own
+    savepoint, so a refused one spoils no other, a repeated submission key within the batch
+    gets the row the first one queued, and the outbox's waiting delivered marks ride it."""
+    node, bob, _, _ = world
+    me = Session(bob.mailbox_id, bob.device.device_id)
+    now = int(time.time())
+
+    def hand_over(key: str, *, expires_at: int = now + 3600) -> HandOver:
+        return HandOver(
+            me,
+            destination=f"alice@{node.onion}.onion",
+            sealed=b"sealed " + key.encode(),
+            msg_id=b"\x01" * 16,
+            expires_at=expires_at,
+            message_ref="",
+            submission_key=key,
+            now=now,
+        )
+
+    commits: list[str] = []
+    node.db.conn.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
+    try:
+        batch = [hand_over("k1"), hand_over("late", expires_at=now), hand_over("k2")]
+        first, refused, second, again = node.inbox.submit_many([*batch, hand_over("k1")])
+        assert len(commits) == 1
+        outbox = node.inbox.outbox
+        assert isinstance(refused, MalformedData)
+        assert isinstance(first, int) and isinstance(second, int) and first != second
+        assert again == first
+        assert outbox.envelope(first) == b"sealed k1" and outbox.envelope(second) == b"sealed k2"
+        assert outbox.queued_count() == 2
+
+        outbox.mark_delivered_later([first], now=now)  # as the worker does
+        commits.clear()
+        (third,) = node.inbox.submit_many([hand_over("k3")])
+        assert len(commits) == 1
+    finally:
+        node.db.conn.set_trace_callback(None)
+    assert outbox.get(first).state == "delivered"  # type: ignore[union-attr]
+    assert outbox.committed() == [first] and outbox.marks_waiting() == 0
+    assert isinstance(third, int) and outbox.queued_count() == 2
+
+
+async def test_concurrent_hand_overs_are_each_queued_once(world) -> None:
+    """Through the node API, hand-overs sent together (which may share a commit) are each
+    answered with their own row; a repeated submission key with the row already queued."""
+    node, bob, _, dialer = world
+    session = _session(node, bob, dialer)
+    expires_at = int(time.time()) + 3600
+
+    async def submit(key: str) -> int:
+        return await session.submit(
+            destination=f"alice@{node.onion}.onion",
+            envelope=b"sealed " + key.encode(),
+            msg_id=b"\x02" * 16,
+            expires_at=expires_at,
+            ref="",
+            key=key,
+        )
+
+    ids = await asyncio.gather(*(submit(f"k{i}") for i in range(6)))
+    assert len(set(ids)) == 6
+    assert [node.inbox.outbox.envelope(i) for i in ids] == [b"sealed k%d" % i for i in range(6)]
+    again = await asyncio.gather(submit("k0"), submit("k5"), submit("k6"))
+    assert again[:2] == [ids[0], ids[5]] and again[2] not in ids
+    assert node.inbox.outbox.queued_count() == 7
 
 
 async def test_concurrent_deliveries_are_each_accepted_once(world) -> None:

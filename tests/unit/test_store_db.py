@@ -108,3 +108,39 @@ def test_a_locked_database_is_busy(tmp_path: Path) -> None:
 def test_queries_outside_transactions_are_translated(db: Database) -> None:
     with pytest.raises(DatabaseFailed, match="no such table"):
         db.all("SELECT * FROM missing_table")
+
+
+def _synchronous(db: Database) -> int:
+    return int(db.scalar("PRAGMA synchronous"))  # 1 NORMAL, 2 FULL
+
+
+def test_a_transaction_that_need_not_be_durable_commits_without_fsync(db: Database) -> None:
+    """``durable=False`` is ``synchronous=NORMAL`` for that one transaction: FULL before and
+    after it, after a rollback too, and a nested block follows its outer one."""
+    assert _synchronous(db) == 2
+    seen: list[str] = []
+    db.conn.set_trace_callback(seen.append)
+    with db.transaction(durable=False) as c:
+        c.execute("INSERT INTO t (v) VALUES ('lazy')")
+    assert seen[:4] == ["PRAGMA synchronous=NORMAL", "BEGIN IMMEDIATE", seen[2], "COMMIT"]
+    assert _synchronous(db) == 2
+    with pytest.raises(DatabaseFailed), db.transaction(durable=False) as c:
+        c.execute("INSERT INTO t (v) VALUES ('lazy')")  # UNIQUE: rolled back
+    assert _synchronous(db) == 2
+    seen.clear()
+    with db.transaction() as c, db.transaction(durable=False):
+        c.execute("INSERT INTO t (v) VALUES ('inner')")
+    assert not any(s.startswith("PRAGMA synchronous") for s in seen)
+    db.conn.set_trace_callback(None)
+    assert [r["v"] for r in db.all("SELECT v FROM t ORDER BY k")] == ["lazy", "inner"]
+
+
+def test_a_database_in_memory_ignores_durable_false() -> None:
+    """No WAL, no prefix rule: such a database is never asked to skip an fsync."""
+    d = Database(":memory:", [])
+    seen: list[str] = []
+    d.conn.set_trace_callback(seen.append)
+    with d.transaction(durable=False) as c:
+        c.execute("CREATE TABLE t (k INTEGER PRIMARY KEY)")
+    assert not any(s.startswith("PRAGMA") for s in seen)
+    d.close()

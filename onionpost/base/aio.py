@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import math
 import os
+import time
 from collections.abc import Iterator
 
 #: How often a task that survived its cancellation is cancelled again.
@@ -104,10 +106,16 @@ class Foreground:
     def __init__(self) -> None:
         self._busy = 0
         self._waiters: set[asyncio.Future[None]] = set()
+        self._idle_since = -math.inf  # time.monotonic() when the last one ended
 
     @property
     def is_busy(self) -> bool:
         return self._busy > 0
+
+    def busy_lately(self, within: float = MAX_DEFER_SECONDS) -> bool:
+        """Whether foreground work is in flight, or ended less than ``within`` seconds ago
+        (clients keep coming: a burst pauses between two transactions, it does not end)."""
+        return self._busy > 0 or time.monotonic() - self._idle_since < within
 
     @contextlib.contextmanager
     def busy(self) -> Iterator[None]:
@@ -117,6 +125,7 @@ class Foreground:
         finally:
             self._busy -= 1
             if self._busy == 0:
+                self._idle_since = time.monotonic()
                 self._release()
 
     def _release(self) -> None:

@@ -52,9 +52,11 @@ from onionpost.store.submissions import PendingRecipient, SubmissionStore
 
 log = logging.getLogger(__name__)
 
-#: Submissions of a page sealed and handed over at a time.  Their hand-overs overlap, so the
-#: inbox stores them with one commit (the node API's group commit) instead of an fsync each;
-#: sealing itself stays one at a time on the loop (a large message in the crypto pool).
+#: Submissions of a page sealed and handed over at a time while no SMTP client is being
+#: served.  Their hand-overs overlap, so the inbox stores them with one commit (the node
+#: API's group commit) instead of an fsync each, and a device away from its inbox waits one
+#: round trip over tor for several of them.  While clients are being served they go one at a
+#: time (see ``Submissions._in_turn``).
 HAND_OVERS_AT_ONCE = 4
 NOTIFIED_DELAY = 1
 NOTIFIED_FINAL = 2
@@ -191,6 +193,7 @@ class Submissions:
             self._group = GroupCommit(self._commit_batch, name="submit-commit")
         self.store = SubmissionStore(db)
         self._on_queued = on_queued
+        self._one_at_a_time = asyncio.Lock()  # the sealing job's, while SMTP clients are served
         self.db = db
         self.filer = filer
         self.devices = devices
@@ -329,7 +332,15 @@ class Submissions:
     ) -> None:
         async with slots:
             await foreground.yield_to()  # SMTP clients waiting on a 250 go first
-            await self._process(sid, recips, queued)
+            if not foreground.busy_lately():
+                await self._process(sid, recips, queued)
+                return
+            # SMTP clients keep coming: one submission at a time, whose hand-over's round
+            # trip leaves the loop to them.  Four at once took that time too, and the SMTP
+            # bench's latency doubled (docs/performance.md, "Eighth pass").
+            async with self._one_at_a_time:
+                await foreground.yield_to()  # again: the wait for the turn was no yield
+                await self._process(sid, recips, queued)
 
     async def _process(
         self, sid: int, recips: list[PendingRecipient], queued: list[tuple[int, str, int]]

@@ -20,9 +20,11 @@ from pathlib import Path
 
 import pytest
 
+from onionpost.base.aio import foreground
 from onionpost.base.clock import FakeClock
 from onionpost.core.errors import FilingDeferred, UnknownMailbox
 from onionpost.device.filing import FILING_HEADER, Filer
+from onionpost.device.submission import HAND_OVERS_AT_ONCE
 from onionpost.device.sync import BATCH_MESSAGES, _batches
 from onionpost.inbox import api
 from onionpost.store import DEVICE_COMPONENTS
@@ -280,6 +282,42 @@ async def test_a_delivery_into_the_own_inbox_skips_its_fsync_and_a_peers_does_no
     await world.a.worker.run_due()
     assert b.stop() == ["FULL"]
     assert await world.bob.device.sync() == 1
+
+
+async def test_a_page_is_handed_over_four_at_a_time_unless_smtp_clients_are_served(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sealing job seals and hands over up to HAND_OVERS_AT_ONCE submissions at a time,
+    so their hand-overs overlap (and share the inbox's commits); while SMTP clients are being
+    served it goes one at a time, leaving the loop to them between two hand-overs."""
+    subs = world.alice.submissions
+    process = subs._process
+    in_flight, most = 0, 0
+
+    async def watched(*args):  # type: ignore[no-untyped-def]
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        try:
+            await process(*args)
+        finally:
+            in_flight -= 1
+
+    monkeypatch.setattr(subs, "_process", watched)
+    await world.hand_over(1, "first")  # the first contact: keys fetched, token granted
+    most = 0
+    await world.hand_over(8, "idle")
+    assert 1 < most <= HAND_OVERS_AT_ONCE
+    most = 0
+    with foreground.busy():  # an SMTP client's transaction stays in flight
+        await world.hand_over(3, "busy")
+    assert most == 1
+    await world.a.worker.run_due()
+    assert await world.bob.device.sync() == 12
+    assert subjects(world.bob) == sorted(
+        ["first 0", *(f"idle {i}" for i in range(8)), *(f"busy {i}" for i in range(3))]
+    )
+    assert world.alice.submissions.store.due(world.clock.now()) == {}
 
 
 def _watch_fetches(session, monkeypatch) -> tuple[list[int], list[list[int]]]:  # type: ignore[no-untyped-def]

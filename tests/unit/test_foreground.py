@@ -75,3 +75,14 @@ async def test_a_cancelled_waiter_leaves_nothing_behind() -> None:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
     assert not gate._waiters
+
+
+async def test_busy_lately_covers_the_pause_between_two_transactions() -> None:
+    """The sealing job hands over one message at a time while clients keep coming: a pause
+    between two transactions still counts as busy, for ``within`` seconds after the last."""
+    gate = Foreground()
+    assert not gate.busy_lately(within=3600)  # never busy
+    with gate.busy():
+        assert gate.busy_lately(within=0)
+    assert gate.busy_lately(within=3600)  # just ended
+    assert not gate.busy_lately(within=0)

@@ -1376,6 +1376,10 @@ class DovecotServer:
                 log.warning("Dovecot did not stop within %.0f s: killing it", timeout)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)  # stragglers of the group, if any
+        # ... and gone before this returns: a straggler still holds the master's listeners
+        # (the LMTP socket), and a Dovecot started meanwhile (the next run of the node)
+        # refuses to start: "Socket already exists".
+        await asyncio.to_thread(_wait_group_gone, proc.pid, 2.0)
         if proc.returncode is None:
             await proc.wait()
         if self._output is not None:
@@ -1404,6 +1408,11 @@ class DovecotServer:
         except OSError:
             cmdline = []
         if str(self.layout.config).encode() not in cmdline:
+            if not _running(pid):
+                # A master killed hard can leave its children behind it for a while, and they
+                # hold its listeners: the new master would refuse to start.  Its process
+                # group has no leader now (a reused pid leads a group of its own: left alone).
+                _end_stragglers(pid)
             with contextlib.suppress(OSError):
                 pid_file.unlink()  # gone, a zombie, or a reused pid: not a Dovecot of ours
             return
@@ -1435,6 +1444,32 @@ def _end_group(pgid: int) -> None:
             if not any(_running(p) for p in _group_members(pgid)):
                 return
             time.sleep(0.05)
+
+
+def _wait_group_gone(pgid: int, wait: float) -> None:
+    """Return once no process of group ``pgid`` is alive, or after ``wait`` seconds."""
+    deadline = time.monotonic() + wait
+    while any(_running(p) for p in _group_members(pgid)) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def _end_stragglers(pgid: int) -> None:
+    """SIGKILL the Dovecot processes left in the group of a master that is gone."""
+    left = [p for p in _group_members(pgid) if _is_dovecot(p)]
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 2.0
+    while any(_running(p) for p in left) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def _is_dovecot(pid: int) -> bool:
+    """Dovecot's processes name themselves ``dovecot/<service>`` (``dovecot/lmtp`` ...)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"dovecot")
+    except OSError:
+        return False
 
 
 def _group_members(pgid: int) -> list[int]:

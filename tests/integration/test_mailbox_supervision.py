@@ -99,6 +99,57 @@ def test_what_an_earlier_run_left_does_not_stop_dovecot_from_starting() -> None:
             os.killpg(orphan, signal.SIGKILL)
 
 
+def test_a_dead_masters_stragglers_are_ended_before_dovecot_starts() -> None:
+    """A master killed hard can leave children behind that hold its listeners, and a new
+    master refused to start ("Socket already exists" for the LMTP socket).  The children of
+    a master that is gone are ended first; Dovecot's own children, when it stops, are gone
+    before ``stop`` returns."""
+    gw = Gateway()
+    try:
+        master = gw.server.pid
+        assert master is not None
+        children = [p for p in _group(master) if p != master]
+        assert children and all(
+            Path(f"/proc/{p}/cmdline").read_bytes().startswith(b"dovecot") for p in children
+        )
+        gw.run(gw.server.stop())
+        assert not [p for p in _group(master) if _running(p)]
+
+        # a group whose leader (the master) is gone and one child of which lives on
+        leader = subprocess.Popen(
+            ["bash", "-c", "(exec -a dovecot/lmtp sleep 600) & echo $!"],
+            stdout=subprocess.PIPE,
+            start_new_session=True,
+        )
+        assert leader.stdout is not None
+        with leader.stdout:
+            straggler = int(leader.stdout.readline())
+        leader.wait(timeout=60)
+        try:
+            assert _running(straggler)
+            (gw.layout.base_dir / "master.pid").write_text(f"{leader.pid}\n")
+            gw.run(gw.server.start())
+            assert not _running(straggler)
+            gw.client().logout()
+        finally:
+            if _running(straggler):
+                os.kill(straggler, signal.SIGKILL)
+    finally:
+        gw.stop()
+
+
+def _group(pgid: int) -> list[int]:
+    members = []
+    for entry in Path("/proc").iterdir():
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if entry.name.isdigit() and fields[2] == str(pgid):
+            members.append(int(entry.name))
+    return members
+
+
 def _running(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"

@@ -1439,18 +1439,18 @@ def _end_group(pgid: int) -> None:
             os.killpg(pgid, sig)
         except (ProcessLookupError, PermissionError):
             return
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            if not any(_running(p) for p in _group_members(pgid)):
-                return
-            time.sleep(0.05)
+        if _wait_group_gone(pgid, wait):
+            return
 
 
-def _wait_group_gone(pgid: int, wait: float) -> None:
-    """Return once no process of group ``pgid`` is alive, or after ``wait`` seconds."""
+def _wait_group_gone(pgid: int, wait: float) -> bool:
+    """Whether no process of group ``pgid`` is alive, waiting ``wait`` seconds at most."""
     deadline = time.monotonic() + wait
-    while any(_running(p) for p in _group_members(pgid)) and time.monotonic() < deadline:
+    while any(_running(p) for p in _group_members(pgid)):
+        if time.monotonic() >= deadline:
+            return False
         time.sleep(0.02)
+    return True
 
 
 def _end_stragglers(pgid: int) -> None:

@@ -8,11 +8,12 @@ submissions into the outbox and installs newly published keys.  It holds only ci
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, TypeVar
 
 from onionpost.base.config import InboxConfig
 from onionpost.core import quota
@@ -52,9 +53,12 @@ from onionpost.core.errors import (
     UnknownMailbox,
 )
 from onionpost.core.wire import KeyUpdate
+from onionpost.store.db import Database
 from onionpost.store.disk import DiskRoom
 from onionpost.store.inbox import InboxStore, MailboxRow, RateBucket, SpoolEntry
 from onionpost.store.outbox import OutboxStore
+
+R = TypeVar("R")
 
 CTX_LOGIN = b"onionpost/v1/device-login\x00"
 CTX_TOKEN_HASH = b"onionpost/v1/token-hash"
@@ -351,16 +355,12 @@ class Inbox:
         in one batch are told apart as they would be one after the other (the second is a
         duplicate): the second reads what the first wrote, in the same transaction.
         """
-        out: list[DeliveryResult | Exception] = []
         with self.store.db.transaction():
             # The devices' acknowledgements since the last commit ride this one.
             acks = self.store.apply_acks()
-            for unwrapped, now in batch:
-                try:
-                    with self.store.db.transaction():  # a savepoint
-                        out.append(self._accept(unwrapped, now=now))
-                except Exception as exc:  # handed to that delivery's request
-                    out.append(exc)
+            out = _each_in_savepoint(
+                self.store.db, [functools.partial(self._accept, u, now=now) for u, now in batch]
+            )
         self.store.acks_applied(acks)
         for result in out:  # committed: the devices may look now
             if isinstance(result, DeliveryResult):
@@ -564,15 +564,10 @@ class Inbox:
         spoils no other; its error takes its place in the answer.  No device hears
         ``queued`` before this returns, i.e. before the COMMIT.
         """
-        out: list[int | Exception] = []
         with self.outbox.transaction_with_marks():
-            for h in batch:
-                try:
-                    with self.outbox.db.transaction():  # a savepoint
-                        out.append(self.submit(h))
-                except Exception as exc:  # handed to that hand-over's request
-                    out.append(exc)
-        return out
+            return _each_in_savepoint(
+                self.outbox.db, [functools.partial(self.submit, h) for h in batch]
+            )
 
     # -- publishing keys ------------------------------------------------------------------
 
@@ -735,3 +730,16 @@ def _stanza_prekey_ids(l2: envelope.Readable) -> set[int]:
         for i in range(n)
         if stanzas[i * 85] == envelope.STANZA_TYPE_X25519
     }
+
+
+def _each_in_savepoint(db: Database, calls: Sequence[Callable[[], R]]) -> list[R | Exception]:
+    """Run each call in a savepoint of the caller's transaction (group commit): one that
+    fails leaves nothing behind and spoils no other; its error takes its place."""
+    out: list[R | Exception] = []
+    for call in calls:
+        try:
+            with db.transaction():  # a savepoint
+                out.append(call())
+        except Exception as exc:  # handed to that item's request
+            out.append(exc)
+    return out

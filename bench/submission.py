@@ -15,9 +15,9 @@ from pathlib import Path
 from bench.gateway import (
     References,
     Sizes,
-    measure_postfix,
+    compare_smtp,
     onionpost_node,
-    onionpost_smtp,
+    postfix_server,
     report_smtp,
 )
 from bench.harness import Context
@@ -31,17 +31,19 @@ WRITERS = 10
 
 def run(ctx: Context) -> None:
     _commit_path(ctx, 200 if ctx.quick else 2000)
-    sizes = Sizes(smtp_messages=200 if ctx.quick else 3000, folder=0, imap_passes=0)
+    sizes = Sizes(smtp_messages=200 if ctx.quick else 6000, folder=0, imap_passes=0)
     refs = References.find(quick=ctx.quick)
     with tempfile.TemporaryDirectory(prefix="onionpost-bench-submit-") as d:
         root = Path(d)
         root.chmod(0o755)  # Postfix runs its workers as other users
-        with onionpost_node(root / "node") as node:
-            onion = onionpost_smtp(node, sizes.smtp_messages)
+        with (
+            postfix_server(root / "postfix", refs) as postfix,
+            onionpost_node(root / "node") as node,
+        ):
+            smtp = compare_smtp(node, postfix, sizes.smtp_messages)
         # The node logs its group commit's totals as it stops (onionpost.base.groupcommit).
         totals = _COMMITS.findall((root / "onionpost-node.log").read_text(errors="replace"))
-        postfix = measure_postfix(root / "postfix", sizes, refs) if refs.postfix else None
-    report_smtp(ctx, sizes, onion, postfix, refs)
+    report_smtp(ctx, sizes, smtp, refs)
     if totals:
         items, commits = (int(v) for v in totals[-1])
         ctx.figure(

@@ -11,6 +11,11 @@ is delivered to inbox B and when the last message is filed on bob's device.  The
 is the same number of messages in a fresh world where B was never down, timed from the
 first submission (so it includes sealing, which the drain had done beforehand).
 
+**Spooled backlog.**  An inbox database alone (:class:`~onionpost.store.inbox.InboxStore`):
+the time to store one more 16 KiB envelope for a device whose backlog is already 1,000 or
+10,000 envelopes (a phone off for weeks), against an empty spool.  Without fsync, so that
+what is compared is the work a delivery does, not the disk.
+
 **Idle.**  A full :class:`onionpost.app.node.Node` (role "both", tor off, no gateway extensions,
 a data directory made by :func:`onionpost.app.provision.initialize`) in a child process: its CPU
 time over a window of idleness after start-up has settled, as % of one core, against an
@@ -157,6 +162,68 @@ async def _drain(root: Path, n: int, timeout: float) -> _Phase:
         await w.close()
 
 
+# --- a spooled backlog -------------------------------------------------------------------------
+
+SPOOLED_BYTES = 16 << 10  # the smallest padding bucket
+
+
+def _backlog_section(ctx: Context, backlogs: tuple[int, ...], sample: int) -> None:
+    with tempfile.TemporaryDirectory(prefix="onionpost-bench-spool-") as d:
+        times = _accept_times(Path(d, "inbox.db"), backlogs, sample)
+    ctx.heading(
+        f"Storing one more {SPOOLED_BYTES >> 10} KiB envelope for a device that has not fetched "
+        f"its backlog (InboxStore.accept_sealed, no fsync; median of {sample})"
+    )
+    empty = Stats("an empty spool", times[0])
+    for backlog, samples in zip(backlogs[1:], times[1:], strict=True):
+        ctx.compare(Stats(f"{backlog:,} envelopes spooled", samples), empty)
+
+
+def _accept_times(path: Path, backlogs: tuple[int, ...], sample: int) -> list[list[float]]:
+    import io
+
+    from onionpost.store.db import Database
+    from onionpost.store.inbox import InboxStore
+
+    db = Database(path, ("inbox",), record_key=b"k" * 32)
+    mb, dev = b"M" * 16, b"d" * 16
+    db.conn.execute(
+        "INSERT INTO mailboxes (mailbox_id, local, uik_pk, binding, device_list,"
+        " device_list_version, created_at) VALUES (?, 'bob', x'00', x'00', x'', 0, 0)",
+        (mb,),
+    )
+    db.conn.execute(
+        "INSERT INTO devices (mailbox_id, device_id, name, dsk_seq, dsk_pk)"
+        " VALUES (?, ?, 'phone', 0, x'00')",
+        (mb, dev),
+    )
+    store, body, count = InboxStore(db), os.urandom(SPOOLED_BYTES), 0
+
+    def accept() -> float:
+        nonlocal count
+        count += 1
+        t0 = time.perf_counter()
+        with db.transaction(durable=False):
+            store.accept_sealed(
+                mailbox_id=mb, digest=count.to_bytes(32, "big"), size=SPOOLED_BYTES,
+                source=io.BytesIO(body), device_ids=[dev], receipt="r", now=0,
+                spool_until=1 << 40, dedup_until=1 << 40, quota_bytes=1 << 50,
+            )  # fmt: skip
+        return time.perf_counter() - t0
+
+    times: list[list[float]] = []
+    try:
+        for backlog in backlogs:
+            while count < backlog:
+                with db.transaction(durable=False):  # the backlog, a thousand per commit
+                    for _ in range(min(1000, backlog - count)):
+                        accept()
+            times.append([accept() for _ in range(sample)])
+    finally:
+        db.close()
+    return times
+
+
 # --- idle CPU ---------------------------------------------------------------------------------
 
 
@@ -278,6 +345,7 @@ def run(ctx: Context) -> None:
     n = 100 if ctx.quick else 10_000
     timeout = 120.0 if ctx.quick else 3600.0
     _drain_section(ctx, n, timeout)
+    _backlog_section(ctx, (0, 100) if ctx.quick else (0, 1_000, 10_000), 20 if ctx.quick else 300)
     _idle_section(
         ctx,
         settle=0.3 if ctx.quick else 11.0,

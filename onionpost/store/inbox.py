@@ -342,14 +342,25 @@ class InboxStore:
         return (int(row[0]), int(row[1])) if row else (0, 0)
 
     def usage(self, mailbox_id: bytes) -> int:
-        unacked, hidden = self._unacked()
-        return int(
-            self.db.scalar(
-                "SELECT coalesce(sum(size), 0) FROM sealed"  # noqa: S608 (only ?s)
-                f" WHERE mailbox_id = ?{unacked}",
-                (mailbox_id, *hidden),
-            )
+        """Bytes of sealed mail the mailbox holds, the envelopes every device acknowledged
+        left out (their deletion still to commit).  One row (``mailbox_usage``, kept by
+        triggers) and the few envelopes waiting for deletion: never a sum over the backlog."""
+        used = self._used(mailbox_id)
+        hidden = tuple(self._acked)
+        if not hidden:
+            return used
+        marks = ",".join("?" * len(hidden))
+        waiting = self.db.scalar(
+            "SELECT coalesce(sum(size), 0) FROM sealed WHERE mailbox_id = ? AND id IN"  # noqa: S608
+            f" (SELECT sealed_id FROM spool WHERE id IN ({marks})) AND NOT EXISTS"
+            f" (SELECT 1 FROM spool s WHERE s.sealed_id = sealed.id AND s.id NOT IN ({marks}))",
+            (mailbox_id, *hidden, *hidden),
         )
+        return used - int(waiting)
+
+    def _used(self, mailbox_id: bytes) -> int:
+        row = self.db.one("SELECT bytes FROM mailbox_usage WHERE mailbox_id = ?", (mailbox_id,))
+        return int(row[0]) if row else 0
 
     def _unacked(self) -> tuple[str, tuple[int, ...]]:
         """SQL on ``sealed`` (and its parameters) that leaves out the envelopes every device
@@ -393,10 +404,7 @@ class InboxStore:
             ).fetchone()
             if seen is not None:
                 return Accepted(receipt, duplicate=True)
-            used = c.execute(
-                "SELECT coalesce(sum(size), 0) FROM sealed WHERE mailbox_id = ?", (mailbox_id,)
-            ).fetchone()[0]
-            full = quota.refusal(used=used, size=size, quota=quota_bytes)
+            full = quota.refusal(used=self._used(mailbox_id), size=size, quota=quota_bytes)
             if full is not None:
                 raise full
             cur = c.execute(

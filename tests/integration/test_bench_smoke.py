@@ -34,6 +34,8 @@ def test_queue_section_quick(capsys: pytest.CaptureFixture[str]) -> None:
         "drain: all delivered to inbox B",
         "drain: all filed on bob's device",
         "vs inbox up from the start",
+        "100 envelopes spooled",
+        "vs an empty spool",
         "Node (tor off, no gateway), idle",
         "vs idle asyncio loop",
     ):

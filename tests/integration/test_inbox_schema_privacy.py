@@ -217,6 +217,7 @@ def test_an_old_inbox_is_upgraded_in_place(tmp_path: Path) -> None:
         assert store.token_valid(mb, b"T" * 32)  # already a keyed hash: kept as it was
         assert store.seen(mb, b"D" * 32)  # a duplicate is still recognised
         assert db.scalar("SELECT digest FROM sealed") == record_hash(KEY, b"E" * 32)
+        assert store.usage(mb) == 1  # the usage row starts from the mail already there
         (queued,) = outbox.rows()
         assert queued.id == 1 and queued.onion == "a" * 56
         (done,) = outbox.rows(states=("delivered",))

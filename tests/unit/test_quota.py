@@ -132,3 +132,48 @@ def test_disk_room_asks_the_file_system_and_never_fails_on_it(tmp_path: Path) ->
         raise OSError("no such file system")
 
     assert DiskRoom(tmp_path, reserve_mib=64, free=broken).short_by(10, refusing="mail") is None
+
+
+def test_the_usage_row_follows_every_way_sealed_mail_comes_and_goes() -> None:
+    """The quota check reads one row kept by triggers, not a sum over the backlog; it must
+    equal that sum whatever added or removed envelopes, and leave out those every device
+    acknowledged whose deletion waits for the next commit."""
+    db = Database(":memory:", ("inbox",), record_key=b"k" * 32)
+    mb, dev = b"M" * 16, b"d" * 16
+    try:
+        db.conn.execute(
+            "INSERT INTO mailboxes (mailbox_id, local, uik_pk, binding, device_list,"
+            " device_list_version, created_at) VALUES (?, 'alice', x'00', x'00', x'', 0, 0)",
+            (mb,),
+        )
+        db.conn.execute(
+            "INSERT INTO devices (mailbox_id, device_id, name, dsk_seq, dsk_pk)"
+            " VALUES (?, ?, 'laptop', 0, x'00')",
+            (mb, dev),
+        )
+        store = InboxStore(db)
+
+        def summed() -> int:
+            return int(db.scalar("SELECT coalesce(sum(size), 0) FROM sealed"))
+
+        for i, size in enumerate((100, 200, 300, 400)):
+            store.accept_sealed(
+                mailbox_id=mb, digest=bytes([i]) * 32, size=size,
+                source=io.BytesIO(b"x" * size), device_ids=[dev] if i < 3 else [],
+                receipt="r", now=0, spool_until=10 if i == 0 else 1000,
+                dedup_until=2000, quota_bytes=10_000,
+            )  # fmt: skip
+        assert store.usage(mb) == summed() == 1000
+        pending = [item[0] for item in db.all("SELECT id FROM spool ORDER BY id")]
+        assert store.acknowledge_later(mb, dev, pending[1:2]) == 1  # the 200 bytes
+        assert store.usage(mb) == 800 and summed() == 1000  # hidden, not yet deleted
+        store.flush_acks()
+        assert store.usage(mb) == summed() == 800
+        store.acknowledge(mb, dev, pending[2:3])  # the 300 bytes
+        assert store.usage(mb) == summed() == 500
+        store.prune(now=100)  # the first envelope (100 bytes) expired
+        assert store.usage(mb) == summed() == 400
+        db.conn.execute("DELETE FROM mailboxes WHERE mailbox_id = ?", (mb,))
+        assert store.usage(mb) == summed() == 0
+    finally:
+        db.close()

@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import imaplib
 import os
 import pwd
@@ -54,7 +55,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from pathlib import Path
@@ -442,44 +443,54 @@ async def smtp_load(
     return SmtpResult(messages, wall, latencies, cpu, server, settled, front)
 
 
+def _stat(pid: int | str) -> list[str]:
+    """The fields of ``/proc/<pid>/stat`` after the command name (state first, so the
+    parent is ``[1]``, user and system CPU ``[11]`` and ``[12]``, those of the children
+    waited for ``[13]`` and ``[14]``)."""
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+
+
+def _parents() -> dict[int, list[int]]:
+    """Every process's children, by parent pid."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            children.setdefault(int(_stat(entry.name)[1]), []).append(int(entry.name))
+        except OSError:  # it ended meanwhile
+            continue
+    return children
+
+
 def smtp_front_pid(node_pid: int) -> int | None:
     """The node's SMTP front process (gateway/smtpfront.py), if it runs one."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    for pid in _parents().get(node_pid, []):
         try:
-            fields = stat.read_text().rpartition(")")[2].split()
-            cmdline = (stat.parent / "cmdline").read_bytes()
+            if b"gateway.smtpfront" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return pid
         except OSError:
             continue
-        if int(fields[1]) == node_pid and b"gateway.smtpfront" in cmdline:
-            return int(stat.parent.name)
     return None
 
 
 def process_cpu(pid: int) -> float:
     """CPU seconds (user + system, every thread) a process has used, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    fields = _stat(pid)
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def tree_cpu(pid: int) -> float:
     """CPU seconds of a process and of every process under it (the node's SMTP front, its
     Dovecot and Dovecot's children), those that ended and were waited for included."""
-    parents: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rpartition(")")[2].split()
-        except OSError:
-            continue
-        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    children = _parents()
     total, todo = 0.0, [pid]
     while todo:
         p = todo.pop()
         try:
-            fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
+            fields = _stat(p)
         except OSError:
             continue
         total += sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
-        todo.extend(parents.get(p, []))
+        todo.extend(children.get(p, []))
     return total
 
 
@@ -675,21 +686,21 @@ def compare_smtp(node: _Node, postfix: _Postfix | None, messages: int) -> SmtpCo
     the other server is done with the previous one's mail (the node has sealed, delivered and
     filed it; Postfix has discarded it)."""
     rounds = SMTP_ROUNDS if messages >= 100 * SMTP_ROUNDS else 1
-
-    def load(server: _Postfix | None, count: int) -> SmtpResult:
-        return postfix_smtp(server, count) if server else onionpost_smtp(node, count)
-
-    servers = [None, postfix] if postfix else [None]
+    onion: list[SmtpResult] = []
+    ref: list[SmtpResult] = []
+    loads: list[tuple[Callable[[int], SmtpResult], list[SmtpResult]]] = [
+        (functools.partial(onionpost_smtp, node), onion)
+    ]
+    if postfix is not None:
+        loads.append((functools.partial(postfix_smtp, postfix), ref))
     if rounds > 1:
-        for server in servers:
-            load(server, SMTP_WARMUP_ROUND)
-    results: list[list[SmtpResult]] = [[] for _ in servers]
+        for load, _ in loads:
+            load(SMTP_WARMUP_ROUND)
     for i in range(rounds):
-        order = list(enumerate(servers))
-        for k, server in order if i % 2 == 0 else reversed(order):
-            results[k].append(load(server, messages // rounds))
-    smtp_source = postfix_smtp_source(postfix, messages) if postfix else None
-    return SmtpComparison(results[0], results[1] if postfix else [], smtp_source)
+        for load, into in loads if i % 2 == 0 else reversed(loads):
+            into.append(load(messages // rounds))
+    smtp_source = postfix_smtp_source(postfix, messages) if postfix is not None else None
+    return SmtpComparison(onion, ref, smtp_source)
 
 
 def _measure_onionpost(

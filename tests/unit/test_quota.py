@@ -173,6 +173,8 @@ def test_the_usage_row_follows_every_way_sealed_mail_comes_and_goes() -> None:
         assert store.usage(mb) == summed() == 500
         store.prune(now=100)  # the first envelope (100 bytes) expired
         assert store.usage(mb) == summed() == 400
+        db.conn.execute("UPDATE sealed SET size = 450")  # no code does; the trigger follows
+        assert store.usage(mb) == summed() == 450
         db.conn.execute("DELETE FROM mailboxes WHERE mailbox_id = ?", (mb,))
         assert store.usage(mb) == summed() == 0
     finally:

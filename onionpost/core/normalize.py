@@ -47,6 +47,7 @@ from email.headerregistry import (
     Group,
     HeaderRegistry,
     SingleAddressHeader,
+    UnstructuredHeader,
 )
 from email.policy import SMTP
 from email.utils import formatdate
@@ -551,7 +552,7 @@ def _fix_field_uncached(lines: list[bytes]) -> list[list[bytes]]:
         fixed = _render(name, text) if dirty else None
     if fixed is None:
         fixed = _fold(lines) if any(len(line) > MAX_LINE for line in lines) else lines
-    if lname in _PARSED and not _server_can_parse(fixed):
+    if lname in _PARSED and not _plainly_parsed(lname, fixed) and not _server_can_parse(fixed):
         return [_aside(name, text)]
     return [fixed]
 
@@ -803,6 +804,39 @@ def _cap_header(fields: list[list[bytes]]) -> list[list[bytes]]:
 
 
 # -- what pymap will make of it -----------------------------------------------------------
+
+
+#: Fields the registry parses with a class of its own (addresses, dates, MIME fields, the
+#: Message-ID); every other name gets an unstructured header, which takes any plain text.
+_NOT_UNSTRUCTURED = frozenset(
+    name.encode("ascii")
+    for name, cls in _REGISTRY.registry.items()
+    if not issubclass(cls, UnstructuredHeader)
+)
+_PLAIN_TEXT = re.compile(rb"[\x20-\x7e\t]*")
+#: ``<dot-atom@dot-atom>``, the form nearly every Message-ID has.
+_PLAIN_MSGID = re.compile(
+    rb"[ \t]*<[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+    rb"@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*>[ \t]*"
+)
+
+
+def _plainly_parsed(lname: bytes, lines: list[bytes]) -> bool:
+    """Whether the field is of a form the registry is known to parse, so that
+    :func:`_server_can_parse` need not try: plain printable ASCII without encoded words in
+    a field parsed as unstructured text (Subject, References, ...), or a Message-ID of the
+    plain form.  The fields that differ in every message (Subject, Message-ID, References)
+    miss the repair memo, and parsing them was most of the cost of normalising a small
+    message (issue 12; the unit tests check that the full parse agrees)."""
+    match = _FIELD_LINE.match(lines[0])
+    if match is None:
+        return False
+    value = lines[0][match.end() :] + b"".join(lines[1:])
+    if lname == b"message-id":
+        return _PLAIN_MSGID.fullmatch(value) is not None
+    if lname in _NOT_UNSTRUCTURED:
+        return False
+    return b"=?" not in value and _PLAIN_TEXT.fullmatch(value) is not None
 
 
 def _server_can_parse(lines: list[bytes]) -> bool:

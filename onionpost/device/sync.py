@@ -380,7 +380,7 @@ class Receiver:
     ) -> Filed | None:
         """Mail from a blocked sender (dropped) or signed by a changed identity key (held in
         Quarantine); None for mail to file as usual."""
-        if folder != "Sent" and self.contacts.is_blocked(str(sender.address)):
+        if folder != "Sent" and sender.blocked:
             # Blocked (`onionpost contacts block`): the sender is known only now, after
             # verification, so this is where mail that came as a stranger's is stopped.
             # Nothing is filed and no notice is made; the inbox is told it was taken.
@@ -438,7 +438,8 @@ class Receiver:
         name = self._learn_profile(key, header, verified.uik_pk)
         if name is None:  # the name as read above: remember() was given none to record
             name = contact.display_name if contact is not None else ""
-        return "INBOX", _Sender(address, verified.uik_pk, name)
+        blocked = contact is not None and contact.blocked
+        return "INBOX", _Sender(address, verified.uik_pk, name, blocked=blocked)
 
     def _learn_profile(self, key: str, header: ContentHeader, uik_pk: bytes) -> str | None:
         """Remember the display name of the profile card the sender's device put in the
@@ -555,6 +556,7 @@ class Receiver:
         return _Sender(
             address,
             verified.uik_pk,
+            blocked=contact.blocked,
             held=_Held(
                 contact,
                 pin_encode(verified.pin),
@@ -759,6 +761,8 @@ class _Sender:
     held: _Held | None = None
     #: The key-change warning to stamp instead of X-Onionpost-Verified.
     warning: str | None = None
+    #: The person blocked this sender (as the contact's row said when it was verified).
+    blocked: bool = False
 
 
 def _key_change_words(old: Contact, new_uik: bytes) -> str:

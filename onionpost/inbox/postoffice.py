@@ -348,19 +348,24 @@ class Inbox:
         """:meth:`accept` for several deliveries, all durable in **one** commit (group
         commit: the node API gathers the deliveries that are ready at the same moment).
 
-        Each delivery runs in its own savepoint, so one that is refused (quota, proof,
-        unknown mailbox) leaves nothing behind and spoils no other; its error takes its place
-        in the answer.  Nothing is answered to a peer before this returns, i.e. before the
-        COMMIT: an ``accepted`` still means "on disk".  Two deliveries of the same envelope
-        in one batch are told apart as they would be one after the other (the second is a
-        duplicate): the second reads what the first wrote, in the same transaction.
+        Each delivery writes in a savepoint of its own (the one :meth:`_accept` opens
+        around its charge and its storing; what comes before is only read), so one that is
+        refused (quota, proof, unknown mailbox) leaves nothing behind and spoils no other;
+        its error takes its place in the answer.  Nothing is answered to a peer before this
+        returns, i.e. before the COMMIT: an ``accepted`` still means "on disk".  Two
+        deliveries of the same envelope in one batch are told apart as they would be one
+        after the other (the second is a duplicate): the second reads what the first wrote,
+        in the same transaction.
         """
         with self.store.db.transaction():
             # The devices' acknowledgements since the last commit ride this one.
             acks = self.store.apply_acks()
-            out = _each_in_savepoint(
-                self.store.db, [functools.partial(self._accept, u, now=now) for u, now in batch]
-            )
+            out: list[DeliveryResult | Exception] = []
+            for unwrapped, now in batch:
+                try:
+                    out.append(self._accept(unwrapped, now=now))
+                except Exception as exc:  # handed to that delivery's request
+                    out.append(exc)
         self.store.acks_applied(acks)
         for result in out:  # committed: the devices may look now
             if isinstance(result, DeliveryResult):

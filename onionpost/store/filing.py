@@ -33,6 +33,8 @@ QUEUED, HANDED, FILED = 0, 1, 2
 
 #: A message given as a file is copied into the spool in pieces of this size, never whole.
 COPY_CHUNK = 1 << 20
+#: (id, key) pairs per DELETE (SQLite bounds a statement's parameters).
+_PAIRS_PER_STATEMENT = 250
 
 #: What :meth:`FilingStore.add` files: the bytes, a file by name, or an open file (read from
 #: where it stands to its end).
@@ -156,20 +158,23 @@ class FilingStore:
         its own: what lets a group commit of submissions cost one fsync
         (:class:`onionpost.device.submission.Submissions`).
         """
-        if self.db.scalar("SELECT 1 FROM filing_queue WHERE key = ?", (key,)):
-            return None
         if in_database and not isinstance(message, bytes):
             raise TypeError("only a message given as bytes is kept in the database")
         if not in_database:
+            # Looked for first, so a filing already queued does not have its file rewritten.
+            if self.db.scalar("SELECT 1 FROM filing_queue WHERE key = ?", (key,)):
+                return None
             self._write_spool(key, message, prefix)
         start = now if not_before is None else not_before
-        cur = self.db.execute(
+        row = self.db.one(
             "INSERT INTO filing_queue (key, user, folder, source, mark_seen, unless_message_id,"
-            " not_before, next_try_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " not_before, next_try_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (key) DO NOTHING RETURNING id",
             (key, user, folder, source, int(mark_seen), unless_message_id, start, start, now),
         )
-        row_id = cur.lastrowid
-        assert row_id is not None
+        if row is None:  # queued already
+            return None
+        row_id = int(row[0])
         if isinstance(message, bytes) and in_database:
             data = prefix + message if prefix else message
             # As SubmissionStore.add: a zeroblob written through a blob handle, so SQLite
@@ -261,8 +266,13 @@ class FilingStore:
         if not filings:
             return
         with self.db.transaction():
-            for f in filings:
-                self.db.execute("DELETE FROM filing_queue WHERE id = ? AND key = ?", (f.id, f.key))
+            for i in range(0, len(filings), _PAIRS_PER_STATEMENT):
+                pairs = filings[i : i + _PAIRS_PER_STATEMENT]
+                marks = ",".join(["(?, ?)"] * len(pairs))
+                self.db.execute(
+                    f"DELETE FROM filing_queue WHERE (id, key) IN (VALUES {marks})",  # noqa: S608
+                    tuple(v for f in pairs for v in (f.id, f.key)),
+                )
 
     def _by_ids(self, sql: str, params: tuple[object, ...], ids: Sequence[int]) -> None:
         """``sql WHERE id IN (ids)`` as one step: one statement per 500 ids (SQLite bounds
@@ -340,8 +350,13 @@ class FilingStore:
         if not filings:
             return
         with self.db.transaction():
-            for f in filings:
-                self.db.execute("DELETE FROM filing_queue WHERE id = ? AND key = ?", (f.id, f.key))
+            for i in range(0, len(filings), _PAIRS_PER_STATEMENT):
+                pairs = filings[i : i + _PAIRS_PER_STATEMENT]
+                marks = ",".join(["(?, ?)"] * len(pairs))
+                self.db.execute(
+                    f"DELETE FROM filing_queue WHERE (id, key) IN (VALUES {marks})",  # noqa: S608
+                    tuple(v for f in pairs for v in (f.id, f.key)),
+                )
         for f in filings:
             with contextlib.suppress(OSError):
                 self.path(f.key).unlink()

@@ -82,6 +82,13 @@ def _mailbox(row: sqlite3.Row) -> MailboxRow:
     )
 
 
+class _BucketFull(Exception):
+    """Unwinds :meth:`InboxStore.take_rates`'s savepoint when one bucket is full."""
+
+    def __init__(self, bucket: RateBucket) -> None:
+        self.bucket = bucket
+
+
 class InboxStore:
     def __init__(self, db: Database) -> None:
         self.db = db
@@ -635,25 +642,26 @@ class InboxStore:
         """Count one event in every bucket, or in none: returns the first full bucket.
 
         All or nothing, so an event refused by one limit does not use up another (a
-        contact refused by the mailbox's budget keeps its own token budget).
+        contact refused by the mailbox's budget keeps its own token budget).  One statement
+        per bucket on every delivery: the upsert counts only below the limit and says
+        whether it did; a full bucket rolls back the ones counted before it.
         """
-        buckets = list(buckets)
-        with self.db.transaction() as c:
-            for b in buckets:
-                row = c.execute(
-                    "SELECT count FROM rate_counters WHERE scope = ? AND key = ?"
-                    " AND window_start = ?",
-                    (b.scope, b.key, window_start),
-                ).fetchone()
-                if (row[0] if row else 0) >= b.limit:
-                    return b
-            for b in buckets:
-                c.execute(
-                    "INSERT INTO rate_counters VALUES (?, ?, ?, 1) ON CONFLICT DO UPDATE"
-                    " SET count = count + 1",
-                    (b.scope, b.key, window_start),
-                )
-            return None
+        try:
+            with self.db.transaction() as c:
+                for b in buckets:
+                    counted = (
+                        b.limit > 0
+                        and c.execute(
+                            "INSERT INTO rate_counters VALUES (?, ?, ?, 1) ON CONFLICT DO UPDATE"
+                            " SET count = count + 1 WHERE count < ? RETURNING count",
+                            (b.scope, b.key, window_start, b.limit),
+                        ).fetchone()
+                    )
+                    if not counted:
+                        raise _BucketFull(b)
+        except _BucketFull as full:
+            return full.bucket
+        return None
 
     def rate_count(self, scope: str, key: bytes, window_start: int) -> int:
         """Events counted so far in a window (without counting one)."""

@@ -105,9 +105,12 @@ class OutboxStore:
 
     def _apply_marks(self) -> dict[int, int]:
         taken = dict(self._marks)
+        by_time: dict[int, list[int]] = {}
+        for row_id, now in taken.items():
+            by_time.setdefault(now, []).append(row_id)
         with self.db.transaction():
-            for row_id, now in taken.items():
-                self.mark_delivered(row_id, now=now)
+            for now, row_ids in by_time.items():
+                self.mark_delivered_many(row_ids, now=now)
         return taken
 
     def _marks_carried(self, taken: dict[int, int]) -> None:
@@ -272,24 +275,26 @@ class OutboxStore:
         return None if v is None else int(v)
 
     def mark_delivered(self, row_id: int, *, now: int) -> None:
-        t = OUTBOX.check(S.QUEUED, S.DELIVERED)
-        with self.db.transaction() as c:
-            c.execute(
-                "UPDATE outbox SET state = ?, finished_at = ?,"
-                " attempts = attempts + 1, last_attempt_at = ?, last_error = NULL,"
-                " leased_until = NULL, last_error_code = NULL, onion = ''"
-                " WHERE id = ? AND state = ?",
-                (t.target, now, now, row_id, t.source),
-            )
-            _drop_envelope(c, row_id)
+        self.mark_delivered_many([row_id], now=now)
 
     def mark_delivered_many(self, row_ids: Sequence[int], *, now: int) -> None:
-        """:meth:`mark_delivered` for several rows, in one transaction."""
+        """:meth:`mark_delivered` for several rows, in one transaction: two statements for
+        up to :data:`_IDS_PER_STATEMENT` rows (a drain marks hundreds a second)."""
         if not row_ids:
             return
-        with self.db.transaction():
-            for row_id in row_ids:
-                self.mark_delivered(row_id, now=now)
+        t = OUTBOX.check(S.QUEUED, S.DELIVERED)
+        with self.db.transaction() as c:
+            for i in range(0, len(row_ids), _IDS_PER_STATEMENT):
+                ids = row_ids[i : i + _IDS_PER_STATEMENT]
+                marks = ",".join("?" * len(ids))
+                c.execute(
+                    "UPDATE outbox SET state = ?, finished_at = ?,"  # noqa: S608
+                    " attempts = attempts + 1, last_attempt_at = ?, last_error = NULL,"
+                    " leased_until = NULL, last_error_code = NULL, onion = ''"
+                    f" WHERE id IN ({marks}) AND state = ?",
+                    (t.target, now, now, *ids, t.source),
+                )
+                _drop_envelopes(c, ids)
 
     def mark_deferred(
         self, row_id: int, *, now: int, next_attempt_at: int, error: str, code: str
@@ -418,10 +423,20 @@ class OutboxStore:
 
 def _drop_envelope(c: sqlite3.Connection, rowid: int) -> None:
     """A finished row's envelope goes (the row stays for the device's status questions)."""
+    _drop_envelopes(c, [rowid])
+
+
+#: Row ids per statement where a statement names many (SQLite bounds its parameters).
+_IDS_PER_STATEMENT = 500
+
+
+def _drop_envelopes(c: sqlite3.Connection, rowids: Sequence[int]) -> None:
+    """:func:`_drop_envelope` for up to :data:`_IDS_PER_STATEMENT` rows in one statement."""
+    marks = ",".join("?" * len(rowids))
     c.execute(
-        "DELETE FROM outbox_envelopes WHERE id = ? AND"
-        " (SELECT state FROM outbox WHERE id = ?) IS NOT 'queued'",
-        (rowid, rowid),
+        f"DELETE FROM outbox_envelopes WHERE id IN ({marks}) AND"  # noqa: S608
+        " (SELECT state FROM outbox WHERE outbox.id = outbox_envelopes.id) IS NOT 'queued'",
+        tuple(rowids),
     )
 
 

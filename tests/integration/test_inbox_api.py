@@ -604,6 +604,36 @@ async def test_deliveries_ready_together_share_one_commit(world) -> None:
     assert len(await _session(node, bob, dialer).pending()) == 2
 
 
+async def test_a_delivery_refused_late_in_a_batch_leaves_no_trace(world) -> None:
+    """A delivery refused after its sender's rate buckets were charged (here: the quota,
+    checked last) takes its charge back with it; the deliveries around it are stored and
+    charged once each, in the batch's one commit."""
+    node, bob, alice, dialer = world
+    one = await _sealed(node, bob, alice, dialer, body=b"Subject: one\r\n\r\n1\r\n")
+    big = await _sealed(node, bob, alice, dialer, body=b"Subject: big\r\n\r\n" + b"x" * 100_000)
+    two = await _sealed(node, bob, alice, dialer, body=b"Subject: two\r\n\r\n2\r\n")
+    now = int(time.time())
+    batch = [(node.inbox.unwrap(io.BytesIO(l1), len(l1), now=now), now) for l1 in (one, big, two)]
+    small = batch[0][0].meta.l2_len + batch[2][0].meta.l2_len
+    assert batch[1][0].meta.l2_len > small
+    node.inbox.store.set_policy(
+        bob.mailbox_id, accepts_strangers=True, pow_bits=None, quota_bytes=small
+    )
+    stamp = batch[0][0].meta.stamp
+    assert stamp is not None
+    try:
+        first, refused, second = node.inbox.accept_many(batch)
+    finally:
+        for unwrapped, _ in batch:
+            unwrapped.l2.close()
+    assert isinstance(refused, TemporaryDeliveryError) and refused.code == "4.2.2"
+    assert not isinstance(first, Exception) and not isinstance(second, Exception)
+    window = now - now % 3600
+    assert node.inbox.store.rate_count("strangers", bytes([stamp.bits]), window) == 2
+    assert node.inbox.store.usage(bob.mailbox_id) == small
+    assert len(await _session(node, bob, dialer).pending()) == 2
+
+
 async def test_hand_overs_ready_together_share_one_commit(world) -> None:
     """Group commit at the hand-over (Inbox.submit_many, which the node API's ``POST
     /v1/device/submit`` goes through): several are queued by one COMMIT, each in its own

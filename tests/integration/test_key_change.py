@@ -171,6 +171,24 @@ async def test_rejecting_keeps_the_old_pin_and_refuses_the_new_key(world: World)
     assert w.alice.contacts.get(dave).uik_pk == new_uik  # type: ignore[union-attr]
 
 
+async def test_a_blocked_contact_under_a_new_key_is_dropped_not_held(world: World) -> None:
+    """Blocking holds across a key change: mail signed by a new key under a blocked
+    contact's address is dropped like the rest of theirs (no Quarantine, no notice)."""
+    w = world
+    await w.send(w.alice, w.dave, "hello dave")
+    await w.send(w.dave, w.alice, "hello alice")
+    dave = str(w.dave.address)
+    found, _ = w.alice.contacts.block(dave)
+    assert found
+    new = await w.new_dave()
+    await w.send(new, w.alice, "from the new key")
+    assert subjects(w.alice, QUARANTINE) == []
+    assert subjects(w.alice) == ["hello alice"]
+    assert w.alice.contacts.pending_identity_changes() == []
+    account = w.alice.device.account
+    assert w.a.inbox.store.pending(account.mailbox_id, account.device.device_id) == []
+
+
 async def test_a_verified_contacts_key_change_is_louder(world: World) -> None:
     w = world
     dave, old_uik, _ = await _changed(w, verified=True)

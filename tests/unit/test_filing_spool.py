@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 from collections.abc import Iterator
@@ -126,6 +127,46 @@ def test_rows_are_marked_and_removed_many_at_a_time(store: FilingStore) -> None:
     assert store.db.scalar("SELECT COUNT(*) FROM filing_queue WHERE state = ?", (HANDED,)) == 1100
     store.done_many(store.get_many(some[1:]))
     assert [f.id for f in store.get_many(some)] == some[:1]
+    assert store.db.count("filing_bodies") == 1
+
+
+def test_a_key_queued_before_in_the_database_keeps_its_first_body(store: FilingStore) -> None:
+    with store.db.transaction():
+        first, again = (
+            store.add(
+                key=b"k" * 16, user="bob", folder="Sent", message=body, now=1, in_database=True
+            )
+            for body in (b"one", b"two")
+        )
+    assert first is not None and again is None
+    filing = store.get(first)
+    assert filing is not None and store.body(filing) == b"one"
+    assert store.db.count("filing_queue") == 1 and store.db.count("filing_bodies") == 1
+
+
+def test_filed_rows_are_forgotten_many_at_a_time(store: FilingStore) -> None:
+    """forget_filed removes any number of rows (several per statement), each by its id
+    and its key; a row with a reused id under another key stays."""
+    with store.db.transaction():
+        ids = [
+            store.add(
+                key=i.to_bytes(16, "big"),
+                user="bob",
+                folder="INBOX",
+                message=b"m",
+                now=1,
+                in_database=True,
+            )
+            for i in range(601)
+        ]
+    filed = store.get_many([i for i in ids if i is not None])
+    assert len(filed) == 601
+    store.filed_later(filed, now=2)
+    impostor = dataclasses.replace(filed[7], key=b"x" * 16)
+    with store.db.transaction():
+        store.forget_filed([*filed[:7], impostor, *filed[8:]])
+    store.forgotten(filed)
+    assert [f.id for f in store.get_many([f.id for f in filed])] == [filed[7].id]
     assert store.db.count("filing_bodies") == 1
 
 

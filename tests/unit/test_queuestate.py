@@ -264,6 +264,38 @@ def test_a_reseal_row_waits_for_its_new_envelope() -> None:
         db.close()
 
 
+def test_the_worker_s_delivered_marks_are_committed_together() -> None:
+    """The marks a delivery worker leaves (mark_delivered_later) go in as few statements as
+    their times allow, more than one statement's worth of rows included: each row keeps
+    its own time, loses its envelope, and a row that left the queue meanwhile is kept."""
+    db = Database(":memory:", ("outbox",), record_key=KEY)
+    try:
+        outbox = OutboxStore(db)
+        rows = [_enqueue(outbox, f"dev:m{i}", b"e%d" % i) for i in range(1203)]
+        cancelled = rows[600]
+        assert outbox.cancel(cancelled, now=2)
+        outbox.mark_delivered_later(rows[:1000], now=5)
+        outbox.mark_delivered_later(rows[1000:1200], now=6)
+        outbox.flush_marks()
+        assert outbox.marks_waiting() == 0 and sorted(outbox.committed()) == sorted(rows[:1200])
+        for row_id in rows[:1200]:
+            row = outbox.get(row_id)
+            assert row is not None
+            if row_id == cancelled:
+                assert (row.state, row.finished_at, row.attempts) == ("cancelled", 2, 0)
+                continue
+            when = 5 if row_id in rows[:1000] else 6
+            assert (row.state, row.finished_at, row.last_attempt_at) == ("delivered", when, when)
+            assert (row.attempts, row.onion) == (1, "") and outbox.envelope(row_id) == b""
+        for row_id in rows[1200:]:
+            row = outbox.get(row_id)
+            assert row is not None and row.state == "queued"
+            assert outbox.envelope(row_id) == b"e%d" % rows.index(row_id)
+        assert sorted(outbox.outcomes(since=0)) == [("cancelled", 1), ("delivered", 1199)]
+    finally:
+        db.close()
+
+
 def test_a_step_from_a_state_the_row_left_changes_nothing() -> None:
     db = Database(":memory:", ("outbox",), record_key=KEY)
     try:

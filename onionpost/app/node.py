@@ -124,7 +124,7 @@ class Node:
         self.worker: OutboxWorker | None = None
         #: Kept-alive connections to other inboxes, shared by deliveries and key fetches
         #: (each destination and role its own; closed when the node stops).
-        self.connections = ConnectionPool(self.dialer)
+        self.connections = ConnectionPool(self.dialer, max_idle=config.delivery.concurrency)
         #: New mail waits while the data directory's disk is nearly full (min_free_mib).
         self.room = DiskRoom(config.data_dir, reserve_mib=config.min_free_mib)
         self.tor: TorRuntime | None = None

@@ -467,14 +467,23 @@ class Submissions:
         elif state is OutboxState.QUEUED:
             attempts = item.get("attempts")
             nxt = item.get("next_attempt_at")
-            self.store.set_progress(
-                submission_id=r.submission_id,
-                address=r.address,
-                attempts=attempts if isinstance(attempts, int) else r.attempts,
-                error=error,
-                code=code,
-                next_attempt_at=nxt if isinstance(nxt, int) else r.next_attempt_at,
+            progress = (
+                attempts if isinstance(attempts, int) else r.attempts,
+                error,
+                code,
+                nxt if isinstance(nxt, int) else r.next_attempt_at,
             )
+            # Written only when the outbox says something new: a long queue (a recipient
+            # offline for days) would otherwise rewrite every row of it at every check.
+            if progress != (r.attempts, r.last_error, r.last_error_code, r.next_attempt_at):
+                self.store.set_progress(
+                    submission_id=r.submission_id,
+                    address=r.address,
+                    attempts=progress[0],
+                    error=progress[1],
+                    code=progress[2],
+                    next_attempt_at=progress[3],
+                )
 
     def _notify(self, device: Device, now: int) -> None:
         """File delay notices and bounces for this user's submissions, once each."""

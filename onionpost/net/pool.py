@@ -16,7 +16,11 @@ Rules, each for a reason:
 * **Bounded.**  At most ``max_idle`` idle connections per destination and ``max_destinations``
   destinations with idle connections (the least recently used goes first); connections in use
   are bounded by the caller (the outbox's concurrency).  Each idle connection also holds a
-  slot of the peer's connection cap, so the pool keeps few and briefly.
+  slot of the peer's connection cap (256 by default), so the pool keeps them briefly, and no
+  more than the outbox uses at once: the node sets ``max_idle`` to its delivery concurrency
+  (8 by default).  With fewer, every pass of a burst to one inbox closed the streams over
+  the limit and opened them again (one new stream per eight deliveries in the drain bench,
+  each a RELAY_BEGIN round trip through tor; docs/performance.md).
 * **Short idle life.**  An idle connection is closed after ``idle_timeout`` seconds, shorter
   than the inbox's own idle cut-off (``inbox.header_timeout``, 15 s by default), so the pool
   normally closes first; the rare request that still meets a connection the peer just closed
@@ -102,7 +106,7 @@ class ConnectionPool:
         self,
         dialer: Dialer,
         *,
-        max_idle: int = 4,
+        max_idle: int = 8,
         max_destinations: int = 64,
         idle_timeout: float = 10.0,
     ) -> None:

@@ -21,6 +21,7 @@ import pytest
 from onionpost.base.clock import SystemClock
 from onionpost.core.crypto.bundle import KeyBundle, verify_bundle
 from onionpost.core.errors import PeerUnreachable
+from onionpost.inbox import delivery as delivery_module
 from onionpost.net.client import InboxClient
 from onionpost.net.pool import ConnectionPool, peer_isolation
 from onionpost.net.transport import DirectDialer, Streams
@@ -385,3 +386,35 @@ async def test_a_request_and_its_body_leave_in_one_write(world) -> None:
     counting.writes.clear()
     await client.deliver((io.BytesIO(l1), len(l1)))
     assert len(counting.writes) == 1 and counting.writes[0] > len(l1)
+
+
+async def test_a_burst_over_several_passes_keeps_its_connections(world, monkeypatch) -> None:
+    """The worker delivers a long queue in passes, ``concurrency`` at a time; with the pool
+    keeping as many as that (as the node sets it up), later passes open no new stream."""
+    node, bob, alice, direct, _ = world
+    monkeypatch.setattr(delivery_module, "BATCH", 4)  # three passes for twelve rows
+    dialer = CountingDialer(direct)
+    sender = InboxNode(node.dir.parent, "a3", SystemClock(), direct)
+    pool = ConnectionPool(dialer, max_idle=4)
+    sender.worker.dialer = dialer
+    sender.worker.pool = pool
+    sender.worker._slots = asyncio.Semaphore(4)
+    try:
+        now = sender.clock.now()
+        for i in range(12):
+            l1 = await _sealed(node, bob, alice, direct, body=f"Subject: {i}\r\n\r\nx\r\n".encode())
+            sender.inbox.outbox.enqueue(
+                mailbox_id=alice.mailbox_id,
+                device_id=alice.device.device_id,
+                onion=node.onion,
+                envelope=l1,
+                submission_key=f"passes-{i}",
+                now=now,
+                expires_at=now + 3600,
+            )
+        assert await sender.worker.run_due() == 12
+        assert dialer.opened[node.onion] <= 4
+        assert len(await _session(node, bob, direct).pending()) == 12
+    finally:
+        await pool.close()
+        sender.close()

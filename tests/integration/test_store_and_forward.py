@@ -159,3 +159,43 @@ async def test_outcome_checks_work_with_a_long_outbox_history(world: World) -> N
     await w.a.worker.run_due()
     await w.alice.submissions.check_outbox(w.alice.device)  # used to fail past 256 KiB
     assert w.alice.submissions.store.listing("alice") == []  # "one" is known to be delivered
+
+
+async def test_an_outcome_check_writes_only_what_changed(world: World) -> None:
+    """Each check asks the outbox about every message still queued; it records a queued
+    message's progress (attempts, last error, next try) only when that changed, so a long
+    queue to an offline recipient is not rewritten row by row every minute."""
+    w = world
+    await w.send("hello")
+    await w.a.worker.run_due()
+    await w.b.stop()
+    for i in range(3):
+        await w.send(f"queued {i}")
+    await w.tick(10 * MINUTE)
+    await w.alice.submissions.check_outbox(w.alice.device)
+    store = w.alice.submissions.store
+    rows = {(r.submission_id, r.address): r for r in store.handed_over("alice")}
+    assert len(rows) == 3
+    for r in rows.values():  # the outbox's word is recorded
+        assert r.outbox_id is not None
+        queued = w.a.inbox.outbox.get(r.outbox_id)
+        assert queued is not None and r.last_error and "offline" in r.last_error
+        assert (r.attempts, r.next_attempt_at) == (queued.attempts, queued.next_attempt_at)
+        assert r.attempts >= 1
+
+    writes: list[str] = []
+    db = w.alice.submissions.db
+    db.conn.set_trace_callback(
+        lambda sql: writes.append(sql) if sql.startswith("UPDATE submission_recipients") else None
+    )
+    try:
+        await w.alice.submissions.check_outbox(w.alice.device)  # nothing new
+        assert writes == []
+        await w.tick(2 * HOUR)  # retried meanwhile: more attempts, a later next try
+        await w.alice.submissions.check_outbox(w.alice.device)
+        assert len(writes) == 3
+    finally:
+        db.conn.set_trace_callback(None)
+    again = {(r.submission_id, r.address): r for r in store.handed_over("alice")}
+    for key, r in again.items():
+        assert r.attempts > rows[key].attempts

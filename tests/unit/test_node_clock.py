@@ -4,6 +4,7 @@ FakeClock moves through the backoff without any real waiting."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import pytest
 from onionpost.app import node as node_module
 from onionpost.app.node import Node
 from onionpost.base.clock import FakeClock
-from onionpost.base.config import Config
+from onionpost.base.config import Config, DeliveryConfig
 from onionpost.core.errors import TorError, TorNotInstalled, TorNotRunning
 
 
@@ -48,3 +49,12 @@ async def test_tor_start_is_retried_on_the_nodes_clock(
     assert attempts[2:] == [1_800_000_045]
     await asyncio.wait_for(task, 5)  # a permanent error ends the supervisor
     assert isinstance(node._tor_failure, TorNotInstalled)
+
+
+def test_the_node_keeps_as_many_connections_per_inbox_as_it_delivers_at_once(
+    tmp_path: Path,
+) -> None:
+    """The pool keeps what the outbox uses at once: with fewer kept, every pass of a burst
+    to one inbox would close the extra streams and open them again."""
+    config = dataclasses.replace(Config(data_dir=tmp_path), delivery=DeliveryConfig(concurrency=5))
+    assert Node(config).connections.max_idle == 5

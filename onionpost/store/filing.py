@@ -265,6 +265,11 @@ class FilingStore:
         delete nothing (docs/performance.md, "Tried and taken back")."""
         if not filings:
             return
+        self._delete_rows(filings)
+
+    def _delete_rows(self, filings: Sequence[Filing]) -> None:
+        """Delete these rows, each matched by id and key, :data:`_PAIRS_PER_STATEMENT` per
+        statement, in one transaction (a savepoint of the caller's)."""
         with self.db.transaction():
             for i in range(0, len(filings), _PAIRS_PER_STATEMENT):
                 pairs = filings[i : i + _PAIRS_PER_STATEMENT]
@@ -349,14 +354,7 @@ class FilingStore:
         """:meth:`done` for several rows: one transaction, then the spool files."""
         if not filings:
             return
-        with self.db.transaction():
-            for i in range(0, len(filings), _PAIRS_PER_STATEMENT):
-                pairs = filings[i : i + _PAIRS_PER_STATEMENT]
-                marks = ",".join(["(?, ?)"] * len(pairs))
-                self.db.execute(
-                    f"DELETE FROM filing_queue WHERE (id, key) IN (VALUES {marks})",  # noqa: S608
-                    tuple(v for f in pairs for v in (f.id, f.key)),
-                )
+        self._delete_rows(filings)
         for f in filings:
             with contextlib.suppress(OSError):
                 self.path(f.key).unlink()

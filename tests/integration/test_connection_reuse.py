@@ -258,10 +258,27 @@ async def test_idle_connections_expire_and_a_peer_closed_one_is_not_used(world) 
     await pool.close()
 
 
+async def _queue_to(sender: InboxNode, world, n: int, key: str) -> None:
+    """Queue ``n`` messages from alice to bob in ``sender``'s outbox, for its worker."""
+    node, bob, alice, direct, _ = world
+    now = sender.clock.now()
+    for i in range(n):
+        l1 = await _sealed(node, bob, alice, direct, body=f"Subject: {i}\r\n\r\nx\r\n".encode())
+        sender.inbox.outbox.enqueue(
+            mailbox_id=alice.mailbox_id,
+            device_id=alice.device.device_id,
+            onion=node.onion,
+            envelope=l1,
+            submission_key=f"{key}-{i}",
+            now=now,
+            expires_at=now + 3600,
+        )
+
+
 async def test_the_outbox_worker_reuses_one_connection_for_a_burst(world) -> None:
     """The real delivery path: four queued rows to one inbox, delivered one at a time by
     another inbox's outbox worker, travel on one connection."""
-    node, bob, alice, direct, _ = world
+    node, bob, _, direct, _ = world
     dialer = CountingDialer(direct)
     sender = InboxNode(node.dir.parent, "a2", SystemClock(), direct)
     pool = ConnectionPool(dialer)
@@ -271,18 +288,7 @@ async def test_the_outbox_worker_reuses_one_connection_for_a_burst(world) -> Non
     delivered: list[OutboxRow] = []
     sender.worker.on_finished.append(delivered.append)
     try:
-        now = sender.clock.now()
-        for i in range(4):
-            l1 = await _sealed(node, bob, alice, direct, body=f"Subject: {i}\r\n\r\nx\r\n".encode())
-            sender.inbox.outbox.enqueue(
-                mailbox_id=alice.mailbox_id,
-                device_id=alice.device.device_id,
-                onion=node.onion,
-                envelope=l1,
-                submission_key=f"burst-{i}",
-                now=now,
-                expires_at=now + 3600,
-            )
+        await _queue_to(sender, world, 4, "burst")
         assert await sender.worker.run_due() == 4
         assert [r.state for r in delivered] == ["delivered"] * 4
         assert dialer.opened == {node.onion: 1}
@@ -391,7 +397,7 @@ async def test_a_request_and_its_body_leave_in_one_write(world) -> None:
 async def test_a_burst_over_several_passes_keeps_its_connections(world, monkeypatch) -> None:
     """The worker delivers a long queue in passes, ``concurrency`` at a time; with the pool
     keeping as many as that (as the node sets it up), later passes open no new stream."""
-    node, bob, alice, direct, _ = world
+    node, bob, _, direct, _ = world
     monkeypatch.setattr(delivery_module, "BATCH", 4)  # three passes for twelve rows
     dialer = CountingDialer(direct)
     sender = InboxNode(node.dir.parent, "a3", SystemClock(), direct)
@@ -400,18 +406,7 @@ async def test_a_burst_over_several_passes_keeps_its_connections(world, monkeypa
     sender.worker.pool = pool
     sender.worker._slots = asyncio.Semaphore(4)
     try:
-        now = sender.clock.now()
-        for i in range(12):
-            l1 = await _sealed(node, bob, alice, direct, body=f"Subject: {i}\r\n\r\nx\r\n".encode())
-            sender.inbox.outbox.enqueue(
-                mailbox_id=alice.mailbox_id,
-                device_id=alice.device.device_id,
-                onion=node.onion,
-                envelope=l1,
-                submission_key=f"passes-{i}",
-                now=now,
-                expires_at=now + 3600,
-            )
+        await _queue_to(sender, world, 12, "passes")
         assert await sender.worker.run_due() == 12
         assert dialer.opened[node.onion] <= 4
         assert len(await _session(node, bob, direct).pending()) == 12

@@ -107,10 +107,10 @@ def test_a_filing_kept_in_the_database_has_no_spool_file_until_it_is_filed(
     assert store.body(spooled) is None
 
 
-def test_rows_are_marked_and_removed_many_at_a_time(store: FilingStore) -> None:
-    """set_states takes any number of rows (one statement per 500 ids)."""
+def _many(store: FilingStore, n: int) -> list[int | None]:
+    """``n`` one-byte filings kept in the database, in one transaction; their row ids."""
     with store.db.transaction():
-        ids = [
+        return [
             store.add(
                 key=i.to_bytes(16, "big"),
                 user="bob",
@@ -119,8 +119,13 @@ def test_rows_are_marked_and_removed_many_at_a_time(store: FilingStore) -> None:
                 now=1,
                 in_database=True,
             )
-            for i in range(1203)
+            for i in range(n)
         ]
+
+
+def test_rows_are_marked_and_removed_many_at_a_time(store: FilingStore) -> None:
+    """set_states takes any number of rows (one statement per 500 ids)."""
+    ids = _many(store, 1203)
     assert None not in ids
     some = [i for i in ids if i is not None]
     store.set_states(some[:1100], HANDED)
@@ -147,18 +152,7 @@ def test_a_key_queued_before_in_the_database_keeps_its_first_body(store: FilingS
 def test_filed_rows_are_forgotten_many_at_a_time(store: FilingStore) -> None:
     """forget_filed removes any number of rows (several per statement), each by its id
     and its key; a row with a reused id under another key stays."""
-    with store.db.transaction():
-        ids = [
-            store.add(
-                key=i.to_bytes(16, "big"),
-                user="bob",
-                folder="INBOX",
-                message=b"m",
-                now=1,
-                in_database=True,
-            )
-            for i in range(601)
-        ]
+    ids = _many(store, 601)
     filed = store.get_many([i for i in ids if i is not None])
     assert len(filed) == 601
     store.filed_later(filed, now=2)

@@ -45,6 +45,7 @@ from email.utils import formatdate
 from pathlib import Path
 
 from bench.harness import Context, fmt_bytes
+from onionpost.testing.ports import free_port
 
 MiB = 1 << 20
 MB = 10**6
@@ -78,12 +79,6 @@ def _passable_tmp() -> Iterator[Path]:
 
 
 # --- the node processes -----------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class NodeProcess:

@@ -20,7 +20,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterable
@@ -31,6 +30,7 @@ from typing import IO, Any
 
 from onionpost.base.config import TorConfig
 from onionpost.core.errors import TorError, TorNotInstalled
+from onionpost.testing.ports import ephemeral_low, port_is_free
 
 log = logging.getLogger(__name__)
 
@@ -74,22 +74,6 @@ class _Router:
         return self.datadir / "torrc"
 
 
-def _port_is_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _ephemeral_low() -> int:
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32_768
-
-
 def free_base_port(span: int = _PORT_SPAN, *, rng: random.Random | None = None) -> int:
     """A base port whose whole block is free now; other programs on the host may hold ports.
 
@@ -97,10 +81,10 @@ def free_base_port(span: int = _PORT_SPAN, *, rng: random.Random | None = None) 
     connections and ``auto`` listeners cannot take a port between this check and tor's bind.
     """
     rng = rng or random.Random()  # noqa: S311 - port choice, not a secret
-    top = _ephemeral_low() - span if _ephemeral_low() - span > 21_000 else 60_000 - span
+    top = ephemeral_low() - span if ephemeral_low() - span > 21_000 else 60_000 - span
     for _ in range(200):
         base = rng.randrange(20_000, top)
-        if all(_port_is_free(base + i) for i in range(span)):
+        if all(port_is_free(base + i) for i in range(span)):
             return base
     raise TorError("Could not find a block of free loopback ports for the private Tor network.")
 

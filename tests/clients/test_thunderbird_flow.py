@@ -60,6 +60,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from onionpost.testing.ports import free_port
 from tests.clients.conftest import require
 
 pytestmark = pytest.mark.clients
@@ -107,12 +108,6 @@ TEST_PREFS: dict[str, str | int | bool] = {
     "devtools.console.stdout.chrome": True,
     "browser.dom.window.dump.enabled": True,
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for(

@@ -16,7 +16,6 @@ import os
 import random
 import signal
 import smtplib
-import socket
 import subprocess
 import sys
 import time
@@ -29,17 +28,12 @@ from onionpost.app.provision import initialize
 from onionpost.base.config import load
 from onionpost.core.address import Address
 from onionpost.testing.mailstore import maildir_messages
+from onionpost.testing.ports import free_port
 
 pytestmark = pytest.mark.slow
 
 MESSAGES = int(os.environ.get("CRASH_MESSAGES", "1000"))
 MIN_KILLS = 20
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class NodeProcess:

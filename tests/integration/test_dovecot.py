@@ -15,7 +15,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -56,6 +55,7 @@ from onionpost.core.errors import (
 )
 from onionpost.core.retry import RetryPolicy
 from onionpost.core.trust import QUARANTINE
+from onionpost.testing.ports import free_port
 
 USER, PASSWORD = "alice", "correct horse battery"
 REPO = Path(__file__).resolve().parents[2]
@@ -66,12 +66,6 @@ def message(subject: str, body: bytes = b"hello\r\n") -> bytes:
         f"From: Bob <bob@{'b' * 56}.onion>\r\nTo: alice@{'a' * 56}.onion\r\n"
         f"Subject: {subject}\r\nMessage-ID: <{subject}@x>\r\n\r\n"
     ).encode() + body
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

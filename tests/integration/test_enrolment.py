@@ -13,7 +13,6 @@ import asyncio
 import json
 import logging
 import signal
-import socket
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -32,15 +31,9 @@ from onionpost.core.pairing import Code
 from onionpost.device.joining import inbox_dialer, join_identity, offer_pairing
 from onionpost.store.keystore import AccountFiles, KeyStore
 from onionpost.testing.mailstore import memory_mailbox, subjects
+from onionpost.testing.ports import free_port
 
 pytestmark = pytest.mark.asyncio(loop_scope="function")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def cli(home: Path, *args: str) -> tuple[int, str]:

@@ -18,7 +18,6 @@ import concurrent.futures
 import os
 import signal
 import smtplib
-import socket
 import subprocess
 import sys
 import time
@@ -31,18 +30,13 @@ from onionpost.app.provision import add_user, initialize
 from onionpost.base.config import load
 from onionpost.store.db import Database
 from onionpost.testing.mailstore import maildir_messages
+from onionpost.testing.ports import free_port
 
 pytestmark = pytest.mark.slow
 
 SESSIONS = 16
 PER_SESSION = 8
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _setup(config, account) -> str:  # type: ignore[no-untyped-def]
@@ -112,7 +106,7 @@ def _filed_sent(data_dir: Path) -> set[str]:
 async def test_concurrent_submissions_all_durable_after_sigkill(mail_tmp: Path) -> None:
     data_dir = mail_tmp / "node"
     data_dir.mkdir(mode=0o700)
-    smtp, imap, auto, api = (_free_port() for _ in range(4))
+    smtp, imap, auto, api = (free_port() for _ in range(4))
     (data_dir / "onionpost.toml").write_text(
         f'[tor]\nmode = "off"\n[inbox]\nlisten_port = {api}\n'
         f"[gateway]\nsmtp_port = {smtp}\nimap_port = {imap}\nautoconfig_port = {auto}\n"

@@ -39,18 +39,13 @@ import pytest
 
 from gateway.dovecot import find_installation
 from onionpost.core.errors import MailServerNotInstalled
+from onionpost.testing.ports import free_port
 
 pytestmark = pytest.mark.slow
 
 ONION = re.compile(r"\b([a-z0-9._-]+@[a-z2-7]{56}\.onion)\b")
 FLOOD_CONNECTIONS = 1000
 SAMPLES = 15
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class RunningNode:

@@ -45,6 +45,7 @@ from gateway.dovecot import (
 )
 from gateway.tls import ca_path
 from onionpost.core.errors import MailServerNotInstalled
+from onionpost.testing.ports import free_port
 
 USER, PASSWORD = "alice", "correct horse battery"
 ADDRESS = "alice@" + "a" * 56 + ".onion"
@@ -62,12 +63,6 @@ def mail(subject: str, msg_id: str, body: bytes = b"hello\r\n", extra: bytes = b
         + b"\r\n"
         + body
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @functools.cache

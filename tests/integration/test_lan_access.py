@@ -45,6 +45,7 @@ from onionpost.core.address import Address
 from onionpost.core.crypto.primitives import SeededRandom, ed25519_public
 from onionpost.core.errors import MailServerNotInstalled
 from onionpost.store.accounts import AccountStore
+from onionpost.testing.ports import free_port
 from tests.accounts import account_store
 
 PASSWORD = "correct horse battery staple"
@@ -212,9 +213,7 @@ def installation() -> object:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("0.0.0.0", 0))
-        return int(s.getsockname()[1])
+    return free_port("0.0.0.0")
 
 
 class _IMAP(imaplib.IMAP4):

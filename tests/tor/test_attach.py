@@ -6,7 +6,6 @@ import asyncio
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from onionpost.base.config import TorConfig
 from onionpost.core.errors import TorAuthError, TorControlError, TorError, TorNotInstalled
 from onionpost.net.tor.runtime import TorRuntime
 from onionpost.net.tor.socks import TorDialer
+from onionpost.testing.ports import free_port
 from onionpost.testing.tornet import TorNetwork
 from tests.tor.network import HttpTarget
 
@@ -106,12 +106,6 @@ def system_tor(
             proc.wait()
         watchdog.kill()
         watchdog.wait()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def start(cfg: TorConfig, data_dir: Path) -> TorRuntime:

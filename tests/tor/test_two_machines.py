@@ -18,7 +18,6 @@ import json
 import os
 import signal
 import smtplib
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import pytest
 
+from onionpost.testing.ports import free_port
 from onionpost.testing.tornet import TorNetwork
 from tests.doctor_report import flagged_beyond_host
 
@@ -43,13 +43,6 @@ PLAIN = (
     "to both",
     "sent from L",
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class Machine:

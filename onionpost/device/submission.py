@@ -466,23 +466,20 @@ class Submissions:
             self.store.set_outcome(r.submission_id, r.address, outcome, error, code)
         elif state is OutboxState.QUEUED:
             attempts = item.get("attempts")
+            attempts = attempts if isinstance(attempts, int) else r.attempts
             nxt = item.get("next_attempt_at")
-            progress = (
-                attempts if isinstance(attempts, int) else r.attempts,
-                error,
-                code,
-                nxt if isinstance(nxt, int) else r.next_attempt_at,
-            )
+            nxt = nxt if isinstance(nxt, int) else r.next_attempt_at
             # Written only when the outbox says something new: a long queue (a recipient
             # offline for days) would otherwise rewrite every row of it at every check.
-            if progress != (r.attempts, r.last_error, r.last_error_code, r.next_attempt_at):
+            was = (r.attempts, r.last_error, r.last_error_code, r.next_attempt_at)
+            if (attempts, error, code, nxt) != was:
                 self.store.set_progress(
                     submission_id=r.submission_id,
                     address=r.address,
-                    attempts=progress[0],
-                    error=progress[1],
-                    code=progress[2],
-                    next_attempt_at=progress[3],
+                    attempts=attempts,
+                    error=error,
+                    code=code,
+                    next_attempt_at=nxt,
                 )
 
     def _notify(self, device: Device, now: int) -> None:

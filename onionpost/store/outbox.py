@@ -342,7 +342,7 @@ class OutboxStore:
                 " WHERE id = ? AND state = ?",
                 (t.target, now, error, code, int(attempted), int(attempted), now, row_id, t.source),
             )
-            _drop_envelope(c, row_id)
+            _drop_envelopes(c, [row_id])
 
     def cancel(self, row_id: int, *, now: int, mailbox_id: bytes | None = None) -> bool:
         t = OUTBOX.check(S.QUEUED, S.CANCELLED)
@@ -354,7 +354,7 @@ class OutboxStore:
         with self.db.transaction() as c:
             if c.execute(sql, params).rowcount == 0:
                 return False
-            _drop_envelope(c, row_id)
+            _drop_envelopes(c, [row_id])
             return True
 
     def retry_now(
@@ -421,17 +421,13 @@ class OutboxStore:
             ).rowcount
 
 
-def _drop_envelope(c: sqlite3.Connection, rowid: int) -> None:
-    """A finished row's envelope goes (the row stays for the device's status questions)."""
-    _drop_envelopes(c, [rowid])
-
-
 #: Row ids per statement where a statement names many (SQLite bounds its parameters).
 _IDS_PER_STATEMENT = 500
 
 
 def _drop_envelopes(c: sqlite3.Connection, rowids: Sequence[int]) -> None:
-    """:func:`_drop_envelope` for up to :data:`_IDS_PER_STATEMENT` rows in one statement."""
+    """Finished rows' envelopes go (the rows stay for the device's status questions); up to
+    :data:`_IDS_PER_STATEMENT` rows in one statement."""
     marks = ",".join("?" * len(rowids))
     c.execute(
         f"DELETE FROM outbox_envelopes WHERE id IN ({marks}) AND"  # noqa: S608

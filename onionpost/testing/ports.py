@@ -38,13 +38,19 @@ def ephemeral_low() -> int:
         return 32_768
 
 
+def start_range(span: int = 0) -> range:
+    """Where a port (or a block of ``span`` more) may start: from 20000 to below the
+    ephemeral range, when the range leaves room (else up to 60000)."""
+    low = ephemeral_low()
+    return range(_LOWEST, low - span if low - span > _LOWEST + 1_000 else 60_000 - span)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port free on ``host`` now, below the ephemeral range when the range leaves room."""
-    low = ephemeral_low()
-    top = low if low > _LOWEST + 1_000 else 60_000
+    starts = start_range()
     for _ in range(500):
-        port = _rng.randrange(_LOWEST, top)
+        port = _rng.choice(starts)
         if port not in _handed and port_is_free(port, host):
             _handed.add(port)
             return port
-    raise OSError(f"No free port found on {host} between {_LOWEST} and {top}.")
+    raise OSError(f"No free port found on {host} between {starts.start} and {starts.stop}.")

@@ -30,7 +30,7 @@ from typing import IO, Any
 
 from onionpost.base.config import TorConfig
 from onionpost.core.errors import TorError, TorNotInstalled
-from onionpost.testing.ports import ephemeral_low, port_is_free
+from onionpost.testing.ports import port_is_free, start_range
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +81,9 @@ def free_base_port(span: int = _PORT_SPAN, *, rng: random.Random | None = None) 
     connections and ``auto`` listeners cannot take a port between this check and tor's bind.
     """
     rng = rng or random.Random()  # noqa: S311 - port choice, not a secret
-    top = ephemeral_low() - span if ephemeral_low() - span > 21_000 else 60_000 - span
+    starts = start_range(span)
     for _ in range(200):
-        base = rng.randrange(20_000, top)
+        base = rng.choice(starts)
         if all(port_is_free(base + i) for i in range(span)):
             return base
     raise TorError("Could not find a block of free loopback ports for the private Tor network.")

@@ -35,6 +35,7 @@ from email.utils import getaddresses
 from typing import IO, TypeVar
 
 from onionpost.base.aio import crypto_pool
+from onionpost.base.hashing import hasher_in_background
 from onionpost.core.account import Account
 from onionpost.core.address import Address
 from onionpost.core.crypto import envelope, pow
@@ -314,6 +315,8 @@ class Sender:
                     content_type=unit.content_type,
                     extensions=extensions,
                     rng=self.rng,
+                    hashers=hasher_in_background,
+                    with_digest=False,  # only a stamp needs it: _digest, below
                 ),
                 len(unit.body),
                 self._crypto_pool,
@@ -335,6 +338,19 @@ class Sender:
                     )
                 except OnionpostError as exc:
                     report.failed[str(address)] = exc
+
+    async def _digest(self, l2: IO[bytes], inner: envelope.SealedInner) -> bytes:
+        """The L2's digest, which a stamp binds: sealing leaves it out (most mail goes with a
+        token, and a large message's hash pass cost as much as a cipher pass), so it is taken
+        here for the rare stamped destination, beside a proof of work that costs far more."""
+        if inner.digest is not None:
+            return inner.digest
+        l2.seek(0)
+        return await seal_step(
+            functools.partial(envelope.l2_digest, l2, inner.length, hasher_in_background),
+            inner.length,
+            self._crypto_pool,
+        )
 
     async def _wrap_and_submit(
         self,
@@ -367,7 +383,9 @@ class Sender:
                         "introduce you.",
                         code="5.7.1",
                     )
-                stamp = await _mint(bundle.mailbox_id, inner.digest, bundle.policy.pow_bits, now)
+                stamp = await _mint(
+                    bundle.mailbox_id, await self._digest(l2, inner), bundle.policy.pow_bits, now
+                )
         l2.seek(0)
         with tempfile.SpooledTemporaryFile(max_size=SPOOL) as l1:
             length = await seal_step(

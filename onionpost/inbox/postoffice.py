@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import IO, TypeVar
 
 from onionpost.base.config import InboxConfig
+from onionpost.base.hashing import hasher_in_background
 from onionpost.core import quota
 from onionpost.core.address import Address, is_local_part
 from onionpost.core.crypto import envelope, pow
@@ -254,6 +255,7 @@ class Inbox:
                 now=now,
                 max_l2_bytes=self.config.max_envelope_bytes,
                 l2_sink=l2,
+                hashers=hasher_in_background,
             )
             l2.seek(0)
             spk_ids = _stanza_prekey_ids(l2)

@@ -18,6 +18,7 @@ are normative and documented with vectors in ``docs/protocol.md``.
 
 from __future__ import annotations
 
+import itertools
 import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -103,6 +104,14 @@ EXT_ADDRESSED_TO_SELF = 4
 # value: a Profile record without its avatar (the sender's "card", signed by the sender's
 # UIK), so the recipient learns the sender's verified display name offline with the mail.
 EXT_SENDER_PROFILE = 5
+
+#: A hash for about the given number of bytes.  The envelope's hash passes cost about what its
+#: cipher passes cost; a caller with a second core passes a factory whose hashes run beside
+#: the cipher (``onionpost.base.hashing``), the default hashes in line.
+HasherFactory = Callable[[int], Hasher]
+
+#: The L3 trailer: the body's hash and the signature over the header and that hash.
+TRAILER_BYTES = 32 + 64
 
 AUTH_NONE = 0
 AUTH_TOKEN = 1
@@ -249,7 +258,10 @@ class SealedInner:
     """What sealing L2 produced (the bytes themselves went to the sink)."""
 
     length: int
-    digest: bytes  # BLAKE2b-256 of the whole L2: the inbox's dedup key and the PoW binding
+    #: BLAKE2b-256 of the whole L2: the inbox's dedup key and the PoW binding.  None when
+    #: the caller sealed without it (``with_digest=False``) and takes it from the L2 only if
+    #: it needs it (:func:`l2_digest`): a sender with a token for every recipient never does.
+    digest: bytes | None
     msg_id: bytes
     expires_at: int
 
@@ -394,21 +406,39 @@ def _encrypt_l2(
     *,
     l2_header: bytes,
     file_key: bytes,
-    l3_segments: Sequence[bytes | memoryview],
+    l3_segments: Iterable[bytes | memoryview],
     l3_len: int,
     rng: RandomSource,
     sink: Writable,
-) -> tuple[int, bytes]:
-    """Write ``l2_header`` and the encrypted L3 stream to ``sink``; return (length, digest)."""
-    digest = hasher(l3_len)
+    hashers: HasherFactory = hasher,
+    with_digest: bool = True,
+) -> tuple[int, bytes | None]:
+    """Write ``l2_header`` and the encrypted L3 stream to ``sink``; return (length, digest),
+    the digest None unless ``with_digest``."""
+    length = len(l2_header) + STREAM_HEADER_BYTES + stream_length(l3_len)
+    digest = hashers(length) if with_digest else None
     ss_header = rng(STREAM_HEADER_BYTES)
     sealer = StreamSealer(kdf(file_key, CTX_PAYLOAD), ss_header)
     for part in (l2_header, ss_header):
         sink.write(part)
-        digest.update(part)
+        if digest is not None:
+            digest.update(part)
     for sealed in _stream_seal(sealer, l3_segments, l3_len, sink):
-        digest.update(sealed)
-    return len(l2_header) + STREAM_HEADER_BYTES + stream_length(l3_len), digest.digest()
+        if digest is not None:
+            digest.update(sealed)
+    return length, None if digest is None else digest.digest()
+
+
+def l2_digest(source: Readable, length: int, hashers: HasherFactory = hasher) -> bytes:
+    """The digest :func:`seal_inner` gives with ``with_digest``, of an L2 of ``length``
+    bytes read from ``source``."""
+    digest = hashers(length)
+    left = length
+    while left:
+        piece = _read_exact(source, min(CHUNK, left), "message")
+        digest.update(piece)
+        left -= len(piece)
+    return digest.digest()
 
 
 def seal_inner(
@@ -424,11 +454,15 @@ def seal_inner(
     extensions: Sequence[tuple[int, bytes]] = (),
     msg_id: bytes | None = None,
     rng: RandomSource = system_random,
+    hashers: HasherFactory = hasher,
+    with_digest: bool = True,
 ) -> SealedInner:
     """Sign ``body`` and encrypt it to ``targets`` (L3 inside L2), streaming L2 to ``sink``.
 
     ``recipient_uiks`` are the identities the message is addressed to (for the sender's own
-    other devices, include the sender's UIK).
+    other devices, include the sender's UIK).  The signature is needed only in the trailer,
+    after the body: the body is hashed while it is encrypted (beside it, with a background
+    ``hashers``), and signed when the stream reaches the trailer.
     """
     body_view = memoryview(body)
     if len(body_view) > MAX_BODY_BYTES:
@@ -461,23 +495,26 @@ def seal_inner(
     ).encode()
     if len(header) > MAX_HEADER_BYTES:
         raise CryptoError("The message header is too large.")
-    if type(body) is bytes:
-        body_hasher = hasher(len(body))
+    body_hasher: Hasher | None = None
+    if isinstance(body, bytes):  # PyNaCl's hash takes bytes; a view is hashed in line below
+        body_hasher = hashers(len(body))
         body_hasher.update(body)
-        body_hash = body_hasher.digest()
-    else:
-        body_hash = hash32(body_view)
-    signature = ed25519_sign_expanded(dsk_sk, CTX_CONTENT + header + body_hash)
+
+    def trailer() -> Iterator[bytes]:
+        body_hash = hash32(body_view) if body_hasher is None else body_hasher.digest()
+        yield body_hash + ed25519_sign_expanded(dsk_sk, CTX_CONTENT + header + body_hash)
+
     prefix = len(header).to_bytes(4, "big") + header
-    trailer = body_hash + signature
-    l3_len = len(prefix) + len(body_view) + len(trailer)
+    l3_len = len(prefix) + len(body_view) + TRAILER_BYTES
     length, digest = _encrypt_l2(
         l2_header=l2_header,
         file_key=file_key,
-        l3_segments=(prefix, body_view, trailer),
+        l3_segments=itertools.chain((prefix, body_view), trailer()),
         l3_len=l3_len,
         rng=rng,
         sink=sink,
+        hashers=hashers,
+        with_digest=with_digest,
     )
     return SealedInner(length, digest, msg_id, expires_at)
 
@@ -485,8 +522,9 @@ def seal_inner(
 class _ContentParser:
     """Consumes decrypted L3 bytes: header, then body (to the sink), then the trailer."""
 
-    def __init__(self, sink: Writable) -> None:
+    def __init__(self, sink: Writable, hashers: HasherFactory) -> None:
         self._sink = sink
+        self._hashers = hashers
         self._buf = bytearray()  # the header being gathered (its length prefix included)
         self._want = 4  # bytes of _buf needed before the next step of header parsing
         self.header: ContentHeader | None = None
@@ -513,7 +551,7 @@ class _ContentParser:
                 self._body_left -= take
                 pos += take
             else:
-                if len(self.trailer) + n - pos > 96:
+                if len(self.trailer) + n - pos > TRAILER_BYTES:
                     raise MalformedData("The message has data after its signature.")
                 self.trailer += data[pos:]
                 pos = n
@@ -530,13 +568,15 @@ class _ContentParser:
         self.header = ContentHeader.parse(self.header_bytes)
         self._buf = bytearray()
         self._body_left = self.header.body_len
-        self._hasher = hasher(self._body_left)
+        self._hasher = self._hashers(self._body_left)
 
     def body_hash(self) -> bytes:
         return self._hasher.digest()
 
     def complete(self) -> bool:
-        return self.header is not None and self._body_left == 0 and len(self.trailer) == 96
+        return (
+            self.header is not None and self._body_left == 0 and len(self.trailer) == TRAILER_BYTES
+        )
 
 
 def open_inner(
@@ -548,6 +588,7 @@ def open_inner(
     now: int,
     seen: SeenIds,
     sink: Writable,
+    hashers: HasherFactory = hasher,
 ) -> OpenedMessage:
     """Open an L2 of ``length`` bytes with this device's prekey secrets ``(spk_id, secret)``.
 
@@ -584,7 +625,7 @@ def open_inner(
 
     ss_header = _read_exact(source, STREAM_HEADER_BYTES, "message")
     opener = StreamOpener(kdf(file_key, CTX_PAYLOAD), ss_header)
-    parser = _ContentParser(sink)
+    parser = _ContentParser(sink, hashers)
     _stream_open(opener, source, length - len(l2_header) - STREAM_HEADER_BYTES, parser.feed)
     if not parser.complete() or parser.header is None:
         raise MalformedData("The message's signed content is incomplete.")
@@ -775,6 +816,7 @@ def open_outer(
     now: int,
     max_l2_bytes: int,
     l2_sink: Writable,
+    hashers: HasherFactory = hasher,
 ) -> OuterMeta:
     """Unwrap an L1 of ``length`` bytes with the inbox's SEK (looked up by id); write the L2
     to ``l2_sink``.  The anti-spam proof is returned for the caller to check against its
@@ -819,7 +861,7 @@ def open_outer(
         # The length is authenticated (it is in the metadata), so this is a cut envelope.
         raise MessageTruncated("The envelope is shorter than the message it claims to carry.")
     opener = StreamOpener(stream_key, _read_exact(source, STREAM_HEADER_BYTES, "envelope"))
-    digest = hasher(l2_len)
+    digest = hashers(l2_len)
     state = {"left": l2_len}
 
     def consume(plain: bytes) -> None:

@@ -38,7 +38,7 @@ def large(sender: DeviceNode, to: DeviceNode, size: int) -> bytes:
 async def test_a_large_message_is_sealed_off_the_loop_and_arrives_whole(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    threads: dict[str, list[int]] = {"seal_inner": [], "seal_outer": []}
+    threads: dict[str, list[int]] = {"seal_inner": [], "seal_outer": [], "l2_digest": []}
 
     def watched(name: str, real: Callable[..., Any]) -> Callable[..., Any]:
         def call(*args: Any, **kwargs: Any) -> Any:
@@ -62,6 +62,10 @@ async def test_a_large_message_is_sealed_off_the_loop_and_arrives_whole(
     # The first message sealed on the loop, the large one in the pool: inner and outer.
     assert threads["seal_inner"][0] == loop_thread == threads["seal_outer"][0]
     assert threads["seal_inner"][1] != loop_thread != threads["seal_outer"][1]
+    # bob is a stranger to alice: each message carries a proof of work, bound to the L2's
+    # digest, which sealing left out and the sender took from the sealed L2 (the large one's
+    # in the pool too).
+    assert threads["l2_digest"][0] == loop_thread != threads["l2_digest"][1]
     assert len(filed) == 2
     head, body = filed[1].split(b"\r\n\r\n", 1)
     sent_head, sent_body = big.replace(b"\n", b"\r\n").split(b"\r\n\r\n", 1)

@@ -3,9 +3,11 @@
 Sealing a message hashes its body and its L2 ciphertext, and opening one hashes them again;
 each BLAKE2b pass over a large message costs about as much as the cipher's pass (on the bench
 machine ~1 GB/s against ~1.3 GB/s).  Done in line, one after the other, they made a 1 MiB seal
-three and a half times one AEAD pass.  Both hashlib and libsodium let go of the GIL while they
+take almost six times one AEAD pass.  Both hashlib and libsodium let go of the GIL while they
 hash a large buffer, so a second thread can hash one piece while the caller encrypts or
-decrypts the next: on two cores the hash passes then cost little more than their hand-over.
+decrypts the next: the hash passes run beside the cipher instead of after it.  How much that
+saves depends on the cores: the bench VM's two vCPUs run two hashing threads only 1.4-1.8x
+as fast as one, and there a 1 MiB open took a third less time, a seal a tenth less.
 
 The crypto code stays free of threads (``onionpost.core`` may not import ``threading``): its
 functions take a ``hashers`` factory, whose default hashes in line, and the callers that seal
@@ -25,7 +27,7 @@ from onionpost.core.crypto.primitives import Hasher, hasher
 
 #: From this many bytes on a hash runs in the background.  Below, the hand-overs to a thread
 #: (tens of microseconds each) ate what it saved on the bench machine: at 256 KiB a seal or
-#: an open was as quick either way, at 512 KiB a quarter quicker in the background.
+#: an open was as quick either way, at 512 KiB 7-25 % quicker in the background.
 BACKGROUND_MIN = 512 * 1024
 
 #: Pieces a hash may have queued before :meth:`BackgroundHasher.update` waits: it bounds the

@@ -19,6 +19,7 @@ from onionpost.core.crypto.bundle import (
     verify_bundle,
 )
 from onionpost.core.crypto.envelope import (
+    HasherFactory,
     OpenedMessage,
     OuterMeta,
     SealedInner,
@@ -47,6 +48,7 @@ from onionpost.core.crypto.primitives import (
     aead_encrypt,
     ed25519_sign,
     hash32,
+    hasher,
     kdf,
     x25519,
     x25519_public,
@@ -207,6 +209,8 @@ def seal_l2(
     lifetime: int = 7 * DAY,
     include_own_devices: bool = True,
     sender_device: int = 0,
+    hashers: HasherFactory = hasher,
+    with_digest: bool = True,
 ) -> tuple[bytes, SealedInner]:
     """L2 bytes for a message from ``sender``'s device to every device of ``recipients`` and
     (optionally) to the sender's own other devices."""
@@ -227,6 +231,8 @@ def seal_l2(
         expires_at=now + lifetime,
         sink=sink,
         rng=rng,
+        hashers=hashers,
+        with_digest=with_digest,
     )
     return sink.getvalue(), sealed
 
@@ -249,7 +255,9 @@ def seal_l1(l2: bytes, recipient: User, rng: RandomSource, *, now: int = NOW) ->
     return data
 
 
-def open_l1(l1: bytes, recipient: User, *, now: int = NOW) -> tuple[OuterMeta, bytes]:
+def open_l1(
+    l1: bytes, recipient: User, *, now: int = NOW, hashers: HasherFactory = hasher
+) -> tuple[OuterMeta, bytes]:
     out = io.BytesIO()
 
     def server_key(sek_id: int) -> bytes | None:
@@ -257,7 +265,13 @@ def open_l1(l1: bytes, recipient: User, *, now: int = NOW) -> tuple[OuterMeta, b
         return key.secret if key else None
 
     meta = open_outer(
-        io.BytesIO(l1), len(l1), server_key=server_key, now=now, max_l2_bytes=MAX_L2, l2_sink=out
+        io.BytesIO(l1),
+        len(l1),
+        server_key=server_key,
+        now=now,
+        max_l2_bytes=MAX_L2,
+        l2_sink=out,
+        hashers=hashers,
     )
     return meta, out.getvalue()
 
@@ -270,6 +284,7 @@ def open_l2(
     now: int = NOW,
     seen: object | None = None,
     length: int | None = None,
+    hashers: HasherFactory = hasher,
 ) -> tuple[OpenedMessage, bytes]:
     out = io.BytesIO()
     msg = open_inner(
@@ -280,6 +295,7 @@ def open_l2(
         now=now,
         seen=seen or NeverSeen(),  # type: ignore[arg-type]
         sink=out,
+        hashers=hashers,
     )
     return msg, out.getvalue()
 

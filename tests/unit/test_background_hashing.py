@@ -19,20 +19,10 @@ from onionpost.base.hashing import (
     digest_in_background,
     hasher_in_background,
 )
-from onionpost.core.crypto.envelope import (
-    HasherFactory,
-    SealedInner,
-    l2_digest,
-    open_inner,
-    open_outer,
-    seal_inner,
-    seal_outer,
-)
-from onionpost.core.crypto.primitives import SeededRandom, hash32, hasher
+from onionpost.core.crypto.envelope import HasherFactory, l2_digest
+from onionpost.core.crypto.primitives import hash32, hasher
 from onionpost.core.errors import PayloadTampered
-from tests.unit.crypto_world import MAX_L2, NOW, NeverSeen, User, forged_message, world
-
-DAY = 86_400
+from tests.unit.crypto_world import forged_message, open_l1, open_l2, seal_l1, seal_l2, world
 
 
 @settings(max_examples=60, deadline=None)
@@ -118,84 +108,27 @@ def test_the_hashing_pool_is_made_once() -> None:
 # --- the envelope with its hashes beside the cipher --------------------------------------------
 
 
-def _seal_l2(
-    alice: User, bob: User, body: bytes, rng: SeededRandom, hashers: HasherFactory, **kw: bool
-) -> tuple[SealedInner, bytes]:
-    l2 = io.BytesIO()
-    inner = seal_inner(
-        sender=alice.sender(0),
-        targets=bob.targets(),
-        recipient_uiks=[bob.uik_pk],
-        body=body,
-        created_at=NOW,
-        expires_at=NOW + DAY,
-        sink=l2,
-        rng=rng,
-        hashers=hashers,
-        **kw,
-    )
-    return inner, l2.getvalue()
-
-
-def _seal(
-    alice: User, bob: User, body: bytes, seed: bytes, hashers: HasherFactory
-) -> tuple[bytes, bytes]:
-    """(L2, L1) sealed from a seeded random source, so two seals can be compared byte for byte."""
-    rng = SeededRandom(seed)
-    inner, l2 = _seal_l2(alice, bob, body, rng, hashers)
-    l1 = io.BytesIO()
-    seal_outer(
-        io.BytesIO(l2),
-        inner.length,
-        sek_id=bob.binding.sek_id,
-        sek_pk=bob.binding.sek_pk,
-        mailbox_id=bob.mailbox_id,
-        not_after=NOW + DAY,
-        sink=l1,
-        token=bytes(32),
-        rng=rng,
-    )
-    return l2, l1.getvalue()
+def _sealed(body: bytes, hashers: HasherFactory) -> tuple[bytes, bytes]:
+    """(L2, L1) from a seeded random source, so two seals can be compared byte for byte."""
+    rng, alice, bob, _ = world(b"hash-beside")
+    l2, _ = seal_l2(alice, [bob], body, rng, hashers=hashers)
+    return l2, seal_l1(l2, bob, rng)
 
 
 @pytest.mark.parametrize("size", [0, 1000, BACKGROUND_MIN, 3 * BACKGROUND_MIN + 12_345])
 def test_an_envelope_is_the_same_byte_for_byte_whoever_hashes(size: int) -> None:
-    _, alice, bob, _ = world(b"hash-beside")
     body = bytes(i % 251 for i in range(size))
-    in_line = _seal(alice, bob, body, b"seal", hasher)
-    beside = _seal(alice, bob, body, b"seal", hasher_in_background)
+    in_line = _sealed(body, hasher)
+    beside = _sealed(body, hasher_in_background)
     assert in_line == beside
     l2, l1 = beside
-
-    def server_key(sek_id: int) -> bytes | None:
-        key = bob.server.by_id(sek_id)
-        return key.secret if key else None
-
+    _, _, bob, _ = world(b"hash-beside")
     for hashers in (hasher, hasher_in_background):
-        out = io.BytesIO()
-        meta = open_outer(
-            io.BytesIO(l1),
-            len(l1),
-            server_key=server_key,
-            now=NOW,
-            max_l2_bytes=MAX_L2,
-            l2_sink=out,
-            hashers=hashers,
-        )
-        assert out.getvalue() == l2
+        meta, opened_l2 = open_l1(l1, bob, hashers=hashers)
+        assert opened_l2 == l2
         assert meta.l2_digest == hash32(l2)
-        plain = io.BytesIO()
-        opened = open_inner(
-            io.BytesIO(l2),
-            len(l2),
-            prekeys=bob.prekeys(1),
-            reader_uik=bob.uik_pk,
-            now=NOW,
-            seen=NeverSeen(),
-            sink=plain,
-            hashers=hashers,
-        )
-        assert plain.getvalue() == body
+        opened, plain = open_l2(l2, bob, 1, hashers=hashers)
+        assert plain == body
         assert opened.body_hash == hash32(body)
 
 
@@ -205,16 +138,7 @@ def test_a_large_body_that_does_not_match_its_signed_hash_is_refused() -> None:
     # validly signed, over the hash of another body
     l2 = forged_message(alice, bob, body, rng, body_hash=hash32(b"b" * len(body)))
     with pytest.raises(PayloadTampered, match="does not match the hash"):
-        open_inner(
-            io.BytesIO(l2),
-            len(l2),
-            prekeys=bob.prekeys(0),
-            reader_uik=bob.uik_pk,
-            now=NOW,
-            seen=NeverSeen(),
-            sink=io.BytesIO(),
-            hashers=hasher_in_background,
-        )
+        open_l2(l2, bob, 0, hashers=hasher_in_background)
 
 
 def test_without_a_thread_to_hash_in_the_hash_is_taken_in_line(
@@ -235,11 +159,12 @@ def test_without_a_thread_to_hash_in_the_hash_is_taken_in_line(
 def test_sealing_without_the_digest_writes_the_same_l2_whose_digest_comes_later(
     size: int,
 ) -> None:
-    _, alice, bob, _ = world(b"digest-later")
     body = bytes(i % 13 for i in range(size))
-    with_it, l2_a = _seal_l2(alice, bob, body, SeededRandom(b"same"), hasher_in_background)
-    without, l2_b = _seal_l2(
-        alice, bob, body, SeededRandom(b"same"), hasher_in_background, with_digest=False
+    rng_a, alice, bob, _ = world(b"digest-later")
+    rng_b = world(b"digest-later")[0]
+    l2_a, with_it = seal_l2(alice, [bob], body, rng_a, hashers=hasher_in_background)
+    l2_b, without = seal_l2(
+        alice, [bob], body, rng_b, hashers=hasher_in_background, with_digest=False
     )
     assert l2_a == l2_b
     assert without.digest is None and with_it.digest == hash32(l2_a)

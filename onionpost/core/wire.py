@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,6 +114,12 @@ def error_from_body(http_status: int, body: bytes) -> OnionpostError:
         data = parse_json(body, "reply")
     except PeerProtocolError:
         data = {}
+    return error_from_fields(http_status, data)
+
+
+def error_from_fields(http_status: int, data: dict[str, Any]) -> OnionpostError:
+    """:func:`error_from_body` for a refusal already parsed (one result of a
+    ``POST /v1/deliveries`` answer, whose ``http`` is the status it would have had alone)."""
     status = data.get("status")
     code = data.get("code")
     message = data.get("message")
@@ -258,3 +265,46 @@ def first_that_fit(sizes: list[tuple[int, int]], count: int, limit: int) -> list
         out.append(spool_id)
         total += size
     return out
+
+
+# -- POST /v1/deliveries (§17.2) ------------------------------------------------------------
+
+#: At most this many envelopes per ``POST /v1/deliveries``, and this many bytes of body.
+MAX_DELIVERIES = 64
+MAX_DELIVERIES_BYTES = 8 << 20
+#: In its body, each envelope follows its length, a u32.
+DELIVERY_FRAME_HEAD = 4
+
+
+def delivery_frame_head(size: int) -> bytes:
+    """What precedes one L1 envelope in a ``POST /v1/deliveries`` body."""
+    return Writer().u32(size).getvalue()
+
+
+def parse_delivery_frames(heads: Callable[[int], bytes], length: int) -> list[tuple[int, int]]:
+    """(offset, size) of each envelope of a ``POST /v1/deliveries`` body of ``length``
+    bytes, whose frame heads ``heads(offset)`` reads.  The frames must fill the body
+    exactly, hold 1 to :data:`MAX_DELIVERIES` envelopes, none empty; anything else is
+    :class:`MalformedData` for the whole request (nothing of it is stored)."""
+    if length > MAX_DELIVERIES_BYTES:
+        raise MessageTooLarge(
+            f"The deliveries are {length} bytes; the limit is {MAX_DELIVERIES_BYTES}."
+        )
+    frames: list[tuple[int, int]] = []
+    at = 0
+    while at < length:
+        if len(frames) == MAX_DELIVERIES:
+            raise MalformedData(f"At most {MAX_DELIVERIES} envelopes go in one request.")
+        if at + DELIVERY_FRAME_HEAD > length:
+            raise MalformedData("The deliveries end inside a frame's length.")
+        r = Reader(heads(at), "deliveries")
+        size = r.u32("length")
+        r.end()
+        at += DELIVERY_FRAME_HEAD
+        if size == 0 or at + size > length:
+            raise MalformedData("An envelope of the deliveries is empty or runs past the end.")
+        frames.append((at, size))
+        at += size
+    if not frames:
+        raise MalformedData("The request holds no envelope.")
+    return frames

@@ -6,6 +6,7 @@ Routes (all under ``/v1``)::
     GET  /health                    liveness (tor's self-probe uses it)
     GET  /bundle/{local}            the mailbox's signed key bundle
     POST /deliver                   an L1 envelope from another inbox
+    POST /deliveries                several L1 envelopes from another inbox, one answer each
     POST /device/challenge          device login, step 1
     POST /device/login              device login, step 2 (signed challenge) -> session
     GET  /device/pending            long-poll: new sealed mail for this device
@@ -47,10 +48,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import logging
 import tempfile
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import IO, Any, ClassVar, Generic, TypeVar
 
 from aiohttp import hdrs, web
@@ -73,12 +75,15 @@ from onionpost.core.errors import (
 )
 from onionpost.core.queuestate import outbox_states_from_wire, outbox_to_wire
 from onionpost.core.wire import (
+    DELIVERY_FRAME_HEAD,
+    MAX_DELIVERIES_BYTES,
     MAX_FETCH_IDS,
     MESSAGE_FRAME_HEAD,
     KeyUpdate,
     first_that_fit,
     hex_field,
     message_frame_head,
+    parse_delivery_frames,
     parse_request_json,
     pending_list_head,
     refusal,
@@ -172,6 +177,29 @@ async def _framed(
 def _error(exc: OnionpostError) -> web.Response:
     status, body = refusal(exc)
     return _json(status, body)
+
+
+def _accepted(result: DeliveryResult) -> dict[str, Any]:
+    return {
+        "status": "accepted",
+        "receipt": result.receipt,
+        "duplicate": result.duplicate,
+        "missing_devices": result.missing_devices,
+    }
+
+
+def _one_result(result: DeliveryResult | BaseException) -> dict[str, Any]:
+    """One envelope's entry in a ``POST /v1/deliveries`` answer: what ``deliver`` would
+    have answered for it alone, a refusal with the HTTP status it would have had."""
+    if isinstance(result, DeliveryResult):
+        return _accepted(result)
+    if not isinstance(result, OnionpostError):
+        if not isinstance(result, Exception):  # a cancellation: the whole request goes
+            raise result
+        log.error("unexpected error storing one of several deliveries", exc_info=result)
+        result = TemporaryDeliveryError("The inbox hit an internal error.", code="4.3.0")
+    status, body = refusal(result)
+    return {**body, "http": status}
 
 
 class FixedErrorPages(RequestHandler):
@@ -434,6 +462,7 @@ class InboxServer:
         r.add_get("/v1/health", self.health)
         r.add_get("/v1/bundle/{local}", self.bundle)
         r.add_post("/v1/deliver", self.deliver)
+        r.add_post("/v1/deliveries", self.deliveries)
         r.add_post("/v1/device/challenge", self.challenge)
         r.add_post("/v1/device/login", self.login)
         r.add_get("/v1/device/pending", self.pending)
@@ -608,29 +637,71 @@ class InboxServer:
         limit = self.config.max_envelope_bytes + (1 << 20)
         body, length = await self._body_to_file(request, limit)
         with body:
-            try:
-                async with asyncio.timeout(30):
-                    await self._deliveries.acquire()
-            except TimeoutError as exc:
-                raise TemporaryDeliveryError(
-                    "The inbox is busy; delivery will be retried.", code="4.3.2"
-                ) from exc
-            try:
+            async with self._delivery_slot():
                 now = self._now()
                 unwrapped = await asyncio.to_thread(self.inbox.unwrap, body, length, now=now)
                 with unwrapped:
                     result = await self._accepts.run((unwrapped, now))
-            finally:
-                self._deliveries.release()
-        return _json(
-            200,
-            {
-                "status": "accepted",
-                "receipt": result.receipt,
-                "duplicate": result.duplicate,
-                "missing_devices": result.missing_devices,
-            },
-        )
+        return _json(200, _accepted(result))
+
+    async def deliveries(self, request: web.Request) -> web.Response:
+        """Several envelopes for this inbox in one request, each judged as ``deliver``
+        judges one: its own answer in the list, in order.  All the accepted ones share one
+        COMMIT, which comes before the answer.  Over tor a delivery costs a round trip; a
+        sender with a queue for this inbox pays one per batch."""
+        body, length = await self._body_to_file(request, MAX_DELIVERIES_BYTES)
+        with body:
+
+            def head(at: int) -> bytes:
+                body.seek(at)
+                return body.read(DELIVERY_FRAME_HEAD)
+
+            envelopes = []
+            for at, size in parse_delivery_frames(head, length):
+                body.seek(at)
+                envelopes.append(body.read(size))
+        async with self._delivery_slot():
+            now = self._now()
+            with contextlib.ExitStack() as files:
+                opened = await asyncio.to_thread(self._unwrap_all, envelopes, now, files)
+                del envelopes
+                ready = [u for u in opened if isinstance(u, Unwrapped)]
+                stored = await asyncio.gather(
+                    *(self._accepts.run((u, now)) for u in ready), return_exceptions=True
+                )
+                by_one = dict(zip(map(id, ready), stored, strict=True))
+                results = [by_one[id(u)] if isinstance(u, Unwrapped) else u for u in opened]
+        return _json(200, {"status": "done", "results": [_one_result(r) for r in results]})
+
+    def _unwrap_all(
+        self, envelopes: list[bytes], now: int, files: contextlib.ExitStack
+    ) -> list[Unwrapped | OnionpostError]:
+        """Each envelope's outer layer opened (in a worker thread, as ``deliver`` does), or
+        the error that refuses it; what opened is closed by ``files``."""
+        out: list[Unwrapped | OnionpostError] = []
+        for raw in envelopes:
+            try:
+                out.append(
+                    files.enter_context(self.inbox.unwrap(io.BytesIO(raw), len(raw), now=now))
+                )
+            except OnionpostError as exc:
+                out.append(exc)
+        return out
+
+    @contextlib.asynccontextmanager
+    async def _delivery_slot(self) -> AsyncIterator[None]:
+        """One of the concurrent deliveries' slots (a request of several takes one)."""
+        try:
+            async with asyncio.timeout(30):
+                await self._deliveries.acquire()
+        except TimeoutError as exc:
+            raise TemporaryDeliveryError(
+                "The inbox is busy; delivery will be retried.", code="4.3.2"
+            ) from exc
+        try:
+            yield
+        finally:
+            self._deliveries.release()
 
     # -- device routes --------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ from onionpost.core.errors import (
     TorStillConnecting,
 )
 from onionpost.core.retry import RetryPolicy, after_failure
+from onionpost.core.wire import delivery_frame_head
 from onionpost.inbox.postoffice import Inbox
 from onionpost.net.client import InboxClient
 from onionpost.net.pool import ConnectionPool, peer_isolation
@@ -41,6 +42,11 @@ log = logging.getLogger(__name__)
 #: How long a row claimed while this node's tor was not up rests before it is claimed again.
 WAIT_FOR_TOR = 5
 BATCH = 64
+#: Rows for one peer inbox that go in one ``POST /v1/deliveries`` (so a pass of 64 rows for
+#: one inbox keeps four requests in flight), each envelope at most this large (larger ones
+#: go alone, streamed): at most 4 MiB of body, half the protocol's limit.
+BATCH_DELIVERIES = 16
+BATCHED_ENVELOPE_MAX = 256 << 10
 
 
 class OutboxWorker:
@@ -77,6 +83,9 @@ class OutboxWorker:
         #: not as a lease in the database (a commit per pass): only this worker delivers,
         #: and a restart forgets every claim anyway (``release_leases``).
         self._claimed: set[int] = set()
+        #: Peer inboxes that answered ``POST /v1/deliveries`` with 404 (older ones): until
+        #: this node restarts, their rows go one request each.
+        self._one_at_a_time: set[str] = set()
 
     async def run_due(self) -> int:
         """Deliver everything due now; returns the number of rows attempted."""
@@ -111,11 +120,12 @@ class OutboxWorker:
             self._claimed |= claimed
             try:
                 outcomes = await asyncio.gather(
-                    *(self._attempt(row) for row in rows), return_exceptions=True
+                    *(self._attempt_unit(unit) for unit in self._units(rows)),
+                    return_exceptions=True,
                 )
             finally:
                 self._claimed -= claimed
-            delivered = [r for r in outcomes if isinstance(r, int)]
+            delivered = [i for r in outcomes if isinstance(r, list) for i in r]
             failed = [r for r in outcomes if isinstance(r, BaseException)]
             if failed:
                 self.outbox.mark_delivered_later(delivered, now=self.clock.now())
@@ -128,21 +138,102 @@ class OutboxWorker:
         for row_id in self.outbox.committed():
             self._notify(row_id)
 
+    def _units(self, rows: list[OutboxRow]) -> list[list[OutboxRow]]:
+        """The pass's rows in the groups that go out together: up to
+        :data:`BATCH_DELIVERIES` rows for one peer inbox share a request; rows for this
+        node's own inbox, or for an inbox that does not take several at once, go alone."""
+        units: list[list[OutboxRow]] = []
+        by_onion: dict[str, list[OutboxRow]] = {}
+        for row in rows:
+            if row.onion == self._own_onion or row.onion in self._one_at_a_time:
+                units.append([row])
+            else:
+                by_onion.setdefault(row.onion, []).append(row)
+        for group in by_onion.values():
+            units += [
+                group[i : i + BATCH_DELIVERIES] for i in range(0, len(group), BATCH_DELIVERIES)
+            ]
+        return units
+
+    async def _attempt_unit(self, rows: list[OutboxRow]) -> list[int]:
+        """Try a group of rows (see :meth:`_units`); the ids of the delivered ones (the
+        caller marks them); every other row's outcome is recorded here."""
+        if len(rows) == 1:
+            one = await self._attempt(rows[0])
+            return [] if one is None else [one]
+        async with self._slots:
+            live = [row for row in rows if not self._expired(row)]
+            sizes = self.outbox.envelope_sizes([row.id for row in live])
+            batched = [r for r in live if 0 < sizes.get(r.id, 0) <= BATCHED_ENVELOPE_MAX]
+            delivered = await self._deliver_batch(batched, sizes) if len(batched) > 1 else None
+        if delivered is None:  # each on its own
+            delivered, alone = [], live
+        else:
+            alone = [r for r in live if r not in batched]
+        for row in alone:
+            one = await self._attempt(row)
+            if one is not None:
+                delivered.append(one)
+        return delivered
+
+    async def _deliver_batch(
+        self, rows: list[OutboxRow], sizes: dict[int, int]
+    ) -> list[int] | None:
+        """Deliver ``rows`` (all for one peer inbox) in one ``POST /v1/deliveries``; the ids
+        delivered, each other row's failure recorded.  None when they should go one at a
+        time instead: the peer does not take several at once, or refused the request as a
+        whole for good (each row then gets its own answer)."""
+        onion = rows[0].onion
+        with tempfile.SpooledTemporaryFile(max_size=SPOOL) as body:
+            for row in rows:
+                body.write(delivery_frame_head(sizes[row.id]))
+                self.outbox.copy_envelope(row.id, body)
+            length = body.tell()
+            body.seek(0)
+            try:
+                results = await self._client(onion).deliver_many((body, length), len(rows))
+            except OnionpostError as exc:
+                if not (exc.temporary or isinstance(exc, TorError)):
+                    log.info(
+                        "%s refused several deliveries at once (%s); one at a time", onion, exc
+                    )
+                    return None
+                for row in rows:
+                    self._failed(row, exc)
+                return []
+        if results is None:
+            log.info("%s takes one delivery at a time", onion)
+            self._one_at_a_time.add(onion)
+            return None
+        delivered: list[int] = []
+        for row, result in zip(rows, results, strict=True):
+            if isinstance(result, OnionpostError):
+                self._failed(row, result)
+            else:
+                log.info("delivered outbox row %d to %s (%s)", row.id, onion, result.receipt)
+                delivered.append(row.id)
+        return delivered
+
+    def _expired(self, row: OutboxRow) -> bool:
+        """Bounce the row if its lifetime ran out before this attempt."""
+        now = self.clock.now()
+        if now < row.expires_at:
+            return False
+        self._bounce(
+            row,
+            now,
+            f"The message's lifetime ran out before it could be delivered; the last error "
+            f"was: {row.last_error or 'none'}",
+            row.last_error_code or "4.4.7",
+            attempted=False,
+        )
+        return True
+
     async def _attempt(self, row: OutboxRow) -> int | None:
         """Try one row; its id if it was delivered (the caller marks it), else None (the
         failure is recorded here)."""
         async with self._slots:
-            now = self.clock.now()
-            if now >= row.expires_at:
-                self._bounce(
-                    row,
-                    now,
-                    "The message's lifetime ran out before it could be "
-                    "delivered; the last error was: "
-                    f"{row.last_error or 'none'}",
-                    row.last_error_code or "4.4.7",
-                    attempted=False,
-                )
+            if self._expired(row):
                 return None
             try:
                 receipt = await self._deliver(row)
@@ -151,6 +242,16 @@ class OutboxWorker:
                 return None
             log.info("delivered outbox row %d to %s (%s)", row.id, row.onion, receipt)
             return row.id
+
+    def _client(self, onion: str) -> InboxClient:
+        return InboxClient(
+            self.dialer,
+            onion,
+            port=self.onion_port,
+            isolation=peer_isolation(onion),
+            timeout=self.timeout,
+            pool=self.pool,
+        )
 
     async def _deliver(self, row: OutboxRow) -> str:
         try:
@@ -173,15 +274,7 @@ class OutboxWorker:
                 durable = self.inbox.store.db is not self.outbox.db
                 with unwrapped:
                     return self.inbox.accept(unwrapped, now=now, durable=durable).receipt
-            client = InboxClient(
-                self.dialer,
-                row.onion,
-                port=self.onion_port,
-                isolation=peer_isolation(row.onion),
-                timeout=self.timeout,
-                pool=self.pool,
-            )
-            return (await client.deliver((envelope, length))).receipt
+            return (await self._client(row.onion).deliver((envelope, length))).receipt
 
     def _failed(self, row: OutboxRow, exc: OnionpostError) -> None:
         now = self.clock.now()

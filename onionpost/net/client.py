@@ -40,12 +40,14 @@ from onionpost.core.errors import (
     PeerConnectionLost,
     PeerProtocolError,
     PeerUnreachable,
+    UnknownMailbox,
 )
 from onionpost.core.wire import (
     MESSAGE_FRAME_HEAD,
     PENDING_LIST_HEAD,
     KeyUpdate,
     error_from_body,
+    error_from_fields,
     parse_json,
     parse_message_frame_head,
     parse_pending_list_head,
@@ -401,14 +403,45 @@ class InboxClient:
             source=source,
             headers=(("Content-Type", "application/octet-stream"),),
         )
-        data = self.check_json(r)
-        receipt = data.get("receipt")
-        if data.get("status") != "accepted" or not isinstance(receipt, str):
+        receipt = _receipt(self.check_json(r))
+        if receipt is None:
             raise PeerProtocolError("The inbox's answer to a delivery is not understood.")
-        missing = data.get("missing_devices", 0)
-        return DeliveryReceipt(
-            receipt, bool(data.get("duplicate")), missing if isinstance(missing, int) else 0
+        return receipt
+
+    async def deliver_many(
+        self, framed: tuple[Readable, int], count: int
+    ) -> list[DeliveryReceipt | OnionpostError] | None:
+        """Deliver ``count`` envelopes in one request (``POST /v1/deliveries``; ``framed``
+        is its body, each envelope after :func:`~onionpost.core.wire.delivery_frame_head`).
+        Returns each envelope's outcome, in order: its receipt, or the error that refused
+        it.  None if the inbox does not serve the route (an older inbox: deliver one at a
+        time).  A refusal of the whole request is raised, as :meth:`deliver` raises one."""
+        r = await self.request(
+            "POST",
+            "/v1/deliveries",
+            source=framed,
+            headers=(("Content-Type", "application/octet-stream"),),
+            limit=ANSWER_LIMIT,
         )
+        if r.status == 404 and not isinstance(refusal(r), UnknownMailbox):
+            return None  # the route, not a mailbox, is unknown there
+        results = self.check_json(r).get("results")
+        bad = "The inbox's answer to several deliveries is not understood."
+        if not isinstance(results, list) or len(results) != count:
+            raise PeerProtocolError(bad)
+        out: list[DeliveryReceipt | OnionpostError] = []
+        for item in results:
+            if not isinstance(item, dict):
+                raise PeerProtocolError(bad)
+            if item.get("status") == "accepted":
+                receipt = _receipt(item)
+                if receipt is None:
+                    raise PeerProtocolError(bad)
+                out.append(receipt)
+            else:
+                http = item.get("http")
+                out.append(error_from_fields(http if isinstance(http, int) else 400, item))
+        return out
 
     # -- invites and pairings (no session: the code is the credential) ----------------
 
@@ -431,6 +464,17 @@ class InboxClient:
         await self.call_json(
             "POST", f"/v1/pair/{slot.hex()}/join", {"join_pk": join_pk.hex(), "box": box.hex()}
         )
+
+
+def _receipt(data: dict[str, Any]) -> DeliveryReceipt | None:
+    """An ``accepted`` answer to a delivery, or None if it is not one."""
+    receipt = data.get("receipt")
+    if data.get("status") != "accepted" or not isinstance(receipt, str):
+        return None
+    missing = data.get("missing_devices", 0)
+    return DeliveryReceipt(
+        receipt, bool(data.get("duplicate")), missing if isinstance(missing, int) else 0
+    )
 
 
 async def _receive(

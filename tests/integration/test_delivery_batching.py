@@ -15,10 +15,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from email import message_from_bytes
+from email.message import EmailMessage
 from email.policy import default
 from pathlib import Path
+from typing import Any
 
 import pytest
+from aiohttp import web
 
 from onionpost.base.aio import foreground
 from onionpost.base.clock import FakeClock
@@ -27,9 +30,12 @@ from onionpost.device.filing import FILING_HEADER, Filer
 from onionpost.device.submission import HAND_OVERS_AT_ONCE
 from onionpost.device.sync import BATCH_MESSAGES, _batches
 from onionpost.inbox import api
+from onionpost.inbox.delivery import BATCH_DELIVERIES, BATCHED_ENVELOPE_MAX
+from onionpost.net.client import InboxClient
 from onionpost.store import DEVICE_COMPONENTS
 from onionpost.store.db import Database
 from onionpost.store.filing import HANDED, FilingStore
+from onionpost.store.outbox import OutboxRow
 from onionpost.testing.harness import DeviceNode, Loopback, compose
 from onionpost.testing.harness import subjects as filed_subjects
 from onionpost.testing.mailstore import MemorySink
@@ -488,3 +494,135 @@ def test_batches_keep_order_and_bounds() -> None:
     big = [PendingMessage(1, 5 << 20, 0), PendingMessage(2, 5 << 20, 0), PendingMessage(3, 1, 0)]
     assert [[p.id for p in b] for b in _batches(big)] == [[1], [2, 3]]
     assert _batches([]) == []
+
+
+# -- a queue for one inbox goes in a few requests (POST /v1/deliveries) ------------------------
+
+
+class Requests:
+    """The delivery requests A's worker makes: ``deliver`` one envelope each, ``batches``
+    the number of envelopes of each ``deliver_many``."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.deliver = 0
+        self.batches: list[int] = []
+        single, several = InboxClient.deliver, InboxClient.deliver_many
+
+        async def deliver(client: InboxClient, envelope: Any) -> Any:
+            self.deliver += 1
+            return await single(client, envelope)
+
+        async def deliver_many(client: InboxClient, framed: Any, count: int) -> Any:
+            self.batches.append(count)
+            return await several(client, framed, count)
+
+        monkeypatch.setattr(InboxClient, "deliver", deliver)
+        monkeypatch.setattr(InboxClient, "deliver_many", deliver_many)
+
+
+async def first_contact(world: World) -> None:
+    """The first message (proof of work, a token for later) through, and filed."""
+    await world.hand_over(1, "first")
+    await world.a.worker.run_due()
+    assert await world.bob.device.sync() == 1
+
+
+def outbox_rows(world: World) -> list[OutboxRow]:
+    """Every row of A's outbox, whatever its state."""
+    return world.a.inbox.outbox.rows(states=("queued", "delivered", "bounced"))
+
+
+def submit(world: World, subject: str, body_bytes: int) -> None:
+    msg = EmailMessage()
+    msg["From"], msg["To"] = str(world.alice.address), str(world.bob.address)
+    msg["Subject"], msg["Message-ID"] = subject, f"<{subject.replace(' ', '.')}@test>"
+    msg.set_content("x" * body_bytes)
+    world.alice.submissions.submit(world.alice.user, [world.bob.address], msg.as_bytes())
+
+
+async def test_a_queue_for_one_inbox_goes_in_a_few_requests(world: World, monkeypatch) -> None:
+    await first_contact(world)
+    requests = Requests(monkeypatch)
+    await world.hand_over(20)
+    assert await world.a.worker.run_due() == 20
+    assert requests.batches == [BATCH_DELIVERIES, 20 - BATCH_DELIVERIES]
+    assert requests.deliver == 0
+    assert {r.state for r in outbox_rows(world)} == {"delivered"}
+    assert await world.bob.device.sync() == 20
+    assert subjects(world.bob) == sorted(["first 0"] + [f"mail {i}" for i in range(20)])
+
+
+async def test_a_large_envelope_goes_alone_beside_a_batch(world: World, monkeypatch) -> None:
+    await first_contact(world)
+    requests = Requests(monkeypatch)
+    submit(world, "small one", 100)
+    submit(world, "large", BATCHED_ENVELOPE_MAX + 10_000)
+    submit(world, "small two", 100)
+    await world.alice.submissions.process_due()
+    assert await world.a.worker.run_due() == 3
+    assert requests.batches == [2] and requests.deliver == 1
+    assert await world.bob.device.sync() == 3
+    assert subjects(world.bob) == ["first 0", "large", "small one", "small two"]
+
+
+async def test_each_row_of_a_batch_gets_its_own_outcome(world: World, monkeypatch) -> None:
+    """B refuses one envelope of a batch for now (bob's mailbox is too full for it): that
+    row is deferred with B's words, the others are delivered, and it goes later."""
+    await first_contact(world)
+    b_store, bob_mailbox = world.b.inbox.store, world.bob.device.account.mailbox_id
+    b_store.set_policy(bob_mailbox, accepts_strangers=True, pow_bits=None, quota_bytes=150_000)
+    requests = Requests(monkeypatch)
+    submit(world, "small one", 100)
+    submit(world, "too big now", 200_000)
+    submit(world, "small two", 100)
+    await world.alice.submissions.process_due()
+    assert await world.a.worker.run_due() == 3
+    assert requests.batches == [3]
+    (queued,) = [r for r in outbox_rows(world) if r.state == "queued"]
+    assert queued.attempts == 1 and queued.last_error_code == "4.2.2"
+    assert await world.bob.device.sync() == 2
+    b_store.set_policy(bob_mailbox, accepts_strangers=True, pow_bits=None, quota_bytes=None)
+    world.clock.advance(3600)
+    assert await world.a.worker.run_due() == 1
+    assert await world.bob.device.sync() == 1
+    assert subjects(world.bob) == ["first 0", "small one", "small two", "too big now"]
+
+
+async def test_a_batch_to_an_inbox_that_is_down_defers_every_row(world: World, monkeypatch) -> None:
+    await first_contact(world)
+    requests = Requests(monkeypatch)
+    await world.b.stop()
+    await world.hand_over(3)
+    assert await world.a.worker.run_due() == 3
+    waiting = [r for r in outbox_rows(world) if r.state == "queued"]
+    assert len(waiting) == 3 and {r.attempts for r in waiting} == {1}
+    assert requests.batches == [3]
+    await world.b.start(worker=False)
+    world.clock.advance(3600)
+    assert await world.a.worker.run_due() == 3
+    assert requests.batches == [3, 3] and requests.deliver == 0
+    assert await world.bob.device.sync() == 3
+
+
+async def test_an_inbox_that_takes_one_at_a_time_gets_one_at_a_time(
+    world: World, monkeypatch
+) -> None:
+    """An older inbox answers 404 to ``POST /v1/deliveries``: the batch goes one request
+    per envelope, and A sends that inbox no more batches."""
+    await first_contact(world)
+
+    async def no_route(server: api.InboxServer, request: web.Request) -> web.Response:
+        raise web.HTTPNotFound()
+
+    monkeypatch.setattr(api.InboxServer, "deliveries", no_route)
+    await world.b.stop()
+    await world.b.start(worker=False)  # its routes are bound anew, the batch one refusing
+    requests = Requests(monkeypatch)
+    await world.hand_over(4)
+    assert await world.a.worker.run_due() == 4
+    assert requests.batches == [4] and requests.deliver == 4
+    await world.hand_over(3, "later")
+    assert await world.a.worker.run_due() == 3
+    assert requests.batches == [4] and requests.deliver == 7
+    assert await world.bob.device.sync() == 7
+    assert len(subjects(world.bob)) == 8

@@ -27,9 +27,9 @@ from onionpost.core.errors import (
     TemporaryDeliveryError,
     UnknownMailbox,
 )
-from onionpost.core.wire import KeyUpdate
+from onionpost.core.wire import KeyUpdate, delivery_frame_head
 from onionpost.inbox.postoffice import HandOver, Session, login_message
-from onionpost.net.client import DeviceSession, InboxClient
+from onionpost.net.client import DeliveryReceipt, DeviceSession, InboxClient
 from onionpost.net.transport import DirectDialer
 from onionpost.testing.harness import InboxNode
 
@@ -832,3 +832,89 @@ async def test_a_session_the_inbox_forgot_is_dropped_and_a_new_one_opened(world)
     session._token = forgotten
     r = await session._authorized("GET", "/v1/device/policy", again=True)
     assert r.status == 200 and session._token not in (None, forgotten)
+
+
+# -- several deliveries in one request (POST /v1/deliveries) -----------------------------------
+
+
+def _framed(*envelopes: bytes) -> tuple[io.BytesIO, int]:
+    body = b"".join(delivery_frame_head(len(e)) + e for e in envelopes)
+    return io.BytesIO(body), len(body)
+
+
+async def test_several_deliveries_are_judged_one_by_one_and_stored_in_one_commit(world) -> None:
+    """Each envelope of a ``POST /v1/deliveries`` gets the answer ``/v1/deliver`` would have
+    given it alone, in order: stored, refused for an unknown mailbox, refused as corrupt, a
+    duplicate of one before it.  The stored ones share one COMMIT, before the answer."""
+    node, bob, alice, dialer = world
+    one = await _sealed(node, bob, alice, dialer, body=b"Subject: one\r\n\r\n1\r\n")
+    two = await _sealed(node, bob, alice, dialer, body=b"Subject: two\r\n\r\n2\r\n")
+    stray = await _sealed(node, bob, alice, dialer, mailbox_id=b"\x02" * 16)
+    corrupt = one[:200] + bytes(len(one) - 200)
+    commits: list[str] = []
+    node.db.conn.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
+    try:
+        results = await _client(node, dialer).deliver_many(
+            _framed(one, stray, corrupt, two, one), 5
+        )
+    finally:
+        node.db.conn.set_trace_callback(None)
+    assert results is not None and len(commits) == 1
+    first, unknown, broken, second, again = results
+    assert isinstance(first, DeliveryReceipt) and not first.duplicate
+    assert isinstance(unknown, UnknownMailbox) and unknown.code == "5.1.1"
+    assert isinstance(broken, PermanentDeliveryError) and broken.code.startswith("5.")
+    assert isinstance(second, DeliveryReceipt) and not second.duplicate
+    assert isinstance(again, DeliveryReceipt) and again.duplicate
+    assert again.receipt == first.receipt
+    # The same envelope alone gets the same receipt: a batch and a single delivery agree.
+    assert (await _client(node, dialer).deliver(two)).receipt == second.receipt
+    assert len(await _session(node, bob, dialer).pending()) == 2
+
+
+async def test_a_batch_past_the_rate_limit_stores_what_fits_and_defers_the_rest(world) -> None:
+    """Limits count envelope by envelope: strangers may send bob 6 an hour here, so of 8
+    stamped envelopes in one request 6 are stored and 2 refused for now (4.7.0, 429)."""
+    node, bob, alice, dialer = world
+    envelopes = [
+        await _sealed(node, bob, alice, dialer, body=f"Subject: s{i}\r\n\r\n{i}\r\n".encode())
+        for i in range(8)
+    ]
+    results = await _client(node, dialer).deliver_many(_framed(*envelopes), 8)
+    assert results is not None
+    assert all(isinstance(r, DeliveryReceipt) for r in results[:6])
+    for refused in results[6:]:
+        assert isinstance(refused, TemporaryDeliveryError) and refused.code == "4.7.0"
+    assert len(await _session(node, bob, dialer).pending()) == 6
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["empty", "short head", "empty envelope", "past the end", "trailing bytes", "too many"],
+)
+async def test_a_badly_framed_batch_is_refused_whole_and_stores_nothing(world, case: str) -> None:
+    node, bob, alice, dialer = world
+    good = await _sealed(node, bob, alice, dialer)
+    body, count = {
+        "empty": (b"", 0),
+        "short head": (delivery_frame_head(len(good)) + good + b"\x00\x00", 1),
+        "empty envelope": (delivery_frame_head(len(good)) + good + delivery_frame_head(0), 2),
+        "past the end": (delivery_frame_head(len(good) + 1) + good, 1),
+        "trailing bytes": (delivery_frame_head(len(good)) + good + b"\x00" * 5, 1),
+        "too many": (b"".join(delivery_frame_head(1) + b"x" for _ in range(65)), 65),
+    }[case]
+    with pytest.raises(PermanentDeliveryError) as err:
+        await _client(node, dialer).deliver_many((io.BytesIO(body), len(body)), count)
+    assert err.value.code.startswith("5.") and err.value.reason == "MalformedData"
+    assert await _session(node, bob, dialer).pending() == []
+
+
+async def test_an_oversized_batch_is_refused_before_reading(world) -> None:
+    node, *_ = world
+    reader, writer = await asyncio.open_connection("127.0.0.1", node.server.port)
+    head = f"POST /v1/deliveries HTTP/1.1\r\nHost: x\r\nContent-Length: {(8 << 20) + 1}\r\n\r\n"
+    writer.write(head.encode())
+    await writer.drain()
+    data = await asyncio.wait_for(reader.read(65536), 5)
+    writer.close()
+    assert b" 413 " in data.split(b"\r\n", 1)[0]

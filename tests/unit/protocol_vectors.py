@@ -725,7 +725,29 @@ def batch_fetch_vectors() -> dict[str, str]:
             ],
         ),
         "device-pending-mail": pending_mail_vector(one, two),
+        "deliveries": deliveries_vector(),
     }
+
+
+def deliveries_vector() -> str:
+    """The body of ``POST /v1/deliveries`` (§17.2) with two envelopes (stand-ins again:
+    framing does not look inside them)."""
+    from onionpost.core.wire import delivery_frame_head, parse_delivery_frames
+
+    one, two = b"L1 envelope one", b"L1 envelope two!"
+    body = delivery_frame_head(len(one)) + one + delivery_frame_head(len(two)) + two
+    assert parse_delivery_frames(lambda at: body[at : at + 4], len(body)) == [
+        (4, len(one)),
+        (4 + len(one) + 4, len(two)),
+    ]
+    return _kv(
+        "POST /v1/deliveries: the envelopes b'L1 envelope one' and b'L1 envelope two!'",
+        [
+            ("frame head of one", delivery_frame_head(len(one))),
+            ("frame head of two", delivery_frame_head(len(two))),
+            ("request body", body),
+        ],
+    )
 
 
 def pending_mail_vector(one: bytes, two: bytes) -> str:

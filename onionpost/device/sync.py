@@ -205,17 +205,37 @@ class Receiver:
         transaction.  So a sync costs one commit, not several per message.  The order of the
         durable steps is the single message's: queued and handed, filed (LMTP 250),
         acknowledged, removed (a crash before the removal costs a lookup in the mailbox).
+
+        While one batch is filed and acknowledged, the next is fetched and opened (no
+        database is touched for that): over a slow link (a device and its inbox over tor) a
+        backlog then pays the round trip of each fetch beside the filing, not after it.
         """
         taken = 0
         unfiled = 0
         with contextlib.ExitStack() as files:
             pending, inline = await self._pending(wait, files)
-            for batch in _batches(pending):
-                done, left = await self._take(batch, inline)
-                if done:
-                    await self.session.acknowledge(done)
-                taken += len(done)
-                unfiled += left
+            batches = _batches(pending)
+            ahead: asyncio.Task[list[_Opened]] | None = None
+            try:
+                for i, batch in enumerate(batches):
+                    opened = await ahead if ahead is not None else await self._open(batch, inline)
+                    ahead = None
+                    if i + 1 < len(batches):
+                        ahead = asyncio.ensure_future(self._open(batches[i + 1], inline))
+                    with contextlib.ExitStack() as bodies:
+                        for _, result in opened:
+                            if isinstance(result, _Decrypted):
+                                bodies.enter_context(result.body)
+                        done, left = await self._take(opened)
+                    if done:
+                        await self.session.acknowledge(done)
+                    taken += len(done)
+                    unfiled += left
+            finally:
+                if ahead is not None:  # a batch failed: the one opened ahead is not filed
+                    ahead.cancel()
+                    with contextlib.suppress(BaseException):
+                        _close_opened(await ahead)
         if unfiled:
             raise FilingDeferred(
                 f"{unfiled} message(s) wait in the filing queue for the mailbox (Dovecot)."
@@ -247,17 +267,15 @@ class Receiver:
         pending, got = answer
         return pending, {i: inline[i] for i in got}
 
-    async def _take(
+    async def _open(
         self, batch: list[PendingMessage], inline: dict[int, IO[bytes]]
-    ) -> tuple[list[int], int]:
-        """Fetch (unless ``inline`` holds them already), open, queue and file one batch:
-        the ids the inbox may now delete, and how many of the batch wait in the filing
-        queue."""
-        store = self.filer.store
+    ) -> list[_Opened]:
+        """Fetch one batch (unless ``inline`` holds it already) and open its envelopes in
+        the crypto pool, off the event loop and on every core: each message with what
+        :func:`_decrypt` made of it.  Touches no database, so it may run while the batch
+        before is filed.  The caller closes the opened bodies (:func:`_close_opened`)."""
         with contextlib.ExitStack() as files:
             fetched = await self._fetch(batch, files, inline)
-            # The envelopes are opened in the crypto pool, off the event loop and on every
-            # core; only then is the database touched (replay check, sender, filing).
             now = self._now()
             prekeys, uik = self.account.prekey_secrets(), self.account.uik_pk
             loop = asyncio.get_running_loop()
@@ -269,35 +287,37 @@ class Receiver:
                 ),
                 return_exceptions=True,
             )
-            for result in decrypted:
-                if isinstance(result, _Decrypted):
-                    files.enter_context(result.body)
-            opened: list[tuple[int, Filed]] = []
-            # The rows the last batches put in the mailbox are removed by this batch's
-            # COMMIT, not one of their own (settle_many's remove_later, below).
-            removing = store.filed_waiting()
-            # One transaction for the batch (nothing awaited inside it); each message in its
-            # own savepoint, so one that fails leaves nothing behind and spoils no other.
-            with store.db.transaction():
-                store.forget_filed(removing)
-                for (item, _), result in zip(fetched, decrypted, strict=True):
-                    if isinstance(result, BaseException) and not isinstance(result, OnionpostError):
+        return [(item, result) for (item, _), result in zip(fetched, decrypted, strict=True)]
+
+    async def _take(self, opened: list[_Opened]) -> tuple[list[int], int]:
+        """Queue and file one opened batch (:meth:`_open`): the ids the inbox may now
+        delete, and how many of the batch wait in the filing queue."""
+        store = self.filer.store
+        now = self._now()
+        taken: list[tuple[int, Filed]] = []
+        # The rows the last batches put in the mailbox are removed by this batch's
+        # COMMIT, not one of their own (settle_many's remove_later, below).
+        removing = store.filed_waiting()
+        # One transaction for the batch (nothing awaited inside it); each message in its
+        # own savepoint, so one that fails leaves nothing behind and spoils no other.
+        with store.db.transaction():
+            store.forget_filed(removing)
+            for item, result in opened:
+                if isinstance(result, BaseException) and not isinstance(result, OnionpostError):
+                    raise result
+                try:
+                    if isinstance(result, OnionpostError):
                         raise result
-                    try:
-                        if isinstance(result, OnionpostError):
-                            raise result
-                        with store.db.transaction():
-                            opened.append((item.id, self._file_decrypted(result, now)))
-                    except OnionpostError as exc:
-                        log.warning(
-                            "could not take message %d from the inbox yet: %s", item.id, exc
-                        )
-            store.forgotten(removing)
+                    with store.db.transaction():
+                        taken.append((item.id, self._file_decrypted(result, now)))
+                except OnionpostError as exc:
+                    log.warning("could not take message %d from the inbox yet: %s", item.id, exc)
+        store.forgotten(removing)
         left = await self.filer.settle_many(
-            [i for _, f in opened for i in f.filings], remove_later=True
+            [i for _, f in taken for i in f.filings], remove_later=True
         )
-        done = [item_id for item_id, f in opened if not left.intersection(f.filings)]
-        return done, len(opened) - len(done)
+        done = [item_id for item_id, f in taken if not left.intersection(f.filings)]
+        return done, len(taken) - len(done)
 
     async def _fetch(
         self,
@@ -766,6 +786,16 @@ IN_DATABASE_BYTES = 1 << 20
 #: envelopes are held in spooled temporary files until the batch is queued).
 BATCH_MESSAGES = 16
 BATCH_BYTES = 8 << 20
+
+
+#: A message of a batch and what opening it gave: its content, or why it failed.
+_Opened = tuple[PendingMessage, "_Decrypted | BaseException"]
+
+
+def _close_opened(opened: list[_Opened]) -> None:
+    for _, result in opened:
+        if isinstance(result, _Decrypted):
+            result.body.close()
 
 
 def _batches(pending: list[PendingMessage]) -> list[list[PendingMessage]]:

@@ -13,6 +13,7 @@ an interrupted batch is looked up in the mailbox instead of filed again.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from email import message_from_bytes
 from email.message import EmailMessage
@@ -25,7 +26,7 @@ from aiohttp import web
 
 from onionpost.base.aio import foreground
 from onionpost.base.clock import FakeClock
-from onionpost.core.errors import FilingDeferred, UnknownMailbox
+from onionpost.core.errors import FilingDeferred, PeerUnreachable, UnknownMailbox
 from onionpost.device.filing import FILING_HEADER, Filer
 from onionpost.device.submission import HAND_OVERS_AT_ONCE
 from onionpost.device.sync import BATCH_MESSAGES, _batches
@@ -626,3 +627,68 @@ async def test_an_inbox_that_takes_one_at_a_time_gets_one_at_a_time(
     assert requests.batches == [4] and requests.deliver == 7
     assert await world.bob.device.sync() == 7
     assert len(subjects(world.bob)) == 8
+
+
+# -- a backlog: the next batch is fetched while one is filed -----------------------------------
+
+
+async def backlog(world: World, n: int) -> None:
+    """``n`` messages waiting at B for bob (beyond the first contact, filed)."""
+    await first_contact(world)
+    await world.hand_over(n)
+    await world.a.worker.run_due()
+    assert pending_at_b(world) == n
+
+
+async def test_the_next_batch_is_fetched_while_one_is_filed(world: World, monkeypatch) -> None:
+    """The first batch's filing waits until the second batch has been fetched: without
+    the fetch ahead this sync would never finish."""
+    await backlog(world, BATCH_MESSAGES + 4)
+    session, filer = world.bob.device.session, world.bob.filer
+    fetched_ahead = asyncio.Event()
+    fetch_many, settle_many = session.fetch_many, filer.settle_many
+    settled: list[int] = []
+
+    async def fetching(wanted, sink):  # type: ignore[no-untyped-def]
+        fetched_ahead.set()
+        return await fetch_many(wanted, sink)
+
+    async def settling(ids, **kw):  # type: ignore[no-untyped-def]
+        if not settled:  # the first batch (carried by the pending list's answer)
+            await asyncio.wait_for(fetched_ahead.wait(), 60)
+        settled.append(len(ids))
+        return await settle_many(ids, **kw)
+
+    monkeypatch.setattr(session, "fetch_many", fetching)
+    monkeypatch.setattr(filer, "settle_many", settling)
+    assert await world.bob.device.sync() == BATCH_MESSAGES + 4
+    assert settled == [BATCH_MESSAGES, 4]
+    assert len(subjects(world.bob)) == BATCH_MESSAGES + 5
+    assert pending_at_b(world) == 0
+
+
+async def test_a_batch_that_fails_leaves_the_one_fetched_ahead_for_the_next_sync(
+    world: World, monkeypatch
+) -> None:
+    """The first batch is filed but its acknowledgement fails: the sync stops there, the
+    batch opened ahead is neither filed nor acknowledged, and the next sync takes all of
+    them, each filed once."""
+    await backlog(world, BATCH_MESSAGES + 4)
+    session = world.bob.device.session
+    acknowledge = session.acknowledge
+
+    async def lost(ids):  # type: ignore[no-untyped-def]
+        raise PeerUnreachable("The connection to the inbox was lost.")
+
+    monkeypatch.setattr(session, "acknowledge", lost)
+    with pytest.raises(PeerUnreachable):
+        await world.bob.device.sync()
+    assert len(subjects(world.bob)) == 1 + BATCH_MESSAGES  # the first batch only
+    assert pending_at_b(world) == BATCH_MESSAGES + 4
+    monkeypatch.setattr(session, "acknowledge", acknowledge)
+    assert await world.bob.device.sync() == BATCH_MESSAGES + 4
+    assert subjects(world.bob) == sorted(
+        ["first 0"] + [f"mail {i}" for i in range(BATCH_MESSAGES + 4)]
+    )
+    assert pending_at_b(world) == 0
+    assert await world.bob.device.sync() == 0

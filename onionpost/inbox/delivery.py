@@ -184,6 +184,10 @@ class OutboxWorker:
         time instead: the peer does not take several at once, or refused the request as a
         whole for good (each row then gets its own answer)."""
         onion = rows[0].onion
+        try:
+            public_key_from_onion(onion)
+        except AddressError:
+            return None  # each bounces on its own, with its reason (see _deliver)
         with tempfile.SpooledTemporaryFile(max_size=SPOOL) as body:
             for row in rows:
                 body.write(delivery_frame_head(sizes[row.id]))

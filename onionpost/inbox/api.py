@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import json
 import logging
 import tempfile
@@ -656,34 +655,31 @@ class InboxServer:
                 body.seek(at)
                 return body.read(DELIVERY_FRAME_HEAD)
 
-            envelopes = []
-            for at, size in parse_delivery_frames(head, length):
-                body.seek(at)
-                envelopes.append(body.read(size))
-        async with self._delivery_slot():
-            now = self._now()
-            with contextlib.ExitStack() as files:
-                opened = await asyncio.to_thread(self._unwrap_all, envelopes, now, files)
-                del envelopes
-                ready = [u for u in opened if isinstance(u, Unwrapped)]
-                stored = await asyncio.gather(
-                    *(self._accepts.run((u, now)) for u in ready), return_exceptions=True
-                )
-                by_one = dict(zip(map(id, ready), stored, strict=True))
-                results = [by_one[id(u)] if isinstance(u, Unwrapped) else u for u in opened]
+            frames = parse_delivery_frames(head, length)
+            async with self._delivery_slot():
+                now = self._now()
+                with contextlib.ExitStack() as files:
+                    opened = await asyncio.to_thread(self._unwrap_all, body, frames, now, files)
+                    ready = [u for u in opened if isinstance(u, Unwrapped)]
+                    stored = iter(
+                        await asyncio.gather(
+                            *(self._accepts.run((u, now)) for u in ready), return_exceptions=True
+                        )
+                    )
+                    results = [next(stored) if isinstance(u, Unwrapped) else u for u in opened]
         return _json(200, {"status": "done", "results": [_one_result(r) for r in results]})
 
     def _unwrap_all(
-        self, envelopes: list[bytes], now: int, files: contextlib.ExitStack
+        self, body: IO[bytes], frames: list[tuple[int, int]], now: int, files: contextlib.ExitStack
     ) -> list[Unwrapped | OnionpostError]:
-        """Each envelope's outer layer opened (in a worker thread, as ``deliver`` does), or
-        the error that refuses it; what opened is closed by ``files``."""
+        """Each framed envelope's outer layer opened from the spooled body (in a worker
+        thread, as ``deliver`` does; never the whole batch in memory), or the error that
+        refuses it; what opened is closed by ``files``."""
         out: list[Unwrapped | OnionpostError] = []
-        for raw in envelopes:
+        for at, size in frames:
+            body.seek(at)
             try:
-                out.append(
-                    files.enter_context(self.inbox.unwrap(io.BytesIO(raw), len(raw), now=now))
-                )
+                out.append(files.enter_context(self.inbox.unwrap(body, size, now=now)))
             except OnionpostError as exc:
                 out.append(exc)
         return out

@@ -918,3 +918,15 @@ async def test_an_oversized_batch_is_refused_before_reading(world) -> None:
     data = await asyncio.wait_for(reader.read(65536), 5)
     writer.close()
     assert b" 413 " in data.split(b"\r\n", 1)[0]
+
+
+async def test_a_batch_larger_than_the_memory_spool_is_opened_from_disk(world) -> None:
+    """The batch's body spills to a temporary file past 256 KiB; each envelope is opened
+    from its place there, and arrives whole."""
+    node, bob, alice, dialer = world
+    bodies = [b"Subject: big %d\r\n\r\n" % i + bytes([65 + i]) * 150_000 for i in range(2)]
+    envelopes = [await _sealed(node, bob, alice, dialer, body=b) for b in bodies]
+    assert sum(map(len, envelopes)) > 256 * 1024
+    results = await _client(node, dialer).deliver_many(_framed(*envelopes), 2)
+    assert results is not None and all(isinstance(r, DeliveryReceipt) for r in results)
+    assert len(await _session(node, bob, dialer).pending()) == 2

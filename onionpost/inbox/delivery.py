@@ -119,8 +119,9 @@ class OutboxWorker:
             claimed = {row.id for row in rows}
             self._claimed |= claimed
             try:
+                units, sizes = self._units(rows)
                 outcomes = await asyncio.gather(
-                    *(self._attempt_unit(unit) for unit in self._units(rows)),
+                    *(self._attempt_unit(unit, sizes) for unit in units),
                     return_exceptions=True,
                 )
             finally:
@@ -138,39 +139,41 @@ class OutboxWorker:
         for row_id in self.outbox.committed():
             self._notify(row_id)
 
-    def _units(self, rows: list[OutboxRow]) -> list[list[OutboxRow]]:
-        """The pass's rows in the groups that go out together: up to
-        :data:`BATCH_DELIVERIES` rows for one peer inbox share a request; rows for this
-        node's own inbox, or for an inbox that does not take several at once, go alone."""
+    def _units(self, rows: list[OutboxRow]) -> tuple[list[list[OutboxRow]], dict[int, int]]:
+        """The pass's rows in the groups that go out together, and the sizes of the
+        envelopes that may share a request: up to :data:`BATCH_DELIVERIES` rows of at most
+        :data:`BATCHED_ENVELOPE_MAX` for one peer inbox share a request; a larger envelope, a
+        row for this node's own inbox or for an inbox that does not take several at once goes
+        alone (as many at once as the delivery slots allow)."""
+        peers = [
+            r for r in rows if r.onion != self._own_onion and r.onion not in self._one_at_a_time
+        ]
+        sizes = self.outbox.envelope_sizes([r.id for r in peers])
         units: list[list[OutboxRow]] = []
         by_onion: dict[str, list[OutboxRow]] = {}
         for row in rows:
-            if row.onion == self._own_onion or row.onion in self._one_at_a_time:
-                units.append([row])
-            else:
+            if 0 < sizes.get(row.id, 0) <= BATCHED_ENVELOPE_MAX:
                 by_onion.setdefault(row.onion, []).append(row)
+            else:
+                units.append([row])
         for group in by_onion.values():
             units += [
                 group[i : i + BATCH_DELIVERIES] for i in range(0, len(group), BATCH_DELIVERIES)
             ]
-        return units
+        return units, sizes
 
-    async def _attempt_unit(self, rows: list[OutboxRow]) -> list[int]:
+    async def _attempt_unit(self, rows: list[OutboxRow], sizes: dict[int, int]) -> list[int]:
         """Try a group of rows (see :meth:`_units`); the ids of the delivered ones (the
         caller marks them); every other row's outcome is recorded here."""
-        if len(rows) == 1:
-            one = await self._attempt(rows[0])
-            return [] if one is None else [one]
-        async with self._slots:
-            live = [row for row in rows if not self._expired(row)]
-            sizes = self.outbox.envelope_sizes([row.id for row in live])
-            batched = [r for r in live if 0 < sizes.get(r.id, 0) <= BATCHED_ENVELOPE_MAX]
-            delivered = await self._deliver_batch(batched, sizes) if len(batched) > 1 else None
-        if delivered is None:  # each on its own
-            delivered, alone = [], live
-        else:
-            alone = [r for r in live if r not in batched]
-        for row in alone:
+        if len(rows) > 1:
+            async with self._slots:
+                live = [row for row in rows if not self._expired(row)]
+                batch = await self._deliver_batch(live, sizes) if len(live) > 1 else None
+            if batch is not None:
+                return batch
+            rows = live  # each on its own after all
+        delivered: list[int] = []
+        for row in rows:
             one = await self._attempt(row)
             if one is not None:
                 delivered.append(one)

@@ -692,3 +692,31 @@ async def test_a_batch_that_fails_leaves_the_one_fetched_ahead_for_the_next_sync
     )
     assert pending_at_b(world) == 0
     assert await world.bob.device.sync() == 0
+
+
+async def test_large_envelopes_for_one_inbox_still_go_several_at_once(
+    world: World, monkeypatch
+) -> None:
+    """Envelopes too large to share a request each take a delivery slot of their own, as
+    before batching: the first one's request waits until the second's has started."""
+    await first_contact(world)
+    submit(world, "large one", BATCHED_ENVELOPE_MAX + 10_000)
+    submit(world, "large two", BATCHED_ENVELOPE_MAX + 10_000)
+    await world.alice.submissions.process_due()
+    single = InboxClient.deliver
+    second_started = asyncio.Event()
+    started = 0
+
+    async def deliver(client: InboxClient, envelope: Any) -> Any:
+        nonlocal started
+        started += 1
+        if started == 1:
+            await asyncio.wait_for(second_started.wait(), 60)
+        else:
+            second_started.set()
+        return await single(client, envelope)
+
+    monkeypatch.setattr(InboxClient, "deliver", deliver)
+    assert await world.a.worker.run_due() == 2
+    assert await world.bob.device.sync() == 2
+    assert subjects(world.bob) == ["first 0", "large one", "large two"]

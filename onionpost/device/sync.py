@@ -222,11 +222,10 @@ class Receiver:
                     ahead = None
                     if i + 1 < len(batches):
                         ahead = asyncio.ensure_future(self._open(batches[i + 1], inline))
-                    with contextlib.ExitStack() as bodies:
-                        for _, result in opened:
-                            if isinstance(result, _Decrypted):
-                                bodies.enter_context(result.body)
+                    try:
                         done, left = await self._take(opened)
+                    finally:
+                        _close_opened(opened)
                     if done:
                         await self.session.acknowledge(done)
                     taken += len(done)

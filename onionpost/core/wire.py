@@ -308,3 +308,86 @@ def parse_delivery_frames(heads: Callable[[int], bytes], length: int) -> list[tu
     if not frames:
         raise MalformedData("The request holds no envelope.")
     return frames
+
+
+# -- POST /v1/device/submissions (§17.3) -----------------------------------------------------
+
+#: A hand-over's head (one JSON object per envelope) is at most this large.
+MAX_HAND_OVERS_HEAD = 64 << 10
+#: The whole body: the head's length, the head, and at most MAX_DELIVERIES_BYTES of frames.
+MAX_HAND_OVERS_BYTES = 4 + MAX_HAND_OVERS_HEAD + MAX_DELIVERIES_BYTES
+
+
+@dataclass(frozen=True)
+class HandOverFields:
+    """What ``POST /v1/device/submit`` carries in its query for one envelope; in a
+    ``POST /v1/device/submissions`` body, one object of the head."""
+
+    destination: str
+    msg_id: bytes
+    expires_at: int
+    ref: str
+    key: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "destination": self.destination,
+            "msg_id": self.msg_id.hex(),
+            "expires_at": self.expires_at,
+            "ref": self.ref,
+            "key": self.key,
+        }
+
+    @classmethod
+    def from_json(cls, data: object) -> HandOverFields:
+        if not isinstance(data, dict):
+            raise MalformedData("Each hand-over's fields must be a JSON object.")
+        strings = [data.get(name, "") for name in ("destination", "ref", "key")]
+        if not all(isinstance(s, str) and len(s) <= 1000 for s in strings):
+            raise MalformedData("'destination', 'ref' and 'key' must be short strings.")
+        destination, ref, key = strings
+        return cls(
+            destination=destination,
+            msg_id=hex_field(data, "msg_id"),
+            expires_at=int_field(data, "expires_at"),
+            ref=ref,
+            key=key,
+        )
+
+
+def hand_overs_head(fields: list[HandOverFields]) -> bytes:
+    """What precedes the envelopes (each after :func:`delivery_frame_head`) in a
+    ``POST /v1/device/submissions`` body: the length of the head, a u32, then the head, a
+    JSON list with each envelope's fields in the envelopes' order."""
+    head = json.dumps([f.to_json() for f in fields], separators=(",", ":")).encode()
+    return Writer().u32(len(head)).getvalue() + head
+
+
+def parse_hand_overs(
+    read: Callable[[int, int], bytes], length: int
+) -> list[tuple[HandOverFields, int, int]]:
+    """Each envelope of a ``POST /v1/device/submissions`` body of ``length`` bytes (``read(at,
+    n)`` reads it) with its fields, offset and size.  The head must name as many envelopes
+    as follow it, framed as ``POST /v1/deliveries`` frames them; anything else is
+    :class:`MalformedData` for the whole request (none of it is queued)."""
+    if length < 4:
+        raise MalformedData("The hand-overs end inside the head's length.")
+    r = Reader(read(0, 4), "hand-overs")
+    size = r.u32("head length")
+    r.end()
+    if size > MAX_HAND_OVERS_HEAD or 4 + size > length:
+        raise MalformedData("The hand-overs' head is too long or runs past the end.")
+    try:
+        items = json.loads(read(4, size))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise MalformedData("The hand-overs' head is not JSON.") from exc
+    if not isinstance(items, list) or not 1 <= len(items) <= MAX_DELIVERIES:
+        raise MalformedData(f"The hand-overs' head must list 1 to {MAX_DELIVERIES} envelopes.")
+    fields = [HandOverFields.from_json(item) for item in items]
+    start = 4 + size
+    frames = parse_delivery_frames(lambda at: read(start + at, DELIVERY_FRAME_HEAD), length - start)
+    if len(frames) != len(fields):
+        raise MalformedData(
+            f"The hand-overs' head names {len(fields)} envelopes; {len(frames)} follow it."
+        )
+    return [(f, start + at, n) for f, (at, n) in zip(fields, frames, strict=True)]

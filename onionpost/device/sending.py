@@ -50,7 +50,9 @@ from onionpost.core.crypto.envelope import (
 from onionpost.core.crypto.primitives import RandomSource, hash32, system_random
 from onionpost.core.crypto.sender import EXT_SENDER_KEYS
 from onionpost.core.errors import DeliveryError, OnionpostError, TemporaryDeliveryError
+from onionpost.core.wire import HandOverFields
 from onionpost.device.directory import Directory
+from onionpost.device.handovers import HandOvers
 from onionpost.net.client import DeviceSession
 from onionpost.store.contacts import ContactStore
 from onionpost.store.introductions import IntroductionStore
@@ -188,6 +190,8 @@ class Sender:
         (:func:`onionpost.base.aio.crypto_pool`)."""
         self.account = account
         self.session = session
+        #: Envelopes sealed together go to the inbox in one request.
+        self.hand_overs = HandOvers(session)
         self.directory = directory
         self.contacts = contacts
         self.lifetime = lifetime
@@ -406,13 +410,15 @@ class Sender:
                 self._crypto_pool,
             )
             l1.seek(0)
-            return await self.session.submit(
-                destination=str(address),
-                envelope=(l1, length),
-                msg_id=inner.msg_id,
-                expires_at=inner.expires_at,
-                ref=ref,
-                key=key,
+            return await self.hand_overs.submit(
+                HandOverFields(
+                    destination=str(address),
+                    msg_id=inner.msg_id,
+                    expires_at=inner.expires_at,
+                    ref=ref,
+                    key=key,
+                ),
+                (l1, length),
             )
 
     async def _token_grants(

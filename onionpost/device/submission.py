@@ -15,6 +15,7 @@ lifetime runs out, whether the problem was here (no keys) or at the outbox (unde
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -53,11 +54,15 @@ from onionpost.store.submissions import PendingRecipient, SubmissionStore
 log = logging.getLogger(__name__)
 
 #: Submissions of a page sealed and handed over at a time while no SMTP client is being
-#: served.  Their hand-overs overlap, so the inbox stores them with one commit (the node
-#: API's group commit) instead of an fsync each, and a device away from its inbox waits one
-#: round trip over tor for several of them.  While clients are being served they go one at a
-#: time (see ``Submissions._in_turn``).
-HAND_OVERS_AT_ONCE = 4
+#: served.  Their envelopes go to the inbox together, in one request
+#: (:mod:`onionpost.device.handovers`) and one commit there, so a device away from its inbox
+#: waits one round trip over tor for up to 16 of them.  While clients are being served they
+#: go one at a time (see ``Submissions._in_turn``).
+HAND_OVERS_AT_ONCE = 16
+#: Of those, at most this many messages larger than LARGE_MESSAGE: each is read into memory
+#: to be sealed (four 50 MiB messages is already 200 MiB on a Pi).
+LARGE_AT_ONCE = 4
+LARGE_MESSAGE = 256 << 10
 NOTIFIED_DELAY = 1
 NOTIFIED_FINAL = 2
 
@@ -162,6 +167,14 @@ class _Pending:
     message: bytes
     own_address: Address
     now: int
+
+
+@dataclass(frozen=True)
+class _Slots:
+    """A sealing pass's bounds: submissions in flight, and large ones among them."""
+
+    any: asyncio.Semaphore
+    large: asyncio.Semaphore
 
 
 class Submissions:
@@ -306,7 +319,7 @@ class Submissions:
             # first, and a crash before it only seals the message again, which the inbox
             # answers with the row it already queued (the same submission key).
             queued: list[tuple[int, str, int]] = []
-            slots = asyncio.Semaphore(HAND_OVERS_AT_ONCE)
+            slots = _Slots(asyncio.Semaphore(HAND_OVERS_AT_ONCE), asyncio.Semaphore(LARGE_AT_ONCE))
             try:
                 outcomes = await asyncio.gather(
                     *(self._in_turn(slots, sid, recips, queued) for sid, recips in due.items()),
@@ -325,12 +338,13 @@ class Submissions:
 
     async def _in_turn(
         self,
-        slots: asyncio.Semaphore,
+        slots: _Slots,
         sid: int,
         recips: list[PendingRecipient],
         queued: list[tuple[int, str, int]],
     ) -> None:
-        async with slots:
+        large = self.store.message_size(sid) > LARGE_MESSAGE
+        async with slots.any, slots.large if large else contextlib.nullcontext():
             await foreground.yield_to()  # SMTP clients waiting on a 250 go first
             if not foreground.busy_lately():
                 await self._process(sid, recips, queued)

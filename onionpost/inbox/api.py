@@ -15,6 +15,7 @@ Routes (all under ``/v1``)::
     GET  /device/messages           several spooled L2s in one answer (?ids=1,2,...)
     POST /device/ack                drop this device's copies
     POST /device/submit             queue an L1 for delivery by this inbox
+    POST /device/submissions        queue several, one answer each
     POST /device/keys               publish rotated keys, device lists, prekeys, bindings
     POST /device/tokens             register (or withdraw) a contact token
     GET  /device/policy             whether strangers may write (with a stamp)
@@ -77,12 +78,14 @@ from onionpost.core.wire import (
     DELIVERY_FRAME_HEAD,
     MAX_DELIVERIES_BYTES,
     MAX_FETCH_IDS,
+    MAX_HAND_OVERS_BYTES,
     MESSAGE_FRAME_HEAD,
     KeyUpdate,
     first_that_fit,
     hex_field,
     message_frame_head,
     parse_delivery_frames,
+    parse_hand_overs,
     parse_request_json,
     pending_list_head,
     refusal,
@@ -173,6 +176,22 @@ async def _framed(
     return response
 
 
+class _Window:
+    """One envelope of a spooled request body, read from its own place: the hand-overs of
+    one request share the file, and each is copied into its row in turn (the group commit
+    stores a batch's items one after another)."""
+
+    def __init__(self, body: IO[bytes], at: int) -> None:
+        self._body = body
+        self._at = at
+
+    def read(self, n: int = -1) -> bytes:
+        self._body.seek(self._at)
+        piece = self._body.read(n)
+        self._at += len(piece)
+        return piece
+
+
 def _error(exc: OnionpostError) -> web.Response:
     status, body = refusal(exc)
     return _json(status, body)
@@ -187,15 +206,18 @@ def _accepted(result: DeliveryResult) -> dict[str, Any]:
     }
 
 
-def _one_result(result: DeliveryResult | BaseException) -> dict[str, Any]:
-    """One envelope's entry in a ``POST /v1/deliveries`` answer: what ``deliver`` would
-    have answered for it alone, a refusal with the HTTP status it would have had."""
+def _one_result(result: DeliveryResult | int | BaseException) -> dict[str, Any]:
+    """One envelope's entry in a ``POST /v1/deliveries`` or ``/v1/device/submissions``
+    answer: what ``deliver`` or ``submit`` would have answered for it alone (``accepted``,
+    ``queued``), a refusal with the HTTP status it would have had."""
     if isinstance(result, DeliveryResult):
         return _accepted(result)
+    if isinstance(result, int):
+        return {"status": "queued", "id": result}
     if not isinstance(result, OnionpostError):
         if not isinstance(result, Exception):  # a cancellation: the whole request goes
             raise result
-        log.error("unexpected error storing one of several deliveries", exc_info=result)
+        log.error("unexpected error storing one of several envelopes", exc_info=result)
         result = TemporaryDeliveryError("The inbox hit an internal error.", code="4.3.0")
     status, body = refusal(result)
     return {**body, "http": status}
@@ -470,6 +492,7 @@ class InboxServer:
         r.add_get("/v1/device/messages", self.messages)
         r.add_post("/v1/device/ack", self.ack)
         r.add_post("/v1/device/submit", self.submit)
+        r.add_post("/v1/device/submissions", self.submissions)
         r.add_post("/v1/device/keys", self.keys)
         r.add_post("/v1/device/tokens", self.tokens)
         r.add_get("/v1/device/policy", self.get_policy)
@@ -858,6 +881,42 @@ class InboxServer:
         if self._on_submitted is not None:
             self._on_submitted()
         return _json(200, {"status": "queued", "id": row_id})
+
+    async def submissions(self, request: web.Request) -> web.Response:
+        """Several hand-overs in one request, each judged as ``submit`` judges one: its own
+        answer in the list, in order.  The queued ones share one COMMIT, before the answer.
+        A device away from its inbox (a laptop, over tor) pays a round trip per request."""
+        s = self._session(request)
+        body, length = await self._body_to_file(request, MAX_HAND_OVERS_BYTES)
+        with body:
+
+            def read(at: int, n: int) -> bytes:
+                body.seek(at)
+                return body.read(n)
+
+            items = parse_hand_overs(read, length)
+            now = self._now()
+            results = await asyncio.gather(
+                *(
+                    self._hand_overs.run(
+                        HandOver(
+                            s,
+                            destination=f.destination,
+                            sealed=(_Window(body, at), size),
+                            msg_id=f.msg_id,
+                            expires_at=f.expires_at,
+                            message_ref=f.ref,
+                            submission_key=f.key or f.msg_id.hex(),
+                            now=now,
+                        )
+                    )
+                    for f, at, size in items
+                ),
+                return_exceptions=True,
+            )
+        if self._on_submitted is not None and any(isinstance(r, int) for r in results):
+            self._on_submitted()
+        return _json(200, {"status": "done", "results": [_one_result(r) for r in results]})
 
     async def keys(self, request: web.Request) -> web.Response:
         s = self._session(request)

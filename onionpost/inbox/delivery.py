@@ -47,6 +47,9 @@ BATCH = 64
 #: go alone, streamed): at most 4 MiB of body, half the protocol's limit.
 BATCH_DELIVERIES = 16
 BATCHED_ENVELOPE_MAX = 256 << 10
+#: How long (seconds) a peer inbox that does not serve ``POST /v1/deliveries`` gets one
+#: request per envelope before it is asked again.
+ASK_AGAIN_AFTER = 3600
 
 
 class OutboxWorker:
@@ -83,9 +86,10 @@ class OutboxWorker:
         #: not as a lease in the database (a commit per pass): only this worker delivers,
         #: and a restart forgets every claim anyway (``release_leases``).
         self._claimed: set[int] = set()
-        #: Peer inboxes that answered ``POST /v1/deliveries`` with 404 (older ones): until
-        #: this node restarts, their rows go one request each.
-        self._one_at_a_time: set[str] = set()
+        #: Peer inboxes that answered ``POST /v1/deliveries`` with 404 (older ones), and
+        #: until when their rows go one request each: an hour, then they are asked again
+        #: (an upgraded one takes batches from then on).
+        self._one_at_a_time: dict[str, int] = {}
 
     async def run_due(self) -> int:
         """Deliver everything due now; returns the number of rows attempted."""
@@ -145,8 +149,11 @@ class OutboxWorker:
         :data:`BATCHED_ENVELOPE_MAX` for one peer inbox share a request; a larger envelope, a
         row for this node's own inbox or for an inbox that does not take several at once goes
         alone (as many at once as the delivery slots allow)."""
+        now = self.clock.now()
         peers = [
-            r for r in rows if r.onion != self._own_onion and r.onion not in self._one_at_a_time
+            r
+            for r in rows
+            if r.onion != self._own_onion and self._one_at_a_time.get(r.onion, 0) <= now
         ]
         sizes = self.outbox.envelope_sizes([r.id for r in peers])
         units: list[list[OutboxRow]] = []
@@ -210,7 +217,9 @@ class OutboxWorker:
                 return []
         if results is None:
             log.info("%s takes one delivery at a time", onion)
-            self._one_at_a_time.add(onion)
+            now = self.clock.now()
+            self._one_at_a_time = {o: t for o, t in self._one_at_a_time.items() if t > now}
+            self._one_at_a_time[onion] = now + ASK_AGAIN_AFTER
             return None
         delivered: list[int] = []
         for row, result in zip(rows, results, strict=True):

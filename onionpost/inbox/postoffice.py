@@ -113,7 +113,7 @@ class HandOver:
 
     session: Session
     destination: str
-    sealed: bytes | tuple[IO[bytes], int]
+    sealed: bytes | tuple[envelope.Readable, int]
     msg_id: bytes
     expires_at: int
     message_ref: str

@@ -45,9 +45,12 @@ from onionpost.core.errors import (
 from onionpost.core.wire import (
     MESSAGE_FRAME_HEAD,
     PENDING_LIST_HEAD,
+    HandOverFields,
     KeyUpdate,
+    delivery_frame_head,
     error_from_body,
     error_from_fields,
+    hand_overs_head,
     parse_json,
     parse_message_frame_head,
     parse_pending_list_head,
@@ -832,6 +835,47 @@ class DeviceSession:
         if not isinstance(row, int):
             raise PeerProtocolError("The inbox's answer to a submission is not understood.")
         return row
+
+    async def submit_many(
+        self, items: list[tuple[HandOverFields, bytes]]
+    ) -> list[int | OnionpostError] | None:
+        """Hand several envelopes over in one request (``POST /v1/device/submissions``):
+        each one's queued row, or the error that refused it, in order.  None if the inbox
+        does not serve the route (an older one: hand them over one at a time).  A refusal
+        of the whole request is raised, as :meth:`submit` raises one."""
+        body = b"".join(
+            [
+                hand_overs_head([f for f, _ in items]),
+                *(part for _, e in items for part in (delivery_frame_head(len(e)), e)),
+            ]
+        )
+        r = await self._authorized(
+            "POST",
+            "/v1/device/submissions",
+            again=True,
+            body=body,
+            headers=(("Content-Type", "application/octet-stream"),),
+            reuse=True,  # the inbox answers a repeated key with the row it queued
+        )
+        if r.status == 404 and not isinstance(refusal(r), UnknownMailbox):
+            return None  # the route is unknown there
+        results = self.client.check_json(r).get("results")
+        bad = "The inbox's answer to several hand-overs is not understood."
+        if not isinstance(results, list) or len(results) != len(items):
+            raise PeerProtocolError(bad)
+        out: list[int | OnionpostError] = []
+        for item in results:
+            if not isinstance(item, dict):
+                raise PeerProtocolError(bad)
+            if item.get("status") == "queued":
+                row = item.get("id")
+                if not isinstance(row, int) or isinstance(row, bool):
+                    raise PeerProtocolError(bad)
+                out.append(row)
+            else:
+                http = item.get("http")
+                out.append(error_from_fields(http if isinstance(http, int) else 400, item))
+        return out
 
     async def publish(self, update: KeyUpdate) -> ServerBinding | None:
         """Publish keys; returns the inbox's countersigned binding if one was published."""

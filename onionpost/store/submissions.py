@@ -94,6 +94,16 @@ class SubmissionStore:
             or 0
         )
 
+    def message_size(self, submission_id: int) -> int:
+        """The stored message's length, from its blob handle (no page of it read)."""
+        try:
+            with self.db.conn.blobopen(
+                "submission_bodies", "message", submission_id, readonly=True
+            ) as blob:
+                return len(blob)
+        except sqlite3.OperationalError:  # no such row
+            return 0
+
     def message(self, submission_id: int) -> bytes:
         """The stored message, read through a blob handle straight into one bytes object."""
         try:

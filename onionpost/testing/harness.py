@@ -337,3 +337,14 @@ class Loopback:
             await node.stop()
         for node in self.inbox_nodes:
             node.close()
+
+
+class AliceAndBob(Loopback):
+    """The world most end-to-end tests need: alice on inbox A, bob on inbox B."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.a = self.add_inbox("inbox-a")
+        self.b = self.add_inbox("inbox-b")
+        self.alice = self.add_person(self.a, "alice")
+        self.bob = self.add_person(self.b, "bob")

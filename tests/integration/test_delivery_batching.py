@@ -31,13 +31,13 @@ from onionpost.device.filing import FILING_HEADER, Filer
 from onionpost.device.submission import HAND_OVERS_AT_ONCE
 from onionpost.device.sync import BATCH_MESSAGES, _batches
 from onionpost.inbox import api
-from onionpost.inbox.delivery import BATCH_DELIVERIES, BATCHED_ENVELOPE_MAX
+from onionpost.inbox.delivery import ASK_AGAIN_AFTER, BATCH_DELIVERIES, BATCHED_ENVELOPE_MAX
 from onionpost.net.client import InboxClient
 from onionpost.store import DEVICE_COMPONENTS
 from onionpost.store.db import Database
 from onionpost.store.filing import HANDED, FilingStore
 from onionpost.store.outbox import OutboxRow
-from onionpost.testing.harness import DeviceNode, Loopback, compose
+from onionpost.testing.harness import AliceAndBob, DeviceNode, compose
 from onionpost.testing.harness import subjects as filed_subjects
 from onionpost.testing.mailstore import MemorySink
 
@@ -83,14 +83,7 @@ class CommitModes:
         return self.modes
 
 
-class World(Loopback):
-    def __init__(self, root: Path) -> None:
-        super().__init__(root)
-        self.a = self.add_inbox("inbox-a")
-        self.b = self.add_inbox("inbox-b")
-        self.alice = self.add_person(self.a, "alice")
-        self.bob = self.add_person(self.b, "bob")
-
+class World(AliceAndBob):
     async def hand_over(self, n: int, prefix: str = "mail") -> None:
         for i in range(n):
             self.alice.submissions.submit(
@@ -291,7 +284,7 @@ async def test_a_delivery_into_the_own_inbox_skips_its_fsync_and_a_peers_does_no
     assert await world.bob.device.sync() == 1
 
 
-async def test_a_page_is_handed_over_four_at_a_time_unless_smtp_clients_are_served(
+async def test_a_page_is_handed_over_several_at_a_time_unless_smtp_clients_are_served(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The sealing job seals and hands over up to HAND_OVERS_AT_ONCE submissions at a time,
@@ -609,7 +602,7 @@ async def test_an_inbox_that_takes_one_at_a_time_gets_one_at_a_time(
     world: World, monkeypatch
 ) -> None:
     """An older inbox answers 404 to ``POST /v1/deliveries``: the batch goes one request
-    per envelope, and A sends that inbox no more batches."""
+    per envelope, and A sends that inbox no more batches for an hour; then it asks again."""
     await first_contact(world)
 
     async def no_route(server: api.InboxServer, request: web.Request) -> web.Response:
@@ -627,6 +620,16 @@ async def test_an_inbox_that_takes_one_at_a_time_gets_one_at_a_time(
     assert requests.batches == [4] and requests.deliver == 7
     assert await world.bob.device.sync() == 7
     assert len(subjects(world.bob)) == 8
+    # an hour on, B (upgraded meanwhile) is asked again, and takes the batch
+    monkeypatch.undo()
+    await world.b.stop()
+    await world.b.start(worker=False)
+    requests = Requests(monkeypatch)
+    world.clock.advance(ASK_AGAIN_AFTER)
+    await world.hand_over(3, "upgraded")
+    assert await world.a.worker.run_due() == 3
+    assert requests.batches == [3] and requests.deliver == 0
+    assert await world.bob.device.sync() == 3
 
 
 # -- a backlog: the next batch is fetched while one is filed -----------------------------------

@@ -15,16 +15,11 @@ import pytest
 
 from onionpost.core.crypto import envelope
 from onionpost.device.sending import SEAL_IN_POOL_FROM
-from onionpost.testing.harness import DeviceNode, Loopback, compose
+from onionpost.testing.harness import AliceAndBob, DeviceNode, compose
 
 
-class World(Loopback):
-    def __init__(self, root: Path) -> None:
-        super().__init__(root)
-        self.a = self.add_inbox("inbox-a")
-        self.b = self.add_inbox("inbox-b")
-        self.alice = self.add_person(self.a, "alice")
-        self.bob = self.add_person(self.b, "bob")
+class World(AliceAndBob):
+    pass
 
 
 def large(sender: DeviceNode, to: DeviceNode, size: int) -> bytes:

@@ -31,7 +31,7 @@ from onionpost.core.crypto.keys import Profile
 from onionpost.core.errors import OnionpostError
 from onionpost.core.wire import KeyUpdate
 from onionpost.net.transport import DirectDialer
-from onionpost.testing.harness import DeviceNode, InboxNode, Loopback
+from onionpost.testing.harness import AliceAndBob, DeviceNode, InboxNode
 
 from .test_enrolment import (
     acli,
@@ -77,14 +77,7 @@ def froms(d: DeviceNode) -> list[tuple[str, str | None]]:
     return out
 
 
-class World(Loopback):
-    def __init__(self, root: Path) -> None:
-        super().__init__(root)
-        self.a = self.add_inbox("inbox-a")
-        self.b = self.add_inbox("inbox-b")
-        self.alice = self.add_person(self.a, "alice")
-        self.bob = self.add_person(self.b, "bob")
-
+class World(AliceAndBob):
     async def send(
         self, sender: DeviceNode, to: DeviceNode, subject: str, display: str = ""
     ) -> None:

@@ -14,21 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from onionpost.testing.harness import Loopback, compose, subjects
+from onionpost.testing.harness import AliceAndBob, compose, subjects
 
 MINUTE = 60
 HOUR = 3600
 DAY = 86400
 
 
-class World(Loopback):
-    def __init__(self, root: Path) -> None:
-        super().__init__(root)
-        self.a = self.add_inbox("inbox-a")
-        self.b = self.add_inbox("inbox-b")
-        self.alice = self.add_person(self.a, "alice")
-        self.bob = self.add_person(self.b, "bob")
-
+class World(AliceAndBob):
     async def send(self, subject: str) -> None:
         self.alice.submissions.submit(
             "alice", [self.bob.address], compose(self.alice, self.bob, subject)

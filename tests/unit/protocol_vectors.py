@@ -726,6 +726,7 @@ def batch_fetch_vectors() -> dict[str, str]:
         ),
         "device-pending-mail": pending_mail_vector(one, two),
         "deliveries": deliveries_vector(),
+        "device-submissions": device_submissions_vector(),
     }
 
 
@@ -745,6 +746,44 @@ def deliveries_vector() -> str:
         [
             ("frame head of one", delivery_frame_head(len(one))),
             ("frame head of two", delivery_frame_head(len(two))),
+            ("request body", body),
+        ],
+    )
+
+
+def device_submissions_vector() -> str:
+    """The body of ``POST /v1/device/submissions`` (§17.3) with two envelopes for two
+    inboxes (stand-ins: framing does not look inside them)."""
+    from onionpost.core.wire import (
+        HandOverFields,
+        delivery_frame_head,
+        hand_overs_head,
+        parse_hand_overs,
+    )
+
+    one, two = b"L1 envelope one", b"L1 envelope two!"
+    fields = [
+        HandOverFields(
+            destination=f"{name}@{'a' * 55}d.onion",
+            msg_id=bytes([n]) * 16,
+            expires_at=1767830400,
+            ref=f"<{n}@example>",
+            key=f"s{n}:{name}",
+        )
+        for n, name in ((1, "bob"), (2, "carol"))
+    ]
+    head = hand_overs_head(fields)
+    body = head + delivery_frame_head(len(one)) + one + delivery_frame_head(len(two)) + two
+    parsed = parse_hand_overs(lambda at, n: body[at : at + n], len(body))
+    assert parsed == [
+        (fields[0], len(head) + 4, len(one)),
+        (fields[1], len(head) + 4 + len(one) + 4, len(two)),
+    ]
+    return _kv(
+        "POST /v1/device/submissions: b'L1 envelope one' for bob, b'L1 envelope two!' for carol",
+        [
+            ("head length", head[:4]),
+            ("head (JSON)", head[4:].decode()),
             ("request body", body),
         ],
     )

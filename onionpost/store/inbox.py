@@ -402,7 +402,11 @@ class InboxStore:
         be exceeded, so a full mailbox refuses only when live mail fills it.
         """
         digest = self.db.record_hash(digest)
-        if quota.refusal(used=self.usage(mailbox_id), size=size, quota=quota_bytes):
+        # usage() <= _used(): the precise figure (a query over the acknowledged envelopes
+        # still to delete) is needed only when the stored one says the mail would not fit.
+        if quota.refusal(
+            used=self._used(mailbox_id), size=size, quota=quota_bytes
+        ) and quota.refusal(used=self.usage(mailbox_id), size=size, quota=quota_bytes):
             self.prune(now)
         with self.db.transaction() as c:
             seen = c.execute(

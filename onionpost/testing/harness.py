@@ -13,6 +13,7 @@ each inbox's onion label to its loopback port.
 from __future__ import annotations
 
 import random
+import threading
 import time
 from email import message_from_bytes
 from email.message import EmailMessage
@@ -158,9 +159,13 @@ class DeviceNode:
         dialer: DirectDialer,
         *,
         connections: ConnectionPool | None = None,
+        group_commit: bool = False,
     ) -> None:
         """``connections``: the node's kept-alive ones (to its own inbox and to peers), as
-        :class:`~onionpost.app.node.Node` gives its devices; None: a connection per request."""
+        :class:`~onionpost.app.node.Node` gives its devices; None: a connection per request.
+        ``group_commit``: submissions (``submit_async``) are committed as a node commits
+        its SMTP clients' (in a thread of their own, on a second connection, sharing
+        commits); without it they are committed on the loop, one at a time."""
         from onionpost.device.filing import Filer
         from onionpost.device.session import Device
         from onionpost.device.submission import Submissions
@@ -175,7 +180,13 @@ class DeviceNode:
             account = self.files.load(self.files.users()[0])
         else:
             self.files.save(account)
-        self.db = Database(self.dir / "device.db", DEVICE_COMPONENTS)
+        lock = threading.Lock() if group_commit else None
+        self.db = Database(self.dir / "device.db", DEVICE_COMPONENTS, write_lock=lock)
+        self.commit_db = (
+            Database(self.dir / "device.db", DEVICE_COMPONENTS, write_lock=lock)
+            if group_commit
+            else None
+        )
         self.sink = MemorySink()
         self.filer = Filer(FilingStore(self.db, self.dir / "filing"), clock=clock, sink=self.sink)
         self.contacts = ContactStore(self.db, account.local)
@@ -198,6 +209,7 @@ class DeviceNode:
             unit_random=random.Random(2).random,
             max_message_bytes=self.config.gateway.max_message_bytes,
             on_queued=lambda: self.scheduler.wake("seal"),
+            commit_db=self.commit_db,
         )
         self.closed = False
         self.scheduler = Scheduler(clock)
@@ -236,8 +248,11 @@ class DeviceNode:
             return
         self.closed = True
         await self.scheduler.stop()
+        await self.submissions.close()
         await self.device.stop()
         self.db.close()
+        if self.commit_db is not None:
+            self.commit_db.close()
 
 
 def compose(sender: DeviceNode, to: DeviceNode, subject: str, *, unique: bool = False) -> bytes:

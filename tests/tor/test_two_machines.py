@@ -42,6 +42,7 @@ PLAIN = (
     "while L was away",
     "to both",
     "sent from L",
+    "burst 0",
 )
 
 
@@ -126,14 +127,17 @@ class Machine:
         path = self.home / "node.log"
         return path.read_text(errors="replace")[-3000:] if path.exists() else ""
 
-    def send(self, to: str, subject: str) -> None:
-        m = EmailMessage()
-        m["From"], m["To"], m["Subject"] = self.address, to, subject
-        m["Message-ID"] = f"<{subject.replace(' ', '.')}.{time.time()}@two-machines.test>"
-        m.set_content(f"{subject} (through tor)")
+    def send(self, to: str, *subjects: str) -> None:
+        """One message per subject, in one SMTP session."""
+        address = self.address
         with smtplib.SMTP("127.0.0.1", self.smtp, timeout=60) as s:
             s.login(self.user, self.password)
-            s.send_message(m)
+            for subject in subjects:
+                m = EmailMessage()
+                m["From"], m["To"], m["Subject"] = address, to, subject
+                m["Message-ID"] = f"<{subject.replace(' ', '.')}.{time.time()}@two-machines.test>"
+                m.set_content(f"{subject} (through tor)")
+                s.send_message(m)
 
     def subjects(self, folder: str = "INBOX") -> list[str]:
         with imaplib.IMAP4("127.0.0.1", self.imap, timeout=60) as m:
@@ -276,6 +280,13 @@ def test_pi_and_laptop_then_a_second_device_over_tor(
     wait_for(lambda: "to both" in laptop.subjects(), "H -> L")
     laptop.send(harry.address, "sent from L")
     wait_for(lambda: "sent from L" in laptop2.subjects("Sent"), "L's Sent copy on L2")
+
+    # a burst from L: what L seals together goes to P in a few requests (POST
+    # /v1/device/submissions over tor); each message reaches harry once
+    burst = [f"burst {i}" for i in range(8)]
+    laptop.send(harry.address, *burst)
+    wait_for(lambda: set(burst) <= set(harry.subjects()), "a burst L -> H")
+    assert all(harry.subjects().count(b) == 1 for b in burst)
 
     # L2 revokes L: the inbox refuses L at once, harry's next mail reaches only L2
     l_id = next(

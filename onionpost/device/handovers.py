@@ -19,6 +19,7 @@ later (it may have been upgraded meanwhile).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -84,12 +85,11 @@ class HandOvers:
             del self._queue[:BATCH_HAND_OVERS]
             try:
                 outcomes = await self._send(batch) if batch else []
+            except Exception as exc:  # not a refusal (those are outcomes): each caller hears it
+                outcomes = [exc] * len(batch)
             except BaseException:
-                # The node stops (cancelled) or a bug: no one hears success they did not get.
-                for w in batch + self._queue:
-                    if not w.future.done():
-                        w.future.cancel()
-                self._queue = []
+                # The device stops (cancelled): no one hears success they did not get.
+                self._cancel_waiting(batch)
                 raise
             for w, outcome in zip(batch, outcomes, strict=True):
                 if w.future.done():
@@ -98,6 +98,21 @@ class HandOvers:
                     w.future.set_exception(outcome)
                 else:
                     w.future.set_result(outcome)
+
+    def _cancel_waiting(self, batch: list[_Waiting]) -> None:
+        for w in batch + self._queue:
+            if not w.future.done():
+                w.future.cancel()
+        self._queue = []
+
+    async def close(self) -> None:
+        """Stop handing over (the device stops): the callers still waiting are cancelled;
+        what the inbox already queued stays queued (a repeated key finds it again)."""
+        if self._runner is not None and not self._runner.done():
+            self._runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._runner
+        self._cancel_waiting([])
 
     async def _send(self, batch: list[_Waiting]) -> list[int | BaseException]:
         if len(batch) > 1:

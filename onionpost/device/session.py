@@ -244,6 +244,7 @@ class Device:
         if self._task is not None:
             await cancel_and_wait(self._task)
             self._task = None
+        await self.sender.hand_overs.close()
 
     def wake(self) -> None:
         """Try the inbox now if the sync loop is waiting out a failure (tor became ready)."""

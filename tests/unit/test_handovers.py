@@ -151,6 +151,43 @@ async def test_an_inbox_without_the_route_is_asked_again_an_hour_later() -> None
     assert s.requests == [["6", "7", "8"]]
 
 
+async def test_a_failure_that_is_no_refusal_reaches_each_caller_and_the_next_batch_goes() -> None:
+    h, s = batcher()
+    s.many = RuntimeError("a bug")
+    s.gate.clear()
+    lone = asyncio.create_task(h.submit(fields(1), envelope()))
+    await asyncio.sleep(0)
+    tasks = [asyncio.create_task(h.submit(fields(n), envelope())) for n in (2, 3)]
+    await asyncio.sleep(0)
+    s.gate.set()
+    done = await asyncio.gather(lone, *tasks, return_exceptions=True)
+    assert done[0] == 1 and all(isinstance(d, RuntimeError) for d in done[1:])
+    s.many = True
+    s.gate.clear()
+    lone = asyncio.create_task(h.submit(fields(4), envelope()))
+    await asyncio.sleep(0)
+    tasks = [asyncio.create_task(h.submit(fields(n), envelope())) for n in (5, 6)]
+    await asyncio.sleep(0)
+    s.gate.set()
+    assert await asyncio.gather(lone, *tasks) == [4, 5, 6]
+
+
+async def test_closing_cancels_the_callers_still_waiting() -> None:
+    h, s = batcher()
+    s.gate.clear()
+    lone = asyncio.create_task(h.submit(fields(1), envelope()))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    waiting = asyncio.create_task(h.submit(fields(2), envelope()))
+    await asyncio.sleep(0)
+    await h.close()
+    for task in (lone, waiting):
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    s.gate.set()
+    assert await h.submit(fields(3), envelope()) == 3  # a device started again hands over
+
+
 # -- the body of POST /v1/device/submissions --------------------------------------------------
 
 

@@ -193,10 +193,16 @@ def queue_retry(local: Local, item: str | None, user: str | None = None) -> int:
             now, sid, user=only.local if only else None
         )
     if item is None or item[:1].lower() == "o":
+        oid = _parse_id(item)[1] if item else None
         db = local.inbox_db()
         if db is not None:
-            oid = _parse_id(item)[1] if item else None
             n += OutboxStore(db).retry_now(now, oid, mailbox_id=only.mailbox_id if only else None)
+        if (local.config.data_dir / "device.db").exists():
+            # the senders' outcome checks ask about those rows at once, not at the attempt
+            # time they last learnt
+            SubmissionStore(local.device_db()).outbox_due_now(
+                now, oid, user=only.local if only else None
+            )
     if item is not None and n == 0:
         whose = f"{only.local}'s queue" if only else "the queue"
         raise UsageError(f"Nothing to retry for '{item}': it is not waiting in {whose}.")

@@ -65,6 +65,13 @@ LARGE_AT_ONCE = 4
 LARGE_MESSAGE = 256 << 10
 NOTIFIED_DELAY = 1
 NOTIFIED_FINAL = 2
+#: An outcome check asks the inbox about a handed-over row only once its next attempt (as
+#: the last check learnt it) is at most CHECK_AHEAD seconds away: the outbox changes a row
+#: when it attempts it.  Every FULL_CHECK_EVERY seconds (and first after a start) it asks
+#: about every row, for what changes a row between attempts from elsewhere (another of the
+#: user's devices retried or cancelled it).
+CHECK_AHEAD = 60
+FULL_CHECK_EVERY = 900
 
 
 def header_block(message: bytes) -> bytes:
@@ -207,6 +214,8 @@ class Submissions:
         self.store = SubmissionStore(db)
         self._on_queued = on_queued
         self._one_at_a_time = asyncio.Lock()  # the sealing job's, while SMTP clients are served
+        #: When each user's last outcome check asked about every row (see FULL_CHECK_EVERY).
+        self._full_checks: dict[str, int] = {}
         self.db = db
         self.filer = filer
         self.devices = devices
@@ -433,8 +442,20 @@ class Submissions:
     # -- outcomes and notices -------------------------------------------------------------
 
     async def check_outbox(self, device: Device) -> None:
-        """Learn what the inbox's outbox did with our mail; notify the user of trouble."""
-        mine = self.store.handed_over(device.account.local)
+        """Learn what the inbox's outbox did with our mail; notify the user of trouble.
+
+        Only the rows that may have changed are asked about (their next attempt has come,
+        CHECK_AHEAD), and all of them every FULL_CHECK_EVERY: a recipient away for days
+        with thousands of messages waiting costs a check a page of rows, not the whole
+        queue every minute (over tor, for a device away from its inbox, a request per 200).
+        """
+        user = device.account.local
+        now = self.clock.now()
+        last_full = self._full_checks.get(user)
+        full = last_full is None or now - last_full >= FULL_CHECK_EVERY
+        mine = self.store.handed_over(user, due_by=None if full else now + CHECK_AHEAD)
+        if full:
+            self._full_checks[user] = now
         if not mine:
             self._notify(device, self.clock.now())
             return

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from onionpost.core.errors import IllegalTransition
 from onionpost.core.queuestate import SUBMISSION
@@ -223,12 +224,30 @@ class SubmissionStore:
         self, now: int, submission_id: int | None = None, *, user: str | None = None
     ) -> int:
         """Make waiting recipients due now: one submission's or all (``user``'s, when given)."""
-        t = SUBMISSION.check(S.PENDING, S.PENDING)
+        return self._due_now(now, S.PENDING, ("submission_id", submission_id), user)
+
+    def outbox_due_now(
+        self, now: int, outbox_id: int | None = None, *, user: str | None = None
+    ) -> int:
+        """The handed-over recipients (all, ``user``'s, or the one of outbox row
+        ``outbox_id``) have their next attempt now: ``queue retry`` made their outbox rows
+        due, and the next outcome check asks about them at once."""
+        return self._due_now(now, S.QUEUED, ("outbox_id", outbox_id), user)
+
+    def _due_now(
+        self,
+        now: int,
+        state: str,
+        one: tuple[Literal["submission_id", "outbox_id"], int | None],
+        user: str | None,
+    ) -> int:
+        t = SUBMISSION.check(state, state)
         sql = "UPDATE submission_recipients SET next_attempt_at = ? WHERE state = ?"
         params: tuple[object, ...] = (now, t.source)
-        if submission_id is not None:
-            sql += " AND submission_id = ?"
-            params = (*params, submission_id)
+        column, value = one
+        if value is not None:
+            sql += f" AND {column} = ?"
+            params = (*params, value)
         if user is not None:
             sql += " AND submission_id IN (SELECT id FROM submissions WHERE user = ?)"
             params = (*params, user)
@@ -240,14 +259,15 @@ class SubmissionStore:
         with self.db.transaction() as c:
             return int(c.execute("DELETE FROM submissions WHERE user = ?", (user,)).rowcount)
 
-    def handed_over(self, user: str) -> list[PendingRecipient]:
-        """Recipients whose mail is in the inbox's outbox and whose fate is not known yet."""
-        return [
-            PendingRecipient(*tuple(r))
-            for r in self.db.all(
-                _SELECT + " WHERE r.state = 'queued' AND s.user = ? ORDER BY s.id", (user,)
-            )
-        ]
+    def handed_over(self, user: str, *, due_by: int | None = None) -> list[PendingRecipient]:
+        """Recipients whose mail is in the inbox's outbox and whose fate is not known yet
+        (only those whose next attempt, as last learnt, is at ``due_by`` or before)."""
+        sql = _SELECT + " WHERE r.state = 'queued' AND s.user = ?"
+        params: tuple[object, ...] = (user,)
+        if due_by is not None:
+            sql += " AND r.next_attempt_at <= ?"
+            params = (*params, due_by)
+        return [PendingRecipient(*tuple(r)) for r in self.db.all(sql + " ORDER BY s.id", params)]
 
     def set_outcome(
         self, submission_id: int, address: str, state: str, error: str | None, code: str | None

@@ -207,6 +207,46 @@ def test_queue_per_user(home: Path) -> None:
     assert _ids(run(home, "queue")[1]) == ["s1"]
 
 
+def test_queue_retry_of_an_outbox_row_makes_its_sender_ask_about_it_at_once(home: Path) -> None:
+    """`queue retry o<id>` makes the outbox row due, and the sender's handed-over recipient
+    too: its next outcome check asks the inbox about the row, not only at the next attempt
+    time it last learnt."""
+    from onionpost.store import DEVICE_COMPONENTS, INBOX_COMPONENTS
+    from onionpost.store.db import Database
+    from onionpost.store.submissions import SubmissionStore
+
+    run(home, "init", "--user", "alice")
+    run(home, "users", "add", "carol")
+    carol = _address(home, "carol")
+    assert "Queued as s1" in run(home, "send", "--user", "alice", "--to", carol, "--text", "a")[1]
+    later = 4_000_000_000
+    inbox = Database(home / "inbox.db", INBOX_COMPONENTS)
+    with inbox.transaction() as c:
+        row = c.execute(
+            "INSERT INTO outbox (mailbox_id, device_id, onion, submission_hash, created_at,"
+            " expires_at, next_attempt_at) VALUES (x'00', x'00', ?, x'01', 0, ?, ?)",
+            (Address.parse(carol).onion, later + 1, later),
+        ).lastrowid
+    inbox.close()
+    assert row is not None
+    device = Database(home / "device.db", DEVICE_COMPONENTS)
+    store = SubmissionStore(device)
+    store.mark_queued(1, carol, row)
+    store.set_progress(
+        submission_id=1,
+        address=carol,
+        attempts=3,
+        error="away",
+        code="4.4.1",
+        next_attempt_at=later,
+    )
+    code, out = run(home, "queue", "retry", f"o{row}")
+    assert code == 0, out
+    (handed,) = store.handed_over("alice")
+    assert handed.outbox_id == row and handed.next_attempt_at < later
+    device.close()
+
+
 def test_users_list_shows_what_each_mailbox_uses(home: Path) -> None:
     from onionpost.store import INBOX_COMPONENTS
     from onionpost.store.db import Database

@@ -11,9 +11,11 @@ from collections.abc import AsyncIterator
 from email import message_from_bytes
 from email.policy import default
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from onionpost.device.submission import CHECK_AHEAD, FULL_CHECK_EVERY
 from onionpost.testing.harness import AliceAndBob, compose, subjects
 
 MINUTE = 60
@@ -155,9 +157,9 @@ async def test_outcome_checks_work_with_a_long_outbox_history(world: World) -> N
 
 
 async def test_an_outcome_check_writes_only_what_changed(world: World) -> None:
-    """Each check asks the outbox about every message still queued; it records a queued
-    message's progress (attempts, last error, next try) only when that changed, so a long
-    queue to an offline recipient is not rewritten row by row every minute."""
+    """A check records a queued message's progress (attempts, last error, next try) only
+    when that changed, so a long queue to an offline recipient is not rewritten row by row
+    every minute."""
     w = world
     await w.send("hello")
     await w.a.worker.run_due()
@@ -192,3 +194,59 @@ async def test_an_outcome_check_writes_only_what_changed(world: World) -> None:
     again = {(r.submission_id, r.address): r for r in store.handed_over("alice")}
     for key, r in again.items():
         assert r.attempts > rows[key].attempts
+
+
+class Asked:
+    """The outbox rows alice's outcome checks ask the inbox about."""
+
+    def __init__(self, w: World, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.ids: list[int] = []
+        session = w.alice.device.session
+        outbox = session.outbox
+
+        async def watched(**kw: Any) -> Any:
+            self.ids += kw.get("ids") or []
+            return await outbox(**kw)
+
+        monkeypatch.setattr(session, "outbox", watched)
+
+    def take(self) -> list[int]:
+        ids, self.ids = sorted(self.ids), []
+        return ids
+
+
+async def test_an_outcome_check_asks_only_about_rows_whose_attempt_has_come(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The outbox changes a row when it attempts it: between two attempts a check need not
+    ask about it.  Every FULL_CHECK_EVERY a check asks about all of them (a row retried or
+    cancelled from elsewhere), and ``queue retry`` makes a row's next check come at once."""
+    w = world
+    await w.send("hello")
+    await w.a.worker.run_due()
+    await w.b.stop()
+    for i in range(4):
+        await w.send(f"queued {i}")
+    for _ in range(4):  # four attempts each, the next ones 6 to 10 minutes away
+        await w.tick(10 * MINUTE)
+    store = w.alice.submissions.store
+    asked = Asked(w, monkeypatch)
+    waited = sorted(r.outbox_id for r in store.handed_over("alice") if r.outbox_id)
+    await w.alice.submissions.check_outbox(w.alice.device)  # the first check: all of them
+    assert asked.take() == waited and len(waited) == 5  # "hello" learnt delivered now
+    handed = sorted(r.outbox_id for r in store.handed_over("alice") if r.outbox_id)
+    assert len(handed) == 4
+
+    await w.alice.submissions.check_outbox(w.alice.device)
+    soon = w.clock.now() + CHECK_AHEAD
+    due = sorted(r.id for r in w.a.inbox.outbox.rows() if r.next_attempt_at <= soon)
+    assert asked.take() == due and len(due) < 4
+
+    one = handed[0]
+    store.outbox_due_now(w.clock.now(), one)  # as `queue retry o<id>`
+    await w.alice.submissions.check_outbox(w.alice.device)
+    assert one in asked.take()
+
+    w.clock.advance(FULL_CHECK_EVERY)
+    await w.alice.submissions.check_outbox(w.alice.device)
+    assert asked.take() == handed

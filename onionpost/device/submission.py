@@ -339,6 +339,11 @@ class Submissions:
                     with self.db.transaction():
                         for sid, address, outbox_id in queued:
                             self.store.mark_queued(sid, address, outbox_id)
+            # Notices (a bounce at sealing, a delay) once per page and user, not once per
+            # submission: each look is two queries over the user's queue.
+            for user in {recips[0].user for recips in due.values()}:
+                if user in self.devices:
+                    self._notify(self.devices[user], self.clock.now())
             for outcome in outcomes:
                 if isinstance(outcome, BaseException):
                     raise outcome
@@ -410,7 +415,6 @@ class Submissions:
                 self._fail(
                     sid, r, TemporaryDeliveryError("The message could not be sealed yet."), now
                 )
-        self._notify(device, self.clock.now())
 
     def _fail(self, sid: int, r: PendingRecipient, exc: OnionpostError, now: int) -> None:
         if isinstance(exc, TorStillConnecting) or isinstance(exc.__cause__, TorStillConnecting):

@@ -358,7 +358,9 @@ class Submissions:
         queued: list[tuple[int, str, int]],
     ) -> None:
         large = self.store.message_size(sid) > LARGE_MESSAGE
-        async with slots.any, slots.large if large else contextlib.nullcontext():
+        # A large one waits for its own bound first, so that it holds none of the others'
+        # slots while it waits.
+        async with slots.large if large else contextlib.nullcontext(), slots.any:
             await foreground.yield_to()  # SMTP clients waiting on a 250 go first
             if not foreground.busy_lately():
                 await self._process(sid, recips, queued)
@@ -458,11 +460,6 @@ class Submissions:
         last_full = self._full_checks.get(user)
         full = last_full is None or now - last_full >= FULL_CHECK_EVERY
         mine = self.store.handed_over(user, due_by=None if full else now + CHECK_AHEAD)
-        if full:
-            self._full_checks[user] = now
-        if not mine:
-            self._notify(device, self.clock.now())
-            return
         wanted = sorted({r.outbox_id for r in mine if r.outbox_id is not None})
         by_id: dict[object, dict[str, Any]] = {}
         for start in range(0, len(wanted), 200):  # only the rows we wait on, in batches
@@ -472,9 +469,12 @@ class Submissions:
         # awaited inside it): a check after a burst would otherwise cost a durable commit
         # per delivered message.  Nothing is acknowledged on it; a crash before it only
         # means the next check learns the same outcomes again.
-        with self.db.transaction():
-            for r in mine:
-                self._record_outcome(device, r, by_id.get(r.outbox_id))
+        if mine:
+            with self.db.transaction():
+                for r in mine:
+                    self._record_outcome(device, r, by_id.get(r.outbox_id))
+        if full:  # every row was asked about (a check that failed above asks all again)
+            self._full_checks[user] = now
         self._notify(device, self.clock.now())
 
     def _record_outcome(

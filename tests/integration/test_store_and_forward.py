@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from onionpost.core.errors import OnionpostError
 from onionpost.device.submission import CHECK_AHEAD, FULL_CHECK_EVERY
 from onionpost.testing.harness import AliceAndBob, compose, subjects
 
@@ -248,5 +249,16 @@ async def test_an_outcome_check_asks_only_about_rows_whose_attempt_has_come(
     assert one in asked.take()
 
     w.clock.advance(FULL_CHECK_EVERY)
+    await w.alice.submissions.check_outbox(w.alice.device)
+    assert asked.take() == handed
+
+    # a full check that could not reach the inbox is made again at the next check
+    await w.a.stop()
+    w.clock.advance(FULL_CHECK_EVERY)
+    with pytest.raises(OnionpostError):
+        await w.alice.submissions.check_outbox(w.alice.device)
+    asked.take()
+    await w.a.start(worker=False)
+    w.clock.advance(60)
     await w.alice.submissions.check_outbox(w.alice.device)
     assert asked.take() == handed

@@ -93,7 +93,9 @@ async def test_a_page_of_submissions_is_handed_over_in_a_few_requests(
     await world.alice.submissions.process_due()
     # one envelope per message (bob's one device; alice has no other device to copy to)
     assert sum(requests.batches) + len(requests.singles) == 20
-    assert len(requests.batches) + len(requests.singles) <= 4
+    # a few requests, not 20: what was sealed while one was out goes in the next (two or
+    # three here: 16 + 4 or 14 + 2 + 4, as the loop happens to interleave the seals)
+    assert len(requests.batches) + len(requests.singles) <= 6
     assert max(requests.batches) > 1
     assert world.alice.submissions.store.due(world.clock.now()) == {}
     assert len(world.rows()) == 21

@@ -27,7 +27,7 @@ import json
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, Any, Protocol
+from typing import IO, Any, Protocol, TypeVar
 from urllib.parse import quote, urlencode
 
 import h11
@@ -57,6 +57,8 @@ from onionpost.core.wire import (
 )
 from onionpost.net.pool import ConnectionPool
 from onionpost.net.transport import Dialer
+
+T = TypeVar("T")
 
 USER_AGENT = "onionpost/1"
 READ_CHUNK = 65536
@@ -426,25 +428,7 @@ class InboxClient:
             headers=(("Content-Type", "application/octet-stream"),),
             limit=ANSWER_LIMIT,
         )
-        if r.status == 404 and not isinstance(refusal(r), UnknownMailbox):
-            return None  # the route, not a mailbox, is unknown there
-        results = self.check_json(r).get("results")
-        bad = "The inbox's answer to several deliveries is not understood."
-        if not isinstance(results, list) or len(results) != count:
-            raise PeerProtocolError(bad)
-        out: list[DeliveryReceipt | OnionpostError] = []
-        for item in results:
-            if not isinstance(item, dict):
-                raise PeerProtocolError(bad)
-            if item.get("status") == "accepted":
-                receipt = _receipt(item)
-                if receipt is None:
-                    raise PeerProtocolError(bad)
-                out.append(receipt)
-            else:
-                http = item.get("http")
-                out.append(error_from_fields(http if isinstance(http, int) else 400, item))
-        return out
+        return _each_result(r, count, "deliveries", "accepted", _receipt)
 
     # -- invites and pairings (no session: the code is the credential) ----------------
 
@@ -467,6 +451,45 @@ class InboxClient:
         await self.call_json(
             "POST", f"/v1/pair/{slot.hex()}/join", {"join_pk": join_pk.hex(), "box": box.hex()}
         )
+
+
+def _each_result(
+    r: Response,
+    count: int,
+    what: str,
+    ok: str,
+    parse: Callable[[dict[str, Any]], T | None],
+) -> list[T | OnionpostError] | None:
+    """Each envelope's outcome from the answer to a request that carried ``count`` of them
+    (``POST /v1/deliveries``, ``POST /v1/device/submissions``), in order: ``parse`` of an
+    entry whose status is ``ok`` (None: malformed), else the error that refused that one.
+    None if the inbox does not serve the route (404 for the route, not for a mailbox: an
+    older inbox).  A refusal of the whole request is raised."""
+    if r.status == 404 and not isinstance(refusal(r), UnknownMailbox):
+        return None
+    results = InboxClient.check_json(r).get("results")
+    bad = f"The inbox's answer to several {what} is not understood."
+    if not isinstance(results, list) or len(results) != count:
+        raise PeerProtocolError(bad)
+    out: list[T | OnionpostError] = []
+    for item in results:
+        if not isinstance(item, dict):
+            raise PeerProtocolError(bad)
+        if item.get("status") == ok:
+            parsed = parse(item)
+            if parsed is None:
+                raise PeerProtocolError(bad)
+            out.append(parsed)
+        else:
+            http = item.get("http")
+            out.append(error_from_fields(http if isinstance(http, int) else 400, item))
+    return out
+
+
+def _queued_row(data: dict[str, Any]) -> int | None:
+    """The row id of a ``queued`` answer to a hand-over, or None if it has none."""
+    row = data.get("id")
+    return row if isinstance(row, int) and not isinstance(row, bool) else None
 
 
 def _receipt(data: dict[str, Any]) -> DeliveryReceipt | None:
@@ -857,25 +880,7 @@ class DeviceSession:
             headers=(("Content-Type", "application/octet-stream"),),
             reuse=True,  # the inbox answers a repeated key with the row it queued
         )
-        if r.status == 404 and not isinstance(refusal(r), UnknownMailbox):
-            return None  # the route is unknown there
-        results = self.client.check_json(r).get("results")
-        bad = "The inbox's answer to several hand-overs is not understood."
-        if not isinstance(results, list) or len(results) != len(items):
-            raise PeerProtocolError(bad)
-        out: list[int | OnionpostError] = []
-        for item in results:
-            if not isinstance(item, dict):
-                raise PeerProtocolError(bad)
-            if item.get("status") == "queued":
-                row = item.get("id")
-                if not isinstance(row, int) or isinstance(row, bool):
-                    raise PeerProtocolError(bad)
-                out.append(row)
-            else:
-                http = item.get("http")
-                out.append(error_from_fields(http if isinstance(http, int) else 400, item))
-        return out
+        return _each_result(r, len(items), "hand-overs", "queued", _queued_row)
 
     async def publish(self, update: KeyUpdate) -> ServerBinding | None:
         """Publish keys; returns the inbox's countersigned binding if one was published."""

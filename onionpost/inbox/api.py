@@ -62,6 +62,7 @@ from aiohttp.web_protocol import RequestHandler
 from onionpost.base.clock import Clock
 from onionpost.base.config import InboxConfig
 from onionpost.core.chain import Invitees, Member
+from onionpost.core.crypto.envelope import Readable
 from onionpost.core.crypto.keys import RotationRecord
 from onionpost.core.errors import (
     BadRequest,
@@ -80,6 +81,7 @@ from onionpost.core.wire import (
     MAX_FETCH_IDS,
     MAX_HAND_OVERS_BYTES,
     MESSAGE_FRAME_HEAD,
+    HandOverFields,
     KeyUpdate,
     first_that_fit,
     hex_field,
@@ -174,6 +176,17 @@ async def _framed(
             await response.write(chunk)
     await response.write_eof()
     return response
+
+
+def _reader(body: IO[bytes]) -> Callable[[int, int], bytes]:
+    """``read(at, n)``: ``n`` bytes of a spooled request body from offset ``at`` (what the
+    pure parsers of framed bodies take)."""
+
+    def read(at: int, n: int) -> bytes:
+        body.seek(at)
+        return body.read(n)
+
+    return read
 
 
 class _Window:
@@ -673,12 +686,8 @@ class InboxServer:
         sender with a queue for this inbox pays one per batch."""
         body, length = await self._body_to_file(request, MAX_DELIVERIES_BYTES)
         with body:
-
-            def head(at: int) -> bytes:
-                body.seek(at)
-                return body.read(DELIVERY_FRAME_HEAD)
-
-            frames = parse_delivery_frames(head, length)
+            read = _reader(body)
+            frames = parse_delivery_frames(lambda at: read(at, DELIVERY_FRAME_HEAD), length)
             async with self._delivery_slot():
                 now = self._now()
                 with contextlib.ExitStack() as files:
@@ -864,20 +873,16 @@ class InboxServer:
             expires_at = int(q.get("expires_at", ""))
         except ValueError as exc:
             raise MalformedData("'msg_id' must be hex and 'expires_at' a number.") from exc
+        fields = HandOverFields(
+            destination=q.get("destination", ""),
+            msg_id=msg_id,
+            expires_at=expires_at,
+            ref=q.get("ref", ""),
+            key=q.get("key", ""),
+        )
         body, length = await self._body_to_file(request, self.config.max_envelope_bytes + (1 << 20))
         with body:
-            row_id = await self._hand_overs.run(
-                HandOver(
-                    s,
-                    destination=q.get("destination", ""),
-                    sealed=(body, length),
-                    msg_id=msg_id,
-                    expires_at=expires_at,
-                    message_ref=q.get("ref", ""),
-                    submission_key=q.get("key", "") or msg_id.hex(),
-                    now=self._now(),
-                )
-            )
+            row_id = await self._hand_over(s, fields, (body, length), self._now())
         if self._on_submitted is not None:
             self._on_submitted()
         return _json(200, {"status": "queued", "id": row_id})
@@ -889,34 +894,32 @@ class InboxServer:
         s = self._session(request)
         body, length = await self._body_to_file(request, MAX_HAND_OVERS_BYTES)
         with body:
-
-            def read(at: int, n: int) -> bytes:
-                body.seek(at)
-                return body.read(n)
-
-            items = parse_hand_overs(read, length)
+            items = parse_hand_overs(_reader(body), length)
             now = self._now()
             results = await asyncio.gather(
-                *(
-                    self._hand_overs.run(
-                        HandOver(
-                            s,
-                            destination=f.destination,
-                            sealed=(_Window(body, at), size),
-                            msg_id=f.msg_id,
-                            expires_at=f.expires_at,
-                            message_ref=f.ref,
-                            submission_key=f.key or f.msg_id.hex(),
-                            now=now,
-                        )
-                    )
-                    for f, at, size in items
-                ),
+                *(self._hand_over(s, f, (_Window(body, at), size), now) for f, at, size in items),
                 return_exceptions=True,
             )
         if self._on_submitted is not None and any(isinstance(r, int) for r in results):
             self._on_submitted()
         return _json(200, {"status": "done", "results": [_one_result(r) for r in results]})
+
+    def _hand_over(
+        self, s: Session, f: HandOverFields, sealed: tuple[Readable, int], now: int
+    ) -> Awaitable[int]:
+        """One hand-over (either route's) to the group commit: its row, once committed."""
+        return self._hand_overs.run(
+            HandOver(
+                s,
+                destination=f.destination,
+                sealed=sealed,
+                msg_id=f.msg_id,
+                expires_at=f.expires_at,
+                message_ref=f.ref,
+                submission_key=f.key or f.msg_id.hex(),
+                now=now,
+            )
+        )
 
     async def keys(self, request: web.Request) -> web.Response:
         s = self._session(request)

@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from onionpost.core.errors import OnionpostError, TorError
+
 
 @dataclass(frozen=True)
 class RetryPolicy:
@@ -66,6 +68,14 @@ class Decision:
 
     retry_at: int | None  # None: give up now (bounce)
     reason: str
+
+
+def worth_retrying(exc: OnionpostError) -> bool:
+    """Whether a failed delivery or hand-over goes again later: a temporary error, or any
+    trouble with this node's own tor (installed or repaired, the same request goes).  Also
+    whether a refusal of a whole batch request stands for each envelope of it (rather than
+    making them go one at a time to get their own answers)."""
+    return exc.temporary or isinstance(exc, TorError)
 
 
 def after_failure(

@@ -274,6 +274,15 @@ MAX_DELIVERIES = 64
 MAX_DELIVERIES_BYTES = 8 << 20
 #: In its body, each envelope follows its length, a u32.
 DELIVERY_FRAME_HEAD = 4
+#: The reference sender's batches, for ``POST /v1/deliveries`` (an inbox's outbox) and
+#: ``POST /v1/device/submissions`` (a device handing over) alike: up to this many envelopes
+#: per request, each at most BATCHED_ENVELOPE_MAX (a larger one goes alone, streamed), so
+#: at most 4 MiB of body, half the protocol's limit.
+BATCH_ENVELOPES = 16
+BATCHED_ENVELOPE_MAX = 256 << 10
+#: How long (seconds) the reference sender sends one envelope per request to an inbox that
+#: answered the batch route 404 (an older one) before it asks again (it may be upgraded).
+ASK_BATCHES_AGAIN_AFTER = 3600
 
 
 def delivery_frame_head(size: int) -> bytes:

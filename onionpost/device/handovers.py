@@ -9,9 +9,10 @@ commit's scheme, across the network: nothing is held back to fill a batch, an id
 hands a lone envelope over at once, with the single route).
 
 Each envelope still gets its own answer (its queued row, or the refusal that was its
-alone), and a caller hears it only after the inbox's COMMIT that holds it.  Envelopes larger
-than :data:`BATCHED_ENVELOPE_MAX` go alone, streamed from their files; the batched ones are
-copied into the request (at most 16 x 256 KiB).  An inbox that does not serve the route
+alone), and a caller hears it only after the inbox's COMMIT that holds it.  The batches
+are the reference sender's, as an inbox's outbox makes them (``core.wire.BATCH_ENVELOPES``):
+larger envelopes go alone, streamed from their files; the batched ones are copied into the
+request (at most 16 x 256 KiB).  An inbox that does not serve the route
 (404: older than this device) gets one request per envelope, and is asked again an hour
 later (it may have been upgraded meanwhile).
 """
@@ -23,18 +24,17 @@ import contextlib
 import logging
 from dataclasses import dataclass
 
-from onionpost.core.errors import OnionpostError, TorError
-from onionpost.core.wire import HandOverFields
+from onionpost.core.errors import OnionpostError
+from onionpost.core.retry import worth_retrying
+from onionpost.core.wire import (
+    ASK_BATCHES_AGAIN_AFTER,
+    BATCH_ENVELOPES,
+    BATCHED_ENVELOPE_MAX,
+    HandOverFields,
+)
 from onionpost.net.client import DeviceSession, Rewindable
 
 log = logging.getLogger(__name__)
-
-#: At most this many envelopes per ``POST /v1/device/submissions``...
-BATCH_HAND_OVERS = 16
-#: ...each at most this large (a larger one goes alone, streamed from its file).
-BATCHED_ENVELOPE_MAX = 256 << 10
-#: After an inbox answered the route with 404, how long (seconds) before asking again.
-ASK_AGAIN_AFTER = 3600.0
 
 
 @dataclass
@@ -81,8 +81,8 @@ class HandOvers:
     async def _run(self) -> None:
         """Send batches until none is waiting; each is what queued while the last went."""
         while self._queue:
-            batch = [w for w in self._queue[:BATCH_HAND_OVERS] if not w.future.done()]
-            del self._queue[:BATCH_HAND_OVERS]
+            batch = [w for w in self._queue[:BATCH_ENVELOPES] if not w.future.done()]
+            del self._queue[:BATCH_ENVELOPES]
             try:
                 outcomes = await self._send(batch) if batch else []
             except Exception as exc:  # not a refusal (those are outcomes): each caller hears it
@@ -119,14 +119,16 @@ class HandOvers:
             try:
                 results = await self.session.submit_many([(w.fields, w.envelope) for w in batch])
             except OnionpostError as exc:
-                if exc.temporary or isinstance(exc, TorError):
+                if worth_retrying(exc):
                     return [exc] * len(batch)  # each is retried, as a single one would be
                 log.info("the inbox refused several hand-overs at once (%s); one at a time", exc)
                 results = None
             else:
                 if results is None:
                     log.info("the inbox takes one hand-over at a time")
-                    self._singles_until = asyncio.get_running_loop().time() + ASK_AGAIN_AFTER
+                    self._singles_until = (
+                        asyncio.get_running_loop().time() + ASK_BATCHES_AGAIN_AFTER
+                    )
             if results is not None:
                 return list(results)
         return list(

@@ -23,11 +23,15 @@ from onionpost.core.errors import (
     OnionpostError,
     PermanentDeliveryError,
     StaleRecipientKeys,
-    TorError,
     TorStillConnecting,
 )
-from onionpost.core.retry import RetryPolicy, after_failure
-from onionpost.core.wire import delivery_frame_head
+from onionpost.core.retry import RetryPolicy, after_failure, worth_retrying
+from onionpost.core.wire import (
+    ASK_BATCHES_AGAIN_AFTER,
+    BATCH_ENVELOPES,
+    BATCHED_ENVELOPE_MAX,
+    delivery_frame_head,
+)
 from onionpost.inbox.postoffice import Inbox
 from onionpost.net.client import InboxClient
 from onionpost.net.pool import ConnectionPool, peer_isolation
@@ -42,14 +46,6 @@ log = logging.getLogger(__name__)
 #: How long a row claimed while this node's tor was not up rests before it is claimed again.
 WAIT_FOR_TOR = 5
 BATCH = 64
-#: Rows for one peer inbox that go in one ``POST /v1/deliveries`` (so a pass of 64 rows for
-#: one inbox keeps four requests in flight), each envelope at most this large (larger ones
-#: go alone, streamed): at most 4 MiB of body, half the protocol's limit.
-BATCH_DELIVERIES = 16
-BATCHED_ENVELOPE_MAX = 256 << 10
-#: How long (seconds) a peer inbox that does not serve ``POST /v1/deliveries`` gets one
-#: request per envelope before it is asked again.
-ASK_AGAIN_AFTER = 3600
 
 
 class OutboxWorker:
@@ -145,7 +141,7 @@ class OutboxWorker:
 
     def _units(self, rows: list[OutboxRow]) -> tuple[list[list[OutboxRow]], dict[int, int]]:
         """The pass's rows in the groups that go out together, and the sizes of the
-        envelopes that may share a request: up to :data:`BATCH_DELIVERIES` rows of at most
+        envelopes that may share a request: up to :data:`BATCH_ENVELOPES` rows of at most
         :data:`BATCHED_ENVELOPE_MAX` for one peer inbox share a request; a larger envelope, a
         row for this node's own inbox or for an inbox that does not take several at once goes
         alone (as many at once as the delivery slots allow)."""
@@ -164,9 +160,7 @@ class OutboxWorker:
             else:
                 units.append([row])
         for group in by_onion.values():
-            units += [
-                group[i : i + BATCH_DELIVERIES] for i in range(0, len(group), BATCH_DELIVERIES)
-            ]
+            units += [group[i : i + BATCH_ENVELOPES] for i in range(0, len(group), BATCH_ENVELOPES)]
         return units, sizes
 
     async def _attempt_unit(self, rows: list[OutboxRow], sizes: dict[int, int]) -> list[int]:
@@ -207,7 +201,7 @@ class OutboxWorker:
             try:
                 results = await self._client(onion).deliver_many((body, length), len(rows))
             except OnionpostError as exc:
-                if not (exc.temporary or isinstance(exc, TorError)):
+                if not worth_retrying(exc):
                     log.info(
                         "%s refused several deliveries at once (%s); one at a time", onion, exc
                     )
@@ -219,7 +213,7 @@ class OutboxWorker:
             log.info("%s takes one delivery at a time", onion)
             now = self.clock.now()
             self._one_at_a_time = {o: t for o, t in self._one_at_a_time.items() if t > now}
-            self._one_at_a_time[onion] = now + ASK_AGAIN_AFTER
+            self._one_at_a_time[onion] = now + ASK_BATCHES_AGAIN_AFTER
             return None
         delivered: list[int] = []
         for row, result in zip(rows, results, strict=True):
@@ -307,7 +301,7 @@ class OutboxWorker:
             self.outbox.mark_reseal(row.id, now=now, error=str(exc))
             self._notify(row.id)
             return
-        temporary = exc.temporary or isinstance(exc, TorError)
+        temporary = worth_retrying(exc)
         decision = after_failure(
             self.policy,
             attempts=row.attempts + 1,

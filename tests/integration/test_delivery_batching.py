@@ -27,11 +27,11 @@ from aiohttp import web
 from onionpost.base.aio import foreground
 from onionpost.base.clock import FakeClock
 from onionpost.core.errors import FilingDeferred, PeerUnreachable, UnknownMailbox
+from onionpost.core.wire import ASK_BATCHES_AGAIN_AFTER, BATCH_ENVELOPES, BATCHED_ENVELOPE_MAX
 from onionpost.device.filing import FILING_HEADER, Filer
 from onionpost.device.submission import HAND_OVERS_AT_ONCE
 from onionpost.device.sync import BATCH_MESSAGES, _batches
 from onionpost.inbox import api
-from onionpost.inbox.delivery import ASK_AGAIN_AFTER, BATCH_DELIVERIES, BATCHED_ENVELOPE_MAX
 from onionpost.net.client import InboxClient
 from onionpost.store import DEVICE_COMPONENTS
 from onionpost.store.db import Database
@@ -539,7 +539,7 @@ async def test_a_queue_for_one_inbox_goes_in_a_few_requests(world: World, monkey
     requests = Requests(monkeypatch)
     await world.hand_over(20)
     assert await world.a.worker.run_due() == 20
-    assert requests.batches == [BATCH_DELIVERIES, 20 - BATCH_DELIVERIES]
+    assert requests.batches == [BATCH_ENVELOPES, 20 - BATCH_ENVELOPES]
     assert requests.deliver == 0
     assert {r.state for r in outbox_rows(world)} == {"delivered"}
     assert await world.bob.device.sync() == 20
@@ -625,7 +625,7 @@ async def test_an_inbox_that_takes_one_at_a_time_gets_one_at_a_time(
     await world.b.stop()
     await world.b.start(worker=False)
     requests = Requests(monkeypatch)
-    world.clock.advance(ASK_AGAIN_AFTER)
+    world.clock.advance(ASK_BATCHES_AGAIN_AFTER)
     await world.hand_over(3, "upgraded")
     assert await world.a.worker.run_due() == 3
     assert requests.batches == [3] and requests.deliver == 0

@@ -18,9 +18,13 @@ import pytest
 from aiohttp import web
 
 from onionpost.core.errors import OnionpostError
-from onionpost.core.wire import HandOverFields, delivery_frame_head, hand_overs_head
-from onionpost.device import handovers
-from onionpost.device.handovers import BATCHED_ENVELOPE_MAX
+from onionpost.core.wire import (
+    ASK_BATCHES_AGAIN_AFTER,
+    BATCHED_ENVELOPE_MAX,
+    HandOverFields,
+    delivery_frame_head,
+    hand_overs_head,
+)
 from onionpost.device.submission import LARGE_AT_ONCE, LARGE_MESSAGE
 from onionpost.inbox import api
 from onionpost.net.client import DeviceSession
@@ -246,7 +250,7 @@ async def test_an_inbox_without_the_route_gets_one_at_a_time_and_is_asked_again_
     requests = Requests(world.session, monkeypatch)
     await world.a.stop()
     await world.a.start(worker=False)
-    world.alice.device.sender.hand_overs._singles_until -= handovers.ASK_AGAIN_AFTER
+    world.alice.device.sender.hand_overs._singles_until -= ASK_BATCHES_AGAIN_AFTER
     for i in range(6):
         world.submit(f"new {i}")
     await world.alice.submissions.process_due()

@@ -11,13 +11,15 @@ import pytest
 
 from onionpost.core.errors import MalformedData, PermanentDeliveryError, TemporaryDeliveryError
 from onionpost.core.wire import (
+    ASK_BATCHES_AGAIN_AFTER,
+    BATCH_ENVELOPES,
+    BATCHED_ENVELOPE_MAX,
     HandOverFields,
     delivery_frame_head,
     hand_overs_head,
     parse_hand_overs,
 )
-from onionpost.device import handovers
-from onionpost.device.handovers import BATCH_HAND_OVERS, BATCHED_ENVELOPE_MAX, HandOvers
+from onionpost.device.handovers import HandOvers
 
 
 class Session:
@@ -58,6 +60,18 @@ def batcher() -> tuple[HandOvers, Session]:
     return HandOvers(session), session  # type: ignore[arg-type]
 
 
+async def lone_then_together(h: HandOvers, s: Session, lone: int, *others: int) -> list[Any]:
+    """``lone`` handed over while the inbox holds its answer back, then ``others`` while
+    that request is out; each one's answer (or error), in that order."""
+    s.gate.clear()
+    first = asyncio.create_task(h.submit(fields(lone), envelope()))
+    await asyncio.sleep(0)
+    tasks = [asyncio.create_task(h.submit(fields(n), envelope())) for n in others]
+    await asyncio.sleep(0)
+    s.gate.set()
+    return list(await asyncio.gather(first, *tasks, return_exceptions=True))
+
+
 async def test_what_queues_while_a_request_is_out_goes_in_the_next() -> None:
     h, s = batcher()
     s.gate.clear()
@@ -70,8 +84,8 @@ async def test_what_queues_while_a_request_is_out_goes_in_the_next() -> None:
     s.gate.set()
     assert await first == 1
     assert await asyncio.gather(*rest) == list(range(20, 38))
-    assert s.requests[1] == [str(n) for n in range(20, 20 + BATCH_HAND_OVERS)]
-    assert s.requests[2] == [str(n) for n in range(20 + BATCH_HAND_OVERS, 38)]
+    assert s.requests[1] == [str(n) for n in range(20, 20 + BATCH_ENVELOPES)]
+    assert s.requests[2] == [str(n) for n in range(20 + BATCH_ENVELOPES, 38)]
 
 
 async def test_each_gets_its_own_answer_and_a_large_one_goes_alone() -> None:
@@ -113,13 +127,7 @@ async def test_a_refusal_of_the_whole_request(temporary: bool) -> None:
         if temporary
         else PermanentDeliveryError("no", code="5.0.0")
     )
-    s.gate.clear()
-    lone = asyncio.create_task(h.submit(fields(1), envelope()))
-    await asyncio.sleep(0)
-    tasks = [asyncio.create_task(h.submit(fields(n), envelope())) for n in (2, 3)]
-    await asyncio.sleep(0)
-    s.gate.set()
-    done = await asyncio.gather(lone, *tasks, return_exceptions=True)
+    done = await lone_then_together(h, s, 1, 2, 3)
     if temporary:
         assert done[0] == 1 and all(isinstance(d, TemporaryDeliveryError) for d in done[1:])
         assert s.requests == [["1"], ["2", "3"]]
@@ -144,7 +152,7 @@ async def test_an_inbox_without_the_route_is_asked_again_an_hour_later() -> None
     s.requests.clear()
     assert await burst(4, 5) == [4, 5]
     assert s.requests == [["4"], ["5"]]  # no more batches...
-    h._singles_until -= handovers.ASK_AGAIN_AFTER  # ...until an hour has passed
+    h._singles_until -= ASK_BATCHES_AGAIN_AFTER  # ...until an hour has passed
     s.requests.clear()
     s.many = True
     assert await burst(6, 7, 8) == [6, 7, 8]
@@ -154,22 +162,11 @@ async def test_an_inbox_without_the_route_is_asked_again_an_hour_later() -> None
 async def test_a_failure_that_is_no_refusal_reaches_each_caller_and_the_next_batch_goes() -> None:
     h, s = batcher()
     s.many = RuntimeError("a bug")
-    s.gate.clear()
-    lone = asyncio.create_task(h.submit(fields(1), envelope()))
-    await asyncio.sleep(0)
-    tasks = [asyncio.create_task(h.submit(fields(n), envelope())) for n in (2, 3)]
-    await asyncio.sleep(0)
-    s.gate.set()
-    done = await asyncio.gather(lone, *tasks, return_exceptions=True)
+    done = await lone_then_together(h, s, 1, 2, 3)
     assert done[0] == 1 and all(isinstance(d, RuntimeError) for d in done[1:])
     s.many = True
-    s.gate.clear()
-    lone = asyncio.create_task(h.submit(fields(4), envelope()))
-    await asyncio.sleep(0)
-    tasks = [asyncio.create_task(h.submit(fields(n), envelope())) for n in (5, 6)]
-    await asyncio.sleep(0)
-    s.gate.set()
-    assert await asyncio.gather(lone, *tasks) == [4, 5, 6]
+    assert await lone_then_together(h, s, 4, 5, 6) == [4, 5, 6]
+    assert s.requests[-1] == ["5", "6"]
 
 
 async def test_closing_cancels_the_callers_still_waiting() -> None:

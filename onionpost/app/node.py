@@ -465,8 +465,13 @@ class Node:
         self._stops.clear()
         if self.submissions is not None:  # a commit in flight ends before its database closes
             await _bounded(self.submissions.close(), "the submission queue")
-        for device in self.devices.values():
-            await device.stop()
+        # Together: each may give its last acknowledgement a moment to reach the inbox.
+        stopped = await asyncio.gather(
+            *(device.stop() for device in self.devices.values()), return_exceptions=True
+        )
+        for failed in stopped:
+            if isinstance(failed, BaseException):
+                raise failed
         if self.filer is not None:
             await self.filer.stop()
         if self.crypto_pool is not None:  # the devices' sync has stopped: nothing is queued

@@ -38,6 +38,9 @@ from onionpost.store.keystore import AccountFiles
 
 log = logging.getLogger(__name__)
 
+#: Seconds a stopping device gives its last acknowledgement to reach the inbox.
+ACK_AT_STOP = 2.0
+
 
 def device_session(account: Account, client: InboxClient) -> DeviceSession:
     """This device's session with its inbox: logs in with the device key and its chain."""
@@ -244,6 +247,14 @@ class Device:
         if self._task is not None:
             await cancel_and_wait(self._task)
             self._task = None
+            # The last sync's acknowledgement waits for a list that will not be asked for.
+            # Bounded (stopping takes seconds, whatever the link); if it does not go, the
+            # inbox offers those messages again and the next sync recognises them.
+            try:
+                async with asyncio.timeout(ACK_AT_STOP):
+                    await self.receiver.flush_acks()
+            except (OnionpostError, TimeoutError) as exc:
+                log.info("%s: acknowledged at the next start instead (%s)", self.address, exc)
         await self.sender.hand_overs.close()
 
     def wake(self) -> None:
@@ -256,7 +267,9 @@ class Device:
             try:
                 self._wake.clear()
                 await foreground.yield_to()  # SMTP clients waiting on a 250 go first
-                await self.sync(wait=self.config.inbox.longpoll_seconds)
+                await self.receiver.sync_once(
+                    wait=self.config.inbox.longpoll_seconds, ack_with_next=True
+                )
                 if self.session.inbox_device_list_version > self.account.device_list.version:
                     await self.refresh_own_devices()
                 backoff.succeeded()

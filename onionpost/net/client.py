@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import json
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import IO, Any, Protocol, TypeVar
 from urllib.parse import quote, urlencode
@@ -43,6 +43,7 @@ from onionpost.core.errors import (
     UnknownMailbox,
 )
 from onionpost.core.wire import (
+    MAX_FETCH_IDS,
     MESSAGE_FRAME_HEAD,
     PENDING_LIST_HEAD,
     HandOverFields,
@@ -728,7 +729,13 @@ class DeviceSession:
         return out
 
     async def pending_mail(
-        self, *, wait: float, count: int, limit: int, sink: Callable[[int], Writable]
+        self,
+        *,
+        wait: float,
+        count: int,
+        limit: int,
+        sink: Callable[[int], Writable],
+        ack: Sequence[int] = (),
     ) -> tuple[list[PendingMessage], list[int]] | None:
         """What :meth:`pending` lists, with the envelopes of its first messages in the same
         answer (``GET /v1/device/pending-mail``): at most ``count`` of them and ``limit``
@@ -736,10 +743,22 @@ class DeviceSession:
         order; None if the inbox does not serve the route (an older inbox: ask
         :meth:`pending`, as this session will from now on).  The envelopes must be ones the
         list names, in its order, at the sizes it gives, within what was asked, or the
-        answer is refused whole."""
+        answer is refused whole.
+
+        ``ack``: spool ids to acknowledge first, in the same request (what the device filed
+        since its last list: a round trip less than :meth:`acknowledge` before asking).
+        Unless None is returned they are acknowledged when this returns: by a request of
+        their own if the inbox ignored them (it did not say how many it took), and then
+        left out of the list."""
         if not self.pending_mail_served:
             return None
-        query = urlencode({"after": 0, "wait": wait, "count": count, "bytes": limit})
+        if len(ack) > MAX_FETCH_IDS:  # more than a list may carry: acknowledged on their own
+            await self.acknowledge(list(ack))
+            ack = ()
+        fields: dict[str, Any] = {"after": 0, "wait": wait, "count": count, "bytes": limit}
+        if ack:
+            fields["ack"] = ",".join(str(i) for i in ack)
+        query = urlencode(fields)
         ceiling = PENDING_LIST_HEAD + ANSWER_LIMIT + count * MESSAGE_FRAME_HEAD + limit
         bad = "The inbox's pending mail is not understood."
         with tempfile.SpooledTemporaryFile(max_size=1 << 20) as body:
@@ -766,7 +785,8 @@ class DeviceSession:
                 raise PeerProtocolError(bad) from exc
             if length > ANSWER_LIMIT or PENDING_LIST_HEAD + length > end:
                 raise PeerProtocolError(bad)
-            listed = self._pending_list(parse_json(body.read(length), "answer"))
+            data = parse_json(body.read(length), "answer")
+            listed = self._pending_list(data)
             position = {m.id: (i, m.size) for i, m in enumerate(listed)}
 
             def in_list_order(spool_id: int, size: int, got: list[int]) -> bool:
@@ -775,7 +795,12 @@ class DeviceSession:
                 carried = size + sum(position[i][1] for i in got)
                 return at > last and size == listed_size and len(got) < count and carried <= limit
 
-            return listed, _read_frames(body, end, sink, in_list_order, bad)
+            got = _read_frames(body, end, sink, in_list_order, bad)
+        if ack and "acknowledged" not in data:  # an inbox from before `ack`
+            await self.acknowledge(list(ack))
+            gone = set(ack)
+            return [m for m in listed if m.id not in gone], [i for i in got if i not in gone]
+        return listed, got
 
     async def fetch(self, message_id: int, sink: Writable, *, limit: int) -> None:
         r = await self._authorized(

@@ -357,6 +357,74 @@ async def test_new_mail_comes_with_its_list(world: World, monkeypatch) -> None:
     assert pending_at_b(world) == 0
 
 
+async def _until(check: Any, what: str) -> None:
+    for _ in range(300):
+        if check():
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def test_the_sync_loop_acknowledges_with_its_next_list(world: World, monkeypatch) -> None:
+    """The device's sync loop sends no acknowledgement of its own: what one sync filed rides
+    the next pending list's request (``ack``), so a new message costs the device one request
+    to its inbox, not two.  A device that stops before asking again sends what it holds; one
+    lost with a crash makes the inbox offer the message again, which the device acknowledges
+    without filing it twice."""
+    await world.hand_over(1, "first")
+    await world.a.worker.run_due()
+    assert await world.bob.device.sync() == 1
+    session = world.bob.device.session
+    acks: list[list[int]] = []
+    carried: list[list[int]] = []
+    stall = asyncio.Event()
+    stalled = asyncio.Event()
+    acknowledge, pending_mail = session.acknowledge, session.pending_mail
+
+    async def counted_ack(ids: list[int]) -> int:
+        acks.append(list(ids))
+        return await acknowledge(ids)
+
+    async def counted_list(**kw: Any) -> Any:
+        if stall.is_set():  # the device is stopped before this list goes out
+            stalled.set()
+            await asyncio.Event().wait()
+        carried.append(list(kw.get("ack", ())))
+        return await pending_mail(**kw)
+
+    monkeypatch.setattr(session, "acknowledge", counted_ack)
+    monkeypatch.setattr(session, "pending_mail", counted_list)
+    device = world.bob.device
+    device.start()
+    try:
+        for i in range(3):
+            await world.hand_over(1, f"new {i}")
+            await world.a.worker.run_due()
+            await _until(lambda i=i: len(subjects(world.bob)) == 2 + i, f"new {i} filed")
+            await _until(lambda: pending_at_b(world) == 0, "its acknowledgement")
+        assert acks == [] and [len(a) for a in carried if a] == [1, 1, 1]
+        # stopped between a sync and the next list: the stop acknowledges
+        stall.set()
+        await world.hand_over(1, "last")
+        await world.a.worker.run_due()
+        await _until(stalled.is_set, "the list after 'last'")
+        assert pending_at_b(world) == 1 and len(device.receiver._unacknowledged) == 1
+    finally:
+        await device.stop()
+    assert len(acks) == 1 and pending_at_b(world) == 0
+    # lost with a crash: offered again, acknowledged, not filed twice
+    stall.clear()
+    await world.hand_over(1, "crash")
+    await world.a.worker.run_due()
+    assert await world.bob.device.receiver.sync_once(ack_with_next=True) == 1
+    assert pending_at_b(world) == 1
+    device.receiver._unacknowledged.clear()  # the process died holding it
+    assert await world.bob.device.sync() == 1  # taken again: recognised, acknowledged
+    assert pending_at_b(world) == 0
+    filed = subjects(world.bob)
+    assert filed.count("crash 0") == 1 and filed.count("last 0") == 1 and len(filed) == 6
+
+
 async def test_a_batch_is_fetched_in_one_request(world: World, monkeypatch) -> None:
     """From an inbox that lists pending mail without it (an older one), the ten messages of
     a batch come in one GET /v1/device/messages, not ten."""

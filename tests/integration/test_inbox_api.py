@@ -28,6 +28,7 @@ from onionpost.core.errors import (
     UnknownMailbox,
 )
 from onionpost.core.wire import KeyUpdate, delivery_frame_head
+from onionpost.inbox import api
 from onionpost.inbox.postoffice import HandOver, Session, login_message
 from onionpost.net.client import DeliveryReceipt, DeviceSession, InboxClient
 from onionpost.net.transport import DirectDialer
@@ -809,6 +810,70 @@ async def test_pending_mail_carries_the_first_envelopes_with_the_list(world) -> 
     assert not session.pending_mail_served
     session.client.request = request  # type: ignore[method-assign]
     assert await session.pending_mail(wait=0, count=16, limit=1 << 20, sink=sink) is None
+
+
+async def test_a_pending_list_carries_the_acknowledgement_of_what_was_filed(
+    world, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``ack`` on GET /v1/device/pending-mail (and pending): those copies are acknowledged
+    before the list is made (left out of it, no longer served, deleted as POST /ack's are)
+    and the answer says how many it took; without ``ack`` the answer is as before; a
+    malformed or over-long ``ack`` is a 400 and acknowledges nothing; an inbox that ignores
+    the parameter (one from before it) gets the acknowledgement in a request of its own."""
+    node, bob, alice, dialer = world
+    for i in range(4):
+        await _client(node, dialer).deliver(
+            await _sealed(node, bob, alice, dialer, body=b"Subject: %d\r\n\r\nx\r\n" % i)
+        )
+    session = _session(node, bob, dialer)
+    pending = await session.pending()
+    assert len(pending) == 4
+    got: dict[int, io.BytesIO] = {}
+
+    def sink(i: int) -> io.BytesIO:
+        return got.setdefault(i, io.BytesIO())
+
+    answer = await session.pending_mail(
+        wait=0, count=16, limit=1 << 20, sink=sink, ack=[pending[0].id, 999_999]
+    )
+    assert answer == (pending[1:], [m.id for m in pending[1:]])
+    assert pending[0].id not in got
+    with pytest.raises(TemporaryDeliveryError, match="No such message"):
+        await session.fetch(pending[0].id, io.BytesIO(), limit=1 << 20)
+    # on the wire: the count is in the list's answer only when it was asked for
+    r = await session._authorized("GET", f"/v1/device/pending?ack={pending[1].id}", again=False)
+    assert r.status == 200
+    assert json.loads(r.body)["acknowledged"] == 1
+    assert [m["id"] for m in json.loads(r.body)["messages"]] == [m.id for m in pending[2:]]
+    r = await session._authorized("GET", "/v1/device/pending", again=False)
+    assert "acknowledged" not in json.loads(r.body)
+    for bad in ("x", "1,,2", ",".join(str(n) for n in range(65))):
+        r = await session._authorized(
+            "GET", f"/v1/device/pending-mail?count=1&ack={bad}", again=False
+        )
+        assert r.status == 400, bad
+        assert (
+            "'ack'" in json.loads(r.body)["message"]
+            or "Acknowledge" in json.loads(r.body)["message"]
+        )
+    assert [m.id for m in await session.pending()] == [m.id for m in pending[2:]]
+    assert node.inbox.store.acks_waiting() == 2
+    node.server._flush_acks()
+    assert node.inbox.store.acks_waiting() == 0
+    # an older inbox (it ignores `ack`): acknowledged with POST /ack, left out of the list
+    monkeypatch.setattr(api, "_ack_ids", lambda raw: None)
+    got.clear()
+    answer = await session.pending_mail(
+        wait=0, count=16, limit=1 << 20, sink=sink, ack=[pending[2].id]
+    )
+    assert answer == (pending[3:], [pending[3].id])
+    monkeypatch.undo()
+    assert [m.id for m in await session.pending()] == [pending[3].id]
+    # more than a list may carry go as a request of their own first
+    answer = await session.pending_mail(
+        wait=0, count=16, limit=1 << 20, sink=sink, ack=[pending[3].id, *range(10**6, 10**6 + 64)]
+    )
+    assert answer == ([], [])
 
 
 async def test_a_session_the_inbox_forgot_is_dropped_and_a_new_one_opened(world) -> None:

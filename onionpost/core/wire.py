@@ -213,6 +213,14 @@ def int_field(data: dict[str, Any], name: str, *, low: int = 0, high: int = 1 <<
     return value
 
 
+# -- GET /v1/device/pending (§17.3) -----------------------------------------------------------
+
+#: A pending list names at most this many messages, the oldest: a device with a backlog
+#: asks again when it has taken them.  Each list costs the device a round trip to its inbox
+#: (over tor, hundreds of milliseconds) and ends with its acknowledgements awaited, so a
+#: long one keeps a backlog's fetches flowing; 512 entries are ~30 KB of JSON.
+PENDING_LIST_MAX = 512
+
 # -- GET /v1/device/messages (§17.3) ----------------------------------------------------------
 
 #: At most this many ids per ``GET /v1/device/messages``.

@@ -15,6 +15,7 @@ point repeats work but never loses or duplicates mail.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import hashlib
@@ -205,12 +206,15 @@ class Receiver:
         and queued for filing (already marked handed) in *one* transaction, filed, and
         acknowledged in one request; the removal of its filing rows rides the next batch's
         transaction.  So a sync costs one commit, not several per message.  The order of the
-        durable steps is the single message's: queued and handed, filed (LMTP 250),
-        acknowledged, removed (a crash before the removal costs a lookup in the mailbox).
+        durable steps is the single message's: queued and handed (and recorded seen), filed
+        (LMTP 250), then acknowledged and removed (a crash before the removal costs a lookup
+        in the mailbox; one before the inbox has the acknowledgement, a second offer of the
+        message, recognised as seen with nothing left to file, and acknowledged).
 
-        While one batch is filed and acknowledged, the next is fetched and opened (no
-        database is touched for that): over a slow link (a device and its inbox over tor) a
-        backlog then pays the round trip of each fetch beside the filing, not after it.
+        While one batch is filed, the next :data:`OPEN_AHEAD` are fetched and opened (no
+        database is touched for that) and the acknowledgements of the ones before are on
+        their way: over a slow link (a device and its inbox over tor) a backlog pays the
+        round trips of its fetches and acknowledgements beside the filing, not after it.
 
         With ``ack_with_next`` (the sync loop, which asks again at once) the last batch's
         acknowledgement is not sent on its own: it rides the next sync's pending list
@@ -223,28 +227,36 @@ class Receiver:
         with contextlib.ExitStack() as files:
             pending, inline = await self._pending(wait, files)
             batches = _batches(pending)
-            ahead: asyncio.Task[list[_Opened]] | None = None
+            ahead: collections.deque[asyncio.Task[list[_Opened]]] = collections.deque()
+            acking: collections.deque[asyncio.Task[int]] = collections.deque()
             try:
-                for i, batch in enumerate(batches):
-                    opened = await ahead if ahead is not None else await self._open(batch, inline)
-                    ahead = None
-                    if i + 1 < len(batches):
-                        ahead = asyncio.ensure_future(self._open(batches[i + 1], inline))
+                for i in range(len(batches)):
+                    # This batch and up to OPEN_AHEAD after it are fetched and opened.
+                    for later in batches[i + len(ahead) : i + 1 + OPEN_AHEAD]:
+                        ahead.append(asyncio.ensure_future(self._open(later, inline)))
+                    opened = await ahead.popleft()
                     try:
                         done, left = await self._take(opened)
                     finally:
                         _close_opened(opened)
                     if done and ack_with_next and i + 1 == len(batches):
                         self._unacknowledged.extend(done)
-                    elif done:
-                        await self.session.acknowledge(done)
+                    elif done:  # on its way while the next batches are filed
+                        if len(acking) > OPEN_AHEAD:
+                            await acking.popleft()
+                        acking.append(asyncio.ensure_future(self.session.acknowledge(done)))
                     taken += len(done)
                     unfiled += left
+                while acking:
+                    await acking.popleft()
             finally:
-                if ahead is not None:  # a batch failed: the one opened ahead is not filed
-                    ahead.cancel()
+                for task in ahead:  # a batch failed: the ones opened ahead are not filed
+                    task.cancel()
                     with contextlib.suppress(BaseException):
-                        _close_opened(await ahead)
+                        _close_opened(await task)
+                for ack in acking:  # a batch failed: the inbox offers those again
+                    ack.cancel()
+                    ack.add_done_callback(_retrieved)
         if unfiled:
             raise FilingDeferred(
                 f"{unfiled} message(s) wait in the filing queue for the mailbox (Dovecot)."
@@ -298,20 +310,34 @@ class Receiver:
         """Fetch one batch (unless ``inline`` holds it already) and open its envelopes in
         the crypto pool, off the event loop and on every core: each message with what
         :func:`_decrypt` made of it.  Touches no database, so it may run while the batch
-        before is filed.  The caller closes the opened bodies (:func:`_close_opened`)."""
-        with contextlib.ExitStack() as files:
+        before is filed.  The caller closes the opened bodies (:func:`_close_opened`).
+
+        Cancelled while the pool opens the batch (a batch before it failed, or the device
+        stops), it leaves the pool to finish what it started, and the bodies it opened are
+        closed then, with the fetched envelopes they were read from."""
+        files = contextlib.ExitStack()
+        try:
             fetched = await self._fetch(batch, files, inline)
-            now = self._now()
-            prekeys, uik = self.account.prekey_secrets(), self.account.uik_pk
-            loop = asyncio.get_running_loop()
-            pool = self._crypto_pool or crypto_pool()
-            decrypted = await asyncio.gather(
-                *(
-                    loop.run_in_executor(pool, _decrypt, spooled, prekeys, uik, now)
-                    for _, spooled in fetched
-                ),
-                return_exceptions=True,
-            )
+        except BaseException:
+            files.close()
+            raise
+        now = self._now()
+        prekeys, uik = self.account.prekey_secrets(), self.account.uik_pk
+        loop = asyncio.get_running_loop()
+        pool = self._crypto_pool or crypto_pool()
+        work = asyncio.gather(
+            *(
+                loop.run_in_executor(pool, _decrypt, spooled, prekeys, uik, now)
+                for _, spooled in fetched
+            ),
+            return_exceptions=True,
+        )
+        try:
+            decrypted = await asyncio.shield(work)
+        except BaseException:
+            work.add_done_callback(lambda _: _close_unclaimed(work, files))
+            raise
+        files.close()
         return [(item, result) for (item, _), result in zip(fetched, decrypted, strict=True)]
 
     async def _take(self, opened: list[_Opened]) -> tuple[list[int], int]:
@@ -810,6 +836,12 @@ IN_DATABASE_BYTES = 1 << 20
 #: A batch of pending messages is cut at this many messages or this many bytes (the fetched
 #: envelopes are held in spooled temporary files until the batch is queued).
 BATCH_MESSAGES = 16
+#: Batches fetched and opened while the one before them is filed, and acknowledgements on
+#: their way at once.  Over a slow link to the inbox (a device on the far side of tor) a
+#: backlog then moves about OPEN_AHEAD + 1 batches per round trip, not one, until filing is
+#: the limit.  At most OPEN_AHEAD + 1 batches are held opened (each at most BATCH_BYTES; a
+#: message past SPOOL is spooled to disk).
+OPEN_AHEAD = 3
 BATCH_BYTES = 8 << 20
 
 
@@ -821,6 +853,23 @@ def _close_opened(opened: list[_Opened]) -> None:
     for _, result in opened:
         if isinstance(result, _Decrypted):
             result.body.close()
+
+
+def _close_unclaimed(
+    work: asyncio.Future[list[_Decrypted | BaseException]], files: contextlib.ExitStack
+) -> None:
+    """What the pool opened for a caller that left (:meth:`Receiver._open`), and its inputs."""
+    if not work.cancelled():
+        for result in work.result():
+            if isinstance(result, _Decrypted):
+                result.body.close()
+    files.close()
+
+
+def _retrieved(task: asyncio.Task[int]) -> None:
+    """Done callback of a task nobody awaits: its failure is not logged as never retrieved."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _batches(pending: list[PendingMessage]) -> list[list[PendingMessage]]:

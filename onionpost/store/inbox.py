@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from onionpost.core import quota
 from onionpost.core.crypto.envelope import Readable
 from onionpost.core.errors import StoreError
+from onionpost.core.wire import PENDING_LIST_MAX
 from onionpost.store.db import Database, translate
 
 BLOB_CHUNK = 1 << 20
@@ -453,7 +454,12 @@ class InboxStore:
             raise translate(exc) from exc
 
     def pending(
-        self, mailbox_id: bytes, device_id: bytes, *, after: int = 0, limit: int = 100
+        self,
+        mailbox_id: bytes,
+        device_id: bytes,
+        *,
+        after: int = 0,
+        limit: int = PENDING_LIST_MAX,
     ) -> list[SpoolEntry]:
         """The device's spooled copies, oldest first (the acknowledged ones left out)."""
         hidden = self._acked

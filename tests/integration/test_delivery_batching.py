@@ -26,11 +26,16 @@ from aiohttp import web
 
 from onionpost.base.aio import foreground
 from onionpost.base.clock import FakeClock
-from onionpost.core.errors import FilingDeferred, PeerUnreachable, UnknownMailbox
+from onionpost.core.errors import (
+    DatabaseFailed,
+    FilingDeferred,
+    PeerUnreachable,
+    UnknownMailbox,
+)
 from onionpost.core.wire import ASK_BATCHES_AGAIN_AFTER, BATCH_ENVELOPES, BATCHED_ENVELOPE_MAX
 from onionpost.device.filing import FILING_HEADER, Filer
 from onionpost.device.submission import HAND_OVERS_AT_ONCE
-from onionpost.device.sync import BATCH_MESSAGES, _batches
+from onionpost.device.sync import BATCH_MESSAGES, OPEN_AHEAD, _batches
 from onionpost.inbox import api
 from onionpost.net.client import InboxClient
 from onionpost.store import DEVICE_COMPONENTS
@@ -738,13 +743,84 @@ async def test_the_next_batch_is_fetched_while_one_is_filed(world: World, monkey
     assert pending_at_b(world) == 0
 
 
-async def test_a_batch_that_fails_leaves_the_one_fetched_ahead_for_the_next_sync(
+async def test_a_backlog_keeps_several_fetches_and_acknowledgements_on_their_way(
     world: World, monkeypatch
 ) -> None:
-    """The first batch is filed but its acknowledgement fails: the sync stops there, the
-    batch opened ahead is neither filed nor acknowledged, and the next sync takes all of
-    them, each filed once."""
-    await backlog(world, BATCH_MESSAGES + 4)
+    """Over a slow link a backlog moves several batches per round trip: OPEN_AHEAD batches
+    are fetched at once while the first is filed (each fetch here waits until all of them
+    have started), and a batch's acknowledgement is still on its way while the next batch
+    is filed (the first waits until the second has started).  Each message is filed once."""
+    n = (OPEN_AHEAD + 1) * BATCH_MESSAGES + 4
+    await backlog(world, n)
+    session = world.bob.device.session
+    fetch_many, acknowledge = session.fetch_many, session.acknowledge
+    fetches_started, acks_started = asyncio.Event(), asyncio.Event()
+    fetches: list[int] = []
+    acks: list[int] = []
+
+    async def fetching(wanted, sink):  # type: ignore[no-untyped-def]
+        fetches.append(len(wanted))
+        if len(fetches) == OPEN_AHEAD:
+            fetches_started.set()
+        await asyncio.wait_for(fetches_started.wait(), 60)
+        return await fetch_many(wanted, sink)
+
+    async def acknowledging(ids):  # type: ignore[no-untyped-def]
+        acks.append(len(ids))
+        if len(acks) == 2:
+            acks_started.set()
+        await asyncio.wait_for(acks_started.wait(), 60)
+        return await acknowledge(ids)
+
+    monkeypatch.setattr(session, "fetch_many", fetching)
+    monkeypatch.setattr(session, "acknowledge", acknowledging)
+    assert await world.bob.device.sync() == n
+    assert fetches == [BATCH_MESSAGES] * OPEN_AHEAD + [4]  # the first came with the list
+    assert acks == [BATCH_MESSAGES] * (OPEN_AHEAD + 1) + [4]
+    assert len(subjects(world.bob)) == n + 1
+    assert pending_at_b(world) == 0
+
+
+async def test_a_batch_that_fails_leaves_the_ones_fetched_ahead_for_the_next_sync(
+    world: World, monkeypatch
+) -> None:
+    """The second batch's filing fails: the sync stops there, the batches opened ahead are
+    neither queued nor acknowledged (the first batch's acknowledgement may be on its way),
+    and the next sync takes what is left, each message filed once."""
+    n = (OPEN_AHEAD + 1) * BATCH_MESSAGES + 4
+    await backlog(world, n)
+    filer = world.bob.filer
+    settle_many = filer.settle_many
+    calls = 0
+
+    async def failing(ids, **kw):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise DatabaseFailed("disk I/O error")
+        return await settle_many(ids, **kw)
+
+    monkeypatch.setattr(filer, "settle_many", failing)
+    with pytest.raises(DatabaseFailed):
+        await world.bob.device.sync()
+    # the two batches are durably queued (the second waits in the filing queue); no more
+    assert len(subjects(world.bob)) == 1 + 2 * BATCH_MESSAGES
+    assert pending_at_b(world) in (n, n - BATCH_MESSAGES)
+    monkeypatch.setattr(filer, "settle_many", settle_many)
+    assert await world.bob.device.sync() in (n, n - BATCH_MESSAGES)
+    assert subjects(world.bob) == sorted(["first 0"] + [f"mail {i}" for i in range(n)])
+    assert pending_at_b(world) == 0
+    assert await world.bob.device.sync() == 0
+
+
+async def test_an_acknowledgement_that_fails_fails_the_sync_and_loses_nothing(
+    world: World, monkeypatch
+) -> None:
+    """The acknowledgements fail (the link went down): the batches filed meanwhile stay
+    filed, the sync fails once the failure is heard, and the next sync acknowledges them
+    all without filing any twice."""
+    n = 2 * BATCH_MESSAGES + 4
+    await backlog(world, n)
     session = world.bob.device.session
     acknowledge = session.acknowledge
 
@@ -754,15 +830,11 @@ async def test_a_batch_that_fails_leaves_the_one_fetched_ahead_for_the_next_sync
     monkeypatch.setattr(session, "acknowledge", lost)
     with pytest.raises(PeerUnreachable):
         await world.bob.device.sync()
-    assert len(subjects(world.bob)) == 1 + BATCH_MESSAGES  # the first batch only
-    assert pending_at_b(world) == BATCH_MESSAGES + 4
+    assert pending_at_b(world) == n
     monkeypatch.setattr(session, "acknowledge", acknowledge)
-    assert await world.bob.device.sync() == BATCH_MESSAGES + 4
-    assert subjects(world.bob) == sorted(
-        ["first 0"] + [f"mail {i}" for i in range(BATCH_MESSAGES + 4)]
-    )
+    assert await world.bob.device.sync() == n
+    assert subjects(world.bob) == sorted(["first 0"] + [f"mail {i}" for i in range(n)])
     assert pending_at_b(world) == 0
-    assert await world.bob.device.sync() == 0
 
 
 async def test_large_envelopes_for_one_inbox_still_go_several_at_once(

@@ -13,8 +13,15 @@ from typing import Any
 import pytest
 
 from onionpost.core.errors import PeerProtocolError
-from onionpost.core.wire import first_that_fit, message_frame_head, pending_list_head
+from onionpost.core.wire import (
+    PENDING_LIST_MAX,
+    first_that_fit,
+    message_frame_head,
+    pending_list_head,
+)
 from onionpost.net.client import DeviceSession, Response
+from onionpost.store.db import Database
+from onionpost.store.inbox import InboxStore
 
 
 def test_the_first_messages_that_fit_are_carried_in_order() -> None:
@@ -115,3 +122,40 @@ async def test_an_older_inbox_is_asked_for_the_list_alone_from_then_on() -> None
     assert await session.pending_mail(wait=0, count=16, limit=100, sink=io.BytesIO) is None
     assert len(canned.paths) == 1  # not asked again
     assert not session.pending_mail_served
+
+
+def test_a_pending_list_names_the_oldest_up_to_its_bound() -> None:
+    """A device with a long backlog is listed the oldest PENDING_LIST_MAX and asks again."""
+    db = Database(":memory:", ("inbox",), record_key=b"k" * 32)
+    try:
+        mb, device = b"M" * 16, b"d" * 16
+        db.conn.execute(
+            "INSERT INTO mailboxes (mailbox_id, local, uik_pk, binding, device_list,"
+            " device_list_version, created_at) VALUES (?, 'bob', x'00', x'00', x'', 0, 0)",
+            (mb,),
+        )
+        db.conn.execute(
+            "INSERT INTO devices (mailbox_id, device_id, name, dsk_seq, dsk_pk)"
+            " VALUES (?, ?, 'laptop', 0, x'00')",
+            (mb, device),
+        )
+        store = InboxStore(db)
+        for i in range(PENDING_LIST_MAX + 5):
+            store.accept_sealed(
+                mailbox_id=mb,
+                digest=i.to_bytes(32, "big"),
+                size=1,
+                source=io.BytesIO(b"x"),
+                device_ids=[device],
+                receipt="r",
+                now=0,
+                spool_until=100,
+                dedup_until=100,
+                quota_bytes=1 << 30,
+            )
+        listed = store.pending(mb, device)
+        assert len(listed) == PENDING_LIST_MAX
+        assert [e.spool_id for e in listed] == sorted(e.spool_id for e in listed)
+        assert len(store.pending(mb, device, after=listed[-1].spool_id)) == 5
+    finally:
+        db.close()

@@ -34,6 +34,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from bench.delivery import OPEN_LIMITS, Commits, World, fmt_rate, stop_device
 from bench.harness import Context, Stats, fmt_time
@@ -41,6 +42,8 @@ from onionpost.base.clock import FakeClock
 from onionpost.store.outbox import OutboxRow
 
 BACKOFF_SKIP = 90  # fake seconds: past the first retry (60 s +25 % jitter)
+#: The slow-link drain: seconds before each request bob's device makes to inbox B.
+SLOW_LINK = 0.05
 
 
 @dataclass
@@ -126,9 +129,26 @@ async def _reference(root: Path, n: int, timeout: float) -> _Phase:
         await w.close()
 
 
-async def _drain(root: Path, n: int, timeout: float) -> _Phase:
+def _slow_link(w: World, delay: float) -> None:
+    """Every request bob's devices make to inbox B waits ``delay`` seconds first: on
+    loopback, a link with a round trip of about that (a laptop whose inbox is a Pi at home
+    reaches it over tor, hundreds of milliseconds)."""
+    for d in w.bobs:
+        client = d.device.session.client
+        exchange = client._exchange
+
+        async def slow(exchange: Any = exchange, **kw: Any) -> Any:
+            await asyncio.sleep(delay)
+            return await exchange(**kw)
+
+        client._exchange = slow  # type: ignore[method-assign]
+
+
+async def _drain(root: Path, n: int, timeout: float, *, device_link: float = 0.0) -> _Phase:
     clock = FakeClock(int(time.time()))
     w = await _world(root, clock)
+    if device_link:
+        _slow_link(w, device_link)
     try:
         await w.b.stop()  # inbox B goes away, and bob's device with it
         w.start_sealing()
@@ -355,9 +375,11 @@ def run(ctx: Context) -> None:
 
 
 def _drain_section(ctx: Context, n: int, timeout: float) -> None:
+    n_slow = n // 5
     with tempfile.TemporaryDirectory(prefix="onionpost-bench-") as d:
         ref = asyncio.run(_reference(Path(d, "reference"), n, timeout))
         drain = asyncio.run(_drain(Path(d, "drain"), n, timeout))
+        slow = asyncio.run(_drain(Path(d, "slow"), n_slow, timeout, device_link=SLOW_LINK))
     ctx.heading(
         f"{n} queued 4.0 KiB messages to an inbox that was down (one recipient device); "
         f"reference: {n} with the inbox up from the start"
@@ -376,6 +398,14 @@ def _drain_section(ctx: Context, n: int, timeout: float) -> None:
             Stats("inbox up from the start", (r_secs,)),
             extra=f"{fmt_rate(n, d_secs)} vs {fmt_rate(n, r_secs)}",
         )
+    ctx.compare(
+        Stats(
+            f"{n_slow}, {SLOW_LINK * 1e3:.0f} ms link: per message filed", (slow.filed / n_slow,)
+        ),
+        Stats("the drain above", (drain.filed / n,)),
+        extra=f"{fmt_rate(n_slow, slow.filed)} vs {fmt_rate(n, drain.filed)}; "
+        f"{SLOW_LINK * 1e3:.0f} ms before each of bob's device requests",
+    )
     _drain_cost(ctx, n, drain)
     ctx.note(
         f"(drain times start when B is back and the fake clock has skipped {BACKOFF_SKIP} s "

@@ -129,17 +129,13 @@ def test_a_pending_list_names_the_oldest_up_to_its_bound() -> None:
     db = Database(":memory:", ("inbox",), record_key=b"k" * 32)
     try:
         mb, device = b"M" * 16, b"d" * 16
-        db.conn.execute(
-            "INSERT INTO mailboxes (mailbox_id, local, uik_pk, binding, device_list,"
-            " device_list_version, created_at) VALUES (?, 'bob', x'00', x'00', x'', 0, 0)",
-            (mb,),
-        )
-        db.conn.execute(
+        store = InboxStore(db)
+        store.add_mailbox(mailbox_id=mb, local="bob", uik_pk=b"u", binding=b"b", now=0)
+        db.conn.execute(  # a device of the mailbox (its keys play no part in listing)
             "INSERT INTO devices (mailbox_id, device_id, name, dsk_seq, dsk_pk)"
             " VALUES (?, ?, 'laptop', 0, x'00')",
             (mb, device),
         )
-        store = InboxStore(db)
         for i in range(PENDING_LIST_MAX + 5):
             store.accept_sealed(
                 mailbox_id=mb,

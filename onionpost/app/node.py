@@ -199,6 +199,8 @@ class Node:
             self._stops.append(await ext(self))
         self._schedule()
         self.scheduler.start()
+        # Before "ready": `onionpost status` (and whoever waits for that line) finds it.
+        await self._write_status()
         log.info(
             "onionpost node ready: %s",
             ", ".join(str(d.address) for d in self.devices.values()) or "inbox only",
@@ -339,7 +341,7 @@ class Node:
 
     def _schedule(self) -> None:
         s = self.scheduler
-        s.every("status", 5, self._write_status)
+        s.every("status", 5, self._write_status, start_in=5)  # the first before "ready"
         s.every("keys", 3600, self.maintain_keys, start_in=5)
         s.every("prune", 3600, self.prune, start_in=60)
         if self.worker is not None:
